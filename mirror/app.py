@@ -1,0 +1,136 @@
+"""The application factory: one resource per cleanup context, errors and metrics middleware."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+
+from mirror.auth import TokenCache
+from mirror.blobs import BlobService
+from mirror.config import Config
+from mirror.downloads import Downloads
+from mirror.errors import EndpointUnknown, RegistryError, Unsupported
+from mirror.handlers import API_VERSION_HEADER
+from mirror.keys import (
+    blobs_key,
+    config_key,
+    downloads_key,
+    manifests_key,
+    metadata_key,
+    metrics_key,
+    storage_key,
+    upstream_key,
+)
+from mirror.manifests import ManifestService
+from mirror.metadata import open_metadata
+from mirror.metrics import Metrics
+from mirror.routes import setup_routes
+from mirror.storage import Storage
+from mirror.upstream import Upstream, new_session
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def create_app(config: Config) -> web.Application:
+    """A mirror application for `config`; resources open when it starts."""
+    app = web.Application(middlewares=[registry_middleware])
+    app[config_key] = config
+    app[metrics_key] = Metrics()
+    app[storage_key] = Storage(config.storage.path)
+    app.cleanup_ctx.extend([storage_ctx, metadata_ctx, upstream_ctx, services_ctx])
+    app.on_response_prepare.append(on_response_prepare)
+    setup_routes(app)
+    return app
+
+
+async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
+    storage = app[storage_key]
+    await storage.open()
+    size, count = await storage.usage()
+    app[metrics_key].cache_size.set(size)
+    app[metrics_key].cache_objects.set(count)
+    log.info("cache at %s holds %d objects, %d bytes", storage.root, count, size)
+    yield
+
+
+async def metadata_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[config_key]
+    metadata = open_metadata(config.redis.url, config.cache.tag_ttl)
+    app[metadata_key] = metadata
+    try:
+        await metadata.ping()
+    except Exception as exc:  # start anyway: /readyz reports it, requests retry
+        log.warning("metadata store not reachable at start: %s", type(exc).__name__)
+    yield
+    await metadata.close()
+
+
+async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[config_key].upstream
+    session = new_session(cfg.connect_timeout, cfg.read_timeout)
+    tokens = TokenCache(session)
+    app[upstream_key] = Upstream(
+        cfg.url, session, tokens, app[metrics_key], cfg.username, cfg.password
+    )
+    yield
+    await session.close()
+
+
+async def services_ctx(app: web.Application) -> AsyncIterator[None]:
+    metrics = app[metrics_key]
+    downloads = Downloads(app[storage_key], metrics)
+    app[downloads_key] = downloads
+    app[blobs_key] = BlobService(app[storage_key], downloads, metrics)
+    app[manifests_key] = ManifestService(
+        app[storage_key], app[metadata_key], metrics, app[config_key].cache.tag_ttl
+    )
+    yield
+    await downloads.close()
+
+
+@web.middleware
+async def registry_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """OCI error bodies for every failure, and one request metric per answer."""
+    started = time.monotonic()
+    route = _route_name(request)
+    status = "aborted"
+    try:
+        resp = await _answer(request, handler)
+        status = str(resp.status)
+        return resp
+    finally:
+        metrics = request.app[metrics_key]
+        metrics.http_requests.labels(route, request.method, status).inc()
+        metrics.http_duration.labels(route).observe(time.monotonic() - started)
+
+
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
+    head = request.method == "HEAD"
+    try:
+        return await handler(request)
+    except RegistryError as exc:
+        return exc.response(head=head)
+    except web.HTTPMethodNotAllowed:
+        return Unsupported(f"{request.method} is not supported by a pull-through mirror").response(
+            head=head
+        )
+    except web.HTTPNotFound:
+        return EndpointUnknown(f"no such endpoint: {request.path[:200]}").response(head=head)
+
+
+def _route_name(request: web.Request) -> str:
+    route = request.match_info.route
+    return route.name or "unmatched"
+
+
+async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    if request.path.startswith("/v2"):
+        response.headers.update(API_VERSION_HEADER)
+    # Cache hits go out by sendfile without passing through our code: count them here.
+    if isinstance(response, web.FileResponse) and request.method == "GET":
+        request.app[metrics_key].served_bytes.labels("cache").inc(response.content_length or 0)

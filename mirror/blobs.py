@@ -1,0 +1,117 @@
+"""Serving blobs: sendfile from the cache, or streamed from the download under way.
+
+Docker resumes a broken layer with `Range`, and containerd may fetch one blob with several
+open-ended ranges at once, so both paths honour a single range.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from mirror.downloads import Download, Downloads
+from mirror.errors import RangeNotSatisfiable, RegistryError
+from mirror.metrics import Metrics
+from mirror.reference import Digest
+from mirror.storage import Storage
+from mirror.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+OCTET_STREAM = "application/octet-stream"
+
+
+def parse_range(request: web.Request, size: int) -> tuple[int, int] | None:
+    """Inclusive (start, end) of a single `Range`, None for the whole blob.
+
+    A malformed or multi-range header is ignored (the whole blob is sent), as RFC 9110
+    allows; a range that lies past the end raises RangeNotSatisfiable.
+    """
+    if "Range" not in request.headers:
+        return None
+    try:
+        rng = request.http_range
+    except ValueError:
+        return None
+    start, stop = rng.start, rng.stop
+    if start is not None and start < 0:  # suffix range: the last -start bytes
+        start = max(0, size + start)
+    start = start or 0
+    end = size - 1 if stop is None else min(stop, size) - 1
+    if start >= size or end < start:
+        raise RangeNotSatisfiable(size)
+    return start, end
+
+
+class BlobService:
+    """Answers blob GETs and HEADs for one upstream and the shared store."""
+
+    def __init__(self, storage: Storage, downloads: Downloads, metrics: Metrics) -> None:
+        self._storage = storage
+        self._downloads = downloads
+        self._metrics = metrics
+
+    async def serve(
+        self, request: web.Request, upstream: Upstream, repo: str, digest: Digest
+    ) -> web.StreamResponse:
+        if await self._storage.blob_size(digest) is not None:
+            self._metrics.cache_requests.labels("blob", "hit").inc()
+            headers = {"Docker-Content-Digest": str(digest), "Content-Type": OCTET_STREAM}
+            # FileResponse: sendfile, Range, If-None-Match and HEAD, all handled by aiohttp.
+            return web.FileResponse(self._storage.blob_path(digest), headers=headers)
+        self._metrics.cache_requests.labels("blob", "miss").inc()
+        if request.method == "HEAD":
+            return await self._head_uncached(request, upstream, repo, digest)
+        download = self._downloads.start_or_join(upstream, repo, digest)
+        await download.started()
+        return await self._stream(request, download)
+
+    async def _head_uncached(
+        self, request: web.Request, upstream: Upstream, repo: str, digest: Digest
+    ) -> web.StreamResponse:
+        download = self._downloads.get(digest)
+        size = download.size if download is not None else None
+        if size is None:
+            size = await upstream.blob_size(repo, str(digest))
+        resp = web.StreamResponse(headers=_blob_headers(digest))
+        if size is not None:
+            resp.content_length = size
+        await resp.prepare(request)
+        await resp.write_eof()
+        return resp
+
+    async def _stream(self, request: web.Request, download: Download) -> web.StreamResponse:
+        size = download.size
+        # Without a known size a range cannot be checked: send the whole blob (allowed).
+        span = parse_range(request, size) if size is not None else None
+        resp = web.StreamResponse(headers=_blob_headers(download.digest))
+        start, end = span if span is not None else (0, None)
+        if span is not None and size is not None:
+            resp.set_status(206)
+            resp.headers["Content-Range"] = f"bytes {span[0]}-{span[1]}/{size}"
+            resp.content_length = span[1] - span[0] + 1
+        elif size is not None:
+            resp.content_length = size
+        await resp.prepare(request)
+        try:
+            async for chunk in download.read(start, end):
+                await resp.write(chunk)
+                self._metrics.served_bytes.labels("upstream").inc(len(chunk))
+        except RegistryError as exc:
+            # The headers are gone: the only honest signal left is a cut connection.
+            log.warning("aborting blob %s to client: %s", download.digest, exc.message)
+            if request.transport is not None:
+                request.transport.abort()
+            raise ConnectionResetError(f"blob {download.digest} transfer aborted") from exc
+        await resp.write_eof()
+        return resp
+
+
+def _blob_headers(digest: Digest) -> dict[str, str]:
+    return {
+        "Docker-Content-Digest": str(digest),
+        "Content-Type": OCTET_STREAM,
+        "Accept-Ranges": "bytes",
+        "ETag": f'"{digest}"',
+    }

@@ -1,0 +1,222 @@
+"""Blob downloads from upstream: one per digest, however many clients ask at once.
+
+A `Download` is a task of its own, not tied to any client: it writes the upstream body
+into a temp file, hashing as it goes, and renames the file under its digest only when the
+hash matches. Every client of that blob, the first and the late joiners alike, tails the
+temp file from its own offset, waking on each chunk written. A client that goes away
+cancels nothing; a download that fails wakes every reader with the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+
+from mirror.errors import DigestMismatch, RegistryError, UpstreamUnavailable
+from mirror.metrics import Metrics
+from mirror.reference import Digest
+from mirror.storage import Storage
+from mirror.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+# Bytes gathered from the socket before one write (and hash) in a worker thread: large
+# enough that thread hand-offs cost little, small enough that readers see steady progress.
+WRITE_CHUNK = 1024 * 1024
+READ_CHUNK = 1024 * 1024
+
+
+class Download:
+    """One blob on its way from upstream into the store."""
+
+    def __init__(self, digest: Digest, final: Path) -> None:
+        self.digest = digest
+        self.final = final
+        self.temp: Path | None = None
+        self.size: int | None = None
+        self.written = 0
+        self.done = False
+        self.error: BaseException | None = None
+        self._started = asyncio.Event()
+        self._progress = asyncio.Event()
+
+    def _notify(self) -> None:
+        # Swap in a fresh event so that each waiter wakes once per change.
+        event, self._progress = self._progress, asyncio.Event()
+        event.set()
+
+    def _fail(self, error: BaseException) -> None:
+        self.error = error
+        self._started.set()
+        self._notify()
+
+    async def started(self) -> None:
+        """Wait for the upstream's response headers; raise if the download failed first."""
+        await self._started.wait()
+        if self.error is not None and self.temp is None:
+            raise self.error
+
+    async def _wait_beyond(self, offset: int) -> None:
+        while self.written <= offset and not self.done and self.error is None:
+            await self._progress.wait()
+
+    async def read(self, start: int, end: int | None) -> AsyncIterator[bytes]:
+        """Bytes `start`..`end` (inclusive; None: to the end) as they arrive.
+
+        The blob's last byte is held back until the digest is verified, so a client never
+        gets a complete-looking body with wrong bytes: on a mismatch it sees a short one.
+        """
+        fd = await asyncio.to_thread(self._open_for_reading)
+        try:
+            pos = start
+            while end is None or pos <= end:
+                await self._wait_beyond(pos)
+                if self.error is not None:
+                    raise self.error
+                limit = self.written if self.done else self.written - 1
+                if end is not None:
+                    limit = min(limit, end + 1)
+                if pos >= limit:
+                    if self.done:
+                        return
+                    await self._progress.wait()
+                    continue
+                chunk = await asyncio.to_thread(os.pread, fd, min(READ_CHUNK, limit - pos), pos)
+                pos += len(chunk)
+                yield chunk
+        finally:
+            await asyncio.to_thread(os.close, fd)
+
+    def _open_for_reading(self) -> int:
+        # The temp file may already have been renamed into place by the time we open it.
+        if self.temp is not None:
+            try:
+                return os.open(self.temp, os.O_RDONLY)
+            except FileNotFoundError:
+                pass
+        if self.error is not None:
+            raise self.error
+        return os.open(self.final, os.O_RDONLY)
+
+
+class Downloads:
+    """The downloads under way, by digest: the single-flight point of the mirror."""
+
+    def __init__(self, storage: Storage, metrics: Metrics) -> None:
+        self._storage = storage
+        self._metrics = metrics
+        self._active: dict[Digest, Download] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def get(self, digest: Digest) -> Download | None:
+        return self._active.get(digest)
+
+    def start_or_join(self, upstream: Upstream, repo: str, digest: Digest) -> Download:
+        """The download of `digest` under way, or a new one started for it."""
+        download = self._active.get(digest)
+        if download is not None:
+            self._metrics.joined_requests.inc()
+            return download
+        download = Download(digest, self._storage.blob_path(digest))
+        self._active[digest] = download
+        task = asyncio.create_task(self._run(download, upstream, repo))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return download
+
+    async def close(self) -> None:
+        """Cancel every download (their temp files are removed) and wait for them."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _run(self, download: Download, upstream: Upstream, repo: str) -> None:
+        self._metrics.upstream_fetches_in_flight.inc()
+        fd: int | None = None
+        try:
+            resp = await upstream.open_blob(repo, str(download.digest))
+            async with resp:
+                download.size = resp.content_length
+                opened, temp = await asyncio.to_thread(self._storage.new_temp)
+                fd, download.temp = opened, temp
+                download._started.set()
+                hasher = download.digest.hasher()
+                await self._copy(resp, opened, hasher, download, upstream.name)
+            self._verify(download, hasher.hexdigest())
+            fd = None  # commit closes it, whatever happens
+            await asyncio.to_thread(self._storage.commit, opened, temp, download.final)
+            self._metrics.cache_size.inc(download.written)
+            self._metrics.cache_objects.inc()
+            download.done = True
+            download._notify()
+        except BaseException as exc:
+            download._fail(_as_registry_error(exc))
+            await asyncio.to_thread(self._storage.discard, fd, download.temp)
+            if not isinstance(exc, Exception):
+                raise
+            log.warning("blob %s download failed: %s", download.digest, exc)
+        finally:
+            del self._active[download.digest]
+            self._metrics.upstream_fetches_in_flight.dec()
+
+    async def _copy(
+        self,
+        resp: aiohttp.ClientResponse,
+        fd: int,
+        hasher: hashlib._Hash,
+        download: Download,
+        upstream: str,
+    ) -> None:
+        buffer = bytearray()
+        try:
+            async for chunk in resp.content.iter_any():
+                buffer += chunk
+                if len(buffer) >= WRITE_CHUNK:
+                    await self._flush(fd, hasher, buffer, download, upstream)
+                    buffer = bytearray()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamUnavailable(
+                f"blob {download.digest} transfer from upstream broke: {type(exc).__name__}"
+            ) from None
+        if buffer:
+            await self._flush(fd, hasher, buffer, download, upstream)
+
+    async def _flush(
+        self, fd: int, hasher: hashlib._Hash, data: bytearray, download: Download, upstream: str
+    ) -> None:
+        await asyncio.to_thread(_write_and_hash, fd, hasher, data)
+        download.written += len(data)
+        self._metrics.upstream_bytes.labels(upstream).inc(len(data))
+        download._notify()
+
+    def _verify(self, download: Download, hexdigest: str) -> None:
+        if download.size is not None and download.written != download.size:
+            raise UpstreamUnavailable(
+                f"blob {download.digest}: upstream sent {download.written} of {download.size} bytes"
+            )
+        if hexdigest != download.digest.hex:
+            self._metrics.digest_mismatches.labels("blob").inc()
+            raise DigestMismatch(f"upstream bytes for blob {download.digest} do not match it")
+
+
+def _write_and_hash(fd: int, hasher: hashlib._Hash, data: bytearray) -> None:
+    # Both run here, off the loop: hashlib releases the GIL on large buffers.
+    hasher.update(data)
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _as_registry_error(exc: BaseException) -> RegistryError:
+    if isinstance(exc, RegistryError):
+        return exc
+    if isinstance(exc, asyncio.CancelledError):
+        return UpstreamUnavailable("the mirror is shutting down")
+    return UpstreamUnavailable(f"blob download failed: {type(exc).__name__}")

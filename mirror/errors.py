@@ -1,0 +1,147 @@
+"""Registry errors, each one an OCI error code and HTTP status.
+
+    RegistryError
+    ├── NameInvalid, NameUnknown, TagInvalid, DigestInvalid     (bad or unknown references)
+    ├── ManifestUnknown, ManifestInvalid, BlobUnknown            (content)
+    ├── RangeNotSatisfiable                                      (416)
+    ├── Unsupported                                              (push/delete on a mirror)
+    ├── Unauthorized, Denied, TooManyRequests                    (from the upstream)
+    └── UpstreamUnavailable                                      (upstream down, 5xx, timeout)
+
+The error middleware in `app.py` turns any of them into
+`{"errors": [{"code": ..., "message": ..., "detail": ...}]}`. Messages must never carry
+credentials or tokens: they are written for the client to read.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+from aiohttp import web
+
+
+class RegistryError(Exception):
+    """An error a registry client understands: an OCI code, an HTTP status, a message."""
+
+    code: ClassVar[str] = "UNKNOWN"
+    status: ClassVar[int] = 500
+
+    def __init__(self, message: str, detail: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+    def response(self, *, head: bool = False) -> web.Response:
+        """The OCI error body (none for HEAD) with this error's status and headers."""
+        entry: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.detail is not None:
+            entry["detail"] = self.detail
+        body = json.dumps({"errors": [entry]}).encode()
+        headers = {"Content-Type": "application/json", **self.headers()}
+        if head:
+            headers["Content-Length"] = str(len(body))
+            return web.Response(status=self.status, headers=headers)
+        return web.Response(status=self.status, body=body, headers=headers)
+
+
+class NameInvalid(RegistryError):
+    code = "NAME_INVALID"
+    status = 400
+
+
+class NameUnknown(RegistryError):
+    code = "NAME_UNKNOWN"
+    status = 404
+
+
+class TagInvalid(RegistryError):
+    code = "TAG_INVALID"
+    status = 400
+
+
+class DigestInvalid(RegistryError):
+    code = "DIGEST_INVALID"
+    status = 400
+
+
+class ManifestUnknown(RegistryError):
+    code = "MANIFEST_UNKNOWN"
+    status = 404
+
+
+class ManifestInvalid(RegistryError):
+    code = "MANIFEST_INVALID"
+    status = 502
+
+
+class BlobUnknown(RegistryError):
+    code = "BLOB_UNKNOWN"
+    status = 404
+
+
+class RangeNotSatisfiable(RegistryError):
+    code = "RANGE_INVALID"
+    status = 416
+
+    def __init__(self, size: int) -> None:
+        super().__init__("requested range not satisfiable", {"size": size})
+        self.size = size
+
+    def headers(self) -> dict[str, str]:
+        return {"Content-Range": f"bytes */{self.size}"}
+
+
+class Unsupported(RegistryError):
+    code = "UNSUPPORTED"
+    status = 405
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": "GET, HEAD"}
+
+
+class Unauthorized(RegistryError):
+    code = "UNAUTHORIZED"
+    status = 401
+
+
+class Denied(RegistryError):
+    code = "DENIED"
+    status = 403
+
+
+class TooManyRequests(RegistryError):
+    code = "TOOMANYREQUESTS"
+    status = 429
+
+    def __init__(self, message: str, retry_after: int = 60) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class UpstreamUnavailable(RegistryError):
+    code = "UNAVAILABLE"
+    status = 503
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "5"}
+
+
+class DigestMismatch(UpstreamUnavailable):
+    """The upstream sent content whose hash is not the digest asked for."""
+
+    code = "DIGEST_INVALID"
+    status = 502
+
+
+class EndpointUnknown(RegistryError):
+    """A GET for a path the registry API does not have."""
+
+    code = "UNSUPPORTED"
+    status = 404

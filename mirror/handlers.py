@@ -1,0 +1,124 @@
+"""Request handlers: parse and validate the path, call a service, shape the answer."""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import urlencode, urlsplit
+
+from aiohttp import web
+
+from mirror.errors import EndpointUnknown, ManifestUnknown, NameInvalid, Unsupported
+from mirror.keys import blobs_key, manifests_key, metadata_key, storage_key, upstream_key
+from mirror.manifests import parse_accept
+from mirror.reference import parse_digest, validate_name
+
+API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
+MAX_CATALOG_PAGE = 10000
+
+
+async def base(request: web.Request) -> web.Response:
+    """`/v2/`: the API is here, and needs no auth from clients of the mirror."""
+    return web.json_response({}, headers=API_VERSION_HEADER)
+
+
+async def manifest(request: web.Request) -> web.StreamResponse:
+    repo = validate_name(request.match_info["name"])
+    head = request.method == "HEAD"
+    accept = parse_accept(request.headers.getall("Accept", []))
+    found = await request.app[manifests_key].get(
+        request.app[upstream_key], repo, request.match_info["reference"], accept, head=head
+    )
+    headers = {
+        "Content-Type": found.media_type,
+        "Docker-Content-Digest": found.digest,
+        "ETag": f'"{found.digest}"',
+    }
+    if found.body is not None:
+        return web.Response(body=found.body, headers=headers)
+    resp = web.StreamResponse(headers=headers)
+    resp.content_length = found.size
+    await resp.prepare(request)
+    await resp.write_eof()
+    return resp
+
+
+async def blob(request: web.Request) -> web.StreamResponse:
+    repo = validate_name(request.match_info["name"])
+    digest = parse_digest(request.match_info["digest"])
+    return await request.app[blobs_key].serve(request, request.app[upstream_key], repo, digest)
+
+
+async def tags_list(request: web.Request) -> web.Response:
+    """Relayed from upstream; the next-page Link is made relative, so it points at us."""
+    repo = validate_name(request.match_info["name"])
+    query = {k: v for k, v in request.query.items() if k in ("n", "last")}
+    path = f"/v2/{repo}/tags/list" + (f"?{urlencode(query)}" if query else "")
+    answer = await request.app[upstream_key].passthrough(path, repo, "tags")
+    headers = {"Content-Type": answer.content_type}
+    if answer.link:
+        headers["Link"] = _relative_link(answer.link)
+    return web.Response(status=answer.status, body=answer.body, headers=headers)
+
+
+async def referrers(request: web.Request) -> web.Response:
+    repo = validate_name(request.match_info["name"])
+    digest = parse_digest(request.match_info["digest"])
+    query = {k: v for k, v in request.query.items() if k == "artifactType"}
+    path = f"/v2/{repo}/referrers/{digest}" + (f"?{urlencode(query)}" if query else "")
+    answer = await request.app[upstream_key].passthrough(path, repo, "referrers")
+    if answer.status == 404:
+        raise ManifestUnknown(f"no referrers for {digest} upstream")
+    return web.Response(
+        status=answer.status, body=answer.body, headers={"Content-Type": answer.content_type}
+    )
+
+
+async def catalog(request: web.Request) -> web.Response:
+    """The repositories this mirror holds content for, in lexical pages."""
+    try:
+        n = min(int(request.query.get("n", "1000")), MAX_CATALOG_PAGE)
+    except ValueError:
+        raise NameInvalid("n must be a number") from None
+    last = request.query.get("last") or None
+    names = await request.app[metadata_key].repositories(max(n, 0), last)
+    headers = {}
+    if names and len(names) == n:
+        headers["Link"] = f'</v2/_catalog?{urlencode({"last": names[-1], "n": n})}>; rel="next"'
+    return web.json_response({"repositories": names}, headers=headers)
+
+
+async def unsupported(request: web.Request) -> web.Response:
+    """Push, delete and anything else that writes: a mirror only serves pulls."""
+    if request.method in ("GET", "HEAD"):
+        raise EndpointUnknown(f"no such endpoint: {request.path[:200]}")
+    raise Unsupported(f"{request.method} is not supported by a pull-through mirror")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready when the storage takes writes and the metadata store answers."""
+    checks = {
+        "storage": "ok" if await request.app[storage_key].is_writable() else "not writable",
+        "metadata": "ok",
+    }
+    try:
+        await request.app[metadata_key].ping()
+    except Exception as exc:  # any failure to answer means not ready; say which kind
+        checks["metadata"] = f"unreachable: {type(exc).__name__}"
+    ready = all(value == "ok" for value in checks.values())
+    return web.Response(
+        status=200 if ready else 503,
+        text=json.dumps(checks) + "\n",
+        content_type="application/json",
+    )
+
+
+def _relative_link(link: str) -> str:
+    """`<https://upstream/v2/...?last=x>; rel="next"` → `</v2/...?last=x>; rel="next"`."""
+    target, sep, rest = link.partition(">")
+    parts = urlsplit(target.lstrip(" <"))
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    return f"<{path}{sep}{rest}" if sep else link

@@ -1,0 +1,23 @@
+"""Typed keys for what `create_app` puts on the application, in one place."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from mirror.blobs import BlobService
+from mirror.config import Config
+from mirror.downloads import Downloads
+from mirror.manifests import ManifestService
+from mirror.metadata import MetadataStore
+from mirror.metrics import Metrics
+from mirror.storage import Storage
+from mirror.upstream import Upstream
+
+config_key = web.AppKey("config", Config)
+metrics_key = web.AppKey("metrics", Metrics)
+storage_key = web.AppKey("storage", Storage)
+metadata_key: web.AppKey[MetadataStore] = web.AppKey("metadata")
+upstream_key = web.AppKey("upstream", Upstream)
+downloads_key = web.AppKey("downloads", Downloads)
+blobs_key = web.AppKey("blobs", BlobService)
+manifests_key = web.AppKey("manifests", ManifestService)

@@ -1,0 +1,142 @@
+"""Manifests: bytes by digest on disk, tag → digest with a TTL in the metadata store.
+
+Within `tag_ttl` a tag is answered with no upstream contact. After it, a HEAD revalidates
+(Docker Hub does not count a HEAD against the pull limit) and a GET is spent only when the
+digest changed and its bytes are not cached yet. A HEAD from a client never costs a GET.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from mirror.errors import ManifestUnknown, UpstreamUnavailable
+from mirror.metadata import MetadataStore, TagRecord
+from mirror.metrics import Metrics
+from mirror.reference import is_digest_reference, parse_digest, validate_tag
+from mirror.storage import Storage
+from mirror.upstream import ManifestInfo, Upstream
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A manifest to answer with; `body` is None for a HEAD."""
+
+    digest: str
+    media_type: str
+    size: int
+    body: bytes | None
+
+
+def parse_accept(values: list[str]) -> list[str]:
+    """Media types from every Accept header line, parameters (`;q=`) dropped."""
+    types = []
+    for value in values:
+        for part in value.split(","):
+            media_type = part.partition(";")[0].strip()
+            if media_type:
+                types.append(media_type)
+    return types
+
+
+def acceptable(media_type: str, accept: list[str]) -> bool:
+    """No Accept, or `*/*`, accepts anything; otherwise the type must be listed."""
+    return not accept or media_type in accept or "*/*" in accept
+
+
+class ManifestService:
+    """Answers manifest GETs and HEADs from the cache, asking upstream only when needed."""
+
+    def __init__(
+        self, storage: Storage, metadata: MetadataStore, metrics: Metrics, tag_ttl: float
+    ) -> None:
+        self._storage = storage
+        self._metadata = metadata
+        self._metrics = metrics
+        self._tag_ttl = tag_ttl
+
+    async def get(
+        self, upstream: Upstream, repo: str, reference: str, accept: list[str], *, head: bool
+    ) -> Manifest:
+        if is_digest_reference(reference):
+            return await self._by_digest(upstream, repo, reference, accept, head=head)
+        return await self._by_tag(upstream, repo, validate_tag(reference), accept, head=head)
+
+    async def _by_digest(
+        self, upstream: Upstream, repo: str, reference: str, accept: list[str], *, head: bool
+    ) -> Manifest:
+        digest = parse_digest(reference)
+        cached = await self._storage.read_manifest(digest)
+        if cached is not None:
+            self._metrics.cache_requests.labels("manifest", "hit").inc()
+            media_type, stored = cached
+            _check_acceptable(media_type, accept, reference)
+            return Manifest(reference, media_type, len(stored), None if head else stored)
+        self._metrics.cache_requests.labels("manifest", "miss").inc()
+        info, body = await upstream.manifest(repo, reference, accept, head=head)
+        if body is not None:
+            if info.digest != reference:
+                raise ManifestUnknown(f"upstream sent another manifest for {reference}")
+            await self._store(repo, info, body)
+        return Manifest(reference, info.media_type, info.size, body)
+
+    async def _by_tag(
+        self, upstream: Upstream, repo: str, tag: str, accept: list[str], *, head: bool
+    ) -> Manifest:
+        record = await self._metadata.get_tag(upstream.name, repo, tag)
+        if record is not None and not acceptable(record.media_type, accept):
+            raise ManifestUnknown(f"manifest {repo}:{tag} is not of an accepted type")
+        if record is not None and record.is_fresh(self._tag_ttl):
+            self._metrics.cache_requests.labels("tag", "hit").inc()
+            return await self._answer(upstream, repo, record, accept, head=head)
+        self._metrics.cache_requests.labels("tag", "miss").inc()
+        if record is not None:
+            record = await self._revalidate(upstream, repo, tag, record, accept)
+            return await self._answer(upstream, repo, record, accept, head=head)
+        info, body = await upstream.manifest(repo, tag, accept, head=head)
+        if not info.digest.startswith("sha256:"):
+            # A HEAD without Docker-Content-Digest says nothing cacheable: ask with a GET.
+            info, body = await upstream.manifest(repo, tag, accept, head=False)
+        record = TagRecord(info.digest, info.media_type, info.size, time.time())
+        if body is not None:
+            await self._store(repo, info, body)
+        await self._metadata.put_tag(upstream.name, repo, tag, record)
+        return Manifest(info.digest, info.media_type, info.size, None if head else body)
+
+    async def _revalidate(
+        self, upstream: Upstream, repo: str, tag: str, record: TagRecord, accept: list[str]
+    ) -> TagRecord:
+        """HEAD the tag upstream; a fresh record, with a new digest when it moved."""
+        try:
+            info, _ = await upstream.manifest(repo, tag, accept, head=True)
+        except UpstreamUnavailable:
+            self._metrics.revalidations.labels("error").inc()
+            raise
+        if not info.digest.startswith("sha256:"):
+            info, body = await upstream.manifest(repo, tag, accept, head=False)
+            if body is not None:
+                await self._store(repo, info, body)
+        changed = info.digest != record.digest
+        self._metrics.revalidations.labels("changed" if changed else "unchanged").inc()
+        fresh = TagRecord(info.digest, info.media_type or record.media_type, info.size, time.time())
+        await self._metadata.put_tag(upstream.name, repo, tag, fresh)
+        return fresh
+
+    async def _answer(
+        self, upstream: Upstream, repo: str, record: TagRecord, accept: list[str], *, head: bool
+    ) -> Manifest:
+        """Answer from a tag record: HEAD from the record alone, GET from the stored bytes."""
+        if head:
+            return Manifest(record.digest, record.media_type, record.size, None)
+        return await self._by_digest(upstream, repo, record.digest, accept, head=False)
+
+    async def _store(self, repo: str, info: ManifestInfo, body: bytes) -> None:
+        if await self._storage.write_manifest(parse_digest(info.digest), info.media_type, body):
+            self._metrics.cache_size.inc(len(body))
+            self._metrics.cache_objects.inc()
+        await self._metadata.add_repository(repo)
+
+
+def _check_acceptable(media_type: str, accept: list[str], reference: str) -> None:
+    if not acceptable(media_type, accept):
+        raise ManifestUnknown(f"manifest {reference} is not of an accepted type")

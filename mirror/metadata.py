@@ -1,0 +1,140 @@
+"""Tag freshness and the repository catalogue: in Redis, or in-process for a single node.
+
+A tag record says which digest a tag pointed at and when the upstream last confirmed it.
+Freshness is judged from `checked_at` against `cache.tag_ttl` by the caller; the store
+itself only keeps records for `RETENTION` beyond that, so an expired tag can still be
+served when the upstream is down, and a tag nobody asks for eventually goes away.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+import redis.asyncio as aioredis
+from aiocache import SimpleMemoryCache
+
+# Every key starts with this, so the mirror can share a Redis with other tenants.
+KEY_PREFIX = "mirror:"
+TAG_KEY = KEY_PREFIX + "tag:{upstream}:{repo}:{tag}"
+# A sorted set with every score 0: Redis orders it lexically, which is the order
+# `_catalog` must page in (ZRANGEBYLEX), with no sorting on our side.
+REPOS_KEY = KEY_PREFIX + "repos"
+# How long a tag record outlives its TTL: a week of serving stale through an outage.
+RETENTION = 7 * 86400
+
+
+@dataclass(frozen=True, slots=True)
+class TagRecord:
+    """What a tag resolved to upstream, and when that was last confirmed."""
+
+    digest: str
+    media_type: str
+    size: int
+    checked_at: float
+
+    def is_fresh(self, ttl: float, now: float | None = None) -> bool:
+        return (now if now is not None else time.time()) - self.checked_at < ttl
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> TagRecord:
+        return cls(**json.loads(raw))
+
+
+class MetadataStore(Protocol):
+    """Where tag records and the catalogue live."""
+
+    async def get_tag(self, upstream: str, repo: str, tag: str) -> TagRecord | None: ...
+
+    async def put_tag(self, upstream: str, repo: str, tag: str, record: TagRecord) -> None: ...
+
+    async def add_repository(self, repo: str) -> None: ...
+
+    async def repositories(self, n: int, last: str | None) -> list[str]: ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def _tag_key(upstream: str, repo: str, tag: str) -> str:
+    return TAG_KEY.format(upstream=upstream, repo=repo, tag=tag)
+
+
+class MemoryMetadata:
+    """In-process metadata for a single node with no Redis; gone on restart."""
+
+    def __init__(self, ttl: float) -> None:
+        self._expiry = ttl + RETENTION
+        self._tags = SimpleMemoryCache()
+        self._repos: list[str] = []
+
+    async def get_tag(self, upstream: str, repo: str, tag: str) -> TagRecord | None:
+        record: TagRecord | None = await self._tags.get(_tag_key(upstream, repo, tag))
+        return record
+
+    async def put_tag(self, upstream: str, repo: str, tag: str, record: TagRecord) -> None:
+        await self._tags.set(_tag_key(upstream, repo, tag), record, ttl=self._expiry)
+
+    async def add_repository(self, repo: str) -> None:
+        index = bisect.bisect_left(self._repos, repo)
+        if index == len(self._repos) or self._repos[index] != repo:
+            self._repos.insert(index, repo)
+
+    async def repositories(self, n: int, last: str | None) -> list[str]:
+        start = bisect.bisect_right(self._repos, last) if last else 0
+        return self._repos[start : start + n]
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        await self._tags.close()
+
+
+class RedisMetadata:
+    """Metadata shared by every replica through one Redis."""
+
+    def __init__(self, url: str, ttl: float) -> None:
+        self._expiry = int(ttl + RETENTION)
+        self._redis = aioredis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=2,
+            socket_timeout=2,
+            health_check_interval=30,
+        )
+
+    async def get_tag(self, upstream: str, repo: str, tag: str) -> TagRecord | None:
+        raw = await self._redis.get(_tag_key(upstream, repo, tag))
+        return None if raw is None else TagRecord.from_json(raw)
+
+    async def put_tag(self, upstream: str, repo: str, tag: str, record: TagRecord) -> None:
+        await self._redis.set(_tag_key(upstream, repo, tag), record.to_json(), ex=self._expiry)
+
+    async def add_repository(self, repo: str) -> None:
+        await self._redis.zadd(REPOS_KEY, {repo: 0})
+
+    async def repositories(self, n: int, last: str | None) -> list[str]:
+        start = f"({last}" if last else "-"
+        names = await self._redis.zrangebylex(REPOS_KEY, start, "+", start=0, num=n)
+        return [str(name) for name in names]
+
+    async def ping(self) -> None:
+        await self._redis.ping()
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def open_metadata(redis_url: str | None, ttl: float) -> MetadataStore:
+    """Redis when a URL is configured, otherwise the in-process store."""
+    if redis_url:
+        return RedisMetadata(redis_url, ttl)
+    return MemoryMetadata(ttl)

@@ -1,0 +1,113 @@
+"""Prometheus metrics, on the app's own registry so that tests never share series.
+
+Label values are route templates, methods, statuses, upstream hosts and fixed words: never
+repository names, tags or anything a client chooses freely (cardinality), and never secrets.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    """Every series the mirror exports."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.http_requests = Counter(
+            "mirror_http_requests",
+            "Requests answered, by route, method and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            "mirror_http_request_duration_seconds",
+            "Time to answer a request (headers sent for streamed bodies), by route.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.cache_requests = Counter(
+            "mirror_cache_requests",
+            "Cache look-ups by kind (manifest, tag, blob) and result (hit, miss).",
+            ["kind", "result"],
+            registry=r,
+        )
+        self.served_bytes = Counter(
+            "mirror_served_bytes",
+            "Body bytes sent to clients, by source (cache, upstream).",
+            ["source"],
+            registry=r,
+        )
+        self.upstream_requests = Counter(
+            "mirror_upstream_requests",
+            "Requests made to an upstream, by upstream, kind and status (or error).",
+            ["upstream", "kind", "status"],
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "mirror_upstream_request_duration_seconds",
+            "Upstream time to response headers, by upstream and kind.",
+            ["upstream", "kind"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_fetches_in_flight = Gauge(
+            "mirror_upstream_fetches_in_flight",
+            "Blob downloads from upstream under way.",
+            registry=r,
+        )
+        self.joined_requests = Counter(
+            "mirror_joined_requests",
+            "Blob requests served from a download already under way instead of a new fetch.",
+            registry=r,
+        )
+        self.upstream_bytes = Counter(
+            "mirror_upstream_bytes",
+            "Blob bytes received from upstreams.",
+            ["upstream"],
+            registry=r,
+        )
+        self.digest_mismatches = Counter(
+            "mirror_digest_mismatches",
+            "Upstream content whose hash did not match its digest (never cached).",
+            ["kind"],
+            registry=r,
+        )
+        self.cache_size = Gauge(
+            "mirror_cache_size_bytes",
+            "Bytes of blobs and manifests stored on disk.",
+            registry=r,
+        )
+        self.cache_objects = Gauge(
+            "mirror_cache_objects",
+            "Blobs and manifests stored on disk.",
+            registry=r,
+        )
+        self.ratelimit_remaining = Gauge(
+            "mirror_upstream_ratelimit_remaining",
+            "Pulls left in the upstream's window, from its ratelimit-remaining header.",
+            ["upstream"],
+            registry=r,
+        )
+        self.ratelimit_limit = Gauge(
+            "mirror_upstream_ratelimit_limit",
+            "Pulls allowed in the upstream's window, from its ratelimit-limit header.",
+            ["upstream"],
+            registry=r,
+        )
+        self.revalidations = Counter(
+            "mirror_tag_revalidations",
+            "Expired tags checked upstream with HEAD, by result (unchanged, changed, error).",
+            ["result"],
+            registry=r,
+        )
+        self.token_fetches = Counter(
+            "mirror_upstream_token_fetches",
+            "Tokens fetched from an upstream's token service, by upstream and status.",
+            ["upstream", "status"],
+            registry=r,
+        )
