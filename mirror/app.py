@@ -73,12 +73,14 @@ async def metadata_ctx(app: web.Application) -> AsyncIterator[None]:
 async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[config_key].upstream
     session = new_session(cfg.connect_timeout, cfg.read_timeout)
-    tokens = TokenCache(session)
-    app[upstream_key] = Upstream(
-        cfg.url, session, tokens, app[metrics_key], cfg.username, cfg.password
-    )
-    yield
-    await session.close()
+    try:
+        tokens = TokenCache(session)
+        app[upstream_key] = Upstream(
+            cfg.url, session, tokens, app[metrics_key], cfg.username, cfg.password
+        )
+        yield
+    finally:
+        await session.close()
 
 
 async def services_ctx(app: web.Application) -> AsyncIterator[None]:

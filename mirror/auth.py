@@ -7,6 +7,7 @@ once however many requests want the same one at the same moment.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import re
 from dataclasses import dataclass, field
@@ -56,6 +57,11 @@ def parse_challenge(header: str) -> Challenge:
     return Challenge(scheme.lower(), params)
 
 
+def basic_authorization(username: str, password: str) -> str:
+    """The value of an `Authorization: Basic` header."""
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+
+
 class TokenCache:
     """Bearer tokens by (realm, service, scope), fetched once and kept until near expiry."""
 
@@ -69,9 +75,12 @@ class TokenCache:
         self,
         challenge: Challenge,
         scopes: list[str],
-        credentials: aiohttp.BasicAuth | None,
+        credentials: str | None,
     ) -> str:
-        """A token for `scopes` from the challenge's realm, from cache when still good."""
+        """A token for `scopes` from the challenge's realm, from cache when still good.
+
+        `credentials` is a ready `Authorization` header value (Basic) or None: anonymous.
+        """
         key = "\0".join([challenge.realm or "", challenge.params.get("service", ""), *scopes])
         token: str | None = await self._cache.get(key)
         if token is not None:
@@ -94,7 +103,7 @@ class TokenCache:
             del self._pending[key]
 
     async def _fetch(
-        self, challenge: Challenge, scopes: list[str], credentials: aiohttp.BasicAuth | None
+        self, challenge: Challenge, scopes: list[str], credentials: str | None
     ) -> tuple[str, float]:
         realm = challenge.realm
         if not realm:
@@ -104,7 +113,8 @@ class TokenCache:
             params.insert(0, ("service", challenge.params["service"]))
         self.fetches += 1
         try:
-            async with self._session.get(realm, params=params, auth=credentials) as resp:
+            headers = {"Authorization": credentials} if credentials else {}
+            async with self._session.get(realm, params=params, headers=headers) as resp:
                 if resp.status in (401, 403):
                     # The account's credentials were refused: say so without echoing them.
                     raise Denied("the mirror's upstream credentials were refused")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -41,6 +42,15 @@ def load(args: argparse.Namespace) -> Config:
     )
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where it is installed: about twice the requests per second of asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
@@ -61,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     web.run_app(
         create_app(config),
+        loop=new_event_loop(),
         host=config.host,
         port=config.port,
         access_log_format=ACCESS_LOG_FORMAT,

@@ -121,11 +121,12 @@ def _reject_unknown(raw: Mapping[str, Any], allowed: set[str], prefix: str = "")
             raise ConfigError(f"{prefix}{key}", "unknown key")
 
 
-def _optional_str(key: str, value: object) -> str | None:
+def _optional_str(key: str, value: object, *, secret: bool = False) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise ConfigError(key, f"expected a string, got {value!r}")
+        shown = f"a {type(value).__name__}" if secret else repr(value)
+        raise ConfigError(key, f"expected a string, got {shown}")
     return value
 
 
@@ -139,7 +140,7 @@ def _read_secret(key: str, path: object) -> str:
 def _upstream(raw: Mapping[str, Any]) -> UpstreamConfig:
     allowed = {"url", "username", "password", "password_file", "connect_timeout", "read_timeout"}
     sec = _section(raw, "upstream", allowed)
-    password = _optional_str("upstream.password", sec.get("password"))
+    password = _optional_str("upstream.password", sec.get("password"), secret=True)
     if sec.get("password_file") is not None:
         password = _read_secret("upstream.password_file", sec["password_file"])
     defaults = UpstreamConfig()

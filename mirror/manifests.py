@@ -11,11 +11,18 @@ import time
 from dataclasses import dataclass
 
 from mirror.errors import ManifestUnknown, UpstreamUnavailable
+from mirror.lru import LRU
 from mirror.metadata import MetadataStore, TagRecord
 from mirror.metrics import Metrics
 from mirror.reference import is_digest_reference, parse_digest, validate_tag
 from mirror.storage import Storage
 from mirror.upstream import ManifestInfo, Upstream
+
+# Hot manifests and tag records are kept in process memory: a pull storm for one tag is
+# then answered without a Redis round trip or a thread hop to read the file. Manifests are
+# immutable (keyed by digest); a tag record still carries `checked_at`, so the TTL holds.
+HOT_MANIFEST_BYTES = 64 * 1024 * 1024
+HOT_TAGS = 10000
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +61,8 @@ class ManifestService:
         self._metadata = metadata
         self._metrics = metrics
         self._tag_ttl = tag_ttl
+        self._hot: LRU[str, tuple[str, bytes]] = LRU(HOT_MANIFEST_BYTES, lambda v: len(v[1]))
+        self._tags: LRU[tuple[str, str, str], TagRecord] = LRU(HOT_TAGS)
 
     async def get(
         self, upstream: Upstream, repo: str, reference: str, accept: list[str], *, head: bool
@@ -65,8 +74,11 @@ class ManifestService:
     async def _by_digest(
         self, upstream: Upstream, repo: str, reference: str, accept: list[str], *, head: bool
     ) -> Manifest:
-        digest = parse_digest(reference)
-        cached = await self._storage.read_manifest(digest)
+        cached = self._hot.get(reference)
+        if cached is None:
+            cached = await self._storage.read_manifest(parse_digest(reference))
+            if cached is not None:
+                self._hot.put(reference, cached)
         if cached is not None:
             self._metrics.cache_requests.labels("manifest", "hit").inc()
             media_type, stored = cached
@@ -83,7 +95,7 @@ class ManifestService:
     async def _by_tag(
         self, upstream: Upstream, repo: str, tag: str, accept: list[str], *, head: bool
     ) -> Manifest:
-        record = await self._metadata.get_tag(upstream.name, repo, tag)
+        record = await self._get_tag(upstream.name, repo, tag)
         if record is not None and not acceptable(record.media_type, accept):
             raise ManifestUnknown(f"manifest {repo}:{tag} is not of an accepted type")
         if record is not None and record.is_fresh(self._tag_ttl):
@@ -100,7 +112,7 @@ class ManifestService:
         record = TagRecord(info.digest, info.media_type, info.size, time.time())
         if body is not None:
             await self._store(repo, info, body)
-        await self._metadata.put_tag(upstream.name, repo, tag, record)
+        await self._put_tag(upstream.name, repo, tag, record)
         return Manifest(info.digest, info.media_type, info.size, None if head else body)
 
     async def _revalidate(
@@ -119,7 +131,7 @@ class ManifestService:
         changed = info.digest != record.digest
         self._metrics.revalidations.labels("changed" if changed else "unchanged").inc()
         fresh = TagRecord(info.digest, info.media_type or record.media_type, info.size, time.time())
-        await self._metadata.put_tag(upstream.name, repo, tag, fresh)
+        await self._put_tag(upstream.name, repo, tag, fresh)
         return fresh
 
     async def _answer(
@@ -130,7 +142,23 @@ class ManifestService:
             return Manifest(record.digest, record.media_type, record.size, None)
         return await self._by_digest(upstream, repo, record.digest, accept, head=False)
 
+    async def _get_tag(self, upstream: str, repo: str, tag: str) -> TagRecord | None:
+        """The local record while fresh, else the shared store's (another replica may
+        have revalidated it since)."""
+        record = self._tags.get((upstream, repo, tag))
+        if record is not None and record.is_fresh(self._tag_ttl):
+            return record
+        record = await self._metadata.get_tag(upstream, repo, tag)
+        if record is not None:
+            self._tags.put((upstream, repo, tag), record)
+        return record
+
+    async def _put_tag(self, upstream: str, repo: str, tag: str, record: TagRecord) -> None:
+        self._tags.put((upstream, repo, tag), record)
+        await self._metadata.put_tag(upstream, repo, tag, record)
+
     async def _store(self, repo: str, info: ManifestInfo, body: bytes) -> None:
+        self._hot.put(info.digest, (info.media_type, body))
         if await self._storage.write_manifest(parse_digest(info.digest), info.media_type, body):
             self._metrics.cache_size.inc(len(body))
             self._metrics.cache_objects.inc()

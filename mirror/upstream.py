@@ -17,7 +17,7 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 from multidict import CIMultiDict
 
-from mirror.auth import Challenge, TokenCache, parse_challenge
+from mirror.auth import Challenge, TokenCache, basic_authorization, parse_challenge
 from mirror.errors import (
     BlobUnknown,
     Denied,
@@ -105,7 +105,7 @@ class Upstream:
         self._session = session
         self._tokens = tokens
         self._metrics = metrics
-        self._credentials = aiohttp.BasicAuth(username, password or "") if username else None
+        self._credentials = basic_authorization(username, password or "") if username else None
         # Learnt from the first 401, then used to fetch tokens before asking, so that a
         # new repository costs one token request and not a refused request first.
         self._bearer: Challenge | None = None
@@ -180,7 +180,7 @@ class Upstream:
             token = await self._tokens.get(self._bearer, scopes, self._credentials)
             return {"Authorization": f"Bearer {token}"}
         if self._basic and self._credentials is not None:
-            return {"Authorization": self._credentials.encode()}
+            return {"Authorization": self._credentials}
         return {}
 
     async def _answer(self, challenge: Challenge, repo: str | None) -> dict[str, str]:
@@ -195,7 +195,7 @@ class Upstream:
             return {"Authorization": f"Bearer {token}"}
         if challenge.scheme == "basic" and self._credentials is not None:
             self._basic = True
-            return {"Authorization": self._credentials.encode()}
+            return {"Authorization": self._credentials}
         raise Unauthorized(f"upstream {self.name} requires credentials the mirror does not have")
 
     def _observe_ratelimit(self, resp: aiohttp.ClientResponse) -> None:

@@ -1,0 +1,57 @@
+# The two commands a newcomer needs: `make run` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+# Real components the tests start themselves (Debian packages).
+SYSTEM_PACKAGES := redis-server docker-registry docker.io containerd runc skopeo busybox-static \
+	nginx-light wrk
+SYSTEM_COMMANDS := redis-server docker-registry dockerd containerd skopeo busybox nginx wrk
+
+.PHONY: all install system-deps run test test-unit test-e2e lint format mypy clean
+
+all: lint mypy test
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Installs the Debian packages the tests need, only when one is missing.
+system-deps:
+	@missing=""; for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null 2>&1 || \
+		[ -x /usr/sbin/$$c ] || missing="$$missing $$c"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages (missing:$$missing)"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			$$SUDO apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; \
+	fi
+
+run: install
+	$(VENV)/bin/mirror serve --listen 0.0.0.0:8083 --storage ./mirror-data
+
+test: install system-deps lint mypy
+	$(PY) -m pytest
+
+test-unit: install
+	$(PY) -m pytest -m "not e2e"
+
+test-e2e: install system-deps
+	$(PY) -m pytest -m e2e -s
+
+lint: install
+	$(PY) -m ruff check mirror tests
+	$(PY) -m ruff format --check mirror
+
+format: install
+	$(PY) -m ruff format mirror
+	$(PY) -m ruff check --fix mirror tests
+
+mypy: install
+	$(PY) -m mypy
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info mirror-data

@@ -1,0 +1,418 @@
+"""The registry API as a client sees it, through the mirror in front of the fake hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import ClientResponse, web
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
+from yarl import URL
+
+from mirror.config import Config, RedisConfig, UpstreamConfig
+from tests.conftest import MakeClient
+from tests.fakehub import OCI_INDEX, FakeHub
+from tests.services import RedisServer
+
+Client = TestClient[Any, Any]
+API_VERSION = "registry/2.0"
+GOOD_DIGEST = "sha256:" + "0" * 64
+
+BAD_NAMES = [
+    "Library/nginx",
+    "library/NGINX",
+    "..",
+    "library/..",
+    "a//b",
+    "a/",
+    "-a",
+    "a" * 300,
+    "%2e%2e",
+    "library/%2e%2e/%2e%2e",
+    "a%2f..%2f..%2fetc",
+    "..%2f..%2f..%2ftmp",
+]
+BAD_DIGESTS = [
+    "sha256:short",
+    "sha256:" + "A" * 64,
+    "sha256:" + "0" * 63,
+    "sha256:" + "0" * 65,
+    "md5:" + "0" * 32,
+    "sha256:",
+    "sha256:" + "%2e%2e%2f" * 8,
+    "sha512:" + "0" * 64,
+]
+BAD_TAGS = ["-x", ".x", "a" * 129, "a%2fb", "%2e%2e"]
+
+
+async def send(client: Client, method: str, path: str, **kwargs: Any) -> ClientResponse:
+    """A request whose path reaches the server exactly as written: no `..` folding, no
+    re-encoding, as an attacker would send it."""
+    url = URL(str(client.make_url("/")).rstrip("/") + path, encoded=True)
+    return await client.session.request(method, url, **kwargs)
+
+
+async def error_of(resp: ClientResponse) -> str:
+    """The OCI error code of a JSON error body."""
+    assert resp.content_type == "application/json", await resp.text()
+    body = await resp.json()
+    return str(body["errors"][0]["code"])
+
+
+def stored_files(root: Path) -> list[str]:
+    return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files]
+
+
+def add_image(hub: FakeHub, repo: str, tag: str = "latest") -> dict[str, Any]:
+    return hub.content.add_image(repo, tag, [f"layer of {repo}:{tag}".encode()])
+
+
+async def fetch_manifest(client: Client, repo: str, tag: str = "latest") -> None:
+    resp = await client.get(f"/v2/{repo}/manifests/{tag}")
+    assert resp.status == 200, await resp.text()
+    await resp.read()
+
+
+# --- /v2/ -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_base_answers_200_with_api_version(client: Client, method: str) -> None:
+    resp = await client.request(method, "/v2/")
+    assert resp.status == 200
+    assert resp.headers["Docker-Distribution-API-Version"] == API_VERSION
+
+
+async def test_errors_carry_api_version(client: Client) -> None:
+    resp = await client.get("/v2/UPPER/manifests/latest")
+    assert resp.status == 400
+    assert resp.headers["Docker-Distribution-API-Version"] == API_VERSION
+
+
+# --- bad references -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+@pytest.mark.parametrize("kind", ["manifests/latest", f"blobs/{GOOD_DIGEST}", "tags/list"])
+async def test_bad_name_is_400_name_invalid(client: Client, name: str, kind: str) -> None:
+    resp = await send(client, "GET", f"/v2/{name}/{kind}")
+    assert resp.status == 400
+    assert await error_of(resp) == "NAME_INVALID"
+
+
+async def test_bad_name_head_is_400_without_body(client: Client) -> None:
+    resp = await send(client, "HEAD", "/v2/%2e%2e/manifests/latest")
+    assert resp.status == 400
+    assert await resp.read() == b""
+
+
+@pytest.mark.parametrize("digest", BAD_DIGESTS)
+@pytest.mark.parametrize("kind", ["blobs", "manifests", "referrers"])
+async def test_bad_digest_is_400_digest_invalid(client: Client, digest: str, kind: str) -> None:
+    resp = await send(client, "GET", f"/v2/library/nginx/{kind}/{digest}")
+    assert resp.status == 400
+    assert await error_of(resp) == "DIGEST_INVALID"
+
+
+@pytest.mark.parametrize("tag", BAD_TAGS)
+async def test_bad_tag_is_400_tag_invalid(client: Client, tag: str) -> None:
+    resp = await send(client, "GET", f"/v2/library/nginx/manifests/{tag}")
+    assert resp.status == 400
+    assert await error_of(resp) == "TAG_INVALID"
+
+
+async def test_longest_valid_tag_accepted(hub: FakeHub, client: Client) -> None:
+    tag = "a" * 128
+    add_image(hub, "library/nginx", tag)
+    await fetch_manifest(client, "library/nginx", tag)
+
+
+async def test_bad_input_writes_nothing(hub: FakeHub, client: Client, config: Config) -> None:
+    add_image(hub, "library/nginx")
+    paths = [f"/v2/{name}/manifests/latest" for name in BAD_NAMES]
+    paths += [f"/v2/{name}/blobs/{GOOD_DIGEST}" for name in BAD_NAMES]
+    paths += [f"/v2/library/nginx/blobs/{digest}" for digest in BAD_DIGESTS]
+    paths += [f"/v2/library/nginx/manifests/{digest}" for digest in BAD_DIGESTS]
+    paths += [f"/v2/library/nginx/manifests/{tag}" for tag in BAD_TAGS]
+    for path in paths:
+        resp = await send(client, "GET", path)
+        assert resp.status == 400, path
+    assert stored_files(config.storage.path) == []
+    assert sorted(os.listdir(config.storage.path.parent)) == [config.storage.path.name]
+    assert hub.stats.requests == []  # nothing bad was passed on either
+
+
+# --- unknown content ------------------------------------------------------------------------
+
+
+async def test_unknown_manifest_is_404_manifest_unknown(client: Client) -> None:
+    resp = await client.get("/v2/library/nope/manifests/latest")
+    assert resp.status == 404
+    assert await error_of(resp) == "MANIFEST_UNKNOWN"
+
+
+async def test_unknown_manifest_digest_is_404_manifest_unknown(client: Client) -> None:
+    resp = await client.get(f"/v2/library/nope/manifests/{GOOD_DIGEST}")
+    assert resp.status == 404
+    assert await error_of(resp) == "MANIFEST_UNKNOWN"
+
+
+async def test_unknown_blob_is_404_blob_unknown(client: Client, config: Config) -> None:
+    resp = await client.get(f"/v2/library/nginx/blobs/{GOOD_DIGEST}")
+    assert resp.status == 404
+    assert await error_of(resp) == "BLOB_UNKNOWN"
+    assert stored_files(config.storage.path) == []
+
+
+async def test_unknown_blob_head_is_404(client: Client) -> None:
+    resp = await client.head(f"/v2/library/nginx/blobs/{GOOD_DIGEST}")
+    assert resp.status == 404
+
+
+async def test_unknown_endpoint_is_404_oci_error(client: Client) -> None:
+    resp = await client.get("/v2/library/nginx/whatever")
+    assert resp.status == 404
+    assert await error_of(resp)
+
+
+# --- push and delete ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v2/x/blobs/uploads/"),
+        ("PATCH", "/v2/x/blobs/uploads/4b1d3c2e"),
+        ("PUT", "/v2/x/blobs/uploads/4b1d3c2e?digest=" + GOOD_DIGEST),
+        ("PUT", "/v2/x/manifests/latest"),
+        ("DELETE", "/v2/x/manifests/" + GOOD_DIGEST),
+        ("DELETE", "/v2/x/blobs/" + GOOD_DIGEST),
+        ("DELETE", "/v2/x/manifests/latest"),
+    ],
+)
+async def test_push_and_delete_are_405_unsupported(
+    hub: FakeHub, client: Client, config: Config, method: str, path: str
+) -> None:
+    resp = await client.request(method, path, data=b'{"schemaVersion": 2}')
+    assert resp.status == 405
+    assert await error_of(resp) == "UNSUPPORTED"
+    assert stored_files(config.storage.path) == []
+    assert hub.stats.requests == []
+
+
+# --- tags/list ------------------------------------------------------------------------------
+
+
+async def test_tags_list_relayed(hub: FakeHub, client: Client) -> None:
+    for tag in ["1.27", "1.28", "latest"]:
+        add_image(hub, "library/nginx", tag)
+    resp = await client.get("/v2/library/nginx/tags/list")
+    assert resp.status == 200
+    assert await resp.json() == {"name": "library/nginx", "tags": ["1.27", "1.28", "latest"]}
+    assert "Link" not in resp.headers
+
+
+async def test_tags_list_pages_with_relative_link(hub: FakeHub, client: Client) -> None:
+    for tag in ["a", "b", "c", "d", "e"]:
+        add_image(hub, "library/nginx", tag)
+    resp = await client.get("/v2/library/nginx/tags/list", params={"n": "2", "last": "a"})
+    assert resp.status == 200
+    assert (await resp.json())["tags"] == ["b", "c"]
+    link = resp.headers["Link"]
+    assert link.startswith("</v2/")
+    assert link.endswith('>; rel="next"')
+    follow = await client.get(link[1 : link.index(">")])
+    assert (await follow.json())["tags"] == ["d", "e"]
+
+
+async def test_tags_list_of_unknown_repo_is_404(client: Client) -> None:
+    resp = await client.get("/v2/library/nope/tags/list")
+    assert resp.status == 404
+    assert await error_of(resp) == "NAME_UNKNOWN"
+
+
+async def test_absolute_upstream_link_made_relative(
+    aiohttp_server: Any, make_client: MakeClient
+) -> None:
+    """An upstream that answers with an absolute next link (another host) must not send
+    the client there: the Link points back at the mirror."""
+
+    async def tags(request: web.Request) -> web.Response:
+        assert request.query.get("n") == "1"
+        link = '<https://upstream.example/v2/x/tags/list?last=a&n=1>; rel="next"'
+        return web.json_response({"name": "x", "tags": ["a"]}, headers={"Link": link})
+
+    app = web.Application()
+    app.router.add_get("/v2/x/tags/list", tags)
+    server: TestServer = await aiohttp_server(app)
+    client = await make_client(upstream=UpstreamConfig(url=str(server.make_url("")).rstrip("/")))
+    resp = await client.get("/v2/x/tags/list?n=1")
+    assert resp.status == 200
+    assert resp.headers["Link"] == '</v2/x/tags/list?last=a&n=1>; rel="next"'
+
+
+# --- _catalog -------------------------------------------------------------------------------
+
+
+async def test_catalog_empty(client: Client) -> None:
+    resp = await client.get("/v2/_catalog")
+    assert resp.status == 200
+    assert await resp.json() == {"repositories": []}
+
+
+async def test_catalog_lists_fetched_repositories(hub: FakeHub, client: Client) -> None:
+    for repo in ["library/redis", "library/alpine", "bitnami/nginx", "never/fetched"]:
+        add_image(hub, repo)
+    for repo in ["library/redis", "library/alpine", "bitnami/nginx", "library/redis"]:
+        await fetch_manifest(client, repo)
+    resp = await client.get("/v2/_catalog")
+    assert resp.status == 200
+    assert await resp.json() == {
+        "repositories": ["bitnami/nginx", "library/alpine", "library/redis"]
+    }
+
+
+async def test_catalog_pages_with_n_last_and_link(hub: FakeHub, client: Client) -> None:
+    repos = ["library/a", "library/b", "library/c", "library/d", "library/e"]
+    for repo in repos:
+        add_image(hub, repo)
+        await fetch_manifest(client, repo)
+    resp = await client.get("/v2/_catalog", params={"n": "2"})
+    assert (await resp.json())["repositories"] == repos[:2]
+    link = resp.headers["Link"]
+    assert link.startswith("</v2/_catalog?") and link.endswith('>; rel="next"')
+    resp = await client.get(URL(link[1 : link.index(">")], encoded=True))
+    assert (await resp.json())["repositories"] == repos[2:4]
+    resp = await client.get("/v2/_catalog", params={"n": "2", "last": "library/d"})
+    assert (await resp.json())["repositories"] == ["library/e"]
+    assert "Link" not in resp.headers
+
+
+async def test_catalog_bad_n_is_an_oci_error(client: Client) -> None:
+    resp = await client.get("/v2/_catalog?n=lots")
+    assert resp.status == 400
+    assert await error_of(resp)
+
+
+# --- referrers ------------------------------------------------------------------------------
+
+
+async def test_referrers_none_upstream_is_404_manifest_unknown(
+    hub: FakeHub, client: Client
+) -> None:
+    image = add_image(hub, "library/nginx")
+    resp = await client.get(f"/v2/library/nginx/referrers/{image['digest']}")
+    assert resp.status == 404
+    assert await error_of(resp) == "MANIFEST_UNKNOWN"
+    assert hub.stats["referrers"] == 1
+
+
+async def test_referrers_relayed(hub: FakeHub, client: Client) -> None:
+    image = add_image(hub, "library/nginx")
+    index = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [
+                {
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": "sha256:" + "5" * 64,
+                    "size": 123,
+                    "artifactType": "application/vnd.dev.sigstore.bundle+json",
+                }
+            ],
+        }
+    ).encode()
+    hub.content.set_referrers(image["digest"], index)
+    resp = await client.get(f"/v2/library/nginx/referrers/{image['digest']}")
+    assert resp.status == 200
+    assert resp.content_type == OCI_INDEX
+    assert await resp.read() == index
+
+
+# --- operations endpoints -------------------------------------------------------------------
+
+
+async def test_healthz(client: Client) -> None:
+    resp = await client.get("/healthz")
+    assert resp.status == 200
+
+
+async def test_readyz_ok(client: Client) -> None:
+    resp = await client.get("/readyz")
+    assert resp.status == 200
+    assert await resp.json() == {"storage": "ok", "metadata": "ok"}
+
+
+async def test_readyz_503_when_storage_not_writable(client: Client, config: Config) -> None:
+    # Tests run as root, for whom chmod changes nothing: make tmp/ a file instead.
+    tmp = config.storage.path / "tmp"
+    shutil.rmtree(tmp)
+    tmp.write_bytes(b"not a directory")
+    resp = await client.get("/readyz")
+    assert resp.status == 503
+    body = await resp.json()
+    assert body["storage"] != "ok"
+    assert body["metadata"] == "ok"
+
+
+async def test_readyz_with_redis(redis_server: RedisServer, make_client: MakeClient) -> None:
+    client = await make_client(redis=RedisConfig(url=redis_server.url))
+    resp = await client.get("/readyz")
+    assert resp.status == 200
+    assert await resp.json() == {"storage": "ok", "metadata": "ok"}
+
+
+async def metric_samples(client: Client, name: str) -> dict[tuple[str, str, str], float]:
+    resp = await client.get("/metrics")
+    assert resp.status == 200
+    text = await resp.text()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                labels = sample.labels
+                samples[(labels["route"], labels["method"], labels["status"])] = sample.value
+    return samples
+
+
+async def test_metrics_count_requests_by_route_method_status(hub: FakeHub, client: Client) -> None:
+    add_image(hub, "library/nginx")
+    await fetch_manifest(client, "library/nginx")
+    await client.head("/v2/library/nginx/manifests/latest")
+    await client.get("/v2/library/nope/manifests/latest")
+    await client.get("/v2/")
+    await client.get("/v2/")
+    await client.post("/v2/x/blobs/uploads/")
+    samples = await metric_samples(client, "mirror_http_requests_total")
+    assert samples[("manifest", "GET", "200")] == 1
+    assert samples[("manifest", "HEAD", "200")] == 1
+    assert samples[("manifest", "GET", "404")] == 1
+    assert samples[("base", "GET", "200")] == 2
+    assert samples[("unsupported", "POST", "405")] == 1
+
+
+async def test_metrics_labels_never_carry_repository_names(hub: FakeHub, client: Client) -> None:
+    add_image(hub, "library/nginx")
+    await fetch_manifest(client, "library/nginx")
+    text = await (await client.get("/metrics")).text()
+    assert "mirror_http_requests_total" in text
+    assert "library/nginx" not in text
+
+
+async def test_metrics_never_contain_a_token(hub: FakeHub, client: Client) -> None:
+    image = add_image(hub, "library/nginx")
+    await fetch_manifest(client, "library/nginx")
+    resp = await client.get(f"/v2/library/nginx/blobs/{image['layers'][0]}")
+    assert resp.status == 200
+    await resp.read()
+    issued = list(hub._tokens)  # every token the hub handed out
+    assert issued
+    text = await (await client.get("/metrics")).text()
+    for token in issued:
+        assert token not in text

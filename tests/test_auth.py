@@ -1,0 +1,172 @@
+"""Upstream auth: parsing challenges, and the Bearer token flow against the fake hub."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from mirror.auth import parse_challenge
+from mirror.config import UpstreamConfig
+from tests.conftest import MakeClient
+from tests.fakehub import FakeHub
+
+Client = TestClient[Any, Any]
+PASSWORD = "wr0ng-Pa55word-never-shown"
+
+
+def add_images(hub: FakeHub, repo: str, *tags: str) -> None:
+    for tag in tags:
+        hub.content.add_image(repo, tag, [f"{repo}:{tag}".encode()])
+
+
+async def get_manifest(client: Client, repo: str, ref: str) -> None:
+    resp = await client.get(f"/v2/{repo}/manifests/{ref}")
+    assert resp.status == 200, await resp.text()
+    await resp.read()
+
+
+# --- parse_challenge ------------------------------------------------------------------------
+
+
+async def test_parse_docker_hub_challenge() -> None:
+    challenge = parse_challenge(
+        'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
+        'scope="repository:library/nginx:pull"'
+    )
+    assert challenge.scheme == "bearer"
+    assert challenge.realm == "https://auth.docker.io/token"
+    assert challenge.params == {
+        "realm": "https://auth.docker.io/token",
+        "service": "registry.docker.io",
+        "scope": "repository:library/nginx:pull",
+    }
+
+
+async def test_parse_comma_inside_quotes() -> None:
+    challenge = parse_challenge('Bearer realm="https://r/token",scope="repository:a:pull,push"')
+    assert challenge.params["scope"] == "repository:a:pull,push"
+    assert challenge.realm == "https://r/token"
+
+
+async def test_parse_several_scopes_in_one_value() -> None:
+    challenge = parse_challenge(
+        'Bearer realm="https://r/token",service="s",'
+        'scope="repository:a:pull repository:b/c:pull,push"'
+    )
+    assert challenge.params["scope"].split(" ") == [
+        "repository:a:pull",
+        "repository:b/c:pull,push",
+    ]
+    assert challenge.params["service"] == "s"
+
+
+async def test_parse_escaped_quotes() -> None:
+    challenge = parse_challenge(r'Bearer realm="https://r/token",error="say \"no\", twice"')
+    assert challenge.params["error"] == 'say "no", twice'
+    assert challenge.realm == "https://r/token"
+
+
+async def test_parse_unquoted_values() -> None:
+    challenge = parse_challenge("Bearer realm=https://r/token,service=registry.example")
+    assert challenge.params == {"realm": "https://r/token", "service": "registry.example"}
+
+
+async def test_parse_basic_challenge() -> None:
+    challenge = parse_challenge('Basic realm="x"')
+    assert challenge.scheme == "basic"
+    assert challenge.realm == "x"
+
+
+async def test_parse_extra_whitespace() -> None:
+    challenge = parse_challenge(
+        '  Bearer   realm = "https://r/token" ,  service= "s" ,scope ="a"  '
+    )
+    assert challenge.scheme == "bearer"
+    assert challenge.params == {"realm": "https://r/token", "service": "s", "scope": "a"}
+
+
+async def test_parse_scheme_and_keys_case_insensitive() -> None:
+    challenge = parse_challenge('BEARER Realm="https://r/token",SERVICE="s"')
+    assert challenge.scheme == "bearer"
+    assert challenge.params == {"realm": "https://r/token", "service": "s"}
+
+
+# --- tokens against the fake hub ------------------------------------------------------------
+
+
+async def test_one_token_for_many_requests_to_one_repo(hub: FakeHub, client: Client) -> None:
+    add_images(hub, "library/nginx", "1.27", "1.28")
+    await get_manifest(client, "library/nginx", "1.27")
+    await get_manifest(client, "library/nginx", "1.28")
+    assert hub.stats["manifest_get"] == 2  # both went upstream...
+    assert hub.stats["token"] == 1  # ...with one token
+    assert hub.stats["unauthorized"] == 1
+
+
+async def test_second_repo_costs_one_token_and_no_401(hub: FakeHub, client: Client) -> None:
+    add_images(hub, "library/nginx", "latest")
+    add_images(hub, "library/redis", "latest")
+    await get_manifest(client, "library/nginx", "latest")
+    assert (hub.stats["token"], hub.stats["unauthorized"]) == (1, 1)
+    await get_manifest(client, "library/redis", "latest")
+    assert hub.stats["token"] == 2
+    assert hub.stats["unauthorized"] == 1  # the realm was known: token fetched before asking
+
+
+async def test_concurrent_requests_share_one_token(hub: FakeHub, client: Client) -> None:
+    tags = [f"v{i}" for i in range(5)]
+    add_images(hub, "library/nginx", "latest", *tags)
+    await get_manifest(client, "library/nginx", "latest")  # learn the realm
+    hub.reset_stats()
+    add_images(hub, "library/alpine", *tags)
+    await asyncio.gather(*(get_manifest(client, "library/alpine", tag) for tag in tags))
+    assert hub.stats["token"] == 1
+    assert hub.stats["unauthorized"] == 0
+
+
+async def test_expired_token_is_refetched(hub: FakeHub, client: Client) -> None:
+    hub.token_expires_in = 2  # cached for 2 - min(30, 2/5) = 1.6 s
+    add_images(hub, "library/nginx", "a", "b", "c")
+    await get_manifest(client, "library/nginx", "a")
+    await get_manifest(client, "library/nginx", "b")
+    assert hub.stats["token"] == 1
+    await asyncio.sleep(1.8)
+    await get_manifest(client, "library/nginx", "c")
+    assert hub.stats["token"] == 2
+    assert hub.stats["unauthorized"] == 1  # refreshed before it lapsed, not after a 401
+
+
+async def test_upstream_account_sent_as_basic_auth(hub: FakeHub, make_client: MakeClient) -> None:
+    add_images(hub, "library/nginx", "latest")
+    client = await make_client(
+        upstream=UpstreamConfig(url=hub.registry_url, username="u", password="p")
+    )
+    await get_manifest(client, "library/nginx", "latest")
+    assert hub.stats["token_basic"] == 1
+    assert hub.stats.token_users == ["u"]
+
+
+async def test_anonymous_token_has_no_basic_auth(hub: FakeHub, client: Client) -> None:
+    add_images(hub, "library/nginx", "latest")
+    await get_manifest(client, "library/nginx", "latest")
+    assert hub.stats["token"] == 1
+    assert hub.stats["token_basic"] == 0
+
+
+async def test_wrong_password_is_403_denied_without_echo(
+    hub: FakeHub, make_client: MakeClient
+) -> None:
+    hub.users = {"u": "right"}
+    add_images(hub, "library/nginx", "latest")
+    client = await make_client(
+        upstream=UpstreamConfig(url=hub.registry_url, username="u", password=PASSWORD)
+    )
+    resp = await client.get("/v2/library/nginx/manifests/latest")
+    body = await resp.text()
+    assert resp.status == 403
+    assert (await resp.json())["errors"][0]["code"] == "DENIED"
+    assert PASSWORD not in body
+    assert PASSWORD not in str(resp.headers)
+    assert hub.stats.token_users == ["u"]

@@ -1,0 +1,195 @@
+"""Blobs: verified, stored once per digest, one upstream fetch for many clients, Range."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient
+
+from mirror.config import Config
+from tests.fakehub import FakeHub
+
+Client = TestClient[Any, Any]
+
+
+def blob_file(config: Config, digest: str) -> Path:
+    algorithm, hexpart = digest.split(":")
+    return config.storage.path / "blobs" / algorithm / hexpart[:2] / hexpart
+
+
+def temp_files(config: Config) -> list[str]:
+    return os.listdir(config.storage.path / "tmp")
+
+
+async def test_cold_blob_follows_redirect_without_auth_and_is_cached(
+    hub: FakeHub, client: Client, config: Config
+) -> None:
+    layer = os.urandom(3_000_000)
+    digest = hub.content.add_blob(layer)
+
+    resp = await client.get(f"/v2/library/app/blobs/{digest}")
+
+    assert resp.status == 200
+    assert resp.headers["Docker-Content-Digest"] == digest
+    assert resp.headers["Content-Length"] == str(len(layer))
+    assert await resp.read() == layer
+    assert hub.stats["cdn_get"] == 1
+    assert hub.stats["cdn_rejected_auth"] == 0
+    assert blob_file(config, digest).read_bytes() == layer
+    assert temp_files(config) == []
+
+
+async def test_warm_blob_makes_no_upstream_request(hub: FakeHub, client: Client) -> None:
+    digest = hub.content.add_blob(b"layer bytes" * 1000)
+    await (await client.get(f"/v2/library/app/blobs/{digest}")).read()
+    hub.reset_stats()
+
+    resp = await client.get(f"/v2/other/repo/blobs/{digest}")
+
+    assert resp.status == 200
+    assert await resp.read() == b"layer bytes" * 1000
+    assert hub.stats["blob_get"] == hub.stats["cdn_get"] == 0
+
+
+async def test_eight_concurrent_cold_requests_make_one_upstream_fetch(
+    hub: FakeHub, client: Client
+) -> None:
+    layer = os.urandom(4 * 1024 * 1024)
+    digest = hub.content.add_blob(layer)
+    hub.cdn_delay = 0.005  # slow enough that all eight arrive while it downloads
+
+    async def fetch() -> bytes:
+        resp = await client.get(f"/v2/library/app/blobs/{digest}")
+        assert resp.status == 200
+        return await resp.read()
+
+    bodies = await asyncio.gather(*(fetch() for _ in range(8)))
+
+    assert all(body == layer for body in bodies)
+    assert hub.stats.cdn_get_by_digest[digest] == 1
+    assert hub.stats["blob_get"] == 1
+    metrics = await (await client.get("/metrics")).text()
+    assert "mirror_joined_requests_total 7.0" in metrics
+
+
+async def test_late_joiner_streams_from_download_in_progress(hub: FakeHub, client: Client) -> None:
+    layer = os.urandom(2 * 1024 * 1024)
+    digest = hub.content.add_blob(layer)
+    hub.cdn_delay = 0.01
+    first = await client.get(f"/v2/library/app/blobs/{digest}")
+    head = await first.content.readexactly(65536)
+
+    second = await client.get(f"/v2/library/app/blobs/{digest}")
+
+    assert head + await first.read() == layer
+    assert await second.read() == layer
+    assert hub.stats.cdn_get_by_digest[digest] == 1
+
+
+async def test_digest_mismatch_is_not_cached_and_client_sees_broken_transfer(
+    hub: FakeHub, client: Client, config: Config
+) -> None:
+    layer = os.urandom(2_000_000)
+    digest = hub.content.add_blob(layer)
+    hub.corrupt_blobs.add(digest)
+
+    resp = await client.get(f"/v2/library/app/blobs/{digest}")
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()
+
+    assert not blob_file(config, digest).exists()
+    assert temp_files(config) == []
+    hub.corrupt_blobs.clear()
+    resp = await client.get(f"/v2/library/app/blobs/{digest}")
+    assert await resp.read() == layer  # asked again, it is fetched (and verified) anew
+
+
+async def test_unknown_blob_upstream_is_oci_404(hub: FakeHub, client: Client) -> None:
+    digest = "sha256:" + hashlib.sha256(b"nothing").hexdigest()
+
+    resp = await client.get(f"/v2/library/app/blobs/{digest}")
+
+    assert resp.status == 404
+    assert (await resp.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
+
+
+@pytest.mark.parametrize(
+    ("header", "status", "expected", "content_range"),
+    [
+        ("bytes=0-99", 206, slice(0, 100), "bytes 0-99/5000"),
+        ("bytes=4900-", 206, slice(4900, 5000), "bytes 4900-4999/5000"),
+        ("bytes=-10", 206, slice(4990, 5000), "bytes 4990-4999/5000"),
+        ("bytes=100-99999", 206, slice(100, 5000), "bytes 100-4999/5000"),
+    ],
+)
+@pytest.mark.parametrize("warm", [True, False], ids=["cached", "cold"])
+async def test_range(
+    hub: FakeHub,
+    client: Client,
+    warm: bool,
+    header: str,
+    status: int,
+    expected: slice,
+    content_range: str,
+) -> None:
+    layer = os.urandom(5000)
+    digest = hub.content.add_blob(layer)
+    if warm:
+        await (await client.get(f"/v2/library/app/blobs/{digest}")).read()
+
+    resp = await client.get(f"/v2/library/app/blobs/{digest}", headers={"Range": header})
+
+    assert resp.status == status
+    assert resp.headers["Content-Range"] == content_range
+    assert await resp.read() == layer[expected]
+
+
+@pytest.mark.parametrize("warm", [True, False], ids=["cached", "cold"])
+async def test_range_past_the_end_is_416(hub: FakeHub, client: Client, warm: bool) -> None:
+    digest = hub.content.add_blob(os.urandom(5000))
+    if warm:
+        await (await client.get(f"/v2/library/app/blobs/{digest}")).read()
+
+    resp = await client.get(f"/v2/library/app/blobs/{digest}", headers={"Range": "bytes=5000-"})
+
+    assert resp.status == 416
+
+
+@pytest.mark.parametrize("warm", [True, False], ids=["cached", "cold"])
+async def test_head_blob(hub: FakeHub, client: Client, warm: bool) -> None:
+    layer = os.urandom(12345)
+    digest = hub.content.add_blob(layer)
+    if warm:
+        await (await client.get(f"/v2/library/app/blobs/{digest}")).read()
+    hub.reset_stats()
+
+    resp = await client.head(f"/v2/library/app/blobs/{digest}")
+
+    assert resp.status == 200
+    assert resp.headers["Content-Length"] == "12345"
+    assert resp.headers["Docker-Content-Digest"] == digest
+    assert hub.stats["cdn_get"] == 0
+
+
+async def test_client_disconnect_does_not_cancel_the_download(
+    hub: FakeHub, client: Client, config: Config
+) -> None:
+    layer = os.urandom(2 * 1024 * 1024)
+    digest = hub.content.add_blob(layer)
+    hub.cdn_delay = 0.005
+    resp = await client.get(f"/v2/library/app/blobs/{digest}")
+    await resp.content.readexactly(1000)
+    resp.close()  # the client goes away mid-body
+
+    for _ in range(200):
+        if blob_file(config, digest).exists():
+            break
+        await asyncio.sleep(0.05)
+    assert blob_file(config, digest).read_bytes() == layer
+    assert temp_files(config) == []

@@ -1,0 +1,360 @@
+"""Configuration: durations, validation messages, secrets, precedence, and the CLI's exit 2."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mirror.config import (
+    DEFAULT_UPSTREAM,
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_mapping,
+    load_config,
+    parse_duration,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SECRET = "s3cr3t-Hub-PAT-do-not-print"
+
+
+def write(tmp_path: Path, text: str, name: str = "mirror.yml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def config_error(raw: dict[str, Any]) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping(raw)
+    return info.value
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m mirror ...`; a timeout fails the test if a server did start."""
+    environ = {k: v for k, v in os.environ.items() if k != "MIRROR_CONFIG"}
+    environ.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "mirror", *args],
+        cwd=REPO_ROOT,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+# --- durations ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30s", 30), ("10m", 600), ("2h", 7200), ("7d", 604800), ("1w", 604800), ("500ms", 0.5)],
+)
+async def test_duration_units(text: str, seconds: float) -> None:
+    assert parse_duration("k", text) == seconds
+
+
+@pytest.mark.parametrize("value", [45, 45.5, "45", " 45 "])
+async def test_duration_plain_number_is_seconds(value: object) -> None:
+    assert parse_duration("k", value) == float(str(value).strip())
+
+
+@pytest.mark.parametrize("value", ["ten", "10x", "m10", "", "1 0s", "-5s", True, None, [1]])
+async def test_duration_bad_values_name_key_and_value(value: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_duration("cache.tag_ttl", value)
+    assert info.value.key == "cache.tag_ttl"
+    assert "cache.tag_ttl" in str(info.value)
+    assert repr(value) in str(info.value)
+
+
+async def test_duration_negative_number_rejected() -> None:
+    with pytest.raises(ConfigError, match="negative"):
+        parse_duration("k", -5)
+
+
+async def test_tag_ttl_duration_from_mapping() -> None:
+    assert config_from_mapping({"cache": {"tag_ttl": "10m"}}).cache.tag_ttl == 600
+    config = config_from_mapping({"upstream": {"connect_timeout": "2s", "read_timeout": 90}})
+    assert (config.upstream.connect_timeout, config.upstream.read_timeout) == (2, 90)
+
+
+# --- unknown keys and wrong types ----------------------------------------------------------
+
+
+async def test_unknown_top_level_key_named() -> None:
+    err = config_error({"listen_port": 8083})
+    assert err.key == "listen_port"
+    assert "listen_port: unknown key" in str(err)
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"cache": {"tagttl": "1m"}}, "cache.tagttl"),
+        ({"upstream": {"user": "u"}}, "upstream.user"),
+        ({"storage": {"dir": "/x"}}, "storage.dir"),
+        ({"redis": {"host": "localhost"}}, "redis.host"),
+        ({"log": {"format": "json"}}, "log.format"),
+    ],
+)
+async def test_unknown_nested_key_named_with_section(raw: dict[str, Any], key: str) -> None:
+    err = config_error(raw)
+    assert err.key == key
+    assert f"{key}: unknown key" in str(err)
+
+
+@pytest.mark.parametrize(
+    ("raw", "key", "shown"),
+    [
+        ({"cache": "10m"}, "cache", "'10m'"),
+        ({"upstream": ["https://x"]}, "upstream", "['https://x']"),
+        ({"listen": 8083}, "listen", "'8083'"),
+        ({"listen": "localhost:http"}, "listen", "'localhost:http'"),
+        ({"listen": "0.0.0.0:70000"}, "listen", "'0.0.0.0:70000'"),
+        ({"upstream": {"username": 42}}, "upstream.username", "42"),
+        ({"upstream": {"connect_timeout": True}}, "upstream.connect_timeout", "True"),
+        ({"cache": {"tag_ttl": [10]}}, "cache.tag_ttl", "[10]"),
+        ({"log": {"level": "loud"}}, "log.level", "'loud'"),
+    ],
+)
+async def test_wrong_type_names_key_and_value(raw: dict[str, Any], key: str, shown: str) -> None:
+    err = config_error(raw)
+    assert err.key == key
+    assert str(err).startswith(f"config: {key}: ")
+    assert shown.lower() in str(err).lower()
+
+
+async def test_non_string_password_error_does_not_echo_it() -> None:
+    # YAML reads `password: 20240101` as an int: the error must still not print the secret.
+    err = config_error({"upstream": {"username": "u", "password": 20240101}})
+    assert err.key == "upstream.password"
+    assert "20240101" not in str(err)
+
+
+@pytest.mark.parametrize(
+    "url", ["registry-1.docker.io", "ftp://registry.example", "https://", "redis://localhost"]
+)
+async def test_bad_upstream_url(url: str) -> None:
+    err = config_error({"upstream": {"url": url}})
+    assert err.key == "upstream.url"
+    assert repr(url) in str(err)
+
+
+@pytest.mark.parametrize("url", ["http://localhost:6379", "localhost:6379", "redis//x", ""])
+async def test_bad_redis_url(url: str) -> None:
+    err = config_error({"redis": {"url": url}})
+    assert err.key == "redis.url"
+    assert repr(url) in str(err)
+
+
+async def test_good_urls_accepted_without_trailing_slash() -> None:
+    config = config_from_mapping(
+        {"upstream": {"url": "https://ghcr.io/"}, "redis": {"url": "redis://127.0.0.1:6379/0"}}
+    )
+    assert config.upstream.url == "https://ghcr.io"
+    assert config.redis.url == "redis://127.0.0.1:6379/0"
+
+
+# --- files ----------------------------------------------------------------------------------
+
+
+async def test_no_file_gives_defaults() -> None:
+    assert load_config(None) == Config()
+
+
+async def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "")) == Config()
+
+
+async def test_missing_file_is_config_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yml"
+    with pytest.raises(ConfigError) as info:
+        load_config(missing)
+    assert info.value.key == "--config"
+    assert str(missing) in str(info.value)
+
+
+async def test_directory_as_file_is_config_error(tmp_path: Path) -> None:
+    # Tests run as root, so a chmod 000 file would still be readable; a directory is not.
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path)
+
+
+async def test_invalid_yaml_names_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "listen: 0.0.0.0:8083\ncache:\n  tag_ttl: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line") as info:
+        load_config(path)
+    assert info.value.key == "--config"
+
+
+async def test_yaml_that_is_not_a_mapping(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(write(tmp_path, "- listen\n- upstream\n"))
+
+
+async def test_password_file_is_read_and_stripped(tmp_path: Path) -> None:
+    secret = write(tmp_path, SECRET + "\n", name="password")
+    path = write(tmp_path, f"upstream:\n  username: u\n  password_file: {secret}\n")
+    assert load_config(path).upstream.password == SECRET
+
+
+async def test_password_file_wins_over_inline_password(tmp_path: Path) -> None:
+    secret = write(tmp_path, SECRET, name="password")
+    raw = {"upstream": {"password": "inline", "password_file": str(secret)}}
+    assert config_from_mapping(raw).upstream.password == SECRET
+
+
+async def test_unreadable_password_file_names_key(tmp_path: Path) -> None:
+    err = config_error({"upstream": {"password_file": str(tmp_path / "missing")}})
+    assert err.key == "upstream.password_file"
+
+
+async def test_repr_never_shows_password(tmp_path: Path) -> None:
+    secret = write(tmp_path, SECRET, name="password")
+    path = write(tmp_path, f"upstream:\n  username: u\n  password_file: {secret}\n")
+    config = load_config(path)
+    assert config.upstream.password == SECRET
+    assert SECRET not in repr(config)
+    assert SECRET not in str(config)
+    assert SECRET not in repr(config.upstream)
+    inline = config_from_mapping({"upstream": {"username": "u", "password": SECRET}})
+    assert SECRET not in repr(inline)
+
+
+# --- precedence -----------------------------------------------------------------------------
+
+
+async def test_file_overrides_defaults(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "listen: 127.0.0.1:9000\n"
+        "upstream:\n  url: https://ghcr.io\n"
+        "storage:\n  path: /srv/cache\n"
+        "cache:\n  tag_ttl: 2h\n",
+    )
+    config = load_config(path)
+    assert (config.host, config.port) == ("127.0.0.1", 9000)
+    assert config.upstream.url == "https://ghcr.io"
+    assert config.storage.path == Path("/srv/cache")
+    assert config.cache.tag_ttl == 7200
+    assert config.redis.url is None  # not in the file: still the default
+    assert Config().upstream.url == DEFAULT_UPSTREAM
+
+
+async def test_flags_override_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "listen: 127.0.0.1:9000\n"
+        "upstream:\n  url: https://ghcr.io\n  username: u\n"
+        "storage:\n  path: /srv/cache\n"
+        "redis:\n  url: redis://file:6379\n",
+    )
+    config = apply_overrides(
+        load_config(path),
+        listen="[::1]:9100",
+        upstream="http://127.0.0.1:5000/",
+        storage="/tmp/other",
+        redis="redis://flag:6379/1",
+    )
+    assert (config.host, config.port) == ("::1", 9100)
+    assert config.upstream.url == "http://127.0.0.1:5000"
+    assert config.upstream.username == "u"  # the flag replaces the URL, not the account
+    assert config.storage.path == Path("/tmp/other")
+    assert config.redis.url == "redis://flag:6379/1"
+
+
+async def test_absent_flags_keep_file_values(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "listen: 127.0.0.1:9000\n"))
+    assert apply_overrides(config) == config
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("listen", "nowhere"), ("upstream", "docker.io"), ("redis", "http://localhost:6379")],
+)
+async def test_bad_flag_named(flag: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(Config(), **{flag: value})
+    assert info.value.key == f"--{flag}"
+    assert repr(value) in str(info.value)
+
+
+# --- the command line -----------------------------------------------------------------------
+
+
+async def test_cli_bad_value_exits_2_with_one_line(tmp_path: Path) -> None:
+    port = free_port()
+    storage = tmp_path / "store"
+    path = write(
+        tmp_path,
+        f"listen: 127.0.0.1:{port}\nstorage:\n  path: {storage}\ncache:\n  tag_ttl: soon\n",
+    )
+    result = run_cli("serve", "--config", str(path))
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "cache.tag_ttl" in lines[0]
+    assert "'soon'" in lines[0]
+    assert result.stdout == ""
+    assert not storage.exists()  # nothing started, nothing created
+
+
+async def test_cli_unknown_key_exits_2(tmp_path: Path) -> None:
+    path = write(tmp_path, "cache:\n  tagttl: 10m\n")
+    result = run_cli("serve", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["mirror: config: cache.tagttl: unknown key"]
+
+
+async def test_cli_bad_flag_exits_2(tmp_path: Path) -> None:
+    result = run_cli("serve", "--listen", "nowhere", "--storage", str(tmp_path / "store"))
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1
+    assert "--listen" in result.stderr and "'nowhere'" in result.stderr
+    assert not (tmp_path / "store").exists()
+
+
+async def test_cli_missing_config_file_exits_2(tmp_path: Path) -> None:
+    result = run_cli("serve", "--config", str(tmp_path / "absent.yml"))
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1
+    assert "absent.yml" in result.stderr
+
+
+async def test_cli_error_never_prints_password(tmp_path: Path) -> None:
+    path = write(tmp_path, f"upstream:\n  username: u\n  password: {SECRET}\n  url: nope\n")
+    result = run_cli("serve", "--config", str(path))
+    assert result.returncode == 2
+    assert "upstream.url" in result.stderr
+    assert SECRET not in result.stderr + result.stdout
+
+
+async def test_cli_honours_mirror_config_env(tmp_path: Path) -> None:
+    path = write(tmp_path, "storage:\n  path: /x\n  size: 10G\n")
+    result = run_cli("serve", env={"MIRROR_CONFIG": str(path)})
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["mirror: config: storage.size: unknown key"]
+
+
+async def test_cli_config_flag_wins_over_env(tmp_path: Path) -> None:
+    good_env = write(tmp_path, "cache:\n  tag_ttl: 10m\n", name="env.yml")
+    bad_flag = write(tmp_path, "cache:\n  ttl: 10m\n", name="flag.yml")
+    result = run_cli("serve", "--config", str(bad_flag), env={"MIRROR_CONFIG": str(good_env)})
+    assert result.returncode == 2
+    assert "cache.ttl" in result.stderr

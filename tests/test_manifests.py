@@ -1,0 +1,208 @@
+"""Manifests: cached by digest, tags within their TTL answered locally, revalidated by HEAD."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from mirror.config import CacheConfig, RedisConfig
+from tests.conftest import MakeClient
+from tests.fakehub import FakeHub
+
+Client = TestClient[Any, Any]
+DOCKER_V2 = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_ACCEPT = [f"{DOCKER_V2}, {DOCKER_LIST}", f"{OCI_INDEX}, {OCI_MANIFEST}"]
+
+
+def accept_headers(values: list[str]) -> list[tuple[str, str]]:
+    """Several Accept lines, as Go clients send them."""
+    return [("Accept", value) for value in values]
+
+
+async def pull_manifest(client: Client, repo: str, ref: str, method: str = "GET") -> Any:
+    return await client.request(
+        method, f"/v2/{repo}/manifests/{ref}", headers=accept_headers(DOCKER_ACCEPT)
+    )
+
+
+@pytest.fixture
+async def tagged(hub: FakeHub) -> dict[str, Any]:
+    return hub.content.add_image("library/nginx", "latest", [b"layer-1"])
+
+
+async def test_get_by_tag_serves_manifest_with_registry_headers(
+    hub: FakeHub, client: Client, tagged: dict[str, Any]
+) -> None:
+    resp = await pull_manifest(client, "library/nginx", "latest")
+
+    assert resp.status == 200
+    assert await resp.read() == tagged["manifest"]
+    assert resp.headers["Content-Type"] == DOCKER_V2
+    assert resp.headers["Docker-Content-Digest"] == tagged["digest"]
+    assert resp.headers["ETag"] == f'"{tagged["digest"]}"'
+    assert resp.headers["Content-Length"] == str(len(tagged["manifest"]))
+
+
+async def test_head_carries_the_get_headers_without_body(
+    client: Client, tagged: dict[str, Any]
+) -> None:
+    for ref in ("latest", tagged["digest"]):
+        resp = await pull_manifest(client, "library/nginx", ref, "HEAD")
+        assert resp.status == 200
+        assert resp.headers["Docker-Content-Digest"] == tagged["digest"]
+        assert resp.headers["Content-Length"] == str(len(tagged["manifest"]))
+        assert resp.headers["Content-Type"] == DOCKER_V2
+        assert await resp.read() == b""
+
+
+async def test_every_accept_line_is_forwarded(hub: FakeHub, client: Client, tagged: Any) -> None:
+    await pull_manifest(client, "library/nginx", "latest")
+
+    assert set(hub.stats.accept_seen[-1]) == {DOCKER_V2, DOCKER_LIST, OCI_INDEX, OCI_MANIFEST}
+
+
+async def test_docker_pull_sequence_spends_one_upstream_get(
+    hub: FakeHub, client: Client, tagged: dict[str, Any]
+) -> None:
+    """HEAD the tag, GET by digest: the HEAD costs no pull, the GET costs one."""
+    head = await pull_manifest(client, "library/nginx", "latest", "HEAD")
+    get = await pull_manifest(client, "library/nginx", head.headers["Docker-Content-Digest"])
+
+    assert await get.read() == tagged["manifest"]
+    assert (hub.stats["manifest_head"], hub.stats["manifest_get"]) == (1, 1)
+
+
+async def test_within_ttl_a_tag_makes_no_upstream_request(
+    hub: FakeHub, make_client: MakeClient, metadata_config: RedisConfig, tagged: Any
+) -> None:
+    client = await make_client(redis=metadata_config)
+    await (await pull_manifest(client, "library/nginx", "latest")).read()
+    hub.reset_stats()
+
+    for method in ("GET", "HEAD", "GET"):
+        resp = await pull_manifest(client, "library/nginx", "latest", method)
+        assert resp.status == 200
+    by_digest = await pull_manifest(client, "library/nginx", tagged["digest"])
+
+    assert await by_digest.read() == tagged["manifest"]
+    assert hub.stats["manifest_get"] == hub.stats["manifest_head"] == hub.stats["token"] == 0
+
+
+async def test_expired_tag_is_revalidated_with_head_only(
+    hub: FakeHub, make_client: MakeClient, metadata_config: RedisConfig, tagged: Any
+) -> None:
+    client = await make_client(redis=metadata_config, cache=CacheConfig(tag_ttl=0))
+    await (await pull_manifest(client, "library/nginx", "latest")).read()
+    hub.reset_stats()
+
+    resp = await pull_manifest(client, "library/nginx", "latest")
+
+    assert await resp.read() == tagged["manifest"]
+    assert (hub.stats["manifest_head"], hub.stats["manifest_get"]) == (1, 0)
+    metrics = await (await client.get("/metrics")).text()
+    assert 'mirror_tag_revalidations_total{result="unchanged"} 1.0' in metrics
+
+
+async def test_expired_tag_that_moved_is_fetched_by_get(
+    hub: FakeHub, make_client: MakeClient, metadata_config: RedisConfig, tagged: Any
+) -> None:
+    client = await make_client(redis=metadata_config, cache=CacheConfig(tag_ttl=0))
+    await (await pull_manifest(client, "library/nginx", "latest")).read()
+    moved = hub.content.add_image("library/nginx", "latest", [b"layer-2"])
+    hub.reset_stats()
+
+    resp = await pull_manifest(client, "library/nginx", "latest")
+
+    assert await resp.read() == moved["manifest"]
+    assert resp.headers["Docker-Content-Digest"] == moved["digest"]
+    assert (hub.stats["manifest_head"], hub.stats["manifest_get"]) == (1, 1)
+
+
+async def test_head_of_uncached_tag_never_spends_a_get(hub: FakeHub, client: Client) -> None:
+    hub.content.add_image("library/redis", "7", [b"r"])
+
+    resp = await pull_manifest(client, "library/redis", "7", "HEAD")
+
+    assert resp.status == 200
+    assert (hub.stats["manifest_head"], hub.stats["manifest_get"]) == (1, 0)
+    assert hub.ratelimit_remaining == 100
+
+
+async def test_multi_arch_index_and_its_manifests(hub: FakeHub, client: Client) -> None:
+    amd64 = hub.content.add_image("library/multi", None, [b"amd"], OCI_MANIFEST)
+    arm64 = hub.content.add_image("library/multi", None, [b"arm"], OCI_MANIFEST)
+    entries = [
+        (
+            image["digest"],
+            OCI_MANIFEST,
+            len(image["manifest"]),
+            {"architecture": arch, "os": "linux"},
+        )
+        for image, arch in ((amd64, "amd64"), (arm64, "arm64"))
+    ]
+    index = hub.content.add_index("library/multi", "latest", entries)
+
+    resp = await pull_manifest(client, "library/multi", "latest")
+    assert resp.headers["Content-Type"] == OCI_INDEX
+    assert resp.headers["Docker-Content-Digest"] == index
+    listed = [m["digest"] for m in json.loads(await resp.read())["manifests"]]
+    for digest, image in zip(listed, (amd64, arm64), strict=True):
+        child = await pull_manifest(client, "library/multi", digest)
+        assert child.headers["Content-Type"] == OCI_MANIFEST
+        assert await child.read() == image["manifest"]
+
+
+async def test_cached_type_not_accepted_is_404_without_asking_upstream(
+    hub: FakeHub, client: Client, tagged: Any
+) -> None:
+    await (await pull_manifest(client, "library/nginx", "latest")).read()
+    hub.reset_stats()
+
+    resp = await client.get("/v2/library/nginx/manifests/latest", headers={"Accept": OCI_MANIFEST})
+
+    assert resp.status == 404
+    assert (await resp.json())["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    assert hub.stats["manifest_get"] == hub.stats["manifest_head"] == 0
+
+
+async def test_manifest_whose_bytes_do_not_match_is_refused_and_not_cached(
+    hub: FakeHub, client: Client, tagged: dict[str, Any]
+) -> None:
+    digest = tagged["digest"]
+    hub.content.manifests["library/nginx"][digest] = (DOCKER_V2, b'{"tampered": true}')
+
+    resp = await pull_manifest(client, "library/nginx", digest)
+
+    assert resp.status >= 500
+    assert (await resp.json())["errors"][0]["code"] == "DIGEST_INVALID"
+    hub.content.manifests["library/nginx"][digest] = (DOCKER_V2, tagged["manifest"])
+    hub.reset_stats()
+    resp = await pull_manifest(client, "library/nginx", digest)
+    assert await resp.read() == tagged["manifest"]
+    assert hub.stats["manifest_get"] == 1  # the bad bytes were not kept
+
+
+async def test_cache_survives_a_restart_with_redis(
+    hub: FakeHub, make_client: MakeClient, redis_server: Any, tagged: Any
+) -> None:
+    import redis.asyncio as aioredis
+
+    conn = aioredis.Redis.from_url(redis_server.url)
+    await conn.flushdb()
+    await conn.aclose()
+    first = await make_client(redis=RedisConfig(url=redis_server.url))
+    await (await pull_manifest(first, "library/nginx", "latest")).read()
+    await first.close()
+    hub.reset_stats()
+
+    second = await make_client(redis=RedisConfig(url=redis_server.url))
+    resp = await pull_manifest(second, "library/nginx", "latest")
+
+    assert await resp.read() == tagged["manifest"]
+    assert hub.stats["manifest_get"] == hub.stats["manifest_head"] == 0

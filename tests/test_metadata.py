@@ -1,0 +1,144 @@
+"""One contract for both metadata stores: in-process and a real Redis."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from mirror.config import RedisConfig
+from mirror.metadata import MetadataStore, TagRecord, open_metadata
+from tests.services import RedisServer
+
+TTL = 600
+DIGEST_A = "sha256:" + "a" * 64
+DIGEST_B = "sha256:" + "b" * 64
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+
+
+def record(digest: str = DIGEST_A, size: int = 527) -> TagRecord:
+    return TagRecord(digest, DOCKER_MANIFEST, size, time.time())
+
+
+@pytest.fixture
+async def store(metadata_config: RedisConfig) -> AsyncIterator[MetadataStore]:
+    metadata = open_metadata(metadata_config.url, ttl=TTL)
+    yield metadata
+    await metadata.close()
+
+
+@pytest.fixture
+async def raw_redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    """A plain client on the test Redis, flushed, to look at the keys the store writes."""
+    conn = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    await conn.flushdb()
+    yield conn
+    await conn.aclose()
+
+
+@pytest.fixture
+async def redis_store(redis_server: RedisServer) -> AsyncIterator[MetadataStore]:
+    metadata = open_metadata(redis_server.url, ttl=TTL)
+    yield metadata
+    await metadata.close()
+
+
+async def test_tag_record_round_trips(store: MetadataStore) -> None:
+    rec = record()
+    await store.put_tag("registry-1.docker.io", "library/nginx", "latest", rec)
+    assert await store.get_tag("registry-1.docker.io", "library/nginx", "latest") == rec
+
+
+async def test_put_replaces_previous_record(store: MetadataStore) -> None:
+    await store.put_tag("hub", "library/nginx", "latest", record(DIGEST_A))
+    newer = record(DIGEST_B, size=99)
+    await store.put_tag("hub", "library/nginx", "latest", newer)
+    assert await store.get_tag("hub", "library/nginx", "latest") == newer
+
+
+async def test_missing_tag_is_none(store: MetadataStore) -> None:
+    assert await store.get_tag("hub", "library/nginx", "latest") is None
+    await store.put_tag("hub", "library/nginx", "latest", record())
+    assert await store.get_tag("hub", "library/nginx", "1.27") is None
+    assert await store.get_tag("hub", "library/redis", "latest") is None
+
+
+async def test_records_are_per_upstream(store: MetadataStore) -> None:
+    hub, ghcr = record(DIGEST_A), record(DIGEST_B)
+    await store.put_tag("registry-1.docker.io", "library/nginx", "latest", hub)
+    assert await store.get_tag("ghcr.io", "library/nginx", "latest") is None
+    await store.put_tag("ghcr.io", "library/nginx", "latest", ghcr)
+    assert await store.get_tag("registry-1.docker.io", "library/nginx", "latest") == hub
+    assert await store.get_tag("ghcr.io", "library/nginx", "latest") == ghcr
+
+
+async def test_repositories_empty(store: MetadataStore) -> None:
+    assert await store.repositories(100, None) == []
+
+
+async def test_repositories_lexical_and_deduplicated(store: MetadataStore) -> None:
+    for repo in ["library/redis", "bitnami/redis", "library/nginx", "library/redis", "a"]:
+        await store.add_repository(repo)
+    await store.add_repository("bitnami/redis")
+    assert await store.repositories(100, None) == [
+        "a",
+        "bitnami/redis",
+        "library/nginx",
+        "library/redis",
+    ]
+
+
+async def test_repositories_paginate_with_last(store: MetadataStore) -> None:
+    names = [f"repo{i:02d}" for i in range(7)]
+    for repo in reversed(names):
+        await store.add_repository(repo)
+    assert await store.repositories(3, None) == names[:3]
+    assert await store.repositories(3, "repo02") == names[3:6]
+    assert await store.repositories(3, "repo05") == names[6:]
+    assert await store.repositories(3, "repo06") == []
+
+
+async def test_repositories_last_need_not_exist(store: MetadataStore) -> None:
+    for repo in ["alpine", "nginx", "redis"]:
+        await store.add_repository(repo)
+    assert await store.repositories(10, "m") == ["nginx", "redis"]
+    assert await store.repositories(0, None) == []
+
+
+async def test_ping_answers(store: MetadataStore) -> None:
+    assert await store.ping() is None
+
+
+async def test_redis_tag_key_is_prefixed_and_expires(
+    raw_redis: aioredis.Redis, redis_store: MetadataStore
+) -> None:
+    await redis_store.put_tag("registry-1.docker.io", "library/nginx", "latest", record())
+    keys = await raw_redis.keys("*")
+    assert keys == ["mirror:tag:registry-1.docker.io:library/nginx:latest"]
+    ttl = await raw_redis.ttl(keys[0])
+    assert ttl > TTL  # kept beyond the tag TTL, to serve stale through an outage
+    assert ttl <= TTL + 7 * 86400  # but not forever
+
+
+async def test_redis_records_survive_a_new_store(
+    raw_redis: aioredis.Redis, redis_store: MetadataStore, redis_server: RedisServer
+) -> None:
+    rec = record()
+    await redis_store.put_tag("hub", "library/nginx", "latest", rec)
+    await redis_store.add_repository("library/nginx")
+    other = open_metadata(redis_server.url, ttl=TTL)  # another replica on the same Redis
+    try:
+        assert await other.get_tag("hub", "library/nginx", "latest") == rec
+        assert await other.repositories(10, None) == ["library/nginx"]
+    finally:
+        await other.close()
+
+
+async def test_redis_catalogue_key_is_prefixed(
+    raw_redis: aioredis.Redis, redis_store: MetadataStore
+) -> None:
+    await redis_store.add_repository("library/nginx")
+    keys = await raw_redis.keys("*")
+    assert keys and all(key.startswith("mirror:") for key in keys)
