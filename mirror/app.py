@@ -74,7 +74,7 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[config_key].upstream
     session = new_session(cfg.connect_timeout, cfg.read_timeout)
     try:
-        tokens = TokenCache(session)
+        tokens = TokenCache(session, app[metrics_key])
         app[upstream_key] = Upstream(
             cfg.url, session, tokens, app[metrics_key], cfg.username, cfg.password
         )

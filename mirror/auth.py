@@ -11,11 +11,13 @@ import base64
 import logging
 import re
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiocache import SimpleMemoryCache
 
 from mirror.errors import Denied, Unauthorized, UpstreamUnavailable
+from mirror.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +67,9 @@ def basic_authorization(username: str, password: str) -> str:
 class TokenCache:
     """Bearer tokens by (realm, service, scope), fetched once and kept until near expiry."""
 
-    def __init__(self, session: aiohttp.ClientSession) -> None:
+    def __init__(self, session: aiohttp.ClientSession, metrics: Metrics) -> None:
         self._session = session
+        self._metrics = metrics
         self._cache = SimpleMemoryCache()
         self._pending: dict[str, asyncio.Future[str]] = {}
         self.fetches = 0
@@ -112,9 +115,12 @@ class TokenCache:
         if "service" in challenge.params:
             params.insert(0, ("service", challenge.params["service"]))
         self.fetches += 1
+        counter = self._metrics.token_fetches
+        host = urlsplit(realm).netloc
         try:
             headers = {"Authorization": credentials} if credentials else {}
             async with self._session.get(realm, params=params, headers=headers) as resp:
+                counter.labels(host, str(resp.status)).inc()
                 if resp.status in (401, 403):
                     # The account's credentials were refused: say so without echoing them.
                     raise Denied("the mirror's upstream credentials were refused")
@@ -122,6 +128,7 @@ class TokenCache:
                     raise UpstreamUnavailable(f"upstream token service answered {resp.status}")
                 body = await resp.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            counter.labels(host, "error").inc()
             raise UpstreamUnavailable(
                 f"upstream token service failed: {type(exc).__name__}"
             ) from None

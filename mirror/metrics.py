@@ -105,6 +105,54 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.stale_served = Counter(
+            "mirror_stale_served",
+            "Answers served from cache past their TTL because the upstream failed, by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.upstream_up = Gauge(
+            "mirror_upstream_up",
+            "1 while the upstream answers, 0 while its circuit breaker is open.",
+            ["upstream"],
+            registry=r,
+        )
+        self.negative_hits = Counter(
+            "mirror_negative_cache_hits",
+            "Requests answered 404 from the remembered upstream 404, without asking it.",
+            registry=r,
+        )
+        self.resumed_transfers = Counter(
+            "mirror_resumed_transfers",
+            "Upstream blob transfers cut mid-way and resumed with a Range request.",
+            registry=r,
+        )
+        self.evictions = Counter(
+            "mirror_evictions",
+            "Blobs evicted from the cache to stay within its bounds, by reason (size, idle).",
+            ["reason"],
+            registry=r,
+        )
+        self.evicted_bytes = Counter(
+            "mirror_evicted_bytes",
+            "Bytes of blobs evicted from the cache.",
+            registry=r,
+        )
+        self.cache_max_size = Gauge(
+            "mirror_cache_max_size_bytes",
+            "The configured bound on the cache's size (storage.max_size); 0 when unbounded.",
+            registry=r,
+        )
+        self.storage_writable = Gauge(
+            "mirror_storage_writable",
+            "1 while the cache directory takes writes; 0 while full or read-only.",
+            registry=r,
+        )
+        self.metadata_up = Gauge(
+            "mirror_metadata_up",
+            "1 while the metadata store (Redis) answers; 0 while requests fall back to memory.",
+            registry=r,
+        )
         self.token_fetches = Counter(
             "mirror_upstream_token_fetches",
             "Tokens fetched from an upstream's token service, by upstream and status.",
