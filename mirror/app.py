@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,11 +14,13 @@ from mirror.blobs import BlobService
 from mirror.config import Config
 from mirror.downloads import Downloads
 from mirror.errors import EndpointUnknown, RegistryError, Unsupported
+from mirror.eviction import Evictor
 from mirror.handlers import API_VERSION_HEADER
 from mirror.keys import (
     blobs_key,
     config_key,
     downloads_key,
+    evictor_key,
     manifests_key,
     metadata_key,
     metrics_key,
@@ -41,7 +44,7 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[registry_middleware])
     app[config_key] = config
     app[metrics_key] = Metrics()
-    app[storage_key] = Storage(config.storage.path)
+    app[storage_key] = Storage(config.storage.path, config.storage.max_size)
     app.cleanup_ctx.extend([storage_ctx, metadata_ctx, upstream_ctx, services_ctx])
     app.on_response_prepare.append(on_response_prepare)
     setup_routes(app)
@@ -50,6 +53,9 @@ def create_app(config: Config) -> web.Application:
 
 async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
     storage = app[storage_key]
+    gauge = app[metrics_key].storage_writable
+    storage.on_writable_change = lambda writable: gauge.set(int(writable))
+    gauge.set(1)
     await storage.open()
     size, count = await storage.usage()
     app[metrics_key].cache_size.set(size)
@@ -60,7 +66,14 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def metadata_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[config_key]
-    metadata = open_metadata(config.redis.url, config.cache.tag_ttl)
+    gauge = app[metrics_key].metadata_up
+    gauge.set(1)
+    metadata = open_metadata(
+        config.redis.url,
+        config.cache.tag_ttl,
+        config.cache.stale_if_error,
+        on_change=lambda up: gauge.set(int(up)),
+    )
     app[metadata_key] = metadata
     try:
         await metadata.ping()
@@ -76,7 +89,13 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         tokens = TokenCache(session, app[metrics_key])
         app[upstream_key] = Upstream(
-            cfg.url, session, tokens, app[metrics_key], cfg.username, cfg.password
+            cfg.url,
+            session,
+            tokens,
+            app[metrics_key],
+            cfg.username,
+            cfg.password,
+            negative_ttl=app[config_key].cache.negative_ttl,
         )
         yield
     finally:
@@ -84,14 +103,22 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def services_ctx(app: web.Application) -> AsyncIterator[None]:
-    metrics = app[metrics_key]
-    downloads = Downloads(app[storage_key], metrics)
+    metrics, storage, config = app[metrics_key], app[storage_key], app[config_key]
+    downloads = Downloads(storage, metrics)
+    blobs = BlobService(storage, downloads, metrics)
     app[downloads_key] = downloads
-    app[blobs_key] = BlobService(app[storage_key], downloads, metrics)
-    app[manifests_key] = ManifestService(
-        app[storage_key], app[metadata_key], metrics, app[config_key].cache.tag_ttl
+    app[blobs_key] = blobs
+    app[manifests_key] = ManifestService(storage, app[metadata_key], metrics, config.cache)
+    evictor = Evictor(
+        storage, metrics, config.storage.max_size, config.storage.max_idle, lambda: blobs.reading
     )
+    app[evictor_key] = evictor
+    downloads.on_commit = evictor.added
+    task = asyncio.create_task(evictor.run()) if evictor.enabled else None
     yield
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
     await downloads.close()
 
 

@@ -7,10 +7,16 @@ open-ended ranges at once, so both paths honour a single range.
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from pathlib import Path
+from typing import NoReturn
 
+import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.web_request import BaseRequest
 
-from mirror.downloads import Download, Downloads
+from mirror.downloads import READ_CHUNK, Download, Downloads, Uncacheable
 from mirror.errors import RangeNotSatisfiable, RegistryError
 from mirror.metrics import Metrics
 from mirror.reference import Digest
@@ -51,6 +57,8 @@ class BlobService:
         self._storage = storage
         self._downloads = downloads
         self._metrics = metrics
+        # Digests being sent from the cache right now: eviction leaves them alone.
+        self.reading: Counter[Digest] = Counter()
 
     async def serve(
         self, request: web.Request, upstream: Upstream, repo: str, digest: Digest
@@ -58,14 +66,51 @@ class BlobService:
         if await self._storage.blob_size(digest) is not None:
             self._metrics.cache_requests.labels("blob", "hit").inc()
             headers = {"Docker-Content-Digest": str(digest), "Content-Type": OCTET_STREAM}
-            # FileResponse: sendfile, Range, If-None-Match and HEAD, all handled by aiohttp.
-            return web.FileResponse(self._storage.blob_path(digest), headers=headers)
+            return _TrackedFileResponse(
+                self._storage.blob_path(digest), self.reading, digest, headers
+            )
         self._metrics.cache_requests.labels("blob", "miss").inc()
         if request.method == "HEAD":
             return await self._head_uncached(request, upstream, repo, digest)
+        if not await self._storage.writable_now():
+            return await self._passthrough(request, upstream, repo, digest)
         download = self._downloads.start_or_join(upstream, repo, digest)
-        await download.started()
+        try:
+            await download.started()
+        except Uncacheable:
+            return await self._passthrough(request, upstream, repo, digest)
         return await self._stream(request, download)
+
+    async def _passthrough(
+        self, request: web.Request, upstream: Upstream, repo: str, digest: Digest
+    ) -> web.StreamResponse:
+        """Relay the blob uncached, verified: the last chunk waits for the hash."""
+        upstream_resp = await upstream.open_blob(repo, str(digest))
+        async with upstream_resp:
+            resp = web.StreamResponse(headers=_blob_headers(digest))
+            if upstream_resp.content_length is not None:
+                resp.content_length = upstream_resp.content_length
+            await resp.prepare(request)
+            hasher = digest.hasher()
+            held = b""
+            try:
+                async for chunk in upstream_resp.content.iter_chunked(READ_CHUNK):
+                    hasher.update(chunk)
+                    await self._send(resp, held)
+                    held = chunk
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                _abort(request, digest, f"upstream broke: {type(exc).__name__}")
+            if hasher.hexdigest() != digest.hex:
+                self._metrics.digest_mismatches.labels("blob").inc()
+                _abort(request, digest, "upstream bytes do not match the digest")
+            await self._send(resp, held)
+        await resp.write_eof()
+        return resp
+
+    async def _send(self, resp: web.StreamResponse, chunk: bytes) -> None:
+        if chunk:
+            await resp.write(chunk)
+            self._metrics.served_bytes.labels("upstream").inc(len(chunk))
 
     async def _head_uncached(
         self, request: web.Request, upstream: Upstream, repo: str, digest: Digest
@@ -96,16 +141,39 @@ class BlobService:
         await resp.prepare(request)
         try:
             async for chunk in download.read(start, end):
-                await resp.write(chunk)
-                self._metrics.served_bytes.labels("upstream").inc(len(chunk))
+                await self._send(resp, chunk)
         except RegistryError as exc:
-            # The headers are gone: the only honest signal left is a cut connection.
-            log.warning("aborting blob %s to client: %s", download.digest, exc.message)
-            if request.transport is not None:
-                request.transport.abort()
-            raise ConnectionResetError(f"blob {download.digest} transfer aborted") from exc
+            _abort(request, download.digest, exc.message)
         await resp.write_eof()
         return resp
+
+
+class _TrackedFileResponse(web.FileResponse):
+    """sendfile from the cache (Range, HEAD, conditionals: aiohttp's), counted while sent."""
+
+    def __init__(
+        self, path: Path, reading: Counter[Digest], digest: Digest, headers: dict[str, str]
+    ) -> None:
+        super().__init__(path, headers=headers)
+        self._reading = reading
+        self._digest = digest
+
+    async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
+        self._reading[self._digest] += 1
+        try:
+            return await super().prepare(request)
+        finally:
+            self._reading[self._digest] -= 1
+            if self._reading[self._digest] <= 0:
+                del self._reading[self._digest]
+
+
+def _abort(request: web.Request, digest: Digest, why: str) -> NoReturn:
+    """Cut the connection: with the headers sent, the only honest signal left."""
+    log.warning("aborting blob %s to client: %s", digest, why)
+    if request.transport is not None:
+        request.transport.abort()
+    raise ConnectionResetError(f"blob {digest} transfer aborted")
 
 
 def _blob_headers(digest: Digest) -> dict[str, str]:

@@ -75,5 +75,6 @@ def main(argv: list[str] | None = None) -> None:
         host=config.host,
         port=config.port,
         access_log_format=ACCESS_LOG_FORMAT,
+        shutdown_timeout=config.shutdown_timeout,
         print=None,
     )

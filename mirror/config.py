@@ -20,6 +20,8 @@ DEFAULT_UPSTREAM = "https://registry-1.docker.io"
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]i?B?|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4, "P": 1000**5}
 
 
 class ConfigError(Exception):
@@ -43,6 +45,8 @@ class UpstreamConfig:
 @dataclass(frozen=True)
 class StorageConfig:
     path: Path = Path("./mirror-data")
+    max_size: int | None = None  # bytes; least-recently-read blobs are evicted above it
+    max_idle: float | None = None  # seconds; blobs not read for this long are evicted
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,8 @@ class RedisConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     tag_ttl: float = 600.0
+    negative_ttl: float = 30.0
+    stale_if_error: float = 7 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,26 @@ class Config:
     redis: RedisConfig = field(default_factory=RedisConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    shutdown_timeout: float = 30.0
+
+
+def parse_size(key: str, value: object) -> int:
+    """Bytes from `50GiB`, `500MB`, `10G` (powers of 1024 with `i`, of 1000 without)."""
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected a size like 50GiB, got {value!r}")
+    if isinstance(value, int | float):
+        size = float(value)
+    else:
+        match = _SIZE.match(str(value))
+        if not match:
+            raise ConfigError(key, f"expected a size like 50GiB or 500MB, got {value!r}")
+        unit = (match.group(2) or "").upper()
+        base = 1024 if "I" in unit else 1000
+        power = "BKMGTP".index(unit[0]) if unit and unit[0] != "B" else 0
+        size = float(match.group(1)) * base**power
+    if size <= 0:
+        raise ConfigError(key, f"must be positive, got {value!r}")
+    return int(size)
 
 
 def parse_duration(key: str, value: object) -> float:
@@ -157,6 +183,27 @@ def _upstream(raw: Mapping[str, Any]) -> UpstreamConfig:
     )
 
 
+def _storage(raw: Mapping[str, Any]) -> StorageConfig:
+    sec = _section(raw, "storage", {"path", "max_size", "max_idle"})
+    max_size, max_idle = sec.get("max_size"), sec.get("max_idle")
+    return StorageConfig(
+        path=Path(str(sec.get("path", "./mirror-data"))),
+        max_size=None if max_size is None else parse_size("storage.max_size", max_size),
+        max_idle=None if max_idle is None else parse_duration("storage.max_idle", max_idle),
+    )
+
+
+def _cache(raw: Mapping[str, Any]) -> CacheConfig:
+    sec = _section(raw, "cache", {"tag_ttl", "negative_ttl", "stale_if_error"})
+    defaults = CacheConfig()
+    return CacheConfig(
+        **{
+            name: parse_duration(f"cache.{name}", sec.get(name, getattr(defaults, name)))
+            for name in ("tag_ttl", "negative_ttl", "stale_if_error")
+        }
+    )
+
+
 def _log(raw: Mapping[str, Any]) -> LogConfig:
     sec = _section(raw, "log", {"level"})
     level = str(sec.get("level", "INFO")).upper()
@@ -167,24 +214,25 @@ def _log(raw: Mapping[str, Any]) -> LogConfig:
 
 def config_from_mapping(raw: Mapping[str, Any]) -> Config:
     """Validate a parsed YAML document into a `Config`."""
-    _reject_unknown(raw, {"listen", "upstream", "storage", "redis", "cache", "log"})
+    _reject_unknown(
+        raw, {"listen", "upstream", "storage", "redis", "cache", "log", "shutdown_timeout"}
+    )
     host, port = parse_listen("listen", raw.get("listen", "0.0.0.0:8083"))
-    storage = _section(raw, "storage", {"path"})
     redis = _section(raw, "redis", {"url"})
-    cache = _section(raw, "cache", {"tag_ttl"})
     redis_url = redis.get("url")
     return Config(
         host=host,
         port=port,
         upstream=_upstream(raw),
-        storage=StorageConfig(path=Path(str(storage.get("path", "./mirror-data")))),
+        storage=_storage(raw),
         redis=RedisConfig(
             url=None
             if redis_url is None
             else parse_url("redis.url", redis_url, ("redis", "rediss", "unix"))
         ),
-        cache=CacheConfig(tag_ttl=parse_duration("cache.tag_ttl", cache.get("tag_ttl", 600))),
+        cache=_cache(raw),
         log=_log(raw),
+        shutdown_timeout=parse_duration("shutdown_timeout", raw.get("shutdown_timeout", 30)),
     )
 
 
@@ -226,7 +274,7 @@ def apply_overrides(
             config, upstream=replace(config.upstream, url=parse_url("--upstream", upstream))
         )
     if storage is not None:
-        config = replace(config, storage=StorageConfig(path=Path(storage)))
+        config = replace(config, storage=replace(config.storage, path=Path(storage)))
     if redis is not None:
         url = parse_url("--redis", redis, ("redis", "rediss", "unix"))
         config = replace(config, redis=RedisConfig(url=url))

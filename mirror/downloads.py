@@ -13,7 +13,7 @@ import asyncio
 import hashlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -30,6 +30,17 @@ log = logging.getLogger(__name__)
 # enough that thread hand-offs cost little, small enough that readers see steady progress.
 WRITE_CHUNK = 1024 * 1024
 READ_CHUNK = 1024 * 1024
+# Resumes in a row that bring no new byte before the transfer is given up.
+MAX_FRUITLESS_RESUMES = 3
+
+
+class TransferBroken(Exception):
+    """The upstream body stopped before its end (cut, reset, stalled past read_timeout)."""
+
+
+class Uncacheable(UpstreamUnavailable):
+    """This blob cannot go into the cache now (too large, or the disk takes no writes):
+    every waiting client streams it straight from upstream instead."""
 
 
 class Download:
@@ -113,6 +124,8 @@ class Downloads:
         self._metrics = metrics
         self._active: dict[Digest, Download] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Called after each blob lands in the cache (the evictor listens).
+        self.on_commit: Callable[[int], None] | None = None
 
     def get(self, digest: Digest) -> Download | None:
         return self._active.get(digest)
@@ -141,29 +154,81 @@ class Downloads:
         fd: int | None = None
         try:
             resp = await upstream.open_blob(repo, str(download.digest))
-            async with resp:
-                download.size = resp.content_length
+            download.size = resp.content_length
+            if not self._storage.fits(download.size):
+                resp.release()
+                raise Uncacheable(f"blob {download.digest} is larger than the cache")
+            try:
                 opened, temp = await asyncio.to_thread(self._storage.new_temp)
-                fd, download.temp = opened, temp
-                download._started.set()
-                hasher = download.digest.hasher()
-                await self._copy(resp, opened, hasher, download, upstream.name)
+            except OSError as exc:
+                resp.release()
+                self._storage.mark_unwritable(exc)
+                raise Uncacheable("the cache directory takes no writes") from None
+            fd, download.temp = opened, temp
+            download._started.set()
+            hasher = download.digest.hasher()
+            await self._copy_resuming(resp, opened, hasher, download, upstream, repo)
             self._verify(download, hasher.hexdigest())
             fd = None  # commit closes it, whatever happens
             await asyncio.to_thread(self._storage.commit, opened, temp, download.final)
-            self._metrics.cache_size.inc(download.written)
-            self._metrics.cache_objects.inc()
-            download.done = True
-            download._notify()
+            self._committed(download)
         except BaseException as exc:
             download._fail(_as_registry_error(exc))
             await asyncio.to_thread(self._storage.discard, fd, download.temp)
             if not isinstance(exc, Exception):
                 raise
-            log.warning("blob %s download failed: %s", download.digest, exc)
+            if not isinstance(exc, Uncacheable):
+                log.warning("blob %s download failed: %s", download.digest, exc)
         finally:
             del self._active[download.digest]
             self._metrics.upstream_fetches_in_flight.dec()
+
+    def _committed(self, download: Download) -> None:
+        self._metrics.cache_size.inc(download.written)
+        self._metrics.cache_objects.inc()
+        download.done = True
+        download._notify()
+        if self.on_commit is not None:
+            self.on_commit(download.written)
+
+    async def _copy_resuming(
+        self,
+        resp: aiohttp.ClientResponse,
+        fd: int,
+        hasher: hashlib._Hash,
+        download: Download,
+        upstream: Upstream,
+        repo: str,
+    ) -> None:
+        """Copy the body; when the transfer breaks, resume it with Range where it stopped."""
+        fruitless = 0
+        while True:
+            before = download.written
+            try:
+                async with resp:
+                    await self._copy(resp, fd, hasher, download, upstream.name)
+                return
+            except TransferBroken as exc:
+                upstream.record_failure()
+                fruitless = 0 if download.written > before else fruitless + 1
+                if download.size is None or fruitless > MAX_FRUITLESS_RESUMES:
+                    raise UpstreamUnavailable(str(exc)) from None
+            resp = await self._resume(upstream, repo, download)
+
+    async def _resume(
+        self, upstream: Upstream, repo: str, download: Download
+    ) -> aiohttp.ClientResponse:
+        resp = await upstream.open_blob(repo, str(download.digest), offset=download.written)
+        expected = f"bytes {download.written}-"
+        if resp.status != 206 or not resp.headers.get("Content-Range", "").startswith(expected):
+            resp.release()
+            raise UpstreamUnavailable(
+                f"blob {download.digest} broke at byte {download.written} and the upstream "
+                "cannot resume it"
+            )
+        self._metrics.resumed_transfers.inc()
+        log.info("resuming blob %s at byte %d", download.digest, download.written)
+        return resp
 
     async def _copy(
         self,
@@ -181,16 +246,24 @@ class Downloads:
                     await self._flush(fd, hasher, buffer, download, upstream)
                     buffer = bytearray()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamUnavailable(
-                f"blob {download.digest} transfer from upstream broke: {type(exc).__name__}"
-            ) from None
-        if buffer:
+            # What did arrive is good: keep it, so a resume starts after it.
             await self._flush(fd, hasher, buffer, download, upstream)
+            raise TransferBroken(
+                f"blob {download.digest} transfer from upstream broke at byte "
+                f"{download.written}: {type(exc).__name__}"
+            ) from None
+        await self._flush(fd, hasher, buffer, download, upstream)
 
     async def _flush(
         self, fd: int, hasher: hashlib._Hash, data: bytearray, download: Download, upstream: str
     ) -> None:
-        await asyncio.to_thread(_write_and_hash, fd, hasher, data)
+        if not data:
+            return
+        try:
+            await asyncio.to_thread(_write_and_hash, fd, hasher, data)
+        except OSError as exc:
+            self._storage.mark_unwritable(exc)
+            raise UpstreamUnavailable(f"cache write failed: {exc.strerror}") from None
         download.written += len(data)
         self._metrics.upstream_bytes.labels(upstream).inc(len(data))
         download._notify()

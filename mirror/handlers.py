@@ -14,6 +14,7 @@ from mirror.reference import parse_digest, validate_name
 
 API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
 MAX_CATALOG_PAGE = 10000
+STALE_WARNING = '110 - "Response is Stale"'
 
 
 async def base(request: web.Request) -> web.Response:
@@ -33,6 +34,8 @@ async def manifest(request: web.Request) -> web.StreamResponse:
         "Docker-Content-Digest": found.digest,
         "ETag": f'"{found.digest}"',
     }
+    if found.stale:
+        headers["Warning"] = STALE_WARNING
     if found.body is not None:
         return web.Response(body=found.body, headers=headers)
     resp = web.StreamResponse(headers=headers)

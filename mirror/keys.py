@@ -7,6 +7,7 @@ from aiohttp import web
 from mirror.blobs import BlobService
 from mirror.config import Config
 from mirror.downloads import Downloads
+from mirror.eviction import Evictor
 from mirror.manifests import ManifestService
 from mirror.metadata import MetadataStore
 from mirror.metrics import Metrics
@@ -20,4 +21,5 @@ metadata_key: web.AppKey[MetadataStore] = web.AppKey("metadata")
 upstream_key = web.AppKey("upstream", Upstream)
 downloads_key = web.AppKey("downloads", Downloads)
 blobs_key = web.AppKey("blobs", BlobService)
+evictor_key = web.AppKey("evictor", Evictor)
 manifests_key = web.AppKey("manifests", ManifestService)

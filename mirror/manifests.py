@@ -8,9 +8,10 @@ digest changed and its bytes are not cached yet. A HEAD from a client never cost
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from mirror.errors import ManifestUnknown, UpstreamUnavailable
+from mirror.config import CacheConfig
+from mirror.errors import ManifestUnknown, TooManyRequests, UpstreamUnavailable
 from mirror.lru import LRU
 from mirror.metadata import MetadataStore, TagRecord
 from mirror.metrics import Metrics
@@ -33,6 +34,7 @@ class Manifest:
     media_type: str
     size: int
     body: bytes | None
+    stale: bool = False  # served past its TTL because the upstream failed
 
 
 def parse_accept(values: list[str]) -> list[str]:
@@ -55,12 +57,13 @@ class ManifestService:
     """Answers manifest GETs and HEADs from the cache, asking upstream only when needed."""
 
     def __init__(
-        self, storage: Storage, metadata: MetadataStore, metrics: Metrics, tag_ttl: float
+        self, storage: Storage, metadata: MetadataStore, metrics: Metrics, cache: CacheConfig
     ) -> None:
         self._storage = storage
         self._metadata = metadata
         self._metrics = metrics
-        self._tag_ttl = tag_ttl
+        self._tag_ttl = cache.tag_ttl
+        self._stale_if_error = cache.stale_if_error
         self._hot: LRU[str, tuple[str, bytes]] = LRU(HOT_MANIFEST_BYTES, lambda v: len(v[1]))
         self._tags: LRU[tuple[str, str, str], TagRecord] = LRU(HOT_TAGS)
 
@@ -103,8 +106,15 @@ class ManifestService:
             return await self._answer(upstream, repo, record, accept, head=head)
         self._metrics.cache_requests.labels("tag", "miss").inc()
         if record is not None:
-            record = await self._revalidate(upstream, repo, tag, record, accept)
-            return await self._answer(upstream, repo, record, accept, head=head)
+            try:
+                fresh = await self._revalidate(upstream, repo, tag, record, accept)
+            except (UpstreamUnavailable, TooManyRequests):
+                if not record.is_fresh(self._tag_ttl + self._stale_if_error):
+                    raise
+                self._metrics.stale_served.labels("tag").inc()
+                answer = await self._answer(upstream, repo, record, accept, head=head)
+                return replace(answer, stale=True)
+            return await self._answer(upstream, repo, fresh, accept, head=head)
         info, body = await upstream.manifest(repo, tag, accept, head=head)
         if not info.digest.startswith("sha256:"):
             # A HEAD without Docker-Content-Digest says nothing cacheable: ask with a GET.
@@ -121,7 +131,7 @@ class ManifestService:
         """HEAD the tag upstream; a fresh record, with a new digest when it moved."""
         try:
             info, _ = await upstream.manifest(repo, tag, accept, head=True)
-        except UpstreamUnavailable:
+        except (UpstreamUnavailable, TooManyRequests):
             self._metrics.revalidations.labels("error").inc()
             raise
         if not info.digest.startswith("sha256:"):
@@ -159,7 +169,14 @@ class ManifestService:
 
     async def _store(self, repo: str, info: ManifestInfo, body: bytes) -> None:
         self._hot.put(info.digest, (info.media_type, body))
-        if await self._storage.write_manifest(parse_digest(info.digest), info.media_type, body):
+        try:
+            written = await self._storage.write_manifest(
+                parse_digest(info.digest), info.media_type, body
+            )
+        except OSError as exc:  # a full or read-only disk: answer from memory anyway
+            self._storage.mark_unwritable(exc)
+            written = False
+        if written:
             self._metrics.cache_size.inc(len(body))
             self._metrics.cache_objects.inc()
         await self._metadata.add_repository(repo)

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import bisect
 import json
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from aiocache import SimpleMemoryCache
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
 
 # Every key starts with this, so the mirror can share a Redis with other tenants.
 KEY_PREFIX = "mirror:"
@@ -23,8 +28,12 @@ TAG_KEY = KEY_PREFIX + "tag:{upstream}:{repo}:{tag}"
 # A sorted set with every score 0: Redis orders it lexically, which is the order
 # `_catalog` must page in (ZRANGEBYLEX), with no sorting on our side.
 REPOS_KEY = KEY_PREFIX + "repos"
-# How long a tag record outlives its TTL: a week of serving stale through an outage.
+# How long a tag record outlives its TTL by default (cache.stale_if_error): a week of
+# serving stale through an outage.
 RETENTION = 7 * 86400
+# Backoff between attempts to reach a Redis that stopped answering.
+RETRY_BASE = 1.0
+RETRY_MAX = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +79,8 @@ def _tag_key(upstream: str, repo: str, tag: str) -> str:
 class MemoryMetadata:
     """In-process metadata for a single node with no Redis; gone on restart."""
 
-    def __init__(self, ttl: float) -> None:
-        self._expiry = ttl + RETENTION
+    def __init__(self, ttl: float, retention: float = RETENTION) -> None:
+        self._expiry = ttl + retention
         self._tags = SimpleMemoryCache()
         self._repos: list[str] = []
 
@@ -101,8 +110,8 @@ class MemoryMetadata:
 class RedisMetadata:
     """Metadata shared by every replica through one Redis."""
 
-    def __init__(self, url: str, ttl: float) -> None:
-        self._expiry = int(ttl + RETENTION)
+    def __init__(self, url: str, ttl: float, retention: float = RETENTION) -> None:
+        self._expiry = int(ttl + retention)
         self._redis = aioredis.Redis.from_url(
             url,
             decode_responses=True,
@@ -133,8 +142,110 @@ class RedisMetadata:
         await self._redis.aclose()
 
 
-def open_metadata(redis_url: str | None, ttl: float) -> MetadataStore:
-    """Redis when a URL is configured, otherwise the in-process store."""
+class FallbackMetadata:
+    """Redis, with the in-process store standing in while Redis is unreachable.
+
+    A Redis outage must never fail a request: each call that cannot reach Redis is
+    answered from memory, Redis is retried with backoff, and records written meanwhile
+    live in memory only. When Redis comes back empty, tags simply revalidate upstream.
+    """
+
+    def __init__(
+        self,
+        primary: MetadataStore,
+        fallback: MetadataStore,
+        on_change: Callable[[bool], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._primary = primary
+        self._fallback = fallback
+        self._on_change = on_change
+        self._clock = clock
+        self._up = True
+        self._retry_at = 0.0
+        self._delay = RETRY_BASE
+
+    @property
+    def up(self) -> bool:
+        return self._up
+
+    def _use_primary(self) -> bool:
+        return self._up or self._clock() >= self._retry_at
+
+    def _succeeded(self) -> None:
+        if not self._up:
+            log.warning("metadata store reachable again")
+            self._up = True
+            self._delay = RETRY_BASE
+            if self._on_change is not None:
+                self._on_change(True)
+
+    def _failed(self, exc: Exception) -> None:
+        if self._up:
+            log.warning(
+                "metadata store unreachable (%s): using in-process metadata", type(exc).__name__
+            )
+            if self._on_change is not None:
+                self._on_change(False)
+        self._up = False
+        self._retry_at = self._clock() + self._delay
+        self._delay = min(self._delay * 2, RETRY_MAX)
+
+    async def _call(self, name: str, *args: Any) -> Any:
+        if self._use_primary():
+            try:
+                result = await getattr(self._primary, name)(*args)
+            except (RedisError, OSError) as exc:
+                self._failed(exc)
+            else:
+                self._succeeded()
+                return result
+        return await getattr(self._fallback, name)(*args)
+
+    async def get_tag(self, upstream: str, repo: str, tag: str) -> TagRecord | None:
+        record: TagRecord | None = await self._call("get_tag", upstream, repo, tag)
+        if record is None and not self._up:
+            record = await self._fallback.get_tag(upstream, repo, tag)
+        return record
+
+    async def put_tag(self, upstream: str, repo: str, tag: str, record: TagRecord) -> None:
+        # Memory always gets a copy, so an outage starts with the tags seen lately.
+        await self._fallback.put_tag(upstream, repo, tag, record)
+        await self._call("put_tag", upstream, repo, tag, record)
+
+    async def add_repository(self, repo: str) -> None:
+        await self._fallback.add_repository(repo)
+        await self._call("add_repository", repo)
+
+    async def repositories(self, n: int, last: str | None) -> list[str]:
+        names: list[str] = await self._call("repositories", n, last)
+        return names
+
+    async def ping(self) -> None:
+        """Raise when Redis does not answer (for /readyz), whatever the fallback does."""
+        try:
+            await self._primary.ping()
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+            raise
+        self._succeeded()
+
+    async def close(self) -> None:
+        await self._primary.close()
+        await self._fallback.close()
+
+
+def open_metadata(
+    redis_url: str | None,
+    ttl: float,
+    retention: float = RETENTION,
+    on_change: Callable[[bool], None] | None = None,
+) -> MetadataStore:
+    """Redis (with an in-process stand-in) when a URL is configured, else in-process.
+
+    Records are kept `retention` past their TTL: the window for serving them stale.
+    """
+    memory = MemoryMetadata(ttl, retention)
     if redis_url:
-        return RedisMetadata(redis_url, ttl)
-    return MemoryMetadata(ttl)
+        return FallbackMetadata(RedisMetadata(redis_url, ttl, retention), memory, on_change)
+    return memory

@@ -14,22 +14,65 @@ Every call that touches the disk runs in a worker thread, never on the event loo
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from mirror.reference import Digest, compute_digest
+
+log = logging.getLogger(__name__)
+
+PROBE_INTERVAL = 10.0
+TOUCH_INTERVAL = 60.0
 
 
 class Storage:
     """The cache directory: where each digest lives, and atomic writes into it."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, max_size: int | None = None) -> None:
         self.root = root.resolve()
         self.blobs = self.root / "blobs"
         self.manifests = self.root / "manifests"
         self.tmp = self.root / "tmp"
+        self.max_size = max_size
+        # False after a write failed (disk full, read-only): blobs then stream from
+        # upstream uncached until a probe, at most every PROBE_INTERVAL, finds it writable.
+        self.writable = True
+        self._probed_at = 0.0
+        self.on_writable_change: Callable[[bool], None] | None = None
+
+    def fits(self, size: int | None) -> bool:
+        """Could a blob of `size` bytes be cached at all under `max_size`?"""
+        return self.max_size is None or size is None or size <= self.max_size
+
+    def mark_unwritable(self, exc: OSError) -> None:
+        """Remember that writes fail; logged once per episode, not once per request."""
+        if self.writable:
+            log.error(
+                "cache directory %s takes no writes (%s): serving uncached",
+                self.root,
+                exc.strerror or exc,
+            )
+        self.writable = False
+        self._probed_at = time.monotonic()
+        if self.on_writable_change is not None:
+            self.on_writable_change(False)
+
+    async def writable_now(self) -> bool:
+        """The writable flag, re-probed when it is down and the last probe is old."""
+        if self.writable or time.monotonic() - self._probed_at < PROBE_INTERVAL:
+            return self.writable
+        self._probed_at = time.monotonic()
+        if await self.is_writable():
+            log.warning("cache directory %s takes writes again", self.root)
+            self.writable = True
+            if self.on_writable_change is not None:
+                self.on_writable_change(True)
+        return self.writable
 
     def blob_path(self, digest: Digest) -> Path:
         return self.blobs / digest.algorithm / digest.hex[:2] / digest.hex
@@ -38,8 +81,14 @@ class Storage:
         return self.manifests / digest.algorithm / digest.hex[:2] / digest.hex
 
     async def open(self) -> None:
-        """Create the layout and throw away what a crash left in `tmp/`."""
-        await asyncio.to_thread(self._open_sync)
+        """Create the layout and throw away what a crash left in `tmp/`.
+
+        A cache that takes no writes does not stop the start: what it holds is served.
+        """
+        try:
+            await asyncio.to_thread(self._open_sync)
+        except OSError as exc:
+            self.mark_unwritable(exc)
 
     def _open_sync(self) -> None:
         for directory in (self.blobs, self.manifests):
@@ -48,11 +97,23 @@ class Storage:
         self.tmp.mkdir(parents=True, exist_ok=True)
 
     async def blob_size(self, digest: Digest) -> int | None:
-        """Size of the cached blob, or None when it is not cached."""
+        """Size of the cached blob, or None; a hit also marks the blob as recently read."""
+        return await asyncio.to_thread(self._touch_sync, self.blob_path(digest))
+
+    @staticmethod
+    def _touch_sync(path: Path) -> int | None:
+        # The file's mtime is its last-read time, which eviction orders by. Setting it
+        # at most once a minute keeps a hot blob from costing a write per request.
         try:
-            stat = await asyncio.to_thread(os.stat, self.blob_path(digest))
+            stat = os.stat(path)
         except FileNotFoundError:
             return None
+        now = time.time()
+        if now - stat.st_mtime > TOUCH_INTERVAL:
+            try:
+                os.utime(path, (now, now))
+            except OSError:  # a read-only cache still serves what it has
+                pass
         return stat.st_size
 
     def new_temp(self) -> tuple[int, Path]:

@@ -18,6 +18,7 @@ import aiohttp
 from multidict import CIMultiDict
 
 from mirror.auth import Challenge, TokenCache, basic_authorization, parse_challenge
+from mirror.breaker import CircuitBreaker
 from mirror.errors import (
     BlobUnknown,
     Denied,
@@ -30,6 +31,7 @@ from mirror.errors import (
     Unauthorized,
     UpstreamUnavailable,
 )
+from mirror.lru import LRU
 from mirror.metrics import Metrics
 from mirror.reference import compute_digest
 
@@ -40,6 +42,7 @@ MAX_REDIRECTS = 5
 # The distribution registry refuses manifests over 4 MiB; so do we, to bound memory.
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_PASSTHROUGH_BYTES = 16 * 1024 * 1024
+NEGATIVE_ENTRIES = 10000
 USER_AGENT = "mirror/0.1 (+pull-through cache)"
 MANIFEST_TYPES = (
     "application/vnd.oci.image.index.v1+json",
@@ -99,9 +102,18 @@ class Upstream:
         metrics: Metrics,
         username: str | None = None,
         password: str | None = None,
+        negative_ttl: float = 30.0,
     ) -> None:
         self.url = url.rstrip("/")
         self.name = urlsplit(self.url).netloc
+        self.breaker = CircuitBreaker(self.name)
+        metrics.upstream_up.labels(self.name).set(1)
+        self._negative_ttl = negative_ttl
+        # (kind, repo, reference) → when the upstream's 404 stops being believed.
+        self._missing: LRU[tuple[str, str, str], float] = LRU(NEGATIVE_ENTRIES)
+        # Docker Hub's 429 lasts until Retry-After: asking again before then only
+        # lengthens the penalty, so manifest GETs are refused here until it passes.
+        self._limited_until = 0.0
         self._session = session
         self._tokens = tokens
         self._metrics = metrics
@@ -162,17 +174,42 @@ class Upstream:
     async def _send(
         self, method: str, url: str, headers: Mapping[str, str], kind: str
     ) -> aiohttp.ClientResponse:
+        self.breaker.before_request()
         started = time.monotonic()
         try:
             resp = await self._session.request(method, url, headers=headers, allow_redirects=False)
         except (aiohttp.ClientError, TimeoutError) as exc:
             self._metrics.upstream_requests.labels(self.name, kind, "error").inc()
+            self.record_failure()
             raise UpstreamUnavailable(
                 f"upstream {self.name} unreachable: {type(exc).__name__}"
             ) from None
         self._metrics.upstream_duration.labels(self.name, kind).observe(time.monotonic() - started)
         self._metrics.upstream_requests.labels(self.name, kind, str(resp.status)).inc()
+        if resp.status >= 500:
+            self.record_failure()
+        else:
+            self.breaker.success()
+            self._metrics.upstream_up.labels(self.name).set(1)
         return resp
+
+    def record_failure(self) -> None:
+        """Count a failed exchange (also one broken mid-body) towards opening the circuit."""
+        self.breaker.failure()
+        if self.breaker.is_open:
+            self._metrics.upstream_up.labels(self.name).set(0)
+
+    def _check_negative(self, kind: str, repo: str, reference: str) -> None:
+        """Answer a recent upstream 404 again without asking."""
+        key = (kind, repo, reference)
+        until = self._missing.get(key)
+        if until is not None and time.monotonic() < until:
+            self._metrics.negative_hits.inc()
+            raise _NOT_FOUND[kind](f"{kind} {repo}:{reference} not found upstream (remembered)")
+
+    def _remember_missing(self, kind: str, repo: str, reference: str) -> None:
+        if self._negative_ttl > 0:
+            self._missing.put((kind, repo, reference), time.monotonic() + self._negative_ttl)
 
     async def _authorization(self, repo: str | None) -> dict[str, str]:
         if self._bearer is not None:
@@ -220,9 +257,9 @@ class Upstream:
         if status == 403:
             raise Denied(f"upstream {self.name} denied access to {what}")
         if status == 429:
-            raise TooManyRequests(
-                f"upstream {self.name} rate limit reached", _retry_after(resp.headers)
-            )
+            retry_after = _retry_after(resp.headers)
+            self._limited_until = time.monotonic() + retry_after
+            raise TooManyRequests(f"upstream {self.name} rate limit reached", retry_after)
         raise UpstreamUnavailable(f"upstream {self.name} answered {status} for {what}")
 
     async def manifest(
@@ -230,6 +267,10 @@ class Upstream:
     ) -> tuple[ManifestInfo, bytes | None]:
         """HEAD or GET a manifest; a GET's bytes are checked against the digest header."""
         what = f"manifest {repo}:{reference}"
+        self._check_negative("manifest", repo, reference)
+        wait = self._limited_until - time.monotonic()
+        if not head and wait > 0:
+            raise TooManyRequests(f"upstream {self.name} rate limit reached", int(wait) + 1)
         headers = {"Accept": ", ".join(accept or MANIFEST_TYPES)}
         resp = await self.request(
             "HEAD" if head else "GET",
@@ -239,6 +280,8 @@ class Upstream:
             headers=headers,
         )
         async with resp:
+            if resp.status == 404:
+                self._remember_missing("manifest", repo, reference)
             self.raise_for_status(resp, "manifest", what)
             media_type = resp.headers.get("Content-Type", "").partition(";")[0].strip()
             claimed = resp.headers.get("Docker-Content-Digest", "")
@@ -253,17 +296,23 @@ class Upstream:
 
     async def open_blob(self, repo: str, digest: str, offset: int = 0) -> aiohttp.ClientResponse:
         """An upstream response whose body is the blob from `offset` (the caller releases it)."""
+        self._check_negative("blob", repo, digest)
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         resp = await self.request(
             "GET", f"/v2/{repo}/blobs/{digest}", kind="blob", repo=repo, headers=headers
         )
+        if resp.status == 404:
+            self._remember_missing("blob", repo, digest)
         self.raise_for_status(resp, "blob", f"blob {digest}")
         return resp
 
     async def blob_size(self, repo: str, digest: str) -> int | None:
         """The blob's size from a HEAD, None when the upstream does not say."""
+        self._check_negative("blob", repo, digest)
         resp = await self.request("HEAD", f"/v2/{repo}/blobs/{digest}", kind="blob", repo=repo)
         async with resp:
+            if resp.status == 404:
+                self._remember_missing("blob", repo, digest)
             self.raise_for_status(resp, "blob", f"blob {digest}")
             return resp.content_length
 

@@ -86,10 +86,9 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
             if last_s and last < first:
                 return None  # syntactically invalid: ignored, not unsatisfiable
             last = min(last, size - 1)
-        else:  # bytes=-n: the last n bytes
-            first, last = max(size - int(last_s), 0), size - 1
-            if int(last_s) == 0:
-                first = size
+        else:  # bytes=-n: the last n bytes; bytes=-0 asks for none, so is unsatisfiable
+            n = int(last_s)
+            first, last = (max(size - n, 0) if n else size), size - 1
     except ValueError:
         return None
     if first >= size:
@@ -186,16 +185,18 @@ class Stats(Counter[str]):
     """Request counters, plus the details tests want to assert on."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.reset()
-
-    def reset(self) -> None:
-        self.clear()
-        self.update(dict.fromkeys(STAT_KEYS, 0))
+        super().__init__(dict.fromkeys(STAT_KEYS, 0))
         self.requests: list[tuple[str, str, str]] = []  # (app, method, path_qs)
         self.accept_seen: list[list[str]] = []  # Accept types of each manifest request
         self.cdn_get_by_digest: Counter[str] = Counter()
         self.token_users: list[str] = []  # usernames sent with Basic auth, never passwords
+
+    def reset(self) -> None:
+        """Zero everything in place: tests may hold references to the lists."""
+        for key in self:
+            self[key] = 0  # not update(): on a Counter that adds
+        for details in (self.requests, self.accept_seen, self.cdn_get_by_digest, self.token_users):
+            details.clear()
 
     def snapshot(self) -> dict[str, Any]:
         return {
