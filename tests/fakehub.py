@@ -49,7 +49,7 @@ STAT_KEYS = (
 )  # fmt: skip
 KNOBS = (
     "token_expires_in", "corrupt_blobs", "ratelimit_remaining", "cdn_delay", "users",
-    "cdn_cut_after", "registry_status",
+    "cdn_cut_after", "registry_status", "cdn_ignores_range",
 )  # fmt: skip
 
 
@@ -227,6 +227,7 @@ class FakeHub:
         self.users: dict[str, str] = {}  # empty: any Basic credentials are accepted
         self.cdn_cut_after: int | None = None  # drop CDN connections after this many bytes
         self.registry_status: int | None = None  # answer every /v2 request with this status
+        self.cdn_ignores_range = False  # a CDN that always answers 200 with the whole blob
         self.registry_url = self.token_url = self.cdn_url = ""
         self._tokens: dict[str, Token] = {}
         self._runners: list[web.AppRunner] = []
@@ -496,7 +497,9 @@ class FakeHub:
         data = self.content.blobs.get(digest)
         if data is None:
             return web.Response(status=404, text="NoSuchKey")
-        span = parse_range(request.headers.get("Range"), len(data))
+        span = (
+            None if self.cdn_ignores_range else parse_range(request.headers.get("Range"), len(data))
+        )
         first, last = span or (0, len(data) - 1)
         headers = {"Content-Range": f"bytes {first}-{last}/{len(data)}"} if span else {}
         view = memoryview(data)[first : last + 1]

@@ -1,0 +1,361 @@
+"""Serving through upstream outages, 429s, cut transfers, a lost Redis and cache bounds."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient
+
+from mirror.breaker import CircuitBreaker
+from mirror.config import CacheConfig, Config, StorageConfig, UpstreamConfig
+from mirror.errors import UpstreamUnavailable
+from mirror.eviction import CachedBlob, choose_victims
+from mirror.keys import evictor_key
+from mirror.metadata import FallbackMetadata, MemoryMetadata, RedisMetadata, TagRecord
+from tests.conftest import MakeClient
+from tests.fakehub import FakeHub
+from tests.services import free_port
+
+Client = TestClient[Any, Any]
+ACCEPT = {
+    "Accept": "application/vnd.docker.distribution.manifest.v2+json, "
+    "application/vnd.oci.image.index.v1+json"
+}
+STALE = '110 - "Response is Stale"'
+
+
+async def fetch_blob(client: Client, digest: str) -> bytes:
+    """GET a blob and read it all: once read, a cold blob is committed to the cache."""
+    resp = await client.get(f"/v2/library/app/blobs/{digest}")
+    assert resp.status == 200
+    return await resp.read()
+
+
+def blob_file(config: Config, digest: str) -> Path:
+    algorithm, hexpart = digest.split(":")
+    return config.storage.path / "blobs" / algorithm / hexpart[:2] / hexpart
+
+
+async def metric(client: Client, line_start: str) -> float | None:
+    for line in (await (await client.get("/metrics")).text()).splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+@pytest.fixture
+async def image(hub: FakeHub) -> dict[str, Any]:
+    return hub.content.add_image("library/app", "latest", [os.urandom(100_000)])
+
+
+async def cache_image(client: Client, image: dict[str, Any]) -> None:
+    resp = await client.get("/v2/library/app/manifests/latest", headers=ACCEPT)
+    assert resp.status == 200
+    for digest in image["layers"]:
+        await fetch_blob(client, digest)
+
+
+# --- behaviour 1 and 3: stale tags, fast failures, 429 ---------------------------------------
+
+
+@pytest.mark.parametrize("status", [500, 503, 429])
+async def test_expired_tag_served_stale_when_upstream_fails(
+    hub: FakeHub, make_client: MakeClient, image: dict[str, Any], status: int
+) -> None:
+    client = await make_client(cache=CacheConfig(tag_ttl=0))
+    await cache_image(client, image)
+    hub.registry_status = status
+    gets_before = hub.stats["manifest_get"]
+
+    for method in ("GET", "HEAD"):
+        resp = await client.request(method, "/v2/library/app/manifests/latest", headers=ACCEPT)
+        assert resp.status == 200
+        assert resp.headers["Warning"] == STALE
+        assert resp.headers["Docker-Content-Digest"] == image["digest"]
+    blob = await client.get(f"/v2/library/app/blobs/{image['layers'][0]}")
+
+    assert blob.status == 200
+    assert hub.stats["manifest_get"] == gets_before  # revalidation never spends a GET
+    assert await metric(client, 'mirror_stale_served_total{kind="tag"}') == 2
+
+
+async def test_stale_window_is_bounded(
+    hub: FakeHub, make_client: MakeClient, image: dict[str, Any]
+) -> None:
+    client = await make_client(cache=CacheConfig(tag_ttl=0, stale_if_error=0))
+    await cache_image(client, image)
+    hub.registry_status = 503
+
+    resp = await client.get("/v2/library/app/manifests/latest", headers=ACCEPT)
+
+    assert resp.status == 503
+    assert (await resp.json())["errors"][0]["code"] == "UNAVAILABLE"
+
+
+async def test_uncached_tag_over_rate_limit_is_429_with_retry_after(
+    hub: FakeHub, client: Client
+) -> None:
+    hub.content.add_image("library/other", "1", [b"x"])
+    hub.registry_status = 429
+
+    resp = await client.get("/v2/library/other/manifests/1", headers=ACCEPT)
+
+    assert resp.status == 429
+    assert resp.headers["Retry-After"] == "60"
+    assert (await resp.json())["errors"][0]["code"] == "TOOMANYREQUESTS"
+
+
+async def test_after_429_manifest_gets_wait_for_retry_after(hub: FakeHub, client: Client) -> None:
+    hub.content.add_image("library/other", "1", [b"x"])
+    hub.registry_status = 429
+    await client.get("/v2/library/other/manifests/1", headers=ACCEPT)
+    hub.registry_status = None
+    hub.reset_stats()
+
+    resp = await client.get("/v2/library/other/manifests/1", headers=ACCEPT)
+
+    assert resp.status == 429
+    assert hub.stats["manifest_get"] == 0  # asking again would only prolong the penalty
+
+
+async def test_unreachable_upstream_fails_fast_with_oci_error(make_client: MakeClient) -> None:
+    dead = UpstreamConfig(url=f"http://127.0.0.1:{free_port()}", connect_timeout=2)
+    client = await make_client(upstream=dead)
+
+    started = time.monotonic()
+    resp = await client.get("/v2/library/app/manifests/latest", headers=ACCEPT)
+
+    assert resp.status == 503
+    assert (await resp.json())["errors"][0]["code"] == "UNAVAILABLE"
+    assert time.monotonic() - started < 3
+
+
+async def test_circuit_opens_after_repeated_failures(hub: FakeHub, client: Client) -> None:
+    hub.registry_status = 503
+    for n in range(3):
+        assert (await client.get(f"/v2/library/a{n}/manifests/x", headers=ACCEPT)).status == 503
+    hub.reset_stats()
+
+    resp = await client.get("/v2/library/b/manifests/x", headers=ACCEPT)
+
+    assert resp.status == 503
+    assert "next attempt" in (await resp.json())["errors"][0]["message"]
+    assert hub.stats.requests == []  # the upstream was not asked
+    upstream = hub.registry_url.removeprefix("http://")
+    assert await metric(client, f'mirror_upstream_up{{upstream="{upstream}"}}') == 0
+
+
+def test_breaker_probes_with_backoff_and_closes_on_success() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker("up", threshold=2, base_delay=1, max_delay=4, clock=lambda: now[0])
+    breaker.failure()
+    breaker.before_request()  # one failure: still closed
+    breaker.failure()
+    with pytest.raises(UpstreamUnavailable):
+        breaker.before_request()
+    now[0] = 1.0
+    breaker.before_request()  # the probe goes through
+    with pytest.raises(UpstreamUnavailable):
+        breaker.before_request()  # ... alone
+    breaker.failure()  # the probe failed: open for twice as long
+    now[0] = 2.5
+    with pytest.raises(UpstreamUnavailable):
+        breaker.before_request()
+    now[0] = 3.0
+    breaker.before_request()
+    breaker.success()
+    assert not breaker.is_open
+    breaker.before_request()
+
+
+# --- behaviour 4: negative cache ---------------------------------------------------------------
+
+
+async def test_upstream_404_is_remembered(hub: FakeHub, client: Client) -> None:
+    for _ in range(3):
+        resp = await client.get("/v2/library/nothing/manifests/latest", headers=ACCEPT)
+        assert resp.status == 404
+    digest = "sha256:" + "0" * 64
+    for _ in range(3):
+        assert (await client.get(f"/v2/library/nothing/blobs/{digest}")).status == 404
+
+    assert hub.stats["manifest_get"] == 1
+    assert hub.stats["blob_get"] == 1
+    assert await metric(client, "mirror_negative_cache_hits_total") == 4
+
+
+async def test_negative_entries_expire(hub: FakeHub, make_client: MakeClient) -> None:
+    client = await make_client(cache=CacheConfig(negative_ttl=0.2))
+    assert (await client.get("/v2/library/late/manifests/1", headers=ACCEPT)).status == 404
+    late = hub.content.add_image("library/late", "1", [b"y"])
+    await asyncio.sleep(0.3)
+
+    resp = await client.get("/v2/library/late/manifests/1", headers=ACCEPT)
+
+    assert resp.headers["Docker-Content-Digest"] == late["digest"]
+
+
+# --- behaviour 5: cut transfers ----------------------------------------------------------------
+
+
+async def test_cut_transfer_is_resumed_with_range(
+    hub: FakeHub, client: Client, config: Config
+) -> None:
+    layer = os.urandom(3 * 1024 * 1024 + 123)
+    digest = hub.content.add_blob(layer)
+    hub.cdn_cut_after = 1024 * 1024  # every CDN response breaks after 1 MiB
+
+    resp = await client.get(f"/v2/library/app/blobs/{digest}")
+
+    assert await resp.read() == layer
+    assert hub.stats.cdn_get_by_digest[digest] == 4
+    assert blob_file(config, digest).read_bytes() == layer
+    assert await metric(client, "mirror_resumed_transfers_total") == 3
+
+
+async def test_cut_transfer_without_range_support_aborts_every_client(
+    hub: FakeHub, client: Client, config: Config
+) -> None:
+    layer = os.urandom(2 * 1024 * 1024)
+    digest = hub.content.add_blob(layer)
+    hub.cdn_cut_after = 1024 * 1024
+    hub.cdn_ignores_range = True
+    hub.cdn_delay = 0.002
+
+    async def fetch() -> None:
+        resp = await client.get(f"/v2/library/app/blobs/{digest}")
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+
+    await asyncio.gather(fetch(), fetch(), fetch())
+
+    assert not blob_file(config, digest).exists()
+    assert os.listdir(config.storage.path / "tmp") == []
+
+
+# --- behaviour 7: Redis unreachable ------------------------------------------------------------
+
+
+async def test_unreachable_redis_falls_back_to_memory() -> None:
+    changes: list[bool] = []
+    dead = RedisMetadata(f"redis://127.0.0.1:{free_port()}/0", ttl=60)
+    store = FallbackMetadata(dead, MemoryMetadata(60), on_change=changes.append)
+    record = TagRecord("sha256:" + "a" * 64, "application/json", 10, time.time())
+
+    await store.put_tag("hub", "library/app", "latest", record)
+    assert await store.get_tag("hub", "library/app", "latest") == record
+    await store.add_repository("library/app")
+    assert await store.repositories(10, None) == ["library/app"]
+    assert changes == [False]
+    assert not store.up
+    await store.close()
+
+
+async def test_requests_work_with_redis_unreachable(
+    hub: FakeHub, make_client: MakeClient, image: dict[str, Any]
+) -> None:
+    from mirror.config import RedisConfig
+
+    client = await make_client(redis=RedisConfig(url=f"redis://127.0.0.1:{free_port()}/0"))
+
+    await cache_image(client, image)
+    resp = await client.get("/v2/library/app/manifests/latest", headers=ACCEPT)
+
+    assert resp.status == 200
+    assert await metric(client, "mirror_metadata_up") == 0
+    assert (await client.get("/readyz")).status == 503
+
+
+# --- behaviour 8 and 9: uncacheable blobs and eviction -----------------------------------------
+
+
+async def test_blob_larger_than_the_cache_is_streamed_uncached(
+    hub: FakeHub, make_client: MakeClient, config: Config
+) -> None:
+    storage = StorageConfig(path=config.storage.path, max_size=1_000_000)
+    client = await make_client(storage=storage)
+    layer = os.urandom(1_500_000)
+    digest = hub.content.add_blob(layer)
+
+    for _ in range(2):
+        resp = await client.get(f"/v2/library/app/blobs/{digest}")
+        assert resp.status == 200
+        assert await resp.read() == layer
+
+    assert not blob_file(config, digest).exists()
+
+
+async def test_cache_evicts_least_recently_read_blobs(
+    hub: FakeHub, make_client: MakeClient, config: Config
+) -> None:
+    storage = StorageConfig(path=config.storage.path, max_size=1_000_000)
+    client = await make_client(storage=storage)
+    digests = [hub.content.add_blob(os.urandom(300_000)) for _ in range(3)]
+    for age, digest in zip((300, 200, 100), digests, strict=True):
+        await fetch_blob(client, digest)
+        past = time.time() - age
+        os.utime(blob_file(config, digest), (past, past))
+    # Reading the oldest makes it the most recent: the second one goes instead.
+    await fetch_blob(client, digests[0])
+    newest = hub.content.add_blob(os.urandom(300_000))
+
+    await fetch_blob(client, newest)  # 1.2 MB: the background pass is set off
+    for _ in range(100):
+        if not blob_file(config, digests[1]).exists():
+            break
+        await asyncio.sleep(0.05)
+
+    assert [blob_file(config, d).exists() for d in digests] == [True, False, True]
+    assert blob_file(config, newest).exists()
+    assert await metric(client, 'mirror_evictions_total{reason="size"}') == 1
+    hub.reset_stats()
+    resp = await client.get(f"/v2/library/app/blobs/{digests[1]}")
+    assert resp.status == 200  # evicted, then fetched again: never an empty answer
+    assert hub.stats["cdn_get"] == 1
+
+
+async def test_idle_blobs_are_evicted(
+    hub: FakeHub, make_client: MakeClient, config: Config
+) -> None:
+    storage = StorageConfig(path=config.storage.path, max_idle=3600)
+    client = await make_client(storage=storage)
+    old, recent = (hub.content.add_blob(os.urandom(1000)) for _ in range(2))
+    for digest in (old, recent):
+        await fetch_blob(client, digest)
+    past = time.time() - 7200
+    os.utime(blob_file(config, old), (past, past))
+
+    await client.app[evictor_key].evict()
+
+    assert not blob_file(config, old).exists()
+    assert blob_file(config, recent).exists()
+
+
+def test_eviction_skips_blobs_being_read() -> None:
+    blobs = [CachedBlob(f"/x/{n}", f"sha256:{n}", 100, float(n)) for n in range(4)]
+
+    victims = choose_victims(blobs, 400, 250, None, {"sha256:0"}, now=10.0)
+
+    assert [blob.digest for blob, _ in victims] == ["sha256:1", "sha256:2"]
+
+
+async def test_blob_evicted_while_being_read_is_sent_whole(
+    hub: FakeHub, make_client: MakeClient, config: Config
+) -> None:
+    storage = StorageConfig(path=config.storage.path, max_size=10_000_000)
+    client = await make_client(storage=storage)
+    layer = os.urandom(8_000_000)
+    digest = hub.content.add_blob(layer)
+    await (await client.get(f"/v2/library/app/blobs/{digest}")).read()
+
+    resp = await client.get(f"/v2/library/app/blobs/{digest}")
+    head = await resp.content.readexactly(1000)
+    await client.app[evictor_key].evict(max_size=1)
+
+    assert head + await resp.read() == layer
