@@ -7,11 +7,14 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import aiohttp
 from aiohttp import web
 
+from mirror.access import client_auth_ctx, client_auth_middleware, token_handler
 from mirror.auth import TokenCache
 from mirror.blobs import BlobService
-from mirror.config import Config
+from mirror.config import Config, UpstreamConfig
+from mirror.credentials import Credentials
 from mirror.downloads import Downloads
 from mirror.errors import EndpointUnknown, RegistryError, Unsupported
 from mirror.eviction import Evictor
@@ -25,12 +28,13 @@ from mirror.keys import (
     metadata_key,
     metrics_key,
     storage_key,
-    upstream_key,
+    upstreams_key,
 )
 from mirror.manifests import ManifestService
 from mirror.metadata import open_metadata
 from mirror.metrics import Metrics
 from mirror.routes import setup_routes
+from mirror.routing import Upstreams
 from mirror.storage import Storage
 from mirror.upstream import Upstream, new_session
 
@@ -41,13 +45,15 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def create_app(config: Config) -> web.Application:
     """A mirror application for `config`; resources open when it starts."""
-    app = web.Application(middlewares=[registry_middleware])
+    app = web.Application(middlewares=[registry_middleware, client_auth_middleware])
     app[config_key] = config
     app[metrics_key] = Metrics()
     app[storage_key] = Storage(config.storage.path, config.storage.max_size)
-    app.cleanup_ctx.extend([storage_ctx, metadata_ctx, upstream_ctx, services_ctx])
+    app.cleanup_ctx.extend([storage_ctx, metadata_ctx, upstream_ctx, services_ctx, client_auth_ctx])
     app.on_response_prepare.append(on_response_prepare)
     setup_routes(app)
+    if config.auth.htpasswd is not None:
+        app.router.add_get("/token", token_handler, name="token")
     return app
 
 
@@ -84,22 +90,44 @@ async def metadata_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
-    cfg = app[config_key].upstream
-    session = new_session(cfg.connect_timeout, cfg.read_timeout)
+    config = app[config_key]
+    # One session for every upstream: connection pools are per host anyway.
+    session = new_session(config.upstream.connect_timeout, config.upstream.read_timeout)
     try:
         tokens = TokenCache(session, app[metrics_key])
-        app[upstream_key] = Upstream(
-            cfg.url,
-            session,
-            tokens,
-            app[metrics_key],
-            cfg.username,
-            cfg.password,
-            negative_ttl=app[config_key].cache.negative_ttl,
-        )
+        built = [
+            build_upstream(cfg, session, tokens, app[metrics_key], config.cache.negative_ttl)
+            for cfg in (config.upstream, *config.upstreams)
+        ]
+        app[upstreams_key] = Upstreams(built[0], built[1:])
         yield
     finally:
         await session.close()
+
+
+def build_upstream(
+    cfg: UpstreamConfig,
+    session: aiohttp.ClientSession,
+    tokens: TokenCache,
+    metrics: Metrics,
+    negative_ttl: float,
+) -> Upstream:
+    credentials = None
+    if cfg.username:
+        credentials = Credentials(
+            cfg.username, cfg.password, cfg.password_command, cfg.password_refresh, cfg.registry
+        )
+    return Upstream(
+        cfg.url,
+        session,
+        tokens,
+        metrics,
+        cfg.registry,
+        credentials,
+        negative_ttl=negative_ttl,
+        tag_ttl=cfg.tag_ttl,
+        timeouts=(cfg.connect_timeout, cfg.read_timeout),
+    )
 
 
 async def services_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -32,14 +32,41 @@ class ConfigError(Exception):
         self.key = key
 
 
+DOCKER_HUB_HOSTS = frozenset({"docker.io", "registry-1.docker.io", "index.docker.io"})
+
+
 @dataclass(frozen=True)
 class UpstreamConfig:
     url: str = DEFAULT_UPSTREAM
+    # The registry's name for routing (`?ns=`, path prefix), metrics and tag keys;
+    # empty: derived from the URL (`docker.io` for Docker Hub, else host[:port]).
+    name: str = ""
     username: str | None = None
-    # repr=False keeps the secret out of any log line that prints the config.
+    # repr=False keeps secrets out of any log line that prints the config.
     password: str | None = field(default=None, repr=False)
+    password_command: str | None = field(default=None, repr=False)
+    password_refresh: float | None = None
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
+    tag_ttl: float | None = None  # overrides cache.tag_ttl for this upstream
+
+    @property
+    def registry(self) -> str:
+        """The name clients route by."""
+        if self.name:
+            return self.name
+        host = urlsplit(self.url).netloc
+        return "docker.io" if host in DOCKER_HUB_HOSTS else host
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Client authentication: off unless `htpasswd` is set."""
+
+    htpasswd: Path | None = None
+    anonymous_pull: bool = False
+    token_ttl: float = 300.0
+    signing_key_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -70,7 +97,10 @@ class LogConfig:
 class Config:
     host: str = "0.0.0.0"
     port: int = 8083
-    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)  # the default one
+    upstreams: tuple[UpstreamConfig, ...] = ()  # every other, routed by name
+    public_url: str | None = None
+    auth: AuthConfig = field(default_factory=AuthConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -163,23 +193,77 @@ def _read_secret(key: str, path: object) -> str:
         raise ConfigError(key, f"cannot read {str(path)!r}: {exc.strerror}") from None
 
 
-def _upstream(raw: Mapping[str, Any]) -> UpstreamConfig:
-    allowed = {"url", "username", "password", "password_file", "connect_timeout", "read_timeout"}
-    sec = _section(raw, "upstream", allowed)
-    password = _optional_str("upstream.password", sec.get("password"), secret=True)
-    if sec.get("password_file") is not None:
-        password = _read_secret("upstream.password_file", sec["password_file"])
+UPSTREAM_KEYS = {
+    "url", "name", "username", "password", "password_file", "password_command",
+    "password_refresh", "connect_timeout", "read_timeout", "tag_ttl",
+}  # fmt: skip
+
+
+def _upstream(key: str, raw: object, name: str = "") -> UpstreamConfig:
+    """One upstream entry, at `key` in the file (for error messages)."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(key, f"expected a mapping, got {raw!r}")
+    _reject_unknown(raw, UPSTREAM_KEYS, prefix=f"{key}.")
+    sources = [k for k in ("password", "password_file", "password_command") if raw.get(k)]
+    if len(sources) > 1:
+        raise ConfigError(f"{key}.{sources[1]}", f"conflicts with {key}.{sources[0]}")
+    password = _optional_str(f"{key}.password", raw.get("password"), secret=True)
+    if raw.get("password_file") is not None:
+        password = _read_secret(f"{key}.password_file", raw["password_file"])
     defaults = UpstreamConfig()
+
+    def duration(field_name: str, default: float | None) -> float | None:
+        value = raw.get(field_name, default)
+        return None if value is None else parse_duration(f"{key}.{field_name}", value)
+
     return UpstreamConfig(
-        url=parse_url("upstream.url", sec.get("url", defaults.url)),
-        username=_optional_str("upstream.username", sec.get("username")),
+        url=parse_url(f"{key}.url", raw.get("url", defaults.url)),
+        name=_optional_str(f"{key}.name", raw.get("name")) or name,
+        username=_optional_str(f"{key}.username", raw.get("username")),
         password=password,
-        connect_timeout=parse_duration(
-            "upstream.connect_timeout", sec.get("connect_timeout", defaults.connect_timeout)
-        ),
-        read_timeout=parse_duration(
-            "upstream.read_timeout", sec.get("read_timeout", defaults.read_timeout)
-        ),
+        password_command=_optional_str(f"{key}.password_command", raw.get("password_command")),
+        password_refresh=duration("password_refresh", None),
+        connect_timeout=duration("connect_timeout", defaults.connect_timeout) or 0.0,
+        read_timeout=duration("read_timeout", defaults.read_timeout) or 0.0,
+        tag_ttl=duration("tag_ttl", None),
+    )
+
+
+def _upstreams(raw: Mapping[str, Any]) -> tuple[UpstreamConfig, tuple[UpstreamConfig, ...]]:
+    """(the default upstream, the others) from `upstream`, `upstreams`, `default_upstream`."""
+    named = raw.get("upstreams") or {}
+    if not isinstance(named, Mapping):
+        raise ConfigError("upstreams", f"expected a mapping of name to upstream, got {named!r}")
+    every = [_upstream(f"upstreams.{name}", entry, str(name)) for name, entry in named.items()]
+    single = raw.get("upstream")
+    if single is not None or not every:
+        every.insert(0, _upstream("upstream", single or {}))
+    names = [upstream.registry for upstream in every]
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            raise ConfigError("upstreams", f"two upstreams are named {name!r}")
+    default = raw.get("default_upstream")
+    if default is None:
+        default = names[0] if single is not None or len(names) == 1 else "docker.io"
+    if default not in names:
+        raise ConfigError("default_upstream", f"names no configured upstream: {default!r}")
+    chosen = every[names.index(default)]
+    return chosen, tuple(upstream for upstream in every if upstream is not chosen)
+
+
+def _auth(raw: Mapping[str, Any]) -> AuthConfig:
+    sec = _section(raw, "auth", {"htpasswd", "anonymous_pull", "token_ttl", "signing_key_file"})
+    anonymous = sec.get("anonymous_pull", False)
+    if not isinstance(anonymous, bool):
+        raise ConfigError("auth.anonymous_pull", f"expected true or false, got {anonymous!r}")
+    htpasswd, key_file = sec.get("htpasswd"), sec.get("signing_key_file")
+    if htpasswd is not None and not Path(str(htpasswd)).is_file():
+        raise ConfigError("auth.htpasswd", f"no such file: {str(htpasswd)!r}")
+    return AuthConfig(
+        htpasswd=None if htpasswd is None else Path(str(htpasswd)),
+        anonymous_pull=anonymous,
+        token_ttl=parse_duration("auth.token_ttl", sec.get("token_ttl", 300)),
+        signing_key_file=None if key_file is None else Path(str(key_file)),
     )
 
 
@@ -212,18 +296,27 @@ def _log(raw: Mapping[str, Any]) -> LogConfig:
     return LogConfig(level=level)
 
 
+TOP_LEVEL_KEYS = {
+    "listen", "upstream", "upstreams", "default_upstream", "public_url", "auth", "storage",
+    "redis", "cache", "log", "shutdown_timeout",
+}  # fmt: skip
+
+
 def config_from_mapping(raw: Mapping[str, Any]) -> Config:
     """Validate a parsed YAML document into a `Config`."""
-    _reject_unknown(
-        raw, {"listen", "upstream", "storage", "redis", "cache", "log", "shutdown_timeout"}
-    )
+    _reject_unknown(raw, TOP_LEVEL_KEYS)
     host, port = parse_listen("listen", raw.get("listen", "0.0.0.0:8083"))
     redis = _section(raw, "redis", {"url"})
     redis_url = redis.get("url")
+    default, others = _upstreams(raw)
+    public_url = raw.get("public_url")
     return Config(
         host=host,
         port=port,
-        upstream=_upstream(raw),
+        upstream=default,
+        upstreams=others,
+        public_url=None if public_url is None else parse_url("public_url", public_url),
+        auth=_auth(raw),
         storage=_storage(raw),
         redis=RedisConfig(
             url=None

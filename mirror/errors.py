@@ -107,6 +107,13 @@ class Unauthorized(RegistryError):
     code = "UNAUTHORIZED"
     status = 401
 
+    def __init__(self, message: str, challenge: str | None = None) -> None:
+        super().__init__(message)
+        self.challenge = challenge
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": self.challenge} if self.challenge else {}
+
 
 class Denied(RegistryError):
     code = "DENIED"

@@ -8,9 +8,10 @@ from urllib.parse import urlencode, urlsplit
 from aiohttp import web
 
 from mirror.errors import EndpointUnknown, ManifestUnknown, NameInvalid, Unsupported
-from mirror.keys import blobs_key, manifests_key, metadata_key, storage_key, upstream_key
+from mirror.keys import blobs_key, manifests_key, metadata_key, storage_key, upstreams_key
 from mirror.manifests import parse_accept
 from mirror.reference import parse_digest, validate_name
+from mirror.upstream import Upstream
 
 API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
 MAX_CATALOG_PAGE = 10000
@@ -22,12 +23,19 @@ async def base(request: web.Request) -> web.Response:
     return web.json_response({}, headers=API_VERSION_HEADER)
 
 
+def route(request: web.Request) -> tuple[Upstream, str]:
+    """The upstream this request is for, and the repository's name there."""
+    name = validate_name(request.match_info["name"])
+    upstream, repo = request.app[upstreams_key].route(name, request.query.get("ns"))
+    return upstream, validate_name(repo)
+
+
 async def manifest(request: web.Request) -> web.StreamResponse:
-    repo = validate_name(request.match_info["name"])
+    upstream, repo = route(request)
     head = request.method == "HEAD"
     accept = parse_accept(request.headers.getall("Accept", []))
     found = await request.app[manifests_key].get(
-        request.app[upstream_key], repo, request.match_info["reference"], accept, head=head
+        upstream, repo, request.match_info["reference"], accept, head=head
     )
     headers = {
         "Content-Type": found.media_type,
@@ -46,29 +54,29 @@ async def manifest(request: web.Request) -> web.StreamResponse:
 
 
 async def blob(request: web.Request) -> web.StreamResponse:
-    repo = validate_name(request.match_info["name"])
+    upstream, repo = route(request)
     digest = parse_digest(request.match_info["digest"])
-    return await request.app[blobs_key].serve(request, request.app[upstream_key], repo, digest)
+    return await request.app[blobs_key].serve(request, upstream, repo, digest)
 
 
 async def tags_list(request: web.Request) -> web.Response:
     """Relayed from upstream; the next-page Link is made relative, so it points at us."""
-    repo = validate_name(request.match_info["name"])
+    upstream, repo = route(request)
     query = {k: v for k, v in request.query.items() if k in ("n", "last")}
     path = f"/v2/{repo}/tags/list" + (f"?{urlencode(query)}" if query else "")
-    answer = await request.app[upstream_key].passthrough(path, repo, "tags")
+    answer = await upstream.passthrough(path, repo, "tags")
     headers = {"Content-Type": answer.content_type}
     if answer.link:
-        headers["Link"] = _relative_link(answer.link)
+        headers["Link"] = _mirror_link(answer.link, repo, request)
     return web.Response(status=answer.status, body=answer.body, headers=headers)
 
 
 async def referrers(request: web.Request) -> web.Response:
-    repo = validate_name(request.match_info["name"])
+    upstream, repo = route(request)
     digest = parse_digest(request.match_info["digest"])
     query = {k: v for k, v in request.query.items() if k == "artifactType"}
     path = f"/v2/{repo}/referrers/{digest}" + (f"?{urlencode(query)}" if query else "")
-    answer = await request.app[upstream_key].passthrough(path, repo, "referrers")
+    answer = await upstream.passthrough(path, repo, "referrers")
     if answer.status == 404:
         raise ManifestUnknown(f"no referrers for {digest} upstream")
     return web.Response(
@@ -119,9 +127,18 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
-def _relative_link(link: str) -> str:
-    """`<https://upstream/v2/...?last=x>; rel="next"` → `</v2/...?last=x>; rel="next"`."""
+def _mirror_link(link: str, repo: str, request: web.Request) -> str:
+    """The upstream's next-page Link, pointing back at this mirror under the name and
+    `ns` the client used: `</v2/ghcr.io/o/i/tags/list?last=x&n=2>; rel="next"`."""
     target, sep, rest = link.partition(">")
+    if not sep:
+        return link
     parts = urlsplit(target.lstrip(" <"))
-    path = parts.path + (f"?{parts.query}" if parts.query else "")
-    return f"<{path}{sep}{rest}" if sep else link
+    path = parts.path
+    upstream_prefix = f"/v2/{repo}/"
+    if path.startswith(upstream_prefix):
+        path = f"/v2/{request.match_info['name']}/" + path[len(upstream_prefix) :]
+    query = [parts.query] if parts.query else []
+    if "ns" in request.query:
+        query.append(urlencode({"ns": request.query["ns"]}))
+    return f"<{path}{'?' if query else ''}{'&'.join(query)}{sep}{rest}"

@@ -11,14 +11,14 @@ from mirror.eviction import Evictor
 from mirror.manifests import ManifestService
 from mirror.metadata import MetadataStore
 from mirror.metrics import Metrics
+from mirror.routing import Upstreams
 from mirror.storage import Storage
-from mirror.upstream import Upstream
 
 config_key = web.AppKey("config", Config)
 metrics_key = web.AppKey("metrics", Metrics)
 storage_key = web.AppKey("storage", Storage)
 metadata_key: web.AppKey[MetadataStore] = web.AppKey("metadata")
-upstream_key = web.AppKey("upstream", Upstream)
+upstreams_key = web.AppKey("upstreams", Upstreams)
 downloads_key = web.AppKey("downloads", Downloads)
 blobs_key = web.AppKey("blobs", BlobService)
 evictor_key = web.AppKey("evictor", Evictor)

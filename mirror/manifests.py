@@ -92,16 +92,17 @@ class ManifestService:
         if body is not None:
             if info.digest != reference:
                 raise ManifestUnknown(f"upstream sent another manifest for {reference}")
-            await self._store(repo, info, body)
+            await self._store(upstream, repo, info, body)
         return Manifest(reference, info.media_type, info.size, body)
 
     async def _by_tag(
         self, upstream: Upstream, repo: str, tag: str, accept: list[str], *, head: bool
     ) -> Manifest:
-        record = await self._get_tag(upstream.name, repo, tag)
+        ttl = self._tag_ttl if upstream.tag_ttl is None else upstream.tag_ttl
+        record = await self._get_tag(upstream.name, repo, tag, ttl)
         if record is not None and not acceptable(record.media_type, accept):
             raise ManifestUnknown(f"manifest {repo}:{tag} is not of an accepted type")
-        if record is not None and record.is_fresh(self._tag_ttl):
+        if record is not None and record.is_fresh(ttl):
             self._metrics.cache_requests.labels("tag", "hit").inc()
             return await self._answer(upstream, repo, record, accept, head=head)
         self._metrics.cache_requests.labels("tag", "miss").inc()
@@ -109,7 +110,7 @@ class ManifestService:
             try:
                 fresh = await self._revalidate(upstream, repo, tag, record, accept)
             except (UpstreamUnavailable, TooManyRequests):
-                if not record.is_fresh(self._tag_ttl + self._stale_if_error):
+                if not record.is_fresh(ttl + self._stale_if_error):
                     raise
                 self._metrics.stale_served.labels("tag").inc()
                 answer = await self._answer(upstream, repo, record, accept, head=head)
@@ -121,7 +122,7 @@ class ManifestService:
             info, body = await upstream.manifest(repo, tag, accept, head=False)
         record = TagRecord(info.digest, info.media_type, info.size, time.time())
         if body is not None:
-            await self._store(repo, info, body)
+            await self._store(upstream, repo, info, body)
         await self._put_tag(upstream.name, repo, tag, record)
         return Manifest(info.digest, info.media_type, info.size, None if head else body)
 
@@ -137,7 +138,7 @@ class ManifestService:
         if not info.digest.startswith("sha256:"):
             info, body = await upstream.manifest(repo, tag, accept, head=False)
             if body is not None:
-                await self._store(repo, info, body)
+                await self._store(upstream, repo, info, body)
         changed = info.digest != record.digest
         self._metrics.revalidations.labels("changed" if changed else "unchanged").inc()
         fresh = TagRecord(info.digest, info.media_type or record.media_type, info.size, time.time())
@@ -152,11 +153,11 @@ class ManifestService:
             return Manifest(record.digest, record.media_type, record.size, None)
         return await self._by_digest(upstream, repo, record.digest, accept, head=False)
 
-    async def _get_tag(self, upstream: str, repo: str, tag: str) -> TagRecord | None:
+    async def _get_tag(self, upstream: str, repo: str, tag: str, ttl: float) -> TagRecord | None:
         """The local record while fresh, else the shared store's (another replica may
         have revalidated it since)."""
         record = self._tags.get((upstream, repo, tag))
-        if record is not None and record.is_fresh(self._tag_ttl):
+        if record is not None and record.is_fresh(ttl):
             return record
         record = await self._metadata.get_tag(upstream, repo, tag)
         if record is not None:
@@ -167,7 +168,7 @@ class ManifestService:
         self._tags.put((upstream, repo, tag), record)
         await self._metadata.put_tag(upstream, repo, tag, record)
 
-    async def _store(self, repo: str, info: ManifestInfo, body: bytes) -> None:
+    async def _store(self, upstream: Upstream, repo: str, info: ManifestInfo, body: bytes) -> None:
         self._hot.put(info.digest, (info.media_type, body))
         try:
             written = await self._storage.write_manifest(
@@ -179,7 +180,7 @@ class ManifestService:
         if written:
             self._metrics.cache_size.inc(len(body))
             self._metrics.cache_objects.inc()
-        await self._metadata.add_repository(repo)
+        await self._metadata.add_repository(upstream.catalog_prefix + repo)
 
 
 def _check_acceptable(media_type: str, accept: list[str], reference: str) -> None:

@@ -17,8 +17,9 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 from multidict import CIMultiDict
 
-from mirror.auth import Challenge, TokenCache, basic_authorization, parse_challenge
+from mirror.auth import Challenge, TokenCache, parse_challenge
 from mirror.breaker import CircuitBreaker
+from mirror.credentials import Credentials
 from mirror.errors import (
     BlobUnknown,
     Denied,
@@ -100,12 +101,22 @@ class Upstream:
         session: aiohttp.ClientSession,
         tokens: TokenCache,
         metrics: Metrics,
-        username: str | None = None,
-        password: str | None = None,
+        name: str,
+        credentials: Credentials | None = None,
         negative_ttl: float = 30.0,
+        tag_ttl: float | None = None,
+        timeouts: tuple[float, float] = (5.0, 30.0),
     ) -> None:
         self.url = url.rstrip("/")
-        self.name = urlsplit(self.url).netloc
+        self.name = name
+        self.host = urlsplit(self.url).netloc
+        self.tag_ttl = tag_ttl
+        # How this upstream's repositories appear in `_catalog` (empty for the default).
+        self.catalog_prefix = ""
+        # Per-upstream connect and read timeouts (no total: a big layer takes its time).
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=timeouts[0], sock_read=timeouts[1]
+        )
         self.breaker = CircuitBreaker(self.name)
         metrics.upstream_up.labels(self.name).set(1)
         self._negative_ttl = negative_ttl
@@ -117,11 +128,11 @@ class Upstream:
         self._session = session
         self._tokens = tokens
         self._metrics = metrics
-        self._credentials = basic_authorization(username, password or "") if username else None
+        self._credentials = credentials
         # Learnt from the first 401, then used to fetch tokens before asking, so that a
         # new repository costs one token request and not a refused request first.
         self._bearer: Challenge | None = None
-        self._basic = False
+        self._use_basic = False
 
     async def request(
         self,
@@ -162,7 +173,7 @@ class Upstream:
             target = urljoin(str(resp.url), location)
             resp.release()
             # A CDN on another host answers 400 when it sees the registry's token.
-            same_host = urlsplit(target).netloc == self.name
+            same_host = urlsplit(target).netloc == self.host
             resp = await self._send(
                 method, target, {**headers, **(auth if same_host else {})}, kind
             )
@@ -177,7 +188,9 @@ class Upstream:
         self.breaker.before_request()
         started = time.monotonic()
         try:
-            resp = await self._session.request(method, url, headers=headers, allow_redirects=False)
+            resp = await self._session.request(
+                method, url, headers=headers, allow_redirects=False, timeout=self._timeout
+            )
         except (aiohttp.ClientError, TimeoutError) as exc:
             self._metrics.upstream_requests.labels(self.name, kind, "error").inc()
             self.record_failure()
@@ -211,13 +224,16 @@ class Upstream:
         if self._negative_ttl > 0:
             self._missing.put((kind, repo, reference), time.monotonic() + self._negative_ttl)
 
+    async def _basic(self) -> str | None:
+        return None if self._credentials is None else await self._credentials.header()
+
     async def _authorization(self, repo: str | None) -> dict[str, str]:
         if self._bearer is not None:
             scopes = [f"repository:{repo}:pull"] if repo else []
-            token = await self._tokens.get(self._bearer, scopes, self._credentials)
+            token = await self._tokens.get(self._bearer, scopes, await self._basic())
             return {"Authorization": f"Bearer {token}"}
-        if self._basic and self._credentials is not None:
-            return {"Authorization": self._credentials}
+        if self._use_basic and self._credentials is not None:
+            return {"Authorization": await self._credentials.header()}
         return {}
 
     async def _answer(self, challenge: Challenge, repo: str | None) -> dict[str, str]:
@@ -228,11 +244,11 @@ class Upstream:
             )
             scope = challenge.params.get("scope")
             scopes = scope.split(" ") if scope else ([f"repository:{repo}:pull"] if repo else [])
-            token = await self._tokens.get(self._bearer, scopes, self._credentials)
+            token = await self._tokens.get(self._bearer, scopes, await self._basic())
             return {"Authorization": f"Bearer {token}"}
         if challenge.scheme == "basic" and self._credentials is not None:
-            self._basic = True
-            return {"Authorization": self._credentials}
+            self._use_basic = True
+            return {"Authorization": await self._credentials.header()}
         raise Unauthorized(f"upstream {self.name} requires credentials the mirror does not have")
 
     def _observe_ratelimit(self, resp: aiohttp.ClientResponse) -> None:

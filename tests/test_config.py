@@ -214,10 +214,11 @@ async def test_password_file_is_read_and_stripped(tmp_path: Path) -> None:
     assert load_config(path).upstream.password == SECRET
 
 
-async def test_password_file_wins_over_inline_password(tmp_path: Path) -> None:
+async def test_two_password_sources_conflict(tmp_path: Path) -> None:
     secret = write(tmp_path, SECRET, name="password")
-    raw = {"upstream": {"password": "inline", "password_file": str(secret)}}
-    assert config_from_mapping(raw).upstream.password == SECRET
+    err = config_error({"upstream": {"password": "inline", "password_file": str(secret)}})
+    assert err.key == "upstream.password_file"
+    assert "inline" not in str(err) and SECRET not in str(err)
 
 
 async def test_unreadable_password_file_names_key(tmp_path: Path) -> None:
