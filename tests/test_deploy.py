@@ -1,0 +1,789 @@
+"""The deploy/ files: every one parses, they agree with each other and with the mirror.
+
+Metric names in the Grafana dashboard and the alert rules are checked against what a live
+mirror app exports on /metrics; the rules go through `promtool check rules` and their unit
+tests through `promtool test rules`; compose, Kubernetes, systemd and the Dockerfile are
+parsed and their cross-references (files, volumes, ports, selectors, probes) checked.
+"""
+
+from __future__ import annotations
+
+import configparser
+import fnmatch
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from mirror.app import create_app
+from mirror.config import (
+    Config,
+    StorageConfig,
+    UpstreamConfig,
+    config_from_mapping,
+    load_config,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = REPO_ROOT / "deploy"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "mirror.json"
+PROMETHEUS_DIR = DEPLOY / "prometheus"
+ALERTS = PROMETHEUS_DIR / "alerts.yml"
+ALERTS_TEST = PROMETHEUS_DIR / "alerts_test.yml"
+KUBERNETES = DEPLOY / "kubernetes"
+EXAMPLES = DEPLOY / "examples"
+MIRROR_PORT = 8083
+# Series Prometheus makes itself for every target.
+PROMETHEUS_SERIES = frozenset({"up"})
+# Registries the containerd and k3s examples send through the mirror.
+MIRRORED_REGISTRIES = ("docker.io", "ghcr.io", "quay.io", "registry.k8s.io")
+
+# --- metric names --------------------------------------------------------------------------
+
+_TYPE_LINE = re.compile(r"^# TYPE ([a-zA-Z_:][a-zA-Z0-9_:]*) (\w+)\s*$", re.MULTILINE)
+_SAMPLE_NAME = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)", re.MULTILINE)
+_SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "histogram": ("_bucket", "_sum", "_count", "_created"),
+    "gaugehistogram": ("_bucket", "_gsum", "_gcount"),
+    "summary": ("", "_sum", "_count", "_created"),
+    "info": ("_info",),
+}
+
+
+def exported_metric_names(exposition: str) -> set[str]:
+    """Series names a Prometheus text exposition can produce.
+
+    From the `# TYPE` lines, which appear even for labelled series not used yet (with the
+    suffixes their kind gets), and from the sample lines themselves.
+    """
+    names: set[str] = set()
+    for name, kind in _TYPE_LINE.findall(exposition):
+        if kind in _SUFFIXES:
+            base = name
+            for suffix in ("_total", "_info"):
+                base = base.removesuffix(suffix)
+            names.update(base + suffix for suffix in _SUFFIXES[kind])
+        else:
+            names.add(name)
+    for line in exposition.splitlines():
+        if line and not line.startswith("#"):
+            match = _SAMPLE_NAME.match(line)
+            if match:
+                names.add(match.group(1))
+    return names
+
+
+_PROMQL_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
+_PROMQL_GROUPING = re.compile(
+    r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", re.IGNORECASE
+)
+_PROMQL_IDENT = re.compile(r"(?<![\w.$])([a-zA-Z_:][a-zA-Z0-9_:]*)(\s*\()?")
+_PROMQL_KEYWORDS = frozenset(
+    {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring"}
+    | {"group_left", "group_right", "inf", "nan", "atan2", "start", "end"}
+)
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects (functions, labels, keywords left out)."""
+    text = _PROMQL_STRING.sub('""', expr)
+    text = re.sub(r"\{[^}]*\}", " ", text)  # label matchers (strings are gone already)
+    text = re.sub(r"\[[^\]]*\]", " ", text)  # ranges and subqueries
+    text = _PROMQL_GROUPING.sub(" ", text)
+    text = re.sub(r"\$\{?\w+(?::\w+)?\}?", " ", text)  # Grafana variables
+    names = set()
+    for match in _PROMQL_IDENT.finditer(text):
+        name, call = match.groups()
+        if call or name.lower() in _PROMQL_KEYWORDS:
+            continue
+        names.add(name)
+    return names
+
+
+def test_promql_metric_names() -> None:
+    expr = (
+        'sum by (upstream, le) (rate(mirror_a_bucket{status=~"5..|error", x="a(b"}[5m]))'
+        " / on (instance) group_left(upstream) mirror_b > bool 0.5e3"
+        ' or histogram_quantile(0.99, mirror_c_bucket{route!~"x"}[$__rate_interval])'
+        " unless absent(mirror_d offset 5m) * -Inf"
+    )
+    assert promql_metric_names(expr) == {
+        "mirror_a_bucket",
+        "mirror_b",
+        "mirror_c_bucket",
+        "mirror_d",
+    }
+    assert promql_metric_names('up{job="mirror"} == 0') == {"up"}
+
+
+def test_exported_metric_names() -> None:
+    text = (
+        "# HELP a_total A.\n# TYPE a_total counter\n"
+        '# TYPE h histogram\nh_bucket{le="+Inf"} 1.0\n'
+        "# TYPE g gauge\ng 0.0\n"
+    )
+    assert exported_metric_names(text) == {
+        "a_total", "a_created", "h_bucket", "h_sum", "h_count", "h_created", "g",
+    }  # fmt: skip
+
+
+@pytest.fixture
+async def exported(aiohttp_client: Any, tmp_path: Path) -> set[str]:
+    """Every series name a freshly started mirror exports on /metrics."""
+    config = Config(
+        host="127.0.0.1",
+        port=0,
+        # Nothing listens there; nothing in these tests asks the upstream anything.
+        upstream=UpstreamConfig(url="http://127.0.0.1:9", connect_timeout=1, read_timeout=1),
+        storage=StorageConfig(path=tmp_path / "data"),
+    )
+    client = await aiohttp_client(create_app(config))
+    resp = await client.get("/metrics")
+    assert resp.status == 200
+    names = exported_metric_names(await resp.text())
+    assert "mirror_http_requests_total" in names
+    return names
+
+
+def dashboard_exprs() -> list[tuple[str, str]]:
+    """(panel title, expression) for every query of the dashboard."""
+    found = []
+    for panel in _panels(json.loads(DASHBOARD.read_text())):
+        for target in panel.get("targets", []):
+            if target.get("expr"):
+                found.append((panel["title"], target["expr"]))
+    return found
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    doc = yaml.safe_load(ALERTS.read_text())
+    return [rule for group in doc["groups"] for rule in group["rules"] if "alert" in rule]
+
+
+def _panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for panel in dashboard["panels"]:
+        yield panel
+        yield from panel.get("panels", [])  # collapsed rows hold their panels
+
+
+async def test_dashboard_uses_only_exported_metrics(exported: set[str]) -> None:
+    exprs = dashboard_exprs()
+    assert len(exprs) > 20
+    for title, expr in exprs:
+        names = promql_metric_names(expr)
+        assert names, f"panel {title!r}: no metric in {expr!r}"
+        unknown = names - exported - PROMETHEUS_SERIES
+        assert not unknown, f"panel {title!r} uses metrics the mirror does not export: {unknown}"
+
+
+async def test_alerts_use_only_exported_metrics(exported: set[str]) -> None:
+    rules = alert_rules()
+    assert rules
+    for rule in rules:
+        names = promql_metric_names(rule["expr"])
+        assert names, rule["alert"]
+        unknown = names - exported - PROMETHEUS_SERIES
+        assert not unknown, f"alert {rule['alert']} uses metrics not exported: {unknown}"
+
+
+def test_dashboard_covers_what_operators_look_at() -> None:
+    used = set().union(*(promql_metric_names(expr) for _, expr in dashboard_exprs()))
+    wanted = {
+        "mirror_http_requests_total",  # request rate by status
+        "mirror_http_request_duration_seconds_bucket",
+        "mirror_cache_requests_total",  # hit ratio by requests
+        "mirror_served_bytes_total",  # hit ratio by bytes, traffic saved
+        "mirror_upstream_request_duration_seconds_bucket",  # upstream p50/p99
+        "mirror_upstream_requests_total",  # upstream errors and 429s
+        "mirror_upstream_ratelimit_remaining",  # Docker Hub pull budget
+        "mirror_upstream_ratelimit_limit",
+        "mirror_upstream_up",
+        "mirror_upstream_fetches_in_flight",
+        "mirror_joined_requests_total",
+        "mirror_cache_size_bytes",
+        "mirror_cache_max_size_bytes",  # size against its bound
+        "mirror_evictions_total",
+        "mirror_stale_served_total",
+        "mirror_tag_revalidations_total",
+        "mirror_upstream_token_fetches_total",
+        "mirror_digest_mismatches_total",
+    }
+    assert wanted <= used, f"missing from the dashboard: {sorted(wanted - used)}"
+    panel_text = json.dumps([expr for _, expr in dashboard_exprs()])
+    assert "429" in panel_text
+    assert "histogram_quantile(0.5," in panel_text
+    assert "histogram_quantile(0.99," in panel_text
+
+
+# --- every file parses -----------------------------------------------------------------------
+
+
+def _deploy_files(*suffixes: str) -> list[Path]:
+    return sorted(p for p in DEPLOY.rglob("*") if p.is_file() and p.suffix in suffixes)
+
+
+def _ids(paths: list[Path]) -> list[str]:
+    return [str(p.relative_to(DEPLOY)) for p in paths]
+
+
+YAML_FILES = _deploy_files(".yaml", ".yml")
+JSON_FILES = _deploy_files(".json")
+TOML_FILES = _deploy_files(".toml") + [EXAMPLES / "registries.conf"]
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=_ids(YAML_FILES))
+def test_yaml_parses(path: Path) -> None:
+    docs = [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+    assert docs, f"{path} holds no document"
+    assert all(isinstance(doc, dict) for doc in docs)
+
+
+@pytest.mark.parametrize("path", JSON_FILES, ids=_ids(JSON_FILES))
+def test_json_parses(path: Path) -> None:
+    assert isinstance(json.loads(path.read_text()), dict)
+
+
+@pytest.mark.parametrize("path", TOML_FILES, ids=_ids(TOML_FILES))
+def test_toml_parses(path: Path) -> None:
+    assert tomllib.loads(path.read_text())
+
+
+def test_every_deploy_file_is_checked() -> None:
+    checked = set(YAML_FILES) | set(JSON_FILES) | set(TOML_FILES)
+    others = {
+        DEPLOY / "README.md",
+        DEPLOY / "systemd" / "mirror.service",
+    }
+    unchecked = {p for p in DEPLOY.rglob("*") if p.is_file()} - checked - others
+    assert not unchecked, f"files under deploy/ no test parses: {sorted(map(str, unchecked))}"
+
+
+@pytest.mark.parametrize("name", ["config.example.yaml", "compose.config.yaml"])
+def test_mirror_configs_load(name: str) -> None:
+    config = load_config(DEPLOY / name)
+    assert config.port == MIRROR_PORT
+    assert config.storage.path == Path("/var/lib/mirror")
+
+
+# --- Prometheus rules --------------------------------------------------------------------------
+
+
+def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool is not installed (Debian package prometheus; make test installs it)")
+    return subprocess.run(
+        ["promtool", *args], cwd=PROMETHEUS_DIR, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_promtool_check_rules() -> None:
+    result = _promtool("check", "rules", ALERTS.name)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_test_rules() -> None:
+    result = _promtool("test", "rules", ALERTS_TEST.name)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_check_config() -> None:
+    result = _promtool("check", "config", "prometheus.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_alerts_are_complete() -> None:
+    rules = alert_rules()
+    names = [rule["alert"] for rule in rules]
+    assert len(names) == len(set(names)), "duplicate alert names"
+    exprs = {rule["alert"]: rule["expr"] for rule in rules}
+    wanted = {
+        "mirror_upstream_up",  # upstream down
+        "mirror_upstream_ratelimit_remaining",  # pull budget
+        "mirror_cache_max_size_bytes",  # cache nearly full
+        "mirror_http_requests_total",  # error rate
+        "mirror_http_request_duration_seconds_bucket",  # latency
+        "mirror_storage_writable",
+        "mirror_metadata_up",
+    }
+    used = set().union(*(promql_metric_names(e) for e in exprs.values()))
+    assert wanted <= used, sorted(wanted - used)
+    for rule in rules:
+        assert rule["labels"]["severity"] in {"critical", "warning"}, rule["alert"]
+        assert {"summary", "description"} <= set(rule["annotations"]), rule["alert"]
+
+
+def test_every_alert_has_firing_and_quiet_unit_tests() -> None:
+    doc = yaml.safe_load(ALERTS_TEST.read_text())
+    assert doc["rule_files"] == [ALERTS.name]
+    fires: set[str] = set()
+    quiet: set[str] = set()
+    for case in doc["tests"]:
+        for check in case.get("alert_rule_test", []):
+            (fires if check.get("exp_alerts") else quiet).add(check["alertname"])
+    names = {rule["alert"] for rule in alert_rules()}
+    assert names - fires == set(), "alerts without a firing test"
+    assert names - quiet == set(), "alerts without a not-firing test"
+
+
+# --- Grafana ---------------------------------------------------------------------------------
+
+
+def test_dashboard_is_well_formed() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] and dashboard["title"]
+    assert 36 <= dashboard["schemaVersion"] <= 41
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    provisioned = yaml.safe_load(
+        (DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text()
+    )["datasources"]
+    uids = {ds["uid"] for ds in provisioned if ds["type"] == "prometheus"}
+    assert variables["datasource"]["current"]["value"] in uids
+
+    panels = list(_panels(dashboard))
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "panel ids repeat"
+    cells: dict[tuple[int, int], str] = {}
+    for panel in panels:
+        pos = panel["gridPos"]
+        assert pos["x"] >= 0 and pos["w"] > 0 and pos["x"] + pos["w"] <= 24, panel["title"]
+        for x in range(pos["x"], pos["x"] + pos["w"]):
+            for y in range(pos["y"], pos["y"] + pos["h"]):
+                assert (x, y) not in cells, f"{panel['title']!r} overlaps {cells[(x, y)]!r}"
+                cells[(x, y)] = panel["title"]
+        if panel["type"] == "row":
+            continue
+        assert panel["targets"], panel["title"]
+        for target in [panel, *panel["targets"]]:
+            source = target["datasource"]
+            assert source["type"] == "prometheus", panel["title"]
+            assert source["uid"] in uids | {"${datasource}"}, panel["title"]
+        ref_ids = [t["refId"] for t in panel["targets"]]
+        assert len(ref_ids) == len(set(ref_ids)), panel["title"]
+
+
+def test_grafana_provisioning_matches_compose() -> None:
+    provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/mirror.yml").read_text())
+    path = provider["providers"][0]["options"]["path"]
+    mounts = _bind_mounts(_compose()["services"]["grafana"])
+    assert mounts[path] == DASHBOARD.parent
+    assert mounts["/etc/grafana/provisioning"] == DEPLOY / "grafana" / "provisioning"
+    datasources = yaml.safe_load(
+        (DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text()
+    )["datasources"]
+    url = urlsplit(datasources[0]["url"])
+    assert url.hostname == "prometheus" and url.port == 9090
+
+
+# --- compose ---------------------------------------------------------------------------------
+
+
+def _compose() -> dict[str, Any]:
+    doc = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    assert isinstance(doc, dict)
+    return doc
+
+
+def _volume_entries(service: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
+    """(type, source, target) of each volume of a compose service."""
+    for entry in service.get("volumes", []):
+        if isinstance(entry, dict):
+            yield entry["type"], entry.get("source", ""), entry["target"]
+            continue
+        source, _, rest = entry.partition(":")
+        target = rest.split(":")[0]
+        kind = "bind" if source.startswith((".", "/", "~")) else "volume"
+        yield kind, source, target
+
+
+def _bind_mounts(service: dict[str, Any]) -> dict[str, Path]:
+    """target → the file or directory in the repository it mounts."""
+    return {
+        target: (DEPLOY / source).resolve()
+        for kind, source, target in _volume_entries(service)
+        if kind == "bind"
+    }
+
+
+def _published_ports(service: dict[str, Any]) -> dict[int, int]:
+    """container port → host port."""
+    ports = {}
+    for entry in service.get("ports", []):
+        if isinstance(entry, dict):
+            ports[int(entry["target"])] = int(entry["published"])
+            continue
+        match = re.search(r"(\d+):(\d+)(?:/\w+)?$", str(entry))
+        assert match, f"unparsed port {entry!r}"
+        ports[int(match.group(2))] = int(match.group(1))
+    return ports
+
+
+def test_compose_services_ports_and_healthchecks() -> None:
+    services = _compose()["services"]
+    assert {"mirror", "redis", "prometheus", "grafana"} <= set(services)
+    assert _published_ports(services["mirror"]) == {8083: 8083}
+    assert _published_ports(services["prometheus"]) == {9090: 9090}
+    assert _published_ports(services["grafana"]) == {3000: 3000}
+    for name, service in services.items():
+        assert "healthcheck" in service, f"{name} has no healthcheck"
+        test = service["healthcheck"]["test"]
+        assert test[0] in ("CMD", "CMD-SHELL"), name
+
+
+def test_compose_volumes_and_mounted_files_exist() -> None:
+    compose = _compose()
+    declared = set(compose.get("volumes") or {})
+    used = set()
+    for name, service in compose["services"].items():
+        for kind, source, target in _volume_entries(service):
+            assert target.startswith("/"), f"{name}: {target}"
+            if kind == "volume":
+                used.add(source)
+                assert source in declared, f"{name} uses undeclared volume {source!r}"
+            elif kind == "bind":
+                path = (DEPLOY / source).resolve()
+                assert path.exists(), f"{name} mounts {source}, which is not in the repository"
+                assert path.is_relative_to(REPO_ROOT), f"{name} mounts {source} from outside"
+    assert used == declared, f"declared but unused volumes: {declared - used}"
+
+
+def test_compose_builds_the_mirror_from_the_dockerfile() -> None:
+    build = _compose()["services"]["mirror"]["build"]
+    context = (DEPLOY / build["context"]).resolve()
+    assert context == REPO_ROOT
+    assert (context / build.get("dockerfile", "Dockerfile")).is_file()
+
+
+def test_compose_mirror_config_is_wired() -> None:
+    services = _compose()["services"]
+    mirror = services["mirror"]
+    env = mirror["environment"]
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    config_path = env["MIRROR_CONFIG"]
+    mounts = _bind_mounts(mirror)
+    config = load_config(mounts[config_path])
+    assert config.port == MIRROR_PORT
+    volumes = {target for kind, _, target in _volume_entries(mirror) if kind == "volume"}
+    assert str(config.storage.path) in volumes, "the cache is not on a named volume"
+    assert config.redis.url is not None
+    assert urlsplit(config.redis.url).hostname in services
+    assert mirror["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_compose_prometheus_scrapes_the_mirror_with_the_rules() -> None:
+    prometheus = _compose()["services"]["prometheus"]
+    mounts = _bind_mounts(prometheus)
+    config_file = mounts["/etc/prometheus/prometheus.yml"]
+    config = yaml.safe_load(config_file.read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    targets = [t for sc in jobs["mirror"]["static_configs"] for t in sc["targets"]]
+    assert targets == [f"mirror:{MIRROR_PORT}"]
+    assert jobs["mirror"].get("metrics_path", "/metrics") == "/metrics"
+    for rule_file in config["rule_files"]:
+        in_container = str(Path("/etc/prometheus") / rule_file)
+        assert in_container in mounts, f"{rule_file} is not mounted next to prometheus.yml"
+        assert mounts[in_container] == ALERTS
+
+
+# --- Kubernetes ------------------------------------------------------------------------------
+
+
+def _k8s_docs() -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted(KUBERNETES.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    return docs
+
+
+def _one(kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for d in _k8s_docs() if d["kind"] == kind and name in (None, d["metadata"]["name"])]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def _container_port(container: dict[str, Any], port: int | str) -> int:
+    if isinstance(port, int):
+        return port
+    named = {p["name"]: p["containerPort"] for p in container["ports"] if "name" in p}
+    assert port in named, f"no container port named {port!r}"
+    return int(named[port])
+
+
+def test_kubernetes_docs_are_named_and_namespace_less() -> None:
+    docs = _k8s_docs()
+    kinds = {d["kind"] for d in docs}
+    assert {
+        "StatefulSet", "Service", "ConfigMap", "Secret", "PodDisruptionBudget", "ServiceMonitor",
+    } <= kinds  # fmt: skip
+    for doc in docs:
+        assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"], doc
+        assert "namespace" not in doc["metadata"], doc["metadata"]["name"]
+    assert _one("ServiceMonitor")["apiVersion"] == "monitoring.coreos.com/v1"
+
+
+def test_kustomization_lists_every_file() -> None:
+    kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
+    listed = kustomization["resources"]
+    assert len(listed) == len(set(listed))
+    files = {p.name for p in KUBERNETES.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(listed) == files
+
+
+def test_statefulset_probes_hit_the_service_port() -> None:
+    sts = _one("StatefulSet", "mirror")
+    assert sts["spec"]["replicas"] == 1
+    pod = sts["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    live = container["livenessProbe"]["httpGet"]
+    ready = container["readinessProbe"]["httpGet"]
+    assert live["path"] == "/healthz"
+    assert ready["path"] == "/readyz"
+    service = _one("Service", "mirror")
+    (port,) = service["spec"]["ports"]
+    assert port["port"] == MIRROR_PORT
+    target = _container_port(container, port.get("targetPort", port["port"]))
+    assert target == MIRROR_PORT
+    assert _container_port(container, live["port"]) == target
+    assert _container_port(container, ready["port"]) == target
+
+
+def test_kubernetes_selectors_match_the_pods() -> None:
+    sts = _one("StatefulSet", "mirror")
+    pod_labels = sts["spec"]["template"]["metadata"]["labels"]
+    assert _matches(sts["spec"]["selector"]["matchLabels"], pod_labels)
+    service = _one("Service", "mirror")
+    assert _matches(service["spec"]["selector"], pod_labels)
+    assert sts["spec"]["serviceName"] == service["metadata"]["name"]
+    pdb = _one("PodDisruptionBudget")
+    assert _matches(pdb["spec"]["selector"]["matchLabels"], pod_labels)
+    monitor = _one("ServiceMonitor")
+    assert _matches(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+    port_names = {p["name"] for p in service["spec"]["ports"]}
+    for endpoint in monitor["spec"]["endpoints"]:
+        assert endpoint["port"] in port_names
+        assert endpoint.get("path", "/metrics") == "/metrics"
+    # Every other Service selects the pods of a workload in the set.
+    workloads = [d for d in _k8s_docs() if d["kind"] in ("Deployment", "StatefulSet")]
+    for svc in (d for d in _k8s_docs() if d["kind"] == "Service"):
+        assert any(
+            _matches(svc["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"])
+            for w in workloads
+        ), svc["metadata"]["name"]
+
+
+def test_statefulset_references_exist_and_config_is_valid() -> None:
+    sts = _one("StatefulSet", "mirror")
+    spec = sts["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    names = {(d["kind"], d["metadata"]["name"]) for d in _k8s_docs()}
+    referenced = set()
+    for volume in volumes.values():
+        if "configMap" in volume:
+            referenced.add(("ConfigMap", volume["configMap"]["name"]))
+        if "secret" in volume:
+            referenced.add(("Secret", volume["secret"]["secretName"]))
+    for source in container.get("envFrom", []):
+        for kind, key in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):
+            if key in source:
+                referenced.add((kind, source[key]["name"]))
+    assert {kind for kind, _ in referenced} == {"ConfigMap", "Secret"}
+    assert referenced <= names, f"missing: {referenced - names}"
+
+    claims = {c["metadata"]["name"] for c in sts["spec"]["volumeClaimTemplates"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    for mount in mounts.values():
+        assert mount["name"] in volumes or mount["name"] in claims, mount["name"]
+    assert mounts["/var/lib/mirror"]["name"] in claims
+
+    # The mirror reads the ConfigMap's config.yaml where its args say.
+    args = container.get("args", [])
+    config_path = args[args.index("--config") + 1]
+    config_mount = mounts[config_path]
+    config_map = _one("ConfigMap", volumes[config_mount["name"]]["configMap"]["name"])
+    config = config_from_mapping(yaml.safe_load(config_map["data"][config_mount["subPath"]]))
+    assert str(config.storage.path) == "/var/lib/mirror"
+    assert config.port == _container_port(container, "http")
+    if config.redis.url:
+        assert ("Service", urlsplit(config.redis.url).hostname) in names
+
+
+def test_kubernetes_pods_are_locked_down() -> None:
+    workloads = [d for d in _k8s_docs() if d["kind"] in ("Deployment", "StatefulSet")]
+    assert workloads
+    for workload in workloads:
+        spec = workload["spec"]["template"]["spec"]
+        for container in spec["containers"]:
+            where = f"{workload['metadata']['name']}/{container['name']}"
+            security = container["securityContext"]
+            non_root = security.get("runAsNonRoot", spec["securityContext"].get("runAsNonRoot"))
+            assert non_root is True, where
+            assert security["readOnlyRootFilesystem"] is True, where
+            assert security["allowPrivilegeEscalation"] is False, where
+            assert container["resources"]["requests"], where
+            assert container["resources"]["limits"]["memory"], where
+
+
+# --- Dockerfile ------------------------------------------------------------------------------
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) for each instruction, continuation lines joined."""
+    instructions = []
+    pending = ""
+    for raw in (REPO_ROOT / "Dockerfile").read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue  # a comment inside a continued instruction
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        full = (pending + line).strip()
+        pending = ""
+        keyword, _, args = full.partition(" ")
+        instructions.append((keyword.upper(), args.strip()))
+    assert not pending, "the Dockerfile ends in a continuation"
+    return instructions
+
+
+def _dockerignored(path: str) -> bool:
+    """Whether .dockerignore leaves `path` (relative to the context) out: last match wins."""
+    ignored = False
+    for raw in (REPO_ROOT / ".dockerignore").read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        pattern = line.lstrip("!").strip("/")
+        hit = fnmatch.fnmatch(path, pattern) or fnmatch.fnmatch(path, pattern + "/*")
+        if hit:
+            ignored = not negate
+    return ignored
+
+
+def test_dockerfile() -> None:
+    instructions = _dockerfile()
+    froms = [args for kw, args in instructions if kw == "FROM"]
+    assert len(froms) >= 2, "not a multi-stage build"
+    assert all(args.split()[0] == "python:3.11-slim" for args in froms)
+    last_from = max(i for i, (kw, _) in enumerate(instructions) if kw == "FROM")
+    final = instructions[last_from:]
+    kinds = {kw: args for kw, args in final}
+
+    users = [args for kw, args in final if kw == "USER"]
+    assert users, "the image runs as root"
+    assert users[-1].split(":")[0] not in ("root", "0")
+    assert "8083" in kinds["EXPOSE"].split()
+    assert "/var/lib/mirror" in kinds["VOLUME"]
+    assert "/healthz" in kinds["HEALTHCHECK"]
+    assert "CMD" in kinds["HEALTHCHECK"].split()
+    assert "curl" not in kinds["HEALTHCHECK"]  # not in the slim image
+    assert json.loads(kinds["ENTRYPOINT"]) == ["mirror"]
+    assert json.loads(kinds["CMD"]) == ["serve", "--config", "/etc/mirror/config.yaml"]
+
+    # Everything COPY takes from the context exists and is not excluded by .dockerignore.
+    copied = {}
+    for kw, args in instructions:
+        if kw not in ("COPY", "ADD") or "--from=" in args:
+            continue
+        *sources, dest = [a for a in shlex.split(args) if not a.startswith("--")]
+        for source in sources:
+            assert (REPO_ROOT / source).exists(), f"COPY {source}: not in the repository"
+            assert not _dockerignored(source), f"COPY {source}: excluded by .dockerignore"
+            copied[dest] = REPO_ROOT / source
+    # The image's default config is valid and caches into the volume.
+    config = load_config(copied["/etc/mirror/config.yaml"])
+    assert str(config.storage.path) == "/var/lib/mirror"
+    assert config.port == 8083
+
+
+def test_dockerignore() -> None:
+    for path in (".git", ".venv", "mirror-data", "bench-results", "tests", ".venv/bin/python"):
+        assert _dockerignored(path), path
+    for path in ("pyproject.toml", "README.md", "mirror", "deploy/config.example.yaml"):
+        assert not _dockerignored(path), path
+
+
+# --- systemd ---------------------------------------------------------------------------------
+
+
+def test_systemd_unit() -> None:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read(DEPLOY / "systemd" / "mirror.service")
+    service = parser["Service"]
+    exec_start = shlex.split(service["ExecStart"])
+    assert exec_start[0] == "/usr/local/bin/mirror"
+    assert "mirror serve" in service["ExecStart"]
+    assert exec_start[exec_start.index("--config") + 1] == "/etc/mirror/config.yaml"
+    assert service["Restart"] == "on-failure"
+    assert service.get("DynamicUser") == "yes" or service.get("User") not in (None, "root")
+    assert service["StateDirectory"] == "mirror"
+    assert service["ProtectSystem"] == "strict"
+    assert "/var/lib/mirror" in service["ReadWritePaths"].split()
+    assert service["NoNewPrivileges"] == "yes"
+    assert parser["Install"]["WantedBy"] == "multi-user.target"
+
+
+# --- client examples -------------------------------------------------------------------------
+
+
+def _mirror_url() -> str:
+    daemon = json.loads((EXAMPLES / "daemon.json").read_text())
+    (url,) = daemon["registry-mirrors"]
+    parts = urlsplit(url)
+    assert parts.scheme in ("http", "https") and parts.port == MIRROR_PORT
+    if parts.scheme == "http":
+        assert parts.netloc in daemon["insecure-registries"]
+    return str(url)
+
+
+@pytest.mark.parametrize("registry", MIRRORED_REGISTRIES)
+def test_containerd_hosts_toml(registry: str) -> None:
+    hosts = tomllib.loads((EXAMPLES / "certs.d" / registry / "hosts.toml").read_text())
+    server = urlsplit(hosts["server"])
+    assert server.scheme == "https"
+    expected = "registry-1.docker.io" if registry == "docker.io" else registry
+    assert server.hostname == expected
+    assert list(hosts["host"]) == [_mirror_url()]
+    assert hosts["host"][_mirror_url()]["capabilities"] == ["pull", "resolve"]
+
+
+def test_only_the_four_registries_have_hosts_toml() -> None:
+    dirs = {p.name for p in (EXAMPLES / "certs.d").iterdir()}
+    assert dirs == set(MIRRORED_REGISTRIES)
+
+
+def test_podman_registries_conf() -> None:
+    conf = tomllib.loads((EXAMPLES / "registries.conf").read_text())
+    (hub,) = [r for r in conf["registry"] if r["location"] == "docker.io"]
+    (mirror,) = hub["mirror"]
+    assert f"http://{mirror['location']}" == _mirror_url()
+    assert mirror["insecure"] is True
+
+
+def test_k3s_registries_yaml() -> None:
+    doc = yaml.safe_load((EXAMPLES / "registries.yaml").read_text())
+    assert set(doc["mirrors"]) == set(MIRRORED_REGISTRIES)
+    for registry, entry in doc["mirrors"].items():
+        assert entry["endpoint"] == [_mirror_url()], registry
