@@ -3,9 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 # Real components the tests start themselves (Debian packages).
-SYSTEM_PACKAGES := redis-server docker-registry docker.io containerd runc skopeo busybox-static \
+SYSTEM_PACKAGES := redis-server docker-registry docker.io containerd runc skopeo busybox-static prometheus \
 	nginx-light wrk
-SYSTEM_COMMANDS := redis-server docker-registry dockerd containerd skopeo busybox nginx wrk
+SYSTEM_COMMANDS := redis-server docker-registry dockerd containerd skopeo busybox nginx wrk prometheus promtool
 
 .PHONY: all install system-deps run test test-unit test-e2e lint format mypy clean
 

@@ -40,6 +40,8 @@ from mirror.upstream import Upstream, new_session
 
 log = logging.getLogger(__name__)
 
+DISK_WATCH_INTERVAL = 30.0
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -67,7 +69,22 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
     app[metrics_key].cache_size.set(size)
     app[metrics_key].cache_objects.set(count)
     log.info("cache at %s holds %d objects, %d bytes", storage.root, count, size)
+    watcher = asyncio.create_task(watch_disk(storage, app[metrics_key]))
     yield
+    watcher.cancel()
+    await asyncio.gather(watcher, return_exceptions=True)
+
+
+async def watch_disk(storage: Storage, metrics: Metrics) -> None:
+    """Keep the disk-space gauges current (for the nearly-full alert)."""
+    while True:
+        try:
+            free, total = await storage.disk_space()
+            metrics.storage_free.set(free)
+            metrics.storage_capacity.set(total)
+        except OSError:
+            pass  # the directory may be gone or unmounted; /readyz says so
+        await asyncio.sleep(DISK_WATCH_INTERVAL)
 
 
 async def metadata_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -143,6 +143,16 @@ class Metrics:
             "The configured bound on the cache's size (storage.max_size); 0 when unbounded.",
             registry=r,
         )
+        self.storage_free = Gauge(
+            "mirror_storage_free_bytes",
+            "Bytes free on the filesystem holding the cache.",
+            registry=r,
+        )
+        self.storage_capacity = Gauge(
+            "mirror_storage_capacity_bytes",
+            "Size of the filesystem holding the cache.",
+            registry=r,
+        )
         self.storage_writable = Gauge(
             "mirror_storage_writable",
             "1 while the cache directory takes writes; 0 while full or read-only.",

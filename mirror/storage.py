@@ -192,6 +192,11 @@ class Storage:
                     count += 1
         return total, count
 
+    async def disk_space(self) -> tuple[int, int]:
+        """(free, total) bytes of the filesystem holding the cache."""
+        stat = await asyncio.to_thread(os.statvfs, self.root)
+        return stat.f_bavail * stat.f_frsize, stat.f_blocks * stat.f_frsize
+
     async def is_writable(self) -> bool:
         """Can a file be created in `tmp/` right now?"""
         return await asyncio.to_thread(self._probe_sync)
