@@ -30,8 +30,9 @@ from mirror.keys import (
     storage_key,
     upstreams_key,
 )
+from mirror.logs import REQUEST_ID_HEADER, new_request_id, request_id_var
 from mirror.manifests import ManifestService
-from mirror.metadata import open_metadata
+from mirror.metadata import MemoryMetadata, open_metadata
 from mirror.metrics import Metrics
 from mirror.routes import setup_routes
 from mirror.routing import Upstreams
@@ -41,6 +42,10 @@ from mirror.upstream import Upstream, new_session
 log = logging.getLogger(__name__)
 
 DISK_WATCH_INTERVAL = 30.0
+# In-process metadata is written here (under storage.path) so that it survives restarts.
+METADATA_SNAPSHOT = "metadata.json"
+SNAPSHOT_INTERVAL = 30.0
+request_id_key = web.RequestKey("request_id", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -96,14 +101,28 @@ async def metadata_ctx(app: web.Application) -> AsyncIterator[None]:
         config.cache.tag_ttl,
         config.cache.stale_if_error,
         on_change=lambda up: gauge.set(int(up)),
+        snapshot=config.storage.path / METADATA_SNAPSHOT,
     )
     app[metadata_key] = metadata
+    saver = None
+    if isinstance(metadata, MemoryMetadata):
+        await metadata.load()
+        saver = asyncio.create_task(save_periodically(metadata))
     try:
         await metadata.ping()
     except Exception as exc:  # start anyway: /readyz reports it, requests retry
         log.warning("metadata store not reachable at start: %s", type(exc).__name__)
     yield
+    if saver is not None:
+        saver.cancel()
+        await asyncio.gather(saver, return_exceptions=True)
     await metadata.close()
+
+
+async def save_periodically(metadata: MemoryMetadata) -> None:
+    while True:
+        await asyncio.sleep(SNAPSHOT_INTERVAL)
+        await metadata.save()
 
 
 async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -185,6 +204,9 @@ async def registry_middleware(request: web.Request, handler: Handler) -> web.Str
 
 async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     head = request.method == "HEAD"
+    request_id = new_request_id(request.headers.get(REQUEST_ID_HEADER))
+    request_id_var.set(request_id)  # each request runs in its own task: no reset needed
+    request[request_id_key] = request_id
     try:
         return await handler(request)
     except RegistryError as exc:
@@ -203,6 +225,8 @@ def _route_name(request: web.Request) -> str:
 
 
 async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    if request_id_key in request:
+        response.headers[REQUEST_ID_HEADER] = request[request_id_key]
     if request.path.startswith("/v2"):
         response.headers.update(API_VERSION_HEADER)
     # Cache hits go out by sendfile without passing through our code: count them here.

@@ -13,8 +13,7 @@ from aiohttp import web
 from mirror import __version__
 from mirror.app import create_app
 from mirror.config import Config, ConfigError, apply_overrides, load_config
-
-ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs "%{User-Agent}i"'
+from mirror.logs import AccessLogger, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,9 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    logging.basicConfig(
-        level=config.log.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(config.log.level, config.log.format)
     logging.getLogger(__name__).info(
         "serving on %s:%d, upstream %s, storage %s, metadata %s",
         config.host,
@@ -74,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         loop=new_event_loop(),
         host=config.host,
         port=config.port,
-        access_log_format=ACCESS_LOG_FORMAT,
+        access_log_class=AccessLogger,
         shutdown_timeout=config.shutdown_timeout,
         print=None,
     )

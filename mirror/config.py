@@ -91,6 +91,7 @@ class CacheConfig:
 @dataclass(frozen=True)
 class LogConfig:
     level: str = "INFO"
+    format: str = "text"  # or "json": one object per line, for log shippers
 
 
 @dataclass(frozen=True)
@@ -289,11 +290,14 @@ def _cache(raw: Mapping[str, Any]) -> CacheConfig:
 
 
 def _log(raw: Mapping[str, Any]) -> LogConfig:
-    sec = _section(raw, "log", {"level"})
+    sec = _section(raw, "log", {"level", "format"})
     level = str(sec.get("level", "INFO")).upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError("log.level", f"expected debug, info, warning or error, got {level!r}")
-    return LogConfig(level=level)
+    fmt = str(sec.get("format", "text")).lower()
+    if fmt not in {"text", "json"}:
+        raise ConfigError("log.format", f"expected text or json, got {fmt!r}")
+    return LogConfig(level=level, format=fmt)
 
 
 TOP_LEVEL_KEYS = {

@@ -8,16 +8,18 @@ served when the upstream is down, and a tag nobody asks for eventually goes away
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
-from aiocache import SimpleMemoryCache
 from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,8 @@ class MetadataStore(Protocol):
 
     async def repositories(self, n: int, last: str | None) -> list[str]: ...
 
+    async def tags(self) -> list[tuple[str, str, str, TagRecord]]: ...
+
     async def ping(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -77,34 +81,94 @@ def _tag_key(upstream: str, repo: str, tag: str) -> str:
 
 
 class MemoryMetadata:
-    """In-process metadata for a single node with no Redis; gone on restart."""
+    """In-process metadata for a single node with no Redis.
 
-    def __init__(self, ttl: float, retention: float = RETENTION) -> None:
+    With a `snapshot` path it survives restarts: loaded at start, written (atomically)
+    when changed and at shutdown, so a restarted mirror can still answer tags while
+    the upstream is down.
+    """
+
+    def __init__(
+        self, ttl: float, retention: float = RETENTION, snapshot: Path | None = None
+    ) -> None:
         self._expiry = ttl + retention
-        self._tags = SimpleMemoryCache()
+        self._tags: dict[tuple[str, str, str], TagRecord] = {}
         self._repos: list[str] = []
+        self._snapshot = snapshot
+        self._dirty = False
 
     async def get_tag(self, upstream: str, repo: str, tag: str) -> TagRecord | None:
-        record: TagRecord | None = await self._tags.get(_tag_key(upstream, repo, tag))
+        key = (upstream, repo, tag)
+        record = self._tags.get(key)
+        if record is not None and not record.is_fresh(self._expiry):
+            del self._tags[key]
+            return None
         return record
 
     async def put_tag(self, upstream: str, repo: str, tag: str, record: TagRecord) -> None:
-        await self._tags.set(_tag_key(upstream, repo, tag), record, ttl=self._expiry)
+        self._tags[(upstream, repo, tag)] = record
+        self._dirty = True
 
     async def add_repository(self, repo: str) -> None:
         index = bisect.bisect_left(self._repos, repo)
         if index == len(self._repos) or self._repos[index] != repo:
             self._repos.insert(index, repo)
+            self._dirty = True
 
     async def repositories(self, n: int, last: str | None) -> list[str]:
         start = bisect.bisect_right(self._repos, last) if last else 0
         return self._repos[start : start + n]
 
+    async def tags(self) -> list[tuple[str, str, str, TagRecord]]:
+        return [(*key, record) for key, record in self._tags.items()]
+
     async def ping(self) -> None:
         return None
 
+    async def load(self) -> None:
+        """Read the snapshot, if there is one (a bad one is set aside, not fatal)."""
+        if self._snapshot is None:
+            return
+        try:
+            raw = await asyncio.to_thread(self._snapshot.read_text)
+            data = json.loads(raw)
+            self._tags = {
+                (entry["upstream"], entry["repo"], entry["tag"]): TagRecord(**entry["record"])
+                for entry in data["tags"]
+            }
+            self._repos = sorted(set(data["repositories"]))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring unreadable metadata snapshot %s: %s", self._snapshot, exc)
+
+    async def save(self) -> None:
+        """Write the snapshot when something changed since the last one."""
+        if self._snapshot is None or not self._dirty:
+            return
+        self._dirty = False
+        data = {
+            "tags": [
+                {"upstream": u, "repo": r, "tag": t, "record": asdict(record)}
+                for (u, r, t), record in self._tags.items()
+                if record.is_fresh(self._expiry)
+            ],
+            "repositories": self._repos,
+        }
+        try:
+            await asyncio.to_thread(_write_atomically, self._snapshot, json.dumps(data))
+        except OSError as exc:
+            self._dirty = True
+            log.warning("cannot write metadata snapshot %s: %s", self._snapshot, exc.strerror)
+
     async def close(self) -> None:
-        await self._tags.close()
+        await self.save()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temp = path.with_suffix(".tmp")
+    temp.write_text(text)
+    os.replace(temp, path)
 
 
 class RedisMetadata:
@@ -134,6 +198,17 @@ class RedisMetadata:
         start = f"({last}" if last else "-"
         names = await self._redis.zrangebylex(REPOS_KEY, start, "+", start=0, num=n)
         return [str(name) for name in names]
+
+    async def tags(self) -> list[tuple[str, str, str, TagRecord]]:
+        found = []
+        async for key in self._redis.scan_iter(match=KEY_PREFIX + "tag:*", count=1000):
+            raw = await self._redis.get(key)
+            if raw is None:
+                continue
+            # Repository names and tags hold no colon; an upstream name may (host:port).
+            upstream, repo, tag = str(key)[len(KEY_PREFIX + "tag:") :].rsplit(":", 2)
+            found.append((upstream, repo, tag, TagRecord.from_json(raw)))
+        return found
 
     async def ping(self) -> None:
         await self._redis.ping()
@@ -221,6 +296,10 @@ class FallbackMetadata:
         names: list[str] = await self._call("repositories", n, last)
         return names
 
+    async def tags(self) -> list[tuple[str, str, str, TagRecord]]:
+        found: list[tuple[str, str, str, TagRecord]] = await self._call("tags")
+        return found
+
     async def ping(self) -> None:
         """Raise when Redis does not answer (for /readyz), whatever the fallback does."""
         try:
@@ -240,12 +319,14 @@ def open_metadata(
     ttl: float,
     retention: float = RETENTION,
     on_change: Callable[[bool], None] | None = None,
+    snapshot: Path | None = None,
 ) -> MetadataStore:
-    """Redis (with an in-process stand-in) when a URL is configured, else in-process.
+    """Redis (with an in-process stand-in) when a URL is configured, else in-process
+    (kept in `snapshot` across restarts).
 
     Records are kept `retention` past their TTL: the window for serving them stale.
     """
-    memory = MemoryMetadata(ttl, retention)
     if redis_url:
+        memory = MemoryMetadata(ttl, retention)
         return FallbackMetadata(RedisMetadata(redis_url, ttl, retention), memory, on_change)
-    return memory
+    return MemoryMetadata(ttl, retention, snapshot)

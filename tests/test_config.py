@@ -110,7 +110,7 @@ async def test_unknown_top_level_key_named() -> None:
         ({"upstream": {"user": "u"}}, "upstream.user"),
         ({"storage": {"dir": "/x"}}, "storage.dir"),
         ({"redis": {"host": "localhost"}}, "redis.host"),
-        ({"log": {"format": "json"}}, "log.format"),
+        ({"log": {"colour": "json"}}, "log.colour"),
     ],
 )
 async def test_unknown_nested_key_named_with_section(raw: dict[str, Any], key: str) -> None:
@@ -359,3 +359,9 @@ async def test_cli_config_flag_wins_over_env(tmp_path: Path) -> None:
     result = run_cli("serve", "--config", str(bad_flag), env={"MIRROR_CONFIG": str(good_env)})
     assert result.returncode == 2
     assert "cache.ttl" in result.stderr
+
+
+async def test_log_format_json_or_text() -> None:
+    assert config_from_mapping({"log": {"format": "json"}}).log.format == "json"
+    err = config_error({"log": {"format": "xml"}})
+    assert err.key == "log.format"
