@@ -27,6 +27,7 @@ from mirror.keys import (
     manifests_key,
     metadata_key,
     metrics_key,
+    pulls_key,
     storage_key,
     upstreams_key,
 )
@@ -36,6 +37,7 @@ from mirror.metadata import MemoryMetadata, open_metadata
 from mirror.metrics import Metrics
 from mirror.routes import setup_routes
 from mirror.routing import Upstreams
+from mirror.status import PullCounter
 from mirror.storage import Storage
 from mirror.upstream import Upstream, new_session
 
@@ -56,6 +58,7 @@ def create_app(config: Config) -> web.Application:
     app[config_key] = config
     app[metrics_key] = Metrics()
     app[storage_key] = Storage(config.storage.path, config.storage.max_size)
+    app[pulls_key] = PullCounter()
     app.cleanup_ctx.extend([storage_ctx, metadata_ctx, upstream_ctx, services_ctx, client_auth_ctx])
     app.on_response_prepare.append(on_response_prepare)
     setup_routes(app)

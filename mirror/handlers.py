@@ -8,9 +8,19 @@ from urllib.parse import urlencode, urlsplit
 from aiohttp import web
 
 from mirror.errors import EndpointUnknown, ManifestUnknown, NameInvalid, Unsupported
-from mirror.keys import blobs_key, manifests_key, metadata_key, storage_key, upstreams_key
+from mirror.keys import (
+    blobs_key,
+    config_key,
+    manifests_key,
+    metadata_key,
+    metrics_key,
+    pulls_key,
+    storage_key,
+    upstreams_key,
+)
 from mirror.manifests import parse_accept
 from mirror.reference import parse_digest, validate_name
+from mirror.status import render
 from mirror.upstream import Upstream
 
 API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
@@ -45,6 +55,7 @@ async def manifest(request: web.Request) -> web.StreamResponse:
     if found.stale:
         headers["Warning"] = STALE_WARNING
     if found.body is not None:
+        request.app[pulls_key].add(upstream.catalog_prefix + repo)
         return web.Response(body=found.body, headers=headers)
     resp = web.StreamResponse(headers=headers)
     resp.content_length = found.size
@@ -103,6 +114,13 @@ async def unsupported(request: web.Request) -> web.Response:
     if request.method in ("GET", "HEAD"):
         raise EndpointUnknown(f"no such endpoint: {request.path[:200]}")
     raise Unsupported(f"{request.method} is not supported by a pull-through mirror")
+
+
+async def status_page(request: web.Request) -> web.Response:
+    """`/`: what a person checking on the mirror wants to see first."""
+    app = request.app
+    body = render(app[config_key], app[upstreams_key], app[metrics_key], app[pulls_key])
+    return web.Response(text=body, content_type="text/html")
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -12,6 +12,7 @@ from mirror.manifests import ManifestService
 from mirror.metadata import MetadataStore
 from mirror.metrics import Metrics
 from mirror.routing import Upstreams
+from mirror.status import PullCounter
 from mirror.storage import Storage
 
 config_key = web.AppKey("config", Config)
@@ -22,4 +23,5 @@ upstreams_key = web.AppKey("upstreams", Upstreams)
 downloads_key = web.AppKey("downloads", Downloads)
 blobs_key = web.AppKey("blobs", BlobService)
 evictor_key = web.AppKey("evictor", Evictor)
+pulls_key = web.AppKey("pulls", PullCounter)
 manifests_key = web.AppKey("manifests", ManifestService)

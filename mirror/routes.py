@@ -22,6 +22,7 @@ def setup_routes(app: web.Application) -> None:
             web.get(f"/v2/{NAME}/tags/list", handlers.tags_list, name="tags"),
             web.get(f"/v2/{NAME}/referrers/{{digest}}", handlers.referrers, name="referrers"),
             web.route("*", "/v2/{tail:.*}", handlers.unsupported, name="unsupported"),
+            web.get("/", handlers.status_page, name="status"),
             web.get("/healthz", handlers.healthz, name="healthz"),
             web.get("/readyz", handlers.readyz, name="readyz"),
             web.get("/metrics", make_aiohttp_handler(app[metrics_key].registry), name="metrics"),
