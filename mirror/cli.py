@@ -10,9 +10,9 @@ import sys
 
 from aiohttp import web
 
-from mirror import __version__
+from mirror import __version__, commands
 from mirror.app import create_app
-from mirror.config import Config, ConfigError, apply_overrides, load_config
+from mirror.config import Config, ConfigError, apply_overrides, load_config, parse_size
 from mirror.logs import AccessLogger, setup_logging
 
 
@@ -20,16 +20,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirror", description=__doc__)
     parser.add_argument("--version", action="version", version=f"mirror {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the mirror")
-    serve.add_argument(
+    serve = _with_common(commands.add_parser("serve", help="run the mirror"))
+    serve.add_argument("--listen", help="HOST:PORT to listen on (default 0.0.0.0:8083)")
+    warm = _with_common(commands.add_parser("warm", help="pull images into the cache"))
+    warm.add_argument("images", nargs="*", metavar="IMAGE", help="e.g. nginx:1.27, ghcr.io/o/i")
+    warm.add_argument("--file", help="a file of images, one per line (# comments)")
+    warm.add_argument("--platform", help="only this platform of an index, e.g. linux/amd64")
+    _with_common(commands.add_parser("ls", help="list cached repositories, tags and sizes"))
+    gc = _with_common(commands.add_parser("gc", help="evict blobs now"))
+    gc.add_argument("--to", help="evict down to this size (default: storage.max_size)")
+    _with_common(commands.add_parser("verify", help="re-hash the cache, remove corrupt files"))
+    return parser
+
+
+def _with_common(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument(
         "--config",
         default=os.environ.get("MIRROR_CONFIG"),
         help="YAML config file (default: $MIRROR_CONFIG)",
     )
-    serve.add_argument("--listen", help="HOST:PORT to listen on (default 0.0.0.0:8083)")
-    serve.add_argument("--upstream", help="upstream registry URL")
-    serve.add_argument("--storage", help="cache directory")
-    serve.add_argument("--redis", help="Redis URL for metadata (default: in-process)")
+    parser.add_argument("--upstream", help="upstream registry URL")
+    parser.add_argument("--storage", help="cache directory")
+    parser.add_argument("--redis", help="Redis URL for metadata (default: in-process)")
     return parser
 
 
@@ -37,7 +49,11 @@ def load(args: argparse.Namespace) -> Config:
     """The file's config with the command line's flags laid over it."""
     config = load_config(args.config)
     return apply_overrides(
-        config, listen=args.listen, upstream=args.upstream, storage=args.storage, redis=args.redis
+        config,
+        listen=getattr(args, "listen", None),
+        upstream=args.upstream,
+        storage=args.storage,
+        redis=args.redis,
     )
 
 
@@ -57,7 +73,50 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    setup_logging(config.log.level, config.log.format)
+    # The one-shot commands print their own report; their logs are for problems only.
+    quiet = config.log.level if config.log.level in ("DEBUG", "ERROR") else "WARNING"
+    setup_logging(config.log.level if args.command == "serve" else quiet, config.log.format)
+    if args.command == "serve":
+        serve(config)
+        return
+    try:
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            status = runner.run(run_command(args, config))
+    except ConfigError as exc:
+        print(f"mirror: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise SystemExit(status)
+
+
+async def run_command(args: argparse.Namespace, config: Config) -> int:
+    """warm, ls, gc, verify; the exit status."""
+    if args.command == "warm":
+        images = list(args.images) + (read_image_list(args.file) if args.file else [])
+        if not images:
+            raise ConfigError("IMAGE", "name at least one image, or --file")
+        report = await commands.warm(config, images, args.platform)
+        return 1 if report.failures else 0
+    if args.command == "ls":
+        await commands.list_cache(config)
+    elif args.command == "gc":
+        to = parse_size("--to", args.to) if args.to else None
+        if to is None and config.storage.max_size is None and config.storage.max_idle is None:
+            raise ConfigError("--to", "no bound to evict to: pass --to or set storage.max_size")
+        await commands.collect_garbage(config, to)
+    elif args.command == "verify":
+        await commands.verify(config)
+    return 0
+
+
+def read_image_list(path: str) -> list[str]:
+    try:
+        lines = open(path).read().splitlines()
+    except OSError as exc:
+        raise ConfigError("--file", f"cannot read {path!r}: {exc.strerror}") from None
+    return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
+
+
+def serve(config: Config) -> None:
     logging.getLogger(__name__).info(
         "serving on %s:%d, upstream %s, storage %s, metadata %s",
         config.host,

@@ -73,6 +73,13 @@ class Download:
         if self.error is not None and self.temp is None:
             raise self.error
 
+    async def finished(self) -> None:
+        """Wait until the blob is in the cache; raise if the download failed."""
+        while not self.done and self.error is None:
+            await self._progress.wait()
+        if self.error is not None:
+            raise self.error
+
     async def _wait_beyond(self, offset: int) -> None:
         while self.written <= offset and not self.done and self.error is None:
             await self._progress.wait()

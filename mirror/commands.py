@@ -1,0 +1,290 @@
+"""The commands besides `serve`: warm, ls, gc and verify, run without a server.
+
+Each builds the same application `serve` would (same storage, metadata and upstreams),
+starts its resources without listening, and uses its services directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TextIO, TypeVar
+
+from aiohttp import web
+
+from mirror.app import create_app
+from mirror.config import Config
+from mirror.downloads import Download, Uncacheable
+from mirror.errors import DigestInvalid, RegistryError
+from mirror.eviction import scan_blobs
+from mirror.keys import (
+    downloads_key,
+    evictor_key,
+    manifests_key,
+    metadata_key,
+    storage_key,
+    upstreams_key,
+)
+from mirror.reference import parse_digest, validate_name
+from mirror.storage import Storage
+from mirror.upstream import MANIFEST_TYPES, Upstream
+
+T = TypeVar("T")
+PARALLEL_BLOBS = 4
+
+
+async def with_app(config: Config, run: Callable[[web.Application], Awaitable[T]]) -> T:
+    """Start the app's resources (no listening socket), run, and clean up."""
+    runner = web.AppRunner(create_app(config))
+    await runner.setup()
+    try:
+        return await run(runner.app)
+    finally:
+        await runner.cleanup()
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """`[registry/]repository[:tag][@digest]`, as `docker pull` takes it."""
+
+    registry: str | None
+    repository: str
+    reference: str
+
+    def __str__(self) -> str:
+        sep = "@" if ":" in self.reference else ":"
+        prefix = f"{self.registry}/" if self.registry else ""
+        return f"{prefix}{self.repository}{sep}{self.reference}"
+
+
+def parse_image(text: str) -> ImageRef:
+    """Parse an image reference; Docker Hub's single names get `library/`."""
+    name, _, digest = text.strip().partition("@")
+    tag = "latest"
+    last_slash = name.rfind("/")
+    if name.rfind(":") > last_slash:
+        name, _, tag = name.rpartition(":")
+    first, sep, rest = name.partition("/")
+    registry = None
+    if sep and ("." in first or ":" in first or first == "localhost"):
+        registry, name = first, rest
+    if registry in (None, "docker.io", "index.docker.io") and "/" not in name:
+        name = f"library/{name}"
+    validate_name(name)
+    if digest:
+        parse_digest(digest)
+    return ImageRef(registry, name, digest or tag)
+
+
+@dataclass
+class WarmReport:
+    images: int = 0
+    manifests: int = 0
+    fetched: int = 0
+    cached: int = 0
+    bytes_fetched: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+class Warmer:
+    """Pulls images into the cache: manifests (every platform, or one) and blobs."""
+
+    def __init__(self, app: web.Application, platform: str | None, out: TextIO) -> None:
+        self._app = app
+        self._platform = platform
+        self._out = out
+        self._limit = asyncio.Semaphore(PARALLEL_BLOBS)
+        self.report = WarmReport()
+
+    async def warm(self, image: ImageRef) -> None:
+        upstream, repo = self._app[upstreams_key].route(image.repository, image.registry)
+        try:
+            await self._manifest(upstream, repo, image.reference)
+            self.report.images += 1
+            self._say(f"{image}: done")
+        except RegistryError as exc:
+            self.report.failures.append(f"{image}: {exc.message}")
+            self._say(f"{image}: FAILED: {exc.message}")
+
+    async def _manifest(self, upstream: Upstream, repo: str, reference: str) -> None:
+        found = await self._app[manifests_key].get(
+            upstream, repo, reference, list(MANIFEST_TYPES), head=False
+        )
+        self.report.manifests += 1
+        doc: dict[str, Any] = json.loads(found.body or b"{}")
+        if "manifests" in doc:
+            children = [m["digest"] for m in doc["manifests"] if self._wanted(m)]
+            await asyncio.gather(*(self._manifest(upstream, repo, d) for d in children))
+            return
+        blobs = [doc.get("config", {}), *doc.get("layers", [])]
+        await asyncio.gather(
+            *(self._blob(upstream, repo, b["digest"], b.get("size", 0)) for b in blobs if b)
+        )
+
+    def _wanted(self, entry: dict[str, Any]) -> bool:
+        platform = entry.get("platform") or {}
+        if platform.get("os") == "unknown":  # attestation manifests: not an image
+            return self._platform is None
+        if self._platform is None:
+            return True
+        wanted = self._platform.split("/")
+        actual = [platform.get("os", ""), platform.get("architecture", "")]
+        if len(wanted) > 2:
+            actual.append(platform.get("variant", ""))
+        return actual == wanted
+
+    async def _blob(self, upstream: Upstream, repo: str, digest: str, size: int) -> None:
+        storage: Storage = self._app[storage_key]
+        parsed = parse_digest(digest)
+        if await storage.blob_size(parsed) is not None:
+            self.report.cached += 1
+            return
+        async with self._limit:
+            download = self._app[downloads_key].start_or_join(upstream, repo, parsed)
+            try:
+                await download.started()
+                await self._follow(download, size)
+            except Uncacheable as exc:
+                self._say(f"  {digest[:19]}: not cached ({exc.message})")
+                return
+        self.report.fetched += 1
+        self.report.bytes_fetched += download.written
+
+    async def _follow(self, download: Download, size: int) -> None:
+        """Wait for the download, drawing a progress bar on a terminal."""
+        waiting = asyncio.ensure_future(download.finished())
+        while not waiting.done():
+            await asyncio.wait([waiting], timeout=0.5)
+            if self._out.isatty():
+                self._out.write("\r" + progress_bar(str(download.digest), download.written, size))
+                self._out.flush()
+        waiting.result()
+        self._say(progress_bar(str(download.digest), download.written, size), newline=True)
+
+    def _say(self, line: str, newline: bool = True) -> None:
+        prefix = "\r" if self._out.isatty() else ""
+        self._out.write(prefix + line + ("\n" if newline else ""))
+        self._out.flush()
+
+
+def progress_bar(digest: str, done: int, total: int, width: int = 30) -> str:
+    fraction = min(1.0, done / total) if total else 1.0
+    filled = int(width * fraction)
+    return (
+        f"  {digest[:19]} [{'#' * filled}{'.' * (width - filled)}] "
+        f"{human_size(done)}/{human_size(total)}"
+    )
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+async def warm(
+    config: Config, images: list[str], platform: str | None, out: TextIO = sys.stdout
+) -> WarmReport:
+    refs = [parse_image(image) for image in images]
+    started = time.monotonic()
+
+    async def run(app: web.Application) -> WarmReport:
+        warmer = Warmer(app, platform, out)
+        for ref in refs:
+            await warmer.warm(ref)
+        return warmer.report
+
+    report = await with_app(config, run)
+    out.write(
+        f"warmed {report.images}/{len(refs)} images: {report.manifests} manifests, "
+        f"{report.fetched + report.cached} blobs ({report.fetched} fetched, "
+        f"{report.cached} already cached), {human_size(report.bytes_fetched)} fetched "
+        f"in {time.monotonic() - started:.1f}s\n"
+    )
+    return report
+
+
+async def list_cache(config: Config, out: TextIO = sys.stdout) -> int:
+    """Print cached tags with their digests and sizes; returns how many."""
+
+    async def run(app: web.Application) -> list[tuple[str, str, str, int]]:
+        storage: Storage = app[storage_key]
+        sizes = {blob.digest: blob.size for blob in await asyncio.to_thread(scan_blobs, storage)}
+        rows = []
+        for upstream, repo, tag, record in sorted(await app[metadata_key].tags()):
+            size = await image_size(storage, record.digest, sizes)
+            rows.append((f"{upstream}/{repo}", tag, record.digest, size))
+        return rows
+
+    rows = await with_app(config, run)
+    out.write(f"{'REPOSITORY':<45} {'TAG':<20} {'DIGEST':<19} SIZE\n")
+    for repo, tag, digest, size in rows:
+        out.write(f"{repo:<45} {tag:<20} {digest[:19]:<19} {human_size(size)}\n")
+    total = sum(size for *_, size in rows)
+    out.write(f"{len(rows)} tags; blobs on disk referenced by them: {human_size(total)}\n")
+    return len(rows)
+
+
+async def image_size(storage: Storage, digest: str, sizes: dict[str, int]) -> int:
+    """Bytes of the cached blobs an image (or every image of an index) refers to."""
+    cached = await storage.read_manifest(parse_digest(digest))
+    if cached is None:
+        return 0
+    doc: dict[str, Any] = json.loads(cached[1])
+    if "manifests" in doc:
+        return sum([await image_size(storage, m["digest"], sizes) for m in doc["manifests"]])
+    blobs = [doc.get("config", {}), *doc.get("layers", [])]
+    return sum(sizes.get(blob.get("digest", ""), 0) for blob in blobs)
+
+
+async def collect_garbage(config: Config, to: int | None, out: TextIO = sys.stdout) -> int:
+    """Evict down to `to` bytes (or the configured bounds) now; returns bytes freed."""
+
+    async def run(app: web.Application) -> int:
+        result = await app[evictor_key].evict(max_size=to)
+        out.write(
+            f"evicted {result.evicted} blobs, {human_size(result.freed)} freed, "
+            f"{human_size(result.remaining)} of blobs left\n"
+        )
+        return result.freed
+
+    return await with_app(config, run)
+
+
+def verify_sync(storage: Storage) -> tuple[int, list[str]]:
+    """Re-hash every blob and manifest; delete the corrupt ones (blocking)."""
+    checked, removed = 0, []
+    for top in (storage.blobs, storage.manifests):
+        for path in sorted(top.rglob("*")):
+            if not path.is_file():
+                continue
+            try:
+                digest = parse_digest(f"{path.parent.parent.name}:{path.name}")
+            except DigestInvalid:
+                continue  # not ours (an editor's backup file, say): leave it alone
+            checked += 1
+            hasher = digest.hasher()
+            with path.open("rb") as file:
+                if top == storage.manifests:
+                    file.readline()  # the media type line is not part of the manifest
+                while chunk := file.read(1024 * 1024):
+                    hasher.update(chunk)
+            if hasher.hexdigest() != digest.hex:
+                path.unlink()
+                removed.append(str(digest))
+    return checked, removed
+
+
+async def verify(config: Config, out: TextIO = sys.stdout) -> list[str]:
+    storage = Storage(config.storage.path)
+    checked, removed = await asyncio.to_thread(verify_sync, storage)
+    for digest in removed:
+        out.write(f"removed corrupt {digest}\n")
+    out.write(f"verified {checked} files, removed {len(removed)} corrupt\n")
+    return removed
