@@ -12,7 +12,7 @@ from aiohttp import web
 
 from mirror.access import client_auth_ctx, client_auth_middleware, token_handler
 from mirror.auth import TokenCache
-from mirror.blobs import BlobService
+from mirror.blobs import BlobService, outcome_key
 from mirror.config import Config, UpstreamConfig
 from mirror.credentials import Credentials
 from mirror.downloads import Downloads
@@ -175,7 +175,8 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     blobs = BlobService(storage, downloads, metrics)
     app[downloads_key] = downloads
     app[blobs_key] = blobs
-    app[manifests_key] = ManifestService(storage, app[metadata_key], metrics, config.cache)
+    manifests = ManifestService(storage, app[metadata_key], metrics, config.cache)
+    app[manifests_key] = manifests
     evictor = Evictor(
         storage, metrics, config.storage.max_size, config.storage.max_idle, lambda: blobs.reading
     )
@@ -186,6 +187,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     if task is not None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+    await manifests.close()
     await downloads.close()
 
 
@@ -197,7 +199,7 @@ async def registry_middleware(request: web.Request, handler: Handler) -> web.Str
     status = "aborted"
     try:
         resp = await _answer(request, handler)
-        status = str(resp.status)
+        status = request.get(outcome_key) or str(resp.status)
         return resp
     finally:
         metrics = request.app[metrics_key]

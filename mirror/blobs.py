@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import NoReturn
 
 import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_request import BaseRequest
 
-from mirror.downloads import READ_CHUNK, Download, Downloads, Uncacheable
+from mirror.downloads import READ_CHUNK, CacheWriteFailed, Download, Downloads, Uncacheable
 from mirror.errors import RangeNotSatisfiable, RegistryError
 from mirror.metrics import Metrics
 from mirror.reference import Digest
@@ -24,6 +24,9 @@ from mirror.storage import Storage
 from mirror.upstream import Upstream
 
 log = logging.getLogger(__name__)
+
+# How a request ended when not with its status: aborted by us, or closed by the client.
+outcome_key = web.RequestKey("outcome", str)
 
 OCTET_STREAM = "application/octet-stream"
 
@@ -79,33 +82,58 @@ class BlobService:
             await download.started()
         except Uncacheable:
             return await self._passthrough(request, upstream, repo, digest)
-        return await self._stream(request, download)
+        return await self._stream(request, download, upstream, repo)
 
     async def _passthrough(
         self, request: web.Request, upstream: Upstream, repo: str, digest: Digest
     ) -> web.StreamResponse:
-        """Relay the blob uncached, verified: the last chunk waits for the hash."""
-        upstream_resp = await upstream.open_blob(repo, str(digest))
-        async with upstream_resp:
-            resp = web.StreamResponse(headers=_blob_headers(digest))
-            if upstream_resp.content_length is not None:
-                resp.content_length = upstream_resp.content_length
+        """Relay the blob uncached (whole: a range cannot be verified), checked against
+        its digest before the last chunk goes out."""
+        source = await upstream.open_blob(repo, str(digest))
+        resp = web.StreamResponse(headers=_blob_headers(digest))
+        if source.content_length is not None:
+            resp.content_length = source.content_length
+        try:
             await resp.prepare(request)
-            hasher = digest.hasher()
-            held = b""
+        except BaseException:
+            source.release()
+            raise
+        return await _deliver(request, resp, self._relay(resp, source, digest, 0, None, True))
+
+    async def _relay(
+        self,
+        resp: web.StreamResponse,
+        source: aiohttp.ClientResponse,
+        digest: Digest,
+        start: int,
+        end: int | None,
+        verify: bool,
+    ) -> None:
+        """Send bytes `start`..`end` of the blob from an upstream response (which may start
+        mid-blob, per its Content-Range); with `verify`, hash the whole blob and hold the
+        last chunk back until the hash matches."""
+        offset = _offset_of(source)
+        hasher = digest.hasher()
+        held, pos = b"", offset
+        async with source:
             try:
-                async for chunk in upstream_resp.content.iter_chunked(READ_CHUNK):
-                    hasher.update(chunk)
-                    await self._send(resp, held)
-                    held = chunk
+                async for chunk in source.content.iter_chunked(READ_CHUNK):
+                    if verify:
+                        hasher.update(chunk)
+                    low = max(start - pos, 0)
+                    high = len(chunk) if end is None else min(len(chunk), end + 1 - pos)
+                    pos += len(chunk)
+                    if low < high:
+                        await self._send(resp, held)
+                        held = chunk[low:high]
+                    if not verify and end is not None and pos > end:
+                        break
             except (aiohttp.ClientError, TimeoutError) as exc:
-                _abort(request, digest, f"upstream broke: {type(exc).__name__}")
-            if hasher.hexdigest() != digest.hex:
-                self._metrics.digest_mismatches.labels("blob").inc()
-                _abort(request, digest, "upstream bytes do not match the digest")
-            await self._send(resp, held)
-        await resp.write_eof()
-        return resp
+                raise TransferAborted(f"upstream broke: {type(exc).__name__}") from None
+        if verify and (offset != 0 or hasher.hexdigest() != digest.hex):
+            self._metrics.digest_mismatches.labels("blob").inc()
+            raise TransferAborted("upstream bytes do not match the digest")
+        await self._send(resp, held)
 
     async def _send(self, resp: web.StreamResponse, chunk: bytes) -> None:
         if chunk:
@@ -126,7 +154,9 @@ class BlobService:
         await resp.write_eof()
         return resp
 
-    async def _stream(self, request: web.Request, download: Download) -> web.StreamResponse:
+    async def _stream(
+        self, request: web.Request, download: Download, upstream: Upstream, repo: str
+    ) -> web.StreamResponse:
         size = download.size
         # Without a known size a range cannot be checked: send the whole blob (allowed).
         span = parse_range(request, size) if size is not None else None
@@ -139,13 +169,57 @@ class BlobService:
         elif size is not None:
             resp.content_length = size
         await resp.prepare(request)
-        try:
-            async for chunk in download.read(start, end):
-                await self._send(resp, chunk)
-        except RegistryError as exc:
-            _abort(request, download.digest, exc.message)
-        await resp.write_eof()
+
+        async def body() -> None:
+            pos = start
+            try:
+                async for chunk in download.read(start, end):
+                    await self._send(resp, chunk)
+                    pos += len(chunk)
+            except CacheWriteFailed:
+                # The disk filled up under the download: finish this client from upstream.
+                offset = 0 if span is None else pos
+                source = await upstream.open_blob(repo, str(download.digest), offset)
+                await self._relay(resp, source, download.digest, pos, end, span is None)
+            except RegistryError as exc:
+                raise TransferAborted(exc.message) from None
+
+        return await _deliver(request, resp, body())
+
+
+class TransferAborted(Exception):
+    """The body cannot be completed truthfully: the client's connection must be cut."""
+
+
+async def _deliver(
+    request: web.Request, resp: web.StreamResponse, body: Awaitable[None]
+) -> web.StreamResponse:
+    """Send a prepared response's body; on failure cut the connection, quietly.
+
+    With the headers gone, a cut connection is the only honest signal left: the client
+    sees a short body, never a complete-looking one with wrong bytes.
+    """
+    try:
+        await body
+    except (TransferAborted, RegistryError) as exc:
+        log.warning("aborting blob to client: %s", exc)
+        request[outcome_key] = "aborted"
+        if request.transport is not None:
+            request.transport.abort()
         return resp
+    except ConnectionError:  # the client went away; nothing to tell anyone
+        request[outcome_key] = "client_closed"
+        return resp
+    await resp.write_eof()
+    return resp
+
+
+def _offset_of(source: aiohttp.ClientResponse) -> int:
+    """Where an upstream response's body starts in the blob (206 Content-Range)."""
+    if source.status != 206:
+        return 0
+    first = source.headers.get("Content-Range", "").removeprefix("bytes ").partition("-")[0]
+    return int(first) if first.isdigit() else 0
 
 
 class _TrackedFileResponse(web.FileResponse):
@@ -166,14 +240,6 @@ class _TrackedFileResponse(web.FileResponse):
             self._reading[self._digest] -= 1
             if self._reading[self._digest] <= 0:
                 del self._reading[self._digest]
-
-
-def _abort(request: web.Request, digest: Digest, why: str) -> NoReturn:
-    """Cut the connection: with the headers sent, the only honest signal left."""
-    log.warning("aborting blob %s to client: %s", digest, why)
-    if request.transport is not None:
-        request.transport.abort()
-    raise ConnectionResetError(f"blob {digest} transfer aborted")
 
 
 def _blob_headers(digest: Digest) -> dict[str, str]:

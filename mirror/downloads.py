@@ -38,6 +38,11 @@ class TransferBroken(Exception):
     """The upstream body stopped before its end (cut, reset, stalled past read_timeout)."""
 
 
+class CacheWriteFailed(UpstreamUnavailable):
+    """The disk refused the download's bytes (full, read-only): readers must carry on
+    from upstream by themselves."""
+
+
 class Uncacheable(UpstreamUnavailable):
     """This blob cannot go into the cache now (too large, or the disk takes no writes):
     every waiting client streams it straight from upstream instead."""
@@ -270,7 +275,7 @@ class Downloads:
             await asyncio.to_thread(_write_and_hash, fd, hasher, data)
         except OSError as exc:
             self._storage.mark_unwritable(exc)
-            raise UpstreamUnavailable(f"cache write failed: {exc.strerror}") from None
+            raise CacheWriteFailed(f"cache write failed: {exc.strerror}") from None
         download.written += len(data)
         self._metrics.upstream_bytes.labels(upstream).inc(len(data))
         download._notify()

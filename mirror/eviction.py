@@ -104,6 +104,9 @@ class Evictor:
         # Bytes of blobs, counted up as blobs land and reset by each pass's scan, so a
         # new blob costs an addition, not a walk of the cache.
         self._size = 0
+        # Blobs that land while a pass scans may be missed by its scan: they are counted
+        # again on top of its result (counting twice only costs an early extra pass).
+        self._added_during_pass = 0
         metrics.cache_max_size.set(max_size or 0)
 
     @property
@@ -113,6 +116,7 @@ class Evictor:
     def added(self, size: int) -> None:
         """A blob of `size` bytes landed: ask for a pass if that passes the bound."""
         self._size += size
+        self._added_during_pass += size
         if self._max_size is not None and self._size > self._max_size:
             self._wake.set()
 
@@ -123,6 +127,9 @@ class Evictor:
                 await self.evict()
             except OSError as exc:
                 log.warning("eviction pass failed: %s", exc)
+            over = self._max_size is not None and self._size > self._max_size
+            if over and self._added_during_pass:
+                continue  # blobs landed during the pass and took it over the bound again
             try:
                 await asyncio.wait_for(self._wake.wait(), SCAN_INTERVAL)
             except TimeoutError:
@@ -133,7 +140,9 @@ class Evictor:
         """One pass: delete what the bounds (or an explicit `max_size`) call for."""
         bound = max_size if max_size is not None else self._max_size
         busy = {str(digest) for digest in self._busy()}
+        self._added_during_pass = 0
         result = await asyncio.to_thread(self._evict_sync, bound, busy)
+        self._size = result.remaining + self._added_during_pass
         size, count = await self._storage.usage()
         self._metrics.cache_size.set(size)
         self._metrics.cache_objects.set(count)
@@ -154,5 +163,4 @@ class Evictor:
             self._metrics.evicted_bytes.inc(blob.size)
         if victims:
             log.info("evicted %d blobs, %d bytes", len(victims), freed)
-        self._size = total - freed
         return EvictionResult(len(victims), freed, total - freed)

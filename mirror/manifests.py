@@ -16,6 +16,7 @@ from mirror.lru import LRU
 from mirror.metadata import MetadataStore, TagRecord
 from mirror.metrics import Metrics
 from mirror.reference import is_digest_reference, parse_digest, validate_tag
+from mirror.singleflight import SingleFlight
 from mirror.storage import Storage
 from mirror.upstream import ManifestInfo, Upstream
 
@@ -66,6 +67,11 @@ class ManifestService:
         self._stale_if_error = cache.stale_if_error
         self._hot: LRU[str, tuple[str, bytes]] = LRU(HOT_MANIFEST_BYTES, lambda v: len(v[1]))
         self._tags: LRU[tuple[str, str, str], TagRecord] = LRU(HOT_TAGS)
+        # Concurrent misses and revalidations of one manifest make one upstream request.
+        self._flight = SingleFlight()
+
+    async def close(self) -> None:
+        await self._flight.close()
 
     async def get(
         self, upstream: Upstream, repo: str, reference: str, accept: list[str], *, head: bool
@@ -88,6 +94,14 @@ class ManifestService:
             _check_acceptable(media_type, accept, reference)
             return Manifest(reference, media_type, len(stored), None if head else stored)
         self._metrics.cache_requests.labels("manifest", "miss").inc()
+        key = ("digest", upstream.name, reference, head, _accept_key(accept))
+        return await self._flight.do(
+            key, lambda: self._fetch_digest(upstream, repo, reference, accept, head=head)
+        )
+
+    async def _fetch_digest(
+        self, upstream: Upstream, repo: str, reference: str, accept: list[str], *, head: bool
+    ) -> Manifest:
         info, body = await upstream.manifest(repo, reference, accept, head=head)
         if body is not None:
             if info.digest != reference:
@@ -108,7 +122,10 @@ class ManifestService:
         self._metrics.cache_requests.labels("tag", "miss").inc()
         if record is not None:
             try:
-                fresh = await self._revalidate(upstream, repo, tag, record, accept)
+                fresh = await self._flight.do(
+                    ("revalidate", upstream.name, repo, tag, _accept_key(accept)),
+                    lambda: self._revalidate(upstream, repo, tag, record, accept),
+                )
             except (UpstreamUnavailable, TooManyRequests):
                 if not record.is_fresh(ttl + self._stale_if_error):
                     raise
@@ -116,6 +133,15 @@ class ManifestService:
                 answer = await self._answer(upstream, repo, record, accept, head=head)
                 return replace(answer, stale=True)
             return await self._answer(upstream, repo, fresh, accept, head=head)
+        return await self._flight.do(
+            ("tag", upstream.name, repo, tag, head, _accept_key(accept)),
+            lambda: self._fetch_tag(upstream, repo, tag, accept, head=head),
+        )
+
+    async def _fetch_tag(
+        self, upstream: Upstream, repo: str, tag: str, accept: list[str], *, head: bool
+    ) -> Manifest:
+        """Resolve an unknown tag upstream (HEAD for a HEAD: it costs no pull)."""
         info, body = await upstream.manifest(repo, tag, accept, head=head)
         if not info.digest.startswith("sha256:"):
             # A HEAD without Docker-Content-Digest says nothing cacheable: ask with a GET.
@@ -181,6 +207,10 @@ class ManifestService:
             self._metrics.cache_size.inc(len(body))
             self._metrics.cache_objects.inc()
         await self._metadata.add_repository(upstream.catalog_prefix + repo)
+
+
+def _accept_key(accept: list[str]) -> tuple[str, ...]:
+    return tuple(sorted(set(accept)))
 
 
 def _check_acceptable(media_type: str, accept: list[str], reference: str) -> None:

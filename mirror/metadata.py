@@ -33,6 +33,7 @@ REPOS_KEY = KEY_PREFIX + "repos"
 # How long a tag record outlives its TTL by default (cache.stale_if_error): a week of
 # serving stale through an outage.
 RETENTION = 7 * 86400
+REDIS_CONNECTIONS = 64
 # Backoff between attempts to reach a Redis that stopped answering.
 RETRY_BASE = 1.0
 RETRY_MAX = 30.0
@@ -176,13 +177,18 @@ class RedisMetadata:
 
     def __init__(self, url: str, ttl: float, retention: float = RETENTION) -> None:
         self._expiry = int(ttl + retention)
-        self._redis = aioredis.Redis.from_url(
+        # A blocking pool: a burst of requests waits its turn for a connection instead of
+        # failing (redis-py's default pool raises past 100), which would look like an outage.
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=REDIS_CONNECTIONS,
+            timeout=2,
             decode_responses=True,
             socket_connect_timeout=2,
             socket_timeout=2,
             health_check_interval=30,
         )
+        self._redis = aioredis.Redis(connection_pool=pool)
 
     async def get_tag(self, upstream: str, repo: str, tag: str) -> TagRecord | None:
         raw = await self._redis.get(_tag_key(upstream, repo, tag))
@@ -214,7 +220,7 @@ class RedisMetadata:
         await self._redis.ping()
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        await self._redis.aclose(close_connection_pool=True)
 
 
 class FallbackMetadata:
