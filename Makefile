@@ -7,7 +7,7 @@ SYSTEM_PACKAGES := redis-server docker-registry docker.io containerd runc skopeo
 	nginx-light wrk
 SYSTEM_COMMANDS := redis-server docker-registry dockerd containerd skopeo busybox nginx wrk prometheus promtool
 
-.PHONY: all install system-deps run test test-unit test-e2e lint format mypy clean
+.PHONY: all install system-deps run test test-unit test-e2e bench soak lint format mypy clean
 
 all: lint mypy test
 
@@ -41,6 +41,20 @@ test-unit: install
 
 test-e2e: install system-deps
 	$(PY) -m pytest -m e2e -s
+
+# The bench extra (matplotlib for the chart, py-spy for --profile) on top of the test one.
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+# The mirror vs distribution's proxy mode vs nginx, side by side (~6 min); not a test. It
+# prints the table and writes bench-results/<time>/. E.g. BENCH_ARGS="--runs 1 --no-docker".
+bench: $(VENV)/.bench-installed system-deps
+	$(PY) -m tests.bench $(BENCH_ARGS)
+
+# The soak is not a test either: 200 clients for 60 s; errors must be zero, memory flat.
+soak: install system-deps
+	$(PY) -m tests.soak
 
 lint: install
 	$(PY) -m ruff check mirror tests

@@ -260,10 +260,13 @@ def _auth(raw: Mapping[str, Any]) -> AuthConfig:
     htpasswd, key_file = sec.get("htpasswd"), sec.get("signing_key_file")
     if htpasswd is not None and not Path(str(htpasswd)).is_file():
         raise ConfigError("auth.htpasswd", f"no such file: {str(htpasswd)!r}")
+    token_ttl = parse_duration("auth.token_ttl", sec.get("token_ttl", 300))
+    if token_ttl < 1:  # token times are whole seconds
+        raise ConfigError("auth.token_ttl", f"must be at least 1s, got {sec['token_ttl']!r}")
     return AuthConfig(
         htpasswd=None if htpasswd is None else Path(str(htpasswd)),
         anonymous_pull=anonymous,
-        token_ttl=parse_duration("auth.token_ttl", sec.get("token_ttl", 300)),
+        token_ttl=token_ttl,
         signing_key_file=None if key_file is None else Path(str(key_file)),
     )
 

@@ -15,6 +15,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import aiohttp
 
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 # enough that thread hand-offs cost little, small enough that readers see steady progress.
 WRITE_CHUNK = 1024 * 1024
 READ_CHUNK = 1024 * 1024
+# Largest span handed to one sendfile call, so that readers of one blob take turns.
+MAX_SPAN = 16 * 1024 * 1024
 # Resumes in a row that bring no new byte before the transfer is given up.
 MAX_FRUITLESS_RESUMES = 3
 
@@ -89,43 +92,61 @@ class Download:
         while self.written <= offset and not self.done and self.error is None:
             await self._progress.wait()
 
-    async def read(self, start: int, end: int | None) -> AsyncIterator[bytes]:
-        """Bytes `start`..`end` (inclusive; None: to the end) as they arrive.
+    async def spans(self, start: int, end: int | None) -> AsyncIterator[tuple[int, int]]:
+        """(offset, length) spans of bytes `start`..`end` (inclusive; None: to the end)
+        that are in the file, as they arrive; read them from `open_file()`.
 
         The blob's last byte is held back until the digest is verified, so a client never
         gets a complete-looking body with wrong bytes: on a mismatch it sees a short one.
         """
-        fd = await asyncio.to_thread(self._open_for_reading)
-        try:
-            pos = start
-            while end is None or pos <= end:
-                await self._wait_beyond(pos)
-                if self.error is not None:
-                    raise self.error
-                limit = self.written if self.done else self.written - 1
-                if end is not None:
-                    limit = min(limit, end + 1)
-                if pos >= limit:
-                    if self.done:
-                        return
-                    await self._progress.wait()
-                    continue
-                chunk = await asyncio.to_thread(os.pread, fd, min(READ_CHUNK, limit - pos), pos)
-                pos += len(chunk)
-                yield chunk
-        finally:
-            await asyncio.to_thread(os.close, fd)
+        pos = start
+        while end is None or pos <= end:
+            await self._wait_beyond(pos)
+            if self.error is not None:
+                raise self.error
+            limit = self.written if self.done else self.written - 1
+            if end is not None:
+                limit = min(limit, end + 1)
+            if pos >= limit:
+                if self.done:
+                    return
+                await self._progress.wait()
+                continue
+            length = min(MAX_SPAN, limit - pos)
+            yield pos, length
+            pos += length
 
-    def _open_for_reading(self) -> int:
+    async def open_file(self) -> BinaryIO:
+        """The blob's file (temp or final), opened for reading (the caller closes it)."""
+        opening = asyncio.ensure_future(asyncio.to_thread(self._open_for_reading))
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # The thread still opens it: close it then, or the file leaks.
+            opening.add_done_callback(_close_opened)
+            raise
+
+    async def read(self, start: int, end: int | None) -> AsyncIterator[bytes]:
+        """Bytes `start`..`end` as they arrive, in chunks (see `spans`)."""
+        file = await self.open_file()
+        try:
+            async for pos, length in self.spans(start, end):
+                for offset in range(pos, pos + length, READ_CHUNK):
+                    size = min(READ_CHUNK, pos + length - offset)
+                    yield await asyncio.to_thread(os.pread, file.fileno(), size, offset)
+        finally:
+            await close_file(file)
+
+    def _open_for_reading(self) -> BinaryIO:
         # The temp file may already have been renamed into place by the time we open it.
         if self.temp is not None:
             try:
-                return os.open(self.temp, os.O_RDONLY)
+                return open(self.temp, "rb")  # closed by the caller
             except FileNotFoundError:
                 pass
         if self.error is not None:
             raise self.error
-        return os.open(self.final, os.O_RDONLY)
+        return open(self.final, "rb")  # closed by the caller
 
 
 class Downloads:
@@ -288,6 +309,20 @@ class Downloads:
         if hexdigest != download.digest.hex:
             self._metrics.digest_mismatches.labels("blob").inc()
             raise DigestMismatch(f"upstream bytes for blob {download.digest} do not match it")
+
+
+def _close_opened(opening: asyncio.Future[BinaryIO]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()
+
+
+async def close_file(file: BinaryIO) -> None:
+    """Close off the loop; on cancellation close here rather than leak the file."""
+    try:
+        await asyncio.to_thread(file.close)
+    except asyncio.CancelledError:
+        file.close()
+        raise
 
 
 def _write_and_hash(fd: int, hasher: hashlib._Hash, data: bytearray) -> None:

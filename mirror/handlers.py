@@ -18,10 +18,11 @@ from mirror.keys import (
     storage_key,
     upstreams_key,
 )
+from mirror.logs import upstream_name_key
 from mirror.manifests import parse_accept
 from mirror.reference import parse_digest, validate_name
 from mirror.status import render
-from mirror.upstream import Upstream
+from mirror.upstream import Passthrough, Upstream
 
 API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
 MAX_CATALOG_PAGE = 10000
@@ -37,6 +38,7 @@ def route(request: web.Request) -> tuple[Upstream, str]:
     """The upstream this request is for, and the repository's name there."""
     name = validate_name(request.match_info["name"])
     upstream, repo = request.app[upstreams_key].route(name, request.query.get("ns"))
+    request[upstream_name_key] = upstream.name  # for the access line
     return upstream, validate_name(repo)
 
 
@@ -79,7 +81,23 @@ async def tags_list(request: web.Request) -> web.Response:
     headers = {"Content-Type": answer.content_type}
     if answer.link:
         headers["Link"] = _mirror_link(answer.link, repo, request)
-    return web.Response(status=answer.status, body=answer.body, headers=headers)
+    return web.Response(
+        status=answer.status, body=_named_as_asked(answer, request), headers=headers
+    )
+
+
+def _named_as_asked(answer: Passthrough, request: web.Request) -> bytes:
+    """The tag list under the name the client used (`ghcr.io/o/i`, not the upstream's)."""
+    if answer.status != 200:
+        return answer.body
+    try:
+        listing = json.loads(answer.body)
+    except ValueError:
+        return answer.body
+    if not isinstance(listing, dict) or "name" not in listing:
+        return answer.body
+    listing["name"] = request.match_info["name"]
+    return json.dumps(listing).encode()
 
 
 async def referrers(request: web.Request) -> web.Response:

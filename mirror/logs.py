@@ -16,6 +16,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+# The registry a request was routed to, for the access line.
+upstream_name_key = web.RequestKey("upstream_name", str)
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 REQUEST_ID_HEADER = "X-Request-ID"
 _ACCEPTED_ID = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
@@ -84,14 +86,15 @@ class AccessLogger(AbstractAccessLogger):
             "bytes": response.body_length,
             "duration_s": round(time, 6),
             "user_agent": request.headers.get("User-Agent", "-"),
+            "upstream": request.get(upstream_name_key, "-"),
         }
         request_id = response.headers.get(REQUEST_ID_HEADER, "-")
         token = request_id_var.set(request_id)
         try:
             self.logger.info(
-                '%s "%s %s" %s %sB %.3fs "%s"',
+                '%s "%s %s" %s %sB %.3fs upstream=%s "%s"',
                 fields["remote"], fields["method"], fields["path"], fields["status"],
-                fields["bytes"], time, fields["user_agent"],
+                fields["bytes"], time, fields["upstream"], fields["user_agent"],
                 extra={"access": fields},
             )  # fmt: skip
         finally:

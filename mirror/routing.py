@@ -22,9 +22,12 @@ class Upstreams:
         for upstream in others:
             upstream.catalog_prefix = f"{upstream.name}/"
         self._by_name = {upstream.name: upstream for upstream in [default, *others]}
-        if "docker.io" in self._by_name:  # Docker Hub answers to several names
-            for alias in DOCKER_HUB_HOSTS:
-                self._by_name.setdefault(alias, self._by_name["docker.io"])
+        # Docker Hub answers to several names. Docker's registry-mirrors asks a mirror for
+        # Docker Hub images only (with ?ns=docker.io in its containerd image store): with
+        # no upstream named docker.io, the default one is taken to stand in for it.
+        hub = self._by_name.get("docker.io", default)
+        for alias in DOCKER_HUB_HOSTS:
+            self._by_name.setdefault(alias, hub)
 
     def __iter__(self) -> Iterator[Upstream]:
         return iter({id(u): u for u in self._by_name.values()}.values())

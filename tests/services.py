@@ -219,11 +219,21 @@ class DistributionRegistry(Service):
 
     name = "registry"
 
-    def __init__(self, workdir: Path | str, proxy_remoteurl: str | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path | str,
+        proxy_remoteurl: str | None = None,
+        htpasswd: Path | None = None,
+        realm: str = "basic-realm",
+    ) -> None:
         super().__init__(workdir)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proxy_remoteurl = proxy_remoteurl
+        # A bcrypt htpasswd file: clients must then send Basic credentials (set it between
+        # a stop() and a start() to seed the registry without auth first).
+        self.htpasswd = htpasswd
+        self.realm = realm
         self.config_path = self.workdir / "registry.yml"
         self.storage_dir = self.workdir / "storage"
 
@@ -240,6 +250,8 @@ class DistributionRegistry(Service):
         }
         if self.proxy_remoteurl:
             config["proxy"] = {"remoteurl": self.proxy_remoteurl}
+        if self.htpasswd is not None:
+            config["auth"] = {"htpasswd": {"realm": self.realm, "path": str(self.htpasswd)}}
         return json.dumps(config, indent=2) + "\n"
 
     def start(self) -> Self:
@@ -250,7 +262,9 @@ class DistributionRegistry(Service):
         return ["docker-registry", "serve", str(self.config_path)]
 
     def is_ready(self) -> bool:
-        return http_status(f"{self.url}/v2/") == 200
+        # With htpasswd auth, an anonymous /v2/ is answered 401: that is up, too.
+        wanted = (200, 401) if self.htpasswd is not None else (200,)
+        return http_status(f"{self.url}/v2/") in wanted
 
 
 class MirrorProcess(Service):
@@ -381,7 +395,9 @@ class DockerDaemon(Service):
     name = "dockerd"
     stop_timeout = 30.0  # dockerd gives running containers 10 s to stop before it exits
 
-    def __init__(self, workdir: Path | str, registry_mirror: str, keep_data: bool = False) -> None:
+    def __init__(
+        self, workdir: Path | str, registry_mirror: str | None, keep_data: bool = False
+    ) -> None:
         super().__init__(workdir)
         self.registry_mirror = registry_mirror
         self.keep_data = keep_data
@@ -406,7 +422,7 @@ class DockerDaemon(Service):
         return super().start()
 
     def command(self) -> list[str]:
-        return [
+        cmd = [
             DOCKERD,
             "--data-root", str(self.data_root),
             "--exec-root", str(self.socket.parent / "ex"),
@@ -415,8 +431,10 @@ class DockerDaemon(Service):
             # An empty config file keeps a host /etc/docker/daemon.json out of the tests.
             "--config-file", str(self._write_config()),
             "--storage-driver=vfs", "--iptables=false", "--ip-masq=false", "--bridge=none",
-            "--registry-mirror", self.registry_mirror,
         ]  # fmt: skip
+        if self.registry_mirror is not None:
+            cmd += ["--registry-mirror", self.registry_mirror]
+        return cmd
 
     def _write_config(self) -> Path:
         path = self.workdir / "daemon.json"
@@ -434,14 +452,15 @@ class DockerDaemon(Service):
             return False
 
     def docker(
-        self, *args: str, check: bool = True, timeout: float = 300
+        self, *args: str, check: bool = True, timeout: float = 300, input: str | None = None
     ) -> subprocess.CompletedProcess[str]:
-        """Run the docker client against this daemon; output is captured as text."""
+        """Run the docker client against this daemon; output is captured as text, `input`
+        (a `--password-stdin`, say) is its stdin."""
         self.client_config.mkdir(exist_ok=True)
         env = dict(os.environ, DOCKER_CONFIG=str(self.client_config))
         env.pop("DOCKER_HOST", None)
         return subprocess.run(
-            [DOCKER, "-H", self.host, *args],
+            [DOCKER, "-H", self.host, *args], input=input,
             capture_output=True, text=True, check=check, timeout=timeout, env=env,
         )  # fmt: skip
 
@@ -458,6 +477,89 @@ class DockerDaemon(Service):
         if not self.keep_data:
             # vfs stores a full copy of every layer: hundreds of MB per test run otherwise.
             shutil.rmtree(self.data_root, ignore_errors=True)
+
+
+class Containerd(Service):
+    """A private containerd (CRI disabled) with its own root, state and socket.
+
+    The socket and state live in a short directory under /tmp (unix socket paths are
+    limited to 108 bytes); the content store and snapshots (workdir/root) are deleted on
+    stop. `ctr()` runs the ctr client against it.
+    """
+
+    name = "containerd"
+
+    def __init__(self, workdir: Path | str) -> None:
+        super().__init__(workdir)
+        self.root = self.workdir / "root"
+        self.config_path = self.workdir / "config.toml"
+        self.run_dir: Path | None = None  # a short temp dir, made by start()
+
+    @property
+    def socket(self) -> Path:
+        if self.run_dir is None:
+            raise ServiceError("containerd is not started")
+        return self.run_dir / "containerd.sock"
+
+    @property
+    def state(self) -> Path:
+        return self.socket.parent / "state"
+
+    def config_text(self) -> str:
+        # JSON strings are valid TOML basic strings.
+        return "\n".join(
+            [
+                "version = 2",
+                f"root = {json.dumps(str(self.root))}",
+                f"state = {json.dumps(str(self.state))}",
+                'disabled_plugins = ["io.containerd.grpc.v1.cri"]',
+                "[grpc]",
+                f"  address = {json.dumps(str(self.socket))}",
+                # Not /opt/containerd: nothing of this daemon outside its own directories.
+                '[plugins."io.containerd.internal.v1.opt"]',
+                f"  path = {json.dumps(str(self.workdir / 'opt'))}",
+                "",
+            ]
+        )
+
+    def start(self) -> Self:
+        self.run_dir = Path(tempfile.mkdtemp(prefix="ctd-", dir="/tmp"))
+        self.config_path.write_text(self.config_text())
+        return super().start()
+
+    def command(self) -> list[str]:
+        return [
+            "containerd", "--config", str(self.config_path), "--root", str(self.root),
+            "--state", str(self.state), "--address", str(self.socket),
+        ]  # fmt: skip
+
+    def is_ready(self) -> bool:
+        if not self.socket.exists():
+            return False
+        try:
+            return self.ctr("version", check=False, timeout=5).returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
+
+    def ctr(
+        self, *args: str, check: bool = True, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `ctr --address <socket> args...`; output is captured as text."""
+        return subprocess.run(
+            ["ctr", "--address", str(self.socket), *args],
+            capture_output=True, text=True, check=check, timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        super().stop()
+        run_dir, self.run_dir = self.run_dir, None
+        if run_dir is None:
+            return  # never started
+        _kill_strays(str(run_dir))
+        _unmount_under(str(run_dir), str(self.root))
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 def _kill_strays(marker: str) -> None:
