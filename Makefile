@@ -4,8 +4,10 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 # Real components the tests start themselves (Debian packages).
 SYSTEM_PACKAGES := redis-server docker-registry docker.io containerd runc skopeo busybox-static prometheus \
-	nginx-light wrk
-SYSTEM_COMMANDS := redis-server docker-registry dockerd containerd skopeo busybox nginx wrk prometheus promtool
+	chromium \
+	nginx-light wrk curl
+SYSTEM_COMMANDS := redis-server docker-registry dockerd containerd skopeo busybox nginx wrk prometheus promtool \
+	chromium curl
 
 .PHONY: all install system-deps run test test-unit test-e2e bench soak lint format mypy clean
 

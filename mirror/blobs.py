@@ -28,6 +28,7 @@ from mirror.downloads import (
     close_file,
 )
 from mirror.errors import RangeNotSatisfiable, RegistryError
+from mirror.logs import OUTCOME
 from mirror.metrics import Metrics
 from mirror.reference import Digest
 from mirror.storage import Storage
@@ -35,8 +36,7 @@ from mirror.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
-# How a request ended when not with its status: aborted by us, or closed by the client.
-outcome_key = web.RequestKey("outcome", str)
+outcome_key = web.RequestKey(OUTCOME, str)
 
 OCTET_STREAM = "application/octet-stream"
 

@@ -13,6 +13,7 @@ from aiohttp import web
 from mirror import __version__, commands
 from mirror.app import create_app
 from mirror.config import Config, ConfigError, apply_overrides, load_config, parse_size
+from mirror.errors import RegistryError
 from mirror.logs import AccessLogger, setup_logging
 
 
@@ -75,6 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except RegistryError as exc:  # a bad image reference on the command line
+        print(f"mirror: {exc.message}", file=sys.stderr)
+        raise SystemExit(2) from None
     raise SystemExit(status)
 
 
@@ -84,6 +88,8 @@ async def run_command(args: argparse.Namespace, config: Config) -> int:
         images = list(args.images) + (read_image_list(args.file) if args.file else [])
         if not images:
             raise ConfigError("IMAGE", "name at least one image, or --file")
+        for image in images:  # every reference checked before anything is fetched
+            commands.parse_image(image)
         report = await commands.warm(config, images, args.platform)
         return 1 if report.failures else 0
     if args.command == "ls":

@@ -29,7 +29,7 @@ from mirror.keys import (
     storage_key,
     upstreams_key,
 )
-from mirror.reference import parse_digest, validate_name
+from mirror.reference import parse_digest, validate_name, validate_tag
 from mirror.storage import Storage
 from mirror.upstream import MANIFEST_TYPES, Upstream
 
@@ -75,9 +75,10 @@ def parse_image(text: str) -> ImageRef:
     if registry in (None, "docker.io", "index.docker.io") and "/" not in name:
         name = f"library/{name}"
     validate_name(name)
-    if digest:
-        parse_digest(digest)
-    return ImageRef(registry, name, digest or tag)
+    if "@" in text:
+        parse_digest(digest)  # an empty digest is invalid too
+        return ImageRef(registry, name, digest)
+    return ImageRef(registry, name, validate_tag(tag))
 
 
 @dataclass
@@ -101,8 +102,8 @@ class Warmer:
         self.report = WarmReport()
 
     async def warm(self, image: ImageRef) -> None:
-        upstream, repo = self._app[upstreams_key].route(image.repository, image.registry)
         try:
+            upstream, repo = self._app[upstreams_key].route(image.repository, image.registry)
             await self._manifest(upstream, repo, image.reference)
             self.report.images += 1
             self._say(f"{image}: done")

@@ -19,7 +19,7 @@ from typing import BinaryIO
 
 import aiohttp
 
-from mirror.errors import DigestMismatch, RegistryError, UpstreamUnavailable
+from mirror.errors import BlobUnknown, DigestMismatch, RegistryError, UpstreamUnavailable
 from mirror.metrics import Metrics
 from mirror.reference import Digest
 from mirror.storage import Storage
@@ -210,7 +210,7 @@ class Downloads:
             await asyncio.to_thread(self._storage.discard, fd, download.temp)
             if not isinstance(exc, Exception):
                 raise
-            if not isinstance(exc, Uncacheable):
+            if not isinstance(exc, Uncacheable | BlobUnknown):  # those are not failures
                 log.warning("blob %s download failed: %s", download.digest, exc)
         finally:
             del self._active[download.digest]

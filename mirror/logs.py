@@ -16,6 +16,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+# How a request ended when not with its status: "aborted" by us, or "client_closed".
+OUTCOME = "outcome"
 # The registry a request was routed to, for the access line.
 upstream_name_key = web.RequestKey("upstream_name", str)
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -74,6 +76,17 @@ def setup_logging(level: str, fmt: str) -> None:
     root.setLevel(level)
 
 
+def body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
+    """Body bytes sent. Bodies sent by sendfile bypass aiohttp's byte count (which also
+    includes the headers), so a complete response counts its Content-Length."""
+    if request.method == "HEAD":
+        return 0
+    length = response.content_length
+    if length is not None and request.get(OUTCOME) is None:
+        return length
+    return response.body_length
+
+
 class AccessLogger(AbstractAccessLogger):
     """`GET /v2/library/nginx/manifests/latest 200 1234B 0.003s` plus fields for JSON."""
 
@@ -83,7 +96,7 @@ class AccessLogger(AbstractAccessLogger):
             "method": request.method,
             "path": request.path,
             "status": response.status,
-            "bytes": response.body_length,
+            "bytes": body_bytes(request, response),
             "duration_s": round(time, 6),
             "user_agent": request.headers.get("User-Agent", "-"),
             "upstream": request.get(upstream_name_key, "-"),

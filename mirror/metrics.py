@@ -15,6 +15,26 @@ class Metrics:
     """Every series the mirror exports."""
 
     def __init__(self) -> None:
+        self._declare()
+        self._zero_known_labels()
+
+    def _zero_known_labels(self) -> None:
+        """Create the series with fixed label values at 0, so dashboards show 0 rather
+        than "no data", and `increase()` sees the first event after a restart."""
+        for kind in ("manifest", "tag", "blob"):
+            for result in ("hit", "miss"):
+                self.cache_requests.labels(kind, result)
+        for source in ("cache", "upstream"):
+            self.served_bytes.labels(source)
+        for kind in ("blob", "manifest"):
+            self.digest_mismatches.labels(kind)
+        self.stale_served.labels("tag")
+        for reason in ("size", "idle"):
+            self.evictions.labels(reason)
+        for result in ("unchanged", "changed", "error"):
+            self.revalidations.labels(result)
+
+    def _declare(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.http_requests = Counter(

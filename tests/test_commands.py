@@ -1,0 +1,474 @@
+"""`mirror warm`, `ls`, `gc` and `verify`: in-process against the fake hub, and the CLI as a
+subprocess (exit statuses, one-line errors, an image list from a file).
+
+The in-process tests call the command functions with the `config` fixture, which points at
+the fake hub and caches under tmp_path; a mirror app started afterwards on the same storage
+must then answer the warmed image without asking the hub anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mirror import commands
+from mirror.commands import ImageRef, parse_image
+from mirror.config import Config
+from mirror.errors import RegistryError
+from mirror.reference import parse_digest
+from mirror.storage import Storage
+from tests.conftest import MakeClient
+from tests.fakehub import OCI_MANIFEST, FakeHub
+from tests.services import _python_env
+
+DIGEST_A = "sha256:" + "a" * 64
+SUMMARY = re.compile(
+    r"^warmed (\d+)/(\d+) images: (\d+) manifests, (\d+) blobs \((\d+) fetched, "
+    r"(\d+) already cached\), [\d.]+ (?:B|KiB|MiB|GiB) fetched in \d+\.\ds$",
+    re.MULTILINE,
+)
+CLI_TIMEOUT = 60.0
+
+
+# --- parse_image --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("nginx", ImageRef(None, "library/nginx", "latest")),
+        ("nginx:1.27", ImageRef(None, "library/nginx", "1.27")),
+        (f"library/nginx@{DIGEST_A}", ImageRef(None, "library/nginx", DIGEST_A)),
+        (f"nginx:1.27@{DIGEST_A}", ImageRef(None, "library/nginx", DIGEST_A)),
+        ("owner/img", ImageRef(None, "owner/img", "latest")),
+        ("ghcr.io/owner/img:tag", ImageRef("ghcr.io", "owner/img", "tag")),
+        ("quay.io/a/b/c:v1", ImageRef("quay.io", "a/b/c", "v1")),
+        ("localhost:5000/x", ImageRef("localhost:5000", "x", "latest")),
+        ("localhost:5000/x:2", ImageRef("localhost:5000", "x", "2")),
+        ("localhost/x:1", ImageRef("localhost", "x", "1")),
+        ("docker.io/nginx", ImageRef("docker.io", "library/nginx", "latest")),
+        ("docker.io/owner/img:v2", ImageRef("docker.io", "owner/img", "v2")),
+        (" nginx \n", ImageRef(None, "library/nginx", "latest")),
+    ],
+)
+def test_parse_image(text: str, expected: ImageRef) -> None:
+    assert parse_image(text) == expected
+
+
+def test_image_ref_prints_as_docker_would_take_it() -> None:
+    assert str(parse_image("nginx")) == "library/nginx:latest"
+    assert str(parse_image(f"ghcr.io/o/i@{DIGEST_A}")) == f"ghcr.io/o/i@{DIGEST_A}"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "Nginx",
+        "UPPER/x",
+        "ghcr.io/Owner/img",
+        "a//b",
+        "/nginx",
+        "ghcr.io/",
+        "docker.io/",
+        "nginx@sha256:short",
+        "nginx@md5:" + "0" * 32,
+        "../../etc/passwd",
+    ],
+)
+def test_parse_image_rejects_bad_names(text: str) -> None:
+    with pytest.raises(RegistryError):
+        parse_image(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["nginx:", "nginx:-x", "nginx:a b", "nginx:" + "t" * 129, "nginx@"],
+    ids=["empty-tag", "tag-starts-with-dash", "tag-with-space", "tag-129-chars", "empty-digest"],
+)
+def test_parse_image_rejects_bad_tags_and_empty_digests(text: str) -> None:
+    """A tag the registry grammar refuses (or an empty `@`) is as bad as a bad name."""
+    with pytest.raises(RegistryError):
+        parse_image(text)
+
+
+# --- warm ---------------------------------------------------------------------------------
+
+
+def blob_digests(image: dict[str, Any]) -> list[str]:
+    return [image["config"], *image["layers"]]
+
+
+def cached_blobs(config: Config) -> set[str]:
+    """Digests of the blob files under the cache directory."""
+    root = config.storage.path / "blobs"
+    return {f"{p.parent.parent.name}:{p.name}" for p in root.rglob("*") if p.is_file()}
+
+
+def summary_of(text: str) -> tuple[int, ...]:
+    """(images warmed, images named, manifests, blobs, fetched, already cached)."""
+    match = SUMMARY.search(text)
+    assert match, f"no summary line in:\n{text}"
+    return tuple(int(group) for group in match.groups())
+
+
+def add_app(hub: FakeHub, repo: str = "library/app", layers: int = 3) -> dict[str, Any]:
+    return hub.content.add_image(
+        repo, "latest", [f"{repo} layer {i}\n".encode() * (200 + i) for i in range(layers)]
+    )
+
+
+async def test_warm_caches_every_blob_then_finds_them_cached(hub: FakeHub, config: Config) -> None:
+    image = add_app(hub)
+    out = io.StringIO()
+    report = await commands.warm(config, ["library/app:latest"], None, out=out)
+    assert report.failures == []
+    assert cached_blobs(config) >= set(blob_digests(image))
+    assert summary_of(out.getvalue()) == (1, 1, 1, 4, 4, 0)
+    assert "library/app:latest: done" in out.getvalue()
+    assert hub.stats["cdn_get"] == 4
+
+    hub.reset_stats()
+    again = io.StringIO()
+    report = await commands.warm(config, ["library/app:latest"], None, out=again)
+    assert (report.fetched, report.cached, report.failures) == (0, 4, [])
+    assert summary_of(again.getvalue()) == (1, 1, 1, 4, 0, 4)
+    assert "4 already cached" in again.getvalue()
+    assert (hub.stats["blob_get"], hub.stats["cdn_get"]) == (0, 0), dict(hub.stats)
+
+
+def add_two_platform_index(hub: FakeHub, repo: str = "library/multi") -> dict[str, list[str]]:
+    """An OCI index with a linux/amd64 and a linux/arm64/v8 image; each platform's blobs."""
+    amd64 = hub.content.add_image(repo, None, [b"amd64 only layer\n" * 50], OCI_MANIFEST)
+    arm64 = hub.content.add_image(repo, None, [b"arm64 only layer\n" * 60], OCI_MANIFEST)
+    hub.content.add_index(
+        repo,
+        "latest",
+        [
+            (amd64["digest"], OCI_MANIFEST, len(amd64["manifest"]),
+             {"os": "linux", "architecture": "amd64"}),
+            (arm64["digest"], OCI_MANIFEST, len(arm64["manifest"]),
+             {"os": "linux", "architecture": "arm64", "variant": "v8"}),
+        ],
+    )  # fmt: skip
+    return {"linux/amd64": blob_digests(amd64), "linux/arm64": blob_digests(arm64)}
+
+
+async def test_warm_one_platform_of_an_index(hub: FakeHub, config: Config) -> None:
+    platforms = add_two_platform_index(hub)
+    out = io.StringIO()
+    report = await commands.warm(config, ["library/multi:latest"], "linux/arm64", out=out)
+    assert report.failures == []
+    cached = cached_blobs(config)
+    assert cached >= set(platforms["linux/arm64"])
+    assert not cached & set(platforms["linux/amd64"]), "the other platform's blobs were fetched"
+    assert set(hub.stats.cdn_get_by_digest) == set(platforms["linux/arm64"])
+    # The index and the arm64 image manifest; not the amd64 one.
+    assert summary_of(out.getvalue()) == (1, 1, 2, 2, 2, 0)
+
+
+async def test_warm_every_platform_of_an_index_by_default(hub: FakeHub, config: Config) -> None:
+    platforms = add_two_platform_index(hub)
+    report = await commands.warm(config, ["library/multi:latest"], None, out=io.StringIO())
+    assert report.failures == []
+    assert report.manifests == 3
+    assert cached_blobs(config) >= set(platforms["linux/amd64"] + platforms["linux/arm64"])
+
+
+async def test_warm_reports_a_missing_image_and_goes_on(hub: FakeHub, config: Config) -> None:
+    image = add_app(hub)
+    out = io.StringIO()
+    report = await commands.warm(
+        config, ["library/missing:latest", "library/app:latest"], None, out=out
+    )
+    assert len(report.failures) == 1
+    assert "library/missing:latest" in report.failures[0]
+    assert report.images == 1
+    assert cached_blobs(config) >= set(blob_digests(image))
+    assert summary_of(out.getvalue())[:2] == (1, 2)
+    assert "library/missing:latest: FAILED" in out.getvalue()
+
+
+async def test_warm_reports_an_unmirrored_registry_and_goes_on(
+    hub: FakeHub, config: Config
+) -> None:
+    """ghcr.io is not configured here: that image fails, the next one is still warmed."""
+    image = add_app(hub)
+    out = io.StringIO()
+    report = await commands.warm(
+        config, ["ghcr.io/owner/img:1", "library/app:latest"], None, out=out
+    )
+    assert len(report.failures) == 1
+    assert "ghcr.io/owner/img:1" in report.failures[0]
+    assert cached_blobs(config) >= set(blob_digests(image))
+    assert summary_of(out.getvalue())[:2] == (1, 2)
+
+
+async def test_warmed_image_is_served_without_upstream_requests(
+    hub: FakeHub, config: Config, make_client: MakeClient
+) -> None:
+    image = add_app(hub)
+    report = await commands.warm(config, ["library/app:latest"], None, out=io.StringIO())
+    assert report.failures == []
+    assert (config.storage.path / "metadata.json").is_file()
+
+    client = await make_client()  # the same config: the same storage
+    hub.reset_stats()
+    resp = await client.get("/v2/library/app/manifests/latest")
+    assert resp.status == 200, await resp.text()
+    assert resp.headers["Docker-Content-Digest"] == image["digest"]
+    assert await resp.read() == image["manifest"]
+    for digest in blob_digests(image):
+        resp = await client.get(f"/v2/library/app/blobs/{digest}")
+        assert resp.status == 200, await resp.text()
+        body = await resp.read()
+        assert hub.content.blobs[digest] == body
+    upstream = {key: hub.stats[key] for key in ("manifest_get", "manifest_head", "blob_get")}
+    assert upstream == {"manifest_get": 0, "manifest_head": 0, "blob_get": 0}, hub.stats.requests
+    assert hub.stats["cdn_get"] == 0
+    assert hub.stats.requests == []
+
+
+# --- ls -----------------------------------------------------------------------------------
+
+
+async def test_list_cache_prints_tag_digest_and_size(hub: FakeHub, config: Config) -> None:
+    image = add_app(hub)
+    await commands.warm(config, ["library/app:latest"], None, out=io.StringIO())
+    out = io.StringIO()
+    assert await commands.list_cache(config, out) == 1
+    total = sum(len(hub.content.blobs[d]) for d in blob_digests(image))
+    assert 1024 < total < 1024 * 1024
+    lines = [line for line in out.getvalue().splitlines() if "library/app" in line]
+    assert len(lines) == 1, out.getvalue()
+    fields = lines[0].split()
+    assert fields[0].endswith("/library/app")
+    assert fields[1] == "latest"
+    assert fields[2] == image["digest"][:19]
+    assert " ".join(fields[3:]) == f"{total / 1024:.1f} KiB"
+
+
+async def test_list_cache_of_an_empty_cache(config: Config) -> None:
+    out = io.StringIO()
+    assert await commands.list_cache(config, out) == 0
+    assert "0 tags" in out.getvalue()
+
+
+# --- gc -----------------------------------------------------------------------------------
+
+
+async def test_collect_garbage_evicts_least_recently_read_first(
+    hub: FakeHub, config: Config
+) -> None:
+    image = hub.content.add_image(
+        "library/big", "latest", [bytes([65 + i]) * 10_000 for i in range(5)]
+    )
+    await commands.warm(config, ["library/big:latest"], None, out=io.StringIO())
+    storage = Storage(config.storage.path)
+    # Last read: the config an hour ago, then the layers in order, the last one the newest.
+    now = time.time()
+    by_age = blob_digests(image)
+    for age, digest in zip(range(len(by_age), 0, -1), by_age, strict=True):
+        os.utime(storage.blob_path(parse_digest(digest)), (now - age * 600, now - age * 600))
+    sizes = {d: len(hub.content.blobs[d]) for d in by_age}
+    bound = sizes[by_age[-1]] + sizes[by_age[-2]] + 100  # room for the two newest
+
+    out = io.StringIO()
+    freed = await commands.collect_garbage(config, to=bound, out=out)
+    left = [d for d in by_age if storage.blob_path(parse_digest(d)).exists()]
+    gone = [d for d in by_age if d not in left]
+    assert gone == by_age[: len(gone)], "a blob read later was evicted before an older one"
+    assert by_age[-1] in left, "the most recently read blob was evicted"
+    assert sum(sizes[d] for d in left) <= bound
+    assert freed == sum(sizes[d] for d in gone)
+    assert f"evicted {len(gone)} blobs" in out.getvalue()
+
+    # Nothing more to do under a bound the cache already fits.
+    out = io.StringIO()
+    assert await commands.collect_garbage(config, to=10**9, out=out) == 0
+    assert "evicted 0 blobs" in out.getvalue()
+    assert all(storage.blob_path(parse_digest(d)).exists() for d in left)
+
+
+# --- verify -------------------------------------------------------------------------------
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+async def test_verify_removes_corrupt_files_and_keeps_good_ones(
+    hub: FakeHub, config: Config
+) -> None:
+    image = add_app(hub)
+    await commands.warm(config, ["library/app:latest"], None, out=io.StringIO())
+    storage = Storage(config.storage.path)
+    bad_blob, *good_blobs = image["layers"] + [image["config"]]
+    bad_blob_path = storage.blob_path(parse_digest(bad_blob))
+    flip_byte(bad_blob_path, bad_blob_path.stat().st_size // 2)
+    manifest_path = storage.manifest_path(parse_digest(image["digest"]))
+    media_type_line = manifest_path.read_bytes().index(b"\n") + 1
+    flip_byte(manifest_path, media_type_line + 5)  # in the manifest, past its media type
+    # Not a digest-named file (an editor's backup, say): not ours to judge.
+    stray = bad_blob_path.parent / "notes.txt~"
+    stray.write_text("keep me\n")
+
+    out = io.StringIO()
+    removed = await commands.verify(config, out=out)
+    assert sorted(removed) == sorted([bad_blob, image["digest"]])
+    assert not bad_blob_path.exists()
+    assert not manifest_path.exists()
+    for digest in good_blobs:
+        path = storage.blob_path(parse_digest(digest))
+        assert path.read_bytes() == hub.content.blobs[digest]
+    assert stray.exists()
+    assert f"removed corrupt {bad_blob}" in out.getvalue()
+    assert "removed 2 corrupt" in out.getvalue()
+
+    # A second pass finds nothing left to remove.
+    assert await commands.verify(config, out=io.StringIO()) == []
+
+
+async def test_verify_keeps_an_intact_cache(hub: FakeHub, config: Config) -> None:
+    image = add_app(hub)
+    await commands.warm(config, ["library/app:latest"], None, out=io.StringIO())
+    out = io.StringIO()
+    assert await commands.verify(config, out=out) == []
+    # Four blobs and one manifest.
+    assert "verified 5 files, removed 0 corrupt" in out.getvalue()
+    assert cached_blobs(config) >= set(blob_digests(image))
+
+
+# --- the command line ---------------------------------------------------------------------
+
+
+async def run_cli(*args: str, cwd: Path) -> tuple[int, str, str]:
+    """`python -m mirror ARGS` without blocking this loop (the fake hub runs on it)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mirror", *args,
+        cwd=cwd, env=_python_env(),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), CLI_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, stdout.decode(), stderr.decode()
+
+
+def one_error_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{stderr}"
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+async def test_cli_warm_without_an_image(tmp_path: Path) -> None:
+    code, stdout, stderr = await run_cli("warm", "--storage", str(tmp_path / "d"), cwd=tmp_path)
+    assert code == 2, stderr
+    line = one_error_line(stderr)
+    assert line.startswith("mirror: ") and "--file" in line
+
+
+async def test_cli_warm_with_a_bad_image_name(tmp_path: Path) -> None:
+    code, _, stderr = await run_cli(
+        "warm", "--storage", str(tmp_path / "d"), "--upstream", "http://127.0.0.1:9",
+        "Bad/Name:1", cwd=tmp_path,
+    )  # fmt: skip
+    assert code == 2, stderr
+    assert "Bad/Name" in one_error_line(stderr)
+
+
+async def test_cli_gc_without_a_bound(tmp_path: Path) -> None:
+    code, _, stderr = await run_cli("gc", "--storage", str(tmp_path / "d"), cwd=tmp_path)
+    assert code == 2, stderr
+    assert "--to" in one_error_line(stderr)
+
+
+@pytest.mark.parametrize("command", ["ls", "verify"])
+async def test_cli_on_an_empty_storage(command: str, tmp_path: Path) -> None:
+    code, stdout, stderr = await run_cli(
+        command, "--storage", str(tmp_path / "d"), "--upstream", "http://127.0.0.1:9",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert stderr == ""
+    assert ("0 tags" if command == "ls" else "verified 0 files") in stdout
+
+
+async def test_cli_gc_to_a_size(hub: FakeHub, config: Config, tmp_path: Path) -> None:
+    add_app(hub)
+    await commands.warm(config, ["library/app:latest"], None, out=io.StringIO())
+    code, stdout, stderr = await run_cli(
+        "gc", "--storage", str(config.storage.path), "--upstream", hub.registry_url,
+        "--to", "1", cwd=tmp_path,
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert "evicted 4 blobs" in stdout
+    assert cached_blobs(config) == set()
+
+
+async def test_cli_warm_reads_a_file_of_images(
+    hub: FakeHub, config: Config, tmp_path: Path
+) -> None:
+    app = add_app(hub, "library/app")
+    tool = add_app(hub, "team/tool", layers=2)
+    images = tmp_path / "images.txt"
+    images.write_text(
+        "# images for the rollout\n"
+        "\n"
+        "library/app:latest   # the app itself\n"
+        "   team/tool   \n"
+        "# library/missing:latest  (commented out: must not be asked for)\n"
+    )
+    code, stdout, stderr = await run_cli(
+        "warm", "--upstream", hub.registry_url, "--storage", str(config.storage.path),
+        "--file", str(images), cwd=tmp_path,
+    )  # fmt: skip
+    assert code == 0, f"stdout:\n{stdout}\nstderr:\n{stderr}"
+    assert summary_of(stdout) == (2, 2, 2, 7, 7, 0)
+    assert cached_blobs(config) >= set(blob_digests(app) + blob_digests(tool))
+    assert not any("missing" in path for _, _, path in hub.stats.requests)
+
+
+async def test_cli_warm_exits_1_when_an_image_fails(
+    hub: FakeHub, config: Config, tmp_path: Path
+) -> None:
+    add_app(hub)
+    code, stdout, stderr = await run_cli(
+        "warm", "--upstream", hub.registry_url, "--storage", str(config.storage.path),
+        "library/app", "library/missing", cwd=tmp_path,
+    )  # fmt: skip
+    assert code == 1, stderr
+    assert "library/missing:latest: FAILED" in stdout
+    assert summary_of(stdout)[:2] == (1, 2)
+
+
+async def test_cli_ls_after_warm(hub: FakeHub, config: Config, tmp_path: Path) -> None:
+    image = add_app(hub)
+    await commands.warm(config, ["library/app:latest"], None, out=io.StringIO())
+    config_file = tmp_path / "mirror.yaml"
+    settings = {
+        "upstream": {"url": hub.registry_url},
+        "storage": {"path": str(config.storage.path)},
+    }
+    config_file.write_text(json.dumps(settings))  # JSON is YAML
+    code, stdout, stderr = await run_cli("ls", "--config", str(config_file), cwd=tmp_path)
+    assert code == 0, stderr
+    assert image["digest"][:19] in stdout
+    assert "library/app" in stdout
