@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -60,7 +61,8 @@ class Download:
         self.temp: Path | None = None
         self.size: int | None = None
         self.written = 0
-        self.done = False
+        self.verified = False  # every byte arrived and the hash matched: readers may finish
+        self.done = False  # ... and the file is in the cache under its digest
         self.error: BaseException | None = None
         self._started = asyncio.Event()
         self._progress = asyncio.Event()
@@ -89,7 +91,7 @@ class Download:
             raise self.error
 
     async def _wait_beyond(self, offset: int) -> None:
-        while self.written <= offset and not self.done and self.error is None:
+        while self.written <= offset and not self.verified and self.error is None:
             await self._progress.wait()
 
     async def spans(self, start: int, end: int | None) -> AsyncIterator[tuple[int, int]]:
@@ -104,11 +106,11 @@ class Download:
             await self._wait_beyond(pos)
             if self.error is not None:
                 raise self.error
-            limit = self.written if self.done else self.written - 1
+            limit = self.written if self.verified else self.written - 1
             if end is not None:
                 limit = min(limit, end + 1)
             if pos >= limit:
-                if self.done:
+                if self.verified:
                     return
                 await self._progress.wait()
                 continue
@@ -184,6 +186,7 @@ class Downloads:
 
     async def _run(self, download: Download, upstream: Upstream, repo: str) -> None:
         self._metrics.upstream_fetches_in_flight.inc()
+        started = time.monotonic()
         fd: int | None = None
         try:
             resp = await upstream.open_blob(repo, str(download.digest))
@@ -192,7 +195,7 @@ class Downloads:
                 resp.release()
                 raise Uncacheable(f"blob {download.digest} is larger than the cache")
             try:
-                opened, temp = await asyncio.to_thread(self._storage.new_temp)
+                opened, temp = await asyncio.to_thread(self._storage.new_temp, download.size)
             except OSError as exc:
                 resp.release()
                 self._storage.mark_unwritable(exc)
@@ -202,9 +205,18 @@ class Downloads:
             hasher = download.digest.hasher()
             await self._copy_resuming(resp, opened, hasher, download, upstream, repo)
             self._verify(download, hasher.hexdigest())
+            # The bytes are right: clients may have their last byte now. The fsync that
+            # makes the file durable (seconds, for a big layer) need not hold them up.
+            download.verified = True
+            download._notify()
             fd = None  # commit closes it, whatever happens
             await asyncio.to_thread(self._storage.commit, opened, temp, download.final)
             self._committed(download)
+            seconds = time.monotonic() - started
+            log.info(
+                "blob %s cached: %d bytes from %s in %.2fs (%.0f MB/s)", download.digest,
+                download.written, upstream.name, seconds, download.written / seconds / 1e6,
+            )  # fmt: skip
         except BaseException as exc:
             download._fail(_as_registry_error(exc))
             await asyncio.to_thread(self._storage.discard, fd, download.temp)
@@ -252,6 +264,10 @@ class Downloads:
         self, upstream: Upstream, repo: str, download: Download
     ) -> aiohttp.ClientResponse:
         resp = await upstream.open_blob(repo, str(download.digest), offset=download.written)
+        # Nothing written yet (aiohttp drops what it buffered when the connection breaks):
+        # a plain 200 starts over, which is just as good.
+        if download.written == 0 and resp.status == 200:
+            return resp
         expected = f"bytes {download.written}-"
         if resp.status != 206 or not resp.headers.get("Content-Range", "").startswith(expected):
             resp.release()
@@ -271,29 +287,47 @@ class Downloads:
         download: Download,
         upstream: str,
     ) -> None:
+        """Body → file. One write is in flight while the next megabyte is read: the disk
+        and the socket work at the same time, and memory stays at two buffers."""
+        pending: asyncio.Future[None] | None = None
+
+        async def flush(data: bytearray) -> None:
+            nonlocal pending
+            if pending is not None:
+                previous, pending = pending, None
+                await previous  # in order, so the hash sees the bytes in order
+            if data:
+                pending = asyncio.ensure_future(self._flush(fd, hasher, data, download, upstream))
+
         buffer = bytearray()
         try:
             async for chunk in resp.content.iter_any():
                 buffer += chunk
                 if len(buffer) >= WRITE_CHUNK:
-                    await self._flush(fd, hasher, buffer, download, upstream)
+                    await flush(buffer)
                     buffer = bytearray()
         except (aiohttp.ClientError, TimeoutError) as exc:
             # What did arrive is good: keep it, so a resume starts after it.
-            await self._flush(fd, hasher, buffer, download, upstream)
+            await flush(buffer)
+            await flush(bytearray())
             raise TransferBroken(
                 f"blob {download.digest} transfer from upstream broke at byte "
                 f"{download.written}: {type(exc).__name__}"
             ) from None
-        await self._flush(fd, hasher, buffer, download, upstream)
+        finally:
+            if pending is not None:  # an error or cancellation: let the write settle
+                await asyncio.gather(pending, return_exceptions=True)
+        await flush(buffer)
+        await flush(bytearray())
 
     async def _flush(
         self, fd: int, hasher: hashlib._Hash, data: bytearray, download: Download, upstream: str
     ) -> None:
-        if not data:
-            return
         try:
-            await asyncio.to_thread(_write_and_hash, fd, hasher, data)
+            # Two threads: hashing and writing run side by side (both release the GIL).
+            await asyncio.gather(
+                asyncio.to_thread(hasher.update, data), asyncio.to_thread(_write_all, fd, data)
+            )
         except OSError as exc:
             self._storage.mark_unwritable(exc)
             raise CacheWriteFailed(f"cache write failed: {exc.strerror}") from None
@@ -325,9 +359,7 @@ async def close_file(file: BinaryIO) -> None:
         raise
 
 
-def _write_and_hash(fd: int, hasher: hashlib._Hash, data: bytearray) -> None:
-    # Both run here, off the loop: hashlib releases the GIL on large buffers.
-    hasher.update(data)
+def _write_all(fd: int, data: bytearray) -> None:
     view = memoryview(data)
     while view:
         written = os.write(fd, view)

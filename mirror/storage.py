@@ -14,6 +14,7 @@ Every call that touches the disk runs in a worker thread, never on the event loo
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import shutil
@@ -116,9 +117,19 @@ class Storage:
                 pass
         return stat.st_size
 
-    def new_temp(self) -> tuple[int, Path]:
-        """An open, empty file in `tmp/` (blocking: call from a worker thread)."""
+    def new_temp(self, size: int | None = None) -> tuple[int, Path]:
+        """An open file in `tmp/`, with `size` bytes of disk reserved when known (blocking:
+        call from a worker thread). Reserving up front means a blob that cannot fit fails
+        here, before any client has been sent a byte, and writes skip block allocation."""
         fd, name = tempfile.mkstemp(dir=self.tmp, prefix="blob-")
+        if size:
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                self.discard(fd, Path(name))
+                if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # not every filesystem can
+                    return self.new_temp(None)
+                raise
         return fd, Path(name)
 
     @staticmethod

@@ -6,6 +6,7 @@ outside (HTTP, its log file, its storage directory, /proc).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -88,6 +89,16 @@ def cached_blob_path(storage: Path, digest: str) -> Path:
     """Where the mirror keeps a committed blob: blobs/<alg>/<2 hex>/<hex>."""
     algorithm, _, hexdigest = digest.partition(":")
     return storage / "blobs" / algorithm / hexdigest[:2] / hexdigest
+
+
+async def wait_for_file(path: Path, seconds: float = 5.0) -> bool:
+    """True once `path` exists: a client gets a blob's last byte when its hash matched,
+    and the fsync and rename into the cache follow a moment later."""
+    for _ in range(int(seconds / 0.02)):
+        if path.exists():
+            return True
+        await asyncio.sleep(0.02)
+    return path.exists()
 
 
 def metric_value(text: str, name: str, labels: Mapping[str, str] | None = None) -> float | None:

@@ -23,6 +23,17 @@ def blob_file(config: Config, digest: str) -> Path:
     return config.storage.path / "blobs" / algorithm / hexpart[:2] / hexpart
 
 
+async def wait_cached(config: Config, digest: str) -> Path:
+    """The blob's file once it is in the cache: clients get their last byte when the hash
+    matched, and the fsync and rename follow."""
+    path = blob_file(config, digest)
+    for _ in range(200):
+        if path.exists():
+            break
+        await asyncio.sleep(0.02)
+    return path
+
+
 def temp_files(config: Config) -> list[str]:
     return os.listdir(config.storage.path / "tmp")
 
@@ -41,7 +52,7 @@ async def test_cold_blob_follows_redirect_without_auth_and_is_cached(
     assert await resp.read() == layer
     assert hub.stats["cdn_get"] == 1
     assert hub.stats["cdn_rejected_auth"] == 0
-    assert blob_file(config, digest).read_bytes() == layer
+    assert (await wait_cached(config, digest)).read_bytes() == layer
     assert temp_files(config) == []
 
 

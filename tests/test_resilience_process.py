@@ -42,6 +42,7 @@ from tests.resilience_helpers import (
     sha256_digest,
     tail,
     tmpfs,
+    wait_for_file,
     write_config,
 )
 from tests.services import DistributionRegistry, FakeHubProcess, MirrorProcess, RedisServer
@@ -491,7 +492,7 @@ async def test_read_only_storage_serves_cache_and_streams_the_rest(
     puller = Puller(session, mirror.url)
     assert await puller.pull(content.busybox_repo, "latest"), puller.errors
     for digest in content.busybox_blobs:
-        assert cached_blob_path(storage, digest).exists()
+        assert await wait_for_file(cached_blob_path(storage, digest))
 
     mount_or_skip(read_only(storage), stack)
     stack.callback(mirror.stop)  # before the unmount
