@@ -59,11 +59,9 @@ async def manifest(request: web.Request) -> web.StreamResponse:
     if found.body is not None:
         request.app[pulls_key].add(upstream.catalog_prefix + repo)
         return web.Response(body=found.body, headers=headers)
-    resp = web.StreamResponse(headers=headers)
-    resp.content_length = found.size
-    await resp.prepare(request)
-    await resp.write_eof()
-    return resp
+    # A HEAD: aiohttp keeps an explicit Content-Length on a Response without a body.
+    headers["Content-Length"] = str(found.size)
+    return web.Response(headers=headers)
 
 
 async def blob(request: web.Request) -> web.StreamResponse:

@@ -26,7 +26,6 @@ import yaml
 from tests.images import DOCKER_LAYER, Blob, Layer, push_image, single_image
 
 MIB = 1024 * 1024
-PROC = Path("/proc")
 
 MANIFEST_ACCEPT = ", ".join(
     (
@@ -195,49 +194,6 @@ def fill_filesystem(path: Path) -> int:
                 except OSError:
                     break
     return written
-
-
-# --- resident memory ---------------------------------------------------------------------
-
-
-def _parent_of(pid: str) -> int | None:
-    try:
-        stat = (PROC / pid / "stat").read_text()
-    except OSError:
-        return None
-    # The command name may hold spaces and parentheses: split after its last ")".
-    return int(stat.rpartition(")")[2].split()[1])
-
-
-def process_tree(root: int) -> set[int]:
-    """`root` and every process below it, as /proc shows them now."""
-    children: dict[int, list[int]] = {}
-    for entry in PROC.iterdir():
-        if entry.name.isdigit() and (parent := _parent_of(entry.name)) is not None:
-            children.setdefault(parent, []).append(int(entry.name))
-    tree, todo = {root}, [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in tree:
-                tree.add(child)
-                todo.append(child)
-    return tree
-
-
-def rss_bytes(pid: int) -> int:
-    """VmRSS of one process in bytes; 0 once it is gone."""
-    try:
-        for line in (PROC / str(pid) / "status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def tree_rss(root: int) -> int:
-    """Resident memory of `root` and its descendants together, in bytes."""
-    return sum(rss_bytes(pid) for pid in process_tree(root))
 
 
 # --- pulling the way Docker does ---------------------------------------------------------

@@ -41,11 +41,11 @@ from tests.images import (
     push_image,
     single_image,
 )
+from tests.procmem import tree_rss
 from tests.resilience_helpers import (
     MIB,
     Puller,
     random_bytes,
-    tree_rss,
     write_config,
 )
 from tests.services import (
