@@ -34,6 +34,7 @@ WRITE_CHUNK = 1024 * 1024
 READ_CHUNK = 1024 * 1024
 # Largest span handed to one sendfile call, so that readers of one blob take turns.
 MAX_SPAN = 16 * 1024 * 1024
+MIN_SPAN = 4 * 1024 * 1024
 # Resumes in a row that bring no new byte before the transfer is given up.
 MAX_FRUITLESS_RESUMES = 3
 
@@ -112,6 +113,12 @@ class Download:
             if pos >= limit:
                 if self.verified:
                     return
+                await self._progress.wait()
+                continue
+            range_done = end is not None and limit == end + 1
+            if limit - pos < MIN_SPAN and pos > start and not (self.verified or range_done):
+                # Caught up with the download: let a few megabytes gather first, so eight
+                # readers make a few large sendfile calls rather than thousands of small ones.
                 await self._progress.wait()
                 continue
             length = min(MAX_SPAN, limit - pos)
