@@ -72,7 +72,6 @@ class TokenCache:
         self._metrics = metrics
         self._cache = SimpleMemoryCache()
         self._pending: dict[str, asyncio.Future[str]] = {}
-        self.fetches = 0
 
     async def get(
         self,
@@ -114,7 +113,6 @@ class TokenCache:
         params = [("scope", scope) for scope in scopes]
         if "service" in challenge.params:
             params.insert(0, ("service", challenge.params["service"]))
-        self.fetches += 1
         counter = self._metrics.token_fetches
         host = urlsplit(realm).netloc
         try:

@@ -114,9 +114,8 @@ class Grant:
 class TokenSigner:
     """Issues and checks the mirror's bearer tokens (HS256 JWTs)."""
 
-    def __init__(self, key: bytes, service: str | None = None) -> None:
+    def __init__(self, key: bytes) -> None:
         self._key = key
-        self.service = service
 
     def issue(self, subject: str, repositories: list[str], ttl: float) -> tuple[str, int]:
         now = int(time.time())

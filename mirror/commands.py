@@ -30,6 +30,7 @@ from mirror.keys import (
     upstreams_key,
 )
 from mirror.reference import parse_digest, validate_name, validate_tag
+from mirror.status import human_size
 from mirror.storage import Storage
 from mirror.upstream import MANIFEST_TYPES, Upstream
 
@@ -179,14 +180,6 @@ def progress_bar(digest: str, done: int, total: int, width: int = 30) -> str:
         f"  {digest[:19]} [{'#' * filled}{'.' * (width - filled)}] "
         f"{human_size(done)}/{human_size(total)}"
     )
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 async def warm(

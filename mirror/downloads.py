@@ -97,7 +97,7 @@ class Download:
 
     async def spans(self, start: int, end: int | None) -> AsyncIterator[tuple[int, int]]:
         """(offset, length) spans of bytes `start`..`end` (inclusive; None: to the end)
-        that are in the file, as they arrive; read them from `open_file()`.
+        that are in the file, as they arrive; send them from `open_file()`.
 
         The blob's last byte is held back until the digest is verified, so a client never
         gets a complete-looking body with wrong bytes: on a mismatch it sees a short one.
@@ -134,17 +134,6 @@ class Download:
             # The thread still opens it: close it then, or the file leaks.
             opening.add_done_callback(_close_opened)
             raise
-
-    async def read(self, start: int, end: int | None) -> AsyncIterator[bytes]:
-        """Bytes `start`..`end` as they arrive, in chunks (see `spans`)."""
-        file = await self.open_file()
-        try:
-            async for pos, length in self.spans(start, end):
-                for offset in range(pos, pos + length, READ_CHUNK):
-                    size = min(READ_CHUNK, pos + length - offset)
-                    yield await asyncio.to_thread(os.pread, file.fileno(), size, offset)
-        finally:
-            await close_file(file)
 
     def _open_for_reading(self) -> BinaryIO:
         # The temp file may already have been renamed into place by the time we open it.

@@ -285,8 +285,6 @@ class FallbackMetadata:
 
     async def get_tag(self, upstream: str, repo: str, tag: str) -> TagRecord | None:
         record: TagRecord | None = await self._call("get_tag", upstream, repo, tag)
-        if record is None and not self._up:
-            record = await self._fallback.get_tag(upstream, repo, tag)
         return record
 
     async def put_tag(self, upstream: str, repo: str, tag: str, record: TagRecord) -> None:

@@ -37,10 +37,11 @@ def _ratio(hits: float, misses: float) -> str:
     return f"{100 * hits / (hits + misses):.1f}%" if hits + misses else "–"
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+def human_size(n: float) -> str:
+    """`173 B`, `1.1 KiB`, `2.5 GiB`."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
 
@@ -78,10 +79,10 @@ def render(config: Config, upstreams: Upstreams, metrics: Metrics, pulls: PullCo
         ["Blob hit ratio (requests)", hits("blob")],
         ["Tag hit ratio (requests)", hits("tag")],
         ["Hit ratio (bytes)", _ratio(from_cache, from_upstream)],
-        ["Served from cache", _size(from_cache)],
-        ["Served from upstream", _size(from_upstream)],
-        ["Cache size", _size(_value(metrics, "mirror_cache_size_bytes"))
-         + (f" of {_size(bound)}" if bound else " (unbounded)")],
+        ["Served from cache", human_size(from_cache)],
+        ["Served from upstream", human_size(from_upstream)],
+        ["Cache size", human_size(_value(metrics, "mirror_cache_size_bytes"))
+         + (f" of {human_size(bound)}" if bound else " (unbounded)")],
         ["Downloads in flight", f"{int(_value(metrics, 'mirror_upstream_fetches_in_flight'))}"],
         ["Storage writable", "yes" if _value(metrics, "mirror_storage_writable") else "NO"],
         ["Metadata store", "up" if _value(metrics, "mirror_metadata_up") else "DOWN (in-process)"],
