@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import time
 
 from mirror.auth import basic_authorization
@@ -30,12 +32,14 @@ class Credentials:
         command: str | None = None,
         refresh: float | None = None,
         upstream: str = "",
+        command_timeout: float = COMMAND_TIMEOUT,
     ) -> None:
         self._username = username
         self._password = password or ""
         self._command = command
         self._refresh = refresh or DEFAULT_REFRESH
         self._upstream = upstream
+        self._command_timeout = command_timeout
         self._fetched_at: float | None = None
         self._lock = asyncio.Lock()
         self.runs = 0
@@ -53,13 +57,25 @@ class Credentials:
     async def _run_command(self, command: str) -> None:
         self.runs += 1
         try:
+            # A session of its own, so that a hung command is killed with its children.
             proc = await asyncio.create_subprocess_shell(
-                command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+                command,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
+                start_new_session=True,
             )
-            out, _ = await asyncio.wait_for(proc.communicate(), COMMAND_TIMEOUT)
-        except (OSError, TimeoutError) as exc:
+        except OSError as exc:
             self._failed(f"could not run: {type(exc).__name__}")
             return
+        try:
+            async with asyncio.timeout(self._command_timeout):  # not wait_for: see eviction.py
+                out, _ = await proc.communicate()
+        except TimeoutError:
+            self._failed(f"did not finish within {self._command_timeout:g}s")
+            return
+        finally:
+            if proc.returncode is None:  # timed out or cancelled: it must not linger
+                _kill_group(proc.pid)
         password = out.decode(errors="replace").strip()
         if proc.returncode != 0 or not password:
             self._failed(f"exited with status {proc.returncode}")
@@ -73,3 +89,10 @@ class Credentials:
         if self._fetched_at is None:
             raise Denied(f"the mirror could not get its password for upstream {self._upstream}")
         self._fetched_at = time.monotonic() - self._refresh + 60  # retry in a minute
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

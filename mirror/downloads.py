@@ -78,6 +78,13 @@ class Download:
         self._started.set()
         self._notify()
 
+    def _landed(self, size: int) -> None:
+        """The blob turned out to be in the cache already: readers take it from there."""
+        self.size = self.written = size
+        self.verified = self.done = True
+        self._started.set()
+        self._notify()
+
     async def started(self) -> None:
         """Wait for the upstream's response headers; raise if the download failed first."""
         await self._started.wait()
@@ -127,7 +134,9 @@ class Download:
 
     async def open_file(self) -> BinaryIO:
         """The blob's file (temp or final), opened for reading (the caller closes it)."""
-        opening = asyncio.ensure_future(asyncio.to_thread(self._open_for_reading))
+        # A plain future, not a task: the loop's teardown cancels leftover tasks, and a
+        # cancelled one would drop the file its thread opened.
+        opening = asyncio.get_running_loop().run_in_executor(None, self._open_for_reading)
         try:
             return await asyncio.shield(opening)
         except asyncio.CancelledError:
@@ -185,6 +194,12 @@ class Downloads:
         started = time.monotonic()
         fd: int | None = None
         try:
+            # A request that found no file can reach `start_or_join` just after an earlier
+            # download of the same blob landed and left: serve the file, fetch nothing.
+            landed = await asyncio.to_thread(_file_size, download.final)
+            if landed is not None:
+                download._landed(landed)
+                return
             resp = await upstream.open_blob(repo, str(download.digest))
             download.size = resp.content_length
             if not self._storage.fits(download.size):
@@ -214,6 +229,9 @@ class Downloads:
                 download.written, upstream.name, seconds, download.written / seconds / 1e6,
             )  # fmt: skip
         except BaseException as exc:
+            # Forget it before anything is awaited: a request that comes in once the readers
+            # have seen the failure must start afresh, not join a download that is over.
+            self._forget(download)
             download._fail(_as_registry_error(exc))
             await asyncio.to_thread(self._storage.discard, fd, download.temp)
             if not isinstance(exc, Exception):
@@ -221,8 +239,13 @@ class Downloads:
             if not isinstance(exc, Uncacheable | BlobUnknown):  # those are not failures
                 log.warning("blob %s download failed: %s", download.digest, exc)
         finally:
-            del self._active[download.digest]
+            self._forget(download)
             self._metrics.upstream_fetches_in_flight.dec()
+
+    def _forget(self, download: Download) -> None:
+        # Only this download: a new one for the same digest may have taken its place.
+        if self._active.get(download.digest) is download:
+            del self._active[download.digest]
 
     def _committed(self, download: Download) -> None:
         self._metrics.cache_size.inc(download.written)
@@ -353,6 +376,13 @@ async def close_file(file: BinaryIO) -> None:
     except asyncio.CancelledError:
         file.close()
         raise
+
+
+def _file_size(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return None
 
 
 def _write_all(fd: int, data: bytearray) -> None:

@@ -130,10 +130,7 @@ class Evictor:
             over = self._max_size is not None and self._size > self._max_size
             if over and self._added_during_pass:
                 continue  # blobs landed during the pass and took it over the bound again
-            try:
-                await asyncio.wait_for(self._wake.wait(), SCAN_INTERVAL)
-            except TimeoutError:
-                pass
+            await _wait_or_timeout(self._wake, SCAN_INTERVAL)
             self._wake.clear()
 
     async def evict(self, max_size: int | None = None) -> EvictionResult:
@@ -164,3 +161,14 @@ class Evictor:
         if victims:
             log.info("evicted %d blobs, %d bytes", len(victims), freed)
         return EvictionResult(len(victims), freed, total - freed)
+
+
+async def _wait_or_timeout(event: asyncio.Event, seconds: float) -> None:
+    """Wait for `event`, at most `seconds`. Not `wait_for`: on Python 3.11 it swallows a
+    cancellation that lands as the event is set, and shutdown then waits on a pass that
+    never ends."""
+    try:
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    except TimeoutError:
+        pass

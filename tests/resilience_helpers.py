@@ -309,3 +309,14 @@ class Puller:
             self._error(f"GET {repo}@{digest}: not JSON")
             return None
         return result
+
+
+async def temp_files_settled(storage: Path) -> list[str]:
+    """The temp files left once a failed download has cleaned up: its readers are told of
+    the failure first, and the temp file is removed just after."""
+    tmp = storage / "tmp"
+    for _ in range(100):
+        if not os.listdir(tmp):
+            break
+        await asyncio.sleep(0.02)
+    return os.listdir(tmp)

@@ -110,7 +110,8 @@ async def sample_memory(pid: int, series: MemorySeries, stop: asyncio.Event) -> 
         if rss:
             series.samples.append((time.monotonic() - started, rss))
         try:
-            await asyncio.wait_for(stop.wait(), SAMPLE_INTERVAL)
+            async with asyncio.timeout(SAMPLE_INTERVAL):
+                await stop.wait()
         except TimeoutError:
             pass
 

@@ -13,7 +13,11 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from mirror.config import Config
+from mirror.errors import DigestMismatch
+from mirror.keys import downloads_key, upstreams_key
+from mirror.reference import parse_digest
 from tests.fakehub import FakeHub
+from tests.resilience_helpers import temp_files_settled
 
 Client = TestClient[Any, Any]
 
@@ -115,10 +119,56 @@ async def test_digest_mismatch_is_not_cached_and_client_sees_broken_transfer(
         await resp.read()
 
     assert not blob_file(config, digest).exists()
-    assert temp_files(config) == []
+    assert await temp_files_settled(config.storage.path) == []
     hub.corrupt_blobs.clear()
     resp = await client.get(f"/v2/library/app/blobs/{digest}")
     assert await resp.read() == layer  # asked again, it is fetched (and verified) anew
+
+
+async def test_request_after_a_failed_download_starts_a_new_one(
+    hub: FakeHub, client: Client
+) -> None:
+    """Once its readers have seen a download fail, the next request must not join it (it
+    used to stay joinable while its temp file was being removed)."""
+    digest = parse_digest(hub.content.add_blob(os.urandom(100_000)))
+    hub.corrupt_blobs.add(str(digest))
+    downloads = client.app[downloads_key]
+    upstream = client.app[upstreams_key].default
+
+    download = downloads.start_or_join(upstream, "library/app", digest)
+    with pytest.raises(DigestMismatch):
+        await download.finished()
+
+    assert downloads.get(digest) is None
+    hub.corrupt_blobs.clear()
+    again = downloads.start_or_join(upstream, "library/app", digest)
+    assert again is not download
+    await again.finished()
+
+
+async def test_blob_that_landed_meanwhile_is_not_fetched_again(
+    hub: FakeHub, client: Client, config: Config
+) -> None:
+    """A request that found no file may reach the download table just after the download
+    that cached the blob has left it: it is served from the file, with no second fetch."""
+    layer = os.urandom(300_000)
+    digest = hub.content.add_blob(layer)
+    assert await (await client.get(f"/v2/library/app/blobs/{digest}")).read() == layer
+    await wait_cached(config, digest)
+    hub.reset_stats()
+
+    downloads = client.app[downloads_key]
+    download = downloads.start_or_join(client.app[upstreams_key].default, "library/app",
+                                       parse_digest(digest))  # fmt: skip
+    await download.finished()
+    file = await download.open_file()
+    with file:
+        spans = [span async for span in download.spans(0, None)]
+        body = b"".join(os.pread(file.fileno(), length, pos) for pos, length in spans)
+
+    assert body == layer
+    assert hub.stats["cdn_get"] == 0
+    assert hub.stats["blob_get"] == 0
 
 
 async def test_unknown_blob_upstream_is_oci_404(hub: FakeHub, client: Client) -> None:

@@ -15,12 +15,14 @@ from aiohttp.test_utils import TestClient
 from mirror.breaker import CircuitBreaker
 from mirror.config import CacheConfig, Config, StorageConfig, UpstreamConfig
 from mirror.errors import UpstreamUnavailable
-from mirror.eviction import CachedBlob, choose_victims
+from mirror.eviction import CachedBlob, Evictor, choose_victims
 from mirror.keys import evictor_key, storage_key
 from mirror.metadata import FallbackMetadata, MemoryMetadata, RedisMetadata, TagRecord
+from mirror.metrics import Metrics
+from mirror.storage import Storage
 from tests.conftest import MakeClient
 from tests.fakehub import FakeHub
-from tests.resilience_helpers import wait_for_file
+from tests.resilience_helpers import temp_files_settled, wait_for_file
 from tests.services import free_port
 
 Client = TestClient[Any, Any]
@@ -249,7 +251,7 @@ async def test_cut_transfer_without_range_support_aborts_every_client(
     await asyncio.gather(fetch(), fetch(), fetch())
 
     assert not blob_file(config, digest).exists()
-    assert os.listdir(config.storage.path / "tmp") == []
+    assert await temp_files_settled(config.storage.path) == []
 
 
 # --- behaviour 7: Redis unreachable ------------------------------------------------------------
@@ -319,8 +321,9 @@ async def test_cache_evicts_least_recently_read_blobs(
     newest = hub.content.add_blob(os.urandom(300_000))
 
     await fetch_blob(client, newest)  # 1.2 MB: the background pass is set off
+    # The pass counts each eviction just after its unlink: wait for the count.
     for _ in range(100):
-        if not blob_file(config, digests[1]).exists():
+        if await metric(client, 'mirror_evictions_total{reason="size"}') == 1:
             break
         await asyncio.sleep(0.05)
 
@@ -330,6 +333,7 @@ async def test_cache_evicts_least_recently_read_blobs(
     hub.reset_stats()
     resp = await client.get(f"/v2/library/app/blobs/{digests[1]}")
     assert resp.status == 200  # evicted, then fetched again: never an empty answer
+    assert len(await resp.read()) == 300_000
     assert hub.stats["cdn_get"] == 1
 
 
@@ -356,6 +360,23 @@ def test_eviction_skips_blobs_being_read() -> None:
     victims = choose_victims(blobs, 400, 250, None, {"sha256:0"}, now=10.0)
 
     assert [blob.digest for blob, _ in victims] == ["sha256:1", "sha256:2"]
+
+
+async def test_evictor_stops_when_cancelled_as_it_is_woken(tmp_path: Path) -> None:
+    """Shutdown cancels the evictor; a blob landing at that moment wakes it too. On Python
+    3.11 `asyncio.wait_for` dropped such a cancellation, and the app's cleanup hung."""
+    storage = Storage(tmp_path / "data")
+    await storage.open()
+    evictor = Evictor(storage, Metrics(), max_size=10, max_idle=None, busy=lambda: ())
+    task = asyncio.create_task(evictor.run())
+    await asyncio.sleep(0.5)  # the first pass is over: it waits to be woken
+
+    evictor.added(100)  # over the bound: wakes it...
+    task.cancel()  # ...in the same turn of the loop as shutdown cancels it
+
+    done, _ = await asyncio.wait({task}, timeout=5)
+    assert task in done, "the cancelled evictor kept running"
+    assert task.cancelled()
 
 
 async def test_blob_evicted_while_being_read_is_sent_whole(
