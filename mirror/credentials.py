@@ -76,6 +76,7 @@ class Credentials:
         finally:
             if proc.returncode is None:  # timed out or cancelled: it must not linger
                 _kill_group(proc.pid)
+                await proc.wait()  # reaped at once after SIGKILL; its pipes close with it
         password = out.decode(errors="replace").strip()
         if proc.returncode != 0 or not password:
             self._failed(f"exited with status {proc.returncode}")

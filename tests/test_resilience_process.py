@@ -232,6 +232,8 @@ async def test_sigkill_mid_download_leaves_no_blob_and_restart_cleans_tmp(
     status, body, error = await get_blob(session, mirror, big)
     assert (status, error) == (200, "")
     assert body == big.data
+    # The client has its last byte once the hash matched; the fsync and rename follow.
+    assert await wait_for_file(final)
     assert final.read_bytes() == big.data
     assert list((storage / "tmp").iterdir()) == []
 
