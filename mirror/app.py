@@ -140,6 +140,7 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         ]
         app[upstreams_key] = Upstreams(built[0], built[1:])
         yield
+        await tokens.close()
     finally:
         await session.close()
 

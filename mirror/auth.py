@@ -6,8 +6,8 @@ once however many requests want the same one at the same moment.
 
 from __future__ import annotations
 
-import asyncio
 import base64
+import hashlib
 import logging
 import re
 from dataclasses import dataclass, field
@@ -18,6 +18,7 @@ from aiocache import SimpleMemoryCache
 
 from mirror.errors import Denied, Unauthorized, UpstreamUnavailable
 from mirror.metrics import Metrics
+from mirror.singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,9 @@ class TokenCache:
         self._session = session
         self._metrics = metrics
         self._cache = SimpleMemoryCache()
-        self._pending: dict[str, asyncio.Future[str]] = {}
+        # Concurrent requests for one scope share one fetch, which belongs to none of
+        # them: a request that is cancelled fails no one else.
+        self._flight = SingleFlight()
 
     async def get(
         self,
@@ -83,26 +86,26 @@ class TokenCache:
 
         `credentials` is a ready `Authorization` header value (Basic) or None: anonymous.
         """
-        key = "\0".join([challenge.realm or "", challenge.params.get("service", ""), *scopes])
+        # Per account too: two upstreams may share a token service but not an account.
+        account = hashlib.sha256((credentials or "").encode()).hexdigest()
+        parts = [challenge.realm or "", challenge.params.get("service", ""), account, *scopes]
+        key = "\0".join(parts)
         token: str | None = await self._cache.get(key)
         if token is not None:
             return token
-        pending = self._pending.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._pending[key] = future
-        try:
-            token, ttl = await self._fetch(challenge, scopes, credentials)
-            await self._cache.set(key, token, ttl=ttl)
-            future.set_result(token)
-            return token
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved here, so nobody waiting is not an error
-            raise
-        finally:
-            del self._pending[key]
+        return await self._flight.do(
+            key, lambda: self._fetch_and_keep(key, challenge, scopes, credentials)
+        )
+
+    async def close(self) -> None:
+        await self._flight.close()
+
+    async def _fetch_and_keep(
+        self, key: str, challenge: Challenge, scopes: list[str], credentials: str | None
+    ) -> str:
+        token, ttl = await self._fetch(challenge, scopes, credentials)
+        await self._cache.set(key, token, ttl=ttl)
+        return token
 
     async def _fetch(
         self, challenge: Challenge, scopes: list[str], credentials: str | None

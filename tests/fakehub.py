@@ -49,7 +49,7 @@ STAT_KEYS = (
 )  # fmt: skip
 KNOBS = (
     "token_expires_in", "corrupt_blobs", "ratelimit_remaining", "cdn_delay", "users",
-    "cdn_cut_after", "registry_status", "cdn_ignores_range",
+    "cdn_cut_after", "registry_status", "cdn_ignores_range", "token_delay",
 )  # fmt: skip
 
 
@@ -228,6 +228,7 @@ class FakeHub:
         self.cdn_cut_after: int | None = None  # drop CDN connections after this many bytes
         self.registry_status: int | None = None  # answer every /v2 request with this status
         self.cdn_ignores_range = False  # a CDN that always answers 200 with the whole blob
+        self.token_delay = 0.0  # seconds the token service takes to answer
         self.registry_url = self.token_url = self.cdn_url = ""
         self._tokens: dict[str, Token] = {}
         self._runners: list[web.AppRunner] = []
@@ -452,6 +453,8 @@ class FakeHub:
 
     async def _token(self, request: web.Request) -> web.Response:
         self.stats["token"] += 1
+        if self.token_delay:
+            await asyncio.sleep(self.token_delay)
         if header := request.headers.get("Authorization"):
             try:
                 creds = BasicAuth.decode(header)

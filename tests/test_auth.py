@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import aiohttp
 from aiohttp.test_utils import TestClient
 
-from mirror.auth import parse_challenge
+from mirror.auth import Challenge, TokenCache, basic_authorization, parse_challenge
 from mirror.config import UpstreamConfig
+from mirror.metrics import Metrics
 from tests.conftest import MakeClient
 from tests.fakehub import FakeHub
 
@@ -124,6 +126,44 @@ async def test_concurrent_requests_share_one_token(hub: FakeHub, client: Client)
     await asyncio.gather(*(get_manifest(client, "library/alpine", tag) for tag in tags))
     assert hub.stats["token"] == 1
     assert hub.stats["unauthorized"] == 0
+
+
+async def test_cancelled_request_fails_no_one_sharing_its_token_fetch(hub: FakeHub) -> None:
+    """The token fetch belongs to no request: the one that started it may be cancelled
+    (shutdown, a timeout) while others wait for the same token."""
+    async with aiohttp.ClientSession() as session:
+        tokens = TokenCache(session, Metrics())
+        challenge = Challenge("bearer", {"realm": hub.token_url + "/token", "service": "hub"})
+        scopes = ["repository:library/alpine:pull"]
+        hub.token_delay = 0.3
+        first = asyncio.create_task(tokens.get(challenge, scopes, None))
+        second = asyncio.create_task(tokens.get(challenge, scopes, None))
+        for _ in range(100):
+            if hub.stats["token"]:
+                break
+            await asyncio.sleep(0.01)
+
+        first.cancel()
+
+        assert await second  # the token, not the first request's cancellation
+        assert first.cancelled()
+        assert hub.stats["token"] == 1
+        await tokens.close()
+
+
+async def test_token_is_kept_per_account(hub: FakeHub) -> None:
+    async with aiohttp.ClientSession() as session:
+        tokens = TokenCache(session, Metrics())
+        challenge = Challenge("bearer", {"realm": hub.token_url + "/token", "service": "hub"})
+        scopes = ["repository:team/private:pull"]
+
+        anonymous = await tokens.get(challenge, scopes, None)
+        with_account = await tokens.get(challenge, scopes, basic_authorization("me", "pw"))
+
+        assert anonymous != with_account
+        assert hub.stats["token"] == 2
+        assert hub.stats.token_users == ["me"]
+        await tokens.close()
 
 
 async def test_expired_token_is_refetched(hub: FakeHub, client: Client) -> None:
