@@ -196,7 +196,7 @@ class Downloads:
         try:
             # A request that found no file can reach `start_or_join` just after an earlier
             # download of the same blob landed and left: serve the file, fetch nothing.
-            landed = await asyncio.to_thread(_file_size, download.final)
+            landed = await self._storage.blob_size(download.digest)
             if landed is not None:
                 download._landed(landed)
                 return
@@ -376,13 +376,6 @@ async def close_file(file: BinaryIO) -> None:
     except asyncio.CancelledError:
         file.close()
         raise
-
-
-def _file_size(path: Path) -> int | None:
-    try:
-        return os.stat(path).st_size
-    except FileNotFoundError:
-        return None
 
 
 def _write_all(fd: int, data: bytearray) -> None:
