@@ -82,7 +82,11 @@ class BlobService:
             return _TrackedFileResponse(
                 self._storage.blob_path(digest), self.reading, digest, headers
             )
-        self._metrics.cache_requests.labels("blob", "miss").inc()
+        # A download whose bytes are all here and verified, waiting only for its fsync and
+        # rename, serves this request from disk: that is a hit, not a miss.
+        download = self._downloads.get(digest)
+        local = download is not None and download.verified
+        self._metrics.cache_requests.labels("blob", "hit" if local else "miss").inc()
         if request.method == "HEAD":
             return await self._head_uncached(request, upstream, repo, digest)
         if not await self._storage.writable_now():

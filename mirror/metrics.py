@@ -52,7 +52,8 @@ class Metrics:
         )
         self.cache_requests = Counter(
             "mirror_cache_requests",
-            "Cache look-ups by kind (manifest, tag, blob) and result (hit, miss).",
+            "Cache look-ups by kind (manifest, tag, blob) and result (hit: answered from "
+            "local bytes, a verified download not yet renamed included; miss).",
             ["kind", "result"],
             registry=r,
         )

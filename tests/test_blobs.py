@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,10 @@ from aiohttp.test_utils import TestClient
 
 from mirror.config import Config
 from mirror.errors import DigestMismatch
-from mirror.keys import downloads_key, upstreams_key
+from mirror.keys import downloads_key, storage_key, upstreams_key
 from mirror.reference import parse_digest
 from tests.fakehub import FakeHub
-from tests.resilience_helpers import temp_files_settled
+from tests.resilience_helpers import metric_value, temp_files_settled
 
 Client = TestClient[Any, Any]
 
@@ -254,3 +255,40 @@ async def test_client_disconnect_does_not_cancel_the_download(
         await asyncio.sleep(0.05)
     assert blob_file(config, digest).read_bytes() == layer
     assert temp_files(config) == []
+
+
+async def test_blob_verified_but_not_yet_renamed_counts_as_a_hit(
+    hub: FakeHub, client: Client, config: Config
+) -> None:
+    """Clients get their last byte once the hash matched; the fsync and rename follow. A
+    request in between is served from the verified file on disk: a hit, not a miss."""
+    layer = os.urandom(1_000_000)
+    digest = hub.content.add_blob(layer)
+    storage = client.app[storage_key]
+    # Hold the real commit (fsync + rename) until the second request is answered: the
+    # window is otherwise a few milliseconds wide and a test could not land in it.
+    release = threading.Event()
+    commit = storage.commit
+
+    def held_commit(fd: int, temp: Path, final: Path) -> None:
+        release.wait(30)
+        commit(fd, temp, final)
+
+    storage.commit = held_commit  # type: ignore[method-assign]
+    try:
+        first = await client.get(f"/v2/library/app/blobs/{digest}")
+        assert await first.read() == layer
+        assert not blob_file(config, digest).exists()  # still held before its rename
+
+        second = await client.get(f"/v2/library/app/blobs/{digest}")
+        assert await second.read() == layer
+    finally:
+        release.set()
+
+    text = await (await client.get("/metrics")).text()
+    hits = {"kind": "blob", "result": "hit"}
+    misses = {"kind": "blob", "result": "miss"}
+    assert metric_value(text, "mirror_cache_requests_total", hits) == 1
+    assert metric_value(text, "mirror_cache_requests_total", misses) == 1
+    assert hub.stats["cdn_get"] == 1
+    assert (await wait_cached(config, digest)).read_bytes() == layer
