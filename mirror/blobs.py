@@ -83,20 +83,21 @@ class BlobService:
                 self._storage.blob_path(digest), self.reading, digest, headers
             )
         # A download whose bytes are all here and verified, waiting only for its fsync and
-        # rename, serves this request from disk: that is a hit, not a miss.
+        # rename, serves this request from disk: a hit, its bytes counted as from the cache.
         download = self._downloads.get(digest)
         local = download is not None and download.verified
         self._metrics.cache_requests.labels("blob", "hit" if local else "miss").inc()
         if request.method == "HEAD":
             return await self._head_uncached(request, upstream, repo, digest)
-        if not await self._storage.writable_now():
+        if not local and not await self._storage.writable_now():
             return await self._passthrough(request, upstream, repo, digest)
         download = self._downloads.start_or_join(upstream, repo, digest)
         try:
             await download.started()
         except Uncacheable:
             return await self._passthrough(request, upstream, repo, digest)
-        return await self._stream(request, download, upstream, repo)
+        origin = "cache" if local else "upstream"
+        return await self._stream(request, download, upstream, repo, origin)
 
     async def _passthrough(
         self, request: web.Request, upstream: Upstream, repo: str, digest: Digest
@@ -169,8 +170,15 @@ class BlobService:
         return resp
 
     async def _stream(
-        self, request: web.Request, download: Download, upstream: Upstream, repo: str
+        self,
+        request: web.Request,
+        download: Download,
+        upstream: Upstream,
+        repo: str,
+        origin: str,
     ) -> web.StreamResponse:
+        """Send the blob from a download's file as its bytes arrive; `origin` (cache or
+        upstream) labels them in the served-bytes metric."""
         size = download.size
         # Without a known size a range cannot be checked: send the whole blob (allowed).
         span = parse_range(request, size) if size is not None else None
@@ -190,6 +198,7 @@ class BlobService:
             try:
                 async for offset, length in download.spans(start, end):
                     await self._send_file(request, resp, file, offset, length)
+                    self._metrics.served_bytes.labels(origin).inc(length)
                     pos = offset + length
             except CacheWriteFailed:
                 # The disk filled up under the download: finish this client from upstream.
@@ -223,7 +232,6 @@ class BlobService:
             for pos in range(offset, offset + length, READ_CHUNK):
                 size = min(READ_CHUNK, offset + length - pos)
                 await resp.write(await asyncio.to_thread(os.pread, file.fileno(), size, pos))
-        self._metrics.served_bytes.labels("upstream").inc(length)
 
 
 class TransferAborted(Exception):

@@ -290,5 +290,8 @@ async def test_blob_verified_but_not_yet_renamed_counts_as_a_hit(
     misses = {"kind": "blob", "result": "miss"}
     assert metric_value(text, "mirror_cache_requests_total", hits) == 1
     assert metric_value(text, "mirror_cache_requests_total", misses) == 1
+    served = "mirror_served_bytes_total"
+    assert metric_value(text, served, {"source": "cache"}) == len(layer)
+    assert metric_value(text, served, {"source": "upstream"}) == len(layer)
     assert hub.stats["cdn_get"] == 1
     assert (await wait_cached(config, digest)).read_bytes() == layer
