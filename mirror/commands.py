@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -255,22 +256,20 @@ def verify_sync(storage: Storage) -> tuple[int, list[str]]:
     """Re-hash every blob and manifest; delete the corrupt ones (blocking)."""
     checked, removed = 0, []
     for top in (storage.blobs, storage.manifests):
-        for path in sorted(top.rglob("*")):
-            if not path.is_file():
-                continue
+        for name, path in sorted(storage.walk(top), key=lambda found: found[1]):
             try:
-                digest = parse_digest(f"{path.parent.parent.name}:{path.name}")
+                digest = parse_digest(name)
             except DigestInvalid:
                 continue  # not ours (an editor's backup file, say): leave it alone
             checked += 1
             hasher = digest.hasher()
-            with path.open("rb") as file:
+            with open(path, "rb") as file:
                 if top == storage.manifests:
                     file.readline()  # the media type line is not part of the manifest
                 while chunk := file.read(1024 * 1024):
                     hasher.update(chunk)
             if hasher.hexdigest() != digest.hex:
-                path.unlink()
+                os.unlink(path)
                 removed.append(str(digest))
     return checked, removed
 

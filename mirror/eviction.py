@@ -45,15 +45,12 @@ class EvictionResult:
 def scan_blobs(storage: Storage) -> list[CachedBlob]:
     """Every cached blob, least recently read first (blocking)."""
     found = []
-    for dirpath, _, files in os.walk(storage.blobs):
-        algorithm = os.path.basename(os.path.dirname(dirpath))
-        for name in files:
-            path = os.path.join(dirpath, name)
-            try:
-                stat = os.stat(path)
-            except FileNotFoundError:
-                continue
-            found.append(CachedBlob(path, f"{algorithm}:{name}", stat.st_size, stat.st_mtime))
+    for digest, path in storage.walk(storage.blobs):
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            continue
+        found.append(CachedBlob(path, digest, stat.st_size, stat.st_mtime))
     found.sort(key=lambda blob: blob.last_read)
     return found
 

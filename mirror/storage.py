@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mirror.reference import Digest, compute_digest
@@ -80,6 +80,15 @@ class Storage:
 
     def manifest_path(self, digest: Digest) -> Path:
         return self.manifests / digest.algorithm / digest.hex[:2] / digest.hex
+
+    @staticmethod
+    def walk(top: Path) -> Iterator[tuple[str, str]]:
+        """("algorithm:hex", path) of every file under `blobs/` or `manifests/`, as the
+        layout names it (blocking); the name is not checked to be a valid digest."""
+        for dirpath, _, files in os.walk(top):
+            algorithm = os.path.basename(os.path.dirname(dirpath))
+            for name in files:
+                yield f"{algorithm}:{name}", os.path.join(dirpath, name)
 
     async def open(self) -> None:
         """Create the layout and throw away what a crash left in `tmp/`.
@@ -194,13 +203,12 @@ class Storage:
     def _usage_sync(self) -> tuple[int, int]:
         total = count = 0
         for top in (self.blobs, self.manifests):
-            for dirpath, _, files in os.walk(top):
-                for name in files:
-                    try:
-                        total += os.stat(os.path.join(dirpath, name)).st_size
-                    except FileNotFoundError:
-                        continue
-                    count += 1
+            for _, path in self.walk(top):
+                try:
+                    total += os.stat(path).st_size
+                except FileNotFoundError:
+                    continue
+                count += 1
         return total, count
 
     async def disk_space(self) -> tuple[int, int]:
