@@ -12,7 +12,7 @@ from aiohttp import web
 
 from mirror.access import client_auth_ctx, client_auth_middleware, token_handler
 from mirror.auth import TokenCache
-from mirror.blobs import BlobService, outcome_key
+from mirror.blobs import BlobService
 from mirror.config import Config, UpstreamConfig
 from mirror.credentials import Credentials
 from mirror.downloads import Downloads
@@ -31,7 +31,7 @@ from mirror.keys import (
     storage_key,
     upstreams_key,
 )
-from mirror.logs import REQUEST_ID_HEADER, new_request_id, request_id_var
+from mirror.logs import REQUEST_ID_HEADER, new_request_id, outcome_key, request_id_var
 from mirror.manifests import ManifestService
 from mirror.metadata import MemoryMetadata, open_metadata
 from mirror.metrics import Metrics

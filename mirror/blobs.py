@@ -28,15 +28,13 @@ from mirror.downloads import (
     close_file,
 )
 from mirror.errors import RangeNotSatisfiable, RegistryError
-from mirror.logs import OUTCOME
+from mirror.logs import outcome_key, sent_key
 from mirror.metrics import Metrics
 from mirror.reference import Digest
 from mirror.storage import Storage
 from mirror.upstream import Upstream
 
 log = logging.getLogger(__name__)
-
-outcome_key = web.RequestKey(OUTCOME, str)
 
 OCTET_STREAM = "application/octet-stream"
 
@@ -113,10 +111,13 @@ class BlobService:
         except BaseException:
             source.release()
             raise
-        return await _deliver(request, resp, self._relay(resp, source, digest, 0, None, True))
+        return await _deliver(
+            request, resp, self._relay(request, resp, source, digest, 0, None, True)
+        )
 
     async def _relay(
         self,
+        request: web.Request,
         resp: web.StreamResponse,
         source: aiohttp.ClientResponse,
         digest: Digest,
@@ -139,7 +140,7 @@ class BlobService:
                     high = len(chunk) if end is None else min(len(chunk), end + 1 - pos)
                     pos += len(chunk)
                     if low < high:
-                        await self._send(resp, held)
+                        await self._send(request, resp, held)
                         held = chunk[low:high]
                     if not verify and end is not None and pos > end:
                         break
@@ -148,12 +149,17 @@ class BlobService:
         if verify and (offset != 0 or hasher.hexdigest() != digest.hex):
             self._metrics.digest_mismatches.labels("blob").inc()
             raise TransferAborted("upstream bytes do not match the digest")
-        await self._send(resp, held)
+        await self._send(request, resp, held)
 
-    async def _send(self, resp: web.StreamResponse, chunk: bytes) -> None:
+    async def _send(self, request: web.Request, resp: web.StreamResponse, chunk: bytes) -> None:
         if chunk:
             await resp.write(chunk)
-            self._metrics.served_bytes.labels("upstream").inc(len(chunk))
+            self._sent(request, "upstream", len(chunk))
+
+    def _sent(self, request: web.Request, origin: str, length: int) -> None:
+        """Count body bytes that went out: in the metric, and for the access line."""
+        self._metrics.served_bytes.labels(origin).inc(length)
+        request[sent_key] = request.get(sent_key, 0) + length
 
     async def _head_uncached(
         self, request: web.Request, upstream: Upstream, repo: str, digest: Digest
@@ -198,13 +204,13 @@ class BlobService:
             try:
                 async for offset, length in download.spans(start, end):
                     await self._send_file(request, resp, file, offset, length)
-                    self._metrics.served_bytes.labels(origin).inc(length)
+                    self._sent(request, origin, length)
                     pos = offset + length
             except CacheWriteFailed:
                 # The disk filled up under the download: finish this client from upstream.
                 offset = 0 if span is None else pos
                 source = await upstream.open_blob(repo, str(download.digest), offset)
-                await self._relay(resp, source, download.digest, pos, end, span is None)
+                await self._relay(request, resp, source, download.digest, pos, end, span is None)
             except RegistryError as exc:
                 raise TransferAborted(exc.message) from None
             finally:

@@ -17,7 +17,9 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 # How a request ended when not with its status: "aborted" by us, or "client_closed".
-OUTCOME = "outcome"
+outcome_key = web.RequestKey("outcome", str)
+# Body bytes a streamed blob response wrote, counted by the mirror as they went out.
+sent_key = web.RequestKey("sent", int)
 # The registry a request was routed to, for the access line.
 upstream_name_key = web.RequestKey("upstream_name", str)
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -78,13 +80,15 @@ def setup_logging(level: str, fmt: str) -> None:
 
 def body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
     """Body bytes sent. Bodies sent by sendfile bypass aiohttp's byte count (which also
-    includes the headers), so a complete response counts its Content-Length."""
+    includes the headers), so a complete response counts its Content-Length and a cut
+    one what the mirror counted going out."""
     if request.method == "HEAD":
         return 0
+    if request.get(outcome_key) is not None:
+        sent: int = request.get(sent_key, 0)
+        return sent
     length = response.content_length
-    if length is not None and request.get(OUTCOME) is None:
-        return length
-    return response.body_length
+    return length if length is not None else response.body_length
 
 
 class AccessLogger(AbstractAccessLogger):
