@@ -162,9 +162,12 @@ async def metric(session: aiohttp.ClientSession, mirror: MirrorProcess, name: st
     return metric_value(await metrics(session, mirror), name)
 
 
+BlobAnswer = tuple[int, bytes | None, str]  # status, body, error
+
+
 async def get_blob(
     session: aiohttp.ClientSession, mirror: MirrorProcess, image: RandomImage
-) -> tuple[int, bytes | None, str]:
+) -> BlobAnswer:
     """(status, body, error): body None and error set when the transfer broke."""
     try:
         async with session.get(mirror.url + image.blob_path) as resp:
@@ -173,7 +176,7 @@ async def get_blob(
         return 0, None, f"{type(exc).__name__}: {exc}"
 
 
-def describe_blob_answer(answer: tuple[int, bytes | None, str], image: RandomImage) -> str:
+def describe_blob_answer(answer: BlobAnswer, image: RandomImage) -> str:
     status, body, error = answer
     if error:
         return f"broken transfer ({error})"
@@ -391,6 +394,37 @@ def mount_or_skip(cm: Any, stack: ExitStack) -> Path:
     return path
 
 
+def wrong_answers(answers: list[tuple[str, RandomImage, BlobAnswer]]) -> list[str]:
+    """A line for each blob GET that did not get the whole blob, right."""
+    return [
+        f"{what}: {describe_blob_answer(answer, image)}"
+        for what, image, answer in answers
+        if answer[0] != 200 or answer[1] != image.data
+    ]
+
+
+def readyz_problems(readyz: tuple[int, str], when: str) -> list[str]:
+    status, text = readyz
+    if status != 503 or json.loads(text).get("storage") != "not writable":
+        return [f"/readyz {when}: {status} {text.strip()}"]
+    return []
+
+
+async def unwritable_problems(
+    session: aiohttp.ClientSession, mirror: MirrorProcess
+) -> tuple[list[str], str]:
+    """What the metric and the log must say of a cache that takes no writes (the log
+    says it once, however many requests met it); and the log, for the report."""
+    problems = []
+    writable = await metric(session, mirror, "mirror_storage_writable")
+    if writable != 0.0:
+        problems.append(f"mirror_storage_writable is {writable}, not 0.0")
+    log = mirror_log(mirror)
+    if (logged := count_lines(log, UNWRITABLE_LOG)) != 1:
+        problems.append(f"{UNWRITABLE_LOG!r} logged {logged} times, not once")
+    return problems, log
+
+
 async def test_blob_larger_than_free_space_streams_uncached(
     hub: FakeHubProcess,
     content: Content,
@@ -408,22 +442,14 @@ async def test_blob_larger_than_free_space_streams_uncached(
     mirror.start()
     big = content.big
 
-    answers = [await get_blob(session, mirror, big) for _ in range(3)]
-    writable = await metric(session, mirror, "mirror_storage_writable")
-    log = mirror_log(mirror)
-    problems = [
-        f"GET #{i + 1} of the {BIG_SIZE // MIB} MiB blob: {describe_blob_answer(answer, big)}"
-        for i, answer in enumerate(answers)
-        if answer[0] != 200 or answer[1] != big.data
-    ]
+    what = f"GET #{{}} of the {BIG_SIZE // MIB} MiB blob"
+    answers = [(what.format(i), big, await get_blob(session, mirror, big)) for i in (1, 2, 3)]
+    problems, log = await unwritable_problems(session, mirror)
+    problems += wrong_answers(answers)
     if cached_blob_path(storage, big.layer_digest).exists():
         problems.append("the blob is under its digest in a cache it does not fit in")
     if leftovers := list((storage / "tmp").iterdir()):
         problems.append(f"tmp/ holds {leftovers}")
-    if writable != 0.0:
-        problems.append(f"mirror_storage_writable is {writable}, not 0.0")
-    if (logged := count_lines(log, UNWRITABLE_LOG)) != 1:
-        problems.append(f"{UNWRITABLE_LOG!r} logged {logged} times for 3 requests, not once")
     assert not problems, "\n".join(problems) + f"\nmirror log:\n{tail(log)}"
 
 
@@ -448,28 +474,19 @@ async def test_full_storage_streams_uncached_and_readyz_says_so(
         readyz = (resp.status, await resp.text())
     small, big = content.small, content.big
     answers = [
-        (image, await get_blob(session, mirror, image)) for image in (small, big, small, big)
+        (f"GET #{i} ({image.repo} blob)", image, await get_blob(session, mirror, image))
+        for i, image in enumerate((small, big, small, big), 1)
     ]
     puller = Puller(session, mirror.url)
     await puller.pull(content.busybox_repo, "latest")
     async with session.get(f"{mirror.url}/readyz") as resp:
         readyz_after = (resp.status, await resp.text())
-    writable = await metric(session, mirror, "mirror_storage_writable")
-    log = mirror_log(mirror)
 
-    problems = [
-        f"GET #{i + 1} ({image.repo} blob): {describe_blob_answer(answer, image)}"
-        for i, (image, answer) in enumerate(answers)
-        if answer[0] != 200 or answer[1] != image.data
-    ]
+    problems, log = await unwritable_problems(session, mirror)
+    problems += wrong_answers(answers)
     problems += [f"docker-like pull of busybox: {error}" for error in puller.errors]
-    for when, (status, text) in (("before", readyz), ("after", readyz_after)):
-        if status != 503 or json.loads(text).get("storage") != "not writable":
-            problems.append(f"/readyz {when} the requests: {status} {text.strip()}")
-    if writable != 0.0:
-        problems.append(f"mirror_storage_writable is {writable}, not 0.0")
-    if (logged := count_lines(log, UNWRITABLE_LOG)) != 1:
-        problems.append(f"{UNWRITABLE_LOG!r} logged {logged} times, not once")
+    problems += readyz_problems(readyz, "before the requests")
+    problems += readyz_problems(readyz_after, "after the requests")
     for image in (small, big):
         if cached_blob_path(storage, image.layer_digest).exists():
             problems.append(f"{image.repo}'s blob is cached on a full filesystem")
@@ -504,22 +521,15 @@ async def test_read_only_storage_serves_cache_and_streams_the_rest(
     cdn = hub.stats()["cdn_get_by_digest"]
     assert not set(cdn) & set(content.busybox_blobs), f"cached blobs fetched again: {cdn}"
 
-    answers = [await get_blob(session, mirror, big) for _ in range(2)]
+    answers = [
+        (f"GET #{i} of the uncached blob", big, await get_blob(session, mirror, big))
+        for i in (1, 2)
+    ]
     async with session.get(f"{mirror.url}/readyz") as resp:
         readyz = (resp.status, await resp.text())
-    writable = await metric(session, mirror, "mirror_storage_writable")
-    log = mirror_log(mirror)
-    problems = [
-        f"GET #{i + 1} of the uncached blob: {describe_blob_answer(answer, big)}"
-        for i, answer in enumerate(answers)
-        if answer[0] != 200 or answer[1] != big.data
-    ]
-    if readyz[0] != 503 or json.loads(readyz[1]).get("storage") != "not writable":
-        problems.append(f"/readyz: {readyz[0]} {readyz[1].strip()}")
-    if writable != 0.0:
-        problems.append(f"mirror_storage_writable is {writable}, not 0.0")
-    if (logged := count_lines(log, UNWRITABLE_LOG)) != 1:
-        problems.append(f"{UNWRITABLE_LOG!r} logged {logged} times, not once")
+    problems, log = await unwritable_problems(session, mirror)
+    problems += wrong_answers(answers)
+    problems += readyz_problems(readyz, "after the requests")
     assert not problems, "\n".join(problems) + f"\nmirror log:\n{tail(log)}"
 
 
