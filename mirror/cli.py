@@ -109,7 +109,8 @@ def read_image_list(path: str) -> list[str]:
         lines = open(path).read().splitlines()
     except OSError as exc:
         raise ConfigError("--file", f"cannot read {path!r}: {exc.strerror}") from None
-    return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
+    entries = (line.partition("#")[0].strip() for line in lines)
+    return [entry for entry in entries if entry]
 
 
 def serve(config: Config) -> None:

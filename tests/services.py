@@ -471,9 +471,7 @@ class DockerDaemon(Service):
         run_dir, self.run_dir = self.run_dir, None
         if run_dir is None:
             return  # never started
-        _kill_strays(str(run_dir))
-        _unmount_under(str(run_dir), str(self.data_root))
-        shutil.rmtree(run_dir, ignore_errors=True)
+        _clean_up_run_dir(run_dir, self.data_root)
         if not self.keep_data:
             # vfs stores a full copy of every layer: hundreds of MB per test run otherwise.
             shutil.rmtree(self.data_root, ignore_errors=True)
@@ -556,10 +554,16 @@ class Containerd(Service):
         run_dir, self.run_dir = self.run_dir, None
         if run_dir is None:
             return  # never started
-        _kill_strays(str(run_dir))
-        _unmount_under(str(run_dir), str(self.root))
-        shutil.rmtree(run_dir, ignore_errors=True)
+        _clean_up_run_dir(run_dir, self.root)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _clean_up_run_dir(run_dir: Path, data_root: Path) -> None:
+    """After a daemon stopped: kill what it left running, unmount what it mounted, and
+    remove its run directory."""
+    _kill_strays(str(run_dir))
+    _unmount_under(str(run_dir), str(data_root))
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _kill_strays(marker: str) -> None:
