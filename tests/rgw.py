@@ -30,7 +30,7 @@ CEPH_BINARIES = ("ceph-mon", "ceph-osd", "radosgw", "ceph-authtool", "monmaptool
 FSID = "6f1c4d2e-9d1b-4a37-9b3c-6a2f0f5e7a11"
 START_TIMEOUT = 60.0
 # The RAM an OSD may use for objects: big enough for the benchmark's 512 MiB blobs twice.
-MEMSTORE_BYTES = 3 * 1024**3
+MEMSTORE_BYTES = 4 * 1024**3
 
 
 def ceph_available() -> bool:
@@ -140,6 +140,19 @@ class CephRGW:
     def s3(self) -> S3:
         """A plain synchronous S3 client for this server, for tests to look into buckets."""
         return S3(self.endpoint, self.access_key, self.secret_key, self.region)
+
+    def requests(self) -> int:
+        """S3 requests radosgw has served so far (its own `req` counter)."""
+        sock = self.workdir / "run" / "client.rgw.test.asok"
+        dump = json.loads(_run(["ceph", "--admin-daemon", str(sock), "perf", "dump"]))
+        return int(dump["rgw"]["req"])
+
+    def presign(self, bucket: str, key: str, expires: int = 3600) -> str:
+        """A presigned GET URL for one object, as a client outside the mirror would use."""
+        url: str = self.s3().client.generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires
+        )
+        return url
 
     def new_bucket_name(self) -> str:
         return f"mirror-test-{next(self._buckets)}-{uuid.uuid4().hex[:8]}"
