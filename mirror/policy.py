@@ -106,7 +106,7 @@ class Glob:
 def parse_glob(key: str, value: object, known_upstreams: frozenset[str] | None = None) -> Glob:
     """A glob from the config; with `known_upstreams`, a rule glob whose first segment
     names an upstream (a literal name must be one of them)."""
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str):
         raise ConfigError(key, f"expected a glob string, got {value!r}")
     path, at, digest = value.partition("@")
     head, slash, last = path.rpartition("/")
