@@ -252,8 +252,6 @@ def parse_policy(
             raise ConfigError(
                 "auth.rules", "a rule names anonymous but auth.anonymous_pull is false"
             )
-    elif auth.get("groups") is not None:
-        raise ConfigError("auth.groups", "groups are only used by auth.rules, which is not set")
     if rules is None and all(lists == UpstreamLists() for lists in by_upstream.values()):
         return None
     return Policy(
