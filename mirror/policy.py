@@ -51,18 +51,22 @@ ALLOW_LIST = "allow_list"
 NO_RULE = "no_rule"
 
 
-def _segment_regex(segment: str) -> re.Pattern[str]:
-    return re.compile("[^/]*".join(re.escape(part) for part in segment.split("*")))
+def _segment_regex(segment: str) -> str:
+    return "[^/]*".join(re.escape(part) for part in segment.split("*"))
 
 
-def _match(pattern: Sequence[re.Pattern[str] | None], names: Sequence[str]) -> bool:
-    """Whether the segments `names` match `pattern` (None stands for `**`)."""
-    if not pattern:
-        return not names
-    head, rest = pattern[0], pattern[1:]
-    if head is None:
-        return any(_match(rest, names[i:]) for i in range(len(names) + 1))
-    return bool(names) and head.fullmatch(names[0]) is not None and _match(rest, names[1:])
+def _path_regex(segments: Sequence[str | None]) -> re.Pattern[str]:
+    """One regex for a whole path glob (None stands for `**`, never two in a row)."""
+    out, after_segment = "", False
+    for index, segment in enumerate(segments):
+        separator = "/" if after_segment else ""
+        if segment is not None:
+            out, after_segment = out + separator + segment, True
+        elif index < len(segments) - 1:  # `a/**/z`: `a/`, then any `x/`, then `z`
+            out, after_segment = out + separator + "(?:[^/]+/)*", False
+        else:  # a trailing `**`: any `/x` after what came before, or anything at all
+            out += "(?:/[^/]+)*" if after_segment else ".*"
+    return re.compile(out)
 
 
 @dataclass(frozen=True)
@@ -70,16 +74,13 @@ class Glob:
     """One compiled glob: path segments, and an optional tag glob or digest."""
 
     text: str
-    segments: tuple[re.Pattern[str] | None, ...]
+    path: re.Pattern[str]
     tag: re.Pattern[str] | None = None
     digest: str | None = None
 
-    def matches_path(self, names: Sequence[str]) -> bool:
-        return _match(self.segments, names)
-
-    def denies(self, names: Sequence[str], reference: str | None) -> bool:
+    def denies(self, path: str, reference: str | None) -> bool:
         """As a deny entry: the reference part applies only to references of its kind."""
-        if not self.matches_path(names):
+        if not self.path.fullmatch(path):
             return False
         if self.tag is not None:
             return (
@@ -91,9 +92,9 @@ class Glob:
             return reference == self.digest
         return True
 
-    def grants(self, names: Sequence[str], reference: str | None) -> bool:
+    def grants(self, path: str, reference: str | None) -> bool:
         """As an allow entry or a rule: see the module docstring for references."""
-        if not self.matches_path(names):
+        if not self.path.fullmatch(path):
             return False
         if reference is None or (self.tag is None and self.digest is None):
             return True
@@ -124,17 +125,21 @@ def parse_glob(key: str, value: object, known_upstreams: frozenset[str] | None =
     compiled = [_compile_segment(key, value, s, i, known_upstreams) for i, s in enumerate(segments)]
     if known_upstreams is not None and len(compiled) < 2 and compiled[0] is not None:
         raise ConfigError(key, f"malformed glob {value!r}: expected <upstream>/<repository glob>")
+    # `**/**` is `**`: a run of them is collapsed, so that it cannot multiply the work.
+    collapsed = [
+        s for i, s in enumerate(compiled) if s is not None or compiled[i - 1 : i] != [None]
+    ]
     return Glob(
         value,
-        tuple(compiled),
-        re.compile(_segment_regex(tag).pattern) if colon else None,
+        _path_regex(collapsed),
+        re.compile(_segment_regex(tag)) if colon else None,
         digest if at else None,
     )
 
 
 def _compile_segment(
     key: str, value: str, segment: str, index: int, known_upstreams: frozenset[str] | None
-) -> re.Pattern[str] | None:
+) -> str | None:
     if segment == "**":
         return None
     upstream = known_upstreams is not None and index == 0
@@ -167,12 +172,10 @@ class UpstreamLists:
     deny: tuple[Glob, ...] = ()
 
     def refusal(self, target: Target) -> str | None:
-        names = target.repository.split("/")
-        if any(glob.denies(names, target.reference) for glob in self.deny):
+        path, reference = target.repository, target.reference
+        if any(glob.denies(path, reference) for glob in self.deny):
             return DENY_LIST
-        if self.allow is not None and not any(
-            glob.grants(names, target.reference) for glob in self.allow
-        ):
+        if self.allow is not None and not any(glob.grants(path, reference) for glob in self.allow):
             return ALLOW_LIST
         return None
 
@@ -193,9 +196,8 @@ class Rule:
         return self.any_user or subject in self.users
 
     def grants(self, target: Target) -> bool:
-        repository = target.repository.split("/")
         return any(
-            glob.grants([alias, *repository], target.reference)
+            glob.grants(f"{alias}/{target.repository}", target.reference)
             for glob in self.pulls
             for alias in target.aliases
         )

@@ -17,11 +17,11 @@ OTHER_DIGEST = "sha256:" + "b" * 64
 
 
 def grants(glob: str, repository: str, reference: str | None = None) -> bool:
-    return parse_glob("g", glob).grants(repository.split("/"), reference)
+    return parse_glob("g", glob).grants(repository, reference)
 
 
 def denies(glob: str, repository: str, reference: str | None = None) -> bool:
-    return parse_glob("g", glob).denies(repository.split("/"), reference)
+    return parse_glob("g", glob).denies(repository, reference)
 
 
 # --- globs -------------------------------------------------------------------------------------
@@ -46,6 +46,11 @@ def denies(glob: str, repository: str, reference: str | None = None) -> bool:
         ("a/**/z", "a/z", True),
         ("a/**/z", "a/b/c/z", True),
         ("a/**/z", "a/b/c/y", False),
+        ("a/**/**/**/z", "a/z", True),  # a run of ** is one
+        ("a/**/b/**", "a/x/b/y/z", True),
+        ("a/**/b/**", "a/b", True),
+        ("a/**/b/**", "a/x/c", False),
+        ("a/**/**/**/z", "a/b/c/d/e/z", True),
         ("**", "any/thing/at/all", True),
         ("library/nginx", "library/nginx", True),
         ("library/nginx", "library/nginxx", False),
@@ -111,9 +116,10 @@ def test_malformed_globs(glob: str) -> None:
 
 def test_rule_globs_name_a_known_upstream() -> None:
     known = frozenset({"docker.io", "ghcr.io"})
-    assert parse_glob("k", "ghcr.io/owner/*", known).grants(["ghcr.io", "owner", "x"], None)
-    assert parse_glob("k", "*/library/*", known).grants(["ghcr.io", "library", "x"], None)
-    assert parse_glob("k", "**", known).grants(["ghcr.io", "library", "x"], None)
+    assert parse_glob("k", "ghcr.io/owner/*", known).grants("ghcr.io/owner/x", None)
+    assert parse_glob("k", "*/library/*", known).grants("ghcr.io/library/x", None)
+    assert parse_glob("k", "**", known).grants("ghcr.io/library/x", None)
+    assert not parse_glob("k", "docker.io/**", known).grants("ghcr.io/library/x", None)
     with pytest.raises(ConfigError, match="names no configured upstream: 'quay.io'"):
         parse_glob("auth.rules[0].pull[0]", "quay.io/owner/*", known)
     with pytest.raises(ConfigError, match="expected <upstream>/<repository glob>"):
