@@ -149,6 +149,23 @@ async def test_what_the_lists_allow_is_pulled(
     assert await denied_counts(client) == {}
 
 
+async def test_a_digest_deny_stops_a_pull_by_tag_at_the_get_by_digest(
+    make_client: MakeClient, hub: FakeHub, ghcr: FakeHub, images: dict[str, dict[str, Any]]
+) -> None:
+    bad = images["nginx"]["digest"]
+    client = await policy_mirror(make_client, hub, ghcr, docker_io={"deny": [f"library/*@{bad}"]})
+    # Docker's and containerd's order: HEAD the tag (the digest is not known yet), then GET
+    # by digest, which the deny refuses before asking upstream.
+    head = await client.head("/v2/library/nginx/manifests/latest")
+    assert head.status == 200 and head.headers["Docker-Content-Digest"] == bad
+    hub.stats.reset()
+    resp = await client.get(f"/v2/library/nginx/manifests/{bad}")
+    assert resp.status == 403 and error(await resp.read())["detail"]["reference"] == bad
+    assert hub.stats.requests == []
+    other = images["busybox"]["digest"]
+    assert await status_of(client, f"/v2/library/busybox/manifests/{other}") == 200
+
+
 # --- rules: users, groups, anonymous, tokens ----------------------------------------------------
 
 RULES = [
