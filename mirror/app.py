@@ -18,6 +18,7 @@ from mirror.credentials import Credentials
 from mirror.downloads import Downloads
 from mirror.errors import EndpointUnknown, RegistryError, Unsupported
 from mirror.eviction import Evictor
+from mirror.gate import pull_policy_middleware
 from mirror.handlers import API_VERSION_HEADER
 from mirror.keys import (
     blobs_key,
@@ -54,7 +55,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def create_app(config: Config) -> web.Application:
     """A mirror application for `config`; resources open when it starts."""
-    app = web.Application(middlewares=[registry_middleware, client_auth_middleware])
+    app = web.Application(
+        middlewares=[registry_middleware, client_auth_middleware, pull_policy_middleware]
+    )
     app[config_key] = config
     app[metrics_key] = Metrics()
     app[storage_key] = Storage(config.storage.path, config.storage.max_size)

@@ -11,10 +11,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import yaml
+
+if TYPE_CHECKING:
+    from mirror.policy import Policy
 
 DEFAULT_UPSTREAM = "https://registry-1.docker.io"
 
@@ -107,6 +110,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     log: LogConfig = field(default_factory=LogConfig)
     shutdown_timeout: float = 30.0
+    policy: Policy | None = None  # allow/deny globs and auth.rules; None: pull anything
 
 
 def parse_size(key: str, value: object) -> int:
@@ -204,7 +208,7 @@ def _upstream(key: str, raw: object, name: str = "") -> UpstreamConfig:
     """One upstream entry, at `key` in the file (for error messages)."""
     if not isinstance(raw, Mapping):
         raise ConfigError(key, f"expected a mapping, got {raw!r}")
-    _reject_unknown(raw, UPSTREAM_KEYS, prefix=f"{key}.")
+    _reject_unknown(raw, UPSTREAM_KEYS | {"allow", "deny"}, prefix=f"{key}.")  # policy.py
     sources = [k for k in ("password", "password_file", "password_command") if raw.get(k)]
     if len(sources) > 1:
         raise ConfigError(f"{key}.{sources[1]}", f"conflicts with {key}.{sources[0]}")
@@ -253,7 +257,8 @@ def _upstreams(raw: Mapping[str, Any]) -> tuple[UpstreamConfig, tuple[UpstreamCo
 
 
 def _auth(raw: Mapping[str, Any]) -> AuthConfig:
-    sec = _section(raw, "auth", {"htpasswd", "anonymous_pull", "token_ttl", "signing_key_file"})
+    keys = {"htpasswd", "anonymous_pull", "token_ttl", "signing_key_file", "groups", "rules"}
+    sec = _section(raw, "auth", keys)  # groups and rules: parsed in policy.py
     anonymous = sec.get("anonymous_pull", False)
     if not isinstance(anonymous, bool):
         raise ConfigError("auth.anonymous_pull", f"expected true or false, got {anonymous!r}")
@@ -333,7 +338,16 @@ def config_from_mapping(raw: Mapping[str, Any]) -> Config:
         cache=_cache(raw),
         log=_log(raw),
         shutdown_timeout=parse_duration("shutdown_timeout", raw.get("shutdown_timeout", 30)),
+        policy=_policy(raw, default, others),
     )
+
+
+def _policy(
+    raw: Mapping[str, Any], default: UpstreamConfig, others: tuple[UpstreamConfig, ...]
+) -> Policy | None:
+    from mirror.policy import parse_policy  # policy.py imports ConfigError from here
+
+    return parse_policy(raw, default, others)
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:

@@ -190,3 +190,10 @@ class Metrics:
             ["upstream", "status"],
             registry=r,
         )
+        self.pulls_denied = Counter(
+            "mirror_pulls_denied",
+            "Requests refused by the pull policy, by upstream and reason (deny_list: a deny "
+            "glob, allow_list: no allow glob, no_rule: no auth.rules entry).",
+            ["upstream", "reason"],
+            registry=r,
+        )
