@@ -7,6 +7,7 @@ from urllib.parse import urlencode, urlsplit
 
 from aiohttp import web
 
+from mirror.conditional import cache_control, digest_headers, none_match, not_modified
 from mirror.errors import EndpointUnknown, ManifestUnknown, NameInvalid, Unsupported
 from mirror.keys import (
     blobs_key,
@@ -19,7 +20,7 @@ from mirror.keys import (
     upstreams_key,
 )
 from mirror.logs import upstream_name_key
-from mirror.manifests import parse_accept
+from mirror.negotiation import parse_accept
 from mirror.reference import parse_digest, validate_name
 from mirror.status import render
 from mirror.upstream import Passthrough, Upstream
@@ -51,11 +52,14 @@ async def manifest(request: web.Request) -> web.StreamResponse:
     )
     headers = {
         "Content-Type": found.media_type,
-        "Docker-Content-Digest": found.digest,
-        "ETag": f'"{found.digest}"',
+        **digest_headers(found.digest),
+        "Cache-Control": cache_control(found.fresh_for),
+        "Vary": "Accept",  # the answer depends on it (negotiation.py)
     }
     if found.stale:
         headers["Warning"] = STALE_WARNING
+    if none_match(request, found.digest):
+        return not_modified(headers)
     if found.body is not None:
         request.app[pulls_key].add(upstream.catalog_prefix + repo)
         return web.Response(body=found.body, headers=headers)
