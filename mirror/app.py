@@ -28,6 +28,7 @@ from mirror.keys import (
     metadata_key,
     metrics_key,
     pulls_key,
+    referrers_key,
     storage_key,
     upstreams_key,
 )
@@ -35,6 +36,7 @@ from mirror.logs import REQUEST_ID_HEADER, new_request_id, outcome_key, request_
 from mirror.manifests import ManifestService
 from mirror.metadata import MemoryMetadata, open_metadata
 from mirror.metrics import Metrics
+from mirror.referrers import ReferrersService
 from mirror.routes import setup_routes
 from mirror.routing import Upstreams
 from mirror.status import PullCounter
@@ -178,6 +180,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     app[blobs_key] = blobs
     manifests = ManifestService(storage, app[metadata_key], metrics, config.cache)
     app[manifests_key] = manifests
+    app[referrers_key] = ReferrersService(manifests, metrics)
     evictor = Evictor(
         storage, metrics, config.storage.max_size, config.storage.max_idle, lambda: blobs.reading
     )

@@ -8,7 +8,7 @@ from urllib.parse import urlencode, urlsplit
 from aiohttp import web
 
 from mirror.conditional import cache_control, digest_headers, none_match, not_modified
-from mirror.errors import EndpointUnknown, ManifestUnknown, NameInvalid, Unsupported
+from mirror.errors import EndpointUnknown, NameInvalid, Unsupported
 from mirror.keys import (
     blobs_key,
     config_key,
@@ -16,11 +16,12 @@ from mirror.keys import (
     metadata_key,
     metrics_key,
     pulls_key,
+    referrers_key,
     storage_key,
     upstreams_key,
 )
 from mirror.logs import upstream_name_key
-from mirror.negotiation import parse_accept
+from mirror.negotiation import OCI_INDEX, parse_accept
 from mirror.reference import parse_digest, validate_name
 from mirror.status import render
 from mirror.upstream import Passthrough, Upstream
@@ -103,16 +104,17 @@ def _named_as_asked(answer: Passthrough, request: web.Request) -> bytes:
 
 
 async def referrers(request: web.Request) -> web.Response:
+    """An OCI index of what refers to the digest, for every upstream (referrers.py)."""
     upstream, repo = route(request)
     digest = parse_digest(request.match_info["digest"])
-    query = {k: v for k, v in request.query.items() if k == "artifactType"}
-    path = f"/v2/{repo}/referrers/{digest}" + (f"?{urlencode(query)}" if query else "")
-    answer = await upstream.passthrough(path, repo, "referrers")
-    if answer.status == 404:
-        raise ManifestUnknown(f"no referrers for {digest} upstream")
-    return web.Response(
-        status=answer.status, body=answer.body, headers={"Content-Type": answer.content_type}
-    )
+    artifact_type = request.query.get("artifactType") or None
+    found = await request.app[referrers_key].get(upstream, repo, digest, artifact_type)
+    headers = {"Content-Type": OCI_INDEX, "Cache-Control": cache_control(found.fresh_for)}
+    if found.filtered:
+        headers["OCI-Filters-Applied"] = "artifactType"
+    if found.stale:
+        headers["Warning"] = STALE_WARNING
+    return web.Response(body=found.body, headers=headers)
 
 
 async def catalog(request: web.Request) -> web.Response:

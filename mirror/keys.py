@@ -11,6 +11,7 @@ from mirror.eviction import Evictor
 from mirror.manifests import ManifestService
 from mirror.metadata import MetadataStore
 from mirror.metrics import Metrics
+from mirror.referrers import ReferrersService
 from mirror.routing import Upstreams
 from mirror.status import PullCounter
 from mirror.storage import Storage
@@ -25,3 +26,4 @@ blobs_key = web.AppKey("blobs", BlobService)
 evictor_key = web.AppKey("evictor", Evictor)
 pulls_key = web.AppKey("pulls", PullCounter)
 manifests_key = web.AppKey("manifests", ManifestService)
+referrers_key = web.AppKey("referrers", ReferrersService)

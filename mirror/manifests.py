@@ -16,7 +16,7 @@ from mirror.lru import LRU
 from mirror.metadata import MetadataStore, TagRecord
 from mirror.metrics import Metrics
 from mirror.negotiation import MANIFEST_TYPES, Verdict, decide, default_platform
-from mirror.reference import is_digest_reference, parse_digest, validate_tag
+from mirror.reference import compute_digest, is_digest_reference, parse_digest, validate_tag
 from mirror.singleflight import SingleFlight
 from mirror.storage import Storage
 from mirror.upstream import ManifestInfo, Upstream
@@ -83,6 +83,37 @@ class ManifestService:
         decide(child.media_type, accept, by_tag=False)
         return replace(child, stale=found.stale, fresh_for=found.fresh_for)
 
+    def ttl_of(self, upstream: Upstream) -> float:
+        """How long a tag of this upstream is believed without asking it again."""
+        return self._tag_ttl if upstream.tag_ttl is None else upstream.tag_ttl
+
+    @property
+    def stale_if_error(self) -> float:
+        return self._stale_if_error
+
+    async def remember(
+        self, upstream: Upstream, repo: str, key: str, media_type: str, body: bytes
+    ) -> TagRecord:
+        """Keep a document the mirror composed (a referrers index) by its digest, and
+        `key` pointing at it like a tag, under the same TTL and stale rules."""
+        info = ManifestInfo(str(compute_digest(body)), media_type, len(body))
+        await self._store(upstream, repo, info, body)
+        record = TagRecord(info.digest, media_type, len(body), time.time())
+        await self._put_tag(upstream.name, repo, key, record)
+        return record
+
+    async def recall(
+        self, upstream: Upstream, repo: str, key: str
+    ) -> tuple[TagRecord, bytes] | None:
+        """What `remember` kept under `key`, fresh or not; None when it or its bytes are gone."""
+        record = await self._get_tag(upstream.name, repo, key, self.ttl_of(upstream))
+        if record is None:
+            return None
+        cached = self._hot.get(record.digest)
+        if cached is None:
+            cached = await self._storage.read_manifest(parse_digest(record.digest))
+        return None if cached is None else (record, cached[1])
+
     async def _by_digest(
         self, upstream: Upstream, repo: str, reference: str, *, head: bool
     ) -> Manifest:
@@ -112,7 +143,7 @@ class ManifestService:
         return Manifest(reference, info.media_type, info.size, body)
 
     async def _by_tag(self, upstream: Upstream, repo: str, tag: str, *, head: bool) -> Manifest:
-        ttl = self._tag_ttl if upstream.tag_ttl is None else upstream.tag_ttl
+        ttl = self.ttl_of(upstream)
         record = await self._get_tag(upstream.name, repo, tag, ttl)
         if record is not None and record.is_fresh(ttl):
             self._metrics.cache_requests.labels("tag", "hit").inc()
