@@ -18,6 +18,7 @@ from mirror.keys import (
     pulls_key,
     referrers_key,
     storage_key,
+    taglists_key,
     upstreams_key,
 )
 from mirror.logs import upstream_name_key
@@ -76,12 +77,19 @@ async def blob(request: web.Request) -> web.StreamResponse:
 
 
 async def tags_list(request: web.Request) -> web.Response:
-    """Relayed from upstream; the next-page Link is made relative, so it points at us."""
+    """Relayed from upstream (kept for an outage, taglists.py); the next-page Link is
+    made relative, so it points at us."""
     upstream, repo = route(request)
-    query = {k: v for k, v in request.query.items() if k in ("n", "last")}
-    path = f"/v2/{repo}/tags/list" + (f"?{urlencode(query)}" if query else "")
-    answer = await upstream.passthrough(path, repo, "tags")
+    n = request.query.get("n")
+    if n is not None and not n.isdigit():
+        raise NameInvalid("n must be a number")
+    kept = await request.app[taglists_key].get(
+        upstream, repo, None if n is None else int(n), request.query.get("last")
+    )
+    answer = kept.answer
     headers = {"Content-Type": answer.content_type}
+    if kept.stale:
+        headers["Warning"] = STALE_WARNING
     if answer.link:
         headers["Link"] = _mirror_link(answer.link, repo, request)
     return web.Response(

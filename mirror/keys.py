@@ -15,6 +15,7 @@ from mirror.referrers import ReferrersService
 from mirror.routing import Upstreams
 from mirror.status import PullCounter
 from mirror.storage import Storage
+from mirror.taglists import TagListService
 
 config_key = web.AppKey("config", Config)
 metrics_key = web.AppKey("metrics", Metrics)
@@ -27,3 +28,4 @@ evictor_key = web.AppKey("evictor", Evictor)
 pulls_key = web.AppKey("pulls", PullCounter)
 manifests_key = web.AppKey("manifests", ManifestService)
 referrers_key = web.AppKey("referrers", ReferrersService)
+taglists_key = web.AppKey("taglists", TagListService)
