@@ -128,7 +128,7 @@ async def test_range_with_matching_if_range_is_206(
 @pytest.mark.parametrize("warm", [True, False], ids=["cached", "cold"])
 @pytest.mark.parametrize(
     "if_range",
-    ['"sha256:' + "3" * 64 + '"', "Wed, 21 Oct 2015 07:28:00 GMT", "W/\"{digest}\""],
+    ['"sha256:' + "3" * 64 + '"', "Wed, 21 Oct 2015 07:28:00 GMT", 'W/"{digest}"'],
     ids=["other-etag", "date", "weak"],
 )
 async def test_range_with_stale_if_range_gets_the_whole_blob(
@@ -220,3 +220,32 @@ async def test_stale_tag_is_not_to_be_cached(
     assert resp.status == 200
     assert resp.headers["Warning"].startswith("110")
     assert resp.headers["Cache-Control"] == "max-age=0"
+
+
+async def test_every_blob_and_manifest_answer_carries_the_digest(
+    hub: FakeHub, client: Client, config: Config
+) -> None:
+    """Docker-Content-Digest and ETag on each answer kind: GET, HEAD, 206, cold and warm."""
+    image = hub.content.add_image("library/app", "latest", [os.urandom(40_000)])
+    layer = image["layers"][0]
+    blob = f"/v2/library/app/blobs/{layer}"
+    requests = [
+        ("HEAD", blob, {}),  # cold: HEAD first, nothing downloaded yet
+        ("GET", blob, {"Range": "bytes=10-19"}),  # cold 206
+        ("GET", blob, {}),
+    ]
+    for ref in ("latest", image["digest"]):
+        requests += [
+            (m, f"/v2/library/app/manifests/{ref}", DOCKER_ACCEPT) for m in ("HEAD", "GET")
+        ]
+    seen = []
+    for round_ in ("cold", "warm"):
+        for method, path, headers in requests:
+            resp = await client.request(method, path, headers=headers)
+            await resp.read()
+            want = layer if "/blobs/" in path else image["digest"]
+            seen.append((round_, method, resp.status, resp.headers.get("Docker-Content-Digest")))
+            assert resp.headers.get("Docker-Content-Digest") == want, seen[-1]
+            assert resp.headers.get("ETag") == f'"{want}"', seen[-1]
+        await cache_blob(client, config, layer)
+    assert {status for *_, status, _ in seen} == {200, 206}
