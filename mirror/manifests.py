@@ -97,7 +97,8 @@ class ManifestService:
         """Keep a document the mirror composed (a referrers index) by its digest, and
         `key` pointing at it like a tag, under the same TTL and stale rules."""
         info = ManifestInfo(str(compute_digest(body)), media_type, len(body))
-        await self._store(upstream, repo, info, body)
+        # Not in _catalog on its own: a tag list or an empty referrers answer is no content.
+        await self._store(upstream, repo, info, body, catalog=False)
         record = TagRecord(info.digest, media_type, len(body), time.time())
         await self._put_tag(upstream.name, repo, key, record)
         return record
@@ -224,7 +225,9 @@ class ManifestService:
         self._tags.put((upstream, repo, tag), record)
         await self._metadata.put_tag(upstream, repo, tag, record)
 
-    async def _store(self, upstream: Upstream, repo: str, info: ManifestInfo, body: bytes) -> None:
+    async def _store(
+        self, upstream: Upstream, repo: str, info: ManifestInfo, body: bytes, catalog: bool = True
+    ) -> None:
         self._hot.put(info.digest, (info.media_type, body))
         try:
             written = await self._storage.write_manifest(
@@ -236,4 +239,5 @@ class ManifestService:
         if written:
             self._metrics.cache_size.inc(len(body))
             self._metrics.cache_objects.inc()
-        await self._metadata.add_repository(upstream.catalog_prefix + repo)
+        if catalog:
+            await self._metadata.add_repository(upstream.catalog_prefix + repo)

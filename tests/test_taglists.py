@@ -104,3 +104,14 @@ async def test_never_listed_repository_fails_in_an_outage(
 
     assert resp.status == 503
     assert (await resp.json())["errors"][0]["code"] == "UNAVAILABLE"
+
+
+async def test_listing_tags_does_not_put_a_repository_in_the_catalog(
+    hub: FakeHub, make_client: MakeClient
+) -> None:
+    client = await cached_client(hub, make_client)
+    await (await client.get("/v2/library/app/tags/list")).read()
+
+    resp = await client.get("/v2/_catalog")
+
+    assert (await resp.json())["repositories"] == []
