@@ -22,6 +22,7 @@ import json
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
@@ -45,6 +46,8 @@ NO_API = frozenset({400, 404, 405, 501})
 NO_API_MEMORY = 3600.0
 MAX_INDEX_BYTES = 4 * 1024 * 1024
 MAX_ERROR_BYTES = 64 * 1024
+# An upstream that pages its referrers: pages followed and merged into one index.
+MAX_PAGES = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,25 +151,41 @@ class ReferrersService:
         return body, found.stale
 
     async def _from_api(self, upstream: Upstream, repo: str, subject: Digest) -> bytes | None:
-        """The upstream's referrers index, or None when it has no referrers API."""
+        """The upstream's referrers index (its pages merged), or None when it has no
+        referrers API."""
+        first, link = await self._api_page(upstream, repo, f"/v2/{repo}/referrers/{subject}")
+        if first is None or link is None:
+            return first
+        index = _parse_index(first)
+        for _ in range(MAX_PAGES - 1):
+            page, link = await self._api_page(upstream, repo, link)
+            if page is None:
+                raise ManifestInvalid(f"the next page of the referrers of {subject} is gone")
+            index["manifests"].extend(_parse_index(page)["manifests"])
+            if link is None:
+                return json.dumps(index).encode()
+        raise ManifestInvalid(f"the referrers of {subject} run past {MAX_PAGES} pages")
+
+    async def _api_page(
+        self, upstream: Upstream, repo: str, path: str
+    ) -> tuple[bytes | None, str | None]:
+        """One page of the referrers API and the path of the next; (None, None) when the
+        upstream has no referrers API."""
         resp = await upstream.request(
-            "GET",
-            f"/v2/{repo}/referrers/{subject}",
-            kind="referrers",
-            repo=repo,
-            headers={"Accept": OCI_INDEX},
+            "GET", path, kind="referrers", repo=repo, headers={"Accept": OCI_INDEX}
         )
         async with resp:
             if resp.status in NO_API:
                 if _error_code(await _read_bounded(resp, MAX_ERROR_BYTES)) == "NAME_UNKNOWN":
                     raise NameUnknown(f"repository {repo} not known upstream")
-                return None
-            upstream.raise_for_status(resp, "referrers", f"referrers of {subject}")
+                return None, None
+            upstream.raise_for_status(resp, "referrers", f"referrers of {repo}")
             body = await _read_bounded(resp, MAX_INDEX_BYTES)
+            link = _next_path(resp.headers.get("Link"), upstream.url)
         if len(body) > MAX_INDEX_BYTES:
-            raise ManifestInvalid(f"referrers of {subject} larger than {MAX_INDEX_BYTES} bytes")
+            raise ManifestInvalid(f"referrers of {repo} larger than {MAX_INDEX_BYTES} bytes")
         _parse_index(body)
-        return body
+        return body, link
 
     async def _check_repository(self, upstream: Upstream, repo: str) -> None:
         """NameUnknown when the upstream does not know the repository (its tag list says)."""
@@ -186,6 +205,19 @@ async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise UpstreamUnavailable(f"reading referrers failed: {type(exc).__name__}") from None
     return bytes(body[: limit + 1])
+
+
+def _next_path(link: str | None, base: str) -> str | None:
+    """The path (and query) of a `Link: <...>; rel="next"`, below the upstream's URL;
+    None for the last page, or a link to another host (its token is not for it)."""
+    if not link or 'rel="next"' not in link:
+        return None
+    home = urlsplit(base)
+    target = urlsplit(urljoin(base + "/", link.partition(">")[0].strip(" <")))
+    if (target.scheme, target.netloc) != (home.scheme, home.netloc):
+        return None
+    path = target.path.removeprefix(home.path)
+    return path + (f"?{target.query}" if target.query else "")
 
 
 def _error_code(body: bytes) -> str | None:

@@ -51,7 +51,7 @@ STAT_KEYS = (
 KNOBS = (
     "token_expires_in", "corrupt_blobs", "ratelimit_remaining", "cdn_delay", "users",
     "cdn_cut_after", "registry_status", "cdn_ignores_range", "token_delay",
-    "referrers_api", "referrers_filter",
+    "referrers_api", "referrers_filter", "referrers_page_size",
 )  # fmt: skip
 
 
@@ -270,6 +270,7 @@ class FakeHub:
         self.token_delay = 0.0  # seconds the token service takes to answer
         self.referrers_api = True  # False: 404 like Docker Hub (memory mode; a backend decides)
         self.referrers_filter = True  # False: an API that ignores artifactType
+        self.referrers_page_size: int | None = None  # page the API's answers
         self.registry_url = self.token_url = self.cdn_url = ""
         self._tokens: dict[str, Token] = {}
         self._runners: list[web.AppRunner] = []
@@ -473,6 +474,13 @@ class FakeHub:
                 m for m in index["manifests"] if m.get("artifactType") == artifact_type
             ]
             headers["OCI-Filters-Applied"] = "artifactType"
+        if self.referrers_page_size:  # pages, with an opaque next link as registries do
+            start = int(request.query.get("page", "0"))
+            end = start + self.referrers_page_size
+            if end < len(index["manifests"]):
+                query = urlencode({**request.query, "page": end})
+                headers["Link"] = f'</v2/{name}/referrers/{digest}?{query}>; rel="next"'
+            index["manifests"] = index["manifests"][start:end]
         return web.Response(body=json.dumps(index).encode(), content_type=OCI_INDEX,
                             headers=headers)  # fmt: skip
 

@@ -264,3 +264,16 @@ def test_storage_keeps_no_path_from_the_tag_key(tmp_path: Path) -> None:
 
     assert TAG_RE.fullmatch(key) is None
     assert ":" not in key and "/" not in key
+
+
+async def test_paged_api_answer_is_merged_into_one_index(
+    hub: FakeHub, mirror: Client, api_content: dict[str, Any]
+) -> None:
+    hub.referrers_page_size = 1
+
+    resp = await referrers(mirror, "", api_content["subject"])
+
+    assert resp.status == 200
+    assert "Link" not in resp.headers
+    assert listed(await resp.read()) == api_content["artifacts"]
+    assert hub.stats["referrers"] == 2
