@@ -29,17 +29,21 @@ from mirror.keys import (
     metadata_key,
     metrics_key,
     pulls_key,
+    referrers_key,
     storage_key,
+    taglists_key,
     upstreams_key,
 )
 from mirror.logs import REQUEST_ID_HEADER, new_request_id, outcome_key, request_id_var
 from mirror.manifests import ManifestService
 from mirror.metadata import MemoryMetadata, open_metadata
 from mirror.metrics import Metrics
+from mirror.referrers import ReferrersService
 from mirror.routes import setup_routes
 from mirror.routing import Upstreams
 from mirror.status import PullCounter
 from mirror.storage import Storage
+from mirror.taglists import TagListService
 from mirror.upstream import Upstream, new_session
 
 log = logging.getLogger(__name__)
@@ -181,6 +185,8 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     app[blobs_key] = blobs
     manifests = ManifestService(storage, app[metadata_key], metrics, config.cache)
     app[manifests_key] = manifests
+    app[referrers_key] = ReferrersService(manifests, metrics)
+    app[taglists_key] = TagListService(manifests, metrics)
     evictor = Evictor(
         storage, metrics, config.storage.max_size, config.storage.max_idle, lambda: blobs.reading
     )
