@@ -19,7 +19,7 @@ import asyncio
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
@@ -177,33 +177,14 @@ class RedisConnection:
         self._sentinel = sentinel
 
     async def scan_keys(self, match: str, count: int = 1000) -> AsyncIterator[str]:
-        """Every key matching `match`, from every master of a Cluster (each key once)."""
-        if isinstance(self.client, aioredis.RedisCluster):
-            seen: set[str] = set()
-            for node in self.client.get_primaries():
-                # A key moving between slots during the scan may show on two nodes.
-                async for key in self._scan_node(self.client, node, match, count):
-                    if key not in seen:
-                        seen.add(key)
-                        yield key
-        else:
-            async for key in self.client.scan_iter(match=match, count=count):
+        """Every key matching `match`; on a Cluster, from every master (redis-py's cluster
+        SCAN goes to each primary in turn)."""
+        seen: set[str] = set()
+        async for key in self.client.scan_iter(match=match, count=count):
+            # A key may be met twice: SCAN's own guarantee, or a slot moving meanwhile.
+            if key not in seen:
+                seen.add(key)
                 yield str(key)
-
-    @staticmethod
-    async def _scan_node(
-        client: aioredis.RedisCluster, node: ClusterNode, match: str, count: int
-    ) -> AsyncIterator[str]:
-        cursor = 0
-        while True:
-            # The cluster client answers a targeted SCAN as ({node: cursor}, keys).
-            answer = await client.scan(cursor, match=match, count=count, target_nodes=node)
-            cursors, keys = cast(tuple[dict[str, int], list[str]], answer)
-            for key in keys:
-                yield str(key)
-            cursor = int(cursors[node.name])
-            if cursor == 0:
-                return
 
     async def close(self) -> None:
         if isinstance(self.client, aioredis.RedisCluster):

@@ -12,7 +12,6 @@ test that breaks a topology (kills its master) builds its own under tmp_path.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -157,6 +156,11 @@ class RedisSentinelSetup:
     def master_port(self) -> int | None:
         return self.sentinel.master_port_now()
 
+    def flush(self) -> None:
+        port = self.master_port()
+        assert port is not None, "Sentinel names no master"
+        redis_command(port, "FLUSHALL")
+
     def stop(self) -> None:
         self._stack.close()
 
@@ -199,17 +203,14 @@ class RedisClusterSetup:
         return f"redis+cluster://{hosts}"
 
     def start(self) -> Self:
+        """Start the nodes; the first time, join them into one cluster."""
+        created = all((node.workdir / "nodes.conf").exists() for node in self.nodes)
         with ExitStack() as stack:
             for node in self.nodes:
                 stack.enter_context(node)
-            addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
-            create = subprocess.run(
-                ["redis-cli", "--cluster", "create", *addresses,
-                 "--cluster-replicas", "0", "--cluster-yes"],
-                capture_output=True, text=True, timeout=60, check=False,
-            )  # fmt: skip
-            if create.returncode != 0:
-                raise ServiceError(f"redis-cli --cluster create failed:\n{create.stdout}")
+            if not created:
+                self._create()
+            # A restarted node finds the others from its nodes.conf, by itself.
             wait_until(
                 "cluster_state:ok on every node",
                 lambda: all(
@@ -221,6 +222,16 @@ class RedisClusterSetup:
             )
             self._stack = stack.pop_all()
         return self
+
+    def _create(self) -> None:
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        create = subprocess.run(
+            ["redis-cli", "--cluster", "create", *addresses,
+             "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        if create.returncode != 0:
+            raise ServiceError(f"redis-cli --cluster create failed:\n{create.stdout}")
 
     def flush(self) -> None:
         for node in self.nodes:
@@ -251,14 +262,6 @@ def require_redis_tools() -> None:
         pytest.skip(f"not installed: {', '.join(missing)} (make test installs them)")
 
 
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="session")
 def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSentinelSetup]:
     """Master, replica and sentinel for the session; tests flush the master before use."""
@@ -273,3 +276,18 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
     require_redis_tools()
     with RedisClusterSetup(tmp_path_factory.mktemp("cluster")) as setup:
         yield setup
+
+
+TOPOLOGIES = ["single", "sentinel", "cluster"]
+
+
+def flushed_redis_url(request: pytest.FixtureRequest, topology: str) -> str:
+    """The URL of the session's Redis of that topology ("single", "sentinel", "cluster"),
+    emptied first."""
+    if topology == "single":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        redis_command(server.port, "FLUSHALL")
+        return server.url
+    setup: RedisSentinelSetup | RedisClusterSetup = request.getfixturevalue(f"redis_{topology}")
+    setup.flush()
+    return setup.url
