@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient
 
 from mirror.config import CacheConfig, Config, ConfigError, RedisConfig, apply_overrides
 from mirror.keys import metadata_key
-from mirror.metadata import FallbackMetadata
+from mirror.metadata import FallbackMetadata, TagRecord, open_metadata
 from mirror.redistopology import parse_redis_url, redacted
 from tests.conftest import MakeClient
 from tests.fakehub import FakeHub
@@ -297,3 +297,23 @@ async def test_redis_lost_entirely_then_back(
         assert (await client.get("/readyz")).status == 200
         records = await metadata.tags()
         assert [(repo, tag) for _, repo, tag, _ in records] == [("library/app", "latest")]
+
+
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+async def test_a_burst_is_not_taken_for_an_outage(
+    request: pytest.FixtureRequest, topology: str
+) -> None:
+    """Sentinel's and Cluster's pools raise past their size instead of waiting: 300 lookups
+    at once must still all reach Redis, none falling back to memory."""
+    changes: list[bool] = []
+    store = open_metadata(flushed_redis_url(request, topology), ttl=600, on_change=changes.append)
+    record = TagRecord("sha256:" + "a" * 64, "application/json", 10, time.time())
+    try:
+        await store.put_tag("hub", "library/app", "latest", record)
+        answers = await asyncio.gather(
+            *(store.get_tag("hub", "library/app", "latest") for _ in range(300))
+        )
+    finally:
+        await store.close()
+    assert changes == []  # never marked down, not even for a moment
+    assert answers == [record] * 300
