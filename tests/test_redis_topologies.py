@@ -29,6 +29,7 @@ from tests.redis_topologies import (
     redis_command,
     require_redis_tools,
 )
+from tests.services import free_port
 from tests.test_config import config_error, run_cli, write
 
 Client = TestClient[Any, Any]
@@ -248,11 +249,15 @@ async def test_sentinel_failover_during_pulls_fails_no_pull(
             if new_master not in (None, old_master):
                 records = await asyncio.to_thread(tag_records_on, new_master)
                 written = any(record["checked_at"] > killed_at for record in records)
+        took = time.time() - killed_at
         stop.set()
         await asyncio.gather(*workers)
         up = await metric(client, "mirror_metadata_up")
 
-    print(f"{pulls} pulls; master {old_master} -> {new_master}; failures: {failures}")
+    print(
+        f"{switch}: {pulls} pulls; master {old_master} -> {new_master}, written to it "
+        f"{took:.1f} s after the switch; failures: {failures}"
+    )
     assert failures == []
     assert pulls > 0
     assert new_master == setup.replica.port
@@ -317,3 +322,26 @@ async def test_a_burst_is_not_taken_for_an_outage(
         await store.close()
     assert changes == []  # never marked down, not even for a moment
     assert answers == [record] * 300
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        "redis://127.0.0.1:{port}/0",
+        "redis+sentinel://127.0.0.1:{port}/m",
+        "redis+cluster://127.0.0.1:{port}",
+    ],
+)
+async def test_unreachable_at_start_serves_from_memory(
+    hub: FakeHub, make_client: MakeClient, form: str
+) -> None:
+    """Nothing listening (Sentinel: MasterNotFoundError; Cluster: RedisClusterException,
+    not a RedisError): the mirror starts and serves, and says so in /readyz."""
+    image = hub.content.add_image("library/app", "latest", [b"layer-1"])
+    client = await make_client(redis=RedisConfig(url=form.format(port=free_port())))
+
+    await pull_image(client, "library/app", image, hub)
+    await pull_image(client, "library/app", image, hub)
+
+    assert await metric(client, "mirror_metadata_up") == 0
+    assert (await client.get("/readyz")).status == 503
