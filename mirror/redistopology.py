@@ -24,7 +24,9 @@ from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
 from mirror.config import ConfigError
@@ -34,6 +36,7 @@ CLUSTER_SCHEME = "redis+cluster"
 SERVER_SCHEMES = ("redis", "rediss", "unix")
 DEFAULT_PORT = 6379
 DEFAULT_SENTINEL_PORT = 26379
+SENTINEL_RETRIES = 1
 # Errors that mean "Redis cannot answer now: answer from memory, try again later". In a
 # Sentinel failover they are ConnectionError (old master gone, or MasterNotFoundError while
 # no master is elected) and ReadOnlyError (a demoted master); in a Cluster,
@@ -225,9 +228,12 @@ def _sentinel_connection(
     target: RedisTarget, max_connections: int, options: dict[str, Any]
 ) -> RedisConnection:
     sentinel_options = {k: v for k, v in options.items() if k.startswith("socket_")}
+    # redis-py's own default for a client retries 10 times with backoff (~4 s against a
+    # dead sentinel): one quick retry, then the next sentinel, then the in-memory fallback.
+    sentinel_options.update(decode_responses=True, retry=Retry(NoBackoff(), SENTINEL_RETRIES))
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         list(target.nodes),
-        sentinel_kwargs={**sentinel_options, "decode_responses": True},
+        sentinel_kwargs=sentinel_options,
         username=target.username,
         password=target.password,
         db=target.db,

@@ -221,14 +221,16 @@ async def test_sentinel_failover_during_pulls_fails_no_pull(
         assert tag_records_on(old_master), "the record was not written to the master"
 
         failures: list[str] = []
-        pulls = 0
+        pulls, slowest = 0, 0.0
 
         async def puller() -> None:
-            nonlocal pulls
+            nonlocal pulls, slowest
             while not stop.is_set():
+                started = time.monotonic()
                 try:
                     await pull_image(client, "library/app", image, hub)
                     pulls += 1
+                    slowest = max(slowest, time.monotonic() - started)
                 except AssertionError as exc:
                     failures.append(str(exc)[:300])
                 await asyncio.sleep(0.05)
@@ -256,7 +258,7 @@ async def test_sentinel_failover_during_pulls_fails_no_pull(
 
     print(
         f"{switch}: {pulls} pulls; master {old_master} -> {new_master}, written to it "
-        f"{took:.1f} s after the switch; failures: {failures}"
+        f"{took:.1f} s after the switch; slowest pull {slowest:.2f} s; failures: {failures}"
     )
     assert failures == []
     assert pulls > 0
