@@ -3,11 +3,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 # Real components the tests start themselves (Debian packages).
-SYSTEM_PACKAGES := redis-server docker-registry docker.io containerd runc skopeo busybox-static prometheus \
+SYSTEM_PACKAGES := redis-server redis-sentinel redis-tools docker-registry docker.io containerd runc skopeo busybox-static prometheus \
 	chromium \
 	nginx-light wrk curl \
 	ceph-mon ceph-osd radosgw ceph-common
-SYSTEM_COMMANDS := redis-server docker-registry dockerd containerd skopeo busybox nginx wrk prometheus promtool \
+SYSTEM_COMMANDS := redis-server redis-sentinel redis-cli docker-registry dockerd containerd skopeo busybox nginx wrk prometheus promtool \
 	chromium curl \
 	ceph-mon ceph-osd radosgw ceph
 

@@ -166,6 +166,14 @@ def parse_url(key: str, value: object, schemes: tuple[str, ...] = ("http", "http
     return text.rstrip("/")
 
 
+def _redis_url(key: str, value: object) -> str:
+    """One of the Redis URL forms (a server, Sentinel, Cluster): see mirror/redistopology.py."""
+    # Imported here: that module raises this module's ConfigError.
+    from mirror.redistopology import validate_redis_url
+
+    return validate_redis_url(key, value)
+
+
 def _section(raw: Mapping[str, Any], name: str, allowed: set[str]) -> dict[str, Any]:
     value = raw.get(name)
     if value is None:
@@ -330,11 +338,7 @@ def config_from_mapping(raw: Mapping[str, Any]) -> Config:
         public_url=None if public_url is None else parse_url("public_url", public_url),
         auth=_auth(raw),
         storage=_storage(raw),
-        redis=RedisConfig(
-            url=None
-            if redis_url is None
-            else parse_url("redis.url", redis_url, ("redis", "rediss", "unix"))
-        ),
+        redis=RedisConfig(url=None if redis_url is None else _redis_url("redis.url", redis_url)),
         cache=_cache(raw),
         log=_log(raw),
         shutdown_timeout=parse_duration("shutdown_timeout", raw.get("shutdown_timeout", 30)),
@@ -390,6 +394,6 @@ def apply_overrides(
     if storage is not None:
         config = replace(config, storage=replace(config.storage, path=Path(storage)))
     if redis is not None:
-        url = parse_url("--redis", redis, ("redis", "rediss", "unix"))
+        url = _redis_url("--redis", redis)
         config = replace(config, redis=RedisConfig(url=url))
     return config
