@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import ssl
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TLS_LISTEN = "0.0.0.0:8443"
 TLS_KEYS = {"cert_file", "key_file", "client_ca_file", "listen", "reload_interval"}
+_SSL_REASON = re.compile(r"\[SSL: ([A-Z0-9_]+)\]")
 UPSTREAM_TLS_KEYS = {"ca_file", "tls_verify", "client_cert_file", "client_key_file"}
 
 
@@ -317,4 +319,10 @@ def describe_failure(upstream: str, exc: BaseException) -> str | None:
     if isinstance(exc, aiohttp.ClientSSLError):
         reason = getattr(exc.os_error, "reason", None) or type(exc.os_error).__name__
         return f"upstream {upstream}: TLS handshake failed ({reason})"
+    if isinstance(exc, aiohttp.ClientOSError):
+        # TLS 1.3: a server refusing our client certificate says so after the handshake,
+        # in an alert that aiohttp re-raises as an OSError carrying OpenSSL's text.
+        match = _SSL_REASON.search(str(exc))
+        if match:
+            return f"upstream {upstream}: TLS failed ({match.group(1)})"
     return None

@@ -4,11 +4,15 @@ client pairs it signs (ECDSA P-256, valid for two days, for 127.0.0.1, ::1 and l
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from tests.services import MirrorProcess, free_port, http_status, tcp_open
 
 OPENSSL = "openssl"
 SERVER_NAMES = ("IP:127.0.0.1", "IP:::1", "DNS:localhost")
@@ -84,3 +88,38 @@ def served_certificate(
             cert = tls.getpeercert(binary_form=True)
     assert cert is not None
     return cert
+
+
+class TLSMirror(MirrorProcess):
+    """The mirror with a `tls:` section: HTTPS on `tls_port` beside plain HTTP on `port`.
+
+    `tls` holds the section's keys (cert_file, key_file, ...); `config` any other keys."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        upstream: str,
+        ca: Path,
+        tls: dict[str, Any],
+        config: dict[str, Any] | None = None,
+        tls_host: str = "127.0.0.1",
+    ) -> None:
+        super().__init__(workdir, upstream)
+        self.ca = ca
+        self.tls_host = tls_host
+        self.tls_port = free_port()
+        host = f"[{tls_host}]" if ":" in tls_host else tls_host
+        self.tls_url = f"https://{host}:{self.tls_port}"
+        section = {"listen": f"{host}:{self.tls_port}", "reload_interval": 0.1, **tls}
+        self.config_path = self.workdir / "mirror.yml"
+        self.config_path.write_text(json.dumps({**(config or {}), "tls": section}) + "\n")
+        self.extra_args = ("--config", str(self.config_path))
+        self.mtls = section.get("client_ca_file") is not None
+
+    def is_ready(self) -> bool:
+        if not super().is_ready():
+            return False
+        if self.mtls:  # the probe has no client certificate
+            return tcp_open(self.tls_port, self.tls_host)
+        context = client_context(self.ca)
+        return http_status(f"{self.tls_url}/healthz", context=context) == 200
