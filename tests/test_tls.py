@@ -21,10 +21,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from mirror.config import ConfigError, config_from_mapping
 from tests.certs import CA, Pair, TLSMirror, client_context, served_certificate
@@ -385,3 +387,35 @@ def test_upstream_requiring_a_client_certificate(tls_dir: Path, upstream_ca: CA)
             message = json.loads(body)["errors"][0]["message"]
             assert message.startswith(f"upstream {name}: "), message
             assert "TLS" in message or "certificate" in message, message
+
+
+# --- the Kubernetes overlay ----------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl (kustomize)")
+def test_kubernetes_tls_overlay_mounts_the_secret_where_the_config_reads_it() -> None:
+    rendered = subprocess.run(
+        ["kubectl", "kustomize", str(REPO_ROOT / "deploy" / "kubernetes-tls")],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(rendered) if d}
+    pod = docs[("StatefulSet", "mirror")]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    config = config_from_mapping(
+        yaml.safe_load(docs[("ConfigMap", "mirror-config")]["data"]["config.yaml"])
+    )
+    assert config.tls is not None and config.http
+    assert ports == {"http": config.port, "https": config.tls.port}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "subPath" not in mounts["tls"]  # a subPath mount never sees a renewed Secret
+    for path in (config.tls.cert_file, config.tls.key_file):
+        assert str(path.parent) == mounts["tls"]["mountPath"]
+    assert volumes["tls"]["secret"]["secretName"] == "mirror-tls"
+    service_ports = {p["name"]: p for p in docs[("Service", "mirror")]["spec"]["ports"]}
+    assert service_ports["https"]["targetPort"] == "https"
+    base = yaml.safe_load((REPO_ROOT / "deploy" / "kubernetes" / "configmap.yaml").read_text())
+    assert replace(config, tls=None) == config_from_mapping(
+        yaml.safe_load(base["data"]["config.yaml"])
+    ), "deploy/kubernetes-tls/configmap-tls.yaml is out of step with the base config"
