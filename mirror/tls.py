@@ -19,13 +19,13 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-if TYPE_CHECKING:
-    from mirror.config import UpstreamConfig
+# config.py imports this module inside its functions only, so this import is not circular.
+from mirror.config import ConfigError, UpstreamConfig, parse_duration, parse_listen
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,6 @@ class PemPair:
 
 def parse_tls(raw: Mapping[str, Any]) -> TLSConfig | None:
     """The `tls:` section (None: plain HTTP only). Files are checked when `serve` starts."""
-    from mirror.config import ConfigError, parse_duration, parse_listen
-
     sec = raw.get("tls")
     if sec is None:
         return None
@@ -90,8 +88,6 @@ def parse_tls(raw: Mapping[str, Any]) -> TLSConfig | None:
 
 def parse_upstream_tls(key: str, raw: Mapping[str, Any]) -> dict[str, Any]:
     """An upstream's TLS keys as `UpstreamConfig` fields, its files checked now."""
-    from mirror.config import ConfigError
-
     verify = raw.get("tls_verify", True)
     if not isinstance(verify, bool):
         raise ConfigError(f"{key}.tls_verify", f"expected true or false, got {verify!r}")
@@ -120,8 +116,6 @@ def read_pair(
     cert_file: Path, key_file: Path, keys: tuple[str, str] = ("tls.cert_file", "tls.key_file")
 ) -> PemPair:
     """Read a PEM chain and key and check that they match; ConfigError naming the key."""
-    from mirror.config import ConfigError
-
     cert, key = _read(keys[0], cert_file), _read(keys[1], key_file)
     probe = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
@@ -141,8 +135,6 @@ def read_pair(
 
 
 def _read(key: str, path: Path) -> bytes:
-    from mirror.config import ConfigError
-
     try:
         return path.read_bytes()
     except OSError as exc:
@@ -180,8 +172,6 @@ def _memfile(data: bytes) -> Iterator[str]:
 
 def server_context(tls: TLSConfig) -> ssl.SSLContext:
     """The HTTPS listener's context: TLS 1.2 at least, Python's default ciphers."""
-    from mirror.config import ConfigError
-
     pair = read_pair(tls.cert_file, tls.key_file)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -227,8 +217,6 @@ class CertificateReloader:
 
     async def check(self) -> bool:
         """Load the pair if its files changed since last seen; whether a new one is in use."""
-        from mirror.config import ConfigError
-
         files = (self.tls.cert_file, self.tls.key_file)
         seen = await asyncio.to_thread(_signature, files)
         if seen == self._seen:
@@ -287,8 +275,6 @@ def client_contexts(upstreams: Sequence[UpstreamConfig]) -> list[ssl.SSLContext 
 def _client_context(
     key: str, verify: bool, ca_file: Path | None, pair: tuple[Path, Path] | None
 ) -> ssl.SSLContext | None:
-    from mirror.config import ConfigError
-
     if verify and ca_file is None and pair is None:
         return None
     # The system's CAs stay trusted: a private registry may redirect to a public CDN.
