@@ -12,7 +12,7 @@ import os
 from collections import Counter
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, Any, BinaryIO
 
 import aiohttp
 from aiohttp import web
@@ -32,6 +32,7 @@ from mirror.logs import outcome_key, sent_key
 from mirror.metrics import Metrics
 from mirror.reference import Digest
 from mirror.storage import Storage
+from mirror.tls import is_tls
 from mirror.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -230,14 +231,17 @@ class BlobService:
         transport = request.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("client went away")
-        try:
-            # The headers went out at prepare(): the body may bypass aiohttp's writer, as
-            # FileResponse does.
-            await asyncio.get_running_loop().sendfile(transport, file, offset, length)
-        except NotImplementedError:  # an event loop without sendfile
-            for pos in range(offset, offset + length, READ_CHUNK):
-                size = min(READ_CHUNK, offset + length - pos)
-                await resp.write(await asyncio.to_thread(os.pread, file.fileno(), size, pos))
+        if not is_tls(transport):  # over TLS, large chunks through the writer: see is_tls
+            try:
+                # The headers went out at prepare(): the body may bypass aiohttp's writer,
+                # as FileResponse does.
+                await asyncio.get_running_loop().sendfile(transport, file, offset, length)
+                return
+            except NotImplementedError:  # an event loop without sendfile
+                pass
+        for pos in range(offset, offset + length, READ_CHUNK):
+            size = min(READ_CHUNK, offset + length - pos)
+            await resp.write(await asyncio.to_thread(os.pread, file.fileno(), size, pos))
 
 
 class TransferAborted(Exception):
@@ -284,6 +288,16 @@ class _TrackedFileResponse(web.FileResponse):
         super().__init__(path, headers=headers)
         self._reading = reading
         self._digest = digest
+
+    async def _sendfile(
+        self, request: BaseRequest, fobj: IO[Any], offset: int, count: int
+    ) -> AbstractStreamWriter:
+        if not is_tls(request.transport):
+            return await super()._sendfile(request, fobj, offset, count)
+        # aiohttp's own fallback (chunk_size reads in a thread), as with AIOHTTP_NOSENDFILE.
+        writer = await web.StreamResponse.prepare(self, request)
+        assert writer is not None
+        return await self._sendfile_fallback(writer, fobj, offset, count)
 
     async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
         self._reading[self._digest] += 1

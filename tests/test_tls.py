@@ -419,3 +419,26 @@ def test_kubernetes_tls_overlay_mounts_the_secret_where_the_config_reads_it() ->
     assert replace(config, tls=None) == config_from_mapping(
         yaml.safe_load(base["data"]["config.yaml"])
     ), "deploy/kubernetes-tls/configmap-tls.yaml is out of step with the base config"
+
+
+def test_blobs_over_https_from_a_download_and_from_the_cache_with_range(
+    tls_dir: Path, mirror_ca: CA, upstream_ca: CA, registry: DistributionRegistry, big_blob: Blob
+) -> None:
+    """Both send paths over TLS (they copy in large chunks, not asyncio's TLS sendfile)."""
+    pair = mirror_ca.issue("blobs-https")
+    tls = {"cert_file": str(pair.cert), "key_file": str(pair.key)}
+    config = upstream_entry(registry, ca_file=str(upstream_ca.cert))
+    with TLSMirror(tls_dir / "blobs-https", registry.url, mirror_ca.cert, tls, config) as mirror:
+        url = f"{mirror.tls_url}/v2/library/big/blobs/{big_blob.digest}"
+        context = client_context(mirror_ca.cert)
+        for _ in range(2):  # from the download under way, then from the cache
+            status, body = get(url, context)
+            assert status == 200 and hashlib.sha256(body).hexdigest() in big_blob.digest
+        opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+        )
+        start = BIG_SIZE - 3 * 1024 * 1024 - 7
+        request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"})
+        with opener.open(request, timeout=30) as resp:
+            assert resp.status == 206
+            assert big_blob.data is not None and resp.read() == big_blob.data[start:]
