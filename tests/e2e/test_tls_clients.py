@@ -1,7 +1,8 @@
 """Real clients over TLS: Docker daemons and skopeo pulling through the mirror's HTTPS listener.
 
     dockerd (certs.d/[::1]:PORT/ca.crt) ─┐
-    skopeo --cert-dir ───────────────────┴─https─> mirror ─https (ca_file)─> docker-registry
+    skopeo --cert-dir ───────────────────┼─https─> mirror ─https (ca_file)─> docker-registry
+    containerd (hosts.toml ca, client) ──┘
 
 Docker treats every 127.0.0.0/8 registry as insecure (it skips certificate checks and never
 reads certs.d for it), so a Docker test on 127.0.0.1 would prove nothing: the daemons here use
@@ -27,7 +28,14 @@ import pytest
 
 from tests.certs import CA, Pair, TLSMirror, served_certificate
 from tests.images import MIB, Image, busybox_image, large_layer_image, push_image
-from tests.services import DOCKER, DOCKERD, DistributionRegistry, DockerDaemon, log_tail
+from tests.services import (
+    DOCKER,
+    DOCKERD,
+    Containerd,
+    DistributionRegistry,
+    DockerDaemon,
+    log_tail,
+)
 
 MISSING = [t for t in (DOCKERD, DOCKER, "docker-registry", "openssl") if not shutil.which(t)]
 if os.geteuid() != 0:
@@ -377,3 +385,44 @@ def test_skopeo_mtls_with_and_without_a_client_certificate(
     refused = skopeo(tls_dir, "inspect", "--cert-dir", str(ca_only), ref)
     assert refused.returncode != 0
     print(f"\nskopeo without a client certificate: {refused.stderr.strip()}")
+
+
+# --- containerd ----------------------------------------------------------------------------
+
+
+def ctr_hosts_dir(directory: Path, mirror: TLSMirror, files: dict[str, Path]) -> Path:
+    """`docker.io/hosts.toml`: pull through the mirror over HTTPS with `ca` (and `client`)."""
+    host = directory / "docker.io"
+    host.mkdir(parents=True, exist_ok=True)
+    lines = [
+        'server = "https://registry-1.docker.io"',
+        "",
+        f"[host.{json.dumps(mirror.tls_url)}]",
+        '  capabilities = ["pull", "resolve"]',
+        f"  ca = {json.dumps(str(files['ca.crt']))}",
+    ]
+    if "client.cert" in files:
+        pair = [str(files["client.cert"]), str(files["client.key"])]
+        lines.append(f"  client = [{json.dumps(pair)}]")
+    (host / "hosts.toml").write_text("\n".join(lines) + "\n")
+    return directory
+
+
+@pytest.mark.skipif(shutil.which("containerd") is None, reason="needs containerd")
+@pytest.mark.parametrize("v4_mirror", [True], indirect=True, ids=["mtls"])
+def test_containerd_pulls_over_mtls_with_ca_and_client_in_hosts_toml(
+    tls_dir: Path, v4_mirror: TLSMirror, mirror_ca: CA, images: dict[str, Image]
+) -> None:
+    client = mirror_ca.issue("containerd-client", client=True)
+    full = {"ca.crt": mirror_ca.cert, "client.cert": client.cert, "client.key": client.key}
+    with Containerd(tls_dir / "containerd") as ctd:
+        ref = "docker.io/library/busybox:latest"
+        pull = ["images", "pull", "--snapshotter", "native", "--hosts-dir"]
+        no_client = ctr_hosts_dir(tls_dir / "ctr-ca-only", v4_mirror, {"ca.crt": mirror_ca.cert})
+        refused = ctd.ctr(*pull, str(no_client), ref, check=False)
+        assert refused.returncode != 0, refused.stdout
+        done = ctd.ctr(*pull, str(ctr_hosts_dir(tls_dir / "ctr-hosts", v4_mirror, full)), ref)
+        listed = ctd.ctr("images", "ls").stdout
+        assert images["busybox"].manifest.digest in listed, listed
+        print(f"\nctr pull over mTLS:\n{done.stdout[-400:]}\nwithout a client pair: "
+              f"{refused.stderr.strip()[-300:]}")  # fmt: skip
