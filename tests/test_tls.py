@@ -442,3 +442,33 @@ def test_blobs_over_https_from_a_download_and_from_the_cache_with_range(
         with opener.open(request, timeout=30) as resp:
             assert resp.status == 206
             assert big_blob.data is not None and resp.read() == big_blob.data[start:]
+
+
+def test_a_kubernetes_secret_update_is_picked_up(
+    tls_dir: Path, mirror_ca: CA, registry: DistributionRegistry
+) -> None:
+    """A Secret volume: tls.crt -> ..data/tls.crt, and an update swaps the ..data symlink
+    to a new timestamped directory in one rename (the files' own paths never change)."""
+    old, new = mirror_ca.issue("k8s-old"), mirror_ca.issue("k8s-new")
+    volume = tls_dir / "k8s-secret"
+
+    def publish(pair: Pair, version: str) -> None:
+        stamped = volume / f"..{version}"
+        stamped.mkdir(parents=True)
+        shutil.copyfile(pair.cert, stamped / "tls.crt")
+        shutil.copyfile(pair.key, stamped / "tls.key")
+        (volume / "..data_tmp").symlink_to(stamped.name)
+        os.replace(volume / "..data_tmp", volume / "..data")
+
+    publish(old, "2026_01_01_00_00_00.1")
+    for name in ("tls.crt", "tls.key"):
+        (volume / name).symlink_to(f"..data/{name}")
+    tls = {"cert_file": str(volume / "tls.crt"), "key_file": str(volume / "tls.key")}
+    with TLSMirror(tls_dir / "k8s", registry.url, mirror_ca.cert, tls) as mirror:
+        assert served_certificate(mirror.tls_port, mirror_ca.cert) == old.der()
+        publish(new, "2026_02_01_00_00_00.2")
+        wait_for(
+            "the certificate from the updated Secret",
+            lambda: served_certificate(mirror.tls_port, mirror_ca.cert) == new.der(),
+        )
+        assert "is refused" not in mirror_log(mirror)
