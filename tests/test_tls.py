@@ -8,6 +8,7 @@ Certificates are made by the test with `openssl` (tests/certs.py).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import json
@@ -30,6 +31,7 @@ import yaml
 
 from mirror.config import ConfigError, config_from_mapping
 from tests.certs import CA, Pair, TLSMirror, client_context, served_certificate
+from tests.e2e.clients_helpers import write_htpasswd
 from tests.images import DOCKER_LAYER, Blob, busybox_image, push_blob, push_image
 from tests.services import REPO_ROOT, DistributionRegistry, MirrorProcess, log_tail
 
@@ -472,3 +474,31 @@ def test_a_kubernetes_secret_update_is_picked_up(
             lambda: served_certificate(mirror.tls_port, mirror_ca.cert) == new.der(),
         )
         assert "is refused" not in mirror_log(mirror)
+
+
+def test_client_auth_challenge_over_https_names_an_https_realm(
+    tls_dir: Path, mirror_ca: CA, registry: DistributionRegistry
+) -> None:
+    """With auth.htpasswd, a client that came over HTTPS is sent to /token over HTTPS."""
+    pair = mirror_ca.issue("auth-https")
+    htpasswd = write_htpasswd(tls_dir / "auth-https" / "htpasswd", {"u": "client-Pa55-tls"})
+    tls = {"cert_file": str(pair.cert), "key_file": str(pair.key)}
+    config = {"auth": {"htpasswd": str(htpasswd)}}
+    with TLSMirror(tls_dir / "auth-https", registry.url, mirror_ca.cert, tls, config) as mirror:
+        context = client_context(mirror_ca.cert)
+        opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+        )
+        with pytest.raises(urllib.error.HTTPError) as err:
+            opener.open(f"{mirror.tls_url}/v2/", timeout=30)
+        with err.value:
+            assert err.value.code == 401
+            challenge = err.value.headers["WWW-Authenticate"]
+        assert challenge.startswith(f'Bearer realm="{mirror.tls_url}/token"'), challenge
+        basic = "Basic " + base64.b64encode(b"u:client-Pa55-tls").decode()
+        request = urllib.request.Request(
+            f"{mirror.tls_url}/token?service=x&scope=repository:library/busybox:pull",
+            headers={"Authorization": basic},
+        )
+        with opener.open(request, timeout=30) as resp:
+            assert json.load(resp)["token"]
