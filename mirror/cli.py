@@ -12,6 +12,7 @@ from mirror import __version__, commands, server, tls
 from mirror.app import create_app
 from mirror.config import Config, ConfigError, apply_overrides, load_config, parse_size
 from mirror.errors import RegistryError
+from mirror.keys import metrics_key
 from mirror.logs import setup_logging
 
 
@@ -130,5 +131,5 @@ def serve(config: Config) -> None:
     )
     app = create_app(config)
     if config.tls is not None and context is not None:
-        tls.enable_reload(app, context, config.tls)
+        tls.enable_reload(app, context, config.tls, app[metrics_key])
     server.run(app, listeners, config.shutdown_timeout)

@@ -26,6 +26,7 @@ from aiohttp import web
 
 # config.py imports this module inside its functions only, so this import is not circular.
 from mirror.config import ConfigError, UpstreamConfig, parse_duration, parse_listen
+from mirror.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -203,11 +204,12 @@ def _signature(paths: Sequence[Path]) -> tuple[tuple[int, ...], ...]:
 class CertificateReloader:
     """Polls the pair's files and loads a changed pair into the live server context."""
 
-    def __init__(self, context: ssl.SSLContext, tls: TLSConfig) -> None:
+    def __init__(self, context: ssl.SSLContext, tls: TLSConfig, metrics: Metrics) -> None:
         self.context = context
         self.tls = tls
-        self.reloads = 0  # pairs loaded since start
-        self.failures = 0  # changes that were refused
+        self._counter = metrics.tls_reloads
+        for result in ("loaded", "refused"):
+            self._counter.labels(result)
         self._seen = _signature((tls.cert_file, tls.key_file))
 
     async def run(self) -> None:
@@ -227,12 +229,12 @@ class CertificateReloader:
         try:
             pair = await asyncio.to_thread(read_pair, *files)
         except ConfigError as exc:
-            self.failures += 1
+            self._counter.labels("refused").inc()
             log.error("tls: keeping the certificate in use; the new one is refused: %s", exc)
             return False
         # On the loop, so no handshake starts while the context changes; from memory only.
         _load_pair(self.context, pair)
-        self.reloads += 1
+        self._counter.labels("loaded").inc()
         log.info("tls: loaded a new certificate from %s", self.tls.cert_file)
         return True
 
@@ -240,9 +242,11 @@ class CertificateReloader:
 reloader_key = web.AppKey("tls_reloader", CertificateReloader)
 
 
-def enable_reload(app: web.Application, context: ssl.SSLContext, tls: TLSConfig) -> None:
+def enable_reload(
+    app: web.Application, context: ssl.SSLContext, tls: TLSConfig, metrics: Metrics
+) -> None:
     """Watch the pair's files for as long as `app` runs."""
-    app[reloader_key] = CertificateReloader(context, tls)
+    app[reloader_key] = CertificateReloader(context, tls, metrics)
     app.cleanup_ctx.append(_reload_ctx)
 
 

@@ -254,6 +254,14 @@ def test_bad_pair_at_reload_keeps_serving_the_old_one(
             "the good pair after the bad ones",
             lambda: served_certificate(mirror.tls_port, mirror_ca.cert) == other.der(),
         )
+        metrics = get(f"{mirror.url}/metrics")[1].decode()
+        assert reloads(metrics, "refused") >= 2 and reloads(metrics, "loaded") >= 1, metrics
+
+
+def reloads(metrics: str, result: str) -> float:
+    prefix = f'mirror_tls_reloads_total{{result="{result}"}} '
+    (line,) = [x for x in metrics.splitlines() if x.startswith(prefix)]
+    return float(line.removeprefix(prefix))
 
 
 def test_mtls_refuses_a_client_without_a_certificate(
