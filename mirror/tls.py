@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TLS_LISTEN = "0.0.0.0:8443"
 TLS_KEYS = {"cert_file", "key_file", "client_ca_file", "listen", "reload_interval"}
 _SSL_REASON = re.compile(r"\[SSL: ([A-Z0-9_]+)\]")
-UPSTREAM_TLS_KEYS = {"ca_file", "tls_verify", "client_cert_file", "client_key_file"}
+_UNKNOWN_CA = re.compile(r"issuer|self[- ]signed|unknown ca", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -307,11 +307,12 @@ def describe_failure(upstream: str, exc: BaseException) -> str | None:
     """A clear message for a TLS failure talking to `upstream`, None for other errors."""
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         cause = exc.certificate_error
-        reason = getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
-        return (
-            f"upstream {upstream}: its TLS certificate was refused ({reason or cause}); "
-            f"give the upstream a ca_file that signs it"
+        reason = str(
+            getattr(cause, "verify_message", None) or getattr(cause, "reason", None) or cause
         )
+        # An unknown issuer is what a private CA looks like; a wrong name or date is not.
+        hint = "; give the upstream a ca_file that signs it" if _UNKNOWN_CA.search(reason) else ""
+        return f"upstream {upstream}: its TLS certificate was refused ({reason}){hint}"
     if isinstance(exc, aiohttp.ClientSSLError):
         reason = getattr(exc.os_error, "reason", None) or type(exc.os_error).__name__
         return f"upstream {upstream}: TLS handshake failed ({reason})"

@@ -33,7 +33,7 @@ from mirror.config import ConfigError, config_from_mapping
 from tests.certs import CA, Pair, TLSMirror, client_context, served_certificate
 from tests.e2e.clients_helpers import write_htpasswd
 from tests.images import DOCKER_LAYER, Blob, busybox_image, push_blob, push_image
-from tests.services import REPO_ROOT, DistributionRegistry, MirrorProcess, log_tail
+from tests.services import REPO_ROOT, DistributionRegistry, MirrorProcess, log_tail, tcp_open
 
 pytestmark = pytest.mark.skipif(
     shutil.which("openssl") is None or shutil.which("docker-registry") is None,
@@ -510,3 +510,25 @@ def test_client_auth_challenge_over_https_names_an_https_realm(
         )
         with opener.open(request, timeout=30) as resp:
             assert json.load(resp)["token"]
+
+
+def test_upstream_certificate_for_another_name_is_named_as_such(
+    tls_dir: Path, upstream_ca: CA
+) -> None:
+    """Signed by the trusted CA but for another host: the error says so (no ca_file hint)."""
+    reg = DistributionRegistry(tls_dir / "wrong-name-registry")
+    pair = upstream_ca.issue("wrong-name", names=("DNS:registry.example",))
+    reg.tls, reg.tls_ca = (pair.cert, pair.key), upstream_ca.cert
+    reg.is_ready = lambda: tcp_open(reg.port)  # type: ignore[method-assign]
+    with reg:
+        config = tls_dir / "wrong-name.yml"
+        config.write_text(json.dumps(upstream_entry(reg, ca_file=str(upstream_ca.cert))))
+        with MirrorProcess(
+            tls_dir / "wrong-name", reg.url, extra_args=["--config", str(config)]
+        ) as mirror:
+            status, body = manifest_via(mirror)
+        assert status == 503
+        message = json.loads(body)["errors"][0]["message"]
+        name = reg.url.removeprefix("https://")
+        assert message.startswith(f"upstream {name}: its TLS certificate was refused (")
+        assert "127.0.0.1" in message and "ca_file" not in message, message
