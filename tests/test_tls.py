@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import yaml
 
-from mirror.config import ConfigError, config_from_mapping
+from mirror.config import ConfigError, apply_overrides, config_from_mapping
 from tests.certs import CA, Pair, TLSMirror, client_context, served_certificate
 from tests.e2e.clients_helpers import write_htpasswd
 from tests.images import DOCKER_LAYER, Blob, busybox_image, push_blob, push_image
@@ -152,6 +152,9 @@ def test_tls_section_and_which_listeners_run() -> None:
     both = config_from_mapping({"tls": tls, "listen": "127.0.0.1:8083"})
     assert both.http and both.tls is not None and (both.host, both.port) == ("127.0.0.1", 8083)
     assert config_from_mapping({}).http and config_from_mapping({}).tls is None
+    assert not config_from_mapping({"tls": tls, "listen": None}).http
+    flagged = apply_overrides(only_https, listen="127.0.0.1:8083")  # --listen: plain HTTP too
+    assert flagged.http and flagged.tls == only_https.tls
     default_port = config_from_mapping({"tls": {"cert_file": "/c", "key_file": "/k"}})
     assert default_port.tls is not None and default_port.tls.port == 8443
     for raw, key in (
