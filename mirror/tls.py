@@ -129,8 +129,8 @@ def read_pair(
         if exc.reason == "KEY_VALUES_MISMATCH":
             message = f"{str(key_file)!r} does not match the certificate in {keys[0]}"
         else:
-            reason = exc.reason or exc.strerror
-            message = f"{str(key_file)!r} is not a usable PEM private key ({reason})"
+            detail = f" ({exc.reason})" if exc.reason and exc.reason != "PEM lib" else ""
+            message = f"{str(key_file)!r} is not a usable PEM private key{detail}"
         raise ConfigError(keys[1], message) from None
     return PemPair(cert, key)
 
@@ -321,5 +321,7 @@ def describe_failure(upstream: str, exc: BaseException) -> str | None:
         # in an alert that aiohttp re-raises as an OSError carrying OpenSSL's text.
         match = _SSL_REASON.search(str(exc))
         if match:
-            return f"upstream {upstream}: TLS failed ({match.group(1)})"
+            reason = match.group(1)
+            hint = "; does it need client_cert_file?" if "CERTIFICATE" in reason else ""
+            return f"upstream {upstream}: TLS failed ({reason}){hint}"
     return None

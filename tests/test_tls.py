@@ -399,7 +399,7 @@ def test_upstream_requiring_a_client_certificate(tls_dir: Path, upstream_ca: CA)
             assert status == 503
             message = json.loads(body)["errors"][0]["message"]
             assert message.startswith(f"upstream {name}: "), message
-            assert "TLS" in message or "certificate" in message, message
+            assert "TLS failed" in message and "client_cert_file" in message, message
 
 
 # --- the Kubernetes overlay ----------------------------------------------------------------
