@@ -6,10 +6,12 @@ PYTHON ?= python3
 SYSTEM_PACKAGES := redis-server redis-sentinel redis-tools docker-registry docker.io containerd runc skopeo busybox-static prometheus \
 	chromium \
 	nginx-light wrk curl \
-	ceph-mon ceph-osd radosgw ceph-common
+	ceph-mon ceph-osd radosgw ceph-common haproxy \
+	openssl util-linux
 SYSTEM_COMMANDS := redis-server redis-sentinel redis-cli docker-registry dockerd containerd skopeo busybox nginx wrk prometheus promtool \
 	chromium curl \
-	ceph-mon ceph-osd radosgw ceph
+	ceph-mon ceph-osd radosgw ceph haproxy \
+	openssl unshare
 
 .PHONY: all install system-deps run test test-unit test-e2e bench soak lint format mypy clean
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -44,6 +45,7 @@ from mirror.routing import Upstreams
 from mirror.status import PullCounter
 from mirror.storage import Storage
 from mirror.taglists import TagListService
+from mirror.tls import client_contexts
 from mirror.upstream import Upstream, new_session
 
 log = logging.getLogger(__name__)
@@ -141,9 +143,11 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     session = new_session(config.upstream.connect_timeout, config.upstream.read_timeout)
     try:
         tokens = TokenCache(session, app[metrics_key])
+        every = (config.upstream, *config.upstreams)
+        contexts = await asyncio.to_thread(client_contexts, every)  # reads CA and key files
         built = [
-            build_upstream(cfg, session, tokens, app[metrics_key], config.cache.negative_ttl)
-            for cfg in (config.upstream, *config.upstreams)
+            build_upstream(cfg, session, tokens, app[metrics_key], config.cache.negative_ttl, ctx)
+            for cfg, ctx in zip(every, contexts, strict=True)
         ]
         app[upstreams_key] = Upstreams(built[0], built[1:])
         yield
@@ -158,6 +162,7 @@ def build_upstream(
     tokens: TokenCache,
     metrics: Metrics,
     negative_ttl: float,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> Upstream:
     credentials = None
     if cfg.username:
@@ -174,6 +179,7 @@ def build_upstream(
         negative_ttl=negative_ttl,
         tag_ttl=cfg.tag_ttl,
         timeouts=(cfg.connect_timeout, cfg.read_timeout),
+        ssl_context=ssl_context,
     )
 
 

@@ -36,6 +36,7 @@ from mirror.logs import outcome_key, sent_key
 from mirror.metrics import Metrics
 from mirror.reference import Digest
 from mirror.storage import Storage
+from mirror.tls import is_tls
 from mirror.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -285,14 +286,17 @@ class BlobService:
         transport = request.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("client went away")
-        try:
-            # The headers went out at prepare(): the body may bypass aiohttp's writer, as
-            # FileResponse does.
-            await asyncio.get_running_loop().sendfile(transport, file, offset, length)
-        except NotImplementedError:  # an event loop without sendfile
-            for pos in range(offset, offset + length, READ_CHUNK):
-                size = min(READ_CHUNK, offset + length - pos)
-                await resp.write(await asyncio.to_thread(os.pread, file.fileno(), size, pos))
+        if not is_tls(transport):  # over TLS, large chunks through the writer: see is_tls
+            try:
+                # The headers went out at prepare(): the body may bypass aiohttp's writer,
+                # as FileResponse does.
+                await asyncio.get_running_loop().sendfile(transport, file, offset, length)
+                return
+            except NotImplementedError:  # an event loop without sendfile
+                pass
+        for pos in range(offset, offset + length, READ_CHUNK):
+            size = min(READ_CHUNK, offset + length - pos)
+            await resp.write(await asyncio.to_thread(os.pread, file.fileno(), size, pos))
 
 
 class TransferAborted(Exception):

@@ -197,3 +197,10 @@ class Metrics:
             ["upstream", "reason"],
             registry=r,
         )
+        # Alert on "refused": a renewed certificate that the HTTPS listener could not use.
+        self.tls_reloads = Counter(
+            "mirror_tls_reloads",
+            "Changed TLS pairs the HTTPS listener saw, by result (loaded, refused).",
+            ["result"],
+            registry=r,
+        )
