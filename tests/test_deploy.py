@@ -224,12 +224,47 @@ def test_dashboard_covers_what_operators_look_at() -> None:
         "mirror_tag_revalidations_total",
         "mirror_upstream_token_fetches_total",
         "mirror_digest_mismatches_total",
+        # Replicas (mirror/cluster/metrics.py)
+        "mirror_cluster_replica_info",
+        "mirror_cluster_peer_streams_total",
+        "mirror_cluster_peer_bytes_total",
+        "mirror_cluster_lease_waits_total",
+        "mirror_cluster_lease_takeovers_total",
+        "mirror_cluster_peer_refused_total",
     }
     assert wanted <= used, f"missing from the dashboard: {sorted(wanted - used)}"
     panel_text = json.dumps([expr for _, expr in dashboard_exprs()])
     assert "429" in panel_text
     assert "histogram_quantile(0.5," in panel_text
     assert "histogram_quantile(0.99," in panel_text
+
+
+_BY_INSTANCE = re.compile(r"\b(?:sum|max|min|avg) by \([^)]*\binstance\b[^)]*\)")
+
+
+def test_dashboard_splits_by_replica_and_sums_the_cluster() -> None:
+    """Per-replica panels (split by instance) and cluster totals (summed over replicas)
+    for requests, upstream fetches, peer streams and lease takeovers."""
+    split: set[str] = set()
+    summed: set[str] = set()
+    for _, expr in dashboard_exprs():
+        names = promql_metric_names(expr)
+        if _BY_INSTANCE.search(expr):
+            split |= names
+        elif re.match(r"(?:sum|count)(?: by \((?![^)]*instance)[^)]*\))? ?\(", expr):
+            summed |= names
+    wanted = {
+        "mirror_http_requests_total",
+        "mirror_upstream_requests_total",
+        "mirror_cluster_peer_streams_total",
+        "mirror_cluster_lease_takeovers_total",
+    }
+    assert wanted <= split, f"no per-replica panel for {sorted(wanted - split)}"
+    assert wanted <= summed, f"no cluster total for {sorted(wanted - summed)}"
+    titles = {title for title, _ in dashboard_exprs()}
+    assert {"Requests / s by replica", "Peer streams by replica"} <= titles
+    rows = [p["title"] for p in json.loads(DASHBOARD.read_text())["panels"] if p["type"] == "row"]
+    assert any(title.startswith("Replicas") for title in rows)
 
 
 # --- every file parses -----------------------------------------------------------------------
