@@ -8,6 +8,10 @@ SYSTEM_PACKAGES := redis-server docker-registry docker.io containerd runc skopeo
 	nginx-light wrk curl
 SYSTEM_COMMANDS := redis-server docker-registry dockerd containerd skopeo busybox nginx wrk prometheus promtool \
 	chromium curl
+# The image test: a Debian base made with debootstrap, and the compose file started by
+# docker-compose (1.29, Python; Debian packages no `docker compose` v2).
+SYSTEM_PACKAGES += debootstrap docker-compose
+SYSTEM_COMMANDS += debootstrap docker-compose
 
 .PHONY: all install system-deps run test test-unit test-e2e bench soak lint format mypy clean
 

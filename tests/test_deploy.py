@@ -263,6 +263,7 @@ def test_every_deploy_file_is_checked() -> None:
     others = {
         DEPLOY / "README.md",
         DEPLOY / "systemd" / "mirror.service",
+        DEPLOY / ".env",  # test_compose_project_name
     }
     unchecked = {p for p in DEPLOY.rglob("*") if p.is_file()} - checked - others
     assert not unchecked, f"files under deploy/ no test parses: {sorted(map(str, unchecked))}"
@@ -456,6 +457,15 @@ def test_compose_volumes_and_mounted_files_exist() -> None:
                 assert path.exists(), f"{name} mounts {source}, which is not in the repository"
                 assert path.is_relative_to(REPO_ROOT), f"{name} mounts {source} from outside"
     assert used == declared, f"declared but unused volumes: {declared - used}"
+
+
+def test_compose_project_name() -> None:
+    # docker-compose 1.29 (Debian 12's) rejects a top-level `name:`; both it and compose v2
+    # read the project directory's .env, so the volumes stay mirror_mirror-data etc.
+    assert "name" not in _compose()
+    lines = (DEPLOY / ".env").read_text().splitlines()
+    env = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    assert env == {"COMPOSE_PROJECT_NAME": "mirror"}
 
 
 def test_compose_builds_the_mirror_from_the_dockerfile() -> None:

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
@@ -255,3 +256,39 @@ def process_ids(pid: int) -> tuple[int, int]:
 
 def mib(size: int) -> str:
     return f"{size / 1024 / 1024:.1f} MiB"
+
+
+# --- compose -----------------------------------------------------------------------------
+
+DEPLOY = REPO_ROOT / "deploy"
+COMPOSE = "docker-compose"  # Debian's 1.29 (Python); `docker compose` v2 is not packaged
+
+
+def host_network_compose(flags: Sequence[str]) -> dict[str, Any]:
+    """deploy/compose.yaml's mirror service as it is, but for a daemon without a bridge:
+    host networking in place of the published port and of the redis service (which would
+    need an image from Docker Hub), and `flags` added to its command."""
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    mirror = compose["services"]["mirror"]
+    for key in ("ports", "depends_on"):
+        mirror.pop(key, None)
+    mirror["network_mode"] = "host"
+    mirror["command"] = [*mirror["command"], *flags]
+    # The same check, every second instead of every ten: no waiting in the test.
+    mirror["healthcheck"]["interval"] = "1s"
+    named = {entry.split(":")[0] for entry in mirror["volumes"] if not entry.startswith(".")}
+    volumes = {name: compose["volumes"][name] for name in named}
+    return {"services": {"mirror": mirror}, "volumes": volumes}
+
+
+def docker_compose(
+    docker: DockerDaemon, compose_file: Path, *args: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """docker-compose against this daemon, in deploy/ as its project directory: relative
+    paths resolve as they do for users, and deploy/.env names the project."""
+    env = dict(os.environ, DOCKER_HOST=docker.host, DOCKER_CONFIG=str(docker.client_config))
+    return subprocess.run(
+        [COMPOSE, "--project-directory", str(DEPLOY), "-f", str(compose_file), *args],
+        capture_output=True, text=True, check=check, timeout=240, env=env,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip

@@ -15,6 +15,7 @@ debootstrap, which may take minutes, hence the first test's longer timeout. Run 
 
 from __future__ import annotations
 
+import json
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -25,8 +26,11 @@ import pytest
 
 from tests.e2e.conftest import Round, pull_all
 from tests.e2e.image_helpers import (
+    COMPOSE,
     cache_dir,
     docker_build,
+    docker_compose,
+    host_network_compose,
     image_size,
     inspect,
     make_build_context,
@@ -200,3 +204,82 @@ def test_the_cache_is_on_the_volume(
     assert int(done.stdout) > 0
     done = builder.docker("exec", container.name, "touch", "/opt/x", check=False)
     assert done.returncode != 0, "the root filesystem is writable"
+
+
+# --- deploy/compose.yaml ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Composed:
+    container: str
+    url: str
+
+
+@pytest.fixture(scope="module")
+def composed(
+    e2e_dir: Path,
+    built: Built,
+    builder: DockerDaemon,
+    e2e_hub: FakeHubProcess,
+    e2e_redis: RedisServer,
+) -> Iterator[Composed]:
+    """The compose file's mirror service, started by docker-compose on the image built
+    above (tagged as the file names it; no build), with host networking."""
+    port = free_port()
+    # Redis database 1: the `docker run` mirror keeps its records in 0.
+    redis_url = e2e_redis.url.rsplit("/", 1)[0] + "/1"
+    flags = ["--listen", f"127.0.0.1:{port}", "--upstream", e2e_hub.registry_url]
+    compose = host_network_compose([*flags, "--redis", redis_url])
+    builder.docker("tag", built.image, compose["services"]["mirror"]["image"])
+    compose_file = e2e_dir / "compose.host-network.yaml"
+    compose_file.write_text(json.dumps(compose, indent=2))  # JSON is YAML
+    try:
+        docker_compose(builder, compose_file, "up", "-d", "--no-build")
+        container = docker_compose(builder, compose_file, "ps", "-q", "mirror").stdout.strip()
+        yield Composed(container, f"http://127.0.0.1:{port}")
+    finally:
+        logs = docker_compose(builder, compose_file, "logs", "--no-color", check=False)
+        (builder.workdir / "compose.log").write_text(logs.stdout + logs.stderr)
+        docker_compose(builder, compose_file, "down", "-v", check=False)
+
+
+@pytest.fixture(scope="module")
+def compose_round(
+    e2e_dir: Path,
+    composed: Composed,
+    builder: DockerDaemon,
+    e2e_hub: FakeHubProcess,
+    e2e_images: dict[str, SeededImage],
+) -> Round:
+    health = wait_healthy(builder, composed.container)
+    assert health.get("Status") == "healthy", health
+    with DockerDaemon(e2e_dir / "compose-puller", composed.url) as docker:
+        e2e_hub.reset()
+        pulls = pull_all(docker, e2e_images)
+    shown = ", ".join(f"{name} {pull.seconds:.2f}s" for name, pull in pulls.items())
+    print(f"\npulls through the compose file's mirror: {shown}")
+    return Round(pulls, e2e_hub.stats())
+
+
+@pytest.mark.skipif(shutil.which(COMPOSE) is None, reason=f"{COMPOSE} is not installed")
+def test_compose_mirror_service_runs_the_image(
+    composed: Composed, builder: DockerDaemon, compose_round: Round
+) -> None:
+    found = inspect(builder, "--type", "container", composed.container)
+    assert found["State"]["Health"]["Status"] == "healthy"
+    assert process_ids(int(found["State"]["Pid"])) == (USER_ID, USER_ID)
+    assert found["HostConfig"]["ReadonlyRootfs"] is True
+    # The project is named by deploy/.env: users' volumes keep their names.
+    volumes = {m["Destination"]: m.get("Name") for m in found["Mounts"]}
+    assert volumes["/var/lib/mirror"] == "mirror_mirror-data"
+    assert "/etc/mirror/config.yaml" in volumes  # compose.config.yaml, named by MIRROR_CONFIG
+
+
+@pytest.mark.skipif(shutil.which(COMPOSE) is None, reason=f"{COMPOSE} is not installed")
+@pytest.mark.parametrize("name", IMAGES)
+def test_pull_through_the_compose_mirror(
+    name: str, compose_round: Round, e2e_images: dict[str, SeededImage]
+) -> None:
+    pull = compose_round.pulls[name]
+    assert pull.returncode == 0, f"docker pull {name} failed:\n{pull.output}"
+    assert pull.digest() == e2e_images[name].digest
