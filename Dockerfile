@@ -6,7 +6,8 @@
 # BASE: any Debian-like image with python3 (3.11+), python3's venv module with ensurepip,
 # and groupadd/useradd; both stages use it, since the venv links to the base's python3.
 # Offline: a wheelhouse in ./wheels (pip wheel --wheel-dir wheels . 'setuptools>=68' wheel)
-# is installed from with no index, so the build needs no network at all.
+# is installed from with no index, so the build needs no network at all. (No `# syntax=`
+# line: BuildKit would pull that frontend image first.)
 ARG BASE=python:3.11-slim
 
 # --- build: the mirror and its dependencies, installed into a venv ----------------------
