@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from mirror.config import ConfigError
-from mirror.healthcheck import check, health_url, listen_address, serve_arguments
+from mirror.healthcheck import check, health_url, https_only, listen_address, serve_arguments
+from tests.certs import CA, TLSMirror
 from tests.services import MirrorProcess, free_port
 
 
@@ -70,3 +71,24 @@ def test_module_exit_status_without_a_mirror(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     assert "did not answer 200" in done.stderr
+
+
+def test_https_only_config_is_asked_over_https(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("tls: {cert_file: a, key_file: b, listen: '127.0.0.1:8444'}\n")
+    assert https_only(["--config", str(config)], {}) == ("127.0.0.1", 8444)
+    # A plain listener, in the file or on the command line, is the one asked.
+    assert https_only(["--config", str(config), "--listen", ":9000"], {}) is None
+    config.write_text("listen: 127.0.0.1:7000\ntls: {cert_file: a, key_file: b}\n")
+    assert https_only(["--config", str(config)], {}) is None
+    config.write_text("tls: {cert_file: a, key_file: b}\n")
+    assert https_only([], {"MIRROR_CONFIG": str(config)}) == ("0.0.0.0", 8443)
+
+
+def test_check_against_a_running_https_mirror(tmp_path: Path) -> None:
+    ca = CA(tmp_path / "ca")
+    pair = ca.issue("mirror")
+    tls = {"cert_file": str(pair.cert), "key_file": str(pair.key)}
+    with TLSMirror(tmp_path / "mirror", "http://127.0.0.1:9", ca.cert, tls) as mirror:
+        assert check(health_url("127.0.0.1", mirror.tls_port, "https"))
+        assert not check(health_url("127.0.0.1", mirror.tls_port, "http"))
