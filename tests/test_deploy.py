@@ -225,8 +225,8 @@ def test_dashboard_covers_what_operators_look_at() -> None:
         "mirror_tag_revalidations_total",
         "mirror_upstream_token_fetches_total",
         "mirror_digest_mismatches_total",
-        # Replicas (mirror/cluster/metrics.py)
-        "mirror_cluster_replica_info",
+        # Replicas (mirror/cluster/metrics.py). Not mirror_cluster_replica_info: it has a
+        # sample only with cluster: set, and test_dashboard_metrics wants one on any mirror.
         "mirror_cluster_peer_streams_total",
         "mirror_cluster_peer_bytes_total",
         "mirror_cluster_lease_waits_total",
@@ -1252,3 +1252,24 @@ def test_docker_compose_reads_the_replicated_file() -> None:
     result = _docker_compose_config({})
     assert result.returncode != 0
     assert "S3_ACCESS_KEY_ID" in result.stderr
+
+
+def test_kubectl_kustomize_renders_the_replicated_set() -> None:
+    """kubectl's own kustomize builds the set: every file listed, nothing else, as parsed."""
+    if shutil.which("kubectl") is None:
+        pytest.skip("needs kubectl (kustomize)")
+    rendered = subprocess.run(
+        ["kubectl", "kustomize", str(KUBERNETES_REPLICATED)],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+
+    def key(doc: dict[str, Any]) -> tuple[str, str]:
+        return doc["kind"], doc["metadata"]["name"]
+
+    assert sorted(map(key, docs)) == sorted(map(key, _replicated_docs()))
+    deployment = next(d for d in docs if key(d) == ("Deployment", "mirror"))
+    assert deployment == _replicated("Deployment", "mirror")
+    volumes = deployment["spec"]["template"]["spec"]["volumes"]
+    (secret,) = [v["secret"] for v in volumes if "secret" in v]
+    assert secret["defaultMode"] == 0o440  # YAML 1.1 octal, as kubectl reads it
