@@ -38,7 +38,7 @@ from mirror.metrics import Metrics
 from mirror.routes import setup_routes
 from mirror.routing import Upstreams
 from mirror.status import PullCounter
-from mirror.storage import Storage
+from mirror.storage import CacheStore, new_store
 from mirror.upstream import Upstream, new_session
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[registry_middleware, client_auth_middleware])
     app[config_key] = config
     app[metrics_key] = Metrics()
-    app[storage_key] = Storage(config.storage.path, config.storage.max_size)
+    app[storage_key] = new_store(config.storage, app[metrics_key])
     app[pulls_key] = PullCounter()
     app.cleanup_ctx.extend([storage_ctx, metadata_ctx, upstream_ctx, services_ctx, client_auth_ctx])
     app.on_response_prepare.append(on_response_prepare)
@@ -81,9 +81,10 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     watcher.cancel()
     await asyncio.gather(watcher, return_exceptions=True)
+    await storage.close()
 
 
-async def watch_disk(storage: Storage, metrics: Metrics) -> None:
+async def watch_disk(storage: CacheStore, metrics: Metrics) -> None:
     """Keep the disk-space gauges current (for the nearly-full alert)."""
     while True:
         try:
@@ -183,6 +184,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[evictor_key] = evictor
     downloads.on_commit = evictor.added
+    await storage.attach(app[metadata_key], lambda: blobs.reading)
     task = asyncio.create_task(evictor.run()) if evictor.enabled else None
     yield
     if task is not None:

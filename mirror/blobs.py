@@ -31,7 +31,8 @@ from mirror.errors import RangeNotSatisfiable, RegistryError
 from mirror.logs import outcome_key, sent_key
 from mirror.metrics import Metrics
 from mirror.reference import Digest
-from mirror.storage import Storage
+from mirror.storage import CacheStore
+from mirror.storage.base import BlobSize, BlobStream, Found, Redirect, StoreReadError
 from mirror.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def parse_range(request: web.Request, size: int) -> tuple[int, int] | None:
 class BlobService:
     """Answers blob GETs and HEADs for one upstream and the shared store."""
 
-    def __init__(self, storage: Storage, downloads: Downloads, metrics: Metrics) -> None:
+    def __init__(self, storage: CacheStore, downloads: Downloads, metrics: Metrics) -> None:
         self._storage = storage
         self._downloads = downloads
         self._metrics = metrics
@@ -76,6 +77,7 @@ class BlobService:
     ) -> web.StreamResponse:
         if await self._storage.blob_size(digest) is not None:
             self._metrics.cache_requests.labels("blob", "hit").inc()
+            self._metrics.tier_hits.labels("local").inc()
             headers = {"Docker-Content-Digest": str(digest), "Content-Type": OCTET_STREAM}
             return _TrackedFileResponse(
                 self._storage.blob_path(digest), self.reading, digest, headers
@@ -83,6 +85,11 @@ class BlobService:
         # A download whose bytes are all here and verified, waiting only for its fsync and
         # rename, serves this request from disk: a hit, its bytes counted as from the cache.
         download = self._downloads.get(digest)
+        if download is None:  # not being fetched: the store may hold it elsewhere
+            head = request.method == "HEAD"
+            found = await self._storage.find_blob(digest, request.headers.get("Range"), head=head)
+            if found is not None:
+                return await self._from_store(request, digest, found)
         local = download is not None and download.verified
         self._metrics.cache_requests.labels("blob", "hit" if local else "miss").inc()
         if request.method == "HEAD":
@@ -96,6 +103,43 @@ class BlobService:
             return await self._passthrough(request, upstream, repo, digest)
         origin = "cache" if local else "upstream"
         return await self._stream(request, download, upstream, repo, origin)
+
+    async def _from_store(
+        self, request: web.Request, digest: Digest, found: Found
+    ) -> web.StreamResponse:
+        """Answer from where the store says the blob is: a redirect, a size, or a body."""
+        self._metrics.cache_requests.labels("blob", "hit").inc()
+        if isinstance(found, Redirect):
+            headers = {"Docker-Content-Digest": str(digest), "Location": found.url}
+            return web.Response(status=307, headers=headers)
+        resp = web.StreamResponse(headers=_blob_headers(digest))
+        if isinstance(found, BlobSize):
+            resp.content_length = found.size
+            await resp.prepare(request)
+            await resp.write_eof()
+            return resp
+        resp.set_status(found.status)
+        resp.content_length = found.length
+        if found.content_range is not None:
+            resp.headers["Content-Range"] = found.content_range
+        try:
+            await resp.prepare(request)
+        except BaseException:
+            await found.close()
+            raise
+        return await _deliver(request, resp, self._pipe(request, resp, found))
+
+    async def _pipe(
+        self, request: web.Request, resp: web.StreamResponse, found: BlobStream
+    ) -> None:
+        try:
+            async for chunk in found.chunks():
+                await resp.write(chunk)
+                self._sent(request, "cache", len(chunk))
+        except StoreReadError as exc:
+            raise TransferAborted(str(exc)) from None
+        finally:
+            await found.close()
 
     async def _passthrough(
         self, request: web.Request, upstream: Upstream, repo: str, digest: Digest
