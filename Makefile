@@ -5,9 +5,11 @@ PYTHON ?= python3
 # Real components the tests start themselves (Debian packages).
 SYSTEM_PACKAGES := redis-server docker-registry docker.io containerd runc skopeo busybox-static prometheus \
 	chromium \
-	nginx-light wrk curl
+	nginx-light wrk curl \
+	ceph-mon ceph-osd radosgw ceph-common
 SYSTEM_COMMANDS := redis-server docker-registry dockerd containerd skopeo busybox nginx wrk prometheus promtool \
-	chromium curl
+	chromium curl \
+	ceph-mon ceph-osd radosgw ceph
 
 .PHONY: all install system-deps run test test-unit test-e2e bench soak lint format mypy clean
 

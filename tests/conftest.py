@@ -16,6 +16,9 @@ from mirror.config import CacheConfig, Config, RedisConfig, StorageConfig, Upstr
 from tests.fakehub import FakeHub
 from tests.services import RedisServer
 
+# The real S3 server (Ceph RGW) fixtures: `rgw` for the session, `s3_bucket` per test.
+pytest_plugins = ["tests.rgw"]
+
 MakeClient = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 

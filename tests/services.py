@@ -91,6 +91,7 @@ class Service:
 
     name = "service"
     stop_timeout = STOP_TIMEOUT
+    ready_timeout = READY_TIMEOUT
 
     def __init__(self, workdir: Path | str) -> None:
         self.workdir = Path(workdir)
@@ -140,14 +141,14 @@ class Service:
 
     def _wait_ready(self) -> None:
         assert self.proc is not None
-        deadline = time.monotonic() + READY_TIMEOUT
+        deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise self._failure(f"exited with status {self.proc.returncode}")
             if self.is_ready():
                 return
             time.sleep(0.1)
-        raise self._failure(f"not ready after {READY_TIMEOUT:.0f}s")
+        raise self._failure(f"not ready after {self.ready_timeout:.0f}s")
 
     def _failure(self, what: str) -> ServiceError:
         cmd = " ".join(self.command())
