@@ -122,11 +122,15 @@ def serve(config: Config) -> None:
         config.storage.path,
         "redis" if config.redis.url else "in-process",
     )
-    web.run_app(
-        create_app(config),
-        host=config.host,
-        port=config.port,
-        access_log_class=AccessLogger,
-        shutdown_timeout=config.shutdown_timeout,
-        print=None,
-    )
+    try:
+        web.run_app(
+            create_app(config),
+            host=config.host,
+            port=config.port,
+            access_log_class=AccessLogger,
+            shutdown_timeout=config.shutdown_timeout,
+            print=None,
+        )
+    except ConfigError as exc:  # a check at start (the S3 bucket) failed: no traceback
+        print(f"mirror: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -224,9 +224,11 @@ class Downloads:
             # makes the file durable (seconds, for a big layer) need not hold them up.
             download.verified = True
             download._notify()
+            # The bucket's copy first: once the file is renamed, a restarted mirror would
+            # not know that the upload never finished.
+            await download.upload.complete()
             fd = None  # commit closes it, whatever happens
             await asyncio.to_thread(self._storage.commit, opened, temp, download.final)
-            await download.upload.complete()
             self._committed(download)
             seconds = time.monotonic() - started
             log.info(
