@@ -91,6 +91,8 @@ class Bucket:
         cfg = self.config
         config = AioConfig(
             s3={"addressing_style": "path" if cfg.path_style else "virtual"},
+            # SigV4 everywhere, presigned URLs included (botocore may pick V2 for them).
+            signature_version="s3v4",
             retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
             connect_timeout=CONNECT_TIMEOUT,
             read_timeout=READ_TIMEOUT,

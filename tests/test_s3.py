@@ -1,0 +1,216 @@
+"""The cache in an S3 bucket (storage.s3) against a real Ceph RGW: keys, verification before
+an object becomes visible, serving from the bucket with an empty local tier, Range,
+redirects to presigned URLs, the bucket's bound, and a gateway that goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient
+
+from mirror.config import StorageConfig
+from mirror.storage.s3config import S3Config
+from tests.conftest import MakeClient
+from tests.fakehub import FakeHub
+from tests.resilience_helpers import metric_value
+from tests.rgw import CephRGW
+
+Client = TestClient[Any, Any]
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def s3(rgw: CephRGW, s3_bucket: str) -> S3Config:
+    """storage.s3 for this test's fresh bucket, under a prefix."""
+    return S3Config(
+        bucket=s3_bucket,
+        endpoint=rgw.endpoint,
+        region=rgw.region,
+        prefix="cache/",
+        access_key_id=rgw.access_key,
+        secret_access_key=rgw.secret_key,
+    )
+
+
+def storage(tmp_path: Path, s3: S3Config, name: str = "data", **changes: Any) -> StorageConfig:
+    """A local tier of its own (`name`) in front of the test's bucket."""
+    return StorageConfig(path=tmp_path / name, s3=replace(s3, **changes))
+
+
+def key(kind: str, digest: str, prefix: str = "cache/") -> str:
+    algorithm, hexpart = digest.split(":")
+    return f"{prefix}{kind}/{algorithm}/{hexpart}"
+
+
+def local_blob(root: Path, digest: str) -> Path:
+    algorithm, hexpart = digest.split(":")
+    return root / "blobs" / algorithm / hexpart[:2] / hexpart
+
+
+async def pull(client: Client, image: dict[str, Any], repo: str = "library/app") -> None:
+    """GET the manifest by digest and every blob; each must arrive whole and right."""
+    resp = await client.get(f"/v2/{repo}/manifests/{image['digest']}")
+    assert resp.status == 200
+    assert await resp.read() == image["manifest"]
+    for digest in [image["config"], *image["layers"]]:
+        resp = await client.get(f"/v2/{repo}/blobs/{digest}")
+        assert resp.status == 200, digest
+        body = await resp.read()
+        assert "sha256:" + hashlib.sha256(body).hexdigest() == digest
+
+
+async def s3_requests(client: Client, operation: str | None = None) -> float:
+    text = await (await client.get("/metrics")).text()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("mirror_s3_requests_total{") and (
+            operation is None or f'operation="{operation}"' in line
+        ):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def settled(client: Client) -> None:
+    """Wait until the downloads under way have finished (uploads included)."""
+    for _ in range(600):
+        text = await (await client.get("/metrics")).text()
+        if metric_value(text, "mirror_upstream_fetches_in_flight") == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("downloads still under way")
+
+
+async def test_cold_pull_lands_each_object_under_its_key(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    """Small blobs go up in one PUT, large ones in parts; manifests keep their media type."""
+    image = hub.content.add_image("library/app", "v1", [os.urandom(20 * MiB), b"small layer"])
+    client = await make_client(storage=storage(tmp_path, s3))
+
+    await pull(client, image)
+    await settled(client)
+
+    bucket = rgw.s3()
+    expected = sorted(
+        [key("blobs", d) for d in [image["config"], *image["layers"]]]
+        + [key("manifests", image["digest"])]
+    )
+    assert bucket.keys(s3.bucket) == expected
+    for digest in [image["config"], *image["layers"]]:
+        assert bucket.get(s3.bucket, key("blobs", digest)) == hub.content.blobs[digest]
+    head = bucket.client.head_object(Bucket=s3.bucket, Key=key("manifests", image["digest"]))
+    assert head["ContentType"] == "application/vnd.docker.distribution.manifest.v2+json"
+    assert bucket.get(s3.bucket, key("manifests", image["digest"])) == image["manifest"]
+    assert bucket.multipart_uploads(s3.bucket) == []
+    assert await s3_requests(client, "UploadPart") == 3  # 20 MiB in 8 MiB parts
+    assert hub.stats["cdn_get"] == 3  # one upstream fetch per blob
+
+
+async def test_a_digest_mismatch_leaves_nothing_in_the_bucket(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    layer = os.urandom(20 * MiB)  # several parts: a multipart upload is begun
+    digest = hub.content.add_blob(layer)
+    hub.corrupt_blobs = {digest}
+    client = await make_client(storage=storage(tmp_path, s3))
+
+    resp = await client.get(f"/v2/library/app/blobs/{digest}")
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()  # cut short: the last bytes wait for a verdict that fails
+    await settled(client)
+
+    assert rgw.s3().keys(s3.bucket) == []
+    assert rgw.s3().multipart_uploads(s3.bucket) == []
+    assert await s3_requests(client, "CreateMultipartUpload") == 1
+    assert await s3_requests(client, "AbortMultipartUpload") == 1
+
+
+async def test_an_empty_local_tier_is_served_from_the_bucket(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config
+) -> None:
+    """A new mirror (fresh directory, fresh metadata) pulls with no upstream blob request:
+    one GET to the bucket per blob, the local tier filled on the way, then 0 S3 requests."""
+    image = hub.content.add_image("library/app", "v1", [os.urandom(12 * MiB), os.urandom(1000)])
+    first = await make_client(storage=storage(tmp_path, s3, "first"))
+    await pull(first, image)
+    await settled(first)
+    hub.reset_stats()
+
+    second = await make_client(storage=storage(tmp_path, s3, "second"))
+    await pull(second, image)
+
+    assert hub.stats["blob_get"] == hub.stats["cdn_get"] == 0
+    assert hub.stats["manifest_get"] == 0  # the manifest came from the bucket too
+    blobs = [image["config"], *image["layers"]]
+    assert await s3_requests(second, "GetObject") == len(blobs) + 1  # + the manifest
+    assert await s3_requests(second, "HeadObject") == 0
+    for digest in blobs:
+        path = local_blob(tmp_path / "second", digest)
+        assert path.read_bytes() == hub.content.blobs[digest]
+    before = await s3_requests(second)
+    await pull(second, image)
+    assert await s3_requests(second) == before  # the local tier: no S3 request at all
+    text = await (await second.get("/metrics")).text()
+    assert metric_value(text, "mirror_tier_hits_total", {"tier": "bucket"}) == len(blobs)
+    assert metric_value(text, "mirror_tier_hits_total", {"tier": "local"}) == len(blobs)
+
+
+async def test_a_range_is_passed_to_the_bucket(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config
+) -> None:
+    layer = os.urandom(3 * MiB)
+    digest = hub.content.add_blob(layer)
+    first = await make_client(storage=storage(tmp_path, s3, "first"))
+    assert await (await first.get(f"/v2/library/app/blobs/{digest}")).read() == layer
+    await settled(first)
+    second = await make_client(storage=storage(tmp_path, s3, "second"))
+
+    resp = await second.get(f"/v2/library/app/blobs/{digest}", headers={"Range": "bytes=1000-"})
+    assert resp.status == 206
+    assert resp.headers["Content-Range"] == f"bytes 1000-{len(layer) - 1}/{len(layer)}"
+    assert await resp.read() == layer[1000:]
+    resp = await second.get(f"/v2/library/app/blobs/{digest}", headers={"Range": "bytes=5-9"})
+    assert (resp.status, await resp.read()) == (206, layer[5:10])
+    head = await second.head(f"/v2/library/app/blobs/{digest}")
+    assert head.status == 200
+    assert head.headers["Content-Length"] == str(len(layer))
+    assert await s3_requests(second, "GetObject") == 2
+    assert await s3_requests(second, "HeadObject") == 1  # a HEAD moves no body
+    assert not local_blob(tmp_path / "second", digest).exists()  # only whole reads fill it
+    assert hub.stats["cdn_get"] == 1
+
+
+async def test_redirect_answers_307_to_a_presigned_url(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config
+) -> None:
+    layer = os.urandom(2 * MiB)
+    digest = hub.content.add_blob(layer)
+    first = await make_client(storage=storage(tmp_path, s3, "first"))
+    assert await (await first.get(f"/v2/library/app/blobs/{digest}")).read() == layer
+    await settled(first)
+    second = await make_client(storage=storage(tmp_path, s3, "second", redirect=True))
+    path = f"/v2/library/app/blobs/{digest}"
+
+    await second.get(path, allow_redirects=False)  # the records may not know it yet
+    before = await s3_requests(second)
+    resp = await second.get(path, allow_redirects=False)
+
+    assert resp.status == 307
+    assert await s3_requests(second) == before  # presigning is local
+    location = resp.headers["Location"]
+    assert "X-Amz-Signature=" in location and "X-Amz-Expires=600" in location
+    async with aiohttp.ClientSession() as session:
+        async with session.get(location) as got:
+            assert (got.status, await got.read()) == (200, layer)
+        async with session.get(location, headers={"Range": "bytes=100-199"}) as got:
+            assert (got.status, await got.read()) == (206, layer[100:200])
+    text = await (await second.get("/metrics")).text()
+    assert metric_value(text, "mirror_blob_redirects_total") == 2
+    assert hub.stats["cdn_get"] == 1
