@@ -16,7 +16,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from mirror.config import StorageConfig
+from mirror.keys import storage_key
 from mirror.storage.s3config import S3Config
+from mirror.storage.tiered import TieredStorage
 from tests.conftest import MakeClient
 from tests.fakehub import FakeHub
 from tests.resilience_helpers import metric_value
@@ -214,3 +216,52 @@ async def test_redirect_answers_307_to_a_presigned_url(
     text = await (await second.get("/metrics")).text()
     assert metric_value(text, "mirror_blob_redirects_total") == 2
     assert hub.stats["cdn_get"] == 1
+
+
+async def test_the_bucket_bound_evicts_the_least_recently_read(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    a, b, c = (hub.content.add_blob(os.urandom(10 * MiB)) for _ in range(3))
+    client = await make_client(storage=storage(tmp_path, s3, max_size=25 * MiB))
+    for digest in (a, b):
+        await (await client.get(f"/v2/library/app/blobs/{digest}")).read()
+        await settled(client)
+    await (await client.get(f"/v2/library/app/blobs/{a}")).read()  # a: read again, b: not
+
+    await (await client.get(f"/v2/library/app/blobs/{c}")).read()  # 30 MiB > 25 MiB
+    await settled(client)
+
+    for _ in range(200):
+        if key("blobs", b) not in rgw.s3().keys(s3.bucket):
+            break
+        await asyncio.sleep(0.05)
+    assert rgw.s3().keys(s3.bucket, "cache/blobs/") == sorted([key("blobs", a), key("blobs", c)])
+    # Evicting from the bucket leaves the local tier alone.
+    assert local_blob(tmp_path / "data", b).exists()
+
+
+async def test_a_blob_being_read_from_the_bucket_is_not_evicted(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    layers = [os.urandom(10 * MiB) for _ in range(2)]
+    digests = [hub.content.add_blob(layer) for layer in layers]
+    first = await make_client(storage=storage(tmp_path, s3, "first"))
+    for digest in digests:
+        await (await first.get(f"/v2/library/app/blobs/{digest}")).read()
+    await settled(first)
+    second = await make_client(storage=storage(tmp_path, s3, "second"))
+
+    resp = await second.get(f"/v2/library/app/blobs/{digests[0]}")
+    head = await resp.content.readexactly(1000)  # the rest still to come from the bucket
+    evicted = await evict_all(second)
+
+    assert head + await resp.read() == layers[0]
+    assert rgw.s3().keys(s3.bucket, "cache/blobs/") == [key("blobs", digests[0])]
+    assert evicted == 1
+
+
+async def evict_all(client: Client) -> int:
+    """Evict the bucket down to nothing (what a bound of 1 byte asks): how many went."""
+    store = client.app[storage_key]
+    assert isinstance(store, TieredStorage)
+    return (await store.index.evict(max_size=1)).evicted

@@ -55,7 +55,10 @@ class BucketIndex:
         self._metadata: MetadataStore | None = None
         self._busy: Callable[[], Iterable[object]] = tuple
         self._touched: dict[str, float] = {}
-        self._known: set[str] = set()
+        # digest → size of the blobs known to be in the bucket: loaded from the records at
+        # start, then kept up to date, so a local-tier hit costs no metadata read.
+        self._sizes: dict[str, int] = {}
+        self._loaded = asyncio.Event()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -72,26 +75,31 @@ class BucketIndex:
     # --- records ---------------------------------------------------------------------------
     async def stored(self, digest: Digest, size: int) -> None:
         """A blob became visible in the bucket."""
-        self._known.add(str(digest))
+        self._sizes[str(digest)] = size
         await self._record(str(digest), size)
         self._wake.set()
 
-    async def read(self, digest: Digest, size: int | None) -> None:
-        """A blob was read from the bucket (or redirected to): it is recently used."""
+    async def read(self, digest: Digest) -> None:
+        """A blob in the bucket was read (from either tier) or redirected to."""
         key = str(digest)
-        self._known.add(key)
-        if time.monotonic() - self._touched.get(key, -TOUCH_INTERVAL) < TOUCH_INTERVAL:
+        size = self._sizes.get(key)
+        if (
+            size is None
+            or time.monotonic() - self._touched.get(key, -TOUCH_INTERVAL) < TOUCH_INTERVAL
+        ):
             return
         self._touched[key] = time.monotonic()
-        if size is None:
-            size = (await self._records()).get(key, (0, 0.0))[0]
         await self._record(key, size)
 
     async def known(self, digest: Digest) -> bool:
         """Is the blob recorded as in the bucket (no S3 request)?"""
-        if str(digest) in self._known:
-            return True
-        return str(digest) in await self._records()
+        key = str(digest)
+        if key not in self._sizes:
+            record = (await self._records()).get(key)  # another replica may have stored it
+            if record is None:
+                return False
+            self._sizes[key] = record[0]
+        return True
 
     async def forget(self, digest: Digest) -> None:
         await self.forget_key(str(digest))
@@ -110,7 +118,12 @@ class BucketIndex:
 
     # --- eviction ----------------------------------------------------------------------------
     async def _run(self) -> None:
-        await self.rebuild_if_empty()
+        try:
+            await self.rebuild_if_empty()
+            for digest, (size, _) in (await self._records()).items():
+                self._sizes.setdefault(digest, size)
+        finally:
+            self._loaded.set()
         if self._max_size is None:
             return
         while True:
@@ -140,6 +153,8 @@ class BucketIndex:
     async def evict(self, max_size: int | None = None) -> BucketEviction:
         """Delete the least recently read blobs until the bucket is under its bound."""
         bound = max_size if max_size is not None else self._max_size
+        if self._task is not None:
+            await self._loaded.wait()
         records = await self._records()
         total = sum(size for size, _ in records.values())
         if bound is None or total <= bound:
@@ -162,7 +177,7 @@ class BucketIndex:
         return BucketEviction(evicted, freed, total - freed)
 
     async def forget_key(self, digest: str) -> None:
-        self._known.discard(digest)
+        self._sizes.pop(digest, None)
         self._touched.pop(digest, None)
         if self._metadata is not None:
             await _quietly(self._metadata.forget_blob(digest))

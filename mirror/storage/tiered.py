@@ -77,6 +77,13 @@ class TieredStorage(Storage):
         return {"bucket": "ok" if await self.bucket.up_now() else "unreachable"}
 
     # --- blobs -----------------------------------------------------------------------------
+    async def blob_size(self, digest: Digest) -> int | None:
+        """A local-tier hit is a read of the bucket's copy too (for the bucket's LRU)."""
+        size = await super().blob_size(digest)
+        if size is not None:
+            await self.index.read(digest)
+        return size
+
     async def find_blob(
         self, digest: Digest, byte_range: str | None, *, head: bool
     ) -> Found | None:
@@ -108,7 +115,7 @@ class TieredStorage(Storage):
             if size is None:
                 return None
             await self.index.stored(digest, size)
-        await self.index.read(digest, None)
+        await self.index.read(digest)
         self._metrics.redirects.inc()
         return Redirect(await self.bucket.presign(key, self._config.redirect_ttl))
 
@@ -123,7 +130,7 @@ class TieredStorage(Storage):
             raise RangeNotSatisfiable(await self.bucket.size(key) or 0) from None
         if response is None:
             return None
-        await self.index.read(digest, None)
+        await self.index.read(digest)
         status = response["ResponseMetadata"]["HTTPStatusCode"]
         fill = await self._fill_for(digest, status, response["ContentLength"])
         name = str(digest)
