@@ -23,6 +23,8 @@ from tests.conftest import MakeClient
 from tests.fakehub import FakeHub
 from tests.resilience_helpers import metric_value
 from tests.rgw import CephRGW
+from tests.services import free_port
+from tests.test_commands import run_cli
 
 Client = TestClient[Any, Any]
 MiB = 1024 * 1024
@@ -265,3 +267,122 @@ async def evict_all(client: Client) -> int:
     store = client.app[storage_key]
     assert isinstance(store, TieredStorage)
     return (await store.index.evict(max_size=1)).evicted
+
+
+async def readyz(client: Client) -> tuple[int, dict[str, str]]:
+    resp = await client.get("/readyz")
+    return resp.status, await resp.json()
+
+
+async def test_gateway_stopped_mid_upload_leaves_no_object(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    layer = os.urandom(40 * MiB)
+    digest = hub.content.add_blob(layer)
+    hub.cdn_delay = 0.004  # 64 KiB chunks: the download takes a few seconds
+    client = await make_client(storage=storage(tmp_path, s3, "first"))
+    path = f"/v2/library/app/blobs/{digest}"
+    try:
+        reading = asyncio.ensure_future((await client.get(path)).read())
+        while await s3_requests(client, "UploadPart") < 1:
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(rgw.stop_gateway)
+        assert await reading == layer  # the client never notices
+        await settled(client)
+    finally:
+        await asyncio.to_thread(rgw.start_gateway)
+    hub.cdn_delay = 0
+
+    assert rgw.s3().keys(s3.bucket) == []  # no partial object under the digest
+    assert await (await client.get(path)).read() == layer  # the next pull: the local tier
+    # A mirror that starts aborts what the cut upload left open, and caches the blob anew.
+    second = await make_client(storage=storage(tmp_path, s3, "second"))
+    assert rgw.s3().multipart_uploads(s3.bucket) == []
+    assert await (await second.get(path)).read() == layer
+    await settled(second)
+    assert rgw.s3().get(s3.bucket, key("blobs", digest)) == layer
+
+
+async def test_a_mirror_starts_while_the_bucket_is_down_and_relays(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    layer = os.urandom(2 * MiB)
+    digest = hub.content.add_blob(layer)
+    path = f"/v2/library/app/blobs/{digest}"
+    await asyncio.to_thread(rgw.stop_gateway)
+    try:
+        client = await make_client(storage=storage(tmp_path, s3))
+        down = {"storage": "ok", "metadata": "ok", "bucket": "unreachable"}
+        assert await readyz(client) == (503, down)
+        text = await (await client.get("/metrics")).text()
+        assert metric_value(text, "mirror_s3_up") == 0
+
+        resp = await client.get(path)
+        assert (resp.status, await resp.read()) == (200, layer)  # relayed from upstream
+        assert not local_blob(tmp_path / "data", digest).exists()  # uncached
+    finally:
+        await asyncio.to_thread(rgw.start_gateway)
+
+    for _ in range(300):  # the bucket is probed again by itself
+        if (await readyz(client))[0] == 200:
+            break
+        await asyncio.sleep(0.1)
+    assert await readyz(client) == (200, {"storage": "ok", "metadata": "ok", "bucket": "ok"})
+    assert await (await client.get(path)).read() == layer
+    await settled(client)
+    assert rgw.s3().get(s3.bucket, key("blobs", digest)) == layer
+    assert hub.stats["cdn_get"] == 2
+
+
+def serve_config(tmp_path: Path, s3_lines: str) -> Path:
+    """A config file for `mirror serve` with the given `storage.s3` lines."""
+    path = tmp_path / "mirror.yaml"
+    path.write_text(
+        f"listen: 127.0.0.1:{free_port()}\n"
+        f"storage:\n  path: {tmp_path / 'data'}\n  s3:\n"
+        + "".join(f"    {line}\n" for line in s3_lines.strip().splitlines())
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("lines", "key_named"),
+    [
+        ("bucket: b1b\nendpont: http://127.0.0.1:1", "storage.s3.endpont"),
+        ("bucket: b1b\nendpoint: 127.0.0.1:9000", "storage.s3.endpoint"),
+        ("bucket: B_b\nendpoint: http://127.0.0.1:1", "storage.s3.bucket"),
+        ("endpoint: http://127.0.0.1:1", "storage.s3.bucket"),
+        ("bucket: b1b\naccess_key_id: AK", "storage.s3.secret_access_key"),
+        ("bucket: b1b\nredirect: sometimes", "storage.s3.redirect"),
+        ("bucket: b1b\nredirect_ttl: 30d", "storage.s3.redirect_ttl"),
+        ("bucket: b1b\nmax_size: lots", "storage.s3.max_size"),
+    ],
+)
+async def test_bad_s3_settings_stop_serve_naming_the_key(
+    tmp_path: Path, lines: str, key_named: str
+) -> None:
+    status, _, stderr = await run_cli(
+        "serve", "--config", str(serve_config(tmp_path, lines)), cwd=tmp_path
+    )
+    assert status == 2
+    assert stderr.strip().startswith(f"mirror: config: {key_named}: "), stderr
+    assert len(stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("problem", ["no such bucket", "wrong secret"])
+async def test_a_failing_bucket_check_stops_serve(
+    tmp_path: Path, rgw: CephRGW, s3_bucket: str, problem: str
+) -> None:
+    bucket = "mirror-never-created" if problem == "no such bucket" else s3_bucket
+    secret = "not-the-secret" if problem == "wrong secret" else rgw.secret_key
+    config = serve_config(
+        tmp_path,
+        f"bucket: {bucket}\nendpoint: {rgw.endpoint}\naccess_key_id: {rgw.access_key}\n"
+        f"secret_access_key: {secret}",
+    )
+    status, _, stderr = await run_cli("serve", "--config", str(config), cwd=tmp_path)
+    assert status == 2
+    assert "Traceback" not in stderr and secret not in stderr
+    named = "storage.s3.bucket" if problem == "no such bucket" else "storage.s3.access_key_id"
+    errors = [line for line in stderr.splitlines() if line.startswith("mirror: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"mirror: config: {named}: "), stderr
