@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import os
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,8 +17,10 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from mirror.config import StorageConfig
+from mirror import commands
+from mirror.config import Config, RedisConfig, StorageConfig
 from mirror.keys import storage_key
+from mirror.metadata import MetadataStore, open_metadata
 from mirror.storage.s3config import S3Config
 from mirror.storage.tiered import TieredStorage
 from tests.conftest import MakeClient
@@ -386,3 +390,55 @@ async def test_a_failing_bucket_check_stops_serve(
     named = "storage.s3.bucket" if problem == "no such bucket" else "storage.s3.access_key_id"
     errors = [line for line in stderr.splitlines() if line.startswith("mirror: ")]
     assert len(errors) == 1 and errors[0].startswith(f"mirror: config: {named}: "), stderr
+
+
+async def test_commands_work_against_the_bucket(
+    hub: FakeHub, config: Config, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    """warm fills the bucket; with a fresh local tier, warm finds it all there, ls sizes it,
+    verify deletes a corrupt object, and gc aborts no live upload and evicts to the bound."""
+    image = hub.content.add_image("library/app", "v1", [os.urandom(9 * MiB), b"layer two"])
+    blobs = [image["config"], *image["layers"]]
+    first = replace(config, storage=storage(tmp_path, s3, "first"))
+    report = await commands.warm(first, ["library/app:v1"], None, out=io.StringIO())
+    assert (report.fetched, report.failures) == (3, [])
+    in_bucket = rgw.s3().keys(s3.bucket, "cache/blobs/")
+    assert sorted(in_bucket) == sorted(key("blobs", d) for d in blobs)
+
+    fresh = replace(config, storage=storage(tmp_path, s3, "second"))
+    hub.reset_stats()
+    report = await commands.warm(fresh, ["library/app:v1"], None, out=io.StringIO())
+    assert (report.fetched, report.cached) == (0, 3)
+    assert hub.stats["cdn_get"] == 0
+    out = io.StringIO()
+    assert await commands.list_cache(fresh, out=out) == 1
+    assert "9.0 MiB" in out.getvalue()
+
+    bad = image["layers"][1]
+    rgw.s3().put(s3.bucket, key("blobs", bad), b"not layer two")
+    out = io.StringIO()
+    assert await commands.verify(fresh, out=out) == [f"{bad} (bucket)"]
+    assert key("blobs", bad) not in rgw.s3().keys(s3.bucket)
+
+    # Bound to 9 MiB: the 9 MiB layer, read least recently (by warm), goes.
+    await commands.warm(fresh, ["library/app:v1"], None, out=io.StringIO())  # reads config
+    out = io.StringIO()
+    bounded = replace(config, storage=storage(tmp_path, s3, "second", max_size=9 * MiB))
+    await commands.collect_garbage(bounded, 1, out=out)
+    assert "bucket: evicted" in out.getvalue()
+    assert key("blobs", image["layers"][0]) not in rgw.s3().keys(s3.bucket)
+
+
+@pytest.fixture
+async def metadata(metadata_config: RedisConfig) -> AsyncIterator[MetadataStore]:
+    store = open_metadata(metadata_config.url, ttl=60)
+    yield store
+    await store.close()
+
+
+async def test_bucket_records_round_trip(metadata: MetadataStore) -> None:
+    await metadata.put_blob_read("sha256:aa", 10, 100.5)
+    await metadata.put_blob_read("sha256:bb", 20, 200.0)
+    await metadata.put_blob_read("sha256:aa", 10, 300.0)
+    await metadata.forget_blob("sha256:bb")
+    assert await metadata.blob_reads() == {"sha256:aa": (10, 300.0)}

@@ -162,7 +162,8 @@ class TieredStorage(Storage):
             return True
         try:
             return await self.bucket.size(self.bucket.blob_key(digest)) is not None
-        except S3_ERRORS:
+        except S3_ERRORS as exc:
+            log.warning("cannot tell if the bucket holds %s: %s", digest, type(exc).__name__)
             return False
 
     def start_upload(self, digest: Digest, size: int | None, temp: Path) -> Upload:
