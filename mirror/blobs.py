@@ -62,6 +62,23 @@ def parse_range(request: web.Request, size: int) -> tuple[int, int] | None:
     return start, end
 
 
+def _single_range(request: web.Request) -> str | None:
+    """The client's Range as one well-formed `bytes=` range to pass on, or None (the whole
+    blob: a malformed or multi-range header is ignored, as for blobs on disk)."""
+    if "Range" not in request.headers:
+        return None
+    try:
+        rng = request.http_range
+    except ValueError:
+        return None
+    if rng.start is not None and rng.start < 0:
+        return f"bytes={rng.start}"  # the last -start bytes
+    if rng.start is None and rng.stop is None:
+        return None
+    first = rng.start or 0
+    return f"bytes={first}-" if rng.stop is None else f"bytes={first}-{rng.stop - 1}"
+
+
 class BlobService:
     """Answers blob GETs and HEADs for one upstream and the shared store."""
 
@@ -87,7 +104,7 @@ class BlobService:
         download = self._downloads.get(digest)
         if download is None:  # not being fetched: the store may hold it elsewhere
             head = request.method == "HEAD"
-            found = await self._storage.find_blob(digest, request.headers.get("Range"), head=head)
+            found = await self._storage.find_blob(digest, _single_range(request), head=head)
             if found is not None:
                 return await self._from_store(request, digest, found)
         local = download is not None and download.verified

@@ -186,11 +186,14 @@ async def test_a_range_is_passed_to_the_bucket(
     assert await resp.read() == layer[1000:]
     resp = await second.get(f"/v2/library/app/blobs/{digest}", headers={"Range": "bytes=5-9"})
     assert (resp.status, await resp.read()) == (206, layer[5:10])
+    past = await second.get(f"/v2/library/app/blobs/{digest}", headers={"Range": "bytes=9999999-"})
+    assert past.status == 416
+    assert past.headers["Content-Range"] == f"bytes */{len(layer)}"
     head = await second.head(f"/v2/library/app/blobs/{digest}")
     assert head.status == 200
     assert head.headers["Content-Length"] == str(len(layer))
-    assert await s3_requests(second, "GetObject") == 2
-    assert await s3_requests(second, "HeadObject") == 1  # a HEAD moves no body
+    assert await s3_requests(second, "GetObject") == 3
+    assert await s3_requests(second, "HeadObject") == 2  # a HEAD moves no body; the 416's size
     assert not local_blob(tmp_path / "second", digest).exists()  # only whole reads fill it
     assert hub.stats["cdn_get"] == 1
 
