@@ -85,6 +85,14 @@ async def s3_requests(client: Client, operation: str | None = None) -> float:
     return total
 
 
+async def eventually_exists(path: Path) -> Path:
+    for _ in range(400):
+        if path.exists():
+            break
+        await asyncio.sleep(0.025)
+    return path
+
+
 async def settled(client: Client) -> None:
     """Wait until the downloads under way have finished (uploads included)."""
     for _ in range(600):
@@ -159,8 +167,8 @@ async def test_an_empty_local_tier_is_served_from_the_bucket(
     blobs = [image["config"], *image["layers"]]
     assert await s3_requests(second, "GetObject") == len(blobs) + 1  # + the manifest
     assert await s3_requests(second, "HeadObject") == 0
-    for digest in blobs:
-        path = local_blob(tmp_path / "second", digest)
+    for digest in blobs:  # hashed and kept once the client had it all
+        path = await eventually_exists(local_blob(tmp_path / "second", digest))
         assert path.read_bytes() == hub.content.blobs[digest]
     before = await s3_requests(second)
     await pull(second, image)
@@ -168,6 +176,31 @@ async def test_an_empty_local_tier_is_served_from_the_bucket(
     text = await (await second.get("/metrics")).text()
     assert metric_value(text, "mirror_tier_hits_total", {"tier": "bucket"}) == len(blobs)
     assert metric_value(text, "mirror_tier_hits_total", {"tier": "local"}) == len(blobs)
+
+
+async def test_an_object_changed_in_the_bucket_is_deleted_not_kept(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    """An object is only ever written after its digest matched; one changed behind the
+    mirror's back is found when its local copy is hashed: deleted, never kept locally."""
+    layer = os.urandom(3 * MiB)
+    digest = hub.content.add_blob(layer)
+    rgw.s3().put(s3.bucket, key("blobs", digest), layer[::-1])
+    client = await make_client(storage=storage(tmp_path, s3))
+    path = f"/v2/library/app/blobs/{digest}"
+
+    await (await client.get(path)).read()
+    for _ in range(400):
+        if key("blobs", digest) not in rgw.s3().keys(s3.bucket):
+            break
+        await asyncio.sleep(0.025)
+
+    assert key("blobs", digest) not in rgw.s3().keys(s3.bucket)
+    assert not local_blob(tmp_path / "data", digest).exists()
+    text = await (await client.get("/metrics")).text()
+    assert metric_value(text, "mirror_digest_mismatches_total", {"kind": "blob"}) == 1
+    assert await (await client.get(path)).read() == layer  # from upstream, cached anew
+    assert hub.stats["cdn_get"] == 1
 
 
 async def test_a_range_is_passed_to_the_bucket(

@@ -1,18 +1,20 @@
 """A blob's bytes from one bucket GET, streamed to a client; the local tier filled on the way.
 
-When the whole object is read, its hash is checked as it goes and the last block is held
-back until it matches (as for a download from upstream): a client never receives a
-complete-looking wrong body. The same bytes go to a temp file of the local tier, renamed
-under the digest only on a match. A ranged read is relayed as it comes, nothing kept.
+An object is in the bucket only once its digest matched (see upload.py), so its bytes go
+to the client as they come, at the bucket's pace. When the whole object is read, they are
+also written to a temp file of the local tier, which is hashed after the client has it all
+and renamed under the digest only on a match: a local file is verified as ever. (A hash in
+the client's path would double the time of a warm GET on a small machine.) A mismatch
+means the object was changed behind the mirror's back: it is deleted from the bucket too.
+A ranged read is relayed as it comes, nothing kept.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,9 +37,12 @@ BLOCK = 1024 * 1024
 class LocalFill:
     """A temp file in the local tier taking a blob's bytes; kept only when they match."""
 
-    def __init__(self, storage: Storage, digest: Digest) -> None:
+    def __init__(
+        self, storage: Storage, digest: Digest, on_mismatch: Callable[[], Awaitable[None]]
+    ) -> None:
         self._storage = storage
         self._digest = digest
+        self._on_mismatch = on_mismatch
         self._fd: int | None = None
         self._temp: Path | None = None
 
@@ -56,9 +61,18 @@ class LocalFill:
         while view:
             view = view[os.write(self._fd, view) :]
 
-    async def keep(self) -> None:
+    async def keep_if_matching(self, metrics: Metrics) -> None:
+        """Hash the copy; on a match fsync and rename it under its digest, else drop it
+        and the bucket's object (`on_mismatch`)."""
+        assert self._fd is not None
+        if not await asyncio.to_thread(_fd_matches, self._fd, self._digest):
+            metrics.digest_mismatches.labels("blob").inc()
+            log.error("bucket object for %s does not match it: deleted", self._digest)
+            await self.drop()
+            await self._on_mismatch()
+            return
         fd, temp, self._fd = self._fd, self._temp, None
-        assert fd is not None and temp is not None
+        assert temp is not None
         try:
             await asyncio.to_thread(
                 self._storage.commit, fd, temp, self._storage.blob_path(self._digest)
@@ -83,6 +97,7 @@ class BucketStream:
         metrics: Metrics,
         fill: LocalFill | None,
         on_close: Callable[[], None],
+        in_background: Callable[[Coroutine[None, None, None]], None],
     ) -> None:
         self.status = response["ResponseMetadata"]["HTTPStatusCode"]
         self.length = response["ContentLength"]
@@ -92,11 +107,12 @@ class BucketStream:
         self._metrics = metrics
         self._fill = fill
         self._on_close = on_close
+        self._in_background = in_background
         self._whole = self.status == 200
         self._chunks: AsyncIterator[bytes] | None = None
 
     def chunks(self) -> AsyncIterator[bytes]:
-        self._chunks = self._verified() if self._whole else self._blocks()
+        self._chunks = self._teed() if self._whole else self._blocks()
         return self._chunks
 
     async def close(self) -> None:
@@ -122,41 +138,43 @@ class BucketStream:
         if buffer:
             yield bytes(buffer)
 
-    async def _verified(self) -> AsyncIterator[bytes]:
-        """The whole body, hashed (and written to the local tier) one block behind what is
-        sent, the last block held until the hash matches."""
-        hasher = self._digest.hasher()
+    async def _teed(self) -> AsyncIterator[bytes]:
+        """The whole body, each block written to the local tier's temp file while the next
+        is read; the copy is hashed and kept (or dropped) after the client has it all."""
         pending: asyncio.Future[None] | None = None
-        held: bytes | None = None
         try:
             async for block in self._blocks():
                 if pending is not None:
-                    await pending
-                pending = asyncio.ensure_future(self._absorb(hasher, block))
-                if held is not None:
-                    yield held
-                held = block
+                    await pending  # one write in flight: memory stays at a few blocks
+                if self._fill is not None:
+                    pending = asyncio.ensure_future(self._write(block))
+                yield block
             if pending is not None:
                 await pending
                 pending = None
         finally:
             if pending is not None:
                 await asyncio.gather(pending, return_exceptions=True)
-        if hasher.hexdigest() != self._digest.hex:
-            self._metrics.digest_mismatches.labels("blob").inc()
-            raise StoreReadError(f"bucket object for {self._digest} does not match it")
         if self._fill is not None:
             fill, self._fill = self._fill, None
-            await fill.keep()
-        if held is not None:
-            yield held
+            self._in_background(fill.keep_if_matching(self._metrics))
 
-    async def _absorb(self, hasher: hashlib._Hash, block: bytes) -> None:
-        """Hash the block and write it to the local tier, side by side in worker threads."""
-        work = [asyncio.to_thread(hasher.update, block)]
-        if self._fill is not None:
-            work.append(asyncio.to_thread(self._fill.write, block))
-        results = await asyncio.gather(*work, return_exceptions=True)
-        if len(results) > 1 and isinstance(results[1], OSError) and self._fill is not None:
-            fill, self._fill = self._fill, None  # a full disk: go on without the local copy
+    async def _write(self, block: bytes) -> None:
+        fill = self._fill
+        if fill is None:
+            return
+        try:
+            await asyncio.to_thread(fill.write, block)
+        except OSError:
+            self._fill = None  # a full disk: go on without the local copy
             await fill.drop()
+
+
+def _fd_matches(fd: int, digest: Digest) -> bool:
+    """Do the file's bytes hash to `digest`? (blocking)"""
+    hasher = digest.hasher()
+    offset = 0
+    while chunk := os.pread(fd, BLOCK * 4, offset):
+        hasher.update(chunk)
+        offset += len(chunk)
+    return hasher.hexdigest() == digest.hex

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -55,6 +55,7 @@ class TieredStorage(Storage):
         # Blobs streamed from the bucket right now: its eviction leaves them alone.
         self.reading: Counter[str] = Counter()
         self._filling: set[Digest] = set()
+        self._background: set[asyncio.Task[None]] = set()
 
     async def open(self) -> None:
         await super().open()
@@ -63,6 +64,7 @@ class TieredStorage(Storage):
             await self._abort_uploads(older_than=0.0)
 
     async def close(self) -> None:
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self.index.close()
         await self.bucket.close()
 
@@ -143,7 +145,13 @@ class TieredStorage(Storage):
             if fill is not None:
                 self._filling.discard(digest)
 
-        return BucketStream(response, digest, self._metrics, fill, done)
+        return BucketStream(response, digest, self._metrics, fill, done, self._in_background)
+
+    def _in_background(self, work: Coroutine[None, None, None]) -> None:
+        """Run `work` to its end whatever the client does (closing waits for it)."""
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _fill_for(self, digest: Digest, status: int, size: int) -> LocalFill | None:
         """A local copy of a whole-object read, unless one is being made already."""
@@ -151,11 +159,19 @@ class TieredStorage(Storage):
             return None
         if not await super().writable_now():
             return None
-        fill = LocalFill(self, digest)
+        fill = LocalFill(self, digest, lambda: self._delete_blob(digest))
         if not await fill.begin(size):
             return None
         self._filling.add(digest)
         return fill
+
+    async def _delete_blob(self, digest: Digest) -> None:
+        """Remove a bucket object that does not match its digest."""
+        try:
+            await self.bucket.delete(self.bucket.blob_key(digest))
+        except S3_ERRORS as exc:
+            log.warning("cannot delete %s from the bucket: %s", digest, type(exc).__name__)
+        await self.index.forget(digest)
 
     async def contains(self, digest: Digest) -> bool:
         if await self.blob_size(digest) is not None or await self.index.known(digest):
