@@ -125,18 +125,21 @@ class BucketStream:
 
     async def _blocks(self) -> AsyncIterator[bytes]:
         """The body in blocks of about BLOCK bytes."""
-        buffer = bytearray()
+        parts: list[bytes] = []
+        gathered = 0
+        received = self._metrics.s3_bytes.labels("received")
         try:
-            while chunk := await self._body.read(BLOCK):
-                self._metrics.s3_bytes.labels("received").inc(len(chunk))
-                buffer += chunk
-                if len(buffer) >= BLOCK:
-                    yield bytes(buffer)
-                    buffer.clear()
+            while chunk := await self._body.read(BLOCK - gathered):
+                received.inc(len(chunk))
+                parts.append(chunk)
+                gathered += len(chunk)
+                if gathered >= BLOCK:
+                    yield b"".join(parts)  # one copy, however many chunks
+                    parts, gathered = [], 0
         except (aiohttp.ClientError, BotoCoreError, TimeoutError, OSError) as exc:
             raise StoreReadError(f"bucket read broke: {type(exc).__name__}") from None
-        if buffer:
-            yield bytes(buffer)
+        if parts:
+            yield b"".join(parts)
 
     async def _teed(self) -> AsyncIterator[bytes]:
         """The whole body, each block written to the local tier's temp file while the next
