@@ -129,6 +129,28 @@ async def test_cold_pull_lands_each_object_under_its_key(
     assert hub.stats["cdn_get"] == 3  # one upstream fetch per blob
 
 
+async def test_concurrent_cold_clients_make_one_fetch_and_one_upload(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    layer = os.urandom(20 * MiB)
+    digest = hub.content.add_blob(layer)
+    hub.cdn_cut_after = 7 * MiB  # and every upstream response breaks: resumed with Range
+    client = await make_client(storage=storage(tmp_path, s3))
+
+    async def fetch() -> bytes:
+        return await (await client.get(f"/v2/library/app/blobs/{digest}")).read()
+
+    assert await asyncio.gather(*(fetch() for _ in range(4))) == [layer] * 4
+    await settled(client)
+
+    assert hub.stats.cdn_get_by_digest[digest] >= 3  # one download, resumed
+    text = await (await client.get("/metrics")).text()
+    assert metric_value(text, "mirror_resumed_transfers_total") >= 2
+    assert await s3_requests(client, "CreateMultipartUpload") == 1
+    assert await s3_requests(client, "CompleteMultipartUpload") == 1
+    assert rgw.s3().get(s3.bucket, key("blobs", digest)) == layer
+
+
 async def test_a_digest_mismatch_leaves_nothing_in_the_bucket(
     hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
 ) -> None:
@@ -463,6 +485,11 @@ async def test_commands_work_against_the_bucket(
     await commands.collect_garbage(bounded, 1, out=out)
     assert "bucket: evicted" in out.getvalue()
     assert key("blobs", image["layers"][0]) not in rgw.s3().keys(s3.bucket)
+
+
+def test_s3_secrets_stay_out_of_reprs(s3: S3Config) -> None:
+    assert s3.secret_access_key and s3.secret_access_key not in repr(s3)
+    assert s3.access_key_id and s3.access_key_id not in repr(s3)
 
 
 @pytest.fixture
