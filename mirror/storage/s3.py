@@ -3,11 +3,13 @@
 Every call goes through `_call`, which counts it (operation, status), times it, and turns
 what means "the bucket is not answering" (connection errors, timeouts, 5xx after botocore's
 retries with backoff and jitter) into `BucketUnavailable` while flipping `up` to False.
-The caller then serves from the local tier or upstream; a probe brings `up` back.
+The caller then serves from the local tier or upstream; a background probe (HeadBucket
+every PROBE_INTERVAL) brings `up` back, so no request waits on a bucket that is down.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -41,7 +43,7 @@ T = TypeVar("T", bound=Mapping[str, Any])
 MAX_ATTEMPTS = 3
 CONNECT_TIMEOUT = 3.0
 READ_TIMEOUT = 30.0
-# While the bucket is down, a request looks again at most this often.
+# While the bucket is down, it is probed this often.
 PROBE_INTERVAL = 5.0
 POOL_CONNECTIONS = 64
 
@@ -74,7 +76,8 @@ class Bucket:
         self._stack = AsyncExitStack()
         self._client: S3Client | None = None
         self.up = True
-        self._probed_at = 0.0
+        self._prober: asyncio.Task[None] | None = None
+        self._closed = False
         metrics.s3_up.set(1)
 
     # --- keys ------------------------------------------------------------------------------
@@ -115,6 +118,10 @@ class Bucket:
         await self.check()
 
     async def close(self) -> None:
+        self._closed = True
+        if self._prober is not None:
+            self._prober.cancel()
+            await asyncio.gather(self._prober, return_exceptions=True)
         await self._stack.aclose()
 
     @property
@@ -148,22 +155,24 @@ class Bucket:
             )
 
     async def up_now(self) -> bool:
-        """`up`, re-probed when it is down and the last probe is old."""
-        if self.up or time.monotonic() - self._probed_at < PROBE_INTERVAL:
-            return self.up
-        self._probed_at = time.monotonic()
-        try:
-            await self._call("HeadBucket", lambda: self.client.head_bucket(Bucket=self.name))
-        except (BucketUnavailable, ClientError, BotoCoreError):
-            pass
+        """Does the bucket answer (as the last call or probe found)?"""
         return self.up
+
+    async def _probe_until_up(self) -> None:
+        while not self.up:
+            await asyncio.sleep(PROBE_INTERVAL)
+            try:
+                await self._call("HeadBucket", lambda: self.client.head_bucket(Bucket=self.name))
+            except Exception as exc:  # the probe must outlive any failure: it is the way back
+                log.debug("S3 bucket probe failed: %s", type(exc).__name__)
 
     def _failed(self, why: str) -> None:
         if self.up:
             log.error("S3 bucket %s not answering (%s): serving uncached", self.name, why)
             self._metrics.s3_up.set(0)
         self.up = False
-        self._probed_at = time.monotonic()
+        if not self._closed and (self._prober is None or self._prober.done()):
+            self._prober = asyncio.create_task(self._probe_until_up())
 
     def _succeeded(self) -> None:
         if not self.up:

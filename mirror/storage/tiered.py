@@ -284,7 +284,7 @@ class TieredStorage(Storage):
         hasher = digest.hasher()
         async with response["Body"] as body:
             while chunk := await body.read(1024 * 1024):
-                hasher.update(chunk)
+                await asyncio.to_thread(hasher.update, chunk)
         if hasher.hexdigest() == digest.hex:
             return None
         await self.bucket.delete(key)
