@@ -83,6 +83,8 @@ class MetadataStore(Protocol):
 
     async def blob_reads(self) -> dict[str, tuple[int, float]]: ...
 
+    async def get_blob_read(self, digest: str) -> tuple[int, float] | None: ...
+
     async def forget_blob(self, digest: str) -> None: ...
 
 
@@ -142,6 +144,9 @@ class MemoryMetadata:
 
     async def blob_reads(self) -> dict[str, tuple[int, float]]:
         return dict(self._bucket_blobs)
+
+    async def get_blob_read(self, digest: str) -> tuple[int, float] | None:
+        return self._bucket_blobs.get(digest)
 
     async def forget_blob(self, digest: str) -> None:
         if self._bucket_blobs.pop(digest, None) is not None:
@@ -256,6 +261,13 @@ class RedisMetadata:
             found[str(digest)] = (int(size), float(read_at))
         return found
 
+    async def get_blob_read(self, digest: str) -> tuple[int, float] | None:
+        value = await self._redis.hget(BUCKET_BLOBS_KEY, digest)
+        if value is None:
+            return None
+        size, _, read_at = str(value).partition(" ")
+        return int(size), float(read_at)
+
     async def forget_blob(self, digest: str) -> None:
         await self._redis.hdel(BUCKET_BLOBS_KEY, digest)
 
@@ -350,6 +362,10 @@ class FallbackMetadata:
 
     async def blob_reads(self) -> dict[str, tuple[int, float]]:
         found: dict[str, tuple[int, float]] = await self._call("blob_reads")
+        return found
+
+    async def get_blob_read(self, digest: str) -> tuple[int, float] | None:
+        found: tuple[int, float] | None = await self._call("get_blob_read", digest)
         return found
 
     async def forget_blob(self, digest: str) -> None:

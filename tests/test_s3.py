@@ -23,6 +23,7 @@ from mirror.keys import storage_key
 from mirror.metadata import MetadataStore, open_metadata
 from mirror.storage.s3config import S3Config
 from mirror.storage.tiered import TieredStorage
+from mirror.storage.upload import part_size
 from tests.conftest import MakeClient
 from tests.fakehub import FakeHub
 from tests.resilience_helpers import metric_value
@@ -505,3 +506,12 @@ async def test_bucket_records_round_trip(metadata: MetadataStore) -> None:
     await metadata.put_blob_read("sha256:aa", 10, 300.0)
     await metadata.forget_blob("sha256:bb")
     assert await metadata.blob_reads() == {"sha256:aa": (10, 300.0)}
+    assert await metadata.get_blob_read("sha256:aa") == (10, 300.0)
+    assert await metadata.get_blob_read("sha256:bb") is None
+
+
+def test_parts_fit_a_10_gib_layer_in_10000() -> None:
+    assert part_size(1000) == part_size(None) // 2 == 8 * MiB
+    assert part_size(10 * 1024 * MiB) * 10_000 >= 10 * 1024 * MiB
+    assert part_size(100 * 1024 * MiB) % MiB == 0
+    assert part_size(100 * 1024 * MiB) * 10_000 >= 100 * 1024 * MiB

@@ -94,11 +94,17 @@ class BucketIndex:
     async def known(self, digest: Digest) -> bool:
         """Is the blob recorded as in the bucket (no S3 request)?"""
         key = str(digest)
-        if key not in self._sizes:
-            record = (await self._records()).get(key)  # another replica may have stored it
-            if record is None:
-                return False
-            self._sizes[key] = record[0]
+        if key in self._sizes:
+            return True
+        if self._metadata is None:
+            return False
+        try:  # another replica may have stored it
+            record = await self._metadata.get_blob_read(key)
+        except (RedisError, OSError):
+            return False
+        if record is None:
+            return False
+        self._sizes[key] = record[0]
         return True
 
     async def forget(self, digest: Digest) -> None:

@@ -27,7 +27,7 @@ from mirror.errors import DigestInvalid, RangeNotSatisfiable
 from mirror.metadata import MetadataStore
 from mirror.metrics import Metrics
 from mirror.reference import Digest, compute_digest, parse_digest
-from mirror.storage.base import BlobSize, Found, Redirect, Upload
+from mirror.storage.base import BlobSize, Found, NoUpload, Redirect, Upload
 from mirror.storage.bucket_index import BucketIndex
 from mirror.storage.bucket_read import BucketStream, LocalFill
 from mirror.storage.filesystem import Storage
@@ -183,6 +183,9 @@ class TieredStorage(Storage):
             return False
 
     def start_upload(self, digest: Digest, size: int | None, temp: Path) -> Upload:
+        if not self.bucket.up:  # the blob stays local; a later pull after recovery uploads
+            return NoUpload()
+
         def stored(written: int) -> None:
             task = asyncio.ensure_future(self.index.stored(digest, written))
             task.add_done_callback(lambda done: done.exception())
