@@ -379,6 +379,7 @@ async def test_a_mirror_starts_while_the_bucket_is_down_and_relays(
         assert await readyz(client) == (503, down)
         text = await (await client.get("/metrics")).text()
         assert metric_value(text, "mirror_s3_up") == 0
+        assert "DOWN (serving uncached)" in await (await client.get("/")).text()
 
         resp = await client.get(path)
         assert (resp.status, await resp.read()) == (200, layer)  # relayed from upstream
