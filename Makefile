@@ -3,13 +3,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 # Real components the tests start themselves (Debian packages).
-SYSTEM_PACKAGES := redis-server docker-registry docker.io containerd runc skopeo busybox-static prometheus \
+SYSTEM_PACKAGES := redis-server redis-sentinel redis-tools docker-registry docker.io containerd runc skopeo busybox-static prometheus \
 	chromium \
 	nginx-light wrk curl \
-	ceph-mon ceph-osd radosgw ceph-common
-SYSTEM_COMMANDS := redis-server docker-registry dockerd containerd skopeo busybox nginx wrk prometheus promtool \
+	ceph-mon ceph-osd radosgw ceph-common haproxy \
+	openssl util-linux
+SYSTEM_COMMANDS := redis-server redis-sentinel redis-cli docker-registry dockerd containerd skopeo busybox nginx wrk prometheus promtool \
 	chromium curl \
-	ceph-mon ceph-osd radosgw ceph
+	ceph-mon ceph-osd radosgw ceph haproxy \
+	openssl unshare
 
 .PHONY: all install system-deps run test test-unit test-e2e bench soak lint format mypy clean
 

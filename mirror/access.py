@@ -18,6 +18,7 @@ from mirror.clientauth import (
     requested_repositories,
 )
 from mirror.errors import Unauthorized
+from mirror.gate import may_pull_name, subject_key
 from mirror.keys import config_key
 
 
@@ -79,7 +80,11 @@ class ClientAuth:
         else:
             raise Unauthorized("credentials required", challenge='Basic realm="mirror"')
         repositories = requested_repositories(request.query.getall("scope", []))
-        token, expires_in = self.signer.issue(subject, repositories, self.token_ttl)
+        # A narrower grant than asked (as Docker's token spec allows): a repository the
+        # policy refuses is listed with no actions, so that clients learn early.
+        refused = [name for name in repositories if not may_pull_name(request.app, subject, name)]
+        allowed = [name for name in repositories if name not in refused]
+        token, expires_in = self.signer.issue(subject, allowed, self.token_ttl, refused)
         return web.json_response({"token": token, "access_token": token, "expires_in": expires_in})
 
 
@@ -105,7 +110,12 @@ async def client_auth_middleware(request: web.Request, handler: Handler) -> web.
     grant = await auth.check(request)
     if grant is None and auth.anonymous_pull:
         return await handler(request)
-    if grant is None or not grant.allows(repository):
+    if grant is None:
+        raise auth.challenge(request, repository)
+    request[subject_key] = grant.subject
+    # A token without the repository because the policy refuses it: a new token would not
+    # help, so the pull policy middleware answers 403 instead of a challenge.
+    if not grant.allows(repository) and may_pull_name(request.app, grant.subject, repository or ""):
         raise auth.challenge(request, repository)
     return await handler(request)
 
@@ -120,7 +130,8 @@ async def client_auth_ctx(app: web.Application) -> AsyncIterator[None]:
         app[client_auth_key] = ClientAuth(
             Htpasswd(htpasswd),
             TokenSigner(key),
-            config.auth.anonymous_pull,
+            # A rule naming anonymous clients lets them pull (what it grants).
+            config.auth.anonymous_pull or bool(config.policy and config.policy.names_anonymous),
             config.auth.token_ttl,
             config.public_url,
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -18,6 +19,7 @@ from mirror.credentials import Credentials
 from mirror.downloads import Downloads
 from mirror.errors import EndpointUnknown, RegistryError, Unsupported
 from mirror.eviction import Evictor
+from mirror.gate import pull_policy_middleware
 from mirror.handlers import API_VERSION_HEADER
 from mirror.keys import (
     blobs_key,
@@ -28,17 +30,22 @@ from mirror.keys import (
     metadata_key,
     metrics_key,
     pulls_key,
+    referrers_key,
     storage_key,
+    taglists_key,
     upstreams_key,
 )
 from mirror.logs import REQUEST_ID_HEADER, new_request_id, outcome_key, request_id_var
 from mirror.manifests import ManifestService
 from mirror.metadata import MemoryMetadata, open_metadata
 from mirror.metrics import Metrics
+from mirror.referrers import ReferrersService
 from mirror.routes import setup_routes
 from mirror.routing import Upstreams
 from mirror.status import PullCounter
 from mirror.storage import CacheStore, new_store
+from mirror.taglists import TagListService
+from mirror.tls import client_contexts
 from mirror.upstream import Upstream, new_session
 
 log = logging.getLogger(__name__)
@@ -54,7 +61,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def create_app(config: Config) -> web.Application:
     """A mirror application for `config`; resources open when it starts."""
-    app = web.Application(middlewares=[registry_middleware, client_auth_middleware])
+    app = web.Application(
+        middlewares=[registry_middleware, client_auth_middleware, pull_policy_middleware]
+    )
     app[config_key] = config
     app[metrics_key] = Metrics()
     app[storage_key] = new_store(config.storage, app[metrics_key])
@@ -135,9 +144,11 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     session = new_session(config.upstream.connect_timeout, config.upstream.read_timeout)
     try:
         tokens = TokenCache(session, app[metrics_key])
+        every = (config.upstream, *config.upstreams)
+        contexts = await asyncio.to_thread(client_contexts, every)  # reads CA and key files
         built = [
-            build_upstream(cfg, session, tokens, app[metrics_key], config.cache.negative_ttl)
-            for cfg in (config.upstream, *config.upstreams)
+            build_upstream(cfg, session, tokens, app[metrics_key], config.cache.negative_ttl, ctx)
+            for cfg, ctx in zip(every, contexts, strict=True)
         ]
         app[upstreams_key] = Upstreams(built[0], built[1:])
         yield
@@ -152,6 +163,7 @@ def build_upstream(
     tokens: TokenCache,
     metrics: Metrics,
     negative_ttl: float,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> Upstream:
     credentials = None
     if cfg.username:
@@ -168,6 +180,7 @@ def build_upstream(
         negative_ttl=negative_ttl,
         tag_ttl=cfg.tag_ttl,
         timeouts=(cfg.connect_timeout, cfg.read_timeout),
+        ssl_context=ssl_context,
     )
 
 
@@ -179,6 +192,8 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     app[blobs_key] = blobs
     manifests = ManifestService(storage, app[metadata_key], metrics, config.cache)
     app[manifests_key] = manifests
+    app[referrers_key] = ReferrersService(manifests, metrics)
+    app[taglists_key] = TagListService(manifests, metrics)
     evictor = Evictor(
         storage, metrics, config.storage.max_size, config.storage.max_idle, lambda: blobs.reading
     )

@@ -10,6 +10,7 @@ import base64
 import hashlib
 import logging
 import re
+import ssl
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -19,6 +20,7 @@ from aiocache import SimpleMemoryCache
 from mirror.errors import Denied, Unauthorized, UpstreamUnavailable
 from mirror.metrics import Metrics
 from mirror.singleflight import SingleFlight
+from mirror.tls import describe_failure
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +83,13 @@ class TokenCache:
         challenge: Challenge,
         scopes: list[str],
         credentials: str | None,
+        ssl_context: ssl.SSLContext | bool = True,
+        upstream: str = "",
     ) -> str:
         """A token for `scopes` from the challenge's realm, from cache when still good.
 
-        `credentials` is a ready `Authorization` header value (Basic) or None: anonymous.
+        `credentials` is a ready `Authorization` header value (Basic) or None: anonymous;
+        `ssl_context` is the asking upstream's TLS context (its realm is usually its own host).
         """
         # Per account too: two upstreams may share a token service but not an account.
         account = hashlib.sha256((credentials or "").encode()).hexdigest()
@@ -94,21 +99,35 @@ class TokenCache:
         if token is not None:
             return token
         return await self._flight.do(
-            key, lambda: self._fetch_and_keep(key, challenge, scopes, credentials)
+            key,
+            lambda: self._fetch_and_keep(
+                key, challenge, scopes, credentials, ssl_context, upstream
+            ),
         )
 
     async def close(self) -> None:
         await self._flight.close()
 
     async def _fetch_and_keep(
-        self, key: str, challenge: Challenge, scopes: list[str], credentials: str | None
+        self,
+        key: str,
+        challenge: Challenge,
+        scopes: list[str],
+        credentials: str | None,
+        ssl_context: ssl.SSLContext | bool = True,
+        upstream: str = "",
     ) -> str:
-        token, ttl = await self._fetch(challenge, scopes, credentials)
+        token, ttl = await self._fetch(challenge, scopes, credentials, ssl_context, upstream)
         await self._cache.set(key, token, ttl=ttl)
         return token
 
     async def _fetch(
-        self, challenge: Challenge, scopes: list[str], credentials: str | None
+        self,
+        challenge: Challenge,
+        scopes: list[str],
+        credentials: str | None,
+        ssl_context: ssl.SSLContext | bool = True,
+        upstream: str = "",
     ) -> tuple[str, float]:
         realm = challenge.realm
         if not realm:
@@ -120,7 +139,9 @@ class TokenCache:
         host = urlsplit(realm).netloc
         try:
             headers = {"Authorization": credentials} if credentials else {}
-            async with self._session.get(realm, params=params, headers=headers) as resp:
+            async with self._session.get(
+                realm, params=params, headers=headers, ssl=ssl_context
+            ) as resp:
                 counter.labels(host, str(resp.status)).inc()
                 if resp.status in (401, 403):
                     # The account's credentials were refused: say so without echoing them.
@@ -130,6 +151,10 @@ class TokenCache:
                 body = await resp.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             counter.labels(host, "error").inc()
+            tls_failure = describe_failure(f"{upstream or host} (token service {host})", exc)
+            if tls_failure is not None:
+                log.error("%s", tls_failure)
+                raise UpstreamUnavailable(tls_failure) from None
             raise UpstreamUnavailable(
                 f"upstream token service failed: {type(exc).__name__}"
             ) from None

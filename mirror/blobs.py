@@ -11,14 +11,18 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Awaitable
-from pathlib import Path
 from typing import BinaryIO
 
 import aiohttp
 from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
-from aiohttp.web_request import BaseRequest
 
+from mirror.conditional import (
+    IMMUTABLE,
+    digest_headers,
+    none_match,
+    not_modified,
+    range_allowed,
+)
 from mirror.downloads import (
     READ_CHUNK,
     CacheWriteFailed,
@@ -33,11 +37,14 @@ from mirror.metrics import Metrics
 from mirror.reference import Digest
 from mirror.storage import CacheStore
 from mirror.storage.base import BlobSize, BlobStream, Found, Redirect, StoreReadError
+from mirror.tls import is_tls
 from mirror.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
 OCTET_STREAM = "application/octet-stream"
+# A cached blob goes out by sendfile in slices this big, each counted when sent.
+CACHED_SLICE = 64 * 1024 * 1024
 
 
 def parse_range(request: web.Request, size: int) -> tuple[int, int] | None:
@@ -92,23 +99,23 @@ class BlobService:
     async def serve(
         self, request: web.Request, upstream: Upstream, repo: str, digest: Digest
     ) -> web.StreamResponse:
-        if await self._storage.blob_size(digest) is not None:
-            self._metrics.cache_requests.labels("blob", "hit").inc()
-            self._metrics.tier_hits.labels("local").inc()
-            headers = {"Docker-Content-Digest": str(digest), "Content-Type": OCTET_STREAM}
-            return _TrackedFileResponse(
-                self._storage.blob_path(digest), self.reading, digest, headers
-            )
+        size = await self._storage.blob_size(digest)
+        if size is not None:
+            cached = await self._serve_cached(request, digest, size)
+            if cached is not None:
+                return cached
         # A download whose bytes are all here and verified, waiting only for its fsync and
         # rename, serves this request from disk: a hit, its bytes counted as from the cache.
         download = self._downloads.get(digest)
         if download is None:  # not being fetched: the store may hold it elsewhere
-            head = request.method == "HEAD"
-            found = await self._storage.find_blob(digest, _single_range(request), head=head)
+            found = await self._find_elsewhere(request, digest)
             if found is not None:
                 return await self._from_store(request, digest, found)
         local = download is not None and download.verified
         self._metrics.cache_requests.labels("blob", "hit" if local else "miss").inc()
+        if none_match(request, str(digest)):
+            await self._size_uncached(upstream, repo, digest)  # BlobUnknown when it is not
+            return not_modified(_blob_headers(digest))
         if request.method == "HEAD":
             return await self._head_uncached(request, upstream, repo, digest)
         if not local and not await self._storage.writable_now():
@@ -121,11 +128,67 @@ class BlobService:
         origin = "cache" if local else "upstream"
         return await self._stream(request, download, upstream, repo, origin)
 
+    async def _serve_cached(
+        self, request: web.Request, digest: Digest, size: int
+    ) -> web.StreamResponse | None:
+        """The blob from the cache by sendfile, with the headers of the cold path (the
+        digest as ETag, no mtime validators); None if the file went since it was found."""
+        headers = _blob_headers(digest)
+        if none_match(request, str(digest)):
+            self._metrics.cache_requests.labels("blob", "hit").inc()
+            return not_modified(headers)
+        span = parse_range(request, size) if range_allowed(request, str(digest)) else None
+        try:
+            file = await asyncio.to_thread(open, self._storage.blob_path(digest), "rb")
+        except FileNotFoundError:  # evicted meanwhile: served as a miss
+            return None
+        self._metrics.cache_requests.labels("blob", "hit").inc()
+        self._metrics.tier_hits.labels("local").inc()
+        self.reading[digest] += 1  # eviction leaves it alone while it is sent
+        try:
+            resp = _sized_response(digest, size, span)
+            await resp.prepare(request)
+            if request.method == "HEAD":
+                await resp.write_eof()
+                return resp
+            start, end = span if span is not None else (0, size - 1)
+            return await _deliver(
+                request, resp, self._send_cached(request, resp, file, start, end + 1 - start)
+            )
+        finally:
+            self.reading[digest] -= 1
+            if self.reading[digest] <= 0:
+                del self.reading[digest]
+            await close_file(file)
+
+    async def _send_cached(
+        self,
+        request: web.Request,
+        resp: web.StreamResponse,
+        file: BinaryIO,
+        start: int,
+        length: int,
+    ) -> None:
+        """Send a span of a cached file in slices, counting each as it goes (a client that
+        leaves mid-blob is logged with the bytes it got)."""
+        for offset in range(start, start + length, CACHED_SLICE):
+            count = min(CACHED_SLICE, start + length - offset)
+            await self._send_file(request, resp, file, offset, count)
+            self._sent(request, "cache", count)
+
+    async def _find_elsewhere(self, request: web.Request, digest: Digest) -> Found | None:
+        """Ask the store where else the blob is (a HEAD, or a 304 to be, moves no body)."""
+        head = request.method == "HEAD" or none_match(request, str(digest))
+        byte_range = _single_range(request) if range_allowed(request, str(digest)) else None
+        return await self._storage.find_blob(digest, byte_range, head=head)
+
     async def _from_store(
         self, request: web.Request, digest: Digest, found: Found
     ) -> web.StreamResponse:
         """Answer from where the store says the blob is: a redirect, a size, or a body."""
         self._metrics.cache_requests.labels("blob", "hit").inc()
+        if none_match(request, str(digest)):
+            return not_modified(_blob_headers(digest))
         if isinstance(found, Redirect):
             headers = {"Docker-Content-Digest": str(digest), "Location": found.url}
             return web.Response(status=307, headers=headers)
@@ -222,13 +285,18 @@ class BlobService:
         self._metrics.served_bytes.labels(origin).inc(length)
         request[sent_key] = request.get(sent_key, 0) + length
 
-    async def _head_uncached(
-        self, request: web.Request, upstream: Upstream, repo: str, digest: Digest
-    ) -> web.StreamResponse:
+    async def _size_uncached(self, upstream: Upstream, repo: str, digest: Digest) -> int | None:
+        """The size of a blob not in the cache: from its download, or an upstream HEAD."""
         download = self._downloads.get(digest)
         size = download.size if download is not None else None
         if size is None:
             size = await upstream.blob_size(repo, str(digest))
+        return size
+
+    async def _head_uncached(
+        self, request: web.Request, upstream: Upstream, repo: str, digest: Digest
+    ) -> web.StreamResponse:
+        size = await self._size_uncached(upstream, repo, digest)
         resp = web.StreamResponse(headers=_blob_headers(digest))
         if size is not None:
             resp.content_length = size
@@ -248,15 +316,10 @@ class BlobService:
         upstream) labels them in the served-bytes metric."""
         size = download.size
         # Without a known size a range cannot be checked: send the whole blob (allowed).
-        span = parse_range(request, size) if size is not None else None
-        resp = web.StreamResponse(headers=_blob_headers(download.digest))
+        ranged = size is not None and range_allowed(request, str(download.digest))
+        span = parse_range(request, size) if ranged and size is not None else None
+        resp = _sized_response(download.digest, size, span)
         start, end = span if span is not None else (0, None)
-        if span is not None and size is not None:
-            resp.set_status(206)
-            resp.headers["Content-Range"] = f"bytes {span[0]}-{span[1]}/{size}"
-            resp.content_length = span[1] - span[0] + 1
-        elif size is not None:
-            resp.content_length = size
         await resp.prepare(request)
 
         async def body() -> None:
@@ -291,14 +354,17 @@ class BlobService:
         transport = request.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("client went away")
-        try:
-            # The headers went out at prepare(): the body may bypass aiohttp's writer, as
-            # FileResponse does.
-            await asyncio.get_running_loop().sendfile(transport, file, offset, length)
-        except NotImplementedError:  # an event loop without sendfile
-            for pos in range(offset, offset + length, READ_CHUNK):
-                size = min(READ_CHUNK, offset + length - pos)
-                await resp.write(await asyncio.to_thread(os.pread, file.fileno(), size, pos))
+        if not is_tls(transport):  # over TLS, large chunks through the writer: see is_tls
+            try:
+                # The headers went out at prepare(): the body may bypass aiohttp's writer,
+                # as FileResponse does.
+                await asyncio.get_running_loop().sendfile(transport, file, offset, length)
+                return
+            except NotImplementedError:  # an event loop without sendfile
+                pass
+        for pos in range(offset, offset + length, READ_CHUNK):
+            size = min(READ_CHUNK, offset + length - pos)
+            await resp.write(await asyncio.to_thread(os.pread, file.fileno(), size, pos))
 
 
 class TransferAborted(Exception):
@@ -336,30 +402,24 @@ def _offset_of(source: aiohttp.ClientResponse) -> int:
     return int(first) if first.isdigit() else 0
 
 
-class _TrackedFileResponse(web.FileResponse):
-    """sendfile from the cache (Range, HEAD, conditionals: aiohttp's), counted while sent."""
-
-    def __init__(
-        self, path: Path, reading: Counter[Digest], digest: Digest, headers: dict[str, str]
-    ) -> None:
-        super().__init__(path, headers=headers)
-        self._reading = reading
-        self._digest = digest
-
-    async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
-        self._reading[self._digest] += 1
-        try:
-            return await super().prepare(request)
-        finally:
-            self._reading[self._digest] -= 1
-            if self._reading[self._digest] <= 0:
-                del self._reading[self._digest]
-
-
 def _blob_headers(digest: Digest) -> dict[str, str]:
     return {
-        "Docker-Content-Digest": str(digest),
+        **digest_headers(str(digest)),
         "Content-Type": OCTET_STREAM,
         "Accept-Ranges": "bytes",
-        "ETag": f'"{digest}"',
+        "Cache-Control": IMMUTABLE,
     }
+
+
+def _sized_response(
+    digest: Digest, size: int | None, span: tuple[int, int] | None
+) -> web.StreamResponse:
+    """A blob response's status and length: 206 with Content-Range for a span."""
+    resp = web.StreamResponse(headers=_blob_headers(digest))
+    if span is not None and size is not None:
+        resp.set_status(206)
+        resp.headers["Content-Range"] = f"bytes {span[0]}-{span[1]}/{size}"
+        resp.content_length = span[1] - span[0] + 1
+    elif size is not None:
+        resp.content_length = size
+    return resp

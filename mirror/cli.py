@@ -8,13 +8,12 @@ import logging
 import os
 import sys
 
-from aiohttp import web
-
-from mirror import __version__, commands
+from mirror import __version__, commands, server, tls
 from mirror.app import create_app
 from mirror.config import Config, ConfigError, apply_overrides, load_config, parse_size
 from mirror.errors import RegistryError
-from mirror.logs import AccessLogger, setup_logging
+from mirror.keys import metrics_key
+from mirror.logs import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,23 +113,27 @@ def read_image_list(path: str) -> list[str]:
 
 
 def serve(config: Config) -> None:
+    listeners = [server.Listener(config.host, config.port)] if config.http else []
+    context = None
+    if config.tls is not None:
+        try:  # a bad or mismatched pair stops it here, before anything listens
+            context = tls.server_context(config.tls)
+        except ConfigError as exc:
+            print(f"mirror: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        listeners.append(server.Listener(config.tls.host, config.tls.port, context))
     logging.getLogger(__name__).info(
-        "serving on %s:%d, upstream %s, storage %s, metadata %s",
-        config.host,
-        config.port,
+        "serving on %s, upstream %s, storage %s, metadata %s",
+        ", ".join(f"{'https' if x.ssl_context else 'http'}://{x.host}:{x.port}" for x in listeners),
         config.upstream.url,
         config.storage.path,
         "redis" if config.redis.url else "in-process",
     )
+    app = create_app(config)
+    if config.tls is not None and context is not None:
+        tls.enable_reload(app, context, config.tls, app[metrics_key])
     try:
-        web.run_app(
-            create_app(config),
-            host=config.host,
-            port=config.port,
-            access_log_class=AccessLogger,
-            shutdown_timeout=config.shutdown_timeout,
-            print=None,
-        )
+        server.run(app, listeners, config.shutdown_timeout)
     except ConfigError as exc:  # a check at start (the S3 bucket) failed: no traceback
         print(f"mirror: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -18,6 +18,7 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,10 @@ class TokenSigner:
     def __init__(self, key: bytes) -> None:
         self._key = key
 
-    def issue(self, subject: str, repositories: list[str], ttl: float) -> tuple[str, int]:
+    def issue(
+        self, subject: str, repositories: list[str], ttl: float, refused: Sequence[str] = ()
+    ) -> tuple[str, int]:
+        """A token to pull `repositories`; `refused` ones are listed with no actions."""
         now = int(time.time())
         claims = {
             "iss": "mirror",
@@ -128,7 +132,8 @@ class TokenSigner:
             "jti": secrets.token_hex(8),
             "access": [
                 {"type": "repository", "name": name, "actions": ["pull"]} for name in repositories
-            ],
+            ]
+            + [{"type": "repository", "name": name, "actions": []} for name in refused],
         }
         header = _b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
         payload = _b64url(json.dumps(claims, separators=(",", ":")).encode())

@@ -211,6 +211,8 @@ async def list_cache(config: Config, out: TextIO = sys.stdout) -> int:
         sizes = await storage.blob_sizes()
         rows = []
         for upstream, repo, tag, record in sorted(await app[metadata_key].tags()):
+            if "+" in tag:  # a kept referrers answer (referrers.py), not a tag
+                continue
             size = await image_size(storage, record.digest, sizes)
             rows.append((f"{upstream}/{repo}", tag, record.digest, size))
         return rows

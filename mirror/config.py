@@ -17,7 +17,9 @@ from urllib.parse import urlsplit
 import yaml
 
 if TYPE_CHECKING:
+    from mirror.policy import Policy
     from mirror.storage.s3config import S3Config
+    from mirror.tls import TLSConfig
 
 DEFAULT_UPSTREAM = "https://registry-1.docker.io"
 
@@ -52,6 +54,11 @@ class UpstreamConfig:
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
     tag_ttl: float | None = None  # overrides cache.tag_ttl for this upstream
+    # TLS to this upstream (mirror/tls.py): an extra CA, the check, a client pair (mTLS).
+    ca_file: Path | None = None
+    tls_verify: bool = True
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
 
     @property
     def registry(self) -> str:
@@ -111,6 +118,9 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     log: LogConfig = field(default_factory=LogConfig)
     shutdown_timeout: float = 30.0
+    policy: Policy | None = None  # allow/deny globs and auth.rules; None: pull anything
+    tls: TLSConfig | None = None  # the HTTPS listener (mirror/tls.py)
+    http: bool = True  # the plain-HTTP listener on host:port; off with tls and no `listen`
 
 
 def parse_size(key: str, value: object) -> int:
@@ -166,6 +176,14 @@ def parse_url(key: str, value: object, schemes: tuple[str, ...] = ("http", "http
     return text.rstrip("/")
 
 
+def _redis_url(key: str, value: object) -> str:
+    """One of the Redis URL forms (a server, Sentinel, Cluster): see mirror/redistopology.py."""
+    # Imported here: that module raises this module's ConfigError.
+    from mirror.redistopology import validate_redis_url
+
+    return validate_redis_url(key, value)
+
+
 def _section(raw: Mapping[str, Any], name: str, allowed: set[str]) -> dict[str, Any]:
     value = raw.get(name)
     if value is None:
@@ -201,14 +219,17 @@ def _read_secret(key: str, path: object) -> str:
 UPSTREAM_KEYS = {
     "url", "name", "username", "password", "password_file", "password_command",
     "password_refresh", "connect_timeout", "read_timeout", "tag_ttl",
+    "ca_file", "tls_verify", "client_cert_file", "client_key_file",
 }  # fmt: skip
 
 
 def _upstream(key: str, raw: object, name: str = "") -> UpstreamConfig:
     """One upstream entry, at `key` in the file (for error messages)."""
+    from mirror.tls import parse_upstream_tls  # mirror.tls imports this module
+
     if not isinstance(raw, Mapping):
         raise ConfigError(key, f"expected a mapping, got {raw!r}")
-    _reject_unknown(raw, UPSTREAM_KEYS, prefix=f"{key}.")
+    _reject_unknown(raw, UPSTREAM_KEYS | {"allow", "deny"}, prefix=f"{key}.")  # policy.py
     sources = [k for k in ("password", "password_file", "password_command") if raw.get(k)]
     if len(sources) > 1:
         raise ConfigError(f"{key}.{sources[1]}", f"conflicts with {key}.{sources[0]}")
@@ -231,6 +252,7 @@ def _upstream(key: str, raw: object, name: str = "") -> UpstreamConfig:
         connect_timeout=duration("connect_timeout", defaults.connect_timeout) or 0.0,
         read_timeout=duration("read_timeout", defaults.read_timeout) or 0.0,
         tag_ttl=duration("tag_ttl", None),
+        **parse_upstream_tls(key, raw),
     )
 
 
@@ -257,7 +279,8 @@ def _upstreams(raw: Mapping[str, Any]) -> tuple[UpstreamConfig, tuple[UpstreamCo
 
 
 def _auth(raw: Mapping[str, Any]) -> AuthConfig:
-    sec = _section(raw, "auth", {"htpasswd", "anonymous_pull", "token_ttl", "signing_key_file"})
+    keys = {"htpasswd", "anonymous_pull", "token_ttl", "signing_key_file", "groups", "rules"}
+    sec = _section(raw, "auth", keys)  # groups and rules: parsed in policy.py
     anonymous = sec.get("anonymous_pull", False)
     if not isinstance(anonymous, bool):
         raise ConfigError("auth.anonymous_pull", f"expected true or false, got {anonymous!r}")
@@ -312,14 +335,21 @@ def _log(raw: Mapping[str, Any]) -> LogConfig:
 
 TOP_LEVEL_KEYS = {
     "listen", "upstream", "upstreams", "default_upstream", "public_url", "auth", "storage",
-    "redis", "cache", "log", "shutdown_timeout",
+    "redis", "cache", "log", "shutdown_timeout", "tls",
 }  # fmt: skip
 
 
 def config_from_mapping(raw: Mapping[str, Any]) -> Config:
     """Validate a parsed YAML document into a `Config`."""
+    from mirror.tls import parse_tls  # mirror.tls imports this module
+
     _reject_unknown(raw, TOP_LEVEL_KEYS)
-    host, port = parse_listen("listen", raw.get("listen", "0.0.0.0:8083"))
+    tls = parse_tls(raw)
+    # With tls set, plain HTTP listens only where `listen` says (both at once: a migration).
+    http = tls is None or raw.get("listen") is not None
+    if tls is None and "listen" in raw and raw["listen"] is None:
+        raise ConfigError("listen", "null needs tls: nothing would listen")
+    host, port = parse_listen("listen", raw.get("listen") or "0.0.0.0:8083")
     redis = _section(raw, "redis", {"url"})
     redis_url = redis.get("url")
     default, others = _upstreams(raw)
@@ -332,15 +362,22 @@ def config_from_mapping(raw: Mapping[str, Any]) -> Config:
         public_url=None if public_url is None else parse_url("public_url", public_url),
         auth=_auth(raw),
         storage=_storage(raw),
-        redis=RedisConfig(
-            url=None
-            if redis_url is None
-            else parse_url("redis.url", redis_url, ("redis", "rediss", "unix"))
-        ),
+        redis=RedisConfig(url=None if redis_url is None else _redis_url("redis.url", redis_url)),
         cache=_cache(raw),
         log=_log(raw),
         shutdown_timeout=parse_duration("shutdown_timeout", raw.get("shutdown_timeout", 30)),
+        policy=_policy(raw, default, others),
+        tls=tls,
+        http=http,
     )
+
+
+def _policy(
+    raw: Mapping[str, Any], default: UpstreamConfig, others: tuple[UpstreamConfig, ...]
+) -> Policy | None:
+    from mirror.policy import parse_policy  # policy.py imports ConfigError from here
+
+    return parse_policy(raw, default, others)
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:
@@ -375,7 +412,7 @@ def apply_overrides(
     """Command-line flags win over the file."""
     if listen is not None:
         host, port = parse_listen("--listen", listen)
-        config = replace(config, host=host, port=port)
+        config = replace(config, host=host, port=port, http=True)
     if upstream is not None:
         config = replace(
             config, upstream=replace(config.upstream, url=parse_url("--upstream", upstream))
@@ -383,6 +420,6 @@ def apply_overrides(
     if storage is not None:
         config = replace(config, storage=replace(config.storage, path=Path(storage)))
     if redis is not None:
-        url = parse_url("--redis", redis, ("redis", "rediss", "unix"))
+        url = _redis_url("--redis", redis)
         config = replace(config, redis=RedisConfig(url=url))
     return config

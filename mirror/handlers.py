@@ -7,7 +7,8 @@ from urllib.parse import urlencode, urlsplit
 
 from aiohttp import web
 
-from mirror.errors import EndpointUnknown, ManifestUnknown, NameInvalid, Unsupported
+from mirror.conditional import cache_control, digest_headers, none_match, not_modified
+from mirror.errors import EndpointUnknown, NameInvalid, Unsupported
 from mirror.keys import (
     blobs_key,
     config_key,
@@ -15,11 +16,13 @@ from mirror.keys import (
     metadata_key,
     metrics_key,
     pulls_key,
+    referrers_key,
     storage_key,
+    taglists_key,
     upstreams_key,
 )
 from mirror.logs import upstream_name_key
-from mirror.manifests import parse_accept
+from mirror.negotiation import OCI_INDEX, parse_accept
 from mirror.reference import parse_digest, validate_name
 from mirror.status import render
 from mirror.upstream import Passthrough, Upstream
@@ -51,11 +54,14 @@ async def manifest(request: web.Request) -> web.StreamResponse:
     )
     headers = {
         "Content-Type": found.media_type,
-        "Docker-Content-Digest": found.digest,
-        "ETag": f'"{found.digest}"',
+        **digest_headers(found.digest),
+        "Cache-Control": cache_control(found.fresh_for),
+        "Vary": "Accept",  # the answer depends on it (negotiation.py)
     }
     if found.stale:
         headers["Warning"] = STALE_WARNING
+    if none_match(request, found.digest):
+        return not_modified(headers)
     if found.body is not None:
         request.app[pulls_key].add(upstream.catalog_prefix + repo)
         return web.Response(body=found.body, headers=headers)
@@ -71,12 +77,19 @@ async def blob(request: web.Request) -> web.StreamResponse:
 
 
 async def tags_list(request: web.Request) -> web.Response:
-    """Relayed from upstream; the next-page Link is made relative, so it points at us."""
+    """Relayed from upstream (kept for an outage, taglists.py); the next-page Link is
+    made relative, so it points at us."""
     upstream, repo = route(request)
-    query = {k: v for k, v in request.query.items() if k in ("n", "last")}
-    path = f"/v2/{repo}/tags/list" + (f"?{urlencode(query)}" if query else "")
-    answer = await upstream.passthrough(path, repo, "tags")
+    n = request.query.get("n")
+    if n is not None and not n.isdigit():
+        raise NameInvalid("n must be a number")
+    kept = await request.app[taglists_key].get(
+        upstream, repo, None if n is None else int(n), request.query.get("last")
+    )
+    answer = kept.answer
     headers = {"Content-Type": answer.content_type}
+    if kept.stale:
+        headers["Warning"] = STALE_WARNING
     if answer.link:
         headers["Link"] = _mirror_link(answer.link, repo, request)
     return web.Response(
@@ -99,16 +112,17 @@ def _named_as_asked(answer: Passthrough, request: web.Request) -> bytes:
 
 
 async def referrers(request: web.Request) -> web.Response:
+    """An OCI index of what refers to the digest, for every upstream (referrers.py)."""
     upstream, repo = route(request)
     digest = parse_digest(request.match_info["digest"])
-    query = {k: v for k, v in request.query.items() if k == "artifactType"}
-    path = f"/v2/{repo}/referrers/{digest}" + (f"?{urlencode(query)}" if query else "")
-    answer = await upstream.passthrough(path, repo, "referrers")
-    if answer.status == 404:
-        raise ManifestUnknown(f"no referrers for {digest} upstream")
-    return web.Response(
-        status=answer.status, body=answer.body, headers={"Content-Type": answer.content_type}
-    )
+    artifact_type = request.query.get("artifactType") or None
+    found = await request.app[referrers_key].get(upstream, repo, digest, artifact_type)
+    headers = {"Content-Type": OCI_INDEX, "Cache-Control": cache_control(found.fresh_for)}
+    if found.filtered:
+        headers["OCI-Filters-Applied"] = "artifactType"
+    if found.stale:
+        headers["Warning"] = STALE_WARNING
+    return web.Response(body=found.body, headers=headers)
 
 
 async def catalog(request: web.Request) -> web.Response:

@@ -11,9 +11,11 @@ from mirror.eviction import Evictor
 from mirror.manifests import ManifestService
 from mirror.metadata import MetadataStore
 from mirror.metrics import Metrics
+from mirror.referrers import ReferrersService
 from mirror.routing import Upstreams
 from mirror.status import PullCounter
 from mirror.storage import CacheStore
+from mirror.taglists import TagListService
 
 config_key = web.AppKey("config", Config)
 metrics_key = web.AppKey("metrics", Metrics)
@@ -25,3 +27,5 @@ blobs_key = web.AppKey("blobs", BlobService)
 evictor_key = web.AppKey("evictor", Evictor)
 pulls_key = web.AppKey("pulls", PullCounter)
 manifests_key = web.AppKey("manifests", ManifestService)
+referrers_key = web.AppKey("referrers", ReferrersService)
+taglists_key = web.AppKey("taglists", TagListService)

@@ -76,6 +76,8 @@ def setup_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Audit lines (gate.py) are kept whatever the level: they are a record, not chatter.
+    logging.getLogger("mirror.audit").setLevel(logging.INFO)
 
 
 def body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:

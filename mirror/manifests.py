@@ -15,7 +15,8 @@ from mirror.errors import ManifestUnknown, TooManyRequests, UpstreamUnavailable
 from mirror.lru import LRU
 from mirror.metadata import MetadataStore, TagRecord
 from mirror.metrics import Metrics
-from mirror.reference import is_digest_reference, parse_digest, validate_tag
+from mirror.negotiation import MANIFEST_TYPES, Verdict, decide, default_platform
+from mirror.reference import compute_digest, is_digest_reference, parse_digest, validate_tag
 from mirror.singleflight import SingleFlight
 from mirror.storage import CacheStore
 from mirror.upstream import ManifestInfo, Upstream
@@ -25,6 +26,9 @@ from mirror.upstream import ManifestInfo, Upstream
 # immutable (keyed by digest); a tag record still carries `checked_at`, so the TTL holds.
 HOT_MANIFEST_BYTES = 64 * 1024 * 1024
 HOT_TAGS = 10000
+# The upstream is always asked for every type: one tag is one cached object, whatever the
+# client, and negotiation.py decides what each client gets from it.
+ALL_TYPES = sorted(MANIFEST_TYPES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,22 +40,8 @@ class Manifest:
     size: int
     body: bytes | None
     stale: bool = False  # served past its TTL because the upstream failed
-
-
-def parse_accept(values: list[str]) -> list[str]:
-    """Media types from every Accept header line, parameters (`;q=`) dropped."""
-    types = []
-    for value in values:
-        for part in value.split(","):
-            media_type = part.partition(";")[0].strip()
-            if media_type:
-                types.append(media_type)
-    return types
-
-
-def acceptable(media_type: str, accept: list[str]) -> bool:
-    """No Accept, or `*/*`, accepts anything; otherwise the type must be listed."""
-    return not accept or media_type in accept or "*/*" in accept
+    # By tag: seconds left of the tag's TTL (how long a cache may keep this answer).
+    fresh_for: float | None = None
 
 
 class ManifestService:
@@ -76,12 +66,57 @@ class ManifestService:
     async def get(
         self, upstream: Upstream, repo: str, reference: str, accept: list[str], *, head: bool
     ) -> Manifest:
-        if is_digest_reference(reference):
-            return await self._by_digest(upstream, repo, reference, accept, head=head)
-        return await self._by_tag(upstream, repo, validate_tag(reference), accept, head=head)
+        """The manifest this client gets for `reference` with its Accept (negotiation.py)."""
+        by_tag = not is_digest_reference(reference)
+        if by_tag:
+            found = await self._by_tag(upstream, repo, validate_tag(reference), head=head)
+        else:
+            found = await self._by_digest(upstream, repo, reference, head=head)
+        if decide(found.media_type, accept, by_tag=by_tag) is Verdict.SERVE:
+            return found
+        # A manifest list for a client that reads only single manifests: the default
+        # platform's, still under the tag's freshness.
+        body = found.body
+        if body is None:
+            body = (await self._by_digest(upstream, repo, found.digest, head=False)).body
+        child = await self._by_digest(upstream, repo, default_platform(body or b""), head=head)
+        decide(child.media_type, accept, by_tag=False)
+        return replace(child, stale=found.stale, fresh_for=found.fresh_for)
+
+    def ttl_of(self, upstream: Upstream) -> float:
+        """How long a tag of this upstream is believed without asking it again."""
+        return self._tag_ttl if upstream.tag_ttl is None else upstream.tag_ttl
+
+    @property
+    def stale_if_error(self) -> float:
+        return self._stale_if_error
+
+    async def remember(
+        self, upstream: Upstream, repo: str, key: str, media_type: str, body: bytes
+    ) -> TagRecord:
+        """Keep a document the mirror composed (a referrers index) by its digest, and
+        `key` pointing at it like a tag, under the same TTL and stale rules."""
+        info = ManifestInfo(str(compute_digest(body)), media_type, len(body))
+        # Not in _catalog on its own: a tag list or an empty referrers answer is no content.
+        await self._store(upstream, repo, info, body, catalog=False)
+        record = TagRecord(info.digest, media_type, len(body), time.time())
+        await self._put_tag(upstream.name, repo, key, record)
+        return record
+
+    async def recall(
+        self, upstream: Upstream, repo: str, key: str
+    ) -> tuple[TagRecord, bytes] | None:
+        """What `remember` kept under `key`, fresh or not; None when it or its bytes are gone."""
+        record = await self._get_tag(upstream.name, repo, key, self.ttl_of(upstream))
+        if record is None:
+            return None
+        cached = self._hot.get(record.digest)
+        if cached is None:
+            cached = await self._storage.read_manifest(parse_digest(record.digest))
+        return None if cached is None else (record, cached[1])
 
     async def _by_digest(
-        self, upstream: Upstream, repo: str, reference: str, accept: list[str], *, head: bool
+        self, upstream: Upstream, repo: str, reference: str, *, head: bool
     ) -> Manifest:
         cached = self._hot.get(reference)
         if cached is None:
@@ -91,61 +126,57 @@ class ManifestService:
         if cached is not None:
             self._metrics.cache_requests.labels("manifest", "hit").inc()
             media_type, stored = cached
-            _check_acceptable(media_type, accept, reference)
             return Manifest(reference, media_type, len(stored), None if head else stored)
         self._metrics.cache_requests.labels("manifest", "miss").inc()
-        key = ("digest", upstream.name, reference, head, _accept_key(accept))
+        key = ("digest", upstream.name, reference, head)
         return await self._flight.do(
-            key, lambda: self._fetch_digest(upstream, repo, reference, accept, head=head)
+            key, lambda: self._fetch_digest(upstream, repo, reference, head=head)
         )
 
     async def _fetch_digest(
-        self, upstream: Upstream, repo: str, reference: str, accept: list[str], *, head: bool
+        self, upstream: Upstream, repo: str, reference: str, *, head: bool
     ) -> Manifest:
-        info, body = await upstream.manifest(repo, reference, accept, head=head)
+        info, body = await upstream.manifest(repo, reference, ALL_TYPES, head=head)
         if body is not None:
             if info.digest != reference:
                 raise ManifestUnknown(f"upstream sent another manifest for {reference}")
             await self._store(upstream, repo, info, body)
         return Manifest(reference, info.media_type, info.size, body)
 
-    async def _by_tag(
-        self, upstream: Upstream, repo: str, tag: str, accept: list[str], *, head: bool
-    ) -> Manifest:
-        ttl = self._tag_ttl if upstream.tag_ttl is None else upstream.tag_ttl
+    async def _by_tag(self, upstream: Upstream, repo: str, tag: str, *, head: bool) -> Manifest:
+        ttl = self.ttl_of(upstream)
         record = await self._get_tag(upstream.name, repo, tag, ttl)
-        if record is not None and not acceptable(record.media_type, accept):
-            raise ManifestUnknown(f"manifest {repo}:{tag} is not of an accepted type")
         if record is not None and record.is_fresh(ttl):
             self._metrics.cache_requests.labels("tag", "hit").inc()
-            return await self._answer(upstream, repo, record, accept, head=head)
+            answer = await self._answer(upstream, repo, record, head=head)
+            return replace(answer, fresh_for=ttl - (time.time() - record.checked_at))
         self._metrics.cache_requests.labels("tag", "miss").inc()
         if record is not None:
             try:
                 fresh = await self._flight.do(
-                    ("revalidate", upstream.name, repo, tag, _accept_key(accept)),
-                    lambda: self._revalidate(upstream, repo, tag, record, accept),
+                    ("revalidate", upstream.name, repo, tag),
+                    lambda: self._revalidate(upstream, repo, tag, record),
                 )
             except (UpstreamUnavailable, TooManyRequests):
                 if not record.is_fresh(ttl + self._stale_if_error):
                     raise
                 self._metrics.stale_served.labels("tag").inc()
-                answer = await self._answer(upstream, repo, record, accept, head=head)
-                return replace(answer, stale=True)
-            return await self._answer(upstream, repo, fresh, accept, head=head)
-        return await self._flight.do(
-            ("tag", upstream.name, repo, tag, head, _accept_key(accept)),
-            lambda: self._fetch_tag(upstream, repo, tag, accept, head=head),
+                answer = await self._answer(upstream, repo, record, head=head)
+                return replace(answer, stale=True, fresh_for=0)
+            answer = await self._answer(upstream, repo, fresh, head=head)
+            return replace(answer, fresh_for=ttl)
+        found = await self._flight.do(
+            ("tag", upstream.name, repo, tag, head),
+            lambda: self._fetch_tag(upstream, repo, tag, head=head),
         )
+        return replace(found, fresh_for=ttl)
 
-    async def _fetch_tag(
-        self, upstream: Upstream, repo: str, tag: str, accept: list[str], *, head: bool
-    ) -> Manifest:
+    async def _fetch_tag(self, upstream: Upstream, repo: str, tag: str, *, head: bool) -> Manifest:
         """Resolve an unknown tag upstream (HEAD for a HEAD: it costs no pull)."""
-        info, body = await upstream.manifest(repo, tag, accept, head=head)
+        info, body = await upstream.manifest(repo, tag, ALL_TYPES, head=head)
         if not info.digest.startswith("sha256:"):
             # A HEAD without Docker-Content-Digest says nothing cacheable: ask with a GET.
-            info, body = await upstream.manifest(repo, tag, accept, head=False)
+            info, body = await upstream.manifest(repo, tag, ALL_TYPES, head=False)
         record = TagRecord(info.digest, info.media_type, info.size, time.time())
         if body is not None:
             await self._store(upstream, repo, info, body)
@@ -153,16 +184,16 @@ class ManifestService:
         return Manifest(info.digest, info.media_type, info.size, None if head else body)
 
     async def _revalidate(
-        self, upstream: Upstream, repo: str, tag: str, record: TagRecord, accept: list[str]
+        self, upstream: Upstream, repo: str, tag: str, record: TagRecord
     ) -> TagRecord:
         """HEAD the tag upstream; a fresh record, with a new digest when it moved."""
         try:
-            info, _ = await upstream.manifest(repo, tag, accept, head=True)
+            info, _ = await upstream.manifest(repo, tag, ALL_TYPES, head=True)
         except (UpstreamUnavailable, TooManyRequests):
             self._metrics.revalidations.labels("error").inc()
             raise
         if not info.digest.startswith("sha256:"):
-            info, body = await upstream.manifest(repo, tag, accept, head=False)
+            info, body = await upstream.manifest(repo, tag, ALL_TYPES, head=False)
             if body is not None:
                 await self._store(upstream, repo, info, body)
         changed = info.digest != record.digest
@@ -172,12 +203,12 @@ class ManifestService:
         return fresh
 
     async def _answer(
-        self, upstream: Upstream, repo: str, record: TagRecord, accept: list[str], *, head: bool
+        self, upstream: Upstream, repo: str, record: TagRecord, *, head: bool
     ) -> Manifest:
         """Answer from a tag record: HEAD from the record alone, GET from the stored bytes."""
         if head:
             return Manifest(record.digest, record.media_type, record.size, None)
-        return await self._by_digest(upstream, repo, record.digest, accept, head=False)
+        return await self._by_digest(upstream, repo, record.digest, head=False)
 
     async def _get_tag(self, upstream: str, repo: str, tag: str, ttl: float) -> TagRecord | None:
         """The local record while fresh, else the shared store's (another replica may
@@ -194,7 +225,9 @@ class ManifestService:
         self._tags.put((upstream, repo, tag), record)
         await self._metadata.put_tag(upstream, repo, tag, record)
 
-    async def _store(self, upstream: Upstream, repo: str, info: ManifestInfo, body: bytes) -> None:
+    async def _store(
+        self, upstream: Upstream, repo: str, info: ManifestInfo, body: bytes, catalog: bool = True
+    ) -> None:
         self._hot.put(info.digest, (info.media_type, body))
         try:
             written = await self._storage.write_manifest(
@@ -206,13 +239,5 @@ class ManifestService:
         if written:
             self._metrics.cache_size.inc(len(body))
             self._metrics.cache_objects.inc()
-        await self._metadata.add_repository(upstream.catalog_prefix + repo)
-
-
-def _accept_key(accept: list[str]) -> tuple[str, ...]:
-    return tuple(sorted(set(accept)))
-
-
-def _check_acceptable(media_type: str, accept: list[str], reference: str) -> None:
-    if not acceptable(media_type, accept):
-        raise ManifestUnknown(f"manifest {reference} is not of an accepted type")
+        if catalog:
+            await self._metadata.add_repository(upstream.catalog_prefix + repo)

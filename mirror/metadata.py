@@ -19,14 +19,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from mirror.redistopology import DOWN_ERRORS, open_redis
 
 log = logging.getLogger(__name__)
 
 # Every key starts with this, so the mirror can share a Redis with other tenants.
 KEY_PREFIX = "mirror:"
-TAG_KEY = KEY_PREFIX + "tag:{upstream}:{repo}:{tag}"
+# One key per tag record (no hash tag: each is read and written alone, so a Cluster spreads
+# them over its masters). The braces are str.format fields, never part of a key: names and
+# tags cannot hold them (OCI grammar).
+TAG_PREFIX = KEY_PREFIX + "tag:"
+TAG_KEY = TAG_PREFIX + "{upstream}:{repo}:{tag}"
+TAG_PATTERN = TAG_PREFIX + "*"
 # A sorted set with every score 0: Redis orders it lexically, which is the order
 # `_catalog` must page in (ZRANGEBYLEX), with no sorting on our side.
 REPOS_KEY = KEY_PREFIX + "repos"
@@ -204,51 +208,62 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 class RedisMetadata:
-    """Metadata shared by every replica through one Redis."""
+    """Metadata shared by every replica through one Redis: a server, Sentinel or Cluster.
+
+    Every command touches one key, so each works under Cluster hash slots as it is.
+    """
 
     def __init__(self, url: str, ttl: float, retention: float = RETENTION) -> None:
         self._expiry = int(ttl + retention)
-        # A blocking pool: a burst of requests waits its turn for a connection instead of
-        # failing (redis-py's default pool raises past 100), which would look like an outage.
-        pool = aioredis.BlockingConnectionPool.from_url(
+        self._conn = open_redis(
             url,
-            max_connections=REDIS_CONNECTIONS,
-            timeout=2,
+            REDIS_CONNECTIONS,
             decode_responses=True,
             socket_connect_timeout=2,
             socket_timeout=2,
             health_check_interval=30,
         )
-        self._redis = aioredis.Redis(connection_pool=pool)
+        self._redis = self._conn.client
+        # Sentinel's and Cluster's pools fail past their size instead of waiting: a burst
+        # of requests takes turns here, so it is never taken for an outage.
+        self._turns = asyncio.Semaphore(REDIS_CONNECTIONS)
 
     async def get_tag(self, upstream: str, repo: str, tag: str) -> TagRecord | None:
-        raw = await self._redis.get(_tag_key(upstream, repo, tag))
+        async with self._turns:
+            raw = await self._redis.get(_tag_key(upstream, repo, tag))
         return None if raw is None else TagRecord.from_json(raw)
 
     async def put_tag(self, upstream: str, repo: str, tag: str, record: TagRecord) -> None:
-        await self._redis.set(_tag_key(upstream, repo, tag), record.to_json(), ex=self._expiry)
+        key = _tag_key(upstream, repo, tag)
+        async with self._turns:
+            await self._redis.set(key, record.to_json(), ex=self._expiry)
 
     async def add_repository(self, repo: str) -> None:
-        await self._redis.zadd(REPOS_KEY, {repo: 0})
+        async with self._turns:
+            await self._redis.zadd(REPOS_KEY, {repo: 0})
 
     async def repositories(self, n: int, last: str | None) -> list[str]:
         start = f"({last}" if last else "-"
-        names = await self._redis.zrangebylex(REPOS_KEY, start, "+", start=0, num=n)
+        async with self._turns:
+            names = await self._redis.zrangebylex(REPOS_KEY, start, "+", start=0, num=n)
         return [str(name) for name in names]
 
     async def tags(self) -> list[tuple[str, str, str, TagRecord]]:
         found = []
-        async for key in self._redis.scan_iter(match=KEY_PREFIX + "tag:*", count=1000):
-            raw = await self._redis.get(key)
+        # On a Cluster the tag keys are spread over every master: each one is scanned.
+        async for key in self._conn.scan_keys(TAG_PATTERN):
+            async with self._turns:
+                raw = await self._redis.get(key)
             if raw is None:
                 continue
             # Repository names and tags hold no colon; an upstream name may (host:port).
-            upstream, repo, tag = str(key)[len(KEY_PREFIX + "tag:") :].rsplit(":", 2)
+            upstream, repo, tag = key[len(TAG_PREFIX) :].rsplit(":", 2)
             found.append((upstream, repo, tag, TagRecord.from_json(raw)))
         return found
 
     async def ping(self) -> None:
-        await self._redis.ping()
+        async with self._turns:
+            await self._redis.ping()
 
     async def put_blob_read(self, digest: str, size: int, read_at: float) -> None:
         await self._redis.hset(BUCKET_BLOBS_KEY, digest, f"{size} {read_at}")
@@ -272,7 +287,7 @@ class RedisMetadata:
         await self._redis.hdel(BUCKET_BLOBS_KEY, digest)
 
     async def close(self) -> None:
-        await self._redis.aclose(close_connection_pool=True)
+        await self._conn.close()
 
 
 class FallbackMetadata:
@@ -328,7 +343,7 @@ class FallbackMetadata:
         if self._use_primary():
             try:
                 result = await getattr(self._primary, name)(*args)
-            except (RedisError, OSError) as exc:
+            except DOWN_ERRORS as exc:
                 self._failed(exc)
             else:
                 self._succeeded()
@@ -376,7 +391,7 @@ class FallbackMetadata:
         """Raise when Redis does not answer (for /readyz), whatever the fallback does."""
         try:
             await self._primary.ping()
-        except (RedisError, OSError) as exc:
+        except DOWN_ERRORS as exc:
             self._failed(exc)
             raise
         self._succeeded()

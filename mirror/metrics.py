@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from mirror.cluster.metrics import ClusterMetrics
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -18,6 +20,7 @@ class Metrics:
         self._declare()
         self._declare_s3()
         self._zero_known_labels()
+        self.cluster = ClusterMetrics(self.registry)  # replicas' series (mirror/cluster/)
 
     def _zero_known_labels(self) -> None:
         """Create the series with fixed label values at 0, so dashboards show 0 rather
@@ -189,6 +192,20 @@ class Metrics:
             "mirror_upstream_token_fetches",
             "Tokens fetched from an upstream's token service, by upstream and status.",
             ["upstream", "status"],
+            registry=r,
+        )
+        self.pulls_denied = Counter(
+            "mirror_pulls_denied",
+            "Requests refused by the pull policy, by upstream and reason (deny_list: a deny "
+            "glob, allow_list: no allow glob, no_rule: no auth.rules entry).",
+            ["upstream", "reason"],
+            registry=r,
+        )
+        # Alert on "refused": a renewed certificate that the HTTPS listener could not use.
+        self.tls_reloads = Counter(
+            "mirror_tls_reloads",
+            "Changed TLS pairs the HTTPS listener saw, by result (loaded, refused).",
+            ["result"],
             registry=r,
         )
 

@@ -9,6 +9,7 @@ module looks at upstream status codes.
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from mirror.errors import (
 from mirror.lru import LRU
 from mirror.metrics import Metrics
 from mirror.reference import compute_digest
+from mirror.tls import describe_failure
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,7 @@ class Upstream:
         negative_ttl: float = 30.0,
         tag_ttl: float | None = None,
         timeouts: tuple[float, float] = (5.0, 30.0),
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.name = name
@@ -137,6 +140,8 @@ class Upstream:
         # new repository costs one token request and not a refused request first.
         self._bearer: Challenge | None = None
         self._use_basic = False
+        # Its own CA, check and client pair (mTLS); True: aiohttp's default context.
+        self.ssl: ssl.SSLContext | bool = True if ssl_context is None else ssl_context
 
     async def request(
         self,
@@ -193,11 +198,20 @@ class Upstream:
         started = time.monotonic()
         try:
             resp = await self._session.request(
-                method, url, headers=headers, allow_redirects=False, timeout=self._timeout
+                method,
+                url,
+                headers=headers,
+                allow_redirects=False,
+                timeout=self._timeout,
+                ssl=self.ssl,
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
             self._metrics.upstream_requests.labels(self.name, kind, "error").inc()
             self.record_failure()
+            tls_failure = describe_failure(self.name, exc)
+            if tls_failure is not None:
+                log.error("%s", tls_failure)
+                raise UpstreamUnavailable(tls_failure) from None
             raise UpstreamUnavailable(
                 f"upstream {self.name} unreachable: {type(exc).__name__}"
             ) from None
@@ -234,7 +248,9 @@ class Upstream:
     async def _authorization(self, repo: str | None) -> dict[str, str]:
         if self._bearer is not None:
             scopes = [f"repository:{repo}:pull"] if repo else []
-            token = await self._tokens.get(self._bearer, scopes, await self._basic())
+            token = await self._tokens.get(
+                self._bearer, scopes, await self._basic(), ssl_context=self.ssl, upstream=self.name
+            )
             return {"Authorization": f"Bearer {token}"}
         if self._use_basic and self._credentials is not None:
             return {"Authorization": await self._credentials.header()}
@@ -248,7 +264,9 @@ class Upstream:
             )
             scope = challenge.params.get("scope")
             scopes = scope.split(" ") if scope else ([f"repository:{repo}:pull"] if repo else [])
-            token = await self._tokens.get(self._bearer, scopes, await self._basic())
+            token = await self._tokens.get(
+                self._bearer, scopes, await self._basic(), ssl_context=self.ssl, upstream=self.name
+            )
             return {"Authorization": f"Bearer {token}"}
         if challenge.scheme == "basic" and self._credentials is not None:
             self._use_basic = True

@@ -16,8 +16,9 @@ from mirror.config import CacheConfig, Config, RedisConfig, StorageConfig, Upstr
 from tests.fakehub import FakeHub
 from tests.services import RedisServer
 
-# The real S3 server (Ceph RGW) fixtures: `rgw` for the session, `s3_bucket` per test.
-pytest_plugins = ["tests.rgw"]
+# The real S3 server (Ceph RGW) fixtures: `rgw` for the session, `s3_bucket` per test;
+# Redis Sentinel and Cluster: `redis_sentinel`, `redis_cluster` for the session.
+pytest_plugins = ["tests.rgw", "tests.redis_topologies"]
 
 MakeClient = Callable[..., Awaitable[TestClient[Any, Any]]]
 

@@ -34,6 +34,7 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+EMPTY_CONFIG = "application/vnd.oci.empty.v1+json"
 
 SERVICE = "registry.docker.io"
 CHUNK = 64 * 1024
@@ -50,6 +51,7 @@ STAT_KEYS = (
 KNOBS = (
     "token_expires_in", "corrupt_blobs", "ratelimit_remaining", "cdn_delay", "users",
     "cdn_cut_after", "registry_status", "cdn_ignores_range", "token_delay",
+    "referrers_api", "referrers_filter", "referrers_page_size",
 )  # fmt: skip
 
 
@@ -129,6 +131,43 @@ class Content:
 
     def set_referrers(self, subject: str, index_body: bytes) -> None:
         self.referrers[subject] = index_body
+
+    def referrers_index(self, repo: str, subject: str) -> dict[str, Any]:
+        """The referrers API's answer: a set index, else every manifest of repo whose
+        `subject` is the digest, described as the spec says."""
+        if subject in self.referrers:
+            index: dict[str, Any] = json.loads(self.referrers[subject])
+            return index
+        entries = []
+        for digest, (media_type, body) in sorted(self.manifests.get(repo, {}).items()):
+            doc = json.loads(body)
+            if (doc.get("subject") or {}).get("digest") != subject:
+                continue
+            artifact_type = doc.get("artifactType") or doc.get("config", {}).get("mediaType")
+            entry = {"mediaType": media_type, "digest": digest, "size": len(body),
+                     "artifactType": artifact_type}  # fmt: skip
+            if doc.get("annotations"):
+                entry["annotations"] = doc["annotations"]
+            entries.append(entry)
+        return {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}
+
+    def add_artifact(
+        self, repo: str, subject: str, artifact_type: str, payload: bytes, tag: str | None = None
+    ) -> str:
+        """A signature or SBOM as signing tools push it: an OCI manifest with artifactType,
+        the empty config, one layer and the subject it refers to."""
+        subject_type, subject_body = self.manifests[repo][subject]
+        empty = self.add_blob(b"{}")
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": artifact_type,
+            "config": {"mediaType": EMPTY_CONFIG, "digest": empty, "size": 2},
+            "layers": [descriptor(artifact_type, payload)],
+            "subject": {"mediaType": subject_type, "digest": subject, "size": len(subject_body)},
+        }
+        self.add_blob(payload)
+        return self.add_manifest(repo, json.dumps(manifest).encode(), OCI_MANIFEST, tag)
 
     def add_image(
         self, repo: str, tag: str | None, layers: list[bytes], media_type: str = DOCKER_MANIFEST
@@ -229,6 +268,9 @@ class FakeHub:
         self.registry_status: int | None = None  # answer every /v2 request with this status
         self.cdn_ignores_range = False  # a CDN that always answers 200 with the whole blob
         self.token_delay = 0.0  # seconds the token service takes to answer
+        self.referrers_api = True  # False: 404 like Docker Hub (memory mode; a backend decides)
+        self.referrers_filter = True  # False: an API that ignores artifactType
+        self.referrers_page_size: int | None = None  # page the API's answers
         self.registry_url = self.token_url = self.cdn_url = ""
         self._tokens: dict[str, Token] = {}
         self._runners: list[web.AppRunner] = []
@@ -416,14 +458,31 @@ class FakeHub:
     async def _referrers(self, request: web.Request) -> web.Response:
         self.stats["referrers"] += 1
         name, digest = request.match_info["name"], request.match_info["digest"]
-        if self._session:
+        if self._session:  # the backend's answer: distribution 2.8 has no referrers API
             url = f"{self.backend}/v2/{name}/referrers/{digest}"
             async with self._session.get(url, params=request.query) as resp:
-                return await relay(resp, ("Content-Type",))
-        body = self.content.referrers.get(digest)
-        if body is None:  # like Docker Hub today: clients fall back to the tag scheme
+                return await relay(resp, ("Content-Type", "OCI-Filters-Applied"))
+        if not self.referrers_api:  # like Docker Hub today: clients fall back to the tag scheme
             return oci_error(404, "NOT_FOUND", "referrers API not supported")
-        return web.Response(body=body, content_type=OCI_INDEX)
+        if name not in self.content.manifests:
+            return oci_error(404, "NAME_UNKNOWN", f"repository name not known: {name}")
+        index = self.content.referrers_index(name, digest)
+        headers = {}
+        artifact_type = request.query.get("artifactType")
+        if artifact_type and self.referrers_filter:
+            index["manifests"] = [
+                m for m in index["manifests"] if m.get("artifactType") == artifact_type
+            ]
+            headers["OCI-Filters-Applied"] = "artifactType"
+        if self.referrers_page_size:  # pages, with an opaque next link as registries do
+            start = int(request.query.get("page", "0"))
+            end = start + self.referrers_page_size
+            if end < len(index["manifests"]):
+                query = urlencode({**request.query, "page": end})
+                headers["Link"] = f'</v2/{name}/referrers/{digest}?{query}>; rel="next"'
+            index["manifests"] = index["manifests"][start:end]
+        return web.Response(body=json.dumps(index).encode(), content_type=OCI_INDEX,
+                            headers=headers)  # fmt: skip
 
     async def _get_stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats.snapshot())

@@ -456,3 +456,49 @@ def seed(
         push_image(registry_url, repo, "latest", image)
         seeded[name] = _describe(repo, "latest", image)
     return seeded
+
+
+# --- referrers ----------------------------------------------------------------------------
+
+EMPTY_CONFIG = "application/vnd.oci.empty.v1+json"
+
+
+def artifact(subject: Blob, artifact_type: str, payload: bytes) -> Image:
+    """A signature or SBOM as cosign, notation and oras push it: an OCI manifest with
+    artifactType, the empty config, one layer, and the subject it refers to."""
+    empty = Blob.of(EMPTY_CONFIG, b"{}")
+    layer = Blob.of(artifact_type, payload)
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": artifact_type,
+        "config": empty.descriptor(),
+        "layers": [layer.descriptor()],
+        "subject": subject.descriptor(),
+    }
+    return Image(Blob.of(OCI_MANIFEST, canonical_json(manifest)), (empty, layer))
+
+
+def push_referrers(
+    registry: str, repo: str, subject: Blob, artifacts: list[tuple[str, bytes]]
+) -> tuple[Blob, list[Blob]]:
+    """Push artifacts for subject, and the referrers tag schema's index listing them under
+    the tag `sha256-<hex>`, as signing tools do on a registry without the referrers API.
+    Returns the index and the artifact manifests."""
+    manifests = []
+    for artifact_type, payload in artifacts:
+        pushed = artifact(subject, artifact_type, payload)
+        for blob in pushed.blobs:
+            push_blob(registry, repo, blob)
+        push_manifest(registry, repo, pushed.manifest.digest, pushed.manifest)
+        manifests.append(pushed.manifest)
+    entries = [
+        manifest.descriptor(artifactType=artifact_type)
+        for (artifact_type, _), manifest in zip(artifacts, manifests, strict=True)
+    ]
+    index = Blob.of(
+        OCI_INDEX,
+        canonical_json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}),
+    )
+    push_manifest(registry, repo, subject.digest.replace(":", "-"), index)
+    return index, manifests

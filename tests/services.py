@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -70,10 +71,17 @@ def tcp_open(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
-def http_status(url: str, timeout: float = 2.0) -> int | None:
-    """The status of a GET on url, or None when nothing answers."""
+def http_status(
+    url: str, timeout: float = 2.0, context: ssl.SSLContext | None = None
+) -> int | None:
+    """The status of a GET on url, or None when nothing answers; `context` for https."""
+    opener = _OPENER
+    if context is not None:
+        opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+        )
     try:
-        with _OPENER.open(url, timeout=timeout) as resp:
+        with opener.open(url, timeout=timeout) as resp:
             return int(resp.status)
     except urllib.error.HTTPError as err:
         err.close()
@@ -237,6 +245,11 @@ class DistributionRegistry(Service):
         self.realm = realm
         self.config_path = self.workdir / "registry.yml"
         self.storage_dir = self.workdir / "storage"
+        # Served over HTTPS with this (cert, key) when set (between a stop() and a start(),
+        # like htpasswd); tls_ca signed it; tls_client_ca: clients must present a certificate.
+        self.tls: tuple[Path, Path] | None = None
+        self.tls_ca: Path | None = None
+        self.tls_client_ca: Path | None = None
 
     def config_text(self) -> str:
         # JSON is valid YAML; it spares quoting rules for paths and URLs.
@@ -253,9 +266,15 @@ class DistributionRegistry(Service):
             config["proxy"] = {"remoteurl": self.proxy_remoteurl}
         if self.htpasswd is not None:
             config["auth"] = {"htpasswd": {"realm": self.realm, "path": str(self.htpasswd)}}
+        if self.tls is not None:
+            tls: dict[str, Any] = {"certificate": str(self.tls[0]), "key": str(self.tls[1])}
+            if self.tls_client_ca is not None:
+                tls["clientcas"] = [str(self.tls_client_ca)]
+            config["http"]["tls"] = tls
         return json.dumps(config, indent=2) + "\n"
 
     def start(self) -> Self:
+        self.url = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
         self.config_path.write_text(self.config_text())
         return super().start()
 
@@ -265,7 +284,10 @@ class DistributionRegistry(Service):
     def is_ready(self) -> bool:
         # With htpasswd auth, an anonymous /v2/ is answered 401: that is up, too.
         wanted = (200, 401) if self.htpasswd is not None else (200,)
-        return http_status(f"{self.url}/v2/") in wanted
+        if self.tls is not None and self.tls_client_ca is not None:
+            return tcp_open(self.port)  # the probe has no client certificate
+        context = None if self.tls is None else ssl.create_default_context(cafile=self.tls_ca)
+        return http_status(f"{self.url}/v2/", context=context) in wanted
 
 
 class MirrorProcess(Service):
@@ -406,6 +428,8 @@ class DockerDaemon(Service):
         self.run_dir: Path | None = None  # a short temp dir, made by start()
         # The client must not read the user's ~/.docker (credentials, contexts).
         self.client_config = self.workdir / "client"
+        # Set: this directory is the daemon's /etc/docker (so its certs.d), see command().
+        self.etc_docker: Path | None = None
 
     @property
     def socket(self) -> Path:
@@ -435,6 +459,12 @@ class DockerDaemon(Service):
         ]  # fmt: skip
         if self.registry_mirror is not None:
             cmd += ["--registry-mirror", self.registry_mirror]
+        if self.etc_docker is not None:
+            # dockerd has no option for its certs.d: it reads /etc/docker/certs.d (rootless:
+            # $XDG_CONFIG_HOME/docker/certs.d). A private mount namespace gives this daemon
+            # its own /etc/docker and leaves the host's alone; exec keeps the pid.
+            script = 'mount --bind "$0" /etc/docker && exec "$@"'
+            cmd = ["unshare", "--mount", "--", "sh", "-c", script, str(self.etc_docker), *cmd]
         return cmd
 
     def _write_config(self) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -16,7 +15,7 @@ from yarl import URL
 
 from mirror.config import Config, RedisConfig, UpstreamConfig
 from tests.conftest import MakeClient
-from tests.fakehub import OCI_INDEX, FakeHub
+from tests.fakehub import FakeHub
 from tests.services import RedisServer
 
 Client = TestClient[Any, Any]
@@ -297,42 +296,6 @@ async def test_catalog_bad_n_is_an_oci_error(client: Client) -> None:
     resp = await client.get("/v2/_catalog?n=lots")
     assert resp.status == 400
     assert await error_of(resp)
-
-
-# --- referrers ------------------------------------------------------------------------------
-
-
-async def test_referrers_none_upstream_is_404_manifest_unknown(
-    hub: FakeHub, client: Client
-) -> None:
-    image = add_image(hub, "library/nginx")
-    resp = await client.get(f"/v2/library/nginx/referrers/{image['digest']}")
-    assert resp.status == 404
-    assert await error_of(resp) == "MANIFEST_UNKNOWN"
-    assert hub.stats["referrers"] == 1
-
-
-async def test_referrers_relayed(hub: FakeHub, client: Client) -> None:
-    image = add_image(hub, "library/nginx")
-    index = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": OCI_INDEX,
-            "manifests": [
-                {
-                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                    "digest": "sha256:" + "5" * 64,
-                    "size": 123,
-                    "artifactType": "application/vnd.dev.sigstore.bundle+json",
-                }
-            ],
-        }
-    ).encode()
-    hub.content.set_referrers(image["digest"], index)
-    resp = await client.get(f"/v2/library/nginx/referrers/{image['digest']}")
-    assert resp.status == 200
-    assert resp.content_type == OCI_INDEX
-    assert await resp.read() == index
 
 
 # --- operations endpoints -------------------------------------------------------------------

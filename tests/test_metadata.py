@@ -1,4 +1,5 @@
-"""One contract for both metadata stores: in-process and a real Redis."""
+"""One contract for both metadata stores: in-process and a real Redis (one server, Sentinel,
+Cluster)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import redis.asyncio as aioredis
 
 from mirror.config import RedisConfig
 from mirror.metadata import MetadataStore, TagRecord, open_metadata
+from tests.redis_topologies import TOPOLOGIES, RedisClusterSetup, flushed_redis_url
 from tests.services import RedisServer
 
 TTL = 600
@@ -20,6 +22,14 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 
 def record(digest: str = DIGEST_A, size: int = 527) -> TagRecord:
     return TagRecord(digest, DOCKER_MANIFEST, size, time.time())
+
+
+@pytest.fixture(params=["memory", *TOPOLOGIES])
+def metadata_config(request: pytest.FixtureRequest) -> RedisConfig:
+    """In-process, and Redis as one server, with Sentinel and as a Cluster (flushed)."""
+    if request.param == "memory":
+        return RedisConfig(url=None)
+    return RedisConfig(url=flushed_redis_url(request, request.param))
 
 
 @pytest.fixture
@@ -142,3 +152,23 @@ async def test_redis_catalogue_key_is_prefixed(
     await redis_store.add_repository("library/nginx")
     keys = await raw_redis.keys("*")
     assert keys and all(key.startswith("mirror:") for key in keys)
+
+
+async def test_tags_listed_from_every_cluster_master(
+    redis_cluster: RedisClusterSetup,
+) -> None:
+    """Tag keys spread over the masters by hash slot; listing them scans every master."""
+    redis_cluster.flush()
+    store = open_metadata(redis_cluster.url, ttl=TTL)
+    expected = {("hub", f"library/app{i}", "latest") for i in range(30)}
+    try:
+        for upstream, repo, tag in expected:
+            await store.put_tag(upstream, repo, tag, record())
+        await store.add_repository("library/app0")
+        listed = {(upstream, repo, tag) for upstream, repo, tag, _ in await store.tags()}
+        assert await store.repositories(10, None) == ["library/app0"]
+    finally:
+        await store.close()
+    holding = [port for port, keys in redis_cluster.keys_per_node().items() if keys]
+    assert len(holding) == 3, redis_cluster.keys_per_node()
+    assert listed == expected

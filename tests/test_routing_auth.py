@@ -31,6 +31,7 @@ from mirror.clientauth import TokenSigner
 from mirror.config import AuthConfig, Config, UpstreamConfig
 from tests.conftest import MakeClient
 from tests.fakehub import Content, FakeHub
+from tests.test_blobs import wait_cached
 
 Client = TestClient[Any, Any]
 
@@ -244,6 +245,8 @@ async def test_a_blob_is_stored_once_and_shared_by_upstreams(
         again = await client.get(path)
         assert again.status == 200 and await again.read() == shared
     assert ghcr.stats["blob_get"] == 0 and ghcr.stats["cdn_get"] == 0, ghcr.stats.requests
+    # The client has the last byte once the hash matched; the rename into place follows.
+    await wait_cached(config, layer)
     hex_digest = layer.partition(":")[2]
     copies = [
         Path(root) / name

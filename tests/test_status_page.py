@@ -7,6 +7,7 @@ Run `python -m pytest tests/test_status_page.py -q -s` to see where the screensh
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import html
 import json
@@ -106,6 +107,17 @@ async def pull(client: Client, repo: str, image: dict[str, Any]) -> None:
         await resp.read()
 
 
+async def settled(client: Client) -> None:
+    """Wait until no download is in flight: a client has a blob's last byte once its hash
+    matched, and the fsync and rename into the cache come a moment later."""
+    for _ in range(250):
+        metrics = await (await client.get("/metrics")).text()
+        if "\nmirror_upstream_fetches_in_flight 0.0\n" in metrics:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("downloads still in flight after 5 s")
+
+
 def kib(text: str) -> float:
     """`1.7 KiB`, `900 B`, `2.0 MiB` as KiB."""
     match = re.fullmatch(r"([\d.]+) (B|KiB|MiB|GiB)", text)
@@ -147,6 +159,7 @@ async def test_status_page_after_pulls(
     await pull(client, "library/app", app)  # warm: every blob a hit, the tag a hit
     await pull(client, "team/other", other)
     await pull(client, "library/app", app)
+    await settled(client)
 
     page = await status_page(client)
     rows = page.table("Upstreams")

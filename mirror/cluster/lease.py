@@ -1,0 +1,134 @@
+"""Leases in Redis: which replica does a piece of work that must happen once.
+
+A lease is one key, `mirror:lease:<name>`, set with NX and an expiry, whose value names
+the holder (`<advertise URL> <nonce>`), so that another replica knows whom to stream from.
+The holder renews it every third of its TTL while the work runs; a holder that dies stops
+renewing, and the lease runs out within one TTL for another replica to take over. Renewing
+and releasing compare the value first (a small Lua script on that one key, so a Cluster
+routes it by the key's slot): a holder that lost its lease never deletes a successor's.
+
+When Redis cannot be reached, `acquire` says so (None), and the caller works alone, as a
+single mirror does: an outage costs duplicate upstream fetches, never a failed pull.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from mirror.redistopology import DOWN_ERRORS, RedisClient
+
+log = logging.getLogger(__name__)
+
+LEASE_PREFIX = "mirror:lease:"
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class Held:
+    """Another replica holds the lease."""
+
+    owner: str  # its advertise URL
+
+
+class Lease:
+    """A lease this replica holds; `kept()` renews it while a block runs."""
+
+    def __init__(self, leases: Leases, key: str, value: str) -> None:
+        self._leases = leases
+        self.key = key
+        self.value = value
+        self.lost = asyncio.Event()  # set when a renewal found the lease gone or taken
+
+    async def renew(self) -> bool:
+        """Extend the lease by one TTL; False if it is no longer ours (or Redis is down)."""
+        try:
+            done = await self._leases.client.eval(
+                _RENEW, 1, self.key, self.value, int(self._leases.ttl * 1000)
+            )
+        except DOWN_ERRORS:
+            return False
+        return bool(done)
+
+    async def release(self) -> None:
+        """Give the lease up, if it is still ours (never raises)."""
+        with contextlib.suppress(*DOWN_ERRORS):
+            await self._leases.client.eval(_RELEASE, 1, self.key, self.value)
+
+    @contextlib.asynccontextmanager
+    async def kept(self) -> AsyncIterator[Lease]:
+        """Renew every third of the TTL until the block ends; then release."""
+        renewer = asyncio.create_task(self._renew_until_cancelled())
+        try:
+            yield self
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+            await self.release()
+
+    async def _renew_until_cancelled(self) -> None:
+        interval = self._leases.ttl / 3
+        while True:
+            await asyncio.sleep(interval)
+            if not await self.renew():
+                # Redis may only be slow or failing over: keep trying; another replica
+                # can take the work over only once the TTL has passed anyway.
+                if not self.lost.is_set():
+                    log.warning("lease %s could not be renewed", self.key)
+                self.lost.set()
+
+
+class Leases:
+    """Acquire leases in one Redis (any topology), as this replica."""
+
+    def __init__(self, client: RedisClient, owner: str, ttl: float) -> None:
+        self.client = client
+        self.owner = owner
+        self.ttl = ttl
+
+    def key(self, name: str) -> str:
+        return LEASE_PREFIX + name
+
+    async def acquire(self, name: str) -> Lease | Held | None:
+        """The lease on `name`: ours now, another replica's, or None when Redis is down."""
+        key = self.key(name)
+        value = f"{self.owner} {secrets.token_hex(8)}"
+        try:
+            if await self.client.set(key, value, nx=True, px=int(self.ttl * 1000)):
+                return Lease(self, key, value)
+            holder = await self.client.get(key)
+        except DOWN_ERRORS as exc:
+            log.debug("lease %s: redis unavailable (%s)", name, type(exc).__name__)
+            return None
+        if holder is None:  # released between the two calls: try once more
+            return await self.acquire(name)
+        return Held(_owner_of(holder))
+
+    async def holder(self, name: str) -> str | None:
+        """The advertise URL of the replica holding `name`, if any (None too when down)."""
+        try:
+            value = await self.client.get(self.key(name))
+        except DOWN_ERRORS:
+            return None
+        return None if value is None else _owner_of(value)
+
+
+def _owner_of(value: str | bytes) -> str:
+    text = value.decode() if isinstance(value, bytes) else value
+    return text.split(" ", 1)[0]

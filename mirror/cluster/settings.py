@@ -1,0 +1,62 @@
+"""The `cluster:` section: how this replica is reached and how replicas know each other."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from mirror.config import ConfigError, parse_duration, parse_url
+
+CLUSTER_KEYS = {"advertise_url", "secret_file", "lease_ttl", "replica_id"}
+MIN_SECRET_BYTES = 16
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    advertise_url: str  # how the other replicas reach this one
+    secret: bytes = field(repr=False)  # shared by every replica; never logged
+    lease_ttl: float = 10.0
+    # Names this replica in metrics and logs; default: the advertise URL's host:port.
+    replica_id: str = ""
+
+
+def parse_cluster(raw: Mapping[str, Any]) -> ClusterConfig | None:
+    """`cluster:` validated; None when absent or null (a single replica)."""
+    section = raw.get("cluster")
+    if section is None:
+        return None
+    if not isinstance(section, Mapping):
+        raise ConfigError("cluster", f"expected a mapping, got {type(section).__name__}")
+    for name in section:
+        if name not in CLUSTER_KEYS:
+            raise ConfigError(f"cluster.{name}", "unknown key")
+    if "advertise_url" not in section:
+        raise ConfigError("cluster.advertise_url", "required: how other replicas reach this one")
+    if "secret_file" not in section:
+        raise ConfigError("cluster.secret_file", "required: the secret shared by all replicas")
+    url = parse_url("cluster.advertise_url", section["advertise_url"]).rstrip("/")
+    ttl = parse_duration("cluster.lease_ttl", section.get("lease_ttl", "10s"))
+    if ttl < 1:
+        raise ConfigError("cluster.lease_ttl", f"must be at least 1s, got {section['lease_ttl']!r}")
+    replica_id = section.get("replica_id") or url.split("://", 1)[1]
+    return ClusterConfig(url, _read_secret(section["secret_file"]), ttl, str(replica_id))
+
+
+def _read_secret(path: object) -> bytes:
+    key = "cluster.secret_file"
+    try:
+        with open(str(path), "rb") as file:
+            secret = file.read().strip()
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {str(path)!r}: {exc.strerror}") from None
+    if len(secret) < MIN_SECRET_BYTES:
+        # The file's content is never shown, only its length.
+        raise ConfigError(key, f"the secret must be at least {MIN_SECRET_BYTES} bytes")
+    return secret
+
+
+def new_secret() -> str:
+    """A secret for `cluster.secret_file` (what the deploy docs tell users to generate)."""
+    return secrets.token_urlsafe(32)

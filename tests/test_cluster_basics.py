@@ -1,0 +1,137 @@
+"""Cluster foundations: leases on every Redis topology, signed peer requests, `cluster:`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from mirror.cluster import peerauth
+from mirror.cluster.lease import Held, Lease, Leases
+from mirror.cluster.settings import parse_cluster
+from mirror.config import ConfigError
+from mirror.redistopology import open_redis
+from tests.redis_topologies import TOPOLOGIES, flushed_redis_url
+from tests.services import free_port
+
+TTL = 1.0
+
+
+@pytest.fixture(params=TOPOLOGIES)
+def topology(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def replicas(
+    request: pytest.FixtureRequest, topology: str
+) -> AsyncIterator[tuple[Leases, Leases]]:
+    """Two replicas' lease clients on one Redis."""
+    url = flushed_redis_url(request, topology)
+    a = open_redis(url, 8, decode_responses=True)
+    b = open_redis(url, 8, decode_responses=True)
+    yield Leases(a.client, "http://a:8083", TTL), Leases(b.client, "http://b:8083", TTL)
+    await a.close()
+    await b.close()
+
+
+async def test_one_replica_holds_a_lease_and_the_other_sees_whom(
+    replicas: tuple[Leases, Leases],
+) -> None:
+    a, b = replicas
+    mine = await a.acquire("blob:sha256:aa")
+    assert isinstance(mine, Lease)
+    assert await b.acquire("blob:sha256:aa") == Held("http://a:8083")
+    assert await b.holder("blob:sha256:aa") == "http://a:8083"
+    await mine.release()
+    assert isinstance(await b.acquire("blob:sha256:aa"), Lease)
+
+
+async def test_a_kept_lease_outlives_its_ttl_and_a_dead_holders_runs_out(
+    replicas: tuple[Leases, Leases],
+) -> None:
+    a, b = replicas
+    kept = await a.acquire("kept")
+    dead = await a.acquire("dead")  # never renewed: as if its replica were killed
+    assert isinstance(kept, Lease) and isinstance(dead, Lease)
+    async with kept.kept():
+        await asyncio.sleep(TTL * 2)
+        assert await b.acquire("kept") == Held("http://a:8083")
+        assert not kept.lost.is_set()
+    taken = await b.acquire("dead")
+    assert isinstance(taken, Lease), "the dead holder's lease did not run out"
+    assert await b.acquire("kept") is not None
+    # The old holder's release must not delete the successor's lease.
+    await dead.release()
+    assert await a.acquire("dead") == Held("http://b:8083")
+
+
+async def test_redis_unreachable_means_work_alone() -> None:
+    conn = open_redis(f"redis://127.0.0.1:{free_port()}/0", 4, socket_connect_timeout=0.5)
+    try:
+        leases = Leases(conn.client, "http://a:8083", TTL)
+        assert await leases.acquire("anything") is None
+        assert await leases.holder("anything") is None
+    finally:
+        await conn.close()
+
+
+def test_signed_requests_are_checked_for_secret_path_and_age() -> None:
+    secret = b"0123456789abcdef-shared"
+    value = peerauth.sign(secret, "GET", "/_cluster/blobs/sha256:aa", now=1000)
+    assert peerauth.verify(secret, value, "GET", "/_cluster/blobs/sha256:aa", now=1030)
+    assert not peerauth.verify(
+        b"another-secret-of-16b", value, "GET", "/_cluster/blobs/sha256:aa", now=1030
+    )
+    assert not peerauth.verify(secret, value, "GET", "/_cluster/blobs/sha256:bb", now=1030)
+    assert not peerauth.verify(secret, value, "GET", "/_cluster/blobs/sha256:aa", now=1100)
+    for junk in (None, "", "abc", "1000:", ":deadbeef"):
+        assert not peerauth.verify(secret, junk, "GET", "/x", now=1000)
+
+
+def test_cluster_section(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("s" * 40 + "\n")
+    got = parse_cluster(
+        {"cluster": {"advertise_url": "http://10.0.0.5:8083/", "secret_file": str(secret)}}
+    )
+    assert got is not None
+    assert (got.advertise_url, got.lease_ttl, got.replica_id) == (
+        "http://10.0.0.5:8083",
+        10.0,
+        "10.0.0.5:8083",
+    )
+    assert "s" * 40 not in repr(got)
+    assert parse_cluster({}) is None
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        ({"advertise_url": "http://a:1", "secret_file": "SECRET", "color": 1}, "cluster.color"),
+        ({"secret_file": "SECRET"}, "cluster.advertise_url"),
+        ({"advertise_url": "ftp://a", "secret_file": "SECRET"}, "cluster.advertise_url"),
+        ({"advertise_url": "http://a:1"}, "cluster.secret_file"),
+        ({"advertise_url": "http://a:1", "secret_file": "/nonexistent"}, "cluster.secret_file"),
+        ({"advertise_url": "http://a:1", "secret_file": "SHORT"}, "cluster.secret_file"),
+        (
+            {"advertise_url": "http://a:1", "secret_file": "SECRET", "lease_ttl": "0.1s"},
+            "cluster.lease_ttl",
+        ),
+    ],
+)
+def test_bad_cluster_sections_name_the_key(
+    tmp_path: Path, section: dict[str, str], key: str
+) -> None:
+    (tmp_path / "SECRET").write_text("x" * 32)
+    (tmp_path / "SHORT").write_text("short")
+    fixed = {
+        k: str(tmp_path / v) if k == "secret_file" and v in ("SECRET", "SHORT") else v
+        for k, v in section.items()
+    }
+    with pytest.raises(ConfigError) as raised:
+        parse_cluster({"cluster": fixed})
+    assert raised.value.key == key
+    assert "x" * 32 not in str(raised.value)

@@ -1,0 +1,394 @@
+"""Pull policies in a running mirror: 403s before any upstream request, rules per user,
+group and anonymous client, the narrowed token, the denial metric and the audit lines.
+
+Two fake hubs on real ports play docker.io (the default upstream) and ghcr.io; each counts
+every request it gets, so "no upstream request" is checked on the upstream itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+import pytest
+from aiohttp.test_utils import TestClient
+
+from mirror.config import config_from_mapping
+from mirror.logs import setup_logging
+from tests.conftest import MakeClient
+from tests.fakehub import FakeHub
+
+Client = TestClient[Any, Any]
+PASSWORDS = {"alice": "alice-Pa55-1", "bob": "bob-Pa55-2", "carol": "carol-Pa55-3"}
+
+
+def basic(user: str) -> dict[str, str]:
+    raw = f"{user}:{PASSWORDS[user]}".encode()
+    return {"Authorization": "Basic " + base64.b64encode(raw).decode()}
+
+
+@pytest.fixture
+async def ghcr() -> AsyncIterator[FakeHub]:
+    async with FakeHub() as fake:
+        yield fake
+
+
+@pytest.fixture
+def htpasswd(tmp_path: Path) -> Path:
+    path = tmp_path / "htpasswd"
+    path.write_text(
+        "".join(
+            f"{user}:{bcrypt.hashpw(pw.encode(), bcrypt.gensalt(rounds=4)).decode()}\n"
+            for user, pw in PASSWORDS.items()
+        )
+    )
+    return path
+
+
+@pytest.fixture
+def images(hub: FakeHub, ghcr: FakeHub) -> dict[str, dict[str, Any]]:
+    return {
+        "busybox": hub.content.add_image("library/busybox", "latest", [b"busybox layer"]),
+        "rc": hub.content.add_image("library/busybox", "latest-rc1", [b"rc layer"]),
+        "nginx": hub.content.add_image("library/nginx", "latest", [b"nginx layer"]),
+        "someone": hub.content.add_image("someone/app", "v1", [b"someone's layer"]),
+        "team": ghcr.content.add_image("team/app", "v1", [b"team layer"]),
+    }
+
+
+async def policy_mirror(make_client: MakeClient, hub: FakeHub, ghcr: FakeHub, **raw: Any) -> Client:
+    """A mirror of docker.io (the default) and ghcr.io whose policy comes from `raw`,
+    parsed as the config file would be."""
+    hub_entry = {"url": hub.registry_url, **raw.pop("docker_io", {})}
+    document = {
+        "upstreams": {"docker.io": hub_entry, "ghcr.io": {"url": ghcr.registry_url}},
+        **raw,
+    }
+    parsed = config_from_mapping(document)
+    return await make_client(
+        upstream=parsed.upstream, upstreams=parsed.upstreams, auth=parsed.auth,
+        policy=parsed.policy,
+    )  # fmt: skip
+
+
+def error(body: bytes) -> dict[str, Any]:
+    errors = json.loads(body)["errors"]
+    assert len(errors) == 1, errors
+    entry: dict[str, Any] = errors[0]
+    return entry
+
+
+async def status_of(client: Client, path: str, method: str = "GET", **headers: str) -> int:
+    resp = await client.request(method, path, headers=headers)
+    await resp.read()
+    return resp.status
+
+
+async def denied_counts(client: Client) -> dict[tuple[str, str], float]:
+    text = await (await client.get("/metrics")).text()
+    found = re.findall(
+        r'^mirror_pulls_denied_total\{reason="(\w+)",upstream="([^"]+)"\} (\S+)$', text, re.M
+    )
+    return {(upstream, reason): float(value) for reason, upstream, value in found}
+
+
+# --- upstream allow/deny lists -----------------------------------------------------------------
+
+LISTS = {"allow": ["library/*", "bitnami/**"], "deny": ["library/*:latest-rc*"]}
+
+
+async def test_a_denied_pull_is_a_403_naming_the_repository_and_asks_nothing_upstream(
+    make_client: MakeClient, hub: FakeHub, ghcr: FakeHub, images: dict[str, dict[str, Any]]
+) -> None:
+    client = await policy_mirror(make_client, hub, ghcr, docker_io=LISTS)
+    someone = images["someone"]
+    for path in (
+        "/v2/someone/app/manifests/v1",
+        f"/v2/someone/app/manifests/{someone['digest']}",
+        f"/v2/someone/app/blobs/{someone['layers'][0]}",
+        "/v2/someone/app/tags/list",
+        f"/v2/someone/app/referrers/{someone['digest']}",
+        "/v2/library/busybox/manifests/latest-rc1",
+    ):
+        for method in ("GET", "HEAD"):
+            if method == "HEAD" and "/manifests/" not in path and "/blobs/" not in path:
+                continue
+            resp = await client.request(method, path)
+            body = await resp.read()
+            assert resp.status == 403, (method, path, body)
+            if method == "GET":
+                entry = error(body)
+                assert entry["code"] == "DENIED"
+                name = path.split("/")[2] + "/" + path.split("/")[3]
+                assert name in entry["message"] and entry["detail"]["repository"] == name
+                # The rule is the operator's business, never the client's.
+                assert "library/*" not in body.decode() and "latest-rc*" not in body.decode()
+    assert hub.stats.requests == [] and ghcr.stats.requests == []
+    counts = await denied_counts(client)
+    assert counts == {("docker.io", "allow_list"): 8.0, ("docker.io", "deny_list"): 2.0}
+
+
+async def test_what_the_lists_allow_is_pulled(
+    make_client: MakeClient, hub: FakeHub, ghcr: FakeHub, images: dict[str, dict[str, Any]]
+) -> None:
+    client = await policy_mirror(make_client, hub, ghcr, docker_io=LISTS)
+    rc = images["rc"]
+    assert await status_of(client, "/v2/library/busybox/manifests/latest") == 200
+    assert await status_of(client, "/v2/library/busybox/manifests/latest", "HEAD") == 200
+    # A denied tag's content by digest, and its blobs: the tag part is about tags.
+    assert await status_of(client, f"/v2/library/busybox/manifests/{rc['digest']}") == 200
+    assert await status_of(client, f"/v2/library/busybox/blobs/{rc['layers'][0]}") == 200
+    assert await status_of(client, "/v2/ghcr.io/team/app/manifests/v1") == 200  # no lists
+    assert await denied_counts(client) == {}
+
+
+async def test_a_digest_deny_stops_a_pull_by_tag_at_the_get_by_digest(
+    make_client: MakeClient, hub: FakeHub, ghcr: FakeHub, images: dict[str, dict[str, Any]]
+) -> None:
+    bad = images["nginx"]["digest"]
+    client = await policy_mirror(make_client, hub, ghcr, docker_io={"deny": [f"library/*@{bad}"]})
+    # Docker's and containerd's order: HEAD the tag (the digest is not known yet), then GET
+    # by digest, which the deny refuses before asking upstream.
+    head = await client.head("/v2/library/nginx/manifests/latest")
+    assert head.status == 200 and head.headers["Docker-Content-Digest"] == bad
+    hub.stats.reset()
+    resp = await client.get(f"/v2/library/nginx/manifests/{bad}")
+    assert resp.status == 403 and error(await resp.read())["detail"]["reference"] == bad
+    assert hub.stats.requests == []
+    other = images["busybox"]["digest"]
+    assert await status_of(client, f"/v2/library/busybox/manifests/{other}") == 200
+
+
+# --- rules: users, groups, anonymous, tokens ----------------------------------------------------
+
+RULES = [
+    {"who": ["platform"], "pull": ["**"]},
+    {"who": ["bob"], "pull": ["ghcr.io/team/*"]},
+    {"who": ["*"], "pull": ["docker.io/library/*"]},
+    {"who": ["anonymous"], "pull": ["docker.io/library/busybox"]},
+]
+
+
+def auth_with(htpasswd: Path, rules: list[Any] = RULES) -> dict[str, Any]:
+    return {"htpasswd": str(htpasswd), "groups": {"platform": ["alice"]}, "rules": rules}
+
+
+async def test_rules_per_user_group_and_anonymous(
+    make_client: MakeClient,
+    hub: FakeHub,
+    ghcr: FakeHub,
+    htpasswd: Path,
+    images: dict[str, dict[str, Any]],
+) -> None:
+    client = await policy_mirror(make_client, hub, ghcr, auth=auth_with(htpasswd))
+    cases = {
+        # alice is in the platform group: "**"
+        ("alice", "/v2/ghcr.io/team/app/manifests/v1"): 200,
+        ("alice", "/v2/someone/app/manifests/v1"): 200,
+        # bob by name, and as any authenticated user
+        ("bob", "/v2/ghcr.io/team/app/manifests/v1"): 200,
+        ("bob", "/v2/team/app/manifests/v1?ns=ghcr.io"): 200,
+        ("bob", "/v2/library/nginx/manifests/latest"): 200,
+        ("bob", "/v2/someone/app/manifests/v1"): 403,
+        # carol: only what "*" grants
+        ("carol", "/v2/library/nginx/manifests/latest"): 200,
+        ("carol", "/v2/ghcr.io/team/app/manifests/v1"): 403,
+        ("carol", "/v2/team/app/manifests/v1?ns=ghcr.io"): 403,
+        # no credentials: the anonymous rule (which turns anonymous pulls on)
+        ("", "/v2/library/busybox/manifests/latest"): 200,
+        ("", "/v2/library/nginx/manifests/latest"): 403,
+        ("", "/v2/ghcr.io/team/app/manifests/v1"): 403,
+    }
+    # The refused first: none of them may reach an upstream.
+    seen = {}
+    for refused in (True, False):
+        for user, path in [case for case, status in cases.items() if (status == 403) is refused]:
+            seen[user, path] = await status_of(client, path, **(basic(user) if user else {}))
+        if refused:
+            assert hub.stats.requests == [] and ghcr.stats.requests == []
+    assert seen == cases
+    assert await denied_counts(client) == {
+        ("docker.io", "no_rule"): 2.0,
+        ("ghcr.io", "no_rule"): 3.0,
+    }
+
+
+async def test_without_an_anonymous_rule_anonymous_clients_must_log_in(
+    make_client: MakeClient, hub: FakeHub, ghcr: FakeHub, htpasswd: Path, images: Any
+) -> None:
+    rules = [{"who": ["*"], "pull": ["docker.io/library/*"]}]
+    client = await policy_mirror(make_client, hub, ghcr, auth=auth_with(htpasswd, rules))
+    resp = await client.get("/v2/library/busybox/manifests/latest")
+    assert resp.status == 401 and "WWW-Authenticate" in resp.headers
+    assert hub.stats.requests == []
+
+
+def claims_of(token: str) -> dict[str, Any]:
+    payload = token.split(".")[1]
+    data: dict[str, Any] = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return data
+
+
+async def token_for(client: Client, user: str | None, *names: str) -> str:
+    scopes = "&".join(f"scope=repository:{name}:pull" for name in names)
+    resp = await client.get(f"/token?service=mirror&{scopes}", headers=basic(user) if user else {})
+    assert resp.status == 200, await resp.text()
+    return str((await resp.json())["token"])
+
+
+async def test_the_token_is_narrowed_to_what_the_rules_grant(
+    make_client: MakeClient,
+    hub: FakeHub,
+    ghcr: FakeHub,
+    htpasswd: Path,
+    images: dict[str, dict[str, Any]],
+) -> None:
+    client = await policy_mirror(make_client, hub, ghcr, auth=auth_with(htpasswd))
+    asked = ("library/nginx", "someone/app", "ghcr.io/team/app", "team/app")
+    token = await token_for(client, "carol", *asked)
+    access = {entry["name"]: entry["actions"] for entry in claims_of(token)["access"]}
+    assert access == {
+        "library/nginx": ["pull"],
+        "someone/app": [],
+        "ghcr.io/team/app": [],
+        "team/app": [],
+    }
+    bob = await token_for(client, "bob", *asked)
+    bob_access = {entry["name"]: entry["actions"] for entry in claims_of(bob)["access"]}
+    # "team/app" may be ghcr.io's (with ?ns=ghcr.io), which bob may pull.
+    assert bob_access == {
+        "library/nginx": ["pull"],
+        "someone/app": [],
+        "ghcr.io/team/app": ["pull"],
+        "team/app": ["pull"],
+    }
+    anonymous = await token_for(client, None, "library/busybox", "library/nginx")
+    assert [e["actions"] for e in claims_of(anonymous)["access"]] == [["pull"], []]
+    # With the narrowed token: the granted repository pulls, the refused one is a 403
+    # (a new token would not help, so no challenge), and nothing went upstream for it.
+    bearer = {"Authorization": f"Bearer {token}"}
+    assert await status_of(client, "/v2/library/nginx/manifests/latest", **bearer) == 200
+    resp = await client.get("/v2/someone/app/manifests/v1", headers=bearer)
+    assert resp.status == 403 and error(await resp.read())["code"] == "DENIED"
+    assert "WWW-Authenticate" not in resp.headers
+    assert not [r for r in hub.stats.requests if "/someone/" in r[2]]
+    # A repository the token does not name at all, which carol may pull: the usual 401.
+    resp = await client.get("/v2/library/busybox/manifests/latest", headers=bearer)
+    assert resp.status == 401 and "library/busybox" in resp.headers["WWW-Authenticate"]
+
+
+# --- audit lines -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def log_stream() -> Iterator[Callable[[str], io.StringIO]]:
+    """setup_logging() writing to a StringIO; the root logger restored afterwards."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+
+    def setup(fmt: str, level: str = "INFO") -> io.StringIO:
+        setup_logging(level, fmt)
+        stream = io.StringIO()
+        handler = root.handlers[0]
+        assert isinstance(handler, logging.StreamHandler)
+        handler.setStream(stream)
+        return stream
+
+    yield setup
+    root.handlers[:] = saved_handlers
+    root.setLevel(saved_level)
+    logging.getLogger("mirror.audit").setLevel(logging.NOTSET)
+
+
+async def pull_three(client: Client, digest: str) -> None:
+    """What Docker does (HEAD the tag, GET by digest), then a refused pull."""
+    creds = basic("bob")
+    assert await status_of(client, "/v2/library/nginx/manifests/latest", "HEAD", **creds) == 200
+    assert await status_of(client, f"/v2/library/nginx/manifests/{digest}", **creds) == 200
+    assert await status_of(client, "/v2/someone/app/manifests/v1", **creds) == 403
+
+
+async def test_audit_lines_in_json(
+    make_client: MakeClient,
+    hub: FakeHub,
+    ghcr: FakeHub,
+    htpasswd: Path,
+    images: dict[str, dict[str, Any]],
+    log_stream: Callable[[str], io.StringIO],
+) -> None:
+    stream = log_stream("json")
+    client = await policy_mirror(make_client, hub, ghcr, auth=auth_with(htpasswd))
+    digest = images["nginx"]["digest"]
+    await pull_three(client, digest)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    audit = [line for line in lines if line["logger"] == "mirror.audit"]
+    common = {"user": "bob", "client": "127.0.0.1", "upstream": "docker.io", "level": "info"}
+    assert [{k: line[k] for k in common} for line in audit] == [common] * 3
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", e["time"]) for e in audit)
+    picked = [
+        tuple(line[k] for k in ("method", "repository", "reference", "digest", "outcome", "status"))
+        for line in audit
+    ]
+    assert picked == [
+        ("HEAD", "library/nginx", "latest", digest, "served", 200),
+        ("GET", "library/nginx", digest, digest, "served", 200),
+        ("GET", "someone/app", "v1", "-", "denied", 403),
+    ]
+    assert audit[2]["reason"] == "no_rule" and "reason" not in audit[0]
+    # Blob requests are not manifest pulls: no audit line for them.
+    await status_of(
+        client, f"/v2/library/nginx/blobs/{images['nginx']['layers'][0]}", **basic("bob")
+    )
+    assert sum('"mirror.audit"' in line for line in stream.getvalue().splitlines()) == 3
+    assert PASSWORDS["bob"] not in stream.getvalue()
+
+
+async def test_audit_lines_in_text(
+    make_client: MakeClient,
+    hub: FakeHub,
+    ghcr: FakeHub,
+    htpasswd: Path,
+    images: dict[str, dict[str, Any]],
+    log_stream: Callable[..., io.StringIO],
+) -> None:
+    # At log.level warning too: audit lines are a record, not chatter.
+    stream = log_stream("text", "WARNING")
+    client = await policy_mirror(make_client, hub, ghcr, auth=auth_with(htpasswd))
+    digest = images["nginx"]["digest"]
+    await pull_three(client, digest)
+    audit = [line for line in stream.getvalue().splitlines() if " mirror.audit " in line]
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO mirror\.audit \[\w+\] pull "
+    who = "user=bob client=127.0.0.1"
+    expected = [
+        f"{who} method=HEAD upstream=docker.io repository=library/nginx reference=latest "
+        f"digest={digest} outcome=served status=200",
+        f"{who} method=GET upstream=docker.io repository=library/nginx reference={digest} "
+        f"digest={digest} outcome=served status=200",
+        f"{who} method=GET upstream=docker.io repository=someone/app reference=v1 "
+        "digest=- outcome=denied status=403 reason=no_rule",
+    ]
+    assert len(audit) == 3, audit
+    for line, fields in zip(audit, expected, strict=True):
+        assert re.fullmatch(stamp + re.escape(fields), line), line
+
+
+async def test_manifests_are_audited_without_a_policy(
+    make_client: MakeClient, hub: FakeHub, images: dict[str, dict[str, Any]],
+    log_stream: Callable[[str], io.StringIO],
+) -> None:  # fmt: skip
+    stream = log_stream("json")
+    client = await make_client()
+    assert await status_of(client, "/v2/library/busybox/manifests/latest") == 200
+    assert await status_of(client, "/v2/library/busybox/manifests/nope") == 404
+    audit = [json.loads(line) for line in stream.getvalue().splitlines() if "mirror.audit" in line]
+    assert [(e["user"], e["reference"], e["outcome"], e["status"]) for e in audit] == [
+        ("anonymous", "latest", "served", 200),
+        ("anonymous", "nope", "failed", 404),
+    ]

@@ -1,0 +1,279 @@
+"""Referrers for every upstream: its API, else the tag schema, else an empty index.
+
+Two upstreams behind one mirror: the in-memory fake hub, which has the referrers API
+(`docker.io`), and a fake hub in front of a real docker-registry 2.8, which has none and
+keeps the tag-schema indexes this module pushes into it (`plain.example`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from mirror.config import CacheConfig, UpstreamConfig
+from tests import images
+from tests.conftest import MakeClient
+from tests.fakehub import OCI_INDEX, OCI_MANIFEST, FakeHub
+from tests.services import DistributionRegistry
+
+Client = TestClient[Any, Any]
+SIGNATURE = "application/vnd.dev.cosign.artifact.sig.v1+json"
+SBOM = "application/spdx+json"
+PLAIN = "plain.example"
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A real docker-registry (no referrers API) holding a signed and an unsigned image."""
+    if shutil.which("docker-registry") is None:
+        pytest.skip("docker-registry is not installed (make test installs it)")
+    with DistributionRegistry(tmp_path_factory.mktemp("referrers-registry")) as reg:
+        signed, plain = images.busybox_image(), images.many_layers_image(2)
+        images.push_image(reg.url, "library/signed", "latest", signed)
+        images.push_image(reg.url, "library/plain", "latest", plain)
+        index, artifacts = images.push_referrers(
+            reg.url, "library/signed", signed.manifest, [(SIGNATURE, b"sig"), (SBOM, b"{}")]
+        )
+        yield {
+            "url": reg.url,
+            "subject": signed.manifest.digest,
+            "unsigned": plain.manifest.digest,
+            "index": index,
+            "artifacts": {SIGNATURE: artifacts[0].digest, SBOM: artifacts[1].digest},
+        }
+
+
+@pytest.fixture
+async def plain_hub(registry: dict[str, Any]) -> AsyncIterator[FakeHub]:
+    """A Docker-Hub-like front for the registry: no referrers API either."""
+    async with FakeHub(backend=registry["url"]) as fake:
+        yield fake
+
+
+@pytest.fixture
+def api_content(hub: FakeHub) -> dict[str, Any]:
+    """The same kind of content on the hub with the referrers API."""
+    signed = hub.content.add_image("library/signed", "latest", [b"signed layer"])
+    unsigned = hub.content.add_image("library/plain", "latest", [b"plain layer"])
+    subject = signed["digest"]
+    artifacts = {
+        kind: hub.content.add_artifact("library/signed", subject, kind, payload)
+        for kind, payload in ((SIGNATURE, b"sig"), (SBOM, b"{}"))
+    }
+    return {"subject": subject, "unsigned": unsigned["digest"], "artifacts": artifacts}
+
+
+@pytest.fixture
+def mirror_factory(make_client: MakeClient, plain_hub: FakeHub) -> MakeClient:
+    async def make(**changes: Any) -> Client:
+        upstreams = (UpstreamConfig(url=plain_hub.registry_url, name=PLAIN),)
+        return await make_client(upstreams=upstreams, **changes)
+
+    return make
+
+
+@pytest.fixture
+async def mirror(mirror_factory: MakeClient) -> Client:
+    return await mirror_factory()
+
+
+def content_for(kind: str, api: dict[str, Any], plain: dict[str, Any]) -> tuple[str, dict]:
+    """The path prefix routing to the upstream of this kind, and its content."""
+    return ("", api) if kind == "api" else (f"{PLAIN}/", plain)
+
+
+async def referrers(client: Client, prefix: str, digest: str, query: str = "") -> Any:
+    return await client.get(f"/v2/{prefix}library/signed/referrers/{digest}{query}")
+
+
+def by_type(artifact_type: str) -> str:
+    """The query a client sends (`+` escaped, as Go's url.Values does)."""
+    return "?" + urlencode({"artifactType": artifact_type})
+
+
+def listed(body: bytes) -> dict[str, str]:
+    index = json.loads(body)
+    assert index["mediaType"] == OCI_INDEX and index["schemaVersion"] == 2
+    return {m["artifactType"]: m["digest"] for m in index["manifests"]}
+
+
+@pytest.mark.parametrize("kind", ["api", "tag-schema"])
+async def test_referrers_answered_with_an_index(
+    hub: FakeHub,
+    plain_hub: FakeHub,
+    mirror: Client,
+    api_content: dict[str, Any],
+    registry: dict[str, Any],
+    kind: str,
+) -> None:
+    prefix, content = content_for(kind, api_content, registry)
+
+    resp = await referrers(mirror, prefix, content["subject"])
+
+    assert resp.status == 200
+    assert resp.content_type == OCI_INDEX
+    assert listed(await resp.read()) == content["artifacts"]
+    assert "OCI-Filters-Applied" not in resp.headers
+    if kind == "tag-schema":  # asked the API once (404), then read the tag
+        assert plain_hub.stats["referrers"] == 1
+        if_tag = f"/v2/library/signed/manifests/{registry['subject'].replace(':', '-')}"
+        assert any(path == if_tag for _, _, path in plain_hub.stats.requests)
+        assert await resp.read() == registry["index"].data
+    else:
+        assert hub.stats["referrers"] == 1
+
+
+@pytest.mark.parametrize("kind", ["api", "tag-schema"])
+async def test_nothing_refers_is_an_empty_index(
+    mirror: Client, api_content: dict[str, Any], registry: dict[str, Any], kind: str
+) -> None:
+    prefix, content = content_for(kind, api_content, registry)
+    path = f"/v2/{prefix}library/plain/referrers/{content['unsigned']}"
+
+    resp = await mirror.get(path)
+
+    assert resp.status == 200
+    assert resp.content_type == OCI_INDEX
+    assert listed(await resp.read()) == {}
+
+
+@pytest.mark.parametrize("kind", ["api", "api-without-filter", "tag-schema"])
+async def test_artifact_type_filter_applied_and_said(
+    hub: FakeHub, mirror: Client, api_content: dict[str, Any], registry: dict[str, Any], kind: str
+) -> None:
+    hub.referrers_filter = kind != "api-without-filter"
+    prefix, content = content_for(kind.removesuffix("-without-filter"), api_content, registry)
+
+    resp = await referrers(mirror, prefix, content["subject"], by_type(SIGNATURE))
+
+    assert resp.status == 200
+    assert resp.headers["OCI-Filters-Applied"] == "artifactType"
+    assert listed(await resp.read()) == {SIGNATURE: content["artifacts"][SIGNATURE]}
+
+
+@pytest.mark.parametrize("kind", ["api", "tag-schema"])
+async def test_referrers_cached_like_tags(
+    hub: FakeHub,
+    plain_hub: FakeHub,
+    mirror: Client,
+    api_content: dict[str, Any],
+    registry: dict[str, Any],
+    kind: str,
+) -> None:
+    prefix, content = content_for(kind, api_content, registry)
+    first = await (await referrers(mirror, prefix, content["subject"])).read()
+    upstream = hub if kind == "api" else plain_hub
+    upstream.reset_stats()
+
+    again = await referrers(mirror, prefix, content["subject"])
+    filtered = await referrers(mirror, prefix, content["subject"], by_type(SBOM))
+
+    assert await again.read() == first
+    assert listed(await filtered.read()) == {SBOM: content["artifacts"][SBOM]}
+    assert upstream.stats.requests == []  # within the tag TTL: no upstream request at all
+    assert 0 < int(again.headers["Cache-Control"].removeprefix("max-age=")) <= 600
+
+
+@pytest.mark.parametrize("kind", ["api", "tag-schema"])
+async def test_referrers_and_artifacts_served_stale_through_an_outage(
+    hub: FakeHub,
+    plain_hub: FakeHub,
+    mirror_factory: MakeClient,
+    api_content: dict[str, Any],
+    registry: dict[str, Any],
+    kind: str,
+) -> None:
+    mirror = await mirror_factory(cache=CacheConfig(tag_ttl=0))
+    prefix, content = content_for(kind, api_content, registry)
+    before = await (await referrers(mirror, prefix, content["subject"])).read()
+    signature = content["artifacts"][SIGNATURE]
+    sig_url = f"/v2/{prefix}library/signed/manifests/{signature}"
+    assert (await mirror.get(sig_url, headers={"Accept": OCI_MANIFEST})).status == 200
+    (hub if kind == "api" else plain_hub).registry_status = 503
+
+    during = await referrers(mirror, prefix, content["subject"])
+    sig = await mirror.get(sig_url, headers={"Accept": OCI_MANIFEST})
+
+    assert during.status == 200
+    assert during.headers["Warning"].startswith("110")
+    assert during.headers["Cache-Control"] == "max-age=0"
+    assert await during.read() == before
+    assert sig.status == 200
+    assert sig.headers["Docker-Content-Digest"] == signature
+
+
+@pytest.mark.parametrize("kind", ["api", "tag-schema"])
+async def test_unknown_repository_is_name_unknown(
+    mirror: Client, api_content: dict[str, Any], registry: dict[str, Any], kind: str
+) -> None:
+    prefix, content = content_for(kind, api_content, registry)
+
+    resp = await mirror.get(f"/v2/{prefix}library/nowhere/referrers/{content['subject']}")
+
+    assert resp.status == 404
+    assert (await resp.json())["errors"][0]["code"] == "NAME_UNKNOWN"
+
+
+@pytest.mark.parametrize("kind", ["api", "tag-schema"])
+async def test_invalid_digest_is_400_digest_invalid(mirror: Client, kind: str) -> None:
+    prefix = "" if kind == "api" else f"{PLAIN}/"
+
+    resp = await mirror.get(f"/v2/{prefix}library/signed/referrers/sha256:nothex")
+
+    assert resp.status == 400
+    assert (await resp.json())["errors"][0]["code"] == "DIGEST_INVALID"
+
+
+async def test_set_index_relayed_as_the_upstream_sent_it(hub: FakeHub, mirror: Client) -> None:
+    image = hub.content.add_image("library/signed", "latest", [b"layer"])
+    index = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [
+                {
+                    "mediaType": OCI_MANIFEST,
+                    "digest": "sha256:" + "5" * 64,
+                    "size": 123,
+                    "artifactType": "application/vnd.dev.sigstore.bundle+json",
+                }
+            ],
+        }
+    ).encode()
+    hub.content.set_referrers(image["digest"], index)
+
+    resp = await referrers(mirror, "", image["digest"])
+
+    assert resp.status == 200
+    assert await resp.read() == index
+
+
+def test_storage_keeps_no_path_from_the_tag_key(tmp_path: Path) -> None:
+    """The key a referrers answer is kept under can never be a real tag."""
+    from mirror.reference import TAG_RE, parse_digest
+    from mirror.referrers import referrers_key
+
+    key = referrers_key(parse_digest("sha256:" + "a" * 64))
+
+    assert TAG_RE.fullmatch(key) is None
+    assert ":" not in key and "/" not in key
+
+
+async def test_paged_api_answer_is_merged_into_one_index(
+    hub: FakeHub, mirror: Client, api_content: dict[str, Any]
+) -> None:
+    hub.referrers_page_size = 1
+
+    resp = await referrers(mirror, "", api_content["subject"])
+
+    assert resp.status == 200
+    assert "Link" not in resp.headers
+    assert listed(await resp.read()) == api_content["artifacts"]
+    assert hub.stats["referrers"] == 2
