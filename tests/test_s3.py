@@ -248,8 +248,12 @@ async def test_a_range_is_passed_to_the_bucket(
     head = await second.head(f"/v2/library/app/blobs/{digest}")
     assert head.status == 200
     assert head.headers["Content-Length"] == str(len(layer))
+    etag = {"If-None-Match": f'"{digest}"'}
+    unchanged = await second.get(f"/v2/library/app/blobs/{digest}", headers=etag)
+    assert (unchanged.status, await unchanged.read()) == (304, b"")
     assert await s3_requests(second, "GetObject") == 3
-    assert await s3_requests(second, "HeadObject") == 2  # a HEAD moves no body; the 416's size
+    # A HEAD, and the 304, move no body; the 416 needs the size.
+    assert await s3_requests(second, "HeadObject") == 3
     assert not local_blob(tmp_path / "second", digest).exists()  # only whole reads fill it
     assert hub.stats["cdn_get"] == 1
 
