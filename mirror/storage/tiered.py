@@ -217,13 +217,14 @@ class TieredStorage(Storage):
         return media_type, data
 
     async def write_manifest(self, digest: Digest, media_type: str, body: bytes) -> bool:
-        written = await super().write_manifest(digest, media_type, body)
-        if compute_digest(body, digest.algorithm) == digest and await self.bucket.up_now():
+        """Into the bucket, then the local tier (whose disk may refuse: OSError)."""
+        valid = compute_digest(body, digest.algorithm) == digest and "\n" not in media_type
+        if valid and await self.bucket.up_now():
             try:
                 await self.bucket.put(self.bucket.manifest_key(digest), body, media_type)
             except S3_ERRORS as exc:
                 log.warning("manifest %s not stored in the bucket: %s", digest, type(exc).__name__)
-        return written
+        return await super().write_manifest(digest, media_type, body)
 
     # --- commands (ls, gc, verify) -------------------------------------------------------------
     async def blob_sizes(self) -> dict[str, int]:
