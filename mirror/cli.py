@@ -9,6 +9,7 @@ import os
 import sys
 
 from mirror import __version__, commands, server, tls
+from mirror.allocator import return_large_blocks
 from mirror.app import create_app
 from mirror.config import Config, ConfigError, apply_overrides, load_config, parse_size
 from mirror.errors import RegistryError
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet = config.log.level if config.log.level in ("DEBUG", "ERROR") else "WARNING"
     setup_logging(config.log.level if args.command == "serve" else quiet, config.log.format)
     if args.command == "serve":
+        return_large_blocks()
         serve(config)
         return
     try:

@@ -33,7 +33,7 @@ from mirror.storage.bucket_read import BucketStream, LocalFill
 from mirror.storage.filesystem import Storage
 from mirror.storage.s3 import Bucket, BucketUnavailable
 from mirror.storage.s3config import S3Config
-from mirror.storage.upload import BucketUpload
+from mirror.storage.upload import PARTS_IN_FLIGHT, BucketUpload
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class TieredStorage(Storage):
         self.reading: Counter[str] = Counter()
         self._filling: set[Digest] = set()
         self._background: set[asyncio.Task[None]] = set()
+        self._part_slots = asyncio.Semaphore(PARTS_IN_FLIGHT)
 
     async def open(self) -> None:
         await super().open()
@@ -190,7 +191,8 @@ class TieredStorage(Storage):
             task = asyncio.ensure_future(self.index.stored(digest, written))
             task.add_done_callback(lambda done: done.exception())
 
-        return BucketUpload(self.bucket, self.bucket.blob_key(digest), size, temp, stored)
+        key = self.bucket.blob_key(digest)
+        return BucketUpload(self.bucket, key, size, temp, stored, self._part_slots)
 
     # --- manifests -------------------------------------------------------------------------
     async def read_manifest(self, digest: Digest) -> tuple[str, bytes] | None:

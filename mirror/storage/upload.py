@@ -1,9 +1,12 @@
 """A download's temp file copied into the bucket while it is written.
 
-Parts are read back from the temp file (not kept from the stream), so memory holds one
-part per upload whatever the blob's size. The object becomes visible only in `complete`,
-which the download calls after the digest matched; anything else ends in
-AbortMultipartUpload. A blob smaller than one part goes up in one PutObject at the end.
+Parts are read back from the temp file (not kept from the stream), and only
+PARTS_IN_FLIGHT parts are in memory at once across every upload of the process: memory
+stays bounded however many cold blobs arrive together. An upload that waits for a slot
+falls behind its download; nothing piles up, as the file holds the bytes. The object
+becomes visible only in `complete`, which the download calls after the digest matched;
+anything else ends in AbortMultipartUpload. A blob smaller than one part goes up in one
+PutObject at the end.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ MIN_PART = 8 * MiB
 MAX_PARTS = 10_000
 # A blob of unknown size (no Content-Length upstream) still fits up to 160 GiB.
 UNKNOWN_SIZE_PART = 16 * MiB
+# Parts read and being sent at once, process-wide: each costs about two part sizes of
+# memory (the bytes read, and the socket's buffer), 8 MiB each for blobs under 80 GiB.
+PARTS_IN_FLIGHT = 2
 
 
 def part_size(size: int | None) -> int:
@@ -47,8 +53,10 @@ class BucketUpload:
         size: int | None,
         temp: Path,
         on_stored: Callable[[int], None],
+        slots: asyncio.Semaphore,
     ) -> None:
         self._bucket = bucket
+        self._slots = slots
         self._key = key
         self._temp = temp
         self._on_stored = on_stored
@@ -105,8 +113,9 @@ class BucketUpload:
         await self._close_file()
 
     async def _put_whole(self) -> None:
-        data = await self._read(0, self._written)
-        await self._bucket.put(self._key, data, "application/octet-stream")
+        async with self._slots:
+            data = await self._read(0, self._written)
+            await self._bucket.put(self._key, data, "application/octet-stream")
 
     async def _send_parts(self) -> None:
         """Upload each full part as the file reaches it, and the rest once it is final."""
@@ -116,11 +125,14 @@ class BucketUpload:
                 ready = self._written - self._sent
                 if ready >= self._part or (self._final and ready > 0):
                     length = min(ready, self._part)
-                    data = await self._read(self._sent, length)
-                    number = len(self._etags) + 1
-                    self._etags.append(
-                        await self._bucket.upload_part(self._key, self._upload_id, number, data)
-                    )
+                    async with self._slots:
+                        data = await self._read(self._sent, length)
+                        number = len(self._etags) + 1
+                        etag = await self._bucket.upload_part(
+                            self._key, self._upload_id, number, data
+                        )
+                        del data
+                    self._etags.append(etag)
                     self._sent += length
                     continue
                 if self._final:
