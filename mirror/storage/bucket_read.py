@@ -38,11 +38,16 @@ class LocalFill:
     """A temp file in the local tier taking a blob's bytes; kept only when they match."""
 
     def __init__(
-        self, storage: Storage, digest: Digest, on_mismatch: Callable[[], Awaitable[None]]
+        self,
+        storage: Storage,
+        digest: Digest,
+        on_mismatch: Callable[[], Awaitable[None]],
+        on_done: Callable[[], None],
     ) -> None:
         self._storage = storage
         self._digest = digest
         self._on_mismatch = on_mismatch
+        self._on_done = on_done  # kept or dropped: another read may fill the tier now
         self._fd: int | None = None
         self._temp: Path | None = None
 
@@ -64,6 +69,12 @@ class LocalFill:
     async def keep_if_matching(self, metrics: Metrics) -> None:
         """Hash the copy; on a match fsync and rename it under its digest, else drop it
         and the bucket's object (`on_mismatch`)."""
+        try:
+            await self._keep_if_matching(metrics)
+        finally:
+            self._on_done()
+
+    async def _keep_if_matching(self, metrics: Metrics) -> None:
         assert self._fd is not None
         if not await asyncio.to_thread(_fd_matches, self._fd, self._digest):
             metrics.digest_mismatches.labels("blob").inc()
@@ -71,7 +82,7 @@ class LocalFill:
             await self.drop()
             await self._on_mismatch()
             return
-        fd, temp, self._fd = self._fd, self._temp, None
+        fd, temp, self._fd, self._temp = self._fd, self._temp, None, None
         assert temp is not None
         try:
             await asyncio.to_thread(
@@ -83,8 +94,11 @@ class LocalFill:
 
     async def drop(self) -> None:
         if self._fd is not None or self._temp is not None:
-            fd, self._fd = self._fd, None
-            await asyncio.to_thread(self._storage.discard, fd, self._temp)
+            fd, temp, self._fd, self._temp = self._fd, self._temp, None, None
+            try:
+                await asyncio.to_thread(self._storage.discard, fd, temp)
+            finally:
+                self._on_done()
 
 
 class BucketStream:

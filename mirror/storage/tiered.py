@@ -143,8 +143,6 @@ class TieredStorage(Storage):
             self.reading[name] -= 1
             if self.reading[name] <= 0:
                 del self.reading[name]
-            if fill is not None:
-                self._filling.discard(digest)
 
         return BucketStream(response, digest, self._metrics, fill, done, self._in_background)
 
@@ -160,7 +158,9 @@ class TieredStorage(Storage):
             return None
         if not await super().writable_now():
             return None
-        fill = LocalFill(self, digest, lambda: self._delete_blob(digest))
+        fill = LocalFill(
+            self, digest, lambda: self._delete_blob(digest), lambda: self._filling.discard(digest)
+        )
         if not await fill.begin(size):
             return None
         self._filling.add(digest)
