@@ -520,3 +520,22 @@ def test_parts_fit_a_10_gib_layer_in_10000() -> None:
     assert part_size(10 * 1024 * MiB) * 10_000 >= 10 * 1024 * MiB
     assert part_size(100 * 1024 * MiB) % MiB == 0
     assert part_size(100 * 1024 * MiB) * 10_000 >= 100 * 1024 * MiB
+
+
+async def test_a_blob_too_large_for_the_local_tier_is_cached_in_the_bucket(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    layer = os.urandom(12 * MiB)
+    digest = hub.content.add_blob(layer)
+    small = StorageConfig(path=tmp_path / "data", max_size=5 * MiB, s3=s3)
+    client = await make_client(storage=small)
+    path = f"/v2/library/app/blobs/{digest}"
+
+    assert await (await client.get(path)).read() == layer
+    await settled(client)
+
+    assert rgw.s3().get(s3.bucket, key("blobs", digest)) == layer
+    assert not local_blob(tmp_path / "data", digest).exists()
+    assert await (await client.get(path)).read() == layer  # from the bucket, not upstream
+    assert hub.stats["cdn_get"] == 1
+    assert not local_blob(tmp_path / "data", digest).exists()  # nor kept after that read

@@ -168,8 +168,7 @@ class Storage:
                 raise
         return fd, Path(name)
 
-    @staticmethod
-    def commit(fd: int, temp: Path, final: Path) -> None:
+    def commit(self, fd: int, temp: Path, final: Path) -> None:
         """fsync `fd`, close it and rename `temp` to `final` (blocking)."""
         try:
             os.fsync(fd)

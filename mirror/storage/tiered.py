@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable
@@ -40,6 +41,9 @@ log = logging.getLogger(__name__)
 S3_ERRORS = (BucketUnavailable, ClientError, BotoCoreError)
 # `mirror gc` aborts multipart uploads older than this (a live one may be under way).
 ABANDONED_AFTER = 3600.0
+# A blob too large for the local tier goes to the bucket through a temp file, left in
+# place this long after its download (for readers that joined late), then deleted.
+OVERSIZE_GRACE = 60.0
 VERIFY_PARALLEL = 4
 
 
@@ -59,6 +63,7 @@ class TieredStorage(Storage):
         self._part_slots = asyncio.Semaphore(PARTS_IN_FLIGHT)
 
     async def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
         await super().open()
         await self.bucket.open()
         if self.bucket.up:
@@ -154,7 +159,7 @@ class TieredStorage(Storage):
 
     async def _fill_for(self, digest: Digest, status: int, size: int) -> LocalFill | None:
         """A local copy of a whole-object read, unless one is being made already."""
-        if status != 200 or digest in self._filling or not self.fits(size):
+        if status != 200 or digest in self._filling or not super().fits(size):
             return None
         if not await super().writable_now():
             return None
@@ -182,6 +187,28 @@ class TieredStorage(Storage):
         except S3_ERRORS as exc:
             log.warning("cannot tell if the bucket holds %s: %s", digest, type(exc).__name__)
             return False
+
+    def fits(self, size: int | None) -> bool:
+        """Larger than the local tier's bound, a blob can still be cached in the bucket."""
+        if super().fits(size):
+            return True
+        bound = self._config.max_size
+        return self.bucket.up and (bound is None or size is None or size <= bound)
+
+    def commit(self, fd: int, temp: Path, final: Path) -> None:
+        """As the directory does, unless the blob is too large for the local tier: then
+        its temp file stays for OVERSIZE_GRACE (blocking: called in a worker thread)."""
+        if super().fits(os.fstat(fd).st_size):
+            super().commit(fd, temp, final)
+            return
+        os.close(fd)
+        self._loop.call_soon_threadsafe(self._remove_later, temp)
+
+    def _remove_later(self, temp: Path) -> None:
+        def remove() -> None:
+            self._in_background(asyncio.to_thread(temp.unlink, missing_ok=True))
+
+        self._loop.call_later(OVERSIZE_GRACE, remove)
 
     def start_upload(self, digest: Digest, size: int | None, temp: Path) -> Upload:
         if not self.bucket.up:  # the blob stays local; a later pull after recovery uploads
