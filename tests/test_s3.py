@@ -28,7 +28,7 @@ from tests.conftest import MakeClient
 from tests.fakehub import FakeHub
 from tests.resilience_helpers import metric_value
 from tests.rgw import CephRGW
-from tests.services import free_port
+from tests.services import RedisServer, free_port
 from tests.test_commands import run_cli
 
 Client = TestClient[Any, Any]
@@ -540,3 +540,34 @@ async def test_a_blob_too_large_for_the_local_tier_is_cached_in_the_bucket(
     assert await (await client.get(path)).read() == layer  # from the bucket, not upstream
     assert hub.stats["cdn_get"] == 1
     assert not local_blob(tmp_path / "data", digest).exists()  # nor kept after that read
+
+
+async def test_records_in_redis_let_a_new_mirror_redirect_with_no_s3_request(
+    hub: FakeHub,
+    make_client: MakeClient,
+    tmp_path: Path,
+    s3: S3Config,
+    redis_server: RedisServer,
+) -> None:
+    """What the bucket holds is known from the metadata store: a new mirror with an empty
+    local tier sharing the Redis answers its very first GET with a 307, no S3 request."""
+    import redis.asyncio as aioredis
+
+    conn = aioredis.Redis.from_url(redis_server.url)
+    await conn.flushdb()
+    await conn.aclose()
+    redis = RedisConfig(url=redis_server.url)
+    layer = os.urandom(MiB)
+    digest = hub.content.add_blob(layer)
+    first = await make_client(storage=storage(tmp_path, s3, "first"), redis=redis)
+    assert await (await first.get(f"/v2/library/app/blobs/{digest}")).read() == layer
+    await settled(first)
+
+    second = await make_client(
+        storage=storage(tmp_path, s3, "second", redirect=True), redis=redis
+    )
+    before = await s3_requests(second)
+    resp = await second.get(f"/v2/library/app/blobs/{digest}", allow_redirects=False)
+
+    assert resp.status == 307
+    assert await s3_requests(second) == before
