@@ -78,6 +78,8 @@ class Bucket:
         self.up = True
         self._prober: asyncio.Task[None] | None = None
         self._closed = False
+        # Multipart uploads whose abort failed while the bucket was down: (key, upload id).
+        self._orphans: list[tuple[str, str]] = []
         metrics.s3_up.set(1)
 
     # --- keys ------------------------------------------------------------------------------
@@ -159,12 +161,34 @@ class Bucket:
         return self.up
 
     async def _probe_until_up(self) -> None:
-        while not self.up:
-            await asyncio.sleep(PROBE_INTERVAL)
+        """HeadBucket until the bucket answers, then abort the uploads left open meanwhile."""
+        while True:
+            while not self.up:
+                await asyncio.sleep(PROBE_INTERVAL)
+                try:
+                    await self._call(
+                        "HeadBucket", lambda: self.client.head_bucket(Bucket=self.name)
+                    )
+                except Exception as exc:  # the probe must outlive any failure: the way back
+                    log.debug("S3 bucket probe failed: %s", type(exc).__name__)
+            await self._abort_orphans()
+            if self.up:
+                return
+
+    def abort_later(self, key: str, upload_id: str) -> None:
+        """An upload that could not be aborted (the bucket is down): abort it once the
+        bucket answers again."""
+        self._orphans.append((key, upload_id))
+
+    async def _abort_orphans(self) -> None:
+        orphans, self._orphans = self._orphans, []
+        for key, upload_id in orphans:
             try:
-                await self._call("HeadBucket", lambda: self.client.head_bucket(Bucket=self.name))
-            except Exception as exc:  # the probe must outlive any failure: it is the way back
-                log.debug("S3 bucket probe failed: %s", type(exc).__name__)
+                await self.abort_multipart(key, upload_id)
+            except BucketUnavailable:
+                self._orphans.append((key, upload_id))
+            except (ClientError, BotoCoreError) as exc:  # NoSuchUpload: gone already
+                log.debug("upload of %s not aborted: %s", key, type(exc).__name__)
 
     def _failed(self, why: str) -> None:
         if self.up:

@@ -39,7 +39,8 @@ from mirror.storage.upload import PARTS_IN_FLIGHT, BucketUpload
 log = logging.getLogger(__name__)
 
 S3_ERRORS = (BucketUnavailable, ClientError, BotoCoreError)
-# `mirror gc` aborts multipart uploads older than this (a live one may be under way).
+# A start and `mirror gc` abort multipart uploads begun longer ago than this: a younger
+# one may be live, in another process (`mirror ls` run beside `mirror serve`, a replica).
 ABANDONED_AFTER = 3600.0
 # A blob too large for the local tier goes to the bucket through a temp file, left in
 # place this long after its download (for readers that joined late), then deleted.
@@ -67,7 +68,7 @@ class TieredStorage(Storage):
         await super().open()
         await self.bucket.open()
         if self.bucket.up:
-            await self._abort_uploads(older_than=0.0)
+            await self._abort_uploads(older_than=ABANDONED_AFTER)
 
     async def close(self) -> None:
         await asyncio.gather(*self._background, return_exceptions=True)

@@ -107,8 +107,10 @@ class BucketUpload:
         if upload_id is not None:
             try:
                 await self._bucket.abort_multipart(self._key, upload_id)
-            except (BucketUnavailable, ClientError, BotoCoreError) as exc:
-                # Left for `mirror gc` and the next start, which abort what is abandoned.
+            except BucketUnavailable:
+                self._bucket.abort_later(self._key, upload_id)
+            except (ClientError, BotoCoreError) as exc:
+                # Left for `mirror gc` and later starts, which abort what is abandoned.
                 log.warning("cannot abort the upload of %s: %s", self._key, _describe(exc))
         await self._close_file()
 
