@@ -6,10 +6,10 @@ PYTHON ?= python3
 SYSTEM_PACKAGES := redis-server docker-registry docker.io containerd runc skopeo busybox-static prometheus \
 	chromium \
 	nginx-light wrk curl \
-	ceph-mon ceph-osd radosgw ceph-common
+	ceph-mon ceph-osd radosgw ceph-common haproxy
 SYSTEM_COMMANDS := redis-server docker-registry dockerd containerd skopeo busybox nginx wrk prometheus promtool \
 	chromium curl \
-	ceph-mon ceph-osd radosgw ceph
+	ceph-mon ceph-osd radosgw ceph haproxy
 
 .PHONY: all install system-deps run test test-unit test-e2e bench soak lint format mypy clean
 
