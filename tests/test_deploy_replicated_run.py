@@ -22,7 +22,7 @@ from tests.fakehub import DOCKER_MANIFEST, FakeHub
 from tests.rgw import CephRGW
 from tests.services import MirrorProcess, RedisServer
 from tests.test_deploy import DEPLOY, needs_s3_and_cluster
-from tests.test_haproxy_example import HAPROXY, HAProxy
+from tests.test_haproxy_example import HAPROXY, ShippedHAProxy
 
 pytestmark = [
     pytest.mark.e2e,
@@ -82,7 +82,7 @@ async def test_pulls_through_haproxy_over_three_replicas_of_the_shipped_config(
         for service in replicas:
             # start() blocks until ready: in a thread, so this loop keeps serving the hub.
             started.append(await asyncio.to_thread(service.start))
-        lb = HAProxy(tmp_path / "haproxy", [r.port for r in replicas])
+        lb = ShippedHAProxy(tmp_path / "haproxy", [r.port for r in replicas])
         started.append(await asyncio.to_thread(lb.start))
         blobs = [*image["layers"], image["config"]]
         async with aiohttp.ClientSession() as session:

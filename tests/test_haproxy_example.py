@@ -32,7 +32,7 @@ pytestmark = pytest.mark.skipif(
 REPLICAS = 3
 
 
-class HAProxy(Service):
+class ShippedHAProxy(Service):
     """haproxy in the foreground with the shipped config, pointed at loopback replicas."""
 
     name = "haproxy"
@@ -92,8 +92,8 @@ async def replicas(aiohttp_server: Any, tmp_path: Path) -> list[Any]:
 
 
 @pytest.fixture
-async def haproxy(replicas: list[Any], tmp_path: Path) -> AsyncIterator[HAProxy]:
-    lb = HAProxy(tmp_path / "haproxy", [r.port for r in replicas])
+async def haproxy(replicas: list[Any], tmp_path: Path) -> AsyncIterator[ShippedHAProxy]:
+    lb = ShippedHAProxy(tmp_path / "haproxy", [r.port for r in replicas])
     # start() blocks until ready: in a thread, so this loop keeps serving the replicas.
     await asyncio.to_thread(lb.start)
     yield lb
@@ -101,7 +101,7 @@ async def haproxy(replicas: list[Any], tmp_path: Path) -> AsyncIterator[HAProxy]
 
 
 async def test_round_robin_spreads_requests_evenly_without_stickiness(
-    replicas: list[Any], haproxy: HAProxy
+    replicas: list[Any], haproxy: ShippedHAProxy
 ) -> None:
     rounds = 4
     # One client connection, kept alive: no stickiness means it still reaches every replica.
@@ -113,7 +113,9 @@ async def test_round_robin_spreads_requests_evenly_without_stickiness(
     assert counts == [rounds] * REPLICAS
 
 
-async def test_a_replica_gone_costs_no_request(replicas: list[Any], haproxy: HAProxy) -> None:
+async def test_a_replica_gone_costs_no_request(
+    replicas: list[Any], haproxy: ShippedHAProxy
+) -> None:
     await replicas[1].close()  # its port now refuses connections
     async with aiohttp.ClientSession() as session:
         for _ in range(4 * REPLICAS):
