@@ -14,6 +14,7 @@ from aiohttp import web
 from mirror.access import client_auth_ctx, client_auth_middleware, token_handler
 from mirror.auth import TokenCache
 from mirror.blobs import BlobService
+from mirror.cluster.context import leases_ctx
 from mirror.config import Config, UpstreamConfig
 from mirror.credentials import Credentials
 from mirror.downloads import Downloads
@@ -69,6 +70,7 @@ def create_app(config: Config) -> web.Application:
     app[storage_key] = Storage(config.storage.path, config.storage.max_size)
     app[pulls_key] = PullCounter()
     app.cleanup_ctx.extend([storage_ctx, metadata_ctx, upstream_ctx, services_ctx, client_auth_ctx])
+    app.cleanup_ctx.insert(0, leases_ctx)  # first: every service may take leases
     app.on_response_prepare.append(on_response_prepare)
     setup_routes(app)
     if config.auth.htpasswd is not None:
