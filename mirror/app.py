@@ -27,6 +27,7 @@ from mirror.keys import (
     config_key,
     downloads_key,
     evictor_key,
+    leases_key,
     manifests_key,
     metadata_key,
     metrics_key,
@@ -191,7 +192,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     blobs = BlobService(storage, downloads, metrics)
     app[downloads_key] = downloads
     app[blobs_key] = blobs
-    manifests = ManifestService(storage, app[metadata_key], metrics, config.cache)
+    manifests = ManifestService(storage, app[metadata_key], metrics, config.cache, app[leases_key])
     app[manifests_key] = manifests
     app[referrers_key] = ReferrersService(manifests, metrics)
     app[taglists_key] = TagListService(manifests, metrics)

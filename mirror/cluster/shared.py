@@ -1,0 +1,102 @@
+"""Work one replica does for all: a lease per piece of work, the others wait for its result.
+
+A tag revalidation or a manifest fetch is wanted by every replica a client asks; the first
+to take the lease `name` asks the upstream and writes the result where every replica reads
+(the tag record in Redis, the manifest in the shared storage). The others poll for that
+result instead of asking too, and take the work over if the lease ends without one (its
+holder failed or died). Without Redis there is no lease: each replica works alone, as a
+single mirror does (the per-process single flight still coalesces its own clients).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from prometheus_client import Counter
+
+from mirror.cluster.lease import Lease, Leases
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Polls for another replica's result: quick at first (a tag HEAD takes tens of ms), then
+# slower, so a long upstream request does not cost Redis many round trips.
+POLL_FIRST = 0.02
+POLL_MAX = 0.25
+# A holder that keeps its lease but never writes a result (a hung upstream request) is
+# waited for this many lease TTLs at most; then this replica does the work itself.
+WAIT_TTLS = 3
+MIN_WAIT = 30.0
+
+Check = Callable[[], Awaitable[T | None]]
+Work = Callable[[], Awaitable[T]]
+
+
+class SharedWork:
+    """Runs `work` on one replica at a time per name; `check` finds a replica's result."""
+
+    def __init__(self, leases: Leases | None, counter: Counter) -> None:
+        self._leases = leases
+        # mirror_cluster_shared_work_total{kind, result}: owner, shared, takeover, alone.
+        self._counter = counter
+
+    @property
+    def enabled(self) -> bool:
+        return self._leases is not None
+
+    async def once(self, kind: str, name: str, check: Check[T], work: Work[T]) -> T:
+        """The result of `work()`, done here under the lease on `name`, or another
+        replica's as `check()` finds it (None: not there yet)."""
+        leases = self._leases
+        if leases is None:
+            return await work()
+        give_up = time.monotonic() + max(WAIT_TTLS * leases.ttl, MIN_WAIT)
+        waited = False
+        while True:
+            got = await leases.acquire(name)
+            if got is None:  # Redis down: work alone, as a single mirror does
+                self._counter.labels(kind, "alone").inc()
+                return await work()
+            if isinstance(got, Lease):
+                return await self._as_owner(kind, got, check, work, waited)
+            waited = True
+            found = await self._wait(leases, name, check, give_up)
+            if found is not None:
+                self._counter.labels(kind, "shared").inc()
+                return found
+            if time.monotonic() >= give_up:
+                log.warning("%s: held by %s for too long; doing it here", name, got.owner)
+                self._counter.labels(kind, "alone").inc()
+                return await work()
+            # The lease ended with no result: take it (loop), unless another replica did.
+
+    async def _as_owner(
+        self, kind: str, lease: Lease, check: Check[T], work: Work[T], waited: bool
+    ) -> T:
+        async with lease.kept():
+            # Another replica may have finished between our read and our lease.
+            found = await check()
+            if found is not None:
+                self._counter.labels(kind, "shared").inc()
+                return found
+            self._counter.labels(kind, "takeover" if waited else "owner").inc()
+            return await work()
+
+    async def _wait(self, leases: Leases, name: str, check: Check[T], give_up: float) -> T | None:
+        """Poll for the holder's result until it is there (it), or the lease ends (None)."""
+        delay = POLL_FIRST
+        while time.monotonic() < give_up:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, POLL_MAX)
+            found = await check()
+            if found is not None:
+                return found
+            if await leases.holder(name) is None:
+                # Released or run out; the result may have landed just before the release.
+                return await check()
+        return None
