@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from mirror.cluster.metrics import ClusterMetrics
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -17,6 +19,7 @@ class Metrics:
     def __init__(self) -> None:
         self._declare()
         self._zero_known_labels()
+        self.cluster = ClusterMetrics(self.registry)  # replicas' series (mirror/cluster/)
 
     def _zero_known_labels(self) -> None:
         """Create the series with fixed label values at 0, so dashboards show 0 rather

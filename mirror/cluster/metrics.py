@@ -1,0 +1,61 @@
+"""The series replicas add: peer streams, leases waited on and taken over, who they are.
+
+Every replica exports the same names; Prometheus's `instance` (or the pod's labels) tells
+them apart, so a dashboard sums over replicas for the cluster and splits by instance for
+each one. `mirror_cluster_replica_info` carries the configured replica id for joins.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+
+class ClusterMetrics:
+    """The cluster's series, on the app's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.replica_info = Gauge(
+            "mirror_cluster_replica_info",
+            "1 for a replica of a cluster, labelled with its replica id (cluster.replica_id).",
+            ["replica"],
+            registry=r,
+        )
+        self.peer_streams = Counter(
+            "mirror_cluster_peer_streams",
+            "Blobs streamed between replicas while one of them downloads them, by direction "
+            "(out: served to another replica, in: received from the owner).",
+            ["direction"],
+            registry=r,
+        )
+        self.peer_bytes = Counter(
+            "mirror_cluster_peer_bytes",
+            "Bytes streamed between replicas, by direction (out, in).",
+            ["direction"],
+            registry=r,
+        )
+        self.lease_waits = Counter(
+            "mirror_cluster_lease_waits",
+            "Requests that found another replica holding the work's lease and followed it "
+            "instead of asking the upstream, by kind (blob, manifest, tag).",
+            ["kind"],
+            registry=r,
+        )
+        self.lease_takeovers = Counter(
+            "mirror_cluster_lease_takeovers",
+            "Work taken over after its lease ran out under another replica (a replica died "
+            "or stalled mid-download), by kind (blob, manifest, tag).",
+            ["kind"],
+            registry=r,
+        )
+        self.peer_refused = Counter(
+            "mirror_cluster_peer_refused",
+            "Requests to the internal replica endpoint refused for a missing or bad signature.",
+            registry=r,
+        )
+        for direction in ("out", "in"):
+            self.peer_streams.labels(direction)
+            self.peer_bytes.labels(direction)
+        for kind in ("blob", "manifest", "tag"):
+            self.lease_waits.labels(kind)
+            self.lease_takeovers.labels(kind)
