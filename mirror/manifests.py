@@ -67,7 +67,7 @@ class ManifestService:
         # Concurrent misses and revalidations of one manifest make one upstream request.
         self._flight = SingleFlight()
         # ... and with replicas, one upstream request across all of them (a lease each).
-        self._shared = SharedWork(leases, metrics.shared_work)
+        self._shared = SharedWork(leases, metrics.cluster)
 
     async def close(self) -> None:
         await self._flight.close()

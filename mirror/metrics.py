@@ -207,11 +207,3 @@ class Metrics:
             ["result"],
             registry=r,
         )
-        self.shared_work = Counter(
-            "mirror_cluster_shared_work",
-            "Tag revalidations and manifest fetches with replicas, by kind (tag, manifest) "
-            "and result (owner: done here under the lease; shared: another replica's result; "
-            "takeover: done here after the holder gave up; alone: Redis down, no lease).",
-            ["kind", "result"],
-            registry=r,
-        )

@@ -10,6 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 
 from mirror.cluster.lease import Lease, Leases
+from mirror.cluster.metrics import ClusterMetrics
 from mirror.cluster.shared import SharedWork
 from mirror.redistopology import open_redis
 from tests.redis_topologies import TOPOLOGIES, flushed_redis_url
@@ -18,12 +19,13 @@ from tests.services import free_port
 TTL = 1.0
 
 
-def _counter() -> Counter:
-    return Counter("shared", "test", ["kind", "result"], registry=CollectorRegistry())
+def _counter() -> ClusterMetrics:
+    return ClusterMetrics(CollectorRegistry())
 
 
-def _count(counter: Counter, result: str) -> float:
-    return float(counter.labels("tag", result)._value.get())
+def _count(metrics: ClusterMetrics, name: str) -> float:
+    counter: Counter = getattr(metrics, name)
+    return float(counter.labels("tag")._value.get())
 
 
 @pytest.fixture(params=TOPOLOGIES)
@@ -70,7 +72,7 @@ async def test_the_second_replica_waits_for_the_first_ones_result(
     second = await b.once("tag", "tag:x", result.check, result.work("from-b"))
     assert (await first, second) == ("from-a", "from-a")
     assert result.works == 1
-    assert _count(counter, "shared") == 1
+    assert _count(counter, "lease_waits") == 1
 
 
 async def test_a_replica_arriving_after_the_release_uses_the_result_too(
@@ -92,7 +94,7 @@ async def test_a_failed_holder_lets_the_waiter_do_the_work(pair: tuple[Leases, L
     assert await b.once("tag", "tag:z", result.check, result.work("from-b")) == "from-b"
     with pytest.raises(RuntimeError):
         await first
-    assert _count(counter, "takeover") == 1
+    assert _count(counter, "lease_takeovers") == 1
 
 
 async def test_a_vanished_holders_lease_runs_out_and_the_waiter_takes_over(
@@ -103,7 +105,7 @@ async def test_a_vanished_holders_lease_runs_out_and_the_waiter_takes_over(
     b = SharedWork(pair[1], counter := _counter())
     result = Result()
     assert await b.once("tag", "tag:gone", result.check, result.work("from-b", 0)) == "from-b"
-    assert _count(counter, "takeover") == 1
+    assert _count(counter, "lease_takeovers") == 1
 
 
 async def test_without_redis_each_replica_works_alone() -> None:
@@ -112,6 +114,6 @@ async def test_without_redis_each_replica_works_alone() -> None:
         shared = SharedWork(Leases(conn.client, "http://a:1", TTL), counter := _counter())
         result = Result()
         assert await shared.once("tag", "t", result.check, result.work("alone", 0)) == "alone"
-        assert _count(counter, "alone") == 1
+        assert _count(counter, "lease_unavailable") == 1
     finally:
         await conn.close()

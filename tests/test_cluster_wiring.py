@@ -58,3 +58,5 @@ async def test_app_opens_leases_only_with_a_cluster(
     ready: Any = await (await replica.get("/readyz")).json()
     assert ready["replica"] == "replica-a"
     assert "replica" not in await (await single.get("/readyz")).json()
+    metrics = await (await replica.get("/metrics")).text()
+    assert 'mirror_cluster_replica_info{replica="replica-a"} 1.0' in metrics

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from mirror.cluster.lease import Leases
-from mirror.keys import config_key, leases_key
+from mirror.keys import config_key, leases_key, metrics_key
 from mirror.redistopology import open_redis
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ async def leases_ctx(app: web.Application) -> AsyncIterator[None]:
         socket_timeout=LEASE_SOCKET_TIMEOUT,
     )
     app[leases_key] = Leases(conn.client, cluster.advertise_url, cluster.lease_ttl)
+    app[metrics_key].cluster.replica_info.labels(cluster.replica_id).set(1)
     log.info("replica %s of a cluster (lease ttl %gs)", cluster.replica_id, cluster.lease_ttl)
     try:
         yield

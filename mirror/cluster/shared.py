@@ -16,9 +16,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from prometheus_client import Counter
-
-from mirror.cluster.lease import Lease, Leases
+from mirror.cluster.lease import Held, Lease, Leases
+from mirror.cluster.metrics import ClusterMetrics
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +31,9 @@ POLL_MAX = 0.25
 # waited for this many lease TTLs at most; then this replica does the work itself.
 WAIT_TTLS = 3
 MIN_WAIT = 30.0
+# After Redis failed to answer, leases are not tried for this long: a Redis that drops
+# packets (rather than refusing) would otherwise cost every miss a connect timeout.
+DOWN_RETRY = 1.0
 
 Check = Callable[[], Awaitable[T | None]]
 Work = Callable[[], Awaitable[T]]
@@ -40,10 +42,10 @@ Work = Callable[[], Awaitable[T]]
 class SharedWork:
     """Runs `work` on one replica at a time per name; `check` finds a replica's result."""
 
-    def __init__(self, leases: Leases | None, counter: Counter) -> None:
+    def __init__(self, leases: Leases | None, metrics: ClusterMetrics) -> None:
         self._leases = leases
-        # mirror_cluster_shared_work_total{kind, result}: owner, shared, takeover, alone.
-        self._counter = counter
+        self._metrics = metrics
+        self._retry_at = 0.0  # monotonic time before which Redis is taken as down
 
     @property
     def enabled(self) -> bool:
@@ -58,22 +60,29 @@ class SharedWork:
         give_up = time.monotonic() + max(WAIT_TTLS * leases.ttl, MIN_WAIT)
         waited = False
         while True:
-            got = await leases.acquire(name)
+            got = await self._acquire(leases, name)
             if got is None:  # Redis down: work alone, as a single mirror does
-                self._counter.labels(kind, "alone").inc()
+                self._metrics.lease_unavailable.labels(kind).inc()
                 return await work()
             if isinstance(got, Lease):
                 return await self._as_owner(kind, got, check, work, waited)
             waited = True
             found = await self._wait(leases, name, check, give_up)
             if found is not None:
-                self._counter.labels(kind, "shared").inc()
+                self._metrics.lease_waits.labels(kind).inc()
                 return found
             if time.monotonic() >= give_up:
                 log.warning("%s: held by %s for too long; doing it here", name, got.owner)
-                self._counter.labels(kind, "alone").inc()
                 return await work()
             # The lease ended with no result: take it (loop), unless another replica did.
+
+    async def _acquire(self, leases: Leases, name: str) -> Lease | Held | None:
+        if time.monotonic() < self._retry_at:
+            return None
+        got = await leases.acquire(name)
+        if got is None:
+            self._retry_at = time.monotonic() + DOWN_RETRY
+        return got
 
     async def _as_owner(
         self, kind: str, lease: Lease, check: Check[T], work: Work[T], waited: bool
@@ -82,9 +91,10 @@ class SharedWork:
             # Another replica may have finished between our read and our lease.
             found = await check()
             if found is not None:
-                self._counter.labels(kind, "shared").inc()
+                self._metrics.lease_waits.labels(kind).inc()
                 return found
-            self._counter.labels(kind, "takeover" if waited else "owner").inc()
+            if waited:  # the holder failed or died without a result
+                self._metrics.lease_takeovers.labels(kind).inc()
             return await work()
 
     async def _wait(self, leases: Leases, name: str, check: Check[T], give_up: float) -> T | None:
