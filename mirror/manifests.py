@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, replace
 
 from mirror.cluster.lease import Leases
-from mirror.cluster.shared import SharedWork
+from mirror.cluster.shared import SharedFailure, SharedWork
 from mirror.config import CacheConfig
 from mirror.errors import ManifestUnknown, TooManyRequests, UpstreamUnavailable
 from mirror.lru import LRU
@@ -31,6 +31,17 @@ HOT_TAGS = 10000
 # The upstream is always asked for every type: one tag is one cached object, whatever the
 # client, and negotiation.py decides what each client gets from it.
 ALL_TYPES = sorted(MANIFEST_TYPES)
+
+
+def _failed_elsewhere(error: str) -> Exception:
+    if error == TooManyRequests.__name__:
+        return TooManyRequests("upstream rate limit reached (seen by another replica)")
+    return UpstreamUnavailable("the upstream failed for another replica just now")
+
+
+# With replicas, an upstream failing for the lease holder fails its waiters at once (a
+# stale tag is then served) rather than each asking the failing upstream in turn.
+UPSTREAM_FAILED = SharedFailure((UpstreamUnavailable, TooManyRequests), _failed_elsewhere)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +160,7 @@ class ManifestService:
                 f"manifest:{upstream.name}/{reference}",
                 lambda: self._stored(reference),
                 lambda: self._fetch_digest(upstream, repo, reference, head=False),
+                UPSTREAM_FAILED,
             ),
         )
 
@@ -188,6 +200,7 @@ class ManifestService:
                         tag_lease(upstream.name, repo, tag),
                         lambda: self._shared_tag(upstream.name, repo, tag, record.checked_at),
                         lambda: self._revalidate(upstream, repo, tag, record),
+                        UPSTREAM_FAILED,
                     ),
                 )
             except (UpstreamUnavailable, TooManyRequests):
@@ -205,6 +218,7 @@ class ManifestService:
                 tag_lease(upstream.name, repo, tag),
                 lambda: self._resolved_elsewhere(upstream, repo, tag, head=head),
                 lambda: self._fetch_tag(upstream, repo, tag, head=head),
+                UPSTREAM_FAILED,
             ),
         )
         return replace(found, fresh_for=ttl)

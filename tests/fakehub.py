@@ -272,7 +272,7 @@ class FakeHub:
         self.referrers_api = True  # False: 404 like Docker Hub (memory mode; a backend decides)
         self.referrers_filter = True  # False: an API that ignores artifactType
         self.referrers_page_size: int | None = None  # page the API's answers
-        self.manifest_delay = 0.0  # seconds each manifest GET or HEAD takes to answer
+        self.manifest_delay = 0.0  # seconds each manifest GET or HEAD takes (or fails)
         self.registry_url = self.token_url = self.cdn_url = ""
         self._tokens: dict[str, Token] = {}
         self._runners: list[web.AppRunner] = []
@@ -345,6 +345,8 @@ class FakeHub:
         if not request.path.startswith("/v2/"):
             return await handler(request)
         if self.registry_status is not None:  # an outage: nothing works, not even /v2/
+            if self.manifest_delay and "/manifests/" in request.path:
+                await asyncio.sleep(self.manifest_delay)  # a slow failure
             code = "TOOMANYREQUESTS" if self.registry_status == 429 else "UNAVAILABLE"
             return oci_error(self.registry_status, code, "knob", {"Retry-After": "60"})
         name = request.match_info.get("name")

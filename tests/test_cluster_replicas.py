@@ -213,6 +213,34 @@ async def test_an_expired_tag_on_every_replica_at_once_costs_one_upstream_head(
     assert (stats["manifest_head"], stats["manifest_get"]) == (1, 0)
 
 
+async def test_an_expired_tag_with_the_upstream_down_costs_one_attempt_and_is_served_stale(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    hub: FakeHubProcess,
+    content: Content,
+    stack: ExitStack,
+    session: aiohttp.ClientSession,
+) -> None:
+    replicas = start_replicas(stack, tmp_path, hub, flushed_redis_url(request, "single"))
+    image = content.small
+    assert_all_right(await spread(session, replicas, image.repo, "latest", 3), image)
+    await asyncio.sleep(TAG_TTL + 0.2)
+    set_knobs(hub, registry_status=503)  # each manifest request fails after SLOW_MANIFEST
+    hub.reset()
+    url = f"/v2/{image.repo}/manifests/latest"
+    responses = await asyncio.gather(
+        *(session.get(f"{replicas[i % 3].url}{url}", headers=ACCEPT) for i in range(9))
+    )
+    for resp in responses:
+        assert resp.status == 200
+        assert resp.headers.get("Warning", "").startswith("110")  # stale
+        assert resp.headers["Docker-Content-Digest"] == image.manifest_digest
+        resp.release()
+    # The holder's failure is its waiters': no replica asked the failing upstream again.
+    asked = [path for _, _, path in hub.stats()["requests"] if "/manifests/" in path]
+    assert len(asked) == 1
+
+
 async def test_concurrent_misses_by_digest_on_three_replicas_make_one_upstream_get(
     request: pytest.FixtureRequest,
     tmp_path: Path,

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from mirror.cluster.lease import Lease, Leases
 from mirror.cluster.metrics import ClusterMetrics
-from mirror.cluster.shared import SharedWork
+from mirror.cluster.shared import SharedFailure, SharedWork
 from mirror.redistopology import open_redis
 from tests.redis_topologies import TOPOLOGIES, flushed_redis_url
 from tests.services import free_port
@@ -95,6 +95,29 @@ async def test_a_failed_holder_lets_the_waiter_do_the_work(pair: tuple[Leases, L
     with pytest.raises(RuntimeError):
         await first
     assert _count(counter, "lease_takeovers") == 1
+
+
+async def test_an_upstream_failure_of_the_holder_fails_its_waiters_without_a_retry(
+    pair: tuple[Leases, Leases],
+) -> None:
+    failure = SharedFailure((TimeoutError,), lambda name: RuntimeError(f"holder: {name}"))
+    a, b = SharedWork(pair[0], _counter()), SharedWork(pair[1], _counter())
+    result = Result()
+
+    async def failing() -> str:
+        result.works += 1
+        await asyncio.sleep(0.3)
+        raise TimeoutError
+
+    first = asyncio.create_task(a.once("tag", "tag:down", result.check, failing, failure))
+    await asyncio.sleep(0.1)
+    with pytest.raises(RuntimeError, match="holder: TimeoutError"):
+        await b.once("tag", "tag:down", result.check, result.work("from-b"), failure)
+    with pytest.raises(TimeoutError):
+        await first
+    assert result.works == 1
+    # A request that comes later is a new attempt, not a waiter: it asks again.
+    assert await b.once("tag", "tag:down", result.check, result.work("b", 0), failure) == "b"
 
 
 async def test_a_vanished_holders_lease_runs_out_and_the_waiter_takes_over(

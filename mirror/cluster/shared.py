@@ -6,18 +6,25 @@ to take the lease `name` asks the upstream and writes the result where every rep
 result instead of asking too, and take the work over if the lease ends without one (its
 holder failed or died). Without Redis there is no lease: each replica works alone, as a
 single mirror does (the per-process single flight still coalesces its own clients).
+
+A holder whose work failed in a way the others would repeat (the upstream is down) says so
+with a marker next to the lease, for one TTL: its waiters then fail alike at once (and serve
+a stale tag) instead of each asking the failing upstream in turn, one timeout after another.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from mirror.cluster.lease import Held, Lease, Leases
 from mirror.cluster.metrics import ClusterMetrics
+from mirror.redistopology import DOWN_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +42,19 @@ MIN_WAIT = 30.0
 # packets (rather than refusing) would otherwise cost every miss a connect timeout.
 DOWN_RETRY = 1.0
 
+FAILED_SUFFIX = "/failed"
+
 Check = Callable[[], Awaitable[T | None]]
 Work = Callable[[], Awaitable[T]]
+
+
+@dataclass(frozen=True)
+class SharedFailure:
+    """Failures of the holder its waiters take as theirs: `kinds` raised by the work;
+    `make(name of the holder's exception class)`, the error each waiter raises instead."""
+
+    kinds: tuple[type[Exception], ...]
+    make: Callable[[str], Exception]
 
 
 class SharedWork:
@@ -51,7 +69,14 @@ class SharedWork:
     def enabled(self) -> bool:
         return self._leases is not None
 
-    async def once(self, kind: str, name: str, check: Check[T], work: Work[T]) -> T:
+    async def once(
+        self,
+        kind: str,
+        name: str,
+        check: Check[T],
+        work: Work[T],
+        failure: SharedFailure | None = None,
+    ) -> T:
         """The result of `work()`, done here under the lease on `name`, or another
         replica's as `check()` finds it (None: not there yet)."""
         leases = self._leases
@@ -65,9 +90,9 @@ class SharedWork:
                 self._metrics.lease_unavailable.labels(kind).inc()
                 return await work()
             if isinstance(got, Lease):
-                return await self._as_owner(kind, got, check, work, waited)
+                return await self._as_owner(kind, got, check, work, waited, failure)
             waited = True
-            found = await self._wait(leases, name, check, give_up)
+            found = await self._wait(kind, leases, name, check, give_up, failure)
             if found is not None:
                 self._metrics.lease_waits.labels(kind).inc()
                 return found
@@ -85,7 +110,13 @@ class SharedWork:
         return got
 
     async def _as_owner(
-        self, kind: str, lease: Lease, check: Check[T], work: Work[T], waited: bool
+        self,
+        kind: str,
+        lease: Lease,
+        check: Check[T],
+        work: Work[T],
+        waited: bool,
+        failure: SharedFailure | None,
     ) -> T:
         async with lease.kept():
             # Another replica may have finished between our read and our lease.
@@ -93,12 +124,32 @@ class SharedWork:
             if found is not None:
                 self._metrics.lease_waits.labels(kind).inc()
                 return found
-            if waited:  # the holder failed or died without a result
+            if waited:  # the holder died (or failed alone) without a result
                 self._metrics.lease_takeovers.labels(kind).inc()
-            return await work()
+            try:
+                return await work()
+            except Exception as exc:
+                if failure is not None and isinstance(exc, failure.kinds):
+                    await self._mark_failed(lease, type(exc).__name__)  # before the release
+                raise
 
-    async def _wait(self, leases: Leases, name: str, check: Check[T], give_up: float) -> T | None:
-        """Poll for the holder's result until it is there (it), or the lease ends (None)."""
+    async def _mark_failed(self, lease: Lease, error: str) -> None:
+        leases = self._leases
+        if leases is not None:
+            with contextlib.suppress(*DOWN_ERRORS):
+                await leases.client.set(lease.key + FAILED_SUFFIX, error, px=int(leases.ttl * 1000))
+
+    async def _wait(
+        self,
+        kind: str,
+        leases: Leases,
+        name: str,
+        check: Check[T],
+        give_up: float,
+        failure: SharedFailure | None,
+    ) -> T | None:
+        """Poll for the holder's result until it is there (it), or the lease ends (None);
+        raise what `failure` makes when the holder marked its work failed."""
         delay = POLL_FIRST
         while time.monotonic() < give_up:
             await asyncio.sleep(delay)
@@ -108,5 +159,20 @@ class SharedWork:
                 return found
             if await leases.holder(name) is None:
                 # Released or run out; the result may have landed just before the release.
-                return await check()
+                found = await check()
+                error = (
+                    None if found is not None or failure is None else await _failed(leases, name)
+                )
+                if error is not None and failure is not None:
+                    self._metrics.lease_waits.labels(kind).inc()
+                    raise failure.make(error)
+                return found
         return None
+
+
+async def _failed(leases: Leases, name: str) -> str | None:
+    """The class name of the error the last holder of `name` failed with, lately."""
+    with contextlib.suppress(*DOWN_ERRORS):
+        value = await leases.client.get(leases.key(name) + FAILED_SUFFIX)
+        return None if value is None else str(value)
+    return None
