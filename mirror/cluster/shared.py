@@ -92,7 +92,7 @@ class SharedWork:
             if isinstance(got, Lease):
                 return await self._as_owner(kind, got, check, work, waited, failure)
             waited = True
-            found = await self._wait(kind, leases, name, check, give_up, failure)
+            found = await self._wait(kind, leases, name, got.owner, check, give_up, failure)
             if found is not None:
                 self._metrics.lease_waits.labels(kind).inc()
                 return found
@@ -136,20 +136,22 @@ class SharedWork:
     async def _mark_failed(self, lease: Lease, error: str) -> None:
         leases = self._leases
         if leases is not None:
+            value = f"{leases.owner} {error}"  # whose failure: a waiter follows one holder
             with contextlib.suppress(*DOWN_ERRORS):
-                await leases.client.set(lease.key + FAILED_SUFFIX, error, px=int(leases.ttl * 1000))
+                await leases.client.set(lease.key + FAILED_SUFFIX, value, px=int(leases.ttl * 1000))
 
     async def _wait(
         self,
         kind: str,
         leases: Leases,
         name: str,
+        owner: str,
         check: Check[T],
         give_up: float,
         failure: SharedFailure | None,
     ) -> T | None:
         """Poll for the holder's result until it is there (it), or the lease ends (None);
-        raise what `failure` makes when the holder marked its work failed."""
+        raise what `failure` makes when the holder (`owner`) marked its work failed."""
         delay = POLL_FIRST
         while time.monotonic() < give_up:
             await asyncio.sleep(delay)
@@ -157,22 +159,25 @@ class SharedWork:
             found = await check()
             if found is not None:
                 return found
-            if await leases.holder(name) is None:
-                # Released or run out; the result may have landed just before the release.
-                found = await check()
-                error = (
-                    None if found is not None or failure is None else await _failed(leases, name)
-                )
-                if error is not None and failure is not None:
+            holder = await leases.holder(name)
+            if holder is not None:
+                owner = holder  # another replica may hold it now: follow that one
+                continue
+            # Released or run out; the result may have landed just before the release.
+            found = await check()
+            if found is None and failure is not None:
+                error = await _failure_of(leases, name, owner)
+                if error is not None:
                     self._metrics.lease_waits.labels(kind).inc()
                     raise failure.make(error)
-                return found
+            return found
         return None
 
 
-async def _failed(leases: Leases, name: str) -> str | None:
-    """The class name of the error the last holder of `name` failed with, lately."""
+async def _failure_of(leases: Leases, name: str, owner: str) -> str | None:
+    """The class name of the error `owner` failed with lately, holding `name`."""
     with contextlib.suppress(*DOWN_ERRORS):
         value = await leases.client.get(leases.key(name) + FAILED_SUFFIX)
-        return None if value is None else str(value)
+        marked_by, _, error = str(value or "").partition(" ")
+        return error if value is not None and marked_by == owner else None
     return None
