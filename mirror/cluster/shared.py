@@ -31,9 +31,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Polls for another replica's result: quick at first (a tag HEAD takes tens of ms), then
-# slower, so a long upstream request does not cost Redis many round trips.
+# every 100 ms: a waiter answers at most that long after the holder, for two Redis GETs
+# per poll (one waiting task per replica and name: the local single flight).
 POLL_FIRST = 0.02
-POLL_MAX = 0.25
+POLL_MAX = 0.1
 # A holder that keeps its lease but never writes a result (a hung upstream request) is
 # waited for this many lease TTLs at most; then this replica does the work itself.
 WAIT_TTLS = 3
