@@ -226,11 +226,12 @@ class ManifestService:
     async def _shared_tag(
         self, upstream: str, repo: str, tag: str, after: float | None
     ) -> TagRecord | None:
-        """The shared store's record if another replica wrote one (checked after `after`)."""
+        """The shared store's record if another replica wrote one since the record checked
+        at `after` (compared for a change, not an order: replicas' clocks may differ)."""
         if not self._shared.enabled:
             return None
         record = await self._metadata.get_tag(upstream, repo, tag)
-        if record is None or (after is not None and record.checked_at <= after):
+        if record is None or (after is not None and record.checked_at == after):
             return None
         self._tags.put((upstream, repo, tag), record)
         return record
