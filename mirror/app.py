@@ -45,7 +45,7 @@ from mirror.referrers import ReferrersService
 from mirror.routes import setup_routes
 from mirror.routing import Upstreams
 from mirror.status import PullCounter
-from mirror.storage import Storage
+from mirror.storage import CacheStore, new_store
 from mirror.taglists import TagListService
 from mirror.tls import client_contexts
 from mirror.upstream import Upstream, new_session
@@ -68,7 +68,7 @@ def create_app(config: Config) -> web.Application:
     )
     app[config_key] = config
     app[metrics_key] = Metrics()
-    app[storage_key] = Storage(config.storage.path, config.storage.max_size)
+    app[storage_key] = new_store(config.storage, app[metrics_key])
     app[pulls_key] = PullCounter()
     app.cleanup_ctx.extend([storage_ctx, metadata_ctx, upstream_ctx, services_ctx, client_auth_ctx])
     app.cleanup_ctx.insert(0, leases_ctx)  # first: every service may take leases
@@ -93,9 +93,10 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     watcher.cancel()
     await asyncio.gather(watcher, return_exceptions=True)
+    await storage.close()
 
 
-async def watch_disk(storage: Storage, metrics: Metrics) -> None:
+async def watch_disk(storage: CacheStore, metrics: Metrics) -> None:
     """Keep the disk-space gauges current (for the nearly-full alert)."""
     while True:
         try:
@@ -201,6 +202,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[evictor_key] = evictor
     downloads.on_commit = evictor.added
+    await storage.attach(app[metadata_key], lambda: blobs.reading)
     task = asyncio.create_task(evictor.run()) if evictor.enabled else None
     yield
     if task is not None:

@@ -35,7 +35,8 @@ from mirror.errors import RangeNotSatisfiable, RegistryError
 from mirror.logs import outcome_key, sent_key
 from mirror.metrics import Metrics
 from mirror.reference import Digest
-from mirror.storage import Storage
+from mirror.storage import CacheStore
+from mirror.storage.base import BlobSize, BlobStream, Found, Redirect, StoreReadError
 from mirror.tls import is_tls
 from mirror.upstream import Upstream
 
@@ -68,10 +69,27 @@ def parse_range(request: web.Request, size: int) -> tuple[int, int] | None:
     return start, end
 
 
+def _single_range(request: web.Request) -> str | None:
+    """The client's Range as one well-formed `bytes=` range to pass on, or None (the whole
+    blob: a malformed or multi-range header is ignored, as for blobs on disk)."""
+    if "Range" not in request.headers:
+        return None
+    try:
+        rng = request.http_range
+    except ValueError:
+        return None
+    if rng.start is not None and rng.start < 0:
+        return f"bytes={rng.start}"  # the last -start bytes
+    if rng.start is None and rng.stop is None:
+        return None
+    first = rng.start or 0
+    return f"bytes={first}-" if rng.stop is None else f"bytes={first}-{rng.stop - 1}"
+
+
 class BlobService:
     """Answers blob GETs and HEADs for one upstream and the shared store."""
 
-    def __init__(self, storage: Storage, downloads: Downloads, metrics: Metrics) -> None:
+    def __init__(self, storage: CacheStore, downloads: Downloads, metrics: Metrics) -> None:
         self._storage = storage
         self._downloads = downloads
         self._metrics = metrics
@@ -89,6 +107,10 @@ class BlobService:
         # A download whose bytes are all here and verified, waiting only for its fsync and
         # rename, serves this request from disk: a hit, its bytes counted as from the cache.
         download = self._downloads.get(digest)
+        if download is None:  # not being fetched: the store may hold it elsewhere
+            found = await self._find_elsewhere(request, digest)
+            if found is not None:
+                return await self._from_store(request, digest, found)
         local = download is not None and download.verified
         self._metrics.cache_requests.labels("blob", "hit" if local else "miss").inc()
         if none_match(request, str(digest)):
@@ -121,6 +143,7 @@ class BlobService:
         except FileNotFoundError:  # evicted meanwhile: served as a miss
             return None
         self._metrics.cache_requests.labels("blob", "hit").inc()
+        self._metrics.tier_hits.labels("local").inc()
         self.reading[digest] += 1  # eviction leaves it alone while it is sent
         try:
             resp = _sized_response(digest, size, span)
@@ -152,6 +175,51 @@ class BlobService:
             count = min(CACHED_SLICE, start + length - offset)
             await self._send_file(request, resp, file, offset, count)
             self._sent(request, "cache", count)
+
+    async def _find_elsewhere(self, request: web.Request, digest: Digest) -> Found | None:
+        """Ask the store where else the blob is (a HEAD, or a 304 to be, moves no body)."""
+        head = request.method == "HEAD" or none_match(request, str(digest))
+        byte_range = _single_range(request) if range_allowed(request, str(digest)) else None
+        return await self._storage.find_blob(digest, byte_range, head=head)
+
+    async def _from_store(
+        self, request: web.Request, digest: Digest, found: Found
+    ) -> web.StreamResponse:
+        """Answer from where the store says the blob is: a redirect, a size, or a body."""
+        self._metrics.cache_requests.labels("blob", "hit").inc()
+        if none_match(request, str(digest)):
+            return not_modified(_blob_headers(digest))
+        if isinstance(found, Redirect):
+            headers = {"Docker-Content-Digest": str(digest), "Location": found.url}
+            return web.Response(status=307, headers=headers)
+        resp = web.StreamResponse(headers=_blob_headers(digest))
+        if isinstance(found, BlobSize):
+            resp.content_length = found.size
+            await resp.prepare(request)
+            await resp.write_eof()
+            return resp
+        resp.set_status(found.status)
+        resp.content_length = found.length
+        if found.content_range is not None:
+            resp.headers["Content-Range"] = found.content_range
+        try:
+            await resp.prepare(request)
+        except BaseException:
+            await found.close()
+            raise
+        return await _deliver(request, resp, self._pipe(request, resp, found))
+
+    async def _pipe(
+        self, request: web.Request, resp: web.StreamResponse, found: BlobStream
+    ) -> None:
+        try:
+            async for chunk in found.chunks():
+                await resp.write(chunk)
+                self._sent(request, "cache", len(chunk))
+        except StoreReadError as exc:
+            raise TransferAborted(str(exc)) from None
+        finally:
+            await found.close()
 
     async def _passthrough(
         self, request: web.Request, upstream: Upstream, repo: str, digest: Digest

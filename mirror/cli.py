@@ -9,6 +9,7 @@ import os
 import sys
 
 from mirror import __version__, commands, server, tls
+from mirror.allocator import return_large_blocks
 from mirror.app import create_app
 from mirror.config import Config, ConfigError, apply_overrides, load_config, parse_size
 from mirror.errors import RegistryError
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet = config.log.level if config.log.level in ("DEBUG", "ERROR") else "WARNING"
     setup_logging(config.log.level if args.command == "serve" else quiet, config.log.format)
     if args.command == "serve":
+        return_large_blocks()
         serve(config)
         return
     try:
@@ -132,4 +134,8 @@ def serve(config: Config) -> None:
     app = create_app(config)
     if config.tls is not None and context is not None:
         tls.enable_reload(app, context, config.tls, app[metrics_key])
-    server.run(app, listeners, config.shutdown_timeout)
+    try:
+        server.run(app, listeners, config.shutdown_timeout)
+    except ConfigError as exc:  # a check at start (the S3 bucket) failed: no traceback
+        print(f"mirror: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

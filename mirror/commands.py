@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -20,8 +19,7 @@ from aiohttp import web
 from mirror.app import create_app
 from mirror.config import Config
 from mirror.downloads import Download, Uncacheable
-from mirror.errors import DigestInvalid, RegistryError
-from mirror.eviction import scan_blobs
+from mirror.errors import RegistryError
 from mirror.keys import (
     downloads_key,
     evictor_key,
@@ -32,7 +30,7 @@ from mirror.keys import (
 )
 from mirror.reference import parse_digest, validate_name, validate_tag
 from mirror.status import human_size
-from mirror.storage import Storage
+from mirror.storage import CacheStore
 from mirror.upstream import MANIFEST_TYPES, Upstream
 
 T = TypeVar("T")
@@ -141,9 +139,9 @@ class Warmer:
         return actual == wanted
 
     async def _blob(self, upstream: Upstream, repo: str, digest: str, size: int) -> None:
-        storage: Storage = self._app[storage_key]
+        storage: CacheStore = self._app[storage_key]
         parsed = parse_digest(digest)
-        if await storage.blob_size(parsed) is not None:
+        if await storage.contains(parsed):
             self.report.cached += 1
             return
         async with self._limit:
@@ -209,8 +207,8 @@ async def list_cache(config: Config, out: TextIO = sys.stdout) -> int:
     """Print cached tags with their digests and sizes; returns how many."""
 
     async def run(app: web.Application) -> list[tuple[str, str, str, int]]:
-        storage: Storage = app[storage_key]
-        sizes = {blob.digest: blob.size for blob in await asyncio.to_thread(scan_blobs, storage)}
+        storage: CacheStore = app[storage_key]
+        sizes = await storage.blob_sizes()
         rows = []
         for upstream, repo, tag, record in sorted(await app[metadata_key].tags()):
             if "+" in tag:  # a kept referrers answer (referrers.py), not a tag
@@ -228,7 +226,7 @@ async def list_cache(config: Config, out: TextIO = sys.stdout) -> int:
     return len(rows)
 
 
-async def image_size(storage: Storage, digest: str, sizes: dict[str, int]) -> int:
+async def image_size(storage: CacheStore, digest: str, sizes: dict[str, int]) -> int:
     """Bytes of the cached blobs an image (or every image of an index) refers to."""
     cached = await storage.read_manifest(parse_digest(digest))
     if cached is None:
@@ -249,36 +247,15 @@ async def collect_garbage(config: Config, to: int | None, out: TextIO = sys.stdo
             f"evicted {result.evicted} blobs, {human_size(result.freed)} freed, "
             f"{human_size(result.remaining)} of blobs left\n"
         )
+        for line in await app[storage_key].collect_garbage(to):
+            out.write(line + "\n")
         return result.freed
 
     return await with_app(config, run)
 
 
-def verify_sync(storage: Storage) -> tuple[int, list[str]]:
-    """Re-hash every blob and manifest; delete the corrupt ones (blocking)."""
-    checked, removed = 0, []
-    for top in (storage.blobs, storage.manifests):
-        for name, path in sorted(storage.walk(top), key=lambda found: found[1]):
-            try:
-                digest = parse_digest(name)
-            except DigestInvalid:
-                continue  # not ours (an editor's backup file, say): leave it alone
-            checked += 1
-            hasher = digest.hasher()
-            with open(path, "rb") as file:
-                if top == storage.manifests:
-                    file.readline()  # the media type line is not part of the manifest
-                while chunk := file.read(1024 * 1024):
-                    hasher.update(chunk)
-            if hasher.hexdigest() != digest.hex:
-                os.unlink(path)
-                removed.append(str(digest))
-    return checked, removed
-
-
 async def verify(config: Config, out: TextIO = sys.stdout) -> list[str]:
-    storage = Storage(config.storage.path)
-    checked, removed = await asyncio.to_thread(verify_sync, storage)
+    checked, removed = await with_app(config, lambda app: app[storage_key].verify())
     for digest in removed:
         out.write(f"removed corrupt {digest}\n")
     out.write(f"verified {checked} files, removed {len(removed)} corrupt\n")

@@ -19,6 +19,7 @@ import yaml
 if TYPE_CHECKING:
     from mirror.cluster.settings import ClusterConfig
     from mirror.policy import Policy
+    from mirror.storage.s3config import S3Config
     from mirror.tls import TLSConfig
 
 DEFAULT_UPSTREAM = "https://registry-1.docker.io"
@@ -84,6 +85,7 @@ class StorageConfig:
     path: Path = Path("./mirror-data")
     max_size: int | None = None  # bytes; least-recently-read blobs are evicted above it
     max_idle: float | None = None  # seconds; blobs not read for this long are evicted
+    s3: S3Config | None = None  # a bucket behind the directory (then its local tier)
 
 
 @dataclass(frozen=True)
@@ -299,9 +301,12 @@ def _auth(raw: Mapping[str, Any]) -> AuthConfig:
 
 
 def _storage(raw: Mapping[str, Any]) -> StorageConfig:
-    sec = _section(raw, "storage", {"path", "max_size", "max_idle"})
+    from mirror.storage.s3config import parse_s3  # here: the storage package imports us
+
+    sec = _section(raw, "storage", {"path", "max_size", "max_idle", "s3"})
     max_size, max_idle = sec.get("max_size"), sec.get("max_idle")
     return StorageConfig(
+        s3=parse_s3(sec.get("s3")),
         path=Path(str(sec.get("path", "./mirror-data"))),
         max_size=None if max_size is None else parse_size("storage.max_size", max_size),
         max_idle=None if max_idle is None else parse_duration("storage.max_idle", max_idle),

@@ -23,7 +23,8 @@ import aiohttp
 from mirror.errors import BlobUnknown, DigestMismatch, RegistryError, UpstreamUnavailable
 from mirror.metrics import Metrics
 from mirror.reference import Digest
-from mirror.storage import Storage
+from mirror.storage import CacheStore
+from mirror.storage.base import NoUpload, Upload
 from mirror.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class Download:
         self.verified = False  # every byte arrived and the hash matched: readers may finish
         self.done = False  # ... and the file is in the cache under its digest
         self.error: BaseException | None = None
+        # The copy of the temp file the store keeps elsewhere too (the bucket), if any.
+        self.upload: Upload = NoUpload()
         self._started = asyncio.Event()
         self._progress = asyncio.Event()
 
@@ -159,7 +162,7 @@ class Download:
 class Downloads:
     """The downloads under way, by digest: the single-flight point of the mirror."""
 
-    def __init__(self, storage: Storage, metrics: Metrics) -> None:
+    def __init__(self, storage: CacheStore, metrics: Metrics) -> None:
         self._storage = storage
         self._metrics = metrics
         self._active: dict[Digest, Download] = {}
@@ -212,6 +215,7 @@ class Downloads:
                 self._storage.mark_unwritable(exc)
                 raise Uncacheable("the cache directory takes no writes") from None
             fd, download.temp = opened, temp
+            download.upload = self._storage.start_upload(download.digest, download.size, temp)
             download._started.set()
             hasher = download.digest.hasher()
             await self._copy_resuming(resp, opened, hasher, download, upstream, repo)
@@ -220,6 +224,9 @@ class Downloads:
             # makes the file durable (seconds, for a big layer) need not hold them up.
             download.verified = True
             download._notify()
+            # The bucket's copy first: once the file is renamed, a restarted mirror would
+            # not know that the upload never finished.
+            await download.upload.complete()
             fd = None  # commit closes it, whatever happens
             await asyncio.to_thread(self._storage.commit, opened, temp, download.final)
             self._committed(download)
@@ -234,6 +241,7 @@ class Downloads:
             self._forget(download)
             download._fail(_as_registry_error(exc))
             await asyncio.to_thread(self._storage.discard, fd, download.temp)
+            await download.upload.abort()
             if not isinstance(exc, Exception):
                 raise
             if not isinstance(exc, Uncacheable | BlobUnknown):  # those are not failures
@@ -351,6 +359,7 @@ class Downloads:
             self._storage.mark_unwritable(exc)
             raise CacheWriteFailed(f"cache write failed: {exc.strerror}") from None
         download.written += len(data)
+        download.upload.progress(download.written)
         self._metrics.upstream_bytes.labels(upstream).inc(len(data))
         download._notify()
 

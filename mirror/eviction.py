@@ -17,7 +17,7 @@ from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 
 from mirror.metrics import Metrics
-from mirror.storage import Storage
+from mirror.storage import CacheStore
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class EvictionResult:
     remaining: int
 
 
-def scan_blobs(storage: Storage) -> list[CachedBlob]:
+def scan_blobs(storage: CacheStore) -> list[CachedBlob]:
     """Every cached blob, least recently read first (blocking)."""
     found = []
     for digest, path in storage.walk(storage.blobs):
@@ -86,7 +86,7 @@ class Evictor:
 
     def __init__(
         self,
-        storage: Storage,
+        storage: CacheStore,
         metrics: Metrics,
         max_size: int | None,
         max_idle: float | None,

@@ -162,6 +162,7 @@ async def readyz(request: web.Request) -> web.Response:
     checks = {
         "storage": "ok" if await request.app[storage_key].is_writable() else "not writable",
         "metadata": "ok",
+        **await request.app[storage_key].health(),
     }
     try:
         await request.app[metadata_key].ping()

@@ -15,12 +15,12 @@ from mirror.metrics import Metrics
 from mirror.referrers import ReferrersService
 from mirror.routing import Upstreams
 from mirror.status import PullCounter
-from mirror.storage import Storage
+from mirror.storage import CacheStore
 from mirror.taglists import TagListService
 
 config_key = web.AppKey("config", Config)
 metrics_key = web.AppKey("metrics", Metrics)
-storage_key = web.AppKey("storage", Storage)
+storage_key: web.AppKey[CacheStore] = web.AppKey("storage")
 metadata_key: web.AppKey[MetadataStore] = web.AppKey("metadata")
 upstreams_key = web.AppKey("upstreams", Upstreams)
 downloads_key = web.AppKey("downloads", Downloads)

@@ -20,7 +20,7 @@ from mirror.metrics import Metrics
 from mirror.negotiation import MANIFEST_TYPES, Verdict, decide, default_platform
 from mirror.reference import compute_digest, is_digest_reference, parse_digest, validate_tag
 from mirror.singleflight import SingleFlight
-from mirror.storage import Storage
+from mirror.storage import CacheStore
 from mirror.upstream import ManifestInfo, Upstream
 
 # Hot manifests and tag records are kept in process memory: a pull storm for one tag is
@@ -62,7 +62,7 @@ class ManifestService:
 
     def __init__(
         self,
-        storage: Storage,
+        storage: CacheStore,
         metadata: MetadataStore,
         metrics: Metrics,
         cache: CacheConfig,

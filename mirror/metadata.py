@@ -34,6 +34,8 @@ TAG_PATTERN = TAG_PREFIX + "*"
 # A sorted set with every score 0: Redis orders it lexically, which is the order
 # `_catalog` must page in (ZRANGEBYLEX), with no sorting on our side.
 REPOS_KEY = KEY_PREFIX + "repos"
+# A hash of digest → "size last-read-time" for the blobs in the S3 bucket (storage.s3).
+BUCKET_BLOBS_KEY = KEY_PREFIX + "bucket-blobs"
 # How long a tag record outlives its TTL by default (cache.stale_if_error): a week of
 # serving stale through an outage.
 RETENTION = 7 * 86400
@@ -80,6 +82,15 @@ class MetadataStore(Protocol):
 
     async def close(self) -> None: ...
 
+    # The S3 bucket's blobs (storage.s3): size and last-read time, for its eviction.
+    async def put_blob_read(self, digest: str, size: int, read_at: float) -> None: ...
+
+    async def blob_reads(self) -> dict[str, tuple[int, float]]: ...
+
+    async def get_blob_read(self, digest: str) -> tuple[int, float] | None: ...
+
+    async def forget_blob(self, digest: str) -> None: ...
+
 
 def _tag_key(upstream: str, repo: str, tag: str) -> str:
     return TAG_KEY.format(upstream=upstream, repo=repo, tag=tag)
@@ -99,6 +110,7 @@ class MemoryMetadata:
         self._expiry = ttl + retention
         self._tags: dict[tuple[str, str, str], TagRecord] = {}
         self._repos: list[str] = []
+        self._bucket_blobs: dict[str, tuple[int, float]] = {}
         self._snapshot = snapshot
         self._dirty = False
 
@@ -130,6 +142,20 @@ class MemoryMetadata:
     async def ping(self) -> None:
         return None
 
+    async def put_blob_read(self, digest: str, size: int, read_at: float) -> None:
+        self._bucket_blobs[digest] = (size, read_at)
+        self._dirty = True
+
+    async def blob_reads(self) -> dict[str, tuple[int, float]]:
+        return dict(self._bucket_blobs)
+
+    async def get_blob_read(self, digest: str) -> tuple[int, float] | None:
+        return self._bucket_blobs.get(digest)
+
+    async def forget_blob(self, digest: str) -> None:
+        if self._bucket_blobs.pop(digest, None) is not None:
+            self._dirty = True
+
     async def load(self) -> None:
         """Read the snapshot, if there is one (a bad one is set aside, not fatal)."""
         if self._snapshot is None:
@@ -142,6 +168,10 @@ class MemoryMetadata:
                 for entry in data["tags"]
             }
             self._repos = sorted(set(data["repositories"]))
+            self._bucket_blobs = {
+                digest: (int(size), float(read_at))
+                for digest, (size, read_at) in data.get("bucket_blobs", {}).items()
+            }
         except FileNotFoundError:
             return
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -159,6 +189,7 @@ class MemoryMetadata:
                 if record.is_fresh(self._expiry)
             ],
             "repositories": self._repos,
+            "bucket_blobs": self._bucket_blobs,
         }
         try:
             await asyncio.to_thread(_write_atomically, self._snapshot, json.dumps(data))
@@ -233,6 +264,27 @@ class RedisMetadata:
     async def ping(self) -> None:
         async with self._turns:
             await self._redis.ping()
+
+    async def put_blob_read(self, digest: str, size: int, read_at: float) -> None:
+        await self._redis.hset(BUCKET_BLOBS_KEY, digest, f"{size} {read_at}")
+
+    async def blob_reads(self) -> dict[str, tuple[int, float]]:
+        raw = await self._redis.hgetall(BUCKET_BLOBS_KEY)
+        found = {}
+        for digest, value in raw.items():
+            size, _, read_at = str(value).partition(" ")
+            found[str(digest)] = (int(size), float(read_at))
+        return found
+
+    async def get_blob_read(self, digest: str) -> tuple[int, float] | None:
+        value = await self._redis.hget(BUCKET_BLOBS_KEY, digest)
+        if value is None:
+            return None
+        size, _, read_at = str(value).partition(" ")
+        return int(size), float(read_at)
+
+    async def forget_blob(self, digest: str) -> None:
+        await self._redis.hdel(BUCKET_BLOBS_KEY, digest)
 
     async def close(self) -> None:
         await self._conn.close()
@@ -318,6 +370,22 @@ class FallbackMetadata:
     async def tags(self) -> list[tuple[str, str, str, TagRecord]]:
         found: list[tuple[str, str, str, TagRecord]] = await self._call("tags")
         return found
+
+    async def put_blob_read(self, digest: str, size: int, read_at: float) -> None:
+        await self._fallback.put_blob_read(digest, size, read_at)
+        await self._call("put_blob_read", digest, size, read_at)
+
+    async def blob_reads(self) -> dict[str, tuple[int, float]]:
+        found: dict[str, tuple[int, float]] = await self._call("blob_reads")
+        return found
+
+    async def get_blob_read(self, digest: str) -> tuple[int, float] | None:
+        found: tuple[int, float] | None = await self._call("get_blob_read", digest)
+        return found
+
+    async def forget_blob(self, digest: str) -> None:
+        await self._fallback.forget_blob(digest)
+        await self._call("forget_blob", digest)
 
     async def ping(self) -> None:
         """Raise when Redis does not answer (for /readyz), whatever the fallback does."""

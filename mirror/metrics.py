@@ -18,6 +18,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self._declare()
+        self._declare_s3()
         self._zero_known_labels()
         self.cluster = ClusterMetrics(self.registry)  # replicas' series (mirror/cluster/)
 
@@ -205,5 +206,55 @@ class Metrics:
             "mirror_tls_reloads",
             "Changed TLS pairs the HTTPS listener saw, by result (loaded, refused).",
             ["result"],
+            registry=r,
+        )
+
+    def _declare_s3(self) -> None:
+        """The bucket behind the local directory (storage.s3); the tiers' hits."""
+        r = self.registry
+        self.tier_hits = Counter(
+            "mirror_tier_hits",
+            "Blob requests answered from stored content, by tier (local: the directory; "
+            "bucket: the S3 bucket, redirects included).",
+            ["tier"],
+            registry=r,
+        )
+        for tier in ("local", "bucket"):
+            self.tier_hits.labels(tier)
+        self.s3_requests = Counter(
+            "mirror_s3_requests",
+            "Requests made to the S3 bucket, by operation and status (or error).",
+            ["operation", "status"],
+            registry=r,
+        )
+        self.s3_duration = Histogram(
+            "mirror_s3_request_duration_seconds",
+            "S3 time to response headers (retries included), by operation.",
+            ["operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.s3_bytes = Counter(
+            "mirror_s3_bytes",
+            "Body bytes moved to and from the S3 bucket, by direction (sent, received).",
+            ["direction"],
+            registry=r,
+        )
+        for direction in ("sent", "received"):
+            self.s3_bytes.labels(direction)
+        self.s3_up = Gauge(
+            "mirror_s3_up",
+            "1 while the S3 bucket answers; 0 while blobs are served from the local tier "
+            "and upstream, uncached.",
+            registry=r,
+        )
+        self.redirects = Counter(
+            "mirror_blob_redirects",
+            "Blob GETs answered 307 to a presigned URL of the bucket.",
+            registry=r,
+        )
+        self.bucket_evictions = Counter(
+            "mirror_bucket_evictions",
+            "Blobs deleted from the bucket to stay within storage.s3.max_size.",
             registry=r,
         )

@@ -87,6 +87,9 @@ def render(config: Config, upstreams: Upstreams, metrics: Metrics, pulls: PullCo
         ["Storage writable", "yes" if _value(metrics, "mirror_storage_writable") else "NO"],
         ["Metadata store", "up" if _value(metrics, "mirror_metadata_up") else "DOWN (in-process)"],
     ]  # fmt: skip
+    if config.storage.s3 is not None:
+        bucket_up = _value(metrics, "mirror_s3_up")
+        summary.append(["S3 bucket", "up" if bucket_up else "DOWN (serving uncached)"])
     top = [[name, str(count)] for name, count in pulls.top()] or [["(no pulls yet)", ""]]
     return PAGE.format(
         upstreams=_rows(_upstream_rows(upstreams, metrics)),

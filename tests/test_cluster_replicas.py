@@ -3,7 +3,8 @@
     clients (aiohttp) -> 2-3 mirror processes (cluster:, one Redis) -> fake hub -> distribution
 
 With the filesystem backend the replicas share one storage directory, as they would share
-a bucket; each still has its own process memory. The fake hub answers manifests slowly
+a bucket; each still has its own process memory. The last test runs them on the S3 backend
+(Ceph RGW): one bucket, a local tier each. The fake hub answers manifests slowly
 (`manifest_delay`), so that concurrent misses on different replicas overlap for sure.
 """
 
@@ -33,6 +34,7 @@ from tests.resilience_helpers import (
     seed_random_image,
     write_config,
 )
+from tests.rgw import CephRGW
 from tests.services import DistributionRegistry, FakeHubProcess, MirrorProcess, RedisServer
 
 pytestmark = pytest.mark.e2e
@@ -423,3 +425,47 @@ async def test_redis_lost_each_replica_works_alone_and_recovers_by_itself(
     assert_all_right(answers, content.third)
     assert hub.stats()["manifest_get"] == 1  # one lease across the replicas again
     assert await cluster_metric(session, replicas, "lease_waits") == waits + 2
+
+
+# --- the S3 backend: one bucket, a local tier per replica ---------------------------------
+
+
+async def test_replicas_on_one_bucket_fetch_each_manifest_once(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    rgw: CephRGW,
+    s3_bucket: str,
+    hub: FakeHubProcess,
+    content: Content,
+    stack: ExitStack,
+    session: aiohttp.ClientSession,
+) -> None:
+    s3 = {
+        "endpoint": rgw.endpoint,
+        "bucket": s3_bucket,
+        "region": rgw.region,
+        "access_key_id": rgw.access_key,
+        "secret_access_key": rgw.secret_key,
+    }
+    replicas = start_replicas(
+        stack,
+        tmp_path,
+        hub,
+        flushed_redis_url(request, "single"),
+        shared_storage=False,  # waiters read the holder's manifest from the bucket
+        extra={"storage": {"s3": s3}},
+    )
+    small, other = content.small, content.other
+    assert_all_right(await spread(session, replicas, small.repo, "latest", 9), small)
+    assert_all_right(await spread(session, replicas, other.repo, other.manifest_digest, 9), other)
+    stats = hub.stats()
+    assert (stats["manifest_get"], stats["manifest_head"]) == (2, 0)
+    keys = rgw.s3().keys(s3_bucket)
+    for image in (small, other):
+        assert "manifests/" + image.manifest_digest.replace(":", "/") in keys
+    # Expired on every replica at once: one HEAD, and no replica needs the bytes again.
+    await asyncio.sleep(TAG_TTL + 0.2)
+    hub.reset()
+    assert_all_right(await spread(session, replicas, small.repo, "latest", 9), small)
+    stats = hub.stats()
+    assert (stats["manifest_head"], stats["manifest_get"]) == (1, 0)

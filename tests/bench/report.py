@@ -16,7 +16,9 @@ RSS_LIMIT_MIB = 256
 P99_LIMIT_MS = 20.0
 Compare = Literal["le", "lt", "ge", "eq"]
 SIGN = {"le": "≤", "lt": "<", "ge": "≥", "eq": "="}
-HEADERS = ("metric", "mirror", "peer", "nginx", "ratio", "target", "met?")
+# "reference": nginx, or for the S3 rows what the target names (a direct S3 GET, the
+# filesystem backend).
+HEADERS = ("metric", "mirror", "peer", "reference", "ratio", "target", "met?")
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class Row:
 def fmt(value: float | None, unit: str) -> str:
     if value is None:
         return "–"
-    if unit in ("req/s", "MiB", "fetches"):
+    if unit in ("req/s", "MiB", "fetches", "req"):
         return f"{value:,.0f}"
     if unit == "ms":
         return f"{value:.1f}"

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench import measure
+from tests.bench import replicas as replicabench
+from tests.bench import s3 as s3bench
 from tests.bench.chart import write_chart
 from tests.bench.clients import OPENER
 from tests.bench.memory import RssSampler
@@ -32,6 +34,7 @@ from tests.bench.nginx import NginxServer
 from tests.bench.report import (
     MIB,
     NOTES,
+    P99_LIMIT_MS,
     Row,
     cold_rows,
     docker_rows,
@@ -73,6 +76,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--blob-mib", type=int, default=512, help="size of each large blob")
     p.add_argument("--clients", type=int, default=8, help="concurrent cold GETs")
     p.add_argument("--no-docker", action="store_true", help="skip the docker pull measurement")
+    p.add_argument("--no-s3", action="store_true", help="skip the S3 backend (Ceph RGW) rows")
+    p.add_argument("--no-replicas", action="store_true", help="skip the 3-replica rows")
     p.add_argument(
         "--profile",
         action="store_true",
@@ -96,6 +101,9 @@ class Stack:
     fresh: list[BigBlob]  # one per cold run, new to the mirror and to the peer alike
     layers20: str  # the manifest digest of library/layers20:latest
     rss: RssSampler = field(init=False)
+    s3: s3bench.S3Stack | None = None  # the S3 backend's mirrors, unless --no-s3
+    replicas: replicabench.ReplicaStack | None = None  # 3 replicas + haproxy (needs s3)
+    replica_blobs: list[tuple[BigBlob, BigBlob]] = field(default_factory=list)
 
 
 def seed_upstream(url: str, workdir: Path, args: argparse.Namespace) -> tuple[BigBlob, ...]:
@@ -124,6 +132,13 @@ def start_stack(es: ExitStack, workdir: Path, args: argparse.Namespace) -> Stack
     log(f"hub {hub.registry_url}, mirror {mirror.url}, peer {peer.url}, nginx {nginx.url}")
     stack = Stack(workdir, hub, mirror, peer, nginx, warm, fresh, layers20)
     stack.rss = es.enter_context(RssSampler(mirror.pid))
+    if not args.no_s3 and s3bench.available():
+        stack.s3 = s3bench.start(es, workdir, hub.registry_url, log)
+        if not args.no_replicas:
+            size = args.blob_mib * MIB
+            stack.replica_blobs = replicabench.seed(upstream.url, args.runs, size, log)
+            redis_r = es.enter_context(RedisServer(workdir / "redis-replicas"))
+            stack.replicas = replicabench.start(es, workdir, hub, stack.s3.rgw, redis_r.url, log)
     return stack
 
 
@@ -169,8 +184,17 @@ def phase_manifests(s: Stack, args: argparse.Namespace) -> tuple[list[Row], Any]
 
 def phase_cold(s: Stack, args: argparse.Namespace) -> tuple[list[Row], Any]:
     bases = {"mirror": s.mirror.url, "peer": s.peer.url}
+    if s.s3 is not None:
+        bases["mirror-s3"] = s.s3.mirror.url
     cold = measure.cold(bases, s.fresh, s.warm, s.hub, args.clients, log)
-    return cold_rows(cold, args.clients), cold
+    return cold_rows(cold, args.clients) + s3bench.cold_rows(cold, args.clients), cold
+
+
+def phase_s3_warm(s: Stack, args: argparse.Namespace) -> tuple[list[Row], Any]:
+    if s.s3 is None:
+        return [], None
+    warm = s3bench.warm(s.s3, s.warm, f"{s.nginx.url}/big0.bin", args.warm_runs, log)
+    return s3bench.warm_rows(warm, args.blob_mib), warm
 
 
 def phase_docker(s: Stack, args: argparse.Namespace) -> tuple[list[Row], Any]:
@@ -180,10 +204,27 @@ def phase_docker(s: Stack, args: argparse.Namespace) -> tuple[list[Row], Any]:
     return docker_rows(pulls.seconds), pulls
 
 
+def phase_replica_cold(s: Stack, args: argparse.Namespace) -> tuple[list[Row], Any]:
+    if s.replicas is None:
+        return [], None
+    cold = replicabench.cold(s.replicas, s.hub, s.replica_blobs, log)
+    return replicabench.cold_rows(cold, args.blob_mib), cold
+
+
+def phase_replica_manifests(s: Stack, args: argparse.Namespace) -> tuple[list[Row], Any]:
+    if s.replicas is None:
+        return [], None
+    runs = replicabench.manifests(s.replicas, s.workdir, args.runs, args.wrk_seconds, log)
+    return replicabench.manifest_rows(runs, P99_LIMIT_MS), runs
+
+
 PHASES: dict[str, Phase] = {
     "warm blob": phase_warm,
     "manifests": phase_manifests,
     "cold blob": phase_cold,
+    "s3 warm blob": phase_s3_warm,
+    "replicas cold blob": phase_replica_cold,
+    "replicas manifests": phase_replica_manifests,
     "docker pull": phase_docker,
 }
 
@@ -208,6 +249,8 @@ def run_phases(
     stack.rss.stop()
     rows += memory_rows(stack.rss.max_bytes, stack.rss.final_bytes)
     raw["rss_samples"] = stack.rss.samples
+    if stack.s3 is not None:
+        rows += s3bench.memory_rows(*stack.s3.stop_sampling())
     return rows, raw
 
 

@@ -20,10 +20,16 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mirror.reference import Digest, compute_digest
+from mirror.errors import DigestInvalid
+from mirror.reference import Digest, compute_digest, parse_digest
+from mirror.storage.base import Found, NoUpload, Upload
+
+if TYPE_CHECKING:
+    from mirror.metadata import MetadataStore
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +106,15 @@ class Storage:
         except OSError as exc:
             self.mark_unwritable(exc)
 
+    async def close(self) -> None:
+        return None
+
+    async def attach(self, metadata: MetadataStore, busy: Callable[[], Iterable[object]]) -> None:
+        """Nothing to keep: the files' mtimes are their last-read times."""
+
+    async def health(self) -> dict[str, str]:
+        return {}
+
     def _open_sync(self) -> None:
         for directory in (self.blobs, self.manifests):
             directory.mkdir(parents=True, exist_ok=True)
@@ -126,6 +141,18 @@ class Storage:
                 pass
         return stat.st_size
 
+    async def find_blob(
+        self, digest: Digest, byte_range: str | None, *, head: bool
+    ) -> Found | None:
+        """The directory is the whole cache: a miss is a miss."""
+        return None
+
+    async def contains(self, digest: Digest) -> bool:
+        return await self.blob_size(digest) is not None
+
+    def start_upload(self, digest: Digest, size: int | None, temp: Path) -> Upload:
+        return NoUpload()
+
     def new_temp(self, size: int | None = None) -> tuple[int, Path]:
         """An open file in `tmp/`, with `size` bytes of disk reserved when known (blocking:
         call from a worker thread). Reserving up front means a blob that cannot fit fails
@@ -141,8 +168,7 @@ class Storage:
                 raise
         return fd, Path(name)
 
-    @staticmethod
-    def commit(fd: int, temp: Path, final: Path) -> None:
+    def commit(self, fd: int, temp: Path, final: Path) -> None:
         """fsync `fd`, close it and rename `temp` to `final` (blocking)."""
         try:
             os.fsync(fd)
@@ -227,3 +253,46 @@ class Storage:
         except OSError:
             return False
         return True
+
+    async def blob_sizes(self) -> dict[str, int]:
+        return await asyncio.to_thread(self._blob_sizes_sync)
+
+    def _blob_sizes_sync(self) -> dict[str, int]:
+        sizes = {}
+        for digest, path in self.walk(self.blobs):
+            try:
+                sizes[digest] = os.stat(path).st_size
+            except FileNotFoundError:
+                continue
+        return sizes
+
+    async def verify(self) -> tuple[int, list[str]]:
+        return await asyncio.to_thread(self.verify_sync)
+
+    def verify_sync(self) -> tuple[int, list[str]]:
+        """Re-hash every blob and manifest; delete the corrupt ones (blocking)."""
+        checked, removed = 0, []
+        for top in (self.blobs, self.manifests):
+            for name, path in sorted(self.walk(top), key=lambda found: found[1]):
+                try:
+                    digest = parse_digest(name)
+                except DigestInvalid:
+                    continue  # not ours (an editor's backup file, say): leave it alone
+                checked += 1
+                if not _file_matches(path, digest, skip_line=top == self.manifests):
+                    os.unlink(path)
+                    removed.append(str(digest))
+        return checked, removed
+
+    async def collect_garbage(self, to: int | None) -> list[str]:
+        return []
+
+
+def _file_matches(path: str, digest: Digest, skip_line: bool) -> bool:
+    hasher = digest.hasher()
+    with open(path, "rb") as file:
+        if skip_line:
+            file.readline()  # a manifest file's media type line is not part of the manifest
+        while chunk := file.read(1024 * 1024):
+            hasher.update(chunk)
+    return hasher.hexdigest() == digest.hex

@@ -1,0 +1,30 @@
+"""glibc's allocator, told to hand large buffers back to the system when they are freed.
+
+By default glibc raises its mmap threshold each time a large block is freed, so that later
+blocks of that size (the 8 MiB parts of an S3 upload, read in worker threads with arenas
+of their own) come from heaps that never shrink: a few concurrent uploads then leave
+tens of MiB resident for good. A fixed threshold keeps such blocks in mmap: freed, gone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger(__name__)
+
+M_MMAP_THRESHOLD = -3  # from malloc.h
+# Above the 1 MiB buffers that carry blob bytes (those are reused from the heap), below
+# the 8 MiB upload parts.
+MMAP_THRESHOLD = 4 * 1024 * 1024
+
+
+def return_large_blocks() -> None:
+    """Fix glibc's mmap threshold (no effect, and no error, on another libc)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        if libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1:
+            log.debug("mallopt refused the mmap threshold")
+    except (OSError, AttributeError):
+        pass

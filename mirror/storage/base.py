@@ -1,0 +1,151 @@
+"""What the services above need from the cache, whichever backend holds it.
+
+Both backends keep a directory (`storage.path`): the whole cache for `Storage`, the local
+tier and the downloads in progress for `TieredStorage`, which puts a bucket behind it. So
+the write path is the same for both (a temp file, hashed, renamed under its digest); a
+bucket adds an `Upload` that follows the temp file, and `find_blob` answers a local miss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from mirror.reference import Digest
+
+if TYPE_CHECKING:
+    from mirror.metadata import MetadataStore
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """Send the client elsewhere for the bytes (a presigned URL of the bucket)."""
+
+    url: str
+
+
+@dataclass(frozen=True, slots=True)
+class BlobSize:
+    """The blob is stored, this large (the answer to a HEAD: no body moved)."""
+
+    size: int
+
+
+class BlobStream(Protocol):
+    """A stored blob's bytes (or the asked range of them), coming from elsewhere."""
+
+    status: int  # 200, or 206 for a range
+    length: int  # bytes in this body
+    content_range: str | None
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+    async def close(self) -> None: ...
+
+
+Found = Redirect | BlobSize | BlobStream
+
+
+class StoreReadError(Exception):
+    """A stored blob's bytes stopped coming (the body sent so far must be cut short)."""
+
+
+class Upload(Protocol):
+    """A copy of a download's temp file on its way to a second home (the bucket)."""
+
+    def progress(self, written: int) -> None:
+        """`written` bytes of the temp file are on disk."""
+
+    async def complete(self) -> None:
+        """The bytes are verified: make the copy visible (never raises)."""
+
+    async def abort(self) -> None:
+        """The download failed: leave nothing behind (never raises)."""
+
+
+class CacheStore(Protocol):
+    """Content by digest: a local directory, optionally in front of a bucket."""
+
+    max_size: int | None
+    writable: bool
+    on_writable_change: Callable[[bool], None] | None
+
+    @property
+    def root(self) -> Path: ...
+
+    @property
+    def blobs(self) -> Path: ...
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def attach(self, metadata: MetadataStore, busy: Callable[[], Iterable[object]]) -> None:
+        """Start the store's own bookkeeping (it runs until `close`)."""
+
+    def fits(self, size: int | None) -> bool: ...
+
+    def mark_unwritable(self, exc: OSError) -> None: ...
+
+    async def writable_now(self) -> bool: ...
+
+    async def is_writable(self) -> bool: ...
+
+    async def health(self) -> dict[str, str]:
+        """Checks for /readyz beyond the local directory's: name → "ok" or why not."""
+
+    def blob_path(self, digest: Digest) -> Path: ...
+
+    @staticmethod
+    def walk(top: Path) -> Iterator[tuple[str, str]]: ...
+
+    async def blob_size(self, digest: Digest) -> int | None:
+        """Size of the blob in the local directory (marking it read), or None."""
+
+    async def find_blob(
+        self, digest: Digest, byte_range: str | None, *, head: bool
+    ) -> Found | None:
+        """After a local miss: where else the blob is, or None (then: upstream)."""
+
+    async def contains(self, digest: Digest) -> bool:
+        """Is the blob stored anywhere (a warm needs no fetch)?"""
+
+    def new_temp(self, size: int | None = None) -> tuple[int, Path]: ...
+
+    def start_upload(self, digest: Digest, size: int | None, temp: Path) -> Upload: ...
+
+    def commit(self, fd: int, temp: Path, final: Path) -> None: ...
+
+    def discard(self, fd: int | None, temp: Path | None) -> None: ...
+
+    async def read_manifest(self, digest: Digest) -> tuple[str, bytes] | None: ...
+
+    async def write_manifest(self, digest: Digest, media_type: str, body: bytes) -> bool: ...
+
+    async def usage(self) -> tuple[int, int]: ...
+
+    async def disk_space(self) -> tuple[int, int]: ...
+
+    async def blob_sizes(self) -> dict[str, int]:
+        """digest → size of every stored blob (for `mirror ls`)."""
+
+    async def verify(self) -> tuple[int, list[str]]:
+        """Re-hash what is stored, delete what does not match: (checked, removed)."""
+
+    async def collect_garbage(self, to: int | None) -> list[str]:
+        """Tidy beyond the local directory (the bucket): report lines."""
+
+
+class NoUpload:
+    """The upload of a backend that keeps no second copy."""
+
+    def progress(self, written: int) -> None:
+        pass
+
+    async def complete(self) -> None:
+        pass
+
+    async def abort(self) -> None:
+        pass

@@ -1,0 +1,327 @@
+"""The cache in an S3 bucket, with the directory as a local tier in front of it.
+
+    blob GET:  local tier (sendfile) ─ miss ─► one GetObject (Range passed through),
+               streamed, the local tier filled when the whole object is read
+               ─ 404 ─► upstream, as a cold miss; with `redirect`: a 307 to a presigned
+               URL when the records say the bucket has it (no S3 request)
+    download:  temp file in the local tier, uploaded to the bucket as it grows; the object
+               is visible only once the digest matched, then the file is renamed locally
+    manifest:  local tier ─ miss ─► GetObject (media type kept as its Content-Type)
+
+While the bucket does not answer, the local tier serves what it has and everything else is
+relayed from upstream uncached (as with a full disk): `writable_now` is False then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine, Iterable
+from pathlib import Path
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from mirror.errors import DigestInvalid, RangeNotSatisfiable
+from mirror.metadata import MetadataStore
+from mirror.metrics import Metrics
+from mirror.reference import Digest, compute_digest, parse_digest
+from mirror.storage.base import BlobSize, Found, NoUpload, Redirect, Upload
+from mirror.storage.bucket_index import BucketIndex
+from mirror.storage.bucket_read import BucketStream, LocalFill
+from mirror.storage.filesystem import Storage
+from mirror.storage.s3 import Bucket, BucketUnavailable
+from mirror.storage.s3config import S3Config
+from mirror.storage.upload import PARTS_IN_FLIGHT, BucketUpload
+
+log = logging.getLogger(__name__)
+
+S3_ERRORS = (BucketUnavailable, ClientError, BotoCoreError)
+# A start and `mirror gc` abort multipart uploads begun longer ago than this: a younger
+# one may be live, in another process (`mirror ls` run beside `mirror serve`, a replica).
+ABANDONED_AFTER = 3600.0
+# A blob too large for the local tier goes to the bucket through a temp file, left in
+# place this long after its download (for readers that joined late), then deleted.
+OVERSIZE_GRACE = 60.0
+VERIFY_PARALLEL = 4
+
+
+class TieredStorage(Storage):
+    """`Storage` (the local tier) with a bucket behind it."""
+
+    def __init__(self, root: Path, max_size: int | None, config: S3Config, metrics: Metrics):
+        super().__init__(root, max_size)
+        self.bucket = Bucket(config, metrics)
+        self.index = BucketIndex(self.bucket, metrics)
+        self._config = config
+        self._metrics = metrics
+        # Blobs streamed from the bucket right now: its eviction leaves them alone.
+        self.reading: Counter[str] = Counter()
+        self._filling: set[Digest] = set()
+        self._background: set[asyncio.Task[None]] = set()
+        self._part_slots = asyncio.Semaphore(PARTS_IN_FLIGHT)
+
+    async def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().open()
+        await self.bucket.open()
+        if self.bucket.up:
+            await self._abort_uploads(older_than=ABANDONED_AFTER)
+
+    async def close(self) -> None:
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.index.close()
+        await self.bucket.close()
+
+    async def attach(self, metadata: MetadataStore, busy: Callable[[], Iterable[object]]) -> None:
+        self.index.start(metadata, lambda: [*busy(), *self.reading])
+
+    async def writable_now(self) -> bool:
+        """New blobs are cached only while both the directory and the bucket take them."""
+        return await super().writable_now() and await self.bucket.up_now()
+
+    async def health(self) -> dict[str, str]:
+        return {"bucket": "ok" if await self.bucket.up_now() else "unreachable"}
+
+    # --- blobs -----------------------------------------------------------------------------
+    async def blob_size(self, digest: Digest) -> int | None:
+        """A local-tier hit is a read of the bucket's copy too (for the bucket's LRU)."""
+        size = await super().blob_size(digest)
+        if size is not None:
+            await self.index.read(digest)
+        return size
+
+    async def find_blob(
+        self, digest: Digest, byte_range: str | None, *, head: bool
+    ) -> Found | None:
+        if not await self.bucket.up_now():
+            return None
+        key = self.bucket.blob_key(digest)
+        try:
+            if head:
+                size = await self.bucket.size(key)
+                found: Found | None = None if size is None else BlobSize(size)
+            elif self._config.redirect:
+                found = await self._redirect(digest, key)
+            else:
+                found = await self._stream(digest, key, byte_range)
+        except S3_ERRORS as exc:
+            log.warning("blob %s not read from the bucket: %s", digest, type(exc).__name__)
+            return None
+        if found is None:
+            await self.index.forget(digest)
+            return None
+        self._metrics.tier_hits.labels("bucket").inc()
+        return found
+
+    async def _redirect(self, digest: Digest, key: str) -> Redirect | None:
+        """A presigned URL when the blob is known to be in the bucket (signing is local;
+        only a blob the records do not know costs a HeadObject)."""
+        if not await self.index.known(digest):
+            size = await self.bucket.size(key)
+            if size is None:
+                return None
+            await self.index.stored(digest, size)
+        await self.index.read(digest)
+        self._metrics.redirects.inc()
+        return Redirect(await self.bucket.presign(key, self._config.redirect_ttl))
+
+    async def _stream(
+        self, digest: Digest, key: str, byte_range: str | None
+    ) -> BucketStream | None:
+        try:
+            response = await self.bucket.get(key, byte_range)
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 416:
+                raise
+            raise RangeNotSatisfiable(await self.bucket.size(key) or 0) from None
+        if response is None:
+            return None
+        await self.index.read(digest)
+        status = response["ResponseMetadata"]["HTTPStatusCode"]
+        fill = await self._fill_for(digest, status, response["ContentLength"])
+        name = str(digest)
+        self.reading[name] += 1
+
+        def done() -> None:
+            self.reading[name] -= 1
+            if self.reading[name] <= 0:
+                del self.reading[name]
+
+        return BucketStream(response, digest, self._metrics, fill, done, self._in_background)
+
+    def _in_background(self, work: Coroutine[None, None, None]) -> None:
+        """Run `work` to its end whatever the client does (closing waits for it)."""
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _fill_for(self, digest: Digest, status: int, size: int) -> LocalFill | None:
+        """A local copy of a whole-object read, unless one is being made already."""
+        if status != 200 or digest in self._filling or not super().fits(size):
+            return None
+        if not await super().writable_now():
+            return None
+        fill = LocalFill(
+            self, digest, lambda: self._delete_blob(digest), lambda: self._filling.discard(digest)
+        )
+        if not await fill.begin(size):
+            return None
+        self._filling.add(digest)
+        return fill
+
+    async def _delete_blob(self, digest: Digest) -> None:
+        """Remove a bucket object that does not match its digest."""
+        try:
+            await self.bucket.delete(self.bucket.blob_key(digest))
+        except S3_ERRORS as exc:
+            log.warning("cannot delete %s from the bucket: %s", digest, type(exc).__name__)
+        await self.index.forget(digest)
+
+    async def contains(self, digest: Digest) -> bool:
+        if await self.blob_size(digest) is not None or await self.index.known(digest):
+            return True
+        try:
+            return await self.bucket.size(self.bucket.blob_key(digest)) is not None
+        except S3_ERRORS as exc:
+            log.warning("cannot tell if the bucket holds %s: %s", digest, type(exc).__name__)
+            return False
+
+    def fits(self, size: int | None) -> bool:
+        """Larger than the local tier's bound, a blob can still be cached in the bucket."""
+        if super().fits(size):
+            return True
+        bound = self._config.max_size
+        return self.bucket.up and (bound is None or size is None or size <= bound)
+
+    def commit(self, fd: int, temp: Path, final: Path) -> None:
+        """As the directory does, unless the blob is too large for the local tier: then
+        its temp file stays for OVERSIZE_GRACE (blocking: called in a worker thread)."""
+        if super().fits(os.fstat(fd).st_size):
+            super().commit(fd, temp, final)
+            return
+        os.close(fd)
+        self._loop.call_soon_threadsafe(self._remove_later, temp)
+
+    def _remove_later(self, temp: Path) -> None:
+        def remove() -> None:
+            self._in_background(asyncio.to_thread(temp.unlink, missing_ok=True))
+
+        self._loop.call_later(OVERSIZE_GRACE, remove)
+
+    def start_upload(self, digest: Digest, size: int | None, temp: Path) -> Upload:
+        if not self.bucket.up:  # the blob stays local; a later pull after recovery uploads
+            return NoUpload()
+
+        def stored(written: int) -> None:
+            task = asyncio.ensure_future(self.index.stored(digest, written))
+            task.add_done_callback(lambda done: done.exception())
+
+        key = self.bucket.blob_key(digest)
+        return BucketUpload(self.bucket, key, size, temp, stored, self._part_slots)
+
+    # --- manifests -------------------------------------------------------------------------
+    async def read_manifest(self, digest: Digest) -> tuple[str, bytes] | None:
+        local = await super().read_manifest(digest)
+        if local is not None or not await self.bucket.up_now():
+            return local
+        try:
+            response = await self.bucket.get(self.bucket.manifest_key(digest))
+            if response is None:
+                return None
+            async with response["Body"] as body:
+                data = await body.read()
+        except S3_ERRORS as exc:
+            log.warning("manifest %s not read from the bucket: %s", digest, type(exc).__name__)
+            return None
+        self._metrics.s3_bytes.labels("received").inc(len(data))
+        media_type = response.get("ContentType", "application/octet-stream")
+        if compute_digest(data, digest.algorithm) != digest:
+            return None
+        try:
+            await super().write_manifest(digest, media_type, data)
+        except OSError as exc:
+            self.mark_unwritable(exc)
+        return media_type, data
+
+    async def write_manifest(self, digest: Digest, media_type: str, body: bytes) -> bool:
+        """Into the bucket, then the local tier (whose disk may refuse: OSError)."""
+        valid = compute_digest(body, digest.algorithm) == digest and "\n" not in media_type
+        if valid and await self.bucket.up_now():
+            try:
+                await self.bucket.put(self.bucket.manifest_key(digest), body, media_type)
+            except S3_ERRORS as exc:
+                log.warning("manifest %s not stored in the bucket: %s", digest, type(exc).__name__)
+        return await super().write_manifest(digest, media_type, body)
+
+    # --- commands (ls, gc, verify) -------------------------------------------------------------
+    async def blob_sizes(self) -> dict[str, int]:
+        sizes = await super().blob_sizes()
+        prefix = self._config.prefix + "blobs/"
+        try:
+            async for found in self.bucket.objects(prefix):
+                sizes[found.key[len(prefix) :].replace("/", ":", 1)] = found.size
+        except S3_ERRORS as exc:
+            log.warning("cannot list the bucket: %s", type(exc).__name__)
+        return sizes
+
+    async def collect_garbage(self, to: int | None) -> list[str]:
+        aborted = await self._abort_uploads(older_than=ABANDONED_AFTER)
+        result = await self.index.evict()
+        return [
+            f"bucket: evicted {result.evicted} blobs ({result.freed} bytes), "
+            f"{result.remaining} bytes of blobs left; aborted {aborted} abandoned uploads"
+        ]
+
+    async def _abort_uploads(self, older_than: float) -> int:
+        """Abort the multipart uploads under the prefix begun more than `older_than` ago."""
+        aborted = 0
+        try:
+            for upload in await self.bucket.pending_uploads(self._config.prefix):
+                if time.time() - upload.initiated >= older_than:
+                    await self.bucket.abort_multipart(upload.key, upload.upload_id)
+                    aborted += 1
+        except S3_ERRORS as exc:
+            log.warning("cannot abort abandoned uploads: %s", type(exc).__name__)
+        if aborted:
+            log.info("aborted %d abandoned multipart uploads in the bucket", aborted)
+        return aborted
+
+    async def verify(self) -> tuple[int, list[str]]:
+        checked, removed = await super().verify()
+        limit = asyncio.Semaphore(VERIFY_PARALLEL)
+        keys = []
+        for kind in ("blobs/", "manifests/"):
+            async for found in self.bucket.objects(self._config.prefix + kind):
+                keys.append((kind, found.key))
+
+        async def check(kind: str, key: str) -> str | None:
+            async with limit:
+                return await self._verify_object(kind, key)
+
+        results = await asyncio.gather(*(check(kind, key) for kind, key in keys))
+        bad = [name for name in results if name is not None]
+        return checked + len(keys), removed + bad
+
+    async def _verify_object(self, kind: str, key: str) -> str | None:
+        """Re-hash one object; delete it when it does not match its key. The bad name."""
+        name = key[len(self._config.prefix + kind) :].replace("/", ":", 1)
+        try:
+            digest = parse_digest(name)
+        except DigestInvalid:
+            return None  # not ours: leave it alone
+        response = await self.bucket.get(key)
+        if response is None:
+            return None
+        hasher = digest.hasher()
+        async with response["Body"] as body:
+            while chunk := await body.read(1024 * 1024):
+                await asyncio.to_thread(hasher.update, chunk)
+        if hasher.hexdigest() == digest.hex:
+            return None
+        await self.bucket.delete(key)
+        if kind == "blobs/":
+            await self.index.forget(digest)
+        return f"{name} (bucket)"

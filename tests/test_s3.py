@@ -1,0 +1,578 @@
+"""The cache in an S3 bucket (storage.s3) against a real Ceph RGW: keys, verification before
+an object becomes visible, serving from the bucket with an empty local tier, Range,
+redirects to presigned URLs, the bucket's bound, and a gateway that goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import os
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient
+
+from mirror import commands
+from mirror.config import Config, RedisConfig, StorageConfig
+from mirror.keys import storage_key
+from mirror.metadata import MetadataStore, open_metadata
+from mirror.storage.s3config import S3Config
+from mirror.storage.tiered import TieredStorage
+from mirror.storage.upload import part_size
+from tests.conftest import MakeClient
+from tests.fakehub import FakeHub
+from tests.resilience_helpers import metric_value
+from tests.rgw import CephRGW
+from tests.services import RedisServer, free_port
+from tests.test_commands import run_cli
+
+Client = TestClient[Any, Any]
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def s3(rgw: CephRGW, s3_bucket: str) -> S3Config:
+    """storage.s3 for this test's fresh bucket, under a prefix."""
+    return S3Config(
+        bucket=s3_bucket,
+        endpoint=rgw.endpoint,
+        region=rgw.region,
+        prefix="cache/",
+        access_key_id=rgw.access_key,
+        secret_access_key=rgw.secret_key,
+    )
+
+
+def storage(tmp_path: Path, s3: S3Config, name: str = "data", **changes: Any) -> StorageConfig:
+    """A local tier of its own (`name`) in front of the test's bucket."""
+    return StorageConfig(path=tmp_path / name, s3=replace(s3, **changes))
+
+
+def key(kind: str, digest: str, prefix: str = "cache/") -> str:
+    algorithm, hexpart = digest.split(":")
+    return f"{prefix}{kind}/{algorithm}/{hexpart}"
+
+
+def local_blob(root: Path, digest: str) -> Path:
+    algorithm, hexpart = digest.split(":")
+    return root / "blobs" / algorithm / hexpart[:2] / hexpart
+
+
+async def pull(client: Client, image: dict[str, Any], repo: str = "library/app") -> None:
+    """GET the manifest by digest and every blob; each must arrive whole and right."""
+    resp = await client.get(f"/v2/{repo}/manifests/{image['digest']}")
+    assert resp.status == 200
+    assert await resp.read() == image["manifest"]
+    for digest in [image["config"], *image["layers"]]:
+        resp = await client.get(f"/v2/{repo}/blobs/{digest}")
+        assert resp.status == 200, digest
+        body = await resp.read()
+        assert "sha256:" + hashlib.sha256(body).hexdigest() == digest
+
+
+async def s3_requests(client: Client, operation: str | None = None) -> float:
+    text = await (await client.get("/metrics")).text()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("mirror_s3_requests_total{") and (
+            operation is None or f'operation="{operation}"' in line
+        ):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def eventually_exists(path: Path) -> Path:
+    for _ in range(400):
+        if path.exists():
+            break
+        await asyncio.sleep(0.025)
+    return path
+
+
+async def settled(client: Client) -> None:
+    """Wait until the downloads under way have finished (uploads included)."""
+    for _ in range(600):
+        text = await (await client.get("/metrics")).text()
+        if metric_value(text, "mirror_upstream_fetches_in_flight") == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("downloads still under way")
+
+
+async def test_cold_pull_lands_each_object_under_its_key(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    """Small blobs go up in one PUT, large ones in parts; manifests keep their media type."""
+    image = hub.content.add_image("library/app", "v1", [os.urandom(20 * MiB), b"small layer"])
+    client = await make_client(storage=storage(tmp_path, s3))
+
+    await pull(client, image)
+    await settled(client)
+
+    bucket = rgw.s3()
+    expected = sorted(
+        [key("blobs", d) for d in [image["config"], *image["layers"]]]
+        + [key("manifests", image["digest"])]
+    )
+    assert bucket.keys(s3.bucket) == expected
+    for digest in [image["config"], *image["layers"]]:
+        assert bucket.get(s3.bucket, key("blobs", digest)) == hub.content.blobs[digest]
+    head = bucket.client.head_object(Bucket=s3.bucket, Key=key("manifests", image["digest"]))
+    assert head["ContentType"] == "application/vnd.docker.distribution.manifest.v2+json"
+    assert bucket.get(s3.bucket, key("manifests", image["digest"])) == image["manifest"]
+    assert bucket.multipart_uploads(s3.bucket) == []
+    assert await s3_requests(client, "UploadPart") == 3  # 20 MiB in 8 MiB parts
+    assert hub.stats["cdn_get"] == 3  # one upstream fetch per blob
+
+
+async def test_concurrent_cold_clients_make_one_fetch_and_one_upload(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    layer = os.urandom(20 * MiB)
+    digest = hub.content.add_blob(layer)
+    hub.cdn_cut_after = 7 * MiB  # and every upstream response breaks: resumed with Range
+    client = await make_client(storage=storage(tmp_path, s3))
+
+    async def fetch() -> bytes:
+        return await (await client.get(f"/v2/library/app/blobs/{digest}")).read()
+
+    assert await asyncio.gather(*(fetch() for _ in range(4))) == [layer] * 4
+    await settled(client)
+
+    assert hub.stats.cdn_get_by_digest[digest] >= 3  # one download, resumed
+    text = await (await client.get("/metrics")).text()
+    assert metric_value(text, "mirror_resumed_transfers_total") >= 2
+    assert await s3_requests(client, "CreateMultipartUpload") == 1
+    assert await s3_requests(client, "CompleteMultipartUpload") == 1
+    assert rgw.s3().get(s3.bucket, key("blobs", digest)) == layer
+
+
+async def test_a_digest_mismatch_leaves_nothing_in_the_bucket(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    layer = os.urandom(20 * MiB)  # several parts: a multipart upload is begun
+    digest = hub.content.add_blob(layer)
+    hub.corrupt_blobs = {digest}
+    client = await make_client(storage=storage(tmp_path, s3))
+
+    resp = await client.get(f"/v2/library/app/blobs/{digest}")
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()  # cut short: the last bytes wait for a verdict that fails
+    await settled(client)
+
+    assert rgw.s3().keys(s3.bucket) == []
+    assert rgw.s3().multipart_uploads(s3.bucket) == []
+    assert await s3_requests(client, "CreateMultipartUpload") == 1
+    assert await s3_requests(client, "AbortMultipartUpload") == 1
+
+
+async def test_an_empty_local_tier_is_served_from_the_bucket(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config
+) -> None:
+    """A new mirror (fresh directory, fresh metadata) pulls with no upstream blob request:
+    one GET to the bucket per blob, the local tier filled on the way, then 0 S3 requests."""
+    image = hub.content.add_image("library/app", "v1", [os.urandom(12 * MiB), os.urandom(1000)])
+    first = await make_client(storage=storage(tmp_path, s3, "first"))
+    await pull(first, image)
+    await settled(first)
+    hub.reset_stats()
+
+    second = await make_client(storage=storage(tmp_path, s3, "second"))
+    await pull(second, image)
+
+    assert hub.stats["blob_get"] == hub.stats["cdn_get"] == 0
+    assert hub.stats["manifest_get"] == 0  # the manifest came from the bucket too
+    blobs = [image["config"], *image["layers"]]
+    assert await s3_requests(second, "GetObject") == len(blobs) + 1  # + the manifest
+    assert await s3_requests(second, "HeadObject") == 0
+    for digest in blobs:  # hashed and kept once the client had it all
+        path = await eventually_exists(local_blob(tmp_path / "second", digest))
+        assert path.read_bytes() == hub.content.blobs[digest]
+    before = await s3_requests(second)
+    await pull(second, image)
+    assert await s3_requests(second) == before  # the local tier: no S3 request at all
+    text = await (await second.get("/metrics")).text()
+    assert metric_value(text, "mirror_tier_hits_total", {"tier": "bucket"}) == len(blobs)
+    assert metric_value(text, "mirror_tier_hits_total", {"tier": "local"}) == len(blobs)
+
+
+async def test_an_object_changed_in_the_bucket_is_deleted_not_kept(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    """An object is only ever written after its digest matched; one changed behind the
+    mirror's back is found when its local copy is hashed: deleted, never kept locally."""
+    layer = os.urandom(3 * MiB)
+    digest = hub.content.add_blob(layer)
+    rgw.s3().put(s3.bucket, key("blobs", digest), layer[::-1])
+    client = await make_client(storage=storage(tmp_path, s3))
+    path = f"/v2/library/app/blobs/{digest}"
+
+    await (await client.get(path)).read()
+    for _ in range(400):
+        if key("blobs", digest) not in rgw.s3().keys(s3.bucket):
+            break
+        await asyncio.sleep(0.025)
+
+    assert key("blobs", digest) not in rgw.s3().keys(s3.bucket)
+    assert not local_blob(tmp_path / "data", digest).exists()
+    text = await (await client.get("/metrics")).text()
+    assert metric_value(text, "mirror_digest_mismatches_total", {"kind": "blob"}) == 1
+    assert await (await client.get(path)).read() == layer  # from upstream, cached anew
+    assert hub.stats["cdn_get"] == 1
+
+
+async def test_a_range_is_passed_to_the_bucket(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config
+) -> None:
+    layer = os.urandom(3 * MiB)
+    digest = hub.content.add_blob(layer)
+    first = await make_client(storage=storage(tmp_path, s3, "first"))
+    assert await (await first.get(f"/v2/library/app/blobs/{digest}")).read() == layer
+    await settled(first)
+    second = await make_client(storage=storage(tmp_path, s3, "second"))
+
+    resp = await second.get(f"/v2/library/app/blobs/{digest}", headers={"Range": "bytes=1000-"})
+    assert resp.status == 206
+    assert resp.headers["Content-Range"] == f"bytes 1000-{len(layer) - 1}/{len(layer)}"
+    assert await resp.read() == layer[1000:]
+    resp = await second.get(f"/v2/library/app/blobs/{digest}", headers={"Range": "bytes=5-9"})
+    assert (resp.status, await resp.read()) == (206, layer[5:10])
+    past = await second.get(f"/v2/library/app/blobs/{digest}", headers={"Range": "bytes=9999999-"})
+    assert past.status == 416
+    assert past.headers["Content-Range"] == f"bytes */{len(layer)}"
+    head = await second.head(f"/v2/library/app/blobs/{digest}")
+    assert head.status == 200
+    assert head.headers["Content-Length"] == str(len(layer))
+    etag = {"If-None-Match": f'"{digest}"'}
+    unchanged = await second.get(f"/v2/library/app/blobs/{digest}", headers=etag)
+    assert (unchanged.status, await unchanged.read()) == (304, b"")
+    assert await s3_requests(second, "GetObject") == 3
+    # A HEAD, and the 304, move no body; the 416 needs the size.
+    assert await s3_requests(second, "HeadObject") == 3
+    assert not local_blob(tmp_path / "second", digest).exists()  # only whole reads fill it
+    assert hub.stats["cdn_get"] == 1
+
+
+async def test_redirect_answers_307_to_a_presigned_url(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config
+) -> None:
+    layer = os.urandom(2 * MiB)
+    digest = hub.content.add_blob(layer)
+    first = await make_client(storage=storage(tmp_path, s3, "first"))
+    assert await (await first.get(f"/v2/library/app/blobs/{digest}")).read() == layer
+    await settled(first)
+    second = await make_client(storage=storage(tmp_path, s3, "second", redirect=True))
+    path = f"/v2/library/app/blobs/{digest}"
+
+    await second.get(path, allow_redirects=False)  # the records may not know it yet
+    before = await s3_requests(second)
+    resp = await second.get(path, allow_redirects=False)
+
+    assert resp.status == 307
+    assert await s3_requests(second) == before  # presigning is local
+    location = resp.headers["Location"]
+    assert "X-Amz-Signature=" in location and "X-Amz-Expires=600" in location
+    async with aiohttp.ClientSession() as session:
+        async with session.get(location) as got:
+            assert (got.status, await got.read()) == (200, layer)
+        async with session.get(location, headers={"Range": "bytes=100-199"}) as got:
+            assert (got.status, await got.read()) == (206, layer[100:200])
+    text = await (await second.get("/metrics")).text()
+    assert metric_value(text, "mirror_blob_redirects_total") == 2
+    assert hub.stats["cdn_get"] == 1
+
+
+async def test_the_bucket_bound_evicts_the_least_recently_read(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    a, b, c = (hub.content.add_blob(os.urandom(10 * MiB)) for _ in range(3))
+    client = await make_client(storage=storage(tmp_path, s3, max_size=25 * MiB))
+    for digest in (a, b):
+        await (await client.get(f"/v2/library/app/blobs/{digest}")).read()
+        await settled(client)
+    await (await client.get(f"/v2/library/app/blobs/{a}")).read()  # a: read again, b: not
+
+    await (await client.get(f"/v2/library/app/blobs/{c}")).read()  # 30 MiB > 25 MiB
+    await settled(client)
+
+    for _ in range(200):
+        if key("blobs", b) not in rgw.s3().keys(s3.bucket):
+            break
+        await asyncio.sleep(0.05)
+    assert rgw.s3().keys(s3.bucket, "cache/blobs/") == sorted([key("blobs", a), key("blobs", c)])
+    # Evicting from the bucket leaves the local tier alone.
+    assert local_blob(tmp_path / "data", b).exists()
+
+
+async def test_a_blob_being_read_from_the_bucket_is_not_evicted(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    layers = [os.urandom(10 * MiB) for _ in range(2)]
+    digests = [hub.content.add_blob(layer) for layer in layers]
+    first = await make_client(storage=storage(tmp_path, s3, "first"))
+    for digest in digests:
+        await (await first.get(f"/v2/library/app/blobs/{digest}")).read()
+    await settled(first)
+    second = await make_client(storage=storage(tmp_path, s3, "second"))
+
+    resp = await second.get(f"/v2/library/app/blobs/{digests[0]}")
+    head = await resp.content.readexactly(1000)  # the rest still to come from the bucket
+    evicted = await evict_all(second)
+
+    assert head + await resp.read() == layers[0]
+    assert rgw.s3().keys(s3.bucket, "cache/blobs/") == [key("blobs", digests[0])]
+    assert evicted == 1
+
+
+async def evict_all(client: Client) -> int:
+    """Evict the bucket down to nothing (what a bound of 1 byte asks): how many went."""
+    store = client.app[storage_key]
+    assert isinstance(store, TieredStorage)
+    return (await store.index.evict(max_size=1)).evicted
+
+
+async def readyz(client: Client) -> tuple[int, dict[str, str]]:
+    resp = await client.get("/readyz")
+    return resp.status, await resp.json()
+
+
+async def test_gateway_stopped_mid_upload_leaves_no_object(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    layer = os.urandom(40 * MiB)
+    digest = hub.content.add_blob(layer)
+    hub.cdn_delay = 0.004  # per 64 KiB chunk: the first part is up in a second or two
+    client = await make_client(storage=storage(tmp_path, s3, "first"))
+    path = f"/v2/library/app/blobs/{digest}"
+    try:
+        reading = asyncio.ensure_future((await client.get(path)).read())
+        while await s3_requests(client, "UploadPart") < 1:
+            await asyncio.sleep(0.05)
+        hub.cdn_delay = 0.05  # the rest takes 25 s: the gateway is surely gone before it
+        await asyncio.to_thread(rgw.stop_gateway)
+        hub.cdn_delay = 0
+        assert await reading == layer  # the client never notices
+        await settled(client)
+    finally:
+        await asyncio.to_thread(rgw.start_gateway)
+    hub.cdn_delay = 0
+
+    assert rgw.s3().keys(s3.bucket) == []  # no partial object under the digest
+    assert await (await client.get(path)).read() == layer  # the next pull: the local tier
+    # The upload the gateway cut is aborted once the bucket answers again.
+    for _ in range(400):
+        if rgw.s3().multipart_uploads(s3.bucket) == []:
+            break
+        await asyncio.sleep(0.05)
+    assert rgw.s3().multipart_uploads(s3.bucket) == []
+    # A mirror with a fresh local tier caches the blob anew.
+    second = await make_client(storage=storage(tmp_path, s3, "second"))
+    assert await (await second.get(path)).read() == layer
+    await settled(second)
+    assert rgw.s3().get(s3.bucket, key("blobs", digest)) == layer
+
+
+async def test_a_mirror_starts_while_the_bucket_is_down_and_relays(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    layer = os.urandom(2 * MiB)
+    digest = hub.content.add_blob(layer)
+    path = f"/v2/library/app/blobs/{digest}"
+    await asyncio.to_thread(rgw.stop_gateway)
+    try:
+        client = await make_client(storage=storage(tmp_path, s3))
+        down = {"storage": "ok", "metadata": "ok", "bucket": "unreachable"}
+        assert await readyz(client) == (503, down)
+        text = await (await client.get("/metrics")).text()
+        assert metric_value(text, "mirror_s3_up") == 0
+        assert "DOWN (serving uncached)" in await (await client.get("/")).text()
+
+        resp = await client.get(path)
+        assert (resp.status, await resp.read()) == (200, layer)  # relayed from upstream
+        assert not local_blob(tmp_path / "data", digest).exists()  # uncached
+    finally:
+        await asyncio.to_thread(rgw.start_gateway)
+
+    for _ in range(300):  # the bucket is probed again by itself
+        if (await readyz(client))[0] == 200:
+            break
+        await asyncio.sleep(0.1)
+    assert await readyz(client) == (200, {"storage": "ok", "metadata": "ok", "bucket": "ok"})
+    assert await (await client.get(path)).read() == layer
+    await settled(client)
+    assert rgw.s3().get(s3.bucket, key("blobs", digest)) == layer
+    assert hub.stats["cdn_get"] == 2
+
+
+def serve_config(tmp_path: Path, s3_lines: str) -> Path:
+    """A config file for `mirror serve` with the given `storage.s3` lines."""
+    path = tmp_path / "mirror.yaml"
+    path.write_text(
+        f"listen: 127.0.0.1:{free_port()}\n"
+        f"storage:\n  path: {tmp_path / 'data'}\n  s3:\n"
+        + "".join(f"    {line}\n" for line in s3_lines.strip().splitlines())
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("lines", "key_named"),
+    [
+        ("bucket: b1b\nendpont: http://127.0.0.1:1", "storage.s3.endpont"),
+        ("bucket: b1b\nendpoint: 127.0.0.1:9000", "storage.s3.endpoint"),
+        ("bucket: B_b\nendpoint: http://127.0.0.1:1", "storage.s3.bucket"),
+        ("endpoint: http://127.0.0.1:1", "storage.s3.bucket"),
+        ("bucket: b1b\naccess_key_id: AK", "storage.s3.secret_access_key"),
+        ("bucket: b1b\nredirect: sometimes", "storage.s3.redirect"),
+        ("bucket: b1b\nredirect_ttl: 30d", "storage.s3.redirect_ttl"),
+        ("bucket: b1b\nmax_size: lots", "storage.s3.max_size"),
+    ],
+)
+async def test_bad_s3_settings_stop_serve_naming_the_key(
+    tmp_path: Path, lines: str, key_named: str
+) -> None:
+    status, _, stderr = await run_cli(
+        "serve", "--config", str(serve_config(tmp_path, lines)), cwd=tmp_path
+    )
+    assert status == 2
+    assert stderr.strip().startswith(f"mirror: config: {key_named}: "), stderr
+    assert len(stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("problem", ["no such bucket", "wrong secret"])
+async def test_a_failing_bucket_check_stops_serve(
+    tmp_path: Path, rgw: CephRGW, s3_bucket: str, problem: str
+) -> None:
+    bucket = "mirror-never-created" if problem == "no such bucket" else s3_bucket
+    secret = "not-the-secret" if problem == "wrong secret" else rgw.secret_key
+    config = serve_config(
+        tmp_path,
+        f"bucket: {bucket}\nendpoint: {rgw.endpoint}\naccess_key_id: {rgw.access_key}\n"
+        f"secret_access_key: {secret}",
+    )
+    status, _, stderr = await run_cli("serve", "--config", str(config), cwd=tmp_path)
+    assert status == 2
+    assert "Traceback" not in stderr and secret not in stderr
+    named = "storage.s3.bucket" if problem == "no such bucket" else "storage.s3.access_key_id"
+    errors = [line for line in stderr.splitlines() if line.startswith("mirror: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"mirror: config: {named}: "), stderr
+
+
+async def test_commands_work_against_the_bucket(
+    hub: FakeHub, config: Config, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    """warm fills the bucket; with a fresh local tier, warm finds it all there, ls sizes it,
+    verify deletes a corrupt object, and gc evicts to the bucket's bound."""
+    image = hub.content.add_image("library/app", "v1", [os.urandom(9 * MiB), b"layer two"])
+    blobs = [image["config"], *image["layers"]]
+    first = replace(config, storage=storage(tmp_path, s3, "first"))
+    report = await commands.warm(first, ["library/app:v1"], None, out=io.StringIO())
+    assert (report.fetched, report.failures) == (3, [])
+    in_bucket = rgw.s3().keys(s3.bucket, "cache/blobs/")
+    assert sorted(in_bucket) == sorted(key("blobs", d) for d in blobs)
+
+    fresh = replace(config, storage=storage(tmp_path, s3, "second"))
+    hub.reset_stats()
+    report = await commands.warm(fresh, ["library/app:v1"], None, out=io.StringIO())
+    assert (report.fetched, report.cached) == (0, 3)
+    assert hub.stats["cdn_get"] == 0
+    out = io.StringIO()
+    assert await commands.list_cache(fresh, out=out) == 1
+    assert "9.0 MiB" in out.getvalue()
+
+    bad = image["layers"][1]
+    rgw.s3().put(s3.bucket, key("blobs", bad), b"not layer two")
+    out = io.StringIO()
+    assert await commands.verify(fresh, out=out) == [f"{bad} (bucket)"]
+    assert key("blobs", bad) not in rgw.s3().keys(s3.bucket)
+
+    # Bound to 9 MiB (evicting down to 90% of it): the 9 MiB layer cannot stay.
+    out = io.StringIO()
+    bounded = replace(config, storage=storage(tmp_path, s3, "second", max_size=9 * MiB))
+    await commands.collect_garbage(bounded, 1, out=out)
+    assert "bucket: evicted" in out.getvalue()
+    assert key("blobs", image["layers"][0]) not in rgw.s3().keys(s3.bucket)
+
+
+def test_s3_secrets_stay_out_of_reprs(s3: S3Config) -> None:
+    assert s3.secret_access_key and s3.secret_access_key not in repr(s3)
+    assert s3.access_key_id and s3.access_key_id not in repr(s3)
+
+
+@pytest.fixture
+async def metadata(metadata_config: RedisConfig) -> AsyncIterator[MetadataStore]:
+    store = open_metadata(metadata_config.url, ttl=60)
+    yield store
+    await store.close()
+
+
+async def test_bucket_records_round_trip(metadata: MetadataStore) -> None:
+    await metadata.put_blob_read("sha256:aa", 10, 100.5)
+    await metadata.put_blob_read("sha256:bb", 20, 200.0)
+    await metadata.put_blob_read("sha256:aa", 10, 300.0)
+    await metadata.forget_blob("sha256:bb")
+    assert await metadata.blob_reads() == {"sha256:aa": (10, 300.0)}
+    assert await metadata.get_blob_read("sha256:aa") == (10, 300.0)
+    assert await metadata.get_blob_read("sha256:bb") is None
+
+
+def test_parts_fit_a_10_gib_layer_in_10000() -> None:
+    assert part_size(1000) == part_size(None) // 2 == 8 * MiB
+    assert part_size(10 * 1024 * MiB) * 10_000 >= 10 * 1024 * MiB
+    assert part_size(100 * 1024 * MiB) % MiB == 0
+    assert part_size(100 * 1024 * MiB) * 10_000 >= 100 * 1024 * MiB
+
+
+async def test_a_blob_too_large_for_the_local_tier_is_cached_in_the_bucket(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    layer = os.urandom(12 * MiB)
+    digest = hub.content.add_blob(layer)
+    small = StorageConfig(path=tmp_path / "data", max_size=5 * MiB, s3=s3)
+    client = await make_client(storage=small)
+    path = f"/v2/library/app/blobs/{digest}"
+
+    assert await (await client.get(path)).read() == layer
+    await settled(client)
+
+    assert rgw.s3().get(s3.bucket, key("blobs", digest)) == layer
+    assert not local_blob(tmp_path / "data", digest).exists()
+    assert await (await client.get(path)).read() == layer  # from the bucket, not upstream
+    assert hub.stats["cdn_get"] == 1
+    assert not local_blob(tmp_path / "data", digest).exists()  # nor kept after that read
+
+
+async def test_records_in_redis_let_a_new_mirror_redirect_with_no_s3_request(
+    hub: FakeHub,
+    make_client: MakeClient,
+    tmp_path: Path,
+    s3: S3Config,
+    redis_server: RedisServer,
+) -> None:
+    """What the bucket holds is known from the metadata store: a new mirror with an empty
+    local tier sharing the Redis answers its very first GET with a 307, no S3 request."""
+    import redis.asyncio as aioredis
+
+    conn = aioredis.Redis.from_url(redis_server.url)
+    await conn.flushdb()
+    await conn.aclose()
+    redis = RedisConfig(url=redis_server.url)
+    layer = os.urandom(MiB)
+    digest = hub.content.add_blob(layer)
+    first = await make_client(storage=storage(tmp_path, s3, "first"), redis=redis)
+    assert await (await first.get(f"/v2/library/app/blobs/{digest}")).read() == layer
+    await settled(first)
+
+    second = await make_client(
+        storage=storage(tmp_path, s3, "second", redirect=True), redis=redis
+    )
+    before = await s3_requests(second)
+    resp = await second.get(f"/v2/library/app/blobs/{digest}", allow_redirects=False)
+
+    assert resp.status == 307
+    assert await s3_requests(second) == before
