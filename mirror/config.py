@@ -371,17 +371,14 @@ def config_from_mapping(raw: Mapping[str, Any]) -> Config:
         policy=_policy(raw, default, others),
         tls=tls,
         http=http,
-        cluster=_cluster(raw, redis_url),
+        cluster=_cluster(raw),
     )
 
 
-def _cluster(raw: Mapping[str, Any], redis_url: object) -> ClusterConfig | None:
+def _cluster(raw: Mapping[str, Any]) -> ClusterConfig | None:
     from mirror.cluster.settings import parse_cluster  # it imports this module
 
-    cluster = parse_cluster(raw)
-    if cluster is not None and redis_url is None:
-        raise ConfigError("cluster", "needs redis.url: replicas share their state through Redis")
-    return cluster
+    return parse_cluster(raw)
 
 
 def _policy(
@@ -434,4 +431,9 @@ def apply_overrides(
     if redis is not None:
         url = _redis_url("--redis", redis)
         config = replace(config, redis=RedisConfig(url=url))
+    # Checked here, once the flags are in: the URL may come from --redis.
+    if config.cluster is not None and config.redis.url is None:
+        raise ConfigError(
+            "cluster", "needs redis.url (or --redis): replicas share their state through Redis"
+        )
     return config

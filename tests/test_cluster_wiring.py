@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +11,7 @@ import pytest
 
 from mirror.cluster.lease import Lease, Leases
 from mirror.cluster.settings import ClusterConfig
-from mirror.config import ConfigError, RedisConfig, config_from_mapping
+from mirror.config import ConfigError, RedisConfig, apply_overrides, config_from_mapping
 from mirror.keys import leases_key
 from tests.conftest import MakeClient
 from tests.services import RedisServer
@@ -35,12 +37,33 @@ def test_cluster_section_reaches_the_config(tmp_path: Path) -> None:
 
 
 def test_cluster_without_redis_is_refused_naming_cluster(tmp_path: Path) -> None:
+    raw = {"cluster": {"advertise_url": "http://a:8083", "secret_file": _secret(tmp_path)}}
     with pytest.raises(ConfigError) as raised:
-        config_from_mapping(
-            {"cluster": {"advertise_url": "http://a:8083", "secret_file": _secret(tmp_path)}}
-        )
+        apply_overrides(config_from_mapping(raw))
     assert raised.value.key == "cluster"
     assert "redis.url" in str(raised.value)
+    # The URL may come from the command line.
+    config = apply_overrides(config_from_mapping(raw), redis="redis://127.0.0.1:6379/0")
+    assert config.cluster is not None and config.redis.url
+
+
+def test_the_cli_refuses_a_cluster_without_redis(tmp_path: Path) -> None:
+    config = tmp_path / "mirror.yaml"
+    config.write_text(
+        f"cluster: {{advertise_url: 'http://a:8083', secret_file: '{_secret(tmp_path)}'}}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "mirror", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "mirror: config: cluster: needs redis.url (or --redis): replicas share their state "
+        "through Redis"
+    ]
 
 
 async def test_app_opens_leases_only_with_a_cluster(
