@@ -14,6 +14,9 @@ import asyncio
 import base64
 import hashlib
 import json
+import os
+import shutil
+import subprocess
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -26,6 +29,7 @@ import bcrypt
 import pytest
 
 from mirror.cluster.shared import DOWN_RETRY
+from tests.loadbalancer import HAProxy
 from tests.redis_topologies import TOPOLOGIES, flushed_redis_url
 from tests.resilience_helpers import (
     MANIFEST_ACCEPT,
@@ -367,6 +371,66 @@ async def test_an_htpasswd_change_is_picked_up_by_every_replica(
     assert not pending, "a replica never saw bob"
     for replica in replicas:
         assert (await _token(session, replica, "alice", "wonderland", repo))[0] == 401
+
+
+def _answered(metrics: str, route: str) -> float:
+    """Requests of `route` a replica answered 200, from its /metrics text."""
+    labels = {"route": route, "method": "GET", "status": "200"}
+    return metric_value(metrics, "mirror_http_requests_total", labels) or 0.0
+
+
+@pytest.mark.skipif(shutil.which("skopeo") is None or shutil.which("haproxy") is None,
+                    reason="skopeo and haproxy are installed by make test")  # fmt: skip
+async def test_skopeo_logs_in_and_copies_through_a_round_robin_balancer(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    hub: FakeHubProcess,
+    content: Content,
+    stack: ExitStack,
+    session: aiohttp.ClientSession,
+) -> None:
+    """The token comes from one replica, the next request goes to the other."""
+    htpasswd = _htpasswd(tmp_path / "htpasswd", {"alice": "wonderland"})
+    replicas = start_replicas(
+        stack,
+        tmp_path,
+        hub,
+        flushed_redis_url(request, "single"),
+        2,
+        shared_storage=False,
+        extra={"auth": {"htpasswd": str(htpasswd)}},
+    )
+    balancer = stack.enter_context(HAProxy(tmp_path / "lb", [r.url for r in replicas]))
+    home = tmp_path / "skopeo-home"
+    (home / "run").mkdir(parents=True)
+    (home / "registries.conf").write_text("")
+    env = {
+        "HOME": str(home),
+        "PATH": os.environ["PATH"],
+        "XDG_RUNTIME_DIR": str(home / "run"),
+        "REGISTRY_AUTH_FILE": str(home / "auth.json"),
+        "CONTAINERS_REGISTRIES_CONF": str(home / "registries.conf"),
+        "DOCKER_CONFIG": str(home / "docker"),
+    }
+    image = content.small
+    target = tmp_path / "copied"
+    source = f"docker://127.0.0.1:{balancer.port}/{image.repo}:latest"
+    done = await asyncio.to_thread(
+        subprocess.run,
+        ["skopeo", "--insecure-policy", "copy", "--src-tls-verify=false",
+         "--src-creds", "alice:wonderland", source, f"dir:{target}"],
+        capture_output=True, text=True, timeout=120, env=env, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (target / image.layer_digest.split(":")[1]).read_bytes() == image.data
+    tokens, served = [], []
+    for replica in replicas:
+        async with session.get(f"{replica.url}/metrics") as resp:
+            text = await resp.text()
+        tokens.append(_answered(text, "token"))
+        served.append(_answered(text, "manifest") + _answered(text, "blob"))
+    # Each replica answered token-bearing requests; one token would have done for both.
+    assert all(served), (tokens, served)
 
 
 # --- Redis lost and back ------------------------------------------------------------------
