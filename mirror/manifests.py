@@ -36,12 +36,17 @@ ALL_TYPES = sorted(MANIFEST_TYPES)
 def _failed_elsewhere(error: str) -> Exception:
     if error == TooManyRequests.__name__:
         return TooManyRequests("upstream rate limit reached (seen by another replica)")
+    if error == ManifestUnknown.__name__:
+        return ManifestUnknown("manifest not found upstream (asked by another replica)")
     return UpstreamUnavailable("the upstream failed for another replica just now")
 
 
-# With replicas, an upstream failing for the lease holder fails its waiters at once (a
-# stale tag is then served) rather than each asking the failing upstream in turn.
-UPSTREAM_FAILED = SharedFailure((UpstreamUnavailable, TooManyRequests), _failed_elsewhere)
+# With replicas, what the upstream answered the lease holder (down, rate limited, no such
+# manifest) is its waiters' answer too, at once (a stale tag is then served where one is
+# kept), rather than each replica asking again in turn.
+UPSTREAM_FAILED = SharedFailure(
+    (UpstreamUnavailable, TooManyRequests, ManifestUnknown), _failed_elsewhere
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -219,6 +219,22 @@ async def test_an_expired_tag_on_every_replica_at_once_costs_one_upstream_head(
     assert (stats["manifest_head"], stats["manifest_get"]) == (1, 0)
 
 
+async def test_concurrent_misses_of_a_missing_tag_on_three_replicas_ask_once(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    hub: FakeHubProcess,
+    content: Content,
+    stack: ExitStack,
+    session: aiohttp.ClientSession,
+) -> None:
+    replicas = start_replicas(stack, tmp_path, hub, flushed_redis_url(request, "single"))
+    answers = await spread(session, replicas, content.small.repo, "no-such-tag", 9)
+    assert [status for status, _, _ in answers] == [404] * 9
+    for _, _, body in answers:
+        assert json.loads(body)["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    assert hub.stats()["manifest_get"] == 1
+
+
 async def test_an_expired_tag_with_the_upstream_down_costs_one_attempt_and_is_served_stale(
     request: pytest.FixtureRequest,
     tmp_path: Path,
