@@ -1,27 +1,36 @@
-# syntax=docker/dockerfile:1
 # The mirror as a small, non-root image:
 #   docker build -t mirror .
 #   docker run -p 8083:8083 -v mirror-data:/var/lib/mirror mirror
 # Configuration: /etc/mirror/config.yaml (deploy/config.example.yaml; mount your own over it).
+#
+# BASE: any Debian-like image with python3 (3.11+), python3's venv module with ensurepip,
+# and groupadd/useradd; both stages use it, since the venv links to the base's python3.
+# Offline: a wheelhouse in ./wheels (pip wheel --wheel-dir wheels . 'setuptools>=68' wheel)
+# is installed from with no index, so the build needs no network at all. (No `# syntax=`
+# line: BuildKit would pull that frontend image first.)
+ARG BASE=python:3.11-slim
 
-# --- build: a wheel of the mirror, installed with its dependencies into a venv ------------
-FROM python:3.11-slim AS build
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+# --- build: the mirror and its dependencies, installed into a venv ----------------------
+FROM ${BASE} AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY mirror ./mirror
-RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
-    && python -m venv /opt/mirror \
-    && /opt/mirror/bin/pip install /wheels/mirror-*.whl \
+# The context is what .dockerignore lets through: pyproject.toml, README.md, mirror/,
+# deploy/config.example.yaml and, when present, wheels/.
+COPY . .
+RUN python3 -m venv /opt/mirror \
+    && if [ -d wheels ]; then set -- --no-index --find-links wheels; fi \
+    && /opt/mirror/bin/pip install -q "$@" . \
     && /opt/mirror/bin/pip uninstall -y -q pip setuptools
 
 # --- runtime: the venv, .pyc included (the root filesystem may be read-only) ------------
-FROM python:3.11-slim
+FROM ${BASE}
 LABEL org.opencontainers.image.title="mirror" \
       org.opencontainers.image.description="A pull-through caching mirror for container registries"
-ENV PATH=/opt/mirror/bin:$PATH \
+# PATH in full: an imported base (docker import) has no PATH of its own to extend.
+ENV PATH=/opt/mirror/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    MIRROR_CONFIG=/etc/mirror/config.yaml
 RUN groupadd --system --gid 10001 mirror \
     && useradd --system --uid 10001 --gid mirror --home-dir /var/lib/mirror \
        --no-create-home --shell /usr/sbin/nologin mirror \
@@ -35,9 +44,10 @@ WORKDIR /var/lib/mirror
 VOLUME /var/lib/mirror
 EXPOSE 8083
 
-# No curl in the slim image: python asks /healthz (without any proxy from the environment).
+# No curl in a slim image: the mirror's own python asks /healthz, on the address the mirror
+# listens on (its --listen, else `listen` of its config file).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:8083/healthz', timeout=4)"]
+    CMD ["python", "-m", "mirror.healthcheck"]
 
 ENTRYPOINT ["mirror"]
 CMD ["serve", "--config", "/etc/mirror/config.yaml"]

@@ -12,6 +12,10 @@ SYSTEM_COMMANDS := redis-server redis-sentinel redis-cli docker-registry dockerd
 	chromium curl \
 	ceph-mon ceph-osd radosgw ceph haproxy \
 	openssl unshare
+# The image test: a Debian base made with debootstrap, and the compose file started by
+# docker-compose (1.29, Python; Debian packages no `docker compose` v2).
+SYSTEM_PACKAGES += debootstrap docker-compose
+SYSTEM_COMMANDS += debootstrap docker-compose
 
 .PHONY: all install system-deps run test test-unit test-e2e bench soak lint format mypy clean
 

@@ -14,6 +14,7 @@ from aiohttp import web
 from mirror.access import client_auth_ctx, client_auth_middleware, token_handler
 from mirror.auth import TokenCache
 from mirror.blobs import BlobService
+from mirror.cluster.context import leases_ctx
 from mirror.config import Config, UpstreamConfig
 from mirror.credentials import Credentials
 from mirror.downloads import Downloads
@@ -26,6 +27,7 @@ from mirror.keys import (
     config_key,
     downloads_key,
     evictor_key,
+    leases_key,
     manifests_key,
     metadata_key,
     metrics_key,
@@ -69,6 +71,7 @@ def create_app(config: Config) -> web.Application:
     app[storage_key] = new_store(config.storage, app[metrics_key])
     app[pulls_key] = PullCounter()
     app.cleanup_ctx.extend([storage_ctx, metadata_ctx, upstream_ctx, services_ctx, client_auth_ctx])
+    app.cleanup_ctx.insert(0, leases_ctx)  # first: every service may take leases
     app.on_response_prepare.append(on_response_prepare)
     setup_routes(app)
     if config.auth.htpasswd is not None:
@@ -190,7 +193,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     blobs = BlobService(storage, downloads, metrics)
     app[downloads_key] = downloads
     app[blobs_key] = blobs
-    manifests = ManifestService(storage, app[metadata_key], metrics, config.cache)
+    manifests = ManifestService(storage, app[metadata_key], metrics, config.cache, app[leases_key])
     app[manifests_key] = manifests
     app[referrers_key] = ReferrersService(manifests, metrics)
     app[taglists_key] = TagListService(manifests, metrics)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from mirror.blobs import BlobService
+from mirror.cluster.lease import Leases
 from mirror.config import Config
 from mirror.downloads import Downloads
 from mirror.eviction import Evictor
@@ -29,3 +30,5 @@ pulls_key = web.AppKey("pulls", PullCounter)
 manifests_key = web.AppKey("manifests", ManifestService)
 referrers_key = web.AppKey("referrers", ReferrersService)
 taglists_key = web.AppKey("taglists", TagListService)
+# The replica's leases in Redis (mirror/cluster/); None when `cluster:` is not set.
+leases_key: web.AppKey[Leases | None] = web.AppKey("leases")

@@ -263,6 +263,7 @@ def test_every_deploy_file_is_checked() -> None:
     others = {
         DEPLOY / "README.md",
         DEPLOY / "systemd" / "mirror.service",
+        DEPLOY / ".env",  # test_compose_project_name
     }
     unchecked = {p for p in DEPLOY.rglob("*") if p.is_file()} - checked - others
     assert not unchecked, f"files under deploy/ no test parses: {sorted(map(str, unchecked))}"
@@ -456,6 +457,15 @@ def test_compose_volumes_and_mounted_files_exist() -> None:
                 assert path.exists(), f"{name} mounts {source}, which is not in the repository"
                 assert path.is_relative_to(REPO_ROOT), f"{name} mounts {source} from outside"
     assert used == declared, f"declared but unused volumes: {declared - used}"
+
+
+def test_compose_project_name() -> None:
+    # docker-compose 1.29 (Debian 12's) rejects a top-level `name:`; both it and compose v2
+    # read the project directory's .env, so the volumes stay mirror_mirror-data etc.
+    assert "name" not in _compose()
+    lines = (DEPLOY / ".env").read_text().splitlines()
+    env = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    assert env == {"COMPOSE_PROJECT_NAME": "mirror"}
 
 
 def test_compose_builds_the_mirror_from_the_dockerfile() -> None:
@@ -685,7 +695,9 @@ def test_dockerfile() -> None:
     instructions = _dockerfile()
     froms = [args for kw, args in instructions if kw == "FROM"]
     assert len(froms) >= 2, "not a multi-stage build"
-    assert all(args.split()[0] == "python:3.11-slim" for args in froms)
+    # The base is a build argument, the official slim Python image unless given.
+    assert ("ARG", "BASE=python:3.11-slim") in instructions
+    assert all(args.split()[0] == "${BASE}" for args in froms)
     last_from = max(i for i, (kw, _) in enumerate(instructions) if kw == "FROM")
     final = instructions[last_from:]
     kinds = {kw: args for kw, args in final}
@@ -695,7 +707,8 @@ def test_dockerfile() -> None:
     assert users[-1].split(":")[0] not in ("root", "0")
     assert "8083" in kinds["EXPOSE"].split()
     assert "/var/lib/mirror" in kinds["VOLUME"]
-    assert "/healthz" in kinds["HEALTHCHECK"]
+    # /healthz, asked by mirror.healthcheck (tests/test_healthcheck.py) on the listen port.
+    assert "mirror.healthcheck" in kinds["HEALTHCHECK"]
     assert "CMD" in kinds["HEALTHCHECK"].split()
     assert "curl" not in kinds["HEALTHCHECK"]  # not in the slim image
     assert json.loads(kinds["ENTRYPOINT"]) == ["mirror"]
@@ -709,7 +722,8 @@ def test_dockerfile() -> None:
         *sources, dest = [a for a in shlex.split(args) if not a.startswith("--")]
         for source in sources:
             assert (REPO_ROOT / source).exists(), f"COPY {source}: not in the repository"
-            assert not _dockerignored(source), f"COPY {source}: excluded by .dockerignore"
+            if source != ".":  # the whole context: what .dockerignore lets through
+                assert not _dockerignored(source), f"COPY {source}: excluded by .dockerignore"
             copied[dest] = REPO_ROOT / source
     # The image's default config is valid and caches into the volume.
     config = load_config(copied["/etc/mirror/config.yaml"])
@@ -718,9 +732,13 @@ def test_dockerfile() -> None:
 
 
 def test_dockerignore() -> None:
-    for path in (".git", ".venv", "mirror-data", "bench-results", "tests", ".venv/bin/python"):
+    ignored = (".git", ".venv", "mirror-data", "bench-results", "tests", ".venv/bin/python")
+    ignored += ("docs", "deploy/compose.yaml", "mirror/__pycache__", "mirror/x.pyc", "a.egg-info")
+    for path in ignored:
         assert _dockerignored(path), path
-    for path in ("pyproject.toml", "README.md", "mirror", "deploy/config.example.yaml"):
+    # What the build stage's `COPY . .` needs, and an offline build's wheelhouse.
+    needed = ("pyproject.toml", "README.md", "mirror", "mirror/cli.py")
+    for path in (*needed, "deploy/config.example.yaml", "wheels", "wheels/a.whl"):
         assert not _dockerignored(path), path
 
 
