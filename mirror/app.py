@@ -16,6 +16,7 @@ from mirror.auth import TokenCache
 from mirror.blobs import BlobService
 from mirror.cluster.blobflight import BlobFlight
 from mirror.cluster.context import leases_ctx
+from mirror.cluster.evictlease import evict_one_at_a_time
 from mirror.cluster.peers import PEER_PATH, peer_blob, peers_ctx
 from mirror.config import Config, UpstreamConfig
 from mirror.credentials import Credentials
@@ -210,6 +211,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[evictor_key] = evictor
     downloads.on_commit = evictor.added
+    evict_one_at_a_time(storage, leases)
     await storage.attach(app[metadata_key], lambda: blobs.reading)
     task = asyncio.create_task(evictor.run()) if evictor.enabled else None
     yield

@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis
 
 from mirror.cluster import peerauth
 from tests.redis_topologies import flushed_redis_url
@@ -319,3 +320,56 @@ async def test_redis_unreachable_each_replica_downloads_alone(
     await settled(session, replicas)
     s3 = rgw.s3()
     assert sha256(s3.get(s3_bucket, bucket_key(image.layer_digest))) == image.layer_digest
+
+
+# --- bucket eviction on one replica at a time -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_layers(registry: DistributionRegistry) -> list[RandomImage]:
+    return [seed_random_image(registry.url, f"small{i}", MiB, seed=80 + i) for i in range(4)]
+
+
+async def test_bucket_eviction_runs_only_under_the_eviction_lease(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    hub: FakeHubProcess,
+    small_layers: list[RandomImage],
+    rgw: CephRGW,
+    s3_bucket: str,
+    stack: ExitStack,
+    session: aiohttp.ClientSession,
+) -> None:
+    redis_url = flushed_redis_url(request, "single")
+    storage = s3_section(rgw, s3_bucket)
+    storage["s3"]["max_size"] = int(2.5 * MiB)  # room for two of the 1 MiB layers
+    replicas = start_cluster(stack, tmp_path, hub, redis_url, 2, storage)
+    held = redis.Redis.from_url(redis_url)
+    stack.callback(held.close)
+    # Another replica's pass under way: nobody else evicts.
+    held.set("mirror:lease:evict:bucket", "http://127.0.0.1:1 elsewhere", px=60_000)
+    s3 = rgw.s3()
+
+    async def store(index: int) -> None:
+        layer = small_layers[index]
+        async with session.get(f"{replicas[index % 2].url}{layer.blob_path}") as resp:
+            assert await resp.read() == layer.data
+        await settled(session, replicas)
+
+    for index in range(3):
+        await store(index)
+    await asyncio.sleep(0.5)  # each replica's index woke on its upload and found the lease held
+    assert len(s3.keys(s3_bucket, "cache/blobs/")) == 3  # over the bound, untouched
+    assert await metric(session, replicas, "mirror_bucket_evictions_total") == 0
+
+    held.delete("mirror:lease:evict:bucket")
+    await store(3)  # wakes replica 1's index, which takes the lease and evicts
+    for _ in range(200):
+        if await metric(session, replicas, "mirror_bucket_evictions_total") >= 2:
+            break
+        await asyncio.sleep(0.05)
+    # 4 MiB down to 90% of the bound: the two least recently read go.
+    expected = {bucket_key(layer.layer_digest) for layer in small_layers[2:]}
+    assert set(s3.keys(s3_bucket, "cache/blobs/")) == expected
+    assert await metric(session, replicas, "mirror_bucket_evictions_total") == 2
+    assert held.get("mirror:lease:evict:bucket") is None  # released after the pass
