@@ -15,8 +15,8 @@ from mirror.access import client_auth_ctx, client_auth_middleware, token_handler
 from mirror.auth import TokenCache
 from mirror.blobs import BlobService
 from mirror.cluster.blobflight import BlobFlight
+from mirror.cluster.bucketshare import share_bucket
 from mirror.cluster.context import leases_ctx
-from mirror.cluster.evictlease import evict_one_at_a_time
 from mirror.cluster.peers import PEER_PATH, peer_blob, peers_ctx
 from mirror.config import Config, UpstreamConfig
 from mirror.credentials import Credentials
@@ -73,6 +73,7 @@ def create_app(config: Config) -> web.Application:
     app[config_key] = config
     app[metrics_key] = Metrics()
     app[storage_key] = new_store(config.storage, app[metrics_key])
+    share_bucket(app)  # replicas: the bucket's eviction and clean-up ask the leases
     app[pulls_key] = PullCounter()
     app.cleanup_ctx.extend([storage_ctx, metadata_ctx, upstream_ctx, services_ctx, client_auth_ctx])
     app.cleanup_ctx.insert(0, leases_ctx)  # first: every service may take leases
@@ -211,7 +212,6 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[evictor_key] = evictor
     downloads.on_commit = evictor.added
-    evict_one_at_a_time(storage, leases)
     await storage.attach(app[metadata_key], lambda: blobs.reading)
     task = asyncio.create_task(evictor.run()) if evictor.enabled else None
     yield

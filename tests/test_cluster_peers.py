@@ -373,3 +373,31 @@ async def test_bucket_eviction_runs_only_under_the_eviction_lease(
     assert set(s3.keys(s3_bucket, "cache/blobs/")) == expected
     assert await metric(session, replicas, "mirror_bucket_evictions_total") == 2
     assert held.get("mirror:lease:evict:bucket") is None  # released after the pass
+
+
+async def test_a_replica_starting_leaves_the_owners_live_upload_alone(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    hub: FakeHubProcess,
+    image: RandomImage,
+    rgw: CephRGW,
+    s3_bucket: str,
+    stack: ExitStack,
+    session: aiohttp.ClientSession,
+) -> None:
+    redis_url = flushed_redis_url(request, "single")
+    owner, other = start_cluster(stack, tmp_path, hub, redis_url, 2, s3_section(rgw, s3_bucket))
+    set_knobs(hub, cdn_delay=0.03)  # ~12 s: the upload is open while the other restarts
+    download = asyncio.create_task(session.get(f"{owner.url}{image.blob_path}"))
+    while await upstream_bytes(session, [owner]) < 12 * MiB:  # a multipart upload is open
+        await asyncio.sleep(0.05)
+    s3 = rgw.s3()
+    assert len(s3.multipart_uploads(s3_bucket)) == 1
+    other.stop()
+    other.start()  # aborts what a crash left open, but not a live replica's upload
+    assert len(s3.multipart_uploads(s3_bucket)) == 1
+    async with await download as resp:
+        assert await resp.read() == image.data
+    await settled(session, [owner])
+    assert sha256(s3.get(s3_bucket, bucket_key(image.layer_digest))) == image.layer_digest
+    assert s3.multipart_uploads(s3_bucket) == []

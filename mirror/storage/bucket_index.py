@@ -69,7 +69,7 @@ class BucketIndex:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # Yields whether this process may run an eviction pass now (replicas: the one
-        # holding the eviction lease, mirror/cluster/evictlease.py).
+        # holding the eviction lease, mirror/cluster/bucketshare.py).
         self.exclusive: Callable[[], AbstractAsyncContextManager[bool]] = _alone
 
     def start(self, metadata: MetadataStore, busy: Callable[[], Iterable[object]]) -> None:
