@@ -77,20 +77,29 @@ class BlobFlight:
                     self._metrics.lease_takeovers.labels(KIND).inc()
                     log.info("blob %s: taken over from %s at byte %d", digest, following, offset)
                 return got
+            if got.owner == self._leases.owner:
+                # This replica's previous download of the blob, releasing its lease as it
+                # ends: asking ourselves would find only this download. It is gone shortly.
+                delay = await self._pause(delay)
+                continue
             try:
                 response = await self._peers.open_blob(got.owner, digest, offset)
             except PeerUnavailable as exc:
                 if delay == RETRY_FIRST:  # once per wait: the retries follow quickly
                     log.info("blob %s: owner not answering (%s); asking again", digest, exc)
                 following = following or got.owner
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._leases.ttl / 4)
+                delay = await self._pause(delay)
                 continue
             if first:
                 self._metrics.lease_waits.labels(KIND).inc()
             return Following(got.owner, response)
         log.warning("blob %s: its owner %s never answered; fetching it here", digest, following)
         return None
+
+    async def _pause(self, delay: float) -> float:
+        """Sleep `delay`; the next one (doubled, up to a quarter of the lease TTL)."""
+        await asyncio.sleep(delay)
+        return min(delay * 2, self._leases.ttl / 4)
 
     async def _acquire(self, digest: Digest) -> Lease | Held | None:
         if time.monotonic() < self._retry_at:
