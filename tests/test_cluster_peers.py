@@ -289,6 +289,31 @@ async def test_the_internal_endpoint_answers_only_signed_requests(
     assert hub.stats()["cdn_get_by_digest"] == {image.layer_digest: 1}
 
 
+async def test_a_blob_unknown_upstream_is_asked_for_once_across_replicas(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    hub: FakeHubProcess,
+    image: RandomImage,
+    stack: ExitStack,
+    session: aiohttp.ClientSession,
+) -> None:
+    replicas = start_cluster(stack, tmp_path, hub, flushed_redis_url(request, "single"), 3)
+    set_knobs(hub, token_delay=1.0)  # the owner's upstream answer is late: all follow it
+    path = f"/v2/{image.repo}/blobs/sha256:{'0' * 64}"
+
+    async def get(replica: MirrorProcess) -> tuple[int, str]:
+        async with session.get(replica.url + path) as resp:
+            return resp.status, (await resp.json())["errors"][0]["code"]
+
+    answers = await asyncio.gather(*(get(r) for r in replicas))
+    assert answers == [(404, "BLOB_UNKNOWN")] * 3
+    asked = {"kind": "blob", "status": "404"}
+    assert await metric(session, replicas, "mirror_upstream_requests_total", asked) == 1
+    assert (
+        await metric(session, replicas, "mirror_cluster_lease_waits_total", {"kind": "blob"}) == 2
+    )
+
+
 async def test_redis_unreachable_each_replica_downloads_alone(
     tmp_path: Path,
     hub: FakeHubProcess,

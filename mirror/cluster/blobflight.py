@@ -7,7 +7,8 @@ A download asks `source` before it opens a body (and again whenever a body break
     held by another replica (owner) → the owner's internal endpoint, from the byte reached
                                       (peers.py); the owner gone but its lease not yet run
                                       out → ask again shortly, until one answers or the
-                                      lease is ours
+                                      lease is ours; the owner found the blob unknown
+                                      upstream → BlobUnknown here too
     Redis does not answer           → the upstream, alone, as a single mirror does
 
 Only the lease holder (or a replica working alone) asks the upstream, so the bytes are
@@ -26,6 +27,7 @@ import aiohttp
 from mirror.cluster.lease import Held, Lease, Leases
 from mirror.cluster.metrics import ClusterMetrics
 from mirror.cluster.peers import PeerClient, PeerUnavailable
+from mirror.errors import BlobUnknown
 from mirror.reference import Digest
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,9 @@ class BlobFlight:
                 continue
             try:
                 response = await self._peers.open_blob(got.owner, digest, offset)
+            except BlobUnknown:  # the owner's upstream answer, taken as ours
+                self._metrics.lease_waits.labels(KIND).inc()
+                raise
             except PeerUnavailable as exc:
                 if delay == RETRY_FIRST:  # once per wait: the retries follow quickly
                     log.info("blob %s: owner not answering (%s); asking again", digest, exc)

@@ -34,6 +34,9 @@ from mirror.upstream import new_session
 log = logging.getLogger(__name__)
 
 PEER_PATH = "/_cluster/blobs/{digest}"
+# Marks an owner's 404 that came from the upstream (its download found no such blob), as
+# against "not here": its followers then fail alike instead of asking the upstream in turn.
+UPSTREAM_UNKNOWN = "Mirror-Upstream-Unknown"
 
 
 class PeerUnavailable(Exception):
@@ -55,7 +58,8 @@ class PeerClient:
 
     async def open_blob(self, owner: str, digest: Digest, offset: int) -> aiohttp.ClientResponse:
         """The owner's response whose body is the blob from `offset` (the caller releases it);
-        PeerUnavailable when the owner cannot give exactly that."""
+        PeerUnavailable when the owner cannot give exactly that, BlobUnknown when its
+        download found the blob unknown upstream."""
         path = PEER_PATH.format(digest=digest)
         headers = {
             "Range": f"bytes={offset}-",
@@ -65,6 +69,9 @@ class PeerClient:
             resp = await self._session.get(owner + path, headers=headers)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise PeerUnavailable(f"{owner}: {type(exc).__name__}") from None
+        if resp.status == 404 and UPSTREAM_UNKNOWN in resp.headers:
+            resp.release()
+            raise BlobUnknown(f"blob {digest} is unknown upstream")
         if resp.status != 206 or not starts_at(resp, offset):
             resp.release()
             raise PeerUnavailable(f"{owner} answered {resp.status} for {digest} from {offset}")
@@ -110,7 +117,12 @@ async def peer_blob(request: web.Request) -> web.StreamResponse:
     offset = _offset(request)
     download = request.app[downloads_key].get(digest)
     if download is not None:
-        await download.started()
+        try:
+            await download.started()
+        except BlobUnknown as exc:
+            unknown = exc.response()
+            unknown.headers[UPSTREAM_UNKNOWN] = "1"
+            return unknown
         spans = _from_download(download, offset)
         return await _send(request, digest, offset, download.size, spans)
     storage = request.app[storage_key]
