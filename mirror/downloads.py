@@ -81,6 +81,7 @@ class Download:
         # The replica this one streams the blob from (a cluster's lease holder), or None:
         # the bytes come from the upstream.
         self.peer: str | None = None
+        self.lease: Lease | None = None  # the blob's lease, while this replica holds it
         self._started = asyncio.Event()
         self._progress = asyncio.Event()
 
@@ -320,24 +321,27 @@ class Downloads:
     ) -> aiohttp.ClientResponse:
         """The blob's body from byte `download.written`: from the upstream, or, among
         replicas, from the one holding the blob's lease while one does."""
-        if self._flight is not None:
+        if self._flight is not None and download.lease is None:
             got = await self._flight.source(download.digest, download.written, download.peer)
-            if got is not None and not isinstance(got, Lease):
+            if got is not None and not isinstance(got, Lease):  # the owner's stream
                 download.peer = got.owner
                 return got.response
             if isinstance(got, Lease):
-                await held.enter_async_context(got.kept())
+                download.lease = await held.enter_async_context(got.kept())
                 if download.temp is None and await self._stored(download.digest):
                     raise StoredElsewhere(f"blob {download.digest} was stored meanwhile")
-            if download.peer is not None and download.temp is not None:
-                # Taken over (or given up on the owner): this replica stores it now, the
-                # upload catching up with the bytes already on disk.
-                download.upload = self._storage.start_upload(
-                    download.digest, download.size, download.temp
-                )
-                download.upload.progress(download.written)
-            download.peer = None
+            self._fetch_here(download)
         return await self._from_upstream(upstream, repo, download)
+
+    def _fetch_here(self, download: Download) -> None:
+        """From now on this replica fetches the blob from upstream. One that followed an
+        owner (and took over) stores it too: the upload catches up with the file first."""
+        if download.peer is not None and download.temp is not None:
+            download.upload = self._storage.start_upload(
+                download.digest, download.size, download.temp
+            )
+            download.upload.progress(download.written)
+        download.peer = None
 
     async def _stored(self, digest: Digest) -> bool:
         """In the store already (another replica finished just before this one's lease)?"""

@@ -251,6 +251,31 @@ async def test_the_owner_killed_mid_download_is_taken_over_and_survivors_get_rig
     assert s3.multipart_uploads(s3_bucket) == []
 
 
+async def test_the_owner_resumes_a_cut_upstream_transfer_itself_and_its_followers_go_on(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    hub: FakeHubProcess,
+    image: RandomImage,
+    stack: ExitStack,
+    session: aiohttp.ClientSession,
+) -> None:
+    replicas = start_cluster(stack, tmp_path, hub, flushed_redis_url(request, "single"), 2)
+    set_knobs(hub, cdn_delay=0.005, cdn_cut_after=10 * MiB)  # every transfer cut at 10 MiB
+
+    async def get(replica: MirrorProcess) -> bytes:
+        async with session.get(f"{replica.url}{image.blob_path}") as resp:
+            return await resp.read()
+
+    assert await asyncio.gather(*(get(r) for r in replicas)) == [image.data] * 2
+    # The owner resumed with Range twice (0-10, 10-20, 20-24 MiB); the other streamed.
+    assert hub.stats()["cdn_get_by_digest"] == {image.layer_digest: 3}
+    assert await metric(session, replicas, "mirror_resumed_transfers_total") == 2
+    assert await metric(session, replicas, PEER_STREAMS, {"direction": "in"}) == 1
+    assert await metric(session, replicas, "mirror_cluster_lease_takeovers_total") == 0
+    for replica in replicas:  # the owner never waited on its own lease
+        assert "never answered" not in replica.log_path.read_text()
+
+
 async def test_the_internal_endpoint_answers_only_signed_requests(
     request: pytest.FixtureRequest,
     tmp_path: Path,
