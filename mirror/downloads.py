@@ -41,6 +41,8 @@ READ_CHUNK = 1024 * 1024
 # Largest span handed to one sendfile call, so that readers of one blob take turns.
 MAX_SPAN = 16 * 1024 * 1024
 MIN_SPAN = 4 * 1024 * 1024
+# How long a stopping mirror lets verified downloads finish their upload and commit.
+FINISH_ON_CLOSE = 10.0
 # Resumes in a row that bring no new byte before the transfer is given up.
 MAX_FRUITLESS_RESUMES = 3
 
@@ -183,7 +185,7 @@ class Downloads:
         self._metrics = metrics
         self._flight = flight  # replicas: one of them fetches each blob (cluster/blobflight.py)
         self._active: dict[Digest, Download] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], Download] = {}
         # Called after each blob lands in the cache (the evictor listens).
         self.on_commit: Callable[[int], None] | None = None
 
@@ -199,12 +201,24 @@ class Downloads:
         download = Download(digest, self._storage.blob_path(digest))
         self._active[digest] = download
         task = asyncio.create_task(self._run(download, upstream, repo))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = download
+        task.add_done_callback(self._done)
         return download
 
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
+
     async def close(self) -> None:
-        """Cancel every download (their temp files are removed) and wait for them."""
+        """Cancel every download still fetching (their temp files are removed) and wait for
+        them. One whose bytes are all in and verified may finish storing first, for a
+        while: cancelled then, it would leave a whole blob out of the bucket, which other
+        replicas would fetch again."""
+        finishing = [task for task, download in self._tasks.items() if download.verified]
+        for task in list(self._tasks):
+            if task not in finishing:
+                task.cancel()
+        if finishing:
+            await asyncio.wait(finishing, timeout=FINISH_ON_CLOSE)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -251,6 +251,47 @@ async def test_the_owner_killed_mid_download_is_taken_over_and_survivors_get_rig
     assert s3.multipart_uploads(s3_bucket) == []
 
 
+async def test_the_owner_stopped_mid_download_finishes_it_for_its_followers_first(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    hub: FakeHubProcess,
+    image: RandomImage,
+    rgw: CephRGW,
+    s3_bucket: str,
+    stack: ExitStack,
+    session: aiohttp.ClientSession,
+) -> None:
+    """A rolling update: SIGTERM lets requests in flight finish (shutdown_timeout), the
+    follower's stream among them, so the owner completes the blob before it goes."""
+    redis_url = flushed_redis_url(request, "single")
+    replicas = start_cluster(stack, tmp_path, hub, redis_url, 2, s3_section(rgw, s3_bucket))
+    set_knobs(hub, cdn_delay=0.02)
+
+    async def get(replica: MirrorProcess) -> bytes:
+        async with session.get(f"{replica.url}{image.blob_path}") as resp:
+            return await resp.read()
+
+    clients = [asyncio.create_task(get(r)) for r in replicas]
+    while await metric(session, replicas, PEER_STREAMS, {"direction": "in"}) < 1:
+        await asyncio.sleep(0.05)
+    streamed = [await metric(session, [r], PEER_STREAMS, {"direction": "out"}) for r in replicas]
+    owner, survivor = (replicas[0], replicas[1]) if streamed[0] else (replicas[1], replicas[0])
+    while await upstream_bytes(session, [owner]) < 12 * MiB:
+        await asyncio.sleep(0.05)
+    stopping = asyncio.create_task(asyncio.to_thread(owner.stop))  # SIGTERM, waits for exit
+    set_knobs(hub, cdn_delay=0)
+    await stopping
+
+    assert await clients[replicas.index(survivor)] == image.data
+    await asyncio.gather(*clients, return_exceptions=True)
+    takeovers = {"kind": "blob"}
+    assert await metric(session, [survivor], "mirror_cluster_lease_takeovers_total", takeovers) == 0
+    await settled(session, [survivor])
+    s3 = rgw.s3()
+    assert sha256(s3.get(s3_bucket, bucket_key(image.layer_digest))) == image.layer_digest
+    assert s3.multipart_uploads(s3_bucket) == []
+
+
 async def test_the_owner_resumes_a_cut_upstream_transfer_itself_and_its_followers_go_on(
     request: pytest.FixtureRequest,
     tmp_path: Path,
