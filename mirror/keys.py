@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
 from mirror.blobs import BlobService
@@ -18,6 +20,9 @@ from mirror.status import PullCounter
 from mirror.storage import CacheStore
 from mirror.taglists import TagListService
 
+if TYPE_CHECKING:  # peers.py reads its services from these keys
+    from mirror.cluster.peers import PeerClient
+
 config_key = web.AppKey("config", Config)
 metrics_key = web.AppKey("metrics", Metrics)
 storage_key: web.AppKey[CacheStore] = web.AppKey("storage")
@@ -32,3 +37,5 @@ referrers_key = web.AppKey("referrers", ReferrersService)
 taglists_key = web.AppKey("taglists", TagListService)
 # The replica's leases in Redis (mirror/cluster/); None when `cluster:` is not set.
 leases_key: web.AppKey[Leases | None] = web.AppKey("leases")
+# The client replicas stream blobs from each other with; None without `cluster:`.
+peers_key: web.AppKey[PeerClient | None] = web.AppKey("peers")
