@@ -17,6 +17,7 @@ from mirror.clientauth import (
     parse_basic,
     requested_repositories,
 )
+from mirror.cluster.signing import token_signing_key
 from mirror.errors import Unauthorized
 from mirror.gate import may_pull_name, subject_key
 from mirror.keys import config_key
@@ -126,7 +127,11 @@ async def client_auth_ctx(app: web.Application) -> AsyncIterator[None]:
     htpasswd = config.auth.htpasswd
     if htpasswd is not None:
         key_file = config.auth.signing_key_file or config.storage.path / "auth" / "signing.key"
-        key = await asyncio.to_thread(load_signing_key, key_file)
+        if config.cluster is not None and config.auth.signing_key_file is None:
+            # Replicas share no disk: each derives the same key from the cluster secret.
+            key = token_signing_key(config.cluster.secret)
+        else:
+            key = await asyncio.to_thread(load_signing_key, key_file)
         app[client_auth_key] = ClientAuth(
             Htpasswd(htpasswd),
             TokenSigner(key),

@@ -14,6 +14,10 @@ from aiohttp import web
 from mirror.access import client_auth_ctx, client_auth_middleware, token_handler
 from mirror.auth import TokenCache
 from mirror.blobs import BlobService
+from mirror.cluster.blobflight import BlobFlight
+from mirror.cluster.bucketshare import share_bucket
+from mirror.cluster.context import leases_ctx
+from mirror.cluster.peers import PEER_PATH, peer_blob, peers_ctx
 from mirror.config import Config, UpstreamConfig
 from mirror.credentials import Credentials
 from mirror.downloads import Downloads
@@ -26,9 +30,11 @@ from mirror.keys import (
     config_key,
     downloads_key,
     evictor_key,
+    leases_key,
     manifests_key,
     metadata_key,
     metrics_key,
+    peers_key,
     pulls_key,
     referrers_key,
     storage_key,
@@ -67,12 +73,17 @@ def create_app(config: Config) -> web.Application:
     app[config_key] = config
     app[metrics_key] = Metrics()
     app[storage_key] = new_store(config.storage, app[metrics_key])
+    share_bucket(app)  # replicas: the bucket's eviction and clean-up ask the leases
     app[pulls_key] = PullCounter()
     app.cleanup_ctx.extend([storage_ctx, metadata_ctx, upstream_ctx, services_ctx, client_auth_ctx])
+    app.cleanup_ctx.insert(0, leases_ctx)  # first: every service may take leases
+    app.cleanup_ctx.insert(1, peers_ctx)  # downloads stream from other replicas with it
     app.on_response_prepare.append(on_response_prepare)
     setup_routes(app)
     if config.auth.htpasswd is not None:
         app.router.add_get("/token", token_handler, name="token")
+    if config.cluster is not None:  # blobs for other replicas, signed requests only
+        app.router.add_get(PEER_PATH, peer_blob, name="peer_blob")
     return app
 
 
@@ -186,11 +197,13 @@ def build_upstream(
 
 async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     metrics, storage, config = app[metrics_key], app[storage_key], app[config_key]
-    downloads = Downloads(storage, metrics)
+    leases, peers = app[leases_key], app[peers_key]
+    flight = None if leases is None or peers is None else BlobFlight(leases, peers, metrics.cluster)
+    downloads = Downloads(storage, metrics, flight)
     blobs = BlobService(storage, downloads, metrics)
     app[downloads_key] = downloads
     app[blobs_key] = blobs
-    manifests = ManifestService(storage, app[metadata_key], metrics, config.cache)
+    manifests = ManifestService(storage, app[metadata_key], metrics, config.cache, app[leases_key])
     app[manifests_key] = manifests
     app[referrers_key] = ReferrersService(manifests, metrics)
     app[taglists_key] = TagListService(manifests, metrics)

@@ -28,6 +28,7 @@ from mirror.downloads import (
     CacheWriteFailed,
     Download,
     Downloads,
+    StoredElsewhere,
     Uncacheable,
     close_file,
 )
@@ -123,10 +124,25 @@ class BlobService:
         download = self._downloads.start_or_join(upstream, repo, digest)
         try:
             await download.started()
+        except StoredElsewhere:
+            return await self._stored_meanwhile(request, upstream, repo, digest)
         except Uncacheable:
             return await self._passthrough(request, upstream, repo, digest)
         origin = "cache" if local else "upstream"
         return await self._stream(request, download, upstream, repo, origin)
+
+    async def _stored_meanwhile(
+        self, request: web.Request, upstream: Upstream, repo: str, digest: Digest
+    ) -> web.StreamResponse:
+        """Another replica stored the blob as this one was about to fetch it (replicas)."""
+        size = await self._storage.blob_size(digest)
+        cached = None if size is None else await self._serve_cached(request, digest, size)
+        if cached is not None:
+            return cached
+        found = await self._find_elsewhere(request, digest)
+        if found is not None:
+            return await self._from_store(request, digest, found)
+        return await self._passthrough(request, upstream, repo, digest)
 
     async def _serve_cached(
         self, request: web.Request, digest: Digest, size: int

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import yaml
 
 if TYPE_CHECKING:
+    from mirror.cluster.settings import ClusterConfig
     from mirror.policy import Policy
     from mirror.storage.s3config import S3Config
     from mirror.tls import TLSConfig
@@ -121,6 +122,7 @@ class Config:
     policy: Policy | None = None  # allow/deny globs and auth.rules; None: pull anything
     tls: TLSConfig | None = None  # the HTTPS listener (mirror/tls.py)
     http: bool = True  # the plain-HTTP listener on host:port; off with tls and no `listen`
+    cluster: ClusterConfig | None = None  # replicas sharing Redis (mirror/cluster/)
 
 
 def parse_size(key: str, value: object) -> int:
@@ -335,7 +337,7 @@ def _log(raw: Mapping[str, Any]) -> LogConfig:
 
 TOP_LEVEL_KEYS = {
     "listen", "upstream", "upstreams", "default_upstream", "public_url", "auth", "storage",
-    "redis", "cache", "log", "shutdown_timeout", "tls",
+    "redis", "cache", "log", "shutdown_timeout", "tls", "cluster",
 }  # fmt: skip
 
 
@@ -369,7 +371,14 @@ def config_from_mapping(raw: Mapping[str, Any]) -> Config:
         policy=_policy(raw, default, others),
         tls=tls,
         http=http,
+        cluster=_cluster(raw),
     )
+
+
+def _cluster(raw: Mapping[str, Any]) -> ClusterConfig | None:
+    from mirror.cluster.settings import parse_cluster  # it imports this module
+
+    return parse_cluster(raw)
 
 
 def _policy(
@@ -422,4 +431,9 @@ def apply_overrides(
     if redis is not None:
         url = _redis_url("--redis", redis)
         config = replace(config, redis=RedisConfig(url=url))
+    # Checked here, once the flags are in: the URL may come from --redis.
+    if config.cluster is not None and config.redis.url is None:
+        raise ConfigError(
+            "cluster", "needs redis.url (or --redis): replicas share their state through Redis"
+        )
     return config

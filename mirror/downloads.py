@@ -10,22 +10,27 @@ cancels nothing; a download that fails wakes every reader with the error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import aiohttp
 
+from mirror.cluster.lease import Lease
 from mirror.errors import BlobUnknown, DigestMismatch, RegistryError, UpstreamUnavailable
 from mirror.metrics import Metrics
 from mirror.reference import Digest
 from mirror.storage import CacheStore
 from mirror.storage.base import NoUpload, Upload
 from mirror.upstream import Upstream
+
+if TYPE_CHECKING:
+    from mirror.cluster.blobflight import BlobFlight
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,8 @@ READ_CHUNK = 1024 * 1024
 # Largest span handed to one sendfile call, so that readers of one blob take turns.
 MAX_SPAN = 16 * 1024 * 1024
 MIN_SPAN = 4 * 1024 * 1024
+# How long a stopping mirror lets verified downloads finish their upload and commit.
+FINISH_ON_CLOSE = 10.0
 # Resumes in a row that bring no new byte before the transfer is given up.
 MAX_FRUITLESS_RESUMES = 3
 
@@ -54,6 +61,11 @@ class Uncacheable(UpstreamUnavailable):
     every waiting client streams it straight from upstream instead."""
 
 
+class StoredElsewhere(Uncacheable):
+    """Another replica stored the blob while this one took its lease: readers take it
+    from the store (or, should it be gone again, straight from upstream)."""
+
+
 class Download:
     """One blob on its way from upstream into the store."""
 
@@ -68,6 +80,10 @@ class Download:
         self.error: BaseException | None = None
         # The copy of the temp file the store keeps elsewhere too (the bucket), if any.
         self.upload: Upload = NoUpload()
+        # The replica this one streams the blob from (a cluster's lease holder), or None:
+        # the bytes come from the upstream.
+        self.peer: str | None = None
+        self.lease: Lease | None = None  # the blob's lease, while this replica holds it
         self._started = asyncio.Event()
         self._progress = asyncio.Event()
 
@@ -162,11 +178,14 @@ class Download:
 class Downloads:
     """The downloads under way, by digest: the single-flight point of the mirror."""
 
-    def __init__(self, storage: CacheStore, metrics: Metrics) -> None:
+    def __init__(
+        self, storage: CacheStore, metrics: Metrics, flight: BlobFlight | None = None
+    ) -> None:
         self._storage = storage
         self._metrics = metrics
+        self._flight = flight  # replicas: one of them fetches each blob (cluster/blobflight.py)
         self._active: dict[Digest, Download] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], Download] = {}
         # Called after each blob lands in the cache (the evictor listens).
         self.on_commit: Callable[[int], None] | None = None
 
@@ -182,12 +201,24 @@ class Downloads:
         download = Download(digest, self._storage.blob_path(digest))
         self._active[digest] = download
         task = asyncio.create_task(self._run(download, upstream, repo))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = download
+        task.add_done_callback(self._done)
         return download
 
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
+
     async def close(self) -> None:
-        """Cancel every download (their temp files are removed) and wait for them."""
+        """Cancel every download still fetching (their temp files are removed) and wait for
+        them. One whose bytes are all in and verified may finish storing first, for a
+        while: cancelled then, it would leave a whole blob out of the bucket, which other
+        replicas would fetch again."""
+        finishing = [task for task, download in self._tasks.items() if download.verified]
+        for task in list(self._tasks):
+            if task not in finishing:
+                task.cancel()
+        if finishing:
+            await asyncio.wait(finishing, timeout=FINISH_ON_CLOSE)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -196,6 +227,9 @@ class Downloads:
         self._metrics.upstream_fetches_in_flight.inc()
         started = time.monotonic()
         fd: int | None = None
+        # The blob's lease, when this replica holds it: released once the blob is stored
+        # (or the download failed), so a replica that takes it next finds the object.
+        held = contextlib.AsyncExitStack()
         try:
             # A request that found no file can reach `start_or_join` just after an earlier
             # download of the same blob landed and left: serve the file, fetch nothing.
@@ -203,8 +237,8 @@ class Downloads:
             if landed is not None:
                 download._landed(landed)
                 return
-            resp = await upstream.open_blob(repo, str(download.digest))
-            download.size = resp.content_length
+            resp = await self._open(download, upstream, repo, held)
+            download.size = _whole_size(resp)
             if not self._storage.fits(download.size):
                 resp.release()
                 raise Uncacheable(f"blob {download.digest} is larger than the cache")
@@ -215,10 +249,11 @@ class Downloads:
                 self._storage.mark_unwritable(exc)
                 raise Uncacheable("the cache directory takes no writes") from None
             fd, download.temp = opened, temp
-            download.upload = self._storage.start_upload(download.digest, download.size, temp)
+            if download.peer is None:  # whoever fetches from upstream stores in the bucket
+                download.upload = self._storage.start_upload(download.digest, download.size, temp)
             download._started.set()
             hasher = download.digest.hasher()
-            await self._copy_resuming(resp, opened, hasher, download, upstream, repo)
+            await self._copy_resuming(resp, opened, hasher, download, upstream, repo, held)
             self._verify(download, hasher.hexdigest())
             # The bytes are right: clients may have their last byte now. The fsync that
             # makes the file durable (seconds, for a big layer) need not hold them up.
@@ -233,7 +268,8 @@ class Downloads:
             seconds = time.monotonic() - started
             log.info(
                 "blob %s cached: %d bytes from %s in %.2fs (%.0f MB/s)", download.digest,
-                download.written, upstream.name, seconds, download.written / seconds / 1e6,
+                download.written, download.peer or upstream.name, seconds,
+                download.written / seconds / 1e6,
             )  # fmt: skip
         except BaseException as exc:
             # Forget it before anything is awaited: a request that comes in once the readers
@@ -248,6 +284,7 @@ class Downloads:
                 log.warning("blob %s download failed: %s", download.digest, exc)
         finally:
             self._forget(download)
+            await held.aclose()
             self._metrics.upstream_fetches_in_flight.dec()
 
     def _forget(self, download: Download) -> None:
@@ -271,6 +308,7 @@ class Downloads:
         download: Download,
         upstream: Upstream,
         repo: str,
+        held: contextlib.AsyncExitStack,
     ) -> None:
         """Copy the body; when the transfer breaks, resume it with Range where it stopped."""
         fruitless = 0
@@ -281,13 +319,51 @@ class Downloads:
                     await self._copy(resp, fd, hasher, download, upstream.name)
                 return
             except TransferBroken as exc:
-                upstream.record_failure()
+                if download.peer is None:
+                    upstream.record_failure()
                 fruitless = 0 if download.written > before else fruitless + 1
                 if download.size is None or fruitless > MAX_FRUITLESS_RESUMES:
                     raise UpstreamUnavailable(str(exc)) from None
-            resp = await self._resume(upstream, repo, download)
+            resp = await self._open(download, upstream, repo, held)
 
-    async def _resume(
+    async def _open(
+        self,
+        download: Download,
+        upstream: Upstream,
+        repo: str,
+        held: contextlib.AsyncExitStack,
+    ) -> aiohttp.ClientResponse:
+        """The blob's body from byte `download.written`: from the upstream, or, among
+        replicas, from the one holding the blob's lease while one does."""
+        if self._flight is not None and download.lease is None:
+            got = await self._flight.source(download.digest, download.written, download.peer)
+            if got is not None and not isinstance(got, Lease):  # the owner's stream
+                download.peer = got.owner
+                return got.response
+            if isinstance(got, Lease):
+                download.lease = await held.enter_async_context(got.kept())
+                if download.temp is None and await self._stored(download.digest):
+                    raise StoredElsewhere(f"blob {download.digest} was stored meanwhile")
+            self._fetch_here(download)
+        return await self._from_upstream(upstream, repo, download)
+
+    def _fetch_here(self, download: Download) -> None:
+        """From now on this replica fetches the blob from upstream. One that followed an
+        owner (and took over) stores it too: the upload catches up with the file first."""
+        if download.peer is not None and download.temp is not None:
+            download.upload = self._storage.start_upload(
+                download.digest, download.size, download.temp
+            )
+            download.upload.progress(download.written)
+        download.peer = None
+
+    async def _stored(self, digest: Digest) -> bool:
+        """In the store already (another replica finished just before this one's lease)?"""
+        if await self._storage.blob_size(digest) is not None:
+            return True
+        return await self._storage.find_blob(digest, None, head=True) is not None
+
+    async def _from_upstream(
         self, upstream: Upstream, repo: str, download: Download
     ) -> aiohttp.ClientResponse:
         resp = await upstream.open_blob(repo, str(download.digest), offset=download.written)
@@ -360,7 +436,10 @@ class Downloads:
             raise CacheWriteFailed(f"cache write failed: {exc.strerror}") from None
         download.written += len(data)
         download.upload.progress(download.written)
-        self._metrics.upstream_bytes.labels(upstream).inc(len(data))
+        if download.peer is None:
+            self._metrics.upstream_bytes.labels(upstream).inc(len(data))
+        else:
+            self._metrics.cluster.peer_bytes.labels("in").inc(len(data))
         download._notify()
 
     def _verify(self, download: Download, hexdigest: str) -> None:
@@ -392,6 +471,14 @@ def _write_all(fd: int, data: bytearray) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+def _whole_size(resp: aiohttp.ClientResponse) -> int | None:
+    """The blob's size: a 206's Content-Range total (`bytes N-M/size`), else the length."""
+    if resp.status == 206:
+        total = resp.headers.get("Content-Range", "").rpartition("/")[2]
+        return int(total) if total.isdigit() else None
+    return resp.content_length
 
 
 def _as_registry_error(exc: BaseException) -> RegistryError:

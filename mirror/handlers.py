@@ -169,6 +169,9 @@ async def readyz(request: web.Request) -> web.Response:
     except Exception as exc:  # any failure to answer means not ready; say which kind
         checks["metadata"] = f"unreachable: {type(exc).__name__}"
     ready = all(value == "ok" for value in checks.values())
+    cluster = request.app[config_key].cluster
+    if cluster is not None:  # which replica answered, behind a load balancer
+        checks["replica"] = cluster.replica_id
     return web.Response(
         status=200 if ready else 503,
         text=json.dumps(checks) + "\n",

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
 from mirror.blobs import BlobService
+from mirror.cluster.lease import Leases
 from mirror.config import Config
 from mirror.downloads import Downloads
 from mirror.eviction import Evictor
@@ -16,6 +19,9 @@ from mirror.routing import Upstreams
 from mirror.status import PullCounter
 from mirror.storage import CacheStore
 from mirror.taglists import TagListService
+
+if TYPE_CHECKING:  # peers.py reads its services from these keys
+    from mirror.cluster.peers import PeerClient
 
 config_key = web.AppKey("config", Config)
 metrics_key = web.AppKey("metrics", Metrics)
@@ -29,3 +35,7 @@ pulls_key = web.AppKey("pulls", PullCounter)
 manifests_key = web.AppKey("manifests", ManifestService)
 referrers_key = web.AppKey("referrers", ReferrersService)
 taglists_key = web.AppKey("taglists", TagListService)
+# The replica's leases in Redis (mirror/cluster/); None when `cluster:` is not set.
+leases_key: web.AppKey[Leases | None] = web.AppKey("leases")
+# The client replicas stream blobs from each other with; None without `cluster:`.
+peers_key: web.AppKey[PeerClient | None] = web.AppKey("peers")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 
+from mirror.cluster.lease import Leases
+from mirror.cluster.shared import SharedFailure, SharedWork
 from mirror.config import CacheConfig
 from mirror.errors import ManifestUnknown, TooManyRequests, UpstreamUnavailable
 from mirror.lru import LRU
@@ -31,6 +33,22 @@ HOT_TAGS = 10000
 ALL_TYPES = sorted(MANIFEST_TYPES)
 
 
+def _failed_elsewhere(error: str) -> Exception:
+    if error == TooManyRequests.__name__:
+        return TooManyRequests("upstream rate limit reached (seen by another replica)")
+    if error == ManifestUnknown.__name__:
+        return ManifestUnknown("manifest not found upstream (asked by another replica)")
+    return UpstreamUnavailable("the upstream failed for another replica just now")
+
+
+# With replicas, what the upstream answered the lease holder (down, rate limited, no such
+# manifest) is its waiters' answer too, at once (a stale tag is then served where one is
+# kept), rather than each replica asking again in turn.
+UPSTREAM_FAILED = SharedFailure(
+    (UpstreamUnavailable, TooManyRequests, ManifestUnknown), _failed_elsewhere
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Manifest:
     """A manifest to answer with; `body` is None for a HEAD."""
@@ -48,7 +66,12 @@ class ManifestService:
     """Answers manifest GETs and HEADs from the cache, asking upstream only when needed."""
 
     def __init__(
-        self, storage: CacheStore, metadata: MetadataStore, metrics: Metrics, cache: CacheConfig
+        self,
+        storage: CacheStore,
+        metadata: MetadataStore,
+        metrics: Metrics,
+        cache: CacheConfig,
+        leases: Leases | None = None,
     ) -> None:
         self._storage = storage
         self._metadata = metadata
@@ -59,6 +82,8 @@ class ManifestService:
         self._tags: LRU[tuple[str, str, str], TagRecord] = LRU(HOT_TAGS)
         # Concurrent misses and revalidations of one manifest make one upstream request.
         self._flight = SingleFlight()
+        # ... and with replicas, one upstream request across all of them (a lease each).
+        self._shared = SharedWork(leases, metrics.cluster)
 
     async def close(self) -> None:
         await self._flight.close()
@@ -129,9 +154,29 @@ class ManifestService:
             return Manifest(reference, media_type, len(stored), None if head else stored)
         self._metrics.cache_requests.labels("manifest", "miss").inc()
         key = ("digest", upstream.name, reference, head)
+        if head:  # a HEAD stores nothing another replica could read: no lease
+            return await self._flight.do(
+                key, lambda: self._fetch_digest(upstream, repo, reference, head=True)
+            )
         return await self._flight.do(
-            key, lambda: self._fetch_digest(upstream, repo, reference, head=head)
+            key,
+            lambda: self._shared.once(
+                "manifest",
+                f"manifest:{upstream.name}/{reference}",
+                lambda: self._stored(reference),
+                lambda: self._fetch_digest(upstream, repo, reference, head=False),
+                UPSTREAM_FAILED,
+            ),
         )
+
+    async def _stored(self, reference: str) -> Manifest | None:
+        """The manifest as another replica stored it, if it did (a shared storage)."""
+        cached = await self._storage.read_manifest(parse_digest(reference))
+        if cached is None:
+            return None
+        self._hot.put(reference, cached)
+        media_type, stored = cached
+        return Manifest(reference, media_type, len(stored), stored)
 
     async def _fetch_digest(
         self, upstream: Upstream, repo: str, reference: str, *, head: bool
@@ -155,7 +200,13 @@ class ManifestService:
             try:
                 fresh = await self._flight.do(
                     ("revalidate", upstream.name, repo, tag),
-                    lambda: self._revalidate(upstream, repo, tag, record),
+                    lambda: self._shared.once(
+                        "tag",
+                        tag_lease(upstream.name, repo, tag),
+                        lambda: self._shared_tag(upstream.name, repo, tag, record.checked_at),
+                        lambda: self._revalidate(upstream, repo, tag, record),
+                        UPSTREAM_FAILED,
+                    ),
                 )
             except (UpstreamUnavailable, TooManyRequests):
                 if not record.is_fresh(ttl + self._stale_if_error):
@@ -167,9 +218,35 @@ class ManifestService:
             return replace(answer, fresh_for=ttl)
         found = await self._flight.do(
             ("tag", upstream.name, repo, tag, head),
-            lambda: self._fetch_tag(upstream, repo, tag, head=head),
+            lambda: self._shared.once(
+                "tag",
+                tag_lease(upstream.name, repo, tag),
+                lambda: self._resolved_elsewhere(upstream, repo, tag, head=head),
+                lambda: self._fetch_tag(upstream, repo, tag, head=head),
+                UPSTREAM_FAILED,
+            ),
         )
         return replace(found, fresh_for=ttl)
+
+    async def _shared_tag(
+        self, upstream: str, repo: str, tag: str, after: float | None
+    ) -> TagRecord | None:
+        """The shared store's record if another replica wrote one since the record checked
+        at `after` (compared for a change, not an order: replicas' clocks may differ)."""
+        if not self._shared.enabled:
+            return None
+        record = await self._metadata.get_tag(upstream, repo, tag)
+        if record is None or (after is not None and record.checked_at == after):
+            return None
+        self._tags.put((upstream, repo, tag), record)
+        return record
+
+    async def _resolved_elsewhere(
+        self, upstream: Upstream, repo: str, tag: str, *, head: bool
+    ) -> Manifest | None:
+        """An unknown tag another replica resolved meanwhile, answered from its record."""
+        record = await self._shared_tag(upstream.name, repo, tag, None)
+        return None if record is None else await self._answer(upstream, repo, record, head=head)
 
     async def _fetch_tag(self, upstream: Upstream, repo: str, tag: str, *, head: bool) -> Manifest:
         """Resolve an unknown tag upstream (HEAD for a HEAD: it costs no pull)."""
@@ -241,3 +318,8 @@ class ManifestService:
             self._metrics.cache_objects.inc()
         if catalog:
             await self._metadata.add_repository(upstream.catalog_prefix + repo)
+
+
+def tag_lease(upstream: str, repo: str, tag: str) -> str:
+    """The lease on revalidating or resolving a tag (one replica at a time)."""
+    return f"tag:{upstream}/{repo}:{tag}"

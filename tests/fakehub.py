@@ -52,6 +52,7 @@ KNOBS = (
     "token_expires_in", "corrupt_blobs", "ratelimit_remaining", "cdn_delay", "users",
     "cdn_cut_after", "registry_status", "cdn_ignores_range", "token_delay",
     "referrers_api", "referrers_filter", "referrers_page_size",
+    "manifest_delay",
 )  # fmt: skip
 
 
@@ -271,6 +272,7 @@ class FakeHub:
         self.referrers_api = True  # False: 404 like Docker Hub (memory mode; a backend decides)
         self.referrers_filter = True  # False: an API that ignores artifactType
         self.referrers_page_size: int | None = None  # page the API's answers
+        self.manifest_delay = 0.0  # seconds each manifest GET or HEAD takes (or fails)
         self.registry_url = self.token_url = self.cdn_url = ""
         self._tokens: dict[str, Token] = {}
         self._runners: list[web.AppRunner] = []
@@ -343,6 +345,8 @@ class FakeHub:
         if not request.path.startswith("/v2/"):
             return await handler(request)
         if self.registry_status is not None:  # an outage: nothing works, not even /v2/
+            if self.manifest_delay and "/manifests/" in request.path:
+                await asyncio.sleep(self.manifest_delay)  # a slow failure
             code = "TOOMANYREQUESTS" if self.registry_status == 429 else "UNAVAILABLE"
             return oci_error(self.registry_status, code, "knob", {"Retry-After": "60"})
         name = request.match_info.get("name")
@@ -380,6 +384,8 @@ class FakeHub:
         self.stats["manifest_get" if is_get else "manifest_head"] += 1
         accepts = parse_accept(request)
         self.stats.accept_seen.append(accepts)
+        if self.manifest_delay:  # a slow upstream: concurrent misses overlap for sure
+            await asyncio.sleep(self.manifest_delay)
         if is_get:  # every GET spends a pull, whatever it finds; a HEAD is free
             if self.ratelimit_remaining <= 0:
                 headers = {**self._ratelimit_headers(), "Retry-After": "60"}

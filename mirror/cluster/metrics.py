@@ -53,9 +53,17 @@ class ClusterMetrics:
             "Requests to the internal replica endpoint refused for a missing or bad signature.",
             registry=r,
         )
+        self.lease_unavailable = Counter(
+            "mirror_cluster_lease_unavailable",
+            "Work done without a lease because Redis did not answer: the replica works "
+            "alone, as a single mirror does, by kind (blob, manifest, tag).",
+            ["kind"],
+            registry=r,
+        )
         for direction in ("out", "in"):
             self.peer_streams.labels(direction)
             self.peer_bytes.labels(direction)
         for kind in ("blob", "manifest", "tag"):
             self.lease_waits.labels(kind)
             self.lease_takeovers.labels(kind)
+            self.lease_unavailable.labels(kind)

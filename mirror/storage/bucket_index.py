@@ -10,9 +10,11 @@ while it is being read, nor within `redirect_ttl` of a redirect to it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -40,6 +42,11 @@ class BucketEviction:
     remaining: int
 
 
+@contextlib.asynccontextmanager
+async def _alone() -> AsyncIterator[bool]:
+    yield True
+
+
 class BucketIndex:
     """Records of the bucket's blobs; evicts the least recently read above the bound."""
 
@@ -61,6 +68,9 @@ class BucketIndex:
         self._loaded = asyncio.Event()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Yields whether this process may run an eviction pass now (replicas: the one
+        # holding the eviction lease, mirror/cluster/bucketshare.py).
+        self.exclusive: Callable[[], AbstractAsyncContextManager[bool]] = _alone
 
     def start(self, metadata: MetadataStore, busy: Callable[[], Iterable[object]]) -> None:
         self._metadata = metadata
@@ -134,7 +144,9 @@ class BucketIndex:
             return
         while True:
             try:
-                await self.evict()
+                async with self.exclusive() as mine:
+                    if mine:
+                        await self.evict()
             except (BucketUnavailable, ClientError, BotoCoreError) as exc:
                 log.warning("bucket eviction pass failed: %s", type(exc).__name__)
             try:

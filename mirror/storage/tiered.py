@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -62,6 +62,9 @@ class TieredStorage(Storage):
         self._filling: set[Digest] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._part_slots = asyncio.Semaphore(PARTS_IN_FLIGHT)
+        # Whether a multipart upload (by key) is another process's live one, not to abort
+        # (replicas: mirror/cluster/bucketshare.py); alone, none is.
+        self.upload_live: Callable[[str], Awaitable[bool]] = _never
 
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -280,7 +283,8 @@ class TieredStorage(Storage):
         aborted = 0
         try:
             for upload in await self.bucket.pending_uploads(self._config.prefix):
-                if time.time() - upload.initiated >= older_than:
+                abandoned = time.time() - upload.initiated >= older_than
+                if abandoned and not await self.upload_live(upload.key):
                     await self.bucket.abort_multipart(upload.key, upload.upload_id)
                     aborted += 1
         except S3_ERRORS as exc:
@@ -325,3 +329,7 @@ class TieredStorage(Storage):
         if kind == "blobs/":
             await self.index.forget(digest)
         return f"{name} (bucket)"
+
+
+async def _never(key: str) -> bool:
+    return False

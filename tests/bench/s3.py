@@ -27,7 +27,7 @@ from tests.bench.memory import RssSampler
 from tests.bench.report import MIB, RSS_LIMIT_MIB, Row, median, ratio
 from tests.bench.seeding import BigBlob
 from tests.rgw import CephRGW, ceph_available
-from tests.services import MirrorProcess
+from tests.services import MirrorProcess, RedisServer
 
 Log = Callable[[str], None]
 T = TypeVar("T")
@@ -80,6 +80,9 @@ def _config(workdir: Path, rgw: CephRGW, bucket: str, redirect: bool) -> Path:
 
 def start(es: ExitStack, workdir: Path, hub_url: str, log: Log) -> S3Stack:
     rgw = es.enter_context(CephRGW(workdir / "rgw"))
+    # Both mirrors share one Redis, as replicas of one bucket would: the redirecting one
+    # then knows from the records which blobs the bucket holds, with no S3 request.
+    redis = es.enter_context(RedisServer(workdir / "redis-s3"))
     bucket = rgw.new_bucket_name()
     rgw.s3().create_bucket(bucket)
     mirrors = []
@@ -87,7 +90,9 @@ def start(es: ExitStack, workdir: Path, hub_url: str, log: Log) -> S3Stack:
         config = _config(workdir / name, rgw, bucket, redirect)
         mirrors.append(
             es.enter_context(
-                MirrorProcess(workdir / name, hub_url, extra_args=["--config", str(config)])
+                MirrorProcess(
+                    workdir / name, hub_url, redis.url, extra_args=["--config", str(config)]
+                )
             )
         )
     stack = S3Stack(rgw, bucket, *mirrors)

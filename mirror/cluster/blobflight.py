@@ -1,0 +1,115 @@
+"""One upstream fetch per blob across replicas: where a download's bytes come from.
+
+A download asks `source` before it opens a body (and again whenever a body breaks):
+
+    lease `blob:<digest>` ours      → the upstream, and this replica uploads to the bucket
+                                      (it took over if it was following: counted)
+    held by another replica (owner) → the owner's internal endpoint, from the byte reached
+                                      (peers.py); the owner gone but its lease not yet run
+                                      out → ask again shortly, until one answers or the
+                                      lease is ours; the owner found the blob unknown
+                                      upstream → BlobUnknown here too
+    Redis does not answer           → the upstream, alone, as a single mirror does
+
+Only the lease holder (or a replica working alone) asks the upstream, so the bytes are
+fetched once whichever replicas the clients reach; the others stream them as they arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import aiohttp
+
+from mirror.cluster.lease import Held, Lease, Leases
+from mirror.cluster.metrics import ClusterMetrics
+from mirror.cluster.peers import PeerClient, PeerUnavailable
+from mirror.errors import BlobUnknown
+from mirror.reference import Digest
+
+log = logging.getLogger(__name__)
+
+KIND = "blob"
+# An owner that does not answer is asked again after this, doubling up to a quarter TTL:
+# its lease runs out within one TTL of its death, and then this replica takes it.
+RETRY_FIRST = 0.05
+# An owner that keeps its lease but never answers (replicas cut off from each other, not
+# from Redis) is waited for this many TTLs at most; then this replica fetches alone.
+PATIENCE_TTLS = 3
+MIN_PATIENCE = 30.0
+# After Redis failed to answer, leases are not tried for this long (as in shared.py).
+DOWN_RETRY = 1.0
+
+
+@dataclass(frozen=True)
+class Following:
+    """The owner's body from the byte asked for."""
+
+    owner: str
+    response: aiohttp.ClientResponse
+
+
+class BlobFlight:
+    """Chooses each download's source; see the module docstring."""
+
+    def __init__(self, leases: Leases, peers: PeerClient, metrics: ClusterMetrics) -> None:
+        self._leases = leases
+        self._peers = peers
+        self._metrics = metrics
+        self._retry_at = 0.0  # monotonic time before which Redis is taken as down
+
+    async def source(
+        self, digest: Digest, offset: int, following: str | None
+    ) -> Following | Lease | None:
+        """The owner's body from `offset`, or the lease (fetch it here), or None (alone).
+        `following`: the owner this download followed until now, if any."""
+        give_up = time.monotonic() + max(PATIENCE_TTLS * self._leases.ttl, MIN_PATIENCE)
+        delay = RETRY_FIRST
+        first = following is None  # a new follower: counted once, as a wait
+        while time.monotonic() < give_up:
+            got = await self._acquire(digest)
+            if got is None:
+                self._metrics.lease_unavailable.labels(KIND).inc()
+                return None
+            if isinstance(got, Lease):
+                if following is not None:  # the owner died, or failed, mid-download
+                    self._metrics.lease_takeovers.labels(KIND).inc()
+                    log.info("blob %s: taken over from %s at byte %d", digest, following, offset)
+                return got
+            if got.owner == self._leases.owner:
+                # This replica's previous download of the blob, releasing its lease as it
+                # ends: asking ourselves would find only this download. It is gone shortly.
+                delay = await self._pause(delay)
+                continue
+            try:
+                response = await self._peers.open_blob(got.owner, digest, offset)
+            except BlobUnknown:  # the owner's upstream answer, taken as ours
+                self._metrics.lease_waits.labels(KIND).inc()
+                raise
+            except PeerUnavailable as exc:
+                if delay == RETRY_FIRST:  # once per wait: the retries follow quickly
+                    log.info("blob %s: owner not answering (%s); asking again", digest, exc)
+                following = following or got.owner
+                delay = await self._pause(delay)
+                continue
+            if first:
+                self._metrics.lease_waits.labels(KIND).inc()
+            return Following(got.owner, response)
+        log.warning("blob %s: its owner %s never answered; fetching it here", digest, following)
+        return None
+
+    async def _pause(self, delay: float) -> float:
+        """Sleep `delay`; the next one (doubled, up to a quarter of the lease TTL)."""
+        await asyncio.sleep(delay)
+        return min(delay * 2, self._leases.ttl / 4)
+
+    async def _acquire(self, digest: Digest) -> Lease | Held | None:
+        if time.monotonic() < self._retry_at:
+            return None
+        got = await self._leases.acquire(f"{KIND}:{digest}")
+        if got is None:
+            self._retry_at = time.monotonic() + DOWN_RETRY
+        return got
