@@ -9,7 +9,6 @@ parsed and their cross-references (files, volumes, ports, selectors, probes) che
 from __future__ import annotations
 
 import configparser
-import dataclasses
 import fnmatch
 import json
 import os
@@ -857,17 +856,6 @@ def test_k3s_registries_yaml() -> None:
 # --- replicas: kubernetes-replicated/, compose.replicated.yaml, haproxy ----------------------
 
 _ENV_REF = re.compile(r"\$\{(\w+)\}")
-_S3_ON_MAIN = "s3" in {f.name for f in dataclasses.fields(StorageConfig)}
-_CLUSTER_ON_MAIN = "cluster" in {f.name for f in dataclasses.fields(Config)}
-# Only the checks that load a whole replicated config wait for these; the rest run today.
-_NOT_YET = [
-    *([] if _S3_ON_MAIN else ["storage.s3 (issue 9, branch s3)"]),
-    *([] if _CLUSTER_ON_MAIN else ["cluster: in Config (issue 10, branch shared)"]),
-]
-needs_s3_and_cluster = pytest.mark.skipif(
-    bool(_NOT_YET),
-    reason=f"not merged yet, mirror's loader rejects the keys: {', '.join(_NOT_YET)}",
-)
 
 
 def _replicated_docs() -> list[dict[str, Any]]:
@@ -1041,13 +1029,13 @@ def test_replicated_config_shares_the_bucket_and_redis() -> None:
     assert parse_size("storage.max_size", raw["storage"]["max_size"]) < limit
 
 
-@needs_s3_and_cluster
 def test_replicated_configmap_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _, container = _replicated_pod()
     monkeypatch.setenv("POD_IP", "10.42.1.7")
     monkeypatch.setenv("POD_NAME", "mirror-5f7c9-abcde")
     raw = yaml.safe_load(_replicated_config_text()[0])
-    config: Any = config_from_mapping(_with_secret_files(raw, tmp_path))
+    config = config_from_mapping(_with_secret_files(raw, tmp_path))
+    assert config.storage.s3 is not None and config.cluster is not None
     assert config.port == _container_port(container, "http")
     assert str(config.storage.path) == "/var/lib/mirror"
     assert config.storage.s3.bucket == "mirror-cache"
@@ -1167,12 +1155,12 @@ def test_compose_replicated_config_is_wired(
         assert cluster.advertise_url == f"http://{name}:{MIRROR_PORT}"
 
 
-@needs_s3_and_cluster
 def test_compose_replicated_config_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name, mirror in _mirror_services().items():
         monkeypatch.setenv("ADVERTISE_HOST", _environment(mirror)["ADVERTISE_HOST"])
         raw = _compose_replicated_raw_config(mirror)
-        config: Any = config_from_mapping(_with_secret_files(raw, tmp_path))
+        config = config_from_mapping(_with_secret_files(raw, tmp_path))
+        assert config.storage.s3 is not None and config.cluster is not None
         assert config.port == MIRROR_PORT
         assert config.storage.s3.bucket == "mirror-cache"
         assert config.cluster.advertise_url == f"http://{name}:{MIRROR_PORT}"

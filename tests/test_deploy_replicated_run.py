@@ -21,12 +21,11 @@ import yaml
 from tests.fakehub import DOCKER_MANIFEST, FakeHub
 from tests.rgw import CephRGW
 from tests.services import MirrorProcess, RedisServer
-from tests.test_deploy import DEPLOY, needs_s3_and_cluster
+from tests.test_deploy import DEPLOY
 from tests.test_haproxy_example import HAPROXY, ShippedHAProxy
 
 pytestmark = [
     pytest.mark.e2e,
-    needs_s3_and_cluster,
     pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (make test installs it)"),
 ]
 REPLICAS = 3
