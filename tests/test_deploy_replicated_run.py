@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,14 @@ class Replica(MirrorProcess):
     def popen_kwargs(self) -> dict[str, Any]:
         kwargs = super().popen_kwargs()
         return {**kwargs, "env": {**kwargs["env"], **self.env}}
+
+
+async def _blob_requests(session: aiohttp.ClientSession, url: str) -> float:
+    """Blob GETs a replica has answered, from its /metrics."""
+    async with session.get(f"{url}/metrics") as resp:
+        text = await resp.text()
+    pattern = r'^mirror_http_requests_total\{[^}]*route="blob"[^}]*\} (\S+)$'
+    return sum(float(v) for v in re.findall(pattern, text, re.MULTILINE))
 
 
 def _replica(
@@ -95,22 +104,35 @@ async def test_pulls_through_haproxy_over_three_replicas_of_the_shipped_config(
                         assert resp.status == 200
                         body = await resp.read()
                     assert f"sha256:{hashlib.sha256(body).hexdigest()}" == digest
+            assert hub.stats["manifest_get"] == 1
+            assert dict(hub.stats.cdn_get_by_digest) == dict.fromkeys(blobs, 1)
+            listed = rgw.s3().client.list_objects_v2(Bucket=bucket).get("Contents", [])
+            keys = {o["Key"] for o in listed}
+            assert {f"blobs/sha256/{d.split(':')[1]}" for d in blobs} <= keys
+            assert f"manifests/sha256/{image['digest'].split(':')[1]}" in keys
             for replica in replicas:
                 async with session.get(f"{replica.url}/readyz") as resp:
                     checks = await resp.json()
                 assert resp.status == 200 and checks["bucket"] == "ok", checks
-                async with session.get(f"{replica.url}/metrics") as resp:
-                    metrics = await resp.text()
-                # Round robin: every replica answered some of the pulls.
-                assert 'route="blob"' in metrics or 'route="manifest"' in metrics
-        assert hub.stats["manifest_get"] == 1
-        assert dict(hub.stats.cdn_get_by_digest) == dict.fromkeys(
-            image["layers"] + [image["config"]], 1
-        )
-        listed = rgw.s3().client.list_objects_v2(Bucket=bucket).get("Contents", [])
-        keys = {o["Key"] for o in listed}
-        assert {f"blobs/sha256/{d.split(':')[1]}" for d in blobs} <= keys
-        assert f"manifests/sha256/{image['digest'].split(':')[1]}" in keys
+
+            # Concurrent cold GETs of one blob, spread over the replicas by the balancer,
+            # while the upstream sends it slowly: still one upstream fetch.
+            big = hub.content.add_image("library/big", "1.0", [os.urandom(8 * 1024**2)])
+            (layer,) = big["layers"]
+            hub.cdn_delay = 0.005
+
+            async def get_layer() -> str:
+                url = f"{lb.url}/v2/library/big/blobs/{layer}"
+                async with session.get(url) as resp:
+                    assert resp.status == 200
+                    return f"sha256:{hashlib.sha256(await resp.read()).hexdigest()}"
+
+            got = await asyncio.gather(*[get_layer() for _ in range(2 * REPLICAS)])
+            assert got == [layer] * (2 * REPLICAS)
+            assert hub.stats.cdn_get_by_digest[layer] == 1
+            # Round robin: every replica answered blob requests.
+            answered = [await _blob_requests(session, replica.url) for replica in replicas]
+            assert all(answered), answered
     finally:
         for service in reversed(started):
             await asyncio.to_thread(service.stop)
