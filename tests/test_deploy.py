@@ -11,6 +11,7 @@ from __future__ import annotations
 import configparser
 import fnmatch
 import json
+import os
 import re
 import shlex
 import shutil
@@ -25,12 +26,15 @@ import pytest
 import yaml
 
 from mirror.app import create_app
+from mirror.cluster.settings import new_secret, parse_cluster
 from mirror.config import (
     Config,
+    ConfigError,
     StorageConfig,
     UpstreamConfig,
     config_from_mapping,
     load_config,
+    parse_size,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +44,9 @@ PROMETHEUS_DIR = DEPLOY / "prometheus"
 ALERTS = PROMETHEUS_DIR / "alerts.yml"
 ALERTS_TEST = PROMETHEUS_DIR / "alerts_test.yml"
 KUBERNETES = DEPLOY / "kubernetes"
+KUBERNETES_REPLICATED = DEPLOY / "kubernetes-replicated"
+COMPOSE_REPLICATED = DEPLOY / "compose.replicated.yaml"
+HAPROXY_CFG = DEPLOY / "haproxy" / "haproxy.cfg"
 EXAMPLES = DEPLOY / "examples"
 MIRROR_PORT = 8083
 # Series Prometheus makes itself for every target.
@@ -217,12 +224,48 @@ def test_dashboard_covers_what_operators_look_at() -> None:
         "mirror_tag_revalidations_total",
         "mirror_upstream_token_fetches_total",
         "mirror_digest_mismatches_total",
+        # Replicas (mirror/cluster/metrics.py). Not mirror_cluster_replica_info: it has a
+        # sample only with cluster: set, and test_dashboard_metrics wants one on any mirror.
+        "mirror_cluster_peer_streams_total",
+        "mirror_cluster_peer_bytes_total",
+        "mirror_cluster_lease_waits_total",
+        "mirror_cluster_lease_takeovers_total",
+        "mirror_cluster_peer_refused_total",
+        "mirror_cluster_lease_unavailable_total",  # replicas working alone while Redis is down
     }
     assert wanted <= used, f"missing from the dashboard: {sorted(wanted - used)}"
     panel_text = json.dumps([expr for _, expr in dashboard_exprs()])
     assert "429" in panel_text
     assert "histogram_quantile(0.5," in panel_text
     assert "histogram_quantile(0.99," in panel_text
+
+
+_BY_INSTANCE = re.compile(r"\b(?:sum|max|min|avg) by \([^)]*\binstance\b[^)]*\)")
+
+
+def test_dashboard_splits_by_replica_and_sums_the_cluster() -> None:
+    """Per-replica panels (split by instance) and cluster totals (summed over replicas)
+    for requests, upstream fetches, peer streams and lease takeovers."""
+    split: set[str] = set()
+    summed: set[str] = set()
+    for _, expr in dashboard_exprs():
+        names = promql_metric_names(expr)
+        if _BY_INSTANCE.search(expr):
+            split |= names
+        elif re.match(r"(?:sum|count)(?: by \((?![^)]*instance)[^)]*\))? ?\(", expr):
+            summed |= names
+    wanted = {
+        "mirror_http_requests_total",
+        "mirror_upstream_requests_total",
+        "mirror_cluster_peer_streams_total",
+        "mirror_cluster_lease_takeovers_total",
+    }
+    assert wanted <= split, f"no per-replica panel for {sorted(wanted - split)}"
+    assert wanted <= summed, f"no cluster total for {sorted(wanted - summed)}"
+    titles = {title for title, _ in dashboard_exprs()}
+    assert {"Requests / s by replica", "Peer streams by replica"} <= titles
+    rows = [p["title"] for p in json.loads(DASHBOARD.read_text())["panels"] if p["type"] == "row"]
+    assert any(title.startswith("Replicas") for title in rows)
 
 
 # --- every file parses -----------------------------------------------------------------------
@@ -263,6 +306,7 @@ def test_every_deploy_file_is_checked() -> None:
     others = {
         DEPLOY / "README.md",
         DEPLOY / "systemd" / "mirror.service",
+        HAPROXY_CFG,  # haproxy -c, test_haproxy_config_is_valid
         DEPLOY / ".env",  # test_compose_project_name
     }
     unchecked = {p for p in DEPLOY.rglob("*") if p.is_file()} - checked - others
@@ -315,6 +359,8 @@ def test_alerts_are_complete() -> None:
         "mirror_http_request_duration_seconds_bucket",  # latency
         "mirror_storage_writable",
         "mirror_metadata_up",
+        "mirror_cluster_peer_refused_total",  # a replica with another secret, or a prober
+        "mirror_cluster_lease_takeovers_total",  # replicas dying or stalling again and again
     }
     used = set().union(*(promql_metric_names(e) for e in exprs.values()))
     assert wanted <= used, sorted(wanted - used)
@@ -510,17 +556,18 @@ def test_compose_prometheus_scrapes_the_mirror_with_the_rules() -> None:
 # --- Kubernetes ------------------------------------------------------------------------------
 
 
-def _k8s_docs() -> list[dict[str, Any]]:
+def _k8s_docs(directory: Path = KUBERNETES) -> list[dict[str, Any]]:
     docs = []
-    for path in sorted(KUBERNETES.glob("*.yaml")):
+    for path in sorted(directory.glob("*.yaml")):
         if path.name == "kustomization.yaml":
             continue
         docs += [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
     return docs
 
 
-def _one(kind: str, name: str | None = None) -> dict[str, Any]:
-    found = [d for d in _k8s_docs() if d["kind"] == kind and name in (None, d["metadata"]["name"])]
+def _one(kind: str, name: str | None = None, directory: Path = KUBERNETES) -> dict[str, Any]:
+    docs = _k8s_docs(directory)
+    found = [d for d in docs if d["kind"] == kind and name in (None, d["metadata"]["name"])]
     assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
     return found[0]
 
@@ -805,3 +852,416 @@ def test_k3s_registries_yaml() -> None:
     assert set(doc["mirrors"]) == set(MIRRORED_REGISTRIES)
     for registry, entry in doc["mirrors"].items():
         assert entry["endpoint"] == [_mirror_url()], registry
+
+
+# --- replicas: kubernetes-replicated/, compose.replicated.yaml, haproxy ----------------------
+
+_ENV_REF = re.compile(r"\$\{(\w+)\}")
+
+
+def _replicated_docs() -> list[dict[str, Any]]:
+    return _k8s_docs(KUBERNETES_REPLICATED)
+
+
+def _replicated(kind: str, name: str | None = None) -> dict[str, Any]:
+    return _one(kind, name, KUBERNETES_REPLICATED)
+
+
+def _replicated_pod() -> tuple[dict[str, Any], dict[str, Any]]:
+    """(pod spec, its one container) of the replicated Deployment."""
+    spec = _replicated("Deployment", "mirror")["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    return spec, container
+
+
+def _replicated_config_text() -> tuple[str, str]:
+    """(config file text, the path it is mounted at) of the replicated Deployment."""
+    spec, container = _replicated_pod()
+    args = container["args"]
+    config_path = args[args.index("--config") + 1]
+    mount = {m["mountPath"]: m for m in container["volumeMounts"]}[config_path]
+    volume = {v["name"]: v for v in spec["volumes"]}[mount["name"]]
+    config_map = _replicated("ConfigMap", volume["configMap"]["name"])
+    return config_map["data"][mount["subPath"]], config_path
+
+
+def _with_secret_files(raw: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
+    """`raw` with cluster.secret_file pointing at a generated secret in tmp_path."""
+    secret = tmp_path / "cluster-secret"
+    secret.write_text(new_secret() + "\n")
+    return {**raw, "cluster": {**raw["cluster"], "secret_file": str(secret)}}
+
+
+def test_replicated_kubernetes_set_is_named_and_namespace_less() -> None:
+    docs = _replicated_docs()
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == sorted(
+        ["Deployment", "Service", "ConfigMap", "Secret", "Secret", "PodDisruptionBudget",
+         "ServiceMonitor"]
+    )  # fmt: skip
+    for doc in docs:
+        assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"], doc
+        assert "namespace" not in doc["metadata"], doc["metadata"]["name"]
+    kustomization = yaml.safe_load((KUBERNETES_REPLICATED / "kustomization.yaml").read_text())
+    listed = kustomization["resources"]
+    assert len(listed) == len(set(listed))
+    files = {p.name for p in KUBERNETES_REPLICATED.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(listed) == files
+    # The same Service name as the single-node set: the scrape job stays "mirror".
+    assert _replicated("Service")["metadata"]["name"] == "mirror"
+
+
+def test_replicated_deployment_selectors_service_and_budget() -> None:
+    deployment = _replicated("Deployment", "mirror")
+    replicas = deployment["spec"]["replicas"]
+    assert replicas == 3
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert _matches(deployment["spec"]["selector"]["matchLabels"], pod_labels)
+    service = _replicated("Service", "mirror")
+    assert _matches(service["spec"]["selector"], pod_labels)
+    # Any replica answers any request: no stickiness.
+    assert service["spec"].get("sessionAffinity", "None") == "None"
+    pdb = _replicated("PodDisruptionBudget")
+    assert _matches(pdb["spec"]["selector"]["matchLabels"], pod_labels)
+    # One replica at a time; with minAvailable a scaled-down set could never be drained.
+    assert pdb["spec"] == {**pdb["spec"], "maxUnavailable": 1}
+    assert "minAvailable" not in pdb["spec"]
+    monitor = _replicated("ServiceMonitor")
+    assert _matches(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} <= {
+        p["name"] for p in service["spec"]["ports"]
+    }
+    spread = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert any(_matches(c["labelSelector"]["matchLabels"], pod_labels) for c in spread)
+
+
+def test_replicated_probes_hit_the_service_port() -> None:
+    _, container = _replicated_pod()
+    live = container["livenessProbe"]["httpGet"]
+    ready = container["readinessProbe"]["httpGet"]
+    assert live["path"] == "/healthz"
+    # Not /readyz: it fails on every replica together when the bucket or Redis is down,
+    # which would leave the Service without endpoints while each replica can still serve.
+    assert ready["path"] == "/healthz"
+    (port,) = _replicated("Service", "mirror")["spec"]["ports"]
+    target = _container_port(container, port.get("targetPort", port["port"]))
+    assert port["port"] == target == MIRROR_PORT
+    assert _container_port(container, live["port"]) == target
+    assert _container_port(container, ready["port"]) == target
+
+
+def test_replicated_deployment_references_exist() -> None:
+    spec, container = _replicated_pod()
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    names = {(d["kind"], d["metadata"]["name"]) for d in _replicated_docs()}
+    referenced = set()
+    for volume in volumes.values():
+        if "configMap" in volume:
+            referenced.add(("ConfigMap", volume["configMap"]["name"]))
+        if "secret" in volume:
+            referenced.add(("Secret", volume["secret"]["secretName"]))
+    for source in container.get("envFrom", []):
+        for kind, key in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):
+            if key in source:
+                referenced.add((kind, source[key]["name"]))
+    assert referenced == {(kind, name) for kind, name in names if kind in ("ConfigMap", "Secret")}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    for mount in mounts.values():
+        assert mount["name"] in volumes, mount["name"]
+    # The local tier is per replica and disposable: an emptyDir, bounded.
+    local = volumes[mounts["/var/lib/mirror"]["name"]]
+    assert "sizeLimit" in local["emptyDir"]
+
+
+def test_replicated_config_takes_the_pod_ip_and_the_cluster_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec, container = _replicated_pod()
+    text, _ = _replicated_config_text()
+    raw = yaml.safe_load(text)
+    # Every ${VAR} of the config is set in the container, from the downward API.
+    env = {e["name"]: e for e in container["env"]}
+    assert set(_ENV_REF.findall(text)) <= set(env)
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert raw["cluster"]["advertise_url"] == f"http://${{POD_IP}}:{MIRROR_PORT}"
+    # cluster.secret_file is the key of the mirror-cluster Secret, mounted as a directory.
+    secret_file = Path(raw["cluster"]["secret_file"])
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    mount = mounts[str(secret_file.parent)]
+    assert "subPath" not in mount
+    volume = {v["name"]: v for v in spec["volumes"]}[mount["name"]]
+    secret = _replicated("Secret", volume["secret"]["secretName"])
+    assert secret_file.name in secret["stringData"]
+    monkeypatch.setenv("POD_IP", "10.42.1.7")
+    monkeypatch.setenv("POD_NAME", "mirror-5f7c9-abcde")
+    # The placeholder is too short to be accepted: a forgotten Secret stops the replica.
+    placeholder = tmp_path / "placeholder"
+    placeholder.write_text(secret["stringData"][secret_file.name])
+    with pytest.raises(ConfigError) as raised:
+        parse_cluster({"cluster": {**raw["cluster"], "secret_file": str(placeholder)}})
+    assert raised.value.key == "cluster.secret_file"
+    cluster = parse_cluster(_with_secret_files(raw, tmp_path))
+    assert cluster is not None
+    assert cluster.advertise_url == f"http://10.42.1.7:{MIRROR_PORT}"
+    assert cluster.replica_id == "mirror-5f7c9-abcde"
+    assert cluster.lease_ttl == 10
+
+
+def test_replicated_config_shares_the_bucket_and_redis() -> None:
+    _, container = _replicated_pod()
+    raw = yaml.safe_load(_replicated_config_text()[0])
+    s3 = raw["storage"]["s3"]
+    assert s3["bucket"] and urlsplit(s3["endpoint"]).scheme in ("http", "https")
+    # Credentials come from the Secret's AWS_* variables, never from the ConfigMap.
+    assert not {"access_key_id", "secret_access_key", "secret_access_key_file"} & set(s3)
+    (source,) = container["envFrom"]
+    s3_secret = _replicated("Secret", source["secretRef"]["name"])
+    assert set(s3_secret["stringData"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    for value in s3_secret["stringData"].values():
+        assert value.startswith("REPLACE-"), "a credential that looks real"
+    # The Sentinel form, as the replicated set shows it.
+    assert raw["redis"]["url"].startswith("redis+sentinel://")
+    # The local tier's bound stays under the emptyDir's limit.
+    spec, _ = _replicated_pod()
+    (local,) = [v for v in spec["volumes"] if v["name"] == "local-tier"]
+    limit = parse_size("sizeLimit", local["emptyDir"]["sizeLimit"] + "B")
+    assert parse_size("storage.max_size", raw["storage"]["max_size"]) < limit
+
+
+def test_replicated_configmap_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, container = _replicated_pod()
+    monkeypatch.setenv("POD_IP", "10.42.1.7")
+    monkeypatch.setenv("POD_NAME", "mirror-5f7c9-abcde")
+    raw = yaml.safe_load(_replicated_config_text()[0])
+    config = config_from_mapping(_with_secret_files(raw, tmp_path))
+    assert config.storage.s3 is not None and config.cluster is not None
+    assert config.port == _container_port(container, "http")
+    assert str(config.storage.path) == "/var/lib/mirror"
+    assert config.storage.s3.bucket == "mirror-cache"
+    assert config.cluster.advertise_url == f"http://10.42.1.7:{MIRROR_PORT}"
+
+
+def test_kubernetes_replicated_pods_are_locked_down() -> None:
+    spec, container = _replicated_pod()
+    security = container["securityContext"]
+    assert security.get("runAsNonRoot", spec["securityContext"].get("runAsNonRoot")) is True
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    assert spec["automountServiceAccountToken"] is False
+
+
+# compose.replicated.yaml
+
+
+def _compose_replicated() -> dict[str, Any]:
+    doc = yaml.safe_load(COMPOSE_REPLICATED.read_text())
+    assert isinstance(doc, dict)
+    return doc
+
+
+def _mirror_services() -> dict[str, dict[str, Any]]:
+    services = _compose_replicated()["services"]
+    return {name: s for name, s in services.items() if s.get("image") == "mirror:local"}
+
+
+def _environment(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def test_compose_replicated_services_ports_and_healthchecks() -> None:
+    services = _compose_replicated()["services"]
+    assert set(_mirror_services()) == {"mirror-1", "mirror-2", "mirror-3"}
+    assert {"lb", "redis", "s3"} <= set(services)
+    assert _published_ports(services["lb"]) == {MIRROR_PORT: MIRROR_PORT}
+    for name, service in services.items():
+        if name != "lb":
+            assert not _published_ports(service), f"{name}: only the load balancer publishes"
+        if service.get("restart") == "no":
+            continue  # a one-shot job (the bucket's creation)
+        assert service["healthcheck"]["test"][0] in ("CMD", "CMD-SHELL"), name
+    for name, mirror in _mirror_services().items():
+        build = mirror["build"]
+        assert (DEPLOY / build["context"]).resolve() == REPO_ROOT, name
+        assert mirror["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert mirror["read_only"] is True
+
+
+def test_compose_replicated_volumes_secrets_and_mounted_files() -> None:
+    compose = _compose_replicated()
+    declared = set(compose.get("volumes") or {})
+    used = set()
+    local_tiers = set()
+    for name, service in compose["services"].items():
+        for kind, source, target in _volume_entries(service):
+            if kind == "volume":
+                used.add(source)
+                if target == "/var/lib/mirror":
+                    local_tiers.add(source)
+            elif kind == "bind":
+                path = (DEPLOY / source).resolve()
+                assert path.exists(), f"{name} mounts {source}, which is not in the repository"
+    assert used == declared
+    assert len(local_tiers) == len(_mirror_services()), "replicas share a local tier"
+    # The cluster secret is a file the operator generates, which git never takes.
+    (secret,) = compose["secrets"].values()
+    path = (DEPLOY / secret["file"]).resolve()
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", str(path)], cwd=REPO_ROOT, check=False
+    ).returncode
+    assert ignored == 0, f"{secret['file']} is not in .gitignore"
+    for name, mirror in _mirror_services().items():
+        assert mirror["secrets"] == list(compose["secrets"]), name
+
+
+def test_compose_replicated_ships_no_credentials() -> None:
+    for name, service in _compose_replicated()["services"].items():
+        for key, value in _environment(service).items():
+            if re.search(r"KEY|SECRET|PASSWORD|USER", key) and "ADVERTISE" not in key:
+                assert re.fullmatch(r"\$\{\w+:\?[^}]*\}", value), f"{name}: {key}={value!r}"
+
+
+def _compose_replicated_raw_config(service: dict[str, Any]) -> dict[str, Any]:
+    env = _environment(service)
+    raw = yaml.safe_load(_bind_mounts(service)[env["MIRROR_CONFIG"]].read_text())
+    assert isinstance(raw, dict)
+    return raw
+
+
+def test_compose_replicated_config_is_wired(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compose = _compose_replicated()
+    services = compose["services"]
+    secret_name = next(iter(compose["secrets"]))
+    for name, mirror in _mirror_services().items():
+        raw = _compose_replicated_raw_config(mirror)
+        assert urlsplit(raw["redis"]["url"]).hostname in services
+        assert urlsplit(raw["storage"]["s3"]["endpoint"]).hostname in services
+        assert raw["cluster"]["secret_file"] == f"/run/secrets/{secret_name}"
+        volumes = {t for kind, _, t in _volume_entries(mirror) if kind == "volume"}
+        assert raw["storage"]["path"] in volumes
+        # Each replica advertises its own service name, which the others resolve.
+        env = _environment(mirror)
+        assert set(_ENV_REF.findall(yaml.safe_dump(raw))) <= set(env)
+        for var in _ENV_REF.findall(raw["cluster"]["advertise_url"]):
+            monkeypatch.setenv(var, env[var])
+        cluster = parse_cluster(_with_secret_files(raw, tmp_path))
+        assert cluster is not None
+        assert cluster.advertise_url == f"http://{name}:{MIRROR_PORT}"
+
+
+def test_compose_replicated_config_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, mirror in _mirror_services().items():
+        monkeypatch.setenv("ADVERTISE_HOST", _environment(mirror)["ADVERTISE_HOST"])
+        raw = _compose_replicated_raw_config(mirror)
+        config = config_from_mapping(_with_secret_files(raw, tmp_path))
+        assert config.storage.s3 is not None and config.cluster is not None
+        assert config.port == MIRROR_PORT
+        assert config.storage.s3.bucket == "mirror-cache"
+        assert config.cluster.advertise_url == f"http://{name}:{MIRROR_PORT}"
+
+
+# haproxy
+
+
+def _haproxy_sections() -> dict[str, list[list[str]]]:
+    """'backend mirrors' → its lines, split into words (comments dropped)."""
+    sections: dict[str, list[list[str]]] = {}
+    current: list[list[str]] = []
+    for raw in HAPROXY_CFG.read_text().splitlines():
+        words = raw.split("#", 1)[0].split()
+        if not words:
+            continue
+        if not raw[0].isspace():
+            current = sections.setdefault(" ".join(words), [])
+        else:
+            current.append(words)
+    return sections
+
+
+def test_haproxy_round_robins_over_the_replicas_without_stickiness() -> None:
+    sections = _haproxy_sections()
+    lb = _compose_replicated()["services"]["lb"]
+    assert _bind_mounts(lb)["/usr/local/etc/haproxy/haproxy.cfg"] == HAPROXY_CFG
+    (frontend,) = [s for name, s in sections.items() if name == "frontend registry"]
+    assert ["bind", f":{MIRROR_PORT}"] in frontend
+    backend = sections["backend mirrors"]
+    assert ["default_backend", "mirrors"] in frontend
+    assert ["balance", "roundrobin"] in backend
+    words = {w for line in backend for w in line}
+    assert not words & {"stick", "stick-table", "cookie", "hash-type", "source"}
+    assert ["http-check", "send", "meth", "GET", "uri", "/healthz"] in backend
+    servers = {line[1]: line[2] for line in backend if line[0] == "server"}
+    assert servers == {name: f"{name}:{MIRROR_PORT}" for name in _mirror_services()}
+    defaults = next(line for line in backend if line[0] == "default-server")
+    assert "check" in defaults
+
+
+def test_haproxy_config_is_valid() -> None:
+    if shutil.which("haproxy") is None and not Path("/usr/sbin/haproxy").exists():
+        pytest.skip("haproxy is not installed (Debian package haproxy; make test installs it)")
+    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    result = subprocess.run(
+        [haproxy, "-c", "-f", str(HAPROXY_CFG)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The replicas' names resolve only inside compose's network; nothing else may warn.
+    for line in (result.stdout + result.stderr).splitlines():
+        if "[WARNING]" in line:
+            assert "could not resolve address" in line, line
+
+
+def _docker_compose_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    if shutil.which("docker-compose") is None:
+        pytest.skip("docker-compose is not installed (Debian package; make test installs it)")
+    return subprocess.run(
+        ["docker-compose", "-p", "mirror-replicated", "-f", str(COMPOSE_REPLICATED), "config"],
+        cwd=DEPLOY,
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_docker_compose_reads_the_replicated_file() -> None:
+    """Debian's docker-compose (1.29) validates it against its schema and interpolates it."""
+    keys = {"S3_ACCESS_KEY_ID": "id-for-the-test", "S3_SECRET_ACCESS_KEY": "not-a-real-secret"}
+    result = _docker_compose_config(keys)
+    assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)
+    for name in _mirror_services():
+        env = resolved["services"][name]["environment"]
+        assert env["AWS_ACCESS_KEY_ID"] == "id-for-the-test"
+        assert env["ADVERTISE_HOST"] == name
+    # Without the bucket's keys it refuses to start rather than run with made-up ones.
+    result = _docker_compose_config({})
+    assert result.returncode != 0
+    assert "S3_ACCESS_KEY_ID" in result.stderr
+
+
+def test_kubectl_kustomize_renders_the_replicated_set() -> None:
+    """kubectl's own kustomize builds the set: every file listed, nothing else, as parsed."""
+    if shutil.which("kubectl") is None:
+        pytest.skip("needs kubectl (kustomize)")
+    rendered = subprocess.run(
+        ["kubectl", "kustomize", str(KUBERNETES_REPLICATED)],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+
+    def key(doc: dict[str, Any]) -> tuple[str, str]:
+        return doc["kind"], doc["metadata"]["name"]
+
+    assert sorted(map(key, docs)) == sorted(map(key, _replicated_docs()))
+    deployment = next(d for d in docs if key(d) == ("Deployment", "mirror"))
+    assert deployment == _replicated("Deployment", "mirror")
+    volumes = deployment["spec"]["template"]["spec"]["volumes"]
+    (secret,) = [v["secret"] for v in volumes if "secret" in v]
+    assert secret["defaultMode"] == 0o440  # YAML 1.1 octal, as kubectl reads it

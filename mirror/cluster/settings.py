@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -11,6 +13,9 @@ from mirror.config import ConfigError, parse_duration, parse_url
 
 CLUSTER_KEYS = {"advertise_url", "secret_file", "lease_ttl", "replica_id"}
 MIN_SECRET_BYTES = 16
+# `${NAME}` in advertise_url and replica_id: a pod learns its own IP and name only from its
+# environment (the downward API), and one config file serves every replica.
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 @dataclass(frozen=True)
@@ -36,12 +41,28 @@ def parse_cluster(raw: Mapping[str, Any]) -> ClusterConfig | None:
         raise ConfigError("cluster.advertise_url", "required: how other replicas reach this one")
     if "secret_file" not in section:
         raise ConfigError("cluster.secret_file", "required: the secret shared by all replicas")
-    url = parse_url("cluster.advertise_url", section["advertise_url"]).rstrip("/")
+    advertise = _expand_env("cluster.advertise_url", section["advertise_url"])
+    url = parse_url("cluster.advertise_url", advertise).rstrip("/")
     ttl = parse_duration("cluster.lease_ttl", section.get("lease_ttl", "10s"))
     if ttl < 1:
         raise ConfigError("cluster.lease_ttl", f"must be at least 1s, got {section['lease_ttl']!r}")
-    replica_id = section.get("replica_id") or url.split("://", 1)[1]
+    replica_id = _expand_env("cluster.replica_id", section.get("replica_id"))
+    replica_id = replica_id or url.split("://", 1)[1]
     return ClusterConfig(url, _read_secret(section["secret_file"]), ttl, str(replica_id))
+
+
+def _expand_env(key: str, value: object) -> object:
+    """`value` with each `${NAME}` replaced by that environment variable, which must be set."""
+    if not isinstance(value, str):
+        return value
+
+    def lookup(match: re.Match[str]) -> str:
+        found = os.environ.get(match.group(1))
+        if not found:
+            raise ConfigError(key, f"environment variable {match.group(1)} is not set")
+        return found
+
+    return _ENV_REF.sub(lookup, value)
 
 
 def _read_secret(path: object) -> bytes:
