@@ -55,6 +55,7 @@ def share_bucket(app: web.Application) -> None:
 
     storage.index.exclusive = exclusive
     storage.upload_live = upload_live
+    storage.upload_owners_known = True
 
 
 async def _held(leases: Leases, name: str) -> bool:

@@ -65,13 +65,17 @@ class TieredStorage(Storage):
         # Whether a multipart upload (by key) is another process's live one, not to abort
         # (replicas: mirror/cluster/bucketshare.py); alone, none is.
         self.upload_live: Callable[[str], Awaitable[bool]] = _never
+        # True when `upload_live` knows every live upload (replicas hold a lease for each):
+        # then any other is abandoned, however young. Alone, an upload is taken as abandoned
+        # only after ABANDONED_AFTER, since a `mirror ls` or `gc` may run beside a live serve.
+        self.upload_owners_known = False
 
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
         await super().open()
         await self.bucket.open()
         if self.bucket.up:
-            await self._abort_uploads(older_than=ABANDONED_AFTER)
+            await self._abort_uploads(older_than=self._abandoned_after)
 
     async def close(self) -> None:
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -271,12 +275,16 @@ class TieredStorage(Storage):
         return sizes
 
     async def collect_garbage(self, to: int | None) -> list[str]:
-        aborted = await self._abort_uploads(older_than=ABANDONED_AFTER)
+        aborted = await self._abort_uploads(older_than=self._abandoned_after)
         result = await self.index.evict()
         return [
             f"bucket: evicted {result.evicted} blobs ({result.freed} bytes), "
             f"{result.remaining} bytes of blobs left; aborted {aborted} abandoned uploads"
         ]
+
+    @property
+    def _abandoned_after(self) -> float:
+        return 0.0 if self.upload_owners_known else ABANDONED_AFTER
 
     async def _abort_uploads(self, older_than: float) -> int:
         """Abort the multipart uploads under the prefix begun more than `older_than` ago."""
