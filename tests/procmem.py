@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 PROC = Path("/proc")
@@ -45,3 +46,13 @@ def rss_bytes(pid: int) -> int:
 def tree_rss(root: int) -> int:
     """The resident memory of root and all its descendants together."""
     return sum(rss_bytes(pid) for pid in descendants(root))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time one process has used so far (0 when it is gone)."""
+    try:
+        stat = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

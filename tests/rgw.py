@@ -29,8 +29,9 @@ from tests.services import Service, ServiceError, free_port, http_status
 CEPH_BINARIES = ("ceph-mon", "ceph-osd", "radosgw", "ceph-authtool", "monmaptool", "ceph")
 FSID = "6f1c4d2e-9d1b-4a37-9b3c-6a2f0f5e7a11"
 START_TIMEOUT = 60.0
-# The RAM an OSD may use for objects: big enough for the benchmark's 512 MiB blobs twice.
-MEMSTORE_BYTES = 4 * 1024**3
+# The RAM an OSD may use for objects (a cap, taken as filled): the bench keeps ten 512 MiB
+# blobs in it.
+MEMSTORE_BYTES = 8 * 1024**3
 
 
 def ceph_available() -> bool:
@@ -121,6 +122,11 @@ class CephRGW:
     def gateway_pid(self) -> int:
         assert self._rgw is not None
         return self._rgw.pid
+
+    def pids(self) -> dict[str, int]:
+        """The running daemons' pids, by name (for CPU figures)."""
+        daemons = {"radosgw": self._rgw, "ceph-osd": self._osd, "ceph-mon": self._mon}
+        return {name: d.pid for name, d in daemons.items() if d is not None and d.proc}
 
     def stop_gateway(self) -> None:
         """Stop radosgw only: S3 is then unreachable, the stored objects are kept."""

@@ -18,7 +18,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -33,7 +32,14 @@ from mirror.config import ConfigError, apply_overrides, config_from_mapping
 from tests.certs import CA, Pair, TLSMirror, client_context, served_certificate
 from tests.e2e.clients_helpers import write_htpasswd
 from tests.images import DOCKER_LAYER, Blob, busybox_image, push_blob, push_image
-from tests.services import REPO_ROOT, DistributionRegistry, MirrorProcess, log_tail, tcp_open
+from tests.services import (
+    REPO_ROOT,
+    DistributionRegistry,
+    MirrorProcess,
+    log_tail,
+    tcp_open,
+    wait_for,
+)
 
 pytestmark = pytest.mark.skipif(
     shutil.which("openssl") is None or shutil.which("docker-registry") is None,
@@ -41,17 +47,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 BIG_SIZE = 16 * 1024 * 1024
-WAIT = 30.0
-
-
-def wait_for(what: str, check: Any, timeout: float = WAIT) -> None:
-    """Poll `check()` until true; fail naming `what` (no timing is asserted)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # --- fixtures ----------------------------------------------------------------------------

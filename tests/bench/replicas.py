@@ -24,13 +24,13 @@ from tests.bench.measure import manifest_digest
 from tests.bench.report import Row, median, ratio
 from tests.bench.seeding import BigBlob, seed_big
 from tests.loadbalancer import HAProxy
+from tests.procmem import cpu_seconds
 from tests.rgw import CephRGW
 from tests.services import FakeHubProcess, MirrorProcess
 
 Log = Callable[[str], None]
 REPLICAS = 3
 PREFIX = "replicas/"
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -130,12 +130,6 @@ def cold(s: ReplicaStack, hub: FakeHubProcess, pairs: list[tuple[BigBlob, BigBlo
 # --- manifests ------------------------------------------------------------------------------
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU of one process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
 @dataclass
 class ReplicaManifests:
     results: dict[int, list[WrkResult]] = field(default_factory=dict)  # replicas -> runs
@@ -155,9 +149,9 @@ def manifests(
         for n, lb in s.balancers.items():
             pids = {f"replica{i}": r.pid for i, r in enumerate(s.replicas[:n])}
             pids["haproxy"] = lb.pid
-            before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             result = wrk(lb.url + path, script, seconds)
-            used = {name: round(_cpu_seconds(pid) - before[name], 2) for name, pid in pids.items()}
+            used = {name: round(cpu_seconds(pid) - before[name], 2) for name, pid in pids.items()}
             out.results.setdefault(n, []).append(result)
             out.cpu.setdefault(n, []).append(used)
             log(f"  run {run + 1}/{runs} {n} replica(s): {result.rps:,.0f} req/s, "

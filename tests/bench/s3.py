@@ -26,6 +26,7 @@ from tests.bench.clients import OPENER, BenchError, curl_get
 from tests.bench.memory import RssSampler
 from tests.bench.report import MIB, RSS_LIMIT_MIB, Row, median, ratio
 from tests.bench.seeding import BigBlob
+from tests.procmem import cpu_seconds
 from tests.rgw import CephRGW, ceph_available
 from tests.services import MirrorProcess, RedisServer
 
@@ -116,6 +117,9 @@ class S3Warm:
     requests: dict[str, list[int]] = field(default_factory=dict)  # S3 requests per GET
     rss_max: int = 0
     rss_final: int = 0
+    # CPU seconds per process during each GET from the bucket: on 2 cores the mirror, RGW
+    # and curl share them, where the direct GET has only RGW and curl.
+    bucket_cpu: list[dict[str, float]] = field(default_factory=list)
 
 
 def _in_bucket(s: S3Stack, blob: BigBlob, timeout: float = 120.0) -> None:
@@ -164,7 +168,10 @@ def warm(s: S3Stack, blob: BigBlob, nginx_url: str, runs: int, log: Log) -> S3Wa
     redirect_url = s.redirect.url + blob.path()
     for run in range(runs):
         s.restart_empty()
+        pids = {"mirror": s.mirror.pid, **s.rgw.pids()}
+        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         seconds, n = _counted(s, lambda: curl_get(url, blob.size).seconds)
+        out.bucket_cpu.append({k: round(cpu_seconds(p) - before[k], 2) for k, p in pids.items()})
         out.bucket_seconds.append(seconds)
         out.requests["bucket"].append(n)
         time.sleep(1.0)  # the local tier commits after the last byte went out
@@ -182,7 +189,8 @@ def warm(s: S3Stack, blob: BigBlob, nginx_url: str, runs: int, log: Log) -> S3Wa
             f"({out.requests['bucket'][-1]} S3 req), local {out.local_seconds[-1]:.2f}s "
             f"({out.requests['local'][-1]}), direct S3 {out.direct_seconds[-1]:.2f}s, "
             f"nginx {out.nginx_seconds[-1]:.2f}s, redirect {out.redirect_seconds[-1]:.2f}s "
-            f"({out.requests['redirect'][-1]} S3 req before the 307)")  # fmt: skip
+            f"({out.requests['redirect'][-1]} S3 req before the 307); CPU s during the bucket "
+            f"GET {out.bucket_cpu[-1]}")  # fmt: skip
     return out
 
 
@@ -200,9 +208,11 @@ def warm_rows(w: S3Warm, size_mib: int) -> list[Row]:
     r = median(w.redirect_seconds)
     worst = {k: float(max(v)) for k, v in w.requests.items()}
     name = f"S3: warm GET {size_mib} MiB"
+    cpu = {k: median([run[k] for run in w.bucket_cpu]) for k in w.bucket_cpu[0]}
+    shown = ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
     return [
         Row(f"{name} from the bucket, empty local tier", "s", b, None, d, ratio(b, d), "le",
-            1.3, "≤ 1.3× direct S3 GET (curl)"),
+            1.3, f"≤ 1.3× direct S3 GET (curl) (CPU s: {shown})"),
         Row(f"{name} from the local tier", "s", loc, None, n, ratio(loc, n), "le", 1.25,
             "≤ 1.25× nginx"),
         Row(f"{name} via 307 to a presigned URL", "s", r, None, d, ratio(r, d), "le", 1.3,

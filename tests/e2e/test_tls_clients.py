@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +34,7 @@ from tests.services import (
     DistributionRegistry,
     DockerDaemon,
     log_tail,
+    wait_for,
 )
 
 MISSING = [t for t in (DOCKERD, DOCKER, "docker-registry", "openssl") if not shutil.which(t)]
@@ -47,15 +47,6 @@ pytestmark = [
 needs_skopeo = pytest.mark.skipif(shutil.which("skopeo") is None, reason="needs skopeo")
 LARGE_SIZE = 64 * MIB
 WAIT = 60.0
-
-
-def wait_for(what: str, check: Any, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +241,7 @@ def test_rotated_certificate_while_a_docker_pull_is_in_flight(
             wait_for(
                 "the mirror to start sending the large layer",
                 lambda: fetches_in_flight(mirror) > 0 or running.poll() is not None,
+                WAIT,
             )
             rotate(live, second)
             wait_for(
@@ -257,6 +249,7 @@ def test_rotated_certificate_while_a_docker_pull_is_in_flight(
                 lambda: (
                     served_certificate(mirror.tls_port, mirror_ca.cert, host="::1") == second.der()
                 ),
+                WAIT,
             )
             in_flight = running.poll() is None
             output, _ = running.communicate(timeout=600)
