@@ -265,6 +265,3 @@ async def on_response_prepare(request: web.Request, response: web.StreamResponse
         response.headers[REQUEST_ID_HEADER] = request[request_id_key]
     if request.path.startswith("/v2"):
         response.headers.update(API_VERSION_HEADER)
-    # Cache hits go out by sendfile without passing through our code: count them here.
-    if isinstance(response, web.FileResponse) and request.method == "GET":
-        request.app[metrics_key].served_bytes.labels("cache").inc(response.content_length or 0)
