@@ -5,22 +5,25 @@
 #
 # BASE: any Debian-like image with python3 (3.11+), python3's venv module with ensurepip,
 # and groupadd/useradd; both stages use it, since the venv links to the base's python3.
-# Offline: a wheelhouse in ./wheels (pip wheel --wheel-dir wheels . 'setuptools>=68' wheel)
-# is installed from with no index, so the build needs no network at all. (No `# syntax=`
-# line: BuildKit would pull that frontend image first.)
+# Offline: a wheelhouse in ./wheels (every wheel requirements/runtime.txt names, e.g. by
+# pip download --no-deps) is installed from with no index, so the build needs no network.
+# (No `# syntax=` line: BuildKit would pull that frontend image first.)
 ARG BASE=python:3.11-slim
 
 # --- build: the mirror and its dependencies, installed into a venv ----------------------
 FROM ${BASE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
-# The context is what .dockerignore lets through: pyproject.toml, README.md, mirror/,
-# deploy/config.example.yaml and, when present, wheels/.
+# The context is what .dockerignore lets through: pyproject.toml, README.md, requirements/,
+# mirror/, deploy/config.example.yaml and, when present, wheels/.
 COPY . .
+# Every dependency, and setuptools to build with, from the lock (exact versions, hashes
+# checked); then the mirror itself, with nothing more fetched.
 RUN python3 -m venv /opt/mirror \
     && if [ -d wheels ]; then set -- --no-index --find-links wheels; fi \
-    && /opt/mirror/bin/pip install -q "$@" . \
-    && /opt/mirror/bin/pip uninstall -y -q pip setuptools
+    && /opt/mirror/bin/pip install -q "$@" --require-hashes -r requirements/runtime.txt \
+    && /opt/mirror/bin/pip install -q "$@" --no-deps --no-build-isolation . \
+    && /opt/mirror/bin/pip uninstall -y -q pip setuptools wheel
 
 # --- runtime: the venv, .pyc included (the root filesystem may be read-only) ------------
 FROM ${BASE}

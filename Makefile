@@ -17,14 +17,20 @@ SYSTEM_COMMANDS := redis-server redis-sentinel redis-cli docker-registry dockerd
 SYSTEM_PACKAGES += debootstrap docker-compose
 SYSTEM_COMMANDS += debootstrap docker-compose
 
-.PHONY: all install system-deps run test test-unit test-e2e bench soak lint format mypy clean
+.PHONY: all install system-deps run test test-unit test-e2e bench soak lint format mypy lock clean
 
 all: lint mypy test
 
-$(VENV)/.installed: pyproject.toml
+# Every Python package comes from the lock (requirements/*.txt, exact versions with hashes),
+# so a new release upstream changes nothing here until `make lock` is committed. The project
+# itself goes in editable, with no build isolation: setuptools comes from the lock too.
+LOCK_INSTALL = $(PY) -m pip install -q --require-hashes -r
+PROJECT_INSTALL = $(PY) -m pip install -q --no-deps --no-build-isolation -e .
+
+$(VENV)/.installed: requirements/test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(LOCK_INSTALL) requirements/test.txt
+	$(PROJECT_INSTALL)
 	touch $@
 
 install: $(VENV)/.installed
@@ -40,8 +46,11 @@ system-deps:
 			$$SUDO apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; \
 	fi
 
+# Port 8083 unless PORT is given (make run PORT=9000); a config in MIRROR_CONFIG keeps its
+# own storage, and its own listen when PORT is not given. Order: flag, environment, file.
 run: install
-	$(VENV)/bin/mirror serve --listen 0.0.0.0:8083 --storage ./mirror-data
+	$(VENV)/bin/mirror serve $(if $(PORT),--listen 0.0.0.0:$(PORT)) \
+		$(if $(MIRROR_CONFIG)$(MIRROR_STORAGE),,--storage ./mirror-data)
 
 test: install system-deps lint mypy
 	$(PY) -m pytest
@@ -53,8 +62,8 @@ test-e2e: install system-deps
 	$(PY) -m pytest -m e2e -s
 
 # The bench extra (matplotlib for the chart, py-spy for --profile) on top of the test one.
-$(VENV)/.bench-installed: $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[test,bench]'
+$(VENV)/.bench-installed: $(VENV)/.installed requirements/bench.txt
+	$(LOCK_INSTALL) requirements/bench.txt
 	touch $@
 
 # The mirror vs distribution's proxy mode vs nginx, side by side (~6 min); not a test. It
@@ -76,6 +85,16 @@ format: install
 
 mypy: install
 	$(PY) -m mypy
+
+# Refreshes the lock: the newest releases within pyproject.toml's ranges, for Python 3.11 on
+# any platform. Commit the result like any change, after `make test` passed on it.
+UV_COMPILE = $(VENV)/bin/uv pip compile pyproject.toml requirements/build.in --universal \
+	--python-version 3.11 --generate-hashes --quiet --custom-compile-command "make lock"
+lock: install
+	UV_NO_CONFIG=1 $(UV_COMPILE) --upgrade -o requirements/runtime.txt
+	UV_NO_CONFIG=1 $(UV_COMPILE) --upgrade --extra test -c requirements/runtime.txt -o requirements/test.txt
+	UV_NO_CONFIG=1 $(UV_COMPILE) --upgrade --extra test --extra bench -c requirements/test.txt \
+		-o requirements/bench.txt
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info mirror-data

@@ -22,7 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mirror {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = _with_common(commands.add_parser("serve", help="run the mirror"))
-    serve.add_argument("--listen", help="HOST:PORT to listen on (default 0.0.0.0:8083)")
+    serve.add_argument(
+        "--listen",
+        default=os.environ.get("MIRROR_LISTEN"),
+        help="HOST:PORT to listen on (default: $MIRROR_LISTEN, else the file's, else 0.0.0.0:8083)",
+    )
     warm = _with_common(commands.add_parser("warm", help="pull images into the cache"))
     warm.add_argument("images", nargs="*", metavar="IMAGE", help="e.g. nginx:1.27, ghcr.io/o/i")
     warm.add_argument("--file", help="a file of images, one per line (# comments)")
@@ -40,9 +44,18 @@ def _with_common(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=os.environ.get("MIRROR_CONFIG"),
         help="YAML config file (default: $MIRROR_CONFIG)",
     )
-    parser.add_argument("--upstream", help="upstream registry URL")
-    parser.add_argument("--storage", help="cache directory")
-    parser.add_argument("--redis", help="Redis URL for metadata (default: in-process)")
+    # Each flag has an environment twin; a flag beats its variable, which beats the file.
+    parser.add_argument(
+        "--upstream", default=os.environ.get("MIRROR_UPSTREAM"), help="upstream registry URL"
+    )
+    parser.add_argument(
+        "--storage", default=os.environ.get("MIRROR_STORAGE"), help="cache directory"
+    )
+    parser.add_argument(
+        "--redis",
+        default=os.environ.get("MIRROR_REDIS"),
+        help="Redis URL for metadata (default: in-process)",
+    )
     return parser
 
 
@@ -123,19 +136,24 @@ def serve(config: Config) -> None:
         except ConfigError as exc:
             print(f"mirror: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
-        listeners.append(server.Listener(config.tls.host, config.tls.port, context))
-    logging.getLogger(__name__).info(
-        "serving on %s, upstream %s, storage %s, metadata %s",
-        ", ".join(f"{'https' if x.ssl_context else 'http'}://{x.host}:{x.port}" for x in listeners),
-        config.upstream.url,
-        config.storage.path,
-        "redis" if config.redis.url else "in-process",
-    )
+        listeners.append(server.Listener(config.tls.host, config.tls.port, context, "tls.listen"))
+
+    def announce() -> None:  # only once every address is bound and the app has started
+        logging.getLogger(__name__).info(
+            "serving on %s, upstream %s, storage %s, metadata %s",
+            ", ".join(
+                f"{'https' if x.ssl_context else 'http'}://{x.host}:{x.port}" for x in listeners
+            ),
+            config.upstream.url,
+            config.storage.path,
+            "redis" if config.redis.url else "in-process",
+        )
+
     app = create_app(config)
     if config.tls is not None and context is not None:
         tls.enable_reload(app, context, config.tls, app[metrics_key])
     try:
-        server.run(app, listeners, config.shutdown_timeout)
-    except ConfigError as exc:  # a check at start (the S3 bucket) failed: no traceback
+        server.run(app, listeners, config.shutdown_timeout, announce)
+    except ConfigError as exc:  # a taken port, a failed check at start (S3): no traceback
         print(f"mirror: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -231,7 +231,7 @@ def _sentinel_connection(
     # redis-py's own default for a client retries 10 times with backoff (~4 s against a
     # dead sentinel): one quick retry, then the next sentinel, then the in-memory fallback.
     sentinel_options.update(decode_responses=True, retry=Retry(NoBackoff(), SENTINEL_RETRIES))
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(
         list(target.nodes),
         sentinel_kwargs=sentinel_options,
         username=target.username,

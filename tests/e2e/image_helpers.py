@@ -12,6 +12,7 @@ import email.parser
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -108,33 +109,44 @@ def _debootstrap(rootfs: Path, log: Path) -> str | None:
 
 
 def make_build_context(context: Path, target: dict[str, str]) -> Path:
-    """A copy of the build's inputs plus wheels/: the project's dependencies as wheels (and
-    setuptools, its build backend) for the base's interpreter, so the image builds with no
-    network. `target` is that interpreter's marker environment (`marker_environment`)."""
+    """A copy of the build's inputs plus wheels/: every wheel the runtime lock names (and
+    setuptools, its build backend), so the image builds with no network. `target` is the
+    base interpreter's marker environment (`marker_environment`): the lock must cover it."""
     context.mkdir(parents=True, exist_ok=True)
     for name in CONTEXT_FILES:
         shutil.copy2(REPO_ROOT / name, context / name)
     shutil.copytree(REPO_ROOT / "mirror", context / "mirror")
+    shutil.copytree(REPO_ROOT / "requirements", context / "requirements")
     (context / "deploy").mkdir()
     shutil.copy2(REPO_ROOT / "deploy" / "config.example.yaml", context / "deploy")
     wheels = context / "wheels"
-    _pip_wheel(wheels, str(REPO_ROOT), "setuptools>=68", "wheel")
-    complete_wheelhouse(wheels, target)
-    # The image must build the mirror from the context's source, not from a host's wheel.
-    for built in wheels.glob("mirror-*.whl"):
-        built.unlink()
+    download_locked(wheels, REPO_ROOT / "requirements" / "runtime.txt")
+    missing = missing_requirements(wheels, target)
+    if missing:
+        raise RuntimeError(f"requirements/runtime.txt lacks {missing} for the image's python3")
     return context
 
 
-def _pip_wheel(wheels: Path, *requirements: str, deps: bool = True) -> None:
-    args = [] if deps else ["--no-deps"]
+def download_locked(wheels: Path, lock: Path) -> None:
+    """Every pinned line of `lock`, whatever its marker says for this interpreter (the
+    image's python3 may need what this one does not), with its hashes checked."""
+    pinned = []
+    for entry in re.split(r"\n(?=\S)", lock.read_text()):
+        if not re.match(r"[A-Za-z0-9]", entry):
+            continue  # comments
+        first, _, hashes = entry.partition("\n")
+        requirement = first.partition(" ;")[0].removesuffix(" \\")  # the marker goes
+        pinned.append(f"{requirement} \\\n{hashes}")
+    unmarked = wheels.parent / "unmarked-requirements.txt"
+    unmarked.write_text("\n".join(pinned) + "\n")
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", *args, "--wheel-dir", str(wheels),
-         *requirements],
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--require-hashes",
+         "--dest", str(wheels), "-r", str(unmarked)],
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
+    unmarked.unlink()
     if done.returncode != 0:
-        raise RuntimeError(f"pip wheel {' '.join(requirements)} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"pip download of {lock.name} failed:\n{done.stderr[-3000:]}")
 
 
 # The PEP 508 marker environment of the interpreter that runs it (what packaging's
@@ -166,20 +178,10 @@ def marker_environment(docker: DockerDaemon, image: str) -> dict[str, str]:
     return env
 
 
-def complete_wheelhouse(wheels: Path, target: dict[str, str]) -> None:
-    """Add the wheels the target interpreter needs that the host's did not: pip evaluates
-    markers such as redis's `async-timeout; python_full_version < "3.11.3"` for the
-    interpreter it runs on, and Debian's python3 is older than the host's here."""
-    for _ in range(5):  # each round can bring dependencies of its own
-        missing = missing_requirements(wheels, target)
-        if not missing:
-            return
-        _pip_wheel(wheels, *missing, deps=False)
-    raise RuntimeError(f"the wheelhouse still lacks {missing}")
-
-
 def missing_requirements(wheels: Path, target: dict[str, str]) -> list[str]:
-    """Requirements of the wheels in `wheels`, for `target`, that no wheel there meets."""
+    """Requirements of the wheels in `wheels`, for `target`, that no wheel there meets: pip
+    evaluates markers such as redis's `async-timeout; python_full_version < "3.11.3"` for the
+    interpreter it runs on, and Debian's python3 is older than the host's here."""
     have = {}
     for wheel in wheels.glob("*.whl"):
         name, version, _, _ = parse_wheel_filename(wheel.name)
