@@ -8,13 +8,14 @@ import logging
 import os
 import sys
 
-from mirror import __version__, commands, server, tls
+from mirror import __version__, commands, server
 from mirror.allocator import return_large_blocks
-from mirror.app import create_app
 from mirror.config import Config, ConfigError, apply_overrides, load_config, parse_size
-from mirror.errors import RegistryError
-from mirror.keys import metrics_key
-from mirror.logs import setup_logging
+from mirror.net import tls
+from mirror.observe.logs import setup_logging
+from mirror.oci.errors import RegistryError
+from mirror.web.app import create_app
+from mirror.web.keys import metrics_key
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,11 +16,14 @@ from typing import Any, TextIO, TypeVar
 
 from aiohttp import web
 
-from mirror.app import create_app
+from mirror.cache.downloads import Download, Uncacheable
 from mirror.config import Config
-from mirror.downloads import Download, Uncacheable
-from mirror.errors import RegistryError
-from mirror.keys import (
+from mirror.oci.errors import RegistryError
+from mirror.oci.reference import parse_digest, validate_name, validate_tag
+from mirror.storage import CacheStore
+from mirror.upstream.client import MANIFEST_TYPES, Upstream
+from mirror.web.app import create_app
+from mirror.web.keys import (
     downloads_key,
     evictor_key,
     manifests_key,
@@ -28,10 +31,7 @@ from mirror.keys import (
     storage_key,
     upstreams_key,
 )
-from mirror.reference import parse_digest, validate_name, validate_tag
-from mirror.status import human_size
-from mirror.storage import CacheStore
-from mirror.upstream import MANIFEST_TYPES, Upstream
+from mirror.web.status import human_size
 
 T = TypeVar("T")
 PARALLEL_BLOBS = 4

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from mirror.app import create_app
 from mirror.config import CacheConfig, Config, RedisConfig, StorageConfig, UpstreamConfig
+from mirror.web.app import create_app
 from tests.fakehub import FakeHub
 from tests.services import RedisServer
 

@@ -8,9 +8,9 @@ from typing import Any
 import aiohttp
 from aiohttp.test_utils import TestClient
 
-from mirror.auth import Challenge, TokenCache, basic_authorization, parse_challenge
 from mirror.config import UpstreamConfig
-from mirror.metrics import Metrics
+from mirror.observe.metrics import Metrics
+from mirror.upstream.tokens import Challenge, TokenCache, basic_authorization, parse_challenge
 from tests.conftest import MakeClient
 from tests.fakehub import FakeHub
 

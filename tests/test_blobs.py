@@ -14,9 +14,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from mirror.config import Config
-from mirror.errors import DigestMismatch
-from mirror.keys import downloads_key, storage_key, upstreams_key
-from mirror.reference import parse_digest
+from mirror.oci.errors import DigestMismatch
+from mirror.oci.reference import parse_digest
+from mirror.web.keys import downloads_key, storage_key, upstreams_key
 from tests.fakehub import FakeHub
 from tests.resilience_helpers import metric_value, temp_files_settled
 

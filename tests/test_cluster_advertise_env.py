@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mirror.cluster.settings import parse_cluster
 from mirror.config import ConfigError
+from mirror.config.cluster import parse_cluster
 
 
 @pytest.fixture

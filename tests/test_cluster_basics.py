@@ -10,9 +10,9 @@ import pytest
 
 from mirror.cluster import peerauth
 from mirror.cluster.lease import Held, Lease, Leases
-from mirror.cluster.settings import parse_cluster
 from mirror.config import ConfigError
-from mirror.redistopology import open_redis
+from mirror.config.cluster import parse_cluster
+from mirror.metadata.topology import open_redis
 from tests.redis_topologies import TOPOLOGIES, flushed_redis_url
 from tests.services import free_port
 

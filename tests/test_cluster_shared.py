@@ -10,9 +10,9 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 
 from mirror.cluster.lease import Lease, Leases
-from mirror.cluster.metrics import ClusterMetrics
 from mirror.cluster.shared import SharedFailure, SharedWork
-from mirror.redistopology import open_redis
+from mirror.metadata.topology import open_redis
+from mirror.observe.cluster_metrics import ClusterMetrics
 from tests.redis_topologies import TOPOLOGIES, flushed_redis_url
 from tests.services import free_port
 

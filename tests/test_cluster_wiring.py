@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from mirror.cluster.lease import Lease, Leases
-from mirror.cluster.settings import ClusterConfig
 from mirror.config import ConfigError, RedisConfig, apply_overrides, config_from_mapping
-from mirror.keys import leases_key
+from mirror.config.cluster import ClusterConfig
+from mirror.web.keys import leases_key
 from tests.conftest import MakeClient
 from tests.services import RedisServer
 

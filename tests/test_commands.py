@@ -23,8 +23,8 @@ import pytest
 from mirror import commands
 from mirror.commands import ImageRef, parse_image
 from mirror.config import Config
-from mirror.errors import RegistryError
-from mirror.reference import parse_digest
+from mirror.oci.errors import RegistryError
+from mirror.oci.reference import parse_digest
 from mirror.storage import Storage
 from tests.conftest import MakeClient
 from tests.fakehub import OCI_MANIFEST, FakeHub

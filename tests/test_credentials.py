@@ -7,8 +7,8 @@ import base64
 import gc
 from pathlib import Path
 
-from mirror.credentials import Credentials
-from mirror.errors import Denied
+from mirror.oci.errors import Denied
+from mirror.upstream.credentials import Credentials
 
 
 def running(pid: int) -> bool:

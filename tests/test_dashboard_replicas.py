@@ -16,8 +16,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from mirror.app import create_app
 from mirror.config import Config, StorageConfig, UpstreamConfig
+from mirror.web.app import create_app
 from tests.test_deploy import DASHBOARD, _panels
 from tests.test_prometheus import PrometheusServer, _api, _fill_variables, _wait_for
 

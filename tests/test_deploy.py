@@ -25,8 +25,6 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from mirror.app import create_app
-from mirror.cluster.settings import new_secret, parse_cluster
 from mirror.config import (
     Config,
     ConfigError,
@@ -36,6 +34,8 @@ from mirror.config import (
     load_config,
     parse_size,
 )
+from mirror.config.cluster import new_secret, parse_cluster
+from mirror.web.app import create_app
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = REPO_ROOT / "deploy"

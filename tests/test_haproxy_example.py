@@ -17,8 +17,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from mirror.app import create_app
 from mirror.config import Config, StorageConfig, UpstreamConfig
+from mirror.web.app import create_app
 from tests.services import Service, free_port, http_status
 from tests.test_deploy import HAPROXY_CFG, exported_metric_names
 

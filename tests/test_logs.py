@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from mirror.logs import new_request_id, request_id_var, setup_logging
+from mirror.observe.logs import new_request_id, request_id_var, setup_logging
 from tests.e2e.clients_helpers import JWT, write_htpasswd
 from tests.images import DOCKER_MANIFEST, Image, busybox_image, file_layer, push_image
 from tests.images import single_image as build_single_image

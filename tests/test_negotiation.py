@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from mirror.negotiation import Verdict, decide
+from mirror.oci.negotiation import Verdict, decide
 from tests.fakehub import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, FakeHub
 
 Client = TestClient[Any, Any]

@@ -8,8 +8,8 @@ from typing import Any
 import bcrypt
 import pytest
 
+from mirror.access.policy import ALLOW_LIST, DENY_LIST, NO_RULE, Policy, Target, parse_glob
 from mirror.config import ConfigError, config_from_mapping
-from mirror.policy import ALLOW_LIST, DENY_LIST, NO_RULE, Policy, Target, parse_glob
 from tests.test_config import run_cli, write
 
 DIGEST = "sha256:" + "a" * 64

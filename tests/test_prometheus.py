@@ -19,8 +19,8 @@ import aiohttp
 import pytest
 import yaml
 
-from mirror.app import create_app
 from mirror.config import Config, StorageConfig, UpstreamConfig
+from mirror.web.app import create_app
 from tests.services import Service, free_port, http_status
 from tests.test_deploy import ALERTS, DASHBOARD, alert_rules, dashboard_exprs
 

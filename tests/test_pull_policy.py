@@ -21,7 +21,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from mirror.config import config_from_mapping
-from mirror.logs import setup_logging
+from mirror.observe.logs import setup_logging
 from tests.conftest import MakeClient
 from tests.fakehub import FakeHub
 

@@ -15,9 +15,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from mirror.config import CacheConfig, Config, ConfigError, RedisConfig, apply_overrides
-from mirror.keys import metadata_key
-from mirror.metadata import FallbackMetadata, TagRecord, open_metadata
-from mirror.redistopology import parse_redis_url, redacted
+from mirror.metadata.store import FallbackMetadata, TagRecord, open_metadata
+from mirror.metadata.topology import parse_redis_url, redacted
+from mirror.web.keys import metadata_key
 from tests.conftest import MakeClient
 from tests.fakehub import FakeHub
 from tests.redis_topologies import (

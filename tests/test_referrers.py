@@ -257,8 +257,8 @@ async def test_set_index_relayed_as_the_upstream_sent_it(hub: FakeHub, mirror: C
 
 def test_storage_keeps_no_path_from_the_tag_key(tmp_path: Path) -> None:
     """The key a referrers answer is kept under can never be a real tag."""
-    from mirror.reference import TAG_RE, parse_digest
-    from mirror.referrers import referrers_key
+    from mirror.cache.referrers import referrers_key
+    from mirror.oci.reference import TAG_RE, parse_digest
 
     key = referrers_key(parse_digest("sha256:" + "a" * 64))
 

@@ -12,14 +12,14 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from mirror.breaker import CircuitBreaker
+from mirror.cache.eviction import CachedBlob, Evictor, choose_victims
 from mirror.config import CacheConfig, Config, StorageConfig, UpstreamConfig
-from mirror.errors import UpstreamUnavailable
-from mirror.eviction import CachedBlob, Evictor, choose_victims
-from mirror.keys import evictor_key, storage_key
-from mirror.metadata import FallbackMetadata, MemoryMetadata, RedisMetadata, TagRecord
-from mirror.metrics import Metrics
+from mirror.metadata.store import FallbackMetadata, MemoryMetadata, RedisMetadata, TagRecord
+from mirror.observe.metrics import Metrics
+from mirror.oci.errors import UpstreamUnavailable
 from mirror.storage import Storage
+from mirror.upstream.breaker import CircuitBreaker
+from mirror.web.keys import evictor_key, storage_key
 from tests.conftest import MakeClient
 from tests.fakehub import FakeHub
 from tests.resilience_helpers import temp_files_settled, wait_for_file

@@ -27,7 +27,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from mirror.clientauth import TokenSigner
+from mirror.access.clientauth import TokenSigner
 from mirror.config import AuthConfig, Config, UpstreamConfig
 from tests.conftest import MakeClient
 from tests.fakehub import Content, FakeHub

@@ -19,11 +19,11 @@ from aiohttp.test_utils import TestClient
 
 from mirror import commands
 from mirror.config import Config, RedisConfig, StorageConfig
-from mirror.keys import storage_key
-from mirror.metadata import MetadataStore, open_metadata
-from mirror.storage.s3config import S3Config
+from mirror.config.s3 import S3Config
+from mirror.metadata.store import MetadataStore, open_metadata
+from mirror.storage.s3.upload import part_size
 from mirror.storage.tiered import TieredStorage
-from mirror.storage.upload import part_size
+from mirror.web.keys import storage_key
 from tests.conftest import MakeClient
 from tests.fakehub import FakeHub
 from tests.resilience_helpers import metric_value

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import aiohttp
 
 from mirror.cluster.lease import Held, Lease, Leases
-from mirror.cluster.metrics import ClusterMetrics
 from mirror.cluster.peers import PeerClient, PeerUnavailable
-from mirror.errors import BlobUnknown
-from mirror.reference import Digest
+from mirror.observe.cluster_metrics import ClusterMetrics
+from mirror.oci.errors import BlobUnknown
+from mirror.oci.reference import Digest
 
 log = logging.getLogger(__name__)
 

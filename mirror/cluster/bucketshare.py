@@ -19,9 +19,9 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from mirror.cluster.lease import Lease, Leases
-from mirror.keys import config_key, leases_key, storage_key
-from mirror.redistopology import DOWN_ERRORS
+from mirror.metadata.topology import DOWN_ERRORS
 from mirror.storage.tiered import TieredStorage
+from mirror.web.keys import config_key, leases_key, storage_key
 
 log = logging.getLogger(__name__)
 

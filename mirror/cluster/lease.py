@@ -20,7 +20,7 @@ import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from mirror.redistopology import DOWN_ERRORS, RedisClient
+from mirror.metadata.topology import DOWN_ERRORS, RedisClient
 
 log = logging.getLogger(__name__)
 

@@ -22,14 +22,14 @@ from typing import BinaryIO
 import aiohttp
 from aiohttp import web
 
+from mirror.cache.downloads import READ_CHUNK, Download, close_file
 from mirror.cluster import peerauth
-from mirror.cluster.metrics import ClusterMetrics
-from mirror.downloads import READ_CHUNK, Download, close_file
-from mirror.errors import BlobUnknown, RegistryError, Unauthorized
-from mirror.keys import config_key, downloads_key, metrics_key, peers_key, storage_key
-from mirror.reference import Digest, parse_digest
-from mirror.tls import is_tls
-from mirror.upstream import new_session
+from mirror.net.tls import is_tls
+from mirror.observe.cluster_metrics import ClusterMetrics
+from mirror.oci.errors import BlobUnknown, RegistryError, Unauthorized
+from mirror.oci.reference import Digest, parse_digest
+from mirror.upstream.client import new_session
+from mirror.web.keys import config_key, downloads_key, metrics_key, peers_key, storage_key
 
 log = logging.getLogger(__name__)
 

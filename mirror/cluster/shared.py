@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from mirror.cluster.lease import Held, Lease, Leases
-from mirror.cluster.metrics import ClusterMetrics
-from mirror.redistopology import DOWN_ERRORS
+from mirror.metadata.topology import DOWN_ERRORS
+from mirror.observe.cluster_metrics import ClusterMetrics
 
 log = logging.getLogger(__name__)
 

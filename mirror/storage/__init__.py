@@ -14,7 +14,7 @@ Nothing above `CacheStore` knows which backend it talks to; `new_store` chooses.
 from __future__ import annotations
 
 from mirror.config import StorageConfig
-from mirror.metrics import Metrics
+from mirror.observe.metrics import Metrics
 from mirror.storage.base import CacheStore
 from mirror.storage.filesystem import Storage
 

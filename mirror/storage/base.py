@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from mirror.reference import Digest
+from mirror.oci.reference import Digest
 
 if TYPE_CHECKING:
-    from mirror.metadata import MetadataStore
+    from mirror.metadata.store import MetadataStore
 
 
 @dataclass(frozen=True, slots=True)

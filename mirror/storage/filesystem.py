@@ -24,12 +24,12 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mirror.errors import DigestInvalid
-from mirror.reference import Digest, compute_digest, parse_digest
+from mirror.oci.errors import DigestInvalid
+from mirror.oci.reference import Digest, compute_digest, parse_digest
 from mirror.storage.base import Found, NoUpload, Upload
 
 if TYPE_CHECKING:
-    from mirror.metadata import MetadataStore
+    from mirror.metadata.store import MetadataStore
 
 log = logging.getLogger(__name__)
 

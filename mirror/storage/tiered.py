@@ -24,17 +24,17 @@ from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from mirror.errors import DigestInvalid, RangeNotSatisfiable
-from mirror.metadata import MetadataStore
-from mirror.metrics import Metrics
-from mirror.reference import Digest, compute_digest, parse_digest
+from mirror.config.s3 import S3Config
+from mirror.metadata.store import MetadataStore
+from mirror.observe.metrics import Metrics
+from mirror.oci.errors import DigestInvalid, RangeNotSatisfiable
+from mirror.oci.reference import Digest, compute_digest, parse_digest
 from mirror.storage.base import BlobSize, Found, NoUpload, Redirect, Upload
-from mirror.storage.bucket_index import BucketIndex
-from mirror.storage.bucket_read import BucketStream, LocalFill
 from mirror.storage.filesystem import Storage
-from mirror.storage.s3 import Bucket, BucketUnavailable
-from mirror.storage.s3config import S3Config
-from mirror.storage.upload import PARTS_IN_FLIGHT, BucketUpload
+from mirror.storage.s3.bucket import Bucket, BucketUnavailable
+from mirror.storage.s3.index import BucketIndex
+from mirror.storage.s3.read import BucketStream, LocalFill
+from mirror.storage.s3.upload import PARTS_IN_FLIGHT, BucketUpload
 
 log = logging.getLogger(__name__)
 

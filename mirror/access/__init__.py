@@ -1,0 +1,1 @@
+"""Who may pull what: pull policies and client authentication."""

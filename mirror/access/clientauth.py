@@ -1,0 +1,189 @@
+"""Client authentication: an htpasswd file, and the mirror's own token service.
+
+With `auth.htpasswd` set, every API request needs a token the mirror signed (or Basic
+credentials from the file). The 401 challenge names the mirror's own `/token` as realm,
+never an upstream's, so `docker login`, skopeo, podman and containerd work with the
+mirror as with any registry. Tokens are HS256 JWTs signed with a key shared by replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+
+from mirror.util.lru import LRU
+
+log = logging.getLogger(__name__)
+
+# bcrypt costs ~50-250 ms a check by design: remember good credentials for a while, by
+# a hash of them (never the password itself), so Basic auth on every request stays cheap.
+VERIFIED_FOR = 300.0
+VERIFIED_ENTRIES = 1000
+HTPASSWD_RECHECK = 10.0
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64url(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def parse_basic(header: str) -> tuple[str, str] | None:
+    """(username, password) from an `Authorization: Basic` value, or None."""
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    username, sep, password = decoded.partition(":")
+    return (username, password) if sep else None
+
+
+class Htpasswd:
+    """Users and bcrypt hashes from an htpasswd file, re-read when it changes."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._users: dict[str, bytes] = {}
+        self._mtime = -1.0
+        self._checked_at = 0.0
+        self._verified: LRU[str, float] = LRU(VERIFIED_ENTRIES)
+
+    def _reload_sync(self) -> None:
+        try:
+            mtime = self._path.stat().st_mtime
+        except OSError as exc:
+            log.error("cannot read htpasswd file %s: %s", self._path, exc.strerror)
+            return
+        if mtime == self._mtime:
+            return
+        users = {}
+        for line in self._path.read_text().splitlines():
+            name, sep, hashed = line.strip().partition(":")
+            if sep and name and hashed.startswith("$2"):
+                users[name] = hashed.encode()
+        self._users, self._mtime = users, mtime
+        log.info("loaded %d users from %s", len(users), self._path)
+
+    async def verify(self, username: str, password: str) -> bool:
+        now = time.monotonic()
+        if now - self._checked_at > HTPASSWD_RECHECK:
+            self._checked_at = now
+            await asyncio.to_thread(self._reload_sync)
+        hashed = self._users.get(username)
+        if hashed is None:
+            return False
+        key = hashlib.sha256(b"\0".join([username.encode(), password.encode(), hashed])).hexdigest()
+        verified_at = self._verified.get(key)
+        if verified_at is not None and now - verified_at < VERIFIED_FOR:
+            return True
+        ok = await asyncio.to_thread(bcrypt.checkpw, password.encode(), hashed)
+        if ok:
+            self._verified.put(key, now)
+        return ok
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a verified token allows."""
+
+    subject: str
+    repositories: frozenset[str]
+
+    def allows(self, repository: str | None) -> bool:
+        return repository is None or repository in self.repositories or "*" in self.repositories
+
+
+class TokenSigner:
+    """Issues and checks the mirror's bearer tokens (HS256 JWTs)."""
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def issue(
+        self, subject: str, repositories: list[str], ttl: float, refused: Sequence[str] = ()
+    ) -> tuple[str, int]:
+        """A token to pull `repositories`; `refused` ones are listed with no actions."""
+        now = int(time.time())
+        claims = {
+            "iss": "mirror",
+            "sub": subject,
+            "iat": now,
+            "nbf": now - 5,
+            "exp": now + int(ttl),
+            "jti": secrets.token_hex(8),
+            "access": [
+                {"type": "repository", "name": name, "actions": ["pull"]} for name in repositories
+            ]
+            + [{"type": "repository", "name": name, "actions": []} for name in refused],
+        }
+        header = _b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+        payload = _b64url(json.dumps(claims, separators=(",", ":")).encode())
+        signature = _b64url(self._sign(f"{header}.{payload}"))
+        return f"{header}.{payload}.{signature}", int(ttl)
+
+    def _sign(self, text: str) -> bytes:
+        return hmac.new(self._key, text.encode(), hashlib.sha256).digest()
+
+    def verify(self, token: str) -> Grant | None:
+        """The token's grant when the signature and times check out, else None."""
+        try:
+            header, payload, signature = token.split(".")
+            if not hmac.compare_digest(_unb64url(signature), self._sign(f"{header}.{payload}")):
+                return None
+            claims: dict[str, Any] = json.loads(_unb64url(payload))
+        except (ValueError, binascii.Error):
+            return None
+        now = time.time()
+        if not claims.get("nbf", 0) <= now < claims.get("exp", 0):
+            return None
+        names = {
+            entry.get("name", "")
+            for entry in claims.get("access", [])
+            if isinstance(entry, dict) and "pull" in entry.get("actions", [])
+        }
+        return Grant(str(claims.get("sub", "")), frozenset(names))
+
+
+def load_signing_key(path: Path) -> bytes:
+    """The key at `path`, created (random, mode 0600) when absent (blocking)."""
+    try:
+        return path.read_bytes().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_hex(32).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(key)
+    return key
+
+
+def requested_repositories(scopes: list[str]) -> list[str]:
+    """Repositories asked for pull in `repository:<name>:<actions>` scopes (several per
+    parameter allowed, space-separated)."""
+    names = []
+    for scope in " ".join(scopes).split():
+        kind, _, rest = scope.partition(":")
+        name, _, actions = rest.rpartition(":")
+        if kind == "repository" and name and "pull" in actions.split(","):
+            names.append(name)
+    return names

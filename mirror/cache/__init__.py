@@ -1,0 +1,1 @@
+"""The cache services, free of HTTP: manifests, blob downloads, referrers, tag lists, eviction."""

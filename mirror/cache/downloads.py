@@ -1,0 +1,489 @@
+"""Blob downloads from upstream: one per digest, however many clients ask at once.
+
+A `Download` is a task of its own, not tied to any client: it writes the upstream body
+into a temp file, hashing as it goes, and renames the file under its digest only when the
+hash matches. Every client of that blob, the first and the late joiners alike, tails the
+temp file from its own offset, waking on each chunk written. A client that goes away
+cancels nothing; a download that fails wakes every reader with the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+import aiohttp
+
+from mirror.cluster.lease import Lease
+from mirror.observe.metrics import Metrics
+from mirror.oci.errors import BlobUnknown, DigestMismatch, RegistryError, UpstreamUnavailable
+from mirror.oci.reference import Digest
+from mirror.storage import CacheStore
+from mirror.storage.base import NoUpload, Upload
+from mirror.upstream.client import Upstream
+
+if TYPE_CHECKING:
+    from mirror.cluster.blobflight import BlobFlight
+
+log = logging.getLogger(__name__)
+
+# Bytes gathered from the socket before one write (and hash) in a worker thread: large
+# enough that thread hand-offs cost little, small enough that readers see steady progress.
+WRITE_CHUNK = 1024 * 1024
+READ_CHUNK = 1024 * 1024
+# Largest span handed to one sendfile call, so that readers of one blob take turns.
+MAX_SPAN = 16 * 1024 * 1024
+MIN_SPAN = 4 * 1024 * 1024
+# How long a stopping mirror lets verified downloads finish their upload and commit.
+FINISH_ON_CLOSE = 10.0
+# Resumes in a row that bring no new byte before the transfer is given up.
+MAX_FRUITLESS_RESUMES = 3
+
+
+class TransferBroken(Exception):
+    """The upstream body stopped before its end (cut, reset, stalled past read_timeout)."""
+
+
+class CacheWriteFailed(UpstreamUnavailable):
+    """The disk refused the download's bytes (full, read-only): readers must carry on
+    from upstream by themselves."""
+
+
+class Uncacheable(UpstreamUnavailable):
+    """This blob cannot go into the cache now (too large, or the disk takes no writes):
+    every waiting client streams it straight from upstream instead."""
+
+
+class StoredElsewhere(Uncacheable):
+    """Another replica stored the blob while this one took its lease: readers take it
+    from the store (or, should it be gone again, straight from upstream)."""
+
+
+class Download:
+    """One blob on its way from upstream into the store."""
+
+    def __init__(self, digest: Digest, final: Path) -> None:
+        self.digest = digest
+        self.final = final
+        self.temp: Path | None = None
+        self.size: int | None = None
+        self.written = 0
+        self.verified = False  # every byte arrived and the hash matched: readers may finish
+        self.done = False  # ... and the file is in the cache under its digest
+        self.error: BaseException | None = None
+        # The copy of the temp file the store keeps elsewhere too (the bucket), if any.
+        self.upload: Upload = NoUpload()
+        # The replica this one streams the blob from (a cluster's lease holder), or None:
+        # the bytes come from the upstream.
+        self.peer: str | None = None
+        self.lease: Lease | None = None  # the blob's lease, while this replica holds it
+        self._started = asyncio.Event()
+        self._progress = asyncio.Event()
+
+    def _notify(self) -> None:
+        # Swap in a fresh event so that each waiter wakes once per change.
+        event, self._progress = self._progress, asyncio.Event()
+        event.set()
+
+    def _fail(self, error: BaseException) -> None:
+        self.error = error
+        self._started.set()
+        self._notify()
+
+    def _landed(self, size: int) -> None:
+        """The blob turned out to be in the cache already: readers take it from there."""
+        self.size = self.written = size
+        self.verified = self.done = True
+        self._started.set()
+        self._notify()
+
+    async def started(self) -> None:
+        """Wait for the upstream's response headers; raise if the download failed first."""
+        await self._started.wait()
+        if self.error is not None and self.temp is None:
+            raise self.error
+
+    async def finished(self) -> None:
+        """Wait until the blob is in the cache; raise if the download failed."""
+        while not self.done and self.error is None:
+            await self._progress.wait()
+        if self.error is not None:
+            raise self.error
+
+    async def _wait_beyond(self, offset: int) -> None:
+        while self.written <= offset and not self.verified and self.error is None:
+            await self._progress.wait()
+
+    async def spans(self, start: int, end: int | None) -> AsyncIterator[tuple[int, int]]:
+        """(offset, length) spans of bytes `start`..`end` (inclusive; None: to the end)
+        that are in the file, as they arrive; send them from `open_file()`.
+
+        The blob's last byte is held back until the digest is verified, so a client never
+        gets a complete-looking body with wrong bytes: on a mismatch it sees a short one.
+        """
+        pos = start
+        while end is None or pos <= end:
+            await self._wait_beyond(pos)
+            if self.error is not None:
+                raise self.error
+            limit = self.written if self.verified else self.written - 1
+            if end is not None:
+                limit = min(limit, end + 1)
+            if pos >= limit:
+                if self.verified:
+                    return
+                await self._progress.wait()
+                continue
+            range_done = end is not None and limit == end + 1
+            if limit - pos < MIN_SPAN and pos > start and not (self.verified or range_done):
+                # Caught up with the download: let a few megabytes gather first, so eight
+                # readers make a few large sendfile calls rather than thousands of small ones.
+                await self._progress.wait()
+                continue
+            length = min(MAX_SPAN, limit - pos)
+            yield pos, length
+            pos += length
+
+    async def open_file(self) -> BinaryIO:
+        """The blob's file (temp or final), opened for reading (the caller closes it)."""
+        # A plain future, not a task: the loop's teardown cancels leftover tasks, and a
+        # cancelled one would drop the file its thread opened.
+        opening = asyncio.get_running_loop().run_in_executor(None, self._open_for_reading)
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # The thread still opens it: close it then, or the file leaks.
+            opening.add_done_callback(_close_opened)
+            raise
+
+    def _open_for_reading(self) -> BinaryIO:
+        # The temp file may already have been renamed into place by the time we open it.
+        if self.temp is not None:
+            try:
+                return open(self.temp, "rb")  # closed by the caller
+            except FileNotFoundError:
+                pass
+        if self.error is not None:
+            raise self.error
+        return open(self.final, "rb")  # closed by the caller
+
+
+class Downloads:
+    """The downloads under way, by digest: the single-flight point of the mirror."""
+
+    def __init__(
+        self, storage: CacheStore, metrics: Metrics, flight: BlobFlight | None = None
+    ) -> None:
+        self._storage = storage
+        self._metrics = metrics
+        self._flight = flight  # replicas: one of them fetches each blob (cluster/blobflight.py)
+        self._active: dict[Digest, Download] = {}
+        self._tasks: dict[asyncio.Task[None], Download] = {}
+        # Called after each blob lands in the cache (the evictor listens).
+        self.on_commit: Callable[[int], None] | None = None
+
+    def get(self, digest: Digest) -> Download | None:
+        return self._active.get(digest)
+
+    def start_or_join(self, upstream: Upstream, repo: str, digest: Digest) -> Download:
+        """The download of `digest` under way, or a new one started for it."""
+        download = self._active.get(digest)
+        if download is not None:
+            self._metrics.joined_requests.inc()
+            return download
+        download = Download(digest, self._storage.blob_path(digest))
+        self._active[digest] = download
+        task = asyncio.create_task(self._run(download, upstream, repo))
+        self._tasks[task] = download
+        task.add_done_callback(self._done)
+        return download
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
+
+    async def close(self) -> None:
+        """Cancel every download still fetching (their temp files are removed) and wait for
+        them. One whose bytes are all in and verified may finish storing first, for a
+        while: cancelled then, it would leave a whole blob out of the bucket, which other
+        replicas would fetch again."""
+        finishing = [task for task, download in self._tasks.items() if download.verified]
+        for task in list(self._tasks):
+            if task not in finishing:
+                task.cancel()
+        if finishing:
+            await asyncio.wait(finishing, timeout=FINISH_ON_CLOSE)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _run(self, download: Download, upstream: Upstream, repo: str) -> None:
+        self._metrics.upstream_fetches_in_flight.inc()
+        started = time.monotonic()
+        fd: int | None = None
+        # The blob's lease, when this replica holds it: released once the blob is stored
+        # (or the download failed), so a replica that takes it next finds the object.
+        held = contextlib.AsyncExitStack()
+        try:
+            # A request that found no file can reach `start_or_join` just after an earlier
+            # download of the same blob landed and left: serve the file, fetch nothing.
+            landed = await self._storage.blob_size(download.digest)
+            if landed is not None:
+                download._landed(landed)
+                return
+            resp = await self._open(download, upstream, repo, held)
+            download.size = _whole_size(resp)
+            if not self._storage.fits(download.size):
+                resp.release()
+                raise Uncacheable(f"blob {download.digest} is larger than the cache")
+            try:
+                opened, temp = await asyncio.to_thread(self._storage.new_temp, download.size)
+            except OSError as exc:
+                resp.release()
+                self._storage.mark_unwritable(exc)
+                raise Uncacheable("the cache directory takes no writes") from None
+            fd, download.temp = opened, temp
+            if download.peer is None:  # whoever fetches from upstream stores in the bucket
+                download.upload = self._storage.start_upload(download.digest, download.size, temp)
+            download._started.set()
+            hasher = download.digest.hasher()
+            await self._copy_resuming(resp, opened, hasher, download, upstream, repo, held)
+            self._verify(download, hasher.hexdigest())
+            # The bytes are right: clients may have their last byte now. The fsync that
+            # makes the file durable (seconds, for a big layer) need not hold them up.
+            download.verified = True
+            download._notify()
+            # The bucket's copy first: once the file is renamed, a restarted mirror would
+            # not know that the upload never finished.
+            await download.upload.complete()
+            fd = None  # commit closes it, whatever happens
+            await asyncio.to_thread(self._storage.commit, opened, temp, download.final)
+            self._committed(download)
+            seconds = time.monotonic() - started
+            log.info(
+                "blob %s cached: %d bytes from %s in %.2fs (%.0f MB/s)", download.digest,
+                download.written, download.peer or upstream.name, seconds,
+                download.written / seconds / 1e6,
+            )  # fmt: skip
+        except BaseException as exc:
+            # Forget it before anything is awaited: a request that comes in once the readers
+            # have seen the failure must start afresh, not join a download that is over.
+            self._forget(download)
+            download._fail(_as_registry_error(exc))
+            await asyncio.to_thread(self._storage.discard, fd, download.temp)
+            await download.upload.abort()
+            if not isinstance(exc, Exception):
+                raise
+            if not isinstance(exc, Uncacheable | BlobUnknown):  # those are not failures
+                log.warning("blob %s download failed: %s", download.digest, exc)
+        finally:
+            self._forget(download)
+            await held.aclose()
+            self._metrics.upstream_fetches_in_flight.dec()
+
+    def _forget(self, download: Download) -> None:
+        # Only this download: a new one for the same digest may have taken its place.
+        if self._active.get(download.digest) is download:
+            del self._active[download.digest]
+
+    def _committed(self, download: Download) -> None:
+        self._metrics.cache_size.inc(download.written)
+        self._metrics.cache_objects.inc()
+        download.done = True
+        download._notify()
+        if self.on_commit is not None:
+            self.on_commit(download.written)
+
+    async def _copy_resuming(
+        self,
+        resp: aiohttp.ClientResponse,
+        fd: int,
+        hasher: hashlib._Hash,
+        download: Download,
+        upstream: Upstream,
+        repo: str,
+        held: contextlib.AsyncExitStack,
+    ) -> None:
+        """Copy the body; when the transfer breaks, resume it with Range where it stopped."""
+        fruitless = 0
+        while True:
+            before = download.written
+            try:
+                async with resp:
+                    await self._copy(resp, fd, hasher, download, upstream.name)
+                return
+            except TransferBroken as exc:
+                if download.peer is None:
+                    upstream.record_failure()
+                fruitless = 0 if download.written > before else fruitless + 1
+                if download.size is None or fruitless > MAX_FRUITLESS_RESUMES:
+                    raise UpstreamUnavailable(str(exc)) from None
+            resp = await self._open(download, upstream, repo, held)
+
+    async def _open(
+        self,
+        download: Download,
+        upstream: Upstream,
+        repo: str,
+        held: contextlib.AsyncExitStack,
+    ) -> aiohttp.ClientResponse:
+        """The blob's body from byte `download.written`: from the upstream, or, among
+        replicas, from the one holding the blob's lease while one does."""
+        if self._flight is not None and download.lease is None:
+            got = await self._flight.source(download.digest, download.written, download.peer)
+            if got is not None and not isinstance(got, Lease):  # the owner's stream
+                download.peer = got.owner
+                return got.response
+            if isinstance(got, Lease):
+                download.lease = await held.enter_async_context(got.kept())
+                if download.temp is None and await self._stored(download.digest):
+                    raise StoredElsewhere(f"blob {download.digest} was stored meanwhile")
+            self._fetch_here(download)
+        return await self._from_upstream(upstream, repo, download)
+
+    def _fetch_here(self, download: Download) -> None:
+        """From now on this replica fetches the blob from upstream. One that followed an
+        owner (and took over) stores it too: the upload catches up with the file first."""
+        if download.peer is not None and download.temp is not None:
+            download.upload = self._storage.start_upload(
+                download.digest, download.size, download.temp
+            )
+            download.upload.progress(download.written)
+        download.peer = None
+
+    async def _stored(self, digest: Digest) -> bool:
+        """In the store already (another replica finished just before this one's lease)?"""
+        if await self._storage.blob_size(digest) is not None:
+            return True
+        return await self._storage.find_blob(digest, None, head=True) is not None
+
+    async def _from_upstream(
+        self, upstream: Upstream, repo: str, download: Download
+    ) -> aiohttp.ClientResponse:
+        resp = await upstream.open_blob(repo, str(download.digest), offset=download.written)
+        # Nothing written yet (aiohttp drops what it buffered when the connection breaks):
+        # a plain 200 starts over, which is just as good.
+        if download.written == 0 and resp.status == 200:
+            return resp
+        expected = f"bytes {download.written}-"
+        if resp.status != 206 or not resp.headers.get("Content-Range", "").startswith(expected):
+            resp.release()
+            raise UpstreamUnavailable(
+                f"blob {download.digest} broke at byte {download.written} and the upstream "
+                "cannot resume it"
+            )
+        self._metrics.resumed_transfers.inc()
+        log.info("resuming blob %s at byte %d", download.digest, download.written)
+        return resp
+
+    async def _copy(
+        self,
+        resp: aiohttp.ClientResponse,
+        fd: int,
+        hasher: hashlib._Hash,
+        download: Download,
+        upstream: str,
+    ) -> None:
+        """Body → file. One write is in flight while the next megabyte is read: the disk
+        and the socket work at the same time, and memory stays at two buffers."""
+        pending: asyncio.Future[None] | None = None
+
+        async def flush(data: bytearray) -> None:
+            nonlocal pending
+            if pending is not None:
+                previous, pending = pending, None
+                await previous  # in order, so the hash sees the bytes in order
+            if data:
+                pending = asyncio.ensure_future(self._flush(fd, hasher, data, download, upstream))
+
+        buffer = bytearray()
+        try:
+            async for chunk in resp.content.iter_any():
+                buffer += chunk
+                if len(buffer) >= WRITE_CHUNK:
+                    await flush(buffer)
+                    buffer = bytearray()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # What did arrive is good: keep it, so a resume starts after it.
+            await flush(buffer)
+            await flush(bytearray())
+            raise TransferBroken(
+                f"blob {download.digest} transfer from upstream broke at byte "
+                f"{download.written}: {type(exc).__name__}"
+            ) from None
+        finally:
+            if pending is not None:  # an error or cancellation: let the write settle
+                await asyncio.gather(pending, return_exceptions=True)
+        await flush(buffer)
+        await flush(bytearray())
+
+    async def _flush(
+        self, fd: int, hasher: hashlib._Hash, data: bytearray, download: Download, upstream: str
+    ) -> None:
+        try:
+            # Two threads: hashing and writing run side by side (both release the GIL).
+            await asyncio.gather(
+                asyncio.to_thread(hasher.update, data), asyncio.to_thread(_write_all, fd, data)
+            )
+        except OSError as exc:
+            self._storage.mark_unwritable(exc)
+            raise CacheWriteFailed(f"cache write failed: {exc.strerror}") from None
+        download.written += len(data)
+        download.upload.progress(download.written)
+        if download.peer is None:
+            self._metrics.upstream_bytes.labels(upstream).inc(len(data))
+        else:
+            self._metrics.cluster.peer_bytes.labels("in").inc(len(data))
+        download._notify()
+
+    def _verify(self, download: Download, hexdigest: str) -> None:
+        if download.size is not None and download.written != download.size:
+            raise UpstreamUnavailable(
+                f"blob {download.digest}: upstream sent {download.written} of {download.size} bytes"
+            )
+        if hexdigest != download.digest.hex:
+            self._metrics.digest_mismatches.labels("blob").inc()
+            raise DigestMismatch(f"upstream bytes for blob {download.digest} do not match it")
+
+
+def _close_opened(opening: asyncio.Future[BinaryIO]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()
+
+
+async def close_file(file: BinaryIO) -> None:
+    """Close off the loop; on cancellation close here rather than leak the file."""
+    try:
+        await asyncio.to_thread(file.close)
+    except asyncio.CancelledError:
+        file.close()
+        raise
+
+
+def _write_all(fd: int, data: bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _whole_size(resp: aiohttp.ClientResponse) -> int | None:
+    """The blob's size: a 206's Content-Range total (`bytes N-M/size`), else the length."""
+    if resp.status == 206:
+        total = resp.headers.get("Content-Range", "").rpartition("/")[2]
+        return int(total) if total.isdigit() else None
+    return resp.content_length
+
+
+def _as_registry_error(exc: BaseException) -> RegistryError:
+    if isinstance(exc, RegistryError):
+        return exc
+    if isinstance(exc, asyncio.CancelledError):
+        return UpstreamUnavailable("the mirror is shutting down")
+    return UpstreamUnavailable(f"blob download failed: {type(exc).__name__}")

@@ -1,0 +1,325 @@
+"""Manifests: bytes by digest on disk, tag → digest with a TTL in the metadata store.
+
+Within `tag_ttl` a tag is answered with no upstream contact. After it, a HEAD revalidates
+(Docker Hub does not count a HEAD against the pull limit) and a GET is spent only when the
+digest changed and its bytes are not cached yet. A HEAD from a client never costs a GET.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+from mirror.cluster.lease import Leases
+from mirror.cluster.shared import SharedFailure, SharedWork
+from mirror.config import CacheConfig
+from mirror.metadata.store import MetadataStore, TagRecord
+from mirror.observe.metrics import Metrics
+from mirror.oci.errors import ManifestUnknown, TooManyRequests, UpstreamUnavailable
+from mirror.oci.negotiation import MANIFEST_TYPES, Verdict, decide, default_platform
+from mirror.oci.reference import compute_digest, is_digest_reference, parse_digest, validate_tag
+from mirror.storage import CacheStore
+from mirror.upstream.client import ManifestInfo, Upstream
+from mirror.util.lru import LRU
+from mirror.util.singleflight import SingleFlight
+
+# Hot manifests and tag records are kept in process memory: a pull storm for one tag is
+# then answered without a Redis round trip or a thread hop to read the file. Manifests are
+# immutable (keyed by digest); a tag record still carries `checked_at`, so the TTL holds.
+HOT_MANIFEST_BYTES = 64 * 1024 * 1024
+HOT_TAGS = 10000
+# The upstream is always asked for every type: one tag is one cached object, whatever the
+# client, and negotiation.py decides what each client gets from it.
+ALL_TYPES = sorted(MANIFEST_TYPES)
+
+
+def _failed_elsewhere(error: str) -> Exception:
+    if error == TooManyRequests.__name__:
+        return TooManyRequests("upstream rate limit reached (seen by another replica)")
+    if error == ManifestUnknown.__name__:
+        return ManifestUnknown("manifest not found upstream (asked by another replica)")
+    return UpstreamUnavailable("the upstream failed for another replica just now")
+
+
+# With replicas, what the upstream answered the lease holder (down, rate limited, no such
+# manifest) is its waiters' answer too, at once (a stale tag is then served where one is
+# kept), rather than each replica asking again in turn.
+UPSTREAM_FAILED = SharedFailure(
+    (UpstreamUnavailable, TooManyRequests, ManifestUnknown), _failed_elsewhere
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A manifest to answer with; `body` is None for a HEAD."""
+
+    digest: str
+    media_type: str
+    size: int
+    body: bytes | None
+    stale: bool = False  # served past its TTL because the upstream failed
+    # By tag: seconds left of the tag's TTL (how long a cache may keep this answer).
+    fresh_for: float | None = None
+
+
+class ManifestService:
+    """Answers manifest GETs and HEADs from the cache, asking upstream only when needed."""
+
+    def __init__(
+        self,
+        storage: CacheStore,
+        metadata: MetadataStore,
+        metrics: Metrics,
+        cache: CacheConfig,
+        leases: Leases | None = None,
+    ) -> None:
+        self._storage = storage
+        self._metadata = metadata
+        self._metrics = metrics
+        self._tag_ttl = cache.tag_ttl
+        self._stale_if_error = cache.stale_if_error
+        self._hot: LRU[str, tuple[str, bytes]] = LRU(HOT_MANIFEST_BYTES, lambda v: len(v[1]))
+        self._tags: LRU[tuple[str, str, str], TagRecord] = LRU(HOT_TAGS)
+        # Concurrent misses and revalidations of one manifest make one upstream request.
+        self._flight = SingleFlight()
+        # ... and with replicas, one upstream request across all of them (a lease each).
+        self._shared = SharedWork(leases, metrics.cluster)
+
+    async def close(self) -> None:
+        await self._flight.close()
+
+    async def get(
+        self, upstream: Upstream, repo: str, reference: str, accept: list[str], *, head: bool
+    ) -> Manifest:
+        """The manifest this client gets for `reference` with its Accept (negotiation.py)."""
+        by_tag = not is_digest_reference(reference)
+        if by_tag:
+            found = await self._by_tag(upstream, repo, validate_tag(reference), head=head)
+        else:
+            found = await self._by_digest(upstream, repo, reference, head=head)
+        if decide(found.media_type, accept, by_tag=by_tag) is Verdict.SERVE:
+            return found
+        # A manifest list for a client that reads only single manifests: the default
+        # platform's, still under the tag's freshness.
+        body = found.body
+        if body is None:
+            body = (await self._by_digest(upstream, repo, found.digest, head=False)).body
+        child = await self._by_digest(upstream, repo, default_platform(body or b""), head=head)
+        decide(child.media_type, accept, by_tag=False)
+        return replace(child, stale=found.stale, fresh_for=found.fresh_for)
+
+    def ttl_of(self, upstream: Upstream) -> float:
+        """How long a tag of this upstream is believed without asking it again."""
+        return self._tag_ttl if upstream.tag_ttl is None else upstream.tag_ttl
+
+    @property
+    def stale_if_error(self) -> float:
+        return self._stale_if_error
+
+    async def remember(
+        self, upstream: Upstream, repo: str, key: str, media_type: str, body: bytes
+    ) -> TagRecord:
+        """Keep a document the mirror composed (a referrers index) by its digest, and
+        `key` pointing at it like a tag, under the same TTL and stale rules."""
+        info = ManifestInfo(str(compute_digest(body)), media_type, len(body))
+        # Not in _catalog on its own: a tag list or an empty referrers answer is no content.
+        await self._store(upstream, repo, info, body, catalog=False)
+        record = TagRecord(info.digest, media_type, len(body), time.time())
+        await self._put_tag(upstream.name, repo, key, record)
+        return record
+
+    async def recall(
+        self, upstream: Upstream, repo: str, key: str
+    ) -> tuple[TagRecord, bytes] | None:
+        """What `remember` kept under `key`, fresh or not; None when it or its bytes are gone."""
+        record = await self._get_tag(upstream.name, repo, key, self.ttl_of(upstream))
+        if record is None:
+            return None
+        cached = self._hot.get(record.digest)
+        if cached is None:
+            cached = await self._storage.read_manifest(parse_digest(record.digest))
+        return None if cached is None else (record, cached[1])
+
+    async def _by_digest(
+        self, upstream: Upstream, repo: str, reference: str, *, head: bool
+    ) -> Manifest:
+        cached = self._hot.get(reference)
+        if cached is None:
+            cached = await self._storage.read_manifest(parse_digest(reference))
+            if cached is not None:
+                self._hot.put(reference, cached)
+        if cached is not None:
+            self._metrics.cache_requests.labels("manifest", "hit").inc()
+            media_type, stored = cached
+            return Manifest(reference, media_type, len(stored), None if head else stored)
+        self._metrics.cache_requests.labels("manifest", "miss").inc()
+        key = ("digest", upstream.name, reference, head)
+        if head:  # a HEAD stores nothing another replica could read: no lease
+            return await self._flight.do(
+                key, lambda: self._fetch_digest(upstream, repo, reference, head=True)
+            )
+        return await self._flight.do(
+            key,
+            lambda: self._shared.once(
+                "manifest",
+                f"manifest:{upstream.name}/{reference}",
+                lambda: self._stored(reference),
+                lambda: self._fetch_digest(upstream, repo, reference, head=False),
+                UPSTREAM_FAILED,
+            ),
+        )
+
+    async def _stored(self, reference: str) -> Manifest | None:
+        """The manifest as another replica stored it, if it did (a shared storage)."""
+        cached = await self._storage.read_manifest(parse_digest(reference))
+        if cached is None:
+            return None
+        self._hot.put(reference, cached)
+        media_type, stored = cached
+        return Manifest(reference, media_type, len(stored), stored)
+
+    async def _fetch_digest(
+        self, upstream: Upstream, repo: str, reference: str, *, head: bool
+    ) -> Manifest:
+        info, body = await upstream.manifest(repo, reference, ALL_TYPES, head=head)
+        if body is not None:
+            if info.digest != reference:
+                raise ManifestUnknown(f"upstream sent another manifest for {reference}")
+            await self._store(upstream, repo, info, body)
+        return Manifest(reference, info.media_type, info.size, body)
+
+    async def _by_tag(self, upstream: Upstream, repo: str, tag: str, *, head: bool) -> Manifest:
+        ttl = self.ttl_of(upstream)
+        record = await self._get_tag(upstream.name, repo, tag, ttl)
+        if record is not None and record.is_fresh(ttl):
+            self._metrics.cache_requests.labels("tag", "hit").inc()
+            answer = await self._answer(upstream, repo, record, head=head)
+            return replace(answer, fresh_for=ttl - (time.time() - record.checked_at))
+        self._metrics.cache_requests.labels("tag", "miss").inc()
+        if record is not None:
+            try:
+                fresh = await self._flight.do(
+                    ("revalidate", upstream.name, repo, tag),
+                    lambda: self._shared.once(
+                        "tag",
+                        tag_lease(upstream.name, repo, tag),
+                        lambda: self._shared_tag(upstream.name, repo, tag, record.checked_at),
+                        lambda: self._revalidate(upstream, repo, tag, record),
+                        UPSTREAM_FAILED,
+                    ),
+                )
+            except (UpstreamUnavailable, TooManyRequests):
+                if not record.is_fresh(ttl + self._stale_if_error):
+                    raise
+                self._metrics.stale_served.labels("tag").inc()
+                answer = await self._answer(upstream, repo, record, head=head)
+                return replace(answer, stale=True, fresh_for=0)
+            answer = await self._answer(upstream, repo, fresh, head=head)
+            return replace(answer, fresh_for=ttl)
+        found = await self._flight.do(
+            ("tag", upstream.name, repo, tag, head),
+            lambda: self._shared.once(
+                "tag",
+                tag_lease(upstream.name, repo, tag),
+                lambda: self._resolved_elsewhere(upstream, repo, tag, head=head),
+                lambda: self._fetch_tag(upstream, repo, tag, head=head),
+                UPSTREAM_FAILED,
+            ),
+        )
+        return replace(found, fresh_for=ttl)
+
+    async def _shared_tag(
+        self, upstream: str, repo: str, tag: str, after: float | None
+    ) -> TagRecord | None:
+        """The shared store's record if another replica wrote one since the record checked
+        at `after` (compared for a change, not an order: replicas' clocks may differ)."""
+        if not self._shared.enabled:
+            return None
+        record = await self._metadata.get_tag(upstream, repo, tag)
+        if record is None or (after is not None and record.checked_at == after):
+            return None
+        self._tags.put((upstream, repo, tag), record)
+        return record
+
+    async def _resolved_elsewhere(
+        self, upstream: Upstream, repo: str, tag: str, *, head: bool
+    ) -> Manifest | None:
+        """An unknown tag another replica resolved meanwhile, answered from its record."""
+        record = await self._shared_tag(upstream.name, repo, tag, None)
+        return None if record is None else await self._answer(upstream, repo, record, head=head)
+
+    async def _fetch_tag(self, upstream: Upstream, repo: str, tag: str, *, head: bool) -> Manifest:
+        """Resolve an unknown tag upstream (HEAD for a HEAD: it costs no pull)."""
+        info, body = await upstream.manifest(repo, tag, ALL_TYPES, head=head)
+        if not info.digest.startswith("sha256:"):
+            # A HEAD without Docker-Content-Digest says nothing cacheable: ask with a GET.
+            info, body = await upstream.manifest(repo, tag, ALL_TYPES, head=False)
+        record = TagRecord(info.digest, info.media_type, info.size, time.time())
+        if body is not None:
+            await self._store(upstream, repo, info, body)
+        await self._put_tag(upstream.name, repo, tag, record)
+        return Manifest(info.digest, info.media_type, info.size, None if head else body)
+
+    async def _revalidate(
+        self, upstream: Upstream, repo: str, tag: str, record: TagRecord
+    ) -> TagRecord:
+        """HEAD the tag upstream; a fresh record, with a new digest when it moved."""
+        try:
+            info, _ = await upstream.manifest(repo, tag, ALL_TYPES, head=True)
+        except (UpstreamUnavailable, TooManyRequests):
+            self._metrics.revalidations.labels("error").inc()
+            raise
+        if not info.digest.startswith("sha256:"):
+            info, body = await upstream.manifest(repo, tag, ALL_TYPES, head=False)
+            if body is not None:
+                await self._store(upstream, repo, info, body)
+        changed = info.digest != record.digest
+        self._metrics.revalidations.labels("changed" if changed else "unchanged").inc()
+        fresh = TagRecord(info.digest, info.media_type or record.media_type, info.size, time.time())
+        await self._put_tag(upstream.name, repo, tag, fresh)
+        return fresh
+
+    async def _answer(
+        self, upstream: Upstream, repo: str, record: TagRecord, *, head: bool
+    ) -> Manifest:
+        """Answer from a tag record: HEAD from the record alone, GET from the stored bytes."""
+        if head:
+            return Manifest(record.digest, record.media_type, record.size, None)
+        return await self._by_digest(upstream, repo, record.digest, head=False)
+
+    async def _get_tag(self, upstream: str, repo: str, tag: str, ttl: float) -> TagRecord | None:
+        """The local record while fresh, else the shared store's (another replica may
+        have revalidated it since)."""
+        record = self._tags.get((upstream, repo, tag))
+        if record is not None and record.is_fresh(ttl):
+            return record
+        record = await self._metadata.get_tag(upstream, repo, tag)
+        if record is not None:
+            self._tags.put((upstream, repo, tag), record)
+        return record
+
+    async def _put_tag(self, upstream: str, repo: str, tag: str, record: TagRecord) -> None:
+        self._tags.put((upstream, repo, tag), record)
+        await self._metadata.put_tag(upstream, repo, tag, record)
+
+    async def _store(
+        self, upstream: Upstream, repo: str, info: ManifestInfo, body: bytes, catalog: bool = True
+    ) -> None:
+        self._hot.put(info.digest, (info.media_type, body))
+        try:
+            written = await self._storage.write_manifest(
+                parse_digest(info.digest), info.media_type, body
+            )
+        except OSError as exc:  # a full or read-only disk: answer from memory anyway
+            self._storage.mark_unwritable(exc)
+            written = False
+        if written:
+            self._metrics.cache_size.inc(len(body))
+            self._metrics.cache_objects.inc()
+        if catalog:
+            await self._metadata.add_repository(upstream.catalog_prefix + repo)
+
+
+def tag_lease(upstream: str, repo: str, tag: str) -> str:
+    """The lease on revalidating or resolving a tag (one replica at a time)."""
+    return f"tag:{upstream}/{repo}:{tag}"

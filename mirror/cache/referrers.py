@@ -1,0 +1,229 @@
+"""Referrers (OCI distribution 1.1): the signatures, SBOMs and attestations of a manifest.
+
+Every upstream gets the API through the mirror, whether or not it has one:
+
+- an upstream with the referrers API: its index (asked for unfiltered, so one cached
+  answer serves every `artifactType`);
+- an upstream without it (Docker Hub, distribution 2.8, Nexus): the index that signing
+  tools keep under the tag `<alg>-<hex>` of the subject (the spec's referrers tag schema),
+  fetched like any tag;
+- neither: an empty index. The spec forbids a 404 from a registry with the API, and a
+  client told 404 goes guessing.
+
+The answer is kept like a tag (`ManifestService.remember`, under a key no real tag can
+take): fresh for the tag TTL, then asked again, and served stale while the upstream
+fails, so verifying a signature keeps working through an outage. `artifactType` is always
+filtered here, so the answer says so (`OCI-Filters-Applied`) whatever the upstream did.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+
+from mirror.cache.manifests import ManifestService
+from mirror.observe.metrics import Metrics
+from mirror.oci.errors import (
+    ManifestInvalid,
+    ManifestUnknown,
+    NameUnknown,
+    TooManyRequests,
+    UpstreamUnavailable,
+)
+from mirror.oci.negotiation import OCI_INDEX
+from mirror.oci.reference import Digest
+from mirror.upstream.client import Upstream
+
+EMPTY_INDEX = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode()
+# Statuses with which a registry says it has no such endpoint (no referrers API).
+NO_API = frozenset({400, 404, 405, 501})
+# An upstream that showed it has no API is not asked again for this long.
+NO_API_MEMORY = 3600.0
+MAX_INDEX_BYTES = 4 * 1024 * 1024
+MAX_ERROR_BYTES = 64 * 1024
+# An upstream that pages its referrers: pages followed and merged into one index.
+MAX_PAGES = 20
+
+
+@dataclass(frozen=True, slots=True)
+class Referrers:
+    """An OCI image index of the manifests that refer to a subject."""
+
+    body: bytes
+    filtered: bool  # artifactType applied
+    fresh_for: float
+    stale: bool = False
+
+
+def referrers_key(subject: Digest) -> str:
+    """Where the answer is kept: `+` is in no tag, so no real tag can collide."""
+    return f"referrers+{subject.algorithm}-{subject.hex}"
+
+
+def schema_tag(subject: Digest) -> str:
+    """The referrers tag schema's tag for a subject: `sha256-<hex>`."""
+    return f"{subject.algorithm}-{subject.hex}"
+
+
+def filter_index(body: bytes, artifact_type: str) -> bytes:
+    """The index with only the descriptors of `artifact_type`."""
+    index = _parse_index(body)
+    index["manifests"] = [
+        entry
+        for entry in index["manifests"]
+        if isinstance(entry, dict) and entry.get("artifactType") == artifact_type
+    ]
+    return json.dumps(index).encode()
+
+
+def _parse_index(body: bytes) -> dict[str, Any]:
+    try:
+        index = json.loads(body)
+    except ValueError:
+        index = None
+    if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
+        raise ManifestInvalid("the upstream's referrers answer is not an image index")
+    return index
+
+
+class ReferrersService:
+    """Answers `GET /v2/<name>/referrers/<digest>` for any upstream."""
+
+    def __init__(self, manifests: ManifestService, metrics: Metrics) -> None:
+        self._manifests = manifests
+        self._metrics = metrics
+        self._no_api_until: dict[str, float] = {}  # upstream name → monotonic time
+
+    async def get(
+        self, upstream: Upstream, repo: str, subject: Digest, artifact_type: str | None
+    ) -> Referrers:
+        found = await self._index(upstream, repo, subject)
+        if artifact_type:
+            return Referrers(
+                filter_index(found.body, artifact_type), True, found.fresh_for, found.stale
+            )
+        return found
+
+    async def _index(self, upstream: Upstream, repo: str, subject: Digest) -> Referrers:
+        """The unfiltered index: kept while fresh, else asked for, else kept but stale."""
+        key = referrers_key(subject)
+        ttl = self._manifests.ttl_of(upstream)
+        kept = await self._manifests.recall(upstream, repo, key)
+        if kept is not None and kept[0].is_fresh(ttl):
+            fresh_for = ttl - (time.time() - kept[0].checked_at)
+            return Referrers(kept[1], False, fresh_for)
+        try:
+            body, stale = await self._resolve(upstream, repo, subject)
+        except (UpstreamUnavailable, TooManyRequests):
+            if kept is None or not kept[0].is_fresh(ttl + self._manifests.stale_if_error):
+                raise
+            self._metrics.stale_served.labels("referrers").inc()
+            return Referrers(kept[1], False, 0, stale=True)
+        if stale:  # the tag-schema index, itself served stale: not a fresh answer
+            return Referrers(body, False, 0, stale=True)
+        await self._manifests.remember(upstream, repo, key, OCI_INDEX, body)
+        return Referrers(body, False, ttl)
+
+    async def _resolve(self, upstream: Upstream, repo: str, subject: Digest) -> tuple[bytes, bool]:
+        """Ask the upstream: its API first (unless it has shown it has none), then the
+        tag schema, then nothing refers to the subject. True when served stale."""
+        if self._no_api_until.get(upstream.name, 0.0) <= time.monotonic():
+            body = await self._from_api(upstream, repo, subject)
+            if body is not None:
+                return body, False
+            self._no_api_until[upstream.name] = time.monotonic() + NO_API_MEMORY
+        tag = schema_tag(subject)
+        try:
+            # A HEAD first: Docker Hub counts a GET against the pull limit, even one that
+            # finds nothing, and most subjects have no referrers.
+            await self._manifests.get(upstream, repo, tag, [OCI_INDEX], head=True)
+        except ManifestUnknown:
+            await self._check_repository(upstream, repo)
+            return EMPTY_INDEX, False
+        found = await self._manifests.get(upstream, repo, tag, [OCI_INDEX], head=False)
+        body = found.body or b""
+        _parse_index(body)
+        return body, found.stale
+
+    async def _from_api(self, upstream: Upstream, repo: str, subject: Digest) -> bytes | None:
+        """The upstream's referrers index (its pages merged), or None when it has no
+        referrers API."""
+        first, link = await self._api_page(upstream, repo, f"/v2/{repo}/referrers/{subject}")
+        if first is None or link is None:
+            return first
+        index = _parse_index(first)
+        for _ in range(MAX_PAGES - 1):
+            page, link = await self._api_page(upstream, repo, link)
+            if page is None:
+                raise ManifestInvalid(f"the next page of the referrers of {subject} is gone")
+            index["manifests"].extend(_parse_index(page)["manifests"])
+            if link is None:
+                return json.dumps(index).encode()
+        raise ManifestInvalid(f"the referrers of {subject} run past {MAX_PAGES} pages")
+
+    async def _api_page(
+        self, upstream: Upstream, repo: str, path: str
+    ) -> tuple[bytes | None, str | None]:
+        """One page of the referrers API and the path of the next; (None, None) when the
+        upstream has no referrers API."""
+        resp = await upstream.request(
+            "GET", path, kind="referrers", repo=repo, headers={"Accept": OCI_INDEX}
+        )
+        async with resp:
+            if resp.status in NO_API:
+                if _error_code(await _read_bounded(resp, MAX_ERROR_BYTES)) == "NAME_UNKNOWN":
+                    raise NameUnknown(f"repository {repo} not known upstream")
+                return None, None
+            upstream.raise_for_status(resp, "referrers", f"referrers of {repo}")
+            body = await _read_bounded(resp, MAX_INDEX_BYTES)
+            link = _next_path(resp.headers.get("Link"), upstream.url)
+        if len(body) > MAX_INDEX_BYTES:
+            raise ManifestInvalid(f"referrers of {repo} larger than {MAX_INDEX_BYTES} bytes")
+        _parse_index(body)
+        return body, link
+
+    async def _check_repository(self, upstream: Upstream, repo: str) -> None:
+        """NameUnknown when the upstream does not know the repository (its tag list says)."""
+        answer = await upstream.passthrough(f"/v2/{repo}/tags/list?n=1", repo, "tags")
+        if answer.status == 404 and _error_code(answer.body) == "NAME_UNKNOWN":
+            raise NameUnknown(f"repository {repo} not known upstream")
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """At most `limit` + 1 bytes of a body (one more says it was longer)."""
+    body = bytearray()
+    try:
+        async for chunk in resp.content.iter_chunked(65536):
+            body += chunk
+            if len(body) > limit:
+                break
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise UpstreamUnavailable(f"reading referrers failed: {type(exc).__name__}") from None
+    return bytes(body[: limit + 1])
+
+
+def _next_path(link: str | None, base: str) -> str | None:
+    """The path (and query) of a `Link: <...>; rel="next"`, below the upstream's URL;
+    None for the last page, or a link to another host (its token is not for it)."""
+    if not link or 'rel="next"' not in link:
+        return None
+    home = urlsplit(base)
+    target = urlsplit(urljoin(base + "/", link.partition(">")[0].strip(" <")))
+    if (target.scheme, target.netloc) != (home.scheme, home.netloc):
+        return None
+    path = target.path.removeprefix(home.path)
+    return path + (f"?{target.query}" if target.query else "")
+
+
+def _error_code(body: bytes) -> str | None:
+    """The first OCI error code of an error body, if it is one."""
+    try:
+        errors = json.loads(body).get("errors")
+        return str(errors[0]["code"])
+    except (ValueError, AttributeError, LookupError, TypeError):
+        return None

@@ -1,0 +1,1 @@
+"""Tag records and the repository catalogue: in Redis, or in-process."""

@@ -1,0 +1,1 @@
+"""Transport helpers shared by the server and the clients: TLS contexts."""

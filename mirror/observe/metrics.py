@@ -1,0 +1,260 @@
+"""Prometheus metrics, on the app's own registry so that tests never share series.
+
+Label values are route templates, methods, statuses, upstream hosts and fixed words: never
+repository names, tags or anything a client chooses freely (cardinality), and never secrets.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from mirror.observe.cluster_metrics import ClusterMetrics
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    """Every series the mirror exports."""
+
+    def __init__(self) -> None:
+        self._declare()
+        self._declare_s3()
+        self._zero_known_labels()
+        self.cluster = ClusterMetrics(self.registry)  # replicas' series (mirror/cluster/)
+
+    def _zero_known_labels(self) -> None:
+        """Create the series with fixed label values at 0, so dashboards show 0 rather
+        than "no data", and `increase()` sees the first event after a restart."""
+        for kind in ("manifest", "tag", "blob"):
+            for result in ("hit", "miss"):
+                self.cache_requests.labels(kind, result)
+        for source in ("cache", "upstream"):
+            self.served_bytes.labels(source)
+        for kind in ("blob", "manifest"):
+            self.digest_mismatches.labels(kind)
+        self.stale_served.labels("tag")
+        for reason in ("size", "idle"):
+            self.evictions.labels(reason)
+        for result in ("unchanged", "changed", "error"):
+            self.revalidations.labels(result)
+
+    def _declare(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.http_requests = Counter(
+            "mirror_http_requests",
+            "Requests answered, by route, method and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            "mirror_http_request_duration_seconds",
+            "Time to answer a request (headers sent for streamed bodies), by route.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.cache_requests = Counter(
+            "mirror_cache_requests",
+            "Cache look-ups by kind (manifest, tag, blob) and result (hit: answered from "
+            "local bytes, a verified download not yet renamed included; miss).",
+            ["kind", "result"],
+            registry=r,
+        )
+        self.served_bytes = Counter(
+            "mirror_served_bytes",
+            "Body bytes sent to clients, by source (cache, upstream).",
+            ["source"],
+            registry=r,
+        )
+        self.upstream_requests = Counter(
+            "mirror_upstream_requests",
+            "Requests made to an upstream, by upstream, kind and status (or error).",
+            ["upstream", "kind", "status"],
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "mirror_upstream_request_duration_seconds",
+            "Upstream time to response headers, by upstream and kind.",
+            ["upstream", "kind"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_fetches_in_flight = Gauge(
+            "mirror_upstream_fetches_in_flight",
+            "Blob downloads from upstream under way.",
+            registry=r,
+        )
+        self.joined_requests = Counter(
+            "mirror_joined_requests",
+            "Blob requests served from a download already under way instead of a new fetch.",
+            registry=r,
+        )
+        self.upstream_bytes = Counter(
+            "mirror_upstream_bytes",
+            "Blob bytes received from upstreams.",
+            ["upstream"],
+            registry=r,
+        )
+        self.digest_mismatches = Counter(
+            "mirror_digest_mismatches",
+            "Upstream content whose hash did not match its digest (never cached).",
+            ["kind"],
+            registry=r,
+        )
+        self.cache_size = Gauge(
+            "mirror_cache_size_bytes",
+            "Bytes of blobs and manifests stored on disk.",
+            registry=r,
+        )
+        self.cache_objects = Gauge(
+            "mirror_cache_objects",
+            "Blobs and manifests stored on disk.",
+            registry=r,
+        )
+        self.ratelimit_remaining = Gauge(
+            "mirror_upstream_ratelimit_remaining",
+            "Pulls left in the upstream's window, from its ratelimit-remaining header.",
+            ["upstream"],
+            registry=r,
+        )
+        self.ratelimit_limit = Gauge(
+            "mirror_upstream_ratelimit_limit",
+            "Pulls allowed in the upstream's window, from its ratelimit-limit header.",
+            ["upstream"],
+            registry=r,
+        )
+        self.revalidations = Counter(
+            "mirror_tag_revalidations",
+            "Expired tags checked upstream with HEAD, by result (unchanged, changed, error).",
+            ["result"],
+            registry=r,
+        )
+        self.stale_served = Counter(
+            "mirror_stale_served",
+            "Answers served from cache past their TTL because the upstream failed, by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.upstream_up = Gauge(
+            "mirror_upstream_up",
+            "1 while the upstream answers, 0 while its circuit breaker is open.",
+            ["upstream"],
+            registry=r,
+        )
+        self.negative_hits = Counter(
+            "mirror_negative_cache_hits",
+            "Requests answered 404 from the remembered upstream 404, without asking it.",
+            registry=r,
+        )
+        self.resumed_transfers = Counter(
+            "mirror_resumed_transfers",
+            "Upstream blob transfers cut mid-way and resumed with a Range request.",
+            registry=r,
+        )
+        self.evictions = Counter(
+            "mirror_evictions",
+            "Blobs evicted from the cache to stay within its bounds, by reason (size, idle).",
+            ["reason"],
+            registry=r,
+        )
+        self.evicted_bytes = Counter(
+            "mirror_evicted_bytes",
+            "Bytes of blobs evicted from the cache.",
+            registry=r,
+        )
+        self.cache_max_size = Gauge(
+            "mirror_cache_max_size_bytes",
+            "The configured bound on the cache's size (storage.max_size); 0 when unbounded.",
+            registry=r,
+        )
+        self.storage_free = Gauge(
+            "mirror_storage_free_bytes",
+            "Bytes free on the filesystem holding the cache.",
+            registry=r,
+        )
+        self.storage_capacity = Gauge(
+            "mirror_storage_capacity_bytes",
+            "Size of the filesystem holding the cache.",
+            registry=r,
+        )
+        self.storage_writable = Gauge(
+            "mirror_storage_writable",
+            "1 while the cache directory takes writes; 0 while full or read-only.",
+            registry=r,
+        )
+        self.metadata_up = Gauge(
+            "mirror_metadata_up",
+            "1 while the metadata store (Redis) answers; 0 while requests fall back to memory.",
+            registry=r,
+        )
+        self.token_fetches = Counter(
+            "mirror_upstream_token_fetches",
+            "Tokens fetched from an upstream's token service, by upstream and status.",
+            ["upstream", "status"],
+            registry=r,
+        )
+        self.pulls_denied = Counter(
+            "mirror_pulls_denied",
+            "Requests refused by the pull policy, by upstream and reason (deny_list: a deny "
+            "glob, allow_list: no allow glob, no_rule: no auth.rules entry).",
+            ["upstream", "reason"],
+            registry=r,
+        )
+        # Alert on "refused": a renewed certificate that the HTTPS listener could not use.
+        self.tls_reloads = Counter(
+            "mirror_tls_reloads",
+            "Changed TLS pairs the HTTPS listener saw, by result (loaded, refused).",
+            ["result"],
+            registry=r,
+        )
+
+    def _declare_s3(self) -> None:
+        """The bucket behind the local directory (storage.s3); the tiers' hits."""
+        r = self.registry
+        self.tier_hits = Counter(
+            "mirror_tier_hits",
+            "Blob requests answered from stored content, by tier (local: the directory; "
+            "bucket: the S3 bucket, redirects included).",
+            ["tier"],
+            registry=r,
+        )
+        for tier in ("local", "bucket"):
+            self.tier_hits.labels(tier)
+        self.s3_requests = Counter(
+            "mirror_s3_requests",
+            "Requests made to the S3 bucket, by operation and status (or error).",
+            ["operation", "status"],
+            registry=r,
+        )
+        self.s3_duration = Histogram(
+            "mirror_s3_request_duration_seconds",
+            "S3 time to response headers (retries included), by operation.",
+            ["operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.s3_bytes = Counter(
+            "mirror_s3_bytes",
+            "Body bytes moved to and from the S3 bucket, by direction (sent, received).",
+            ["direction"],
+            registry=r,
+        )
+        for direction in ("sent", "received"):
+            self.s3_bytes.labels(direction)
+        self.s3_up = Gauge(
+            "mirror_s3_up",
+            "1 while the S3 bucket answers; 0 while blobs are served from the local tier "
+            "and upstream, uncached.",
+            registry=r,
+        )
+        self.redirects = Counter(
+            "mirror_blob_redirects",
+            "Blob GETs answered 307 to a presigned URL of the bucket.",
+            registry=r,
+        )
+        self.bucket_evictions = Counter(
+            "mirror_bucket_evictions",
+            "Blobs deleted from the bucket to stay within storage.s3.max_size.",
+            registry=r,
+        )

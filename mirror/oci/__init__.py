@@ -1,0 +1,1 @@
+"""The registry's grammar, media types and error codes: no I/O."""

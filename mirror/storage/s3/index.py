@@ -1,0 +1,209 @@
+"""What the mirror knows of its blobs in the bucket: sizes and last reads, and its bound.
+
+The records live in the metadata store (Redis, or in-process with its snapshot), so that
+knowing a blob is in the bucket costs no S3 request (a redirect needs none) and the bucket
+can be kept under `storage.s3.max_size` by last-read time. Records that are missing (a new
+metadata store) are rebuilt from one listing of the bucket. An object is never deleted
+while it is being read, nor within `redirect_ttl` of a redirect to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+
+from botocore.exceptions import BotoCoreError, ClientError
+from redis.exceptions import RedisError
+
+from mirror.metadata.store import MetadataStore
+from mirror.observe.metrics import Metrics
+from mirror.oci.reference import Digest
+from mirror.storage.s3.bucket import Bucket, BucketUnavailable
+
+log = logging.getLogger(__name__)
+
+# A read is written to the metadata store at most this often per blob: a hot blob must not
+# cost a write per request.
+TOUCH_INTERVAL = 1.0
+# Evicting down to 90% of the bound leaves room, so each new blob does not set off a pass.
+LOW_WATER = 0.9
+SCAN_INTERVAL = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class BucketEviction:
+    evicted: int
+    freed: int
+    remaining: int
+
+
+@contextlib.asynccontextmanager
+async def _alone() -> AsyncIterator[bool]:
+    yield True
+
+
+class BucketIndex:
+    """Records of the bucket's blobs; evicts the least recently read above the bound."""
+
+    def __init__(self, bucket: Bucket, metrics: Metrics) -> None:
+        self._bucket = bucket
+        self._metrics = metrics
+        self._max_size = bucket.config.max_size
+        # With redirects, a client may fetch from the bucket up to redirect_ttl after the
+        # 307; a read record protects the object that long.
+        self._protect = (
+            bucket.config.redirect_ttl + TOUCH_INTERVAL if bucket.config.redirect else 0.0
+        )
+        self._metadata: MetadataStore | None = None
+        self._busy: Callable[[], Iterable[object]] = tuple
+        self._touched: dict[str, float] = {}
+        # digest → size of the blobs known to be in the bucket: loaded from the records at
+        # start, then kept up to date, so a local-tier hit costs no metadata read.
+        self._sizes: dict[str, int] = {}
+        self._loaded = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        # Yields whether this process may run an eviction pass now (replicas: the one
+        # holding the eviction lease, mirror/cluster/bucketshare.py).
+        self.exclusive: Callable[[], AbstractAsyncContextManager[bool]] = _alone
+
+    def start(self, metadata: MetadataStore, busy: Callable[[], Iterable[object]]) -> None:
+        self._metadata = metadata
+        self._busy = busy
+        self._task = asyncio.create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    # --- records ---------------------------------------------------------------------------
+    async def stored(self, digest: Digest, size: int) -> None:
+        """A blob became visible in the bucket."""
+        self._sizes[str(digest)] = size
+        await self._record(str(digest), size)
+        self._wake.set()
+
+    async def read(self, digest: Digest) -> None:
+        """A blob in the bucket was read (from either tier) or redirected to."""
+        key = str(digest)
+        size = self._sizes.get(key)
+        if (
+            size is None
+            or time.monotonic() - self._touched.get(key, -TOUCH_INTERVAL) < TOUCH_INTERVAL
+        ):
+            return
+        self._touched[key] = time.monotonic()
+        await self._record(key, size)
+
+    async def known(self, digest: Digest) -> bool:
+        """Is the blob recorded as in the bucket (no S3 request)?"""
+        key = str(digest)
+        if key in self._sizes:
+            return True
+        if self._metadata is None:
+            return False
+        try:  # another replica may have stored it
+            record = await self._metadata.get_blob_read(key)
+        except (RedisError, OSError):
+            return False
+        if record is None:
+            return False
+        self._sizes[key] = record[0]
+        return True
+
+    async def forget(self, digest: Digest) -> None:
+        await self.forget_key(str(digest))
+
+    async def _record(self, digest: str, size: int) -> None:
+        if self._metadata is not None:
+            await _quietly(self._metadata.put_blob_read(digest, size, time.time()))
+
+    async def _records(self) -> dict[str, tuple[int, float]]:
+        if self._metadata is None:
+            return {}
+        try:
+            return await self._metadata.blob_reads()
+        except (RedisError, OSError):
+            return {}
+
+    # --- eviction ----------------------------------------------------------------------------
+    async def _run(self) -> None:
+        try:
+            await self.rebuild_if_empty()
+            for digest, (size, _) in (await self._records()).items():
+                self._sizes.setdefault(digest, size)
+        finally:
+            self._loaded.set()
+        if self._max_size is None:
+            return
+        while True:
+            try:
+                async with self.exclusive() as mine:
+                    if mine:
+                        await self.evict()
+            except (BucketUnavailable, ClientError, BotoCoreError) as exc:
+                log.warning("bucket eviction pass failed: %s", type(exc).__name__)
+            try:
+                async with asyncio.timeout(SCAN_INTERVAL):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+
+    async def rebuild_if_empty(self) -> None:
+        """Records for what the bucket holds, when the metadata store has none."""
+        if self._metadata is None or await self._records():
+            return
+        prefix = self._bucket.config.prefix + "blobs/"
+        try:
+            async for found in self._bucket.objects(prefix):
+                algorithm_hex = found.key[len(prefix) :].replace("/", ":", 1)
+                await self._metadata.put_blob_read(algorithm_hex, found.size, found.modified)
+        except (BucketUnavailable, ClientError, BotoCoreError, RedisError, OSError) as exc:
+            log.warning("cannot list the bucket's blobs: %s", type(exc).__name__)
+
+    async def evict(self, max_size: int | None = None) -> BucketEviction:
+        """Delete the least recently read blobs until the bucket is under its bound."""
+        bound = max_size if max_size is not None else self._max_size
+        if self._task is not None:
+            await self._loaded.wait()
+        records = await self._records()
+        total = sum(size for size, _ in records.values())
+        if bound is None or total <= bound:
+            return BucketEviction(0, 0, total)
+        target = int(bound * LOW_WATER) if max_size is None else bound
+        busy = {str(digest) for digest in self._busy()}
+        now, evicted, freed = time.time(), 0, 0
+        for digest, (size, read_at) in sorted(records.items(), key=lambda item: item[1][1]):
+            if total - freed <= target:
+                break
+            if digest in busy or now - read_at < self._protect:
+                continue
+            algorithm, _, hexpart = digest.partition(":")
+            await self._bucket.delete(f"{self._bucket.config.prefix}blobs/{algorithm}/{hexpart}")
+            await self.forget_key(digest)
+            evicted, freed = evicted + 1, freed + size
+            self._metrics.bucket_evictions.inc()
+        if evicted:
+            log.info("evicted %d blobs from the bucket, %d bytes", evicted, freed)
+        return BucketEviction(evicted, freed, total - freed)
+
+    async def forget_key(self, digest: str) -> None:
+        self._sizes.pop(digest, None)
+        self._touched.pop(digest, None)
+        if self._metadata is not None:
+            await _quietly(self._metadata.forget_blob(digest))
+
+
+async def _quietly(call: Awaitable[None]) -> None:
+    """A metadata write that may fail: the records are a cache of the bucket's state."""
+    try:
+        await call
+    except (RedisError, OSError) as exc:
+        log.debug("bucket record not written: %s", type(exc).__name__)

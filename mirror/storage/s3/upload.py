@@ -1,0 +1,161 @@
+"""A download's temp file copied into the bucket while it is written.
+
+Parts are read back from the temp file (not kept from the stream), and only
+PARTS_IN_FLIGHT parts are in memory at once across every upload of the process: memory
+stays bounded however many cold blobs arrive together. An upload that waits for a slot
+falls behind its download; nothing piles up, as the file holds the bytes. The object
+becomes visible only in `complete`, which the download calls after the digest matched;
+anything else ends in AbortMultipartUpload. A blob smaller than one part goes up in one
+PutObject at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from mirror.storage.s3.bucket import Bucket, BucketUnavailable
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+MIN_PART = 8 * MiB
+# S3 allows 10,000 parts per upload: parts grow with the blob so that any size fits.
+MAX_PARTS = 10_000
+# A blob of unknown size (no Content-Length upstream) still fits up to 160 GiB.
+UNKNOWN_SIZE_PART = 16 * MiB
+# Parts read and being sent at once, process-wide: each costs about two part sizes of
+# memory (the bytes read, and the socket's buffer), 8 MiB each for blobs under 80 GiB.
+PARTS_IN_FLIGHT = 2
+
+
+def part_size(size: int | None) -> int:
+    """Bytes per part: at least 8 MiB, whole MiB, and at most 10,000 parts for `size`."""
+    if size is None:
+        return UNKNOWN_SIZE_PART
+    return max(MIN_PART, math.ceil(size / MAX_PARTS / MiB) * MiB)
+
+
+class BucketUpload:
+    """Copies one growing temp file to one key; see the module docstring."""
+
+    def __init__(
+        self,
+        bucket: Bucket,
+        key: str,
+        size: int | None,
+        temp: Path,
+        on_stored: Callable[[int], None],
+        slots: asyncio.Semaphore,
+    ) -> None:
+        self._bucket = bucket
+        self._slots = slots
+        self._key = key
+        self._temp = temp
+        self._on_stored = on_stored
+        self._part = part_size(size)
+        self._written = 0
+        self._sent = 0
+        self._final = False
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._upload_id: str | None = None
+        self._etags: list[str] = []
+        self._file: BinaryIO | None = None
+        self._error: str | None = None
+
+    def progress(self, written: int) -> None:
+        self._written = written
+        if self._task is None and self._error is None and written >= self._part:
+            self._task = asyncio.create_task(self._send_parts())
+        self._wake.set()
+
+    async def complete(self) -> None:
+        self._final = True
+        self._wake.set()
+        try:
+            if self._task is None:
+                await self._put_whole()
+            else:
+                await self._task
+                if self._error is None:
+                    assert self._upload_id is not None
+                    await self._bucket.complete_multipart(self._key, self._upload_id, self._etags)
+                    self._upload_id = None
+        except (BucketUnavailable, ClientError, BotoCoreError, OSError) as exc:
+            self._error = _describe(exc)
+        finally:
+            await self._close_file()
+        if self._error is not None:
+            log.warning("blob not stored in the bucket (%s): %s", self._key, self._error)
+            await self.abort()
+            return
+        self._on_stored(self._written)
+
+    async def abort(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        upload_id, self._upload_id = self._upload_id, None
+        if upload_id is not None:
+            try:
+                await self._bucket.abort_multipart(self._key, upload_id)
+            except BucketUnavailable:
+                self._bucket.abort_later(self._key, upload_id)
+            except (ClientError, BotoCoreError) as exc:
+                # Left for `mirror gc` and later starts, which abort what is abandoned.
+                log.warning("cannot abort the upload of %s: %s", self._key, _describe(exc))
+        await self._close_file()
+
+    async def _put_whole(self) -> None:
+        async with self._slots:
+            data = await self._read(0, self._written)
+            await self._bucket.put(self._key, data, "application/octet-stream")
+
+    async def _send_parts(self) -> None:
+        """Upload each full part as the file reaches it, and the rest once it is final."""
+        try:
+            self._upload_id = await self._bucket.create_multipart(self._key)
+            while True:
+                ready = self._written - self._sent
+                if ready >= self._part or (self._final and ready > 0):
+                    length = min(ready, self._part)
+                    async with self._slots:
+                        data = await self._read(self._sent, length)
+                        number = len(self._etags) + 1
+                        etag = await self._bucket.upload_part(
+                            self._key, self._upload_id, number, data
+                        )
+                        del data
+                    self._etags.append(etag)
+                    self._sent += length
+                    continue
+                if self._final:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+        except (BucketUnavailable, ClientError, BotoCoreError, OSError) as exc:
+            self._error = _describe(exc)
+
+    async def _read(self, offset: int, length: int) -> bytes:
+        if self._file is None:
+            self._file = await asyncio.to_thread(open, self._temp, "rb")
+        return await asyncio.to_thread(os.pread, self._file.fileno(), length, offset)
+
+    async def _close_file(self) -> None:
+        file, self._file = self._file, None
+        if file is not None:
+            await asyncio.to_thread(file.close)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ClientError):
+        return str(exc.response.get("Error", {}).get("Code", "error"))
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,1 @@
+"""The client side of registries: requests, tokens, credentials, routing, breakers."""

@@ -1,0 +1,391 @@
+"""The client side: one upstream registry, its auth, its redirects and its errors.
+
+An `Upstream` owns nothing but state about its registry (the last Bearer challenge, the
+credentials); the `ClientSession` and token cache are shared and closed by the app.
+Upstream HTTP errors become `RegistryError`s here, at the boundary, so nothing above this
+module looks at upstream status codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+from multidict import CIMultiDict
+
+from mirror.net.tls import describe_failure
+from mirror.observe.metrics import Metrics
+from mirror.oci.errors import (
+    BlobUnknown,
+    Denied,
+    DigestMismatch,
+    ManifestInvalid,
+    ManifestUnknown,
+    NameUnknown,
+    RegistryError,
+    TooManyRequests,
+    Unauthorized,
+    UpstreamUnavailable,
+)
+from mirror.oci.reference import compute_digest
+from mirror.upstream.breaker import CircuitBreaker
+from mirror.upstream.credentials import Credentials
+from mirror.upstream.tokens import Challenge, TokenCache, parse_challenge
+from mirror.util.lru import LRU
+
+# Named for the concern, as before the package split: operators filter on it.
+log = logging.getLogger("mirror.upstream")
+
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5
+# The distribution registry refuses manifests over 4 MiB; so do we, to bound memory.
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MAX_PASSTHROUGH_BYTES = 16 * 1024 * 1024
+NEGATIVE_ENTRIES = 10000
+READ_BUFSIZE = 2 * 1024 * 1024
+USER_AGENT = "mirror/0.1 (+pull-through cache)"
+MANIFEST_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+)
+_NOT_FOUND: dict[str, type[RegistryError]] = {
+    "manifest": ManifestUnknown,
+    "blob": BlobUnknown,
+    "tags": NameUnknown,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestInfo:
+    """What a manifest response's headers say about it."""
+
+    digest: str
+    media_type: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Passthrough:
+    """An upstream answer relayed as it is (tags/list, referrers)."""
+
+    status: int
+    content_type: str
+    body: bytes
+    link: str | None
+
+
+def new_session(connect_timeout: float, read_timeout: float) -> aiohttp.ClientSession:
+    """The one ClientSession an app uses for every upstream."""
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=connect_timeout, sock_read=read_timeout
+    )
+    # auto_decompress=False: blobs are stored exactly as sent; a gzip layer served with
+    # Content-Encoding must not be unpacked on the way through.
+    return aiohttp.ClientSession(
+        timeout=timeout,
+        auto_decompress=False,
+        # Layers arrive in large reads: aiohttp's 64 KiB default pauses the socket far
+        # more often than a 512 MiB layer needs.
+        read_bufsize=READ_BUFSIZE,
+        headers={"User-Agent": USER_AGENT},
+        connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=300),
+    )
+
+
+class Upstream:
+    """A registry the mirror pulls from, with its credentials and auth state."""
+
+    def __init__(
+        self,
+        url: str,
+        session: aiohttp.ClientSession,
+        tokens: TokenCache,
+        metrics: Metrics,
+        name: str,
+        credentials: Credentials | None = None,
+        negative_ttl: float = 30.0,
+        tag_ttl: float | None = None,
+        timeouts: tuple[float, float] = (5.0, 30.0),
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.name = name
+        self.host = urlsplit(self.url).netloc
+        self.tag_ttl = tag_ttl
+        # How this upstream's repositories appear in `_catalog` (empty for the default).
+        self.catalog_prefix = ""
+        # Per-upstream connect and read timeouts (no total: a big layer takes its time).
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=timeouts[0], sock_read=timeouts[1]
+        )
+        self.breaker = CircuitBreaker(self.name)
+        metrics.upstream_up.labels(self.name).set(1)
+        self._negative_ttl = negative_ttl
+        # (kind, repo, reference) → when the upstream's 404 stops being believed.
+        self._missing: LRU[tuple[str, str, str], float] = LRU(NEGATIVE_ENTRIES)
+        # Docker Hub's 429 lasts until Retry-After: asking again before then only
+        # lengthens the penalty, so manifest GETs are refused here until it passes.
+        self._limited_until = 0.0
+        self._session = session
+        self._tokens = tokens
+        self._metrics = metrics
+        self._credentials = credentials
+        # Learnt from the first 401, then used to fetch tokens before asking, so that a
+        # new repository costs one token request and not a refused request first.
+        self._bearer: Challenge | None = None
+        self._use_basic = False
+        # Its own CA, check and client pair (mTLS); True: aiohttp's default context.
+        self.ssl: ssl.SSLContext | bool = True if ssl_context is None else ssl_context
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        kind: str,
+        repo: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> aiohttp.ClientResponse:
+        """Send a request with auth, answering one challenge and following redirects."""
+        base = CIMultiDict(headers or {})
+        base.setdefault("Accept-Encoding", "identity")
+        auth = await self._authorization(repo)
+        resp = await self._send(method, self.url + path, {**base, **auth}, kind)
+        if resp.status == 401:
+            challenge = parse_challenge(resp.headers.get("WWW-Authenticate", ""))
+            resp.release()
+            auth = await self._answer(challenge, repo)
+            resp = await self._send(method, self.url + path, {**base, **auth}, kind)
+        resp = await self._follow(resp, method, base, auth, kind)
+        self._observe_ratelimit(resp)
+        return resp
+
+    async def _follow(
+        self,
+        resp: aiohttp.ClientResponse,
+        method: str,
+        headers: Mapping[str, str],
+        auth: dict[str, str],
+        kind: str,
+    ) -> aiohttp.ClientResponse:
+        """Follow redirects; Authorization goes only to the upstream's own host."""
+        for _ in range(MAX_REDIRECTS):
+            location = resp.headers.get("Location")
+            if resp.status not in REDIRECTS or not location:
+                return resp
+            target = urljoin(str(resp.url), location)
+            resp.release()
+            # A CDN on another host answers 400 when it sees the registry's token.
+            same_host = urlsplit(target).netloc == self.host
+            resp = await self._send(
+                method, target, {**headers, **(auth if same_host else {})}, kind
+            )
+        resp.release()
+        raise UpstreamUnavailable(
+            f"upstream {self.name} redirected more than {MAX_REDIRECTS} times"
+        )
+
+    async def _send(
+        self, method: str, url: str, headers: Mapping[str, str], kind: str
+    ) -> aiohttp.ClientResponse:
+        self.breaker.before_request()
+        started = time.monotonic()
+        try:
+            resp = await self._session.request(
+                method,
+                url,
+                headers=headers,
+                allow_redirects=False,
+                timeout=self._timeout,
+                ssl=self.ssl,
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self._metrics.upstream_requests.labels(self.name, kind, "error").inc()
+            self.record_failure()
+            tls_failure = describe_failure(self.name, exc)
+            if tls_failure is not None:
+                log.error("%s", tls_failure)
+                raise UpstreamUnavailable(tls_failure) from None
+            raise UpstreamUnavailable(
+                f"upstream {self.name} unreachable: {type(exc).__name__}"
+            ) from None
+        self._metrics.upstream_duration.labels(self.name, kind).observe(time.monotonic() - started)
+        self._metrics.upstream_requests.labels(self.name, kind, str(resp.status)).inc()
+        if resp.status >= 500:
+            self.record_failure()
+        else:
+            self.breaker.success()
+            self._metrics.upstream_up.labels(self.name).set(1)
+        return resp
+
+    def record_failure(self) -> None:
+        """Count a failed exchange (also one broken mid-body) towards opening the circuit."""
+        self.breaker.failure()
+        if self.breaker.is_open:
+            self._metrics.upstream_up.labels(self.name).set(0)
+
+    def _check_negative(self, kind: str, repo: str, reference: str) -> None:
+        """Answer a recent upstream 404 again without asking."""
+        key = (kind, repo, reference)
+        until = self._missing.get(key)
+        if until is not None and time.monotonic() < until:
+            self._metrics.negative_hits.inc()
+            raise _NOT_FOUND[kind](f"{kind} {repo}:{reference} not found upstream (remembered)")
+
+    def _remember_missing(self, kind: str, repo: str, reference: str) -> None:
+        if self._negative_ttl > 0:
+            self._missing.put((kind, repo, reference), time.monotonic() + self._negative_ttl)
+
+    async def _basic(self) -> str | None:
+        return None if self._credentials is None else await self._credentials.header()
+
+    async def _authorization(self, repo: str | None) -> dict[str, str]:
+        if self._bearer is not None:
+            scopes = [f"repository:{repo}:pull"] if repo else []
+            token = await self._tokens.get(
+                self._bearer, scopes, await self._basic(), ssl_context=self.ssl, upstream=self.name
+            )
+            return {"Authorization": f"Bearer {token}"}
+        if self._use_basic and self._credentials is not None:
+            return {"Authorization": await self._credentials.header()}
+        return {}
+
+    async def _answer(self, challenge: Challenge, repo: str | None) -> dict[str, str]:
+        """Headers that answer a 401 challenge, or Unauthorized when we cannot."""
+        if challenge.scheme == "bearer":
+            self._bearer = Challenge(
+                "bearer", {k: v for k, v in challenge.params.items() if k in ("realm", "service")}
+            )
+            scope = challenge.params.get("scope")
+            scopes = scope.split(" ") if scope else ([f"repository:{repo}:pull"] if repo else [])
+            token = await self._tokens.get(
+                self._bearer, scopes, await self._basic(), ssl_context=self.ssl, upstream=self.name
+            )
+            return {"Authorization": f"Bearer {token}"}
+        if challenge.scheme == "basic" and self._credentials is not None:
+            self._use_basic = True
+            return {"Authorization": await self._credentials.header()}
+        raise Unauthorized(f"upstream {self.name} requires credentials the mirror does not have")
+
+    def _observe_ratelimit(self, resp: aiohttp.ClientResponse) -> None:
+        for header, gauge in (
+            ("ratelimit-remaining", self._metrics.ratelimit_remaining),
+            ("ratelimit-limit", self._metrics.ratelimit_limit),
+        ):
+            value = resp.headers.get(header, "").partition(";")[0].strip()
+            if value.isdigit():
+                gauge.labels(self.name).set(int(value))
+
+    def raise_for_status(self, resp: aiohttp.ClientResponse, kind: str, what: str) -> None:
+        """Turn an upstream error status into the matching registry error."""
+        status = resp.status
+        if status < 300:
+            return
+        resp.release()
+        if status == 404 and kind in _NOT_FOUND:
+            raise _NOT_FOUND[kind](f"{what} not found upstream")
+        if status == 401:
+            raise Unauthorized(f"upstream {self.name} refused access to {what}")
+        if status == 403:
+            raise Denied(f"upstream {self.name} denied access to {what}")
+        if status == 429:
+            retry_after = _retry_after(resp.headers)
+            self._limited_until = time.monotonic() + retry_after
+            raise TooManyRequests(f"upstream {self.name} rate limit reached", retry_after)
+        raise UpstreamUnavailable(f"upstream {self.name} answered {status} for {what}")
+
+    async def manifest(
+        self, repo: str, reference: str, accept: list[str], *, head: bool
+    ) -> tuple[ManifestInfo, bytes | None]:
+        """HEAD or GET a manifest; a GET's bytes are checked against the digest header."""
+        what = f"manifest {repo}:{reference}"
+        self._check_negative("manifest", repo, reference)
+        wait = self._limited_until - time.monotonic()
+        if not head and wait > 0:
+            raise TooManyRequests(f"upstream {self.name} rate limit reached", int(wait) + 1)
+        headers = {"Accept": ", ".join(accept or MANIFEST_TYPES)}
+        resp = await self.request(
+            "HEAD" if head else "GET",
+            f"/v2/{repo}/manifests/{reference}",
+            kind="manifest",
+            repo=repo,
+            headers=headers,
+        )
+        async with resp:
+            if resp.status == 404:
+                self._remember_missing("manifest", repo, reference)
+            self.raise_for_status(resp, "manifest", what)
+            media_type = resp.headers.get("Content-Type", "").partition(";")[0].strip()
+            claimed = resp.headers.get("Docker-Content-Digest", "")
+            if head:
+                return ManifestInfo(claimed, media_type, resp.content_length or 0), None
+            body = await _read_limited(resp, MAX_MANIFEST_BYTES, what)
+        digest = str(compute_digest(body))
+        if claimed.startswith("sha256:") and claimed != digest:
+            self._metrics.digest_mismatches.labels("manifest").inc()
+            raise DigestMismatch(f"upstream sent {what} whose bytes do not match its digest")
+        return ManifestInfo(digest, media_type, len(body)), body
+
+    async def open_blob(self, repo: str, digest: str, offset: int = 0) -> aiohttp.ClientResponse:
+        """An upstream response whose body is the blob from `offset` (the caller releases it)."""
+        self._check_negative("blob", repo, digest)
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        resp = await self.request(
+            "GET", f"/v2/{repo}/blobs/{digest}", kind="blob", repo=repo, headers=headers
+        )
+        if resp.status == 404:
+            self._remember_missing("blob", repo, digest)
+        self.raise_for_status(resp, "blob", f"blob {digest}")
+        return resp
+
+    async def blob_size(self, repo: str, digest: str) -> int | None:
+        """The blob's size from a HEAD, None when the upstream does not say."""
+        self._check_negative("blob", repo, digest)
+        resp = await self.request("HEAD", f"/v2/{repo}/blobs/{digest}", kind="blob", repo=repo)
+        async with resp:
+            if resp.status == 404:
+                self._remember_missing("blob", repo, digest)
+            self.raise_for_status(resp, "blob", f"blob {digest}")
+            return resp.content_length
+
+    async def passthrough(self, path: str, repo: str, kind: str) -> Passthrough:
+        """GET `path` (with its query) and relay status, type, body and Link."""
+        resp = await self.request(
+            "GET", path, kind=kind, repo=repo, headers={"Accept": "application/json, */*"}
+        )
+        async with resp:
+            if resp.status >= 300 and resp.status != 404:
+                self.raise_for_status(resp, kind, f"{kind} of {repo}")
+            body = await _read_limited(resp, MAX_PASSTHROUGH_BYTES, f"{kind} of {repo}")
+            return Passthrough(
+                resp.status,
+                resp.headers.get("Content-Type", "application/json"),
+                body,
+                resp.headers.get("Link"),
+            )
+
+
+async def _read_limited(resp: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
+    if resp.content_length is not None and resp.content_length > limit:
+        raise ManifestInvalid(f"{what} is larger than {limit} bytes")
+    body = bytearray()
+    try:
+        async for chunk in resp.content.iter_chunked(65536):
+            body += chunk
+            if len(body) > limit:
+                raise ManifestInvalid(f"{what} is larger than {limit} bytes")
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise UpstreamUnavailable(f"reading {what} failed: {type(exc).__name__}") from None
+    return bytes(body)
+
+
+def _retry_after(headers: Mapping[str, str]) -> int:
+    value = headers.get("Retry-After", "")
+    return int(value) if value.isdigit() else 60

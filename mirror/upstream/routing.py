@@ -1,0 +1,50 @@
+"""Which upstream a request is for: `?ns=`, a path prefix, or the default.
+
+containerd appends `?ns=<registry>` to every request it sends a mirror; podman's
+registries.conf and plain clients can put the registry first in the path instead
+(`/v2/ghcr.io/owner/image/...`). Anything else goes to the default upstream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from mirror.config import DOCKER_HUB_HOSTS
+from mirror.oci.errors import NameUnknown
+from mirror.upstream.client import Upstream
+
+
+class Upstreams:
+    """Every configured upstream, by the registry name clients use."""
+
+    def __init__(self, default: Upstream, others: list[Upstream]) -> None:
+        self.default = default
+        for upstream in others:
+            upstream.catalog_prefix = f"{upstream.name}/"
+        self._by_name = {upstream.name: upstream for upstream in [default, *others]}
+        # Docker Hub answers to several names. Docker's registry-mirrors asks a mirror for
+        # Docker Hub images only (with ?ns=docker.io in its containerd image store): with
+        # no upstream named docker.io, the default one is taken to stand in for it.
+        hub = self._by_name.get("docker.io", default)
+        for alias in DOCKER_HUB_HOSTS:
+            self._by_name.setdefault(alias, hub)
+
+    def __iter__(self) -> Iterator[Upstream]:
+        return iter({id(u): u for u in self._by_name.values()}.values())
+
+    def get(self, name: str) -> Upstream | None:
+        return self._by_name.get(name)
+
+    def route(self, name: str, ns: str | None) -> tuple[Upstream, str]:
+        """(upstream, repository name upstream) for a request's name and `ns` query."""
+        first, sep, rest = name.partition("/")
+        if ns:
+            upstream = self._by_name.get(ns)
+            if upstream is None:
+                raise NameUnknown(f"registry {ns[:100]!r} is not mirrored here")
+            # A client may send both: `?ns=ghcr.io` and `/v2/ghcr.io/owner/image`.
+            prefixed = sep and self._by_name.get(first) is upstream
+            return upstream, rest if prefixed else name
+        if sep and first in self._by_name:
+            return self._by_name[first], rest
+        return self.default, name

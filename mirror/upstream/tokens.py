@@ -1,0 +1,175 @@
+"""Upstream authentication: parsing `WWW-Authenticate` challenges and caching Bearer tokens.
+
+Tokens are cached per (realm, service, scope) until shortly before they expire, and fetched
+once however many requests want the same one at the same moment.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import re
+import ssl
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiocache import SimpleMemoryCache
+
+from mirror.net.tls import describe_failure
+from mirror.observe.metrics import Metrics
+from mirror.oci.errors import Denied, Unauthorized, UpstreamUnavailable
+from mirror.util.singleflight import SingleFlight
+
+log = logging.getLogger(__name__)
+
+# key=value or key="quoted, with \" escapes"; values separated by commas.
+_PARAM = re.compile(r'\s*([a-zA-Z0-9_.-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)\s*(?:,|$)')
+# Refetch this long before the upstream says a token expires, so that no request goes out
+# with a token about to lapse in flight. Docker Hub's tokens last 300 s.
+EXPIRY_MARGIN = 30.0
+# Tokens that come without expires_in last 60 s, as the distribution spec says.
+DEFAULT_EXPIRES_IN = 60
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """One `WWW-Authenticate` challenge: the scheme and its parameters."""
+
+    scheme: str
+    params: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def realm(self) -> str | None:
+        return self.params.get("realm")
+
+
+def parse_challenge(header: str) -> Challenge:
+    """Parse `Bearer realm="...",service="...",scope="a,b"` (quoted commas included)."""
+    scheme, _, rest = header.strip().partition(" ")
+    params: dict[str, str] = {}
+    pos = 0
+    while pos < len(rest):
+        match = _PARAM.match(rest, pos)
+        if not match or match.end() == pos:
+            break
+        value = match.group(2)
+        if value.startswith('"'):
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        params[match.group(1).lower()] = value
+        pos = match.end()
+    return Challenge(scheme.lower(), params)
+
+
+def basic_authorization(username: str, password: str) -> str:
+    """The value of an `Authorization: Basic` header."""
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+
+
+class TokenCache:
+    """Bearer tokens by (realm, service, scope), fetched once and kept until near expiry."""
+
+    def __init__(self, session: aiohttp.ClientSession, metrics: Metrics) -> None:
+        self._session = session
+        self._metrics = metrics
+        self._cache = SimpleMemoryCache()
+        # Concurrent requests for one scope share one fetch, which belongs to none of
+        # them: a request that is cancelled fails no one else.
+        self._flight = SingleFlight()
+
+    async def get(
+        self,
+        challenge: Challenge,
+        scopes: list[str],
+        credentials: str | None,
+        ssl_context: ssl.SSLContext | bool = True,
+        upstream: str = "",
+    ) -> str:
+        """A token for `scopes` from the challenge's realm, from cache when still good.
+
+        `credentials` is a ready `Authorization` header value (Basic) or None: anonymous;
+        `ssl_context` is the asking upstream's TLS context (its realm is usually its own host).
+        """
+        # Per account too: two upstreams may share a token service but not an account.
+        account = hashlib.sha256((credentials or "").encode()).hexdigest()
+        parts = [challenge.realm or "", challenge.params.get("service", ""), account, *scopes]
+        key = "\0".join(parts)
+        token: str | None = await self._cache.get(key)
+        if token is not None:
+            return token
+        return await self._flight.do(
+            key,
+            lambda: self._fetch_and_keep(
+                key, challenge, scopes, credentials, ssl_context, upstream
+            ),
+        )
+
+    async def close(self) -> None:
+        await self._flight.close()
+
+    async def _fetch_and_keep(
+        self,
+        key: str,
+        challenge: Challenge,
+        scopes: list[str],
+        credentials: str | None,
+        ssl_context: ssl.SSLContext | bool = True,
+        upstream: str = "",
+    ) -> str:
+        token, ttl = await self._fetch(challenge, scopes, credentials, ssl_context, upstream)
+        await self._cache.set(key, token, ttl=ttl)
+        return token
+
+    async def _fetch(
+        self,
+        challenge: Challenge,
+        scopes: list[str],
+        credentials: str | None,
+        ssl_context: ssl.SSLContext | bool = True,
+        upstream: str = "",
+    ) -> tuple[str, float]:
+        realm = challenge.realm
+        if not realm:
+            raise UpstreamUnavailable("upstream sent a Bearer challenge without a realm")
+        params = [("scope", scope) for scope in scopes]
+        if "service" in challenge.params:
+            params.insert(0, ("service", challenge.params["service"]))
+        counter = self._metrics.token_fetches
+        host = urlsplit(realm).netloc
+        try:
+            headers = {"Authorization": credentials} if credentials else {}
+            async with self._session.get(
+                realm, params=params, headers=headers, ssl=ssl_context
+            ) as resp:
+                counter.labels(host, str(resp.status)).inc()
+                if resp.status in (401, 403):
+                    # The account's credentials were refused: say so without echoing them.
+                    raise Denied("the mirror's upstream credentials were refused")
+                if resp.status != 200:
+                    raise UpstreamUnavailable(f"upstream token service answered {resp.status}")
+                body = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            counter.labels(host, "error").inc()
+            tls_failure = describe_failure(f"{upstream or host} (token service {host})", exc)
+            if tls_failure is not None:
+                log.error("%s", tls_failure)
+                raise UpstreamUnavailable(tls_failure) from None
+            raise UpstreamUnavailable(
+                f"upstream token service failed: {type(exc).__name__}"
+            ) from None
+        return _token_from(body)
+
+
+def _token_from(body: object) -> tuple[str, float]:
+    """(token, seconds to cache it) from a token response body."""
+    if not isinstance(body, dict):
+        raise Unauthorized("upstream token service sent no token")
+    token = body.get("token") or body.get("access_token")
+    if not isinstance(token, str) or not token:
+        raise Unauthorized("upstream token service sent no token")
+    expires_in = body.get("expires_in")
+    if not isinstance(expires_in, int | float) or expires_in <= 0:
+        expires_in = DEFAULT_EXPIRES_IN
+    margin = min(EXPIRY_MARGIN, expires_in / 5)
+    return token, max(1.0, expires_in - margin)

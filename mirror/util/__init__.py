@@ -1,0 +1,1 @@
+"""Small generic helpers: an LRU, a single flight."""

@@ -1,0 +1,143 @@
+"""Who may pull: the client-auth middleware and the `/token` endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from mirror.access.clientauth import (
+    Grant,
+    Htpasswd,
+    TokenSigner,
+    load_signing_key,
+    parse_basic,
+    requested_repositories,
+)
+from mirror.cluster.signing import token_signing_key
+from mirror.oci.errors import Unauthorized
+from mirror.web.gate import may_pull_name, subject_key
+from mirror.web.keys import config_key
+
+
+class ClientAuth:
+    """htpasswd users, the token signer and the policy for anonymous clients."""
+
+    def __init__(
+        self,
+        htpasswd: Htpasswd,
+        signer: TokenSigner,
+        anonymous_pull: bool,
+        token_ttl: float,
+        public_url: str | None,
+    ) -> None:
+        self.htpasswd = htpasswd
+        self.signer = signer
+        self.anonymous_pull = anonymous_pull
+        self.token_ttl = token_ttl
+        self.public_url = public_url
+
+    def base_url(self, request: web.Request) -> str:
+        """The URL clients reach the mirror at: configured, or from the proxy headers."""
+        if self.public_url:
+            return self.public_url
+        scheme = request.headers.get("X-Forwarded-Proto", request.scheme).split(",")[0].strip()
+        host = request.headers.get("X-Forwarded-Host", request.host).split(",")[0].strip()
+        return f"{scheme}://{host}"
+
+    def challenge(self, request: web.Request, repository: str | None) -> Unauthorized:
+        base = self.base_url(request)
+        header = f'Bearer realm="{base}/token",service="{urlsplit(base).netloc}"'
+        if repository:
+            header += f',scope="repository:{repository}:pull"'
+        return Unauthorized("authentication required", challenge=header)
+
+    async def check(self, request: web.Request) -> Grant | None:
+        """The grant of the request's credentials; None when it has none or bad ones."""
+        header = request.headers.get("Authorization", "")
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer":
+            return self.signer.verify(value.strip())
+        basic = parse_basic(header)
+        if basic is not None and await self.htpasswd.verify(*basic):
+            return Grant(basic[0], frozenset({"*"}))
+        return None
+
+    async def token(self, request: web.Request) -> web.Response:
+        """`GET /token`: a pull token for the requested repositories."""
+        header = request.headers.get("Authorization", "")
+        basic = parse_basic(header) if header else None
+        if basic is not None and await self.htpasswd.verify(*basic):
+            subject = basic[0]
+        elif self.anonymous_pull:
+            # Docker sends the user's Docker Hub login to a mirror's realm (moby#42022):
+            # where anonymous pulls are allowed, unknown credentials pull anonymously.
+            subject = ""
+        elif basic is not None:
+            raise Unauthorized("invalid username or password", challenge='Basic realm="mirror"')
+        else:
+            raise Unauthorized("credentials required", challenge='Basic realm="mirror"')
+        repositories = requested_repositories(request.query.getall("scope", []))
+        # A narrower grant than asked (as Docker's token spec allows): a repository the
+        # policy refuses is listed with no actions, so that clients learn early.
+        refused = [name for name in repositories if not may_pull_name(request.app, subject, name)]
+        allowed = [name for name in repositories if name not in refused]
+        token, expires_in = self.signer.issue(subject, allowed, self.token_ttl, refused)
+        return web.json_response({"token": token, "access_token": token, "expires_in": expires_in})
+
+
+def repository_of(request: web.Request) -> str | None:
+    """The repository an API request is about (None for `/v2/` and `_catalog`)."""
+    return request.match_info.get("name")
+
+
+client_auth_key = web.AppKey("client_auth", ClientAuth)
+
+
+async def token_handler(request: web.Request) -> web.Response:
+    return await request.app[client_auth_key].token(request)
+
+
+@web.middleware
+async def client_auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse API requests without a grant for their repository (when auth is on)."""
+    auth = request.app.get(client_auth_key)
+    if auth is None or not request.path.startswith("/v2"):
+        return await handler(request)
+    repository = repository_of(request)
+    grant = await auth.check(request)
+    if grant is None and auth.anonymous_pull:
+        return await handler(request)
+    if grant is None:
+        raise auth.challenge(request, repository)
+    request[subject_key] = grant.subject
+    # A token without the repository because the policy refuses it: a new token would not
+    # help, so the pull policy middleware answers 403 instead of a challenge.
+    if not grant.allows(repository) and may_pull_name(request.app, grant.subject, repository or ""):
+        raise auth.challenge(request, repository)
+    return await handler(request)
+
+
+async def client_auth_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Load the htpasswd file and the signing key (shared by replicas, or generated)."""
+    config = app[config_key]
+    htpasswd = config.auth.htpasswd
+    if htpasswd is not None:
+        key_file = config.auth.signing_key_file or config.storage.path / "auth" / "signing.key"
+        if config.cluster is not None and config.auth.signing_key_file is None:
+            # Replicas share no disk: each derives the same key from the cluster secret.
+            key = token_signing_key(config.cluster.secret)
+        else:
+            key = await asyncio.to_thread(load_signing_key, key_file)
+        app[client_auth_key] = ClientAuth(
+            Htpasswd(htpasswd),
+            TokenSigner(key),
+            # A rule naming anonymous clients lets them pull (what it grants).
+            config.auth.anonymous_pull or bool(config.policy and config.policy.names_anonymous),
+            config.auth.token_ttl,
+            config.public_url,
+        )
+    yield

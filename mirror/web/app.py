@@ -1,0 +1,267 @@
+"""The application factory: one resource per cleanup context, errors and metrics middleware."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from mirror.cache.downloads import Downloads
+from mirror.cache.eviction import Evictor
+from mirror.cache.manifests import ManifestService
+from mirror.cache.referrers import ReferrersService
+from mirror.cache.taglists import TagListService
+from mirror.cluster.blobflight import BlobFlight
+from mirror.cluster.bucketshare import share_bucket
+from mirror.cluster.peers import PEER_PATH, peer_blob, peers_ctx
+from mirror.config import Config, UpstreamConfig
+from mirror.metadata.store import MemoryMetadata, open_metadata
+from mirror.net.tls import client_contexts
+from mirror.observe.logs import REQUEST_ID_HEADER, new_request_id, outcome_key, request_id_var
+from mirror.observe.metrics import Metrics
+from mirror.oci.errors import EndpointUnknown, RegistryError, Unsupported
+from mirror.storage import CacheStore, new_store
+from mirror.upstream.client import Upstream, new_session
+from mirror.upstream.credentials import Credentials
+from mirror.upstream.routing import Upstreams
+from mirror.upstream.tokens import TokenCache
+from mirror.web.access import client_auth_ctx, client_auth_middleware, token_handler
+from mirror.web.blobs import BlobService
+from mirror.web.gate import pull_policy_middleware
+from mirror.web.handlers import API_VERSION_HEADER
+from mirror.web.keys import (
+    blobs_key,
+    config_key,
+    downloads_key,
+    evictor_key,
+    leases_key,
+    manifests_key,
+    metadata_key,
+    metrics_key,
+    peers_key,
+    pulls_key,
+    referrers_key,
+    storage_key,
+    taglists_key,
+    upstreams_key,
+)
+from mirror.web.leases import leases_ctx
+from mirror.web.routes import setup_routes
+from mirror.web.status import PullCounter
+
+log = logging.getLogger(__name__)
+
+DISK_WATCH_INTERVAL = 30.0
+# In-process metadata is written here (under storage.path) so that it survives restarts.
+METADATA_SNAPSHOT = "metadata.json"
+SNAPSHOT_INTERVAL = 30.0
+request_id_key = web.RequestKey("request_id", str)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def create_app(config: Config) -> web.Application:
+    """A mirror application for `config`; resources open when it starts."""
+    app = web.Application(
+        middlewares=[registry_middleware, client_auth_middleware, pull_policy_middleware]
+    )
+    app[config_key] = config
+    app[metrics_key] = Metrics()
+    app[storage_key] = new_store(config.storage, app[metrics_key])
+    share_bucket(app)  # replicas: the bucket's eviction and clean-up ask the leases
+    app[pulls_key] = PullCounter()
+    app.cleanup_ctx.extend([storage_ctx, metadata_ctx, upstream_ctx, services_ctx, client_auth_ctx])
+    app.cleanup_ctx.insert(0, leases_ctx)  # first: every service may take leases
+    app.cleanup_ctx.insert(1, peers_ctx)  # downloads stream from other replicas with it
+    app.on_response_prepare.append(on_response_prepare)
+    setup_routes(app)
+    if config.auth.htpasswd is not None:
+        app.router.add_get("/token", token_handler, name="token")
+    if config.cluster is not None:  # blobs for other replicas, signed requests only
+        app.router.add_get(PEER_PATH, peer_blob, name="peer_blob")
+    return app
+
+
+async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
+    storage = app[storage_key]
+    gauge = app[metrics_key].storage_writable
+    storage.on_writable_change = lambda writable: gauge.set(int(writable))
+    gauge.set(1)
+    await storage.open()
+    size, count = await storage.usage()
+    app[metrics_key].cache_size.set(size)
+    app[metrics_key].cache_objects.set(count)
+    log.info("cache at %s holds %d objects, %d bytes", storage.root, count, size)
+    watcher = asyncio.create_task(watch_disk(storage, app[metrics_key]))
+    yield
+    watcher.cancel()
+    await asyncio.gather(watcher, return_exceptions=True)
+    await storage.close()
+
+
+async def watch_disk(storage: CacheStore, metrics: Metrics) -> None:
+    """Keep the disk-space gauges current (for the nearly-full alert)."""
+    while True:
+        try:
+            free, total = await storage.disk_space()
+            metrics.storage_free.set(free)
+            metrics.storage_capacity.set(total)
+        except OSError:
+            pass  # the directory may be gone or unmounted; /readyz says so
+        await asyncio.sleep(DISK_WATCH_INTERVAL)
+
+
+async def metadata_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[config_key]
+    gauge = app[metrics_key].metadata_up
+    gauge.set(1)
+    metadata = open_metadata(
+        config.redis.url,
+        config.cache.tag_ttl,
+        config.cache.stale_if_error,
+        on_change=lambda up: gauge.set(int(up)),
+        snapshot=config.storage.path / METADATA_SNAPSHOT,
+    )
+    app[metadata_key] = metadata
+    saver = None
+    if isinstance(metadata, MemoryMetadata):
+        await metadata.load()
+        saver = asyncio.create_task(save_periodically(metadata))
+    try:
+        await metadata.ping()
+    except Exception as exc:  # start anyway: /readyz reports it, requests retry
+        log.warning("metadata store not reachable at start: %s", type(exc).__name__)
+    yield
+    if saver is not None:
+        saver.cancel()
+        await asyncio.gather(saver, return_exceptions=True)
+    await metadata.close()
+
+
+async def save_periodically(metadata: MemoryMetadata) -> None:
+    while True:
+        await asyncio.sleep(SNAPSHOT_INTERVAL)
+        await metadata.save()
+
+
+async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[config_key]
+    # One session for every upstream: connection pools are per host anyway.
+    session = new_session(config.upstream.connect_timeout, config.upstream.read_timeout)
+    try:
+        tokens = TokenCache(session, app[metrics_key])
+        every = (config.upstream, *config.upstreams)
+        contexts = await asyncio.to_thread(client_contexts, every)  # reads CA and key files
+        built = [
+            build_upstream(cfg, session, tokens, app[metrics_key], config.cache.negative_ttl, ctx)
+            for cfg, ctx in zip(every, contexts, strict=True)
+        ]
+        app[upstreams_key] = Upstreams(built[0], built[1:])
+        yield
+        await tokens.close()
+    finally:
+        await session.close()
+
+
+def build_upstream(
+    cfg: UpstreamConfig,
+    session: aiohttp.ClientSession,
+    tokens: TokenCache,
+    metrics: Metrics,
+    negative_ttl: float,
+    ssl_context: ssl.SSLContext | None = None,
+) -> Upstream:
+    credentials = None
+    if cfg.username:
+        credentials = Credentials(
+            cfg.username, cfg.password, cfg.password_command, cfg.password_refresh, cfg.registry
+        )
+    return Upstream(
+        cfg.url,
+        session,
+        tokens,
+        metrics,
+        cfg.registry,
+        credentials,
+        negative_ttl=negative_ttl,
+        tag_ttl=cfg.tag_ttl,
+        timeouts=(cfg.connect_timeout, cfg.read_timeout),
+        ssl_context=ssl_context,
+    )
+
+
+async def services_ctx(app: web.Application) -> AsyncIterator[None]:
+    metrics, storage, config = app[metrics_key], app[storage_key], app[config_key]
+    leases, peers = app[leases_key], app[peers_key]
+    flight = None if leases is None or peers is None else BlobFlight(leases, peers, metrics.cluster)
+    downloads = Downloads(storage, metrics, flight)
+    blobs = BlobService(storage, downloads, metrics)
+    app[downloads_key] = downloads
+    app[blobs_key] = blobs
+    manifests = ManifestService(storage, app[metadata_key], metrics, config.cache, app[leases_key])
+    app[manifests_key] = manifests
+    app[referrers_key] = ReferrersService(manifests, metrics)
+    app[taglists_key] = TagListService(manifests, metrics)
+    evictor = Evictor(
+        storage, metrics, config.storage.max_size, config.storage.max_idle, lambda: blobs.reading
+    )
+    app[evictor_key] = evictor
+    downloads.on_commit = evictor.added
+    await storage.attach(app[metadata_key], lambda: blobs.reading)
+    task = asyncio.create_task(evictor.run()) if evictor.enabled else None
+    yield
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    await manifests.close()
+    await downloads.close()
+
+
+@web.middleware
+async def registry_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """OCI error bodies for every failure, and one request metric per answer."""
+    started = time.monotonic()
+    route = _route_name(request)
+    status = "aborted"
+    try:
+        resp = await _answer(request, handler)
+        status = request.get(outcome_key) or str(resp.status)
+        return resp
+    finally:
+        metrics = request.app[metrics_key]
+        metrics.http_requests.labels(route, request.method, status).inc()
+        metrics.http_duration.labels(route).observe(time.monotonic() - started)
+
+
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
+    head = request.method == "HEAD"
+    request_id = new_request_id(request.headers.get(REQUEST_ID_HEADER))
+    request_id_var.set(request_id)  # each request runs in its own task: no reset needed
+    request[request_id_key] = request_id
+    try:
+        return await handler(request)
+    except RegistryError as exc:
+        return exc.response(head=head)
+    except web.HTTPMethodNotAllowed:
+        return Unsupported(f"{request.method} is not supported by a pull-through mirror").response(
+            head=head
+        )
+    except web.HTTPNotFound:
+        return EndpointUnknown(f"no such endpoint: {request.path[:200]}").response(head=head)
+
+
+def _route_name(request: web.Request) -> str:
+    route = request.match_info.route
+    return route.name or "unmatched"
+
+
+async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    if request_id_key in request:
+        response.headers[REQUEST_ID_HEADER] = request[request_id_key]
+    if request.path.startswith("/v2"):
+        response.headers.update(API_VERSION_HEADER)

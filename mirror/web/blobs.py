@@ -1,0 +1,441 @@
+"""Serving blobs: sendfile from the cache, or streamed from the download under way.
+
+Docker resumes a broken layer with `Range`, and containerd may fetch one blob with several
+open-ended ranges at once, so both paths honour a single range.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import Counter
+from collections.abc import Awaitable
+from typing import BinaryIO
+
+import aiohttp
+from aiohttp import web
+
+from mirror.cache.downloads import (
+    READ_CHUNK,
+    CacheWriteFailed,
+    Download,
+    Downloads,
+    StoredElsewhere,
+    Uncacheable,
+    close_file,
+)
+from mirror.net.tls import is_tls
+from mirror.observe.logs import outcome_key, sent_key
+from mirror.observe.metrics import Metrics
+from mirror.oci.errors import RangeNotSatisfiable, RegistryError
+from mirror.oci.reference import Digest
+from mirror.storage import CacheStore
+from mirror.storage.base import BlobSize, BlobStream, Found, Redirect, StoreReadError
+from mirror.upstream.client import Upstream
+from mirror.web.conditional import (
+    IMMUTABLE,
+    digest_headers,
+    none_match,
+    not_modified,
+    range_allowed,
+)
+
+log = logging.getLogger(__name__)
+
+OCTET_STREAM = "application/octet-stream"
+# A cached blob goes out by sendfile in slices this big, each counted when sent.
+CACHED_SLICE = 64 * 1024 * 1024
+
+
+def parse_range(request: web.Request, size: int) -> tuple[int, int] | None:
+    """Inclusive (start, end) of a single `Range`, None for the whole blob.
+
+    A malformed or multi-range header is ignored (the whole blob is sent), as RFC 9110
+    allows; a range that lies past the end raises RangeNotSatisfiable.
+    """
+    if "Range" not in request.headers:
+        return None
+    try:
+        rng = request.http_range
+    except ValueError:
+        return None
+    start, stop = rng.start, rng.stop
+    if start is not None and start < 0:  # suffix range: the last -start bytes
+        start = max(0, size + start)
+    start = start or 0
+    end = size - 1 if stop is None else min(stop, size) - 1
+    if start >= size or end < start:
+        raise RangeNotSatisfiable(size)
+    return start, end
+
+
+def _single_range(request: web.Request) -> str | None:
+    """The client's Range as one well-formed `bytes=` range to pass on, or None (the whole
+    blob: a malformed or multi-range header is ignored, as for blobs on disk)."""
+    if "Range" not in request.headers:
+        return None
+    try:
+        rng = request.http_range
+    except ValueError:
+        return None
+    if rng.start is not None and rng.start < 0:
+        return f"bytes={rng.start}"  # the last -start bytes
+    if rng.start is None and rng.stop is None:
+        return None
+    first = rng.start or 0
+    return f"bytes={first}-" if rng.stop is None else f"bytes={first}-{rng.stop - 1}"
+
+
+class BlobService:
+    """Answers blob GETs and HEADs for one upstream and the shared store."""
+
+    def __init__(self, storage: CacheStore, downloads: Downloads, metrics: Metrics) -> None:
+        self._storage = storage
+        self._downloads = downloads
+        self._metrics = metrics
+        # Digests being sent from the cache right now: eviction leaves them alone.
+        self.reading: Counter[Digest] = Counter()
+
+    async def serve(
+        self, request: web.Request, upstream: Upstream, repo: str, digest: Digest
+    ) -> web.StreamResponse:
+        size = await self._storage.blob_size(digest)
+        if size is not None:
+            cached = await self._serve_cached(request, digest, size)
+            if cached is not None:
+                return cached
+        # A download whose bytes are all here and verified, waiting only for its fsync and
+        # rename, serves this request from disk: a hit, its bytes counted as from the cache.
+        download = self._downloads.get(digest)
+        if download is None:  # not being fetched: the store may hold it elsewhere
+            found = await self._find_elsewhere(request, digest)
+            if found is not None:
+                return await self._from_store(request, digest, found)
+        local = download is not None and download.verified
+        self._metrics.cache_requests.labels("blob", "hit" if local else "miss").inc()
+        if none_match(request, str(digest)):
+            await self._size_uncached(upstream, repo, digest)  # BlobUnknown when it is not
+            return not_modified(_blob_headers(digest))
+        if request.method == "HEAD":
+            return await self._head_uncached(request, upstream, repo, digest)
+        if not local and not await self._storage.writable_now():
+            return await self._passthrough(request, upstream, repo, digest)
+        download = self._downloads.start_or_join(upstream, repo, digest)
+        try:
+            await download.started()
+        except StoredElsewhere:
+            return await self._stored_meanwhile(request, upstream, repo, digest)
+        except Uncacheable:
+            return await self._passthrough(request, upstream, repo, digest)
+        origin = "cache" if local else "upstream"
+        return await self._stream(request, download, upstream, repo, origin)
+
+    async def _stored_meanwhile(
+        self, request: web.Request, upstream: Upstream, repo: str, digest: Digest
+    ) -> web.StreamResponse:
+        """Another replica stored the blob as this one was about to fetch it (replicas)."""
+        size = await self._storage.blob_size(digest)
+        cached = None if size is None else await self._serve_cached(request, digest, size)
+        if cached is not None:
+            return cached
+        found = await self._find_elsewhere(request, digest)
+        if found is not None:
+            return await self._from_store(request, digest, found)
+        return await self._passthrough(request, upstream, repo, digest)
+
+    async def _serve_cached(
+        self, request: web.Request, digest: Digest, size: int
+    ) -> web.StreamResponse | None:
+        """The blob from the cache by sendfile, with the headers of the cold path (the
+        digest as ETag, no mtime validators); None if the file went since it was found."""
+        headers = _blob_headers(digest)
+        if none_match(request, str(digest)):
+            self._metrics.cache_requests.labels("blob", "hit").inc()
+            return not_modified(headers)
+        span = parse_range(request, size) if range_allowed(request, str(digest)) else None
+        try:
+            file = await asyncio.to_thread(open, self._storage.blob_path(digest), "rb")
+        except FileNotFoundError:  # evicted meanwhile: served as a miss
+            return None
+        self._metrics.cache_requests.labels("blob", "hit").inc()
+        self._metrics.tier_hits.labels("local").inc()
+        self.reading[digest] += 1  # eviction leaves it alone while it is sent
+        try:
+            resp = _sized_response(digest, size, span)
+            await resp.prepare(request)
+            if request.method == "HEAD":
+                await resp.write_eof()
+                return resp
+            start, end = span if span is not None else (0, size - 1)
+            return await _deliver(
+                request, resp, self._send_cached(request, resp, file, start, end + 1 - start)
+            )
+        finally:
+            self.reading[digest] -= 1
+            if self.reading[digest] <= 0:
+                del self.reading[digest]
+            await close_file(file)
+
+    async def _send_cached(
+        self,
+        request: web.Request,
+        resp: web.StreamResponse,
+        file: BinaryIO,
+        start: int,
+        length: int,
+    ) -> None:
+        """Send a span of a cached file in slices, counting each as it goes (a client that
+        leaves mid-blob is logged with the bytes it got)."""
+        for offset in range(start, start + length, CACHED_SLICE):
+            count = min(CACHED_SLICE, start + length - offset)
+            await self._send_file(request, resp, file, offset, count)
+            self._sent(request, "cache", count)
+
+    async def _find_elsewhere(self, request: web.Request, digest: Digest) -> Found | None:
+        """Ask the store where else the blob is (a HEAD, or a 304 to be, moves no body)."""
+        head = request.method == "HEAD" or none_match(request, str(digest))
+        byte_range = _single_range(request) if range_allowed(request, str(digest)) else None
+        return await self._storage.find_blob(digest, byte_range, head=head)
+
+    async def _from_store(
+        self, request: web.Request, digest: Digest, found: Found
+    ) -> web.StreamResponse:
+        """Answer from where the store says the blob is: a redirect, a size, or a body."""
+        self._metrics.cache_requests.labels("blob", "hit").inc()
+        if none_match(request, str(digest)):
+            return not_modified(_blob_headers(digest))
+        if isinstance(found, Redirect):
+            headers = {"Docker-Content-Digest": str(digest), "Location": found.url}
+            return web.Response(status=307, headers=headers)
+        resp = web.StreamResponse(headers=_blob_headers(digest))
+        if isinstance(found, BlobSize):
+            resp.content_length = found.size
+            await resp.prepare(request)
+            await resp.write_eof()
+            return resp
+        resp.set_status(found.status)
+        resp.content_length = found.length
+        if found.content_range is not None:
+            resp.headers["Content-Range"] = found.content_range
+        try:
+            await resp.prepare(request)
+        except BaseException:
+            await found.close()
+            raise
+        return await _deliver(request, resp, self._pipe(request, resp, found))
+
+    async def _pipe(
+        self, request: web.Request, resp: web.StreamResponse, found: BlobStream
+    ) -> None:
+        try:
+            async for chunk in found.chunks():
+                await resp.write(chunk)
+                self._sent(request, "cache", len(chunk))
+        except StoreReadError as exc:
+            raise TransferAborted(str(exc)) from None
+        finally:
+            await found.close()
+
+    async def _passthrough(
+        self, request: web.Request, upstream: Upstream, repo: str, digest: Digest
+    ) -> web.StreamResponse:
+        """Relay the blob uncached (whole: a range cannot be verified), checked against
+        its digest before the last chunk goes out."""
+        source = await upstream.open_blob(repo, str(digest))
+        resp = web.StreamResponse(headers=_blob_headers(digest))
+        if source.content_length is not None:
+            resp.content_length = source.content_length
+        try:
+            await resp.prepare(request)
+        except BaseException:
+            source.release()
+            raise
+        return await _deliver(
+            request, resp, self._relay(request, resp, source, digest, 0, None, True)
+        )
+
+    async def _relay(
+        self,
+        request: web.Request,
+        resp: web.StreamResponse,
+        source: aiohttp.ClientResponse,
+        digest: Digest,
+        start: int,
+        end: int | None,
+        verify: bool,
+    ) -> None:
+        """Send bytes `start`..`end` of the blob from an upstream response (which may start
+        mid-blob, per its Content-Range); with `verify`, hash the whole blob and hold the
+        last chunk back until the hash matches."""
+        offset = _offset_of(source)
+        hasher = digest.hasher()
+        held, pos = b"", offset
+        async with source:
+            try:
+                async for chunk in source.content.iter_chunked(READ_CHUNK):
+                    if verify:
+                        hasher.update(chunk)
+                    low = max(start - pos, 0)
+                    high = len(chunk) if end is None else min(len(chunk), end + 1 - pos)
+                    pos += len(chunk)
+                    if low < high:
+                        await self._send(request, resp, held)
+                        held = chunk[low:high]
+                    if not verify and end is not None and pos > end:
+                        break
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise TransferAborted(f"upstream broke: {type(exc).__name__}") from None
+        if verify and (offset != 0 or hasher.hexdigest() != digest.hex):
+            self._metrics.digest_mismatches.labels("blob").inc()
+            raise TransferAborted("upstream bytes do not match the digest")
+        await self._send(request, resp, held)
+
+    async def _send(self, request: web.Request, resp: web.StreamResponse, chunk: bytes) -> None:
+        if chunk:
+            await resp.write(chunk)
+            self._sent(request, "upstream", len(chunk))
+
+    def _sent(self, request: web.Request, origin: str, length: int) -> None:
+        """Count body bytes that went out: in the metric, and for the access line."""
+        self._metrics.served_bytes.labels(origin).inc(length)
+        request[sent_key] = request.get(sent_key, 0) + length
+
+    async def _size_uncached(self, upstream: Upstream, repo: str, digest: Digest) -> int | None:
+        """The size of a blob not in the cache: from its download, or an upstream HEAD."""
+        download = self._downloads.get(digest)
+        size = download.size if download is not None else None
+        if size is None:
+            size = await upstream.blob_size(repo, str(digest))
+        return size
+
+    async def _head_uncached(
+        self, request: web.Request, upstream: Upstream, repo: str, digest: Digest
+    ) -> web.StreamResponse:
+        size = await self._size_uncached(upstream, repo, digest)
+        resp = web.StreamResponse(headers=_blob_headers(digest))
+        if size is not None:
+            resp.content_length = size
+        await resp.prepare(request)
+        await resp.write_eof()
+        return resp
+
+    async def _stream(
+        self,
+        request: web.Request,
+        download: Download,
+        upstream: Upstream,
+        repo: str,
+        origin: str,
+    ) -> web.StreamResponse:
+        """Send the blob from a download's file as its bytes arrive; `origin` (cache or
+        upstream) labels them in the served-bytes metric."""
+        size = download.size
+        # Without a known size a range cannot be checked: send the whole blob (allowed).
+        ranged = size is not None and range_allowed(request, str(download.digest))
+        span = parse_range(request, size) if ranged and size is not None else None
+        resp = _sized_response(download.digest, size, span)
+        start, end = span if span is not None else (0, None)
+        await resp.prepare(request)
+
+        async def body() -> None:
+            pos = start
+            file = await download.open_file()
+            try:
+                async for offset, length in download.spans(start, end):
+                    await self._send_file(request, resp, file, offset, length)
+                    self._sent(request, origin, length)
+                    pos = offset + length
+            except CacheWriteFailed:
+                # The disk filled up under the download: finish this client from upstream.
+                offset = 0 if span is None else pos
+                source = await upstream.open_blob(repo, str(download.digest), offset)
+                await self._relay(request, resp, source, download.digest, pos, end, span is None)
+            except RegistryError as exc:
+                raise TransferAborted(exc.message) from None
+            finally:
+                await close_file(file)
+
+        return await _deliver(request, resp, body())
+
+    async def _send_file(
+        self,
+        request: web.Request,
+        resp: web.StreamResponse,
+        file: BinaryIO,
+        offset: int,
+        length: int,
+    ) -> None:
+        """Bytes of the file straight to the socket (sendfile: no copy through Python)."""
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("client went away")
+        if not is_tls(transport):  # over TLS, large chunks through the writer: see is_tls
+            try:
+                # The headers went out at prepare(): the body may bypass aiohttp's writer,
+                # as FileResponse does.
+                await asyncio.get_running_loop().sendfile(transport, file, offset, length)
+                return
+            except NotImplementedError:  # an event loop without sendfile
+                pass
+        for pos in range(offset, offset + length, READ_CHUNK):
+            size = min(READ_CHUNK, offset + length - pos)
+            await resp.write(await asyncio.to_thread(os.pread, file.fileno(), size, pos))
+
+
+class TransferAborted(Exception):
+    """The body cannot be completed truthfully: the client's connection must be cut."""
+
+
+async def _deliver(
+    request: web.Request, resp: web.StreamResponse, body: Awaitable[None]
+) -> web.StreamResponse:
+    """Send a prepared response's body; on failure cut the connection, quietly.
+
+    With the headers gone, a cut connection is the only honest signal left: the client
+    sees a short body, never a complete-looking one with wrong bytes.
+    """
+    try:
+        await body
+    except (TransferAborted, RegistryError) as exc:
+        log.warning("aborting blob to client: %s", exc)
+        request[outcome_key] = "aborted"
+        if request.transport is not None:
+            request.transport.abort()
+        return resp
+    except ConnectionError:  # the client went away; nothing to tell anyone
+        request[outcome_key] = "client_closed"
+        return resp
+    await resp.write_eof()
+    return resp
+
+
+def _offset_of(source: aiohttp.ClientResponse) -> int:
+    """Where an upstream response's body starts in the blob (206 Content-Range)."""
+    if source.status != 206:
+        return 0
+    first = source.headers.get("Content-Range", "").removeprefix("bytes ").partition("-")[0]
+    return int(first) if first.isdigit() else 0
+
+
+def _blob_headers(digest: Digest) -> dict[str, str]:
+    return {
+        **digest_headers(str(digest)),
+        "Content-Type": OCTET_STREAM,
+        "Accept-Ranges": "bytes",
+        "Cache-Control": IMMUTABLE,
+    }
+
+
+def _sized_response(
+    digest: Digest, size: int | None, span: tuple[int, int] | None
+) -> web.StreamResponse:
+    """A blob response's status and length: 206 with Content-Range for a span."""
+    resp = web.StreamResponse(headers=_blob_headers(digest))
+    if span is not None and size is not None:
+        resp.set_status(206)
+        resp.headers["Content-Range"] = f"bytes {span[0]}-{span[1]}/{size}"
+        resp.content_length = span[1] - span[0] + 1
+    elif size is not None:
+        resp.content_length = size
+    return resp

@@ -1,0 +1,196 @@
+"""Request handlers: parse and validate the path, call a service, shape the answer."""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import urlencode, urlsplit
+
+from aiohttp import web
+
+from mirror.observe.logs import upstream_name_key
+from mirror.oci.errors import EndpointUnknown, NameInvalid, Unsupported
+from mirror.oci.negotiation import OCI_INDEX, parse_accept
+from mirror.oci.reference import parse_digest, validate_name
+from mirror.upstream.client import Passthrough, Upstream
+from mirror.web.conditional import cache_control, digest_headers, none_match, not_modified
+from mirror.web.keys import (
+    blobs_key,
+    config_key,
+    manifests_key,
+    metadata_key,
+    metrics_key,
+    pulls_key,
+    referrers_key,
+    storage_key,
+    taglists_key,
+    upstreams_key,
+)
+from mirror.web.status import render
+
+API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
+MAX_CATALOG_PAGE = 10000
+STALE_WARNING = '110 - "Response is Stale"'
+
+
+async def base(request: web.Request) -> web.Response:
+    """`/v2/`: the API is here, and needs no auth from clients of the mirror."""
+    return web.json_response({}, headers=API_VERSION_HEADER)
+
+
+def route(request: web.Request) -> tuple[Upstream, str]:
+    """The upstream this request is for, and the repository's name there."""
+    name = validate_name(request.match_info["name"])
+    upstream, repo = request.app[upstreams_key].route(name, request.query.get("ns"))
+    request[upstream_name_key] = upstream.name  # for the access line
+    return upstream, validate_name(repo)
+
+
+async def manifest(request: web.Request) -> web.StreamResponse:
+    upstream, repo = route(request)
+    head = request.method == "HEAD"
+    accept = parse_accept(request.headers.getall("Accept", []))
+    found = await request.app[manifests_key].get(
+        upstream, repo, request.match_info["reference"], accept, head=head
+    )
+    headers = {
+        "Content-Type": found.media_type,
+        **digest_headers(found.digest),
+        "Cache-Control": cache_control(found.fresh_for),
+        "Vary": "Accept",  # the answer depends on it (negotiation.py)
+    }
+    if found.stale:
+        headers["Warning"] = STALE_WARNING
+    if none_match(request, found.digest):
+        return not_modified(headers)
+    if found.body is not None:
+        request.app[pulls_key].add(upstream.catalog_prefix + repo)
+        return web.Response(body=found.body, headers=headers)
+    # A HEAD: aiohttp keeps an explicit Content-Length on a Response without a body.
+    headers["Content-Length"] = str(found.size)
+    return web.Response(headers=headers)
+
+
+async def blob(request: web.Request) -> web.StreamResponse:
+    upstream, repo = route(request)
+    digest = parse_digest(request.match_info["digest"])
+    return await request.app[blobs_key].serve(request, upstream, repo, digest)
+
+
+async def tags_list(request: web.Request) -> web.Response:
+    """Relayed from upstream (kept for an outage, taglists.py); the next-page Link is
+    made relative, so it points at us."""
+    upstream, repo = route(request)
+    n = request.query.get("n")
+    if n is not None and not n.isdigit():
+        raise NameInvalid("n must be a number")
+    kept = await request.app[taglists_key].get(
+        upstream, repo, None if n is None else int(n), request.query.get("last")
+    )
+    answer = kept.answer
+    headers = {"Content-Type": answer.content_type}
+    if kept.stale:
+        headers["Warning"] = STALE_WARNING
+    if answer.link:
+        headers["Link"] = _mirror_link(answer.link, repo, request)
+    return web.Response(
+        status=answer.status, body=_named_as_asked(answer, request), headers=headers
+    )
+
+
+def _named_as_asked(answer: Passthrough, request: web.Request) -> bytes:
+    """The tag list under the name the client used (`ghcr.io/o/i`, not the upstream's)."""
+    if answer.status != 200:
+        return answer.body
+    try:
+        listing = json.loads(answer.body)
+    except ValueError:
+        return answer.body
+    if not isinstance(listing, dict) or "name" not in listing:
+        return answer.body
+    listing["name"] = request.match_info["name"]
+    return json.dumps(listing).encode()
+
+
+async def referrers(request: web.Request) -> web.Response:
+    """An OCI index of what refers to the digest, for every upstream (referrers.py)."""
+    upstream, repo = route(request)
+    digest = parse_digest(request.match_info["digest"])
+    artifact_type = request.query.get("artifactType") or None
+    found = await request.app[referrers_key].get(upstream, repo, digest, artifact_type)
+    headers = {"Content-Type": OCI_INDEX, "Cache-Control": cache_control(found.fresh_for)}
+    if found.filtered:
+        headers["OCI-Filters-Applied"] = "artifactType"
+    if found.stale:
+        headers["Warning"] = STALE_WARNING
+    return web.Response(body=found.body, headers=headers)
+
+
+async def catalog(request: web.Request) -> web.Response:
+    """The repositories this mirror holds content for, in lexical pages."""
+    try:
+        n = min(int(request.query.get("n", "1000")), MAX_CATALOG_PAGE)
+    except ValueError:
+        raise NameInvalid("n must be a number") from None
+    last = request.query.get("last") or None
+    names = await request.app[metadata_key].repositories(max(n, 0), last)
+    headers = {}
+    if names and len(names) == n:
+        headers["Link"] = f'</v2/_catalog?{urlencode({"last": names[-1], "n": n})}>; rel="next"'
+    return web.json_response({"repositories": names}, headers=headers)
+
+
+async def unsupported(request: web.Request) -> web.Response:
+    """Push, delete and anything else that writes: a mirror only serves pulls."""
+    if request.method in ("GET", "HEAD"):
+        raise EndpointUnknown(f"no such endpoint: {request.path[:200]}")
+    raise Unsupported(f"{request.method} is not supported by a pull-through mirror")
+
+
+async def status_page(request: web.Request) -> web.Response:
+    """`/`: what a person checking on the mirror wants to see first."""
+    app = request.app
+    body = render(app[config_key], app[upstreams_key], app[metrics_key], app[pulls_key])
+    return web.Response(text=body, content_type="text/html")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready when the storage takes writes and the metadata store answers."""
+    checks = {
+        "storage": "ok" if await request.app[storage_key].is_writable() else "not writable",
+        "metadata": "ok",
+        **await request.app[storage_key].health(),
+    }
+    try:
+        await request.app[metadata_key].ping()
+    except Exception as exc:  # any failure to answer means not ready; say which kind
+        checks["metadata"] = f"unreachable: {type(exc).__name__}"
+    ready = all(value == "ok" for value in checks.values())
+    cluster = request.app[config_key].cluster
+    if cluster is not None:  # which replica answered, behind a load balancer
+        checks["replica"] = cluster.replica_id
+    return web.Response(
+        status=200 if ready else 503,
+        text=json.dumps(checks) + "\n",
+        content_type="application/json",
+    )
+
+
+def _mirror_link(link: str, repo: str, request: web.Request) -> str:
+    """The upstream's next-page Link, pointing back at this mirror under the name and
+    `ns` the client used: `</v2/ghcr.io/o/i/tags/list?last=x&n=2>; rel="next"`."""
+    target, sep, rest = link.partition(">")
+    if not sep:
+        return link
+    parts = urlsplit(target.lstrip(" <"))
+    path = parts.path
+    upstream_prefix = f"/v2/{repo}/"
+    if path.startswith(upstream_prefix):
+        path = f"/v2/{request.match_info['name']}/" + path[len(upstream_prefix) :]
+    query = [parts.query] if parts.query else []
+    if "ns" in request.query:
+        query.append(urlencode({"ns": request.query["ns"]}))
+    return f"<{path}{'?' if query else ''}{'&'.join(query)}{sep}{rest}"

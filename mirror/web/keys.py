@@ -1,0 +1,41 @@
+"""Typed keys for what `create_app` puts on the application, in one place."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from mirror.cache.downloads import Downloads
+from mirror.cache.eviction import Evictor
+from mirror.cache.manifests import ManifestService
+from mirror.cache.referrers import ReferrersService
+from mirror.cache.taglists import TagListService
+from mirror.cluster.lease import Leases
+from mirror.config import Config
+from mirror.metadata.store import MetadataStore
+from mirror.observe.metrics import Metrics
+from mirror.storage import CacheStore
+from mirror.upstream.routing import Upstreams
+from mirror.web.blobs import BlobService
+from mirror.web.status import PullCounter
+
+if TYPE_CHECKING:  # peers.py reads its services from these keys
+    from mirror.cluster.peers import PeerClient
+
+config_key = web.AppKey("config", Config)
+metrics_key = web.AppKey("metrics", Metrics)
+storage_key: web.AppKey[CacheStore] = web.AppKey("storage")
+metadata_key: web.AppKey[MetadataStore] = web.AppKey("metadata")
+upstreams_key = web.AppKey("upstreams", Upstreams)
+downloads_key = web.AppKey("downloads", Downloads)
+blobs_key = web.AppKey("blobs", BlobService)
+evictor_key = web.AppKey("evictor", Evictor)
+pulls_key = web.AppKey("pulls", PullCounter)
+manifests_key = web.AppKey("manifests", ManifestService)
+referrers_key = web.AppKey("referrers", ReferrersService)
+taglists_key = web.AppKey("taglists", TagListService)
+# The replica's leases in Redis (mirror/cluster/); None when `cluster:` is not set.
+leases_key: web.AppKey[Leases | None] = web.AppKey("leases")
+# The client replicas stream blobs from each other with; None without `cluster:`.
+peers_key: web.AppKey[PeerClient | None] = web.AppKey("peers")

@@ -1,0 +1,43 @@
+"""The replica's lease client, opened and closed with the application."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from mirror.cluster.lease import Leases
+from mirror.metadata.topology import open_redis
+from mirror.web.keys import config_key, leases_key, metrics_key
+
+log = logging.getLogger(__name__)
+
+# Leases are one short command each; a handful of connections is plenty.
+LEASE_CONNECTIONS = 16
+# A Redis that does not answer must cost a request little: it then works alone.
+LEASE_SOCKET_TIMEOUT = 1.0
+
+
+async def leases_ctx(app: web.Application) -> AsyncIterator[None]:
+    """`app[leases_key]`: a `Leases` on its own Redis connection, or None without a cluster."""
+    config = app[config_key]
+    cluster = config.cluster
+    if cluster is None or config.redis.url is None:
+        app[leases_key] = None
+        yield
+        return
+    conn = open_redis(
+        config.redis.url,
+        LEASE_CONNECTIONS,
+        decode_responses=True,
+        socket_connect_timeout=LEASE_SOCKET_TIMEOUT,
+        socket_timeout=LEASE_SOCKET_TIMEOUT,
+    )
+    app[leases_key] = Leases(conn.client, cluster.advertise_url, cluster.lease_ttl)
+    app[metrics_key].cluster.replica_info.labels(cluster.replica_id).set(1)
+    log.info("replica %s of a cluster (lease ttl %gs)", cluster.replica_id, cluster.lease_ttl)
+    try:
+        yield
+    finally:
+        await conn.close()

@@ -1,0 +1,120 @@
+"""The status page at `/`: upstreams and their health, hit ratios, cache size, top
+repositories. Plain HTML from the metrics the mirror already keeps; no scripts."""
+
+from __future__ import annotations
+
+import html
+from collections import Counter
+
+from mirror.config import Config
+from mirror.observe.metrics import Metrics
+from mirror.upstream.routing import Upstreams
+
+TOP = 10
+MAX_TRACKED = 10000
+
+
+class PullCounter:
+    """Manifest pulls per repository, bounded: the quiet ones are forgotten first."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[str] = Counter()
+
+    def add(self, repository: str) -> None:
+        self._counts[repository] += 1
+        if len(self._counts) > MAX_TRACKED:
+            self._counts = Counter(dict(self._counts.most_common(MAX_TRACKED // 2)))
+
+    def top(self, n: int = TOP) -> list[tuple[str, int]]:
+        return self._counts.most_common(n)
+
+
+def _value(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def _ratio(hits: float, misses: float) -> str:
+    return f"{100 * hits / (hits + misses):.1f}%" if hits + misses else "–"
+
+
+def human_size(n: float) -> str:
+    """`173 B`, `1.1 KiB`, `2.5 GiB`."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _rows(cells: list[list[str]]) -> str:
+    return "".join(
+        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in cells
+    )
+
+
+def _upstream_rows(upstreams: Upstreams, metrics: Metrics) -> list[list[str]]:
+    rows = []
+    for upstream in upstreams:
+        health = "failing" if upstream.breaker.is_open else "up"
+        remaining = metrics.registry.get_sample_value(
+            "mirror_upstream_ratelimit_remaining", {"upstream": upstream.name}
+        )
+        budget = "–" if remaining is None else f"{int(remaining)}"
+        default = " (default)" if upstream is upstreams.default else ""
+        rows.append([upstream.name + default, upstream.url, health, budget])
+    return rows
+
+
+def render(config: Config, upstreams: Upstreams, metrics: Metrics, pulls: PullCounter) -> str:
+    def hits(kind: str) -> str:
+        return _ratio(
+            _value(metrics, "mirror_cache_requests_total", kind=kind, result="hit"),
+            _value(metrics, "mirror_cache_requests_total", kind=kind, result="miss"),
+        )
+
+    from_cache = _value(metrics, "mirror_served_bytes_total", source="cache")
+    from_upstream = _value(metrics, "mirror_served_bytes_total", source="upstream")
+    bound = config.storage.max_size
+    summary = [
+        ["Blob hit ratio (requests)", hits("blob")],
+        ["Tag hit ratio (requests)", hits("tag")],
+        ["Hit ratio (bytes)", _ratio(from_cache, from_upstream)],
+        ["Served from cache", human_size(from_cache)],
+        ["Served from upstream", human_size(from_upstream)],
+        ["Cache size", human_size(_value(metrics, "mirror_cache_size_bytes"))
+         + (f" of {human_size(bound)}" if bound else " (unbounded)")],
+        ["Downloads in flight", f"{int(_value(metrics, 'mirror_upstream_fetches_in_flight'))}"],
+        ["Storage writable", "yes" if _value(metrics, "mirror_storage_writable") else "NO"],
+        ["Metadata store", "up" if _value(metrics, "mirror_metadata_up") else "DOWN (in-process)"],
+    ]  # fmt: skip
+    if config.storage.s3 is not None:
+        bucket_up = _value(metrics, "mirror_s3_up")
+        summary.append(["S3 bucket", "up" if bucket_up else "DOWN (serving uncached)"])
+    top = [[name, str(count)] for name, count in pulls.top()] or [["(no pulls yet)", ""]]
+    return PAGE.format(
+        upstreams=_rows(_upstream_rows(upstreams, metrics)),
+        summary=_rows(summary),
+        top=_rows(top),
+    )
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="10">
+<title>mirror status</title>
+<style>
+body {{ font: 15px/1.4 system-ui, sans-serif; margin: 2em; color: #222; }}
+h1 {{ font-size: 1.4em; }} h2 {{ font-size: 1.1em; margin-top: 1.5em; }}
+table {{ border-collapse: collapse; min-width: 32em; }}
+td, th {{ border-bottom: 1px solid #ddd; padding: .3em .8em; text-align: left; }}
+th {{ background: #f4f4f4; }}
+</style></head><body>
+<h1>mirror</h1>
+<h2>Upstreams</h2>
+<table><tr><th>registry</th><th>url</th><th>health</th><th>pulls left</th></tr>{upstreams}</table>
+<h2>Cache</h2>
+<table>{summary}</table>
+<h2>Top repositories</h2>
+<table><tr><th>repository</th><th>manifest pulls</th></tr>{top}</table>
+<p><a href="/metrics">metrics</a> · <a href="/readyz">readiness</a></p>
+</body></html>
+"""
