@@ -52,7 +52,7 @@ KNOBS = (
     "token_expires_in", "corrupt_blobs", "ratelimit_remaining", "cdn_delay", "users",
     "cdn_cut_after", "registry_status", "cdn_ignores_range", "token_delay",
     "referrers_api", "referrers_filter", "referrers_page_size",
-    "manifest_delay",
+    "manifest_delay", "tags_page_size",
 )  # fmt: skip
 
 
@@ -273,6 +273,9 @@ class FakeHub:
         self.referrers_filter = True  # False: an API that ignores artifactType
         self.referrers_page_size: int | None = None  # page the API's answers
         self.manifest_delay = 0.0  # seconds each manifest GET or HEAD takes (or fails)
+        # Page tag lists (with Link) at most this long, even asked without n (a backend's
+        # list too: docker-registry 2.8 ignores n and last, and answers unsorted).
+        self.tags_page_size: int | None = None
         self.registry_url = self.token_url = self.cdn_url = ""
         self._tokens: dict[str, Token] = {}
         self._runners: list[web.AppRunner] = []
@@ -446,18 +449,28 @@ class FakeHub:
         if self._session:
             url = f"{self.backend}/v2/{name}/tags/list"
             async with self._session.get(url, params=request.query) as resp:
-                return await relay(resp, ("Content-Type", "Link"))
-        if name not in self.content.tags:
+                if resp.status != 200 or not self.tags_page_size:
+                    return await relay(resp, ("Content-Type", "Link"))
+                tags = (await resp.json()).get("tags") or []
+        elif name not in self.content.tags:
             return oci_error(404, "NAME_UNKNOWN", f"repository name not known: {name}")
-        tags = sorted(self.content.tags[name])
+        else:
+            tags = list(self.content.tags[name])
+        return self._tags_page(request, name, tags)
+
+    def _tags_page(self, request: web.Request, name: str, tags: list[str]) -> web.Response:
+        """One page as a registry that pages does it: sorted, after `last`, with a Link."""
+        tags = sorted(tags)
         if last := request.query.get("last"):
             tags = [tag for tag in tags if tag > last]
-        headers = {}
         n = request.query.get("n", "")
-        if n.isdigit() and len(tags) > int(n):
-            tags = tags[: int(n)]
+        sizes = (int(n) if n.isdigit() else None, self.tags_page_size)
+        size = min((size for size in sizes if size is not None), default=None)
+        headers = {}
+        if size is not None and len(tags) > size:
+            tags = tags[:size]
             if tags:
-                query = urlencode({"last": tags[-1], "n": n})
+                query = urlencode({"last": tags[-1], "n": size})
                 headers["Link"] = f'</v2/{name}/tags/list?{query}>; rel="next"'
         return web.json_response({"name": name, "tags": tags}, headers=headers)
 

@@ -238,11 +238,12 @@ async def test_tags_list_of_unknown_repo_is_404(client: Client) -> None:
 async def test_absolute_upstream_link_made_relative(
     aiohttp_server: Any, make_client: MakeClient
 ) -> None:
-    """An upstream that answers with an absolute next link (another host) must not send
-    the client there: the Link points back at the mirror."""
+    """An upstream whose next link is absolute (another host): the mirror asks its own
+    upstream for that page, never the other host, and its Link points back at itself."""
 
     async def tags(request: web.Request) -> web.Response:
-        assert request.query.get("n") == "1"
+        if request.query.get("last") == "a":
+            return web.json_response({"name": "x", "tags": ["b"]})
         link = '<https://upstream.example/v2/x/tags/list?last=a&n=1>; rel="next"'
         return web.json_response({"name": "x", "tags": ["a"]}, headers={"Link": link})
 
@@ -252,7 +253,11 @@ async def test_absolute_upstream_link_made_relative(
     client = await make_client(upstream=UpstreamConfig(url=str(server.make_url("")).rstrip("/")))
     resp = await client.get("/v2/x/tags/list?n=1")
     assert resp.status == 200
+    assert (await resp.json())["tags"] == ["a"]
     assert resp.headers["Link"] == '</v2/x/tags/list?last=a&n=1>; rel="next"'
+    follow = await client.get("/v2/x/tags/list?last=a&n=1")
+    assert (await follow.json())["tags"] == ["b"]
+    assert "Link" not in follow.headers
 
 
 # --- _catalog -------------------------------------------------------------------------------

@@ -1,104 +1,220 @@
-"""Tag lists: always asked of the upstream, and kept for when it fails.
+"""Tag lists as the spec pages them, whatever the upstream does.
 
-A tag list is live data (people list tags to see what is new), so every request goes
-upstream. Each answer is also kept like a tag (`ManifestService.remember`, under a key no
-tag can take), so while the upstream fails a repository's list is served stale, with
-`Warning: 110`: the same page for the same `n`/`last`, or, once the whole list has been
-seen, any page cut from it here with the `Link` to the next one, as the spec pages.
+The mirror asks the upstream for a repository's whole tag list at most once per tag TTL,
+following the upstream's own `Link` pages, and keeps it like a tag
+(`ManifestService.remember`, one record per repository and upstream, under a key no tag
+can take). Every page a client asks for is cut here from that list: lexical order, after
+`last` (excluded), at most `n`, with a `Link` to the next page while more remain.
+Distribution 2.8 ignores `n` and `last` and answers in storage order, so relaying it
+breaks paging; query variants (`n`, `last`, unknown parameters) all share the one list.
+While the upstream fails, the kept list is served stale (`Warning: 110`) within
+`stale_if_error`.
+
+What an upstream can make the mirror hold is bounded: at most MAX_PAGES pages,
+MAX_LIST_BYTES bytes of JSON across them and MAX_TAGS tags. Past any bound the list is
+refused (502) rather than cut short, since a shortened list would look whole.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
+import re
+import time
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlsplit
+
+import aiohttp
 
 from mirror.cache.manifests import ManifestService
 from mirror.observe.metrics import Metrics
-from mirror.oci.errors import TooManyRequests, UpstreamUnavailable
+from mirror.oci.errors import (
+    ManifestInvalid,
+    PaginationNumberInvalid,
+    TagInvalid,
+    TooManyRequests,
+    UpstreamUnavailable,
+)
 from mirror.oci.reference import TAG_RE
-from mirror.upstream.client import Passthrough, Upstream
+from mirror.upstream.client import Upstream
+from mirror.util.lru import LRU
+from mirror.util.singleflight import SingleFlight
 
 KEPT_TYPE = "application/vnd.mirror.taglist+json"
+# Where a repository's whole list is kept: `+` is in no tag, so no real tag can collide.
+KEPT_KEY = "tags+whole"
+# A client's `n` above this is cut to it (the catalog's cap too).
+MAX_PAGE_SIZE = 10000
+# Bounds on one upstream fetch of a whole list (every page of it together).
+MAX_PAGES = 200
+MAX_LIST_BYTES = 8 * 1024 * 1024
+MAX_TAGS = 100_000
+# Parsed kept lists, by digest, so paging through a long list parses it once.
+PARSED_TAGS = 2 * MAX_TAGS
+_NUMBER = re.compile(r"[0-9]{1,12}")
 
 
 @dataclass(frozen=True, slots=True)
-class TagList:
-    answer: Passthrough  # as the upstream sent it (its Link still the upstream's)
-    stale: bool = False
+class TagPage:
+    """One page of a repository's tags."""
+
+    tags: list[str]
+    more: bool  # tags follow this page (a `Link` to the next one is due)
+    stale: bool = False  # cut from a list kept past its TTL: the upstream failed
+    fresh_for: float = 0.0  # seconds left of the list's TTL
 
 
-def kept_key(n: int | None, last: str | None) -> str:
-    """`tags+<n>+<last>`: `+` is in no tag, so no real tag can collide."""
-    return f"tags+{'' if n is None else n}+{last or ''}"
+def parse_n(value: str | None) -> int | None:
+    """The `n` query parameter: absent, or a non-negative integer (capped)."""
+    if value is None:
+        return None
+    if not _NUMBER.fullmatch(value):
+        raise PaginationNumberInvalid("n must be a non-negative integer", {"n": value[:20]})
+    return min(int(value), MAX_PAGE_SIZE)
 
 
-def page(listing: dict[str, Any], repo: str, n: int | None, last: str | None) -> Passthrough:
-    """One page of a whole tag list, as a registry pages it: lexical, after `last`, at
-    most `n`, with a `Link` to the next page when more follow."""
-    tags = sorted(str(tag) for tag in listing.get("tags") or [])
-    if last:
-        tags = [tag for tag in tags if tag > last]
-    link = None
-    if n is not None and len(tags) > n:
-        tags = tags[:n]
-        if tags:
-            query = urlencode({"last": tags[-1], "n": n})
-            link = f'</v2/{repo}/tags/list?{query}>; rel="next"'
-    body = json.dumps({"name": listing.get("name", repo), "tags": tags}).encode()
-    return Passthrough(200, "application/json", body, link)
+def parse_last(value: str | None) -> str | None:
+    """The `last` query parameter: absent (or empty), or a tag."""
+    if not value:
+        return None
+    if not TAG_RE.fullmatch(value):
+        raise TagInvalid("last must be a tag", {"last": value[:140]})
+    return value
+
+
+def cut(tags: tuple[str, ...], n: int | None, last: str | None) -> tuple[list[str], bool]:
+    """The page of a sorted list after `last`, at most `n`, and whether more follow."""
+    start = bisect.bisect_right(tags, last) if last else 0
+    if n is None:
+        return list(tags[start:]), False
+    page = list(tags[start : start + n])
+    return page, bool(page) and start + n < len(tags)
 
 
 class TagListService:
-    """Relays tag lists and keeps each answer for an upstream outage."""
+    """Answers tag-list pages from one kept whole list per repository and upstream."""
 
     def __init__(self, manifests: ManifestService, metrics: Metrics) -> None:
         self._manifests = manifests
         self._metrics = metrics
+        # Concurrent requests for an expired list make one upstream fetch sequence.
+        self._flight = SingleFlight()
+        self._parsed: LRU[str, tuple[str, ...]] = LRU(PARSED_TAGS, lambda v: len(v) + 1)
 
-    async def get(self, upstream: Upstream, repo: str, n: int | None, last: str | None) -> TagList:
-        pairs = (("n", n), ("last", last))
-        query = {key: str(value) for key, value in pairs if value is not None}
-        path = f"/v2/{repo}/tags/list" + (f"?{urlencode(query)}" if query else "")
-        # Only a `last` that is a tag makes a key; anything else is relayed, not kept.
-        keep = last is None or TAG_RE.fullmatch(last) is not None
+    async def close(self) -> None:
+        await self._flight.close()
+
+    async def get(self, upstream: Upstream, repo: str, n: int | None, last: str | None) -> TagPage:
+        ttl = self._manifests.ttl_of(upstream)
+        kept = await self._kept(upstream, repo)
+        if kept is not None and time.time() - kept[0] < ttl:
+            return TagPage(*cut(kept[1], n, last), fresh_for=ttl - (time.time() - kept[0]))
         try:
-            answer = await upstream.passthrough(path, repo, "tags")
+            tags = await self._flight.do(
+                (upstream.name, repo), lambda: self._refresh(upstream, repo)
+            )
         except (UpstreamUnavailable, TooManyRequests):
-            kept = await self._kept(upstream, repo, n, last) if keep else None
-            if kept is None:
+            window = ttl + self._manifests.stale_if_error
+            if kept is None or time.time() - kept[0] >= window:
                 raise
             self._metrics.stale_served.labels("tags").inc()
-            return TagList(kept, stale=True)
-        if answer.status == 200 and keep:
-            document = {"body": answer.body.decode(errors="replace"), "link": answer.link}
-            body = json.dumps(document).encode()
-            await self._manifests.remember(upstream, repo, kept_key(n, last), KEPT_TYPE, body)
-        return TagList(answer)
+            return TagPage(*cut(kept[1], n, last), stale=True)
+        return TagPage(*cut(tags, n, last), fresh_for=ttl)
 
-    async def _kept(
-        self, upstream: Upstream, repo: str, n: int | None, last: str | None
-    ) -> Passthrough | None:
-        """The kept answer to this very query, else a page of the kept whole list."""
-        window = self._manifests.ttl_of(upstream) + self._manifests.stale_if_error
-        exact = await self._recall(upstream, repo, kept_key(n, last), window)
-        if exact is not None:
-            return exact
-        whole = await self._recall(upstream, repo, kept_key(None, None), window)
-        if whole is None or whole.link is not None:  # not the whole list after all
+    async def _kept(self, upstream: Upstream, repo: str) -> tuple[float, tuple[str, ...]] | None:
+        """When the kept list was fetched, and its tags; None when none is kept."""
+        kept = await self._manifests.recall(upstream, repo, KEPT_KEY)
+        if kept is None:
             return None
+        record, body = kept
+        tags = self._parsed.get(record.digest)
+        if tags is None:
+            try:
+                tags = tuple(json.loads(body)["tags"])
+            except (ValueError, LookupError, TypeError):
+                return None
+            self._parsed.put(record.digest, tags)
+        return record.checked_at, tags
+
+    async def _refresh(self, upstream: Upstream, repo: str) -> tuple[str, ...]:
+        """Fetch the whole list from the upstream and keep it."""
+        tags = tuple(await fetch_whole(upstream, repo))
+        body = json.dumps({"tags": tags}).encode()
+        record = await self._manifests.remember(upstream, repo, KEPT_KEY, KEPT_TYPE, body)
+        self._parsed.put(record.digest, tags)
+        return tags
+
+
+async def fetch_whole(upstream: Upstream, repo: str) -> list[str]:
+    """Every tag of `repo` upstream, sorted: its pages followed, within the bounds."""
+    path: str | None = f"/v2/{repo}/tags/list"
+    seen: set[str] = set()
+    tags: set[str] = set()
+    budget = MAX_LIST_BYTES
+    while path is not None:
+        if len(seen) == MAX_PAGES:
+            raise ManifestInvalid(f"the tag list of {repo} runs past {MAX_PAGES} pages")
+        seen.add(path)
+        body, link = await _page(upstream, repo, path, budget)
+        budget -= len(body)
+        tags.update(_tags_of(body, repo))
+        if len(tags) > MAX_TAGS:
+            raise ManifestInvalid(f"the tag list of {repo} holds more than {MAX_TAGS} tags")
+        path = next_path(link, upstream, repo)
+        if path in seen:
+            raise ManifestInvalid(f"the tag list of {repo} links back to a page already read")
+    return sorted(tags)
+
+
+async def _page(upstream: Upstream, repo: str, path: str, budget: int) -> tuple[bytes, str | None]:
+    """One page of the upstream's list (at most `budget` bytes) and its `Link`."""
+    what = f"tag list of {repo}"
+    resp = await upstream.request(
+        "GET", path, kind="tags", repo=repo, headers={"Accept": "application/json"}
+    )
+    async with resp:
+        upstream.raise_for_status(resp, "tags", what)
+        too_large = ManifestInvalid(f"the {what} is larger than {MAX_LIST_BYTES} bytes")
+        if resp.content_length is not None and resp.content_length > budget:
+            raise too_large
+        body = bytearray()
         try:
-            listing = json.loads(whole.body)
-        except ValueError:
-            return None
-        return page(listing, repo, n, last) if isinstance(listing, dict) else None
+            async for chunk in resp.content.iter_chunked(65536):
+                body += chunk
+                if len(body) > budget:
+                    raise too_large
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamUnavailable(f"reading the {what} failed: {type(exc).__name__}") from None
+        return bytes(body), resp.headers.get("Link")
 
-    async def _recall(
-        self, upstream: Upstream, repo: str, key: str, window: float
-    ) -> Passthrough | None:
-        kept = await self._manifests.recall(upstream, repo, key)
-        if kept is None or not kept[0].is_fresh(window):
-            return None
-        document = json.loads(kept[1])
-        return Passthrough(200, "application/json", document["body"].encode(), document["link"])
+
+def _tags_of(body: bytes, repo: str) -> list[str]:
+    """The tags of one upstream page; what is no tag by the grammar is left out."""
+    try:
+        listing = json.loads(body)
+    except ValueError:
+        listing = None
+    tags = listing.get("tags") if isinstance(listing, dict) else ()
+    if not isinstance(tags, list):
+        if tags is None:  # distribution answers `"tags": null` for a repository without any
+            return []
+        raise ManifestInvalid(f"the upstream's answer for the tags of {repo} is no tag list")
+    return [tag for tag in tags if isinstance(tag, str) and TAG_RE.fullmatch(tag)]
+
+
+def next_path(link: str | None, upstream: Upstream, repo: str) -> str | None:
+    """The path and query of the upstream's next page, None after the last one.
+
+    Only the path and query of the link are used, always asked of the upstream itself: a
+    link to another host gets no request (nor token), and one that leaves this
+    repository's tag list is refused."""
+    target = None
+    for part in (link or "").split(","):
+        if re.search(r';\s*rel="?next"?', part):
+            target = urlsplit(part.partition(">")[0].strip(" <"))
+    if target is None:
+        return None
+    path = target.path.removeprefix(urlsplit(upstream.url).path)
+    if path != f"/v2/{repo}/tags/list":
+        raise ManifestInvalid(f"the upstream's next page of the tags of {repo} is elsewhere")
+    return path + (f"?{target.query}" if target.query else "")

@@ -2,6 +2,7 @@
 
     RegistryError
     ├── NameInvalid, NameUnknown, TagInvalid, DigestInvalid     (bad or unknown references)
+    ├── PaginationNumberInvalid                                  (a bad `n` in a list's query)
     ├── ManifestUnknown, ManifestInvalid, BlobUnknown            (content)
     ├── RangeNotSatisfiable                                      (416)
     ├── Unsupported                                              (push/delete on a mirror)
@@ -50,6 +51,13 @@ class RegistryError(Exception):
 
 class NameInvalid(RegistryError):
     code = "NAME_INVALID"
+    status = 400
+
+
+class PaginationNumberInvalid(RegistryError):
+    """`n` is not a non-negative integer (distribution's code; the OCI spec names none)."""
+
+    code = "PAGINATION_NUMBER_INVALID"
     status = 400
 
 

@@ -206,7 +206,8 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     manifests = ManifestService(storage, app[metadata_key], metrics, config.cache, app[leases_key])
     app[manifests_key] = manifests
     app[referrers_key] = ReferrersService(manifests, metrics)
-    app[taglists_key] = TagListService(manifests, metrics)
+    taglists = TagListService(manifests, metrics)
+    app[taglists_key] = taglists
     evictor = Evictor(
         storage, metrics, config.storage.max_size, config.storage.max_idle, lambda: blobs.reading
     )
@@ -219,6 +220,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     await manifests.close()
+    await taglists.close()
     await downloads.close()
 
 

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 from aiohttp import web
 
+from mirror.cache.taglists import parse_last, parse_n
 from mirror.observe.logs import upstream_name_key
 from mirror.oci.errors import EndpointUnknown, NameInvalid, Unsupported
 from mirror.oci.negotiation import OCI_INDEX, parse_accept
 from mirror.oci.reference import parse_digest, validate_name
-from mirror.upstream.client import Passthrough, Upstream
+from mirror.upstream.client import Upstream
 from mirror.web.conditional import cache_control, digest_headers, none_match, not_modified
 from mirror.web.keys import (
     blobs_key,
@@ -77,38 +78,23 @@ async def blob(request: web.Request) -> web.StreamResponse:
 
 
 async def tags_list(request: web.Request) -> web.Response:
-    """Relayed from upstream (kept for an outage, taglists.py); the next-page Link is
-    made relative, so it points at us."""
+    """A page of the repository's tags, cut here from the whole list (taglists.py);
+    the next-page Link keeps the name and `ns` the client used."""
     upstream, repo = route(request)
-    n = request.query.get("n")
-    if n is not None and not n.isdigit():
-        raise NameInvalid("n must be a number")
-    kept = await request.app[taglists_key].get(
-        upstream, repo, None if n is None else int(n), request.query.get("last")
+    n = parse_n(request.query.get("n"))
+    found = await request.app[taglists_key].get(
+        upstream, repo, n, parse_last(request.query.get("last"))
     )
-    answer = kept.answer
-    headers = {"Content-Type": answer.content_type}
-    if kept.stale:
+    name = request.match_info["name"]
+    headers = {"Cache-Control": cache_control(found.fresh_for)}
+    if found.stale:
         headers["Warning"] = STALE_WARNING
-    if answer.link:
-        headers["Link"] = _mirror_link(answer.link, repo, request)
-    return web.Response(
-        status=answer.status, body=_named_as_asked(answer, request), headers=headers
-    )
-
-
-def _named_as_asked(answer: Passthrough, request: web.Request) -> bytes:
-    """The tag list under the name the client used (`ghcr.io/o/i`, not the upstream's)."""
-    if answer.status != 200:
-        return answer.body
-    try:
-        listing = json.loads(answer.body)
-    except ValueError:
-        return answer.body
-    if not isinstance(listing, dict) or "name" not in listing:
-        return answer.body
-    listing["name"] = request.match_info["name"]
-    return json.dumps(listing).encode()
+    if found.more and n is not None:
+        query = {"last": found.tags[-1], "n": n}
+        if "ns" in request.query:  # containerd following it stays on this upstream
+            query["ns"] = request.query["ns"]
+        headers["Link"] = f'</v2/{name}/tags/list?{urlencode(query)}>; rel="next"'
+    return web.json_response({"name": name, "tags": found.tags}, headers=headers)
 
 
 async def referrers(request: web.Request) -> web.Response:
@@ -177,20 +163,3 @@ async def readyz(request: web.Request) -> web.Response:
         text=json.dumps(checks) + "\n",
         content_type="application/json",
     )
-
-
-def _mirror_link(link: str, repo: str, request: web.Request) -> str:
-    """The upstream's next-page Link, pointing back at this mirror under the name and
-    `ns` the client used: `</v2/ghcr.io/o/i/tags/list?last=x&n=2>; rel="next"`."""
-    target, sep, rest = link.partition(">")
-    if not sep:
-        return link
-    parts = urlsplit(target.lstrip(" <"))
-    path = parts.path
-    upstream_prefix = f"/v2/{repo}/"
-    if path.startswith(upstream_prefix):
-        path = f"/v2/{request.match_info['name']}/" + path[len(upstream_prefix) :]
-    query = [parts.query] if parts.query else []
-    if "ns" in request.query:
-        query.append(urlencode({"ns": request.query["ns"]}))
-    return f"<{path}{'?' if query else ''}{'&'.join(query)}{sep}{rest}"
