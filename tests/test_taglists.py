@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from mirror import taglists
+from mirror.cache import taglists
 from mirror.config import CacheConfig, RedisConfig, UpstreamConfig
 from tests import images
 from tests.conftest import MakeClient
