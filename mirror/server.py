@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from mirror.config import ConfigError
-from mirror.observe.logs import AccessLogger
+from mirror.web.accesslog import AccessLogger
 
 
 @dataclass(frozen=True)

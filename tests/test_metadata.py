@@ -10,7 +10,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from mirror.config import RedisConfig
-from mirror.metadata.store import MetadataStore, TagRecord, open_metadata
+from mirror.metadata.fallback import open_metadata
+from mirror.metadata.store import MetadataStore, TagRecord
 from tests.redis_topologies import TOPOLOGIES, RedisClusterSetup, flushed_redis_url
 from tests.services import RedisServer
 

@@ -14,7 +14,10 @@ from aiohttp.test_utils import TestClient
 
 from mirror.cache.eviction import CachedBlob, Evictor, choose_victims
 from mirror.config import CacheConfig, Config, StorageConfig, UpstreamConfig
-from mirror.metadata.store import FallbackMetadata, MemoryMetadata, RedisMetadata, TagRecord
+from mirror.metadata.fallback import FallbackMetadata
+from mirror.metadata.memory import MemoryMetadata
+from mirror.metadata.redis import RedisMetadata
+from mirror.metadata.store import TagRecord
 from mirror.observe.metrics import Metrics
 from mirror.oci.errors import UpstreamUnavailable
 from mirror.storage import Storage

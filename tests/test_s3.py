@@ -20,7 +20,8 @@ from aiohttp.test_utils import TestClient
 from mirror import commands
 from mirror.config import Config, RedisConfig, StorageConfig
 from mirror.config.s3 import S3Config
-from mirror.metadata.store import MetadataStore, open_metadata
+from mirror.metadata.fallback import open_metadata
+from mirror.metadata.store import MetadataStore
 from mirror.storage.s3.upload import part_size
 from mirror.storage.tiered import TieredStorage
 from mirror.web.keys import storage_key

@@ -29,6 +29,7 @@ from mirror.observe.cluster_metrics import ClusterMetrics
 from mirror.oci.errors import BlobUnknown, RegistryError, Unauthorized
 from mirror.oci.reference import Digest, parse_digest
 from mirror.upstream.client import new_session
+from mirror.web.errors import error_response
 from mirror.web.keys import config_key, downloads_key, metrics_key, peers_key, storage_key
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ async def peer_blob(request: web.Request) -> web.StreamResponse:
         try:
             await download.started()
         except BlobUnknown as exc:
-            unknown = exc.response()
+            unknown = error_response(exc)
             unknown.headers[UPSTREAM_UNKNOWN] = "1"
             return unknown
         spans = _from_download(download, offset)

@@ -1,7 +1,6 @@
-"""Logging: text or JSON lines, a request id on every record, one access line per request.
+"""Logging: text or JSON lines, and a request id on every record.
 
-The access line is built from the request's method, path, status, size and time, never
-from its headers: clients' Authorization values must not reach a log.
+The access line itself is web/accesslog.py's.
 """
 
 from __future__ import annotations
@@ -13,15 +12,6 @@ import secrets
 import time
 from typing import Any
 
-from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
-
-# How a request ended when not with its status: "aborted" by us, or "client_closed".
-outcome_key = web.RequestKey("outcome", str)
-# Body bytes a streamed blob response wrote, counted by the mirror as they went out.
-sent_key = web.RequestKey("sent", int)
-# The registry a request was routed to, for the access line.
-upstream_name_key = web.RequestKey("upstream_name", str)
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 REQUEST_ID_HEADER = "X-Request-ID"
 _ACCEPTED_ID = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
@@ -78,43 +68,3 @@ def setup_logging(level: str, fmt: str) -> None:
     root.setLevel(level)
     # Audit lines (gate.py) are kept whatever the level: they are a record, not chatter.
     logging.getLogger("mirror.audit").setLevel(logging.INFO)
-
-
-def body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
-    """Body bytes sent. Bodies sent by sendfile bypass aiohttp's byte count (which also
-    includes the headers), so a complete response counts its Content-Length and a cut
-    one what the mirror counted going out."""
-    if request.method == "HEAD":
-        return 0
-    if request.get(outcome_key) is not None:
-        sent: int = request.get(sent_key, 0)
-        return sent
-    length = response.content_length
-    return length if length is not None else response.body_length
-
-
-class AccessLogger(AbstractAccessLogger):
-    """`GET /v2/library/nginx/manifests/latest 200 1234B 0.003s` plus fields for JSON."""
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        fields = {
-            "remote": request.remote,
-            "method": request.method,
-            "path": request.path,
-            "status": response.status,
-            "bytes": body_bytes(request, response),
-            "duration_s": round(time, 6),
-            "user_agent": request.headers.get("User-Agent", "-"),
-            "upstream": request.get(upstream_name_key, "-"),
-        }
-        request_id = response.headers.get(REQUEST_ID_HEADER, "-")
-        token = request_id_var.set(request_id)
-        try:
-            self.logger.info(
-                '%s "%s %s" %s %sB %.3fs upstream=%s "%s"',
-                fields["remote"], fields["method"], fields["path"], fields["status"],
-                fields["bytes"], time, fields["upstream"], fields["user_agent"],
-                extra={"access": fields},
-            )  # fmt: skip
-        finally:
-            request_id_var.reset(token)

@@ -9,7 +9,7 @@
     ├── Unauthorized, Denied, TooManyRequests                    (from the upstream)
     └── UpstreamUnavailable                                      (upstream down, 5xx, timeout)
 
-The error middleware in `app.py` turns any of them into
+The error middleware (`web/app.py`, through `web/errors.py`) turns any of them into
 `{"errors": [{"code": ..., "message": ..., "detail": ...}]}`. Messages must never carry
 credentials or tokens: they are written for the client to read.
 """
@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 from typing import Any, ClassVar
-
-from aiohttp import web
 
 
 class RegistryError(Exception):
@@ -36,17 +34,12 @@ class RegistryError(Exception):
     def headers(self) -> dict[str, str]:
         return {}
 
-    def response(self, *, head: bool = False) -> web.Response:
-        """The OCI error body (none for HEAD) with this error's status and headers."""
+    def body(self) -> bytes:
+        """The OCI error body: `{"errors": [{"code", "message", "detail"?}]}`."""
         entry: dict[str, Any] = {"code": self.code, "message": self.message}
         if self.detail is not None:
             entry["detail"] = self.detail
-        body = json.dumps({"errors": [entry]}).encode()
-        headers = {"Content-Type": "application/json", **self.headers()}
-        if head:
-            headers["Content-Length"] = str(len(body))
-            return web.Response(status=self.status, headers=headers)
-        return web.Response(status=self.status, body=body, headers=headers)
+        return json.dumps({"errors": [entry]}).encode()
 
 
 class NameInvalid(RegistryError):

@@ -20,9 +20,10 @@ from mirror.cluster.blobflight import BlobFlight
 from mirror.cluster.bucketshare import share_bucket
 from mirror.cluster.peers import PEER_PATH, peer_blob, peers_ctx
 from mirror.config import Config, UpstreamConfig
-from mirror.metadata.store import MemoryMetadata, open_metadata
+from mirror.metadata.fallback import open_metadata
+from mirror.metadata.memory import MemoryMetadata
 from mirror.net.tls import client_contexts
-from mirror.observe.logs import REQUEST_ID_HEADER, new_request_id, outcome_key, request_id_var
+from mirror.observe.logs import REQUEST_ID_HEADER, new_request_id, request_id_var
 from mirror.observe.metrics import Metrics
 from mirror.oci.errors import EndpointUnknown, RegistryError, Unsupported
 from mirror.storage import CacheStore, new_store
@@ -31,7 +32,9 @@ from mirror.upstream.credentials import Credentials
 from mirror.upstream.routing import Upstreams
 from mirror.upstream.tokens import TokenCache
 from mirror.web.access import client_auth_ctx, client_auth_middleware, token_handler
+from mirror.web.accesslog import outcome_key
 from mirror.web.blobs import BlobService
+from mirror.web.errors import error_response
 from mirror.web.gate import pull_policy_middleware
 from mirror.web.handlers import API_VERSION_HEADER
 from mirror.web.keys import (
@@ -248,13 +251,13 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except RegistryError as exc:
-        return exc.response(head=head)
+        return error_response(exc, head=head)
     except web.HTTPMethodNotAllowed:
-        return Unsupported(f"{request.method} is not supported by a pull-through mirror").response(
-            head=head
-        )
+        refused = Unsupported(f"{request.method} is not supported by a pull-through mirror")
+        return error_response(refused, head=head)
     except web.HTTPNotFound:
-        return EndpointUnknown(f"no such endpoint: {request.path[:200]}").response(head=head)
+        unknown = EndpointUnknown(f"no such endpoint: {request.path[:200]}")
+        return error_response(unknown, head=head)
 
 
 def _route_name(request: web.Request) -> str:

@@ -26,13 +26,13 @@ from mirror.cache.downloads import (
     close_file,
 )
 from mirror.net.tls import is_tls
-from mirror.observe.logs import outcome_key, sent_key
 from mirror.observe.metrics import Metrics
 from mirror.oci.errors import RangeNotSatisfiable, RegistryError
 from mirror.oci.reference import Digest
 from mirror.storage import CacheStore
 from mirror.storage.base import BlobSize, BlobStream, Found, Redirect, StoreReadError
 from mirror.upstream.client import Upstream
+from mirror.web.accesslog import outcome_key, sent_key
 from mirror.web.conditional import (
     IMMUTABLE,
     digest_headers,

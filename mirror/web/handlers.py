@@ -8,11 +8,11 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from mirror.cache.taglists import parse_last, parse_n
-from mirror.observe.logs import upstream_name_key
 from mirror.oci.errors import EndpointUnknown, NameInvalid, Unsupported
 from mirror.oci.negotiation import OCI_INDEX, parse_accept
 from mirror.oci.reference import parse_digest, validate_name
 from mirror.upstream.client import Upstream
+from mirror.web.accesslog import upstream_name_key
 from mirror.web.conditional import cache_control, digest_headers, none_match, not_modified
 from mirror.web.keys import (
     blobs_key,

@@ -1,0 +1,149 @@
+"""Redis with the in-process store standing in while it is away, and the store a config picks."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mirror.metadata.memory import MemoryMetadata
+from mirror.metadata.redis import RedisMetadata
+from mirror.metadata.store import RETENTION, MetadataStore, TagRecord
+from mirror.metadata.topology import DOWN_ERRORS
+
+log = logging.getLogger(__name__)
+
+# Backoff between attempts to reach a Redis that stopped answering.
+RETRY_BASE = 1.0
+RETRY_MAX = 30.0
+
+
+class FallbackMetadata:
+    """Redis, with the in-process store standing in while Redis is unreachable.
+
+    A Redis outage must never fail a request: each call that cannot reach Redis is
+    answered from memory, Redis is retried with backoff, and records written meanwhile
+    live in memory only. When Redis comes back empty, tags simply revalidate upstream.
+    """
+
+    def __init__(
+        self,
+        primary: MetadataStore,
+        fallback: MetadataStore,
+        on_change: Callable[[bool], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._primary = primary
+        self._fallback = fallback
+        self._on_change = on_change
+        self._clock = clock
+        self._up = True
+        self._retry_at = 0.0
+        self._delay = RETRY_BASE
+
+    @property
+    def up(self) -> bool:
+        return self._up
+
+    def _use_primary(self) -> bool:
+        return self._up or self._clock() >= self._retry_at
+
+    def _succeeded(self) -> None:
+        if not self._up:
+            log.warning("metadata store reachable again")
+            self._up = True
+            self._delay = RETRY_BASE
+            if self._on_change is not None:
+                self._on_change(True)
+
+    def _failed(self, exc: Exception) -> None:
+        if self._up:
+            log.warning(
+                "metadata store unreachable (%s): using in-process metadata", type(exc).__name__
+            )
+            if self._on_change is not None:
+                self._on_change(False)
+        self._up = False
+        self._retry_at = self._clock() + self._delay
+        self._delay = min(self._delay * 2, RETRY_MAX)
+
+    async def _call(self, name: str, *args: Any) -> Any:
+        if self._use_primary():
+            try:
+                result = await getattr(self._primary, name)(*args)
+            except DOWN_ERRORS as exc:
+                self._failed(exc)
+            else:
+                self._succeeded()
+                return result
+        return await getattr(self._fallback, name)(*args)
+
+    async def get_tag(self, upstream: str, repo: str, tag: str) -> TagRecord | None:
+        record: TagRecord | None = await self._call("get_tag", upstream, repo, tag)
+        return record
+
+    async def put_tag(self, upstream: str, repo: str, tag: str, record: TagRecord) -> None:
+        # Memory always gets a copy, so an outage starts with the tags seen lately.
+        await self._fallback.put_tag(upstream, repo, tag, record)
+        await self._call("put_tag", upstream, repo, tag, record)
+
+    async def add_repository(self, repo: str) -> None:
+        await self._fallback.add_repository(repo)
+        await self._call("add_repository", repo)
+
+    async def repositories(self, n: int, last: str | None) -> list[str]:
+        names: list[str] = await self._call("repositories", n, last)
+        return names
+
+    async def tags(self) -> list[tuple[str, str, str, TagRecord]]:
+        found: list[tuple[str, str, str, TagRecord]] = await self._call("tags")
+        return found
+
+    async def put_blob_read(self, digest: str, size: int, read_at: float) -> None:
+        await self._fallback.put_blob_read(digest, size, read_at)
+        await self._call("put_blob_read", digest, size, read_at)
+
+    async def blob_reads(self) -> dict[str, tuple[int, float]]:
+        found: dict[str, tuple[int, float]] = await self._call("blob_reads")
+        return found
+
+    async def get_blob_read(self, digest: str) -> tuple[int, float] | None:
+        found: tuple[int, float] | None = await self._call("get_blob_read", digest)
+        return found
+
+    async def forget_blob(self, digest: str) -> None:
+        await self._fallback.forget_blob(digest)
+        await self._call("forget_blob", digest)
+
+    async def ping(self) -> None:
+        """Raise when Redis does not answer (for /readyz), whatever the fallback does."""
+        try:
+            await self._primary.ping()
+        except DOWN_ERRORS as exc:
+            self._failed(exc)
+            raise
+        self._succeeded()
+
+    async def close(self) -> None:
+        await self._primary.close()
+        await self._fallback.close()
+
+
+def open_metadata(
+    redis_url: str | None,
+    ttl: float,
+    retention: float = RETENTION,
+    on_change: Callable[[bool], None] | None = None,
+    snapshot: Path | None = None,
+) -> MetadataStore:
+    """Redis (with an in-process stand-in) when a URL is configured, else in-process
+    (kept in `snapshot` across restarts).
+
+    Records are kept `retention` past their TTL: the window for serving them stale.
+    """
+    if redis_url:
+        memory = MemoryMetadata(ttl, retention)
+        return FallbackMetadata(RedisMetadata(redis_url, ttl, retention), memory, on_change)
+    return MemoryMetadata(ttl, retention, snapshot)

@@ -1,0 +1,126 @@
+"""The in-process metadata store of a single node, snapshotted to disk across restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import json
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from mirror.metadata.store import RETENTION, TagRecord
+
+log = logging.getLogger(__name__)
+
+
+class MemoryMetadata:
+    """In-process metadata for a single node with no Redis.
+
+    With a `snapshot` path it survives restarts: loaded at start, written (atomically)
+    when changed and at shutdown, so a restarted mirror can still answer tags while
+    the upstream is down.
+    """
+
+    def __init__(
+        self, ttl: float, retention: float = RETENTION, snapshot: Path | None = None
+    ) -> None:
+        self._expiry = ttl + retention
+        self._tags: dict[tuple[str, str, str], TagRecord] = {}
+        self._repos: list[str] = []
+        self._bucket_blobs: dict[str, tuple[int, float]] = {}
+        self._snapshot = snapshot
+        self._dirty = False
+
+    async def get_tag(self, upstream: str, repo: str, tag: str) -> TagRecord | None:
+        key = (upstream, repo, tag)
+        record = self._tags.get(key)
+        if record is not None and not record.is_fresh(self._expiry):
+            del self._tags[key]
+            return None
+        return record
+
+    async def put_tag(self, upstream: str, repo: str, tag: str, record: TagRecord) -> None:
+        self._tags[(upstream, repo, tag)] = record
+        self._dirty = True
+
+    async def add_repository(self, repo: str) -> None:
+        index = bisect.bisect_left(self._repos, repo)
+        if index == len(self._repos) or self._repos[index] != repo:
+            self._repos.insert(index, repo)
+            self._dirty = True
+
+    async def repositories(self, n: int, last: str | None) -> list[str]:
+        start = bisect.bisect_right(self._repos, last) if last else 0
+        return self._repos[start : start + n]
+
+    async def tags(self) -> list[tuple[str, str, str, TagRecord]]:
+        return [(*key, record) for key, record in self._tags.items()]
+
+    async def ping(self) -> None:
+        return None
+
+    async def put_blob_read(self, digest: str, size: int, read_at: float) -> None:
+        self._bucket_blobs[digest] = (size, read_at)
+        self._dirty = True
+
+    async def blob_reads(self) -> dict[str, tuple[int, float]]:
+        return dict(self._bucket_blobs)
+
+    async def get_blob_read(self, digest: str) -> tuple[int, float] | None:
+        return self._bucket_blobs.get(digest)
+
+    async def forget_blob(self, digest: str) -> None:
+        if self._bucket_blobs.pop(digest, None) is not None:
+            self._dirty = True
+
+    async def load(self) -> None:
+        """Read the snapshot, if there is one (a bad one is set aside, not fatal)."""
+        if self._snapshot is None:
+            return
+        try:
+            raw = await asyncio.to_thread(self._snapshot.read_text)
+            data = json.loads(raw)
+            self._tags = {
+                (entry["upstream"], entry["repo"], entry["tag"]): TagRecord(**entry["record"])
+                for entry in data["tags"]
+            }
+            self._repos = sorted(set(data["repositories"]))
+            self._bucket_blobs = {
+                digest: (int(size), float(read_at))
+                for digest, (size, read_at) in data.get("bucket_blobs", {}).items()
+            }
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring unreadable metadata snapshot %s: %s", self._snapshot, exc)
+
+    async def save(self) -> None:
+        """Write the snapshot when something changed since the last one."""
+        if self._snapshot is None or not self._dirty:
+            return
+        self._dirty = False
+        data = {
+            "tags": [
+                {"upstream": u, "repo": r, "tag": t, "record": asdict(record)}
+                for (u, r, t), record in self._tags.items()
+                if record.is_fresh(self._expiry)
+            ],
+            "repositories": self._repos,
+            "bucket_blobs": self._bucket_blobs,
+        }
+        try:
+            await asyncio.to_thread(_write_atomically, self._snapshot, json.dumps(data))
+        except OSError as exc:
+            self._dirty = True
+            log.warning("cannot write metadata snapshot %s: %s", self._snapshot, exc.strerror)
+
+    async def close(self) -> None:
+        await self.save()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temp = path.with_suffix(".tmp")
+    temp.write_text(text)
+    os.replace(temp, path)

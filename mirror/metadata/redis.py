@@ -1,0 +1,101 @@
+"""The metadata store every replica shares: one Redis (a server, Sentinel or Cluster)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from mirror.metadata.store import (
+    BUCKET_BLOBS_KEY,
+    REPOS_KEY,
+    RETENTION,
+    TAG_PATTERN,
+    TAG_PREFIX,
+    TagRecord,
+    tag_key,
+)
+from mirror.metadata.topology import open_redis
+
+REDIS_CONNECTIONS = 64
+
+
+class RedisMetadata:
+    """Metadata shared by every replica through one Redis: a server, Sentinel or Cluster.
+
+    Every command touches one key, so each works under Cluster hash slots as it is.
+    """
+
+    def __init__(self, url: str, ttl: float, retention: float = RETENTION) -> None:
+        self._expiry = int(ttl + retention)
+        self._conn = open_redis(
+            url,
+            REDIS_CONNECTIONS,
+            decode_responses=True,
+            socket_connect_timeout=2,
+            socket_timeout=2,
+            health_check_interval=30,
+        )
+        self._redis = self._conn.client
+        # Sentinel's and Cluster's pools fail past their size instead of waiting: a burst
+        # of requests takes turns here, so it is never taken for an outage.
+        self._turns = asyncio.Semaphore(REDIS_CONNECTIONS)
+
+    async def get_tag(self, upstream: str, repo: str, tag: str) -> TagRecord | None:
+        async with self._turns:
+            raw = await self._redis.get(tag_key(upstream, repo, tag))
+        return None if raw is None else TagRecord.from_json(raw)
+
+    async def put_tag(self, upstream: str, repo: str, tag: str, record: TagRecord) -> None:
+        key = tag_key(upstream, repo, tag)
+        async with self._turns:
+            await self._redis.set(key, record.to_json(), ex=self._expiry)
+
+    async def add_repository(self, repo: str) -> None:
+        async with self._turns:
+            await self._redis.zadd(REPOS_KEY, {repo: 0})
+
+    async def repositories(self, n: int, last: str | None) -> list[str]:
+        start = f"({last}" if last else "-"
+        async with self._turns:
+            names = await self._redis.zrangebylex(REPOS_KEY, start, "+", start=0, num=n)
+        return [str(name) for name in names]
+
+    async def tags(self) -> list[tuple[str, str, str, TagRecord]]:
+        found = []
+        # On a Cluster the tag keys are spread over every master: each one is scanned.
+        async for key in self._conn.scan_keys(TAG_PATTERN):
+            async with self._turns:
+                raw = await self._redis.get(key)
+            if raw is None:
+                continue
+            # Repository names and tags hold no colon; an upstream name may (host:port).
+            upstream, repo, tag = key[len(TAG_PREFIX) :].rsplit(":", 2)
+            found.append((upstream, repo, tag, TagRecord.from_json(raw)))
+        return found
+
+    async def ping(self) -> None:
+        async with self._turns:
+            await self._redis.ping()
+
+    async def put_blob_read(self, digest: str, size: int, read_at: float) -> None:
+        await self._redis.hset(BUCKET_BLOBS_KEY, digest, f"{size} {read_at}")
+
+    async def blob_reads(self) -> dict[str, tuple[int, float]]:
+        raw = await self._redis.hgetall(BUCKET_BLOBS_KEY)
+        found = {}
+        for digest, value in raw.items():
+            size, _, read_at = str(value).partition(" ")
+            found[str(digest)] = (int(size), float(read_at))
+        return found
+
+    async def get_blob_read(self, digest: str) -> tuple[int, float] | None:
+        value = await self._redis.hget(BUCKET_BLOBS_KEY, digest)
+        if value is None:
+            return None
+        size, _, read_at = str(value).partition(" ")
+        return int(size), float(read_at)
+
+    async def forget_blob(self, digest: str) -> None:
+        await self._redis.hdel(BUCKET_BLOBS_KEY, digest)
+
+    async def close(self) -> None:
+        await self._conn.close()
