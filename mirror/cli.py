@@ -8,12 +8,13 @@ import logging
 import os
 import sys
 
-from mirror import __version__, commands, server
+from mirror import __version__, commands
 from mirror.allocator import return_large_blocks
 from mirror.config import Config, ConfigError, apply_overrides, load_config, parse_size
 from mirror.net import tls
 from mirror.observe.logs import setup_logging
 from mirror.oci.errors import RegistryError
+from mirror.web import server
 from mirror.web.app import create_app
 from mirror.web.keys import metrics_key
 

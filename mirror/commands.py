@@ -10,11 +10,8 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TextIO, TypeVar
-
-from aiohttp import web
+from typing import Any, TextIO
 
 from mirror.cache.downloads import Download, Uncacheable
 from mirror.config import Config
@@ -22,29 +19,10 @@ from mirror.oci.errors import RegistryError
 from mirror.oci.reference import parse_digest, validate_name, validate_tag
 from mirror.storage import CacheStore
 from mirror.upstream.client import MANIFEST_TYPES, Upstream
-from mirror.web.app import create_app
-from mirror.web.keys import (
-    downloads_key,
-    evictor_key,
-    manifests_key,
-    metadata_key,
-    storage_key,
-    upstreams_key,
-)
-from mirror.web.status import human_size
+from mirror.util.units import human_size
+from mirror.web.offline import Services, with_services
 
-T = TypeVar("T")
 PARALLEL_BLOBS = 4
-
-
-async def with_app(config: Config, run: Callable[[web.Application], Awaitable[T]]) -> T:
-    """Start the app's resources (no listening socket), run, and clean up."""
-    runner = web.AppRunner(create_app(config))
-    await runner.setup()
-    try:
-        return await run(runner.app)
-    finally:
-        await runner.cleanup()
 
 
 @dataclass(frozen=True)
@@ -94,8 +72,8 @@ class WarmReport:
 class Warmer:
     """Pulls images into the cache: manifests (every platform, or one) and blobs."""
 
-    def __init__(self, app: web.Application, platform: str | None, out: TextIO) -> None:
-        self._app = app
+    def __init__(self, services: Services, platform: str | None, out: TextIO) -> None:
+        self._services = services
         self._platform = platform
         self._out = out
         self._limit = asyncio.Semaphore(PARALLEL_BLOBS)
@@ -103,7 +81,7 @@ class Warmer:
 
     async def warm(self, image: ImageRef) -> None:
         try:
-            upstream, repo = self._app[upstreams_key].route(image.repository, image.registry)
+            upstream, repo = self._services.upstreams.route(image.repository, image.registry)
             await self._manifest(upstream, repo, image.reference)
             self.report.images += 1
             self._say(f"{image}: done")
@@ -112,7 +90,7 @@ class Warmer:
             self._say(f"{image}: FAILED: {exc.message}")
 
     async def _manifest(self, upstream: Upstream, repo: str, reference: str) -> None:
-        found = await self._app[manifests_key].get(
+        found = await self._services.manifests.get(
             upstream, repo, reference, list(MANIFEST_TYPES), head=False
         )
         self.report.manifests += 1
@@ -139,13 +117,13 @@ class Warmer:
         return actual == wanted
 
     async def _blob(self, upstream: Upstream, repo: str, digest: str, size: int) -> None:
-        storage: CacheStore = self._app[storage_key]
+        storage: CacheStore = self._services.storage
         parsed = parse_digest(digest)
         if await storage.contains(parsed):
             self.report.cached += 1
             return
         async with self._limit:
-            download = self._app[downloads_key].start_or_join(upstream, repo, parsed)
+            download = self._services.downloads.start_or_join(upstream, repo, parsed)
             try:
                 await download.started()
                 await self._follow(download, size)
@@ -187,13 +165,13 @@ async def warm(
     refs = [parse_image(image) for image in images]
     started = time.monotonic()
 
-    async def run(app: web.Application) -> WarmReport:
-        warmer = Warmer(app, platform, out)
+    async def run(services: Services) -> WarmReport:
+        warmer = Warmer(services, platform, out)
         for ref in refs:
             await warmer.warm(ref)
         return warmer.report
 
-    report = await with_app(config, run)
+    report = await with_services(config, run)
     out.write(
         f"warmed {report.images}/{len(refs)} images: {report.manifests} manifests, "
         f"{report.fetched + report.cached} blobs ({report.fetched} fetched, "
@@ -206,18 +184,18 @@ async def warm(
 async def list_cache(config: Config, out: TextIO = sys.stdout) -> int:
     """Print cached tags with their digests and sizes; returns how many."""
 
-    async def run(app: web.Application) -> list[tuple[str, str, str, int]]:
-        storage: CacheStore = app[storage_key]
+    async def run(services: Services) -> list[tuple[str, str, str, int]]:
+        storage: CacheStore = services.storage
         sizes = await storage.blob_sizes()
         rows = []
-        for upstream, repo, tag, record in sorted(await app[metadata_key].tags()):
+        for upstream, repo, tag, record in sorted(await services.metadata.tags()):
             if "+" in tag:  # a kept referrers answer (referrers.py), not a tag
                 continue
             size = await image_size(storage, record.digest, sizes)
             rows.append((f"{upstream}/{repo}", tag, record.digest, size))
         return rows
 
-    rows = await with_app(config, run)
+    rows = await with_services(config, run)
     out.write(f"{'REPOSITORY':<45} {'TAG':<20} {'DIGEST':<19} SIZE\n")
     for repo, tag, digest, size in rows:
         out.write(f"{repo:<45} {tag:<20} {digest[:19]:<19} {human_size(size)}\n")
@@ -241,21 +219,21 @@ async def image_size(storage: CacheStore, digest: str, sizes: dict[str, int]) ->
 async def collect_garbage(config: Config, to: int | None, out: TextIO = sys.stdout) -> int:
     """Evict down to `to` bytes (or the configured bounds) now; returns bytes freed."""
 
-    async def run(app: web.Application) -> int:
-        result = await app[evictor_key].evict(max_size=to)
+    async def run(services: Services) -> int:
+        result = await services.evictor.evict(max_size=to)
         out.write(
             f"evicted {result.evicted} blobs, {human_size(result.freed)} freed, "
             f"{human_size(result.remaining)} of blobs left\n"
         )
-        for line in await app[storage_key].collect_garbage(to):
+        for line in await services.storage.collect_garbage(to):
             out.write(line + "\n")
         return result.freed
 
-    return await with_app(config, run)
+    return await with_services(config, run)
 
 
 async def verify(config: Config, out: TextIO = sys.stdout) -> list[str]:
-    checked, removed = await with_app(config, lambda app: app[storage_key].verify())
+    checked, removed = await with_services(config, lambda services: services.storage.verify())
     for digest in removed:
         out.write(f"removed corrupt {digest}\n")
     out.write(f"verified {checked} files, removed {len(removed)} corrupt\n")

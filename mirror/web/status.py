@@ -9,6 +9,7 @@ from collections import Counter
 from mirror.config import Config
 from mirror.observe.metrics import Metrics
 from mirror.upstream.routing import Upstreams
+from mirror.util.units import human_size
 
 TOP = 10
 MAX_TRACKED = 10000
@@ -35,15 +36,6 @@ def _value(metrics: Metrics, name: str, **labels: str) -> float:
 
 def _ratio(hits: float, misses: float) -> str:
     return f"{100 * hits / (hits + misses):.1f}%" if hits + misses else "–"
-
-
-def human_size(n: float) -> str:
-    """`173 B`, `1.1 KiB`, `2.5 GiB`."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _rows(cells: list[list[str]]) -> str:
