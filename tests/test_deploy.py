@@ -36,6 +36,7 @@ from mirror.config import (
     load_config,
     parse_size,
 )
+from mirror.storage.s3config import S3Config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = REPO_ROOT / "deploy"
@@ -144,22 +145,56 @@ def test_exported_metric_names() -> None:
     }  # fmt: skip
 
 
-@pytest.fixture
-async def exported(aiohttp_client: Any, tmp_path: Path) -> set[str]:
-    """Every series name a freshly started mirror exports on /metrics."""
-    config = Config(
+def _scraped_config(tmp_path: Path, s3: S3Config | None = None) -> Config:
+    return Config(
         host="127.0.0.1",
         port=0,
         # Nothing listens there; nothing in these tests asks the upstream anything.
         upstream=UpstreamConfig(url="http://127.0.0.1:9", connect_timeout=1, read_timeout=1),
-        storage=StorageConfig(path=tmp_path / "data"),
+        storage=StorageConfig(path=tmp_path / "data", s3=s3),
     )
+
+
+async def _exposition(aiohttp_client: Any, config: Config) -> str:
     client = await aiohttp_client(create_app(config))
     resp = await client.get("/metrics")
     assert resp.status == 200
-    names = exported_metric_names(await resp.text())
+    return str(await resp.text())
+
+
+@pytest.fixture
+async def exported(aiohttp_client: Any, tmp_path: Path) -> set[str]:
+    """Every series name a freshly started mirror exports on /metrics."""
+    names = exported_metric_names(await _exposition(aiohttp_client, _scraped_config(tmp_path)))
     assert "mirror_http_requests_total" in names
     return names
+
+
+# A bucket nobody answers for: the mirror starts with it down (mirror_s3_up 0), which is
+# enough to see which series a mirror with storage.s3 exports.
+UNREACHABLE_S3 = S3Config(
+    bucket="mirror-cache",
+    endpoint="http://127.0.0.1:9",
+    region="us-east-1",
+    access_key_id="unused",
+    secret_access_key="unused",
+)
+
+
+@pytest.fixture
+async def exported_s3(aiohttp_client: Any, tmp_path: Path) -> set[str]:
+    """Every series name a freshly started mirror with storage.s3 exports on /metrics."""
+    config = _scraped_config(tmp_path, UNREACHABLE_S3)
+    return exported_metric_names(await _exposition(aiohttp_client, config))
+
+
+async def test_only_a_mirror_with_s3_exports_the_bucket_state(
+    exported: set[str], exported_s3: set[str]
+) -> None:
+    """Without storage.s3 there is no bucket to be down: a 0 there would fire MirrorBucketDown."""
+    assert "mirror_s3_up" not in exported
+    assert "mirror_s3_up" in exported_s3
+    assert exported <= exported_s3
 
 
 def dashboard_exprs() -> list[tuple[str, str]]:
@@ -193,13 +228,13 @@ async def test_dashboard_uses_only_exported_metrics(exported: set[str]) -> None:
         assert not unknown, f"panel {title!r} uses metrics the mirror does not export: {unknown}"
 
 
-async def test_alerts_use_only_exported_metrics(exported: set[str]) -> None:
+async def test_alerts_use_only_exported_metrics(exported: set[str], exported_s3: set[str]) -> None:
     rules = alert_rules()
     assert rules
     for rule in rules:
         names = promql_metric_names(rule["expr"])
         assert names, rule["alert"]
-        unknown = names - exported - PROMETHEUS_SERIES
+        unknown = names - exported - exported_s3 - PROMETHEUS_SERIES
         assert not unknown, f"alert {rule['alert']} uses metrics not exported: {unknown}"
 
 
