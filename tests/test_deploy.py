@@ -417,6 +417,49 @@ def test_every_alert_has_firing_and_quiet_unit_tests() -> None:
     assert names - quiet == set(), "alerts without a not-firing test"
 
 
+# The cases of alerts_test.yml in which a healthy mirror of each kind makes no rule fire.
+HEALTHY_SINGLE_NODE = "healthy single-node mirror"
+HEALTHY_S3 = "healthy S3 mirror"
+# Past the longest look-back of any rule: MirrorLeaseTakeoversFrequent's hour of 5-minute
+# increases.
+_LONGEST_WINDOW_MINUTES = 65
+_SERIES_NAME = re.compile(r"\s*([a-zA-Z_:][a-zA-Z0-9_:]*)")
+
+
+def _minutes(duration: str) -> float:
+    match = re.fullmatch(r"(\d+)([smh])", duration)
+    assert match, f"unsupported duration {duration!r}"
+    return int(match.group(1)) * {"s": 1 / 60, "m": 1, "h": 60}[match.group(2)]
+
+
+def _alerts_test_case(name: str) -> dict[str, Any]:
+    cases = [c for c in yaml.safe_load(ALERTS_TEST.read_text())["tests"] if c.get("name") == name]
+    assert len(cases) == 1, f"expected one case named {name!r} in {ALERTS_TEST.name}"
+    return cases[0]
+
+
+async def test_healthy_mirrors_fire_no_alert(exported: set[str], exported_s3: set[str]) -> None:
+    """The healthy cases feed exactly the series the rules read that a mirror of their kind
+    exports (so no mirror_s3_up without S3), and expect every alert quiet past its window.
+    promtool runs them in test_promtool_test_rules."""
+    read = set().union(*(promql_metric_names(rule["expr"]) for rule in alert_rules()))
+    alerts = {rule["alert"] for rule in alert_rules()}
+    for name, exports in ((HEALTHY_SINGLE_NODE, exported), (HEALTHY_S3, exported_s3)):
+        case = _alerts_test_case(name)
+        fed = set()
+        for series in case["input_series"]:
+            match = _SERIES_NAME.match(series["series"])
+            assert match, series["series"]
+            fed.add(match.group(1))
+        assert fed == (read & exports) | PROMETHEUS_SERIES, name
+        checks = case["alert_rule_test"]
+        assert all(check["exp_alerts"] == [] for check in checks), name
+        late = {
+            c["alertname"] for c in checks if _minutes(c["eval_time"]) >= _LONGEST_WINDOW_MINUTES
+        }
+        assert late == alerts, f"{name}: alerts not checked quiet late enough: {alerts - late}"
+
+
 # --- Grafana ---------------------------------------------------------------------------------
 
 
