@@ -460,6 +460,43 @@ async def test_healthy_mirrors_fire_no_alert(exported: set[str], exported_s3: se
         assert late == alerts, f"{name}: alerts not checked quiet late enough: {alerts - late}"
 
 
+_CODE_SPAN = re.compile(r"`([^`]+)`")
+
+
+def _markdown_table(text: str, header: str) -> list[list[str]]:
+    """The rows of the Markdown table whose header line is `header`, as lists of cells."""
+    lines = text.splitlines()
+    start = lines.index(header)
+    rows = []
+    for line in lines[start + 2 :]:  # after the header and its --- line
+        if not line.startswith("|"):
+            break
+        cells = re.split(r"(?<!\\)\|", line.strip())[1:-1]
+        rows.append([cell.strip().replace("\\|", "|") for cell in cells])
+    return rows
+
+
+def test_readme_alert_table_matches_the_rules() -> None:
+    """One row per rule, in the file's order: name, `for` and severity as in alerts.yml; a
+    one-line expression quoted whole, a longer one described naming every metric it reads
+    (and none it does not)."""
+    readme = (DEPLOY / "README.md").read_text()
+    rows = _markdown_table(readme, "| alert | fires when | for | severity |")
+    rules = alert_rules()
+    assert [row[0] for row in rows] == [f"`{rule['alert']}`" for rule in rules]
+    for (_, fires_when, for_, severity), rule in zip(rows, rules, strict=True):
+        name, expr = rule["alert"], rule["expr"].strip()
+        assert for_ == rule.get("for", ""), name
+        assert severity == rule["labels"]["severity"], name
+        spans = _CODE_SPAN.findall(fires_when)
+        if "\n" not in expr:
+            assert spans and spans[0] == expr, f"{name}: the table does not quote {expr!r}"
+        quoted = set().union(*(promql_metric_names(span) for span in spans))
+        # Config keys and paths are quoted too: only what looks like a series counts.
+        quoted = {m for m in quoted if m.startswith("mirror_") or m == "up"}
+        assert quoted == promql_metric_names(expr), f"{name}: metrics in the table's row"
+
+
 # --- Grafana ---------------------------------------------------------------------------------
 
 
