@@ -433,7 +433,8 @@ def _minutes(duration: str) -> float:
 
 
 def _alerts_test_case(name: str) -> dict[str, Any]:
-    cases = [c for c in yaml.safe_load(ALERTS_TEST.read_text())["tests"] if c.get("name") == name]
+    tests: list[dict[str, Any]] = yaml.safe_load(ALERTS_TEST.read_text())["tests"]
+    cases = [case for case in tests if case.get("name") == name]
     assert len(cases) == 1, f"expected one case named {name!r} in {ALERTS_TEST.name}"
     return cases[0]
 
