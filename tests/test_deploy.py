@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import configparser
 import fnmatch
+import ipaddress
 import json
 import os
 import re
@@ -34,6 +35,7 @@ from mirror.config import (
     UpstreamConfig,
     config_from_mapping,
     load_config,
+    parse_listen,
     parse_size,
 )
 from mirror.storage.s3config import S3Config
@@ -813,6 +815,160 @@ def test_kubernetes_pods_are_locked_down() -> None:
             assert security["allowPrivilegeEscalation"] is False, where
             assert container["resources"]["requests"], where
             assert container["resources"]["limits"]["memory"], where
+
+
+# --- Kubernetes: every kustomization, rendered --------------------------------------------
+
+KUSTOMIZATIONS = sorted(p.parent for p in DEPLOY.glob("*/kustomization.yaml"))
+# storage.max_size leaves this much of the cache's volume free: eviction starts only once
+# the cache passes the bound, and downloads under way (tmp/) and the metadata snapshot live
+# on the same volume. The larger of 15% and 2 GiB.
+HEADROOM_FRACTION = 0.15
+HEADROOM_MIN = 2 * 1024**3
+
+
+def _merge(base: Any, patch: Any) -> Any:
+    """A strategic merge as kustomize does it for these files: mappings key by key, lists
+    of named items (containers, volumes, ports, mounts) item by name, new items first, and
+    anything else replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        return {**base, **{k: _merge(base[k], v) if k in base else v for k, v in patch.items()}}
+    named = isinstance(base, list) and isinstance(patch, list)
+    if named and all(isinstance(i, dict) and "name" in i for i in [*base, *patch]):
+        changes = {item["name"]: item for item in patch}
+        known = {item["name"] for item in base}
+        added = [item for item in patch if item["name"] not in known]
+        return added + [_merge(item, changes.get(item["name"], {})) for item in base]
+    return patch
+
+
+def _kustomize(directory: Path) -> list[dict[str, Any]]:
+    """The documents `kubectl kustomize directory` renders (resources, then patches)."""
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    docs: list[dict[str, Any]] = []
+    for resource in kustomization.get("resources", []):
+        path = (directory / resource).resolve()
+        if path.is_dir():
+            docs += _kustomize(path)
+        else:
+            docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for patch in kustomization.get("patches", []):
+        change = yaml.safe_load((directory / patch["path"]).read_text())
+        (i,) = [
+            i
+            for i, d in enumerate(docs)
+            if (d["kind"], d["metadata"]["name"]) == (change["kind"], change["metadata"]["name"])
+        ]
+        docs[i] = _merge(docs[i], change)
+    return docs
+
+
+def _named(doc: dict[str, Any]) -> tuple[str, str]:
+    return doc["kind"], doc["metadata"]["name"]
+
+
+def _rendered(docs: list[dict[str, Any]], kind: str, name: str = "mirror") -> dict[str, Any]:
+    (found,) = [d for d in docs if (d["kind"], d["metadata"]["name"]) == (kind, name)]
+    return found
+
+
+def _mirror_workload(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (workload,) = [
+        d
+        for d in docs
+        if d["kind"] in ("StatefulSet", "Deployment") and d["metadata"]["name"] == "mirror"
+    ]
+    return workload
+
+
+def _mirror_raw_config(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The mirror's config file, as the workload mounts it from its ConfigMap."""
+    spec = _mirror_workload(docs)["spec"]["template"]["spec"]
+    (container,) = [c for c in spec["containers"] if c["name"] == "mirror"]
+    args = container["args"]
+    mount = {m["mountPath"]: m for m in container["volumeMounts"]}[args[args.index("--config") + 1]]
+    volume = {v["name"]: v for v in spec["volumes"]}[mount["name"]]
+    config_map = _rendered(docs, "ConfigMap", volume["configMap"]["name"])
+    raw: dict[str, Any] = yaml.safe_load(config_map["data"][mount["subPath"]])
+    return raw
+
+
+def _cache_volume_bytes(docs: list[dict[str, Any]], path: str) -> int:
+    """The size of the volume mounted at `path`: a claim template's request, or an
+    emptyDir's sizeLimit."""
+    workload = _mirror_workload(docs)
+    spec = workload["spec"]["template"]["spec"]
+    (container,) = [c for c in spec["containers"] if c["name"] == "mirror"]
+    name = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}[path]
+    claims = {c["metadata"]["name"]: c for c in workload["spec"].get("volumeClaimTemplates", [])}
+    if name in claims:
+        size = claims[name]["spec"]["resources"]["requests"]["storage"]
+    else:
+        size = {v["name"]: v for v in spec["volumes"]}[name]["emptyDir"]["sizeLimit"]
+    return parse_size(f"{path} volume", size + "B")  # 50Gi → 50GiB
+
+
+def test_every_kustomization_is_one_of_the_known_sets() -> None:
+    assert KUSTOMIZATIONS == [KUBERNETES, KUBERNETES_REPLICATED, DEPLOY / "kubernetes-tls"]
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=_ids(KUSTOMIZATIONS))
+def test_max_size_stays_under_the_cache_volume(directory: Path) -> None:
+    docs = _kustomize(directory)
+    raw = _mirror_raw_config(docs)
+    storage = raw["storage"]
+    assert storage.get("max_size"), f"{directory.name}: storage.max_size unset (unbounded)"
+    bound = parse_size("storage.max_size", storage["max_size"])
+    volume = _cache_volume_bytes(docs, storage["path"])
+    headroom = max(HEADROOM_FRACTION * volume, HEADROOM_MIN)
+    assert bound <= volume - headroom, (
+        f"{directory.name}: storage.max_size {storage['max_size']} leaves less than "
+        f"{headroom / 1024**3:.1f} GiB of the {volume / 1024**3:.0f} GiB volume free"
+    )
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=_ids(KUSTOMIZATIONS))
+def test_nodes_hosts_toml_points_at_the_service_cluster_ip(directory: Path) -> None:
+    """Nodes' containerd cannot resolve Service names: the set's hosts.toml for the nodes
+    names the Service's fixed clusterIP and one of its ports, with the matching scheme."""
+    docs = _kustomize(directory)
+    service = _rendered(docs, "Service")
+    cluster_ip = ipaddress.ip_address(service["spec"]["clusterIP"])
+    # kubeadm's default Service CIDR, in the band the API server keeps for fixed addresses.
+    assert cluster_ip in ipaddress.ip_network("10.96.0.0/24"), cluster_ip
+    hosts = tomllib.loads((directory / "nodes/certs.d/docker.io/hosts.toml").read_text())
+    assert hosts["server"] == "https://registry-1.docker.io"
+    (url,) = hosts["host"]
+    parts = urlsplit(url)
+    assert parts.hostname == str(cluster_ip), url
+    ports = {p["port"]: p["name"] for p in service["spec"]["ports"]}
+    assert parts.port in ports, f"{url}: no such port on the Service"
+    assert parts.scheme == ports[parts.port], f"{url}: the Service's port is {ports[parts.port]}"
+    host = hosts["host"][url]
+    assert host["capabilities"] == ["pull", "resolve"]
+    if parts.scheme == "https":
+        assert Path(host["ca"]).parent == Path("/etc/containerd/certs.d/docker.io")
+    # The mirror serves that port: the container's port of the same name.
+    spec = _mirror_workload(docs)["spec"]["template"]["spec"]
+    (container,) = [c for c in spec["containers"] if c["name"] == "mirror"]
+    target = {p["port"]: p.get("targetPort", p["port"]) for p in service["spec"]["ports"]}
+    listen = _mirror_raw_config(docs)
+    listener = listen["tls"]["listen"] if parts.scheme == "https" else listen["listen"]
+    assert _container_port(container, target[parts.port]) == parse_listen("listen", listener)[1]
+
+
+def test_kubectl_kustomize_renders_as_parsed() -> None:
+    """The renderer above agrees with kubectl's own kustomize on every set."""
+    if shutil.which("kubectl") is None:
+        pytest.skip("needs kubectl (kustomize)")
+    for directory in KUSTOMIZATIONS:
+        rendered = subprocess.run(
+            ["kubectl", "kustomize", str(directory)],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout  # fmt: skip
+        docs = [d for d in yaml.safe_load_all(rendered) if d]
+        ours = {_named(d): d for d in _kustomize(directory)}
+        assert {_named(d): d for d in docs} == ours, directory.name
 
 
 # --- Dockerfile ------------------------------------------------------------------------------
