@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import configparser
 import fnmatch
+import ipaddress
 import json
 import os
 import re
@@ -32,9 +33,11 @@ from mirror.config import (
     UpstreamConfig,
     config_from_mapping,
     load_config,
+    parse_listen,
     parse_size,
 )
 from mirror.config.cluster import new_secret, parse_cluster
+from mirror.config.s3 import S3Config
 from mirror.web.app import create_app
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -144,22 +147,56 @@ def test_exported_metric_names() -> None:
     }  # fmt: skip
 
 
-@pytest.fixture
-async def exported(aiohttp_client: Any, tmp_path: Path) -> set[str]:
-    """Every series name a freshly started mirror exports on /metrics."""
-    config = Config(
+def _scraped_config(tmp_path: Path, s3: S3Config | None = None) -> Config:
+    return Config(
         host="127.0.0.1",
         port=0,
         # Nothing listens there; nothing in these tests asks the upstream anything.
         upstream=UpstreamConfig(url="http://127.0.0.1:9", connect_timeout=1, read_timeout=1),
-        storage=StorageConfig(path=tmp_path / "data"),
+        storage=StorageConfig(path=tmp_path / "data", s3=s3),
     )
+
+
+async def _exposition(aiohttp_client: Any, config: Config) -> str:
     client = await aiohttp_client(create_app(config))
     resp = await client.get("/metrics")
     assert resp.status == 200
-    names = exported_metric_names(await resp.text())
+    return str(await resp.text())
+
+
+@pytest.fixture
+async def exported(aiohttp_client: Any, tmp_path: Path) -> set[str]:
+    """Every series name a freshly started mirror exports on /metrics."""
+    names = exported_metric_names(await _exposition(aiohttp_client, _scraped_config(tmp_path)))
     assert "mirror_http_requests_total" in names
     return names
+
+
+# A bucket nobody answers for: the mirror starts with it down (mirror_s3_up 0), which is
+# enough to see which series a mirror with storage.s3 exports.
+UNREACHABLE_S3 = S3Config(
+    bucket="mirror-cache",
+    endpoint="http://127.0.0.1:9",
+    region="us-east-1",
+    access_key_id="unused",
+    secret_access_key="unused",
+)
+
+
+@pytest.fixture
+async def exported_s3(aiohttp_client: Any, tmp_path: Path) -> set[str]:
+    """Every series name a freshly started mirror with storage.s3 exports on /metrics."""
+    config = _scraped_config(tmp_path, UNREACHABLE_S3)
+    return exported_metric_names(await _exposition(aiohttp_client, config))
+
+
+async def test_only_a_mirror_with_s3_exports_the_bucket_state(
+    exported: set[str], exported_s3: set[str]
+) -> None:
+    """Without storage.s3 there is no bucket to be down: a 0 there would fire MirrorBucketDown."""
+    assert "mirror_s3_up" not in exported
+    assert "mirror_s3_up" in exported_s3
+    assert exported <= exported_s3
 
 
 def dashboard_exprs() -> list[tuple[str, str]]:
@@ -193,13 +230,13 @@ async def test_dashboard_uses_only_exported_metrics(exported: set[str]) -> None:
         assert not unknown, f"panel {title!r} uses metrics the mirror does not export: {unknown}"
 
 
-async def test_alerts_use_only_exported_metrics(exported: set[str]) -> None:
+async def test_alerts_use_only_exported_metrics(exported: set[str], exported_s3: set[str]) -> None:
     rules = alert_rules()
     assert rules
     for rule in rules:
         names = promql_metric_names(rule["expr"])
         assert names, rule["alert"]
-        unknown = names - exported - PROMETHEUS_SERIES
+        unknown = names - exported - exported_s3 - PROMETHEUS_SERIES
         assert not unknown, f"alert {rule['alert']} uses metrics not exported: {unknown}"
 
 
@@ -380,6 +417,87 @@ def test_every_alert_has_firing_and_quiet_unit_tests() -> None:
     names = {rule["alert"] for rule in alert_rules()}
     assert names - fires == set(), "alerts without a firing test"
     assert names - quiet == set(), "alerts without a not-firing test"
+
+
+# The cases of alerts_test.yml in which a healthy mirror of each kind makes no rule fire.
+HEALTHY_SINGLE_NODE = "healthy single-node mirror"
+HEALTHY_S3 = "healthy S3 mirror"
+# Past the longest look-back of any rule: MirrorLeaseTakeoversFrequent's hour of 5-minute
+# increases.
+_LONGEST_WINDOW_MINUTES = 65
+_SERIES_NAME = re.compile(r"\s*([a-zA-Z_:][a-zA-Z0-9_:]*)")
+
+
+def _minutes(duration: str) -> float:
+    match = re.fullmatch(r"(\d+)([smh])", duration)
+    assert match, f"unsupported duration {duration!r}"
+    return int(match.group(1)) * {"s": 1 / 60, "m": 1, "h": 60}[match.group(2)]
+
+
+def _alerts_test_case(name: str) -> dict[str, Any]:
+    tests: list[dict[str, Any]] = yaml.safe_load(ALERTS_TEST.read_text())["tests"]
+    cases = [case for case in tests if case.get("name") == name]
+    assert len(cases) == 1, f"expected one case named {name!r} in {ALERTS_TEST.name}"
+    return cases[0]
+
+
+async def test_healthy_mirrors_fire_no_alert(exported: set[str], exported_s3: set[str]) -> None:
+    """The healthy cases feed exactly the series the rules read that a mirror of their kind
+    exports (so no mirror_s3_up without S3), and expect every alert quiet past its window.
+    promtool runs them in test_promtool_test_rules."""
+    read = set().union(*(promql_metric_names(rule["expr"]) for rule in alert_rules()))
+    alerts = {rule["alert"] for rule in alert_rules()}
+    for name, exports in ((HEALTHY_SINGLE_NODE, exported), (HEALTHY_S3, exported_s3)):
+        case = _alerts_test_case(name)
+        fed = set()
+        for series in case["input_series"]:
+            match = _SERIES_NAME.match(series["series"])
+            assert match, series["series"]
+            fed.add(match.group(1))
+        assert fed == (read & exports) | PROMETHEUS_SERIES, name
+        checks = case["alert_rule_test"]
+        assert all(check["exp_alerts"] == [] for check in checks), name
+        late = {
+            c["alertname"] for c in checks if _minutes(c["eval_time"]) >= _LONGEST_WINDOW_MINUTES
+        }
+        assert late == alerts, f"{name}: alerts not checked quiet late enough: {alerts - late}"
+
+
+_CODE_SPAN = re.compile(r"`([^`]+)`")
+
+
+def _markdown_table(text: str, header: str) -> list[list[str]]:
+    """The rows of the Markdown table whose header line is `header`, as lists of cells."""
+    lines = text.splitlines()
+    start = lines.index(header)
+    rows = []
+    for line in lines[start + 2 :]:  # after the header and its --- line
+        if not line.startswith("|"):
+            break
+        cells = re.split(r"(?<!\\)\|", line.strip())[1:-1]
+        rows.append([cell.strip().replace("\\|", "|") for cell in cells])
+    return rows
+
+
+def test_readme_alert_table_matches_the_rules() -> None:
+    """One row per rule, in the file's order: name, `for` and severity as in alerts.yml; a
+    one-line expression quoted whole, a longer one described naming every metric it reads
+    (and none it does not)."""
+    readme = (DEPLOY / "README.md").read_text()
+    rows = _markdown_table(readme, "| alert | fires when | for | severity |")
+    rules = alert_rules()
+    assert [row[0] for row in rows] == [f"`{rule['alert']}`" for rule in rules]
+    for (_, fires_when, for_, severity), rule in zip(rows, rules, strict=True):
+        name, expr = rule["alert"], rule["expr"].strip()
+        assert for_ == rule.get("for", ""), name
+        assert severity == rule["labels"]["severity"], name
+        spans = _CODE_SPAN.findall(fires_when)
+        if "\n" not in expr:
+            assert spans and spans[0] == expr, f"{name}: the table does not quote {expr!r}"
+        quoted = set().union(*(promql_metric_names(span) for span in spans))
+        # Config keys and paths are quoted too: only what looks like a series counts.
+        quoted = {m for m in quoted if m.startswith("mirror_") or m == "up"}
+        assert quoted == promql_metric_names(expr), f"{name}: metrics in the table's row"
 
 
 # --- Grafana ---------------------------------------------------------------------------------
@@ -697,6 +815,160 @@ def test_kubernetes_pods_are_locked_down() -> None:
             assert security["allowPrivilegeEscalation"] is False, where
             assert container["resources"]["requests"], where
             assert container["resources"]["limits"]["memory"], where
+
+
+# --- Kubernetes: every kustomization, rendered --------------------------------------------
+
+KUSTOMIZATIONS = sorted(p.parent for p in DEPLOY.glob("*/kustomization.yaml"))
+# storage.max_size leaves this much of the cache's volume free: eviction starts only once
+# the cache passes the bound, and downloads under way (tmp/) and the metadata snapshot live
+# on the same volume. The larger of 15% and 2 GiB.
+HEADROOM_FRACTION = 0.15
+HEADROOM_MIN = 2 * 1024**3
+
+
+def _merge(base: Any, patch: Any) -> Any:
+    """A strategic merge as kustomize does it for these files: mappings key by key, lists
+    of named items (containers, volumes, ports, mounts) item by name, new items first, and
+    anything else replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        return {**base, **{k: _merge(base[k], v) if k in base else v for k, v in patch.items()}}
+    named = isinstance(base, list) and isinstance(patch, list)
+    if named and all(isinstance(i, dict) and "name" in i for i in [*base, *patch]):
+        changes = {item["name"]: item for item in patch}
+        known = {item["name"] for item in base}
+        added = [item for item in patch if item["name"] not in known]
+        return added + [_merge(item, changes.get(item["name"], {})) for item in base]
+    return patch
+
+
+def _kustomize(directory: Path) -> list[dict[str, Any]]:
+    """The documents `kubectl kustomize directory` renders (resources, then patches)."""
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    docs: list[dict[str, Any]] = []
+    for resource in kustomization.get("resources", []):
+        path = (directory / resource).resolve()
+        if path.is_dir():
+            docs += _kustomize(path)
+        else:
+            docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for patch in kustomization.get("patches", []):
+        change = yaml.safe_load((directory / patch["path"]).read_text())
+        (i,) = [
+            i
+            for i, d in enumerate(docs)
+            if (d["kind"], d["metadata"]["name"]) == (change["kind"], change["metadata"]["name"])
+        ]
+        docs[i] = _merge(docs[i], change)
+    return docs
+
+
+def _named(doc: dict[str, Any]) -> tuple[str, str]:
+    return doc["kind"], doc["metadata"]["name"]
+
+
+def _rendered(docs: list[dict[str, Any]], kind: str, name: str = "mirror") -> dict[str, Any]:
+    (found,) = [d for d in docs if (d["kind"], d["metadata"]["name"]) == (kind, name)]
+    return found
+
+
+def _mirror_workload(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (workload,) = [
+        d
+        for d in docs
+        if d["kind"] in ("StatefulSet", "Deployment") and d["metadata"]["name"] == "mirror"
+    ]
+    return workload
+
+
+def _mirror_raw_config(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The mirror's config file, as the workload mounts it from its ConfigMap."""
+    spec = _mirror_workload(docs)["spec"]["template"]["spec"]
+    (container,) = [c for c in spec["containers"] if c["name"] == "mirror"]
+    args = container["args"]
+    mount = {m["mountPath"]: m for m in container["volumeMounts"]}[args[args.index("--config") + 1]]
+    volume = {v["name"]: v for v in spec["volumes"]}[mount["name"]]
+    config_map = _rendered(docs, "ConfigMap", volume["configMap"]["name"])
+    raw: dict[str, Any] = yaml.safe_load(config_map["data"][mount["subPath"]])
+    return raw
+
+
+def _cache_volume_bytes(docs: list[dict[str, Any]], path: str) -> int:
+    """The size of the volume mounted at `path`: a claim template's request, or an
+    emptyDir's sizeLimit."""
+    workload = _mirror_workload(docs)
+    spec = workload["spec"]["template"]["spec"]
+    (container,) = [c for c in spec["containers"] if c["name"] == "mirror"]
+    name = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}[path]
+    claims = {c["metadata"]["name"]: c for c in workload["spec"].get("volumeClaimTemplates", [])}
+    if name in claims:
+        size = claims[name]["spec"]["resources"]["requests"]["storage"]
+    else:
+        size = {v["name"]: v for v in spec["volumes"]}[name]["emptyDir"]["sizeLimit"]
+    return parse_size(f"{path} volume", size + "B")  # 50Gi → 50GiB
+
+
+def test_every_kustomization_is_one_of_the_known_sets() -> None:
+    assert KUSTOMIZATIONS == [KUBERNETES, KUBERNETES_REPLICATED, DEPLOY / "kubernetes-tls"]
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=_ids(KUSTOMIZATIONS))
+def test_max_size_stays_under_the_cache_volume(directory: Path) -> None:
+    docs = _kustomize(directory)
+    raw = _mirror_raw_config(docs)
+    storage = raw["storage"]
+    assert storage.get("max_size"), f"{directory.name}: storage.max_size unset (unbounded)"
+    bound = parse_size("storage.max_size", storage["max_size"])
+    volume = _cache_volume_bytes(docs, storage["path"])
+    headroom = max(HEADROOM_FRACTION * volume, HEADROOM_MIN)
+    assert bound <= volume - headroom, (
+        f"{directory.name}: storage.max_size {storage['max_size']} leaves less than "
+        f"{headroom / 1024**3:.1f} GiB of the {volume / 1024**3:.0f} GiB volume free"
+    )
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=_ids(KUSTOMIZATIONS))
+def test_nodes_hosts_toml_points_at_the_service_cluster_ip(directory: Path) -> None:
+    """Nodes' containerd cannot resolve Service names: the set's hosts.toml for the nodes
+    names the Service's fixed clusterIP and one of its ports, with the matching scheme."""
+    docs = _kustomize(directory)
+    service = _rendered(docs, "Service")
+    cluster_ip = ipaddress.ip_address(service["spec"]["clusterIP"])
+    # kubeadm's default Service CIDR, in the band the API server keeps for fixed addresses.
+    assert cluster_ip in ipaddress.ip_network("10.96.0.0/24"), cluster_ip
+    hosts = tomllib.loads((directory / "nodes/certs.d/docker.io/hosts.toml").read_text())
+    assert hosts["server"] == "https://registry-1.docker.io"
+    (url,) = hosts["host"]
+    parts = urlsplit(url)
+    assert parts.hostname == str(cluster_ip), url
+    ports = {p["port"]: p["name"] for p in service["spec"]["ports"]}
+    assert parts.port in ports, f"{url}: no such port on the Service"
+    assert parts.scheme == ports[parts.port], f"{url}: the Service's port is {ports[parts.port]}"
+    host = hosts["host"][url]
+    assert host["capabilities"] == ["pull", "resolve"]
+    if parts.scheme == "https":
+        assert Path(host["ca"]).parent == Path("/etc/containerd/certs.d/docker.io")
+    # The mirror serves that port: the container's port of the same name.
+    spec = _mirror_workload(docs)["spec"]["template"]["spec"]
+    (container,) = [c for c in spec["containers"] if c["name"] == "mirror"]
+    target = {p["port"]: p.get("targetPort", p["port"]) for p in service["spec"]["ports"]}
+    listen = _mirror_raw_config(docs)
+    listener = listen["tls"]["listen"] if parts.scheme == "https" else listen["listen"]
+    assert _container_port(container, target[parts.port]) == parse_listen("listen", listener)[1]
+
+
+def test_kubectl_kustomize_renders_as_parsed() -> None:
+    """The renderer above agrees with kubectl's own kustomize on every set."""
+    if shutil.which("kubectl") is None:
+        pytest.skip("needs kubectl (kustomize)")
+    for directory in KUSTOMIZATIONS:
+        rendered = subprocess.run(
+            ["kubectl", "kustomize", str(directory)],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout  # fmt: skip
+        docs = [d for d in yaml.safe_load_all(rendered) if d]
+        ours = {_named(d): d for d in _kustomize(directory)}
+        assert {_named(d): d for d in docs} == ours, directory.name
 
 
 # --- Dockerfile ------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from mirror.config import Config, StorageConfig, UpstreamConfig
+from mirror.config.s3 import S3Config
 from mirror.web.app import create_app
 from tests.services import Service, free_port, http_status
 from tests.test_deploy import ALERTS, DASHBOARD, alert_rules, dashboard_exprs
@@ -90,19 +91,22 @@ def _fill_variables(expr: str) -> str:
     return expr
 
 
-async def test_prometheus_scrapes_the_mirror(aiohttp_server: Any, tmp_path: Path) -> None:
-    config = Config(
+def _mirror_config(tmp_path: Path, s3: S3Config | None = None) -> Config:
+    return Config(
         host="127.0.0.1",
         port=0,
         # Nothing listens there; scrapes never make the mirror ask its upstream anything.
         upstream=UpstreamConfig(url="http://127.0.0.1:9", connect_timeout=1, read_timeout=1),
-        storage=StorageConfig(path=tmp_path / "data"),
+        storage=StorageConfig(path=tmp_path / "data", s3=s3),
     )
-    mirror = await aiohttp_server(create_app(config))
+
+
+def _prometheus_for(tmp_path: Path, mirror_port: int) -> PrometheusServer:
+    """A Prometheus scraping the mirror on `mirror_port` as job "mirror", with the rules."""
     workdir = tmp_path / "prometheus"
     workdir.mkdir()
     shutil.copy(ALERTS, workdir / ALERTS.name)
-    prometheus = PrometheusServer(
+    return PrometheusServer(
         workdir,
         {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -111,11 +115,16 @@ async def test_prometheus_scrapes_the_mirror(aiohttp_server: Any, tmp_path: Path
                 {
                     "job_name": "mirror",
                     "metrics_path": "/metrics",
-                    "static_configs": [{"targets": [f"127.0.0.1:{mirror.port}"]}],
+                    "static_configs": [{"targets": [f"127.0.0.1:{mirror_port}"]}],
                 }
             ],
         },
     )
+
+
+async def test_prometheus_scrapes_the_mirror(aiohttp_server: Any, tmp_path: Path) -> None:
+    mirror = await aiohttp_server(create_app(_mirror_config(tmp_path)))
+    prometheus = _prometheus_for(tmp_path, mirror.port)
     # start() blocks until ready: in a thread, so this loop keeps serving the mirror.
     await asyncio.to_thread(prometheus.start)
     try:
@@ -184,5 +193,56 @@ async def test_prometheus_scrapes_the_mirror(aiohttp_server: Any, tmp_path: Path
                 session, f"{prometheus.url}/api/v1/label/{label}/values", **{"match[]": metric}
             )
             assert data == [f"127.0.0.1:{mirror.port}"]
+    finally:
+        await asyncio.to_thread(prometheus.stop)
+
+
+@pytest.mark.parametrize("kind", ["single-node", "s3"])
+async def test_no_alert_fires_on_a_healthy_mirror(
+    aiohttp_server: Any, tmp_path: Path, request: pytest.FixtureRequest, kind: str
+) -> None:
+    """Neither pending nor firing: a rule whose condition holds is pending at once, so a
+    few evaluations of every rule against a healthy mirror's live series show it."""
+    s3 = None
+    if kind == "s3":
+        rgw = request.getfixturevalue("rgw")  # skips without Ceph
+        s3 = S3Config(
+            bucket=request.getfixturevalue("s3_bucket"),
+            endpoint=rgw.endpoint,
+            region=rgw.region,
+            access_key_id=rgw.access_key,
+            secret_access_key=rgw.secret_key,
+        )
+    if shutil.disk_usage(tmp_path).free < 0.2 * shutil.disk_usage(tmp_path).total:
+        pytest.skip("this machine's disk is nearly full: MirrorCacheNearlyFull would be right")
+    mirror = await aiohttp_server(create_app(_mirror_config(tmp_path, s3)))
+    prometheus = _prometheus_for(tmp_path, mirror.port)
+    await asyncio.to_thread(prometheus.start)
+    try:
+        async with aiohttp.ClientSession() as session:
+            exposition = await (await session.get(f"http://127.0.0.1:{mirror.port}/metrics")).text()
+            assert ("mirror_s3_up " in exposition) == (s3 is not None)
+            query = f"{prometheus.url}/api/v1/query"
+
+            async def scraped() -> bool:
+                data = await _api(session, query, query='up{job="mirror"} == 1')
+                return bool(data["result"])
+
+            await _wait_for("a first scrape of the mirror", scraped)
+            # Evaluations from now on see the mirror's series.
+            evaluated: dict[str, set[str]] = {rule["alert"]: set() for rule in alert_rules()}
+
+            async def rules_evaluated_thrice() -> bool:
+                data = await _api(session, f"{prometheus.url}/api/v1/rules")
+                for rule in (r for g in data["groups"] for r in g["rules"]):
+                    if rule["lastEvaluation"].startswith("0001-"):
+                        continue  # not evaluated yet
+                    assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"
+                    evaluated[rule["name"]].add(rule["lastEvaluation"])
+                return min(map(len, evaluated.values())) >= 3
+
+            await _wait_for("every alert rule evaluated", rules_evaluated_thrice)
+            data = await _api(session, f"{prometheus.url}/api/v1/alerts")
+            assert data["alerts"] == [], f"alerts on a healthy {kind} mirror: {data['alerts']}"
     finally:
         await asyncio.to_thread(prometheus.stop)

@@ -246,7 +246,7 @@ class Metrics:
             "mirror_s3_up",
             "1 while the S3 bucket answers; 0 while blobs are served from the local tier "
             "and upstream, uncached.",
-            registry=r,
+            registry=None,  # registered by storage.s3.Bucket: a mirror without S3 has none
         )
         self.redirects = Counter(
             "mirror_blob_redirects",

@@ -80,6 +80,7 @@ class Bucket:
         self._closed = False
         # Multipart uploads whose abort failed while the bucket was down: (key, upload id).
         self._orphans: list[tuple[str, str]] = []
+        metrics.registry.register(metrics.s3_up)
         metrics.s3_up.set(1)
 
     # --- keys ------------------------------------------------------------------------------
