@@ -10,6 +10,8 @@ import json
 import logging
 import secrets
 import time
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -68,3 +70,45 @@ def setup_logging(level: str, fmt: str) -> None:
     root.setLevel(level)
     # Audit lines (gate.py) are kept whatever the level: they are a record, not chatter.
     logging.getLogger("mirror.audit").setLevel(logging.INFO)
+
+
+class FailureLog:
+    """Upstream failures that clients saw: one WARNING each, naming the upstream, the
+    repository and the cause, at most one line per upstream and cause every `interval`
+    (an outage must not flood the log); the next line counts the ones held back."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._log = logger
+        self._interval = interval
+        self._clock = clock
+        self._next: dict[tuple[str, str], float] = {}
+        self._held: dict[tuple[str, str], int] = {}
+        # The same error reaches every client of one download: it is logged once.
+        self._seen: weakref.WeakSet[BaseException] = weakref.WeakSet()
+
+    def warn(self, upstream: str, repository: str, error: BaseException, cause: str) -> None:
+        if error in self._seen:
+            return
+        self._seen.add(error)
+        key = (upstream, type(error).__name__)
+        now = self._clock()
+        if now < self._next.get(key, 0.0):
+            self._held[key] = self._held.get(key, 0) + 1
+            return
+        self._next[key] = now + self._interval
+        held = self._held.pop(key, 0)
+        more = f" ({held} more like it in the last {self._interval:g}s)" if held else ""
+        self._log.warning(
+            "upstream %s failed for %s: %s%s",
+            _printable(upstream), _printable(repository), _printable(cause), more,
+        )  # fmt: skip
+
+
+def _printable(text: str) -> str:
+    """Control characters escaped: a client-chosen name cannot forge a log line."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")

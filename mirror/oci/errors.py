@@ -6,7 +6,9 @@
     ├── ManifestUnknown, ManifestInvalid, BlobUnknown            (content)
     ├── RangeNotSatisfiable                                      (416)
     ├── Unsupported                                              (push/delete on a mirror)
-    ├── Unauthorized, Denied, TooManyRequests                    (from the upstream)
+    ├── Unauthorized, Denied                                     (the mirror's own auth)
+    │   └── UpstreamUnauthorized, UpstreamDenied                 (the upstream's answer)
+    ├── TooManyRequests                                          (the upstream's limit)
     └── UpstreamUnavailable                                      (upstream down, 5xx, timeout)
 
 The error middleware (`web/app.py`, through `web/errors.py`) turns any of them into
@@ -25,6 +27,8 @@ class RegistryError(Exception):
 
     code: ClassVar[str] = "UNKNOWN"
     status: ClassVar[int] = 500
+    # True for what an upstream did (its refusal, its limit, its outage): logged as such.
+    from_upstream: ClassVar[bool] = False
 
     def __init__(self, message: str, detail: Any = None) -> None:
         super().__init__(message)
@@ -116,14 +120,27 @@ class Unauthorized(RegistryError):
         return {"WWW-Authenticate": self.challenge} if self.challenge else {}
 
 
+class UpstreamUnauthorized(Unauthorized):
+    """The upstream refused the mirror's credentials, or wants some it does not have."""
+
+    from_upstream = True
+
+
 class Denied(RegistryError):
     code = "DENIED"
     status = 403
 
 
+class UpstreamDenied(Denied):
+    """The upstream denied the mirror access (not the mirror's own pull policy)."""
+
+    from_upstream = True
+
+
 class TooManyRequests(RegistryError):
     code = "TOOMANYREQUESTS"
     status = 429
+    from_upstream = True
 
     def __init__(self, message: str, retry_after: int = 60) -> None:
         super().__init__(message)
@@ -136,6 +153,7 @@ class TooManyRequests(RegistryError):
 class UpstreamUnavailable(RegistryError):
     code = "UNAVAILABLE"
     status = 503
+    from_upstream = True
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "5"}

@@ -22,14 +22,14 @@ from mirror.net.tls import describe_failure
 from mirror.observe.metrics import Metrics
 from mirror.oci.errors import (
     BlobUnknown,
-    Denied,
     DigestMismatch,
     ManifestInvalid,
     ManifestUnknown,
     NameUnknown,
     RegistryError,
     TooManyRequests,
-    Unauthorized,
+    UpstreamDenied,
+    UpstreamUnauthorized,
     UpstreamUnavailable,
 )
 from mirror.oci.reference import compute_digest
@@ -272,7 +272,9 @@ class Upstream:
         if challenge.scheme == "basic" and self._credentials is not None:
             self._use_basic = True
             return {"Authorization": await self._credentials.header()}
-        raise Unauthorized(f"upstream {self.name} requires credentials the mirror does not have")
+        raise UpstreamUnauthorized(
+            f"upstream {self.name} requires credentials the mirror does not have"
+        )
 
     def _observe_ratelimit(self, resp: aiohttp.ClientResponse) -> None:
         for header, gauge in (
@@ -292,9 +294,9 @@ class Upstream:
         if status == 404 and kind in _NOT_FOUND:
             raise _NOT_FOUND[kind](f"{what} not found upstream")
         if status == 401:
-            raise Unauthorized(f"upstream {self.name} refused access to {what}")
+            raise UpstreamUnauthorized(f"upstream {self.name} refused access to {what}")
         if status == 403:
-            raise Denied(f"upstream {self.name} denied access to {what}")
+            raise UpstreamDenied(f"upstream {self.name} denied access to {what}")
         if status == 429:
             retry_after = _retry_after(resp.headers)
             self._limited_until = time.monotonic() + retry_after

@@ -12,7 +12,7 @@ import os
 import signal
 import time
 
-from mirror.oci.errors import Denied
+from mirror.oci.errors import UpstreamDenied
 from mirror.upstream.tokens import basic_authorization
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,9 @@ class Credentials:
         # Keep a password that worked before: better a soon-stale one than none.
         log.error("password_command for upstream %s %s", self._upstream, why)
         if self._fetched_at is None:
-            raise Denied(f"the mirror could not get its password for upstream {self._upstream}")
+            raise UpstreamDenied(
+                f"the mirror could not get its password for upstream {self._upstream}"
+            )
         self._fetched_at = time.monotonic() - self._refresh + 60  # retry in a minute
 
 

@@ -19,7 +19,7 @@ from aiocache import SimpleMemoryCache
 
 from mirror.net.tls import describe_failure
 from mirror.observe.metrics import Metrics
-from mirror.oci.errors import Denied, Unauthorized, UpstreamUnavailable
+from mirror.oci.errors import UpstreamDenied, UpstreamUnauthorized, UpstreamUnavailable
 from mirror.util.singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ class TokenCache:
                 counter.labels(host, str(resp.status)).inc()
                 if resp.status in (401, 403):
                     # The account's credentials were refused: say so without echoing them.
-                    raise Denied("the mirror's upstream credentials were refused")
+                    raise UpstreamDenied("the mirror's upstream credentials were refused")
                 if resp.status != 200:
                     raise UpstreamUnavailable(f"upstream token service answered {resp.status}")
                 body = await resp.json(content_type=None)
@@ -164,10 +164,10 @@ class TokenCache:
 def _token_from(body: object) -> tuple[str, float]:
     """(token, seconds to cache it) from a token response body."""
     if not isinstance(body, dict):
-        raise Unauthorized("upstream token service sent no token")
+        raise UpstreamUnauthorized("upstream token service sent no token")
     token = body.get("token") or body.get("access_token")
     if not isinstance(token, str) or not token:
-        raise Unauthorized("upstream token service sent no token")
+        raise UpstreamUnauthorized("upstream token service sent no token")
     expires_in = body.get("expires_in")
     if not isinstance(expires_in, int | float) or expires_in <= 0:
         expires_in = DEFAULT_EXPIRES_IN

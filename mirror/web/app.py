@@ -23,7 +23,7 @@ from mirror.config import Config, UpstreamConfig
 from mirror.metadata.fallback import open_metadata
 from mirror.metadata.memory import MemoryMetadata
 from mirror.net.tls import client_contexts
-from mirror.observe.logs import REQUEST_ID_HEADER, new_request_id, request_id_var
+from mirror.observe.logs import REQUEST_ID_HEADER, FailureLog, new_request_id, request_id_var
 from mirror.observe.metrics import Metrics
 from mirror.oci.errors import EndpointUnknown, RegistryError, Unsupported
 from mirror.storage import CacheStore, new_store
@@ -32,7 +32,7 @@ from mirror.upstream.credentials import Credentials
 from mirror.upstream.routing import Upstreams
 from mirror.upstream.tokens import TokenCache
 from mirror.web.access import client_auth_ctx, client_auth_middleware, token_handler
-from mirror.web.accesslog import outcome_key
+from mirror.web.accesslog import outcome_key, upstream_name_key
 from mirror.web.blobs import BlobService
 from mirror.web.errors import error_response
 from mirror.web.gate import pull_policy_middleware
@@ -42,6 +42,7 @@ from mirror.web.keys import (
     config_key,
     downloads_key,
     evictor_key,
+    failures_key,
     leases_key,
     manifests_key,
     metadata_key,
@@ -75,6 +76,7 @@ def create_app(config: Config) -> web.Application:
     )
     app[config_key] = config
     app[metrics_key] = Metrics()
+    app[failures_key] = FailureLog(logging.getLogger("mirror.upstream"))
     app[storage_key] = new_store(config.storage, app[metrics_key])
     share_bucket(app)  # replicas: the bucket's eviction and clean-up ask the leases
     app[pulls_key] = PullCounter()
@@ -251,6 +253,10 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except RegistryError as exc:
+        if exc.from_upstream:
+            upstream = request.get(upstream_name_key, "-")
+            repository = request.match_info.get("name", "-")
+            request.app[failures_key].warn(upstream, repository, exc, exc.message)
         return error_response(exc, head=head)
     except web.HTTPMethodNotAllowed:
         refused = Unsupported(f"{request.method} is not supported by a pull-through mirror")

@@ -14,6 +14,7 @@ from mirror.cache.taglists import TagListService
 from mirror.cluster.lease import Leases
 from mirror.config import Config
 from mirror.metadata.store import MetadataStore
+from mirror.observe.logs import FailureLog
 from mirror.observe.metrics import Metrics
 from mirror.storage import CacheStore
 from mirror.upstream.routing import Upstreams
@@ -25,6 +26,8 @@ if TYPE_CHECKING:  # peers.py reads its services from these keys
 
 config_key = web.AppKey("config", Config)
 metrics_key = web.AppKey("metrics", Metrics)
+# Upstream failures clients saw, logged once each and rate-limited (observe/logs.py).
+failures_key = web.AppKey("failures", FailureLog)
 storage_key: web.AppKey[CacheStore] = web.AppKey("storage")
 metadata_key: web.AppKey[MetadataStore] = web.AppKey("metadata")
 upstreams_key = web.AppKey("upstreams", Upstreams)
