@@ -8,8 +8,18 @@ from typing import Any
 import bcrypt
 import pytest
 
-from mirror.access.policy import ALLOW_LIST, DENY_LIST, NO_RULE, Policy, Target, parse_glob
+from mirror.access.policy import (
+    ALLOW_LIST,
+    DENY_LIST,
+    NO_RULE,
+    Policy,
+    Target,
+    compile_policy,
+    parse_glob,
+)
 from mirror.config import ConfigError, config_from_mapping
+from mirror.oci.errors import DigestInvalid
+from mirror.oci.reference import parse_digest
 from tests.test_config import run_cli, write
 
 DIGEST = "sha256:" + "a" * 64
@@ -114,6 +124,33 @@ def test_malformed_globs(glob: str) -> None:
         parse_glob("upstreams.docker.io.deny[0]", glob)
 
 
+@pytest.mark.parametrize(
+    "digest",
+    [
+        DIGEST,
+        "sha512:" + "c" * 128,
+        "sha256:" + "A" * 64,  # upper-case hex
+        "sha256:" + "a" * 63,
+        "sha512:" + "c" * 64,
+        "sha384:" + "a" * 96,  # an algorithm the mirror does not take
+        "sha256" + "a" * 64,
+    ],
+)
+def test_glob_digest_parts_follow_the_reference_grammar(digest: str) -> None:
+    """The config restates the digest grammar of mirror/oci/reference.py: the two agree."""
+    try:
+        parse_digest(digest)
+        valid = True
+    except DigestInvalid:
+        valid = False
+    try:
+        parse_glob("g", f"library/nginx@{digest}")
+        accepted = True
+    except ConfigError:
+        accepted = False
+    assert accepted is valid
+
+
 def test_rule_globs_name_a_known_upstream() -> None:
     known = frozenset({"docker.io", "ghcr.io"})
     assert parse_glob("k", "ghcr.io/owner/*", known).grants("ghcr.io/owner/x", None)
@@ -138,9 +175,9 @@ def htpasswd(tmp_path: Path) -> Path:
 
 
 def policy_of(raw: dict[str, Any]) -> Policy:
-    policy = config_from_mapping(raw).policy
-    assert policy is not None
-    return policy
+    settings = config_from_mapping(raw).policy
+    assert settings is not None
+    return compile_policy(settings)
 
 
 def hub(repository: str, reference: str | None = None, default: bool = True) -> Target:

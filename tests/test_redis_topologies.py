@@ -15,9 +15,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from mirror.config import CacheConfig, Config, ConfigError, RedisConfig, apply_overrides
+from mirror.config.redis import parse_redis_url, redacted
 from mirror.metadata.fallback import FallbackMetadata, open_metadata
 from mirror.metadata.store import TagRecord
-from mirror.metadata.topology import parse_redis_url, redacted
 from mirror.web.keys import metadata_key
 from tests.conftest import MakeClient
 from tests.fakehub import FakeHub

@@ -1,5 +1,7 @@
 """Pull policies: per-upstream allow/deny globs and per-user rules, compiled once at start.
 
+The settings are checked at load (mirror/config/policy.py); this module matches requests.
+
 Globs are `/`-separated: `*` matches within one path segment (`library/*`, `library/py*`),
 a whole-segment `**` any number of segments, none included (`bitnami/**`). An optional
 `:<tag glob>` or `@<digest>` ends a glob. Rule globs start with the upstream's registry
@@ -22,28 +24,18 @@ names none, the repository decides:
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-from mirror.config import (
-    DEFAULT_UPSTREAM,
-    DOCKER_HUB_HOSTS,
-    ConfigError,
-    UpstreamConfig,
-    parse_url,
+from mirror.config.policy import (
+    ANY_SEGMENTS,
+    GlobSpec,
+    ListsConfig,
+    PolicyConfig,
+    RuleConfig,
+    validate_glob,
 )
-from mirror.oci.errors import DigestInvalid
-from mirror.oci.reference import is_digest_reference, parse_digest
-
-ANONYMOUS = "anonymous"
-ANY_USER = "*"
-RESERVED = frozenset({ANONYMOUS, ANY_USER})
-
-_REPO_SEGMENT = re.compile(r"[a-z0-9._*-]+")
-_UPSTREAM_SEGMENT = re.compile(r"[A-Za-z0-9._:*-]+")
-_TAG_GLOB = re.compile(r"[A-Za-z0-9._*-]{1,128}")
+from mirror.oci.reference import is_digest_reference
 
 # Why a pull was refused: a label of mirror_pulls_denied_total and a field of the audit line.
 DENY_LIST = "deny_list"
@@ -104,51 +96,24 @@ class Glob:
         return is_digest_reference(reference) or bool(self.tag.fullmatch(reference))
 
 
-def parse_glob(key: str, value: object, known_upstreams: frozenset[str] | None = None) -> Glob:
-    """A glob from the config; with `known_upstreams`, a rule glob whose first segment
-    names an upstream (a literal name must be one of them)."""
-    if not isinstance(value, str):
-        raise ConfigError(key, f"expected a glob string, got {value!r}")
-    path, at, digest = value.partition("@")
-    head, slash, last = path.rpartition("/")
-    last, colon, tag = last.partition(":")
-    segments = [*head.split("/"), last] if slash else [last]
-    if any(not segment for segment in segments) or (colon and not tag) or (at and not digest):
-        raise ConfigError(key, f"malformed glob {value!r}: an empty part")
-    if colon and not _TAG_GLOB.fullmatch(tag):
-        raise ConfigError(key, f"malformed glob {value!r}: bad tag part {tag!r}")
-    if at:
-        try:
-            parse_digest(digest)
-        except DigestInvalid:
-            raise ConfigError(key, f"malformed glob {value!r}: bad digest part") from None
-    compiled = [_compile_segment(key, value, s, i, known_upstreams) for i, s in enumerate(segments)]
-    if known_upstreams is not None and len(compiled) < 2 and compiled[0] is not None:
-        raise ConfigError(key, f"malformed glob {value!r}: expected <upstream>/<repository glob>")
+def compile_glob(spec: GlobSpec) -> Glob:
+    """The matcher for a checked glob."""
+    compiled = [None if s == ANY_SEGMENTS else _segment_regex(s) for s in spec.segments]
     # `**/**` is `**`: a run of them is collapsed, so that it cannot multiply the work.
     collapsed = [
         s for i, s in enumerate(compiled) if s is not None or compiled[i - 1 : i] != [None]
     ]
     return Glob(
-        value,
+        spec.text,
         _path_regex(collapsed),
-        re.compile(_segment_regex(tag)) if colon else None,
-        digest if at else None,
+        None if spec.tag is None else re.compile(_segment_regex(spec.tag)),
+        spec.digest,
     )
 
 
-def _compile_segment(
-    key: str, value: str, segment: str, index: int, known_upstreams: frozenset[str] | None
-) -> str | None:
-    if segment == "**":
-        return None
-    upstream = known_upstreams is not None and index == 0
-    allowed = _UPSTREAM_SEGMENT if upstream else _REPO_SEGMENT
-    if "**" in segment or not allowed.fullmatch(segment):
-        raise ConfigError(key, f"malformed glob {value!r}: bad segment {segment!r}")
-    if upstream and "*" not in segment and segment not in (known_upstreams or ()):
-        raise ConfigError(key, f"{value!r} names no configured upstream: {segment!r}")
-    return _segment_regex(segment)
+def parse_glob(key: str, value: object, known_upstreams: frozenset[str] | None = None) -> Glob:
+    """A glob from the config, checked (ConfigError naming `key`) and compiled."""
+    return compile_glob(validate_glob(key, value, known_upstreams))
 
 
 @dataclass(frozen=True)
@@ -234,126 +199,25 @@ class Policy:
         return NO_RULE
 
 
-# --- parsing ---------------------------------------------------------------------------------
+# --- compiling ---------------------------------------------------------------------------------
 
 
-def parse_policy(
-    raw: Mapping[str, Any], default: UpstreamConfig, others: Sequence[UpstreamConfig]
-) -> Policy | None:
-    """The policy of a config document (None when it sets none), after the rest of it has
-    been validated: upstream entries, `auth.htpasswd`."""
-    entries = _upstream_entries(raw)
-    by_upstream = {name: _lists(key, entry) for name, (key, entry) in entries.items()}
-    auth = raw.get("auth") or {}
-    rules = None
-    if auth.get("rules") is not None:
-        known = frozenset({upstream.registry for upstream in (default, *others)} | DOCKER_HUB_HOSTS)
-        groups = _groups(auth.get("groups"))
-        rules = _rules(auth["rules"], groups, _htpasswd_users(auth.get("htpasswd")), known)
-        if auth.get("anonymous_pull") is False and any(rule.anonymous for rule in rules):
-            raise ConfigError(
-                "auth.rules", "a rule names anonymous but auth.anonymous_pull is false"
-            )
-    if rules is None and all(lists == UpstreamLists() for lists in by_upstream.values()):
-        return None
+def compile_policy(spec: PolicyConfig) -> Policy:
+    """The matcher for a checked policy: built once, when the app is created."""
     return Policy(
-        by_upstream=tuple(
-            (name, lists) for name, lists in by_upstream.items() if name != default.registry
-        ),
-        default=by_upstream.get(default.registry, UpstreamLists()),
-        rules=rules,
+        by_upstream=tuple((name, _compile_lists(lists)) for name, lists in spec.by_upstream),
+        default=_compile_lists(spec.default),
+        rules=None if spec.rules is None else tuple(_compile_rule(r) for r in spec.rules),
     )
 
 
-def _upstream_entries(raw: Mapping[str, Any]) -> dict[str, tuple[str, Mapping[str, Any]]]:
-    """{registry name: (config key, raw entry)} for every upstream entry of the file."""
-    entries: dict[str, tuple[str, Mapping[str, Any]]] = {}
-    single = raw.get("upstream")
-    if isinstance(single, Mapping):
-        url = parse_url("upstream.url", single.get("url", DEFAULT_UPSTREAM))
-        entries[UpstreamConfig(url=url, name=single.get("name") or "").registry] = (
-            "upstream",
-            single,
-        )
-    for name, entry in (raw.get("upstreams") or {}).items():
-        entries[entry.get("name") or str(name)] = (f"upstreams.{name}", entry)
-    return entries
-
-
-def _lists(key: str, entry: Mapping[str, Any]) -> UpstreamLists:
-    allow, deny = entry.get("allow"), entry.get("deny")
+def _compile_lists(spec: ListsConfig) -> UpstreamLists:
     return UpstreamLists(
-        allow=None if allow is None else _globs(f"{key}.allow", allow),
-        deny=() if deny is None else _globs(f"{key}.deny", deny),
+        allow=None if spec.allow is None else tuple(compile_glob(g) for g in spec.allow),
+        deny=tuple(compile_glob(g) for g in spec.deny),
     )
 
 
-def _globs(key: str, value: object, known: frozenset[str] | None = None) -> tuple[Glob, ...]:
-    if not isinstance(value, list):
-        raise ConfigError(key, f"expected a list of globs, got {value!r}")
-    return tuple(parse_glob(f"{key}[{i}]", item, known) for i, item in enumerate(value))
-
-
-def _groups(value: object) -> dict[str, frozenset[str]]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise ConfigError("auth.groups", f"expected a mapping of group to users, got {value!r}")
-    groups = {}
-    for name, members in value.items():
-        key = f"auth.groups.{name}"
-        if name in RESERVED:
-            raise ConfigError(key, f"{name!r} is reserved in rules and cannot name a group")
-        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
-            raise ConfigError(key, f"expected a list of user names, got {members!r}")
-        groups[str(name)] = frozenset(members)
-    return groups
-
-
-def _rules(
-    value: object, groups: Mapping[str, frozenset[str]], users: set[str], known: frozenset[str]
-) -> tuple[Rule, ...]:
-    if not isinstance(value, list):
-        raise ConfigError("auth.rules", f"expected a list of rules, got {value!r}")
-    return tuple(
-        _rule(f"auth.rules[{i}]", raw, groups, users, known) for i, raw in enumerate(value)
-    )
-
-
-def _rule(
-    key: str,
-    raw: object,
-    groups: Mapping[str, frozenset[str]],
-    users: set[str],
-    known: frozenset[str],
-) -> Rule:
-    if not isinstance(raw, Mapping) or set(raw) != {"who", "pull"}:
-        raise ConfigError(key, f"expected {{who: [...], pull: [...]}}, got {raw!r}")
-    who = raw["who"]
-    if not isinstance(who, list) or not who or not all(isinstance(w, str) for w in who):
-        raise ConfigError(f"{key}.who", f"expected a list of users and groups, got {who!r}")
-    named: set[str] = set()
-    for name in who:
-        if name in groups:
-            named |= groups[name]
-        elif name in users:
-            named.add(name)
-        elif name not in RESERVED:
-            raise ConfigError(
-                f"{key}.who", f"{name!r} is no group in auth.groups and no user in auth.htpasswd"
-            )
-    pulls = _globs(f"{key}.pull", raw["pull"], known)
-    if not pulls:
-        raise ConfigError(f"{key}.pull", "expected at least one glob")
-    return Rule(frozenset(named), ANY_USER in who, ANONYMOUS in who, pulls)
-
-
-def _htpasswd_users(path: object) -> set[str]:
-    """The user names in the htpasswd file (read once, for checking the rules' names)."""
-    if path is None:
-        return set()
-    try:
-        lines = Path(str(path)).read_text().splitlines()
-    except OSError as exc:
-        raise ConfigError("auth.htpasswd", f"cannot read {str(path)!r}: {exc.strerror}") from None
-    return {line.partition(":")[0].strip() for line in lines if ":" in line}
+def _compile_rule(spec: RuleConfig) -> Rule:
+    pulls = tuple(compile_glob(g) for g in spec.pulls)
+    return Rule(spec.users, spec.any_user, spec.anonymous, pulls)

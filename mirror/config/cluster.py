@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from mirror.config import ConfigError, parse_duration, parse_url
+from mirror.config.values import ConfigError, parse_duration, parse_url
 
 CLUSTER_KEYS = {"advertise_url", "secret_file", "lease_ttl", "replica_id"}
 MIN_SECRET_BYTES = 16

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mirror.config import ConfigError, parse_duration, parse_size, parse_url
+from mirror.config.values import ConfigError, parse_duration, parse_size, parse_url
 
 S3_KEYS = {
     "endpoint", "bucket", "region", "prefix", "path_style", "access_key_id",

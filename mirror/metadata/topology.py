@@ -1,12 +1,8 @@
-"""Redis in three forms (one server, Sentinel, Cluster): the `redis.url` of each and its client.
+"""Redis in three forms (one server, Sentinel, Cluster): one client for a `redis.url`.
 
-    redis://[user:pass@]host[:port][/db]    rediss://… (TLS)    unix:///path/redis.sock[?db=N]
-    redis+sentinel://[user:pass@]host1:26379,host2:26379/<master name>[/db]
-    redis+cluster://[user:pass@]host1:7000,host2:7001,host3:7002
-
-The credentials are the data nodes' (master and replicas, cluster nodes); the sentinels are
-asked without them. Whatever the form, `open_redis` gives one client whose commands go to
-the right node, and which finds a new master by itself after a Sentinel failover.
+The URL forms are parsed in mirror/config/redis.py. Whatever the form, `open_redis` gives one
+client whose commands go to the right node, and which finds a new master by itself after a
+Sentinel failover.
 
 The rule for every key the mirror writes, so that it works on a Cluster: one command,
 pipeline, transaction or script touches the keys of one hash slot only; keys that must go
@@ -16,11 +12,8 @@ together share a `{hash tag}`. Listing keys (SCAN) is done on every master: `sca
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode
@@ -29,144 +22,15 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
-from mirror.config import ConfigError
+from mirror.config.redis import RedisTarget, parse_redis_url
 
-SENTINEL_SCHEME = "redis+sentinel"
-CLUSTER_SCHEME = "redis+cluster"
-SERVER_SCHEMES = ("redis", "rediss", "unix")
-DEFAULT_PORT = 6379
-DEFAULT_SENTINEL_PORT = 26379
 SENTINEL_RETRIES = 1
 # Errors that mean "Redis cannot answer now: answer from memory, try again later". In a
 # Sentinel failover they are ConnectionError (old master gone, or MasterNotFoundError while
 # no master is elected) and ReadOnlyError (a demoted master); in a Cluster,
 # RedisClusterException (no node reachable), which is not a RedisError.
 DOWN_ERRORS: tuple[type[Exception], ...] = (RedisError, RedisClusterException, OSError)
-# A host in a list of hosts: `[v6]:port`, `name:port` or either without its port.
-_HOST = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[^\[\]:/@,\s]+))(?::(?P<port>\d+))?$")
-
-Topology = Literal["server", "sentinel", "cluster"]
 RedisClient = aioredis.Redis | aioredis.RedisCluster
-
-
-@dataclass(frozen=True)
-class RedisTarget:
-    """A parsed `redis.url`: which topology, which nodes, which database."""
-
-    topology: Topology
-    url: str = field(repr=False)  # as configured (a single server's is given to redis-py)
-    nodes: tuple[tuple[str, int], ...] = ()
-    master: str = ""
-    db: int = 0
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-
-
-def redacted(url: str) -> str:
-    """The URL with its password replaced by `***`, for messages."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    authority, slash, path = rest.partition("/")
-    userinfo, at, hosts = authority.rpartition("@")
-    if at and ":" in userinfo:
-        userinfo = userinfo.split(":", 1)[0] + ":***"
-    return f"{scheme}://{userinfo}{at}{hosts}{slash}{path}"
-
-
-def parse_redis_url(key: str, value: object) -> RedisTarget:
-    """Validate a Redis URL of any of the three forms; ConfigError names `key`."""
-    text = str(value).strip()
-    scheme = text.partition("://")[0].lower() if "://" in text else ""
-    if scheme in SERVER_SCHEMES:
-        return _server(key, text)
-    if scheme in (SENTINEL_SCHEME, CLUSTER_SCHEME):
-        return _replicated(key, text, scheme)
-    raise ConfigError(
-        key,
-        "expected redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://, "
-        f"got {redacted(text)!r}",
-    )
-
-
-def validate_redis_url(key: str, value: object) -> str:
-    """The URL to keep in the config, once it parsed (without a trailing slash)."""
-    return parse_redis_url(key, value).url
-
-
-def _server(key: str, text: str) -> RedisTarget:
-    try:
-        parts = urlsplit(text)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-        kwargs = aioredis.connection.parse_url(text)
-    except ValueError as exc:
-        raise ConfigError(key, f"{_without_secret(exc, text)} in {redacted(text)!r}") from None
-    if parts.scheme != "unix" and not parts.hostname:
-        raise ConfigError(key, f"expected a host, got {redacted(text)!r}")
-    if parts.scheme == "unix" and not parts.path:
-        raise ConfigError(key, f"expected a socket path, got {redacted(text)!r}")
-    if parts.scheme != "unix" and not re.fullmatch(r"/?(\d+)?/?", parts.path):
-        raise ConfigError(key, f"expected a database number as path, got {redacted(text)!r}")
-    return RedisTarget(
-        "server",
-        text.rstrip("/"),
-        db=int(kwargs.get("db") or 0),
-        username=kwargs.get("username"),
-        password=kwargs.get("password"),
-    )
-
-
-def _without_secret(exc: ValueError, text: str) -> str:
-    message = str(exc)
-    password = urlsplit(text).password if "@" in text else None
-    return message.replace(password, "***") if password else message
-
-
-def _replicated(key: str, text: str, scheme: str) -> RedisTarget:
-    rest = text.split("://", 1)[1]
-    if "?" in rest or "#" in rest:
-        raise ConfigError(key, f"takes no query or fragment, got {redacted(text)!r}")
-    authority, _, path = rest.partition("/")
-    userinfo, at, hosts = authority.rpartition("@")
-    username, _, password = userinfo.partition(":")
-    default_port = DEFAULT_SENTINEL_PORT if scheme == SENTINEL_SCHEME else DEFAULT_PORT
-    nodes = tuple(_node(key, text, host, default_port) for host in hosts.split(","))
-    segments = [segment for segment in path.split("/") if segment]
-    if scheme == CLUSTER_SCHEME:
-        master, db = "", _cluster_db(key, text, segments)
-    else:
-        master, db = _sentinel_path(key, text, segments)
-    return RedisTarget(
-        "sentinel" if scheme == SENTINEL_SCHEME else "cluster",
-        text.rstrip("/"),
-        nodes=nodes,
-        master=master,
-        db=db,
-        username=unquote(username) or None if at else None,
-        password=unquote(password) or None if at else None,
-    )
-
-
-def _node(key: str, text: str, host: str, default_port: int) -> tuple[str, int]:
-    match = _HOST.match(host)
-    port = int(match.group("port") or default_port) if match else 0
-    if match is None or not 0 < port < 65536:
-        raise ConfigError(key, f"expected host:port in a list, got {host!r} in {redacted(text)!r}")
-    return match.group("v6") or match.group("name"), port
-
-
-def _sentinel_path(key: str, text: str, segments: list[str]) -> tuple[str, int]:
-    if not segments or len(segments) > 2 or (len(segments) == 2 and not segments[1].isdigit()):
-        raise ConfigError(
-            key, f"expected redis+sentinel://host:port,…/<master name>[/db], got {redacted(text)!r}"
-        )
-    return unquote(segments[0]), int(segments[1]) if len(segments) == 2 else 0
-
-
-def _cluster_db(key: str, text: str, segments: list[str]) -> int:
-    if segments and segments != ["0"]:
-        raise ConfigError(key, f"a Redis Cluster has only database 0, got {redacted(text)!r}")
-    return 0
 
 
 class RedisConnection:

@@ -1,172 +1,33 @@
-"""TLS: the HTTPS listener's context (its pair re-read when the files change) and each
-upstream's client context.
+"""TLS contexts: the HTTPS listener's and each upstream's client context, built from the
+checked configuration (mirror/config/tls.py); TLS failures named per upstream.
 
 The server context is built once and handed to the listening socket; a rotated pair is
-loaded into that same context, so new connections get it while connections in flight keep
-the certificate they started with (OpenSSL copies it into each connection). A new pair is
-read into memory and checked on a scratch context first: a bad or mismatched pair never
-reaches the live context, whose old pair stays in use.
+loaded into that same context (mirror/web/tlsreload.py), so new connections get it while
+connections in flight keep the certificate they started with (OpenSSL copies it into each
+connection).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import ssl
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-# config.py imports this module inside its functions only, so this import is not circular.
-from mirror.config import ConfigError, UpstreamConfig, parse_duration, parse_listen
+from mirror.config import ConfigError, TLSConfig, UpstreamConfig
+from mirror.config.tls import load_ca, load_pair, read_pair
 from mirror.observe.metrics import Metrics
 
 # Named for the concern, as before the package split: operators filter on it.
 log = logging.getLogger("mirror.tls")
 
-DEFAULT_TLS_LISTEN = "0.0.0.0:8443"
-TLS_KEYS = {"cert_file", "key_file", "client_ca_file", "listen", "reload_interval"}
 _SSL_REASON = re.compile(r"\[SSL: ([A-Z0-9_]+)\]")
 _UNKNOWN_CA = re.compile(r"issuer|self[- ]signed|unknown ca", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class TLSConfig:
-    """The HTTPS listener: its certificate chain, key, optional client CA (mTLS), address."""
-
-    cert_file: Path
-    key_file: Path
-    client_ca_file: Path | None = None
-    host: str = "0.0.0.0"
-    port: int = 8443
-    reload_interval: float = 5.0  # how often the files are checked for a new pair
-
-
-@dataclass(frozen=True)
-class PemPair:
-    """A certificate chain and its key, read into memory and known to match."""
-
-    cert: bytes
-    key: bytes
-
-
-# --- configuration ------------------------------------------------------------------------
-
-
-def parse_tls(raw: Mapping[str, Any]) -> TLSConfig | None:
-    """The `tls:` section (None: plain HTTP only). Files are checked when `serve` starts."""
-    sec = raw.get("tls")
-    if sec is None:
-        return None
-    if not isinstance(sec, Mapping):
-        raise ConfigError("tls", f"expected a mapping, got {sec!r}")
-    for key in sec:
-        if key not in TLS_KEYS:
-            raise ConfigError(f"tls.{key}", "unknown key")
-    for key in ("cert_file", "key_file"):
-        if not isinstance(sec.get(key), str):
-            raise ConfigError(f"tls.{key}", f"expected a file path, got {sec.get(key)!r}")
-    host, port = parse_listen("tls.listen", sec.get("listen") or DEFAULT_TLS_LISTEN)
-    interval = parse_duration("tls.reload_interval", sec.get("reload_interval", 5))
-    if interval <= 0:
-        raise ConfigError("tls.reload_interval", f"must be positive, got {interval!r}")
-    client_ca = sec.get("client_ca_file")
-    return TLSConfig(
-        cert_file=Path(sec["cert_file"]),
-        key_file=Path(sec["key_file"]),
-        client_ca_file=None if client_ca is None else Path(str(client_ca)),
-        host=host,
-        port=port,
-        reload_interval=interval,
-    )
-
-
-def parse_upstream_tls(key: str, raw: Mapping[str, Any]) -> dict[str, Any]:
-    """An upstream's TLS keys as `UpstreamConfig` fields, its files checked now."""
-    verify = raw.get("tls_verify", True)
-    if not isinstance(verify, bool):
-        raise ConfigError(f"{key}.tls_verify", f"expected true or false, got {verify!r}")
-    fields: dict[str, Any] = {"tls_verify": verify}
-    for name in ("ca_file", "client_cert_file", "client_key_file"):
-        value = raw.get(name)
-        if value is not None and not isinstance(value, str):
-            raise ConfigError(f"{key}.{name}", f"expected a file path, got {value!r}")
-        fields[name] = None if value is None else Path(value)
-    if (fields["client_cert_file"] is None) != (fields["client_key_file"] is None):
-        missing = "client_key_file" if fields["client_key_file"] is None else "client_cert_file"
-        raise ConfigError(f"{key}.{missing}", "client_cert_file and client_key_file go together")
-    _client_context(key, fields["tls_verify"], fields["ca_file"], _client_pair(fields))
-    return fields
-
-
-def _client_pair(fields: Mapping[str, Any]) -> tuple[Path, Path] | None:
-    cert, key = fields.get("client_cert_file"), fields.get("client_key_file")
-    return None if cert is None or key is None else (cert, key)
-
-
-# --- reading and checking a pair -----------------------------------------------------------
-
-
-def read_pair(
-    cert_file: Path, key_file: Path, keys: tuple[str, str] = ("tls.cert_file", "tls.key_file")
-) -> PemPair:
-    """Read a PEM chain and key and check that they match; ConfigError naming the key."""
-    cert, key = _read(keys[0], cert_file), _read(keys[1], key_file)
-    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        probe.load_verify_locations(cadata=cert.decode("ascii", "replace"))
-    except (ssl.SSLError, ValueError):
-        raise ConfigError(keys[0], f"no PEM certificate in {str(cert_file)!r}") from None
-    try:
-        _load_pair(probe, PemPair(cert, key))
-    except ssl.SSLError as exc:
-        if exc.reason == "KEY_VALUES_MISMATCH":
-            message = f"{str(key_file)!r} does not match the certificate in {keys[0]}"
-        else:
-            detail = f" ({exc.reason})" if exc.reason and exc.reason != "PEM lib" else ""
-            message = f"{str(key_file)!r} is not a usable PEM private key{detail}"
-        raise ConfigError(keys[1], message) from None
-    return PemPair(cert, key)
-
-
-def _read(key: str, path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(key, f"cannot read {str(path)!r}: {exc.strerror}") from None
-
-
-def _no_password() -> bytes:
-    # Without a callback OpenSSL would prompt on the terminal for an encrypted key.
-    raise ValueError("encrypted private keys are not supported")
-
-
-def _load_pair(context: ssl.SSLContext, pair: PemPair) -> None:
-    """load_cert_chain from memory: both files come from the same bytes that were checked,
-    however the files on disk change meanwhile (OpenSSL only reads from paths)."""
-    with _memfile(pair.cert) as cert, _memfile(pair.key) as key:
-        try:
-            context.load_cert_chain(cert, key, password=_no_password)
-        except ValueError as exc:  # the password callback's refusal
-            raise ssl.SSLError(1, str(exc)) from None
-
-
-@contextmanager
-def _memfile(data: bytes) -> Iterator[str]:
-    """A path that reads `data` from an anonymous in-memory file (the key never hits disk)."""
-    fd = os.memfd_create("mirror-tls", os.MFD_CLOEXEC)
-    try:
-        os.write(fd, data)
-        yield f"/proc/self/fd/{fd}"
-    finally:
-        os.close(fd)
 
 
 # --- the server side ----------------------------------------------------------------------
@@ -179,14 +40,9 @@ def server_context(tls: TLSConfig) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])  # aiohttp's server speaks HTTP/1.1 only
     if tls.client_ca_file is not None:
-        try:
-            context.load_verify_locations(cafile=str(tls.client_ca_file))
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                "tls.client_ca_file", f"cannot load {str(tls.client_ca_file)!r}: {exc}"
-            ) from None
+        load_ca(context, "tls.client_ca_file", tls.client_ca_file)
         context.verify_mode = ssl.CERT_REQUIRED
-    _load_pair(context, pair)
+    load_pair(context, pair)
     return context
 
 
@@ -234,7 +90,7 @@ class CertificateReloader:
             log.error("tls: keeping the certificate in use; the new one is refused: %s", exc)
             return False
         # On the loop, so no handshake starts while the context changes; from memory only.
-        _load_pair(self.context, pair)
+        load_pair(self.context, pair)
         self._counter.labels("loaded").inc()
         log.info("tls: loaded a new certificate from %s", self.tls.cert_file)
         return True
@@ -294,13 +150,10 @@ def _client_context(
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     if ca_file is not None:
-        try:
-            context.load_verify_locations(cafile=str(ca_file))
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"{key}.ca_file", f"cannot load {str(ca_file)!r}: {exc}") from None
+        load_ca(context, f"{key}.ca_file", ca_file)
     if pair is not None:
         keys = (f"{key}.client_cert_file", f"{key}.client_key_file")
-        _load_pair(context, read_pair(*pair, keys))
+        load_pair(context, read_pair(*pair, keys))
     return context
 
 

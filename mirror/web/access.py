@@ -20,7 +20,7 @@ from mirror.access.clientauth import (
 from mirror.cluster.signing import token_signing_key
 from mirror.oci.errors import Unauthorized
 from mirror.web.gate import may_pull_name, subject_key
-from mirror.web.keys import config_key
+from mirror.web.keys import config_key, policy_key
 
 
 class ClientAuth:
@@ -123,7 +123,7 @@ async def client_auth_middleware(request: web.Request, handler: Handler) -> web.
 
 async def client_auth_ctx(app: web.Application) -> AsyncIterator[None]:
     """Load the htpasswd file and the signing key (shared by replicas, or generated)."""
-    config = app[config_key]
+    config, policy = app[config_key], app[policy_key]
     htpasswd = config.auth.htpasswd
     if htpasswd is not None:
         key_file = config.auth.signing_key_file or config.storage.path / "auth" / "signing.key"
@@ -136,7 +136,7 @@ async def client_auth_ctx(app: web.Application) -> AsyncIterator[None]:
             Htpasswd(htpasswd),
             TokenSigner(key),
             # A rule naming anonymous clients lets them pull (what it grants).
-            config.auth.anonymous_pull or bool(config.policy and config.policy.names_anonymous),
+            config.auth.anonymous_pull or bool(policy and policy.names_anonymous),
             config.auth.token_ttl,
             config.public_url,
         )

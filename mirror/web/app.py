@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
+from mirror.access.policy import compile_policy
 from mirror.cache.downloads import Downloads
 from mirror.cache.eviction import Evictor
 from mirror.cache.manifests import ManifestService
@@ -48,6 +49,7 @@ from mirror.web.keys import (
     metadata_key,
     metrics_key,
     peers_key,
+    policy_key,
     pulls_key,
     referrers_key,
     storage_key,
@@ -75,6 +77,7 @@ def create_app(config: Config) -> web.Application:
         middlewares=[registry_middleware, client_auth_middleware, pull_policy_middleware]
     )
     app[config_key] = config
+    app[policy_key] = None if config.policy is None else compile_policy(config.policy)
     app[metrics_key] = Metrics()
     app[failures_key] = FailureLog(logging.getLogger("mirror.upstream"))
     app[storage_key] = new_store(config.storage, app[metrics_key])

@@ -22,7 +22,7 @@ from mirror.oci.reference import is_digest_reference, parse_digest, validate_tag
 from mirror.upstream.client import Upstream
 from mirror.upstream.routing import Upstreams
 from mirror.web.handlers import route
-from mirror.web.keys import config_key, metrics_key, upstreams_key
+from mirror.web.keys import metrics_key, policy_key, upstreams_key
 
 # The user a request was authenticated as; "" or absent: an anonymous client.
 subject_key = web.RequestKey("subject", str)
@@ -43,7 +43,7 @@ def target_of(
 def may_pull_name(app: web.Application, subject: str, name: str) -> bool:
     """Whether `subject` may pull anything of the repository a client calls `name`, by any
     route (`?ns=` is not in a token scope): what a `/token` grant is narrowed to."""
-    policy = app[config_key].policy
+    policy = app[policy_key]
     if policy is None:
         return True
     upstreams = app[upstreams_key]
@@ -71,7 +71,7 @@ async def pull_policy_middleware(request: web.Request, handler: Handler) -> web.
         return await handler(request)
     upstream, repository = route(request)
     target = target_of(request.app[upstreams_key], upstream, repository, _reference(request))
-    policy = request.app[config_key].policy
+    policy = request.app[policy_key]
     subject = request.get(subject_key, "")
     reason = None if policy is None else policy.refusal(subject, target)
     if reason is not None:

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from mirror.access.policy import Policy
 from mirror.cache.downloads import Downloads
 from mirror.cache.eviction import Evictor
 from mirror.cache.manifests import ManifestService
@@ -31,6 +32,8 @@ failures_key = web.AppKey("failures", FailureLog)
 storage_key: web.AppKey[CacheStore] = web.AppKey("storage")
 metadata_key: web.AppKey[MetadataStore] = web.AppKey("metadata")
 upstreams_key = web.AppKey("upstreams", Upstreams)
+# The pull policy compiled from config.policy once, by create_app; None: pull anything.
+policy_key: web.AppKey[Policy | None] = web.AppKey("policy")
 downloads_key = web.AppKey("downloads", Downloads)
 blobs_key = web.AppKey("blobs", BlobService)
 evictor_key = web.AppKey("evictor", Evictor)

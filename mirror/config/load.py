@@ -1,0 +1,138 @@
+"""The whole configuration: the YAML file, then command-line overrides, into one `Config`.
+
+Every problem raises `ConfigError` naming the key and the bad value, so the CLI can print one
+line and exit 2 before anything starts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mirror.config.auth import AuthConfig, parse_auth
+from mirror.config.cache import CacheConfig, parse_cache
+from mirror.config.cluster import ClusterConfig, parse_cluster
+from mirror.config.log import LogConfig, parse_log
+from mirror.config.policy import PolicyConfig, parse_policy
+from mirror.config.redis import RedisConfig, parse_redis, redis_section, validate_redis_url
+from mirror.config.storage import StorageConfig, parse_storage
+from mirror.config.tls import TLSConfig, parse_tls
+from mirror.config.upstreams import UpstreamConfig, parse_upstreams
+from mirror.config.values import (
+    ConfigError,
+    parse_duration,
+    parse_listen,
+    parse_url,
+    reject_unknown,
+)
+
+TOP_LEVEL_KEYS = {
+    "listen", "upstream", "upstreams", "default_upstream", "public_url", "auth", "storage",
+    "redis", "cache", "log", "shutdown_timeout", "tls", "cluster",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "0.0.0.0"
+    port: int = 8083
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)  # the default one
+    upstreams: tuple[UpstreamConfig, ...] = ()  # every other, routed by name
+    public_url: str | None = None
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    shutdown_timeout: float = 30.0
+    # Allow/deny globs and auth.rules, checked; None: pull anything. The app compiles it.
+    policy: PolicyConfig | None = None
+    tls: TLSConfig | None = None  # the HTTPS listener (mirror/net/tls.py)
+    http: bool = True  # the plain-HTTP listener on host:port; off with tls and no `listen`
+    cluster: ClusterConfig | None = None  # replicas sharing Redis (mirror/cluster/)
+
+
+def config_from_mapping(raw: Mapping[str, Any]) -> Config:
+    """Validate a parsed YAML document into a `Config`."""
+    reject_unknown(raw, TOP_LEVEL_KEYS)
+    tls = parse_tls(raw)
+    # With tls set, plain HTTP listens only where `listen` says (both at once: a migration).
+    http = tls is None or raw.get("listen") is not None
+    if tls is None and "listen" in raw and raw["listen"] is None:
+        raise ConfigError("listen", "null needs tls: nothing would listen")
+    host, port = parse_listen("listen", raw.get("listen") or "0.0.0.0:8083")
+    redis = redis_section(raw)
+    default, others = parse_upstreams(raw)
+    public_url = raw.get("public_url")
+    return Config(
+        host=host,
+        port=port,
+        upstream=default,
+        upstreams=others,
+        public_url=None if public_url is None else parse_url("public_url", public_url),
+        auth=parse_auth(raw),
+        storage=parse_storage(raw),
+        redis=parse_redis(redis),
+        cache=parse_cache(raw),
+        log=parse_log(raw),
+        shutdown_timeout=parse_duration("shutdown_timeout", raw.get("shutdown_timeout", 30)),
+        policy=parse_policy(raw, default, others),
+        tls=tls,
+        http=http,
+        cluster=parse_cluster(raw),
+    )
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Read and validate the YAML file at `path`; defaults when `path` is None."""
+    if path is None:
+        return Config()
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {str(path)!r}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError("--config", f"{str(path)!r} is not valid YAML{where}") from None
+    if raw is None:
+        return Config()
+    if not isinstance(raw, Mapping):
+        raise ConfigError("--config", f"{str(path)!r} must hold a mapping, got {raw!r}")
+    return config_from_mapping(raw)
+
+
+def apply_overrides(
+    config: Config,
+    *,
+    listen: str | None = None,
+    upstream: str | None = None,
+    storage: str | None = None,
+    redis: str | None = None,
+) -> Config:
+    """Command-line flags win over the file."""
+    if listen is not None:
+        host, port = parse_listen("--listen", listen)
+        config = replace(config, host=host, port=port, http=True)
+    if upstream is not None:
+        config = replace(
+            config, upstream=replace(config.upstream, url=parse_url("--upstream", upstream))
+        )
+    if storage is not None:
+        config = replace(config, storage=replace(config.storage, path=Path(storage)))
+    if redis is not None:
+        url = validate_redis_url("--redis", redis)
+        config = replace(config, redis=RedisConfig(url=url))
+    # Checked here, once the flags are in: the URL may come from --redis.
+    if config.cluster is not None and config.redis.url is None:
+        raise ConfigError(
+            "cluster", "needs redis.url (or --redis): replicas share their state through Redis"
+        )
+    return config

@@ -1,0 +1,167 @@
+"""The `redis:` section: one URL, in any of three forms (one server, Sentinel, Cluster).
+
+    redis://[user:pass@]host[:port][/db]    rediss://… (TLS)    unix:///path/redis.sock[?db=N]
+    redis+sentinel://[user:pass@]host1:26379,host2:26379/<master name>[/db]
+    redis+cluster://[user:pass@]host1:7000,host2:7001,host3:7002
+
+The credentials are the data nodes' (master and replicas, cluster nodes); the sentinels are
+asked without them. mirror/metadata/topology.py opens a client for a parsed URL.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
+
+from redis.asyncio.connection import parse_url as redis_url_options
+
+from mirror.config.values import ConfigError, section
+
+SENTINEL_SCHEME = "redis+sentinel"
+CLUSTER_SCHEME = "redis+cluster"
+SERVER_SCHEMES = ("redis", "rediss", "unix")
+DEFAULT_PORT = 6379
+DEFAULT_SENTINEL_PORT = 26379
+# A host in a list of hosts: `[v6]:port`, `name:port` or either without its port.
+_HOST = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[^\[\]:/@,\s]+))(?::(?P<port>\d+))?$")
+
+Topology = Literal["server", "sentinel", "cluster"]
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str | None = None
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """A parsed `redis.url`: which topology, which nodes, which database."""
+
+    topology: Topology
+    url: str = field(repr=False)  # as configured (a single server's is given to redis-py)
+    nodes: tuple[tuple[str, int], ...] = ()
+    master: str = ""
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+def redis_section(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The `redis:` mapping with its keys checked; its URL is parsed by `parse_redis`."""
+    return section(raw, "redis", {"url"})
+
+
+def parse_redis(sec: Mapping[str, Any]) -> RedisConfig:
+    """The `redis:` mapping validated (no URL: metadata stays in the process)."""
+    url = sec.get("url")
+    return RedisConfig(url=None if url is None else validate_redis_url("redis.url", url))
+
+
+def redacted(url: str) -> str:
+    """The URL with its password replaced by `***`, for messages."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, path = rest.partition("/")
+    userinfo, at, hosts = authority.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":***"
+    return f"{scheme}://{userinfo}{at}{hosts}{slash}{path}"
+
+
+def parse_redis_url(key: str, value: object) -> RedisTarget:
+    """Validate a Redis URL of any of the three forms; ConfigError names `key`."""
+    text = str(value).strip()
+    scheme = text.partition("://")[0].lower() if "://" in text else ""
+    if scheme in SERVER_SCHEMES:
+        return _server(key, text)
+    if scheme in (SENTINEL_SCHEME, CLUSTER_SCHEME):
+        return _replicated(key, text, scheme)
+    raise ConfigError(
+        key,
+        "expected redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://, "
+        f"got {redacted(text)!r}",
+    )
+
+
+def validate_redis_url(key: str, value: object) -> str:
+    """The URL to keep in the config, once it parsed (without a trailing slash)."""
+    return parse_redis_url(key, value).url
+
+
+def _server(key: str, text: str) -> RedisTarget:
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+        kwargs = redis_url_options(text)
+    except ValueError as exc:
+        raise ConfigError(key, f"{_without_secret(exc, text)} in {redacted(text)!r}") from None
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError(key, f"expected a host, got {redacted(text)!r}")
+    if parts.scheme == "unix" and not parts.path:
+        raise ConfigError(key, f"expected a socket path, got {redacted(text)!r}")
+    if parts.scheme != "unix" and not re.fullmatch(r"/?(\d+)?/?", parts.path):
+        raise ConfigError(key, f"expected a database number as path, got {redacted(text)!r}")
+    return RedisTarget(
+        "server",
+        text.rstrip("/"),
+        db=int(kwargs.get("db") or 0),
+        username=kwargs.get("username"),
+        password=kwargs.get("password"),
+    )
+
+
+def _without_secret(exc: ValueError, text: str) -> str:
+    message = str(exc)
+    password = urlsplit(text).password if "@" in text else None
+    return message.replace(password, "***") if password else message
+
+
+def _replicated(key: str, text: str, scheme: str) -> RedisTarget:
+    rest = text.split("://", 1)[1]
+    if "?" in rest or "#" in rest:
+        raise ConfigError(key, f"takes no query or fragment, got {redacted(text)!r}")
+    authority, _, path = rest.partition("/")
+    userinfo, at, hosts = authority.rpartition("@")
+    username, _, password = userinfo.partition(":")
+    default_port = DEFAULT_SENTINEL_PORT if scheme == SENTINEL_SCHEME else DEFAULT_PORT
+    nodes = tuple(_node(key, text, host, default_port) for host in hosts.split(","))
+    segments = [segment for segment in path.split("/") if segment]
+    if scheme == CLUSTER_SCHEME:
+        master, db = "", _cluster_db(key, text, segments)
+    else:
+        master, db = _sentinel_path(key, text, segments)
+    return RedisTarget(
+        "sentinel" if scheme == SENTINEL_SCHEME else "cluster",
+        text.rstrip("/"),
+        nodes=nodes,
+        master=master,
+        db=db,
+        username=unquote(username) or None if at else None,
+        password=unquote(password) or None if at else None,
+    )
+
+
+def _node(key: str, text: str, host: str, default_port: int) -> tuple[str, int]:
+    match = _HOST.match(host)
+    port = int(match.group("port") or default_port) if match else 0
+    if match is None or not 0 < port < 65536:
+        raise ConfigError(key, f"expected host:port in a list, got {host!r} in {redacted(text)!r}")
+    return match.group("v6") or match.group("name"), port
+
+
+def _sentinel_path(key: str, text: str, segments: list[str]) -> tuple[str, int]:
+    if not segments or len(segments) > 2 or (len(segments) == 2 and not segments[1].isdigit()):
+        raise ConfigError(
+            key, f"expected redis+sentinel://host:port,…/<master name>[/db], got {redacted(text)!r}"
+        )
+    return unquote(segments[0]), int(segments[1]) if len(segments) == 2 else 0
+
+
+def _cluster_db(key: str, text: str, segments: list[str]) -> int:
+    if segments and segments != ["0"]:
+        raise ConfigError(key, f"a Redis Cluster has only database 0, got {redacted(text)!r}")
+    return 0

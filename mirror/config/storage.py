@@ -1,0 +1,31 @@
+"""The `storage:` section: the cache directory, its bounds, and an optional bucket."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mirror.config.s3 import S3Config, parse_s3
+from mirror.config.values import parse_duration, parse_size, section
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    path: Path = Path("./mirror-data")
+    max_size: int | None = None  # bytes; least-recently-read blobs are evicted above it
+    max_idle: float | None = None  # seconds; blobs not read for this long are evicted
+    s3: S3Config | None = None  # a bucket behind the directory (then its local tier)
+
+
+def parse_storage(raw: Mapping[str, Any]) -> StorageConfig:
+    """`storage:` validated, with its `s3:` part."""
+    sec = section(raw, "storage", {"path", "max_size", "max_idle", "s3"})
+    max_size, max_idle = sec.get("max_size"), sec.get("max_idle")
+    return StorageConfig(
+        s3=parse_s3(sec.get("s3")),
+        path=Path(str(sec.get("path", "./mirror-data"))),
+        max_size=None if max_size is None else parse_size("storage.max_size", max_size),
+        max_idle=None if max_idle is None else parse_duration("storage.max_idle", max_idle),
+    )

@@ -1,0 +1,110 @@
+"""The upstream registries: `upstream`, `upstreams` and `default_upstream`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from mirror.config.tls import parse_upstream_tls
+from mirror.config.values import (
+    ConfigError,
+    optional_str,
+    parse_duration,
+    parse_url,
+    read_secret,
+    reject_unknown,
+)
+
+DEFAULT_UPSTREAM = "https://registry-1.docker.io"
+DOCKER_HUB_HOSTS = frozenset({"docker.io", "registry-1.docker.io", "index.docker.io"})
+UPSTREAM_KEYS = {
+    "url", "name", "username", "password", "password_file", "password_command",
+    "password_refresh", "connect_timeout", "read_timeout", "tag_ttl",
+    "ca_file", "tls_verify", "client_cert_file", "client_key_file",
+}  # fmt: skip
+POLICY_KEYS = {"allow", "deny"}  # an upstream's pull lists: mirror/config/policy.py
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    url: str = DEFAULT_UPSTREAM
+    # The registry's name for routing (`?ns=`, path prefix), metrics and tag keys;
+    # empty: derived from the URL (`docker.io` for Docker Hub, else host[:port]).
+    name: str = ""
+    username: str | None = None
+    # repr=False keeps secrets out of any log line that prints the config.
+    password: str | None = field(default=None, repr=False)
+    password_command: str | None = field(default=None, repr=False)
+    password_refresh: float | None = None
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    tag_ttl: float | None = None  # overrides cache.tag_ttl for this upstream
+    # TLS to this upstream (mirror/net/tls.py): an extra CA, the check, a client pair (mTLS).
+    ca_file: Path | None = None
+    tls_verify: bool = True
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
+
+    @property
+    def registry(self) -> str:
+        """The name clients route by."""
+        if self.name:
+            return self.name
+        host = urlsplit(self.url).netloc
+        return "docker.io" if host in DOCKER_HUB_HOSTS else host
+
+
+def parse_upstream(key: str, raw: object, name: str = "") -> UpstreamConfig:
+    """One upstream entry, at `key` in the file (for error messages)."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(key, f"expected a mapping, got {raw!r}")
+    reject_unknown(raw, UPSTREAM_KEYS | POLICY_KEYS, prefix=f"{key}.")
+    sources = [k for k in ("password", "password_file", "password_command") if raw.get(k)]
+    if len(sources) > 1:
+        raise ConfigError(f"{key}.{sources[1]}", f"conflicts with {key}.{sources[0]}")
+    password = optional_str(f"{key}.password", raw.get("password"), secret=True)
+    if raw.get("password_file") is not None:
+        password = read_secret(f"{key}.password_file", raw["password_file"])
+    defaults = UpstreamConfig()
+
+    def duration(field_name: str, default: float | None) -> float | None:
+        value = raw.get(field_name, default)
+        return None if value is None else parse_duration(f"{key}.{field_name}", value)
+
+    return UpstreamConfig(
+        url=parse_url(f"{key}.url", raw.get("url", defaults.url)),
+        name=optional_str(f"{key}.name", raw.get("name")) or name,
+        username=optional_str(f"{key}.username", raw.get("username")),
+        password=password,
+        password_command=optional_str(f"{key}.password_command", raw.get("password_command")),
+        password_refresh=duration("password_refresh", None),
+        connect_timeout=duration("connect_timeout", defaults.connect_timeout) or 0.0,
+        read_timeout=duration("read_timeout", defaults.read_timeout) or 0.0,
+        tag_ttl=duration("tag_ttl", None),
+        **parse_upstream_tls(key, raw),
+    )
+
+
+def parse_upstreams(raw: Mapping[str, Any]) -> tuple[UpstreamConfig, tuple[UpstreamConfig, ...]]:
+    """(the default upstream, the others) from `upstream`, `upstreams`, `default_upstream`."""
+    named = raw.get("upstreams") or {}
+    if not isinstance(named, Mapping):
+        raise ConfigError("upstreams", f"expected a mapping of name to upstream, got {named!r}")
+    every = [parse_upstream(f"upstreams.{name}", entry, str(name)) for name, entry in named.items()]
+    single = raw.get("upstream")
+    if single is not None or not every:
+        every.insert(0, parse_upstream("upstream", single or {}))
+    names = [upstream.registry for upstream in every]
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            raise ConfigError("upstreams", f"two upstreams are named {name!r}")
+    default = raw.get("default_upstream")
+    if default is None:
+        default = names[0] if single is not None or len(names) == 1 else "docker.io"
+    if default not in names:
+        raise ConfigError("default_upstream", f"names no configured upstream: {default!r}")
+    chosen = every[names.index(default)]
+    return chosen, tuple(upstream for upstream in every if upstream is not chosen)

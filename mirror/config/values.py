@@ -1,0 +1,110 @@
+"""`ConfigError` and the parsers of single values: durations, sizes, URLs, listen addresses."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]i?B?|B)?\s*$", re.IGNORECASE)
+
+
+class ConfigError(Exception):
+    """A configuration key has a bad value; the message names both."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"config: {key}: {message}")
+        self.key = key
+
+
+def parse_size(key: str, value: object) -> int:
+    """Bytes from `50GiB`, `500MB`, `10G` (powers of 1024 with `i`, of 1000 without)."""
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected a size like 50GiB, got {value!r}")
+    if isinstance(value, int | float):
+        size = float(value)
+    else:
+        match = _SIZE.match(str(value))
+        if not match:
+            raise ConfigError(key, f"expected a size like 50GiB or 500MB, got {value!r}")
+        unit = (match.group(2) or "").upper()
+        base = 1024 if "I" in unit else 1000
+        power = "BKMGTP".index(unit[0]) if unit and unit[0] != "B" else 0
+        size = float(match.group(1)) * base**power
+    if size <= 0:
+        raise ConfigError(key, f"must be positive, got {value!r}")
+    return int(size)
+
+
+def parse_duration(key: str, value: object) -> float:
+    """Seconds from `30s`, `10m`, `2h`, `7d`, `1w`, or a plain number of seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected a duration like 30s or 10m, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ConfigError(key, f"expected a duration like 30s or 10m, got {value!r}")
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds < 0:
+        raise ConfigError(key, f"must not be negative, got {value!r}")
+    return seconds
+
+
+def parse_listen(key: str, value: object) -> tuple[str, int]:
+    """`HOST:PORT` (IPv6 hosts in brackets) into its parts."""
+    text = str(value)
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(key, f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def parse_url(key: str, value: object, schemes: tuple[str, ...] = ("http", "https")) -> str:
+    """An absolute URL with one of `schemes`, without a trailing slash."""
+    text = str(value)
+    parts = urlsplit(text)
+    if parts.scheme not in schemes or not parts.netloc:
+        raise ConfigError(key, f"expected a {'/'.join(schemes)} URL, got {text!r}")
+    return text.rstrip("/")
+
+
+def section(raw: Mapping[str, Any], name: str, allowed: set[str]) -> dict[str, Any]:
+    """The top-level mapping `name` ({} when absent or null), its keys checked."""
+    value = raw.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(name, f"expected a mapping, got {value!r}")
+    reject_unknown(value, allowed, prefix=f"{name}.")
+    return dict(value)
+
+
+def reject_unknown(raw: Mapping[str, Any], allowed: set[str], prefix: str = "") -> None:
+    """ConfigError for the first key of `raw` not in `allowed` (a typo fails, never ignored)."""
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(f"{prefix}{key}", "unknown key")
+
+
+def optional_str(key: str, value: object, *, secret: bool = False) -> str | None:
+    """A string or None; a secret's wrong value is named by its type only."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        shown = f"a {type(value).__name__}" if secret else repr(value)
+        raise ConfigError(key, f"expected a string, got {shown}")
+    return value
+
+
+def read_secret(key: str, path: object) -> str:
+    """The stripped text of a secret's file; ConfigError naming `key` when unreadable."""
+    try:
+        return Path(str(path)).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {str(path)!r}: {exc.strerror}") from None
