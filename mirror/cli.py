@@ -17,6 +17,7 @@ from mirror.oci.errors import RegistryError
 from mirror.web import server
 from mirror.web.app import create_app
 from mirror.web.keys import metrics_key
+from mirror.web.tlsreload import enable_reload
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,7 +154,7 @@ def serve(config: Config) -> None:
 
     app = create_app(config)
     if config.tls is not None and context is not None:
-        tls.enable_reload(app, context, config.tls, app[metrics_key])
+        enable_reload(app, context, config.tls, app[metrics_key])
     try:
         server.run(app, listeners, config.shutdown_timeout, announce)
     except ConfigError as exc:  # a taken port, a failed check at start (S3): no traceback
