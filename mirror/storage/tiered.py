@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from pathlib import Path
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ClientError
 
 from mirror.config.s3 import S3Config
 from mirror.metadata.store import MetadataStore
@@ -31,14 +31,14 @@ from mirror.oci.errors import DigestInvalid, RangeNotSatisfiable
 from mirror.oci.reference import Digest, compute_digest, parse_digest
 from mirror.storage.base import BlobSize, Found, NoUpload, Redirect, Upload
 from mirror.storage.filesystem import Storage
-from mirror.storage.s3.bucket import Bucket, BucketUnavailable
+from mirror.storage.s3.bucket import S3_ERRORS, Bucket
 from mirror.storage.s3.index import BucketIndex
+from mirror.storage.s3.keys import KINDS, Kind
 from mirror.storage.s3.read import BucketStream, LocalFill
 from mirror.storage.s3.upload import PARTS_IN_FLIGHT, BucketUpload
 
 log = logging.getLogger(__name__)
 
-S3_ERRORS = (BucketUnavailable, ClientError, BotoCoreError)
 # A start and `mirror gc` abort multipart uploads begun longer ago than this: a younger
 # one may be live, in another process (`mirror ls` run beside `mirror serve`, a replica).
 ABANDONED_AFTER = 3600.0
@@ -105,7 +105,7 @@ class TieredStorage(Storage):
     ) -> Found | None:
         if not await self.bucket.up_now():
             return None
-        key = self.bucket.blob_key(digest)
+        key = self.bucket.keys.blob(digest)
         try:
             if head:
                 size = await self.bucket.size(key)
@@ -182,7 +182,7 @@ class TieredStorage(Storage):
     async def _delete_blob(self, digest: Digest) -> None:
         """Remove a bucket object that does not match its digest."""
         try:
-            await self.bucket.delete(self.bucket.blob_key(digest))
+            await self.bucket.delete(self.bucket.keys.blob(digest))
         except S3_ERRORS as exc:
             log.warning("cannot delete %s from the bucket: %s", digest, type(exc).__name__)
         await self.index.forget(digest)
@@ -191,7 +191,7 @@ class TieredStorage(Storage):
         if await self.blob_size(digest) is not None or await self.index.known(digest):
             return True
         try:
-            return await self.bucket.size(self.bucket.blob_key(digest)) is not None
+            return await self.bucket.size(self.bucket.keys.blob(digest)) is not None
         except S3_ERRORS as exc:
             log.warning("cannot tell if the bucket holds %s: %s", digest, type(exc).__name__)
             return False
@@ -226,7 +226,7 @@ class TieredStorage(Storage):
             task = asyncio.ensure_future(self.index.stored(digest, written))
             task.add_done_callback(lambda done: done.exception())
 
-        key = self.bucket.blob_key(digest)
+        key = self.bucket.keys.blob(digest)
         return BucketUpload(self.bucket, key, size, temp, stored, self._part_slots)
 
     # --- manifests -------------------------------------------------------------------------
@@ -235,7 +235,7 @@ class TieredStorage(Storage):
         if local is not None or not await self.bucket.up_now():
             return local
         try:
-            response = await self.bucket.get(self.bucket.manifest_key(digest))
+            response = await self.bucket.get(self.bucket.keys.manifest(digest))
             if response is None:
                 return None
             async with response["Body"] as body:
@@ -258,7 +258,7 @@ class TieredStorage(Storage):
         valid = compute_digest(body, digest.algorithm) == digest and "\n" not in media_type
         if valid and await self.bucket.up_now():
             try:
-                await self.bucket.put(self.bucket.manifest_key(digest), body, media_type)
+                await self.bucket.put(self.bucket.keys.manifest(digest), body, media_type)
             except S3_ERRORS as exc:
                 log.warning("manifest %s not stored in the bucket: %s", digest, type(exc).__name__)
         return await super().write_manifest(digest, media_type, body)
@@ -266,10 +266,10 @@ class TieredStorage(Storage):
     # --- commands (ls, gc, verify) -------------------------------------------------------------
     async def blob_sizes(self) -> dict[str, int]:
         sizes = await super().blob_sizes()
-        prefix = self._config.prefix + "blobs/"
+        keys = self.bucket.keys
         try:
-            async for found in self.bucket.objects(prefix):
-                sizes[found.key[len(prefix) :].replace("/", ":", 1)] = found.size
+            async for found in self.bucket.objects(keys.under("blobs")):
+                sizes[keys.name("blobs", found.key)] = found.size
         except S3_ERRORS as exc:
             log.warning("cannot list the bucket: %s", type(exc).__name__)
         return sizes
@@ -290,7 +290,7 @@ class TieredStorage(Storage):
         """Abort the multipart uploads under the prefix begun more than `older_than` ago."""
         aborted = 0
         try:
-            for upload in await self.bucket.pending_uploads(self._config.prefix):
+            for upload in await self.bucket.pending_uploads(self.bucket.keys.prefix):
                 abandoned = time.time() - upload.initiated >= older_than
                 if abandoned and not await self.upload_live(upload.key):
                     await self.bucket.abort_multipart(upload.key, upload.upload_id)
@@ -304,12 +304,12 @@ class TieredStorage(Storage):
     async def verify(self) -> tuple[int, list[str]]:
         checked, removed = await super().verify()
         limit = asyncio.Semaphore(VERIFY_PARALLEL)
-        keys = []
-        for kind in ("blobs/", "manifests/"):
-            async for found in self.bucket.objects(self._config.prefix + kind):
+        keys: list[tuple[Kind, str]] = []
+        for kind in KINDS:
+            async for found in self.bucket.objects(self.bucket.keys.under(kind)):
                 keys.append((kind, found.key))
 
-        async def check(kind: str, key: str) -> str | None:
+        async def check(kind: Kind, key: str) -> str | None:
             async with limit:
                 return await self._verify_object(kind, key)
 
@@ -317,9 +317,9 @@ class TieredStorage(Storage):
         bad = [name for name in results if name is not None]
         return checked + len(keys), removed + bad
 
-    async def _verify_object(self, kind: str, key: str) -> str | None:
+    async def _verify_object(self, kind: Kind, key: str) -> str | None:
         """Re-hash one object; delete it when it does not match its key. The bad name."""
-        name = key[len(self._config.prefix + kind) :].replace("/", ":", 1)
+        name = self.bucket.keys.name(kind, key)
         try:
             digest = parse_digest(name)
         except DigestInvalid:
@@ -334,7 +334,7 @@ class TieredStorage(Storage):
         if hasher.hexdigest() == digest.hex:
             return None
         await self.bucket.delete(key)
-        if kind == "blobs/":
+        if kind == "blobs":
             await self.index.forget(digest)
         return f"{name} (bucket)"
 

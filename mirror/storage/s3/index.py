@@ -160,11 +160,11 @@ class BucketIndex:
         """Records for what the bucket holds, when the metadata store has none."""
         if self._metadata is None or await self._records():
             return
-        prefix = self._bucket.config.prefix + "blobs/"
+        keys = self._bucket.keys
         try:
-            async for found in self._bucket.objects(prefix):
-                algorithm_hex = found.key[len(prefix) :].replace("/", ":", 1)
-                await self._metadata.put_blob_read(algorithm_hex, found.size, found.modified)
+            async for found in self._bucket.objects(keys.under("blobs")):
+                name = keys.name("blobs", found.key)
+                await self._metadata.put_blob_read(name, found.size, found.modified)
         except (BucketUnavailable, ClientError, BotoCoreError, RedisError, OSError) as exc:
             log.warning("cannot list the bucket's blobs: %s", type(exc).__name__)
 
@@ -185,8 +185,7 @@ class BucketIndex:
                 break
             if digest in busy or now - read_at < self._protect:
                 continue
-            algorithm, _, hexpart = digest.partition(":")
-            await self._bucket.delete(f"{self._bucket.config.prefix}blobs/{algorithm}/{hexpart}")
+            await self._bucket.delete(self._bucket.keys.blob(digest))
             await self.forget_key(digest)
             evicted, freed = evicted + 1, freed + size
             self._metrics.bucket_evictions.inc()
