@@ -19,6 +19,22 @@ if TYPE_CHECKING:
     from mirror.metadata.store import MetadataStore
 
 
+# Evicting down to 90% of a bound leaves room, so that each new blob does not set off
+# another pass (a scan of the whole cache directory, or of the bucket's records).
+LOW_WATER = 0.9
+# A pass runs at least this often, new blobs or not (idle blobs, other replicas' uploads).
+SCAN_INTERVAL = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class EvictionResult:
+    """What one eviction pass did (of the cache directory, or of the bucket)."""
+
+    evicted: int
+    freed: int
+    remaining: int
+
+
 @dataclass(frozen=True, slots=True)
 class Redirect:
     """Send the client elsewhere for the bytes (a presigned URL of the bucket)."""

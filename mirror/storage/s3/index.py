@@ -15,7 +15,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 
 from botocore.exceptions import BotoCoreError, ClientError
 from redis.exceptions import RedisError
@@ -23,6 +22,7 @@ from redis.exceptions import RedisError
 from mirror.metadata.store import MetadataStore
 from mirror.observe.metrics import Metrics
 from mirror.oci.reference import Digest
+from mirror.storage.base import LOW_WATER, SCAN_INTERVAL, EvictionResult
 from mirror.storage.s3.bucket import Bucket, BucketUnavailable
 
 log = logging.getLogger(__name__)
@@ -30,16 +30,6 @@ log = logging.getLogger(__name__)
 # A read is written to the metadata store at most this often per blob: a hot blob must not
 # cost a write per request.
 TOUCH_INTERVAL = 1.0
-# Evicting down to 90% of the bound leaves room, so each new blob does not set off a pass.
-LOW_WATER = 0.9
-SCAN_INTERVAL = 300.0
-
-
-@dataclass(frozen=True, slots=True)
-class BucketEviction:
-    evicted: int
-    freed: int
-    remaining: int
 
 
 @contextlib.asynccontextmanager
@@ -168,7 +158,7 @@ class BucketIndex:
         except (BucketUnavailable, ClientError, BotoCoreError, RedisError, OSError) as exc:
             log.warning("cannot list the bucket's blobs: %s", type(exc).__name__)
 
-    async def evict(self, max_size: int | None = None) -> BucketEviction:
+    async def evict(self, max_size: int | None = None) -> EvictionResult:
         """Delete the least recently read blobs until the bucket is under its bound."""
         bound = max_size if max_size is not None else self._max_size
         if self._task is not None:
@@ -176,7 +166,7 @@ class BucketIndex:
         records = await self._records()
         total = sum(size for size, _ in records.values())
         if bound is None or total <= bound:
-            return BucketEviction(0, 0, total)
+            return EvictionResult(0, 0, total)
         target = int(bound * LOW_WATER) if max_size is None else bound
         busy = {str(digest) for digest in self._busy()}
         now, evicted, freed = time.time(), 0, 0
@@ -191,7 +181,7 @@ class BucketIndex:
             self._metrics.bucket_evictions.inc()
         if evicted:
             log.info("evicted %d blobs from the bucket, %d bytes", evicted, freed)
-        return BucketEviction(evicted, freed, total - freed)
+        return EvictionResult(evicted, freed, total - freed)
 
     async def forget_key(self, digest: str) -> None:
         self._sizes.pop(digest, None)
