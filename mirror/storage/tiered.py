@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 
 from botocore.exceptions import ClientError
@@ -36,6 +36,7 @@ from mirror.storage.s3.index import BucketIndex
 from mirror.storage.s3.keys import KINDS, Kind
 from mirror.storage.s3.read import BucketStream, LocalFill
 from mirror.storage.s3.upload import PARTS_IN_FLIGHT, BucketUpload
+from mirror.storage.sharing import Alone, BucketSharing
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,18 @@ VERIFY_PARALLEL = 4
 class TieredStorage(Storage):
     """`Storage` (the local tier) with a bucket behind it."""
 
-    def __init__(self, root: Path, max_size: int | None, config: S3Config, metrics: Metrics):
+    def __init__(
+        self,
+        root: Path,
+        max_size: int | None,
+        config: S3Config,
+        metrics: Metrics,
+        sharing: BucketSharing | None = None,
+    ) -> None:
         super().__init__(root, max_size)
         self.bucket = Bucket(config, metrics)
-        self.index = BucketIndex(self.bucket, metrics)
+        self._sharing = sharing or Alone()
+        self.index = BucketIndex(self.bucket, metrics, self._sharing.exclusive)
         self._config = config
         self._metrics = metrics
         # Blobs streamed from the bucket right now: its eviction leaves them alone.
@@ -62,13 +71,6 @@ class TieredStorage(Storage):
         self._filling: set[Digest] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._part_slots = asyncio.Semaphore(PARTS_IN_FLIGHT)
-        # Whether a multipart upload (by key) is another process's live one, not to abort
-        # (replicas: mirror/cluster/bucketshare.py); alone, none is.
-        self.upload_live: Callable[[str], Awaitable[bool]] = _never
-        # True when `upload_live` knows every live upload (replicas hold a lease for each):
-        # then any other is abandoned, however young. Alone, an upload is taken as abandoned
-        # only after ABANDONED_AFTER, since a `mirror ls` or `gc` may run beside a live serve.
-        self.upload_owners_known = False
 
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -284,7 +286,16 @@ class TieredStorage(Storage):
 
     @property
     def _abandoned_after(self) -> float:
-        return 0.0 if self.upload_owners_known else ABANDONED_AFTER
+        """Alone, an upload is taken as abandoned only after ABANDONED_AFTER: a `mirror ls`
+        or `gc` may run beside a live serve."""
+        return 0.0 if self._sharing.owners_known else ABANDONED_AFTER
+
+    async def _upload_live(self, key: str) -> bool:
+        """Is the multipart upload to `key` another process's live one (not to abort)?"""
+        found = self.bucket.keys.parse(key)
+        if found is None or found[0] != "blobs":
+            return False
+        return await self._sharing.upload_live(found[1])
 
     async def _abort_uploads(self, older_than: float) -> int:
         """Abort the multipart uploads under the prefix begun more than `older_than` ago."""
@@ -292,7 +303,7 @@ class TieredStorage(Storage):
         try:
             for upload in await self.bucket.pending_uploads(self.bucket.keys.prefix):
                 abandoned = time.time() - upload.initiated >= older_than
-                if abandoned and not await self.upload_live(upload.key):
+                if abandoned and not await self._upload_live(upload.key):
                     await self.bucket.abort_multipart(upload.key, upload.upload_id)
                     aborted += 1
         except S3_ERRORS as exc:
@@ -337,7 +348,3 @@ class TieredStorage(Storage):
         if kind == "blobs":
             await self.index.forget(digest)
         return f"{name} (bucket)"
-
-
-async def _never(key: str) -> bool:
-    return False

@@ -10,10 +10,9 @@ while it is being read, nor within `redirect_ttl` of a redirect to it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -32,15 +31,15 @@ log = logging.getLogger(__name__)
 TOUCH_INTERVAL = 1.0
 
 
-@contextlib.asynccontextmanager
-async def _alone() -> AsyncIterator[bool]:
-    yield True
-
-
 class BucketIndex:
     """Records of the bucket's blobs; evicts the least recently read above the bound."""
 
-    def __init__(self, bucket: Bucket, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        bucket: Bucket,
+        metrics: Metrics,
+        exclusive: Callable[[], AbstractAsyncContextManager[bool]],
+    ) -> None:
         self._bucket = bucket
         self._metrics = metrics
         self._max_size = bucket.config.max_size
@@ -58,9 +57,8 @@ class BucketIndex:
         self._loaded = asyncio.Event()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        # Yields whether this process may run an eviction pass now (replicas: the one
-        # holding the eviction lease, mirror/cluster/bucketshare.py).
-        self.exclusive: Callable[[], AbstractAsyncContextManager[bool]] = _alone
+        # Yields whether this process may run an eviction pass now (storage/sharing.py).
+        self._exclusive = exclusive
 
     def start(self, metadata: MetadataStore, busy: Callable[[], Iterable[object]]) -> None:
         self._metadata = metadata
@@ -134,7 +132,7 @@ class BucketIndex:
             return
         while True:
             try:
-                async with self.exclusive() as mine:
+                async with self._exclusive() as mine:
                     if mine:
                         await self.evict()
             except (BucketUnavailable, ClientError, BotoCoreError) as exc:
