@@ -27,9 +27,8 @@ from botocore.exceptions import ClientError
 from mirror.config.s3 import S3Config
 from mirror.metadata.store import MetadataStore
 from mirror.observe.metrics import Metrics
-from mirror.oci.errors import DigestInvalid, RangeNotSatisfiable
-from mirror.oci.reference import Digest, compute_digest, parse_digest
-from mirror.storage.base import BlobSize, Found, NoUpload, Redirect, Upload
+from mirror.oci.reference import Digest, as_digest, compute_digest
+from mirror.storage.base import BlobSize, Found, NoUpload, RangeOutsideBlob, Redirect, Upload
 from mirror.storage.filesystem import Storage
 from mirror.storage.s3.bucket import S3_ERRORS, Bucket
 from mirror.storage.s3.index import BucketIndex
@@ -145,7 +144,7 @@ class TieredStorage(Storage):
         except ClientError as exc:
             if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 416:
                 raise
-            raise RangeNotSatisfiable(await self.bucket.size(key) or 0) from None
+            raise RangeOutsideBlob(await self.bucket.size(key) or 0) from None
         if response is None:
             return None
         await self.index.read(digest)
@@ -331,9 +330,8 @@ class TieredStorage(Storage):
     async def _verify_object(self, kind: Kind, key: str) -> str | None:
         """Re-hash one object; delete it when it does not match its key. The bad name."""
         name = self.bucket.keys.name(kind, key)
-        try:
-            digest = parse_digest(name)
-        except DigestInvalid:
+        digest = as_digest(name)
+        if digest is None:
             return None  # not ours: leave it alone
         response = await self.bucket.get(key)
         if response is None:
