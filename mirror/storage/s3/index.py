@@ -1,10 +1,11 @@
 """What the mirror knows of its blobs in the bucket: sizes and last reads, and its bound.
 
-The records live in the metadata store (Redis, or in-process with its snapshot), so that
-knowing a blob is in the bucket costs no S3 request (a redirect needs none) and the bucket
-can be kept under `storage.s3.max_size` by last-read time. Records that are missing (a new
-metadata store) are rebuilt from one listing of the bucket. An object is never deleted
-while it is being read, nor within `redirect_ttl` of a redirect to it.
+The records live in the metadata store (Redis, or in-process with its snapshot; memory
+stands in while Redis is down, so no call here fails for Redis), so that knowing a blob is
+in the bucket costs no S3 request (a redirect needs none) and the bucket can be kept under
+`storage.s3.max_size` by last-read time. Records that are missing (a new metadata store)
+are rebuilt from one listing of the bucket. An object is never deleted while it is being
+read, nor within `redirect_ttl` of a redirect to it.
 """
 
 from __future__ import annotations
@@ -12,17 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager
-
-from botocore.exceptions import BotoCoreError, ClientError
-from redis.exceptions import RedisError
 
 from mirror.metadata.store import MetadataStore
 from mirror.observe.metrics import Metrics
 from mirror.oci.reference import Digest
 from mirror.storage.base import LOW_WATER, SCAN_INTERVAL, EvictionResult
-from mirror.storage.s3.bucket import Bucket, BucketUnavailable
+from mirror.storage.s3.bucket import S3_ERRORS, Bucket
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +94,7 @@ class BucketIndex:
             return True
         if self._metadata is None:
             return False
-        try:  # another replica may have stored it
-            record = await self._metadata.get_blob_read(key)
-        except (RedisError, OSError):
-            return False
+        record = await self._metadata.get_blob_read(key)  # another replica may have stored it
         if record is None:
             return False
         self._sizes[key] = record[0]
@@ -110,15 +105,12 @@ class BucketIndex:
 
     async def _record(self, digest: str, size: int) -> None:
         if self._metadata is not None:
-            await _quietly(self._metadata.put_blob_read(digest, size, time.time()))
+            await self._metadata.put_blob_read(digest, size, time.time())
 
     async def _records(self) -> dict[str, tuple[int, float]]:
         if self._metadata is None:
             return {}
-        try:
-            return await self._metadata.blob_reads()
-        except (RedisError, OSError):
-            return {}
+        return await self._metadata.blob_reads()
 
     # --- eviction ----------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -135,7 +127,7 @@ class BucketIndex:
                 async with self._exclusive() as mine:
                     if mine:
                         await self.evict()
-            except (BucketUnavailable, ClientError, BotoCoreError) as exc:
+            except S3_ERRORS as exc:
                 log.warning("bucket eviction pass failed: %s", type(exc).__name__)
             try:
                 async with asyncio.timeout(SCAN_INTERVAL):
@@ -153,7 +145,7 @@ class BucketIndex:
             async for found in self._bucket.objects(keys.under("blobs")):
                 name = keys.name("blobs", found.key)
                 await self._metadata.put_blob_read(name, found.size, found.modified)
-        except (BucketUnavailable, ClientError, BotoCoreError, RedisError, OSError) as exc:
+        except S3_ERRORS as exc:
             log.warning("cannot list the bucket's blobs: %s", type(exc).__name__)
 
     async def evict(self, max_size: int | None = None) -> EvictionResult:
@@ -185,12 +177,4 @@ class BucketIndex:
         self._sizes.pop(digest, None)
         self._touched.pop(digest, None)
         if self._metadata is not None:
-            await _quietly(self._metadata.forget_blob(digest))
-
-
-async def _quietly(call: Awaitable[None]) -> None:
-    """A metadata write that may fail: the records are a cache of the bucket's state."""
-    try:
-        await call
-    except (RedisError, OSError) as exc:
-        log.debug("bucket record not written: %s", type(exc).__name__)
+            await self._metadata.forget_blob(digest)
