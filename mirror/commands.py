@@ -16,9 +16,10 @@ from typing import Any, TextIO
 from mirror.cache.downloads import Download, Uncacheable
 from mirror.config import Config
 from mirror.oci.errors import RegistryError
+from mirror.oci.negotiation import MANIFEST_TYPES
 from mirror.oci.reference import parse_digest, validate_name, validate_tag
 from mirror.storage import CacheStore
-from mirror.upstream.client import MANIFEST_TYPES, Upstream
+from mirror.upstream.client import Upstream
 from mirror.util.units import human_size
 from mirror.web.offline import Services, with_services
 

@@ -28,7 +28,7 @@ import aiohttp
 import bcrypt
 import pytest
 
-from mirror.cluster.shared import DOWN_RETRY
+from mirror.cluster.lease import DOWN_RETRY
 from tests.loadbalancer import HAProxy
 from tests.redis_topologies import TOPOLOGIES, flushed_redis_url
 from tests.resilience_helpers import (

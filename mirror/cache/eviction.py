@@ -18,13 +18,9 @@ from dataclasses import dataclass
 
 from mirror.observe.metrics import Metrics
 from mirror.storage import CacheStore
+from mirror.storage.base import LOW_WATER, SCAN_INTERVAL, EvictionResult
 
 log = logging.getLogger(__name__)
-
-# Evicting down to 90% of the bound leaves room, so that each new blob does not set off
-# another scan of the whole cache.
-LOW_WATER = 0.9
-SCAN_INTERVAL = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,13 +29,6 @@ class CachedBlob:
     digest: str
     size: int
     last_read: float
-
-
-@dataclass(frozen=True, slots=True)
-class EvictionResult:
-    evicted: int
-    freed: int
-    remaining: int
 
 
 def scan_blobs(storage: CacheStore) -> list[CachedBlob]:

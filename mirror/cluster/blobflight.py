@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from mirror.cluster.lease import Held, Lease, Leases
+from mirror.cluster.lease import Lease, LeaseBackoff, Leases
 from mirror.cluster.peers import PeerClient, PeerUnavailable
 from mirror.observe.cluster_metrics import ClusterMetrics
 from mirror.oci.errors import BlobUnknown
@@ -40,8 +40,6 @@ RETRY_FIRST = 0.05
 # from Redis) is waited for this many TTLs at most; then this replica fetches alone.
 PATIENCE_TTLS = 3
 MIN_PATIENCE = 30.0
-# After Redis failed to answer, leases are not tried for this long (as in shared.py).
-DOWN_RETRY = 1.0
 
 
 @dataclass(frozen=True)
@@ -59,7 +57,7 @@ class BlobFlight:
         self._leases = leases
         self._peers = peers
         self._metrics = metrics
-        self._retry_at = 0.0  # monotonic time before which Redis is taken as down
+        self._backoff = LeaseBackoff(leases)
 
     async def source(
         self, digest: Digest, offset: int, following: str | None
@@ -70,7 +68,7 @@ class BlobFlight:
         delay = RETRY_FIRST
         first = following is None  # a new follower: counted once, as a wait
         while time.monotonic() < give_up:
-            got = await self._acquire(digest)
+            got = await self._backoff.acquire(lease_name(digest))
             if got is None:
                 self._metrics.lease_unavailable.labels(KIND).inc()
                 return None
@@ -106,10 +104,7 @@ class BlobFlight:
         await asyncio.sleep(delay)
         return min(delay * 2, self._leases.ttl / 4)
 
-    async def _acquire(self, digest: Digest) -> Lease | Held | None:
-        if time.monotonic() < self._retry_at:
-            return None
-        got = await self._leases.acquire(f"{KIND}:{digest}")
-        if got is None:
-            self._retry_at = time.monotonic() + DOWN_RETRY
-        return got
+
+def lease_name(digest: Digest | str) -> str:
+    """The lease a blob's download holds (its live upload too: bucketshare.py)."""
+    return f"{KIND}:{digest}"

@@ -1,4 +1,4 @@
-"""The bucket's chores among replicas, told apart by leases.
+"""The bucket's chores among replicas, told apart by leases (storage/sharing.py asks).
 
 - Eviction (`storage.s3.max_size`) runs under the lease `evict:bucket`: each replica's
   index wakes on its own uploads and reads the same shared records, and two passes at once
@@ -14,31 +14,30 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
-from aiohttp import web
-
+from mirror.cluster.blobflight import lease_name
 from mirror.cluster.lease import Lease, Leases
 from mirror.metadata.topology import DOWN_ERRORS
-from mirror.storage.tiered import TieredStorage
-from mirror.web.keys import config_key, leases_key, storage_key
 
 log = logging.getLogger(__name__)
 
 EVICT_LEASE = "evict:bucket"
 
 
-def share_bucket(app: web.Application) -> None:
-    """With a cluster and a bucket, make the bucket's chores ask the leases (which exist
-    once the app has started: the hooks read them then)."""
-    storage = app[storage_key]
-    if app[config_key].cluster is None or not isinstance(storage, TieredStorage):
-        return
-    prefix = storage.bucket.config.prefix + "blobs/"
+class BucketShare:
+    """`BucketSharing` by the leases `leases()` returns: the replica's, once the app has
+    started them (the storage is built before), or None."""
+
+    owners_known = True  # every live upload holds its blob's lease
+
+    def __init__(self, leases: Callable[[], Leases | None]) -> None:
+        self._leases = leases
 
     @contextlib.asynccontextmanager
-    async def exclusive() -> AsyncIterator[bool]:
-        leases = app.get(leases_key)
+    async def exclusive(self) -> AsyncIterator[bool]:
+        """Yields True while this replica holds the eviction lease (kept until the end)."""
+        leases = self._leases()
         got = None if leases is None else await leases.acquire(EVICT_LEASE)
         if not isinstance(got, Lease):
             log.debug("bucket eviction pass skipped: %s", "held elsewhere" if got else "no Redis")
@@ -47,15 +46,9 @@ def share_bucket(app: web.Application) -> None:
         async with got.kept():
             yield True
 
-    async def upload_live(key: str) -> bool:
-        leases = app.get(leases_key)
-        if leases is None or not key.startswith(prefix):
-            return False
-        return await _held(leases, "blob:" + key[len(prefix) :].replace("/", ":", 1))
-
-    storage.index.exclusive = exclusive
-    storage.upload_live = upload_live
-    storage.upload_owners_known = True
+    async def upload_live(self, digest: str) -> bool:
+        leases = self._leases()
+        return leases is not None and await _held(leases, lease_name(digest))
 
 
 async def _held(leases: Leases, name: str) -> bool:

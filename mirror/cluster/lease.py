@@ -9,6 +9,7 @@ routes it by the key's slot): a holder that lost its lease never deletes a succe
 
 When Redis cannot be reached, `acquire` says so (None), and the caller works alone, as a
 single mirror does: an outage costs duplicate upstream fetches, never a failed pull.
+`LeaseBackoff` then stops asking for DOWN_RETRY, so an outage costs each request no wait.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -25,6 +27,9 @@ from mirror.metadata.topology import DOWN_ERRORS, RedisClient
 log = logging.getLogger(__name__)
 
 LEASE_PREFIX = "mirror:lease:"
+# After Redis failed to answer, leases are not tried for this long: a Redis that drops
+# packets (rather than refusing) would otherwise cost every miss a connect timeout.
+DOWN_RETRY = 1.0
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -127,6 +132,22 @@ class Leases:
         except DOWN_ERRORS:
             return None
         return None if value is None else _owner_of(value)
+
+
+class LeaseBackoff:
+    """`Leases.acquire`, but taking Redis as down (None) for DOWN_RETRY after it failed."""
+
+    def __init__(self, leases: Leases) -> None:
+        self.leases = leases
+        self._retry_at = 0.0  # monotonic time before which Redis is taken as down
+
+    async def acquire(self, name: str) -> Lease | Held | None:
+        if time.monotonic() < self._retry_at:
+            return None
+        got = await self.leases.acquire(name)
+        if got is None:
+            self._retry_at = time.monotonic() + DOWN_RETRY
+        return got
 
 
 def _owner_of(value: str | bytes) -> str:

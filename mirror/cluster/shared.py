@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from mirror.cluster.lease import Held, Lease, Leases
+from mirror.cluster.lease import Lease, LeaseBackoff, Leases
 from mirror.metadata.topology import DOWN_ERRORS
 from mirror.observe.cluster_metrics import ClusterMetrics
 
@@ -39,9 +39,6 @@ POLL_MAX = 0.1
 # waited for this many lease TTLs at most; then this replica does the work itself.
 WAIT_TTLS = 3
 MIN_WAIT = 30.0
-# After Redis failed to answer, leases are not tried for this long: a Redis that drops
-# packets (rather than refusing) would otherwise cost every miss a connect timeout.
-DOWN_RETRY = 1.0
 
 FAILED_SUFFIX = "/failed"
 
@@ -62,13 +59,12 @@ class SharedWork:
     """Runs `work` on one replica at a time per name; `check` finds a replica's result."""
 
     def __init__(self, leases: Leases | None, metrics: ClusterMetrics) -> None:
-        self._leases = leases
+        self._backoff = None if leases is None else LeaseBackoff(leases)
         self._metrics = metrics
-        self._retry_at = 0.0  # monotonic time before which Redis is taken as down
 
     @property
     def enabled(self) -> bool:
-        return self._leases is not None
+        return self._backoff is not None
 
     async def once(
         self,
@@ -80,13 +76,14 @@ class SharedWork:
     ) -> T:
         """The result of `work()`, done here under the lease on `name`, or another
         replica's as `check()` finds it (None: not there yet)."""
-        leases = self._leases
-        if leases is None:
+        backoff = self._backoff
+        if backoff is None:
             return await work()
+        leases = backoff.leases
         give_up = time.monotonic() + max(WAIT_TTLS * leases.ttl, MIN_WAIT)
         waited = False
         while True:
-            got = await self._acquire(leases, name)
+            got = await backoff.acquire(name)
             if got is None:  # Redis down: work alone, as a single mirror does
                 self._metrics.lease_unavailable.labels(kind).inc()
                 return await work()
@@ -101,14 +98,6 @@ class SharedWork:
                 log.warning("%s: held by %s for too long; doing it here", name, got.owner)
                 return await work()
             # The lease ended with no result: take it (loop), unless another replica did.
-
-    async def _acquire(self, leases: Leases, name: str) -> Lease | Held | None:
-        if time.monotonic() < self._retry_at:
-            return None
-        got = await leases.acquire(name)
-        if got is None:
-            self._retry_at = time.monotonic() + DOWN_RETRY
-        return got
 
     async def _as_owner(
         self,
@@ -135,8 +124,8 @@ class SharedWork:
                 raise
 
     async def _mark_failed(self, lease: Lease, error: str) -> None:
-        leases = self._leases
-        if leases is not None:
+        if self._backoff is not None:
+            leases = self._backoff.leases
             value = f"{leases.owner} {error}"  # whose failure: a waiter follows one holder
             with contextlib.suppress(*DOWN_ERRORS):
                 await leases.client.set(lease.key + FAILED_SUFFIX, value, px=int(leases.ttl * 1000))

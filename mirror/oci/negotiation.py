@@ -32,7 +32,8 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-MANIFEST_TYPES = frozenset({DOCKER_MANIFEST, DOCKER_LIST, OCI_MANIFEST, OCI_INDEX})
+# Every manifest type the mirror knows, in the order it asks its upstreams for them.
+MANIFEST_TYPES = (OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST)
 _OCI_REFUSALS = {
     OCI_MANIFEST: "OCI manifest found, but accept header does not support OCI manifests",
     OCI_INDEX: "OCI index found, but accept header does not support OCI indexes",
@@ -59,7 +60,7 @@ def parse_accept(values: list[str]) -> list[str]:
 def decide(media_type: str, accept: list[str], *, by_tag: bool) -> Verdict:
     """What a client with `accept` gets for a manifest of `media_type`, or
     ManifestUnknown when it gets nothing."""
-    named = MANIFEST_TYPES.intersection(accept)
+    named = set(MANIFEST_TYPES).intersection(accept)
     if media_type in named:
         return Verdict.SERVE
     if media_type in _OCI_REFUSALS:

@@ -36,12 +36,21 @@ class Digest:
 
 def parse_digest(value: str) -> Digest:
     """A `Digest`, or `DigestInvalid` naming what is wrong."""
+    digest = as_digest(value)
+    if digest is not None:
+        return digest
+    algorithm, sep, _ = value.partition(":")
+    if not sep or algorithm not in _HEX_LENGTH:
+        raise DigestInvalid(f"unsupported digest algorithm in {value[:80]!r}")
+    raise DigestInvalid(f"invalid {algorithm} digest {value[:150]!r}")
+
+
+def as_digest(value: str) -> Digest | None:
+    """The `Digest` `value` spells, or None (a name in storage that is not one of ours)."""
     algorithm, sep, hexpart = value.partition(":")
     length = _HEX_LENGTH.get(algorithm)
-    if not sep or length is None:
-        raise DigestInvalid(f"unsupported digest algorithm in {value[:80]!r}")
-    if len(hexpart) != length or not _HEX_RE.fullmatch(hexpart):
-        raise DigestInvalid(f"invalid {algorithm} digest {value[:150]!r}")
+    if not sep or len(hexpart) != length or not _HEX_RE.fullmatch(hexpart):
+        return None
     return Digest(algorithm, hexpart)
 
 

@@ -11,12 +11,25 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
+from mirror.metadata.store import MetadataStore
 from mirror.oci.reference import Digest
 
-if TYPE_CHECKING:
-    from mirror.metadata.store import MetadataStore
+# Evicting down to 90% of a bound leaves room, so that each new blob does not set off
+# another pass (a scan of the whole cache directory, or of the bucket's records).
+LOW_WATER = 0.9
+# A pass runs at least this often, new blobs or not (idle blobs, other replicas' uploads).
+SCAN_INTERVAL = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class EvictionResult:
+    """What one eviction pass did (of the cache directory, or of the bucket)."""
+
+    evicted: int
+    freed: int
+    remaining: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +65,14 @@ class StoreReadError(Exception):
     """A stored blob's bytes stopped coming (the body sent so far must be cut short)."""
 
 
+class RangeOutsideBlob(Exception):
+    """The range asked of `find_blob` starts past the end of the stored blob."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"range outside a blob of {size} bytes")
+        self.size = size
+
+
 class Upload(Protocol):
     """A copy of a download's temp file on its way to a second home (the bucket)."""
 
@@ -83,7 +104,8 @@ class CacheStore(Protocol):
     async def close(self) -> None: ...
 
     async def attach(self, metadata: MetadataStore, busy: Callable[[], Iterable[object]]) -> None:
-        """Start the store's own bookkeeping (it runs until `close`)."""
+        """Start the store's own bookkeeping (it runs until `close`). `metadata` answers
+        even while Redis is down (`FallbackMetadata`): its errors are not the store's."""
 
     def fits(self, size: int | None) -> bool: ...
 
@@ -107,7 +129,8 @@ class CacheStore(Protocol):
     async def find_blob(
         self, digest: Digest, byte_range: str | None, *, head: bool
     ) -> Found | None:
-        """After a local miss: where else the blob is, or None (then: upstream)."""
+        """After a local miss: where else the blob is, or None (then: upstream);
+        RangeOutsideBlob when `byte_range` lies past its end."""
 
     async def contains(self, digest: Digest) -> bool:
         """Is the blob stored anywhere (a warm needs no fetch)?"""

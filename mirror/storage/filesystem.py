@@ -22,14 +22,10 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from mirror.oci.errors import DigestInvalid
-from mirror.oci.reference import Digest, compute_digest, parse_digest
+from mirror.metadata.store import MetadataStore
+from mirror.oci.reference import Digest, as_digest, compute_digest
 from mirror.storage.base import Found, NoUpload, Upload
-
-if TYPE_CHECKING:
-    from mirror.metadata.store import MetadataStore
 
 log = logging.getLogger(__name__)
 
@@ -274,9 +270,8 @@ class Storage:
         checked, removed = 0, []
         for top in (self.blobs, self.manifests):
             for name, path in sorted(self.walk(top), key=lambda found: found[1]):
-                try:
-                    digest = parse_digest(name)
-                except DigestInvalid:
+                digest = as_digest(name)
+                if digest is None:
                     continue  # not ours (an editor's backup file, say): leave it alone
                 checked += 1
                 if not _file_matches(path, digest, skip_line=top == self.manifests):

@@ -19,26 +19,26 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ClientError
 
 from mirror.config.s3 import S3Config
 from mirror.metadata.store import MetadataStore
 from mirror.observe.metrics import Metrics
-from mirror.oci.errors import DigestInvalid, RangeNotSatisfiable
-from mirror.oci.reference import Digest, compute_digest, parse_digest
-from mirror.storage.base import BlobSize, Found, NoUpload, Redirect, Upload
+from mirror.oci.reference import Digest, as_digest, compute_digest
+from mirror.storage.base import BlobSize, Found, NoUpload, RangeOutsideBlob, Redirect, Upload
 from mirror.storage.filesystem import Storage
-from mirror.storage.s3.bucket import Bucket, BucketUnavailable
+from mirror.storage.s3.bucket import S3_ERRORS, Bucket
 from mirror.storage.s3.index import BucketIndex
+from mirror.storage.s3.keys import KINDS, Kind
 from mirror.storage.s3.read import BucketStream, LocalFill
 from mirror.storage.s3.upload import PARTS_IN_FLIGHT, BucketUpload
+from mirror.storage.sharing import Alone, BucketSharing
 
 log = logging.getLogger(__name__)
 
-S3_ERRORS = (BucketUnavailable, ClientError, BotoCoreError)
 # A start and `mirror gc` abort multipart uploads begun longer ago than this: a younger
 # one may be live, in another process (`mirror ls` run beside `mirror serve`, a replica).
 ABANDONED_AFTER = 3600.0
@@ -51,10 +51,18 @@ VERIFY_PARALLEL = 4
 class TieredStorage(Storage):
     """`Storage` (the local tier) with a bucket behind it."""
 
-    def __init__(self, root: Path, max_size: int | None, config: S3Config, metrics: Metrics):
+    def __init__(
+        self,
+        root: Path,
+        max_size: int | None,
+        config: S3Config,
+        metrics: Metrics,
+        sharing: BucketSharing | None = None,
+    ) -> None:
         super().__init__(root, max_size)
         self.bucket = Bucket(config, metrics)
-        self.index = BucketIndex(self.bucket, metrics)
+        self._sharing = sharing or Alone()
+        self.index = BucketIndex(self.bucket, metrics, self._sharing.exclusive)
         self._config = config
         self._metrics = metrics
         # Blobs streamed from the bucket right now: its eviction leaves them alone.
@@ -62,13 +70,6 @@ class TieredStorage(Storage):
         self._filling: set[Digest] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._part_slots = asyncio.Semaphore(PARTS_IN_FLIGHT)
-        # Whether a multipart upload (by key) is another process's live one, not to abort
-        # (replicas: mirror/cluster/bucketshare.py); alone, none is.
-        self.upload_live: Callable[[str], Awaitable[bool]] = _never
-        # True when `upload_live` knows every live upload (replicas hold a lease for each):
-        # then any other is abandoned, however young. Alone, an upload is taken as abandoned
-        # only after ABANDONED_AFTER, since a `mirror ls` or `gc` may run beside a live serve.
-        self.upload_owners_known = False
 
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -105,7 +106,7 @@ class TieredStorage(Storage):
     ) -> Found | None:
         if not await self.bucket.up_now():
             return None
-        key = self.bucket.blob_key(digest)
+        key = self.bucket.keys.blob(digest)
         try:
             if head:
                 size = await self.bucket.size(key)
@@ -143,7 +144,7 @@ class TieredStorage(Storage):
         except ClientError as exc:
             if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 416:
                 raise
-            raise RangeNotSatisfiable(await self.bucket.size(key) or 0) from None
+            raise RangeOutsideBlob(await self.bucket.size(key) or 0) from None
         if response is None:
             return None
         await self.index.read(digest)
@@ -182,7 +183,7 @@ class TieredStorage(Storage):
     async def _delete_blob(self, digest: Digest) -> None:
         """Remove a bucket object that does not match its digest."""
         try:
-            await self.bucket.delete(self.bucket.blob_key(digest))
+            await self.bucket.delete(self.bucket.keys.blob(digest))
         except S3_ERRORS as exc:
             log.warning("cannot delete %s from the bucket: %s", digest, type(exc).__name__)
         await self.index.forget(digest)
@@ -191,7 +192,7 @@ class TieredStorage(Storage):
         if await self.blob_size(digest) is not None or await self.index.known(digest):
             return True
         try:
-            return await self.bucket.size(self.bucket.blob_key(digest)) is not None
+            return await self.bucket.size(self.bucket.keys.blob(digest)) is not None
         except S3_ERRORS as exc:
             log.warning("cannot tell if the bucket holds %s: %s", digest, type(exc).__name__)
             return False
@@ -226,7 +227,7 @@ class TieredStorage(Storage):
             task = asyncio.ensure_future(self.index.stored(digest, written))
             task.add_done_callback(lambda done: done.exception())
 
-        key = self.bucket.blob_key(digest)
+        key = self.bucket.keys.blob(digest)
         return BucketUpload(self.bucket, key, size, temp, stored, self._part_slots)
 
     # --- manifests -------------------------------------------------------------------------
@@ -235,7 +236,7 @@ class TieredStorage(Storage):
         if local is not None or not await self.bucket.up_now():
             return local
         try:
-            response = await self.bucket.get(self.bucket.manifest_key(digest))
+            response = await self.bucket.get(self.bucket.keys.manifest(digest))
             if response is None:
                 return None
             async with response["Body"] as body:
@@ -258,7 +259,7 @@ class TieredStorage(Storage):
         valid = compute_digest(body, digest.algorithm) == digest and "\n" not in media_type
         if valid and await self.bucket.up_now():
             try:
-                await self.bucket.put(self.bucket.manifest_key(digest), body, media_type)
+                await self.bucket.put(self.bucket.keys.manifest(digest), body, media_type)
             except S3_ERRORS as exc:
                 log.warning("manifest %s not stored in the bucket: %s", digest, type(exc).__name__)
         return await super().write_manifest(digest, media_type, body)
@@ -266,10 +267,10 @@ class TieredStorage(Storage):
     # --- commands (ls, gc, verify) -------------------------------------------------------------
     async def blob_sizes(self) -> dict[str, int]:
         sizes = await super().blob_sizes()
-        prefix = self._config.prefix + "blobs/"
+        keys = self.bucket.keys
         try:
-            async for found in self.bucket.objects(prefix):
-                sizes[found.key[len(prefix) :].replace("/", ":", 1)] = found.size
+            async for found in self.bucket.objects(keys.under("blobs")):
+                sizes[keys.name("blobs", found.key)] = found.size
         except S3_ERRORS as exc:
             log.warning("cannot list the bucket: %s", type(exc).__name__)
         return sizes
@@ -284,15 +285,24 @@ class TieredStorage(Storage):
 
     @property
     def _abandoned_after(self) -> float:
-        return 0.0 if self.upload_owners_known else ABANDONED_AFTER
+        """Alone, an upload is taken as abandoned only after ABANDONED_AFTER: a `mirror ls`
+        or `gc` may run beside a live serve."""
+        return 0.0 if self._sharing.owners_known else ABANDONED_AFTER
+
+    async def _upload_live(self, key: str) -> bool:
+        """Is the multipart upload to `key` another process's live one (not to abort)?"""
+        found = self.bucket.keys.parse(key)
+        if found is None or found[0] != "blobs":
+            return False
+        return await self._sharing.upload_live(found[1])
 
     async def _abort_uploads(self, older_than: float) -> int:
         """Abort the multipart uploads under the prefix begun more than `older_than` ago."""
         aborted = 0
         try:
-            for upload in await self.bucket.pending_uploads(self._config.prefix):
+            for upload in await self.bucket.pending_uploads(self.bucket.keys.prefix):
                 abandoned = time.time() - upload.initiated >= older_than
-                if abandoned and not await self.upload_live(upload.key):
+                if abandoned and not await self._upload_live(upload.key):
                     await self.bucket.abort_multipart(upload.key, upload.upload_id)
                     aborted += 1
         except S3_ERRORS as exc:
@@ -304,12 +314,12 @@ class TieredStorage(Storage):
     async def verify(self) -> tuple[int, list[str]]:
         checked, removed = await super().verify()
         limit = asyncio.Semaphore(VERIFY_PARALLEL)
-        keys = []
-        for kind in ("blobs/", "manifests/"):
-            async for found in self.bucket.objects(self._config.prefix + kind):
+        keys: list[tuple[Kind, str]] = []
+        for kind in KINDS:
+            async for found in self.bucket.objects(self.bucket.keys.under(kind)):
                 keys.append((kind, found.key))
 
-        async def check(kind: str, key: str) -> str | None:
+        async def check(kind: Kind, key: str) -> str | None:
             async with limit:
                 return await self._verify_object(kind, key)
 
@@ -317,12 +327,11 @@ class TieredStorage(Storage):
         bad = [name for name in results if name is not None]
         return checked + len(keys), removed + bad
 
-    async def _verify_object(self, kind: str, key: str) -> str | None:
+    async def _verify_object(self, kind: Kind, key: str) -> str | None:
         """Re-hash one object; delete it when it does not match its key. The bad name."""
-        name = key[len(self._config.prefix + kind) :].replace("/", ":", 1)
-        try:
-            digest = parse_digest(name)
-        except DigestInvalid:
+        name = self.bucket.keys.name(kind, key)
+        digest = as_digest(name)
+        if digest is None:
             return None  # not ours: leave it alone
         response = await self.bucket.get(key)
         if response is None:
@@ -334,10 +343,6 @@ class TieredStorage(Storage):
         if hasher.hexdigest() == digest.hex:
             return None
         await self.bucket.delete(key)
-        if kind == "blobs/":
+        if kind == "blobs":
             await self.index.forget(digest)
         return f"{name} (bucket)"
-
-
-async def _never(key: str) -> bool:
-    return False

@@ -32,6 +32,7 @@ from mirror.oci.errors import (
     UpstreamUnauthorized,
     UpstreamUnavailable,
 )
+from mirror.oci.negotiation import MANIFEST_TYPES
 from mirror.oci.reference import compute_digest
 from mirror.upstream.breaker import CircuitBreaker
 from mirror.upstream.credentials import Credentials
@@ -49,12 +50,6 @@ MAX_PASSTHROUGH_BYTES = 16 * 1024 * 1024
 NEGATIVE_ENTRIES = 10000
 READ_BUFSIZE = 2 * 1024 * 1024
 USER_AGENT = "mirror/0.1 (+pull-through cache)"
-MANIFEST_TYPES = (
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-)
 _NOT_FOUND: dict[str, type[RegistryError]] = {
     "manifest": ManifestUnknown,
     "blob": BlobUnknown,

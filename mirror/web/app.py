@@ -18,7 +18,7 @@ from mirror.cache.manifests import ManifestService
 from mirror.cache.referrers import ReferrersService
 from mirror.cache.taglists import TagListService
 from mirror.cluster.blobflight import BlobFlight
-from mirror.cluster.bucketshare import share_bucket
+from mirror.cluster.bucketshare import BucketShare
 from mirror.cluster.peers import PEER_PATH, peer_blob, peers_ctx
 from mirror.config import Config, UpstreamConfig
 from mirror.metadata.fallback import open_metadata
@@ -80,8 +80,9 @@ def create_app(config: Config) -> web.Application:
     app[policy_key] = None if config.policy is None else compile_policy(config.policy)
     app[metrics_key] = Metrics()
     app[failures_key] = FailureLog(logging.getLogger("mirror.upstream"))
-    app[storage_key] = new_store(config.storage, app[metrics_key])
-    share_bucket(app)  # replicas: the bucket's eviction and clean-up ask the leases
+    # Replicas: the bucket's eviction and clean-up ask the leases (there once started).
+    sharing = None if config.cluster is None else BucketShare(lambda: app.get(leases_key))
+    app[storage_key] = new_store(config.storage, app[metrics_key], sharing)
     app[pulls_key] = PullCounter()
     app.cleanup_ctx.extend([storage_ctx, metadata_ctx, upstream_ctx, services_ctx, client_auth_ctx])
     app.cleanup_ctx.insert(0, leases_ctx)  # first: every service may take leases

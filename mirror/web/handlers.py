@@ -8,9 +8,10 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from mirror.cache.taglists import parse_last, parse_n
-from mirror.oci.errors import EndpointUnknown, NameInvalid, Unsupported
+from mirror.oci.errors import EndpointUnknown, NameInvalid, RangeNotSatisfiable, Unsupported
 from mirror.oci.negotiation import OCI_INDEX, parse_accept
 from mirror.oci.reference import parse_digest, validate_name
+from mirror.storage.base import RangeOutsideBlob
 from mirror.upstream.client import Upstream
 from mirror.web.accesslog import upstream_name_key
 from mirror.web.conditional import cache_control, digest_headers, none_match, not_modified
@@ -74,7 +75,10 @@ async def manifest(request: web.Request) -> web.StreamResponse:
 async def blob(request: web.Request) -> web.StreamResponse:
     upstream, repo = route(request)
     digest = parse_digest(request.match_info["digest"])
-    return await request.app[blobs_key].serve(request, upstream, repo, digest)
+    try:
+        return await request.app[blobs_key].serve(request, upstream, repo, digest)
+    except RangeOutsideBlob as exc:  # the bucket's 416, as a registry answers it
+        raise RangeNotSatisfiable(exc.size) from None
 
 
 async def tags_list(request: web.Request) -> web.Response:

@@ -1,4 +1,4 @@
-"""One S3 bucket, through aiobotocore: object keys, the calls the tiers need, their health.
+"""One S3 bucket, through aiobotocore: the calls the tiers need, and their health.
 
 Every call goes through `_call`, which counts it (operation, status), times it, and turns
 what means "the bucket is not answering" (connection errors, timeouts, 5xx after botocore's
@@ -26,7 +26,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from mirror.config import ConfigError
 from mirror.config.s3 import S3Config
 from mirror.observe.metrics import Metrics
-from mirror.oci.reference import Digest
+from mirror.storage.s3.keys import KeyLayout
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -52,6 +52,10 @@ class BucketUnavailable(Exception):
     """The bucket did not answer (unreachable, timed out, or a 5xx after retries)."""
 
 
+# What a call on the bucket may raise: down, or an answer other than the one expected.
+S3_ERRORS = (BucketUnavailable, ClientError, BotoCoreError)
+
+
 @dataclass(frozen=True, slots=True)
 class StoredObject:
     key: str
@@ -72,6 +76,7 @@ class Bucket:
     def __init__(self, config: S3Config, metrics: Metrics) -> None:
         self.config = config
         self.name = config.bucket
+        self.keys = KeyLayout(config.prefix)
         self._metrics = metrics
         self._stack = AsyncExitStack()
         self._client: S3Client | None = None
@@ -82,13 +87,6 @@ class Bucket:
         self._orphans: list[tuple[str, str]] = []
         metrics.registry.register(metrics.s3_up)
         metrics.s3_up.set(1)
-
-    # --- keys ------------------------------------------------------------------------------
-    def blob_key(self, digest: Digest) -> str:
-        return f"{self.config.prefix}blobs/{digest.algorithm}/{digest.hex}"
-
-    def manifest_key(self, digest: Digest) -> str:
-        return f"{self.config.prefix}manifests/{digest.algorithm}/{digest.hex}"
 
     # --- lifecycle -------------------------------------------------------------------------
     async def open(self) -> None:

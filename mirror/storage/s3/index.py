@@ -1,56 +1,43 @@
 """What the mirror knows of its blobs in the bucket: sizes and last reads, and its bound.
 
-The records live in the metadata store (Redis, or in-process with its snapshot), so that
-knowing a blob is in the bucket costs no S3 request (a redirect needs none) and the bucket
-can be kept under `storage.s3.max_size` by last-read time. Records that are missing (a new
-metadata store) are rebuilt from one listing of the bucket. An object is never deleted
-while it is being read, nor within `redirect_ttl` of a redirect to it.
+The records live in the metadata store (Redis, or in-process with its snapshot; memory
+stands in while Redis is down, so no call here fails for Redis), so that knowing a blob is
+in the bucket costs no S3 request (a redirect needs none) and the bucket can be kept under
+`storage.s3.max_size` by last-read time. Records that are missing (a new metadata store)
+are rebuilt from one listing of the bucket. An object is never deleted while it is being
+read, nor within `redirect_ttl` of a redirect to it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
-
-from botocore.exceptions import BotoCoreError, ClientError
-from redis.exceptions import RedisError
 
 from mirror.metadata.store import MetadataStore
 from mirror.observe.metrics import Metrics
 from mirror.oci.reference import Digest
-from mirror.storage.s3.bucket import Bucket, BucketUnavailable
+from mirror.storage.base import LOW_WATER, SCAN_INTERVAL, EvictionResult
+from mirror.storage.s3.bucket import S3_ERRORS, Bucket
 
 log = logging.getLogger(__name__)
 
 # A read is written to the metadata store at most this often per blob: a hot blob must not
 # cost a write per request.
 TOUCH_INTERVAL = 1.0
-# Evicting down to 90% of the bound leaves room, so each new blob does not set off a pass.
-LOW_WATER = 0.9
-SCAN_INTERVAL = 300.0
-
-
-@dataclass(frozen=True, slots=True)
-class BucketEviction:
-    evicted: int
-    freed: int
-    remaining: int
-
-
-@contextlib.asynccontextmanager
-async def _alone() -> AsyncIterator[bool]:
-    yield True
 
 
 class BucketIndex:
     """Records of the bucket's blobs; evicts the least recently read above the bound."""
 
-    def __init__(self, bucket: Bucket, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        bucket: Bucket,
+        metrics: Metrics,
+        exclusive: Callable[[], AbstractAsyncContextManager[bool]],
+    ) -> None:
         self._bucket = bucket
         self._metrics = metrics
         self._max_size = bucket.config.max_size
@@ -68,9 +55,8 @@ class BucketIndex:
         self._loaded = asyncio.Event()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        # Yields whether this process may run an eviction pass now (replicas: the one
-        # holding the eviction lease, mirror/cluster/bucketshare.py).
-        self.exclusive: Callable[[], AbstractAsyncContextManager[bool]] = _alone
+        # Yields whether this process may run an eviction pass now (storage/sharing.py).
+        self._exclusive = exclusive
 
     def start(self, metadata: MetadataStore, busy: Callable[[], Iterable[object]]) -> None:
         self._metadata = metadata
@@ -108,10 +94,7 @@ class BucketIndex:
             return True
         if self._metadata is None:
             return False
-        try:  # another replica may have stored it
-            record = await self._metadata.get_blob_read(key)
-        except (RedisError, OSError):
-            return False
+        record = await self._metadata.get_blob_read(key)  # another replica may have stored it
         if record is None:
             return False
         self._sizes[key] = record[0]
@@ -122,15 +105,12 @@ class BucketIndex:
 
     async def _record(self, digest: str, size: int) -> None:
         if self._metadata is not None:
-            await _quietly(self._metadata.put_blob_read(digest, size, time.time()))
+            await self._metadata.put_blob_read(digest, size, time.time())
 
     async def _records(self) -> dict[str, tuple[int, float]]:
         if self._metadata is None:
             return {}
-        try:
-            return await self._metadata.blob_reads()
-        except (RedisError, OSError):
-            return {}
+        return await self._metadata.blob_reads()
 
     # --- eviction ----------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -144,10 +124,10 @@ class BucketIndex:
             return
         while True:
             try:
-                async with self.exclusive() as mine:
+                async with self._exclusive() as mine:
                     if mine:
                         await self.evict()
-            except (BucketUnavailable, ClientError, BotoCoreError) as exc:
+            except S3_ERRORS as exc:
                 log.warning("bucket eviction pass failed: %s", type(exc).__name__)
             try:
                 async with asyncio.timeout(SCAN_INTERVAL):
@@ -160,15 +140,15 @@ class BucketIndex:
         """Records for what the bucket holds, when the metadata store has none."""
         if self._metadata is None or await self._records():
             return
-        prefix = self._bucket.config.prefix + "blobs/"
+        keys = self._bucket.keys
         try:
-            async for found in self._bucket.objects(prefix):
-                algorithm_hex = found.key[len(prefix) :].replace("/", ":", 1)
-                await self._metadata.put_blob_read(algorithm_hex, found.size, found.modified)
-        except (BucketUnavailable, ClientError, BotoCoreError, RedisError, OSError) as exc:
+            async for found in self._bucket.objects(keys.under("blobs")):
+                name = keys.name("blobs", found.key)
+                await self._metadata.put_blob_read(name, found.size, found.modified)
+        except S3_ERRORS as exc:
             log.warning("cannot list the bucket's blobs: %s", type(exc).__name__)
 
-    async def evict(self, max_size: int | None = None) -> BucketEviction:
+    async def evict(self, max_size: int | None = None) -> EvictionResult:
         """Delete the least recently read blobs until the bucket is under its bound."""
         bound = max_size if max_size is not None else self._max_size
         if self._task is not None:
@@ -176,7 +156,7 @@ class BucketIndex:
         records = await self._records()
         total = sum(size for size, _ in records.values())
         if bound is None or total <= bound:
-            return BucketEviction(0, 0, total)
+            return EvictionResult(0, 0, total)
         target = int(bound * LOW_WATER) if max_size is None else bound
         busy = {str(digest) for digest in self._busy()}
         now, evicted, freed = time.time(), 0, 0
@@ -185,25 +165,16 @@ class BucketIndex:
                 break
             if digest in busy or now - read_at < self._protect:
                 continue
-            algorithm, _, hexpart = digest.partition(":")
-            await self._bucket.delete(f"{self._bucket.config.prefix}blobs/{algorithm}/{hexpart}")
+            await self._bucket.delete(self._bucket.keys.blob(digest))
             await self.forget_key(digest)
             evicted, freed = evicted + 1, freed + size
             self._metrics.bucket_evictions.inc()
         if evicted:
             log.info("evicted %d blobs from the bucket, %d bytes", evicted, freed)
-        return BucketEviction(evicted, freed, total - freed)
+        return EvictionResult(evicted, freed, total - freed)
 
     async def forget_key(self, digest: str) -> None:
         self._sizes.pop(digest, None)
         self._touched.pop(digest, None)
         if self._metadata is not None:
-            await _quietly(self._metadata.forget_blob(digest))
-
-
-async def _quietly(call: Awaitable[None]) -> None:
-    """A metadata write that may fail: the records are a cache of the bucket's state."""
-    try:
-        await call
-    except (RedisError, OSError) as exc:
-        log.debug("bucket record not written: %s", type(exc).__name__)
+            await self._metadata.forget_blob(digest)
