@@ -636,6 +636,24 @@ async def test_basic_credentials_on_api_requests(
     await leaks.check_metrics(client)
 
 
+async def test_odd_basic_credentials_are_refused_with_a_401(
+    make_client: MakeClient, htpasswd: Path, hub: FakeHub, leaks: Leaks
+) -> None:
+    """Not base64 of ASCII, or a password longer than bcrypt reads: they were 500s."""
+    client = await auth_mirror(make_client, htpasswd)
+    too_long = CLIENT_PASSWORD + "x" * 72  # bcrypt 5 raises past 72 bytes
+    for headers in (
+        {"Authorization": "Basic \u00e9t\u00e9"},
+        leaks.basic(CLIENT_USER, too_long),
+        leaks.basic(CLIENT_USER, "\u00e9" * 37),
+    ):
+        status, _, body = await leaks.get(client, "/v2/library/busybox/tags/list", headers=headers)
+        assert status == 401 and error_code(body) == "UNAUTHORIZED", (headers, body)
+        status, _, body = await leaks.get(client, "/token", headers=headers)
+        assert status == 401 and error_code(body) == "UNAUTHORIZED", (headers, body)
+    assert hub.stats.requests == []
+
+
 async def test_anonymous_pull(
     make_client: MakeClient, htpasswd: Path, hub: FakeHub, pullable: dict[str, Any], leaks: Leaks
 ) -> None:
