@@ -179,6 +179,23 @@ async def test_unknown_endpoint_is_404_oci_error(client: Client) -> None:
     assert await error_of(resp)
 
 
+@pytest.mark.parametrize("path", ["/v2/library/nginx/manifests/latest", "/v2/x/blobs/uploads/"])
+async def test_an_unmet_expectation_is_417_with_an_oci_error(
+    hub: FakeHub, client: Client, path: str
+) -> None:
+    """aiohttp answers `Expect` before the error middleware runs: it had a plain-text 417."""
+    for method in ("GET", "POST"):
+        resp = await client.request(method, path, headers={"Expect": "*"})
+        assert resp.status == 417
+        assert await error_of(resp) == "UNSUPPORTED"
+    head = await client.head(path, headers={"Expect": "gzip"})
+    assert head.status == 417 and await head.read() == b""
+    assert hub.stats.requests == []
+    # 100-continue is still met as before: a push's body is refused once it is sent.
+    resp = await client.put(path, data=b"{}", headers={"Expect": "100-continue"})
+    assert resp.status == 405 and await error_of(resp) == "UNSUPPORTED"
+
+
 # --- push and delete ------------------------------------------------------------------------
 
 

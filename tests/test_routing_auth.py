@@ -26,6 +26,7 @@ import bcrypt
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from yarl import URL
 
 from mirror.access.clientauth import TokenSigner
 from mirror.config import AuthConfig, Config, UpstreamConfig
@@ -634,6 +635,46 @@ async def test_basic_credentials_on_api_requests(
         assert headers["WWW-Authenticate"].startswith("Bearer realm=")
     assert hub.stats["token_basic"] == 0 and hub.stats.token_users == []
     await leaks.check_metrics(client)
+
+
+async def test_odd_basic_credentials_are_refused_with_a_401(
+    make_client: MakeClient, htpasswd: Path, hub: FakeHub, leaks: Leaks
+) -> None:
+    """Not base64 of ASCII, or a password longer than bcrypt reads: they were 500s."""
+    client = await auth_mirror(make_client, htpasswd)
+    too_long = CLIENT_PASSWORD + "x" * 72  # bcrypt 5 raises past 72 bytes
+    for headers in (
+        {"Authorization": "Basic \u00e9t\u00e9"},
+        leaks.basic(CLIENT_USER, too_long),
+        leaks.basic(CLIENT_USER, "\u00e9" * 37),
+    ):
+        status, _, body = await leaks.get(client, "/v2/library/busybox/tags/list", headers=headers)
+        assert status == 401 and error_code(body) == "UNAUTHORIZED", (headers, body)
+        status, _, body = await leaks.get(client, "/token", headers=headers)
+        assert status == 401 and error_code(body) == "UNAUTHORIZED", (headers, body)
+    assert hub.stats.requests == []
+
+
+async def test_a_challenge_survives_odd_names_and_hosts(
+    make_client: MakeClient, htpasswd: Path, hub: FakeHub, leaks: Leaks
+) -> None:
+    """A decoded path with CR, LF or NUL never reaches the challenge header (that was a
+    500, or no answer at all), nor does a Host no URL can hold break it."""
+    client = await auth_mirror(make_client, htpasswd)
+    address = own_address(client)
+    for name in ("a%0d%0aSet-Cookie:%20x=1", "a/..%00/b", "a%22b"):
+        url = URL(f"http://{address}/v2/{name}/manifests/latest", encoded=True)
+        resp = await client.session.get(url)
+        assert resp.status == 401 and error_code(await resp.read()) == "UNAUTHORIZED"
+        assert "scope=" not in resp.headers["WWW-Authenticate"]
+        assert "Set-Cookie" not in resp.headers
+    for headers in ({"Host": "[::1"}, {"X-Forwarded-Host": "["}):
+        status, answer, body = await leaks.get(
+            client, "/v2/library/busybox/tags/list", headers=headers
+        )
+        assert status == 401 and error_code(body) == "UNAUTHORIZED", (headers, body)
+        assert answer["WWW-Authenticate"].startswith("Bearer realm=")
+    assert hub.stats.requests == []
 
 
 async def test_anonymous_pull(

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 VERIFIED_FOR = 300.0
 VERIFIED_ENTRIES = 1000
 HTPASSWD_RECHECK = 10.0
+# bcrypt reads no further (and bcrypt 5 refuses more): a longer password never matches,
+# as the distribution registry answers (Go's bcrypt.ErrPasswordTooLong).
+BCRYPT_MAX_PASSWORD = 72
 
 
 def _b64url(data: bytes) -> str:
@@ -51,7 +54,7 @@ def parse_basic(header: str) -> tuple[str, str] | None:
         return None
     try:
         decoded = base64.b64decode(value.strip(), validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # not base64 (binascii.Error), not ASCII, not UTF-8 once decoded
         return None
     username, sep, password = decoded.partition(":")
     return (username, password) if sep else None
@@ -89,7 +92,7 @@ class Htpasswd:
             self._checked_at = now
             await asyncio.to_thread(self._reload_sync)
         hashed = self._users.get(username)
-        if hashed is None:
+        if hashed is None or len(password.encode()) > BCRYPT_MAX_PASSWORD:
             return False
         key = hashlib.sha256(b"\0".join([username.encode(), password.encode(), hashed])).hexdigest()
         verified_at = self._verified.get(key)

@@ -5,7 +5,7 @@
     ├── PaginationNumberInvalid                                  (a bad `n` in a list's query)
     ├── ManifestUnknown, ManifestInvalid, BlobUnknown            (content)
     ├── RangeNotSatisfiable                                      (416)
-    ├── Unsupported                                              (push/delete on a mirror)
+    ├── Unsupported, ExpectationFailed                           (push/delete, odd Expect)
     ├── Unauthorized, Denied                                     (the mirror's own auth)
     │   └── UpstreamUnauthorized, UpstreamDenied                 (the upstream's answer)
     ├── TooManyRequests                                          (the upstream's limit)
@@ -106,6 +106,13 @@ class Unsupported(RegistryError):
 
     def headers(self) -> dict[str, str]:
         return {"Allow": "GET, HEAD"}
+
+
+class ExpectationFailed(RegistryError):
+    """An `Expect` other than 100-continue (RFC 9110 §10.1.1): no OCI code names it."""
+
+    code = "UNSUPPORTED"
+    status = 417
 
 
 class Unauthorized(RegistryError):

@@ -58,8 +58,12 @@ def compute_digest(data: bytes, algorithm: str = "sha256") -> Digest:
     return Digest(algorithm, hashlib.new(algorithm, data).hexdigest())
 
 
+def is_valid_name(name: str) -> bool:
+    return len(name) <= MAX_NAME_LENGTH and NAME_RE.fullmatch(name) is not None
+
+
 def validate_name(name: str) -> str:
-    if len(name) > MAX_NAME_LENGTH or not NAME_RE.fullmatch(name):
+    if not is_valid_name(name):
         raise NameInvalid(f"invalid repository name {name[:300]!r}")
     return name
 

@@ -19,6 +19,7 @@ from mirror.access.clientauth import (
 )
 from mirror.cluster.signing import token_signing_key
 from mirror.oci.errors import Unauthorized
+from mirror.oci.reference import is_valid_name
 from mirror.web.gate import may_pull_name, subject_key
 from mirror.web.keys import config_key, policy_key
 
@@ -50,8 +51,9 @@ class ClientAuth:
 
     def challenge(self, request: web.Request, repository: str | None) -> Unauthorized:
         base = self.base_url(request)
-        header = f'Bearer realm="{base}/token",service="{urlsplit(base).netloc}"'
-        if repository:
+        header = f'Bearer realm="{base}/token",service="{service_of(base)}"'
+        # Only a valid name goes in the header: a decoded path may hold CR, LF or quotes.
+        if repository and is_valid_name(repository):
             header += f',scope="repository:{repository}:pull"'
         return Unauthorized("authentication required", challenge=header)
 
@@ -87,6 +89,14 @@ class ClientAuth:
         allowed = [name for name in repositories if name not in refused]
         token, expires_in = self.signer.issue(subject, allowed, self.token_ttl, refused)
         return web.json_response({"token": token, "access_token": token, "expires_in": expires_in})
+
+
+def service_of(base: str) -> str:
+    """The host of the mirror's base URL, the `service` of its tokens."""
+    try:
+        return urlsplit(base).netloc
+    except ValueError:  # a Host header no URL can hold ("[::1"): the client's own text
+        return base.partition("://")[2]
 
 
 def repository_of(request: web.Request) -> str | None:

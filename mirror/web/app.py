@@ -57,7 +57,7 @@ from mirror.web.keys import (
     upstreams_key,
 )
 from mirror.web.leases import leases_ctx
-from mirror.web.routes import setup_routes
+from mirror.web.routes import expect, setup_routes
 from mirror.web.status import PullCounter
 
 log = logging.getLogger(__name__)
@@ -90,9 +90,9 @@ def create_app(config: Config) -> web.Application:
     app.on_response_prepare.append(on_response_prepare)
     setup_routes(app)
     if config.auth.htpasswd is not None:
-        app.router.add_get("/token", token_handler, name="token")
+        app.router.add_get("/token", token_handler, name="token", expect_handler=expect)
     if config.cluster is not None:  # blobs for other replicas, signed requests only
-        app.router.add_get(PEER_PATH, peer_blob, name="peer_blob")
+        app.router.add_get(PEER_PATH, peer_blob, name="peer_blob", expect_handler=expect)
     return app
 
 

@@ -2,29 +2,53 @@
 
 from __future__ import annotations
 
-from aiohttp import web
+from functools import partial
+
+from aiohttp import hdrs, web
+from aiohttp.web_urldispatcher import _default_expect_handler
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from mirror.oci.errors import ExpectationFailed
 from mirror.web import handlers
+from mirror.web.errors import error_response
 from mirror.web.keys import metrics_key
 
 # Repository names hold slashes; the handlers validate them against the OCI grammar.
 NAME = "{name:[^?#]+?}"
 
 
+async def expect(request: web.Request) -> web.StreamResponse | None:
+    """aiohttp's `Expect` step (a 100 Continue), but an expectation it cannot meet gets an
+    OCI error body: this step runs before the middleware that gives every error one."""
+    try:
+        await _default_expect_handler(request)
+    except web.HTTPExpectationFailed:
+        value = request.headers.get(hdrs.EXPECT, "")
+        failed = ExpectationFailed(f"the expectation {value[:100]!r} is not supported")
+        return error_response(failed, head=request.method == "HEAD")
+    return None
+
+
 def setup_routes(app: web.Application) -> None:
+    get = partial(web.get, expect_handler=expect)
     app.router.add_routes(
         [
-            web.get("/v2/", handlers.base, name="base"),
-            web.get("/v2/_catalog", handlers.catalog, name="catalog"),
-            web.get(f"/v2/{NAME}/manifests/{{reference}}", handlers.manifest, name="manifest"),
-            web.get(f"/v2/{NAME}/blobs/{{digest}}", handlers.blob, name="blob"),
-            web.get(f"/v2/{NAME}/tags/list", handlers.tags_list, name="tags"),
-            web.get(f"/v2/{NAME}/referrers/{{digest}}", handlers.referrers, name="referrers"),
-            web.route("*", "/v2/{tail:.*}", handlers.unsupported, name="unsupported"),
-            web.get("/", handlers.status_page, name="status"),
-            web.get("/healthz", handlers.healthz, name="healthz"),
-            web.get("/readyz", handlers.readyz, name="readyz"),
-            web.get("/metrics", make_aiohttp_handler(app[metrics_key].registry), name="metrics"),
+            get("/v2/", handlers.base, name="base"),
+            get("/v2/_catalog", handlers.catalog, name="catalog"),
+            get(f"/v2/{NAME}/manifests/{{reference}}", handlers.manifest, name="manifest"),
+            get(f"/v2/{NAME}/blobs/{{digest}}", handlers.blob, name="blob"),
+            get(f"/v2/{NAME}/tags/list", handlers.tags_list, name="tags"),
+            get(f"/v2/{NAME}/referrers/{{digest}}", handlers.referrers, name="referrers"),
+            web.route(
+                "*",
+                "/v2/{tail:.*}",
+                handlers.unsupported,
+                name="unsupported",
+                expect_handler=expect,
+            ),
+            get("/", handlers.status_page, name="status"),
+            get("/healthz", handlers.healthz, name="healthz"),
+            get("/readyz", handlers.readyz, name="readyz"),
+            get("/metrics", make_aiohttp_handler(app[metrics_key].registry), name="metrics"),
         ]
     )
