@@ -18,13 +18,15 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import bcrypt
 
+from mirror.access.hashing import HashPool
 from mirror.util.lru import LRU
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,8 @@ HTPASSWD_RECHECK = 10.0
 # bcrypt reads no further (and bcrypt 5 refuses more): a longer password never matches,
 # as the distribution registry answers (Go's bcrypt.ErrPasswordTooLong).
 BCRYPT_MAX_PASSWORD = 72
+# The costs bcrypt accepts, and its default.
+MIN_COST, MAX_COST, DEFAULT_COST = 4, 31, 12
 
 
 def _b64url(data: bytes) -> str:
@@ -61,14 +65,20 @@ def parse_basic(header: str) -> tuple[str, str] | None:
 
 
 class Htpasswd:
-    """Users and bcrypt hashes from an htpasswd file, re-read when it changes."""
+    """Users and bcrypt hashes from an htpasswd file, re-read when it changes.
 
-    def __init__(self, path: Path) -> None:
+    bcrypt runs on `pool` (its own threads, never the file I/O ones); HashPoolFull when
+    that is full.
+    """
+
+    def __init__(self, path: Path, pool: HashPool) -> None:
         self._path = path
+        self._pool = pool
         self._users: dict[str, bytes] = {}
         self._mtime = -1.0
         self._checked_at = 0.0
         self._verified: LRU[str, float] = LRU(VERIFIED_ENTRIES)
+        self._decoys: dict[int, bytes] = {}  # bcrypt cost → a hash no password matches
 
     def _reload_sync(self) -> None:
         try:
@@ -86,22 +96,64 @@ class Htpasswd:
         self._users, self._mtime = users, mtime
         log.info("loaded %d users from %s", len(users), self._path)
 
-    async def verify(self, username: str, password: str) -> bool:
+    async def _refresh(self) -> None:
         now = time.monotonic()
         if now - self._checked_at > HTPASSWD_RECHECK:
             self._checked_at = now
             await asyncio.to_thread(self._reload_sync)
+
+    def _key(self, username: str, password: str, hashed: bytes) -> str:
+        return hashlib.sha256(
+            b"\0".join([username.encode(), password.encode(), hashed])
+        ).hexdigest()
+
+    async def remembered(self, username: str, password: str) -> bool:
+        """Whether these credentials were verified lately (no bcrypt needed)."""
+        await self._refresh()
         hashed = self._users.get(username)
         if hashed is None or len(password.encode()) > BCRYPT_MAX_PASSWORD:
             return False
-        key = hashlib.sha256(b"\0".join([username.encode(), password.encode(), hashed])).hexdigest()
-        verified_at = self._verified.get(key)
-        if verified_at is not None and now - verified_at < VERIFIED_FOR:
+        verified_at = self._verified.get(self._key(username, password, hashed))
+        return verified_at is not None and time.monotonic() - verified_at < VERIFIED_FOR
+
+    async def verify(self, username: str, password: str) -> bool:
+        if len(password.encode()) > BCRYPT_MAX_PASSWORD:
+            return False
+        if await self.remembered(username, password):
             return True
-        ok = await asyncio.to_thread(bcrypt.checkpw, password.encode(), hashed)
+        hashed = self._users.get(username)
+        if hashed is None:
+            # An unknown name costs what a wrong password costs, so that timing does not
+            # tell which names exist.
+            await self._pool.run(bcrypt.checkpw, password.encode(), await self._decoy())
+            return False
+        ok = await self._pool.run(bcrypt.checkpw, password.encode(), hashed)
         if ok:
-            self._verified.put(key, now)
+            self._verified.put(self._key(username, password, hashed), time.monotonic())
         return ok
+
+    async def _decoy(self) -> bytes:
+        """A hash at the file's most common cost, made once per cost (on the pool)."""
+        cost = usual_cost(self._users.values())
+        decoy = self._decoys.get(cost)
+        if decoy is None:
+            salt = bcrypt.gensalt(rounds=cost)
+            decoy = await self._pool.run(bcrypt.hashpw, secrets.token_bytes(16), salt)
+            self._decoys[cost] = decoy
+        return decoy
+
+
+def usual_cost(hashes: Iterable[bytes]) -> int:
+    """The most common bcrypt cost among `hashes` (`$2y$10$…` → 10); bcrypt's default
+    when there are none."""
+    costs = Counter(
+        int(parts[2]) for parts in (hashed.split(b"$") for hashed in hashes) if _cost_ok(parts)
+    )
+    return costs.most_common(1)[0][0] if costs else DEFAULT_COST
+
+
+def _cost_ok(parts: list[bytes]) -> bool:
+    return len(parts) > 3 and parts[2].isdigit() and MIN_COST <= int(parts[2]) <= MAX_COST
 
 
 @dataclass(frozen=True)

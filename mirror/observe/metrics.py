@@ -9,6 +9,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from mirror.observe.cluster_metrics import ClusterMetrics
+from mirror.observe.guard_metrics import GuardMetrics
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -21,6 +22,7 @@ class Metrics:
         self._declare_s3()
         self._zero_known_labels()
         self.cluster = ClusterMetrics(self.registry)  # replicas' series (mirror/cluster/)
+        self.guard = GuardMetrics(self.registry)  # refusals by the mirror's own limits
 
     def _zero_known_labels(self) -> None:
         """Create the series with fixed label values at 0, so dashboards show 0 rather

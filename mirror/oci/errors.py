@@ -8,6 +8,7 @@
     ├── Unsupported, ExpectationFailed                           (push/delete, odd Expect)
     ├── Unauthorized, Denied                                     (the mirror's own auth)
     │   └── UpstreamUnauthorized, UpstreamDenied                 (the upstream's answer)
+    ├── TooManyLogins, LoginsBusy                                (logins refused for now)
     ├── TooManyRequests                                          (the upstream's limit)
     └── UpstreamUnavailable                                      (upstream down, 5xx, timeout)
 
@@ -155,6 +156,33 @@ class TooManyRequests(RegistryError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)}
+
+
+class TooManyLogins(RegistryError):
+    """This client address failed to log in too often: it must wait before trying again."""
+
+    code = "TOOMANYREQUESTS"
+    status = 429
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("too many failed logins from this address; try again later")
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class LoginsBusy(RegistryError):
+    """Every password check is taken: the mirror is too busy to check one more now."""
+
+    code = "UNAVAILABLE"
+    status = 503
+
+    def __init__(self) -> None:
+        super().__init__("too many logins at once; try again shortly")
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
 
 
 class UpstreamUnavailable(RegistryError):

@@ -1,4 +1,9 @@
-"""Who may pull: the client-auth middleware and the `/token` endpoint."""
+"""Who may pull: the client-auth middleware and the `/token` endpoint.
+
+Password checks are the one costly thing a stranger can ask for, so they run on their own
+small pool (mirror/access/hashing.py) and an address that keeps failing is refused before
+any check (mirror/access/throttle.py); credentials verified lately pass without either.
+"""
 
 from __future__ import annotations
 
@@ -17,11 +22,19 @@ from mirror.access.clientauth import (
     parse_basic,
     requested_repositories,
 )
+from mirror.access.hashing import HashPool, HashPoolFull
+from mirror.access.throttle import FailureThrottle
 from mirror.cluster.signing import token_signing_key
-from mirror.oci.errors import Unauthorized
+from mirror.observe.guard_metrics import GuardMetrics
+from mirror.oci.errors import LoginsBusy, TooManyLogins, Unauthorized
 from mirror.oci.reference import is_valid_name
 from mirror.web.gate import may_pull_name, subject_key
-from mirror.web.keys import config_key, policy_key
+from mirror.web.keys import config_key, metrics_key, policy_key
+
+
+def client_address(request: web.Request) -> str:
+    """The address a request came from, as login throttling counts it."""
+    return request.remote or "-"
 
 
 class ClientAuth:
@@ -34,8 +47,12 @@ class ClientAuth:
         anonymous_pull: bool,
         token_ttl: float,
         public_url: str | None,
+        metrics: GuardMetrics,
+        throttle: FailureThrottle | None = None,
     ) -> None:
         self.htpasswd = htpasswd
+        self.metrics = metrics
+        self.throttle = throttle or FailureThrottle()
         self.signer = signer
         self.anonymous_pull = anonymous_pull
         self.token_ttl = token_ttl
@@ -64,15 +81,43 @@ class ClientAuth:
         if scheme.lower() == "bearer":
             return self.signer.verify(value.strip())
         basic = parse_basic(header)
-        if basic is not None and await self.htpasswd.verify(*basic):
+        if basic is not None and await self.logged_in(request, *basic):
             return Grant(basic[0], frozenset({"*"}))
         return None
+
+    async def login(self, request: web.Request, username: str, password: str) -> bool:
+        """Whether the credentials are good; TooManyLogins when the client's address has
+        failed too often, LoginsBusy when no password check can be queued."""
+        if await self.htpasswd.remembered(username, password):
+            return True  # never throttled: no bcrypt work to protect
+        address = client_address(request)
+        wait = self.throttle.retry_after(address)
+        if wait:
+            self.metrics.auth_throttled.inc()
+            raise TooManyLogins(wait)
+        try:
+            ok = await self.htpasswd.verify(username, password)
+        except HashPoolFull:
+            self.metrics.auth_busy.inc()
+            raise LoginsBusy() from None
+        if not ok:
+            self.throttle.failed(address)
+        return ok
+
+    async def logged_in(self, request: web.Request, username: str, password: str) -> bool:
+        """`login`, where anonymous pulls are allowed a login not checked now is anonymous."""
+        try:
+            return await self.login(request, username, password)
+        except (TooManyLogins, LoginsBusy):
+            if self.anonymous_pull:
+                return False
+            raise
 
     async def token(self, request: web.Request) -> web.Response:
         """`GET /token`: a pull token for the requested repositories."""
         header = request.headers.get("Authorization", "")
         basic = parse_basic(header) if header else None
-        if basic is not None and await self.htpasswd.verify(*basic):
+        if basic is not None and await self.logged_in(request, *basic):
             subject = basic[0]
         elif self.anonymous_pull:
             # Docker sends the user's Docker Hub login to a mirror's realm (moby#42022):
@@ -132,22 +177,32 @@ async def client_auth_middleware(request: web.Request, handler: Handler) -> web.
 
 
 async def client_auth_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Load the htpasswd file and the signing key (shared by replicas, or generated)."""
-    config, policy = app[config_key], app[policy_key]
-    htpasswd = config.auth.htpasswd
-    if htpasswd is not None:
-        key_file = config.auth.signing_key_file or config.storage.path / "auth" / "signing.key"
-        if config.cluster is not None and config.auth.signing_key_file is None:
-            # Replicas share no disk: each derives the same key from the cluster secret.
-            key = token_signing_key(config.cluster.secret)
-        else:
-            key = await asyncio.to_thread(load_signing_key, key_file)
-        app[client_auth_key] = ClientAuth(
-            Htpasswd(htpasswd),
-            TokenSigner(key),
-            # A rule naming anonymous clients lets them pull (what it grants).
-            config.auth.anonymous_pull or bool(policy and policy.names_anonymous),
-            config.auth.token_ttl,
-            config.public_url,
-        )
+    """Client auth when `auth.htpasswd` is set, with its password-check pool."""
+    htpasswd = app[config_key].auth.htpasswd
+    if htpasswd is None:
+        yield
+        return
+    pool = HashPool()
+    app[client_auth_key] = await _client_auth(app, Htpasswd(htpasswd, pool))
     yield
+    pool.close()
+
+
+async def _client_auth(app: web.Application, htpasswd: Htpasswd) -> ClientAuth:
+    """Load the signing key (shared by replicas, or generated) and build the ClientAuth."""
+    config, policy = app[config_key], app[policy_key]
+    if config.cluster is not None and config.auth.signing_key_file is None:
+        # Replicas share no disk: each derives the same key from the cluster secret.
+        key = token_signing_key(config.cluster.secret)
+    else:
+        key_file = config.auth.signing_key_file or config.storage.path / "auth" / "signing.key"
+        key = await asyncio.to_thread(load_signing_key, key_file)
+    return ClientAuth(
+        htpasswd,
+        TokenSigner(key),
+        # A rule naming anonymous clients lets them pull (what it grants).
+        config.auth.anonymous_pull or bool(policy and policy.names_anonymous),
+        config.auth.token_ttl,
+        config.public_url,
+        app[metrics_key].guard,
+    )

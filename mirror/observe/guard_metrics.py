@@ -1,0 +1,47 @@
+"""The series of the defences against clients that would starve the mirror: login throttling,
+the password-check pool, the connection cap and the request-head deadline."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+DROP_REASONS = ("header_timeout", "evicted")
+
+
+class GuardMetrics:
+    """Refusals by the mirror's own limits, on the app's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.auth_throttled = Counter(
+            "mirror_client_auth_throttled",
+            "Logins refused (429) before any password check, because their address failed "
+            "to log in too often lately.",
+            registry=r,
+        )
+        self.auth_busy = Counter(
+            "mirror_client_auth_busy",
+            "Logins refused (503) because every password check was taken.",
+            registry=r,
+        )
+        self.connections_open = Gauge(
+            "mirror_connections_open",
+            "Client connections open (server.max_connections at most).",
+            registry=r,
+        )
+        self.connections_refused = Counter(
+            "mirror_connections_refused",
+            "Connections refused (503, closed) at server.max_connections, none being "
+            "closable to make room.",
+            registry=r,
+        )
+        self.connections_dropped = Counter(
+            "mirror_connections_dropped",
+            "Connections closed before their first request head was complete, by reason "
+            "(header_timeout: not within server.header_timeout; evicted: the oldest such, "
+            "to make room at server.max_connections).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in DROP_REASONS:
+            self.connections_dropped.labels(reason)
