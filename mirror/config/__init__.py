@@ -12,6 +12,7 @@ from mirror.config.log import LogConfig
 from mirror.config.policy import PolicyConfig
 from mirror.config.redis import RedisConfig
 from mirror.config.s3 import S3Config
+from mirror.config.server import ServerConfig
 from mirror.config.storage import StorageConfig
 from mirror.config.tls import TLSConfig
 from mirror.config.upstreams import DEFAULT_UPSTREAM, DOCKER_HUB_HOSTS, UpstreamConfig
@@ -29,6 +30,7 @@ __all__ = [
     "PolicyConfig",
     "RedisConfig",
     "S3Config",
+    "ServerConfig",
     "StorageConfig",
     "TLSConfig",
     "UpstreamConfig",

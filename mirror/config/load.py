@@ -20,6 +20,7 @@ from mirror.config.cluster import ClusterConfig, parse_cluster
 from mirror.config.log import LogConfig, parse_log
 from mirror.config.policy import PolicyConfig, parse_policy
 from mirror.config.redis import RedisConfig, parse_redis, redis_section, validate_redis_url
+from mirror.config.server import ServerConfig, parse_server
 from mirror.config.storage import StorageConfig, parse_storage
 from mirror.config.tls import TLSConfig, parse_tls
 from mirror.config.upstreams import UpstreamConfig, parse_upstreams
@@ -33,7 +34,7 @@ from mirror.config.values import (
 
 TOP_LEVEL_KEYS = {
     "listen", "upstream", "upstreams", "default_upstream", "public_url", "auth", "storage",
-    "redis", "cache", "log", "shutdown_timeout", "tls", "cluster",
+    "redis", "cache", "log", "shutdown_timeout", "tls", "cluster", "server",
 }  # fmt: skip
 
 
@@ -55,6 +56,7 @@ class Config:
     tls: TLSConfig | None = None  # the HTTPS listener (mirror/net/tls.py)
     http: bool = True  # the plain-HTTP listener on host:port; off with tls and no `listen`
     cluster: ClusterConfig | None = None  # replicas sharing Redis (mirror/cluster/)
+    server: ServerConfig = field(default_factory=ServerConfig)  # client connection limits
 
 
 def config_from_mapping(raw: Mapping[str, Any]) -> Config:
@@ -85,6 +87,7 @@ def config_from_mapping(raw: Mapping[str, Any]) -> Config:
         tls=tls,
         http=http,
         cluster=parse_cluster(raw),
+        server=parse_server(raw),
     )
 
 

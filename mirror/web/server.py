@@ -1,13 +1,16 @@
 """Running the app: a plain-HTTP site, an HTTPS site, or both at once (a migration).
 
 `web.run_app` takes one SSL context for all of its sites, so `serve` runs its own
-`AppRunner` with a site per listener, and stops it gracefully on SIGTERM or SIGINT.
+`AppRunner` with a site per listener, and stops it gracefully on SIGTERM or SIGINT. Every
+site's connections pass through one `ConnectionGuard` (mirror/web/connections.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import logging
+import resource
 import signal
 import socket
 import ssl
@@ -16,8 +19,16 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from mirror.config import ConfigError
+from mirror.config import ConfigError, ServerConfig
 from mirror.web.accesslog import AccessLogger
+from mirror.web.connections import ConnectionGuard
+from mirror.web.keys import metrics_key
+
+log = logging.getLogger(__name__)
+
+# File descriptors kept for everything but client connections: cache files, upstream and
+# Redis connections, the listeners.
+SPARE_FDS = 1024
 
 
 @dataclass(frozen=True)
@@ -33,17 +44,19 @@ def run(
     listeners: list[Listener],
     shutdown_timeout: float,
     on_bound: Callable[[], None] = lambda: None,
+    limits: ServerConfig | None = None,
 ) -> None:
     """Serve `app` on every listener until SIGTERM or SIGINT, then shut down gracefully.
 
     Every address is bound before the app starts, so a taken port fails at once as a
     ConfigError naming the setting, and `on_bound` (the "serving on" line) runs only after.
     """
+    limits = limits or ServerConfig()
     sockets = [bind(listener) for listener in listeners]
+    raise_fd_limit(limits.max_connections + SPARE_FDS)
+    bound = list(zip(listeners, sockets, strict=True))
     try:
-        asyncio.run(
-            _serve(app, list(zip(listeners, sockets, strict=True)), shutdown_timeout, on_bound)
-        )
+        asyncio.run(_serve(app, bound, shutdown_timeout, on_bound, limits))
     finally:
         for sock in sockets:
             sock.close()
@@ -87,12 +100,19 @@ async def _serve(
     bound: list[tuple[Listener, socket.socket]],
     shutdown_timeout: float,
     on_bound: Callable[[], None],
+    limits: ServerConfig,
 ) -> None:
-    runner = web.AppRunner(app, access_log_class=AccessLogger, shutdown_timeout=shutdown_timeout)
+    runner = web.AppRunner(
+        app,
+        access_log_class=AccessLogger,
+        shutdown_timeout=shutdown_timeout,
+        keepalive_timeout=limits.keepalive_timeout,
+    )
     await runner.setup()
+    guard = ConnectionGuard(limits.max_connections, limits.header_timeout, app[metrics_key].guard)
     try:
         for listener, sock in bound:
-            await web.SockSite(runner, sock, ssl_context=listener.ssl_context).start()
+            await GuardedSite(runner, sock, guard, ssl_context=listener.ssl_context).start()
         on_bound()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -103,3 +123,48 @@ async def _serve(
         # Stops accepting, lets requests in flight finish (up to shutdown_timeout), then
         # runs the cleanup contexts.
         await runner.cleanup()
+
+
+class GuardedSite(web.SockSite):
+    """A listening socket whose connections `guard` limits."""
+
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        sock: socket.socket,
+        guard: ConnectionGuard,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        super().__init__(runner, sock, ssl_context=ssl_context, backlog=1024)
+        self._guard = guard
+
+    async def start(self) -> None:
+        # SockSite.start would serve the runner's bare protocol factory: register the
+        # site as BaseSite does, then serve the guarded one.
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            self._guard.wrap(server),
+            sock=self._sock,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            # A TLS handshake is part of asking: as long as a request head may take.
+            ssl_handshake_timeout=self._guard.header_timeout if self._ssl_context else None,
+        )
+
+
+def raise_fd_limit(wanted: int) -> None:
+    """Raise the soft open-file limit towards `wanted` (never above the hard limit), so
+    that the connection cap, not EMFILE, is what turns clients away."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning(
+            "open-file limit %d is below server.max_connections + %d: raise it (LimitNOFILE)",
+            soft,
+            SPARE_FDS,
+        )
