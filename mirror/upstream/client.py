@@ -1,7 +1,7 @@
 """The client side: one upstream registry, its auth, its redirects and its errors.
 
 An `Upstream` owns nothing but state about its registry (the last Bearer challenge, the
-credentials); the `ClientSession` and token cache are shared and closed by the app.
+credentials); its `ClientSession` (its own pool) and the token cache are the app's to close.
 Upstream HTTP errors become `RegistryError`s here, at the boundary, so nothing above this
 module looks at upstream status codes.
 """
@@ -77,7 +77,7 @@ class Passthrough:
 
 
 def new_session(connect_timeout: float, read_timeout: float) -> aiohttp.ClientSession:
-    """The one ClientSession an app uses for every upstream."""
+    """A ClientSession with its own connection pool (one per upstream, and for peers)."""
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=connect_timeout, sock_read=read_timeout
     )

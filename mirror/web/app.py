@@ -160,21 +160,24 @@ async def save_periodically(metadata: MemoryMetadata) -> None:
 
 async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[config_key]
-    # One session for every upstream: connection pools are per host anyway.
-    session = new_session(config.upstream.connect_timeout, config.upstream.read_timeout)
+    every = (config.upstream, *config.upstreams)
+    # Each upstream has its own session, so its own connection pool: an upstream that
+    # holds every connection it is given open delays no other upstream's pulls. Token
+    # services (other hosts again) share one more.
+    token_session = new_session(config.upstream.connect_timeout, config.upstream.read_timeout)
+    sessions = [new_session(cfg.connect_timeout, cfg.read_timeout) for cfg in every]
     try:
-        tokens = TokenCache(session, app[metrics_key])
-        every = (config.upstream, *config.upstreams)
+        tokens = TokenCache(token_session, app[metrics_key])
         contexts = await asyncio.to_thread(client_contexts, every)  # reads CA and key files
         built = [
             build_upstream(cfg, session, tokens, app[metrics_key], config.cache.negative_ttl, ctx)
-            for cfg, ctx in zip(every, contexts, strict=True)
+            for cfg, session, ctx in zip(every, sessions, contexts, strict=True)
         ]
         app[upstreams_key] = Upstreams(built[0], built[1:])
         yield
         await tokens.close()
     finally:
-        await session.close()
+        await asyncio.gather(*(session.close() for session in (token_session, *sessions)))
 
 
 def build_upstream(
