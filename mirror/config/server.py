@@ -15,13 +15,14 @@ SERVER_KEYS = {"header_timeout", "keepalive_timeout", "max_connections"}
 class ServerConfig:
     """Limits on client connections (mirror/web/connections.py)."""
 
-    # A new connection's first request head must be complete within this.
+    # A request head must be complete within this of the connection opening (or of the
+    # head's first byte, on a kept-alive connection).
     header_timeout: float = 10.0
-    # An idle connection, or one slow to send its next request head, closes after this.
+    # A kept-alive connection that sends nothing closes after this.
     # Above a load balancer's own idle timeout (HAProxy's http-request 30s), so the
     # balancer closes first and never sends on a connection the mirror is closing.
     keepalive_timeout: float = 75.0
-    # Open connections at most; the oldest still without a request head make room.
+    # Open connections at most; those waiting longest for an unfinished head make room.
     max_connections: int = 4096
 
 

@@ -37,9 +37,9 @@ class GuardMetrics:
         )
         self.connections_dropped = Counter(
             "mirror_connections_dropped",
-            "Connections closed before their first request head was complete, by reason "
-            "(header_timeout: not within server.header_timeout; evicted: the oldest such, "
-            "to make room at server.max_connections).",
+            "Connections closed while a request head was unfinished, by reason "
+            "(header_timeout: not within server.header_timeout; evicted: the one waiting "
+            "longest, to make room at server.max_connections).",
             ["reason"],
             registry=r,
         )

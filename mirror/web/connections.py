@@ -3,14 +3,14 @@
 Each accepted connection's protocol (aiohttp's request handler) is wrapped in a
 `GuardedConnection`, which watches the bytes go by without parsing them:
 
-- its first request head (up to the blank line) must be complete within `header_timeout`
-  of the connection opening, else the connection is dropped: a slowloris client, which
-  sends a header byte now and then, holds a connection for that long at most. Later
-  requests on a kept-alive connection are aiohttp's: it closes a connection that has not
-  completed its next request head within `keepalive_timeout` of the last response, idle
-  or not (aiohttp 3.10 and later);
-- at most `max_connections` are open. At the cap, the oldest connection still without a
-  complete first head is dropped to make room (a real client sends its head at once, so
+- a request head (up to its blank line) must be complete within `header_timeout` of the
+  connection opening, or of its own first byte on a kept-alive connection, else the
+  connection is dropped: a slowloris client, which sends a header byte now and then, holds
+  a connection for that long at most. (The mirror serves GET and HEAD only: bytes after a
+  head are the next head.) A kept-alive connection that sends nothing is aiohttp's to
+  close, after `keepalive_timeout`;
+- at most `max_connections` are open. At the cap, the connection that has waited longest
+  for an unfinished head is dropped to make room (a real client sends its head at once, so
   those are the slow ones); only when there is none is the newcomer refused with a 503.
   So under a flood of slow connections `/healthz` and real clients still get in.
 """
@@ -31,7 +31,7 @@ REFUSAL = (
 
 
 class ConnectionGuard:
-    """The open connections, those still waiting for their first head (oldest first)."""
+    """The open connections, and those waiting for an unfinished head (longest first)."""
 
     def __init__(self, max_connections: int, header_timeout: float, metrics: GuardMetrics) -> None:
         self.max_connections = max_connections
@@ -55,9 +55,12 @@ class ConnectionGuard:
             self.metrics.connections_dropped.labels("evicted").inc()
             oldest.drop()
         self._open.add(conn)
-        self._headless[conn] = None
         self.metrics.connections_open.set(len(self._open))
         return True
+
+    def waiting(self, conn: GuardedConnection) -> None:
+        """`conn` is waiting for a request head: a candidate to drop, after older ones."""
+        self._headless[conn] = None
 
     def headed(self, conn: GuardedConnection) -> None:
         """`conn` has sent a complete request head: no longer a candidate to drop."""
@@ -88,19 +91,20 @@ class GuardedConnection(asyncio.Protocol):
             transport.close()
             return
         self._admitted = True
-        loop = asyncio.get_running_loop()
-        self._deadline = loop.call_later(self._guard.header_timeout, self._too_slow)
+        self._await_head()
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
         if not self._admitted:
             return
-        if self._deadline is not None:
-            seen = self._tail + data
-            if HEAD_END in seen:
-                self._headed()
-            else:
-                self._tail = seen[-(len(HEAD_END) - 1) :]
+        seen = self._tail + data
+        end = seen.rfind(HEAD_END)
+        if end >= 0:
+            self._headed()
+            seen = seen[end + len(HEAD_END) :]
+        if seen:  # the start of a (further) head
+            self._await_head()
+            self._tail = seen[-(len(HEAD_END) - 1) :]
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -129,6 +133,12 @@ class GuardedConnection(asyncio.Protocol):
         self._deadline = None
         self._guard.metrics.connections_dropped.labels("header_timeout").inc()
         self.drop()
+
+    def _await_head(self) -> None:
+        if self._deadline is None:
+            loop = asyncio.get_running_loop()
+            self._deadline = loop.call_later(self._guard.header_timeout, self._too_slow)
+            self._guard.waiting(self)
 
     def _headed(self) -> None:
         self._cancel_deadline()
