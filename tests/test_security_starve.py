@@ -1,0 +1,446 @@
+"""No stranger can starve the mirror: password floods, guessers, slow and hoarded connections,
+a stalled upstream and endless query variants each meet a bound, and /healthz still answers.
+
+Each case first makes the attack as it would be made, then asserts the refusal, its counter,
+and that nothing reached the cache, the upstream or the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import socket
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import bcrypt
+import pytest
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from mirror.access import hashing
+from mirror.access.throttle import FailureThrottle
+from mirror.cache import taglists
+from mirror.config import AuthConfig, ConfigError, UpstreamConfig, config_from_mapping
+from mirror.web.access import client_auth_key
+from mirror.web.keys import metadata_key, metrics_key
+from tests.conftest import MakeClient
+from tests.fakehub import FakeHub
+from tests.services import MirrorProcess
+
+USER, PASSWORD = "alice", "wonderland-0f-passw0rds"
+WRONG = "not-her-password-at-all"
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+def sample(client: Any, name: str, **labels: str) -> float:
+    value = client.app[metrics_key].registry.get_sample_value(name, labels)
+    return 0.0 if value is None else float(value)
+
+
+def cached(data: Path) -> list[Path]:
+    """Files in the cache (blobs and manifests)."""
+    return [p for kind in ("blobs", "manifests") for p in (data / kind).rglob("*") if p.is_file()]
+
+
+def assert_quiet(caplog: pytest.LogCaptureFixture, *secrets: str) -> None:
+    """No warning or error was logged, and no secret in any line."""
+    loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert loud == []
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    for secret in secrets:
+        assert secret not in text
+
+
+@pytest.fixture
+def bcrypt_calls(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The hashes bcrypt.checkpw is asked to check against, in order."""
+    calls: list[bytes] = []
+    real = bcrypt.checkpw
+
+    def counting(password: bytes, hashed: bytes) -> bool:
+        calls.append(hashed)
+        return real(password, hashed)
+
+    monkeypatch.setattr(bcrypt, "checkpw", counting)
+    return calls
+
+
+async def auth_client(
+    make_client: MakeClient, tmp_path: Path, cost: int = 4, anonymous: bool = False
+) -> Any:
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(
+        f"{USER}:{bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(cost)).decode()}\n"
+    )
+    return await make_client(auth=AuthConfig(htpasswd=htpasswd, anonymous_pull=anonymous))
+
+
+# --- logins ---------------------------------------------------------------------------------
+
+
+async def test_a_login_flood_waits_on_its_own_pool_not_the_file_threads(
+    make_client: MakeClient,
+    tmp_path: Path,
+    hub: FakeHub,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = await auth_client(make_client, tmp_path, cost=10)  # ~60 ms a check
+    auth = client.app[client_auth_key]
+    auth.throttle = FailureThrottle(burst=10**6)  # as if from 200 addresses
+
+    flood = [
+        asyncio.create_task(client.get("/v2/library/app/manifests/1", headers=basic(USER, WRONG)))
+        for _ in range(200)
+    ]
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    await asyncio.to_thread(lambda: None)  # what every cache file read waits for
+    file_io_wait = time.monotonic() - started
+    answers = await asyncio.gather(*flood)
+
+    assert file_io_wait < 0.2
+    statuses = sorted({resp.status for resp in answers})
+    assert statuses == [401, 503]
+    busy = [resp for resp in answers if resp.status == 503]
+    assert len(busy) >= 200 - (hashing.WORKERS + hashing.QUEUE)
+    assert {resp.headers["Retry-After"] for resp in busy} == {"1"}
+    assert (await busy[0].json())["errors"][0]["code"] == "UNAVAILABLE"
+    assert sample(client, "mirror_client_auth_busy_total") == len(busy)
+    assert hub.stats["manifest_get"] == 0
+    assert cached(tmp_path / "data") == []
+    assert_quiet(caplog, WRONG)
+
+
+async def test_wrong_passwords_from_one_address_are_throttled(
+    make_client: MakeClient,
+    tmp_path: Path,
+    hub: FakeHub,
+    bcrypt_calls: list[bytes],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = await auth_client(make_client, tmp_path)
+
+    answers = [
+        await client.get("/v2/library/app/manifests/1", headers=basic(USER, f"{WRONG}{n}"))
+        for n in range(25)
+    ]
+    token = await client.get("/token", headers=basic(USER, WRONG))
+
+    assert [resp.status for resp in answers] == [401] * 10 + [429] * 15
+    assert token.status == 429
+    assert 1 <= int(token.headers["Retry-After"]) <= 60
+    assert (await token.json())["errors"][0]["code"] == "TOOMANYREQUESTS"
+    assert len(bcrypt_calls) == 10  # refused ones cost no password check
+    assert sample(client, "mirror_client_auth_throttled_total") == 16
+    assert hub.stats["manifest_get"] == 0
+    assert_quiet(caplog, WRONG)
+
+
+async def test_a_known_login_is_not_slowed_and_passes_a_throttled_address(
+    make_client: MakeClient, tmp_path: Path, hub: FakeHub, bcrypt_calls: list[bytes]
+) -> None:
+    hub.content.add_image("library/app", "1", [b"layer"])
+    client = await auth_client(make_client, tmp_path)
+    for _ in range(30):  # successes count for nothing
+        assert (await client.get("/v2/", headers=basic(USER, PASSWORD))).status == 200
+    assert len(bcrypt_calls) == 1  # then remembered
+
+    for _ in range(12):  # someone at the same address guesses
+        await client.get("/v2/", headers=basic("mallory", WRONG))
+    refused = await client.get("/token", headers=basic("bob", WRONG))
+    pulled = await client.get("/v2/library/app/manifests/1", headers=basic(USER, PASSWORD))
+
+    assert refused.status == 429
+    assert pulled.status == 200
+
+
+async def test_with_anonymous_pulls_a_throttled_login_pulls_anonymously(
+    make_client: MakeClient, tmp_path: Path, bcrypt_calls: list[bytes]
+) -> None:
+    # Docker sends a user's Docker Hub login to the mirror's realm: wrong here, every time.
+    client = await auth_client(make_client, tmp_path, anonymous=True)
+    answers = [await client.get("/token", headers=basic("hubuser", WRONG)) for _ in range(20)]
+
+    assert [resp.status for resp in answers] == [200] * 20
+    assert len(bcrypt_calls) == 10
+
+
+async def test_an_unknown_user_costs_a_wrong_password(
+    make_client: MakeClient, tmp_path: Path, bcrypt_calls: list[bytes]
+) -> None:
+    client = await auth_client(make_client, tmp_path, cost=5)
+    for user in ("alice", "admin", "root"):  # which names exist? ask, and time the answers
+        assert (await client.get("/v2/", headers=basic(user, WRONG))).status == 401
+
+    assert len(bcrypt_calls) == 3  # unknown names are checked too
+    assert {hashed[:7] for hashed in bcrypt_calls} == {b"$2b$05$"}  # at the file's cost
+    assert not bcrypt.checkpw(WRONG.encode(), bcrypt_calls[1])
+
+
+def test_the_throttle_table_is_bounded_and_an_ipv6_64_is_one_address() -> None:
+    now = [0.0]
+    throttle = FailureThrottle(burst=3, rate=1.0, addresses=100, clock=lambda: now[0])
+    for n in range(10_000):  # a botnet, each address failing once
+        throttle.failed(f"10.{n // 65536}.{n // 256 % 256}.{n % 256}")
+    assert len(throttle) == 100
+
+    for n in range(3):  # one host walking through its /64
+        throttle.failed(f"2001:db8:1:2::{n + 1}")
+    assert throttle.retry_after("2001:db8:1:2::ffff") == 1
+    assert throttle.retry_after("2001:db8:1:3::1") == 0
+    now[0] = 1.0
+    assert throttle.retry_after("2001:db8:1:2::1") == 0
+
+
+# --- connections ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_upstream() -> Iterator[socket.socket]:
+    """A listening socket as the upstream: any connection to it is seen, none is answered."""
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        sock.setblocking(False)
+        yield sock
+
+
+def reached(sock: socket.socket) -> bool:
+    try:
+        sock.accept()[0].close()
+    except BlockingIOError:
+        return False
+    return True
+
+
+def start_mirror(tmp_path: Path, upstream: socket.socket, server: dict[str, Any]) -> MirrorProcess:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"server": server}))
+    port = upstream.getsockname()[1]
+    return MirrorProcess(tmp_path, f"http://127.0.0.1:{port}", extra_args=["--config", str(config)])
+
+
+def metric(mirror: MirrorProcess, name: str, **labels: str) -> float:
+    with urllib.request.urlopen(f"{mirror.url}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return float(s.value)
+    raise AssertionError(f"no {name}{labels}")
+
+
+async def slowloris(port: int, lifetimes: list[float], connected: asyncio.Event) -> None:
+    """A client that opens a request and sends one more header byte each second."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    opened = time.monotonic()
+    lifetimes.append(-1.0)
+    index = len(lifetimes) - 1
+    connected.set()
+    writer.write(b"GET /v2/ HTTP/1.1\r\nHost: mirror\r\nX-Slow: ")
+    try:
+        while not reader.at_eof():
+            writer.write(b"a")
+            await writer.drain()
+            try:
+                await asyncio.wait_for(reader.read(100), 1.0)
+            except TimeoutError:
+                continue
+    except OSError:
+        pass
+    finally:
+        lifetimes[index] = time.monotonic() - opened
+        writer.close()
+
+
+async def flood(port: int, count: int) -> tuple[list[asyncio.Task[None]], list[float]]:
+    lifetimes: list[float] = []
+    connected = asyncio.Event()
+    tasks = [asyncio.create_task(slowloris(port, lifetimes, connected)) for _ in range(count)]
+    while len(lifetimes) < count:
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)  # every one has sent its first bytes
+    return tasks, lifetimes
+
+
+async def healthz_time(url: str) -> float:
+    async with aiohttp.ClientSession() as session:
+        started = time.monotonic()
+        async with session.get(f"{url}/healthz", timeout=aiohttp.ClientTimeout(total=5)) as resp:
+            assert resp.status == 200
+        return time.monotonic() - started
+
+
+def assert_log_quiet(mirror: MirrorProcess) -> None:
+    text = mirror.log_path.read_text()
+    assert "Traceback" not in text
+    assert "Error" not in text
+    assert len(text.splitlines()) < 20  # no line per connection
+
+
+async def test_slowloris_is_cut_off_at_the_header_timeout(
+    tmp_path: Path, no_upstream: socket.socket
+) -> None:
+    with start_mirror(tmp_path, no_upstream, {"header_timeout": "2s"}) as mirror:
+        tasks, lifetimes = await flood(mirror.port, 500)
+        assert await healthz_time(mirror.url) < 1.0
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+
+        assert max(lifetimes) < 2.0 + 1.0
+        assert metric(mirror, "mirror_connections_dropped_total", reason="header_timeout") == 500
+        assert not reached(no_upstream)
+        assert cached(tmp_path / "data") == []
+        assert_log_quiet(mirror)
+
+
+async def test_slowloris_past_the_cap_makes_room_for_healthz(
+    tmp_path: Path, no_upstream: socket.socket
+) -> None:
+    limits = {"header_timeout": "5s", "max_connections": 50}
+    with start_mirror(tmp_path, no_upstream, limits) as mirror:
+        tasks, lifetimes = await flood(mirror.port, 500)
+        assert await healthz_time(mirror.url) < 1.0
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+
+        assert max(lifetimes) < 5.0 + 1.0
+        assert metric(mirror, "mirror_connections_dropped_total", reason="evicted") >= 450
+        assert metric(mirror, "mirror_connections_refused_total") == 0
+        assert not reached(no_upstream)
+        assert_log_quiet(mirror)
+
+
+async def test_hoarded_connections_end_at_the_cap_and_by_timeouts(
+    tmp_path: Path, no_upstream: socket.socket
+) -> None:
+    limits = {"header_timeout": "1s", "keepalive_timeout": "2s", "max_connections": 5}
+    with start_mirror(tmp_path, no_upstream, limits) as mirror:
+        # Five connections each ask once, then hold on (kept alive, sending nothing).
+        held = [await asyncio.open_connection("127.0.0.1", mirror.port) for _ in range(5)]
+        for reader, writer in held:
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: mirror\r\n\r\n")
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        reader, writer = await asyncio.open_connection("127.0.0.1", mirror.port)
+        refusal = await reader.read()
+        # One asks once, then starts its next request and never finishes it.
+        opened = time.monotonic()
+        held[0][1].write(b"GET /healthz HTTP/1.1\r\nHost: mirror\r\n")
+        await held[0][0].read()
+        sloth = time.monotonic() - opened
+        # The rest are closed once idle for keepalive_timeout.
+        await asyncio.wait_for(asyncio.gather(*(r.read() for r, _ in held[1:])), 4)
+        for _, w in [*held, (reader, writer)]:
+            w.close()
+
+        assert refusal.startswith(b"HTTP/1.1 503")
+        assert b"Retry-After: 1" in refusal
+        assert sloth < 1.0 + 0.5
+        assert metric(mirror, "mirror_connections_refused_total") == 1
+        assert await healthz_time(mirror.url) < 1.0
+        assert not reached(no_upstream)
+
+
+@pytest.mark.parametrize(
+    ("server", "key"),
+    [
+        ({"header_timeout": 0}, "server.header_timeout"),
+        ({"keepalive_timeout": "soon"}, "server.keepalive_timeout"),
+        ({"max_connections": 0}, "server.max_connections"),
+        ({"max_connections": "many"}, "server.max_connections"),
+        ({"max_connections": True}, "server.max_connections"),
+        ({"backlog": 10}, "server.backlog"),
+    ],
+)
+def test_bad_server_limits_stop_the_mirror_at_load(server: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_from_mapping({"server": server})
+    assert caught.value.key == key
+
+
+def test_server_limits_have_defaults() -> None:
+    limits = config_from_mapping({}).server
+    assert (limits.header_timeout, limits.keepalive_timeout, limits.max_connections) == (
+        10.0,
+        75.0,
+        4096,
+    )
+
+
+# --- upstream pools -------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def stalled_upstream() -> AsyncIterator[tuple[str, asyncio.Event, list[str]]]:
+    """An upstream that takes every request and never answers (until released)."""
+    release, seen = asyncio.Event(), []
+
+    async def stall(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        await release.wait()
+        return web.Response(status=503)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", stall)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield str(server.make_url("")).rstrip("/"), release, seen
+    release.set()
+    await server.close()
+
+
+async def test_a_stalled_upstream_delays_no_other(
+    hub: FakeHub,
+    make_client: MakeClient,
+    stalled_upstream: tuple[str, asyncio.Event, list[str]],
+) -> None:
+    url, release, seen = stalled_upstream
+    hub.content.add_image("library/app", "1", [b"layer"])
+    stalled = UpstreamConfig(url=url, name="stalled.test", connect_timeout=5, read_timeout=60)
+    client = await make_client(upstreams=(stalled,))
+    base = str(client.make_url("")).rstrip("/")
+
+    # Many pulls from the stalled upstream at once, more than any one pool holds.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        held = [
+            asyncio.create_task(session.get(f"{base}/v2/stalled.test/r{n}/manifests/1"))
+            for n in range(300)
+        ]
+        while len(seen) < 256:  # its pool is exhausted
+            await asyncio.sleep(0.05)
+        started = time.monotonic()
+        resp = await client.get("/v2/library/app/manifests/1")
+        took = time.monotonic() - started
+        release.set()
+        for task in held:
+            (await task).release()
+
+    assert resp.status == 200
+    assert took < 2.0
+
+
+# --- tag lists ------------------------------------------------------------------------------
+
+
+async def test_a_thousand_query_variants_keep_one_record(
+    hub: FakeHub, make_client: MakeClient
+) -> None:
+    for tag in ("a", "b", "c"):
+        hub.content.add_image("library/app", tag, [f"layer {tag}".encode()])
+    client = await make_client()
+
+    for n in range(1000):  # every variant a cache keyed on the query would keep apart
+        resp = await client.get(f"/v2/library/app/tags/list?n={n % 7}&last={n}&x{n}={n}")
+        assert resp.status == 200
+
+    records = [(repo, tag) for _, repo, tag, _ in await client.app[metadata_key].tags()]
+    assert records == [("library/app", taglists.KEPT_KEY)]
+    assert hub.stats["tags_list"] == 1
