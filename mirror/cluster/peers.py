@@ -28,6 +28,7 @@ from mirror.net.tls import is_tls
 from mirror.observe.cluster_metrics import ClusterMetrics
 from mirror.oci.errors import BlobUnknown, RegistryError, Unauthorized
 from mirror.oci.reference import Digest, parse_digest
+from mirror.upstream.body import BlobBody
 from mirror.upstream.client import new_session
 from mirror.web.errors import error_response
 from mirror.web.keys import config_key, downloads_key, metrics_key, peers_key, storage_key
@@ -57,8 +58,8 @@ class PeerClient:
     async def close(self) -> None:
         await self._session.close()
 
-    async def open_blob(self, owner: str, digest: Digest, offset: int) -> aiohttp.ClientResponse:
-        """The owner's response whose body is the blob from `offset` (the caller releases it);
+    async def open_blob(self, owner: str, digest: Digest, offset: int) -> BlobBody:
+        """The owner's body of the blob from `offset` (the caller releases it);
         PeerUnavailable when the owner cannot give exactly that, BlobUnknown when its
         download found the blob unknown upstream."""
         path = PEER_PATH.format(digest=digest)
@@ -73,15 +74,12 @@ class PeerClient:
         if resp.status == 404 and UPSTREAM_UNKNOWN in resp.headers:
             resp.release()
             raise BlobUnknown(f"blob {digest} is unknown upstream")
-        if resp.status != 206 or not starts_at(resp, offset):
+        body = BlobBody.of(resp) if resp.status == 206 else None
+        if body is None or body.offset != offset:
             resp.release()
             raise PeerUnavailable(f"{owner} answered {resp.status} for {digest} from {offset}")
         self._metrics.peer_streams.labels("in").inc()
-        return resp
-
-
-def starts_at(resp: aiohttp.ClientResponse, offset: int) -> bool:
-    return resp.headers.get("Content-Range", "").startswith(f"bytes {offset}-")
+        return body
 
 
 async def peers_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -13,7 +13,6 @@ from collections import Counter
 from collections.abc import Awaitable
 from typing import BinaryIO
 
-import aiohttp
 from aiohttp import web
 
 from mirror.cache.downloads import (
@@ -31,6 +30,7 @@ from mirror.oci.errors import RangeNotSatisfiable, RegistryError
 from mirror.oci.reference import Digest
 from mirror.storage import CacheStore
 from mirror.storage.base import BlobSize, BlobStream, Found, Redirect, StoreReadError
+from mirror.upstream.body import BODY_ERRORS, BlobBody
 from mirror.upstream.client import Upstream
 from mirror.web.accesslog import outcome_key, sent_key
 from mirror.web.conditional import (
@@ -244,8 +244,8 @@ class BlobService:
         its digest before the last chunk goes out."""
         source = await upstream.open_blob(repo, str(digest))
         resp = web.StreamResponse(headers=_blob_headers(digest))
-        if source.content_length is not None:
-            resp.content_length = source.content_length
+        if source.length is not None:
+            resp.content_length = source.length
         try:
             await resp.prepare(request)
         except BaseException:
@@ -259,21 +259,21 @@ class BlobService:
         self,
         request: web.Request,
         resp: web.StreamResponse,
-        source: aiohttp.ClientResponse,
+        source: BlobBody,
         digest: Digest,
         start: int,
         end: int | None,
         verify: bool,
     ) -> None:
-        """Send bytes `start`..`end` of the blob from an upstream response (which may start
-        mid-blob, per its Content-Range); with `verify`, hash the whole blob and hold the
-        last chunk back until the hash matches."""
-        offset = _offset_of(source)
+        """Send bytes `start`..`end` of the blob from an upstream body (which may start
+        mid-blob, at its `offset`); with `verify`, hash the whole blob and hold the last
+        chunk back until the hash matches."""
+        offset = source.offset
         hasher = digest.hasher()
         held, pos = b"", offset
         async with source:
             try:
-                async for chunk in source.content.iter_chunked(READ_CHUNK):
+                async for chunk in source.chunks(READ_CHUNK):
                     if verify:
                         hasher.update(chunk)
                     low = max(start - pos, 0)
@@ -284,7 +284,7 @@ class BlobService:
                         held = chunk[low:high]
                     if not verify and end is not None and pos > end:
                         break
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except BODY_ERRORS as exc:
                 raise TransferAborted(f"upstream broke: {type(exc).__name__}") from None
         if verify and (offset != 0 or hasher.hexdigest() != digest.hex):
             self._metrics.digest_mismatches.labels("blob").inc()
@@ -408,14 +408,6 @@ async def _deliver(
         return resp
     await resp.write_eof()
     return resp
-
-
-def _offset_of(source: aiohttp.ClientResponse) -> int:
-    """Where an upstream response's body starts in the blob (206 Content-Range)."""
-    if source.status != 206:
-        return 0
-    first = source.headers.get("Content-Range", "").removeprefix("bytes ").partition("-")[0]
-    return int(first) if first.isdigit() else 0
 
 
 def _blob_headers(digest: Digest) -> dict[str, str]:
