@@ -17,8 +17,9 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
+from mirror.cluster.blobflight import BlobFlight
 from mirror.cluster.lease import Lease
 from mirror.observe.metrics import Metrics
 from mirror.oci.errors import BlobUnknown, DigestMismatch, RegistryError, UpstreamUnavailable
@@ -28,15 +29,11 @@ from mirror.storage.base import NoUpload, Upload
 from mirror.upstream.body import BODY_ERRORS, BlobBody
 from mirror.upstream.client import Upstream
 
-if TYPE_CHECKING:
-    from mirror.cluster.blobflight import BlobFlight
-
 log = logging.getLogger(__name__)
 
 # Bytes gathered from the socket before one write (and hash) in a worker thread: large
 # enough that thread hand-offs cost little, small enough that readers see steady progress.
 WRITE_CHUNK = 1024 * 1024
-READ_CHUNK = 1024 * 1024
 # Largest span handed to one sendfile call, so that readers of one blob take turns.
 MAX_SPAN = 16 * 1024 * 1024
 MIN_SPAN = 4 * 1024 * 1024

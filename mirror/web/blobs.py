@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections import Counter
 from collections.abc import Awaitable
 from typing import BinaryIO
@@ -16,7 +15,6 @@ from typing import BinaryIO
 from aiohttp import web
 
 from mirror.cache.downloads import (
-    READ_CHUNK,
     CacheWriteFailed,
     Download,
     Downloads,
@@ -24,7 +22,6 @@ from mirror.cache.downloads import (
     Uncacheable,
     close_file,
 )
-from mirror.net.tls import is_tls
 from mirror.observe.metrics import Metrics
 from mirror.oci.errors import RangeNotSatisfiable, RegistryError
 from mirror.oci.reference import Digest
@@ -40,6 +37,7 @@ from mirror.web.conditional import (
     not_modified,
     range_allowed,
 )
+from mirror.web.sendfile import READ_CHUNK, send_file
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +187,7 @@ class BlobService:
         leaves mid-blob is logged with the bytes it got)."""
         for offset in range(start, start + length, CACHED_SLICE):
             count = min(CACHED_SLICE, start + length - offset)
-            await self._send_file(request, resp, file, offset, count)
+            await send_file(request, resp, file, offset, count)
             self._sent(request, "cache", count)
 
     async def _find_elsewhere(self, request: web.Request, digest: Digest) -> Found | None:
@@ -343,7 +341,7 @@ class BlobService:
             file = await download.open_file()
             try:
                 async for offset, length in download.spans(start, end):
-                    await self._send_file(request, resp, file, offset, length)
+                    await send_file(request, resp, file, offset, length)
                     self._sent(request, origin, length)
                     pos = offset + length
             except CacheWriteFailed:
@@ -357,30 +355,6 @@ class BlobService:
                 await close_file(file)
 
         return await _deliver(request, resp, body())
-
-    async def _send_file(
-        self,
-        request: web.Request,
-        resp: web.StreamResponse,
-        file: BinaryIO,
-        offset: int,
-        length: int,
-    ) -> None:
-        """Bytes of the file straight to the socket (sendfile: no copy through Python)."""
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("client went away")
-        if not is_tls(transport):  # over TLS, large chunks through the writer: see is_tls
-            try:
-                # The headers went out at prepare(): the body may bypass aiohttp's writer,
-                # as FileResponse does.
-                await asyncio.get_running_loop().sendfile(transport, file, offset, length)
-                return
-            except NotImplementedError:  # an event loop without sendfile
-                pass
-        for pos in range(offset, offset + length, READ_CHUNK):
-            size = min(READ_CHUNK, offset + length - pos)
-            await resp.write(await asyncio.to_thread(os.pread, file.fileno(), size, pos))
 
 
 class TransferAborted(Exception):
