@@ -17,27 +17,23 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
-import aiohttp
-
+from mirror.cluster.blobflight import BlobFlight
 from mirror.cluster.lease import Lease
 from mirror.observe.metrics import Metrics
 from mirror.oci.errors import BlobUnknown, DigestMismatch, RegistryError, UpstreamUnavailable
 from mirror.oci.reference import Digest
 from mirror.storage import CacheStore
 from mirror.storage.base import NoUpload, Upload
+from mirror.upstream.body import BODY_ERRORS, BlobBody
 from mirror.upstream.client import Upstream
-
-if TYPE_CHECKING:
-    from mirror.cluster.blobflight import BlobFlight
 
 log = logging.getLogger(__name__)
 
 # Bytes gathered from the socket before one write (and hash) in a worker thread: large
 # enough that thread hand-offs cost little, small enough that readers see steady progress.
 WRITE_CHUNK = 1024 * 1024
-READ_CHUNK = 1024 * 1024
 # Largest span handed to one sendfile call, so that readers of one blob take turns.
 MAX_SPAN = 16 * 1024 * 1024
 MIN_SPAN = 4 * 1024 * 1024
@@ -237,15 +233,15 @@ class Downloads:
             if landed is not None:
                 download._landed(landed)
                 return
-            resp = await self._open(download, upstream, repo, held)
-            download.size = _whole_size(resp)
+            body = await self._open(download, upstream, repo, held)
+            download.size = body.total
             if not self._storage.fits(download.size):
-                resp.release()
+                body.release()
                 raise Uncacheable(f"blob {download.digest} is larger than the cache")
             try:
                 opened, temp = await asyncio.to_thread(self._storage.new_temp, download.size)
             except OSError as exc:
-                resp.release()
+                body.release()
                 self._storage.mark_unwritable(exc)
                 raise Uncacheable("the cache directory takes no writes") from None
             fd, download.temp = opened, temp
@@ -253,7 +249,7 @@ class Downloads:
                 download.upload = self._storage.start_upload(download.digest, download.size, temp)
             download._started.set()
             hasher = download.digest.hasher()
-            await self._copy_resuming(resp, opened, hasher, download, upstream, repo, held)
+            await self._copy_resuming(body, opened, hasher, download, upstream, repo, held)
             self._verify(download, hasher.hexdigest())
             # The bytes are right: clients may have their last byte now. The fsync that
             # makes the file durable (seconds, for a big layer) need not hold them up.
@@ -302,7 +298,7 @@ class Downloads:
 
     async def _copy_resuming(
         self,
-        resp: aiohttp.ClientResponse,
+        body: BlobBody,
         fd: int,
         hasher: hashlib._Hash,
         download: Download,
@@ -315,8 +311,8 @@ class Downloads:
         while True:
             before = download.written
             try:
-                async with resp:
-                    await self._copy(resp, fd, hasher, download, upstream.name)
+                async with body:
+                    await self._copy(body, fd, hasher, download, upstream.name)
                 return
             except TransferBroken as exc:
                 if download.peer is None:
@@ -324,7 +320,7 @@ class Downloads:
                 fruitless = 0 if download.written > before else fruitless + 1
                 if download.size is None or fruitless > MAX_FRUITLESS_RESUMES:
                     raise UpstreamUnavailable(str(exc)) from None
-            resp = await self._open(download, upstream, repo, held)
+            body = await self._open(download, upstream, repo, held)
 
     async def _open(
         self,
@@ -332,14 +328,14 @@ class Downloads:
         upstream: Upstream,
         repo: str,
         held: contextlib.AsyncExitStack,
-    ) -> aiohttp.ClientResponse:
+    ) -> BlobBody:
         """The blob's body from byte `download.written`: from the upstream, or, among
         replicas, from the one holding the blob's lease while one does."""
         if self._flight is not None and download.lease is None:
             got = await self._flight.source(download.digest, download.written, download.peer)
             if got is not None and not isinstance(got, Lease):  # the owner's stream
                 download.peer = got.owner
-                return got.response
+                return got.body
             if isinstance(got, Lease):
                 download.lease = await held.enter_async_context(got.kept())
                 if download.temp is None and await self._stored(download.digest):
@@ -363,28 +359,25 @@ class Downloads:
             return True
         return await self._storage.find_blob(digest, None, head=True) is not None
 
-    async def _from_upstream(
-        self, upstream: Upstream, repo: str, download: Download
-    ) -> aiohttp.ClientResponse:
-        resp = await upstream.open_blob(repo, str(download.digest), offset=download.written)
+    async def _from_upstream(self, upstream: Upstream, repo: str, download: Download) -> BlobBody:
+        body = await upstream.open_blob(repo, str(download.digest), offset=download.written)
         # Nothing written yet (aiohttp drops what it buffered when the connection breaks):
-        # a plain 200 starts over, which is just as good.
-        if download.written == 0 and resp.status == 200:
-            return resp
-        expected = f"bytes {download.written}-"
-        if resp.status != 206 or not resp.headers.get("Content-Range", "").startswith(expected):
-            resp.release()
+        # a body from byte 0 starts over, which is just as good.
+        if download.written == 0 and body.offset == 0:
+            return body
+        if body.offset != download.written:
+            body.release()
             raise UpstreamUnavailable(
                 f"blob {download.digest} broke at byte {download.written} and the upstream "
                 "cannot resume it"
             )
         self._metrics.resumed_transfers.inc()
         log.info("resuming blob %s at byte %d", download.digest, download.written)
-        return resp
+        return body
 
     async def _copy(
         self,
-        resp: aiohttp.ClientResponse,
+        body: BlobBody,
         fd: int,
         hasher: hashlib._Hash,
         download: Download,
@@ -404,12 +397,12 @@ class Downloads:
 
         buffer = bytearray()
         try:
-            async for chunk in resp.content.iter_any():
+            async for chunk in body.chunks():
                 buffer += chunk
                 if len(buffer) >= WRITE_CHUNK:
                     await flush(buffer)
                     buffer = bytearray()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except BODY_ERRORS as exc:
             # What did arrive is good: keep it, so a resume starts after it.
             await flush(buffer)
             await flush(bytearray())
@@ -471,14 +464,6 @@ def _write_all(fd: int, data: bytearray) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
-
-
-def _whole_size(resp: aiohttp.ClientResponse) -> int | None:
-    """The blob's size: a 206's Content-Range total (`bytes N-M/size`), else the length."""
-    if resp.status == 206:
-        total = resp.headers.get("Content-Range", "").rpartition("/")[2]
-        return int(total) if total.isdigit() else None
-    return resp.content_length
 
 
 def _as_registry_error(exc: BaseException) -> RegistryError:

@@ -22,13 +22,12 @@ import logging
 import time
 from dataclasses import dataclass
 
-import aiohttp
-
 from mirror.cluster.lease import Lease, LeaseBackoff, Leases
 from mirror.cluster.peers import PeerClient, PeerUnavailable
 from mirror.observe.cluster_metrics import ClusterMetrics
 from mirror.oci.errors import BlobUnknown
 from mirror.oci.reference import Digest
+from mirror.upstream.body import BlobBody
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ class Following:
     """The owner's body from the byte asked for."""
 
     owner: str
-    response: aiohttp.ClientResponse
+    body: BlobBody
 
 
 class BlobFlight:
@@ -83,7 +82,7 @@ class BlobFlight:
                 delay = await self._pause(delay)
                 continue
             try:
-                response = await self._peers.open_blob(got.owner, digest, offset)
+                body = await self._peers.open_blob(got.owner, digest, offset)
             except BlobUnknown:  # the owner's upstream answer, taken as ours
                 self._metrics.lease_waits.labels(KIND).inc()
                 raise
@@ -95,7 +94,7 @@ class BlobFlight:
                 continue
             if first:
                 self._metrics.lease_waits.labels(KIND).inc()
-            return Following(got.owner, response)
+            return Following(got.owner, body)
         log.warning("blob %s: its owner %s never answered; fetching it here", digest, following)
         return None
 

@@ -1,38 +1,22 @@
-"""Blobs between replicas: the internal endpoint an owner serves, the client a follower uses.
+"""Blobs between replicas, the client side: a follower streams a blob from its owner.
 
     follower ── GET /_cluster/blobs/<digest>, Range: bytes=N-, signed ──► owner
-    owner:   its download of that blob under way → the bytes from N as they arrive (the
-             last one only once the digest matched, as for its own clients)
-             else the blob in its local tier → the file from N
-             else 404 BLOB_UNKNOWN (it never starts a download for a peer)
 
-The endpoint answers only requests signed with the cluster secret (peerauth.py); anything
-else is refused and counted. The answer is always a 206 whose Content-Range names the first
-byte and the blob's size, so a follower that resumes checks where the bytes start.
+The owner answers (mirror/web/peer.py) with a 206 whose Content-Range names the first byte
+and the blob's size, so a follower that resumes checks where the bytes start; a 404 marked
+UPSTREAM_UNKNOWN means the owner's download found no such blob upstream.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import os
-from collections.abc import AsyncIterator
-from typing import BinaryIO
-
 import aiohttp
-from aiohttp import web
 
-from mirror.cache.downloads import READ_CHUNK, Download, close_file
 from mirror.cluster import peerauth
-from mirror.net.tls import is_tls
 from mirror.observe.cluster_metrics import ClusterMetrics
-from mirror.oci.errors import BlobUnknown, RegistryError, Unauthorized
-from mirror.oci.reference import Digest, parse_digest
+from mirror.oci.errors import BlobUnknown
+from mirror.oci.reference import Digest
+from mirror.upstream.body import BlobBody
 from mirror.upstream.client import new_session
-from mirror.web.errors import error_response
-from mirror.web.keys import config_key, downloads_key, metrics_key, peers_key, storage_key
-
-log = logging.getLogger(__name__)
 
 PEER_PATH = "/_cluster/blobs/{digest}"
 # Marks an owner's 404 that came from the upstream (its download found no such blob), as
@@ -57,8 +41,8 @@ class PeerClient:
     async def close(self) -> None:
         await self._session.close()
 
-    async def open_blob(self, owner: str, digest: Digest, offset: int) -> aiohttp.ClientResponse:
-        """The owner's response whose body is the blob from `offset` (the caller releases it);
+    async def open_blob(self, owner: str, digest: Digest, offset: int) -> BlobBody:
+        """The owner's body of the blob from `offset` (the caller releases it);
         PeerUnavailable when the owner cannot give exactly that, BlobUnknown when its
         download found the blob unknown upstream."""
         path = PEER_PATH.format(digest=digest)
@@ -73,136 +57,9 @@ class PeerClient:
         if resp.status == 404 and UPSTREAM_UNKNOWN in resp.headers:
             resp.release()
             raise BlobUnknown(f"blob {digest} is unknown upstream")
-        if resp.status != 206 or not starts_at(resp, offset):
+        body = BlobBody.of(resp) if resp.status == 206 else None
+        if body is None or body.offset != offset:
             resp.release()
             raise PeerUnavailable(f"{owner} answered {resp.status} for {digest} from {offset}")
         self._metrics.peer_streams.labels("in").inc()
-        return resp
-
-
-def starts_at(resp: aiohttp.ClientResponse, offset: int) -> bool:
-    return resp.headers.get("Content-Range", "").startswith(f"bytes {offset}-")
-
-
-async def peers_ctx(app: web.Application) -> AsyncIterator[None]:
-    """`app[peers_key]`: the client replicas stream blobs with, or None without a cluster."""
-    config = app[config_key]
-    if config.cluster is None:
-        app[peers_key] = None
-        yield
-        return
-    peers = PeerClient(
-        config.cluster.secret,
-        app[metrics_key].cluster,
-        config.upstream.connect_timeout,
-        config.upstream.read_timeout,
-    )
-    app[peers_key] = peers
-    try:
-        yield
-    finally:
-        await peers.close()
-
-
-async def peer_blob(request: web.Request) -> web.StreamResponse:
-    """GET /_cluster/blobs/{digest}: see the module docstring."""
-    cluster = request.app[config_key].cluster
-    metrics = request.app[metrics_key].cluster
-    signature = request.headers.get(peerauth.HEADER)
-    if cluster is None or not peerauth.verify(
-        cluster.secret, signature, request.method, request.raw_path
-    ):
-        metrics.peer_refused.inc()
-        raise Unauthorized("replica requests need the cluster's signature")
-    digest = parse_digest(request.match_info["digest"])
-    offset = _offset(request)
-    download = request.app[downloads_key].get(digest)
-    if download is not None:
-        try:
-            await download.started()
-        except BlobUnknown as exc:
-            unknown = error_response(exc)
-            unknown.headers[UPSTREAM_UNKNOWN] = "1"
-            return unknown
-        spans = _from_download(download, offset)
-        return await _send(request, digest, offset, download.size, spans)
-    storage = request.app[storage_key]
-    size = await storage.blob_size(digest)
-    if size is None:
-        raise BlobUnknown(f"blob {digest} is neither here nor being fetched here")
-    spans = _from_file(storage.blob_path(digest), offset, size)
-    return await _send(request, digest, offset, size, spans)
-
-
-def _offset(request: web.Request) -> int:
-    first = request.headers.get("Range", "").removeprefix("bytes=").partition("-")[0]
-    return int(first) if first.isdigit() else 0
-
-
-Spans = AsyncIterator[tuple[BinaryIO, int, int]]
-
-
-async def _send(
-    request: web.Request, digest: Digest, offset: int, size: int | None, spans: Spans
-) -> web.StreamResponse:
-    metrics = request.app[metrics_key].cluster
-    resp = web.StreamResponse(status=206)
-    last = "*" if size is None else str(size - 1)
-    resp.headers["Content-Range"] = f"bytes {offset}-{last}/{'*' if size is None else size}"
-    if size is not None:
-        resp.content_length = max(size - offset, 0)
-    await resp.prepare(request)
-    metrics.peer_streams.labels("out").inc()
-    # Without a length the body is chunked, which sendfile would bypass: copy then.
-    raw = size is not None and not is_tls(request.transport)
-    try:
-        async for file, start, length in spans:
-            await _send_file(request, resp, file, start, length, raw)
-            metrics.peer_bytes.labels("out").inc(length)
-    except (RegistryError, ConnectionError) as exc:
-        # Headers are gone: cutting the connection is how the follower learns it broke.
-        log.info("blob %s to a replica cut short: %s", digest, exc)
-        if request.transport is not None:
-            request.transport.abort()
-        return resp
-    await resp.write_eof()
-    return resp
-
-
-async def _from_download(download: Download, offset: int) -> Spans:
-    """The download's bytes from `offset` as they land (the last one once verified)."""
-    file = await download.open_file()
-    try:
-        async for start, length in download.spans(offset, None):
-            yield file, start, length
-    finally:
-        await close_file(file)
-
-
-async def _from_file(path: os.PathLike[str], offset: int, size: int) -> Spans:
-    file = await asyncio.to_thread(open, path, "rb")
-    try:
-        if offset < size:
-            yield file, offset, size - offset
-    finally:
-        await close_file(file)
-
-
-async def _send_file(
-    request: web.Request,
-    resp: web.StreamResponse,
-    file: BinaryIO,
-    offset: int,
-    length: int,
-    raw: bool,
-) -> None:
-    """sendfile (`raw`), as BlobService sends to clients; else copies through the writer."""
-    transport = request.transport
-    if transport is None or transport.is_closing():
-        raise ConnectionResetError("the replica went away")
-    if raw:
-        await asyncio.get_running_loop().sendfile(transport, file, offset, length)
-        return
-    for pos in range(offset, offset + length, READ_CHUNK):
-        size = min(READ_CHUNK, offset + length - pos)
-        await resp.write(await asyncio.to_thread(os.pread, file.fileno(), size, pos))
+        return body

@@ -34,6 +34,7 @@ from mirror.oci.errors import (
 )
 from mirror.oci.negotiation import MANIFEST_TYPES
 from mirror.oci.reference import compute_digest
+from mirror.upstream.body import BlobBody
 from mirror.upstream.breaker import CircuitBreaker
 from mirror.upstream.credentials import Credentials
 from mirror.upstream.tokens import Challenge, TokenCache, parse_challenge
@@ -330,8 +331,9 @@ class Upstream:
             raise DigestMismatch(f"upstream sent {what} whose bytes do not match its digest")
         return ManifestInfo(digest, media_type, len(body)), body
 
-    async def open_blob(self, repo: str, digest: str, offset: int = 0) -> aiohttp.ClientResponse:
-        """An upstream response whose body is the blob from `offset` (the caller releases it)."""
+    async def open_blob(self, repo: str, digest: str, offset: int = 0) -> BlobBody:
+        """The blob's body, asked from `offset` (the caller releases it). The upstream may
+        answer from elsewhere (a 200 starts at byte 0): the body's `offset` says where."""
         self._check_negative("blob", repo, digest)
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         resp = await self.request(
@@ -340,7 +342,13 @@ class Upstream:
         if resp.status == 404:
             self._remember_missing("blob", repo, digest)
         self.raise_for_status(resp, "blob", f"blob {digest}")
-        return resp
+        body = BlobBody.of(resp)
+        if body is None:
+            resp.release()
+            raise UpstreamUnavailable(
+                f"upstream {self.name} sent part of blob {digest} without saying which"
+            )
+        return body
 
     async def blob_size(self, repo: str, digest: str) -> int | None:
         """The blob's size from a HEAD, None when the upstream does not say."""

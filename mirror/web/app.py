@@ -19,7 +19,7 @@ from mirror.cache.referrers import ReferrersService
 from mirror.cache.taglists import TagListService
 from mirror.cluster.blobflight import BlobFlight
 from mirror.cluster.bucketshare import BucketShare
-from mirror.cluster.peers import PEER_PATH, peer_blob, peers_ctx
+from mirror.cluster.peers import PEER_PATH
 from mirror.config import Config, UpstreamConfig
 from mirror.metadata.fallback import open_metadata
 from mirror.metadata.memory import MemoryMetadata
@@ -57,6 +57,7 @@ from mirror.web.keys import (
     upstreams_key,
 )
 from mirror.web.leases import leases_ctx
+from mirror.web.peer import peer_blob, peers_ctx
 from mirror.web.routes import expect, setup_routes
 from mirror.web.status import PullCounter
 

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections import Counter
 from collections.abc import Awaitable
 from typing import BinaryIO
 
-import aiohttp
 from aiohttp import web
 
 from mirror.cache.downloads import (
-    READ_CHUNK,
     CacheWriteFailed,
     Download,
     Downloads,
@@ -25,12 +22,12 @@ from mirror.cache.downloads import (
     Uncacheable,
     close_file,
 )
-from mirror.net.tls import is_tls
 from mirror.observe.metrics import Metrics
 from mirror.oci.errors import RangeNotSatisfiable, RegistryError
 from mirror.oci.reference import Digest
 from mirror.storage import CacheStore
 from mirror.storage.base import BlobSize, BlobStream, Found, Redirect, StoreReadError
+from mirror.upstream.body import BODY_ERRORS, BlobBody
 from mirror.upstream.client import Upstream
 from mirror.web.accesslog import outcome_key, sent_key
 from mirror.web.conditional import (
@@ -40,6 +37,7 @@ from mirror.web.conditional import (
     not_modified,
     range_allowed,
 )
+from mirror.web.sendfile import READ_CHUNK, send_file
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +187,7 @@ class BlobService:
         leaves mid-blob is logged with the bytes it got)."""
         for offset in range(start, start + length, CACHED_SLICE):
             count = min(CACHED_SLICE, start + length - offset)
-            await self._send_file(request, resp, file, offset, count)
+            await send_file(request, resp, file, offset, count)
             self._sent(request, "cache", count)
 
     async def _find_elsewhere(self, request: web.Request, digest: Digest) -> Found | None:
@@ -244,8 +242,8 @@ class BlobService:
         its digest before the last chunk goes out."""
         source = await upstream.open_blob(repo, str(digest))
         resp = web.StreamResponse(headers=_blob_headers(digest))
-        if source.content_length is not None:
-            resp.content_length = source.content_length
+        if source.length is not None:
+            resp.content_length = source.length
         try:
             await resp.prepare(request)
         except BaseException:
@@ -259,21 +257,21 @@ class BlobService:
         self,
         request: web.Request,
         resp: web.StreamResponse,
-        source: aiohttp.ClientResponse,
+        source: BlobBody,
         digest: Digest,
         start: int,
         end: int | None,
         verify: bool,
     ) -> None:
-        """Send bytes `start`..`end` of the blob from an upstream response (which may start
-        mid-blob, per its Content-Range); with `verify`, hash the whole blob and hold the
-        last chunk back until the hash matches."""
-        offset = _offset_of(source)
+        """Send bytes `start`..`end` of the blob from an upstream body (which may start
+        mid-blob, at its `offset`); with `verify`, hash the whole blob and hold the last
+        chunk back until the hash matches."""
+        offset = source.offset
         hasher = digest.hasher()
         held, pos = b"", offset
         async with source:
             try:
-                async for chunk in source.content.iter_chunked(READ_CHUNK):
+                async for chunk in source.chunks(READ_CHUNK):
                     if verify:
                         hasher.update(chunk)
                     low = max(start - pos, 0)
@@ -284,7 +282,7 @@ class BlobService:
                         held = chunk[low:high]
                     if not verify and end is not None and pos > end:
                         break
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except BODY_ERRORS as exc:
                 raise TransferAborted(f"upstream broke: {type(exc).__name__}") from None
         if verify and (offset != 0 or hasher.hexdigest() != digest.hex):
             self._metrics.digest_mismatches.labels("blob").inc()
@@ -343,7 +341,7 @@ class BlobService:
             file = await download.open_file()
             try:
                 async for offset, length in download.spans(start, end):
-                    await self._send_file(request, resp, file, offset, length)
+                    await send_file(request, resp, file, offset, length)
                     self._sent(request, origin, length)
                     pos = offset + length
             except CacheWriteFailed:
@@ -357,30 +355,6 @@ class BlobService:
                 await close_file(file)
 
         return await _deliver(request, resp, body())
-
-    async def _send_file(
-        self,
-        request: web.Request,
-        resp: web.StreamResponse,
-        file: BinaryIO,
-        offset: int,
-        length: int,
-    ) -> None:
-        """Bytes of the file straight to the socket (sendfile: no copy through Python)."""
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("client went away")
-        if not is_tls(transport):  # over TLS, large chunks through the writer: see is_tls
-            try:
-                # The headers went out at prepare(): the body may bypass aiohttp's writer,
-                # as FileResponse does.
-                await asyncio.get_running_loop().sendfile(transport, file, offset, length)
-                return
-            except NotImplementedError:  # an event loop without sendfile
-                pass
-        for pos in range(offset, offset + length, READ_CHUNK):
-            size = min(READ_CHUNK, offset + length - pos)
-            await resp.write(await asyncio.to_thread(os.pread, file.fileno(), size, pos))
 
 
 class TransferAborted(Exception):
@@ -408,14 +382,6 @@ async def _deliver(
         return resp
     await resp.write_eof()
     return resp
-
-
-def _offset_of(source: aiohttp.ClientResponse) -> int:
-    """Where an upstream response's body starts in the blob (206 Content-Range)."""
-    if source.status != 206:
-        return 0
-    first = source.headers.get("Content-Range", "").removeprefix("bytes ").partition("-")[0]
-    return int(first) if first.isdigit() else 0
 
 
 def _blob_headers(digest: Digest) -> dict[str, str]:

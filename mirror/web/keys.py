@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from aiohttp import web
 
 from mirror.access.policy import Policy
@@ -13,6 +11,7 @@ from mirror.cache.manifests import ManifestService
 from mirror.cache.referrers import ReferrersService
 from mirror.cache.taglists import TagListService
 from mirror.cluster.lease import Leases
+from mirror.cluster.peers import PeerClient
 from mirror.config import Config
 from mirror.metadata.store import MetadataStore
 from mirror.observe.logs import FailureLog
@@ -21,9 +20,6 @@ from mirror.storage import CacheStore
 from mirror.upstream.routing import Upstreams
 from mirror.web.blobs import BlobService
 from mirror.web.status import PullCounter
-
-if TYPE_CHECKING:  # peers.py reads its services from these keys
-    from mirror.cluster.peers import PeerClient
 
 config_key = web.AppKey("config", Config)
 metrics_key = web.AppKey("metrics", Metrics)
