@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-import aiohttp
-
 from mirror.cache.manifests import ManifestService
 from mirror.observe.metrics import Metrics
 from mirror.oci.errors import (
@@ -45,7 +43,8 @@ NO_API = frozenset({400, 404, 405, 501})
 # An upstream that showed it has no API is not asked again for this long.
 NO_API_MEMORY = 3600.0
 MAX_INDEX_BYTES = 4 * 1024 * 1024
-MAX_ERROR_BYTES = 64 * 1024
+# A tag list read only to learn the repository exists (upstreams may ignore `n`).
+MAX_TAGS_PROBE_BYTES = 16 * 1024 * 1024
 # An upstream that pages its referrers: pages followed and merged into one index.
 MAX_PAGES = 20
 
@@ -171,40 +170,26 @@ class ReferrersService:
     ) -> tuple[bytes | None, str | None]:
         """One page of the referrers API and the path of the next; (None, None) when the
         upstream has no referrers API."""
-        resp = await upstream.request(
-            "GET", path, kind="referrers", repo=repo, headers={"Accept": OCI_INDEX}
+        page = await upstream.document(
+            path, repo, "referrers", accept=OCI_INDEX, limit=MAX_INDEX_BYTES, passed=NO_API
         )
-        async with resp:
-            if resp.status in NO_API:
-                if _error_code(await _read_bounded(resp, MAX_ERROR_BYTES)) == "NAME_UNKNOWN":
-                    raise NameUnknown(f"repository {repo} not known upstream")
-                return None, None
-            upstream.raise_for_status(resp, "referrers", f"referrers of {repo}")
-            body = await _read_bounded(resp, MAX_INDEX_BYTES)
-            link = _next_path(resp.headers.get("Link"), upstream.url)
-        if len(body) > MAX_INDEX_BYTES:
-            raise ManifestInvalid(f"referrers of {repo} larger than {MAX_INDEX_BYTES} bytes")
+        if page.absent:
+            if page.error_code == "NAME_UNKNOWN":
+                raise NameUnknown(f"repository {repo} not known upstream")
+            return None, None
+        body = page.body
+        link = _next_path(page.link, upstream.url)
         _parse_index(body)
         return body, link
 
     async def _check_repository(self, upstream: Upstream, repo: str) -> None:
         """NameUnknown when the upstream does not know the repository (its tag list says)."""
-        answer = await upstream.passthrough(f"/v2/{repo}/tags/list?n=1", repo, "tags")
-        if answer.status == 404 and _error_code(answer.body) == "NAME_UNKNOWN":
+        answer = await upstream.document(
+            f"/v2/{repo}/tags/list?n=1", repo, "tags", accept="application/json",
+            limit=MAX_TAGS_PROBE_BYTES, passed=frozenset({404}),
+        )  # fmt: skip
+        if answer.absent and answer.error_code == "NAME_UNKNOWN":
             raise NameUnknown(f"repository {repo} not known upstream")
-
-
-async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    """At most `limit` + 1 bytes of a body (one more says it was longer)."""
-    body = bytearray()
-    try:
-        async for chunk in resp.content.iter_chunked(65536):
-            body += chunk
-            if len(body) > limit:
-                break
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise UpstreamUnavailable(f"reading referrers failed: {type(exc).__name__}") from None
-    return bytes(body[: limit + 1])
 
 
 def _next_path(link: str | None, base: str) -> str | None:
@@ -218,12 +203,3 @@ def _next_path(link: str | None, base: str) -> str | None:
         return None
     path = target.path.removeprefix(home.path)
     return path + (f"?{target.query}" if target.query else "")
-
-
-def _error_code(body: bytes) -> str | None:
-    """The first OCI error code of an error body, if it is one."""
-    try:
-        errors = json.loads(body).get("errors")
-        return str(errors[0]["code"])
-    except (ValueError, AttributeError, LookupError, TypeError):
-        return None

@@ -24,8 +24,6 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import aiohttp
-
 from mirror.cache.manifests import ManifestService
 from mirror.observe.metrics import Metrics
 from mirror.oci.errors import (
@@ -168,24 +166,8 @@ async def fetch_whole(upstream: Upstream, repo: str) -> list[str]:
 
 async def _page(upstream: Upstream, repo: str, path: str, budget: int) -> tuple[bytes, str | None]:
     """One page of the upstream's list (at most `budget` bytes) and its `Link`."""
-    what = f"tag list of {repo}"
-    resp = await upstream.request(
-        "GET", path, kind="tags", repo=repo, headers={"Accept": "application/json"}
-    )
-    async with resp:
-        upstream.raise_for_status(resp, "tags", what)
-        too_large = ManifestInvalid(f"the {what} is larger than {MAX_LIST_BYTES} bytes")
-        if resp.content_length is not None and resp.content_length > budget:
-            raise too_large
-        body = bytearray()
-        try:
-            async for chunk in resp.content.iter_chunked(65536):
-                body += chunk
-                if len(body) > budget:
-                    raise too_large
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamUnavailable(f"reading the {what} failed: {type(exc).__name__}") from None
-        return bytes(body), resp.headers.get("Link")
+    page = await upstream.document(path, repo, "tags", accept="application/json", limit=budget)
+    return page.body, page.link
 
 
 def _tags_of(body: bytes, repo: str) -> list[str]:

@@ -8,6 +8,7 @@ module looks at upstream status codes.
 
 from __future__ import annotations
 
+import json
 import logging
 import ssl
 import time
@@ -47,7 +48,8 @@ REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 # The distribution registry refuses manifests over 4 MiB; so do we, to bound memory.
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
-MAX_PASSTHROUGH_BYTES = 16 * 1024 * 1024
+# An error body read for its OCI code: more is no registry's error.
+MAX_ERROR_BYTES = 64 * 1024
 NEGATIVE_ENTRIES = 10000
 READ_BUFSIZE = 2 * 1024 * 1024
 USER_AGENT = "mirror/0.1 (+pull-through cache)"
@@ -67,14 +69,16 @@ class ManifestInfo:
     size: int
 
 
-@dataclass(frozen=True, slots=True)
-class Passthrough:
-    """An upstream answer relayed as it is (tags/list, referrers)."""
+@dataclass(frozen=True)
+class Document:
+    """A small upstream answer read whole: a page of a tag list or of referrers. `absent`:
+    the upstream answered one of the statuses the caller passed (no such document), with
+    `error_code` the OCI code of its error body, if any."""
 
-    status: int
-    content_type: str
     body: bytes
     link: str | None
+    absent: bool = False
+    error_code: str | None = None
 
 
 def new_session(connect_timeout: float, read_timeout: float) -> aiohttp.ClientSession:
@@ -360,21 +364,28 @@ class Upstream:
             self.raise_for_status(resp, "blob", f"blob {digest}")
             return resp.content_length
 
-    async def passthrough(self, path: str, repo: str, kind: str) -> Passthrough:
-        """GET `path` (with its query) and relay status, type, body and Link."""
-        resp = await self.request(
-            "GET", path, kind=kind, repo=repo, headers={"Accept": "application/json, */*"}
-        )
+    async def document(
+        self,
+        path: str,
+        repo: str,
+        kind: str,
+        *,
+        accept: str,
+        limit: int,
+        passed: frozenset[int] = frozenset(),
+    ) -> Document:
+        """GET a JSON document of at most `limit` bytes (ManifestInvalid past it) with its
+        `Link`. An error status raises its registry error, except those in `passed`: their
+        answer comes back as it is, for the caller to judge (its body bounded too)."""
+        what = f"{kind} of {repo}"
+        resp = await self.request("GET", path, kind=kind, repo=repo, headers={"Accept": accept})
         async with resp:
-            if resp.status >= 300 and resp.status != 404:
-                self.raise_for_status(resp, kind, f"{kind} of {repo}")
-            body = await _read_limited(resp, MAX_PASSTHROUGH_BYTES, f"{kind} of {repo}")
-            return Passthrough(
-                resp.status,
-                resp.headers.get("Content-Type", "application/json"),
-                body,
-                resp.headers.get("Link"),
-            )
+            if resp.status in passed:
+                error = await _read_limited(resp, MAX_ERROR_BYTES, what)
+                return Document(b"", None, absent=True, error_code=_error_code(error))
+            self.raise_for_status(resp, kind, what)
+            body = await _read_limited(resp, limit, what)
+            return Document(body, resp.headers.get("Link"))
 
 
 async def _read_limited(resp: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
@@ -394,3 +405,12 @@ async def _read_limited(resp: aiohttp.ClientResponse, limit: int, what: str) -> 
 def _retry_after(headers: Mapping[str, str]) -> int:
     value = headers.get("Retry-After", "")
     return int(value) if value.isdigit() else 60
+
+
+def _error_code(body: bytes) -> str | None:
+    """The first OCI error code of an error body, if it is one."""
+    try:
+        errors = json.loads(body).get("errors")
+        return str(errors[0]["code"])
+    except (ValueError, AttributeError, LookupError, TypeError):
+        return None
