@@ -34,7 +34,7 @@ from mirror.config.values import (
 
 TOP_LEVEL_KEYS = {
     "listen", "upstream", "upstreams", "default_upstream", "public_url", "auth", "storage",
-    "redis", "cache", "log", "shutdown_timeout", "tls", "cluster", "server",
+    "redis", "cache", "log", "shutdown_timeout", "tls", "cluster", "server", "workers",
 }  # fmt: skip
 
 
@@ -57,6 +57,7 @@ class Config:
     http: bool = True  # the plain-HTTP listener on host:port; off with tls and no `listen`
     cluster: ClusterConfig | None = None  # replicas sharing Redis (mirror/cluster/)
     server: ServerConfig = field(default_factory=ServerConfig)  # client connection limits
+    workers: int = 1  # processes serving the same port and cache directory
 
 
 def config_from_mapping(raw: Mapping[str, Any]) -> Config:
@@ -88,7 +89,21 @@ def config_from_mapping(raw: Mapping[str, Any]) -> Config:
         http=http,
         cluster=parse_cluster(raw),
         server=parse_server(raw),
+        workers=parse_workers(raw.get("workers", 1)),
     )
+
+
+# Past this, workers cost more in memory and cache-lock contention than any host gains.
+MAX_WORKERS = 64
+
+
+def parse_workers(value: object) -> int:
+    """`workers`: a count of processes, or `auto` for one per core."""
+    if value == "auto":
+        return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise ConfigError("workers", f"{value!r} is not auto or a count from 1 to {MAX_WORKERS}")
+    return value
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:
