@@ -9,6 +9,8 @@ UPSTREAM_UNKNOWN means the owner's download found no such blob upstream.
 
 from __future__ import annotations
 
+import ssl
+
 import aiohttp
 
 from mirror.cluster import peerauth
@@ -32,11 +34,18 @@ class PeerClient:
     """Opens blob streams from other replicas, on one session of its own."""
 
     def __init__(
-        self, secret: bytes, metrics: ClusterMetrics, connect_timeout: float, read_timeout: float
+        self,
+        secret: bytes,
+        metrics: ClusterMetrics,
+        connect_timeout: float,
+        read_timeout: float,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._secret = secret
         self._metrics = metrics
         self._session = new_session(connect_timeout, read_timeout)
+        # None: aiohttp's default context, which verifies against the system's CAs.
+        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
 
     async def close(self) -> None:
         await self._session.close()
@@ -51,7 +60,12 @@ class PeerClient:
             peerauth.HEADER: peerauth.sign(self._secret, "GET", path),
         }
         try:
-            resp = await self._session.get(owner + path, headers=headers)
+            resp = await self._session.get(
+                owner + path, headers=headers, ssl=self._ssl, allow_redirects=False
+            )
+        except aiohttp.ClientSSLError as exc:  # its certificate does not verify: not a peer
+            self._metrics.peer_untrusted.inc()
+            raise PeerUnavailable(f"{owner}: TLS refused: {type(exc).__name__}") from None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise PeerUnavailable(f"{owner}: {type(exc).__name__}") from None
         if resp.status == 404 and UPSTREAM_UNKNOWN in resp.headers:

@@ -7,11 +7,14 @@ import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mirror.config.values import ConfigError, parse_duration, parse_url
 
-CLUSTER_KEYS = {"advertise_url", "secret_file", "lease_ttl", "replica_id"}
+CLUSTER_KEYS = {
+    "advertise_url", "secret_file", "lease_ttl", "replica_id", "ca_file", "cert_file", "key_file",
+}  # fmt: skip
 MIN_SECRET_BYTES = 16
 # `${NAME}` in advertise_url and replica_id: a pod learns its own IP and name only from its
 # environment (the downward API), and one config file serves every replica.
@@ -25,6 +28,10 @@ class ClusterConfig:
     lease_ttl: float = 10.0
     # Names this replica in metrics and logs; default: the advertise URL's host:port.
     replica_id: str = ""
+    # For replicas reached over HTTPS: the CA their certificates must chain to (besides the
+    # system's), and the pair this replica presents to a listener that wants one (mTLS).
+    ca_file: Path | None = None
+    client_pair: tuple[Path, Path] | None = None
 
 
 def parse_cluster(raw: Mapping[str, Any]) -> ClusterConfig | None:
@@ -48,7 +55,27 @@ def parse_cluster(raw: Mapping[str, Any]) -> ClusterConfig | None:
         raise ConfigError("cluster.lease_ttl", f"must be at least 1s, got {section['lease_ttl']!r}")
     replica_id = _expand_env("cluster.replica_id", section.get("replica_id"))
     replica_id = replica_id or url.split("://", 1)[1]
-    return ClusterConfig(url, _read_secret(section["secret_file"]), ttl, str(replica_id))
+    ca_file = _optional_file("cluster.ca_file", section.get("ca_file"))
+    cert = _optional_file("cluster.cert_file", section.get("cert_file"))
+    key = _optional_file("cluster.key_file", section.get("key_file"))
+    if (cert is None) != (key is None):
+        missing = "cluster.key_file" if key is None else "cluster.cert_file"
+        raise ConfigError(missing, "required with the other half of the client pair")
+    pair = (cert, key) if cert is not None and key is not None else None
+    secret = _read_secret(section["secret_file"])
+    return ClusterConfig(url, secret, ttl, str(replica_id), ca_file, pair)
+
+
+def _optional_file(key: str, value: object) -> Path | None:
+    """A readable file's path, or None when the key is absent."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, f"expected a file path, got {value!r}")
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(key, f"{value!r} is not a readable file")
+    return path
 
 
 def _expand_env(key: str, value: object) -> object:

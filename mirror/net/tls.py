@@ -65,13 +65,16 @@ def client_contexts(upstreams: Sequence[UpstreamConfig]) -> list[ssl.SSLContext 
         pair = None
         if cfg.client_cert_file is not None and cfg.client_key_file is not None:
             pair = (cfg.client_cert_file, cfg.client_key_file)
-        contexts.append(_client_context(cfg.registry, cfg.tls_verify, cfg.ca_file, pair))
+        keys = (f"{cfg.registry}.ca_file", f"{cfg.registry}.client_cert_file",
+                f"{cfg.registry}.client_key_file")  # fmt: skip
+        contexts.append(_client_context(keys, cfg.tls_verify, cfg.ca_file, pair))
     return contexts
 
 
 def _client_context(
-    key: str, verify: bool, ca_file: Path | None, pair: tuple[Path, Path] | None
+    keys: tuple[str, str, str], verify: bool, ca_file: Path | None, pair: tuple[Path, Path] | None
 ) -> ssl.SSLContext | None:
+    """`keys`: the settings of the CA file and the pair, named when one will not load."""
     if verify and ca_file is None and pair is None:
         return None
     # The system's CAs stay trusted: a private registry may redirect to a public CDN.
@@ -80,11 +83,19 @@ def _client_context(
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     if ca_file is not None:
-        load_ca(context, f"{key}.ca_file", ca_file)
+        load_ca(context, keys[0], ca_file)
     if pair is not None:
-        keys = (f"{key}.client_cert_file", f"{key}.client_key_file")
-        load_pair(context, read_pair(*pair, keys))
+        load_pair(context, read_pair(*pair, (keys[1], keys[2])))
     return context
+
+
+def peer_context(ca_file: Path | None, pair: tuple[Path, Path] | None) -> ssl.SSLContext | None:
+    """The context replicas reach each other's HTTPS listeners with: the system's CAs and
+    `cluster.ca_file`, the hostname checked, and `cluster.cert_file`/`key_file` presented
+    where given; None (aiohttp's default, verifying) without either. Reads files: run it in
+    a thread."""
+    keys = ("cluster.ca_file", "cluster.cert_file", "cluster.key_file")
+    return _client_context(keys, True, ca_file, pair)
 
 
 def describe_failure(upstream: str, exc: BaseException) -> str | None:

@@ -53,6 +53,13 @@ class ClusterMetrics:
             "Requests to the internal replica endpoint refused for a missing or bad signature.",
             registry=r,
         )
+        self.peer_untrusted = Counter(
+            "mirror_cluster_peer_untrusted",
+            "Streams from other replicas refused because their TLS certificate did not verify "
+            "against cluster.ca_file (or the system's CAs); the follower then waits for the "
+            "owner's lease to run out and takes the download over.",
+            registry=r,
+        )
         self.lease_unavailable = Counter(
             "mirror_cluster_lease_unavailable",
             "Work done without a lease because Redis did not answer: the replica works "

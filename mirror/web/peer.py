@@ -24,6 +24,7 @@ from aiohttp import web
 from mirror.cache.downloads import Download, close_file
 from mirror.cluster import peerauth
 from mirror.cluster.peers import UPSTREAM_UNKNOWN, PeerClient
+from mirror.net.tls import peer_context
 from mirror.oci.errors import BlobUnknown, RegistryError, Unauthorized
 from mirror.oci.reference import Digest, parse_digest
 from mirror.web.errors import error_response
@@ -43,11 +44,14 @@ async def peers_ctx(app: web.Application) -> AsyncIterator[None]:
         app[peers_key] = None
         yield
         return
+    cluster = config.cluster
+    context = await asyncio.to_thread(peer_context, cluster.ca_file, cluster.client_pair)
     peers = PeerClient(
-        config.cluster.secret,
+        cluster.secret,
         app[metrics_key].cluster,
         config.upstream.connect_timeout,
         config.upstream.read_timeout,
+        context,
     )
     app[peers_key] = peers
     try:
