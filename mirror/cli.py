@@ -156,7 +156,15 @@ def serve(config: Config) -> None:
     if config.tls is not None and context is not None:
         enable_reload(app, context, config.tls, app[metrics_key])
     try:
-        server.run(app, listeners, config.shutdown_timeout, announce, config.server)
+        server.run(
+            app,
+            listeners,
+            config.shutdown_timeout,
+            announce,
+            config.server,
+            event_loop=config.event_loop,
+            cluster=config.cluster is not None,
+        )
     except ConfigError as exc:  # a taken port, a failed check at start (S3): no traceback
         print(f"mirror: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

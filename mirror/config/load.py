@@ -35,7 +35,9 @@ from mirror.config.values import (
 TOP_LEVEL_KEYS = {
     "listen", "upstream", "upstreams", "default_upstream", "public_url", "auth", "storage",
     "redis", "cache", "log", "shutdown_timeout", "tls", "cluster", "server", "workers",
+    "event_loop",
 }  # fmt: skip
+EVENT_LOOPS = ("auto", "asyncio", "uvloop")
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class Config:
     cluster: ClusterConfig | None = None  # replicas sharing Redis (mirror/cluster/)
     server: ServerConfig = field(default_factory=ServerConfig)  # client connection limits
     workers: int = 1  # processes serving the same port and cache directory
+    event_loop: str = "asyncio"  # or uvloop, or auto: uvloop where installed (web/server.py)
 
 
 def config_from_mapping(raw: Mapping[str, Any]) -> Config:
@@ -90,7 +93,15 @@ def config_from_mapping(raw: Mapping[str, Any]) -> Config:
         cluster=parse_cluster(raw),
         server=parse_server(raw),
         workers=parse_workers(raw.get("workers", 1)),
+        event_loop=_event_loop(raw),
     )
+
+
+def _event_loop(raw: Mapping[str, Any]) -> str:
+    value = str(raw.get("event_loop", "asyncio")).lower()
+    if value not in EVENT_LOOPS:
+        raise ConfigError("event_loop", f"expected auto, asyncio or uvloop, got {value!r}")
+    return value
 
 
 # Past this, workers cost more in memory and cache-lock contention than any host gains.
