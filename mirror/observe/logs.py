@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import random
 import secrets
 import time
 import weakref
@@ -21,9 +22,49 @@ _ACCEPTED_ID = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01
 
 def new_request_id(incoming: str | None) -> str:
     """The client's (or proxy's) X-Request-ID when it is sane, else a fresh one."""
+    return _sane(incoming) or secrets.token_hex(8)
+
+
+def _sane(incoming: str | None) -> str | None:
     if incoming and len(incoming) <= 64 and set(incoming) <= _ACCEPTED_ID:
         return incoming
-    return secrets.token_hex(8)
+    return None
+
+
+class RequestIds:
+    """`new_request_id` for every request: fresh ids come from a generator seeded once by
+    the OS, not a system call each. An id ties log lines together; it guards nothing."""
+
+    def __init__(self) -> None:
+        self._random = random.Random(secrets.randbits(128))
+
+    def __call__(self, incoming: str | None) -> str:
+        return _sane(incoming) or f"{self._random.getrandbits(64):016x}"
+
+
+def log_info(logger: logging.Logger, msg: str, args: tuple[Any, ...], access: Any) -> None:
+    """`logger.info(msg, *args, extra={"access": access})` without looking up the caller's
+    file and line, which no format shows: for the lines written on every request."""
+    if logger.isEnabledFor(logging.INFO):
+        extra = {"access": access}
+        logger.handle(
+            logger.makeRecord(logger.name, logging.INFO, "", 0, msg, args, None, None, extra)
+        )
+
+
+class _SecondStamps(logging.Formatter):
+    """`formatTime` with the date and time to the second formatted once per second: every
+    request writes a line, and strftime is the dearest part of formatting one."""
+
+    _last: tuple[int, str | None, str] = (-1, None, "")  # second, datefmt, stamp: one swap
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        last_second, last_datefmt, stamp = self._last
+        if second != last_second or datefmt != last_datefmt:
+            stamp = time.strftime(datefmt or self.default_time_format, self.converter(second))
+            self._last = (second, datefmt, stamp)
+        return stamp
 
 
 class RequestIdFilter(logging.Filter):
@@ -34,7 +75,14 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-class JsonFormatter(logging.Formatter):
+class TextFormatter(_SecondStamps):
+    """`time level logger [request id] message`, the milliseconds after a comma."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return f"{super().formatTime(record, datefmt)},{int(record.msecs):03d}"
+
+
+class JsonFormatter(_SecondStamps):
     """One JSON object per line: time, level, logger, message, request id, extras."""
 
     def format(self, record: logging.LogRecord) -> str:
@@ -61,14 +109,15 @@ def setup_logging(level: str, fmt: str) -> None:
         formatter: logging.Formatter = JsonFormatter()
         formatter.converter = time.gmtime
     else:
-        formatter = logging.Formatter(
-            "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
-        )
+        formatter = TextFormatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # Audit lines (gate.py) are kept whatever the level: they are a record, not chatter.
+    # No format shows a record's thread or process, and finding them out is a third of the
+    # cost of making a record, paid on every request (the logging HOWTO's "Optimization").
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    # Audit lines (web/audit.py) are kept whatever the level: a record, not chatter.
     logging.getLogger("mirror.audit").setLevel(logging.INFO)
 
 

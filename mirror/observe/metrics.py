@@ -6,12 +6,15 @@ repository names, tags or anything a client chooses freely (cardinality), and ne
 
 from __future__ import annotations
 
+from typing import Generic, TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from mirror.observe.cluster_metrics import ClusterMetrics
 from mirror.observe.guard_metrics import GuardMetrics
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+M = TypeVar("M", Counter, Gauge, Histogram)
 
 
 class Metrics:
@@ -260,3 +263,22 @@ class Metrics:
             "Blobs deleted from the bucket to stay within storage.s3.max_size.",
             registry=r,
         )
+
+
+class Children(Generic[M]):
+    """A labelled metric's series by label values, looked up once: `labels()` checks its
+    values and takes a lock on every call, too dear for the series of every request. Past
+    `limit` distinct values (a client's method names them) the look-ups stay uncached."""
+
+    def __init__(self, metric: M, limit: int = 1000) -> None:
+        self._metric: M = metric
+        self._limit = limit
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *values: str) -> M:
+        child = self._children.get(values)
+        if child is None:
+            child = self._metric.labels(*values)
+            if len(self._children) < self._limit:
+                self._children[values] = child
+        return child
