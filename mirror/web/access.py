@@ -1,4 +1,4 @@
-"""Who may pull: the client-auth middleware and the `/token` endpoint.
+"""Who may pull: client auth for every API request, and the `/token` endpoint.
 
 Password checks are the one costly thing a stranger can ask for, so they run on their own
 small pool (mirror/access/hashing.py) and an address that keeps failing is refused before
@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from mirror.access.clientauth import (
     Grant,
@@ -156,24 +155,23 @@ async def token_handler(request: web.Request) -> web.Response:
     return await request.app[client_auth_key].token(request)
 
 
-@web.middleware
-async def client_auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Refuse API requests without a grant for their repository (when auth is on)."""
+async def authorize(request: web.Request) -> None:
+    """Refuse API requests without a grant for their repository (when auth is on), and
+    name the user on the request for the pull gate."""
     auth = request.app.get(client_auth_key)
     if auth is None or not request.path.startswith("/v2"):
-        return await handler(request)
+        return
     repository = repository_of(request)
     grant = await auth.check(request)
     if grant is None and auth.anonymous_pull:
-        return await handler(request)
+        return
     if grant is None:
         raise auth.challenge(request, repository)
     request[subject_key] = grant.subject
     # A token without the repository because the policy refuses it: a new token would not
-    # help, so the pull policy middleware answers 403 instead of a challenge.
+    # help, so the pull gate answers 403 instead of a challenge.
     if not grant.allows(repository) and may_pull_name(request.app, grant.subject, repository or ""):
         raise auth.challenge(request, repository)
-    return await handler(request)
 
 
 async def client_auth_ctx(app: web.Application) -> AsyncIterator[None]:

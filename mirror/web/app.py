@@ -1,15 +1,15 @@
-"""The application factory: one resource per cleanup context, errors and metrics middleware."""
+"""The application factory: one resource per cleanup context, the middleware, the access log."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import ssl
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
+from aiohttp.log import access_logger
 
 from mirror.access.policy import compile_policy
 from mirror.cache.downloads import Downloads
@@ -24,19 +24,17 @@ from mirror.config import Config, UpstreamConfig
 from mirror.metadata.fallback import open_metadata
 from mirror.metadata.memory import MemoryMetadata
 from mirror.net.tls import client_contexts
-from mirror.observe.logs import REQUEST_ID_HEADER, FailureLog, new_request_id, request_id_var
+from mirror.observe.logs import REQUEST_ID_HEADER, FailureLog
 from mirror.observe.metrics import Metrics
-from mirror.oci.errors import EndpointUnknown, RegistryError, Unsupported
 from mirror.storage import CacheStore, new_store
 from mirror.upstream.client import Upstream, new_session
 from mirror.upstream.credentials import Credentials
 from mirror.upstream.routing import Upstreams
 from mirror.upstream.tokens import TokenCache
-from mirror.web.access import client_auth_ctx, client_auth_middleware, token_handler
-from mirror.web.accesslog import outcome_key, upstream_name_key
+from mirror.web.access import client_auth_ctx, token_handler
+from mirror.web.accesslog import AccessLogger
 from mirror.web.blobs import BlobService
-from mirror.web.errors import error_response
-from mirror.web.gate import pull_policy_middleware
+from mirror.web.gate import PullGate, gate_key
 from mirror.web.handlers import API_VERSION_HEADER
 from mirror.web.keys import (
     blobs_key,
@@ -57,6 +55,7 @@ from mirror.web.keys import (
     upstreams_key,
 )
 from mirror.web.leases import leases_ctx
+from mirror.web.middleware import RequestSeries, registry_middleware, request_id_key, series_key
 from mirror.web.peer import peer_blob, peers_ctx
 from mirror.web.routes import expect, setup_routes
 from mirror.web.status import PullCounter
@@ -67,19 +66,19 @@ DISK_WATCH_INTERVAL = 30.0
 # In-process metadata is written here (under storage.path) so that it survives restarts.
 METADATA_SNAPSHOT = "metadata.json"
 SNAPSHOT_INTERVAL = 30.0
-request_id_key = web.RequestKey("request_id", str)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def create_app(config: Config) -> web.Application:
     """A mirror application for `config`; resources open when it starts."""
+    # The access logger is the app's own, whichever runner serves it: it writes the audit.
     app = web.Application(
-        middlewares=[registry_middleware, client_auth_middleware, pull_policy_middleware]
+        middlewares=[registry_middleware],
+        handler_args={"access_log_class": AccessLogger, "access_log": access_logger},
     )
     app[config_key] = config
     app[policy_key] = None if config.policy is None else compile_policy(config.policy)
     app[metrics_key] = Metrics()
+    app[series_key] = RequestSeries(app[metrics_key])
     app[failures_key] = FailureLog(logging.getLogger("mirror.upstream"))
     # Replicas: the bucket's eviction and clean-up ask the leases (there once started).
     sharing = None if config.cluster is None else BucketShare(lambda: app.get(leases_key))
@@ -175,6 +174,7 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
             for cfg, session, ctx in zip(every, sessions, contexts, strict=True)
         ]
         app[upstreams_key] = Upstreams(built[0], built[1:])
+        app[gate_key] = PullGate(app[policy_key], app[upstreams_key])
         yield
         await tokens.close()
     finally:
@@ -235,48 +235,6 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     await manifests.close()
     await taglists.close()
     await downloads.close()
-
-
-@web.middleware
-async def registry_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """OCI error bodies for every failure, and one request metric per answer."""
-    started = time.monotonic()
-    route = _route_name(request)
-    status = "aborted"
-    try:
-        resp = await _answer(request, handler)
-        status = request.get(outcome_key) or str(resp.status)
-        return resp
-    finally:
-        metrics = request.app[metrics_key]
-        metrics.http_requests.labels(route, request.method, status).inc()
-        metrics.http_duration.labels(route).observe(time.monotonic() - started)
-
-
-async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
-    head = request.method == "HEAD"
-    request_id = new_request_id(request.headers.get(REQUEST_ID_HEADER))
-    request_id_var.set(request_id)  # each request runs in its own task: no reset needed
-    request[request_id_key] = request_id
-    try:
-        return await handler(request)
-    except RegistryError as exc:
-        if exc.from_upstream:
-            upstream = request.get(upstream_name_key, "-")
-            repository = request.match_info.get("name", "-")
-            request.app[failures_key].warn(upstream, repository, exc, exc.message)
-        return error_response(exc, head=head)
-    except web.HTTPMethodNotAllowed:
-        refused = Unsupported(f"{request.method} is not supported by a pull-through mirror")
-        return error_response(refused, head=head)
-    except web.HTTPNotFound:
-        unknown = EndpointUnknown(f"no such endpoint: {request.path[:200]}")
-        return error_response(unknown, head=head)
-
-
-def _route_name(request: web.Request) -> str:
-    route = request.match_info.route
-    return route.name or "unmatched"
 
 
 async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:

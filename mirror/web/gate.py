@@ -1,57 +1,86 @@
 """The pull gate: every repository request passes the pull policy; manifests are audited.
 
-The middleware runs after client auth (which names the user) and before the handlers, so
-a refused pull never reaches an upstream. Every manifest request, GET and HEAD, leaves a
-line on the `mirror.audit` logger: HEAD too, because Docker and containerd resolve a tag
-with a HEAD and then GET the manifest by digest, so the GETs alone would not say which
-tag was pulled (and a tag-specific deny refuses the HEAD).
+It runs after client auth (which names the user) and before the handlers, so a refused
+pull never reaches an upstream. Every manifest request, GET and HEAD, leaves a line on the
+`mirror.audit` logger: HEAD too, because Docker and containerd resolve a tag with a HEAD
+and then GET the manifest by digest, so the GETs alone would not say which tag was pulled
+(and a tag-specific deny refuses the HEAD). The gate notes the request for that line
+(audit.py); the access logger writes it once the answer is sent.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Any
-
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
-from mirror.access.policy import Target
+from mirror.access.policy import Policy, Target
 from mirror.config import DOCKER_HUB_HOSTS
-from mirror.oci.errors import Denied, RegistryError
+from mirror.oci.errors import Denied
 from mirror.oci.reference import is_digest_reference, parse_digest, validate_tag
 from mirror.upstream.client import Upstream
 from mirror.upstream.routing import Upstreams
+from mirror.util.lru import LRU
+from mirror.web.audit import PendingAudit, audit_key
 from mirror.web.handlers import route
-from mirror.web.keys import metrics_key, policy_key, upstreams_key
+from mirror.web.keys import metrics_key
 
 # The user a request was authenticated as; "" or absent: an anonymous client.
 subject_key = web.RequestKey("subject", str)
-audit_log = logging.getLogger("mirror.audit")
 REPOSITORY_ROUTES = frozenset({"manifest", "blob", "tags", "referrers"})
+# Decisions remembered: repositories and references are the client's choice, so bounded.
+DECISIONS = 4096
+_ALLOWED = ""  # a remembered "may pull" (the LRU holds no None)
 
 
-def target_of(
-    upstreams: Upstreams, upstream: Upstream, repository: str, reference: str | None = None
-) -> Target:
-    """What a request pulls, with every name the router knows its upstream by."""
-    aliases = {upstream.name} | {a for a in DOCKER_HUB_HOSTS if upstreams.get(a) is upstream}
-    return Target(
-        upstream.name, frozenset(aliases), upstream is upstreams.default, repository, reference
-    )
+class PullGate:
+    """The policy's decisions for the configured upstreams, remembered per subject and
+    target. The policy is fixed for the life of the process (rules name their users when
+    the config is read), so a decision never goes stale: a new policy is a new gate, and
+    an htpasswd reload changes who can log in, not what a user name may pull."""
+
+    def __init__(self, policy: Policy | None, upstreams: Upstreams) -> None:
+        self.policy = policy
+        self._upstreams = upstreams
+        self._aliases: dict[str, frozenset[str]] = {}
+        self._decisions: LRU[tuple[str, str, str, str | None], str] = LRU(DECISIONS)
+
+    def target(self, upstream: Upstream, repository: str, reference: str | None = None) -> Target:
+        """What a request pulls, with every name the router knows its upstream by."""
+        aliases = self._aliases.get(upstream.name)
+        if aliases is None:
+            names = {a for a in DOCKER_HUB_HOSTS if self._upstreams.get(a) is upstream}
+            aliases = self._aliases[upstream.name] = frozenset({upstream.name} | names)
+        default = upstream is self._upstreams.default
+        return Target(upstream.name, aliases, default, repository, reference)
+
+    def refusal(self, subject: str, target: Target) -> str | None:
+        """Why `subject` may not pull `target` (a reason word), or None when it may."""
+        if self.policy is None:
+            return None
+        key = (subject, target.upstream, target.repository, target.reference)
+        decided = self._decisions.get(key)
+        if decided is None:
+            decided = self.policy.refusal(subject, target) or _ALLOWED
+            self._decisions.put(key, decided)
+        return decided or None
+
+    def may_pull_name(self, subject: str, name: str) -> bool:
+        """Whether `subject` may pull anything of the repository a client calls `name`, by
+        any route (`?ns=` is not in a token scope): what a `/token` grant is narrowed to."""
+        if self.policy is None:
+            return True
+        upstreams = self._upstreams
+        candidates = [upstreams.route(name, None), *((upstream, name) for upstream in upstreams)]
+        return any(
+            self.refusal(subject, self.target(upstream, repository)) is None
+            for upstream, repository in candidates
+        )
+
+
+gate_key = web.AppKey("pull_gate", PullGate)
 
 
 def may_pull_name(app: web.Application, subject: str, name: str) -> bool:
-    """Whether `subject` may pull anything of the repository a client calls `name`, by any
-    route (`?ns=` is not in a token scope): what a `/token` grant is narrowed to."""
-    policy = app[policy_key]
-    if policy is None:
-        return True
-    upstreams = app[upstreams_key]
-    candidates = [upstreams.route(name, None), *((upstream, name) for upstream in upstreams)]
-    return any(
-        policy.refusal(subject, target_of(upstreams, upstream, repository)) is None
-        for upstream, repository in candidates
-    )
+    return app[gate_key].may_pull_name(subject, name)
 
 
 def _reference(request: web.Request) -> str | None:
@@ -64,36 +93,21 @@ def _reference(request: web.Request) -> str | None:
     return validate_tag(reference)
 
 
-@web.middleware
-async def pull_policy_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Refuse (403 DENIED) what the policy does not allow; audit manifest requests."""
+def check_pull(request: web.Request) -> None:
+    """Refuse (403 DENIED) what the policy does not allow; note manifest requests for the
+    audit line, refused ones included."""
     if request.match_info.route.name not in REPOSITORY_ROUTES:
-        return await handler(request)
+        return
     upstream, repository = route(request)
-    target = target_of(request.app[upstreams_key], upstream, repository, _reference(request))
-    policy = request.app[policy_key]
+    gate = request.app[gate_key]
+    target = gate.target(upstream, repository, _reference(request))
     subject = request.get(subject_key, "")
-    reason = None if policy is None else policy.refusal(subject, target)
+    reason = gate.refusal(subject, target)
+    if target.reference is not None:
+        request[audit_key] = PendingAudit(target, subject, reason)
     if reason is not None:
         request.app[metrics_key].pulls_denied.labels(upstream.name, reason).inc()
-        denied = _denied(request.match_info["name"], target.reference)
-        if target.reference is not None:
-            audit(request, target, subject, "denied", denied.status, reason=reason)
-        raise denied
-    if target.reference is None:
-        return await handler(request)
-    try:
-        response = await handler(request)
-    except RegistryError as exc:
-        audit(request, target, subject, "failed", exc.status)
-        raise
-    except Exception:
-        audit(request, target, subject, "failed", 500)
-        raise
-    outcome = "served" if response.status < 400 else "failed"
-    digest = response.headers.get("Docker-Content-Digest")
-    audit(request, target, subject, outcome, response.status, digest=digest)
-    return response
+        raise _denied(request.match_info["name"], target.reference)
 
 
 def _denied(name: str, reference: str | None) -> Denied:
@@ -105,32 +119,3 @@ def _denied(name: str, reference: str | None) -> Denied:
         f"pulling {shown} is not allowed by this mirror's policy",
         {"repository": name, "reference": reference},
     )
-
-
-def audit(
-    request: web.Request,
-    target: Target,
-    subject: str,
-    outcome: str,
-    status: int,
-    *,
-    digest: str | None = None,
-    reason: str | None = None,
-) -> None:
-    """One line per manifest request: who, from where, what, and how it ended."""
-    fields: dict[str, Any] = {
-        "user": subject or "anonymous",
-        "client": request.remote or "-",
-        "method": request.method,
-        "upstream": target.upstream,
-        "repository": target.repository,
-        "reference": target.reference,
-        "digest": digest or "-",
-        "outcome": outcome,
-        "status": status,
-    }
-    if reason is not None:
-        fields["reason"] = reason
-    text = " ".join(f"{key}={value}" for key, value in fields.items())
-    # The JSON formatter adds the `access` mapping of a record to its object.
-    audit_log.info("pull %s", text, extra={"access": fields})

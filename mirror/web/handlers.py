@@ -39,12 +39,19 @@ async def base(request: web.Request) -> web.Response:
     return web.json_response({}, headers=API_VERSION_HEADER)
 
 
+# A request's route, worked out once: by the pull gate, then read by the handler.
+route_key: web.RequestKey[tuple[Upstream, str]] = web.RequestKey("route")
+
+
 def route(request: web.Request) -> tuple[Upstream, str]:
     """The upstream this request is for, and the repository's name there."""
-    name = validate_name(request.match_info["name"])
-    upstream, repo = request.app[upstreams_key].route(name, request.query.get("ns"))
-    request[upstream_name_key] = upstream.name  # for the access line
-    return upstream, validate_name(repo)
+    found = request.get(route_key)
+    if found is None:
+        name = validate_name(request.match_info["name"])
+        upstream, repo = request.app[upstreams_key].route(name, request.query.get("ns"))
+        request[upstream_name_key] = upstream.name  # for the access line
+        found = request[route_key] = (upstream, validate_name(repo))
+    return found
 
 
 async def manifest(request: web.Request) -> web.StreamResponse:

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from mirror.config import ConfigError, ServerConfig
-from mirror.web.accesslog import AccessLogger
 from mirror.web.connections import ConnectionGuard
 from mirror.web.keys import metrics_key
 
@@ -132,9 +131,9 @@ async def _serve(
     on_bound: Callable[[], None],
     limits: ServerConfig,
 ) -> None:
+    # The access logger is the app's own (create_app): it writes the audit line too.
     runner = web.AppRunner(
         app,
-        access_log_class=AccessLogger,
         shutdown_timeout=shutdown_timeout,
         keepalive_timeout=limits.keepalive_timeout,
     )

@@ -1,0 +1,78 @@
+"""The one middleware every request passes: request id, client auth, the pull gate, OCI
+error bodies and the request metrics.
+
+Client auth (access.py) and the pull gate (gate.py) are plain calls from here rather than
+middlewares of their own: each middleware is one more coroutine per request, and their
+order never changes (the gate needs the user auth names, and both answer with OCI errors).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import Counter, Histogram
+
+from mirror.observe.logs import REQUEST_ID_HEADER, RequestIds, request_id_var
+from mirror.observe.metrics import Children, Metrics
+from mirror.oci.errors import EndpointUnknown, RegistryError, Unsupported
+from mirror.web.access import authorize
+from mirror.web.accesslog import outcome_key, upstream_name_key
+from mirror.web.errors import error_response
+from mirror.web.gate import check_pull
+from mirror.web.keys import failures_key
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+request_id_key = web.RequestKey("request_id", str)
+
+
+class RequestSeries:
+    """What the middleware keeps between requests: the id source and the metric series."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.ids = RequestIds()
+        self.requests: Children[Counter] = Children(metrics.http_requests)
+        self.durations: Children[Histogram] = Children(metrics.http_duration)
+
+
+series_key = web.AppKey("request_series", RequestSeries)
+
+
+@web.middleware
+async def registry_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """OCI error bodies for every failure, and one request metric per answer."""
+    started = time.monotonic()
+    series = request.app[series_key]
+    route = request.match_info.route.name or "unmatched"
+    status = "aborted"
+    try:
+        resp = await _answer(request, handler, series.ids)
+        status = request.get(outcome_key) or str(resp.status)
+        return resp
+    finally:
+        series.requests(route, request.method, status).inc()
+        series.durations(route).observe(time.monotonic() - started)
+
+
+async def _answer(request: web.Request, handler: Handler, ids: RequestIds) -> web.StreamResponse:
+    head = request.method == "HEAD"
+    request_id = ids(request.headers.get(REQUEST_ID_HEADER))
+    request_id_var.set(request_id)  # each request runs in its own task: no reset needed
+    request[request_id_key] = request_id
+    try:
+        await authorize(request)
+        check_pull(request)
+        return await handler(request)
+    except RegistryError as exc:
+        if exc.from_upstream:
+            upstream = request.get(upstream_name_key, "-")
+            repository = request.match_info.get("name", "-")
+            request.app[failures_key].warn(upstream, repository, exc, exc.message)
+        return error_response(exc, head=head)
+    except web.HTTPMethodNotAllowed:
+        refused = Unsupported(f"{request.method} is not supported by a pull-through mirror")
+        return error_response(refused, head=head)
+    except web.HTTPNotFound:
+        unknown = EndpointUnknown(f"no such endpoint: {request.path[:200]}")
+        return error_response(unknown, head=head)
