@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import cast
 
 from mirror.observe.guard_metrics import GuardMetrics
 
@@ -84,8 +85,8 @@ class GuardedConnection(asyncio.Protocol):
         self._admitted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream transport, though not always an asyncio.Transport (uvloop's are not).
+        self._transport = transport = cast(asyncio.Transport, transport)
         if not self._guard.admit(self):
             transport.write(REFUSAL)
             transport.close()
