@@ -10,6 +10,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from mirror.observe.logs import REQUEST_ID_HEADER, request_id_var
+from mirror.web.forwarded import client_of
 
 # How a request ended when not with its status: "aborted" by us, or "client_closed".
 outcome_key = web.RequestKey("outcome", str)
@@ -37,7 +38,7 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         fields = {
-            "remote": request.remote,
+            "remote": client_of(request),  # the proxy's client with trusted_proxies
             "method": request.method,
             "path": request.path,
             "status": response.status,

@@ -23,6 +23,7 @@ from mirror.cluster.peers import PEER_PATH
 from mirror.config import Config, UpstreamConfig
 from mirror.metadata.fallback import open_metadata
 from mirror.metadata.memory import MemoryMetadata
+from mirror.net.proxies import TrustedProxies
 from mirror.net.tls import client_contexts
 from mirror.observe.logs import REQUEST_ID_HEADER, FailureLog, new_request_id, request_id_var
 from mirror.observe.metrics import Metrics
@@ -36,6 +37,7 @@ from mirror.web.access import client_auth_ctx, client_auth_middleware, token_han
 from mirror.web.accesslog import outcome_key, upstream_name_key
 from mirror.web.blobs import BlobService
 from mirror.web.errors import error_response
+from mirror.web.forwarded import ProxyTrust, forwarded_middleware, proxy_trust_key
 from mirror.web.gate import pull_policy_middleware
 from mirror.web.handlers import API_VERSION_HEADER
 from mirror.web.keys import (
@@ -75,11 +77,18 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def create_app(config: Config) -> web.Application:
     """A mirror application for `config`; resources open when it starts."""
     app = web.Application(
-        middlewares=[registry_middleware, client_auth_middleware, pull_policy_middleware]
+        middlewares=[
+            forwarded_middleware,
+            registry_middleware,
+            client_auth_middleware,
+            pull_policy_middleware,
+        ]
     )
     app[config_key] = config
     app[policy_key] = None if config.policy is None else compile_policy(config.policy)
     app[metrics_key] = Metrics()
+    proxies = TrustedProxies(config.trusted_proxies)
+    app[proxy_trust_key] = ProxyTrust(proxies, app[metrics_key].forwarded_ignored)
     app[failures_key] = FailureLog(logging.getLogger("mirror.upstream"))
     # Replicas: the bucket's eviction and clean-up ask the leases (there once started).
     sharing = None if config.cluster is None else BucketShare(lambda: app.get(leases_key))

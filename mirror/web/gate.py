@@ -21,6 +21,7 @@ from mirror.oci.errors import Denied, RegistryError
 from mirror.oci.reference import is_digest_reference, parse_digest, validate_tag
 from mirror.upstream.client import Upstream
 from mirror.upstream.routing import Upstreams
+from mirror.web.forwarded import client_of
 from mirror.web.handlers import route
 from mirror.web.keys import metrics_key, policy_key, upstreams_key
 
@@ -120,7 +121,7 @@ def audit(
     """One line per manifest request: who, from where, what, and how it ended."""
     fields: dict[str, Any] = {
         "user": subject or "anonymous",
-        "client": request.remote or "-",
+        "client": client_of(request),
         "method": request.method,
         "upstream": target.upstream,
         "repository": target.repository,
