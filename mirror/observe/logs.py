@@ -24,14 +24,17 @@ REQUEST_ID_HEADER = "X-Request-ID"
 _ACCEPTED_ID = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 # botocore logs every S3 request's headers (Authorization, X-Amz-Security-Token) and
-# presigned URLs at DEBUG; urllib3 and aiohttp's client log URLs. They stay at WARNING
-# whatever log.level says.
-QUIET_LOGGERS = ("botocore", "aiobotocore", "boto3", "urllib3", "s3transfer", "aiohttp.client")
+# presigned URLs at DEBUG; urllib3 and aiohttp's client log URLs; aiocache logs its keys
+# (the upstream token cache's hold a hash of the account's credentials). They stay at
+# WARNING whatever log.level says.
+QUIET_LOGGERS = (
+    "botocore", "aiobotocore", "boto3", "urllib3", "s3transfer", "aiohttp.client", "aiocache",
+)  # fmt: skip
 # A credential after its name, in a header dump, a query string or a JSON-ish repr.
 _CREDENTIAL = re.compile(
     r"(?i)\b(authorization|proxy-authorization|x-amz-security-token|x-amz-signature|"
     r"x-amz-credential|signature|password|secret_access_key|token)"
-    r"(['\"]?\s*[:=]\s*['\"]?)"
+    r"(['\"]?\s*[:=]\s*(?:b?['\"])?)"
     r"((?:bearer|basic|aws4-hmac-sha256)\s+)?[^\s'\",&;]+"
 )
 

@@ -76,7 +76,7 @@ class ClientAuth:
 
     def service(self, request: web.Request) -> str:
         """The service the challenge names: the audience of the tokens issued for it."""
-        return urlsplit(self.base_url(request)).netloc
+        return service_of(self.base_url(request))
 
     def challenge(self, request: web.Request, repository: str | None) -> Unauthorized:
         base = self.base_url(request)
