@@ -17,6 +17,7 @@ from mirror.oci.errors import RegistryError
 from mirror.web import server
 from mirror.web.app import create_app
 from mirror.web.keys import metrics_key
+from mirror.web.monitor import create_monitor_app
 from mirror.web.tlsreload import enable_reload
 
 
@@ -153,6 +154,10 @@ def serve(config: Config) -> None:
         )
 
     app = create_app(config)
+    if config.metrics.listen is not None:
+        host, port = config.metrics.listen
+        monitor = create_monitor_app(app)
+        listeners.append(server.Listener(host, port, None, "metrics.listen", monitor))
     if config.tls is not None and context is not None:
         enable_reload(app, context, config.tls, app[metrics_key])
     try:

@@ -232,7 +232,9 @@ async def test_fuzz_a_mirror_with_pull_policies_and_client_auth(
     corpus.passwords = dict(PASSWORDS)
     for user in ("alice", "bob"):
         scope = "repository:library/busybox:pull repository:someone/app:pull"
-        resp = await client.get("/token", params={"scope": scope}, headers=basic(user))
+        # Tokens are for one service: the name the fuzzed requests address (rawhttp's Host).
+        headers = {**basic(user), "Host": "mirror.test"}
+        resp = await client.get("/token", params={"scope": scope}, headers=headers)
         corpus.tokens.append((await resp.json())["token"])
     caplog.set_level(logging.WARNING)
     statuses = await run_fuzz(client, corpus, 2500, [str(tmp_path), *PASSWORDS.values()])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
-from mirror.access.clientauth import TokenSigner
+from mirror.access.clienttokens import TokenSigner
 from mirror.config import AuthConfig, Config, UpstreamConfig
 from tests.conftest import MakeClient
 from tests.fakehub import Content, FakeHub
@@ -720,7 +721,8 @@ async def test_public_url_is_the_realm(
 async def test_forwarded_headers_make_the_realm(
     make_client: MakeClient, htpasswd: Path, hub: FakeHub, leaks: Leaks
 ) -> None:
-    client = await auth_mirror(make_client, htpasswd)
+    proxy = (ipaddress.ip_network("127.0.0.1/32"),)  # headers are believed from it only
+    client = await auth_mirror(make_client, htpasswd, trusted_proxies=proxy)
     for headers, base in (
         (
             {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "mirror.corp.example:8443"},
@@ -774,10 +776,11 @@ async def test_an_expired_token_is_refused(
     assert headers["WWW-Authenticate"].startswith("Bearer realm=")
     # Signed with the mirror's own key, yet expired: refused all the same.
     key = (config.storage.path / "auth" / "signing.key").read_bytes().strip()
-    old, _ = TokenSigner(key).issue(CLIENT_USER, ["library/busybox"], -60)
+    aud = own_address(client)
+    old, _ = TokenSigner(key).issue(CLIENT_USER, ["library/busybox"], -60, audience=aud)
     leaks.add(old)
     assert (await leaks.get(client, path, headers=bearer(old)))[0] == 401
-    good, _ = TokenSigner(key).issue(CLIENT_USER, ["library/busybox"], 60)
+    good, _ = TokenSigner(key).issue(CLIENT_USER, ["library/busybox"], 60, audience=aud)
     leaks.add(good)
     assert (await leaks.get(client, path, headers=bearer(good)))[0] == 200
     await leaks.check_metrics(client)
@@ -795,7 +798,10 @@ async def test_a_tampered_token_is_refused(
     widened = f"{header}.{jwt_part(claims)}.{signature}"
     flipped = signature[:-2] + ("AA" if signature[-2:] != "AA" else "BB")
     unsigned = f"{jwt_part({'alg': 'none', 'typ': 'JWT'})}.{jwt_part(claims)}."
-    foreign, _ = TokenSigner(b"another mirror's key").issue(CLIENT_USER, ["library/other"], 300)
+    other_key = b"another mirror's key, 32 bytes or more"
+    foreign, _ = TokenSigner(other_key).issue(
+        CLIENT_USER, ["library/other"], 300, audience=own_address(client)
+    )
     leaks.add(widened, unsigned, foreign, f"{header}.{payload}.{flipped}")
     cases = {
         "payload widened to library/other": (widened, "library/other"),

@@ -3,30 +3,27 @@
 With `auth.htpasswd` set, every API request needs a token the mirror signed (or Basic
 credentials from the file). The 401 challenge names the mirror's own `/token` as realm,
 never an upstream's, so `docker login`, skopeo, podman and containerd work with the
-mirror as with any registry. Tokens are HS256 JWTs signed with a key shared by replicas.
+mirror as with any registry. Tokens (mirror/access/clienttokens.py) are HS256 JWTs signed
+with a key shared by replicas.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import hashlib
-import hmac
-import json
 import logging
 import os
 import secrets
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import bcrypt
 
 from mirror.access.hashing import HashPool
+from mirror.config.auth import check_signing_key
 from mirror.util.lru import LRU
 
 log = logging.getLogger(__name__)
@@ -41,14 +38,6 @@ HTPASSWD_RECHECK = 10.0
 BCRYPT_MAX_PASSWORD = 72
 # The costs bcrypt accepts, and its default.
 MIN_COST, MAX_COST, DEFAULT_COST = 4, 31, 12
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _unb64url(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def parse_basic(header: str) -> tuple[str, str] | None:
@@ -156,87 +145,18 @@ def _cost_ok(parts: list[bytes]) -> bool:
     return len(parts) > 3 and parts[2].isdigit() and MIN_COST <= int(parts[2]) <= MAX_COST
 
 
-@dataclass(frozen=True)
-class Grant:
-    """What a verified token allows."""
-
-    subject: str
-    repositories: frozenset[str]
-
-    def allows(self, repository: str | None) -> bool:
-        return repository is None or repository in self.repositories or "*" in self.repositories
-
-
-class TokenSigner:
-    """Issues and checks the mirror's bearer tokens (HS256 JWTs)."""
-
-    def __init__(self, key: bytes) -> None:
-        self._key = key
-        self._verified: LRU[str, tuple[Grant, Any, Any]] = LRU(VERIFIED_ENTRIES)
-
-    def issue(
-        self, subject: str, repositories: list[str], ttl: float, refused: Sequence[str] = ()
-    ) -> tuple[str, int]:
-        """A token to pull `repositories`; `refused` ones are listed with no actions."""
-        now = int(time.time())
-        claims = {
-            "iss": "mirror",
-            "sub": subject,
-            "iat": now,
-            "nbf": now - 5,
-            "exp": now + int(ttl),
-            "jti": secrets.token_hex(8),
-            "access": [
-                {"type": "repository", "name": name, "actions": ["pull"]} for name in repositories
-            ]
-            + [{"type": "repository", "name": name, "actions": []} for name in refused],
-        }
-        header = _b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-        payload = _b64url(json.dumps(claims, separators=(",", ":")).encode())
-        signature = _b64url(self._sign(f"{header}.{payload}"))
-        return f"{header}.{payload}.{signature}", int(ttl)
-
-    def _sign(self, text: str) -> bytes:
-        return hmac.new(self._key, text.encode(), hashlib.sha256).digest()
-
-    def verify(self, token: str) -> Grant | None:
-        """The token's grant when the signature and times check out, else None.
-
-        A client sends the same token for minutes: a good one's grant and times are
-        remembered, so a repeat costs the time check, not an HMAC and a JSON parse."""
-        known = self._verified.get(token)
-        if known is None:
-            known = self._check(token)
-            if known is None:
-                return None
-            self._verified.put(token, known)
-        grant, not_before, expires = known
-        return grant if not_before <= time.time() < expires else None
-
-    def _check(self, token: str) -> tuple[Grant, Any, Any] | None:
-        """The grant, `nbf` and `exp` of a token this key signed; None for any other."""
-        try:
-            header, payload, signature = token.split(".")
-            if not hmac.compare_digest(_unb64url(signature), self._sign(f"{header}.{payload}")):
-                return None
-            claims: dict[str, Any] = json.loads(_unb64url(payload))
-        except (ValueError, binascii.Error):
-            return None
-        names = {
-            entry.get("name", "")
-            for entry in claims.get("access", [])
-            if isinstance(entry, dict) and "pull" in entry.get("actions", [])
-        }
-        grant = Grant(str(claims.get("sub", "")), frozenset(names))
-        return grant, claims.get("nbf", 0), claims.get("exp", 0)
-
-
 def load_signing_key(path: Path) -> bytes:
-    """The key at `path`, created (random, mode 0600) when absent (blocking)."""
+    """The key at `path`, created (random, mode 0600) when absent (blocking); a directory
+    or a key too short to sign with is a ConfigError naming auth.signing_key_file (checked
+    again here: the default path is not the config's to check, and files change)."""
+    check_signing_key(path)
     try:
         return path.read_bytes().strip()
     except FileNotFoundError:
-        pass
+        return _create_signing_key(path)
+
+
+def _create_signing_key(path: Path) -> bytes:
     path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_hex(32).encode()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

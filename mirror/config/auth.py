@@ -7,10 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mirror.config.values import ConfigError, parse_duration, section
+from mirror.config.values import ConfigError, optional_path, parse_duration, section
 
 # `groups` and `rules` are the pull policy's: mirror/config/policy.py.
 AUTH_KEYS = {"htpasswd", "anonymous_pull", "token_ttl", "signing_key_file", "groups", "rules"}
+# RFC 7518 3.2: an HS256 key at least as long as the hash.
+MIN_SIGNING_KEY_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -29,15 +31,38 @@ def parse_auth(raw: Mapping[str, Any]) -> AuthConfig:
     anonymous = sec.get("anonymous_pull", False)
     if not isinstance(anonymous, bool):
         raise ConfigError("auth.anonymous_pull", f"expected true or false, got {anonymous!r}")
-    htpasswd, key_file = sec.get("htpasswd"), sec.get("signing_key_file")
-    if htpasswd is not None and not Path(str(htpasswd)).is_file():
+    htpasswd = optional_path("auth.htpasswd", sec.get("htpasswd"))
+    if htpasswd is not None and not htpasswd.is_file():
         raise ConfigError("auth.htpasswd", f"no such file: {str(htpasswd)!r}")
+    key_file = optional_path("auth.signing_key_file", sec.get("signing_key_file"))
+    if key_file is not None:
+        check_signing_key(key_file)
     token_ttl = parse_duration("auth.token_ttl", sec.get("token_ttl", 300))
     if token_ttl < 1:  # token times are whole seconds
         raise ConfigError("auth.token_ttl", f"must be at least 1s, got {sec['token_ttl']!r}")
     return AuthConfig(
-        htpasswd=None if htpasswd is None else Path(str(htpasswd)),
+        htpasswd=htpasswd,
         anonymous_pull=anonymous,
         token_ttl=token_ttl,
-        signing_key_file=None if key_file is None else Path(str(key_file)),
+        signing_key_file=key_file,
     )
+
+
+def check_signing_key(path: Path) -> None:
+    """A signing key file that exists must be a file holding a long enough key (an
+    absent one is generated at start)."""
+    key = "auth.signing_key_file"
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise ConfigError(key, f"{str(path)!r} is not a file")
+    try:
+        length = len(path.read_bytes().strip())
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {str(path)!r}: {exc.strerror}") from None
+    if length < MIN_SIGNING_KEY_BYTES:
+        raise ConfigError(
+            key,
+            f"{str(path)!r} holds {length} bytes: a signing key needs "
+            f"{MIN_SIGNING_KEY_BYTES} at least",
+        )

@@ -18,6 +18,7 @@ from mirror.config.auth import AuthConfig, parse_auth
 from mirror.config.cache import CacheConfig, parse_cache
 from mirror.config.cluster import ClusterConfig, parse_cluster
 from mirror.config.log import LogConfig, parse_log
+from mirror.config.monitoring import MetricsConfig, parse_metrics
 from mirror.config.policy import PolicyConfig, parse_policy
 from mirror.config.redis import RedisConfig, parse_redis, redis_section, validate_redis_url
 from mirror.config.server import ServerConfig, parse_server
@@ -26,8 +27,10 @@ from mirror.config.tls import TLSConfig, parse_tls
 from mirror.config.upstreams import UpstreamConfig, parse_upstreams
 from mirror.config.values import (
     ConfigError,
+    Network,
     parse_duration,
     parse_listen,
+    parse_networks,
     parse_url,
     reject_unknown,
 )
@@ -35,7 +38,7 @@ from mirror.config.values import (
 TOP_LEVEL_KEYS = {
     "listen", "upstream", "upstreams", "default_upstream", "public_url", "auth", "storage",
     "redis", "cache", "log", "shutdown_timeout", "tls", "cluster", "server", "workers",
-    "event_loop",
+    "event_loop", "trusted_proxies", "metrics",
 }  # fmt: skip
 EVENT_LOOPS = ("auto", "asyncio", "uvloop")
 
@@ -61,6 +64,9 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)  # client connection limits
     workers: int = 1  # processes serving the same port and cache directory
     event_loop: str = "asyncio"  # or uvloop, or auto: uvloop where installed (web/server.py)
+    # Peers whose X-Forwarded-For/-Proto/-Host are believed (mirror/net/proxies.py).
+    trusted_proxies: tuple[Network, ...] = ()
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 def config_from_mapping(raw: Mapping[str, Any]) -> Config:
@@ -94,6 +100,8 @@ def config_from_mapping(raw: Mapping[str, Any]) -> Config:
         server=parse_server(raw),
         workers=parse_workers(raw.get("workers", 1)),
         event_loop=_event_loop(raw),
+        trusted_proxies=parse_networks("trusted_proxies", raw.get("trusted_proxies")),
+        metrics=parse_metrics(raw),
     )
 
 

@@ -98,7 +98,9 @@ def _check_segment(
         return
     upstream = known_upstreams is not None
     allowed = _UPSTREAM_SEGMENT if upstream else _REPO_SEGMENT
-    if "**" in segment or not allowed.fullmatch(segment):
+    # "." and "..": path-like segments no repository has; a glob naming them is a mistake
+    # or an attempt to reach outside what it seems to allow.
+    if "**" in segment or not allowed.fullmatch(segment) or not segment.strip("."):
         raise ConfigError(key, f"malformed glob {value!r}: bad segment {segment!r}")
     if upstream and "*" not in segment and segment not in (known_upstreams or ()):
         raise ConfigError(key, f"{value!r} names no configured upstream: {segment!r}")
@@ -113,6 +115,8 @@ def parse_policy(
     by_upstream = {name: _lists(key, entry) for name, (key, entry) in entries.items()}
     auth = raw.get("auth") or {}
     rules = None
+    if auth.get("groups") is not None and auth.get("rules") is None:
+        raise ConfigError("auth.groups", "set without auth.rules: groups are named only in rules")
     if auth.get("rules") is not None:
         known = frozenset({upstream.registry for upstream in (default, *others)} | DOCKER_HUB_HOSTS)
         groups = _groups(auth.get("groups"))

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mirror.config.s3 import S3Config, parse_s3
-from mirror.config.values import parse_duration, parse_size, section
+from mirror.config.values import optional_path, parse_duration, parse_size, section
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ def parse_storage(raw: Mapping[str, Any]) -> StorageConfig:
     max_size, max_idle = sec.get("max_size"), sec.get("max_idle")
     return StorageConfig(
         s3=parse_s3(sec.get("s3")),
-        path=Path(str(sec.get("path", "./mirror-data"))),
+        path=optional_path("storage.path", sec.get("path")) or StorageConfig.path,
         max_size=None if max_size is None else parse_size("storage.max_size", max_size),
         max_idle=None if max_idle is None else parse_duration("storage.max_idle", max_idle),
     )

@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mirror.config.values import ConfigError, parse_duration, parse_listen, reject_unknown
+from mirror.config.values import (
+    ConfigError,
+    optional_path,
+    parse_duration,
+    parse_listen,
+    reject_unknown,
+)
 
 DEFAULT_TLS_LISTEN = "0.0.0.0:8443"
 TLS_KEYS = {"cert_file", "key_file", "client_ca_file", "listen", "reload_interval"}
@@ -59,7 +65,7 @@ def parse_tls(raw: Mapping[str, Any]) -> TLSConfig | None:
     return TLSConfig(
         cert_file=Path(sec["cert_file"]),
         key_file=Path(sec["key_file"]),
-        client_ca_file=None if client_ca is None else Path(str(client_ca)),
+        client_ca_file=optional_path("tls.client_ca_file", client_ca),
         host=host,
         port=port,
         reload_interval=interval,

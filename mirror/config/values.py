@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,6 +37,8 @@ def parse_size(key: str, value: object) -> int:
         base = 1024 if "I" in unit else 1000
         power = "BKMGTP".index(unit[0]) if unit and unit[0] != "B" else 0
         size = float(match.group(1)) * base**power
+    if not math.isfinite(size):  # YAML's .nan and .inf
+        raise ConfigError(key, f"expected a size like 50GiB, got {value!r}")
     if size <= 0:
         raise ConfigError(key, f"must be positive, got {value!r}")
     return int(size)
@@ -51,6 +55,8 @@ def parse_duration(key: str, value: object) -> float:
         if not match:
             raise ConfigError(key, f"expected a duration like 30s or 10m, got {value!r}")
         seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if not math.isfinite(seconds):  # YAML's .nan and .inf: every comparison would pass
+        raise ConfigError(key, f"expected a duration like 30s or 10m, got {value!r}")
     if seconds < 0:
         raise ConfigError(key, f"must not be negative, got {value!r}")
     return seconds
@@ -100,6 +106,40 @@ def optional_str(key: str, value: object, *, secret: bool = False) -> str | None
         shown = f"a {type(value).__name__}" if secret else repr(value)
         raise ConfigError(key, f"expected a string, got {shown}")
     return value
+
+
+def optional_path(key: str, value: object) -> Path | None:
+    """A file or directory name, or None; a list, number or boolean is no path."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(key, f"expected a path, got {value!r}")
+    return Path(value)
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(key: str, value: object) -> tuple[Network, ...]:
+    """A list of IP addresses and CIDR blocks (`10.0.0.0/8`, `::1`)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError(key, f"expected a list of addresses or CIDRs, got {value!r}")
+    networks = []
+    for index, item in enumerate(value):
+        networks.append(_network(f"{key}[{index}]", item))
+    return tuple(networks)
+
+
+def _network(key: str, item: object) -> Network:
+    # A string only: ip_network would take YAML's number 10 as 0.0.0.10.
+    if isinstance(item, str):
+        try:
+            return ipaddress.ip_network(item.strip(), strict=False)
+        except ValueError:
+            pass
+    raise ConfigError(key, f"not an address or CIDR: {item!r}")
 
 
 def read_secret(key: str, path: object) -> str:

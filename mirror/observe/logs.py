@@ -1,6 +1,10 @@
 """Logging: text or JSON lines, and a request id on every record.
 
-The access line itself is web/accesslog.py's.
+The access line itself is web/accesslog.py's. Log lines hold client-chosen text (paths,
+user agents, names): control characters in a text line are escaped, so nobody can forge a
+line, and JSON lines are escaped by the encoder. No line holds a credential: the HTTP
+libraries that would log request headers at DEBUG stay at WARNING, and what looks like a
+credential in any message is redacted.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ import contextvars
 import json
 import logging
 import random
+import re
 import secrets
 import time
 import weakref
@@ -18,6 +23,21 @@ from typing import Any
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 REQUEST_ID_HEADER = "X-Request-ID"
 _ACCEPTED_ID = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+# botocore logs every S3 request's headers (Authorization, X-Amz-Security-Token) and
+# presigned URLs at DEBUG; urllib3 and aiohttp's client log URLs; aiocache logs its keys
+# (the upstream token cache's hold a hash of the account's credentials). They stay at
+# WARNING whatever log.level says.
+QUIET_LOGGERS = (
+    "botocore", "aiobotocore", "boto3", "urllib3", "s3transfer", "aiohttp.client", "aiocache",
+)  # fmt: skip
+# A credential after its name, in a header dump, a query string or a JSON-ish repr.
+_CREDENTIAL = re.compile(
+    r"(?i)\b(authorization|proxy-authorization|x-amz-security-token|x-amz-signature|"
+    r"x-amz-credential|signature|password|secret_access_key|token)"
+    r"(['\"]?\s*[:=]\s*(?:b?['\"])?)"
+    r"((?:bearer|basic|aws4-hmac-sha256)\s+)?[^\s'\",&;]+"
+)
 
 
 def new_request_id(incoming: str | None) -> str:
@@ -75,11 +95,32 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+def escape_controls(text: str) -> str:
+    """Control characters (newlines, ESC, Unicode line separators) as escapes: a
+    client-chosen value cannot end a log line or start a forged one."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else _escape(ch) for ch in text)
+
+
+def _escape(ch: str) -> str:
+    return ch.encode("unicode_escape").decode("ascii")
+
+
+def redact(text: str) -> str:
+    """Credentials that follow their name (Authorization: ..., X-Amz-Signature=...) hidden."""
+    return _CREDENTIAL.sub(lambda m: f"{m.group(1)}{m.group(2)}<redacted>", text)
+
+
 class TextFormatter(_SecondStamps):
-    """`time level logger [request id] message`, the milliseconds after a comma."""
+    """`time level logger [request id] message`, the milliseconds after a comma; one line
+    per record: client-chosen text escaped, credentials redacted."""
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return f"{super().formatTime(record, datefmt)},{int(record.msecs):03d}"
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape_controls(redact(super().formatMessage(record)))
 
 
 class JsonFormatter(_SecondStamps):
@@ -90,7 +131,7 @@ class JsonFormatter(_SecondStamps):
             "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": redact(record.getMessage()),
             "request_id": getattr(record, "request_id", "-"),
         }
         access = getattr(record, "access", None)
@@ -109,7 +150,7 @@ def setup_logging(level: str, fmt: str) -> None:
         formatter: logging.Formatter = JsonFormatter()
         formatter.converter = time.gmtime
     else:
-        formatter = TextFormatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+        formatter = TextFormatter(TEXT_FORMAT)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -119,6 +160,8 @@ def setup_logging(level: str, fmt: str) -> None:
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     # Audit lines (web/audit.py) are kept whatever the level: a record, not chatter.
     logging.getLogger("mirror.audit").setLevel(logging.INFO)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
 class FailureLog:
@@ -154,10 +197,5 @@ class FailureLog:
         more = f" ({held} more like it in the last {self._interval:g}s)" if held else ""
         self._log.warning(
             "upstream %s failed for %s: %s%s",
-            _printable(upstream), _printable(repository), _printable(cause), more,
+            escape_controls(upstream), escape_controls(repository), escape_controls(cause), more,
         )  # fmt: skip
-
-
-def _printable(text: str) -> str:
-    """Control characters escaped: a client-chosen name cannot forge a log line."""
-    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")

@@ -206,6 +206,20 @@ class Metrics:
             ["upstream", "reason"],
             registry=r,
         )
+        # Attacks and misconfigurations show here: forged or stale tokens, guessed passwords.
+        self.client_auth_refused = Counter(
+            "mirror_client_auth_refused",
+            "Client credentials refused, by reason (password: Basic; expired, not_yet_valid, "
+            "audience, signature, algorithm, noncanonical, malformed: bearer tokens).",
+            ["reason"],
+            registry=r,
+        )
+        # Headers ignored: a client forging its address, or a proxy left out of the config.
+        self.forwarded_ignored = Counter(
+            "mirror_forwarded_headers_ignored",
+            "Requests with X-Forwarded-For/-Proto/-Host from a peer not in trusted_proxies.",
+            registry=r,
+        )
         # Alert on "refused": a renewed certificate that the HTTPS listener could not use.
         self.tls_reloads = Counter(
             "mirror_tls_reloads",

@@ -12,28 +12,34 @@ from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from prometheus_client import Counter
 
 from mirror.access.clientauth import (
-    Grant,
     Htpasswd,
-    TokenSigner,
     load_signing_key,
     parse_basic,
     requested_repositories,
 )
+from mirror.access.clienttokens import Grant, TokenRefused, TokenSigner
 from mirror.access.hashing import HashPool, HashPoolFull
 from mirror.access.throttle import FailureThrottle
 from mirror.cluster.signing import token_signing_key
 from mirror.observe.guard_metrics import GuardMetrics
 from mirror.oci.errors import LoginsBusy, TooManyLogins, Unauthorized
 from mirror.oci.reference import is_valid_name
+from mirror.web.forwarded import client_of, origin_of
 from mirror.web.gate import may_pull_name, subject_key
 from mirror.web.keys import config_key, metrics_key, policy_key
 
 
 def client_address(request: web.Request) -> str:
-    """The address a request came from, as login throttling counts it."""
-    return request.remote or "-"
+    """The address a request came from, as login throttling counts it (a trusted proxy's
+    client, not the proxy: web/forwarded.py)."""
+    return client_of(request)
+
+
+# Routes for operators, not clients: behind a login with metrics.require_auth.
+MONITORING_ROUTES = frozenset({"metrics", "status"})
 
 
 class ClientAuth:
@@ -47,10 +53,12 @@ class ClientAuth:
         token_ttl: float,
         public_url: str | None,
         metrics: GuardMetrics,
+        refused: Counter,
         throttle: FailureThrottle | None = None,
     ) -> None:
         self.htpasswd = htpasswd
         self.metrics = metrics
+        self.refused = refused  # mirror_client_auth_refused_total
         self.throttle = throttle or FailureThrottle()
         self.signer = signer
         self.anonymous_pull = anonymous_pull
@@ -58,12 +66,16 @@ class ClientAuth:
         self.public_url = public_url
 
     def base_url(self, request: web.Request) -> str:
-        """The URL clients reach the mirror at: configured, or from the proxy headers."""
+        """The URL clients reach the mirror at: configured, or the request's (proxy
+        headers believed from trusted_proxies only: web/forwarded.py)."""
         if self.public_url:
             return self.public_url
-        scheme = request.headers.get("X-Forwarded-Proto", request.scheme).split(",")[0].strip()
-        host = request.headers.get("X-Forwarded-Host", request.host).split(",")[0].strip()
-        return f"{scheme}://{host}"
+        origin = origin_of(request)
+        return f"{origin.scheme}://{origin.host}"
+
+    def service(self, request: web.Request) -> str:
+        """The service the challenge names: the audience of the tokens issued for it."""
+        return service_of(self.base_url(request))
 
     def challenge(self, request: web.Request, repository: str | None) -> Unauthorized:
         base = self.base_url(request)
@@ -77,11 +89,18 @@ class ClientAuth:
         """The grant of the request's credentials; None when it has none or bad ones."""
         header = request.headers.get("Authorization", "")
         scheme, _, value = header.partition(" ")
+        refused = self.refused
         if scheme.lower() == "bearer":
-            return self.signer.verify(value.strip())
+            try:
+                return self.signer.verify(value.strip(), self.service(request))
+            except TokenRefused as exc:
+                refused.labels(exc.reason).inc()
+                return None
         basic = parse_basic(header)
         if basic is not None and await self.logged_in(request, *basic):
             return Grant(basic[0], frozenset({"*"}))
+        if header:
+            refused.labels("password" if basic is not None else "malformed").inc()
         return None
 
     async def login(self, request: web.Request, username: str, password: str) -> bool:
@@ -112,6 +131,13 @@ class ClientAuth:
                 return False
             raise
 
+    async def require_user(self, request: web.Request) -> None:
+        """Unauthorized (a Basic challenge: browsers and Prometheus answer it) unless the
+        request carries a logged-in user's credentials; anonymous_pull grants nothing here."""
+        grant = await self.check(request)
+        if grant is None or not grant.subject:
+            raise Unauthorized("authentication required", challenge='Basic realm="mirror"')
+
     async def token(self, request: web.Request) -> web.Response:
         """`GET /token`: a pull token for the requested repositories."""
         header = request.headers.get("Authorization", "")
@@ -123,6 +149,7 @@ class ClientAuth:
             # where anonymous pulls are allowed, unknown credentials pull anonymously.
             subject = ""
         elif basic is not None:
+            self.refused.labels("password").inc()
             raise Unauthorized("invalid username or password", challenge='Basic realm="mirror"')
         else:
             raise Unauthorized("credentials required", challenge='Basic realm="mirror"')
@@ -131,7 +158,9 @@ class ClientAuth:
         # policy refuses is listed with no actions, so that clients learn early.
         refused = [name for name in repositories if not may_pull_name(request.app, subject, name)]
         allowed = [name for name in repositories if name not in refused]
-        token, expires_in = self.signer.issue(subject, allowed, self.token_ttl, refused)
+        token, expires_in = self.signer.issue(
+            subject, allowed, self.token_ttl, refused, audience=self.service(request)
+        )
         return web.json_response({"token": token, "access_token": token, "expires_in": expires_in})
 
 
@@ -159,7 +188,13 @@ async def authorize(request: web.Request) -> None:
     """Refuse API requests without a grant for their repository (when auth is on), and
     name the user on the request for the pull gate."""
     auth = request.app.get(client_auth_key)
-    if auth is None or not request.path.startswith("/v2"):
+    if auth is None:
+        return
+    if request.match_info.route.name in MONITORING_ROUTES:
+        if request.app[config_key].metrics.require_auth:
+            await auth.require_user(request)
+        return
+    if not request.path.startswith("/v2"):
         return
     repository = repository_of(request)
     grant = await auth.check(request)
@@ -203,4 +238,5 @@ async def _client_auth(app: web.Application, htpasswd: Htpasswd) -> ClientAuth:
         config.auth.token_ttl,
         config.public_url,
         app[metrics_key].guard,
+        app[metrics_key].client_auth_refused,
     )

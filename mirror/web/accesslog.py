@@ -17,6 +17,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from mirror.observe.logs import REQUEST_ID_HEADER, log_info, request_id_var
 from mirror.web.audit import audit_fields, audit_key, audit_text
+from mirror.web.forwarded import client_of
 
 # How a request ended when not with its status: "aborted" by us, or "client_closed".
 outcome_key = web.RequestKey("outcome", str)
@@ -73,7 +74,7 @@ class AccessLogger(AbstractAccessLogger):
         audit: dict[str, Any] | None,
     ) -> None:
         fields = {
-            "remote": request.remote,
+            "remote": client_of(request),  # the proxy's client with trusted_proxies
             "method": request.method,
             "path": request.path,
             "status": response.status,

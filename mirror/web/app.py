@@ -23,6 +23,7 @@ from mirror.cluster.peers import PEER_PATH
 from mirror.config import Config, UpstreamConfig
 from mirror.metadata.fallback import open_metadata
 from mirror.metadata.memory import MemoryMetadata
+from mirror.net.proxies import TrustedProxies
 from mirror.net.tls import client_contexts
 from mirror.observe.logs import REQUEST_ID_HEADER, FailureLog
 from mirror.observe.metrics import Metrics
@@ -34,6 +35,7 @@ from mirror.upstream.tokens import TokenCache
 from mirror.web.access import client_auth_ctx, token_handler
 from mirror.web.accesslog import AccessLogger
 from mirror.web.blobs import BlobService
+from mirror.web.forwarded import ProxyTrust, proxy_trust_key
 from mirror.web.gate import PullGate, gate_key
 from mirror.web.handlers import API_VERSION_HEADER
 from mirror.web.keys import (
@@ -79,6 +81,8 @@ def create_app(config: Config) -> web.Application:
     app[policy_key] = None if config.policy is None else compile_policy(config.policy)
     app[metrics_key] = Metrics()
     app[series_key] = RequestSeries(app[metrics_key])
+    proxies = TrustedProxies(config.trusted_proxies)
+    app[proxy_trust_key] = ProxyTrust(proxies, app[metrics_key].forwarded_ignored)
     app[failures_key] = FailureLog(logging.getLogger("mirror.upstream"))
     # Replicas: the bucket's eviction and clean-up ask the leases (there once started).
     sharing = None if config.cluster is None else BucketShare(lambda: app.get(leases_key))

@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from mirror.access.policy import Target
+from mirror.web.forwarded import client_of
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ def audit_fields(
     target = pending.target
     fields: dict[str, Any] = {
         "user": pending.subject or "anonymous",
-        "client": request.remote or "-",
+        "client": client_of(request),  # the proxy's client with trusted_proxies
         "method": request.method,
         "upstream": target.upstream,
         "repository": target.repository,

@@ -143,9 +143,9 @@ async def unsupported(request: web.Request) -> web.Response:
     raise Unsupported(f"{request.method} is not supported by a pull-through mirror")
 
 
-async def status_page(request: web.Request) -> web.Response:
-    """`/`: what a person checking on the mirror wants to see first."""
-    app = request.app
+def status_response(app: web.Application) -> web.Response:
+    """`/`: what a person checking on the mirror wants to see first, of the mirror's `app`
+    (served on the client listeners or metrics.listen's)."""
     body = render(app[config_key], app[upstreams_key], app[metrics_key], app[pulls_key])
     return web.Response(text=body, content_type="text/html")
 

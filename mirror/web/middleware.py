@@ -1,5 +1,5 @@
-"""The one middleware every request passes: request id, client auth, the pull gate, OCI
-error bodies and the request metrics.
+"""The one middleware every request passes: request id, the origin (proxy headers
+weighed), client auth, the pull gate, OCI error bodies and the request metrics.
 
 Client auth (access.py) and the pull gate (gate.py) are plain calls from here rather than
 middlewares of their own: each middleware is one more coroutine per request, and their
@@ -20,6 +20,7 @@ from mirror.oci.errors import EndpointUnknown, RegistryError, Unsupported
 from mirror.web.access import authorize
 from mirror.web.accesslog import outcome_key, upstream_name_key
 from mirror.web.errors import error_response
+from mirror.web.forwarded import record_origin
 from mirror.web.gate import check_pull
 from mirror.web.keys import failures_key
 
@@ -61,6 +62,7 @@ async def _answer(request: web.Request, handler: Handler, ids: RequestIds) -> we
     request_id_var.set(request_id)  # each request runs in its own task: no reset needed
     request[request_id_key] = request_id
     try:
+        record_origin(request)
         await authorize(request)
         check_pull(request)
         return await handler(request)

@@ -11,7 +11,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from mirror.oci.errors import ExpectationFailed
 from mirror.web import handlers
 from mirror.web.errors import error_response
-from mirror.web.keys import metrics_key
+from mirror.web.keys import config_key, metrics_key
 
 # Repository names hold slashes; the handlers validate them against the OCI grammar.
 NAME = "{name:[^?#]+?}"
@@ -30,6 +30,8 @@ async def expect(request: web.Request) -> web.StreamResponse | None:
 
 
 def setup_routes(app: web.Application) -> None:
+    """The API and operations routes; /metrics and / only when no metrics.listen takes
+    them to a listener of their own (mirror/web/monitor.py)."""
     get = partial(web.get, expect_handler=expect)
     app.router.add_routes(
         [
@@ -46,9 +48,22 @@ def setup_routes(app: web.Application) -> None:
                 name="unsupported",
                 expect_handler=expect,
             ),
-            get("/", handlers.status_page, name="status"),
             get("/healthz", handlers.healthz, name="healthz"),
             get("/readyz", handlers.readyz, name="readyz"),
-            get("/metrics", make_aiohttp_handler(app[metrics_key].registry), name="metrics"),
         ]
     )
+    if app[config_key].metrics.listen is None:
+        app.router.add_routes(monitoring_routes(app))
+
+
+def monitoring_routes(app: web.Application) -> list[web.RouteDef]:
+    """/metrics and the status page of `app` (the mirror's app, wherever they are served)."""
+
+    async def status_page(request: web.Request) -> web.Response:
+        return handlers.status_response(app)
+
+    get = partial(web.get, expect_handler=expect)
+    return [
+        get("/", status_page, name="status"),
+        get("/metrics", make_aiohttp_handler(app[metrics_key].registry), name="metrics"),
+    ]

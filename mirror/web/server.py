@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from mirror.config import ConfigError, ServerConfig
+from mirror.web.accesslog import AccessLogger
 from mirror.web.connections import ConnectionGuard
 from mirror.web.keys import metrics_key
 
@@ -39,6 +40,7 @@ class Listener:
     port: int
     ssl_context: ssl.SSLContext | None = None
     key: str = "listen"  # the setting that moves it, named when its address is taken
+    app: web.Application | None = None  # another app than the mirror's (metrics.listen)
 
 
 def run(
@@ -139,9 +141,17 @@ async def _serve(
     )
     await runner.setup()
     guard = ConnectionGuard(limits.max_connections, limits.header_timeout, app[metrics_key].guard)
+    # Other apps start after the mirror's, whose state they read, and stop before it.
+    others = {id(x.app): x.app for x, _ in bound if x.app is not None and x.app is not app}
+    runners = {id(app): runner}
     try:
+        for key, other in others.items():
+            runners[key] = web.AppRunner(other, access_log_class=AccessLogger)
+            await runners[key].setup()
         for listener, sock in bound:
-            await GuardedSite(runner, sock, guard, ssl_context=listener.ssl_context).start()
+            site_runner = runners[id(listener.app or app)]
+            site = GuardedSite(site_runner, sock, guard, ssl_context=listener.ssl_context)
+            await site.start()
         on_bound()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -149,9 +159,10 @@ async def _serve(
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
-        # Stops accepting, lets requests in flight finish (up to shutdown_timeout), then
-        # runs the cleanup contexts.
-        await runner.cleanup()
+        for key in reversed(runners):
+            # Stops accepting, lets requests in flight finish (up to shutdown_timeout),
+            # then runs the cleanup contexts.
+            await runners[key].cleanup()
 
 
 class GuardedSite(web.SockSite):
