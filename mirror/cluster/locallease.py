@@ -162,6 +162,7 @@ def _marker(path: Path) -> Path:
 
 
 def _write_replacing(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f"{path.name}.{os.getpid()}")
     temp.write_text(text)
     os.replace(temp, path)
