@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import BinaryIO
 
 from mirror.cluster.blobflight import BlobFlight
 from mirror.cluster.lease import Lease
@@ -26,7 +26,15 @@ from mirror.oci.errors import BlobUnknown, DigestMismatch, RegistryError, Upstre
 from mirror.oci.reference import Digest
 from mirror.storage import CacheStore
 from mirror.storage.base import NoUpload, Upload
-from mirror.storage.localflight import Claim, Gone, LocalFlight, Progress, Sibling
+from mirror.storage.localflight import (
+    Claim,
+    Gone,
+    LocalFlight,
+    Progress,
+    Sibling,
+    in_thread,
+    reopen,
+)
 from mirror.upstream.body import BODY_ERRORS, BlobBody
 from mirror.upstream.client import Upstream
 
@@ -322,7 +330,7 @@ class Downloads:
         local = self._local
         assert local is not None
         while True:
-            claimed = await _holding(lambda: local.claim(download.digest))
+            claimed = await in_thread(lambda: local.claim(download.digest))
             got = await self._follow(download, claimed) if isinstance(claimed, Sibling) else claimed
             if isinstance(got, Claim):
                 held.push_async_callback(asyncio.to_thread, got.release)
@@ -341,7 +349,7 @@ class Downloads:
         from that process's temp file) until it lets go: Gone, or its claim, ours now."""
         try:
             while True:
-                got = await _holding(sibling.poll)
+                got = await in_thread(sibling.poll)
                 if isinstance(got, Progress):
                     _mirror(download, got)
                 elif got is not None:
@@ -358,7 +366,7 @@ class Downloads:
         when its file cannot be read back (then start afresh)."""
         written = previous.written if previous.size is not None else 0
         try:
-            fd = await asyncio.to_thread(_reopen, previous.temp, written, hasher)
+            fd = await asyncio.to_thread(reopen, previous.temp, written, hasher)
         except OSError as exc:
             log.warning("blob %s: cannot take over %s: %s", download.digest, previous.temp, exc)
             if download.temp is not None:  # followed until now: its readers hold that file
@@ -564,30 +572,6 @@ def _write_all(fd: int, data: bytearray, then: Callable[[], None] | None = None)
         then()
 
 
-R = TypeVar("R")
-
-
-async def _holding(call: Callable[[], R]) -> R:
-    """`call()` in a thread; if the caller is cancelled meanwhile, the claim or lock file
-    it returns is let go, not left held until the process ends."""
-    running = asyncio.get_running_loop().run_in_executor(None, call)
-    try:
-        return await asyncio.shield(running)
-    except asyncio.CancelledError:
-        running.add_done_callback(_let_go)
-        raise
-
-
-def _let_go(running: asyncio.Future[Any]) -> None:
-    if running.cancelled() or running.exception() is not None:
-        return
-    got = running.result()
-    if isinstance(got, Claim):
-        got.release()  # an unlink and a close: brief enough for a callback
-    elif isinstance(got, Sibling):
-        got.close()
-
-
 def _mirror(download: Download, progress: Progress) -> None:
     """Another process's published progress, taken into the download its readers follow."""
     if download.temp is None:
@@ -599,24 +583,6 @@ def _mirror(download: Download, progress: Progress) -> None:
         download.written = max(download.written, progress.written)
         download.verified = progress.verified
         download._notify()
-
-
-def _reopen(temp: Path, written: int, hasher: hashlib._Hash) -> int:
-    """The temp file open for writing at `written`, its first `written` bytes hashed."""
-    fd = os.open(temp, os.O_RDWR)
-    try:
-        pos = 0
-        while pos < written:
-            chunk = os.pread(fd, min(WRITE_CHUNK, written - pos), pos)
-            if not chunk:
-                raise OSError(f"{temp} is shorter than {written} bytes")
-            hasher.update(chunk)
-            pos += len(chunk)
-        os.lseek(fd, written, os.SEEK_SET)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def _as_registry_error(exc: BaseException) -> RegistryError:

@@ -17,18 +17,24 @@ its path still leads to it, so a finished download's lock is never taken for a l
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
+import hashlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from mirror.oci.reference import Digest
 
 _WRITTEN = 20  # the header's first field, rewritten in place as the download grows
 _STATE_AT = _WRITTEN + 1
 _HEADER_MIN = _STATE_AT + 2 + _WRITTEN + 1
+# Bytes re-hashed per read when a download is taken over.
+READ_CHUNK = 1024 * 1024
 # A file in tmp/ that no held lock names is a crash's leftover once this old.
 STALE_TEMP = 15 * 60.0
 
@@ -160,6 +166,48 @@ def sweep(tmp: Path) -> None:
         with contextlib.suppress(OSError):
             if path.name not in held and path.is_file() and path.stat().st_mtime < cutoff:
                 path.unlink()
+
+
+R = TypeVar("R")
+
+
+async def in_thread(call: Callable[[], R]) -> R:
+    """`call()` in a thread; if the caller is cancelled meanwhile, the claim or lock file
+    it returns is let go, not left held until the process ends."""
+    running = asyncio.get_running_loop().run_in_executor(None, call)
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        running.add_done_callback(_let_go)
+        raise
+
+
+def _let_go(running: asyncio.Future[Any]) -> None:
+    if running.cancelled() or running.exception() is not None:
+        return
+    got = running.result()
+    if isinstance(got, Claim):
+        got.release()  # an unlink and a close: brief enough for a callback
+    elif isinstance(got, Sibling):
+        got.close()
+
+
+def reopen(temp: Path, written: int, hasher: hashlib._Hash) -> int:
+    """The temp file open for writing at `written`, its first `written` bytes hashed."""
+    fd = os.open(temp, os.O_RDWR)
+    try:
+        pos = 0
+        while pos < written:
+            chunk = os.pread(fd, min(READ_CHUNK, written - pos), pos)
+            if not chunk:
+                raise OSError(f"{temp} is shorter than {written} bytes")
+            hasher.update(chunk)
+            pos += len(chunk)
+        os.lseek(fd, written, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _try_lock(fd: int) -> bool:
