@@ -105,7 +105,12 @@ class Sibling:
         if fd is None:
             return Gone()
         if not _try_lock(fd):
-            return _read_header(fd, self.path.parent)
+            # The owner rewrites the header in place: a read that overlaps a write could
+            # mix two values, so one counts only when the next read agrees with it.
+            seen = _read_header(fd, self.path.parent)
+            while (again := _read_header(fd, self.path.parent)) != seen:
+                seen = again
+            return seen
         self._fd = None
         if not _same_file(fd, self.path):  # released by its owner: over
             os.close(fd)
@@ -237,7 +242,7 @@ def _read_header(fd: int, tmp: Path) -> Progress | None:
         progress = Progress(tmp / name, None if total < 0 else total, int(written), state == "v")
     except ValueError:
         return None
-    if "/" in name or not name:  # a file of tmp/ only, whatever the header says
+    if not name or "/" in name or name.startswith("."):  # a file of tmp/ only
         return None
     return progress
 
