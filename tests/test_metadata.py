@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -25,17 +26,26 @@ def record(digest: str = DIGEST_A, size: int = 527) -> TagRecord:
     return TagRecord(digest, DOCKER_MANIFEST, size, time.time())
 
 
-@pytest.fixture(params=["memory", *TOPOLOGIES])
-def metadata_config(request: pytest.FixtureRequest) -> RedisConfig:
-    """In-process, and Redis as one server, with Sentinel and as a Cluster (flushed)."""
-    if request.param == "memory":
-        return RedisConfig(url=None)
-    return RedisConfig(url=flushed_redis_url(request, request.param))
+@pytest.fixture(params=["memory", "sqlite", *TOPOLOGIES])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @pytest.fixture
-async def store(metadata_config: RedisConfig) -> AsyncIterator[MetadataStore]:
-    metadata = open_metadata(metadata_config.url, ttl=TTL)
+def metadata_config(request: pytest.FixtureRequest, backend: str) -> RedisConfig:
+    """In-process (alone, or the workers' SQLite file), and Redis as one server, with
+    Sentinel and as a Cluster (flushed)."""
+    if backend in ("memory", "sqlite"):
+        return RedisConfig(url=None)
+    return RedisConfig(url=flushed_redis_url(request, backend))
+
+
+@pytest.fixture
+async def store(
+    metadata_config: RedisConfig, backend: str, tmp_path: Path
+) -> AsyncIterator[MetadataStore]:
+    shared = tmp_path / "metadata.sqlite" if backend == "sqlite" else None
+    metadata = open_metadata(metadata_config.url, ttl=TTL, shared=shared)
     yield metadata
     await metadata.close()
 

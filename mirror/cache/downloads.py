@@ -26,6 +26,15 @@ from mirror.oci.errors import BlobUnknown, DigestMismatch, RegistryError, Upstre
 from mirror.oci.reference import Digest
 from mirror.storage import CacheStore
 from mirror.storage.base import NoUpload, Upload
+from mirror.storage.localflight import (
+    Claim,
+    Gone,
+    LocalFlight,
+    Progress,
+    Sibling,
+    in_thread,
+    reopen,
+)
 from mirror.upstream.body import BODY_ERRORS, BlobBody
 from mirror.upstream.client import Upstream
 
@@ -41,6 +50,8 @@ MIN_SPAN = 4 * 1024 * 1024
 FINISH_ON_CLOSE = 10.0
 # Resumes in a row that bring no new byte before the transfer is given up.
 MAX_FRUITLESS_RESUMES = 3
+# How often a process following another one's download (workers) reads its progress.
+FOLLOW_POLL = 0.03
 
 
 class TransferBroken(Exception):
@@ -80,6 +91,8 @@ class Download:
         # the bytes come from the upstream.
         self.peer: str | None = None
         self.lease: Lease | None = None  # the blob's lease, while this replica holds it
+        # Workers: this process's claim on the blob, while it fetches it for all of them.
+        self.claim: Claim | None = None
         self._started = asyncio.Event()
         self._progress = asyncio.Event()
 
@@ -175,11 +188,18 @@ class Downloads:
     """The downloads under way, by digest: the single-flight point of the mirror."""
 
     def __init__(
-        self, storage: CacheStore, metrics: Metrics, flight: BlobFlight | None = None
+        self,
+        storage: CacheStore,
+        metrics: Metrics,
+        flight: BlobFlight | None = None,
+        local: LocalFlight | None = None,
     ) -> None:
         self._storage = storage
         self._metrics = metrics
         self._flight = flight  # replicas: one of them fetches each blob (cluster/blobflight.py)
+        # Workers: one process of this host fetches each blob, the others follow its file
+        # (storage/localflight.py); only that one asks `flight` or the upstream.
+        self._local = local
         self._active: dict[Digest, Download] = {}
         self._tasks: dict[asyncio.Task[None], Download] = {}
         # Called after each blob lands in the cache (the evictor listens).
@@ -223,6 +243,7 @@ class Downloads:
         self._metrics.upstream_fetches_in_flight.inc()
         started = time.monotonic()
         fd: int | None = None
+        owned: Path | None = None  # the temp file is this process's to remove on failure
         # The blob's lease, when this replica holds it: released once the blob is stored
         # (or the download failed), so a replica that takes it next finds the object.
         held = contextlib.AsyncExitStack()
@@ -233,33 +254,33 @@ class Downloads:
             if landed is not None:
                 download._landed(landed)
                 return
-            body = await self._open(download, upstream, repo, held)
-            download.size = body.total
-            if not self._storage.fits(download.size):
-                body.release()
-                raise Uncacheable(f"blob {download.digest} is larger than the cache")
-            try:
-                opened, temp = await asyncio.to_thread(self._storage.new_temp, download.size)
-            except OSError as exc:
-                body.release()
-                self._storage.mark_unwritable(exc)
-                raise Uncacheable("the cache directory takes no writes") from None
-            fd, download.temp = opened, temp
-            if download.peer is None:  # whoever fetches from upstream stores in the bucket
-                download.upload = self._storage.start_upload(download.digest, download.size, temp)
-            download._started.set()
             hasher = download.digest.hasher()
-            await self._copy_resuming(body, opened, hasher, download, upstream, repo, held)
+            if self._local is not None:
+                if not await self._take_locally(download, held):
+                    return  # another process fetched it
+                if download.claim is not None and download.claim.previous is not None:
+                    fd = await self._adopt(download, download.claim.previous, hasher)
+                    owned = download.temp
+            if fd is None or download.written != download.size:
+                body = await self._open(download, upstream, repo, held)
+                if fd is None:
+                    fd = await self._new_temp(download, body)
+                    owned = download.temp
+                download._started.set()
+                await self._copy_resuming(body, fd, hasher, download, upstream, repo, held)
             self._verify(download, hasher.hexdigest())
             # The bytes are right: clients may have their last byte now. The fsync that
             # makes the file durable (seconds, for a big layer) need not hold them up.
             download.verified = True
+            if download.claim is not None:
+                await asyncio.to_thread(download.claim.verified)
             download._notify()
             # The bucket's copy first: once the file is renamed, a restarted mirror would
             # not know that the upload never finished.
             await download.upload.complete()
-            fd = None  # commit closes it, whatever happens
-            await asyncio.to_thread(self._storage.commit, opened, temp, download.final)
+            opened, fd = fd, None  # commit closes it, whatever happens
+            assert download.temp is not None
+            await asyncio.to_thread(self._storage.commit, opened, download.temp, download.final)
             self._committed(download)
             seconds = time.monotonic() - started
             log.info(
@@ -272,7 +293,7 @@ class Downloads:
             # have seen the failure must start afresh, not join a download that is over.
             self._forget(download)
             download._fail(_as_registry_error(exc))
-            await asyncio.to_thread(self._storage.discard, fd, download.temp)
+            await asyncio.to_thread(self._storage.discard, fd, owned)
             await download.upload.abort()
             if not isinstance(exc, Exception):
                 raise
@@ -282,6 +303,86 @@ class Downloads:
             self._forget(download)
             await held.aclose()
             self._metrics.upstream_fetches_in_flight.dec()
+
+    async def _new_temp(self, download: Download, body: BlobBody) -> int:
+        """The temp file the body goes to, its space reserved (published to the other
+        processes when they follow this one)."""
+        download.size = body.total
+        if not self._storage.fits(download.size):
+            body.release()
+            raise Uncacheable(f"blob {download.digest} is larger than the cache")
+        try:
+            fd, temp = await asyncio.to_thread(self._storage.new_temp, download.size)
+        except OSError as exc:
+            body.release()
+            self._storage.mark_unwritable(exc)
+            raise Uncacheable("the cache directory takes no writes") from None
+        download.temp = temp
+        if download.peer is None:  # whoever fetches from upstream stores in the bucket
+            download.upload = self._storage.start_upload(download.digest, download.size, temp)
+        if download.claim is not None:
+            await asyncio.to_thread(download.claim.start, temp, download.size)
+        return fd
+
+    async def _take_locally(self, download: Download, held: contextlib.AsyncExitStack) -> bool:
+        """Claim the blob among the processes of this host: True once this one is to fetch
+        it (`download.claim`); False when another one's download left it in the cache."""
+        local = self._local
+        assert local is not None
+        while True:
+            claimed = await in_thread(lambda: local.claim(download.digest))
+            got = await self._follow(download, claimed) if isinstance(claimed, Sibling) else claimed
+            if isinstance(got, Claim):
+                held.push_async_callback(asyncio.to_thread, got.release)
+                download.claim = got
+            landed = await self._storage.blob_size(download.digest)
+            if landed is not None:  # stored before this claim, or by the one followed
+                download._landed(landed)
+                return False
+            if isinstance(got, Claim):
+                return True
+            if download.temp is not None:  # its readers hold that file: no other will do
+                raise UpstreamUnavailable(f"blob {download.digest}: another process failed it")
+
+    async def _follow(self, download: Download, sibling: Sibling) -> Claim | Gone:
+        """Mirror another process's progress into `download` (its readers send the bytes
+        from that process's temp file) until it lets go: Gone, or its claim, ours now."""
+        try:
+            while True:
+                got = await in_thread(sibling.poll)
+                if isinstance(got, Progress):
+                    _mirror(download, got)
+                elif got is not None:
+                    return got
+                await asyncio.sleep(FOLLOW_POLL)
+        finally:
+            sibling.close()  # a lock file's descriptor: closing it touches no disk
+
+    async def _adopt(
+        self, download: Download, previous: Progress, hasher: hashlib._Hash
+    ) -> int | None:
+        """Carry on the download of a process that died: its good bytes re-hashed, the
+        rest fetched from where they stop (or from 0 when the size is unknown); None
+        when its file cannot be read back (then start afresh)."""
+        written = previous.written if previous.size is not None else 0
+        try:
+            fd = await asyncio.to_thread(reopen, previous.temp, written, hasher)
+        except OSError as exc:
+            log.warning("blob %s: cannot take over %s: %s", download.digest, previous.temp, exc)
+            if download.temp is not None:  # followed until now: its readers hold that file
+                raise UpstreamUnavailable(f"blob {download.digest}: cannot take it over") from None
+            return None
+        download.temp, download.size, download.written = previous.temp, previous.size, written
+        download.upload = self._storage.start_upload(download.digest, download.size, previous.temp)
+        download.upload.progress(written)
+        assert download.claim is not None
+        await asyncio.to_thread(download.claim.start, previous.temp, download.size, written)
+        download._started.set()
+        download._notify()
+        log.info(
+            "blob %s: taken over from a process that stopped at byte %d", download.digest, written
+        )
+        return fd
 
     def _forget(self, download: Download) -> None:
         # Only this download: a new one for the same digest may have taken its place.
@@ -419,10 +520,13 @@ class Downloads:
     async def _flush(
         self, fd: int, hasher: hashlib._Hash, data: bytearray, download: Download, upstream: str
     ) -> None:
+        claim, reached = download.claim, download.written + len(data)
+        publish = None if claim is None else lambda: claim.progress(reached)
         try:
             # Two threads: hashing and writing run side by side (both release the GIL).
             await asyncio.gather(
-                asyncio.to_thread(hasher.update, data), asyncio.to_thread(_write_all, fd, data)
+                asyncio.to_thread(hasher.update, data),
+                asyncio.to_thread(_write_all, fd, data, publish),
             )
         except OSError as exc:
             self._storage.mark_unwritable(exc)
@@ -459,11 +563,26 @@ async def close_file(file: BinaryIO) -> None:
         raise
 
 
-def _write_all(fd: int, data: bytearray) -> None:
+def _write_all(fd: int, data: bytearray, then: Callable[[], None] | None = None) -> None:
     view = memoryview(data)
     while view:
         written = os.write(fd, view)
         view = view[written:]
+    if then is not None:  # the bytes are in the file: other processes may read them now
+        then()
+
+
+def _mirror(download: Download, progress: Progress) -> None:
+    """Another process's published progress, taken into the download its readers follow."""
+    if download.temp is None:
+        download.temp, download.size = progress.temp, progress.size
+        download._started.set()
+    elif progress.temp != download.temp:
+        raise UpstreamUnavailable(f"blob {download.digest}: another process restarted it")
+    if progress.written > download.written or progress.verified > download.verified:
+        download.written = max(download.written, progress.written)
+        download.verified = progress.verified
+        download._notify()
 
 
 def _as_registry_error(exc: BaseException) -> RegistryError:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 
-from mirror.cluster.lease import Leases
+from mirror.cluster.lease import HeldLease, LeaseSource
 from mirror.cluster.shared import SharedFailure, SharedWork
 from mirror.config import CacheConfig
 from mirror.metadata.store import MetadataStore, TagRecord
@@ -71,7 +71,7 @@ class ManifestService:
         metadata: MetadataStore,
         metrics: Metrics,
         cache: CacheConfig,
-        leases: Leases | None = None,
+        leases: LeaseSource[HeldLease] | None = None,
     ) -> None:
         self._storage = storage
         self._metadata = metadata

@@ -20,13 +20,17 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 from mirror.metadata.topology import DOWN_ERRORS, RedisClient
 
 log = logging.getLogger(__name__)
 
 LEASE_PREFIX = "mirror:lease:"
+# Next to a lease, its holder's "<owner> <error class>" for one TTL: see cluster/shared.py.
+FAILED_SUFFIX = "/failed"
 # After Redis failed to answer, leases are not tried for this long: a Redis that drops
 # packets (rather than refusing) would otherwise cost every miss a connect timeout.
 DOWN_RETRY = 1.0
@@ -49,6 +53,37 @@ class Held:
     """Another replica holds the lease."""
 
     owner: str  # its advertise URL
+
+
+class HeldLease(Protocol):
+    """A lease this process holds, whatever keeps it (Redis, or a file lock)."""
+
+    def kept(self) -> AbstractAsyncContextManager[object]: ...
+
+
+L = TypeVar("L", bound=HeldLease, covariant=True)
+LeaseT = TypeVar("LeaseT", bound=HeldLease)
+
+
+class LeaseSource(Protocol[L]):
+    """Where leases come from: Redis among replicas (`Leases`), file locks among the
+    processes of one host (`cluster/locallease.py`)."""
+
+    @property
+    def owner(self) -> str: ...
+
+    @property
+    def ttl(self) -> float: ...
+
+    async def acquire(self, name: str) -> L | Held | None: ...
+
+    async def holder(self, name: str) -> str | None: ...
+
+    async def mark_failed(self, name: str, error: str) -> None:
+        """Say, for one TTL, that this holder's work on `name` failed with `error`."""
+
+    async def failure(self, name: str) -> tuple[str, str] | None:
+        """(holder, error class) of a recent failure marked on `name`, if any."""
 
 
 class Lease:
@@ -133,15 +168,28 @@ class Leases:
             return None
         return None if value is None else _owner_of(value)
 
+    async def mark_failed(self, name: str, error: str) -> None:
+        value = f"{self.owner} {error}"  # whose failure: a waiter follows one holder
+        with contextlib.suppress(*DOWN_ERRORS):
+            await self.client.set(self.key(name) + FAILED_SUFFIX, value, px=int(self.ttl * 1000))
 
-class LeaseBackoff:
+    async def failure(self, name: str) -> tuple[str, str] | None:
+        with contextlib.suppress(*DOWN_ERRORS):
+            value = await self.client.get(self.key(name) + FAILED_SUFFIX)
+            if value is not None:
+                marked_by, _, error = str(value).partition(" ")
+                return marked_by, error
+        return None
+
+
+class LeaseBackoff(Generic[LeaseT]):
     """`Leases.acquire`, but taking Redis as down (None) for DOWN_RETRY after it failed."""
 
-    def __init__(self, leases: Leases) -> None:
+    def __init__(self, leases: LeaseSource[LeaseT]) -> None:
         self.leases = leases
         self._retry_at = 0.0  # monotonic time before which Redis is taken as down
 
-    async def acquire(self, name: str) -> Lease | Held | None:
+    async def acquire(self, name: str) -> LeaseT | Held | None:
         if time.monotonic() < self._retry_at:
             return None
         got = await self.leases.acquire(name)

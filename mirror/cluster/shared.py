@@ -15,15 +15,13 @@ a stale tag) instead of each asking the failing upstream in turn, one timeout af
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from mirror.cluster.lease import Lease, LeaseBackoff, Leases
-from mirror.metadata.topology import DOWN_ERRORS
+from mirror.cluster.lease import Held, HeldLease, LeaseBackoff, LeaseSource
 from mirror.observe.cluster_metrics import ClusterMetrics
 
 log = logging.getLogger(__name__)
@@ -39,8 +37,6 @@ POLL_MAX = 0.1
 # waited for this many lease TTLs at most; then this replica does the work itself.
 WAIT_TTLS = 3
 MIN_WAIT = 30.0
-
-FAILED_SUFFIX = "/failed"
 
 Check = Callable[[], Awaitable[T | None]]
 Work = Callable[[], Awaitable[T]]
@@ -58,7 +54,7 @@ class SharedFailure:
 class SharedWork:
     """Runs `work` on one replica at a time per name; `check` finds a replica's result."""
 
-    def __init__(self, leases: Leases | None, metrics: ClusterMetrics) -> None:
+    def __init__(self, leases: LeaseSource[HeldLease] | None, metrics: ClusterMetrics) -> None:
         self._backoff = None if leases is None else LeaseBackoff(leases)
         self._metrics = metrics
 
@@ -87,8 +83,8 @@ class SharedWork:
             if got is None:  # Redis down: work alone, as a single mirror does
                 self._metrics.lease_unavailable.labels(kind).inc()
                 return await work()
-            if isinstance(got, Lease):
-                return await self._as_owner(kind, got, check, work, waited, failure)
+            if not isinstance(got, Held):
+                return await self._as_owner(kind, name, got, check, work, waited, failure)
             waited = True
             found = await self._wait(kind, leases, name, got.owner, check, give_up, failure)
             if found is not None:
@@ -102,7 +98,8 @@ class SharedWork:
     async def _as_owner(
         self,
         kind: str,
-        lease: Lease,
+        name: str,
+        lease: HeldLease,
         check: Check[T],
         work: Work[T],
         waited: bool,
@@ -120,20 +117,15 @@ class SharedWork:
                 return await work()
             except Exception as exc:
                 if failure is not None and isinstance(exc, failure.kinds):
-                    await self._mark_failed(lease, type(exc).__name__)  # before the release
+                    # Before the release, so no waiter misses it.
+                    assert self._backoff is not None
+                    await self._backoff.leases.mark_failed(name, type(exc).__name__)
                 raise
-
-    async def _mark_failed(self, lease: Lease, error: str) -> None:
-        if self._backoff is not None:
-            leases = self._backoff.leases
-            value = f"{leases.owner} {error}"  # whose failure: a waiter follows one holder
-            with contextlib.suppress(*DOWN_ERRORS):
-                await leases.client.set(lease.key + FAILED_SUFFIX, value, px=int(leases.ttl * 1000))
 
     async def _wait(
         self,
         kind: str,
-        leases: Leases,
+        leases: LeaseSource[HeldLease],
         name: str,
         owner: str,
         check: Check[T],
@@ -156,18 +148,9 @@ class SharedWork:
             # Released or run out; the result may have landed just before the release.
             found = await check()
             if found is None and failure is not None:
-                error = await _failure_of(leases, name, owner)
-                if error is not None:
+                marked = await leases.failure(name)
+                if marked is not None and marked[0] == owner:  # the holder followed
                     self._metrics.lease_waits.labels(kind).inc()
-                    raise failure.make(error)
+                    raise failure.make(marked[1])
             return found
         return None
-
-
-async def _failure_of(leases: Leases, name: str, owner: str) -> str | None:
-    """The class name of the error `owner` failed with lately, holding `name`."""
-    with contextlib.suppress(*DOWN_ERRORS):
-        value = await leases.client.get(leases.key(name) + FAILED_SUFFIX)
-        marked_by, _, error = str(value or "").partition(" ")
-        return error if value is not None and marked_by == owner else None
-    return None

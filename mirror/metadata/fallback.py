@@ -10,7 +10,8 @@ from typing import Any
 
 from mirror.metadata.memory import MemoryMetadata
 from mirror.metadata.redis import RedisMetadata
-from mirror.metadata.store import RETENTION, MetadataStore, TagRecord
+from mirror.metadata.sqlite import SqliteMetadata
+from mirror.metadata.store import RETENTION, MetadataStore, TagRecord, TokenStore
 from mirror.metadata.topology import DOWN_ERRORS
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,23 @@ class FallbackMetadata:
         await self._fallback.forget_blob(digest)
         await self._call("forget_blob", digest)
 
+    async def get_token(self, key: str) -> tuple[str, float] | None:
+        """A shared token, if Redis answers (else each process fetches its own)."""
+        if not isinstance(self._primary, TokenStore) or not self._use_primary():
+            return None
+        try:
+            return await self._primary.get_token(key)
+        except DOWN_ERRORS as exc:
+            self._failed(exc)
+            return None
+
+    async def put_token(self, key: str, token: str, expires_at: float) -> None:
+        if isinstance(self._primary, TokenStore) and self._use_primary():
+            try:
+                await self._primary.put_token(key, token, expires_at)
+            except DOWN_ERRORS as exc:
+                self._failed(exc)
+
     async def ping(self) -> None:
         """Raise when Redis does not answer (for /readyz), whatever the fallback does."""
         try:
@@ -137,13 +155,17 @@ def open_metadata(
     retention: float = RETENTION,
     on_change: Callable[[bool], None] | None = None,
     snapshot: Path | None = None,
+    shared: Path | None = None,
 ) -> MetadataStore:
-    """Redis (with an in-process stand-in) when a URL is configured, else in-process
-    (kept in `snapshot` across restarts).
+    """Redis (with an in-process stand-in) when a URL is configured, else the SQLite file
+    `shared` when processes share the cache directory (workers), else in-process (kept
+    in `snapshot` across restarts: the fastest, for a single process).
 
     Records are kept `retention` past their TTL: the window for serving them stale.
     """
     if redis_url:
         memory = MemoryMetadata(ttl, retention)
         return FallbackMetadata(RedisMetadata(redis_url, ttl, retention), memory, on_change)
+    if shared is not None:
+        return SqliteMetadata(shared, ttl, retention)
     return MemoryMetadata(ttl, retention, snapshot)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from mirror.metadata.store import (
     BUCKET_BLOBS_KEY,
@@ -10,6 +11,7 @@ from mirror.metadata.store import (
     RETENTION,
     TAG_PATTERN,
     TAG_PREFIX,
+    TOKEN_PREFIX,
     TagRecord,
     tag_key,
 )
@@ -96,6 +98,20 @@ class RedisMetadata:
 
     async def forget_blob(self, digest: str) -> None:
         await self._redis.hdel(BUCKET_BLOBS_KEY, digest)
+
+    async def get_token(self, key: str) -> tuple[str, float] | None:
+        async with self._turns:
+            raw = await self._redis.get(TOKEN_PREFIX + key)
+        if raw is None:
+            return None
+        expires_at, _, token = str(raw).partition(" ")
+        return token, float(expires_at)
+
+    async def put_token(self, key: str, token: str, expires_at: float) -> None:
+        keep = int((expires_at - time.time()) * 1000)
+        if keep > 0:
+            async with self._turns:
+                await self._redis.set(TOKEN_PREFIX + key, f"{expires_at} {token}", px=keep)
 
     async def close(self) -> None:
         await self._conn.close()

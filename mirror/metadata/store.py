@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 # Every key starts with this, so the mirror can share a Redis with other tenants.
 KEY_PREFIX = "mirror:"
@@ -21,6 +21,8 @@ KEY_PREFIX = "mirror:"
 TAG_PREFIX = KEY_PREFIX + "tag:"
 TAG_KEY = TAG_PREFIX + "{upstream}:{repo}:{tag}"
 TAG_PATTERN = TAG_PREFIX + "*"
+# An upstream token per (realm, service, account, scopes) hash, expiring with the token.
+TOKEN_PREFIX = KEY_PREFIX + "token:"
 # A sorted set with every score 0: Redis orders it lexically, which is the order
 # `_catalog` must page in (ZRANGEBYLEX), with no sorting on our side.
 REPOS_KEY = KEY_PREFIX + "repos"
@@ -76,6 +78,16 @@ class MetadataStore(Protocol):
     async def get_blob_read(self, digest: str) -> tuple[int, float] | None: ...
 
     async def forget_blob(self, digest: str) -> None: ...
+
+
+@runtime_checkable
+class TokenStore(Protocol):
+    """Upstream tokens the processes of one mirror share (by a hash of realm, service,
+    account and scope), so that one fetch serves them all until shortly before expiry."""
+
+    async def get_token(self, key: str) -> tuple[str, float] | None: ...
+
+    async def put_token(self, key: str, token: str, expires_at: float) -> None: ...
 
 
 def tag_key(upstream: str, repo: str, tag: str) -> str:

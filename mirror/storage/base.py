@@ -92,9 +92,13 @@ class CacheStore(Protocol):
     max_size: int | None
     writable: bool
     on_writable_change: Callable[[bool], None] | None
+    shared: bool  # other processes serve from the same directory (workers)
 
     @property
     def root(self) -> Path: ...
+
+    @property
+    def tmp(self) -> Path: ...
 
     @property
     def blobs(self) -> Path: ...

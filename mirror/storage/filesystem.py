@@ -4,7 +4,8 @@ Layout under `storage.path`:
 
     blobs/sha256/ab/abcdef...       layer and config blobs, the raw bytes
     manifests/sha256/ab/abcdef...   "<media type>\\n" then the manifest bytes
-    tmp/                            downloads in progress; emptied at start
+    tmp/                            downloads in progress; emptied at start (swept, with
+                                    workers: storage/localflight.py)
 
 A file appears under its digest only by `rename` from `tmp/` (same filesystem, so atomic)
 after its hash matched and it was fsynced: a reader never sees a partial or wrong file.
@@ -26,6 +27,7 @@ from pathlib import Path
 from mirror.metadata.store import MetadataStore
 from mirror.oci.reference import Digest, as_digest, compute_digest
 from mirror.storage.base import Found, NoUpload, Upload
+from mirror.storage.localflight import sweep
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,9 @@ class Storage:
         self.writable = True
         self._probed_at = 0.0
         self.on_writable_change: Callable[[bool], None] | None = None
+        # Several processes serve from this directory (workers): tmp/ holds the others'
+        # live downloads, so a starting one sweeps it (localflight.py) instead of emptying it.
+        self.shared = False
 
     def fits(self, size: int | None) -> bool:
         """Could a blob of `size` bytes be cached at all under `max_size`?"""
@@ -114,6 +119,10 @@ class Storage:
     def _open_sync(self) -> None:
         for directory in (self.blobs, self.manifests):
             directory.mkdir(parents=True, exist_ok=True)
+        if self.shared:
+            self.tmp.mkdir(parents=True, exist_ok=True)
+            sweep(self.tmp)
+            return
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
 

@@ -1,7 +1,8 @@
 """Upstream authentication: parsing `WWW-Authenticate` challenges and caching Bearer tokens.
 
 Tokens are cached per (realm, service, scope) until shortly before they expire, and fetched
-once however many requests want the same one at the same moment.
+once however many requests want the same one at the same moment; with a `TokenShare`, once
+across the processes that share it too (cluster/tokenshare.py).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import hashlib
 import logging
 import re
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -67,12 +70,24 @@ def basic_authorization(username: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
 
 
+class TokenShare(Protocol):
+    """Tokens shared with other processes: (token, seconds to keep it) under `key`,
+    another process's or what `fetch()` gets (then shared)."""
+
+    async def once(
+        self, key: str, fetch: Callable[[], Awaitable[tuple[str, float]]]
+    ) -> tuple[str, float]: ...
+
+
 class TokenCache:
     """Bearer tokens by (realm, service, scope), fetched once and kept until near expiry."""
 
-    def __init__(self, session: aiohttp.ClientSession, metrics: Metrics) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, metrics: Metrics, shared: TokenShare | None = None
+    ) -> None:
         self._session = session
         self._metrics = metrics
+        self._shared = shared
         self._cache = SimpleMemoryCache()
         # Concurrent requests for one scope share one fetch, which belongs to none of
         # them: a request that is cancelled fails no one else.
@@ -117,7 +132,13 @@ class TokenCache:
         ssl_context: ssl.SSLContext | bool = True,
         upstream: str = "",
     ) -> str:
-        token, ttl = await self._fetch(challenge, scopes, credentials, ssl_context, upstream)
+        def fetch() -> Awaitable[tuple[str, float]]:
+            return self._fetch(challenge, scopes, credentials, ssl_context, upstream)
+
+        if self._shared is None:
+            token, ttl = await fetch()
+        else:  # hashed: the shared store never sees the realm, account or scopes
+            token, ttl = await self._shared.once(hashlib.sha256(key.encode()).hexdigest(), fetch)
         await self._cache.set(key, token, ttl=ttl)
         return token
 

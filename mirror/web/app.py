@@ -20,14 +20,18 @@ from mirror.cache.taglists import TagListService
 from mirror.cluster.blobflight import BlobFlight
 from mirror.cluster.bucketshare import BucketShare
 from mirror.cluster.peers import PEER_PATH
+from mirror.cluster.shared import SharedWork
+from mirror.cluster.tokenshare import SharedTokens
 from mirror.config import Config, UpstreamConfig
 from mirror.metadata.fallback import open_metadata
 from mirror.metadata.memory import MemoryMetadata
+from mirror.metadata.store import TokenStore
 from mirror.net.proxies import TrustedProxies
 from mirror.net.tls import client_contexts
 from mirror.observe.logs import REQUEST_ID_HEADER, FailureLog
 from mirror.observe.metrics import Metrics
 from mirror.storage import CacheStore, new_store
+from mirror.storage.localflight import LocalFlight
 from mirror.upstream.client import Upstream, new_session
 from mirror.upstream.credentials import Credentials
 from mirror.upstream.routing import Upstreams
@@ -55,6 +59,7 @@ from mirror.web.keys import (
     storage_key,
     taglists_key,
     upstreams_key,
+    work_leases_key,
 )
 from mirror.web.leases import leases_ctx
 from mirror.web.middleware import RequestSeries, registry_middleware, request_id_key, series_key
@@ -67,6 +72,8 @@ log = logging.getLogger(__name__)
 DISK_WATCH_INTERVAL = 30.0
 # In-process metadata is written here (under storage.path) so that it survives restarts.
 METADATA_SNAPSHOT = "metadata.json"
+# ... or, when workers share the directory and there is no Redis, kept here by all of them.
+METADATA_DB = "metadata.sqlite"
 SNAPSHOT_INTERVAL = 30.0
 
 
@@ -87,6 +94,7 @@ def create_app(config: Config) -> web.Application:
     # Replicas: the bucket's eviction and clean-up ask the leases (there once started).
     sharing = None if config.cluster is None else BucketShare(lambda: app.get(leases_key))
     app[storage_key] = new_store(config.storage, app[metrics_key], sharing)
+    app[storage_key].shared = config.workers > 1
     app[pulls_key] = PullCounter()
     app.cleanup_ctx.extend([storage_ctx, metadata_ctx, upstream_ctx, services_ctx, client_auth_ctx])
     app.cleanup_ctx.insert(0, leases_ctx)  # first: every service may take leases
@@ -139,6 +147,7 @@ async def metadata_ctx(app: web.Application) -> AsyncIterator[None]:
         config.cache.stale_if_error,
         on_change=lambda up: gauge.set(int(up)),
         snapshot=config.storage.path / METADATA_SNAPSHOT,
+        shared=config.storage.path / METADATA_DB if config.workers > 1 else None,
     )
     app[metadata_key] = metadata
     saver = None
@@ -171,7 +180,7 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     token_session = new_session(config.upstream.connect_timeout, config.upstream.read_timeout)
     sessions = [new_session(cfg.connect_timeout, cfg.read_timeout) for cfg in every]
     try:
-        tokens = TokenCache(token_session, app[metrics_key])
+        tokens = TokenCache(token_session, app[metrics_key], _token_share(app))
         contexts = await asyncio.to_thread(client_contexts, every)  # reads CA and key files
         built = [
             build_upstream(cfg, session, tokens, app[metrics_key], config.cache.negative_ttl, ctx)
@@ -183,6 +192,14 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         await tokens.close()
     finally:
         await asyncio.gather(*(session.close() for session in (token_session, *sessions)))
+
+
+def _token_share(app: web.Application) -> SharedTokens | None:
+    """Workers share the tokens they fetch (through the metadata store), one fetch each."""
+    metadata = app[metadata_key]
+    if app[config_key].workers == 1 or not isinstance(metadata, TokenStore):
+        return None
+    return SharedTokens(metadata, SharedWork(app[work_leases_key], app[metrics_key].cluster))
 
 
 def build_upstream(
@@ -216,11 +233,14 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     metrics, storage, config = app[metrics_key], app[storage_key], app[config_key]
     leases, peers = app[leases_key], app[peers_key]
     flight = None if leases is None or peers is None else BlobFlight(leases, peers, metrics.cluster)
-    downloads = Downloads(storage, metrics, flight)
+    local = LocalFlight(storage.tmp) if config.workers > 1 else None
+    downloads = Downloads(storage, metrics, flight, local)
     blobs = BlobService(storage, downloads, metrics)
     app[downloads_key] = downloads
     app[blobs_key] = blobs
-    manifests = ManifestService(storage, app[metadata_key], metrics, config.cache, app[leases_key])
+    manifests = ManifestService(
+        storage, app[metadata_key], metrics, config.cache, app[work_leases_key]
+    )
     app[manifests_key] = manifests
     app[referrers_key] = ReferrersService(manifests, metrics)
     taglists = TagListService(manifests, metrics)

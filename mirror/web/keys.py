@@ -10,7 +10,7 @@ from mirror.cache.eviction import Evictor
 from mirror.cache.manifests import ManifestService
 from mirror.cache.referrers import ReferrersService
 from mirror.cache.taglists import TagListService
-from mirror.cluster.lease import Leases
+from mirror.cluster.lease import HeldLease, Leases, LeaseSource
 from mirror.cluster.peers import PeerClient
 from mirror.config import Config
 from mirror.metadata.store import MetadataStore
@@ -39,5 +39,8 @@ referrers_key = web.AppKey("referrers", ReferrersService)
 taglists_key = web.AppKey("taglists", TagListService)
 # The replica's leases in Redis (mirror/cluster/); None when `cluster:` is not set.
 leases_key: web.AppKey[Leases | None] = web.AppKey("leases")
+# The leases work once-for-all takes (tags, tokens): the replicas' (Redis), else, with
+# workers, the host's processes' (file locks), else None.
+work_leases_key: web.AppKey[LeaseSource[HeldLease] | None] = web.AppKey("work_leases")
 # The client replicas stream blobs from each other with; None without `cluster:`.
 peers_key: web.AppKey[PeerClient | None] = web.AppKey("peers")

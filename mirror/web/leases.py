@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from mirror.cluster.lease import Leases
+from mirror.cluster.locallease import LocalLeases
 from mirror.metadata.topology import open_redis
-from mirror.web.keys import config_key, leases_key, metrics_key
+from mirror.web.keys import config_key, leases_key, metrics_key, work_leases_key
 
 log = logging.getLogger(__name__)
 
@@ -17,14 +18,19 @@ log = logging.getLogger(__name__)
 LEASE_CONNECTIONS = 16
 # A Redis that does not answer must cost a request little: it then works alone.
 LEASE_SOCKET_TIMEOUT = 1.0
+# Under storage.path: the file locks of the host's processes (workers) without a cluster.
+LOCKS_DIR = "locks"
 
 
 async def leases_ctx(app: web.Application) -> AsyncIterator[None]:
-    """`app[leases_key]`: a `Leases` on its own Redis connection, or None without a cluster."""
+    """`app[leases_key]`: a `Leases` on its own Redis connection, or None without a cluster;
+    `app[work_leases_key]`: those, else file locks when workers share the cache directory."""
     config = app[config_key]
     cluster = config.cluster
     if cluster is None or config.redis.url is None:
         app[leases_key] = None
+        shared = config.workers > 1
+        app[work_leases_key] = LocalLeases(config.storage.path / LOCKS_DIR) if shared else None
         yield
         return
     conn = open_redis(
@@ -34,7 +40,9 @@ async def leases_ctx(app: web.Application) -> AsyncIterator[None]:
         socket_connect_timeout=LEASE_SOCKET_TIMEOUT,
         socket_timeout=LEASE_SOCKET_TIMEOUT,
     )
-    app[leases_key] = Leases(conn.client, cluster.advertise_url, cluster.lease_ttl)
+    app[leases_key] = app[work_leases_key] = Leases(
+        conn.client, cluster.advertise_url, cluster.lease_ttl
+    )
     app[metrics_key].cluster.replica_info.labels(cluster.replica_id).set(1)
     log.info("replica %s of a cluster (lease ttl %gs)", cluster.replica_id, cluster.lease_ttl)
     try:

@@ -1,0 +1,168 @@
+"""Leases among the processes of one host (workers on one cache directory): file locks.
+
+A lease is an exclusive `flock` on `<dir>/<sha256 of its name>`, whose content names the
+holder. The kernel releases a dead process's locks at once, so a lease needs no expiry nor
+renewal: a waiter takes over the moment its holder dies. The holder unlinks the file before
+it unlocks; whoever locks a file checks that its path still leads to it (else it locked
+a file a release unlinked, and starts again), so two processes never hold one name.
+
+A failure marker (`cluster/shared.py`) is `<file>.failed`, "<holder> <error class>", good
+for one `ttl` after it was written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from mirror.cluster.lease import Held
+
+# Waiters poll their holder's result at this pace at most (cluster/shared.py); the lease
+# itself never runs out. Also how long a failure marker stays good.
+LOCAL_TTL = 5.0
+
+
+class LocalLease:
+    """A lease this process holds: an open, locked file."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self._fd: int | None = fd
+        self.path = path
+
+    @contextlib.asynccontextmanager
+    async def kept(self) -> AsyncIterator[LocalLease]:
+        """Held while the block runs (the lock cannot lapse); released after it."""
+        try:
+            yield self
+        finally:
+            # In a thread, which finishes the release even if this task is cancelled.
+            await asyncio.to_thread(self.release)
+
+    def release(self) -> None:
+        """Unlink the file, then unlock it by closing (blocking; idempotent)."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            if _same_file(fd, self.path):
+                self.path.unlink()
+        os.close(fd)
+
+
+class LocalLeases:
+    """`LeaseSource` over file locks in `directory`, for the processes of one host."""
+
+    def __init__(self, directory: Path, ttl: float = LOCAL_TTL) -> None:
+        self._dir = directory
+        self._ttl = ttl
+        self._owner = f"pid-{os.getpid()}"
+
+    @property
+    def owner(self) -> str:
+        return self._owner
+
+    @property
+    def ttl(self) -> float:
+        return self._ttl
+
+    def path(self, name: str) -> Path:
+        # Hashed: names hold slashes and colons, and may be longer than a file name.
+        return self._dir / hashlib.sha256(name.encode()).hexdigest()
+
+    async def acquire(self, name: str) -> LocalLease | Held | None:
+        """Ours now, or Held by another process; None when the lock directory fails."""
+        try:
+            return await asyncio.to_thread(self._acquire_sync, self.path(name))
+        except OSError:
+            return None  # as with Redis down: work alone
+
+    def _acquire_sync(self, path: Path) -> LocalLease | Held:
+        while True:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read(fd)
+                os.close(fd)
+                return Held(holder or "another process")
+            except BaseException:
+                os.close(fd)
+                raise
+            if not _same_file(fd, path):  # a release unlinked it meanwhile: again
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, self._owner.encode(), 0)
+            return LocalLease(fd, path)
+
+    async def holder(self, name: str) -> str | None:
+        try:
+            return await asyncio.to_thread(self._holder_sync, self.path(name))
+        except OSError:
+            return None
+
+    @staticmethod
+    def _holder_sync(path: Path) -> str | None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read(fd) or "another process"
+        finally:
+            os.close(fd)  # a shared lock taken is dropped with it
+        return None
+
+    async def mark_failed(self, name: str, error: str) -> None:
+        marker = _marker(self.path(name))
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(_write_replacing, marker, f"{self._owner} {error}")
+
+    async def failure(self, name: str) -> tuple[str, str] | None:
+        try:
+            return await asyncio.to_thread(self._failure_sync, _marker(self.path(name)))
+        except OSError:
+            return None
+
+    def _failure_sync(self, marker: Path) -> tuple[str, str] | None:
+        try:
+            if time.time() - marker.stat().st_mtime > self._ttl:
+                marker.unlink(missing_ok=True)
+                return None
+            owner, _, error = marker.read_text().partition(" ")
+        except FileNotFoundError:
+            return None
+        return owner, error
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (found.st_dev, found.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _read(fd: int) -> str:
+    return os.pread(fd, 256, 0).decode(errors="replace").strip()
+
+
+def _marker(path: Path) -> Path:
+    return path.with_name(path.name + ".failed")
+
+
+def _write_replacing(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f"{path.name}.{os.getpid()}")
+    temp.write_text(text)
+    os.replace(temp, path)

@@ -1,0 +1,254 @@
+"""One download per digest among the processes sharing a cache directory (workers).
+
+The process that fetches a blob holds an exclusive `flock` on `tmp/<alg>-<hex>.lock` for
+the whole download and writes there where its bytes go, and how far they got:
+
+    <written, 20 digits> <state: w writing, v verified> <size, 20 digits or -1> <temp name>
+
+Another process that wants the blob finds the lock taken and follows: it reads the temp
+file as `written` grows (same disk, no HTTP hop) and sends the last byte once the state
+says verified, as the owner's own readers do. The kernel drops a dead owner's lock: the
+first follower to lock the file then owns the download, with the header telling it which
+temp file holds how many good bytes (it re-hashes them and resumes with Range).
+
+An owner unlinks the lock file before it unlocks; a process that locks a file checks that
+its path still leads to it, so a finished download's lock is never taken for a live one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mirror.oci.reference import Digest
+
+_WRITTEN = 20  # the header's first field, rewritten in place as the download grows
+_STATE_AT = _WRITTEN + 1
+_HEADER_MIN = _STATE_AT + 2 + _WRITTEN + 1
+# Bytes re-hashed per read when a download is taken over.
+READ_CHUNK = 1024 * 1024
+# A file in tmp/ that no held lock names is a crash's leftover once this old.
+STALE_TEMP = 15 * 60.0
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A download as its owner last published it."""
+
+    temp: Path
+    size: int | None
+    written: int
+    verified: bool
+
+
+class Gone:
+    """The owner let go (finished, failed, or swept): look for the file, or claim again."""
+
+
+class Claim:
+    """This process fetches the blob; `previous`: a dead owner's download to carry on."""
+
+    def __init__(self, fd: int, path: Path, previous: Progress | None) -> None:
+        self._fd: int | None = fd
+        self.path = path
+        self.previous = previous
+
+    def start(self, temp: Path, size: int | None, written: int = 0) -> None:
+        """Publish the temp file and expected size (blocking)."""
+        header = f"{written:0{_WRITTEN}d} w {-1 if size is None else size:0{_WRITTEN}d} "
+        self._write(0, (header + temp.name + "\n").encode(), truncate=True)
+
+    def progress(self, written: int) -> None:
+        """Publish that `written` bytes are in the temp file (blocking)."""
+        self._write(0, f"{written:0{_WRITTEN}d}".encode())
+
+    def verified(self) -> None:
+        """Publish that every byte is in and the digest matched (blocking)."""
+        self._write(_STATE_AT, b"v")
+
+    def _write(self, offset: int, data: bytes, truncate: bool = False) -> None:
+        if self._fd is not None:
+            if truncate:
+                os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, data, offset)
+
+    def release(self) -> None:
+        """Unlink the lock file, then unlock (blocking; idempotent)."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            if _same_file(fd, self.path):
+                self.path.unlink()
+        os.close(fd)
+
+
+class Sibling:
+    """Another process fetches the blob: its progress, read from the lock file."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self._fd: int | None = fd
+        self.path = path
+
+    def poll(self) -> Progress | Claim | Gone | None:
+        """The owner's progress (None: no temp file yet), or the claim when the owner died
+        (its lock is ours now), or Gone (blocking)."""
+        fd = self._fd
+        if fd is None:
+            return Gone()
+        if not _try_lock(fd):
+            # The owner rewrites the header in place: a read that overlaps a write could
+            # mix two values, so one counts only when the next read agrees with it.
+            seen = _read_header(fd, self.path.parent)
+            while (again := _read_header(fd, self.path.parent)) != seen:
+                seen = again
+            return seen
+        self._fd = None
+        if not _same_file(fd, self.path):  # released by its owner: over
+            os.close(fd)
+            return Gone()
+        return Claim(fd, self.path, _adoptable(_read_header(fd, self.path.parent)))
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+class LocalFlight:
+    """Claims on the downloads in `tmp`; see the module docstring."""
+
+    def __init__(self, tmp: Path) -> None:
+        self._tmp = tmp
+
+    def claim(self, digest: Digest) -> Claim | Sibling:
+        """Ours to fetch, or another process's to follow (blocking)."""
+        path = self._tmp / f"{digest.algorithm}-{digest.hex}.lock"
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                locked = _try_lock(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            if not locked:
+                return Sibling(fd, path)
+            if _same_file(fd, path):
+                return Claim(fd, path, _adoptable(_read_header(fd, self._tmp)))
+            os.close(fd)  # a release unlinked it meanwhile: again
+
+
+def sweep(tmp: Path) -> None:
+    """At a process's start, remove what no live download holds: the lock files nobody
+    holds with their temp files, and other files left long ago (blocking)."""
+    held: set[str] = set()
+    for path in tmp.glob("*.lock"):
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDWR)
+            try:
+                header = _read_header(fd, tmp)
+                if _try_lock(fd):
+                    if header is not None:
+                        header.temp.unlink(missing_ok=True)
+                    if _same_file(fd, path):
+                        path.unlink()
+                else:
+                    held.add(path.name)
+                    if header is not None:
+                        held.add(header.temp.name)
+            finally:
+                os.close(fd)
+    cutoff = time.time() - STALE_TEMP
+    for path in tmp.iterdir():
+        with contextlib.suppress(OSError):
+            if path.name not in held and path.is_file() and path.stat().st_mtime < cutoff:
+                path.unlink()
+
+
+R = TypeVar("R")
+
+
+async def in_thread(call: Callable[[], R]) -> R:
+    """`call()` in a thread; if the caller is cancelled meanwhile, the claim or lock file
+    it returns is let go, not left held until the process ends."""
+    running = asyncio.get_running_loop().run_in_executor(None, call)
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        running.add_done_callback(_let_go)
+        raise
+
+
+def _let_go(running: asyncio.Future[Any]) -> None:
+    if running.cancelled() or running.exception() is not None:
+        return
+    got = running.result()
+    if isinstance(got, Claim):
+        got.release()  # an unlink and a close: brief enough for a callback
+    elif isinstance(got, Sibling):
+        got.close()
+
+
+def reopen(temp: Path, written: int, hasher: hashlib._Hash) -> int:
+    """The temp file open for writing at `written`, its first `written` bytes hashed."""
+    fd = os.open(temp, os.O_RDWR)
+    try:
+        pos = 0
+        while pos < written:
+            chunk = os.pread(fd, min(READ_CHUNK, written - pos), pos)
+            if not chunk:
+                raise OSError(f"{temp} is shorter than {written} bytes")
+            hasher.update(chunk)
+            pos += len(chunk)
+        os.lseek(fd, written, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (found.st_dev, found.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _read_header(fd: int, tmp: Path) -> Progress | None:
+    raw = os.pread(fd, 4096, 0)
+    if len(raw) < _HEADER_MIN or not raw.endswith(b"\n"):
+        return None
+    try:
+        written, state, size, name = raw[:-1].decode().split(" ", 3)
+        total = int(size)
+        progress = Progress(tmp / name, None if total < 0 else total, int(written), state == "v")
+    except ValueError:
+        return None
+    if not name or "/" in name or name.startswith("."):  # a file of tmp/ only
+        return None
+    return progress
+
+
+def _adoptable(previous: Progress | None) -> Progress | None:
+    """A dead owner's download, if its temp file is still there to carry on."""
+    if previous is None or not previous.temp.is_file():
+        return None
+    return previous

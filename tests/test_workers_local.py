@@ -1,0 +1,119 @@
+"""The file locks that make worker processes one mirror, tested within one process.
+
+A `flock` taken through one open file conflicts with one taken through another open of the
+same file, in one process as across processes: two apps here behave as two workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+from mirror.cluster.lease import Held
+from mirror.cluster.locallease import LocalLease, LocalLeases
+from mirror.oci.reference import parse_digest
+from mirror.storage.localflight import Claim, Gone, LocalFlight, Progress, Sibling, sweep
+from tests.conftest import MakeClient
+from tests.fakehub import FakeHub
+
+DIGEST = parse_digest("sha256:" + "ab" * 32)
+
+
+async def test_a_local_lease_is_held_once_and_free_after_release(tmp_path: Path) -> None:
+    leases = LocalLeases(tmp_path / "locks")
+    lease = await leases.acquire("tag:hub/library/x:latest")
+    assert isinstance(lease, LocalLease)
+    assert await leases.acquire("tag:hub/library/x:latest") == Held(leases.owner)
+    assert await leases.holder("tag:hub/library/x:latest") == leases.owner
+    assert isinstance(await leases.acquire("tag:hub/library/y:latest"), LocalLease)
+    async with lease.kept():
+        pass
+    assert await leases.holder("tag:hub/library/x:latest") is None
+    assert isinstance(await leases.acquire("tag:hub/library/x:latest"), LocalLease)
+
+
+async def test_a_local_failure_marker_names_its_holder_and_runs_out(tmp_path: Path) -> None:
+    leases = LocalLeases(tmp_path / "locks", ttl=0.2)
+    await leases.mark_failed("tag:t", "UpstreamUnavailable")
+    assert await leases.failure("tag:t") == (leases.owner, "UpstreamUnavailable")
+    await asyncio.sleep(0.3)
+    assert await leases.failure("tag:t") is None
+
+
+def test_a_follower_reads_the_owners_progress_until_it_lets_go(tmp_path: Path) -> None:
+    flight = LocalFlight(tmp_path)
+    owner = flight.claim(DIGEST)
+    assert isinstance(owner, Claim) and owner.previous is None
+    follower = flight.claim(DIGEST)
+    assert isinstance(follower, Sibling)
+    assert follower.poll() is None  # no temp file yet
+    temp = tmp_path / "blob-1"
+    temp.write_bytes(b"x" * 10)
+    owner.start(temp, 10)
+    owner.progress(6)
+    assert follower.poll() == Progress(temp, 10, 6, False)
+    owner.progress(10)
+    owner.verified()
+    assert follower.poll() == Progress(temp, 10, 10, True)
+    owner.release()
+    assert isinstance(follower.poll(), Gone)
+
+
+def test_a_dead_owners_download_is_taken_over_where_it_stopped(tmp_path: Path) -> None:
+    flight = LocalFlight(tmp_path)
+    owner = flight.claim(DIGEST)
+    assert isinstance(owner, Claim)
+    follower = flight.claim(DIGEST)
+    assert isinstance(follower, Sibling)
+    temp = tmp_path / "blob-1"
+    temp.write_bytes(b"x" * 10)
+    owner.start(temp, 100)
+    owner.progress(10)
+    assert owner._fd is not None
+    os.close(owner._fd)  # as the kernel does for a killed process: unlocked, not unlinked
+    taken = follower.poll()
+    assert isinstance(taken, Claim)
+    assert taken.previous == Progress(temp, 100, 10, False)
+    assert isinstance(flight.claim(DIGEST), Sibling)  # the new owner holds it
+    taken.release()
+
+
+def test_a_starting_process_sweeps_only_what_no_live_download_holds(tmp_path: Path) -> None:
+    flight = LocalFlight(tmp_path)
+    live = flight.claim(DIGEST)
+    assert isinstance(live, Claim)
+    (tmp_path / "blob-live").write_bytes(b"x")
+    live.start(tmp_path / "blob-live", 1)
+    dead = flight.claim(parse_digest("sha256:" + "cd" * 32))
+    assert isinstance(dead, Claim)
+    (tmp_path / "blob-dead").write_bytes(b"x")
+    dead.start(tmp_path / "blob-dead", 1)
+    assert dead._fd is not None
+    os.close(dead._fd)  # its process died
+    sweep(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "blob-live",
+        f"sha256-{DIGEST.hex}.lock",
+    ]
+    live.release()
+
+
+async def test_two_apps_on_one_directory_fetch_a_blob_once(
+    hub: FakeHub, make_client: MakeClient
+) -> None:
+    data = os.urandom(8 * 1024 * 1024)
+    digest = hub.content.add_blob(data)
+    hub.cdn_delay = 0.002
+    first, second = await make_client(workers=2), await make_client(workers=2)
+
+    async def get(client: Any) -> bytes:
+        resp = await client.get(f"/v2/library/x/blobs/{digest}")
+        assert resp.status == 200
+        body: bytes = await resp.read()
+        return body
+
+    bodies = await asyncio.gather(*(get((first, second)[i % 2]) for i in range(6)))
+    assert bodies == [data] * 6
+    assert hub.stats["blob_get"] == 1
