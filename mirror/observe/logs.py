@@ -75,6 +75,18 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+class WorkerFilter(logging.Filter):
+    """Stamps each record with the index of the worker process that wrote it (`workers`)."""
+
+    def __init__(self, worker: int) -> None:
+        super().__init__()
+        self._worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self._worker
+        return True
+
+
 class TextFormatter(_SecondStamps):
     """`time level logger [request id] message`, the milliseconds after a comma."""
 
@@ -93,6 +105,9 @@ class JsonFormatter(_SecondStamps):
             "message": record.getMessage(),
             "request_id": getattr(record, "request_id", "-"),
         }
+        worker = getattr(record, "worker", None)
+        if worker is not None:
+            entry["worker"] = worker
         access = getattr(record, "access", None)
         if isinstance(access, dict):
             entry.update(access)
@@ -101,15 +116,21 @@ class JsonFormatter(_SecondStamps):
         return json.dumps(entry)
 
 
-def setup_logging(level: str, fmt: str) -> None:
-    """Configure the root logger once, for `mirror serve` and the other commands."""
+def setup_logging(level: str, fmt: str, worker: int | None = None) -> None:
+    """Configure the root logger once, for `mirror serve` and the other commands; a worker
+    of `workers: N` names itself on every line."""
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdFilter())
+    if worker is not None:
+        handler.addFilter(WorkerFilter(worker))
     if fmt == "json":
         formatter: logging.Formatter = JsonFormatter()
         formatter.converter = time.gmtime
     else:
-        formatter = TextFormatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+        where = "" if worker is None else f" worker={worker}"
+        formatter = TextFormatter(
+            f"%(asctime)s %(levelname)s %(name)s{where} [%(request_id)s] %(message)s"
+        )
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]

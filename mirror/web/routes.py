@@ -49,6 +49,6 @@ def setup_routes(app: web.Application) -> None:
             get("/", handlers.status_page, name="status"),
             get("/healthz", handlers.healthz, name="healthz"),
             get("/readyz", handlers.readyz, name="readyz"),
-            get("/metrics", make_aiohttp_handler(app[metrics_key].registry), name="metrics"),
+            get("/metrics", make_aiohttp_handler(app[metrics_key].exposed), name="metrics"),
         ]
     )
