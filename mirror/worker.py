@@ -68,18 +68,23 @@ def adopt_sockets(seat: WorkerSeat, wanted: int) -> list[socket.socket]:
         raise ConfigError(
             "--config", "the listeners changed since mirror serve started: restart it"
         )
-    adopted = []
-    for fd in seat.sockets:
-        try:
-            sock = socket.socket(fileno=fd)
-            listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-        except OSError as exc:
-            raise ConfigError(SOCKETS_ENV, f"descriptor {fd}: {exc.strerror}") from None
-        if sock.type != socket.SOCK_STREAM or not listening:
-            raise ConfigError(SOCKETS_ENV, f"descriptor {fd} is not a listening socket")
-        sock.setblocking(False)
-        adopted.append(sock)
-    return adopted
+    return [_adopt(fd) for fd in seat.sockets]
+
+
+def _adopt(fd: int) -> socket.socket:
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise ConfigError(SOCKETS_ENV, f"descriptor {fd}: {exc.strerror}") from None
+    try:
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError:
+        listening = 0
+    if sock.type != socket.SOCK_STREAM or not listening:
+        sock.close()
+        raise ConfigError(SOCKETS_ENV, f"descriptor {fd} is not a listening socket")
+    sock.setblocking(False)
+    return sock
 
 
 def stop_with_parent(seat: WorkerSeat) -> None:

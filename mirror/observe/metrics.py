@@ -7,7 +7,9 @@ With `workers: N` every worker process writes its values to files in the directo
 supervisor names (PROMETHEUS_MULTIPROC_DIR) and /metrics reads them all: counters and
 histograms add up; a gauge says how: `livesum` where each worker holds its share (connections,
 downloads), `livemostrecent` or `livemax` where every worker sees the same disk, upstream or
-Redis (a dead worker's gauges are dropped).
+Redis (a dead worker's gauges are dropped). The cache's size is each worker's count (the
+scan at start, its own writes, the last eviction pass) and /metrics shows the largest: close,
+not exact, between eviction passes (`mostrecent` allows no inc()).
 """
 
 from __future__ import annotations
@@ -138,13 +140,13 @@ class Metrics:
         self.cache_size = Gauge(
             "mirror_cache_size_bytes",
             "Bytes of blobs and manifests stored on disk.",
-            multiprocess_mode="livemostrecent",
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.cache_objects = Gauge(
             "mirror_cache_objects",
             "Blobs and manifests stored on disk.",
-            multiprocess_mode="livemostrecent",
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.ratelimit_remaining = Gauge(
