@@ -18,6 +18,7 @@ import pytest
 
 from mirror import supervisor
 from mirror.config import ConfigError
+from mirror.config.load import config_from_mapping
 from mirror.observe.logs import setup_logging
 from mirror.supervisor import Supervisor
 from mirror.worker import adopt_sockets, seat_environment, seat_from_environment
@@ -203,3 +204,12 @@ def test_a_worker_names_itself_on_every_log_line(monkeypatch: pytest.MonkeyPatch
     finally:
         root.handlers[:], level = saved
         root.setLevel(level)
+
+
+def test_workers_with_a_cluster_are_refused_at_load(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("s" * 32 + "\n")
+    cluster = {"advertise_url": "http://10.0.0.5:8083", "secret_file": str(secret)}
+    with pytest.raises(ConfigError, match="workers: 2 with cluster"):
+        config_from_mapping({"workers": 2, "cluster": cluster})
+    assert config_from_mapping({"workers": 1}).workers == 1
