@@ -6,7 +6,10 @@ import argparse
 import asyncio
 import logging
 import os
+import ssl
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from mirror import __version__, commands
 from mirror.allocator import return_large_blocks
@@ -14,11 +17,18 @@ from mirror.config import Config, ConfigError, apply_overrides, load_config, par
 from mirror.net import tls
 from mirror.observe.logs import setup_logging
 from mirror.oci.errors import RegistryError
+from mirror.supervisor import (
+    Supervisor,
+    private_metrics_dir,
+    remove_metrics_dir,
+    worker_command,
+)
 from mirror.web import server
 from mirror.web.app import create_app
 from mirror.web.keys import metrics_key
 from mirror.web.monitor import create_monitor_app
 from mirror.web.tlsreload import enable_reload
+from mirror.worker import WorkerSeat, adopt_sockets, seat_from_environment, stop_with_parent
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,11 +94,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     # The one-shot commands print their own report; their logs are for problems only.
     quiet = config.log.level if config.log.level in ("DEBUG", "ERROR") else "WARNING"
-    setup_logging(config.log.level if args.command == "serve" else quiet, config.log.format)
     if args.command == "serve":
+        with one_line_exit():
+            seat = seat_from_environment(os.environ)
+        setup_logging(config.log.level, config.log.format, seat.index if seat else None)
         return_large_blocks()
-        serve(config)
+        serve(config, sys.argv[1:] if argv is None else argv, seat)
         return
+    setup_logging(quiet, config.log.format)
     try:
         status = asyncio.run(run_command(args, config))
     except ConfigError as exc:
@@ -131,23 +144,21 @@ def read_image_list(path: str) -> list[str]:
     return [entry for entry in entries if entry]
 
 
-def serve(config: Config) -> None:
-    listeners = [server.Listener(config.host, config.port)] if config.http else []
-    context = None
-    if config.tls is not None:
-        try:  # a bad or mismatched pair stops it here, before anything listens
-            context = tls.server_context(config.tls)
-        except ConfigError as exc:
-            print(f"mirror: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
-        listeners.append(server.Listener(config.tls.host, config.tls.port, context, "tls.listen"))
+def serve(config: Config, argv: list[str], seat: WorkerSeat | None = None) -> None:
+    """Run the mirror: in this process, as a supervisor of workers, or as one of them."""
+    listeners, context = make_listeners(config)
+    if seat is None and config.workers > 1:
+        raise SystemExit(supervise(config, listeners, argv))
+    inherited = None
+    if seat is not None:
+        stop_with_parent(seat)
+        with one_line_exit():
+            inherited = adopt_sockets(seat, len(listeners))
 
     def announce() -> None:  # only once every address is bound and the app has started
         logging.getLogger(__name__).info(
             "serving on %s, upstream %s, storage %s, metadata %s",
-            ", ".join(
-                f"{'https' if x.ssl_context else 'http'}://{x.host}:{x.port}" for x in listeners
-            ),
+            describe(listeners),
             config.upstream.url,
             config.storage.path,
             "redis" if config.redis.url else "in-process",
@@ -158,9 +169,11 @@ def serve(config: Config) -> None:
         host, port = config.metrics.listen
         monitor = create_monitor_app(app)
         listeners.append(server.Listener(host, port, None, "metrics.listen", monitor))
+    if seat is not None:
+        app[metrics_key].count_worker_start(seat.restarted)
     if config.tls is not None and context is not None:
         enable_reload(app, context, config.tls, app[metrics_key])
-    try:
+    with one_line_exit():  # a taken port, a failed check at start (S3): no traceback
         server.run(
             app,
             listeners,
@@ -169,7 +182,49 @@ def serve(config: Config) -> None:
             config.server,
             event_loop=config.event_loop,
             cluster=config.cluster is not None,
+            inherited=inherited,
         )
-    except ConfigError as exc:  # a taken port, a failed check at start (S3): no traceback
+
+
+def make_listeners(config: Config) -> tuple[list[server.Listener], ssl.SSLContext | None]:
+    """The plain and TLS listeners the config asks for; a bad TLS pair exits 2 here."""
+    listeners = [server.Listener(config.host, config.port)] if config.http else []
+    context = None
+    if config.tls is not None:
+        with one_line_exit():  # a bad or mismatched pair stops it here, before anything listens
+            context = tls.server_context(config.tls)
+        listeners.append(server.Listener(config.tls.host, config.tls.port, context, "tls.listen"))
+    return listeners, context
+
+
+def supervise(config: Config, listeners: list[server.Listener], argv: list[str]) -> int:
+    """Bind every listener here, then run `workers` processes on them; the exit status."""
+    with one_line_exit():
+        sockets = [server.bind(listener) for listener in listeners]
+    metrics_dir = private_metrics_dir(config.storage.path)
+    logging.getLogger(__name__).info(
+        "%d workers serving on %s", config.workers, describe(listeners)
+    )
+    try:
+        command = worker_command(argv)
+        return Supervisor(
+            command, sockets, config.workers, config.shutdown_timeout, metrics_dir
+        ).run()
+    finally:
+        remove_metrics_dir(metrics_dir)
+
+
+def describe(listeners: list[server.Listener]) -> str:
+    return ", ".join(
+        f"{'https' if x.ssl_context else 'http'}://{x.host}:{x.port}" for x in listeners
+    )
+
+
+@contextmanager
+def one_line_exit() -> Iterator[None]:
+    """A ConfigError inside becomes its one line on stderr and exit status 2."""
+    try:
+        yield
+    except ConfigError as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

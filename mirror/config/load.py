@@ -98,7 +98,7 @@ def config_from_mapping(raw: Mapping[str, Any]) -> Config:
         http=http,
         cluster=parse_cluster(raw),
         server=parse_server(raw),
-        workers=parse_workers(raw.get("workers", 1)),
+        workers=parse_workers(raw.get("workers", 1), clustered=raw.get("cluster") is not None),
         event_loop=_event_loop(raw),
         trusted_proxies=parse_networks("trusted_proxies", raw.get("trusted_proxies")),
         metrics=parse_metrics(raw),
@@ -116,13 +116,19 @@ def _event_loop(raw: Mapping[str, Any]) -> str:
 MAX_WORKERS = 64
 
 
-def parse_workers(value: object) -> int:
+def parse_workers(value: object, clustered: bool = False) -> int:
     """`workers`: a count of processes, or `auto` for one per core."""
     if value == "auto":
-        return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        count = max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+    elif isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
         raise ConfigError("workers", f"{value!r} is not auto or a count from 1 to {MAX_WORKERS}")
-    return value
+    else:
+        count = value
+    # A replica is one process to its peers: its leases and its in-flight downloads, which
+    # they stream from, would be split over workers that do not see each other's.
+    if clustered and count > 1:
+        raise ConfigError("workers", f"{value!r} with cluster: a replica runs one process")
+    return count
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:

@@ -19,6 +19,7 @@ class ClusterMetrics:
             "mirror_cluster_replica_info",
             "1 for a replica of a cluster, labelled with its replica id (cluster.replica_id).",
             ["replica"],
+            multiprocess_mode="livemax",  # workers: every one says the same
             registry=r,
         )
         self.peer_streams = Counter(

@@ -27,6 +27,7 @@ class GuardMetrics:
         self.connections_open = Gauge(
             "mirror_connections_open",
             "Client connections open (server.max_connections at most).",
+            multiprocess_mode="livesum",  # workers: each counts its own
             registry=r,
         )
         self.connections_refused = Counter(

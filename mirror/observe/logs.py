@@ -112,6 +112,18 @@ def redact(text: str) -> str:
     return _CREDENTIAL.sub(lambda m: f"{m.group(1)}{m.group(2)}<redacted>", text)
 
 
+class WorkerFilter(logging.Filter):
+    """Stamps each record with the index of the worker process that wrote it (`workers`)."""
+
+    def __init__(self, worker: int) -> None:
+        super().__init__()
+        self._worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self._worker
+        return True
+
+
 class TextFormatter(_SecondStamps):
     """`time level logger [request id] message`, the milliseconds after a comma; one line
     per record: client-chosen text escaped, credentials redacted."""
@@ -134,6 +146,9 @@ class JsonFormatter(_SecondStamps):
             "message": redact(record.getMessage()),
             "request_id": getattr(record, "request_id", "-"),
         }
+        worker = getattr(record, "worker", None)
+        if worker is not None:
+            entry["worker"] = worker
         access = getattr(record, "access", None)
         if isinstance(access, dict):
             entry.update(access)
@@ -142,15 +157,19 @@ class JsonFormatter(_SecondStamps):
         return json.dumps(entry)
 
 
-def setup_logging(level: str, fmt: str) -> None:
-    """Configure the root logger once, for `mirror serve` and the other commands."""
+def setup_logging(level: str, fmt: str, worker: int | None = None) -> None:
+    """Configure the root logger once, for `mirror serve` and the other commands; a worker
+    of `workers: N` names itself on every line."""
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdFilter())
+    if worker is not None:
+        handler.addFilter(WorkerFilter(worker))
     if fmt == "json":
         formatter: logging.Formatter = JsonFormatter()
         formatter.converter = time.gmtime
     else:
-        formatter = TextFormatter(TEXT_FORMAT)
+        where = "" if worker is None else f" worker={worker}"
+        formatter = TextFormatter(TEXT_FORMAT.replace(" [", f"{where} [", 1))
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]

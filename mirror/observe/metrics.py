@@ -2,19 +2,33 @@
 
 Label values are route templates, methods, statuses, upstream hosts and fixed words: never
 repository names, tags or anything a client chooses freely (cardinality), and never secrets.
+
+With `workers: N` every worker process writes its values to files in the directory its
+supervisor names (PROMETHEUS_MULTIPROC_DIR) and /metrics reads them all: counters and
+histograms add up; a gauge says how: `livesum` where each worker holds its share (connections,
+downloads), `livemostrecent` or `livemax` where every worker sees the same disk, upstream or
+Redis (a dead worker's gauges are dropped). The cache's size is each worker's count (the
+scan at start, its own writes, the last eviction pass) and /metrics shows the largest: close,
+not exact, between eviction passes (`mostrecent` allows no inc()).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from mirror.observe.cluster_metrics import ClusterMetrics
 from mirror.observe.guard_metrics import GuardMetrics
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 M = TypeVar("M", Counter, Gauge, Histogram)
+
+
+# Set by the supervisor for its workers; prometheus-client reads it when first imported.
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class Metrics:
@@ -26,6 +40,21 @@ class Metrics:
         self._zero_known_labels()
         self.cluster = ClusterMetrics(self.registry)  # replicas' series (mirror/cluster/)
         self.guard = GuardMetrics(self.registry)  # refusals by the mirror's own limits
+        self.exposed = self.registry  # what /metrics serves
+        if os.environ.get(MULTIPROCESS_ENV):  # a worker: every worker's values, summed
+            self.exposed = CollectorRegistry()
+            MultiProcessCollector(self.exposed)  # type: ignore[no-untyped-call]
+
+    def count_worker_start(self, restarted: bool) -> None:
+        """A worker's share of `mirror_worker_restarts_total`: 1 when it replaced a worker
+        that died. Workers alone have the series; the files of dead ones keep theirs."""
+        restarts = Counter(
+            "mirror_worker_restarts",
+            "Worker processes started again after one died (workers > 1).",
+            registry=self.registry,
+        )
+        if restarted:
+            restarts.inc()
 
     def _zero_known_labels(self) -> None:
         """Create the series with fixed label values at 0, so dashboards show 0 rather
@@ -88,6 +117,7 @@ class Metrics:
         self.upstream_fetches_in_flight = Gauge(
             "mirror_upstream_fetches_in_flight",
             "Blob downloads from upstream under way.",
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.joined_requests = Counter(
@@ -110,23 +140,27 @@ class Metrics:
         self.cache_size = Gauge(
             "mirror_cache_size_bytes",
             "Bytes of blobs and manifests stored on disk.",
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.cache_objects = Gauge(
             "mirror_cache_objects",
             "Blobs and manifests stored on disk.",
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.ratelimit_remaining = Gauge(
             "mirror_upstream_ratelimit_remaining",
             "Pulls left in the upstream's window, from its ratelimit-remaining header.",
             ["upstream"],
+            multiprocess_mode="livemostrecent",
             registry=r,
         )
         self.ratelimit_limit = Gauge(
             "mirror_upstream_ratelimit_limit",
             "Pulls allowed in the upstream's window, from its ratelimit-limit header.",
             ["upstream"],
+            multiprocess_mode="livemostrecent",
             registry=r,
         )
         self.revalidations = Counter(
@@ -145,6 +179,7 @@ class Metrics:
             "mirror_upstream_up",
             "1 while the upstream answers, 0 while its circuit breaker is open.",
             ["upstream"],
+            multiprocess_mode="livemostrecent",
             registry=r,
         )
         self.negative_hits = Counter(
@@ -171,26 +206,31 @@ class Metrics:
         self.cache_max_size = Gauge(
             "mirror_cache_max_size_bytes",
             "The configured bound on the cache's size (storage.max_size); 0 when unbounded.",
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.storage_free = Gauge(
             "mirror_storage_free_bytes",
             "Bytes free on the filesystem holding the cache.",
+            multiprocess_mode="livemostrecent",
             registry=r,
         )
         self.storage_capacity = Gauge(
             "mirror_storage_capacity_bytes",
             "Size of the filesystem holding the cache.",
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.storage_writable = Gauge(
             "mirror_storage_writable",
             "1 while the cache directory takes writes; 0 while full or read-only.",
+            multiprocess_mode="livemostrecent",
             registry=r,
         )
         self.metadata_up = Gauge(
             "mirror_metadata_up",
             "1 while the metadata store (Redis) answers; 0 while requests fall back to memory.",
+            multiprocess_mode="livemostrecent",
             registry=r,
         )
         self.token_fetches = Counter(
@@ -265,6 +305,7 @@ class Metrics:
             "mirror_s3_up",
             "1 while the S3 bucket answers; 0 while blobs are served from the local tier "
             "and upstream, uncached.",
+            multiprocess_mode="livemostrecent",
             registry=None,  # registered by storage.s3.Bucket: a mirror without S3 has none
         )
         self.redirects = Counter(

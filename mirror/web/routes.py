@@ -65,5 +65,5 @@ def monitoring_routes(app: web.Application) -> list[web.RouteDef]:
     get = partial(web.get, expect_handler=expect)
     return [
         get("/", status_page, name="status"),
-        get("/metrics", make_aiohttp_handler(app[metrics_key].registry), name="metrics"),
+        get("/metrics", make_aiohttp_handler(app[metrics_key].exposed), name="metrics"),
     ]

@@ -51,15 +51,17 @@ def run(
     limits: ServerConfig | None = None,
     event_loop: str = "asyncio",
     cluster: bool = False,
+    inherited: list[socket.socket] | None = None,
 ) -> None:
     """Serve `app` on every listener until SIGTERM or SIGINT, then shut down gracefully.
 
     Every address is bound before the app starts, so a taken port fails at once as a
     ConfigError naming the setting, and `on_bound` (the "serving on" line) runs only after.
+    A worker of `workers: N` passes the sockets its supervisor bound, one per listener.
     """
     limits = limits or ServerConfig()
     factory = loop_factory(event_loop, cluster)
-    sockets = [bind(listener) for listener in listeners]
+    sockets = inherited or [bind(listener) for listener in listeners]
     raise_fd_limit(limits.max_connections + SPARE_FDS)
     bound = list(zip(listeners, sockets, strict=True))
     try:

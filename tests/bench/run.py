@@ -27,6 +27,7 @@ from typing import Any
 from tests.bench import measure
 from tests.bench import replicas as replicabench
 from tests.bench import s3 as s3bench
+from tests.bench import workers as workersbench
 from tests.bench.chart import write_chart
 from tests.bench.clients import OPENER
 from tests.bench.memory import RssSampler
@@ -78,6 +79,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-docker", action="store_true", help="skip the docker pull measurement")
     p.add_argument("--no-s3", action="store_true", help="skip the S3 backend (Ceph RGW) rows")
     p.add_argument("--no-replicas", action="store_true", help="skip the 3-replica rows")
+    p.add_argument("--no-workers", action="store_true", help="skip the 2-worker rows")
+    p.add_argument(
+        "--only",
+        action="append",
+        choices=sorted(PHASES),
+        help="run only this phase (repeatable); the memory rows come anyway",
+    )
     p.add_argument(
         "--profile",
         action="store_true",
@@ -104,6 +112,7 @@ class Stack:
     s3: s3bench.S3Stack | None = None  # the S3 backend's mirrors, unless --no-s3
     replicas: replicabench.ReplicaStack | None = None  # 3 replicas + haproxy (needs s3)
     replica_blobs: list[tuple[BigBlob, BigBlob]] = field(default_factory=list)
+    workers: workersbench.WorkersStack | None = None  # workers: 2, unless --no-workers
 
 
 def seed_upstream(url: str, workdir: Path, args: argparse.Namespace) -> tuple[BigBlob, ...]:
@@ -139,6 +148,9 @@ def start_stack(es: ExitStack, workdir: Path, args: argparse.Namespace) -> Stack
             stack.replica_blobs = replicabench.seed(upstream.url, args.runs, size, log)
             redis_r = es.enter_context(RedisServer(workdir / "redis-replicas"))
             stack.replicas = replicabench.start(es, workdir, hub, stack.s3.rgw, redis_r.url, log)
+    if not args.no_workers:
+        size = args.blob_mib * MIB
+        stack.workers = workersbench.start(es, workdir, upstream.url, hub, args.runs, size, log)
     return stack
 
 
@@ -218,6 +230,28 @@ def phase_replica_manifests(s: Stack, args: argparse.Namespace) -> tuple[list[Ro
     return replicabench.manifest_rows(runs, P99_LIMIT_MS), runs
 
 
+def phase_workers_manifests(s: Stack, args: argparse.Namespace) -> tuple[list[Row], Any]:
+    if s.workers is None:
+        return [], None
+    rps = workersbench.manifests(s.workers, s.mirror, s.workdir, args.runs, args.wrk_seconds, log)
+    return workersbench.manifest_rows(rps), rps
+
+
+def phase_workers_cold(s: Stack, args: argparse.Namespace) -> tuple[list[Row], Any]:
+    if s.workers is None:
+        return [], None
+    nginx = f"{s.nginx.url}/big0.bin"
+    cold = workersbench.cold(s.workers, s.hub, nginx, s.warm, args.clients, log)
+    return workersbench.cold_rows(cold, args.clients, args.blob_mib), cold
+
+
+def phase_workers_warm_tls(s: Stack, args: argparse.Namespace) -> tuple[list[Row], Any]:
+    if s.workers is None:
+        return [], None
+    seconds = workersbench.warm_tls(s.workers, s.hub, s.warm, args.warm_runs)
+    return workersbench.warm_tls_rows(seconds, args.blob_mib), seconds
+
+
 PHASES: dict[str, Phase] = {
     "warm blob": phase_warm,
     "manifests": phase_manifests,
@@ -226,6 +260,9 @@ PHASES: dict[str, Phase] = {
     "replicas cold blob": phase_replica_cold,
     "replicas manifests": phase_replica_manifests,
     "docker pull": phase_docker,
+    "workers manifests": phase_workers_manifests,
+    "workers cold blob": phase_workers_cold,
+    "workers warm tls": phase_workers_warm_tls,
 }
 
 
@@ -236,7 +273,7 @@ def run_phases(
     # Other work on the machine skews every figure: the load average shows whether there was any.
     raw: dict[str, Any] = {"phase_seconds": {}, "loadavg_1min_after": {"start": os.getloadavg()[0]}}
     for name, phase in PHASES.items():
-        if name == "docker pull" and args.no_docker:
+        if (name == "docker pull" and args.no_docker) or (args.only and name not in args.only):
             continue
         log(f"{name}")
         start = time.monotonic()
@@ -248,6 +285,10 @@ def run_phases(
         raw["loadavg_1min_after"][name] = os.getloadavg()[0]
     stack.rss.stop()
     rows += memory_rows(stack.rss.max_bytes, stack.rss.final_bytes)
+    if stack.workers is not None:
+        peaks = stack.workers.rss.stop()
+        rows += workersbench.rss_rows(peaks)
+        raw["worker_rss_peaks"] = peaks
     raw["rss_samples"] = stack.rss.samples
     if stack.s3 is not None:
         rows += s3bench.memory_rows(*stack.s3.stop_sampling())

@@ -1,0 +1,215 @@
+"""The supervisor's rules, with stand-in workers (small Python scripts), and a worker's seat."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mirror import supervisor
+from mirror.config import ConfigError
+from mirror.config.load import config_from_mapping
+from mirror.observe.logs import setup_logging
+from mirror.supervisor import Supervisor
+from mirror.worker import adopt_sockets, seat_environment, seat_from_environment
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock
+
+
+@pytest.fixture(autouse=True)
+def fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(supervisor, "FIRST_DELAY", 0.01)
+    monkeypatch.setattr(supervisor, "CLEANUP_GRACE", 0.0)
+
+
+def script(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def run(command: list[str], listener: socket.socket, tmp_path: Path, **kwargs: float) -> int:
+    sup = Supervisor(command, [listener], 2, kwargs.get("shutdown_timeout", 5.0), tmp_path)
+    return sup.run()
+
+
+def terminate_in(seconds: float) -> threading.Timer:
+    """SIGTERM to this process (the supervisor under test) a moment from now."""
+    timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    return timer
+
+
+# Writes a line per start (its worker index, and whether it replaced one) to a file.
+RECORD = (
+    "import os; open({path!r}, 'a').write(os.environ['MIRROR_WORKER'] + ' ' "
+    "+ os.environ['MIRROR_WORKER_RESTART'] + ' ' + os.environ['PROMETHEUS_MULTIPROC_DIR'] "
+    "+ chr(10));"
+)
+
+
+def test_workers_dying_at_once_are_restarted_with_backoff_then_given_up(
+    listener: socket.socket, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    starts = tmp_path / "starts"
+    started = time.monotonic()
+    status = run(
+        script(RECORD.format(path=str(starts)) + "raise SystemExit(1)"), listener, tmp_path
+    )
+    assert status == 1
+    lines = starts.read_text().splitlines()
+    # One slot reached GIVE_UP deaths in a row; the other at most as many.
+    assert supervisor.GIVE_UP <= len(lines) <= 2 * supervisor.GIVE_UP
+    assert {line.split()[0] for line in lines} == {"1", "2"}
+    assert all(line.split()[2] == str(tmp_path) for line in lines)
+    assert [line.split()[1] for line in lines[:2]] == ["0", "0"]
+    assert {line.split()[1] for line in lines[2:]} == {"1"}
+    # Delays of 0.01, 0.02, 0.04, 0.08 s: doubling, yet no spinning.
+    assert time.monotonic() - started >= 0.15
+    assert "died at once 5 times in a row" in caplog.text
+
+
+def test_a_worker_with_status_2_stops_the_others(listener: socket.socket, tmp_path: Path) -> None:
+    code = (
+        "import os, time\n"
+        "if os.environ['MIRROR_WORKER'] == '2': raise SystemExit(2)\n"
+        "time.sleep(60)"
+    )
+    started = time.monotonic()
+    assert run(script(code), listener, tmp_path) == 2
+    assert time.monotonic() - started < 10  # worker 1 got SIGTERM, not the full minute
+
+
+def test_sigterm_drains_and_exits_zero(listener: socket.socket, tmp_path: Path) -> None:
+    stopped = tmp_path / "stopped"
+    code = (
+        "import signal, sys, time\n"
+        f"def stop(*_): open({str(stopped)!r}, 'a').write('x'); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "time.sleep(60)"
+    )
+    timer = terminate_in(1.0)
+    assert run(script(code), listener, tmp_path) == 0
+    timer.join()
+    assert stopped.read_text() == "xx"
+
+
+def test_a_worker_that_ignores_sigterm_is_killed_after_the_timeout(
+    listener: socket.socket, tmp_path: Path
+) -> None:
+    code = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)"
+    timer = terminate_in(1.0)
+    started = time.monotonic()
+    assert run(script(code), listener, tmp_path, shutdown_timeout=0.5) == 0
+    timer.join()
+    assert time.monotonic() - started < 10
+
+
+def test_a_worker_that_lived_long_is_restarted_at_once(
+    listener: socket.socket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(supervisor, "QUICK_DEATH", 0.1)
+    monkeypatch.setattr(supervisor, "FIRST_DELAY", 60.0)  # would stall the test if used
+    starts = tmp_path / "starts"
+    code = RECORD.format(path=str(starts)) + "import time; time.sleep(0.3); raise SystemExit(1)"
+    timer = terminate_in(2.5)
+    assert run(script(code), listener, tmp_path) == 0
+    timer.join()
+    assert len(starts.read_text().splitlines()) >= 6
+
+
+def test_the_workers_inherit_the_listening_socket(listener: socket.socket, tmp_path: Path) -> None:
+    out = tmp_path / "accepted"
+    code = (
+        "import os, socket\n"
+        "fd = int(os.environ['MIRROR_WORKER_SOCKETS'])\n"
+        "conn, _ = socket.socket(fileno=fd).accept()\n"
+        f"open({str(out)!r} + os.environ['MIRROR_WORKER'], 'w').write('ok')\n"
+        "conn.close()\n"
+        "import time; time.sleep(60)"
+    )
+    port = listener.getsockname()[1]
+
+    def connect_twice() -> None:
+        for _ in range(2):
+            socket.create_connection(("127.0.0.1", port), timeout=10).close()
+        while len(list(tmp_path.glob("accepted*"))) < 2:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=connect_twice)
+    thread.start()
+    assert run(script(code), listener, tmp_path) == 0
+    thread.join()
+    assert sorted(p.name for p in tmp_path.glob("accepted*")) == ["accepted1", "accepted2"]
+
+
+def test_a_seat_is_read_back_from_its_environment() -> None:
+    env = seat_environment(3, [5, 6], 77, restarted=True)
+    seat = seat_from_environment(env)
+    assert seat is not None
+    assert (seat.index, seat.sockets, seat.parent, seat.restarted) == (3, (5, 6), 77, True)
+    assert seat_from_environment({}) is None
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"MIRROR_WORKER": "1"}, {"MIRROR_WORKER": "x", "MIRROR_WORKER_SOCKETS": "3",
+                               "MIRROR_WORKER_PARENT": "1"}],
+)  # fmt: skip
+def test_a_stray_worker_variable_is_a_config_error(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match="MIRROR_WORKER"):
+        seat_from_environment(env)
+
+
+def test_a_descriptor_that_is_not_listening_is_refused() -> None:
+    with socket.socket() as unbound:
+        fd = os.dup(unbound.fileno())
+        seat = seat_from_environment(seat_environment(1, [fd], os.getppid(), False))
+        assert seat is not None
+        with pytest.raises(ConfigError, match="not a listening socket"):
+            adopt_sockets(seat, 1)  # and closed
+
+
+def test_a_worker_names_itself_on_every_log_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        for fmt, check in (("json", lambda line: json.loads(line)["worker"] == 2),
+                           ("text", lambda line: " worker=2 [" in line)):  # fmt: skip
+            setup_logging("INFO", fmt, worker=2)
+            out = io.StringIO()
+            monkeypatch.setattr(root.handlers[0], "stream", out)
+            logging.getLogger("mirror.test").info("hello")
+            assert check(out.getvalue().strip()), out.getvalue()
+        setup_logging("INFO", "json")
+        out = io.StringIO()
+        monkeypatch.setattr(root.handlers[0], "stream", out)
+        logging.getLogger("mirror.test").info("hello")
+        assert "worker" not in json.loads(out.getvalue())
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+
+
+def test_workers_with_a_cluster_are_refused_at_load(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("s" * 32 + "\n")
+    cluster = {"advertise_url": "http://10.0.0.5:8083", "secret_file": str(secret)}
+    with pytest.raises(ConfigError, match="workers: 2 with cluster"):
+        config_from_mapping({"workers": 2, "cluster": cluster})
+    assert config_from_mapping({"workers": 1}).workers == 1

@@ -1,0 +1,243 @@
+"""`workers: 2`: one supervisor, two worker processes on the same port and cache directory.
+
+    client -> mirror supervisor (binds, restarts, drains) -> 2 workers -> fake hub -> distribution
+
+Requests spread over both (the access lines name the worker), /metrics adds both up, a
+worker killed with SIGKILL is replaced, SIGTERM lets a download in flight finish, and a
+worker that cannot start stops them all with status 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.procmem import descendants
+from tests.resilience_helpers import (
+    MIB,
+    RandomImage,
+    log_since_last_start,
+    metric_value,
+    seed_random_image,
+    tail,
+    write_config,
+)
+from tests.services import (
+    REPO_ROOT,
+    DistributionRegistry,
+    FakeHubProcess,
+    MirrorProcess,
+    wait_for,
+)
+
+WORKERS = 2
+
+
+def _require(*tools: str) -> None:
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (make system-deps installs them)")
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DistributionRegistry]:
+    _require("docker-registry")
+    with DistributionRegistry(tmp_path_factory.mktemp("registry")) as registry:
+        yield registry
+
+
+@pytest.fixture(scope="module")
+def big(registry: DistributionRegistry) -> RandomImage:
+    return seed_random_image(registry.url, "big", 16 * MIB, seed=51)
+
+
+@pytest.fixture
+def hub(
+    tmp_path: Path, registry: DistributionRegistry, big: RandomImage
+) -> Iterator[FakeHubProcess]:
+    with FakeHubProcess(registry.url, workdir=tmp_path / "fakehub") as hub:
+        yield hub
+
+
+def start_mirror(tmp_path: Path, upstream: str, **config: Any) -> MirrorProcess:
+    """A mirror with `workers: 2` and JSON logs, its workers both serving."""
+    path = write_config(
+        tmp_path / "mirror.yml", {"workers": WORKERS, "log": {"format": "json"}, **config}
+    )
+    mirror = MirrorProcess(tmp_path / "mirror", upstream, extra_args=["--config", str(path)])
+    mirror.start()
+    wait_for("both workers serving", lambda: len(serving(mirror)) >= WORKERS)
+    return mirror
+
+
+@pytest.fixture
+def stop_after() -> Iterator[list[MirrorProcess]]:
+    started: list[MirrorProcess] = []
+    yield started
+    for mirror in started:
+        mirror.stop()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    # A new connection per request: the kernel hands each to whichever worker accepts it.
+    connector = aiohttp.TCPConnector(force_close=True)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(
+        connector=connector, auto_decompress=False, timeout=timeout
+    ) as session:
+        yield session
+
+
+def log_records(mirror: MirrorProcess) -> list[dict[str, Any]]:
+    records = []
+    for line in log_since_last_start(mirror.log_path).splitlines():
+        if line.startswith("{"):
+            records.append(json.loads(line))
+    return records
+
+
+def serving(mirror: MirrorProcess) -> list[dict[str, Any]]:
+    """The "serving on" lines of the workers started so far."""
+    return [r for r in log_records(mirror) if r["message"].startswith("serving on")]
+
+
+def workers_of(mirror: MirrorProcess) -> set[int]:
+    return descendants(mirror.pid) - {mirror.pid}
+
+
+async def get_base(session: aiohttp.ClientSession, mirror: MirrorProcess) -> int:
+    async with session.get(f"{mirror.url}/v2/") as resp:
+        await resp.read()
+        return resp.status
+
+
+async def metrics_text(session: aiohttp.ClientSession, mirror: MirrorProcess) -> str:
+    async with session.get(
+        f"{mirror.url}/metrics", headers={"Accept-Encoding": "identity"}
+    ) as resp:
+        assert resp.status == 200
+        return await resp.text()
+
+
+async def test_requests_spread_over_both_workers_and_metrics_add_them_up(
+    tmp_path: Path, session: aiohttp.ClientSession, stop_after: list[MirrorProcess]
+) -> None:
+    mirror = start_mirror(tmp_path, "http://127.0.0.1:9")
+    stop_after.append(mirror)
+    assert len(workers_of(mirror)) == WORKERS
+    sent = 60
+    statuses = []
+    for _ in range(sent // 10):  # ten at a time, each on its own connection
+        statuses += await asyncio.gather(*(get_base(session, mirror) for _ in range(10)))
+    assert statuses == [200] * sent
+
+    answered = [r for r in log_records(mirror) if r.get("path") == "/v2/"]
+    assert len(answered) == sent
+    by_worker = {w: sum(1 for r in answered if r["worker"] == w) for w in (1, 2)}
+    print(f"requests by worker: {by_worker}")
+    assert all(by_worker.values()), f"one worker answered nothing: {by_worker}"
+
+    text = await metrics_text(session, mirror)
+    base = {"route": "base", "method": "GET", "status": "200"}
+    assert metric_value(text, "mirror_http_requests_total", base) == sent
+    assert metric_value(text, "mirror_worker_restarts_total") == 0
+    # Every gauge has a mode that adds or picks: none is split by process id.
+    assert 'pid="' not in text
+
+
+async def test_a_killed_worker_is_restarted_and_counted(
+    tmp_path: Path, session: aiohttp.ClientSession, stop_after: list[MirrorProcess]
+) -> None:
+    mirror = start_mirror(tmp_path, "http://127.0.0.1:9")
+    stop_after.append(mirror)
+    before = workers_of(mirror)
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+    wait_for("a new worker", lambda: len(serving(mirror)) == WORKERS + 1)
+    after = workers_of(mirror)
+    assert len(after) == WORKERS and victim not in after and before - {victim} <= after
+
+    statuses = await asyncio.gather(*(get_base(session, mirror) for _ in range(20)))
+    assert statuses == [200] * 20
+    text = await metrics_text(session, mirror)
+    assert metric_value(text, "mirror_worker_restarts_total") == 1
+    # The dead worker's requests are still counted; its gauges are not.
+    killed = [r for r in log_records(mirror) if "was killed by SIGKILL" in r["message"]]
+    assert len(killed) == 1, tail(log_since_last_start(mirror.log_path))
+
+
+async def test_sigterm_lets_a_download_in_flight_finish_then_all_exit_zero(
+    tmp_path: Path,
+    hub: FakeHubProcess,
+    big: RandomImage,
+    session: aiohttp.ClientSession,
+    stop_after: list[MirrorProcess],
+) -> None:
+    mirror = start_mirror(tmp_path, hub.registry_url, shutdown_timeout="20s")
+    stop_after.append(mirror)
+    workers = workers_of(mirror)
+    async with session.post(f"{hub.registry_url}/_knobs", json={"cdn_delay": 0.015}) as resp:
+        assert resp.status == 200  # ~4 s for the whole blob: SIGTERM lands inside it
+    async with session.get(mirror.url + big.blob_path) as resp:
+        assert resp.status == 200
+        head = await resp.content.readexactly(MIB)
+        assert mirror.proc is not None
+        os.kill(mirror.pid, signal.SIGTERM)
+        rest = await resp.read()
+    assert head + rest == big.data
+    status = await asyncio.to_thread(mirror.proc.wait, 30)
+    assert status == 0, tail(log_since_last_start(mirror.log_path))
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+async def test_a_worker_that_cannot_start_stops_them_all_with_status_2(
+    tmp_path: Path, stop_after: list[MirrorProcess]
+) -> None:
+    mirror = start_mirror(tmp_path, "http://127.0.0.1:9")
+    stop_after.append(mirror)
+    workers = workers_of(mirror)
+    (tmp_path / "mirror.yml").write_text("workers: [\n")  # the restart will not parse it
+    os.kill(min(workers), signal.SIGKILL)
+    assert mirror.proc is not None
+    status = await asyncio.to_thread(mirror.proc.wait, 30)
+    log = log_since_last_start(mirror.log_path)
+    assert status == 2, tail(log)
+    assert "is not valid YAML" in log
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+def test_a_taken_port_is_one_line_before_any_worker_starts(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path / "mirror.yml", {"workers": WORKERS})
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
+        env["PYTHONPATH"] = str(REPO_ROOT)
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "mirror", "serve", "--config", str(config),
+             "--listen", f"127.0.0.1:{port}", "--storage", str(tmp_path / "data")],
+            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        f"mirror: config: listen: cannot listen on 127.0.0.1:{port}: address already in use;"
+        " set listen to a free address"
+    ]
+    assert "workers serving" not in done.stdout + done.stderr
+    print(f"exited in {time.monotonic() - started:.1f}s")
