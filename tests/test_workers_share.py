@@ -1,10 +1,12 @@
 """Worker processes on one cache directory behave as one mirror, with or without Redis.
 
-    clients (aiohttp) -> 2 `mirror serve` processes (workers: 2, one --storage) -> fake hub
+    clients (aiohttp) -> 2 workers of `mirror serve` (workers: 2, one --storage) -> fake hub
 
-Each process is started with `workers: 2` in its config, which turns the sharing on (the
-file locks under tmp/ and locks/, the SQLite metadata file without Redis); they listen on
-ports of their own so a test can choose which one a client reaches, or kill one.
+Each worker is started as the supervisor starts one (mirror/supervisor.py): a listening
+socket inherited, its seat in the environment, `workers: 2` in its config (which turns the
+sharing on: the file locks under tmp/ and locks/, the SQLite metadata file without Redis).
+Here the test is the supervisor and gives each worker a socket of its own, so that it can
+choose which one a client reaches, or kill one.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import hashlib
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -21,6 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from mirror.worker import seat_environment
 from tests.fakehub import FakeHub
 from tests.resilience_helpers import MANIFEST_ACCEPT, write_config
 from tests.services import MirrorProcess, RedisServer
@@ -44,6 +48,35 @@ def stack() -> Iterator[ExitStack]:
         yield stack
 
 
+class Worker(MirrorProcess):
+    """One worker of a supervisor, on a listening socket of its own."""
+
+    def __init__(self, workdir: Path, upstream: str, index: int, extra_args: list[str]) -> None:
+        super().__init__(workdir, upstream, extra_args=extra_args)
+        self.index = index
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", self.port))
+        self.sock.listen(128)
+
+    def command(self) -> list[str]:  # the supervisor passes no --listen: the socket is bound
+        return [
+            arg
+            for arg in super().command()
+            if arg != f"127.0.0.1:{self.port}" and arg != "--listen"
+        ]
+
+    def popen_kwargs(self) -> dict[str, Any]:
+        kwargs = super().popen_kwargs()
+        seat = seat_environment(self.index, [self.sock.fileno()], os.getpid(), False)
+        kwargs["env"] = {**kwargs["env"], **seat}
+        kwargs["pass_fds"] = (self.sock.fileno(),)
+        return kwargs
+
+    def stop(self) -> None:
+        super().stop()
+        self.sock.close()
+
+
 async def start_workers(
     stack: ExitStack, tmp_path: Path, hub: FakeHub, redis_url: str | None = None, count: int = 2
 ) -> list[MirrorProcess]:
@@ -56,7 +89,7 @@ async def start_workers(
         workdir = tmp_path / f"worker{index}"
         path = write_config(workdir / "mirror.yaml", config)
         args = ["--config", str(path), "--storage", str(tmp_path / "cache")]
-        processes.append(MirrorProcess(workdir, hub.registry_url, extra_args=args))
+        processes.append(Worker(workdir, hub.registry_url, index, args))
     # Started off the loop (the fake hub serves from this test's loop), side by side.
     return list(
         await asyncio.gather(*(asyncio.to_thread(stack.enter_context, p) for p in processes))
