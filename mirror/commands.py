@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from mirror.cache.downloads import Download, Uncacheable
+from mirror.cache.holdings import references
 from mirror.config import Config
 from mirror.oci.errors import RegistryError
 from mirror.oci.negotiation import MANIFEST_TYPES
@@ -95,6 +96,10 @@ class Warmer:
             upstream, repo, reference, list(MANIFEST_TYPES), head=False
         )
         self.report.manifests += 1
+        # Served under this repository from now on, though cached already: it holds them.
+        await self._services.holdings.record(
+            upstream.name, repo, [found.digest, *references(found.body or b"")]
+        )
         doc: dict[str, Any] = json.loads(found.body or b"{}")
         if "manifests" in doc:
             children = [m["digest"] for m in doc["manifests"] if self._wanted(m)]

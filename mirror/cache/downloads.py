@@ -208,6 +208,11 @@ class Downloads:
     def get(self, digest: Digest) -> Download | None:
         return self._active.get(digest)
 
+    @property
+    def shared(self) -> bool:
+        """Whether a download may take its bytes from another replica, not the upstream."""
+        return self._flight is not None
+
     def start_or_join(self, upstream: Upstream, repo: str, digest: Digest) -> Download:
         """The download of `digest` under way, or a new one started for it."""
         download = self._active.get(digest)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 
+from mirror.cache.holdings import MANIFEST, Holdings, references
 from mirror.cluster.lease import HeldLease, LeaseSource
 from mirror.cluster.shared import SharedFailure, SharedWork
 from mirror.config import CacheConfig
@@ -17,7 +18,13 @@ from mirror.metadata.store import MetadataStore, TagRecord
 from mirror.observe.metrics import Metrics
 from mirror.oci.errors import ManifestUnknown, TooManyRequests, UpstreamUnavailable
 from mirror.oci.negotiation import MANIFEST_TYPES, Verdict, decide, default_platform
-from mirror.oci.reference import compute_digest, is_digest_reference, parse_digest, validate_tag
+from mirror.oci.reference import (
+    as_digest,
+    compute_digest,
+    is_digest_reference,
+    parse_digest,
+    validate_tag,
+)
 from mirror.storage import CacheStore
 from mirror.upstream.client import ManifestInfo, Upstream
 from mirror.util.lru import LRU
@@ -71,11 +78,13 @@ class ManifestService:
         metadata: MetadataStore,
         metrics: Metrics,
         cache: CacheConfig,
+        holdings: Holdings,
         leases: LeaseSource[HeldLease] | None = None,
     ) -> None:
         self._storage = storage
         self._metadata = metadata
         self._metrics = metrics
+        self._holdings = holdings
         self._tag_ttl = cache.tag_ttl
         self._stale_if_error = cache.stale_if_error
         self._hot: LRU[str, tuple[str, bytes]] = LRU(HOT_MANIFEST_BYTES, lambda v: len(v[1]))
@@ -96,11 +105,11 @@ class ManifestService:
         if by_tag:
             found = await self._by_tag(upstream, repo, validate_tag(reference), head=head)
         else:
-            found = await self._by_digest(upstream, repo, reference, head=head)
+            found = await self._by_digest(upstream, repo, reference, head=head, held=False)
         if decide(found.media_type, accept, by_tag=by_tag) is Verdict.SERVE:
             return found
         # A manifest list for a client that reads only single manifests: the default
-        # platform's, still under the tag's freshness.
+        # platform's, still under the tag's freshness (the list's own repository holds it).
         body = found.body
         if body is None:
             body = (await self._by_digest(upstream, repo, found.digest, head=False)).body
@@ -141,19 +150,28 @@ class ManifestService:
         return None if cached is None else (record, cached[1])
 
     async def _by_digest(
-        self, upstream: Upstream, repo: str, reference: str, *, head: bool
+        self, upstream: Upstream, repo: str, reference: str, *, head: bool, held: bool = True
     ) -> Manifest:
+        """The manifest by digest; unless `held` (a tag or list of the repository names
+        it), only once the repository is known to hold it (cache/holdings.py)."""
         cached = self._hot.get(reference)
         if cached is None:
             cached = await self._storage.read_manifest(parse_digest(reference))
             if cached is not None:
                 self._hot.put(reference, cached)
+        if not held:
+            held = await self._holdings.known(upstream.name, repo, reference)
         if cached is not None:
+            if not held:
+                await self._holdings.confirm(upstream, repo, reference, MANIFEST)
             self._metrics.cache_requests.labels("manifest", "hit").inc()
             media_type, stored = cached
             return Manifest(reference, media_type, len(stored), None if head else stored)
+        if not held and self._shared.enabled:  # another replica's fetch may answer it
+            await self._holdings.confirm(upstream, repo, reference, MANIFEST)
         self._metrics.cache_requests.labels("manifest", "miss").inc()
-        key = ("digest", upstream.name, reference, head)
+        # Per repository: a fetch under another one is no answer for this one.
+        key = ("digest", upstream.name, repo, reference, head)
         if head:  # a HEAD stores nothing another replica could read: no lease
             return await self._flight.do(
                 key, lambda: self._fetch_digest(upstream, repo, reference, head=True)
@@ -182,7 +200,9 @@ class ManifestService:
         self, upstream: Upstream, repo: str, reference: str, *, head: bool
     ) -> Manifest:
         info, body = await upstream.manifest(repo, reference, ALL_TYPES, head=head)
-        if body is not None:
+        if body is None:
+            await self._holdings.record(upstream.name, repo, [reference])
+        else:
             if info.digest != reference:
                 raise ManifestUnknown(f"upstream sent another manifest for {reference}")
             await self._store(upstream, repo, info, body)
@@ -257,6 +277,8 @@ class ManifestService:
         record = TagRecord(info.digest, info.media_type, info.size, time.time())
         if body is not None:
             await self._store(upstream, repo, info, body)
+        else:
+            await self._holdings.record(upstream.name, repo, [info.digest])
         await self._put_tag(upstream.name, repo, tag, record)
         return Manifest(info.digest, info.media_type, info.size, None if head else body)
 
@@ -274,15 +296,27 @@ class ManifestService:
             if body is not None:
                 await self._store(upstream, repo, info, body)
         changed = info.digest != record.digest
+        await self._record_again(upstream, repo, info.digest)
         self._metrics.revalidations.labels("changed" if changed else "unchanged").inc()
         fresh = TagRecord(info.digest, info.media_type or record.media_type, info.size, time.time())
         await self._put_tag(upstream.name, repo, tag, fresh)
         return fresh
 
+    async def _record_again(self, upstream: Upstream, repo: str, digest: str) -> None:
+        """A revalidated tag's manifest and what it names, recorded anew: what a pulled
+        tag holds outlives the retention of holdings, as its record does."""
+        cached = self._hot.get(digest)
+        if cached is None and (parsed := as_digest(digest)) is not None:
+            cached = await self._storage.read_manifest(parsed)
+        named = [] if cached is None else references(cached[1])
+        await self._holdings.record(upstream.name, repo, [digest, *named])
+
     async def _answer(
         self, upstream: Upstream, repo: str, record: TagRecord, *, head: bool
     ) -> Manifest:
         """Answer from a tag record: HEAD from the record alone, GET from the stored bytes."""
+        # The client asks for this digest next, by digest: the tag vouches for it.
+        self._holdings.note(upstream.name, repo, record.digest)
         if head:
             return Manifest(record.digest, record.media_type, record.size, None)
         return await self._by_digest(upstream, repo, record.digest, head=False)
@@ -316,7 +350,8 @@ class ManifestService:
         if written:
             self._metrics.cache_size.inc(len(body))
             self._metrics.cache_objects.inc()
-        if catalog:
+        if catalog:  # content of the repository, not a document the mirror composed
+            await self._holdings.record(upstream.name, repo, [info.digest, *references(body)])
             await self._metadata.add_repository(upstream.catalog_prefix + repo)
 
 

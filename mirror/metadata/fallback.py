@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,16 @@ class FallbackMetadata:
     async def add_repository(self, repo: str) -> None:
         await self._fallback.add_repository(repo)
         await self._call("add_repository", repo)
+
+    async def add_holdings(
+        self, upstream: str, repo: str, digests: Sequence[str], at: float
+    ) -> None:
+        await self._fallback.add_holdings(upstream, repo, digests, at)
+        await self._call("add_holdings", upstream, repo, digests, at)
+
+    async def holds(self, upstream: str, repo: str, digest: str) -> bool:
+        held: bool = await self._call("holds", upstream, repo, digest)
+        return held
 
     async def repositories(self, n: int, last: str | None) -> list[str]:
         names: list[str] = await self._call("repositories", n, last)

@@ -7,6 +7,8 @@ import bisect
 import json
 import logging
 import os
+import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,6 +32,8 @@ class MemoryMetadata:
         self._tags: dict[tuple[str, str, str], TagRecord] = {}
         self._repos: list[str] = []
         self._bucket_blobs: dict[str, tuple[int, float]] = {}
+        # (upstream, repository) → digest → when it was recorded (cache/holdings.py).
+        self._holdings: dict[tuple[str, str], dict[str, float]] = {}
         self._snapshot = snapshot
         self._dirty = False
 
@@ -50,6 +54,26 @@ class MemoryMetadata:
         if index == len(self._repos) or self._repos[index] != repo:
             self._repos.insert(index, repo)
             self._dirty = True
+
+    async def add_holdings(
+        self, upstream: str, repo: str, digests: Sequence[str], at: float
+    ) -> None:
+        held = self._holdings.setdefault((upstream, repo), {})
+        oldest = time.time() - self._expiry  # a busy repository sheds what it no longer holds
+        for digest in [d for d, when in held.items() if when <= oldest]:
+            del held[digest]
+        held.update(dict.fromkeys(digests, at))
+        self._dirty = True
+
+    async def holds(self, upstream: str, repo: str, digest: str) -> bool:
+        held = self._holdings.get((upstream, repo), {})
+        at = held.get(digest)
+        if at is None:
+            return False
+        if time.time() - at >= self._expiry:
+            del held[digest]
+            return False
+        return True
 
     async def repositories(self, n: int, last: str | None) -> list[str]:
         start = bisect.bisect_right(self._repos, last) if last else 0
@@ -91,6 +115,12 @@ class MemoryMetadata:
                 digest: (int(size), float(read_at))
                 for digest, (size, read_at) in data.get("bucket_blobs", {}).items()
             }
+            self._holdings = {
+                (entry["upstream"], entry["repo"]): {
+                    str(digest): float(at) for digest, at in entry["digests"].items()
+                }
+                for entry in data.get("holdings", [])
+            }
         except FileNotFoundError:
             return
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -109,12 +139,26 @@ class MemoryMetadata:
             ],
             "repositories": self._repos,
             "bucket_blobs": self._bucket_blobs,
+            "holdings": self._fresh_holdings(),
         }
         try:
             await asyncio.to_thread(_write_atomically, self._snapshot, json.dumps(data))
         except OSError as exc:
             self._dirty = True
             log.warning("cannot write metadata snapshot %s: %s", self._snapshot, exc.strerror)
+
+    def _fresh_holdings(self) -> list[dict[str, object]]:
+        """The holdings within their retention, for the snapshot; older ones are dropped
+        here too, so memory stays bounded by what was recorded lately."""
+        oldest = time.time() - self._expiry
+        for key, held in list(self._holdings.items()):
+            self._holdings[key] = {d: at for d, at in held.items() if at > oldest}
+            if not self._holdings[key]:
+                del self._holdings[key]
+        return [
+            {"upstream": upstream, "repo": repo, "digests": held}
+            for (upstream, repo), held in self._holdings.items()
+        ]
 
     async def close(self) -> None:
         await self.save()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 
 from mirror.metadata.store import (
     BUCKET_BLOBS_KEY,
@@ -13,6 +14,7 @@ from mirror.metadata.store import (
     TAG_PREFIX,
     TOKEN_PREFIX,
     TagRecord,
+    holdings_key,
     tag_key,
 )
 from mirror.metadata.topology import open_redis
@@ -54,6 +56,25 @@ class RedisMetadata:
     async def add_repository(self, repo: str) -> None:
         async with self._turns:
             await self._redis.zadd(REPOS_KEY, {repo: 0})
+
+    async def add_holdings(
+        self, upstream: str, repo: str, digests: Sequence[str], at: float
+    ) -> None:
+        if not digests:
+            return
+        key = holdings_key(upstream, repo)
+        # One key, so one slot: a pipeline (no transaction) is fine on a Cluster too.
+        async with self._turns:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.zadd(key, dict.fromkeys(digests, at))
+            pipe.zremrangebyscore(key, "-inf", at - self._expiry)
+            pipe.expire(key, self._expiry)
+            await pipe.execute()
+
+    async def holds(self, upstream: str, repo: str, digest: str) -> bool:
+        async with self._turns:
+            at = await self._redis.zscore(holdings_key(upstream, repo), digest)
+        return at is not None and time.time() - float(at) < self._expiry
 
     async def repositories(self, n: int, last: str | None) -> list[str]:
         start = f"({last}" if last else "-"

@@ -1,4 +1,4 @@
-"""What the metadata store holds (tag records, the catalogue, bucket reads) and its keys.
+"""What the metadata store holds (tag records, holdings, the catalogue, bucket reads), its keys.
 
 A tag record says which digest a tag pointed at and when the upstream last confirmed it.
 Freshness is judged from `checked_at` against `cache.tag_ttl` by the caller; the store
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol, runtime_checkable
 
@@ -23,6 +24,13 @@ TAG_KEY = TAG_PREFIX + "{upstream}:{repo}:{tag}"
 TAG_PATTERN = TAG_PREFIX + "*"
 # An upstream token per (realm, service, account, scopes) hash, expiring with the token.
 TOKEN_PREFIX = KEY_PREFIX + "token:"
+# Which digests each repository is known to hold (cache/holdings.py): one sorted set per
+# (upstream, repository), digest → when it was last recorded. One key per repository, so a
+# Cluster spreads them over its masters and each check or record touches one slot; entries
+# older than the retention are trimmed whenever the set is written, and the key expires
+# with its newest entry, so a repository nobody pulls any more goes away like its tags.
+HOLDINGS_PREFIX = KEY_PREFIX + "holds:"
+HOLDINGS_KEY = HOLDINGS_PREFIX + "{upstream}:{repo}"
 # A sorted set with every score 0: Redis orders it lexically, which is the order
 # `_catalog` must page in (ZRANGEBYLEX), with no sorting on our side.
 REPOS_KEY = KEY_PREFIX + "repos"
@@ -62,6 +70,13 @@ class MetadataStore(Protocol):
 
     async def add_repository(self, repo: str) -> None: ...
 
+    # Holdings: digests the repository of an upstream is known to hold, recorded `at`.
+    async def add_holdings(
+        self, upstream: str, repo: str, digests: Sequence[str], at: float
+    ) -> None: ...
+
+    async def holds(self, upstream: str, repo: str, digest: str) -> bool: ...
+
     async def repositories(self, n: int, last: str | None) -> list[str]: ...
 
     async def tags(self) -> list[tuple[str, str, str, TagRecord]]: ...
@@ -92,3 +107,7 @@ class TokenStore(Protocol):
 
 def tag_key(upstream: str, repo: str, tag: str) -> str:
     return TAG_KEY.format(upstream=upstream, repo=repo, tag=tag)
+
+
+def holdings_key(upstream: str, repo: str) -> str:
+    return HOLDINGS_KEY.format(upstream=upstream, repo=repo)

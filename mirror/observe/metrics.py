@@ -71,6 +71,9 @@ class Metrics:
             self.evictions.labels(reason)
         for result in ("unchanged", "changed", "error"):
             self.revalidations.labels(result)
+        for kind in ("blob", "manifest"):
+            for result in ("confirmed", "refused"):
+                self.holdings_checks.labels(kind, result)
 
     def _declare(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -185,6 +188,14 @@ class Metrics:
         self.negative_hits = Counter(
             "mirror_negative_cache_hits",
             "Requests answered 404 from the remembered upstream 404, without asking it.",
+            registry=r,
+        )
+        self.holdings_checks = Counter(
+            "mirror_holdings_checks",
+            "Content asked for under a repository not known to hold it, by kind (blob, "
+            "manifest) and result: confirmed by the upstream under that repository, or "
+            "refused (its 404, asked or remembered) without a byte of the cache.",
+            ["kind", "result"],
             registry=r,
         )
         self.resumed_transfers = Counter(

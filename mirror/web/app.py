@@ -14,6 +14,7 @@ from aiohttp.log import access_logger
 from mirror.access.policy import compile_policy
 from mirror.cache.downloads import Downloads
 from mirror.cache.eviction import Evictor
+from mirror.cache.holdings import Holdings
 from mirror.cache.manifests import ManifestService
 from mirror.cache.referrers import ReferrersService
 from mirror.cache.taglists import TagListService
@@ -48,6 +49,7 @@ from mirror.web.keys import (
     downloads_key,
     evictor_key,
     failures_key,
+    holdings_key,
     leases_key,
     manifests_key,
     metadata_key,
@@ -235,11 +237,13 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     flight = None if leases is None or peers is None else BlobFlight(leases, peers, metrics.cluster)
     local = LocalFlight(storage.tmp) if config.workers > 1 else None
     downloads = Downloads(storage, metrics, flight, local)
-    blobs = BlobService(storage, downloads, metrics)
+    holdings = Holdings(app[metadata_key], metrics)
+    app[holdings_key] = holdings
+    blobs = BlobService(storage, downloads, metrics, holdings)
     app[downloads_key] = downloads
     app[blobs_key] = blobs
     manifests = ManifestService(
-        storage, app[metadata_key], metrics, config.cache, app[work_leases_key]
+        storage, app[metadata_key], metrics, config.cache, holdings, app[work_leases_key]
     )
     app[manifests_key] = manifests
     app[referrers_key] = ReferrersService(manifests, metrics)
@@ -258,6 +262,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         await asyncio.gather(task, return_exceptions=True)
     await manifests.close()
     await taglists.close()
+    await holdings.close()
     await downloads.close()
 
 

@@ -22,6 +22,7 @@ from mirror.cache.downloads import (
     Uncacheable,
     close_file,
 )
+from mirror.cache.holdings import BLOB, Holdings
 from mirror.observe.metrics import Metrics
 from mirror.oci.errors import RangeNotSatisfiable, RegistryError
 from mirror.oci.reference import Digest
@@ -88,18 +89,25 @@ def _single_range(request: web.Request) -> str | None:
 class BlobService:
     """Answers blob GETs and HEADs for one upstream and the shared store."""
 
-    def __init__(self, storage: CacheStore, downloads: Downloads, metrics: Metrics) -> None:
+    def __init__(
+        self, storage: CacheStore, downloads: Downloads, metrics: Metrics, holdings: Holdings
+    ) -> None:
         self._storage = storage
         self._downloads = downloads
         self._metrics = metrics
+        # A blob goes out under a repository known to hold it, or after the upstream
+        # confirmed it under that repository; else the upstream's own answer is fetched.
+        self._holdings = holdings
         # Digests being sent from the cache right now: eviction leaves them alone.
         self.reading: Counter[Digest] = Counter()
 
     async def serve(
         self, request: web.Request, upstream: Upstream, repo: str, digest: Digest
     ) -> web.StreamResponse:
+        held = await self._holdings.known(upstream.name, repo, str(digest))
         size = await self._storage.blob_size(digest)
         if size is not None:
+            held = held or await self._confirm(upstream, repo, digest)
             cached = await self._serve_cached(request, digest, size)
             if cached is not None:
                 return cached
@@ -109,16 +117,44 @@ class BlobService:
         if download is None:  # not being fetched: the store may hold it elsewhere
             found = await self._find_elsewhere(request, digest)
             if found is not None:
+                held = held or await self._confirm(upstream, repo, digest, found)
                 return await self._from_store(request, digest, found)
+        return await self._serve_uncached(request, upstream, repo, digest, held)
+
+    async def _confirm(
+        self, upstream: Upstream, repo: str, digest: Digest, found: Found | None = None
+    ) -> bool:
+        """True once the upstream says the repository holds the blob, else its not-found
+        (what was `found` in the store is let go first)."""
+        try:
+            await self._holdings.confirm(upstream, repo, str(digest), BLOB)
+        except BaseException:
+            if found is not None and not isinstance(found, Redirect | BlobSize):
+                await found.close()  # a body opened in the bucket
+            raise
+        return True
+
+    async def _serve_uncached(
+        self, request: web.Request, upstream: Upstream, repo: str, digest: Digest, held: bool
+    ) -> web.StreamResponse:
+        """Not in the store: from the download under way, or a new one; relayed when the
+        disk refuses. Unless `held`, the upstream's answer under `repo` decides."""
+        download = self._downloads.get(digest)
+        if download is not None and not held:  # fetched for some repository: this one's too?
+            held = await self._confirm(upstream, repo, digest)
+            download = self._downloads.get(digest)
         local = download is not None and download.verified
         self._metrics.cache_requests.labels("blob", "hit" if local else "miss").inc()
         if none_match(request, str(digest)):
-            await self._size_uncached(upstream, repo, digest)  # BlobUnknown when it is not
+            await self._size_uncached(upstream, repo, digest, held)  # BlobUnknown when it is not
             return not_modified(_blob_headers(digest))
         if request.method == "HEAD":
-            return await self._head_uncached(request, upstream, repo, digest)
+            return await self._head_uncached(request, upstream, repo, digest, held)
         if not local and not await self._storage.writable_now():
             return await self._passthrough(request, upstream, repo, digest)
+        if not held and (self._downloads.get(digest) is not None or self._downloads.shared):
+            # Joining a download for another repository, or one another replica may feed.
+            held = await self._confirm(upstream, repo, digest)
         download = self._downloads.start_or_join(upstream, repo, digest)
         try:
             await download.started()
@@ -126,8 +162,18 @@ class BlobService:
             return await self._stored_meanwhile(request, upstream, repo, digest)
         except Uncacheable:
             return await self._passthrough(request, upstream, repo, digest)
+        if not held:  # this request's own download: the upstream sent it for this repo
+            await self._fetched_here(download, upstream, repo)
         origin = "cache" if local else "upstream"
         return await self._stream(request, download, upstream, repo, origin)
+
+    async def _fetched_here(self, download: Download, upstream: Upstream, repo: str) -> None:
+        """Record what the upstream's answer under `repo` showed; a blob that landed from
+        another download meanwhile (no temp file of this one) is confirmed instead."""
+        if download.temp is None:
+            await self._confirm(upstream, repo, download.digest)
+        else:
+            await self._holdings.record(upstream.name, repo, [str(download.digest)])
 
     async def _stored_meanwhile(
         self, request: web.Request, upstream: Upstream, repo: str, digest: Digest
@@ -299,18 +345,22 @@ class BlobService:
         self._metrics.served_bytes.labels(origin).inc(length)
         request[sent_key] = request.get(sent_key, 0) + length
 
-    async def _size_uncached(self, upstream: Upstream, repo: str, digest: Digest) -> int | None:
-        """The size of a blob not in the cache: from its download, or an upstream HEAD."""
-        download = self._downloads.get(digest)
+    async def _size_uncached(
+        self, upstream: Upstream, repo: str, digest: Digest, held: bool
+    ) -> int | None:
+        """The size of a blob not in the cache: from its download (when the repository
+        holds it), or an upstream HEAD under the repository."""
+        download = self._downloads.get(digest) if held else None
         size = download.size if download is not None else None
         if size is None:
             size = await upstream.blob_size(repo, str(digest))
+            await self._holdings.record(upstream.name, repo, [str(digest)])
         return size
 
     async def _head_uncached(
-        self, request: web.Request, upstream: Upstream, repo: str, digest: Digest
+        self, request: web.Request, upstream: Upstream, repo: str, digest: Digest, held: bool
     ) -> web.StreamResponse:
-        size = await self._size_uncached(upstream, repo, digest)
+        size = await self._size_uncached(upstream, repo, digest, held)
         resp = web.StreamResponse(headers=_blob_headers(digest))
         if size is not None:
             resp.content_length = size

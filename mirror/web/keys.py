@@ -7,6 +7,7 @@ from aiohttp import web
 from mirror.access.policy import Policy
 from mirror.cache.downloads import Downloads
 from mirror.cache.eviction import Evictor
+from mirror.cache.holdings import Holdings
 from mirror.cache.manifests import ManifestService
 from mirror.cache.referrers import ReferrersService
 from mirror.cache.taglists import TagListService
@@ -32,6 +33,8 @@ upstreams_key = web.AppKey("upstreams", Upstreams)
 policy_key: web.AppKey[Policy | None] = web.AppKey("policy")
 downloads_key = web.AppKey("downloads", Downloads)
 blobs_key = web.AppKey("blobs", BlobService)
+# Which digests each repository holds: what may be served under it (cache/holdings.py).
+holdings_key = web.AppKey("holdings", Holdings)
 evictor_key = web.AppKey("evictor", Evictor)
 pulls_key = web.AppKey("pulls", PullCounter)
 manifests_key = web.AppKey("manifests", ManifestService)

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from mirror.cache.downloads import Downloads
 from mirror.cache.eviction import Evictor
+from mirror.cache.holdings import Holdings
 from mirror.cache.manifests import ManifestService
 from mirror.config import Config
 from mirror.metadata.store import MetadataStore
@@ -19,6 +20,7 @@ from mirror.web.app import create_app
 from mirror.web.keys import (
     downloads_key,
     evictor_key,
+    holdings_key,
     manifests_key,
     metadata_key,
     storage_key,
@@ -38,6 +40,7 @@ class Services:
     metadata: MetadataStore
     upstreams: Upstreams
     evictor: Evictor
+    holdings: Holdings
 
 
 async def with_services(config: Config, run: Callable[[Services], Awaitable[T]]) -> T:
@@ -48,7 +51,7 @@ async def with_services(config: Config, run: Callable[[Services], Awaitable[T]])
         app = runner.app
         services = Services(
             app[storage_key], app[downloads_key], app[manifests_key], app[metadata_key],
-            app[upstreams_key], app[evictor_key],
+            app[upstreams_key], app[evictor_key], app[holdings_key],
         )  # fmt: skip
         return await run(services)
     finally:
