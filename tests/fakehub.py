@@ -52,7 +52,7 @@ KNOBS = (
     "token_expires_in", "corrupt_blobs", "ratelimit_remaining", "cdn_delay", "users",
     "cdn_cut_after", "registry_status", "cdn_ignores_range", "token_delay",
     "referrers_api", "referrers_filter", "referrers_page_size",
-    "manifest_delay", "tags_page_size",
+    "manifest_delay", "tags_page_size", "scoped_blobs",
 )  # fmt: skip
 
 
@@ -108,14 +108,21 @@ class Content:
 
     def __init__(self) -> None:
         self.blobs: dict[str, bytes] = {}
+        self.blob_repos: dict[str, set[str]] = {}  # digest → repositories it was pushed to
         self.manifests: dict[str, dict[str, tuple[str, bytes]]] = {}  # repo→digest→(type, body)
         self.tags: dict[str, dict[str, str]] = {}  # repo → tag → digest
         self.referrers: dict[str, bytes] = {}  # subject digest → OCI index body
 
-    def add_blob(self, data: bytes) -> str:
+    def add_blob(self, data: bytes, repo: str | None = None) -> str:
         digest = digest_of(data)
         self.blobs[digest] = data
+        if repo is not None:
+            self.blob_repos.setdefault(digest, set()).add(repo)
         return digest
+
+    def holds_blob(self, repo: str, digest: str) -> bool:
+        """A blob is in a repository it was pushed to (one pushed to none: in every one)."""
+        return digest in self.blobs and repo in self.blob_repos.get(digest, {repo})
 
     def add_manifest(self, repo: str, body: bytes, media_type: str, tag: str | None = None) -> str:
         digest = digest_of(body)
@@ -175,7 +182,7 @@ class Content:
     ) -> dict[str, Any]:
         """Config + layers + schema2/OCI manifest. Returns digests and the manifest body."""
         oci = media_type == OCI_MANIFEST
-        layer_digests = [self.add_blob(layer) for layer in layers]
+        layer_digests = [self.add_blob(layer, repo) for layer in layers]
         config = json.dumps(
             {
                 "architecture": "amd64",
@@ -184,7 +191,7 @@ class Content:
                 "rootfs": {"type": "layers", "diff_ids": layer_digests},
             }
         ).encode()
-        config_digest = self.add_blob(config)
+        config_digest = self.add_blob(config, repo)
         layer_type = OCI_LAYER if oci else DOCKER_LAYER
         manifest = {
             "schemaVersion": 2,
@@ -276,6 +283,9 @@ class FakeHub:
         # Page tag lists (with Link) at most this long, even asked without n (a backend's
         # list too: docker-registry 2.8 ignores n and last, and answers unsorted).
         self.tags_page_size: int | None = None
+        # True: a blob is found only in the repositories it was pushed to, as on Docker
+        # Hub; False: in every repository (the content store is shared).
+        self.scoped_blobs = False
         self.registry_url = self.token_url = self.cdn_url = ""
         self._tokens: dict[str, Token] = {}
         self._runners: list[web.AppRunner] = []
@@ -439,6 +449,8 @@ class FakeHub:
 
     async def _blob_exists(self, name: str, digest: str) -> bool:
         if self._session is None:
+            if self.scoped_blobs:
+                return self.content.holds_blob(name, digest)
             return digest in self.content.blobs
         async with self._session.head(f"{self.backend}/v2/{name}/blobs/{digest}") as resp:
             return resp.status == 200

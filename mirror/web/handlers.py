@@ -8,7 +8,7 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from mirror.cache.taglists import parse_last, parse_n
-from mirror.oci.errors import EndpointUnknown, NameInvalid, RangeNotSatisfiable, Unsupported
+from mirror.oci.errors import EndpointUnknown, RangeNotSatisfiable, Unsupported
 from mirror.oci.negotiation import OCI_INDEX, parse_accept
 from mirror.oci.reference import parse_digest, validate_name
 from mirror.storage.base import RangeOutsideBlob
@@ -30,7 +30,6 @@ from mirror.web.keys import (
 from mirror.web.status import render
 
 API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
-MAX_CATALOG_PAGE = 10000
 STALE_WARNING = '110 - "Response is Stale"'
 
 
@@ -120,20 +119,6 @@ async def referrers(request: web.Request) -> web.Response:
     if found.stale:
         headers["Warning"] = STALE_WARNING
     return web.Response(body=found.body, headers=headers)
-
-
-async def catalog(request: web.Request) -> web.Response:
-    """The repositories this mirror holds content for, in lexical pages."""
-    try:
-        n = min(int(request.query.get("n", "1000")), MAX_CATALOG_PAGE)
-    except ValueError:
-        raise NameInvalid("n must be a number") from None
-    last = request.query.get("last") or None
-    names = await request.app[metadata_key].repositories(max(n, 0), last)
-    headers = {}
-    if names and len(names) == n:
-        headers["Link"] = f'</v2/_catalog?{urlencode({"last": names[-1], "n": n})}>; rel="next"'
-    return web.json_response({"repositories": names}, headers=headers)
 
 
 async def unsupported(request: web.Request) -> web.Response:

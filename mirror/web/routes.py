@@ -10,6 +10,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from mirror.oci.errors import ExpectationFailed
 from mirror.web import handlers
+from mirror.web.catalog import catalog
 from mirror.web.errors import error_response
 from mirror.web.keys import config_key, metrics_key
 
@@ -36,7 +37,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_routes(
         [
             get("/v2/", handlers.base, name="base"),
-            get("/v2/_catalog", handlers.catalog, name="catalog"),
+            get("/v2/_catalog", catalog, name="catalog"),
             get(f"/v2/{NAME}/manifests/{{reference}}", handlers.manifest, name="manifest"),
             get(f"/v2/{NAME}/blobs/{{digest}}", handlers.blob, name="blob"),
             get(f"/v2/{NAME}/tags/list", handlers.tags_list, name="tags"),
