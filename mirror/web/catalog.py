@@ -12,8 +12,8 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from mirror.oci.errors import NameInvalid, RegistryError
-from mirror.web.gate import subject_key, target_of
-from mirror.web.keys import metadata_key, policy_key, upstreams_key
+from mirror.web.gate import gate_key, subject_key
+from mirror.web.keys import metadata_key, upstreams_key
 
 MAX_CATALOG_PAGE = 10000
 # Names read from the store at a time while a page is filled past the refused ones.
@@ -37,7 +37,7 @@ async def catalog(request: web.Request) -> web.Response:
 async def visible_page(app: web.Application, subject: str, n: int, last: str | None) -> list[str]:
     """Up to `n` names after `last` that `subject` may pull, in lexical order."""
     metadata = app[metadata_key]
-    if app[policy_key] is None:
+    if app[gate_key].policy is None:
         return await metadata.repositories(n, last)
     page: list[str] = []
     while len(page) < n:
@@ -55,12 +55,13 @@ async def visible_page(app: web.Application, subject: str, n: int, last: str | N
 
 def may_list(app: web.Application, subject: str, name: str) -> bool:
     """Whether `subject` may pull the repository a catalogue name stands for."""
-    policy = app[policy_key]
-    if policy is None:
+    gate = app[gate_key]
+    if gate.policy is None:
         return True
-    upstreams = app[upstreams_key]
     try:
-        upstream, repository = upstreams.route(name, None)
+        upstream, repository = app[upstreams_key].route(name, None)
     except RegistryError:
         return False
-    return policy.refusal(subject, target_of(upstreams, upstream, repository)) is None
+    # Asked of the policy itself: a catalogue walk would crowd the gate's remembered
+    # decisions (those of requests being pulled) out of its bounded memory.
+    return gate.policy.refusal(subject, gate.target(upstream, repository)) is None
