@@ -11,6 +11,7 @@ pushed to, as on Docker Hub.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import re
@@ -67,8 +68,14 @@ async def pull(client: Client, repo: str, image: dict[str, Any], **headers: str)
         await resp.read()
 
 
-def cached_files(config: Config) -> set[Path]:
-    return {path for path in config.storage.path.rglob("*") if path.is_file()}
+async def cached_files(config: Config) -> set[Path]:
+    """The storage's files once the downloads under way are renamed into place."""
+    for _ in range(100):
+        files = {path for path in config.storage.path.rglob("*") if path.is_file()}
+        if not [path for path in files if path.parent.name == "tmp"]:
+            return files
+        await asyncio.sleep(0.05)  # a client has its last byte before the file's rename
+    raise AssertionError(f"downloads never settled: {sorted(files)}")
 
 
 def shape(headers: Any) -> dict[str, str]:
@@ -97,7 +104,7 @@ async def test_a_digest_pulled_through_a_private_repository_opens_nothing_elsewh
             resp = await client.get(f"/v2/{repo}/{kind}/{never}")
             real_misses[repo, kind] = (resp.status, shape(resp.headers), await resp.read())
     hub.stats.reset()
-    files = cached_files(config)
+    files = await cached_files(config)
     caplog.clear()
 
     # The attack: bob, then an anonymous client, name the secret digests elsewhere.
@@ -127,7 +134,7 @@ async def test_a_digest_pulled_through_a_private_repository_opens_nothing_elsewh
     assert len(set(asked)) == 6, asked  # one HEAD per (repository, digest), then memory
     assert len(asked) - hub.stats["unauthorized"] == 6, asked  # (a 401 is answered once)
     assert hub.stats["cdn_get"] == 0
-    assert cached_files(config) - {config.storage.path / "metadata.json"} == files
+    assert await cached_files(config) - {config.storage.path / "metadata.json"} == files
     checks = await holdings_checks(client)
     assert (checks[("blob", "refused")], checks[("manifest", "refused")]) == (16, 8)
     holdings = client.app[holdings_key]
