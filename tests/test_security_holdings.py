@@ -294,7 +294,7 @@ async def test_holdings_recorded_by_one_app_are_honoured_by_another_on_the_same_
     await conn.aclose()
 
 
-@pytest.mark.parametrize("backend", ["memory", "redis"])
+@pytest.mark.parametrize("backend", ["memory", "redis", "sqlite"])
 async def test_holdings_in_the_metadata_store(
     request: pytest.FixtureRequest, backend: str, tmp_path: Path
 ) -> None:
@@ -305,7 +305,8 @@ async def test_holdings_in_the_metadata_store(
         await conn.flushdb()
         await conn.aclose()
         url = server.url
-    store = open_metadata(url, 60, 100, snapshot=tmp_path / "metadata.json")
+    shared = tmp_path / "metadata.db" if backend == "sqlite" else None
+    store = open_metadata(url, 60, 100, snapshot=tmp_path / "metadata.json", shared=shared)
     digest = "sha256:" + "a" * 64
     await store.add_holdings("docker.io", "library/a", [digest], 1e12)  # far ahead: fresh
     await store.add_holdings("docker.io", "library/old", [digest], 1.0)  # long past retention
@@ -319,6 +320,10 @@ async def test_holdings_in_the_metadata_store(
         await again.load()  # type: ignore[attr-defined]
         assert await again.holds("docker.io", "library/a", digest)
         assert "library/old" not in (tmp_path / "metadata.json").read_text()
+    if backend == "sqlite":  # another process on the same file sees them
+        other = open_metadata(None, 60, 100, shared=shared)
+        assert await other.holds("docker.io", "library/a", digest)
+        await other.close()
 
 
 async def test_warm_records_what_each_repository_holds_though_cached(

@@ -210,8 +210,9 @@ class Downloads:
 
     @property
     def shared(self) -> bool:
-        """Whether a download may take its bytes from another replica, not the upstream."""
-        return self._flight is not None
+        """Whether a download may take its bytes from another replica or worker process
+        (whose fetch may be for another repository), not the upstream."""
+        return self._flight is not None or self._local is not None
 
     def start_or_join(self, upstream: Upstream, repo: str, digest: Digest) -> Download:
         """The download of `digest` under way, or a new one started for it."""

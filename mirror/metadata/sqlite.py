@@ -14,7 +14,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,6 +35,10 @@ CREATE TABLE IF NOT EXISTS repos (name TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS bucket_blobs (
     digest TEXT PRIMARY KEY, size INTEGER NOT NULL, read_at REAL NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS holdings (
+    upstream TEXT NOT NULL, repo TEXT NOT NULL, digest TEXT NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (upstream, repo, digest)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tokens (
     key TEXT PRIMARY KEY, token TEXT NOT NULL, expires_at REAL NOT NULL
 ) WITHOUT ROWID;
@@ -42,7 +46,7 @@ CREATE TABLE IF NOT EXISTS tokens (
 
 
 class SqliteMetadata:
-    """Tag records, the catalogue, bucket reads and upstream tokens in one SQLite file."""
+    """Tag records, holdings, the catalogue, bucket reads and upstream tokens in one file."""
 
     def __init__(self, path: Path, ttl: float, retention: float = RETENTION) -> None:
         self._path = path
@@ -66,6 +70,7 @@ class SqliteMetadata:
         db.execute("PRAGMA synchronous = NORMAL")
         db.executescript(_SCHEMA)
         db.execute("DELETE FROM tags WHERE checked_at < ?", (time.time() - self._expiry,))
+        db.execute("DELETE FROM holdings WHERE at < ?", (time.time() - self._expiry,))
         db.execute("DELETE FROM tokens WHERE expires_at < ?", (time.time(),))
         self._db = db
 
@@ -100,6 +105,20 @@ class SqliteMetadata:
             "INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?, ?)",
             upstream, repo, tag, record.to_json(), record.checked_at,
         )  # fmt: skip
+
+    async def add_holdings(
+        self, upstream: str, repo: str, digests: Sequence[str], at: float
+    ) -> None:
+        rows = [(upstream, repo, digest, at) for digest in digests]
+        sql = "INSERT OR REPLACE INTO holdings VALUES (?, ?, ?, ?)"
+        await self._run(lambda db: db.executemany(sql, rows))
+
+    async def holds(self, upstream: str, repo: str, digest: str) -> bool:
+        rows = await self._rows(
+            "SELECT 1 FROM holdings WHERE upstream = ? AND repo = ? AND digest = ? AND at >= ?",
+            upstream, repo, digest, time.time() - self._expiry,
+        )  # fmt: skip
+        return bool(rows)
 
     async def add_repository(self, repo: str) -> None:
         await self._execute("INSERT OR IGNORE INTO repos VALUES (?)", repo)
