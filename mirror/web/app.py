@@ -175,7 +175,9 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         contexts = await asyncio.to_thread(client_contexts, every)  # reads CA and key files
         built = [
             build_upstream(cfg, pair, tokens, app[metrics_key], config.cache.negative_ttl, ctx)
-            for cfg, pair, ctx in zip(every, zip(sessions, publics), contexts, strict=True)
+            for cfg, pair, ctx in zip(
+                every, zip(sessions, publics, strict=True), contexts, strict=True
+            )
         ]
         app[upstreams_key] = Upstreams(built[0], built[1:])
         app[gate_key] = PullGate(app[policy_key], app[upstreams_key])
