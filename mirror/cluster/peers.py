@@ -101,7 +101,7 @@ def _form(url: str) -> tuple[str, bool, str] | None:
         port = parts.port
     except ValueError:
         return None
-    plain = not (parts.username or parts.password or parts.query or parts.fragment)
+    plain = not (parts.username or parts.password or "?" in url or "#" in url)
     if parts.scheme not in ("http", "https") or not parts.hostname or not plain:
         return None
     return parts.scheme, port is not None, parts.path.rstrip("/")
