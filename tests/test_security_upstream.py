@@ -539,7 +539,7 @@ async def test_an_owner_redirect_is_not_followed(aiohttp_server: Any) -> None:
     app.router.add_get("/{tail:.*}", owner)
     server: TestServer = await aiohttp_server(app)
     owner_url = f"http://127.0.0.1:{server.port}"
-    peers = PeerClient(b"s" * 32, Metrics().cluster, 2, 5, "http://127.0.0.1:8083")
+    peers = PeerClient(b"s" * 32, Metrics().cluster, 2, 5, advertise_url="http://127.0.0.1:8083")
     try:
         with pytest.raises(PeerUnavailable):
             await peers.open_blob(owner_url, parse_digest(DIGEST), 0)
@@ -555,7 +555,7 @@ async def test_an_owner_redirect_is_not_followed(aiohttp_server: Any) -> None:
 )  # fmt: skip
 async def test_an_owner_url_of_another_form_is_not_asked(canary: Canary, owner: str) -> None:
     metrics = Metrics()
-    peers = PeerClient(b"s" * 32, metrics.cluster, 2, 5, "http://10.0.0.5:8083")
+    peers = PeerClient(b"s" * 32, metrics.cluster, 2, 5, advertise_url="http://10.0.0.5:8083")
     try:
         with pytest.raises(PeerRefused):
             await peers.open_blob(owner.format(port=canary.port), parse_digest(DIGEST), 0)
@@ -581,7 +581,7 @@ class HeldByRedis:
 async def test_a_refused_owner_means_fetching_here_at_once(canary: Canary) -> None:
     metrics = Metrics()
     leases = Leases(HeldByRedis(f"https://127.0.0.1:{canary.port}"), "http://10.0.0.5:8083", 10)  # type: ignore[arg-type]
-    peers = PeerClient(b"s" * 32, metrics.cluster, 2, 5, "http://10.0.0.5:8083")
+    peers = PeerClient(b"s" * 32, metrics.cluster, 2, 5, advertise_url="http://10.0.0.5:8083")
     try:
         flight = BlobFlight(leases, peers, metrics.cluster)
         got = await asyncio.wait_for(flight.source(parse_digest(DIGEST), 0, None), 5)
