@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 
 from mirror.cluster.lease import Lease, LeaseBackoff, Leases
-from mirror.cluster.peers import PeerClient, PeerUnavailable
+from mirror.cluster.peers import PeerClient, PeerRefused, PeerUnavailable
 from mirror.observe.cluster_metrics import ClusterMetrics
 from mirror.oci.errors import BlobUnknown
 from mirror.oci.reference import Digest
@@ -86,6 +86,9 @@ class BlobFlight:
             except BlobUnknown:  # the owner's upstream answer, taken as ours
                 self._metrics.lease_waits.labels(KIND).inc()
                 raise
+            except PeerRefused as exc:  # never asked: waiting would not change it
+                log.warning("blob %s: %s; fetching it here", digest, exc)
+                return None
             except PeerUnavailable as exc:
                 if delay == RETRY_FIRST:  # once per wait: the retries follow quickly
                     log.info("blob %s: owner not answering (%s); asking again", digest, exc)

@@ -4,12 +4,15 @@
 
 The owner answers (mirror/web/peer.py) with a 206 whose Content-Range names the first byte
 and the blob's size, so a follower that resumes checks where the bytes start; a 404 marked
-UPSTREAM_UNKNOWN means the owner's download found no such blob upstream.
+UPSTREAM_UNKNOWN means the owner's download found no such blob upstream. An owner's URL is
+read from Redis: only one of this replica's own address form (cluster.advertise_url: its
+scheme, a port written or not, its path) is asked, and no redirect of it is followed.
 """
 
 from __future__ import annotations
 
 import ssl
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -30,6 +33,10 @@ class PeerUnavailable(Exception):
     """The owner did not answer with the blob from the byte asked (gone, or not there)."""
 
 
+class PeerRefused(PeerUnavailable):
+    """The owner's URL is not of the cluster's address form: it is not asked at all."""
+
+
 class PeerClient:
     """Opens blob streams from other replicas, on one session of its own."""
 
@@ -40,7 +47,10 @@ class PeerClient:
         connect_timeout: float,
         read_timeout: float,
         ssl_context: ssl.SSLContext | None = None,
+        *,
+        advertise_url: str,
     ) -> None:
+        self._form = _form(advertise_url)
         self._secret = secret
         self._metrics = metrics
         self._session = new_session(connect_timeout, read_timeout)
@@ -54,6 +64,9 @@ class PeerClient:
         """The owner's body of the blob from `offset` (the caller releases it);
         PeerUnavailable when the owner cannot give exactly that, BlobUnknown when its
         download found the blob unknown upstream."""
+        if _form(owner) != self._form:
+            self._metrics.owners_refused.inc()
+            raise PeerRefused(f"owner URL {owner[:100]!r} is not of cluster.advertise_url's form")
         path = PEER_PATH.format(digest=digest)
         headers = {
             "Range": f"bytes={offset}-",
@@ -77,3 +90,18 @@ class PeerClient:
             raise PeerUnavailable(f"{owner} answered {resp.status} for {digest} from {offset}")
         self._metrics.peer_streams.labels("in").inc()
         return body
+
+
+def _form(url: str) -> tuple[str, bool, str] | None:
+    """(scheme, whether a port is written, path) of a replica's URL; None when it is no
+    plain http(s) URL of a host (credentials, a query or a fragment in it). The port itself
+    may differ: replicas on one machine listen on ports of their own."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    plain = not (parts.username or parts.password or "?" in url or "#" in url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or not plain:
+        return None
+    return parts.scheme, port is not None, parts.path.rstrip("/")

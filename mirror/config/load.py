@@ -24,7 +24,7 @@ from mirror.config.redis import RedisConfig, parse_redis, redis_section, validat
 from mirror.config.server import ServerConfig, parse_server
 from mirror.config.storage import StorageConfig, parse_storage
 from mirror.config.tls import TLSConfig, parse_tls
-from mirror.config.upstreams import UpstreamConfig, parse_upstreams
+from mirror.config.upstreams import UpstreamConfig, parse_upstream_url, parse_upstreams
 from mirror.config.values import (
     ConfigError,
     Network,
@@ -166,7 +166,8 @@ def apply_overrides(
         config = replace(config, host=host, port=port, http=True)
     if upstream is not None:
         config = replace(
-            config, upstream=replace(config.upstream, url=parse_url("--upstream", upstream))
+            config,
+            upstream=replace(config.upstream, url=parse_upstream_url("--upstream", upstream)),
         )
     if storage is not None:
         config = replace(config, storage=replace(config.storage, path=Path(storage)))

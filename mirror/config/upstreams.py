@@ -20,10 +20,13 @@ from mirror.config.values import (
 
 DEFAULT_UPSTREAM = "https://registry-1.docker.io"
 DOCKER_HUB_HOSTS = frozenset({"docker.io", "registry-1.docker.io", "index.docker.io"})
+# Docker Hub's token service is on a host of its own.
+DOCKER_HUB_AUTH_HOST = "auth.docker.io"
 UPSTREAM_KEYS = {
     "url", "name", "username", "password", "password_file", "password_command",
     "password_refresh", "connect_timeout", "read_timeout", "tag_ttl",
     "ca_file", "tls_verify", "client_cert_file", "client_key_file",
+    "auth_hosts", "redirect_hosts",
 }  # fmt: skip
 POLICY_KEYS = {"allow", "deny"}  # an upstream's pull lists: mirror/config/policy.py
 
@@ -47,6 +50,20 @@ class UpstreamConfig:
     tls_verify: bool = True
     client_cert_file: Path | None = None
     client_key_file: Path | None = None
+    # Hosts (host, or host:port) besides the upstream's own that may be its token realm
+    # and get its credentials; None: auth.docker.io for Docker Hub, none for others.
+    auth_hosts: tuple[str, ...] | None = None
+    # Hosts (host, or host:port) its redirects may lead to although not public addresses.
+    redirect_hosts: tuple[str, ...] = ()
+
+    @property
+    def realm_hosts(self) -> tuple[str, ...]:
+        """Hosts besides its own where its token realm may be: `auth_hosts` as set, else
+        auth.docker.io for Docker Hub."""
+        if self.auth_hosts is not None:
+            return self.auth_hosts
+        hub = urlsplit(self.url).hostname in DOCKER_HUB_HOSTS
+        return (DOCKER_HUB_AUTH_HOST,) if hub else ()
 
     @property
     def registry(self) -> str:
@@ -75,7 +92,7 @@ def parse_upstream(key: str, raw: object, name: str = "") -> UpstreamConfig:
         return None if value is None else parse_duration(f"{key}.{field_name}", value)
 
     return UpstreamConfig(
-        url=parse_url(f"{key}.url", raw.get("url", defaults.url)),
+        url=parse_upstream_url(f"{key}.url", raw.get("url", defaults.url)),
         name=optional_str(f"{key}.name", raw.get("name")) or name,
         username=optional_str(f"{key}.username", raw.get("username")),
         password=password,
@@ -84,6 +101,8 @@ def parse_upstream(key: str, raw: object, name: str = "") -> UpstreamConfig:
         connect_timeout=duration("connect_timeout", defaults.connect_timeout) or 0.0,
         read_timeout=duration("read_timeout", defaults.read_timeout) or 0.0,
         tag_ttl=duration("tag_ttl", None),
+        auth_hosts=None if raw.get("auth_hosts") is None else parse_hosts(key, "auth_hosts", raw),
+        redirect_hosts=parse_hosts(key, "redirect_hosts", raw),
         **parse_upstream_tls(key, raw),
     )
 
@@ -108,3 +127,37 @@ def parse_upstreams(raw: Mapping[str, Any]) -> tuple[UpstreamConfig, tuple[Upstr
         raise ConfigError("default_upstream", f"names no configured upstream: {default!r}")
     chosen = every[names.index(default)]
     return chosen, tuple(upstream for upstream in every if upstream is not chosen)
+
+
+def parse_upstream_url(key: str, value: object) -> str:
+    """An upstream's URL, refused (without echoing it) when it holds credentials: they
+    would end up in logs, metric labels and the status page."""
+    if "@" in str(value):
+        raise ConfigError(
+            key, "must not hold credentials (user:password@): use username and password_file"
+        )
+    return parse_url(key, value)
+
+
+def parse_hosts(key: str, name: str, raw: Mapping[str, Any]) -> tuple[str, ...]:
+    """A list of `host` or `host:port` (lower-cased), at `key.name`."""
+    value = raw.get(name)
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}.{name}", f"expected a list of host or host:port, got {value!r}")
+    return tuple(_host(f"{key}.{name}", entry) for entry in value)
+
+
+def _host(key: str, entry: object) -> str:
+    text = str(entry).strip().lower() if isinstance(entry, str) else ""
+    try:
+        parts = urlsplit(f"//{text}")
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    if parts is None or not parts.hostname or parts.netloc != text or "@" in text:
+        raise ConfigError(key, f"expected host or host:port (no scheme, no path), got {entry!r}")
+    if port == 0:
+        raise ConfigError(key, f"port out of range in {entry!r}")
+    return text

@@ -61,6 +61,12 @@ class ClusterMetrics:
             "owner's lease to run out and takes the download over.",
             registry=r,
         )
+        self.owners_refused = Counter(
+            "mirror_cluster_owners_refused",
+            "Owner URLs read from Redis and not asked: not of cluster.advertise_url's form "
+            "(scheme, a port or none, path); the blob is fetched here instead.",
+            registry=r,
+        )
         self.lease_unavailable = Counter(
             "mirror_cluster_lease_unavailable",
             "Work done without a lease because Redis did not answer: the replica works "

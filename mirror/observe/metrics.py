@@ -271,6 +271,21 @@ class Metrics:
             "Requests with X-Forwarded-For/-Proto/-Host from a peer not in trusted_proxies.",
             registry=r,
         )
+        # An upstream sending the mirror elsewhere: refused, never asked (destinations.py).
+        self.redirects_refused = Counter(
+            "mirror_upstream_redirects_refused",
+            "Upstream redirects refused: plain HTTP from HTTPS, or a host neither the "
+            "upstream's own, nor listed in redirect_hosts, nor on public addresses; by upstream.",
+            ["upstream"],
+            registry=r,
+        )
+        self.realms_refused = Counter(
+            "mirror_upstream_realms_refused",
+            "Upstream token realms refused: plain HTTP for an HTTPS upstream, or a host "
+            "neither the upstream's own nor listed in auth_hosts; by upstream.",
+            ["upstream"],
+            registry=r,
+        )
         # Alert on "refused": a renewed certificate that the HTTPS listener could not use.
         self.tls_reloads = Counter(
             "mirror_tls_reloads",

@@ -11,6 +11,8 @@
     ├── TooManyLogins, LoginsBusy                                (logins refused for now)
     ├── TooManyRequests                                          (the upstream's limit)
     └── UpstreamUnavailable                                      (upstream down, 5xx, timeout)
+        ├── DigestMismatch                                       (bytes not their digest)
+        └── UpstreamMisdirected                                  (sent where it may not)
 
 The error middleware (`web/app.py`, through `web/errors.py`) turns any of them into
 `{"errors": [{"code": ..., "message": ..., "detail": ...}]}`. Messages must never carry
@@ -198,6 +200,13 @@ class DigestMismatch(UpstreamUnavailable):
     """The upstream sent content whose hash is not the digest asked for."""
 
     code = "DIGEST_INVALID"
+    status = 502
+
+
+class UpstreamMisdirected(UpstreamUnavailable):
+    """The upstream sent the mirror somewhere it may not go (a redirect or a token realm
+    on a host not allowed, or over plain HTTP): refused without asking there."""
+
     status = 502
 
 

@@ -19,6 +19,7 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 from multidict import CIMultiDict
 
+from mirror.net.addresses import AddressRefused, PublicResolver
 from mirror.net.tls import describe_failure
 from mirror.observe.metrics import Metrics
 from mirror.oci.errors import (
@@ -38,6 +39,7 @@ from mirror.oci.reference import compute_digest
 from mirror.upstream.body import BlobBody
 from mirror.upstream.breaker import CircuitBreaker
 from mirror.upstream.credentials import Credentials
+from mirror.upstream.destinations import Destinations
 from mirror.upstream.tokens import Challenge, TokenCache, parse_challenge
 from mirror.util.lru import LRU
 
@@ -81,8 +83,12 @@ class Document:
     error_code: str | None = None
 
 
-def new_session(connect_timeout: float, read_timeout: float) -> aiohttp.ClientSession:
-    """A ClientSession with its own connection pool (one per upstream, and for peers)."""
+def new_session(
+    connect_timeout: float, read_timeout: float, *, public_only: bool = False
+) -> aiohttp.ClientSession:
+    """A ClientSession with its own connection pool (one per upstream, and for peers);
+    `public_only`: it connects to public addresses only (an upstream's redirects to other
+    origins: mirror/upstream/destinations.py)."""
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=connect_timeout, sock_read=read_timeout
     )
@@ -95,7 +101,9 @@ def new_session(connect_timeout: float, read_timeout: float) -> aiohttp.ClientSe
         # more often than a 512 MiB layer needs.
         read_bufsize=READ_BUFSIZE,
         headers={"User-Agent": USER_AGENT},
-        connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=300),
+        connector=aiohttp.TCPConnector(
+            limit=256, ttl_dns_cache=300, resolver=PublicResolver() if public_only else None
+        ),
     )
 
 
@@ -114,7 +122,13 @@ class Upstream:
         tag_ttl: float | None = None,
         timeouts: tuple[float, float] = (5.0, 30.0),
         ssl_context: ssl.SSLContext | None = None,
+        *,
+        public_session: aiohttp.ClientSession | None = None,
+        realm_hosts: tuple[str, ...] = (),
+        redirect_hosts: tuple[str, ...] = (),
     ) -> None:
+        if "@" in url:  # refused at load too: it would show in logs, labels and `/`
+            raise ValueError("an upstream URL must not hold credentials")
         self.url = url.rstrip("/")
         self.name = name
         self.host = urlsplit(self.url).netloc
@@ -134,6 +148,17 @@ class Upstream:
         # lengthens the penalty, so manifest GETs are refused here until it passes.
         self._limited_until = 0.0
         self._session = session
+        # Where its redirects and token realm may lead; `public_session` reaches other
+        # origins on public addresses only.
+        self._destinations = Destinations(
+            name,
+            self.url,
+            metrics,
+            own_session=session,
+            public_session=public_session,
+            realm_hosts=realm_hosts,
+            redirect_hosts=redirect_hosts,
+        )
         self._tokens = tokens
         self._metrics = metrics
         self._credentials = credentials
@@ -175,30 +200,35 @@ class Upstream:
         auth: dict[str, str],
         kind: str,
     ) -> aiohttp.ClientResponse:
-        """Follow redirects; Authorization goes only to the upstream's own host."""
+        """Follow the redirects its Destinations allow (UpstreamMisdirected for others,
+        their bodies unread); Authorization goes only to the upstream's own origin."""
         for _ in range(MAX_REDIRECTS):
             location = resp.headers.get("Location")
             if resp.status not in REDIRECTS or not location:
                 return resp
             target = urljoin(str(resp.url), location)
             resp.release()
+            hop = self._destinations.redirect(target)
             # A CDN on another host answers 400 when it sees the registry's token.
-            same_host = urlsplit(target).netloc == self.host
-            resp = await self._send(
-                method, target, {**headers, **(auth if same_host else {})}, kind
-            )
+            sent = {**headers, **(auth if hop.credentials else {})}
+            resp = await self._send(method, hop.url, sent, kind, hop.session)
         resp.release()
         raise UpstreamUnavailable(
             f"upstream {self.name} redirected more than {MAX_REDIRECTS} times"
         )
 
     async def _send(
-        self, method: str, url: str, headers: Mapping[str, str], kind: str
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        kind: str,
+        session: aiohttp.ClientSession | None = None,
     ) -> aiohttp.ClientResponse:
         self.breaker.before_request()
         started = time.monotonic()
         try:
-            resp = await self._session.request(
+            resp = await (session or self._session).request(
                 method,
                 url,
                 headers=headers,
@@ -207,8 +237,10 @@ class Upstream:
                 ssl=self.ssl,
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
-            self._metrics.upstream_requests.labels(self.name, kind, "error").inc()
             self.record_failure()
+            if _address_refused(exc):  # nothing was sent: the name has a non-public address
+                raise self._destinations.refused_redirect(url, "not a public address") from None
+            self._metrics.upstream_requests.labels(self.name, kind, "error").inc()
             tls_failure = describe_failure(self.name, exc)
             if tls_failure is not None:
                 log.error("%s", tls_failure)
@@ -250,7 +282,12 @@ class Upstream:
         if self._bearer is not None:
             scopes = [f"repository:{repo}:pull"] if repo else []
             token = await self._tokens.get(
-                self._bearer, scopes, await self._basic(), ssl_context=self.ssl, upstream=self.name
+                self._bearer,
+                scopes,
+                await self._basic(),
+                ssl_context=self.ssl,
+                upstream=self.name,
+                check=self._destinations.check_realm,
             )
             return {"Authorization": f"Bearer {token}"}
         if self._use_basic and self._credentials is not None:
@@ -258,15 +295,23 @@ class Upstream:
         return {}
 
     async def _answer(self, challenge: Challenge, repo: str | None) -> dict[str, str]:
-        """Headers that answer a 401 challenge, or Unauthorized when we cannot."""
+        """Headers that answer a 401 challenge, or Unauthorized when we cannot; a realm
+        the credentials may not go to is refused before it is remembered."""
         if challenge.scheme == "bearer":
+            if challenge.realm:
+                self._destinations.check_realm(challenge.realm)
             self._bearer = Challenge(
                 "bearer", {k: v for k, v in challenge.params.items() if k in ("realm", "service")}
             )
             scope = challenge.params.get("scope")
             scopes = scope.split(" ") if scope else ([f"repository:{repo}:pull"] if repo else [])
             token = await self._tokens.get(
-                self._bearer, scopes, await self._basic(), ssl_context=self.ssl, upstream=self.name
+                self._bearer,
+                scopes,
+                await self._basic(),
+                ssl_context=self.ssl,
+                upstream=self.name,
+                check=self._destinations.check_realm,
             )
             return {"Authorization": f"Bearer {token}"}
         if challenge.scheme == "basic" and self._credentials is not None:
@@ -400,6 +445,11 @@ async def _read_limited(resp: aiohttp.ClientResponse, limit: int, what: str) -> 
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise UpstreamUnavailable(f"reading {what} failed: {type(exc).__name__}") from None
     return bytes(body)
+
+
+def _address_refused(exc: BaseException) -> bool:
+    """Whether the public-only resolver refused the name (see mirror/net/addresses.py)."""
+    return isinstance(getattr(exc, "os_error", None), AddressRefused)
 
 
 def _retry_after(headers: Mapping[str, str]) -> int:

@@ -15,7 +15,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 from aiocache import SimpleMemoryCache
@@ -34,6 +34,10 @@ _PARAM = re.compile(r'\s*([a-zA-Z0-9_.-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)\s*(
 EXPIRY_MARGIN = 30.0
 # Tokens that come without expires_in last 60 s, as the distribution spec says.
 DEFAULT_EXPIRES_IN = 60
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5
+# Raises for a URL the credentials may not go to (Destinations.check_realm).
+RealmCheck = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -100,11 +104,13 @@ class TokenCache:
         credentials: str | None,
         ssl_context: ssl.SSLContext | bool = True,
         upstream: str = "",
+        check: RealmCheck | None = None,
     ) -> str:
         """A token for `scopes` from the challenge's realm, from cache when still good.
 
         `credentials` is a ready `Authorization` header value (Basic) or None: anonymous;
-        `ssl_context` is the asking upstream's TLS context (its realm is usually its own host).
+        `ssl_context` is the asking upstream's TLS context (its realm is usually its own host);
+        `check` vets the realm and every redirect of it (none followed without it).
         """
         # Per account too: two upstreams may share a token service but not an account.
         account = hashlib.sha256((credentials or "").encode()).hexdigest()
@@ -116,7 +122,7 @@ class TokenCache:
         return await self._flight.do(
             key,
             lambda: self._fetch_and_keep(
-                key, challenge, scopes, credentials, ssl_context, upstream
+                key, challenge, scopes, credentials, ssl_context, upstream, check
             ),
         )
 
@@ -131,9 +137,10 @@ class TokenCache:
         credentials: str | None,
         ssl_context: ssl.SSLContext | bool = True,
         upstream: str = "",
+        check: RealmCheck | None = None,
     ) -> str:
         def fetch() -> Awaitable[tuple[str, float]]:
-            return self._fetch(challenge, scopes, credentials, ssl_context, upstream)
+            return self._fetch(challenge, scopes, credentials, ssl_context, upstream, check)
 
         if self._shared is None:
             token, ttl = await fetch()
@@ -149,6 +156,7 @@ class TokenCache:
         credentials: str | None,
         ssl_context: ssl.SSLContext | bool = True,
         upstream: str = "",
+        check: RealmCheck | None = None,
     ) -> tuple[str, float]:
         realm = challenge.realm
         if not realm:
@@ -156,22 +164,11 @@ class TokenCache:
         params = [("scope", scope) for scope in scopes]
         if "service" in challenge.params:
             params.insert(0, ("service", challenge.params["service"]))
-        counter = self._metrics.token_fetches
         host = urlsplit(realm).netloc
         try:
-            headers = {"Authorization": credentials} if credentials else {}
-            async with self._session.get(
-                realm, params=params, headers=headers, ssl=ssl_context
-            ) as resp:
-                counter.labels(host, str(resp.status)).inc()
-                if resp.status in (401, 403):
-                    # The account's credentials were refused: say so without echoing them.
-                    raise UpstreamDenied("the mirror's upstream credentials were refused")
-                if resp.status != 200:
-                    raise UpstreamUnavailable(f"upstream token service answered {resp.status}")
-                body = await resp.json(content_type=None)
+            return await self._ask(realm, params, credentials, ssl_context, check)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            counter.labels(host, "error").inc()
+            self._metrics.token_fetches.labels(host, "error").inc()
             tls_failure = describe_failure(f"{upstream or host} (token service {host})", exc)
             if tls_failure is not None:
                 log.error("%s", tls_failure)
@@ -179,7 +176,41 @@ class TokenCache:
             raise UpstreamUnavailable(
                 f"upstream token service failed: {type(exc).__name__}"
             ) from None
-        return _token_from(body)
+
+    async def _ask(
+        self,
+        realm: str,
+        params: list[tuple[str, str]],
+        credentials: str | None,
+        ssl_context: ssl.SSLContext | bool,
+        check: RealmCheck | None,
+    ) -> tuple[str, float]:
+        """GET a token from the realm, following the redirects `check` allows (none
+        without one): the credentials go only where a realm may be."""
+        headers = {"Authorization": credentials} if credentials else {}
+        host = urlsplit(realm).netloc
+        url, query = realm, params
+        for _ in range(MAX_REDIRECTS + 1):
+            if check is not None:
+                check(url)
+            async with self._session.get(
+                url, params=query, headers=headers, ssl=ssl_context, allow_redirects=False
+            ) as resp:
+                self._metrics.token_fetches.labels(host, str(resp.status)).inc()
+                location = resp.headers.get("Location")
+                if resp.status not in REDIRECTS or not location or check is None:
+                    return _token_from(await _token_body(resp))
+                url, query = urljoin(str(resp.url), location), []
+        raise UpstreamUnavailable(f"upstream token service redirected over {MAX_REDIRECTS} times")
+
+
+async def _token_body(resp: aiohttp.ClientResponse) -> object:
+    if resp.status in (401, 403):
+        # The account's credentials were refused: say so without echoing them.
+        raise UpstreamDenied("the mirror's upstream credentials were refused")
+    if resp.status != 200:
+        raise UpstreamUnavailable(f"upstream token service answered {resp.status}")
+    return await resp.json(content_type=None)
 
 
 def _token_from(body: object) -> tuple[str, float]:

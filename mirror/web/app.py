@@ -181,19 +181,25 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     # services (other hosts again) share one more.
     token_session = new_session(config.upstream.connect_timeout, config.upstream.read_timeout)
     sessions = [new_session(cfg.connect_timeout, cfg.read_timeout) for cfg in every]
+    # Redirects to other origins go on sessions that connect to public addresses only.
+    publics = [
+        new_session(cfg.connect_timeout, cfg.read_timeout, public_only=True) for cfg in every
+    ]
     try:
         tokens = TokenCache(token_session, app[metrics_key], _token_share(app))
         contexts = await asyncio.to_thread(client_contexts, every)  # reads CA and key files
         built = [
-            build_upstream(cfg, session, tokens, app[metrics_key], config.cache.negative_ttl, ctx)
-            for cfg, session, ctx in zip(every, sessions, contexts, strict=True)
+            build_upstream(cfg, pair, tokens, app[metrics_key], config.cache.negative_ttl, ctx)
+            for cfg, pair, ctx in zip(
+                every, zip(sessions, publics, strict=True), contexts, strict=True
+            )
         ]
         app[upstreams_key] = Upstreams(built[0], built[1:])
         app[gate_key] = PullGate(app[policy_key], app[upstreams_key])
         yield
         await tokens.close()
     finally:
-        await asyncio.gather(*(session.close() for session in (token_session, *sessions)))
+        await asyncio.gather(*(session.close() for session in (token_session, *sessions, *publics)))
 
 
 def _token_share(app: web.Application) -> SharedTokens | None:
@@ -206,7 +212,7 @@ def _token_share(app: web.Application) -> SharedTokens | None:
 
 def build_upstream(
     cfg: UpstreamConfig,
-    session: aiohttp.ClientSession,
+    sessions: tuple[aiohttp.ClientSession, aiohttp.ClientSession],
     tokens: TokenCache,
     metrics: Metrics,
     negative_ttl: float,
@@ -217,6 +223,7 @@ def build_upstream(
         credentials = Credentials(
             cfg.username, cfg.password, cfg.password_command, cfg.password_refresh, cfg.registry
         )
+    session, public_session = sessions  # its own host's, and public addresses only
     return Upstream(
         cfg.url,
         session,
@@ -228,6 +235,9 @@ def build_upstream(
         tag_ttl=cfg.tag_ttl,
         timeouts=(cfg.connect_timeout, cfg.read_timeout),
         ssl_context=ssl_context,
+        public_session=public_session,
+        realm_hosts=cfg.realm_hosts,
+        redirect_hosts=cfg.redirect_hosts,
     )
 
 

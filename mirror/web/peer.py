@@ -52,6 +52,7 @@ async def peers_ctx(app: web.Application) -> AsyncIterator[None]:
         config.upstream.connect_timeout,
         config.upstream.read_timeout,
         context,
+        advertise_url=config.cluster.advertise_url,
     )
     app[peers_key] = peers
     try:
