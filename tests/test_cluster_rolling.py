@@ -11,6 +11,7 @@ not finish, so another replica takes that work over at once instead of after `le
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
@@ -141,3 +142,29 @@ async def test_an_owner_stopped_mid_download_hands_its_lease_over_at_once(
     body = await clients[replicas.index(survivor)]
     assert sha256(body) == image.layer_digest and len(body) == BLOB_SIZE
     await asyncio.gather(*clients, return_exceptions=True)
+
+
+async def test_a_stopping_replica_answers_readyz_503_while_it_still_serves(
+    tmp_path: Path, hub: FakeHubProcess, image: RandomImage, session: aiohttp.ClientSession
+) -> None:
+    mirror = MirrorProcess(tmp_path / "mirror", hub.registry_url)
+    config = {"shutdown_delay": "3s"}
+    mirror.extra_args = ("--config", str(write_config(tmp_path / "mirror.yaml", config)))
+    with mirror:
+        async with session.get(f"{mirror.url}/readyz") as resp:
+            assert resp.status == 200
+        assert mirror.proc is not None
+        mirror.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        async with session.get(f"{mirror.url}/readyz") as resp:
+            assert resp.status == 503
+            assert await resp.json() == {"shutdown": "draining"}
+        async with session.get(f"{mirror.url}/healthz") as resp:
+            assert resp.status == 200
+        async with session.get(f"{mirror.url}{image.blob_path}") as resp:  # new requests too
+            assert resp.status == 200
+            assert sha256(await resp.read()) == image.layer_digest
+        assert mirror.proc.poll() is None
+        exited = await asyncio.to_thread(mirror.proc.wait, 10)
+        assert exited == 0
+        assert "stopping: /readyz answers 503" in mirror.log_path.read_text()
