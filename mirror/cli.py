@@ -209,7 +209,12 @@ def supervise(config: Config, listeners: list[server.Listener], argv: list[str])
     try:
         command = worker_command(argv)
         return Supervisor(
-            command, sockets, config.workers, config.shutdown_timeout, metrics_dir
+            # Each worker drains (shutdown_delay) before its requests get shutdown_timeout.
+            command,
+            sockets,
+            config.workers,
+            config.shutdown_delay + config.shutdown_timeout,
+            metrics_dir,
         ).run()
     finally:
         remove_metrics_dir(metrics_dir)
