@@ -183,6 +183,7 @@ def serve(config: Config, argv: list[str], seat: WorkerSeat | None = None) -> No
             event_loop=config.event_loop,
             cluster=config.cluster is not None,
             inherited=inherited,
+            shutdown_delay=config.shutdown_delay,
         )
 
 
@@ -208,7 +209,12 @@ def supervise(config: Config, listeners: list[server.Listener], argv: list[str])
     try:
         command = worker_command(argv)
         return Supervisor(
-            command, sockets, config.workers, config.shutdown_timeout, metrics_dir
+            # Each worker drains (shutdown_delay) before its requests get shutdown_timeout.
+            command,
+            sockets,
+            config.workers,
+            config.shutdown_delay + config.shutdown_timeout,
+            metrics_dir,
         ).run()
     finally:
         remove_metrics_dir(metrics_dir)

@@ -68,6 +68,24 @@ async def test_a_kept_lease_outlives_its_ttl_and_a_dead_holders_runs_out(
     assert await a.acquire("dead") == Held("http://b:8083")
 
 
+async def test_a_stopping_replica_releases_every_lease_it_still_holds(
+    replicas: tuple[Leases, Leases],
+) -> None:
+    a, b = replicas
+    first, second = await a.acquire("blob:sha256:aa"), await a.acquire("tag:x")
+    done = await a.acquire("manifest:y")
+    assert isinstance(first, Lease) and isinstance(second, Lease) and isinstance(done, Lease)
+    await done.release()
+    taken = await b.acquire("blob:sha256:aa")
+    assert taken == Held("http://a:8083")
+
+    assert await a.release_all() == 2
+    # Another replica takes them at once, not one TTL later.
+    assert isinstance(await b.acquire("blob:sha256:aa"), Lease)
+    assert isinstance(await b.acquire("tag:x"), Lease)
+    assert await a.release_all() == 0
+
+
 async def test_redis_unreachable_means_work_alone() -> None:
     conn = open_redis(f"redis://127.0.0.1:{free_port()}/0", 4, socket_connect_timeout=0.5)
     try:

@@ -365,3 +365,10 @@ async def test_log_format_json_or_text() -> None:
     assert config_from_mapping({"log": {"format": "json"}}).log.format == "json"
     err = config_error({"log": {"format": "xml"}})
     assert err.key == "log.format"
+
+
+def test_shutdown_delay_is_a_duration_zero_by_default() -> None:
+    assert Config().shutdown_delay == 0
+    assert config_from_mapping({"shutdown_delay": "5s"}).shutdown_delay == 5
+    assert config_error({"shutdown_delay": "soon"}).key == "shutdown_delay"
+    assert config_error({"shutdown_delay": -1}).key == "shutdown_delay"

@@ -7,6 +7,9 @@ renewing, and the lease runs out within one TTL for another replica to take over
 and releasing compare the value first (a small Lua script on that one key, so a Cluster
 routes it by the key's slot): a holder that lost its lease never deletes a successor's.
 
+A replica that stops deletes every lease it still holds (`release_all`, once requests in
+flight are done): the work it could not finish is taken over at once, not one TTL later.
+
 When Redis cannot be reached, `acquire` says so (None), and the caller works alone, as a
 single mirror does: an outage costs duplicate upstream fetches, never a failed pull.
 `LeaseBackoff` then stops asking for DOWN_RETRY, so an outage costs each request no wait.
@@ -94,6 +97,7 @@ class Lease:
         self.key = key
         self.value = value
         self.lost = asyncio.Event()  # set when a renewal found the lease gone or taken
+        leases.held.add(self)
 
     async def renew(self) -> bool:
         """Extend the lease by one TTL; False if it is no longer ours (or Redis is down)."""
@@ -107,8 +111,11 @@ class Lease:
 
     async def release(self) -> None:
         """Give the lease up, if it is still ours (never raises)."""
+        self._leases.held.discard(self)
         with contextlib.suppress(*DOWN_ERRORS):
-            await self._leases.client.eval(_RELEASE, 1, self.key, self.value)
+            # Shielded: a task cancelled again while it releases (a stopping replica
+            # cancels its work) must not leave the lease to run out.
+            await asyncio.shield(self._leases.client.eval(_RELEASE, 1, self.key, self.value))
 
     @contextlib.asynccontextmanager
     async def kept(self) -> AsyncIterator[Lease]:
@@ -141,6 +148,13 @@ class Leases:
         self.client = client
         self.owner = owner
         self.ttl = ttl
+        self.held: set[Lease] = set()  # taken and not yet released: `release_all` ends them
+
+    async def release_all(self) -> int:
+        """Release every lease still held (a stopping replica); how many there were."""
+        held = list(self.held)
+        await asyncio.gather(*(lease.release() for lease in held))
+        return len(held)
 
     def key(self, name: str) -> str:
         return LEASE_PREFIX + name

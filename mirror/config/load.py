@@ -37,8 +37,8 @@ from mirror.config.values import (
 
 TOP_LEVEL_KEYS = {
     "listen", "upstream", "upstreams", "default_upstream", "public_url", "auth", "storage",
-    "redis", "cache", "log", "shutdown_timeout", "tls", "cluster", "server", "workers",
-    "event_loop", "trusted_proxies", "metrics",
+    "redis", "cache", "log", "shutdown_timeout", "shutdown_delay", "tls", "cluster", "server",
+    "workers", "event_loop", "trusted_proxies", "metrics",
 }  # fmt: skip
 EVENT_LOOPS = ("auto", "asyncio", "uvloop")
 
@@ -56,6 +56,8 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     log: LogConfig = field(default_factory=LogConfig)
     shutdown_timeout: float = 30.0
+    # On SIGTERM, /readyz answers 503 this long before the listeners close (web/server.py).
+    shutdown_delay: float = 0.0
     # Allow/deny globs and auth.rules, checked; None: pull anything. The app compiles it.
     policy: PolicyConfig | None = None
     tls: TLSConfig | None = None  # the HTTPS listener (mirror/net/tls.py)
@@ -93,6 +95,7 @@ def config_from_mapping(raw: Mapping[str, Any]) -> Config:
         cache=parse_cache(raw),
         log=parse_log(raw),
         shutdown_timeout=parse_duration("shutdown_timeout", raw.get("shutdown_timeout", 30)),
+        shutdown_delay=parse_duration("shutdown_delay", raw.get("shutdown_delay", 0)),
         policy=parse_policy(raw, default, others),
         tls=tls,
         http=http,

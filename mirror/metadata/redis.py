@@ -92,7 +92,9 @@ class RedisMetadata:
                 continue
             # Repository names and tags hold no colon; an upstream name may (host:port).
             upstream, repo, tag = key[len(TAG_PREFIX) :].rsplit(":", 2)
-            found.append((upstream, repo, tag, TagRecord.from_json(raw)))
+            record = TagRecord.from_json(raw)
+            if record is not None:  # one this release cannot read: not listed
+                found.append((upstream, repo, tag, record))
         return found
 
     async def ping(self) -> None:

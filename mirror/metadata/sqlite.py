@@ -135,7 +135,8 @@ class SqliteMetadata:
             "SELECT upstream, repo, tag, record FROM tags WHERE checked_at >= ?",
             time.time() - self._expiry,
         )
-        return [(u, r, t, TagRecord.from_json(raw)) for u, r, t, raw in rows]
+        found = [(u, r, t, TagRecord.from_json(raw)) for u, r, t, raw in rows]
+        return [(u, r, t, record) for u, r, t, record in found if record is not None]
 
     async def ping(self) -> None:
         await self._rows("SELECT 1")

@@ -4,6 +4,14 @@ A tag record says which digest a tag pointed at and when the upstream last confi
 Freshness is judged from `checked_at` against `cache.tag_ttl` by the caller; the store
 itself only keeps records for `RETENTION` beyond that, so an expired tag can still be
 served when the upstream is down, and a tag nobody asks for eventually goes away.
+
+Replicas of two releases share one Redis during a rolling update, so every record is read
+tolerantly: fields it does not know are ignored, and a record it cannot use (a required
+field missing or of the wrong type) is taken as absent (the tag is asked upstream again),
+never as an error. The schema is `SCHEMA_VERSION`: a record without "v" is version 1. The
+release before this one built TagRecord from every field and refused any extra, so version
+1 records are written with exactly its fields and no "v"; a later version may add optional
+fields (and "v") once no such replica can be running.
 """
 
 from __future__ import annotations
@@ -11,8 +19,8 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Protocol, runtime_checkable
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Protocol, runtime_checkable
 
 # Every key starts with this, so the mirror can share a Redis with other tenants.
 KEY_PREFIX = "mirror:"
@@ -36,6 +44,8 @@ HOLDINGS_KEY = HOLDINGS_PREFIX + "{upstream}:{repo}"
 REPOS_KEY = KEY_PREFIX + "repos"
 # A hash of digest → "size last-read-time" for the blobs in the S3 bucket (storage.s3).
 BUCKET_BLOBS_KEY = KEY_PREFIX + "bucket-blobs"
+# The record layout this code writes and fully understands (see the module docstring).
+SCHEMA_VERSION = 1
 # How long a tag record outlives its TTL by default (cache.stale_if_error): a week of
 # serving stale through an outage.
 RETENTION = 7 * 86400
@@ -57,8 +67,31 @@ class TagRecord:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, raw: str | bytes) -> TagRecord:
-        return cls(**json.loads(raw))
+    def from_json(cls, raw: str | bytes) -> TagRecord | None:
+        """The record in `raw`, its unknown fields ignored; None when it is unusable."""
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            return None
+        if not isinstance(data, dict):
+            return None
+        return _tag_record(data)
+
+
+_TAG_TYPES: dict[str, tuple[type, ...]] = {
+    "digest": (str,),
+    "media_type": (str,),
+    "size": (int,),
+    "checked_at": (int, float),
+}
+
+
+def _tag_record(data: dict[str, Any]) -> TagRecord | None:
+    values: dict[str, Any] = {field.name: data.get(field.name) for field in fields(TagRecord)}
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, _TAG_TYPES[name]):
+            return None
+    return TagRecord(**values)
 
 
 class MetadataStore(Protocol):

@@ -40,6 +40,7 @@ from mirror.upstream.tokens import TokenCache
 from mirror.web.access import client_auth_ctx, token_handler
 from mirror.web.accesslog import AccessLogger
 from mirror.web.blobs import BlobService
+from mirror.web.drain import Drain
 from mirror.web.forwarded import ProxyTrust, proxy_trust_key
 from mirror.web.gate import PullGate, gate_key
 from mirror.web.handlers import API_VERSION_HEADER
@@ -47,6 +48,7 @@ from mirror.web.keys import (
     blobs_key,
     config_key,
     downloads_key,
+    drain_key,
     evictor_key,
     failures_key,
     holdings_key,
@@ -98,6 +100,7 @@ def create_app(config: Config) -> web.Application:
     app[storage_key] = new_store(config.storage, app[metrics_key], sharing)
     app[storage_key].shared = config.workers > 1
     app[pulls_key] = PullCounter()
+    app[drain_key] = Drain()
     app.cleanup_ctx.extend([storage_ctx, metadata_ctx, upstream_ctx, services_ctx, client_auth_ctx])
     app.cleanup_ctx.insert(0, leases_ctx)  # first: every service may take leases
     app.cleanup_ctx.insert(1, peers_ctx)  # downloads stream from other replicas with it

@@ -18,6 +18,7 @@ from mirror.web.conditional import cache_control, digest_headers, none_match, no
 from mirror.web.keys import (
     blobs_key,
     config_key,
+    drain_key,
     manifests_key,
     metadata_key,
     metrics_key,
@@ -140,7 +141,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when the storage takes writes and the metadata store answers."""
+    """Ready when the storage takes writes and the metadata store answers, and the
+    process is not stopping (a load balancer then sends its requests elsewhere)."""
+    if request.app[drain_key].draining:
+        return web.Response(
+            status=503, text=json.dumps({"shutdown": "draining"}) + "\n",
+            content_type="application/json",
+        )  # fmt: skip
     checks = {
         "storage": "ok" if await request.app[storage_key].is_writable() else "not writable",
         "metadata": "ok",

@@ -20,6 +20,7 @@ from mirror.observe.metrics import Metrics
 from mirror.storage import CacheStore
 from mirror.upstream.routing import Upstreams
 from mirror.web.blobs import BlobService
+from mirror.web.drain import Drain
 from mirror.web.status import PullCounter
 
 config_key = web.AppKey("config", Config)
@@ -47,3 +48,5 @@ leases_key: web.AppKey[Leases | None] = web.AppKey("leases")
 work_leases_key: web.AppKey[LeaseSource[HeldLease] | None] = web.AppKey("work_leases")
 # The client replicas stream blobs from each other with; None without `cluster:`.
 peers_key: web.AppKey[PeerClient | None] = web.AppKey("peers")
+# Set on SIGTERM (web/server.py): /readyz answers 503 while the replica drains.
+drain_key = web.AppKey("drain", Drain)

@@ -40,12 +40,15 @@ async def leases_ctx(app: web.Application) -> AsyncIterator[None]:
         socket_connect_timeout=LEASE_SOCKET_TIMEOUT,
         socket_timeout=LEASE_SOCKET_TIMEOUT,
     )
-    app[leases_key] = app[work_leases_key] = Leases(
-        conn.client, cluster.advertise_url, cluster.lease_ttl
-    )
+    leases = Leases(conn.client, cluster.advertise_url, cluster.lease_ttl)
+    app[leases_key] = app[work_leases_key] = leases
     app[metrics_key].cluster.replica_info.labels(cluster.replica_id).set(1)
     log.info("replica %s of a cluster (lease ttl %gs)", cluster.replica_id, cluster.lease_ttl)
     try:
         yield
     finally:
+        # Last of the cleanup contexts to run: what the services did not finish is over.
+        released = await leases.release_all()
+        if released:
+            log.info("released %d leases held by work left unfinished", released)
         await conn.close()

@@ -2,13 +2,16 @@
 
 `web.run_app` takes one SSL context for all of its sites, so `serve` runs its own
 `AppRunner` with a site per listener, and stops it gracefully on SIGTERM or SIGINT, on
-the event loop `event_loop` names (loop_factory). Every site's connections pass through
-one `ConnectionGuard` (mirror/web/connections.py).
+the event loop `event_loop` names (loop_factory): /readyz answers 503 at once, requests
+are still served for `shutdown_delay` (a load balancer's probes see the 503 and send new
+requests elsewhere; a second signal cuts the wait short), then the listeners close.
+Every site's connections pass through one `ConnectionGuard` (mirror/web/connections.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import resource
@@ -23,7 +26,7 @@ from aiohttp import web
 from mirror.config import ConfigError, ServerConfig
 from mirror.web.accesslog import AccessLogger
 from mirror.web.connections import ConnectionGuard
-from mirror.web.keys import metrics_key
+from mirror.web.keys import drain_key, metrics_key
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,7 @@ def run(
     event_loop: str = "asyncio",
     cluster: bool = False,
     inherited: list[socket.socket] | None = None,
+    shutdown_delay: float = 0.0,
 ) -> None:
     """Serve `app` on every listener until SIGTERM or SIGINT, then shut down gracefully.
 
@@ -66,7 +70,7 @@ def run(
     bound = list(zip(listeners, sockets, strict=True))
     try:
         with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(_serve(app, bound, shutdown_timeout, on_bound, limits))
+            runner.run(_serve(app, bound, (shutdown_delay, shutdown_timeout), on_bound, limits))
     finally:
         for sock in sockets:
             sock.close()
@@ -131,10 +135,12 @@ def _where(listener: Listener) -> str:
 async def _serve(
     app: web.Application,
     bound: list[tuple[Listener, socket.socket]],
-    shutdown_timeout: float,
+    shutdown: tuple[float, float],
     on_bound: Callable[[], None],
     limits: ServerConfig,
 ) -> None:
+    """`shutdown`: the drain before the listeners close, then the wait for requests."""
+    delay, shutdown_timeout = shutdown
     # The access logger is the app's own (create_app): it writes the audit line too.
     runner = web.AppRunner(
         app,
@@ -160,11 +166,23 @@ async def _serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+        await _drain(app, stop, delay)
     finally:
         for key in reversed(runners):
             # Stops accepting, lets requests in flight finish (up to shutdown_timeout),
             # then runs the cleanup contexts.
             await runners[key].cleanup()
+
+
+async def _drain(app: web.Application, stop: asyncio.Event, delay: float) -> None:
+    """Answer /readyz 503 and keep serving for `delay`, or until the next signal."""
+    app[drain_key].begin()
+    if delay <= 0:
+        return
+    log.info("stopping: /readyz answers 503; serving %gs more before closing", delay)
+    stop.clear()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), delay)
 
 
 class GuardedSite(web.SockSite):

@@ -1,0 +1,170 @@
+"""Rolling updates, as real processes: a stopping replica hands its work over at once.
+
+    clients (aiohttp) -> replicas (cluster:, one Redis, one RGW bucket) -> fake hub -> registry
+
+A replica told to stop (SIGTERM) first answers /readyz 503 for `shutdown_delay` while it
+still serves, so a load balancer stops sending it requests; then it stops accepting, lets
+requests in flight finish (shutdown_timeout), and deletes the leases of the work it could
+not finish, so another replica takes that work over at once instead of after `lease_ttl`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.redis_topologies import flushed_redis_url
+from tests.resilience_helpers import RandomImage, seed_random_image, write_config
+from tests.rgw import CephRGW
+from tests.services import DistributionRegistry, FakeHubProcess, MirrorProcess
+from tests.test_cluster_peers import PEER_STREAMS, metric, s3_section, sha256, upstream_bytes
+from tests.test_cluster_replicas import set_knobs
+
+pytestmark = pytest.mark.e2e
+
+MiB = 1024 * 1024
+LONG_LEASE = 30.0  # a takeover well inside it was a release, not an expiry
+SECRET = "replicas-share-this-secret-0123456789"
+BLOB_SIZE = 24 * MiB
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DistributionRegistry]:
+    with DistributionRegistry(tmp_path_factory.mktemp("registry")) as registry:
+        yield registry
+
+
+@pytest.fixture(scope="module")
+def image(registry: DistributionRegistry) -> RandomImage:
+    return seed_random_image(registry.url, "rolling", BLOB_SIZE, seed=73)
+
+
+@pytest.fixture
+def hub(
+    tmp_path: Path, registry: DistributionRegistry, image: RandomImage
+) -> Iterator[FakeHubProcess]:
+    with FakeHubProcess(registry.url, workdir=tmp_path / "fakehub") as hub:
+        yield hub
+
+
+@pytest.fixture
+def stack() -> Iterator[ExitStack]:
+    with ExitStack() as stack:
+        yield stack
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        yield session
+
+
+def replica_config(
+    tmp_path: Path, replica: MirrorProcess, index: int, redis_url: str, extra: dict[str, Any]
+) -> dict[str, Any]:
+    secret = tmp_path / "cluster-secret"
+    secret.write_text(SECRET)
+    return {
+        "redis": {"url": redis_url},
+        "cluster": {
+            "advertise_url": replica.url,
+            "secret_file": str(secret),
+            "lease_ttl": f"{LONG_LEASE}s",
+            "replica_id": f"r{index}",
+        },
+        **extra,
+    }
+
+
+def start_replicas(
+    stack: ExitStack,
+    tmp_path: Path,
+    hub: FakeHubProcess,
+    redis_url: str,
+    count: int,
+    extra: dict[str, Any],
+) -> list[MirrorProcess]:
+    replicas = []
+    for index in range(count):
+        workdir = tmp_path / f"replica{index}"
+        replica = MirrorProcess(workdir, hub.registry_url)
+        config = replica_config(tmp_path, replica, index, redis_url, extra)
+        replica.extra_args = ("--config", str(write_config(workdir / "mirror.yaml", config)))
+        replicas.append(stack.enter_context(replica))
+    return replicas
+
+
+async def test_an_owner_stopped_mid_download_hands_its_lease_over_at_once(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    hub: FakeHubProcess,
+    image: RandomImage,
+    rgw: CephRGW,
+    s3_bucket: str,
+    stack: ExitStack,
+    session: aiohttp.ClientSession,
+) -> None:
+    """The owner cannot finish within its shutdown_timeout: it gives the lease up as it
+    goes, and the follower takes the download over long before the lease would run out."""
+    redis_url = flushed_redis_url(request, "single")
+    extra = {"shutdown_timeout": "1s", "storage": s3_section(rgw, s3_bucket)}
+    replicas = start_replicas(stack, tmp_path, hub, redis_url, 2, extra)
+    set_knobs(hub, cdn_delay=0.05)  # ~20 s for the blob: the owner cannot finish it
+
+    async def get(replica: MirrorProcess) -> bytes:
+        async with session.get(f"{replica.url}{image.blob_path}") as resp:
+            return await resp.read()
+
+    clients = [asyncio.create_task(get(r)) for r in replicas]
+    while await metric(session, replicas, PEER_STREAMS, {"direction": "in"}) < 1:
+        await asyncio.sleep(0.05)
+    streamed = [await metric(session, [r], PEER_STREAMS, {"direction": "out"}) for r in replicas]
+    owner, survivor = (replicas[0], replicas[1]) if streamed[0] else (replicas[1], replicas[0])
+    while await upstream_bytes(session, [owner]) < 2 * MiB:
+        await asyncio.sleep(0.05)
+    stopped_at = time.monotonic()
+    stopping = asyncio.create_task(asyncio.to_thread(owner.stop))
+    takeovers = {"kind": "blob"}
+    while not await metric(session, [survivor], "mirror_cluster_lease_takeovers_total", takeovers):
+        assert time.monotonic() - stopped_at < 5, "no takeover: the lease was left to run out"
+        await asyncio.sleep(0.05)
+    set_knobs(hub, cdn_delay=0)
+    await stopping
+
+    body = await clients[replicas.index(survivor)]
+    assert sha256(body) == image.layer_digest and len(body) == BLOB_SIZE
+    await asyncio.gather(*clients, return_exceptions=True)
+
+
+async def test_a_stopping_replica_answers_readyz_503_while_it_still_serves(
+    tmp_path: Path, hub: FakeHubProcess, image: RandomImage, session: aiohttp.ClientSession
+) -> None:
+    mirror = MirrorProcess(tmp_path / "mirror", hub.registry_url)
+    config = {"shutdown_delay": "3s"}
+    mirror.extra_args = ("--config", str(write_config(tmp_path / "mirror.yaml", config)))
+    with mirror:
+        async with session.get(f"{mirror.url}/readyz") as resp:
+            assert resp.status == 200
+        assert mirror.proc is not None
+        mirror.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        async with session.get(f"{mirror.url}/readyz") as resp:
+            assert resp.status == 503
+            assert await resp.json() == {"shutdown": "draining"}
+        async with session.get(f"{mirror.url}/healthz") as resp:
+            assert resp.status == 200
+        async with session.get(f"{mirror.url}{image.blob_path}") as resp:  # new requests too
+            assert resp.status == 200
+            assert sha256(await resp.read()) == image.layer_digest
+        assert mirror.proc.poll() is None
+        exited = await asyncio.to_thread(mirror.proc.wait, 10)
+        assert exited == 0
+        assert "stopping: /readyz answers 503" in mirror.log_path.read_text()
