@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -37,6 +38,7 @@ from mirror.storage.localflight import (
 )
 from mirror.upstream.body import BODY_ERRORS, BlobBody
 from mirror.upstream.client import Upstream
+from mirror.util.lru import LRU
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,11 @@ FINISH_ON_CLOSE = 10.0
 MAX_FRUITLESS_RESUMES = 3
 # How often a process following another one's download (workers) reads its progress.
 FOLLOW_POLL = 0.03
+# Write errors that say this file did not fit, not that the disk takes no writes at all.
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# Blobs sent without a length that grew past what the cache holds, remembered so that the
+# next pull relays them at once rather than filling tmp/ again to learn it.
+OVERSIZED_ENTRIES = 1000
 
 
 class TransferBroken(Exception):
@@ -66,6 +73,20 @@ class CacheWriteFailed(UpstreamUnavailable):
 class Uncacheable(UpstreamUnavailable):
     """This blob cannot go into the cache now (too large, or the disk takes no writes):
     every waiting client streams it straight from upstream instead."""
+
+
+class OutgrewCache(CacheWriteFailed, Uncacheable):
+    """A blob sent without a length grew past what the cache may hold: readers carry on
+    from upstream, and the cache stays writable for every other blob."""
+
+
+class DiskFull(CacheWriteFailed):
+    """The disk ran out of space under this download. Whether the cache as a whole takes
+    no writes is probed once its temp file is gone: one huge blob must not say so."""
+
+    def __init__(self, message: str, error: OSError) -> None:
+        super().__init__(message)
+        self.error = error
 
 
 class StoredElsewhere(Uncacheable):
@@ -204,6 +225,8 @@ class Downloads:
         self._tasks: dict[asyncio.Task[None], Download] = {}
         # Called after each blob lands in the cache (the evictor listens).
         self.on_commit: Callable[[int], None] | None = None
+        # digest → the bytes it had reached when it outgrew the cache (OutgrewCache).
+        self._oversized: LRU[Digest, int] = LRU(OVERSIZED_ENTRIES)
 
     def get(self, digest: Digest) -> Download | None:
         return self._active.get(digest)
@@ -260,6 +283,9 @@ class Downloads:
             if landed is not None:
                 download._landed(landed)
                 return
+            reached = self._oversized.get(download.digest)
+            if reached is not None and not self._storage.fits(reached):
+                raise Uncacheable(f"blob {download.digest} is larger than the cache")
             hasher = download.digest.hasher()
             if self._local is not None:
                 if not await self._take_locally(download, held):
@@ -301,6 +327,8 @@ class Downloads:
             download._fail(_as_registry_error(exc))
             await asyncio.to_thread(self._storage.discard, fd, owned)
             await download.upload.abort()
+            if isinstance(exc, DiskFull):
+                await self._write_refused(exc.error)
             if not isinstance(exc, Exception):
                 raise
             if not isinstance(exc, Uncacheable | BlobUnknown):  # those are not failures
@@ -321,8 +349,8 @@ class Downloads:
             fd, temp = await asyncio.to_thread(self._storage.new_temp, download.size)
         except OSError as exc:
             body.release()
-            self._storage.mark_unwritable(exc)
-            raise Uncacheable("the cache directory takes no writes") from None
+            await self._write_refused(exc)
+            raise Uncacheable(f"blob {download.digest} cannot be written to the cache") from None
         download.temp = temp
         if download.peer is None:  # whoever fetches from upstream stores in the bucket
             download.upload = self._storage.start_upload(download.digest, download.size, temp)
@@ -389,6 +417,14 @@ class Downloads:
             "blob %s: taken over from a process that stopped at byte %d", download.digest, written
         )
         return fd
+
+    async def _write_refused(self, exc: OSError) -> None:
+        """Mark the cache unwritable for a refused write, unless it was for want of space
+        and a small file still goes in (with this blob's temp file gone): then only this
+        blob did not fit, and the cache goes on taking the others."""
+        if exc.errno in NO_SPACE and await self._storage.is_writable():
+            return
+        self._storage.mark_unwritable(exc)
 
     def _forget(self, download: Download) -> None:
         # Only this download: a new one for the same digest may have taken its place.
@@ -527,6 +563,10 @@ class Downloads:
         self, fd: int, hasher: hashlib._Hash, data: bytearray, download: Download, upstream: str
     ) -> None:
         claim, reached = download.claim, download.written + len(data)
+        if download.size is None and not self._storage.fits(reached):
+            # No length was sent: only now is it known that the blob outgrew the cache.
+            self._oversized.put(download.digest, reached)
+            raise OutgrewCache(f"blob {download.digest} grew larger than the cache")
         publish = None if claim is None else lambda: claim.progress(reached)
         try:
             # Two threads: hashing and writing run side by side (both release the GIL).
@@ -535,6 +575,8 @@ class Downloads:
                 asyncio.to_thread(_write_all, fd, data, publish),
             )
         except OSError as exc:
+            if exc.errno in NO_SPACE:  # judged once the temp file is gone (_write_refused)
+                raise DiskFull(f"cache write failed: {exc.strerror}", exc) from None
             self._storage.mark_unwritable(exc)
             raise CacheWriteFailed(f"cache write failed: {exc.strerror}") from None
         download.written += len(data)

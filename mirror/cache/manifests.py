@@ -200,13 +200,15 @@ class ManifestService:
         self, upstream: Upstream, repo: str, reference: str, *, head: bool
     ) -> Manifest:
         info, body = await upstream.manifest(repo, reference, ALL_TYPES, head=head)
+        if head and not info.media_type:  # a HEAD naming no manifest type: ask with a GET
+            info, body = await upstream.manifest(repo, reference, ALL_TYPES, head=False)
         if body is None:
             await self._holdings.record(upstream.name, repo, [reference])
         else:
             if info.digest != reference:
                 raise ManifestUnknown(f"upstream sent another manifest for {reference}")
             await self._store(upstream, repo, info, body)
-        return Manifest(reference, info.media_type, info.size, body)
+        return Manifest(reference, info.media_type, info.size, None if head else body)
 
     async def _by_tag(self, upstream: Upstream, repo: str, tag: str, *, head: bool) -> Manifest:
         ttl = self.ttl_of(upstream)
@@ -271,8 +273,9 @@ class ManifestService:
     async def _fetch_tag(self, upstream: Upstream, repo: str, tag: str, *, head: bool) -> Manifest:
         """Resolve an unknown tag upstream (HEAD for a HEAD: it costs no pull)."""
         info, body = await upstream.manifest(repo, tag, ALL_TYPES, head=head)
-        if not info.digest.startswith("sha256:"):
-            # A HEAD without Docker-Content-Digest says nothing cacheable: ask with a GET.
+        if not _complete(info):
+            # A HEAD without Docker-Content-Digest (or a manifest media type) says nothing
+            # cacheable: ask with a GET.
             info, body = await upstream.manifest(repo, tag, ALL_TYPES, head=False)
         record = TagRecord(info.digest, info.media_type, info.size, time.time())
         if body is not None:
@@ -291,7 +294,7 @@ class ManifestService:
         except (UpstreamUnavailable, TooManyRequests):
             self._metrics.revalidations.labels("error").inc()
             raise
-        if not info.digest.startswith("sha256:"):
+        if not _complete(info):
             info, body = await upstream.manifest(repo, tag, ALL_TYPES, head=False)
             if body is not None:
                 await self._store(upstream, repo, info, body)
@@ -353,6 +356,12 @@ class ManifestService:
         if catalog:  # content of the repository, not a document the mirror composed
             await self._holdings.record(upstream.name, repo, [info.digest, *references(body)])
             await self._metadata.add_repository(upstream.catalog_prefix + repo)
+
+
+def _complete(info: ManifestInfo) -> bool:
+    """Whether a HEAD's answer is enough for a tag record: a sha256 digest (the cache's
+    key; Upstream.manifest let through only a well-formed one) and a manifest media type."""
+    return info.digest.startswith("sha256:") and bool(info.media_type)
 
 
 def tag_lease(upstream: str, repo: str, tag: str) -> str:

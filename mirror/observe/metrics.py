@@ -22,6 +22,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from mirror.observe.cluster_metrics import ClusterMetrics
 from mirror.observe.guard_metrics import GuardMetrics
+from mirror.observe.upstream_guard_metrics import UpstreamGuardMetrics
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 M = TypeVar("M", Counter, Gauge, Histogram)
@@ -40,6 +41,7 @@ class Metrics:
         self._zero_known_labels()
         self.cluster = ClusterMetrics(self.registry)  # replicas' series (mirror/cluster/)
         self.guard = GuardMetrics(self.registry)  # refusals by the mirror's own limits
+        self.upstream_guard = UpstreamGuardMetrics(self.registry)  # refusals of upstream content
         self.exposed = self.registry  # what /metrics serves
         if os.environ.get(MULTIPROCESS_ENV):  # a worker: every worker's values, summed
             self.exposed = CollectorRegistry()

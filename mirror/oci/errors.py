@@ -10,6 +10,7 @@
     │   └── UpstreamUnauthorized, UpstreamDenied                 (the upstream's answer)
     ├── TooManyLogins, LoginsBusy                                (logins refused for now)
     ├── TooManyRequests                                          (the upstream's limit)
+    ├── BlobTooLarge                                             (over storage.max_blob_size)
     └── UpstreamUnavailable                                      (upstream down, 5xx, timeout)
         ├── DigestMismatch                                       (bytes not their digest)
         └── UpstreamMisdirected                                  (sent where it may not)
@@ -208,6 +209,15 @@ class UpstreamMisdirected(UpstreamUnavailable):
     on a host not allowed, or over plain HTTP): refused without asking there."""
 
     status = 502
+
+
+class BlobTooLarge(RegistryError):
+    """The upstream's blob is larger than storage.max_blob_size: refused, never cached. Not
+    an outage (no Retry-After): asking again gets the same bytes."""
+
+    code = "SIZE_INVALID"
+    status = 502
+    from_upstream = True
 
 
 class EndpointUnknown(RegistryError):

@@ -77,6 +77,19 @@ def decide(media_type: str, accept: list[str], *, by_tag: bool) -> Verdict:
     return Verdict.SERVE  # schema 2 for a client naming no type; or a type we do not know
 
 
+def manifest_media_type(declared: str, body: bytes | None) -> str | None:
+    """The media type to keep and serve a manifest under: the declared one (an upstream's
+    Content-Type) when it is a manifest type the mirror knows, else the `mediaType` the
+    body names when that is one; None when neither is (text/html is never served)."""
+    if declared in MANIFEST_TYPES:
+        return declared
+    try:
+        named = json.loads(body).get("mediaType") if body else None
+    except (ValueError, AttributeError):
+        return None
+    return named if named in MANIFEST_TYPES else None
+
+
 def default_platform(list_body: bytes) -> str:
     """The digest of the linux/amd64 manifest in a manifest list, or ManifestUnknown."""
     try:

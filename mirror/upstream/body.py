@@ -6,7 +6,8 @@ response's status and `Content-Range` say about the bytes is read here and nowhe
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from types import TracebackType
 
 import aiohttp
@@ -16,34 +17,65 @@ import aiohttp
 BODY_ERRORS = (aiohttp.ClientError, TimeoutError)
 
 
+@dataclass(frozen=True, slots=True)
+class SizeLimit:
+    """The most bytes a blob may have; `refused()` counts a refusal and gives its error."""
+
+    most: int
+    refused: Callable[[], Exception]
+
+
 class BlobBody:
     """The bytes of a blob from `offset`; `total` is the whole blob's size when known and
     `length` this body's own. Release it, or use it as an async context manager."""
 
-    __slots__ = ("_response", "length", "offset", "total")
+    __slots__ = ("_limit", "_response", "length", "offset", "total")
 
-    def __init__(self, response: aiohttp.ClientResponse, offset: int, total: int | None) -> None:
+    def __init__(
+        self,
+        response: aiohttp.ClientResponse,
+        offset: int,
+        total: int | None,
+        limit: SizeLimit | None = None,
+    ) -> None:
         self._response = response
         self.offset = offset
         self.total = total
         self.length = response.content_length
+        self._limit = limit
 
     @classmethod
-    def of(cls, response: aiohttp.ClientResponse) -> BlobBody | None:
+    def of(
+        cls, response: aiohttp.ClientResponse, limit: SizeLimit | None = None
+    ) -> BlobBody | None:
         """The body of a 2xx response: a 206 from its `Content-Range` (None when that does
-        not say where the bytes start), anything else the whole blob."""
+        not say where the bytes start), anything else the whole blob. Over `limit` by its
+        headers, it is refused before any byte is read (the response released)."""
         if response.status != 206:
-            return cls(response, 0, response.content_length)
-        span = parse_content_range(response.headers.get("Content-Range", ""))
-        if span is None:
-            return None
-        return cls(response, *span)
+            body = cls(response, 0, response.content_length, limit)
+        else:
+            span = parse_content_range(response.headers.get("Content-Range", ""))
+            if span is None:
+                return None
+            body = cls(response, *span, limit)
+        if limit is not None and body.declared() > limit.most:
+            response.release()
+            raise limit.refused()
+        return body
+
+    def declared(self) -> int:
+        """The blob's size as far as the headers say (0 when they say nothing)."""
+        return max(self.total or 0, self.offset + (self.length or 0))
 
     def chunks(self, size: int | None = None) -> AsyncIterator[bytes]:
         """The bytes as they arrive, at most `size` at a time (None: whatever is there).
-        The socket's own iterator, unwrapped: a broken transfer raises BODY_ERRORS."""
+        A broken transfer raises BODY_ERRORS; bytes past the limit raise its error (a
+        body without a length is cut there, the bytes over it never handed out)."""
         content = self._response.content
-        return content.iter_any() if size is None else content.iter_chunked(size)
+        chunks = content.iter_any() if size is None else content.iter_chunked(size)
+        if self._limit is None:
+            return chunks
+        return _Bounded(chunks, self.offset, self._limit, self._response)
 
     def release(self) -> None:
         """Give the connection back (or drop it, mid-body)."""
@@ -59,6 +91,35 @@ class BlobBody:
         tb: TracebackType | None,
     ) -> None:
         await self._response.__aexit__(exc_type, exc, tb)
+
+
+class _Bounded:
+    """An iterator of chunks that stops, with the limit's error, at the first byte too many."""
+
+    __slots__ = ("_chunks", "_limit", "_pos", "_response")
+
+    def __init__(
+        self,
+        chunks: AsyncIterator[bytes],
+        offset: int,
+        limit: SizeLimit,
+        response: aiohttp.ClientResponse,
+    ) -> None:
+        self._chunks = chunks
+        self._pos = offset
+        self._limit = limit
+        self._response = response
+
+    def __aiter__(self) -> _Bounded:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._chunks.__anext__()
+        self._pos += len(chunk)
+        if self._pos > self._limit.most:
+            self._response.release()  # not one byte more from this upstream
+            raise self._limit.refused()
+        return chunk
 
 
 def parse_content_range(value: str) -> tuple[int, int | None] | None:

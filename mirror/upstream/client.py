@@ -23,6 +23,7 @@ from mirror.net.addresses import AddressRefused, PublicResolver
 from mirror.net.tls import describe_failure
 from mirror.observe.metrics import Metrics
 from mirror.oci.errors import (
+    BlobTooLarge,
     BlobUnknown,
     DigestMismatch,
     ManifestInvalid,
@@ -34,9 +35,9 @@ from mirror.oci.errors import (
     UpstreamUnauthorized,
     UpstreamUnavailable,
 )
-from mirror.oci.negotiation import MANIFEST_TYPES
-from mirror.oci.reference import compute_digest
-from mirror.upstream.body import BlobBody
+from mirror.oci.negotiation import MANIFEST_TYPES, manifest_media_type
+from mirror.oci.reference import as_digest, compute_digest
+from mirror.upstream.body import BlobBody, SizeLimit
 from mirror.upstream.breaker import CircuitBreaker
 from mirror.upstream.credentials import Credentials
 from mirror.upstream.destinations import Destinations
@@ -126,10 +127,13 @@ class Upstream:
         public_session: aiohttp.ClientSession | None = None,
         realm_hosts: tuple[str, ...] = (),
         redirect_hosts: tuple[str, ...] = (),
+        max_blob_size: int | None = None,
     ) -> None:
         if "@" in url:  # refused at load too: it would show in logs, labels and `/`
             raise ValueError("an upstream URL must not hold credentials")
         self.url = url.rstrip("/")
+        # storage.max_blob_size: a larger blob is refused, or cut as it grows past it.
+        self.max_blob_size = max_blob_size
         self.name = name
         self.host = urlsplit(self.url).netloc
         self.tag_ttl = tag_ttl
@@ -369,16 +373,39 @@ class Upstream:
             if resp.status == 404:
                 self._remember_missing("manifest", repo, reference)
             self.raise_for_status(resp, "manifest", what)
-            media_type = resp.headers.get("Content-Type", "").partition(";")[0].strip()
-            claimed = resp.headers.get("Docker-Content-Digest", "")
-            if head:
+            declared = resp.headers.get("Content-Type", "").partition(";")[0].strip()
+            claimed = self._claimed_digest(resp.headers.get("Docker-Content-Digest"))
+            if head:  # "": no manifest type named, the caller asks with a GET
+                media_type = self._known_type(declared, None) or ""
                 return ManifestInfo(claimed, media_type, resp.content_length or 0), None
             body = await _read_limited(resp, MAX_MANIFEST_BYTES, what)
-        digest = str(compute_digest(body))
-        if claimed.startswith("sha256:") and claimed != digest:
+        claim = as_digest(claimed)
+        if claim is not None and compute_digest(body, claim.algorithm) != claim:
             self._metrics.digest_mismatches.labels("manifest").inc()
             raise DigestMismatch(f"upstream sent {what} whose bytes do not match its digest")
-        return ManifestInfo(digest, media_type, len(body)), body
+        kept = self._known_type(declared, body)
+        if kept is None:
+            raise ManifestInvalid(f"upstream {self.name} sent {what} of no manifest media type")
+        return ManifestInfo(str(compute_digest(body)), kept, len(body)), body
+
+    def _claimed_digest(self, value: str | None) -> str:
+        """A Docker-Content-Digest header's digest; "" when absent or not a digest (then
+        counted): such a value never reaches a record, a file name, a header or the log."""
+        if value is None:
+            return ""
+        if as_digest(value) is None:
+            self._metrics.upstream_guard.headers_refused.labels(
+                self.name, "Docker-Content-Digest"
+            ).inc()
+            return ""
+        return value
+
+    def _known_type(self, declared: str, body: bytes | None) -> str | None:
+        """The manifest's media type (negotiation.manifest_media_type), a Content-Type
+        that is no manifest type counted as refused."""
+        if declared and declared not in MANIFEST_TYPES:
+            self._metrics.upstream_guard.headers_refused.labels(self.name, "Content-Type").inc()
+        return manifest_media_type(declared, body)
 
     async def open_blob(self, repo: str, digest: str, offset: int = 0) -> BlobBody:
         """The blob's body, asked from `offset` (the caller releases it). The upstream may
@@ -391,7 +418,7 @@ class Upstream:
         if resp.status == 404:
             self._remember_missing("blob", repo, digest)
         self.raise_for_status(resp, "blob", f"blob {digest}")
-        body = BlobBody.of(resp)
+        body = BlobBody.of(resp, self._blob_limit(digest))
         if body is None:
             resp.release()
             raise UpstreamUnavailable(
@@ -407,7 +434,26 @@ class Upstream:
             if resp.status == 404:
                 self._remember_missing("blob", repo, digest)
             self.raise_for_status(resp, "blob", f"blob {digest}")
-            return resp.content_length
+            size = resp.content_length
+        limit = self._blob_limit(digest)
+        if limit is not None and size is not None and size > limit.most:
+            raise limit.refused()
+        return size
+
+    def _blob_limit(self, digest: str) -> SizeLimit | None:
+        """storage.max_blob_size for this blob, its refusal counted and naming this upstream."""
+        most = self.max_blob_size
+        if most is None:
+            return None
+
+        def refused() -> BlobTooLarge:
+            self._metrics.upstream_guard.blob_too_large.labels(self.name).inc()
+            return BlobTooLarge(
+                f"upstream {self.name} sent blob {digest} larger than "
+                f"storage.max_blob_size ({most} bytes)"
+            )
+
+        return SizeLimit(most, refused)
 
     async def document(
         self,

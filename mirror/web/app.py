@@ -192,7 +192,15 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         tokens = TokenCache(token_session, app[metrics_key], _token_share(app))
         contexts = await asyncio.to_thread(client_contexts, every)  # reads CA and key files
         built = [
-            build_upstream(cfg, pair, tokens, app[metrics_key], config.cache.negative_ttl, ctx)
+            build_upstream(
+                cfg,
+                pair,
+                tokens,
+                app[metrics_key],
+                config.cache.negative_ttl,
+                ctx,
+                max_blob_size=config.storage.max_blob_size,
+            )
             for cfg, pair, ctx in zip(
                 every, zip(sessions, publics, strict=True), contexts, strict=True
             )
@@ -220,6 +228,7 @@ def build_upstream(
     metrics: Metrics,
     negative_ttl: float,
     ssl_context: ssl.SSLContext | None = None,
+    max_blob_size: int | None = None,
 ) -> Upstream:
     credentials = None
     if cfg.username:
@@ -241,6 +250,7 @@ def build_upstream(
         public_session=public_session,
         realm_hosts=cfg.realm_hosts,
         redirect_hosts=cfg.redirect_hosts,
+        max_blob_size=max_blob_size,
     )
 
 
@@ -284,3 +294,6 @@ async def on_response_prepare(request: web.Request, response: web.StreamResponse
         response.headers[REQUEST_ID_HEADER] = request[request_id_key]
     if request.path.startswith("/v2"):
         response.headers.update(API_VERSION_HEADER)
+        # Manifests, blobs and errors are data, never a page: a browser must not sniff an
+        # upstream's bytes into HTML or script.
+        response.headers["X-Content-Type-Options"] = "nosniff"

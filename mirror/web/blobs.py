@@ -33,6 +33,7 @@ from mirror.upstream.client import Upstream
 from mirror.web.accesslog import outcome_key, sent_key
 from mirror.web.conditional import (
     IMMUTABLE,
+    UNVERIFIED,
     digest_headers,
     none_match,
     not_modified,
@@ -383,6 +384,10 @@ class BlobService:
         ranged = size is not None and range_allowed(request, str(download.digest))
         span = parse_range(request, size) if ranged and size is not None else None
         resp = _sized_response(download.digest, size, span)
+        if span is not None and not download.verified:
+            # A range can end before the blob does: its bytes go out unverified. (A whole
+            # body is held one byte short of complete until the hash matches.)
+            resp.headers["Cache-Control"] = UNVERIFIED
         start, end = span if span is not None else (0, None)
         await resp.prepare(request)
 

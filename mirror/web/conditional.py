@@ -16,6 +16,9 @@ from aiohttp import web
 # CDNs skip revalidating it. Not `public`: with client auth on, shared caches must not
 # store answers to authenticated requests (RFC 9111 §3.5), and without it they may.
 IMMUTABLE = "max-age=31536000, immutable"
+# Part of a blob still downloading, its hash not yet checked: no cache may keep it, for
+# `immutable` would make wrong bytes permanent (and the ETag would revalidate them).
+UNVERIFIED = "no-store"
 # Headers a 304 repeats from the 200 it stands for (RFC 9110 §15.4.5), plus the digest.
 _NOT_MODIFIED_HEADERS = ("ETag", "Cache-Control", "Vary", "Docker-Content-Digest", "Warning")
 
