@@ -244,11 +244,11 @@ async def test_no_space_for_one_download_leaves_the_cache_writable_unless_the_di
     hostile.blobs[digest] = chunked(layer)
     real_write, writes = downloads._write_all, [0]
 
-    def filling(fd: int, data: bytearray) -> None:
+    def filling(fd: int, data: bytearray, *rest: Any) -> None:
         writes[0] += 1
         if writes[0] == 1:  # the first write finds the disk full (one write may be all)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_write(fd, data)
+        real_write(fd, data, *rest)
 
     monkeypatch.setattr(downloads, "_write_all", filling)
     storage = client.app[storage_key]
