@@ -3,6 +3,7 @@ and the cause; an outage is rate-limited to one line per upstream and cause."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -101,3 +102,21 @@ def test_held_back_lines_are_counted_and_one_error_is_logged_once() -> None:
         "upstream hub failed for library/a: down",
         "upstream hub failed for library/c: down\\n forged (4 more like it in the last 10s)",
     ]
+
+
+async def test_a_blob_download_that_fails_upstream_is_one_warning_for_all_its_clients(
+    hub: FakeHub, client: TestClient[Any, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    digest = hub.content.add_blob(b"a layer nobody gets" * 1000)
+    hub.registry_status = 500
+    caplog.set_level(logging.WARNING)
+
+    answers = await asyncio.gather(
+        *(client.get(f"/v2/library/app/blobs/{digest}") for _ in range(3))
+    )
+
+    assert [resp.status for resp in answers] == [503] * 3
+    upstream = hub.registry_url.removeprefix("http://")
+    (line,) = warnings(caplog)
+    assert line.startswith(f"upstream {upstream} failed for library/app: ")
+    assert not [r for r in caplog.records if "download failed" in r.getMessage()]

@@ -22,6 +22,7 @@ from typing import BinaryIO
 
 from mirror.cluster.blobflight import BlobFlight
 from mirror.cluster.lease import Lease
+from mirror.observe.logs import FailureLog
 from mirror.observe.metrics import Metrics
 from mirror.oci.errors import BlobUnknown, DigestMismatch, RegistryError, UpstreamUnavailable
 from mirror.oci.reference import Digest
@@ -214,9 +215,13 @@ class Downloads:
         metrics: Metrics,
         flight: BlobFlight | None = None,
         local: LocalFlight | None = None,
+        failures: FailureLog | None = None,
     ) -> None:
         self._storage = storage
         self._metrics = metrics
+        # Upstream failures go to the one rate-limited log the error middleware writes to:
+        # the error its clients get is the same object, so it is logged once.
+        self._failures = failures
         self._flight = flight  # replicas: one of them fetches each blob (cluster/blobflight.py)
         # Workers: one process of this host fetches each blob, the others follow its file
         # (storage/localflight.py); only that one asks `flight` or the upstream.
@@ -267,6 +272,17 @@ class Downloads:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _report(
+        self, download: Download, upstream: Upstream, repo: str, error: RegistryError
+    ) -> None:
+        """One WARNING for a failed download: an upstream's failure in the shared,
+        rate-limited log (its clients' error is the same object: logged once)."""
+        if error.from_upstream and self._failures is not None:
+            cause = f"blob {download.digest}: {error.message}"
+            self._failures.warn(upstream.name, repo, error, cause)
+        else:
+            log.warning("blob %s download failed: %s", download.digest, error.message)
 
     async def _run(self, download: Download, upstream: Upstream, repo: str) -> None:
         self._metrics.upstream_fetches_in_flight.inc()
@@ -324,7 +340,8 @@ class Downloads:
             # Forget it before anything is awaited: a request that comes in once the readers
             # have seen the failure must start afresh, not join a download that is over.
             self._forget(download)
-            download._fail(_as_registry_error(exc))
+            error = _as_registry_error(exc)
+            download._fail(error)
             await asyncio.to_thread(self._storage.discard, fd, owned)
             await download.upload.abort()
             if isinstance(exc, DiskFull):
@@ -332,7 +349,7 @@ class Downloads:
             if not isinstance(exc, Exception):
                 raise
             if not isinstance(exc, Uncacheable | BlobUnknown):  # those are not failures
-                log.warning("blob %s download failed: %s", download.digest, exc)
+                self._report(download, upstream, repo, error)
         finally:
             self._forget(download)
             await held.aclose()

@@ -259,7 +259,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     leases, peers = app[leases_key], app[peers_key]
     flight = None if leases is None or peers is None else BlobFlight(leases, peers, metrics.cluster)
     local = LocalFlight(storage.tmp) if config.workers > 1 else None
-    downloads = Downloads(storage, metrics, flight, local)
+    downloads = Downloads(storage, metrics, flight, local, app[failures_key])
     holdings = Holdings(app[metadata_key], metrics)
     app[holdings_key] = holdings
     blobs = BlobService(storage, downloads, metrics, holdings)
