@@ -5,6 +5,9 @@
   would delete more than the bound asks. A replica that finds the lease held skips its
   pass (the holder's covers the bucket); without Redis there are no shared records to go
   by, so no pass.
+- The pass leaves the objects another replica streams from the bucket, or streamed within
+  `storage.s3.evict_grace` (marks in Redis: cluster/readmarks.py); one it cannot ask about
+  (Redis gone mid-pass) is left too.
 - A starting replica aborts the multipart uploads left open by a crash, but not another
   replica's live one: a live upload's blob has its lease held (`blob:<digest>`). With Redis
   down every upload counts as live: nothing is aborted that may still complete.
@@ -18,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 
 from mirror.cluster.blobflight import lease_name
 from mirror.cluster.lease import Lease, Leases
+from mirror.cluster.readmarks import ReadMarks
 from mirror.metadata.topology import DOWN_ERRORS
 
 log = logging.getLogger(__name__)
@@ -33,6 +37,7 @@ class BucketShare:
 
     def __init__(self, leases: Callable[[], Leases | None]) -> None:
         self._leases = leases
+        self._marks: ReadMarks | None = None
 
     @contextlib.asynccontextmanager
     async def exclusive(self) -> AsyncIterator[bool]:
@@ -49,6 +54,30 @@ class BucketShare:
     async def upload_live(self, digest: str) -> bool:
         leases = self._leases()
         return leases is not None and await _held(leases, lease_name(digest))
+
+    async def begin_read(self, digest: str) -> None:
+        marks = self._read_marks()
+        if marks is not None:
+            await marks.begin(digest)
+
+    async def end_read(self, digest: str, grace: float) -> None:
+        marks = self._read_marks()
+        if marks is not None:
+            await marks.end(digest, grace)
+
+    async def read_elsewhere(self, digest: str) -> bool:
+        marks = self._read_marks()
+        return marks is None or await marks.marked(digest)
+
+    async def close(self) -> None:
+        if self._marks is not None:
+            await self._marks.close()
+
+    def _read_marks(self) -> ReadMarks | None:
+        if self._marks is None:
+            leases = self._leases()
+            self._marks = None if leases is None else ReadMarks(leases)
+        return self._marks
 
 
 async def _held(leases: Leases, name: str) -> bool:

@@ -13,11 +13,13 @@ from mirror.config.values import ConfigError, parse_duration, parse_size, parse_
 S3_KEYS = {
     "endpoint", "bucket", "region", "prefix", "path_style", "access_key_id",
     "secret_access_key", "secret_access_key_file", "redirect", "redirect_ttl", "max_size",
+    "evict_grace",
 }  # fmt: skip
 # S3's bucket naming rules (lower case, digits, dots and hyphens, 3 to 63 characters).
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 # A presigned URL lives at most 7 days (SigV4).
 MAX_REDIRECT_TTL = 7 * 86400.0
+MAX_EVICT_GRACE = 86400.0
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,9 @@ class S3Config:
     redirect: bool = False
     redirect_ttl: float = 600.0
     max_size: int | None = None
+    # Replicas: how long after another replica's last stream of an object from the bucket
+    # its eviction leaves the object (a client resuming with a Range finds it still there).
+    evict_grace: float = 300.0
 
 
 def parse_s3(raw: object) -> S3Config | None:
@@ -58,6 +63,7 @@ def parse_s3(raw: object) -> S3Config | None:
         max_size=None
         if raw.get("max_size") is None
         else parse_size("storage.s3.max_size", raw["max_size"]),
+        evict_grace=_evict_grace(raw.get("evict_grace", 300)),
     )
 
 
@@ -95,6 +101,13 @@ def _redirect_ttl(value: object) -> float:
     seconds = parse_duration("storage.s3.redirect_ttl", value)
     if not 1 <= seconds <= MAX_REDIRECT_TTL:
         raise ConfigError("storage.s3.redirect_ttl", f"must be from 1s to 7d, got {value!r}")
+    return seconds
+
+
+def _evict_grace(value: object) -> float:
+    seconds = parse_duration("storage.s3.evict_grace", value)
+    if not 0 <= seconds <= MAX_EVICT_GRACE:
+        raise ConfigError("storage.s3.evict_grace", f"must be from 0s to 1d, got {value!r}")
     return seconds
 
 

@@ -1,4 +1,4 @@
-"""What a bucket shared with other processes asks of them: whose chore, whose upload.
+"""What a bucket shared with other processes asks of them: whose chore, whose upload, who reads.
 
 `TieredStorage` receives one when it is built: `Alone` unless the mirror is a replica, whose
 answers come from its leases (mirror/cluster/bucketshare.py, wired in `create_app`).
@@ -26,10 +26,24 @@ class BucketSharing(Protocol):
     async def upload_live(self, digest: str) -> bool:
         """Is the multipart upload of the blob `digest` another process's live one?"""
 
+    async def begin_read(self, digest: str) -> None:
+        """This process starts streaming the object of `digest` from the bucket."""
+
+    async def end_read(self, digest: str, grace: float) -> None:
+        """... and ended a stream of it: the others leave it `grace` seconds more."""
+
+    async def read_elsewhere(self, digest: str) -> bool:
+        """May a process be reading the object of `digest` (or have read it within its
+        grace)? True when that cannot be told: an eviction pass then leaves it."""
+
+    async def close(self) -> None:
+        """Stop what runs for the reads (before the leases' Redis is closed)."""
+
 
 class Alone:
     """No other process known: every eviction pass is ours, no upload is known to be live
-    (so one is taken as abandoned only once old: a `mirror ls` may run beside a serve)."""
+    (so one is taken as abandoned only once old: a `mirror ls` may run beside a serve), and
+    this process's own streams are known to its eviction already (`TieredStorage.reading`)."""
 
     owners_known = False
 
@@ -39,3 +53,15 @@ class Alone:
 
     async def upload_live(self, digest: str) -> bool:
         return False
+
+    async def begin_read(self, digest: str) -> None:
+        pass
+
+    async def end_read(self, digest: str, grace: float) -> None:
+        pass
+
+    async def read_elsewhere(self, digest: str) -> bool:
+        return False
+
+    async def close(self) -> None:
+        pass

@@ -62,7 +62,7 @@ class TieredStorage(Storage):
         super().__init__(root, max_size)
         self.bucket = Bucket(config, metrics)
         self._sharing = sharing or Alone()
-        self.index = BucketIndex(self.bucket, metrics, self._sharing.exclusive)
+        self.index = BucketIndex(self.bucket, metrics, self._sharing)
         self._config = config
         self._metrics = metrics
         # Blobs streamed from the bucket right now: its eviction leaves them alone.
@@ -80,6 +80,7 @@ class TieredStorage(Storage):
 
     async def close(self) -> None:
         await asyncio.gather(*self._background, return_exceptions=True)
+        await self._sharing.close()
         await self.index.close()
         await self.bucket.close()
 
@@ -139,6 +140,22 @@ class TieredStorage(Storage):
     async def _stream(
         self, digest: Digest, key: str, byte_range: str | None
     ) -> BucketStream | None:
+        name = str(digest)
+        # Marked before the GET: from now on, an eviction pass of another replica leaves
+        # the object alone (a mark that is not needed is dropped at once, no grace).
+        try:
+            await self._sharing.begin_read(name)
+            stream = await self._open_stream(digest, key, byte_range)
+        except BaseException:
+            self._in_background(self._sharing.end_read(name, 0.0))
+            raise
+        if stream is None:
+            self._in_background(self._sharing.end_read(name, 0.0))
+        return stream
+
+    async def _open_stream(
+        self, digest: Digest, key: str, byte_range: str | None
+    ) -> BucketStream | None:
         try:
             response = await self.bucket.get(key, byte_range)
         except ClientError as exc:
@@ -157,6 +174,7 @@ class TieredStorage(Storage):
             self.reading[name] -= 1
             if self.reading[name] <= 0:
                 del self.reading[name]
+            self._in_background(self._sharing.end_read(name, self._config.evict_grace))
 
         return BucketStream(response, digest, self._metrics, fill, done, self._in_background)
 

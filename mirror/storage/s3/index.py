@@ -5,7 +5,8 @@ stands in while Redis is down, so no call here fails for Redis), so that knowing
 in the bucket costs no S3 request (a redirect needs none) and the bucket can be kept under
 `storage.s3.max_size` by last-read time. Records that are missing (a new metadata store)
 are rebuilt from one listing of the bucket. An object is never deleted while it is being
-read, nor within `redirect_ttl` of a redirect to it.
+read, here or by another process sharing the bucket (nor within `evict_grace` of another
+replica's last stream of it), nor within `redirect_ttl` of a redirect to it.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
-from contextlib import AbstractAsyncContextManager
 
 from mirror.metadata.store import MetadataStore
 from mirror.observe.metrics import Metrics
 from mirror.oci.reference import Digest
 from mirror.storage.base import LOW_WATER, SCAN_INTERVAL, EvictionResult
 from mirror.storage.s3.bucket import S3_ERRORS, Bucket
+from mirror.storage.sharing import BucketSharing
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class BucketIndex:
         self,
         bucket: Bucket,
         metrics: Metrics,
-        exclusive: Callable[[], AbstractAsyncContextManager[bool]],
+        sharing: BucketSharing,
     ) -> None:
         self._bucket = bucket
         self._metrics = metrics
@@ -55,8 +56,8 @@ class BucketIndex:
         self._loaded = asyncio.Event()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        # Yields whether this process may run an eviction pass now (storage/sharing.py).
-        self._exclusive = exclusive
+        # Whether this process may run an eviction pass now, and who reads what elsewhere.
+        self._sharing = sharing
 
     def start(self, metadata: MetadataStore, busy: Callable[[], Iterable[object]]) -> None:
         self._metadata = metadata
@@ -124,7 +125,7 @@ class BucketIndex:
             return
         while True:
             try:
-                async with self._exclusive() as mine:
+                async with self._sharing.exclusive() as mine:
                     if mine:
                         await self.evict()
             except S3_ERRORS as exc:
@@ -164,6 +165,8 @@ class BucketIndex:
             if total - freed <= target:
                 break
             if digest in busy or now - read_at < self._protect:
+                continue
+            if await self._sharing.read_elsewhere(digest):  # streamed by another process
                 continue
             await self._bucket.delete(self._bucket.keys.blob(digest))
             await self.forget_key(digest)
