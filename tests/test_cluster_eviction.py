@@ -18,7 +18,7 @@ from mirror.cluster.bucketshare import BucketShare
 from mirror.cluster.lease import Leases
 from mirror.cluster.readmarks import READING_PREFIX
 from mirror.config import ClusterConfig, RedisConfig
-from mirror.config.s3 import S3Config
+from mirror.config.s3 import S3Config, parse_s3
 from mirror.metadata.topology import open_redis
 from mirror.storage.tiered import TieredStorage
 from mirror.web.keys import storage_key
@@ -26,7 +26,8 @@ from tests.conftest import MakeClient
 from tests.fakehub import FakeHub
 from tests.rgw import CephRGW
 from tests.services import RedisServer, free_port
-from tests.test_s3 import key, settled, storage
+from tests.test_commands import run_cli
+from tests.test_s3 import key, serve_config, settled, storage
 
 Client = TestClient[Any, Any]
 MiB = 1024 * 1024
@@ -177,3 +178,19 @@ async def test_without_redis_no_replica_evicts(leases_started: bool) -> None:
         await share.close()
     finally:
         await conn.close()
+
+
+@pytest.mark.parametrize("value", ["soon", "-1s", "2d"])
+async def test_a_bad_evict_grace_stops_serve_naming_the_key(tmp_path: Path, value: str) -> None:
+    lines = f"bucket: b1b\nevict_grace: {value}"
+    status, _, stderr = await run_cli(
+        "serve", "--config", str(serve_config(tmp_path, lines)), cwd=tmp_path
+    )
+    assert status == 2
+    assert stderr.strip().startswith("mirror: config: storage.s3.evict_grace: "), stderr
+    assert len(stderr.strip().splitlines()) == 1
+
+
+def test_evict_grace_is_read_and_five_minutes_by_default() -> None:
+    assert parse_s3({"bucket": "b1b"}) == S3Config(bucket="b1b", evict_grace=300.0)
+    assert parse_s3({"bucket": "b1b", "evict_grace": "30s"}) == S3Config("b1b", evict_grace=30)
