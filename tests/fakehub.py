@@ -52,7 +52,7 @@ KNOBS = (
     "token_expires_in", "corrupt_blobs", "ratelimit_remaining", "cdn_delay", "users",
     "cdn_cut_after", "registry_status", "cdn_ignores_range", "token_delay",
     "referrers_api", "referrers_filter", "referrers_page_size",
-    "manifest_delay", "tags_page_size", "scoped_blobs",
+    "manifest_delay", "tags_page_size", "scoped_blobs", "lookup_delay",
 )  # fmt: skip
 
 
@@ -280,6 +280,7 @@ class FakeHub:
         self.referrers_filter = True  # False: an API that ignores artifactType
         self.referrers_page_size: int | None = None  # page the API's answers
         self.manifest_delay = 0.0  # seconds each manifest GET or HEAD takes (or fails)
+        self.lookup_delay = 0.0  # seconds each tag list, referrers or blob HEAD request takes
         # Page tag lists (with Link) at most this long, even asked without n (a backend's
         # list too: docker-registry 2.8 ignores n and last, and answers unsorted).
         self.tags_page_size: int | None = None
@@ -439,6 +440,8 @@ class FakeHub:
     async def _blob_redirect(self, request: web.Request) -> web.Response:
         name, digest = request.match_info["name"], request.match_info["digest"]
         self.stats["blob_get" if request.method == "GET" else "blob_head"] += 1
+        if request.method == "HEAD" and self.lookup_delay:
+            await asyncio.sleep(self.lookup_delay)
         if not await self._blob_exists(name, digest):
             return oci_error(404, "BLOB_UNKNOWN", f"blob unknown: {digest}")
         # A fresh signature each time, like the real CDN URLs: a mirror must not cache them.
@@ -457,6 +460,8 @@ class FakeHub:
 
     async def _tags_list(self, request: web.Request) -> web.Response:
         self.stats["tags_list"] += 1
+        if self.lookup_delay:  # a slow upstream: concurrent requests overlap for sure
+            await asyncio.sleep(self.lookup_delay)
         name = request.match_info["name"]
         if self._session:
             url = f"{self.backend}/v2/{name}/tags/list"
@@ -488,6 +493,8 @@ class FakeHub:
 
     async def _referrers(self, request: web.Request) -> web.Response:
         self.stats["referrers"] += 1
+        if self.lookup_delay:
+            await asyncio.sleep(self.lookup_delay)
         name, digest = request.match_info["name"], request.match_info["digest"]
         if self._session:  # the backend's answer: distribution 2.8 has no referrers API
             url = f"{self.backend}/v2/{name}/referrers/{digest}"

@@ -16,7 +16,13 @@ from mirror.cluster.shared import SharedFailure, SharedWork
 from mirror.config import CacheConfig
 from mirror.metadata.store import MetadataStore, TagRecord
 from mirror.observe.metrics import Metrics
-from mirror.oci.errors import ManifestUnknown, TooManyRequests, UpstreamUnavailable
+from mirror.oci.errors import (
+    BlobUnknown,
+    ManifestUnknown,
+    NameUnknown,
+    TooManyRequests,
+    UpstreamUnavailable,
+)
 from mirror.oci.negotiation import MANIFEST_TYPES, Verdict, decide, default_platform
 from mirror.oci.reference import (
     as_digest,
@@ -45,6 +51,10 @@ def _failed_elsewhere(error: str) -> Exception:
         return TooManyRequests("upstream rate limit reached (seen by another replica)")
     if error == ManifestUnknown.__name__:
         return ManifestUnknown("manifest not found upstream (asked by another replica)")
+    if error == NameUnknown.__name__:
+        return NameUnknown("repository not known upstream (asked by another replica)")
+    if error == BlobUnknown.__name__:
+        return BlobUnknown("blob not found upstream (asked by another replica)")
     return UpstreamUnavailable("the upstream failed for another replica just now")
 
 
@@ -53,6 +63,11 @@ def _failed_elsewhere(error: str) -> Exception:
 # kept), rather than each replica asking again in turn.
 UPSTREAM_FAILED = SharedFailure(
     (UpstreamUnavailable, TooManyRequests, ManifestUnknown), _failed_elsewhere
+)
+# The same for what else one replica asks the upstream for all: a tag list, referrers, the
+# size of a blob not cached (404s: no such repository, no such blob).
+LOOKUP_FAILED = SharedFailure(
+    (UpstreamUnavailable, TooManyRequests, NameUnknown, BlobUnknown), _failed_elsewhere
 )
 
 
@@ -124,6 +139,15 @@ class ManifestService:
     @property
     def stale_if_error(self) -> float:
         return self._stale_if_error
+
+    @property
+    def shared(self) -> SharedWork:
+        """Work done once across replicas (tag lists, referrers and blob sizes too)."""
+        return self._shared
+
+    @property
+    def metadata(self) -> MetadataStore:
+        return self._metadata
 
     async def remember(
         self, upstream: Upstream, repo: str, key: str, media_type: str, body: bytes

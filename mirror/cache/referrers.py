@@ -11,9 +11,11 @@ Every upstream gets the API through the mirror, whether or not it has one:
   client told 404 goes guessing.
 
 The answer is kept like a tag (`ManifestService.remember`, under a key no real tag can
-take): fresh for the tag TTL, then asked again, and served stale while the upstream
-fails, so verifying a signature keeps working through an outage. `artifactType` is always
-filtered here, so the answer says so (`OCI-Filters-Applied`) whatever the upstream did.
+take): fresh for the tag TTL, then asked again (by one request at a time; replicas: by one
+of them, under the lease `referrers:<upstream>/<repo>@<subject>`, the others read what it
+kept), and served stale while the upstream fails, so verifying a signature keeps working
+through an outage. `artifactType` is always filtered here, so the answer says so
+(`OCI-Filters-Applied`) whatever the upstream did.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-from mirror.cache.manifests import ManifestService
+from mirror.cache.manifests import LOOKUP_FAILED, ManifestService
 from mirror.observe.metrics import Metrics
 from mirror.oci.errors import (
     ManifestInvalid,
@@ -36,6 +38,7 @@ from mirror.oci.errors import (
 from mirror.oci.negotiation import OCI_INDEX
 from mirror.oci.reference import Digest
 from mirror.upstream.client import Upstream
+from mirror.util.singleflight import SingleFlight
 
 EMPTY_INDEX = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode()
 # Statuses with which a registry says it has no such endpoint (no referrers API).
@@ -97,6 +100,10 @@ class ReferrersService:
         self._manifests = manifests
         self._metrics = metrics
         self._no_api_until: dict[str, float] = {}  # upstream name → monotonic time
+        self._flight = SingleFlight()
+
+    async def close(self) -> None:
+        await self._flight.close()
 
     async def get(
         self, upstream: Upstream, repo: str, subject: Digest, artifact_type: str | None
@@ -116,17 +123,44 @@ class ReferrersService:
         if kept is not None and kept[0].is_fresh(ttl):
             fresh_for = ttl - (time.time() - kept[0].checked_at)
             return Referrers(kept[1], False, fresh_for)
+        seen = None if kept is None else kept[0].checked_at
         try:
-            body, stale = await self._resolve(upstream, repo, subject)
+            # Concurrent requests make one upstream sequence; replicas, one among them all.
+            return await self._flight.do(
+                (upstream.name, repo, str(subject)),
+                lambda: self._manifests.shared.once(
+                    "referrers",
+                    f"referrers:{upstream.name}/{repo}@{subject}",
+                    lambda: self._kept_elsewhere(upstream, repo, key, seen),
+                    lambda: self._fetch(upstream, repo, subject),
+                    LOOKUP_FAILED,
+                ),
+            )
         except (UpstreamUnavailable, TooManyRequests):
             if kept is None or not kept[0].is_fresh(ttl + self._manifests.stale_if_error):
                 raise
             self._metrics.stale_served.labels("referrers").inc()
             return Referrers(kept[1], False, 0, stale=True)
+
+    async def _kept_elsewhere(
+        self, upstream: Upstream, repo: str, key: str, seen: float | None
+    ) -> Referrers | None:
+        """The index another replica kept since the one checked at `seen` (compared for a
+        change, not an order: replicas' clocks may differ)."""
+        kept = await self._manifests.recall(upstream, repo, key)
+        if kept is None or kept[0].checked_at == seen:
+            return None
+        ttl = self._manifests.ttl_of(upstream)
+        fresh_for = min(max(ttl - (time.time() - kept[0].checked_at), 0.0), ttl)
+        return Referrers(kept[1], False, fresh_for)
+
+    async def _fetch(self, upstream: Upstream, repo: str, subject: Digest) -> Referrers:
+        """Ask the upstream, and keep a fresh answer."""
+        body, stale = await self._resolve(upstream, repo, subject)
         if stale:  # the tag-schema index, itself served stale: not a fresh answer
             return Referrers(body, False, 0, stale=True)
-        await self._manifests.remember(upstream, repo, key, OCI_INDEX, body)
-        return Referrers(body, False, ttl)
+        await self._manifests.remember(upstream, repo, referrers_key(subject), OCI_INDEX, body)
+        return Referrers(body, False, self._manifests.ttl_of(upstream))
 
     async def _resolve(self, upstream: Upstream, repo: str, subject: Digest) -> tuple[bytes, bool]:
         """Ask the upstream: its API first (unless it has shown it has none), then the

@@ -1,7 +1,8 @@
 """Tag lists as the spec pages them, whatever the upstream does.
 
 The mirror asks the upstream for a repository's whole tag list at most once per tag TTL,
-following the upstream's own `Link` pages, and keeps it like a tag
+following the upstream's own `Link` pages (replicas: one of them asks, under the lease
+`taglist:<upstream>/<repo>`, the others read what it kept), and keeps it like a tag
 (`ManifestService.remember`, one record per repository and upstream, under a key no tag
 can take). Every page a client asks for is cut here from that list: lexical order, after
 `last` (excluded), at most `n`, with a `Link` to the next page while more remain.
@@ -24,7 +25,7 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from mirror.cache.manifests import ManifestService
+from mirror.cache.manifests import LOOKUP_FAILED, ManifestService
 from mirror.observe.metrics import Metrics
 from mirror.oci.errors import (
     ManifestInvalid,
@@ -107,9 +108,17 @@ class TagListService:
         kept = await self._kept(upstream, repo)
         if kept is not None and time.time() - kept[0] < ttl:
             return TagPage(*cut(kept[1], n, last), fresh_for=ttl - (time.time() - kept[0]))
+        seen = None if kept is None else kept[0]
         try:
             tags = await self._flight.do(
-                (upstream.name, repo), lambda: self._refresh(upstream, repo)
+                (upstream.name, repo),
+                lambda: self._manifests.shared.once(
+                    "taglist",
+                    f"taglist:{upstream.name}/{repo}",
+                    lambda: self._refreshed_elsewhere(upstream, repo, seen),
+                    lambda: self._refresh(upstream, repo),
+                    LOOKUP_FAILED,
+                ),
             )
         except (UpstreamUnavailable, TooManyRequests):
             window = ttl + self._manifests.stale_if_error
@@ -133,6 +142,14 @@ class TagListService:
                 return None
             self._parsed.put(record.digest, tags)
         return record.checked_at, tags
+
+    async def _refreshed_elsewhere(
+        self, upstream: Upstream, repo: str, seen: float | None
+    ) -> tuple[str, ...] | None:
+        """The list another replica kept since the one fetched at `seen` (compared for a
+        change, not an order: replicas' clocks may differ)."""
+        kept = await self._kept(upstream, repo)
+        return None if kept is None or kept[0] == seen else kept[1]
 
     async def _refresh(self, upstream: Upstream, repo: str) -> tuple[str, ...]:
         """Fetch the whole list from the upstream and keep it."""

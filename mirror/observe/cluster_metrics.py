@@ -38,14 +38,16 @@ class ClusterMetrics:
         self.lease_waits = Counter(
             "mirror_cluster_lease_waits",
             "Requests that found another replica holding the work's lease and followed it "
-            "instead of asking the upstream, by kind (blob, manifest, tag).",
+            "instead of asking the upstream, by kind (blob, manifest, tag, taglist, referrers, "
+            "blobsize).",
             ["kind"],
             registry=r,
         )
         self.lease_takeovers = Counter(
             "mirror_cluster_lease_takeovers",
             "Work taken over after its lease ran out under another replica (a replica died "
-            "or stalled mid-download), by kind (blob, manifest, tag).",
+            "or stalled mid-download), by kind (blob, manifest, tag, taglist, referrers, "
+            "blobsize).",
             ["kind"],
             registry=r,
         )
@@ -70,7 +72,8 @@ class ClusterMetrics:
         self.lease_unavailable = Counter(
             "mirror_cluster_lease_unavailable",
             "Work done without a lease because Redis did not answer: the replica works "
-            "alone, as a single mirror does, by kind (blob, manifest, tag).",
+            "alone, as a single mirror does, by kind (blob, manifest, tag, taglist, "
+            "referrers, blobsize).",
             ["kind"],
             registry=r,
         )

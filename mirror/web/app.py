@@ -12,6 +12,7 @@ from aiohttp import web
 from aiohttp.log import access_logger
 
 from mirror.access.policy import compile_policy
+from mirror.cache.blobsizes import BlobSizes
 from mirror.cache.downloads import Downloads
 from mirror.cache.eviction import Evictor
 from mirror.cache.holdings import Holdings
@@ -262,14 +263,16 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     downloads = Downloads(storage, metrics, flight, local, app[failures_key])
     holdings = Holdings(app[metadata_key], metrics)
     app[holdings_key] = holdings
-    blobs = BlobService(storage, downloads, metrics, holdings)
-    app[downloads_key] = downloads
-    app[blobs_key] = blobs
     manifests = ManifestService(
         storage, app[metadata_key], metrics, config.cache, holdings, app[work_leases_key]
     )
     app[manifests_key] = manifests
-    app[referrers_key] = ReferrersService(manifests, metrics)
+    sizes = BlobSizes(manifests)
+    blobs = BlobService(storage, downloads, metrics, holdings, sizes)
+    app[downloads_key] = downloads
+    app[blobs_key] = blobs
+    referrers = ReferrersService(manifests, metrics)
+    app[referrers_key] = referrers
     taglists = TagListService(manifests, metrics)
     app[taglists_key] = taglists
     evictor = Evictor(
@@ -286,6 +289,8 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     await manifests.close()
     await taglists.close()
     await holdings.close()
+    await referrers.close()
+    await sizes.close()
     await downloads.close()
 
 

@@ -14,6 +14,7 @@ from typing import BinaryIO
 
 from aiohttp import web
 
+from mirror.cache.blobsizes import BlobSizes
 from mirror.cache.downloads import (
     CacheWriteFailed,
     Download,
@@ -91,7 +92,12 @@ class BlobService:
     """Answers blob GETs and HEADs for one upstream and the shared store."""
 
     def __init__(
-        self, storage: CacheStore, downloads: Downloads, metrics: Metrics, holdings: Holdings
+        self,
+        storage: CacheStore,
+        downloads: Downloads,
+        metrics: Metrics,
+        holdings: Holdings,
+        sizes: BlobSizes,
     ) -> None:
         self._storage = storage
         self._downloads = downloads
@@ -99,6 +105,7 @@ class BlobService:
         # A blob goes out under a repository known to hold it, or after the upstream
         # confirmed it under that repository; else the upstream's own answer is fetched.
         self._holdings = holdings
+        self._sizes = sizes  # upstream HEADs of uncached blobs, once across replicas
         # Digests being sent from the cache right now: eviction leaves them alone.
         self.reading: Counter[Digest] = Counter()
 
@@ -354,7 +361,7 @@ class BlobService:
         download = self._downloads.get(digest) if held else None
         size = download.size if download is not None else None
         if size is None:
-            size = await upstream.blob_size(repo, str(digest))
+            size = await self._sizes.size(upstream, repo, digest)
             await self._holdings.record(upstream.name, repo, [str(digest)])
         return size
 
