@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from mirror.metadata.store import MetadataStore
@@ -75,6 +75,9 @@ class Holdings:
         self._refused: LRU[Key, tuple[float, str]] = LRU(REFUSED_ENTRIES)
         # A burst of requests for one unknown digest under one repository: one HEAD.
         self._flight = SingleFlight()
+        # How a blob's HEAD is asked: directly, or (set by create_app) through the blob-size
+        # lookups that replicas share, so one HEAD answers every replica.
+        self.head_blob: Callable[[Upstream, str, str], Awaitable[object]] = _head_blob
 
     async def close(self) -> None:
         await self._flight.close()
@@ -117,7 +120,7 @@ class Holdings:
         """One HEAD under the repository: what it says is remembered."""
         try:
             if kind == BLOB:
-                await upstream.blob_size(repo, digest)
+                await self.head_blob(upstream, repo, digest)
             else:
                 await upstream.manifest(repo, digest, sorted(MANIFEST_TYPES), head=True)
         except (BlobUnknown, ManifestUnknown) as exc:
@@ -127,3 +130,7 @@ class Holdings:
             raise
         self._metrics.holdings_checks.labels(kind, "confirmed").inc()
         await self.record(upstream.name, repo, [digest])
+
+
+async def _head_blob(upstream: Upstream, repo: str, digest: str) -> object:
+    return await upstream.blob_size(repo, digest)

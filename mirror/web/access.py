@@ -23,7 +23,7 @@ from mirror.access.clientauth import (
 from mirror.access.clienttokens import Grant, TokenRefused, TokenSigner
 from mirror.access.hashing import HashPool, HashPoolFull
 from mirror.access.throttle import FailureThrottle
-from mirror.cluster.signing import token_signing_key
+from mirror.cluster.signing import token_audience, token_signing_key
 from mirror.observe.guard_metrics import GuardMetrics
 from mirror.oci.errors import LoginsBusy, TooManyLogins, Unauthorized
 from mirror.oci.reference import is_valid_name
@@ -55,8 +55,12 @@ class ClientAuth:
         metrics: GuardMetrics,
         refused: Counter,
         throttle: FailureThrottle | None = None,
+        audience: str | None = None,
     ) -> None:
         self.htpasswd = htpasswd
+        # A fixed audience for replicas with no public_url: the service each names in its
+        # challenge is its own address, yet every replica must take every replica's tokens.
+        self.fixed_audience = audience
         self.metrics = metrics
         self.refused = refused  # mirror_client_auth_refused_total
         self.throttle = throttle or FailureThrottle()
@@ -77,6 +81,10 @@ class ClientAuth:
         """The service the challenge names: the audience of the tokens issued for it."""
         return service_of(self.base_url(request))
 
+    def audience(self, request: web.Request) -> str:
+        """The audience of the tokens issued and accepted here."""
+        return self.fixed_audience or self.service(request)
+
     def challenge(self, request: web.Request, repository: str | None) -> Unauthorized:
         base = self.base_url(request)
         header = f'Bearer realm="{base}/token",service="{service_of(base)}"'
@@ -92,7 +100,7 @@ class ClientAuth:
         refused = self.refused
         if scheme.lower() == "bearer":
             try:
-                return self.signer.verify(value.strip(), self.service(request))
+                return self.signer.verify(value.strip(), self.audience(request))
             except TokenRefused as exc:
                 refused.labels(exc.reason).inc()
                 return None
@@ -159,7 +167,7 @@ class ClientAuth:
         refused = [name for name in repositories if not may_pull_name(request.app, subject, name)]
         allowed = [name for name in repositories if name not in refused]
         token, expires_in = self.signer.issue(
-            subject, allowed, self.token_ttl, refused, audience=self.service(request)
+            subject, allowed, self.token_ttl, refused, audience=self.audience(request)
         )
         return web.json_response({"token": token, "access_token": token, "expires_in": expires_in})
 
@@ -224,6 +232,9 @@ async def client_auth_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _client_auth(app: web.Application, htpasswd: Htpasswd) -> ClientAuth:
     """Load the signing key (shared by replicas, or generated) and build the ClientAuth."""
     config, policy = app[config_key], app[policy_key]
+    audience = None
+    if config.cluster is not None and config.public_url is None:
+        audience = token_audience(config.cluster.secret)
     if config.cluster is not None and config.auth.signing_key_file is None:
         # Replicas share no disk: each derives the same key from the cluster secret.
         key = token_signing_key(config.cluster.secret)
@@ -239,4 +250,5 @@ async def _client_auth(app: web.Application, htpasswd: Htpasswd) -> ClientAuth:
         config.public_url,
         app[metrics_key].guard,
         app[metrics_key].client_auth_refused,
+        audience=audience,
     )

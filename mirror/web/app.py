@@ -32,6 +32,7 @@ from mirror.net.proxies import TrustedProxies
 from mirror.net.tls import client_contexts
 from mirror.observe.logs import REQUEST_ID_HEADER, FailureLog
 from mirror.observe.metrics import Metrics
+from mirror.oci.reference import parse_digest
 from mirror.storage import CacheStore, new_store
 from mirror.storage.localflight import LocalFlight
 from mirror.upstream.client import Upstream, new_session
@@ -268,6 +269,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[manifests_key] = manifests
     sizes = BlobSizes(manifests)
+    holdings.head_blob = lambda up, repo, digest: sizes.size(up, repo, parse_digest(digest))
     blobs = BlobService(storage, downloads, metrics, holdings, sizes)
     app[downloads_key] = downloads
     app[blobs_key] = blobs
