@@ -191,8 +191,6 @@ class ManifestService:
             self._metrics.cache_requests.labels("manifest", "hit").inc()
             media_type, stored = cached
             return Manifest(reference, media_type, len(stored), None if head else stored)
-        if not held and self._shared.enabled:  # another replica's fetch may answer it
-            await self._holdings.confirm(upstream, repo, reference, MANIFEST)
         self._metrics.cache_requests.labels("manifest", "miss").inc()
         # Per repository: a fetch under another one is no answer for this one.
         key = ("digest", upstream.name, repo, reference, head)
@@ -204,12 +202,20 @@ class ManifestService:
             key,
             lambda: self._shared.once(
                 "manifest",
-                f"manifest:{upstream.name}/{reference}",
-                lambda: self._stored(reference),
+                # Per repository, as the holder's fetch answers for its repository alone.
+                f"manifest:{upstream.name}/{repo}@{reference}",
+                lambda: self._stored_for(upstream, repo, reference),
                 lambda: self._fetch_digest(upstream, repo, reference, head=False),
                 UPSTREAM_FAILED,
             ),
         )
+
+    async def _stored_for(self, upstream: Upstream, repo: str, reference: str) -> Manifest | None:
+        """The manifest another replica stored, once the repository is known to hold it (the
+        holder of this repository's lease records that before it lets go)."""
+        if not await self._holdings.known(upstream.name, repo, reference):
+            return None
+        return await self._stored(reference)
 
     async def _stored(self, reference: str) -> Manifest | None:
         """The manifest as another replica stored it, if it did (a shared storage)."""
