@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from mirror.cluster.lease import Held
+from mirror.util.filelock import release, same_file
 
 # Waiters poll their holder's result at this pace at most (cluster/shared.py); the lease
 # itself never runs out. Also how long a failure marker stays good.
@@ -47,12 +48,8 @@ class LocalLease:
     def release(self) -> None:
         """Unlink the file, then unlock it by closing (blocking; idempotent)."""
         fd, self._fd = self._fd, None
-        if fd is None:
-            return
-        with contextlib.suppress(OSError):
-            if _same_file(fd, self.path):
-                self.path.unlink()
-        os.close(fd)
+        if fd is not None:
+            release(fd, self.path)
 
 
 class LocalLeases:
@@ -95,7 +92,7 @@ class LocalLeases:
             except BaseException:
                 os.close(fd)
                 raise
-            if not _same_file(fd, path):  # a release unlinked it meanwhile: again
+            if not same_file(fd, path):  # a release unlinked it meanwhile: again
                 os.close(fd)
                 continue
             os.ftruncate(fd, 0)
@@ -142,15 +139,6 @@ class LocalLeases:
         except FileNotFoundError:
             return None
         return owner, error
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        found = os.stat(path)
-    except FileNotFoundError:
-        return False
-    mine = os.fstat(fd)
-    return (found.st_dev, found.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def _read(fd: int) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import hashlib
 import os
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mirror.oci.reference import Digest
+from mirror.util.filelock import release, same_file, try_lock
 
 _WRITTEN = 20  # the header's first field, rewritten in place as the download grows
 _STATE_AT = _WRITTEN + 1
@@ -83,12 +83,8 @@ class Claim:
     def release(self) -> None:
         """Unlink the lock file, then unlock (blocking; idempotent)."""
         fd, self._fd = self._fd, None
-        if fd is None:
-            return
-        with contextlib.suppress(OSError):
-            if _same_file(fd, self.path):
-                self.path.unlink()
-        os.close(fd)
+        if fd is not None:
+            release(fd, self.path)
 
 
 class Sibling:
@@ -104,7 +100,7 @@ class Sibling:
         fd = self._fd
         if fd is None:
             return Gone()
-        if not _try_lock(fd):
+        if not try_lock(fd):
             # The owner rewrites the header in place: a read that overlaps a write could
             # mix two values, so one counts only when the next read agrees with it.
             seen = _read_header(fd, self.path.parent)
@@ -112,7 +108,7 @@ class Sibling:
                 seen = again
             return seen
         self._fd = None
-        if not _same_file(fd, self.path):  # released by its owner: over
+        if not same_file(fd, self.path):  # released by its owner: over
             os.close(fd)
             return Gone()
         return Claim(fd, self.path, _adoptable(_read_header(fd, self.path.parent)))
@@ -135,13 +131,13 @@ class LocalFlight:
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             try:
-                locked = _try_lock(fd)
+                locked = try_lock(fd)
             except BaseException:
                 os.close(fd)
                 raise
             if not locked:
                 return Sibling(fd, path)
-            if _same_file(fd, path):
+            if same_file(fd, path):
                 return Claim(fd, path, _adoptable(_read_header(fd, self._tmp)))
             os.close(fd)  # a release unlinked it meanwhile: again
 
@@ -155,10 +151,10 @@ def sweep(tmp: Path) -> None:
             fd = os.open(path, os.O_RDWR)
             try:
                 header = _read_header(fd, tmp)
-                if _try_lock(fd):
+                if try_lock(fd):
                     if header is not None:
                         header.temp.unlink(missing_ok=True)
-                    if _same_file(fd, path):
+                    if same_file(fd, path):
                         path.unlink()
                 else:
                     held.add(path.name)
@@ -213,23 +209,6 @@ def reopen(temp: Path, written: int, hasher: hashlib._Hash) -> int:
         os.close(fd)
         raise
     return fd
-
-
-def _try_lock(fd: int) -> bool:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        found = os.stat(path)
-    except FileNotFoundError:
-        return False
-    mine = os.fstat(fd)
-    return (found.st_dev, found.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def _read_header(fd: int, tmp: Path) -> Progress | None:

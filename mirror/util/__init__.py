@@ -1,1 +1,1 @@
-"""Small generic helpers: an LRU, a single flight, sizes for people."""
+"""Small generic helpers: an LRU, a single flight, sizes for people, file locks."""
