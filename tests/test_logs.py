@@ -195,14 +195,18 @@ def json_records(mirror: MirrorProcess) -> list[dict[str, Any]]:
     return records
 
 
+ACCESS_LOGGERS = ("aiohttp.access", "mirror.audit")
+
+
 def wait_for_access(mirror: MirrorProcess, request_id: str) -> list[dict[str, Any]]:
-    """The access records of a request id (written just after the response went out)."""
+    """The records of a request id holding its access fields (written just after the
+    response went out): its access line, or a manifest request's audit line."""
     deadline = time.monotonic() + LOG_WAIT
     while True:
         found = [
             record
             for record in json_records(mirror)
-            if record.get("request_id") == request_id and record["logger"] == "aiohttp.access"
+            if record.get("request_id") == request_id and record["logger"] in ACCESS_LOGGERS
         ]
         if found or time.monotonic() > deadline:
             return found
@@ -252,6 +256,8 @@ def test_one_access_line_per_request(json_mirror: MirrorProcess, upstream: Upstr
         found = wait_for_access(json_mirror, request_id)
         assert len(found) == 1, f"{method} {path}: {len(found)} access lines"
         access = found[0]
+        audited = "/manifests/" in path and method != "DELETE"
+        assert access["logger"] == ACCESS_LOGGERS[audited], access
         assert (access["method"], access["path"], access["status"]) == (method, path, status)
         # How many: test_access_line_counts_the_body_bytes.
         assert isinstance(access["bytes"], int)

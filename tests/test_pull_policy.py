@@ -7,6 +7,7 @@ every request it gets, so "no upstream request" is checked on the upstream itsel
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -375,8 +376,53 @@ async def test_audit_lines_in_text(
         "digest=- outcome=denied status=403 reason=no_rule",
     ]
     assert len(audit) == 3, audit
+    access = r' path=/v2/\S+/manifests/\S+ bytes=\d+ duration_s=\d+\.\d{3} user_agent="[^"]*"'
     for line, fields in zip(audit, expected, strict=True):
-        assert re.fullmatch(stamp + re.escape(fields), line), line
+        assert re.fullmatch(stamp + re.escape(fields) + access, line), line
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+async def test_one_record_per_request_with_both_loggers_on(
+    fmt: str, make_client: MakeClient, hub: FakeHub, images: dict[str, dict[str, Any]],
+    log_stream: Callable[[str], io.StringIO],
+) -> None:  # fmt: skip
+    """A manifest request writes its audit record, which holds the access fields too, and
+    no access line; any other request its access line alone."""
+    stream = log_stream(fmt)
+    client = await make_client()
+    digest = images["busybox"]["digest"]
+    manifest = await client.get("/v2/library/busybox/manifests/latest")
+    assert manifest.status == 200
+    blob = await client.get(f"/v2/library/busybox/blobs/{images['busybox']['layers'][0]}")
+    assert blob.status == 200
+    await manifest.read(), await blob.read()
+    ids = [manifest.headers["X-Request-ID"], blob.headers["X-Request-ID"]]
+    for _ in range(100):  # the access logger runs just after the body went out
+        lines = [
+            line for line in stream.getvalue().splitlines()
+            if "aiohttp.access" in line or "mirror.audit" in line
+        ]  # fmt: skip
+        per_request = [
+            [line for line in lines if f"[{i}]" in line or f'"{i}"' in line] for i in ids
+        ]
+        if all(per_request):
+            break
+        await asyncio.sleep(0.02)
+    assert [len(found) for found in per_request] == [1, 1], lines
+    (audit,), (access,) = per_request
+    if fmt == "json":
+        entry = json.loads(audit)
+        assert entry["logger"] == "mirror.audit"
+        assert (entry["path"], entry["digest"], entry["outcome"]) == (
+            "/v2/library/busybox/manifests/latest",
+            digest,
+            "served",
+        )
+        assert entry["bytes"] > 0 and entry["duration_s"] >= 0 and entry["remote"] == "127.0.0.1"
+        assert json.loads(access)["logger"] == "aiohttp.access"
+    else:
+        assert " mirror.audit " in audit and f"digest={digest}" in audit and " bytes=" in audit
+        assert " aiohttp.access " in access
 
 
 async def test_manifests_are_audited_without_a_policy(

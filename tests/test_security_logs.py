@@ -29,7 +29,14 @@ from aiohttp.test_utils import TestClient
 from mirror.config import AuthConfig, Config
 from mirror.config.monitoring import MetricsConfig
 from mirror.net.proxies import TrustedProxies
-from mirror.observe.logs import TEXT_FORMAT, JsonFormatter, TextFormatter, setup_logging
+from mirror.observe.logs import (
+    _CREDENTIAL,
+    _CREDENTIAL_HINTS,
+    TEXT_FORMAT,
+    JsonFormatter,
+    TextFormatter,
+    setup_logging,
+)
 from mirror.web.app import create_app
 from mirror.web.monitor import create_monitor_app
 from tests.conftest import MakeClient
@@ -196,6 +203,20 @@ def test_text_lines_escape_what_clients_send() -> None:
 def test_credentials_in_any_message_are_redacted(message: str) -> None:
     for formatter in (TextFormatter(TEXT_FORMAT), JsonFormatter()):
         assert "SECRET" not in formatter.format(_record(message)), type(formatter).__name__
+
+
+def test_every_credential_name_passes_the_quick_check() -> None:
+    """Lines are searched only when they hold a hint: each name the search knows has one,
+    in any case, the long s and the Kelvin sign the search's (?i) folds included."""
+    found = re.search(r"\\b\(([^)]*)\)", _CREDENTIAL.pattern)
+    assert found is not None
+    names = found.group(1).split("|")
+    assert len(names) == 9
+    for name in names:
+        for variant in (name, name.upper(), name.replace("s", "\u017f").replace("k", "\u212a")):
+            assert any(hint in variant.casefold() for hint in _CREDENTIAL_HINTS), variant
+    record = _record("X-AMZ-SIGNATURE=SECRETSECRET")
+    assert "SECRET" not in TextFormatter(TEXT_FORMAT).format(record)
 
 
 def test_http_libraries_stay_quiet_at_debug() -> None:

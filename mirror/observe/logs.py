@@ -38,6 +38,9 @@ _CREDENTIAL = re.compile(
     r"(['\"]?\s*[:=]\s*(?:b?['\"])?)"
     r"((?:bearer|basic|aws4-hmac-sha256)\s+)?[^\s'\",&;]+"
 )
+# Every name _CREDENTIAL matches holds one of these (casefolded, as its (?i) matches): a line
+# without any, nearly every line, is not searched (the search was a fifth of a request).
+_CREDENTIAL_HINTS = ("authorization", "token", "signature", "credential", "password", "secret")
 
 
 def new_request_id(incoming: str | None) -> str:
@@ -109,6 +112,9 @@ def _escape(ch: str) -> str:
 
 def redact(text: str) -> str:
     """Credentials that follow their name (Authorization: ..., X-Amz-Signature=...) hidden."""
+    folded = text.casefold()
+    if not any(hint in folded for hint in _CREDENTIAL_HINTS):
+        return text
     return _CREDENTIAL.sub(lambda m: f"{m.group(1)}{m.group(2)}<redacted>", text)
 
 

@@ -1,10 +1,10 @@
-"""One access line per request, the audit line of manifest requests, and the request keys
-the handlers fill in for them.
+"""One log record per request: the access line, or for a manifest request its audit line
+carrying the access fields too; and the request keys the handlers fill in for them.
 
 The access line is built from the request's method, path, status, size and time, never
 from its headers: clients' Authorization values must not reach a log. A manifest request's
-record carries the audit fields too (audit.py), and the same fields go to the `mirror.audit`
-logger, for those who keep or ship the audit apart, whenever that logger is enabled.
+one record goes to the `mirror.audit` logger (audit.py), at any log level, so those who
+keep or ship the audit apart route that logger; the access line is not written twice.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ sent_key = web.RequestKey("sent", int)
 # The registry a request was routed to, for the access line.
 upstream_name_key = web.RequestKey("upstream_name", str)
 ACCESS_FORMAT = '%s "%s %s" %s %sB %.3fs upstream=%s "%s"'
-# Audit fields the access fields do not already hold.
-_AUDIT_ONLY = ("user", "repository", "reference", "digest", "outcome", "reason")
 
 
 def body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
@@ -55,38 +53,48 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         pending = request.get(audit_key)
-        audit = None if pending is None else audit_fields(pending, request, response)
+        if pending is None and not self.logger.isEnabledFor(logging.INFO):
+            return
         token = request_id_var.set(response.headers.get(REQUEST_ID_HEADER, "-"))
         try:
-            if audit is not None:  # first, as when it was written before the answer went out
-                # The JSON formatter adds the `access` mapping of a record to its object.
-                log_info(self.audit, "pull %s", (audit_text(audit),), audit)
-            if self.logger.isEnabledFor(logging.INFO):
-                self._access(request, response, time, audit)
+            if pending is None:
+                fields = access_fields(request, response, time)
+                log_info(self.logger, ACCESS_FORMAT, _access_args(fields, time), fields)
+            else:
+                fields = audit_fields(pending, request, response)
+                text = audit_text(fields)
+                fields.update(access_fields(request, response, time))
+                log_info(self.audit, "pull %s %s", (text, _access_text(fields)), fields)
         finally:
             request_id_var.reset(token)
 
-    def _access(
-        self,
-        request: web.BaseRequest,
-        response: web.StreamResponse,
-        time: float,
-        audit: dict[str, Any] | None,
-    ) -> None:
-        fields = {
-            "remote": client_of(request),  # the proxy's client with trusted_proxies
-            "method": request.method,
-            "path": request.path,
-            "status": response.status,
-            "bytes": body_bytes(request, response),
-            "duration_s": round(time, 6),
-            "user_agent": request.headers.get("User-Agent", "-"),
-            "upstream": request.get(upstream_name_key, "-"),
-        }
-        args = (
-            fields["remote"], fields["method"], fields["path"], fields["status"],
-            fields["bytes"], time, fields["upstream"], fields["user_agent"],
-        )  # fmt: skip
-        if audit is not None:
-            fields.update((key, audit[key]) for key in _AUDIT_ONLY if key in audit)
-        log_info(self.logger, ACCESS_FORMAT, args, fields)
+
+def access_fields(
+    request: web.BaseRequest, response: web.StreamResponse, time: float
+) -> dict[str, Any]:
+    """What the access line says, by name (JSON lines hold them as they are)."""
+    return {
+        "remote": client_of(request),  # the proxy's client with trusted_proxies
+        "method": request.method,
+        "path": request.path,
+        "status": response.status,
+        "bytes": body_bytes(request, response),
+        "duration_s": round(time, 6),
+        "user_agent": request.headers.get("User-Agent", "-"),
+        "upstream": request.get(upstream_name_key, "-"),
+    }
+
+
+def _access_args(fields: dict[str, Any], time: float) -> tuple[Any, ...]:
+    return (
+        fields["remote"], fields["method"], fields["path"], fields["status"],
+        fields["bytes"], time, fields["upstream"], fields["user_agent"],
+    )  # fmt: skip
+
+
+def _access_text(fields: dict[str, Any]) -> str:
+    """The access fields an audit line's text does not hold already."""
+    return (
+        f"path={fields['path']} bytes={fields['bytes']} duration_s={fields['duration_s']:.3f} "
+        f'user_agent="{fields["user_agent"]}"'
+    )

@@ -1,8 +1,8 @@
-"""The audit of manifest requests: what the pull gate decided, written with the access line.
+"""The audit of manifest requests: what the pull gate decided, in the request's one record.
 
 The gate (gate.py) notes who pulls what on the request; the access logger (accesslog.py)
-turns the note and the response into the audit fields once the response is sent, so one
-set of fields per request serves both the access record and the `mirror.audit` line.
+turns the note and the response into the audit fields once the response is sent and
+writes them, with the access fields, as the request's one record on `mirror.audit`.
 """
 
 from __future__ import annotations
