@@ -8,7 +8,7 @@ digest changed and its bytes are not cached yet. A HEAD from a client never cost
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from mirror.cache.holdings import MANIFEST, Holdings, references
 from mirror.cluster.lease import HeldLease, LeaseSource
@@ -83,6 +83,11 @@ class Manifest:
     # By tag: seconds left of the tag's TTL (how long a cache may keep this answer).
     fresh_for: float | None = None
 
+    def lasting(self, fresh_for: float | None, stale: bool = False) -> Manifest:
+        """This answer under a tag's freshness (dataclasses.replace, without its cost on
+        every manifest request)."""
+        return Manifest(self.digest, self.media_type, self.size, self.body, stale, fresh_for)
+
 
 class ManifestService:
     """Answers manifest GETs and HEADs from the cache, asking upstream only when needed."""
@@ -108,6 +113,12 @@ class ManifestService:
         self._flight = SingleFlight()
         # ... and with replicas, one upstream request across all of them (a lease each).
         self._shared = SharedWork(leases, metrics.cluster)
+        # The series every request counts in, looked up once.
+        requests = metrics.cache_requests
+        self._tag_hit = requests.labels("tag", "hit")
+        self._tag_miss = requests.labels("tag", "miss")
+        self._manifest_hit = requests.labels("manifest", "hit")
+        self._manifest_miss = requests.labels("manifest", "miss")
 
     async def close(self) -> None:
         await self._flight.close()
@@ -130,7 +141,7 @@ class ManifestService:
             body = (await self._by_digest(upstream, repo, found.digest, head=False)).body
         child = await self._by_digest(upstream, repo, default_platform(body or b""), head=head)
         decide(child.media_type, accept, by_tag=False)
-        return replace(child, stale=found.stale, fresh_for=found.fresh_for)
+        return child.lasting(found.fresh_for, found.stale)
 
     def ttl_of(self, upstream: Upstream) -> float:
         """How long a tag of this upstream is believed without asking it again."""
@@ -188,10 +199,10 @@ class ManifestService:
         if cached is not None:
             if not held:
                 await self._holdings.confirm(upstream, repo, reference, MANIFEST)
-            self._metrics.cache_requests.labels("manifest", "hit").inc()
+            self._manifest_hit.inc()
             media_type, stored = cached
             return Manifest(reference, media_type, len(stored), None if head else stored)
-        self._metrics.cache_requests.labels("manifest", "miss").inc()
+        self._manifest_miss.inc()
         # Per repository: a fetch under another one is no answer for this one.
         key = ("digest", upstream.name, repo, reference, head)
         if head:  # a HEAD stores nothing another replica could read: no lease
@@ -244,10 +255,10 @@ class ManifestService:
         ttl = self.ttl_of(upstream)
         record = await self._get_tag(upstream.name, repo, tag, ttl)
         if record is not None and record.is_fresh(ttl):
-            self._metrics.cache_requests.labels("tag", "hit").inc()
+            self._tag_hit.inc()
             answer = await self._answer(upstream, repo, record, head=head)
-            return replace(answer, fresh_for=ttl - (time.time() - record.checked_at))
-        self._metrics.cache_requests.labels("tag", "miss").inc()
+            return answer.lasting(ttl - (time.time() - record.checked_at))
+        self._tag_miss.inc()
         if record is not None:
             try:
                 fresh = await self._flight.do(
@@ -265,9 +276,9 @@ class ManifestService:
                     raise
                 self._metrics.stale_served.labels("tag").inc()
                 answer = await self._answer(upstream, repo, record, head=head)
-                return replace(answer, stale=True, fresh_for=0)
+                return answer.lasting(0, stale=True)
             answer = await self._answer(upstream, repo, fresh, head=head)
-            return replace(answer, fresh_for=ttl)
+            return answer.lasting(ttl)
         found = await self._flight.do(
             ("tag", upstream.name, repo, tag, head),
             lambda: self._shared.once(
@@ -278,7 +289,7 @@ class ManifestService:
                 UPSTREAM_FAILED,
             ),
         )
-        return replace(found, fresh_for=ttl)
+        return found.lasting(ttl)
 
     async def _shared_tag(
         self, upstream: str, repo: str, tag: str, after: float | None

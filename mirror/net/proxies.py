@@ -48,6 +48,8 @@ class TrustedProxies:
         self._networks = tuple(networks)
 
     def trusts(self, peer: str | None) -> bool:
+        if not self._networks:  # the usual case, asked on every request: no parse
+            return False
         address = _address(peer or "")
         return address is not None and any(address in net for net in self._networks)
 
@@ -66,7 +68,7 @@ class TrustedProxies:
 
     def origin(self, peer: str, scheme: str, host: str, headers: dict[str, str]) -> Origin:
         """The client, scheme and host of a request from `peer` with proxy `headers`."""
-        if not self.trusts(peer):
+        if not headers or not self.trusts(peer):
             return Origin(peer, scheme, host)
         # The first value of a list: what the client-facing proxy saw.
         proto = headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()

@@ -11,7 +11,13 @@ from collections.abc import Iterator
 
 from mirror.config import DOCKER_HUB_HOSTS
 from mirror.oci.errors import NameUnknown
+from mirror.oci.reference import validate_name
 from mirror.upstream.client import Upstream
+from mirror.util.lru import LRU
+
+# Requests' names routed and validated, remembered: every request of a pull names its
+# repository, and the name grammar is the dearest check on the way. Client-chosen: bounded.
+ROUTED = 4096
 
 
 class Upstreams:
@@ -28,12 +34,24 @@ class Upstreams:
         hub = self._by_name.get("docker.io", default)
         for alias in DOCKER_HUB_HOSTS:
             self._by_name.setdefault(alias, hub)
+        self._routed: LRU[tuple[str, str | None], tuple[Upstream, str]] = LRU(ROUTED)
 
     def __iter__(self) -> Iterator[Upstream]:
         return iter({id(u): u for u in self._by_name.values()}.values())
 
     def get(self, name: str) -> Upstream | None:
         return self._by_name.get(name)
+
+    def validated_route(self, name: str, ns: str | None) -> tuple[Upstream, str]:
+        """`route` for a request's name, the name and the repository upstream both valid
+        (else NameInvalid)."""
+        key = (name, ns)
+        found = self._routed.get(key)
+        if found is None:
+            upstream, repo = self.route(validate_name(name), ns)
+            found = (upstream, validate_name(repo))
+            self._routed.put(key, found)
+        return found
 
     def route(self, name: str, ns: str | None) -> tuple[Upstream, str]:
         """(upstream, repository name upstream) for a request's name and `ns` query."""

@@ -47,10 +47,11 @@ def client_of(request: web.BaseRequest) -> str:
 def record_origin(request: web.Request) -> None:
     """Record the request's origin (first thing, in web/middleware.py); count proxy headers
     from peers not trusted to send them."""
-    trust = request.app[proxy_trust_key]
     peer = request.remote or "-"
-    sent = [name for name in FORWARDED_HEADERS if name in request.headers]
-    if sent and not trust.proxies.trusts(peer):
+    present = request.headers
+    headers = {name: present[name] for name in FORWARDED_HEADERS if name in present}
+    trust = request.app[proxy_trust_key]
+    if headers and not trust.proxies.trusts(peer):
         trust.ignored.inc()
-    headers = {name: request.headers[name] for name in sent}
+        headers = {}  # believed from nobody else: the origin is the TCP peer's
     request[origin_key] = trust.proxies.origin(peer, request.scheme, request.host, headers)

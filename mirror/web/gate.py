@@ -42,9 +42,18 @@ class PullGate:
         self._upstreams = upstreams
         self._aliases: dict[str, frozenset[str]] = {}
         self._decisions: LRU[tuple[str, str, str, str | None], str] = LRU(DECISIONS)
+        self._targets: LRU[tuple[str, str, str | None], Target] = LRU(DECISIONS)
 
     def target(self, upstream: Upstream, repository: str, reference: str | None = None) -> Target:
         """What a request pulls, with every name the router knows its upstream by."""
+        key = (upstream.name, repository, reference)
+        target = self._targets.get(key)
+        if target is None:
+            target = self._target(upstream, repository, reference)
+            self._targets.put(key, target)
+        return target
+
+    def _target(self, upstream: Upstream, repository: str, reference: str | None) -> Target:
         aliases = self._aliases.get(upstream.name)
         if aliases is None:
             names = {a for a in DOCKER_HUB_HOSTS if self._upstreams.get(a) is upstream}

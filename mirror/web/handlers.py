@@ -10,7 +10,7 @@ from aiohttp import web
 from mirror.cache.taglists import parse_last, parse_n
 from mirror.oci.errors import EndpointUnknown, RangeNotSatisfiable, Unsupported
 from mirror.oci.negotiation import OCI_INDEX, parse_accept
-from mirror.oci.reference import parse_digest, validate_name
+from mirror.oci.reference import parse_digest
 from mirror.storage.base import RangeOutsideBlob
 from mirror.upstream.client import Upstream
 from mirror.web.accesslog import upstream_name_key
@@ -47,10 +47,10 @@ def route(request: web.Request) -> tuple[Upstream, str]:
     """The upstream this request is for, and the repository's name there."""
     found = request.get(route_key)
     if found is None:
-        name = validate_name(request.match_info["name"])
-        upstream, repo = request.app[upstreams_key].route(name, request.query.get("ns"))
-        request[upstream_name_key] = upstream.name  # for the access line
-        found = request[route_key] = (upstream, validate_name(repo))
+        upstreams = request.app[upstreams_key]
+        found = upstreams.validated_route(request.match_info["name"], request.query.get("ns"))
+        request[route_key] = found
+        request[upstream_name_key] = found[0].name  # for the access line
     return found
 
 
