@@ -24,6 +24,7 @@ from tests.bench.clients import (
     wrk,
     wrk_script,
 )
+from tests.bench.cpu import CpuMeter, Procs, Used
 from tests.bench.loadgen import loadgen
 from tests.bench.seeding import BigBlob
 from tests.services import DockerDaemon, FakeHubProcess
@@ -36,6 +37,7 @@ class WarmBlob:
     seconds: dict[str, list[float]]  # "mirror" / "peer" / "nginx" -> one entry per GET
     warming_gets: dict[str, int]  # GETs it took until one caused no upstream fetch
     upstream_fetches: int  # CDN GETs of the blob during the timed GETs: 0 when warm
+    cpu: dict[str, list[Used]]  # the same names -> per GET, CPU seconds by process
 
 
 def cdn_fetches(hub: FakeHubProcess, digest: str) -> int:
@@ -54,15 +56,22 @@ def warm_up(url: str, blob: BigBlob, hub: FakeHubProcess, tries: int = 5) -> int
     raise BenchError(f"{url} still fetches from the upstream after {tries} GETs")
 
 
-def warm_blob(urls: dict[str, str], blob: BigBlob, hub: FakeHubProcess, runs: int) -> WarmBlob:
-    """Timed GETs of one cached blob, after untimed ones that fill each cache."""
-    warming = {name: warm_up(urls[name], blob, hub) for name in ("mirror", "peer")}
+def warm_blob(
+    urls: dict[str, tuple[str, Procs]], blob: BigBlob, hub: FakeHubProcess, runs: int
+) -> WarmBlob:
+    """Timed GETs of one cached blob, after untimed ones that fill each cache.
+
+    `urls`: "mirror" / "peer" / "nginx" -> (the blob's URL there, the server's processes)."""
+    warming = {name: warm_up(urls[name][0], blob, hub) for name in ("mirror", "peer")}
     hub.reset()
     seconds: dict[str, list[float]] = {name: [] for name in urls}
+    used: dict[str, list[Used]] = {name: [] for name in urls}
     for _ in range(runs):
-        for name, url in urls.items():
-            seconds[name].append(curl_get(url, blob.size).seconds)
-    return WarmBlob(seconds, warming, cdn_fetches(hub, blob.digest))
+        for name, (url, procs) in urls.items():
+            with CpuMeter(procs, "curl") as cpu:
+                seconds[name].append(curl_get(url, blob.size).seconds)
+            used[name].append(cpu.used)
+    return WarmBlob(seconds, warming, cdn_fetches(hub, blob.digest), used)
 
 
 # --- manifests ------------------------------------------------------------------------------
@@ -71,6 +80,7 @@ def warm_blob(urls: dict[str, str], blob: BigBlob, hub: FakeHubProcess, runs: in
 @dataclass
 class ManifestRuns:
     results: dict[str, list[WrkResult]] = field(default_factory=dict)  # label -> runs
+    cpu: dict[str, list[Used]] = field(default_factory=dict)  # label -> per run, by process
     # Manifest requests (GET + HEAD) the upstream saw during each run.
     upstream: dict[str, list[int]] = field(default_factory=dict)
 
@@ -91,6 +101,7 @@ class Target:
     tool: str  # "wrk", or "loadgen" where wrk cannot go (HEAD)
     method: str
     url: str
+    procs: Procs  # the servers whose CPU time counts (the client's is counted anyway)
 
 
 # wrk cannot HEAD (see tests.bench.loadgen): HEAD is measured with loadgen, and so is GET by
@@ -98,17 +109,21 @@ class Target:
 LOADGEN_GET, LOADGEN_HEAD = "mirror GET tag, loadgen", "mirror HEAD tag, loadgen"
 
 
-def manifest_targets(mirror: str, peer: str, repo: str) -> dict[str, Target]:
-    """label -> what to load, each warmed by one GET first."""
+def manifest_targets(
+    mirror: tuple[str, Procs], peer: tuple[str, Procs], repo: str
+) -> dict[str, Target]:
+    """label -> what to load, each warmed by one GET first; (base URL, processes) each."""
+    (mirror_url, mine), (peer_url, peers) = mirror, peer
     tag_path = f"/v2/{repo}/manifests/latest"
-    digest = manifest_digest(mirror + tag_path)
-    manifest_digest(peer + tag_path)
+    digest = manifest_digest(mirror_url + tag_path)
+    manifest_digest(peer_url + tag_path)
+    by_digest = f"{mirror_url}/v2/{repo}/manifests/{digest}"
     return {
-        "mirror GET tag": Target("wrk", "GET", mirror + tag_path),
-        "mirror GET digest": Target("wrk", "GET", f"{mirror}/v2/{repo}/manifests/{digest}"),
-        "peer GET tag": Target("wrk", "GET", peer + tag_path),
-        LOADGEN_GET: Target("loadgen", "GET", mirror + tag_path),
-        LOADGEN_HEAD: Target("loadgen", "HEAD", mirror + tag_path),
+        "mirror GET tag": Target("wrk", "GET", mirror_url + tag_path, mine),
+        "mirror GET digest": Target("wrk", "GET", by_digest, mine),
+        "peer GET tag": Target("wrk", "GET", peer_url + tag_path, peers),
+        LOADGEN_GET: Target("loadgen", "GET", mirror_url + tag_path, mine),
+        LOADGEN_HEAD: Target("loadgen", "HEAD", mirror_url + tag_path, mine),
     }
 
 
@@ -133,15 +148,17 @@ def manifests(
         for label, target in targets.items():
             time.sleep(1)  # the previous target's last upstream requests land before the reset
             hub.reset()
-            result = load(target, scripts, seconds)
+            with CpuMeter(target.procs, target.tool) as cpu:
+                result = load(target, scripts, seconds)
             stats = hub.stats()
             out.results.setdefault(label, []).append(result)
+            out.cpu.setdefault(label, []).append(cpu.used)
             out.upstream.setdefault(label, []).append(
                 int(stats["manifest_get"]) + int(stats["manifest_head"])
             )
             log(
                 f"  run {run + 1}/{runs} {label}: {result.rps:,.0f} req/s, "
-                f"p99 {result.p99_ms:.1f} ms, {result.errors} errors"
+                f"p99 {result.p99_ms:.1f} ms, {result.errors} errors, CPU s {cpu.used}"
             )
     return out
 
@@ -156,55 +173,74 @@ class ColdRun:
     wall: float  # from starting the clients until the last one finished
     upstream_fetches: int  # CDN GETs of this digest
     client_seconds: list[float]
+    cpu: Used  # by process, during the GETs
 
 
 @dataclass
 class Cold:
     direct: list[float] = field(default_factory=list)  # one client straight from the upstream
     runs: list[ColdRun] = field(default_factory=list)
+    direct_cpu: list[Used] = field(default_factory=list)  # by process, per direct fetch
 
 
 def direct_fetch(hub: FakeHubProcess, blob: BigBlob) -> float:
-    """One GET from the fake hub itself: token, registry, 307, CDN (the token stays home)."""
+    """One GET from the fake hub itself: token, registry, 307, CDN (the token stays home).
+
+    What every cold figure is held to: the upstream's share of the time, which no mirror
+    can go below."""
     token = hub_token(hub.urls["token"], blob.repo)
     auth = (f"Authorization: Bearer {token}",)
     return curl_get(hub.registry_url + blob.path(), blob.size, auth, follow=True).seconds
 
 
+def metered_direct_fetch(hub: FakeHubProcess, blob: BigBlob, upstream: Procs) -> tuple[float, Used]:
+    """direct_fetch, with the CPU seconds of the upstream's processes and of curl."""
+    with CpuMeter(upstream, "curl") as cpu:
+        seconds = direct_fetch(hub, blob)
+    return seconds, cpu.used
+
+
 def cold_run(
-    target: str, base_url: str, blob: BigBlob, hub: FakeHubProcess, clients: int
+    target: tuple[str, str, Procs], blob: BigBlob, hub: FakeHubProcess, clients: int
 ) -> ColdRun:
+    """`clients` concurrent GETs of blob from (name, base URL, processes)."""
+    name, base_url, procs = target
     hub.reset()
-    wall, fetches = curl_together(base_url + blob.path(), blob.size, clients)
+    with CpuMeter(procs, "curl") as cpu:
+        wall, fetches = curl_together(base_url + blob.path(), blob.size, clients)
     time.sleep(0.5)  # a straggling upstream fetch should still be counted
     count = hub.stats()["cdn_get_by_digest"].get(blob.digest, 0)
-    return ColdRun(target, blob.digest, wall, int(count), [f.seconds for f in fetches])
+    return ColdRun(name, blob.digest, wall, int(count), [f.seconds for f in fetches], cpu.used)
 
 
 def cold(
-    bases: dict[str, str],
+    bases: dict[str, tuple[str, Procs]],
     fresh: list[BigBlob],
-    direct_blob: BigBlob,
+    direct: tuple[BigBlob, Procs],
     hub: FakeHubProcess,
     clients: int,
     log: Log,
 ) -> Cold:
     """Direct fetches, then per run `clients` concurrent GETs of a blob no target has seen.
 
-    The mirror and the peer have separate caches, so a run's blob is fresh to both; the
-    upstream's counters are reset before each target.
+    `bases`: name -> (base URL, its processes); `direct`: the blob fetched straight from
+    the upstream, and the upstream's processes. The mirror and the peer have separate
+    caches, so a run's blob is fresh to both; the upstream's counters are reset before each
+    target.
     """
     out = Cold()
     for _ in fresh:
-        out.direct.append(direct_fetch(hub, direct_blob))
+        seconds, used = metered_direct_fetch(hub, *direct)
+        out.direct.append(seconds)
+        out.direct_cpu.append(used)
     log(f"  direct fetch: {', '.join(f'{s:.2f}s' for s in out.direct)}")
     for run, blob in enumerate(fresh):
-        for target, base in bases.items():
-            result = cold_run(target, base, blob, hub, clients)
+        for target, (base, procs) in bases.items():
+            result = cold_run((target, base, procs), blob, hub, clients)
             out.runs.append(result)
             log(
                 f"  run {run + 1} {target}: {result.wall:.2f}s, "
-                f"{result.upstream_fetches} upstream fetches"
+                f"{result.upstream_fetches} upstream fetches, CPU s {result.cpu}"
             )
     return out
 

@@ -1,8 +1,12 @@
-"""Start everything, run the five measurements, print and write the table.
+"""Start the servers, run the measurements, print and write the table of targets.
 
 upstream: distribution (seeded) <- fake hub (token, 307 to its CDN)
 mirror (+ redis) -> fake hub       peer: distribution proxy -> fake hub
 nginx: the warm blob's bytes as a plain file
+(+ the S3 backend's mirrors on Ceph RGW, 3 replicas behind haproxy, a 2-worker mirror)
+
+Every mirror runs with the audit line and a pull policy, as in production. Each row shows
+the reference its ratio divides by and the CPU seconds of every process in its timed part.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ from tests.bench import s3 as s3bench
 from tests.bench import workers as workersbench
 from tests.bench.chart import write_chart
 from tests.bench.clients import OPENER
+from tests.bench.cpu import Procs, alone, tree
 from tests.bench.memory import RssSampler
+from tests.bench.mirrorconfig import check_production, write_config
 from tests.bench.nginx import NginxServer
 from tests.bench.report import (
     MIB,
@@ -84,7 +90,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--only",
         action="append",
         choices=sorted(PHASES),
-        help="run only this phase (repeatable); the memory rows come anyway",
+        help="run only this phase (repeatable), starting only what it needs; the memory rows "
+        "come anyway",
     )
     p.add_argument(
         "--profile",
@@ -93,7 +100,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench-results")
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs, caches)")
-    return p.parse_args(argv)
+    return only_what_is_needed(p.parse_args(argv))
+
+
+def only_what_is_needed(args: argparse.Namespace) -> argparse.Namespace:
+    """With --only, the stacks no chosen phase uses are not started (nor their blobs seeded)."""
+    if args.only:
+        chosen = set(args.only)
+        args.no_workers |= not any(name.startswith("workers ") for name in chosen)
+        args.no_replicas |= not any(name.startswith("replicas ") for name in chosen)
+        args.no_s3 |= args.no_replicas and not chosen & {"cold blob", "s3 warm blob"}
+    return args
+
+
+def selected(args: argparse.Namespace, phase: str) -> bool:
+    if phase == "docker pull" and args.no_docker:
+        return False
+    return not args.only or phase in args.only
 
 
 @dataclass
@@ -102,6 +125,8 @@ class Stack:
 
     workdir: Path
     hub: FakeHubProcess
+    upstream: DistributionRegistry  # behind the fake hub
+    redis: RedisServer  # the mirror's
     mirror: MirrorProcess
     peer: DistributionRegistry
     nginx: NginxServer
@@ -111,8 +136,15 @@ class Stack:
     rss: RssSampler = field(init=False)
     s3: s3bench.S3Stack | None = None  # the S3 backend's mirrors, unless --no-s3
     replicas: replicabench.ReplicaStack | None = None  # 3 replicas + haproxy (needs s3)
-    replica_blobs: list[tuple[BigBlob, BigBlob]] = field(default_factory=list)
+    replica_blobs: list[BigBlob] = field(default_factory=list)
     workers: workersbench.WorkersStack | None = None  # workers: 2, unless --no-workers
+
+    def upstream_procs(self) -> Procs:
+        """The upstream: the fake hub (token, registry front, CDN) and the registry behind it."""
+        return {"fakehub": tree(self.hub.pid), "registry": tree(self.upstream.pid)}
+
+    def mirror_procs(self) -> Procs:
+        return {"mirror": tree(self.mirror.pid), "redis": alone(self.redis.pid)}
 
 
 def seed_upstream(url: str, workdir: Path, args: argparse.Namespace) -> tuple[BigBlob, ...]:
@@ -121,7 +153,8 @@ def seed_upstream(url: str, workdir: Path, args: argparse.Namespace) -> tuple[Bi
     www = workdir / "www"
     www.mkdir()
     blobs = [seed_big(url, 0, size, keep=www / "big0.bin")]
-    for index in range(1, args.runs + 1):
+    cold_runs = args.runs if selected(args, "cold blob") else 0
+    for index in range(1, cold_runs + 1):
         blobs.append(seed_big(url, index, size))
         log(f"  seeded library/big{index} ({args.blob_mib} MiB)")
     return tuple(blobs)
@@ -135,22 +168,26 @@ def start_stack(es: ExitStack, workdir: Path, args: argparse.Namespace) -> Stack
     hub = es.enter_context(FakeHubProcess(upstream.url, workdir / "fakehub"))
     set_knobs(hub, ratelimit_remaining=10**9)  # the peer spends GETs; the limit is not measured
     redis = es.enter_context(RedisServer(workdir / "redis"))
-    mirror = es.enter_context(MirrorProcess(workdir / "mirror", hub.registry_url, redis.url))
+    config = write_config(workdir / "mirror" / "mirror.yaml", hub.registry_url)
+    mirror = MirrorProcess(workdir / "mirror", hub.registry_url, redis.url,
+                           extra_args=["--config", str(config)])  # fmt: skip
+    es.enter_context(mirror)
+    check_production(mirror)
     peer = es.enter_context(DistributionRegistry(workdir / "peer", hub.registry_url))
     nginx = es.enter_context(NginxServer(workdir / "nginx", workdir / "www"))
     log(f"hub {hub.registry_url}, mirror {mirror.url}, peer {peer.url}, nginx {nginx.url}")
-    stack = Stack(workdir, hub, mirror, peer, nginx, warm, fresh, layers20)
+    stack = Stack(workdir, hub, upstream, redis, mirror, peer, nginx, warm, fresh, layers20)
     stack.rss = es.enter_context(RssSampler(mirror.pid))
+    size = args.blob_mib * MIB
     if not args.no_s3 and s3bench.available():
         stack.s3 = s3bench.start(es, workdir, hub.registry_url, log)
         if not args.no_replicas:
-            size = args.blob_mib * MIB
-            stack.replica_blobs = replicabench.seed(upstream.url, args.runs, size, log)
-            redis_r = es.enter_context(RedisServer(workdir / "redis-replicas"))
-            stack.replicas = replicabench.start(es, workdir, hub, stack.s3.rgw, redis_r.url, log)
+            runs = args.runs if selected(args, "replicas cold blob") else 0
+            stack.replica_blobs = replicabench.seed(upstream.url, runs, size, log)
+            stack.replicas = replicabench.start(es, workdir, hub, stack.s3.rgw, nginx.url, log)
     if not args.no_workers:
-        size = args.blob_mib * MIB
-        stack.workers = workersbench.start(es, workdir, upstream.url, hub, args.runs, size, log)
+        runs = args.runs if selected(args, "workers cold blob") else 0
+        stack.workers = workersbench.start(es, workdir, upstream.url, hub, runs, size, log)
     return stack
 
 
@@ -182,23 +219,28 @@ Phase = Callable[[Stack, argparse.Namespace], tuple[list[Row], Any]]
 
 def phase_warm(s: Stack, args: argparse.Namespace) -> tuple[list[Row], Any]:
     path = s.warm.path()
-    urls = {"mirror": s.mirror.url + path, "peer": s.peer.url + path,
-            "nginx": f"{s.nginx.url}/big0.bin"}  # fmt: skip
+    urls = {"mirror": (s.mirror.url + path, s.mirror_procs()),
+            "peer": (s.peer.url + path, {"peer": tree(s.peer.pid)}),
+            "nginx": (f"{s.nginx.url}/big0.bin", {"nginx": tree(s.nginx.pid)})}  # fmt: skip
     warm = measure.warm_blob(urls, s.warm, s.hub, args.warm_runs)
     return warm_rows(warm, args.blob_mib), warm
 
 
 def phase_manifests(s: Stack, args: argparse.Namespace) -> tuple[list[Row], Any]:
-    targets = measure.manifest_targets(s.mirror.url, s.peer.url, "library/layers20")
+    mirror = (s.mirror.url, s.mirror_procs())
+    peer = (s.peer.url, {"peer": tree(s.peer.pid), **s.upstream_procs()})
+    targets = measure.manifest_targets(mirror, peer, "library/layers20")
     runs = measure.manifests(targets, s.hub, s.workdir, args.runs, args.wrk_seconds, log)
     return manifest_rows(runs), runs
 
 
 def phase_cold(s: Stack, args: argparse.Namespace) -> tuple[list[Row], Any]:
-    bases = {"mirror": s.mirror.url, "peer": s.peer.url}
+    up = s.upstream_procs()
+    bases = {"mirror": (s.mirror.url, {**s.mirror_procs(), **up}),
+             "peer": (s.peer.url, {"peer": tree(s.peer.pid), **up})}  # fmt: skip
     if s.s3 is not None:
-        bases["mirror-s3"] = s.s3.mirror.url
-    cold = measure.cold(bases, s.fresh, s.warm, s.hub, args.clients, log)
+        bases["mirror-s3"] = (s.s3.mirror.url, {**s.s3.procs(), **up})
+    cold = measure.cold(bases, s.fresh, (s.warm, up), s.hub, args.clients, log)
     return cold_rows(cold, args.clients) + s3bench.cold_rows(cold, args.clients), cold
 
 
@@ -219,7 +261,9 @@ def phase_docker(s: Stack, args: argparse.Namespace) -> tuple[list[Row], Any]:
 def phase_replica_cold(s: Stack, args: argparse.Namespace) -> tuple[list[Row], Any]:
     if s.replicas is None:
         return [], None
-    cold = replicabench.cold(s.replicas, s.hub, s.replica_blobs, log)
+    nginx = {"nginx": tree(s.nginx.pid)}
+    direct = (s.warm, s.upstream_procs())
+    cold = replicabench.cold(s.replicas, s.hub, s.replica_blobs, (nginx, direct), log)
     return replicabench.cold_rows(cold, args.blob_mib), cold
 
 
@@ -233,23 +277,25 @@ def phase_replica_manifests(s: Stack, args: argparse.Namespace) -> tuple[list[Ro
 def phase_workers_manifests(s: Stack, args: argparse.Namespace) -> tuple[list[Row], Any]:
     if s.workers is None:
         return [], None
-    rps = workersbench.manifests(s.workers, s.mirror, s.workdir, args.runs, args.wrk_seconds, log)
-    return workersbench.manifest_rows(rps), rps
+    one = (s.mirror.url, s.mirror_procs())
+    runs = workersbench.manifests(s.workers, one, s.workdir, args.runs, args.wrk_seconds, log)
+    return workersbench.manifest_rows(runs), runs
 
 
 def phase_workers_cold(s: Stack, args: argparse.Namespace) -> tuple[list[Row], Any]:
     if s.workers is None:
         return [], None
-    nginx = f"{s.nginx.url}/big0.bin"
-    cold = workersbench.cold(s.workers, s.hub, nginx, s.warm, args.clients, log)
+    nginx = (f"{s.nginx.url}/big0.bin", {"nginx": tree(s.nginx.pid)})
+    direct = (s.warm, s.upstream_procs())
+    cold = workersbench.cold(s.workers, s.hub, (nginx, direct), args.clients, log)
     return workersbench.cold_rows(cold, args.clients, args.blob_mib), cold
 
 
 def phase_workers_warm_tls(s: Stack, args: argparse.Namespace) -> tuple[list[Row], Any]:
     if s.workers is None:
         return [], None
-    seconds = workersbench.warm_tls(s.workers, s.hub, s.warm, args.warm_runs)
-    return workersbench.warm_tls_rows(seconds, args.blob_mib), seconds
+    warm = workersbench.warm_tls(s.workers, s.hub, s.warm, args.warm_runs)
+    return workersbench.warm_tls_rows(warm, args.blob_mib), warm
 
 
 PHASES: dict[str, Phase] = {
@@ -273,7 +319,7 @@ def run_phases(
     # Other work on the machine skews every figure: the load average shows whether there was any.
     raw: dict[str, Any] = {"phase_seconds": {}, "loadavg_1min_after": {"start": os.getloadavg()[0]}}
     for name, phase in PHASES.items():
-        if (name == "docker pull" and args.no_docker) or (args.only and name not in args.only):
+        if not selected(args, name):
             continue
         log(f"{name}")
         start = time.monotonic()

@@ -1,12 +1,15 @@
-"""`workers: 2` in the bench: one mirror of two worker processes beside the 1-process one.
+"""`workers: 2` in the bench: one mirror of two worker processes beside the 1-worker one.
 
     mirror-2w   workers: 2, plain HTTP and HTTPS (a private CA), its own Redis and cache
     nginx-tls   the warm blob's bytes over HTTPS with the same certificate
 
-Manifests: wrk on a tag, the 2-worker mirror and the 1-process one in turn. Cold: 8
-concurrent GETs of a blob new to the 2-worker mirror, held to nginx serving the same bytes
-to 8 clients plus one direct fetch (the upstream's share). Warm: one GET of the cached blob
-over HTTPS against nginx over HTTPS. Memory: each worker's largest RSS over the phases.
+Both mirrors run the bench's production config (audit, pull policy: mirrorconfig.py).
+Manifests: wrk on a tag, the 2-worker mirror and the 1-worker one in turn, held to the
+1-worker figure. Cold: 8 concurrent GETs of a blob new to the 2-worker mirror, held to
+nginx serving the same bytes to 8 concurrent clients plus one direct fetch from the upstream
+(its share, which no mirror can go below), in the same rounds. Warm: one GET of the cached
+blob over HTTPS against nginx over HTTPS. Memory: each worker's largest RSS over the phases.
+Every timed part records the CPU seconds of each process in it (tests/bench/cpu.py).
 """
 
 from __future__ import annotations
@@ -20,13 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.bench.clients import CURL_FORMAT, BenchError, Fetch, curl_together, wrk, wrk_script
-from tests.bench.measure import cdn_fetches, direct_fetch, manifest_digest, warm_up
+from tests.bench.cpu import CpuMeter, Procs, Used, alone, median_used, tree, workers
+from tests.bench.measure import cdn_fetches, manifest_digest, metered_direct_fetch, warm_up
+from tests.bench.mirrorconfig import PRODUCTION, check_production, production
 from tests.bench.nginx import NginxServer
-from tests.bench.report import MIB, Row, median, ratio
+from tests.bench.report import MIB, Row, limit_row, median, ratio
 from tests.bench.seeding import BigBlob, seed_big
 from tests.certs import CA, Pair, TLSMirror
 from tests.procmem import descendants, rss_bytes
-from tests.services import FakeHubProcess, MirrorProcess, RedisServer
+from tests.services import FakeHubProcess, RedisServer
 
 Log = Callable[[str], None]
 WORKERS = 2
@@ -82,10 +87,15 @@ class WorkerRss:
 @dataclass
 class WorkersStack:
     mirror: TLSMirror
+    redis: RedisServer
     nginx_tls: TlsNginx
     ca: CA
     fresh: list[BigBlob]
     rss: WorkerRss
+
+    def procs(self) -> Procs:
+        """The supervisor, each worker, and their Redis."""
+        return {**workers("", self.mirror.pid), "redis": alone(self.redis.pid)}
 
 
 def start(
@@ -97,91 +107,128 @@ def start(
     size: int,
     log: Log,
 ) -> WorkersStack:
-    """The 2-worker mirror, nginx over TLS (serving workdir/www), and fresh cold blobs."""
+    """The 2-worker mirror, nginx over TLS (serving workdir/www), and `runs` fresh blobs."""
     fresh = [seed_big(upstream, 300 + run, size) for run in range(runs)]
     log(f"  seeded {runs} cold blobs for the 2-worker mirror")
     ca = CA(workdir / "ca")
     pair = ca.issue("mirror-2w")
     redis = es.enter_context(RedisServer(workdir / "redis-2w"))
     tls = {"cert_file": str(pair.cert), "key_file": str(pair.key)}
-    mirror = TLSMirror(workdir / "mirror-2w", hub.registry_url, ca.cert, tls,
-                       {"workers": WORKERS})  # fmt: skip
+    config = {"workers": WORKERS, **production(hub.registry_url)}
+    mirror = TLSMirror(workdir / "mirror-2w", hub.registry_url, ca.cert, tls, config)
     mirror.redis_url = redis.url
     es.enter_context(mirror)
+    check_production(mirror)
     nginx_tls = es.enter_context(TlsNginx(workdir / "nginx-tls", workdir / "www", pair))
     log(f"2-worker mirror {mirror.url} and {mirror.tls_url}; nginx over TLS {nginx_tls.url}")
-    return WorkersStack(mirror, nginx_tls, ca, fresh, WorkerRss(mirror.pid))
+    return WorkersStack(mirror, redis, nginx_tls, ca, fresh, WorkerRss(mirror.pid))
 
 
 # --- manifests ------------------------------------------------------------------------------
 
+ONE, TWO = "1 worker", f"{WORKERS} workers"
+
+
+@dataclass
+class WorkersManifests:
+    rps: dict[str, list[float]] = field(default_factory=dict)  # ONE / TWO -> per run
+    cpu: dict[str, list[Used]] = field(default_factory=dict)  # ONE / TWO -> per run
+
 
 def manifests(
-    s: WorkersStack, single: MirrorProcess, workdir: Path, runs: int, seconds: int, log: Log
-) -> dict[str, list[float]]:
-    """wrk req/s on one tag: the 1-process mirror and the 2-worker one, interleaved."""
+    s: WorkersStack, one: tuple[str, Procs], workdir: Path, runs: int, seconds: int, log: Log
+) -> WorkersManifests:
+    """wrk req/s on one tag: the 1-worker mirror (its URL and processes) and the 2-worker
+    one, interleaved."""
     path = "/v2/library/layers20/manifests/latest"
-    urls = {"1 process": single.url + path, "2 workers": s.mirror.url + path}
-    for url in urls.values():
+    targets = {ONE: (one[0] + path, one[1]), TWO: (s.mirror.url + path, s.procs())}
+    for url, _ in targets.values():
         manifest_digest(url)
     script = wrk_script(workdir, "GET")
-    out: dict[str, list[float]] = {label: [] for label in urls}
+    out = WorkersManifests({label: [] for label in targets}, {label: [] for label in targets})
     for run in range(runs):
-        for label, url in urls.items():
+        for label, (url, procs) in targets.items():
             time.sleep(1)
-            result = wrk(url, script, seconds)
+            with CpuMeter(procs, "wrk") as cpu:
+                result = wrk(url, script, seconds)
             if result.errors:
                 raise BenchError(f"wrk {url}: {result.errors} errors")
-            out[label].append(result.rps)
-            log(f"  run {run + 1}/{runs} manifest GET, {label}: {result.rps:,.0f} req/s")
+            out.rps[label].append(result.rps)
+            out.cpu[label].append(cpu.used)
+            log(f"  run {run + 1}/{runs} manifest GET, {label}: {result.rps:,.0f} req/s, "
+                f"CPU s {cpu.used}")  # fmt: skip
     return out
 
 
-def manifest_rows(rps: dict[str, list[float]]) -> list[Row]:
-    two, one = median(rps["2 workers"]), median(rps["1 process"])
+def manifest_rows(m: WorkersManifests) -> list[Row]:
+    two, one = median(m.rps[TWO]), median(m.rps[ONE])
+    cpu = {label: median_used(m.cpu[label]) for label in (TWO, ONE)}
     return [
-        Row(f"manifest GET by tag, {WORKERS} workers", "req/s", two, None, None,
-            ratio(two, one), "ge", 1.4, f"≥ 1.4× 1 process ({one:,.0f})"),
+        Row(f"manifest GET by tag, {TWO}, {PRODUCTION}", "req/s", two, None, one,
+            ratio(two, one), "ge", 1.4, f"≥ 1.4× {ONE}", cpu),
     ]  # fmt: skip
 
 
 # --- cold -----------------------------------------------------------------------------------
+
+# What a cold run is held to: (nginx's URL of the same bytes, its processes), and (the blob
+# fetched straight from the upstream, the upstream's processes).
+Reference = tuple[tuple[str, Procs], tuple[BigBlob, Procs]]
 
 
 @dataclass
 class WorkersCold:
     walls: list[float] = field(default_factory=list)
     fetches: list[int] = field(default_factory=list)
-    nginx: list[float] = field(default_factory=list)  # 8 clients on the nginx file
+    nginx: list[float] = field(default_factory=list)  # as many clients on the nginx file
     direct: list[float] = field(default_factory=list)
+    # side (TWO, "nginx", "direct fetch") -> per run, CPU seconds by process
+    cpu: dict[str, list[Used]] = field(default_factory=dict)
+
+    def add_cpu(self, side: str, used: Used) -> None:
+        self.cpu.setdefault(side, []).append(used)
 
 
 def cold(
-    s: WorkersStack, hub: FakeHubProcess, nginx_url: str, warm: BigBlob, clients: int, log: Log
+    s: WorkersStack, hub: FakeHubProcess, reference: Reference, clients: int, log: Log
 ) -> WorkersCold:
+    """Per run: one direct fetch, `clients` GETs of the file from nginx, then `clients`
+    GETs of a blob new to the 2-worker mirror."""
+    (nginx_url, nginx_procs), (direct_blob, upstream) = reference
     out = WorkersCold()
     for run, blob in enumerate(s.fresh):
-        out.direct.append(direct_fetch(hub, warm))
-        out.nginx.append(curl_together(nginx_url, warm.size, clients)[0])
+        seconds, used = metered_direct_fetch(hub, direct_blob, upstream)
+        out.direct.append(seconds)
+        out.add_cpu("direct fetch", used)
+        with CpuMeter(nginx_procs, "curl") as cpu:
+            out.nginx.append(curl_together(nginx_url, direct_blob.size, clients)[0])
+        out.add_cpu("nginx", cpu.used)
         hub.reset()
-        wall, _ = curl_together(s.mirror.url + blob.path(), blob.size, clients)
+        with CpuMeter({**s.procs(), **upstream}, "curl") as cpu:
+            wall, _ = curl_together(s.mirror.url + blob.path(), blob.size, clients)
+        out.add_cpu(TWO, cpu.used)
         time.sleep(0.5)  # a straggling upstream fetch is still counted
         out.walls.append(wall)
         out.fetches.append(cdn_fetches(hub, blob.digest))
-        log(f"  run {run + 1} 2 workers: {wall:.2f}s, {out.fetches[-1]} upstream fetches; "
-            f"nginx {out.nginx[-1]:.2f}s, direct {out.direct[-1]:.2f}s")  # fmt: skip
+        log(f"  run {run + 1} {TWO}: {wall:.2f}s, {out.fetches[-1]} upstream fetches, "
+            f"CPU s {cpu.used}; nginx {out.nginx[-1]:.2f}s, "
+            f"direct {out.direct[-1]:.2f}s")  # fmt: skip
     return out
 
 
 def cold_rows(cold: WorkersCold, clients: int, size_mib: int) -> list[Row]:
-    wall = median(cold.walls)
-    reference = median(cold.nginx) + median(cold.direct)
-    name = f"cold {clients}× GET of one {size_mib} MiB blob, {WORKERS} workers"
+    wall, nginx, direct = median(cold.walls), median(cold.nginx), median(cold.direct)
+    reference = nginx + direct
+    worst = float(max(cold.fetches))
+    name = f"cold {clients}× GET of one {size_mib} MiB blob, {TWO}"
+    cpu = {TWO: median_used(cold.cpu[TWO]), f"nginx {clients}×": median_used(cold.cpu["nginx"]),
+           "direct fetch": median_used(cold.cpu["direct fetch"])}  # fmt: skip
     return [
-        Row(f"{name}: upstream fetches, worst run", "fetches", float(max(cold.fetches)), None,
-            None, float(max(cold.fetches)), "eq", 1.0, "exactly 1"),
+        Row(f"{name}: upstream fetches, worst run", "fetches", worst, None, 1.0, worst, "eq",
+            1.0, "exactly 1"),
         Row(f"{name}: all done", "s", wall, None, reference, ratio(wall, reference), "le",
-            1.25, f"≤ 1.25× (nginx {clients}× + one direct fetch)"),
+            1.25, f"≤ 1.25× (nginx {clients}× {nginx:.2f} s + one direct fetch {direct:.2f} s)",
+            cpu),
     ]  # fmt: skip
 
 
@@ -198,29 +245,40 @@ def curl_tls(url: str, size: int, ca: Path) -> Fetch:
     return Fetch(int(status), int(got), float(seconds)).check(url, size)
 
 
-def warm_tls(
-    s: WorkersStack, hub: FakeHubProcess, warm: BigBlob, runs: int
-) -> dict[str, list[float]]:
+@dataclass
+class WarmTls:
+    seconds: dict[str, list[float]] = field(default_factory=dict)  # "mirror" / "nginx"
+    cpu: dict[str, list[Used]] = field(default_factory=dict)  # the same -> per GET
+
+
+def warm_tls(s: WorkersStack, hub: FakeHubProcess, warm: BigBlob, runs: int) -> WarmTls:
+    """Timed GETs of the cached blob over HTTPS, the 2-worker mirror and nginx in turn."""
     warm_up(s.mirror.url + warm.path(), warm, hub)
-    urls = {"mirror": s.mirror.tls_url + warm.path(), "nginx": f"{s.nginx_tls.url}/big0.bin"}
-    out: dict[str, list[float]] = {name: [] for name in urls}
+    targets = {
+        "mirror": (s.mirror.tls_url + warm.path(), s.procs()),
+        "nginx": (f"{s.nginx_tls.url}/big0.bin", {"nginx-tls": tree(s.nginx_tls.pid)}),
+    }
+    out = WarmTls({name: [] for name in targets}, {name: [] for name in targets})
     for _ in range(runs):
-        for name, url in urls.items():
-            out[name].append(curl_tls(url, warm.size, s.ca.cert).seconds)
+        for name, (url, procs) in targets.items():
+            with CpuMeter(procs, "curl") as cpu:
+                out.seconds[name].append(curl_tls(url, warm.size, s.ca.cert).seconds)
+            out.cpu[name].append(cpu.used)
     return out
 
 
-def warm_tls_rows(seconds: dict[str, list[float]], size_mib: int) -> list[Row]:
-    m, n = median(seconds["mirror"]), median(seconds["nginx"])
+def warm_tls_rows(w: WarmTls, size_mib: int) -> list[Row]:
+    m, n = median(w.seconds["mirror"]), median(w.seconds["nginx"])
+    cpu = {TWO: median_used(w.cpu["mirror"]), "nginx over TLS": median_used(w.cpu["nginx"])}
     return [
-        Row(f"warm {size_mib} MiB GET over HTTPS, {WORKERS} workers", "s", m, None, n,
-            ratio(m, n), "le", 1.1, "≤ 1.1× nginx over TLS"),
+        Row(f"warm {size_mib} MiB GET over HTTPS, {TWO}", "s", m, None, n, ratio(m, n), "le",
+            1.1, "≤ 1.1× nginx over TLS (same certificate)", cpu),
     ]  # fmt: skip
 
 
 def rss_rows(peaks: dict[int, int]) -> list[Row]:
     worst = max(peaks.values(), default=0) / MIB
     return [
-        Row(f"RSS per worker, max of {len(peaks)}", "MiB", worst, None, None,
-            worst / RSS_WORKER_LIMIT_MIB, "lt", 1.0, f"< {RSS_WORKER_LIMIT_MIB} MiB"),
+        limit_row(f"RSS per worker, max of {len(peaks)}", "MiB", worst, RSS_WORKER_LIMIT_MIB,
+                  f"< {RSS_WORKER_LIMIT_MIB} MiB"),
     ]  # fmt: skip
