@@ -46,7 +46,7 @@ def _children_seconds() -> float:
 class CpuMeter:
     """`with CpuMeter(procs, "curl") as cpu: ...`; then `cpu.used`, seconds by name.
 
-    A process that ends inside the block is not counted (its time is gone from /proc)."""
+    A process that ends inside the block counts 0 (its time is gone from /proc)."""
 
     def __init__(self, procs: Mapping[str, frozenset[int]], clients: str) -> None:
         self.procs = dict(procs)
@@ -69,7 +69,8 @@ class CpuMeter:
     ) -> None:
         after = {pid: cpu_seconds(pid) for pid in self._before}
         for name, group in self.procs.items():
-            spent = sum(after[p] - self._before[p] for p in group if after[p] > 0)
+            # A process's time never goes down: less means it is gone (0 from /proc).
+            spent = sum(max(0.0, after[p] - self._before[p]) for p in group)
             self.used[name] = round(spent, 2)
         self.used[self.clients] = round(_children_seconds() - self._children, 2)
 
