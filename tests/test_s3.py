@@ -569,9 +569,7 @@ async def test_records_in_redis_let_a_new_mirror_redirect_with_no_s3_request(
     assert await (await first.get(f"/v2/library/app/blobs/{digest}")).read() == layer
     await settled(first)
 
-    second = await make_client(
-        storage=storage(tmp_path, s3, "second", redirect=True), redis=redis
-    )
+    second = await make_client(storage=storage(tmp_path, s3, "second", redirect=True), redis=redis)
     before = await s3_requests(second)
     resp = await second.get(f"/v2/library/app/blobs/{digest}", allow_redirects=False)
 
