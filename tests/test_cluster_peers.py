@@ -10,7 +10,6 @@ clients read their first bytes, and when the owner is killed.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -21,17 +20,16 @@ import pytest
 import redis
 
 from mirror.cluster import peerauth
+from tests.cluster_helpers import SECRET, cluster_section, metric, s3_section, set_knobs, sha256
 from tests.redis_topologies import flushed_redis_url
-from tests.resilience_helpers import RandomImage, metric_value, seed_random_image, write_config
+from tests.resilience_helpers import RandomImage, seed_random_image, write_config
 from tests.rgw import CephRGW
 from tests.services import DistributionRegistry, FakeHubProcess, MirrorProcess, RedisServer
-from tests.test_cluster_replicas import set_knobs
 
 pytestmark = pytest.mark.e2e
 
 MiB = 1024 * 1024
 LEASE_TTL = 2.0
-SECRET = "replicas-share-this-secret-0123456789"
 PEER_STREAMS = "mirror_cluster_peer_streams_total"
 BLOB_SIZE = 24 * MiB  # three 8 MiB parts: the owner has a multipart upload open mid-way
 
@@ -67,19 +65,6 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-def s3_section(rgw: CephRGW, bucket: str) -> dict[str, Any]:
-    return {
-        "s3": {
-            "bucket": bucket,
-            "endpoint": rgw.endpoint,
-            "region": rgw.region,
-            "prefix": "cache/",
-            "access_key_id": rgw.access_key,
-            "secret_access_key": rgw.secret_key,
-        }
-    }
-
-
 def start_cluster(
     stack: ExitStack,
     tmp_path: Path,
@@ -89,20 +74,13 @@ def start_cluster(
     storage: dict[str, Any] | None = None,
 ) -> list[MirrorProcess]:
     """`count` replicas of one cluster, each with its own local tier (and the same bucket)."""
-    secret = tmp_path / "cluster-secret"
-    secret.write_text(SECRET)
     replicas = []
     for index in range(count):
         workdir = tmp_path / f"replica{index}"
         replica = MirrorProcess(workdir, hub.registry_url)
         config = {
             "redis": {"url": redis_url},
-            "cluster": {
-                "advertise_url": replica.url,
-                "secret_file": str(secret),
-                "lease_ttl": f"{LEASE_TTL}s",
-                "replica_id": f"r{index}",
-            },
+            "cluster": cluster_section(tmp_path, replica, index, LEASE_TTL),
             **({"storage": storage} if storage else {}),
         }
         replica.extra_args = ("--config", str(write_config(workdir / "mirror.yaml", config)))
@@ -110,31 +88,10 @@ def start_cluster(
     return replicas
 
 
-async def metric(
-    session: aiohttp.ClientSession,
-    replicas: Sequence[MirrorProcess],
-    name: str,
-    labels: dict[str, str] | None = None,
-) -> float:
-    """One series summed over replicas (every upstream label for upstream bytes)."""
-    total = 0.0
-    for replica in replicas:
-        async with session.get(f"{replica.url}/metrics") as resp:
-            text = await resp.text()
-        for line in text.splitlines():
-            value = metric_value(line, name, labels)
-            total += value or 0.0
-    return total
-
-
 async def upstream_bytes(
     session: aiohttp.ClientSession, replicas: Sequence[MirrorProcess]
 ) -> float:
     return await metric(session, replicas, "mirror_upstream_bytes_total")
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def bucket_key(digest: str) -> str:

@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -29,6 +28,7 @@ import bcrypt
 import pytest
 
 from mirror.cluster.lease import DOWN_RETRY
+from tests.cluster_helpers import cluster_section, set_knobs
 from tests.loadbalancer import HAProxy
 from tests.redis_topologies import TOPOLOGIES, flushed_redis_url
 from tests.resilience_helpers import (
@@ -46,7 +46,6 @@ pytestmark = pytest.mark.e2e
 TAG_TTL = 1.0
 LEASE_TTL = 1.0
 SLOW_MANIFEST = 0.5  # seconds the fake hub takes per manifest request
-SECRET = "replicas-share-this-secret-0123456789"
 ACCEPT = {"Accept": MANIFEST_ACCEPT}
 
 
@@ -90,14 +89,6 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-def set_knobs(hub: FakeHubProcess, **knobs: Any) -> None:
-    request = urllib.request.Request(
-        f"{hub.registry_url}/_knobs", data=json.dumps(knobs).encode(), method="POST"
-    )
-    with urllib.request.urlopen(request, timeout=10):
-        pass
-
-
 def start_replicas(
     stack: ExitStack,
     tmp_path: Path,
@@ -109,20 +100,13 @@ def start_replicas(
     extra: dict[str, Any] | None = None,
 ) -> list[MirrorProcess]:
     """`count` mirror processes of one cluster on one Redis, started and ready."""
-    secret = tmp_path / "cluster-secret"
-    secret.write_text(SECRET)
     replicas = []
     for index in range(count):
         workdir = tmp_path / f"replica{index}"
         replica = MirrorProcess(workdir, hub.registry_url)
         config = {
             "redis": {"url": redis_url},
-            "cluster": {
-                "advertise_url": replica.url,
-                "secret_file": str(secret),
-                "lease_ttl": f"{LEASE_TTL}s",
-                "replica_id": f"r{index}",
-            },
+            "cluster": cluster_section(tmp_path, replica, index, LEASE_TTL),
             "cache": {"tag_ttl": f"{TAG_TTL}s"},
             **(extra or {}),
         }

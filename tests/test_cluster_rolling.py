@@ -21,18 +21,17 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.cluster_helpers import cluster_section, metric, s3_section, set_knobs, sha256
 from tests.redis_topologies import flushed_redis_url
 from tests.resilience_helpers import RandomImage, seed_random_image, write_config
 from tests.rgw import CephRGW
 from tests.services import DistributionRegistry, FakeHubProcess, MirrorProcess
-from tests.test_cluster_peers import PEER_STREAMS, metric, s3_section, sha256, upstream_bytes
-from tests.test_cluster_replicas import set_knobs
+from tests.test_cluster_peers import PEER_STREAMS, upstream_bytes
 
 pytestmark = pytest.mark.e2e
 
 MiB = 1024 * 1024
 LONG_LEASE = 30.0  # a takeover well inside it was a release, not an expiry
-SECRET = "replicas-share-this-secret-0123456789"
 BLOB_SIZE = 24 * MiB
 
 
@@ -67,23 +66,6 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-def replica_config(
-    tmp_path: Path, replica: MirrorProcess, index: int, redis_url: str, extra: dict[str, Any]
-) -> dict[str, Any]:
-    secret = tmp_path / "cluster-secret"
-    secret.write_text(SECRET)
-    return {
-        "redis": {"url": redis_url},
-        "cluster": {
-            "advertise_url": replica.url,
-            "secret_file": str(secret),
-            "lease_ttl": f"{LONG_LEASE}s",
-            "replica_id": f"r{index}",
-        },
-        **extra,
-    }
-
-
 def start_replicas(
     stack: ExitStack,
     tmp_path: Path,
@@ -96,7 +78,8 @@ def start_replicas(
     for index in range(count):
         workdir = tmp_path / f"replica{index}"
         replica = MirrorProcess(workdir, hub.registry_url)
-        config = replica_config(tmp_path, replica, index, redis_url, extra)
+        cluster = cluster_section(tmp_path, replica, index, LONG_LEASE)
+        config = {"redis": {"url": redis_url}, "cluster": cluster, **extra}
         replica.extra_args = ("--config", str(write_config(workdir / "mirror.yaml", config)))
         replicas.append(stack.enter_context(replica))
     return replicas

@@ -18,14 +18,12 @@ import pytest
 
 from mirror.config import ConfigError, config_from_mapping
 from tests.certs import CA, TLSMirror
+from tests.cluster_helpers import SECRET, metric, set_knobs
 from tests.redis_topologies import flushed_redis_url
 from tests.resilience_helpers import RandomImage, seed_random_image
 from tests.services import DistributionRegistry, FakeHubProcess
-from tests.test_cluster_peers import metric
-from tests.test_cluster_replicas import set_knobs
 
 MiB = 1024 * 1024
-SECRET = "replicas-share-this-secret-0123456789"
 
 
 @pytest.fixture(scope="module")
