@@ -1,7 +1,9 @@
 """haproxy in front of mirror replicas: round robin, no stickiness, health-checked.
 
-A replica that stops answering `/healthz` is taken out of the rotation within a second or
-two, as a Kubernetes Service would drop a pod that fails its readiness probe.
+A replica that stops answering `/healthz` (or the `check_path` given, `/readyz` to take a
+draining replica out) is taken out of the rotation within a second or two, as a Kubernetes
+Service would drop a pod that fails its readiness probe. With `redispatch`, a request whose
+connection to one replica failed is sent to another, as deploy/haproxy/haproxy.cfg does.
 """
 
 from __future__ import annotations
@@ -18,11 +20,22 @@ class HAProxy(Service):
 
     name = "haproxy"
 
-    def __init__(self, workdir: Path | str, backends: Sequence[str]) -> None:
+    def __init__(
+        self,
+        workdir: Path | str,
+        backends: Sequence[str],
+        *,
+        check_path: str = "/healthz",
+        check_interval_ms: int = 500,
+        redispatch: bool = False,
+    ) -> None:
         super().__init__(workdir)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.backends = list(backends)
+        self.check_path = check_path
+        self.check_interval_ms = check_interval_ms
+        self.redispatch = redispatch
         self.config_path = self.workdir / "haproxy.cfg"
 
     def config_text(self) -> str:
@@ -30,8 +43,10 @@ class HAProxy(Service):
         for index, url in enumerate(self.backends):
             parts = urlsplit(url)
             servers.append(
-                f"    server r{index} {parts.hostname}:{parts.port} check inter 500 fall 2 rise 1"
+                f"    server r{index} {parts.hostname}:{parts.port}"
+                f" check inter {self.check_interval_ms} fall 2 rise 1"
             )
+        retries = ["    retries 2", "    option redispatch"] if self.redispatch else []
         return "\n".join(
             [
                 "global",
@@ -43,12 +58,13 @@ class HAProxy(Service):
                 "    timeout client 300s",
                 "    timeout server 300s",
                 "    option http-keep-alive",
+                *retries,
                 "frontend mirror",
                 f"    bind 127.0.0.1:{self.port}",
                 "    default_backend replicas",
                 "backend replicas",
                 "    balance roundrobin",
-                "    option httpchk GET /healthz",
+                f"    option httpchk GET {self.check_path}",
                 *servers,
                 "",
             ]

@@ -318,6 +318,9 @@ class MirrorProcess(Service):
         self.upstream = upstream
         self.redis_url = redis_url
         self.extra_args = tuple(extra_args)
+        # The tree whose `mirror` package runs: a previous release's, unpacked, in a rolling
+        # update (set it between a stop() and a start()).
+        self.code_root = REPO_ROOT
 
     def command(self) -> list[str]:
         cmd = [
@@ -331,16 +334,16 @@ class MirrorProcess(Service):
         return cmd + list(self.extra_args)
 
     def popen_kwargs(self) -> dict[str, Any]:
-        return {"cwd": REPO_ROOT, "env": _python_env()}
+        return {"cwd": self.code_root, "env": _python_env(self.code_root)}
 
     def is_ready(self) -> bool:
         return http_status(f"{self.url}/healthz") == 200
 
 
-def _python_env() -> dict[str, str]:
-    """The environment for a Python child: this repo importable, output unbuffered."""
+def _python_env(root: Path = REPO_ROOT) -> dict[str, str]:
+    """The environment for a Python child: `root` importable first, output unbuffered."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

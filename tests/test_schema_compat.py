@@ -6,17 +6,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tarfile
-from io import BytesIO
 from pathlib import Path
 
 import pytest
 
 from mirror.cluster.lease import _owner_of
 from mirror.metadata.store import SCHEMA_VERSION, TagRecord
+from tests.releases import PREVIOUS_RELEASE, unpack_release
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-PREVIOUS_RELEASE = "50d24e1"
 RECORD = TagRecord("sha256:" + "a" * 64, "application/vnd.oci.image.index.v1+json", 1234, 1.5e9)
 # What the previous release does with a record and a lease value: its own code, run alone.
 OLD_READER = """
@@ -31,15 +28,9 @@ print(json.dumps({"record": record.to_json(), "owner": _owner_of(sys.argv[2])}))
 @pytest.fixture(scope="module")
 def previous_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The previous release's `mirror` package, unpacked from git."""
-    archive = subprocess.run(
-        ["git", "archive", "--format=tar", PREVIOUS_RELEASE, "mirror"],
-        cwd=REPO_ROOT, capture_output=True, check=False,
-    )  # fmt: skip
-    if archive.returncode != 0:
+    tree = unpack_release(PREVIOUS_RELEASE, tmp_path_factory.mktemp("previous"))
+    if tree is None:
         pytest.skip(f"{PREVIOUS_RELEASE} is not in this clone")
-    tree = tmp_path_factory.mktemp("previous")
-    with tarfile.open(fileobj=BytesIO(archive.stdout)) as tar:
-        tar.extractall(tree, filter="data")
     return tree
 
 
