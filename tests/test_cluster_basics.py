@@ -9,14 +9,19 @@ from pathlib import Path
 import pytest
 
 from mirror.cluster import peerauth
+from mirror.cluster.blobflight import BlobFlight, lease_name
 from mirror.cluster.lease import Held, Lease, Leases
+from mirror.cluster.peers import PeerClient
 from mirror.config import ConfigError
 from mirror.config.cluster import parse_cluster
 from mirror.metadata.topology import open_redis
+from mirror.observe.metrics import Metrics
+from mirror.oci.reference import parse_digest
 from tests.redis_topologies import TOPOLOGIES, flushed_redis_url
 from tests.services import free_port
 
 TTL = 1.0
+DIGEST = parse_digest("sha256:" + "ab" * 32)
 
 
 @pytest.fixture(params=TOPOLOGIES)
@@ -153,3 +158,36 @@ def test_bad_cluster_sections_name_the_key(
         parse_cluster({"cluster": fixed})
     assert raised.value.key == key
     assert "x" * 32 not in str(raised.value)
+
+
+@pytest.mark.parametrize("followed", [False, True], ids=["asked-only", "bytes-followed"])
+async def test_a_lease_got_after_an_unanswering_owner_is_a_takeover_only_when_followed(
+    request: pytest.FixtureRequest, followed: bool
+) -> None:
+    """An owner that stopped before this replica got any of its bytes (a rolling update's
+    old replica closing its listener) leaves nothing to take over: the lease that follows
+    is a fresh download, not counted in mirror_cluster_lease_takeovers_total."""
+    url = flushed_redis_url(request, "single")
+    here, gone = (
+        open_redis(url, 8, decode_responses=True),
+        open_redis(url, 8, decode_responses=True),
+    )
+    owner = f"http://127.0.0.1:{free_port()}"  # nobody listens there
+    metrics = Metrics()
+    peers = PeerClient(b"s" * 32, metrics.cluster, 1, 5, advertise_url="http://127.0.0.1:8083")
+    flight = BlobFlight(Leases(here.client, "http://127.0.0.1:8083", TTL), peers, metrics.cluster)
+    try:
+        held = await Leases(gone.client, owner, TTL).acquire(lease_name(DIGEST))
+        assert isinstance(held, Lease)
+        asyncio.get_running_loop().call_later(0.3, lambda: asyncio.ensure_future(held.release()))
+        got = await flight.source(DIGEST, 0, owner if followed else None)
+        assert isinstance(got, Lease)
+        await got.release()
+    finally:
+        await peers.close()
+        await here.close()
+        await gone.close()
+    takeovers = metrics.registry.get_sample_value(
+        "mirror_cluster_lease_takeovers_total", {"kind": "blob"}
+    )
+    assert takeovers == (1 if followed else 0)

@@ -66,15 +66,16 @@ class BlobFlight:
         give_up = time.monotonic() + max(PATIENCE_TTLS * self._leases.ttl, MIN_PATIENCE)
         delay = RETRY_FIRST
         first = following is None  # a new follower: counted once, as a wait
+        followed = following  # an owner whose bytes this download got: a takeover from it
         while time.monotonic() < give_up:
             got = await self._backoff.acquire(lease_name(digest))
             if got is None:
                 self._metrics.lease_unavailable.labels(KIND).inc()
                 return None
             if isinstance(got, Lease):
-                if following is not None:  # the owner died, or failed, mid-download
+                if followed is not None:  # the owner died, or failed, mid-download
                     self._metrics.lease_takeovers.labels(KIND).inc()
-                    log.info("blob %s: taken over from %s at byte %d", digest, following, offset)
+                    log.info("blob %s: taken over from %s at byte %d", digest, followed, offset)
                 return got
             if got.owner == self._leases.owner:
                 # This replica's previous download of the blob, releasing its lease as it
@@ -92,7 +93,7 @@ class BlobFlight:
             except PeerUnavailable as exc:
                 if delay == RETRY_FIRST:  # once per wait: the retries follow quickly
                     log.info("blob %s: owner not answering (%s); asking again", digest, exc)
-                following = following or got.owner
+                following = following or got.owner  # asked, not followed: no takeover
                 delay = await self._pause(delay)
                 continue
             if first:
