@@ -1,4 +1,5 @@
-"""Resident memory of a process and everything below it, read from /proc (Linux)."""
+"""Resident memory of a process and everything below it, its CPU time, descriptors and
+libraries, read from /proc (Linux)."""
 
 from __future__ import annotations
 
@@ -56,3 +57,13 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
     fields = stat.rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def open_fds(pid: int) -> int:
+    """How many file descriptors one process holds open right now."""
+    return len(list((PROC / str(pid) / "fd").iterdir()))
+
+
+def runs_uvloop(pid: int) -> bool:
+    """Whether a process has loaded uvloop's event loop (its extension module is mapped)."""
+    return "/uvloop/loop." in (PROC / str(pid) / "maps").read_text()

@@ -45,8 +45,9 @@ def server_context(tls: TLSConfig) -> ssl.SSLContext:
 
 
 def is_tls(transport: asyncio.BaseTransport | None) -> bool:
-    """Whether a connection is HTTPS: asyncio's sendfile over TLS copies 16 KiB per event
-    loop turn (about 40 MB/s here), so senders copy in large chunks themselves instead."""
+    """Whether a connection is HTTPS: its bytes must pass through the transport to be
+    encrypted, so no sendfile to its socket (mirror/net/sendfile.py); senders copy in large
+    chunks (asyncio's own TLS fallback copies 16 KiB per event loop turn, about 40 MB/s)."""
     return transport is not None and transport.get_extra_info("sslcontext") is not None
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from typing import BinaryIO
 
 from aiohttp import web
 
-from mirror.net.tls import is_tls
+from mirror.net import sendfile
+
+log = logging.getLogger(__name__)
 
 # Bytes read from the file per write when sendfile cannot be used (TLS, chunked bodies).
 READ_CHUNK = 1024 * 1024
@@ -23,15 +26,20 @@ async def send_file(
     if transport is None or transport.is_closing():
         raise ConnectionResetError("the receiver went away")
     # A response without a length goes out chunked, which sendfile would bypass; over TLS
-    # large chunks through the writer are faster (see is_tls).
-    if resp.content_length is not None and not is_tls(transport):
+    # the bytes must pass through the transport to be encrypted (mirror/net/tls.py is_tls).
+    if resp.content_length is not None:
         try:
-            # The headers went out at prepare(): the body may bypass aiohttp's writer, as
-            # FileResponse does.
-            await asyncio.get_running_loop().sendfile(transport, file, offset, length)
+            # A StreamResponse's head went out at prepare(): the body may bypass aiohttp's
+            # writer, as its FileResponse does.
+            await sendfile.sendfile(transport, file.fileno(), offset, length)
             return
-        except NotImplementedError:  # an event loop without sendfile
+        except NotImplementedError:  # TLS, or a file or socket sendfile refuses
             pass
+        except sendfile.FileEnded as exc:
+            # The file shrank under us: a cut connection, never a short body that looks whole.
+            log.warning("%s: connection cut", exc)
+            transport.abort()
+            raise ConnectionResetError("the file ended before the body") from None
     for pos in range(offset, offset + length, READ_CHUNK):
         size = min(READ_CHUNK, offset + length - pos)
         await resp.write(await asyncio.to_thread(os.pread, file.fileno(), size, pos))

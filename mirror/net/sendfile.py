@@ -1,0 +1,120 @@
+"""A span of a file sent to a plain TCP transport's socket by sendfile(2), on any event loop.
+
+`loop.sendfile` exists on asyncio's loop only: uvloop's raises NotImplementedError, and a
+body then goes out copied through the process, about 3x the CPU per byte. This sends on a
+duplicate of the transport's socket descriptor instead, so it works the same on both loops:
+
+- the transport's own buffer (the response head) goes out first: nothing is sent until
+  `get_write_buffer_size()` is 0, and the caller writes nothing to the transport meanwhile;
+- the duplicate is the descriptor waited on for writability (`loop.add_writer`), as uvloop
+  refuses a transport's own descriptor there; it is unregistered before it is closed, since
+  epoll keeps watching a closed duplicate while the original stays open;
+- reading is left alone: a pipelined request is buffered by the protocol as always, and the
+  transport's state is untouched for the next response on the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+
+from mirror.net.tls import is_tls
+
+# One sendfile call sends at most this, so that other connections get their turn when a
+# fast reader keeps the socket writable.
+BLOCK = 8 * 1024 * 1024
+# A wait for writability wakes this often to notice the transport closed meanwhile (an
+# abort elsewhere does not wake a descriptor of our own).
+RECHECK = 1.0
+# The receiver is gone.
+_GONE = {errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN, errno.ETIMEDOUT}
+# The file or socket cannot be sent from by sendfile: the caller copies instead.
+_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSOCK}
+
+
+class FileEnded(Exception):
+    """The file ended before the span did: the body sent is short."""
+
+
+def socket_fd(transport: asyncio.BaseTransport) -> int | None:
+    """The descriptor of a plain (not TLS) transport's socket; None where there is none."""
+    if is_tls(transport):
+        return None  # bytes written to the socket itself would bypass the encryption
+    sock = transport.get_extra_info("socket")
+    fd = sock.fileno() if sock is not None else -1
+    return fd if isinstance(fd, int) and fd >= 0 else None
+
+
+async def sendfile(transport: asyncio.WriteTransport, file: int, offset: int, count: int) -> None:
+    """Send `count` bytes of the file descriptor `file` from `offset` after what `transport`
+    holds. Raises NotImplementedError before anything is sent where sendfile cannot be used,
+    ConnectionResetError when the receiver goes away or the transport closes, FileEnded."""
+    if transport.is_closing():
+        raise ConnectionResetError("the connection was closed")
+    fd = socket_fd(transport)
+    if fd is None:
+        raise NotImplementedError("no plain socket to send to")
+    own = os.dup(fd)
+    try:
+        loop = asyncio.get_running_loop()
+        while transport.get_write_buffer_size():
+            await _writable(loop, own, transport)
+        await _send(loop, own, transport, (file, offset, count))
+    finally:
+        os.close(own)
+
+
+async def _send(
+    loop: asyncio.AbstractEventLoop,
+    own: int,
+    transport: asyncio.BaseTransport,
+    span: tuple[int, int, int],
+) -> None:
+    """The span (file, offset, count) in blocks, waiting for the socket between them."""
+    file, offset, count = span
+    first = True
+    while count > 0:
+        try:
+            sent = os.sendfile(own, file, offset, min(count, BLOCK))
+        except BlockingIOError:
+            sent = -1
+        except OSError as exc:
+            raise _translated(exc, first) from exc
+        if sent == 0:
+            raise FileEnded(f"the file ended {count} bytes before the span")
+        if sent > 0:
+            first = False
+            offset, count = offset + sent, count - sent
+        if count > 0:  # the socket is full, or other connections are due a turn
+            await _writable(loop, own, transport)
+
+
+def _translated(exc: OSError, first: bool) -> Exception:
+    if exc.errno in _GONE:
+        return ConnectionResetError("the receiver went away")
+    if first and exc.errno in _UNSUPPORTED:
+        return NotImplementedError(f"sendfile: {exc.strerror}")
+    return exc
+
+
+async def _writable(
+    loop: asyncio.AbstractEventLoop, own: int, transport: asyncio.BaseTransport
+) -> None:
+    """Until the socket takes more bytes (or RECHECK passes); raises ConnectionResetError
+    when the transport is closing (the client left, or the server cut it)."""
+    waiter = loop.create_future()
+    loop.add_writer(own, _wake, waiter)
+    timer = loop.call_later(RECHECK, _wake, waiter)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        loop.remove_writer(own)
+    if transport.is_closing():
+        raise ConnectionResetError("the connection was closed")
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
