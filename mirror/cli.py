@@ -181,7 +181,6 @@ def serve(config: Config, argv: list[str], seat: WorkerSeat | None = None) -> No
             announce,
             config.server,
             event_loop=config.event_loop,
-            cluster=config.cluster is not None,
             inherited=inherited,
             shutdown_delay=config.shutdown_delay,
         )

@@ -21,6 +21,7 @@ import redis
 
 from mirror.cluster import peerauth
 from tests.cluster_helpers import SECRET, cluster_section, metric, s3_section, set_knobs, sha256
+from tests.procmem import runs_uvloop
 from tests.redis_topologies import flushed_redis_url
 from tests.resilience_helpers import RandomImage, seed_random_image, write_config
 from tests.rgw import CephRGW
@@ -120,6 +121,8 @@ async def test_concurrent_cold_gets_on_three_replicas_make_one_upstream_fetch(
 ) -> None:
     redis_url = flushed_redis_url(request, "single")
     replicas = start_cluster(stack, tmp_path, hub, redis_url, 3, s3_section(rgw, s3_bucket))
+    # Replicas take uvloop by default too: peer transfers go by sendfile on it.
+    assert all(runs_uvloop(replica.pid) for replica in replicas)
     set_knobs(hub, cdn_delay=0.01)  # ~4 s for the blob: every client joins mid-download
     fetched_at_first_byte: list[float] = []
 

@@ -1,6 +1,7 @@
 """Bodies sent by sendfile on both event loops (mirror/net/sendfile.py), over real sockets.
 
     raw socket client ──> python -m tests.sendfile_server --loop asyncio|uvloop (send_file)
+    raw socket client ──> python -m mirror serve (a cached blob) ──> docker-registry
 
 Whole files and ranges byte for byte, a slow reader, clients that leave mid-body, the next
 request on the same connection, TLS (copied), and the CPU a sendfile saves over a copy:
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import io
+import json
 import os
 import shutil
 import socket
@@ -27,10 +29,13 @@ from typing import Any, Self
 import pytest
 
 from tests.certs import CA, client_context
+from tests.images import DOCKER_LAYER, Blob, push_blob
 from tests.procmem import cpu_seconds, open_fds, runs_uvloop
 from tests.sendfile_server import SLICE
 from tests.services import (
     REPO_ROOT,
+    DistributionRegistry,
+    MirrorProcess,
     Service,
     free_port,
     tcp_open,
@@ -384,3 +389,39 @@ def test_over_tls_the_body_is_copied_through_the_encryption(
         length = 2 * SLICE + 6
         assert status == 206 and conn.read(length) == big_file.span(SLICE - 5, length)
         small_after(conn)
+
+
+# --- the mirror ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Blob]]:
+    if shutil.which("docker-registry") is None:
+        pytest.skip("needs docker-registry")
+    blob = Blob.of(DOCKER_LAYER, os.urandom(24 * MIB + 5))
+    with DistributionRegistry(tmp_path_factory.mktemp("registry")) as reg:
+        push_blob(reg.url, "library/big", blob)
+        yield reg.url, blob
+
+
+@pytest.mark.parametrize("setting", [None, "asyncio"], ids=["default", "asyncio"])
+def test_the_mirror_sends_a_cached_blob_by_sendfile_on_its_loop(
+    setting: str | None, tmp_path: Path, registry: tuple[str, Blob]
+) -> None:
+    """By default on uvloop where it is installed; `event_loop: asyncio` turns it off."""
+    url, blob = registry
+    config = tmp_path / "mirror.yml"
+    config.write_text(json.dumps({"event_loop": setting} if setting else {}) + "\n")
+    with MirrorProcess(tmp_path, url, extra_args=("--config", str(config))) as mirror:
+        assert runs_uvloop(mirror.pid) == (setting is None and HAVE_UVLOOP)
+        path = f"/v2/library/big/blobs/{blob.digest}"
+        with Conn(mirror.port) as conn:
+            for _ in range(2):  # from the download, then from the cache (kept alive)
+                status, headers = conn.get(path)
+                assert status == 200 and int(headers["content-length"]) == blob.size
+                assert f"sha256:{conn.digest(blob.size)}" == blob.digest
+            status, headers = conn.get(path, {"Range": "bytes=1000001-"})
+            assert status == 206 and blob.data is not None
+            assert conn.read(blob.size - 1000001) == blob.data[1000001:]
+            status, headers = conn.get("/v2/")
+            assert status == 200

@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.procmem import descendants
+from tests.procmem import descendants, runs_uvloop
 from tests.resilience_helpers import (
     MIB,
     RandomImage,
@@ -149,6 +149,8 @@ async def test_requests_spread_over_both_workers_and_metrics_add_them_up(
     mirror = start_mirror(tmp_path, "http://127.0.0.1:9")
     stop_after.append(mirror)
     assert len(workers_of(mirror)) == WORKERS
+    # Each worker is `mirror serve` on the same config: the same loop, uvloop by default.
+    assert all(runs_uvloop(pid) for pid in workers_of(mirror))
     sent = 0
     by_worker: dict[int, int] = {}
     # Ten at a time, each on its own connection, until both workers have answered (the

@@ -65,7 +65,7 @@ class Config:
     cluster: ClusterConfig | None = None  # replicas sharing Redis (mirror/cluster/)
     server: ServerConfig = field(default_factory=ServerConfig)  # client connection limits
     workers: int = 1  # processes serving the same port and cache directory
-    event_loop: str = "asyncio"  # or uvloop, or auto: uvloop where installed (web/server.py)
+    event_loop: str = "auto"  # uvloop where installed, or asyncio, or uvloop (web/server.py)
     # Peers whose X-Forwarded-For/-Proto/-Host are believed (mirror/net/proxies.py).
     trusted_proxies: tuple[Network, ...] = ()
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -109,7 +109,7 @@ def config_from_mapping(raw: Mapping[str, Any]) -> Config:
 
 
 def _event_loop(raw: Mapping[str, Any]) -> str:
-    value = str(raw.get("event_loop", "asyncio")).lower()
+    value = str(raw.get("event_loop", "auto")).lower()
     if value not in EVENT_LOOPS:
         raise ConfigError("event_loop", f"expected auto, asyncio or uvloop, got {value!r}")
     return value

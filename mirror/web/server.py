@@ -52,8 +52,7 @@ def run(
     shutdown_timeout: float,
     on_bound: Callable[[], None] = lambda: None,
     limits: ServerConfig | None = None,
-    event_loop: str = "asyncio",
-    cluster: bool = False,
+    event_loop: str = "auto",
     inherited: list[socket.socket] | None = None,
     shutdown_delay: float = 0.0,
 ) -> None:
@@ -64,7 +63,7 @@ def run(
     A worker of `workers: N` passes the sockets its supervisor bound, one per listener.
     """
     limits = limits or ServerConfig()
-    factory = loop_factory(event_loop, cluster)
+    factory = loop_factory(event_loop)
     sockets = inherited or [bind(listener) for listener in listeners]
     raise_fd_limit(limits.max_connections + SPARE_FDS)
     bound = list(zip(listeners, sockets, strict=True))
@@ -76,20 +75,16 @@ def run(
             sock.close()
 
 
-def loop_factory(choice: str, cluster: bool = False) -> LoopFactory | None:
+def loop_factory(choice: str) -> LoopFactory | None:
     """The `event_loop` setting's loop: None is asyncio's own.
 
-    uvloop (libuv, transports in C) answers small cached responses for a little less CPU
-    than asyncio's selector loop, but it has no `loop.sendfile`: cached blobs then go out
-    copied through the process (about 3x the CPU per byte) instead of by sendfile, and a
-    replica's peer transfers (mirror/cluster/peers.py) need sendfile. So asyncio is the
-    default, `auto` takes uvloop only where it is installed and there is no `cluster:`,
-    and `uvloop` with `cluster:` is refused.
+    uvloop (libuv, transports in C) answers small requests for less CPU than asyncio's
+    selector loop. Cached blobs and peer transfers go out by sendfile on either loop
+    (mirror/net/sendfile.py), so `auto`, the default, takes uvloop wherever it is
+    installed, and `asyncio` turns it off.
     """
-    if choice == "asyncio" or (choice == "auto" and cluster):
+    if choice == "asyncio":
         return None
-    if cluster:
-        raise ConfigError("event_loop", "uvloop has no sendfile, which cluster peers need")
     try:
         import uvloop  # optional: see pyproject.toml's marker
     except ImportError:
