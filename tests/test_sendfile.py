@@ -10,6 +10,7 @@ uvloop has no `loop.sendfile`, so without mirror/net/sendfile.py it copies every
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import io
@@ -118,8 +119,10 @@ class SendfileServer(Service):
 
 def connections(pid: int, port: int) -> int:
     """The TCP connections (not the listener) `pid` holds on its local `port`."""
-    fd_dir = Path(f"/proc/{pid}/fd")
-    inodes = {os.readlink(fd_dir / fd) for fd in os.listdir(fd_dir)}
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # closed since the listing
+            inodes.add(os.readlink(fd))
     count = 0
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
