@@ -109,7 +109,11 @@ class SendfileServer(Service):
 
     def start(self) -> Self:
         super().start()
-        wait_for("the probe's connection closed", lambda: not connections(self.pid, self.port))
+        try:
+            wait_for("the probe's connection closed", lambda: not connections(self.pid, self.port))
+        except BaseException:
+            self.stop()
+            raise
         self.baseline_fds = open_fds(self.pid)  # with no client connected
         return self
 
