@@ -3,8 +3,9 @@ carrying the access fields too; and the request keys the handlers fill in for th
 
 The access line is built from the request's method, path, status, size and time, never
 from its headers: clients' Authorization values must not reach a log. A manifest request's
-one record goes to the `mirror.audit` logger (audit.py), at any log level, so those who
-keep or ship the audit apart route that logger; the access line is not written twice.
+one record is its access line followed by the audit fields (audit.py), on the
+`mirror.audit` logger at any log level, so those who keep or ship the audit apart route
+that logger; nothing is written twice.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ sent_key = web.RequestKey("sent", int)
 # The registry a request was routed to, for the access line.
 upstream_name_key = web.RequestKey("upstream_name", str)
 ACCESS_FORMAT = '%s "%s %s" %s %sB %.3fs upstream=%s "%s"'
+# A manifest request's one record: its access line, then what only the audit says.
+AUDIT_FORMAT = ACCESS_FORMAT + " %s"
+AUDIT_ONLY = ("user", "repository", "reference", "digest", "outcome", "reason")
 
 
 def body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
@@ -57,14 +61,14 @@ class AccessLogger(AbstractAccessLogger):
             return
         token = request_id_var.set(response.headers.get(REQUEST_ID_HEADER, "-"))
         try:
+            fields = access_fields(request, response, time)
+            args = _access_args(fields, time)
             if pending is None:
-                fields = access_fields(request, response, time)
-                log_info(self.logger, ACCESS_FORMAT, _access_args(fields, time), fields)
+                log_info(self.logger, ACCESS_FORMAT, args, fields)
             else:
-                fields = audit_fields(pending, request, response)
-                text = audit_text(fields)
-                fields.update(access_fields(request, response, time))
-                log_info(self.audit, "pull %s %s", (text, _access_text(fields)), fields)
+                audit = audit_fields(pending, request, response)
+                extra = {key: audit[key] for key in AUDIT_ONLY if key in audit}
+                log_info(self.audit, AUDIT_FORMAT, (*args, audit_text(extra)), fields | audit)
         finally:
             request_id_var.reset(token)
 
@@ -90,11 +94,3 @@ def _access_args(fields: dict[str, Any], time: float) -> tuple[Any, ...]:
         fields["remote"], fields["method"], fields["path"], fields["status"],
         fields["bytes"], time, fields["upstream"], fields["user_agent"],
     )  # fmt: skip
-
-
-def _access_text(fields: dict[str, Any]) -> str:
-    """The access fields an audit line's text does not hold already."""
-    return (
-        f"path={fields['path']} bytes={fields['bytes']} duration_s={fields['duration_s']:.3f} "
-        f'user_agent="{fields["user_agent"]}"'
-    )
