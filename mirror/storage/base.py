@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol, runtime_checkable
 
 from mirror.metadata.store import MetadataStore
 from mirror.oci.reference import Digest
@@ -58,7 +58,26 @@ class BlobStream(Protocol):
     async def close(self) -> None: ...
 
 
-Found = Redirect | BlobSize | BlobStream
+@runtime_checkable
+class SpooledBlob(Protocol):
+    """A stored blob's whole body landing in a local file as it comes from elsewhere: sent
+    from that file span by span (sendfile) as the bytes arrive."""
+
+    status: int  # 200
+    length: int
+    content_range: str | None  # None
+
+    @property
+    def file(self) -> BinaryIO: ...
+
+    def spans(self) -> AsyncIterator[tuple[int, int]]:
+        """(offset, length) spans of `file` to send, as they arrive; StoreReadError when
+        the bytes stop coming or do not match the digest."""
+
+    async def close(self) -> None: ...
+
+
+Found = Redirect | BlobSize | SpooledBlob | BlobStream
 
 
 class StoreReadError(Exception):

@@ -1,7 +1,8 @@
 """The cache in an S3 bucket, with the directory as a local tier in front of it.
 
-    blob GET:  local tier (sendfile) ─ miss ─► one GetObject (Range passed through),
-               streamed, the local tier filled when the whole object is read
+    blob GET:  local tier (sendfile) ─ miss ─► one GetObject (Range passed through): a
+               whole object through a temp file of the local tier (sendfile from it as
+               it lands, kept once verified), a range relayed
                ─ 404 ─► upstream, as a cold miss; with `redirect`: a 307 to a presigned
                URL when the records say the bucket has it (no S3 request)
     download:  temp file in the local tier, uploaded to the bucket as it grows; the object
@@ -33,7 +34,8 @@ from mirror.storage.filesystem import Storage
 from mirror.storage.s3.bucket import S3_ERRORS, Bucket
 from mirror.storage.s3.index import BucketIndex
 from mirror.storage.s3.keys import KINDS, Kind
-from mirror.storage.s3.read import BucketStream, LocalFill
+from mirror.storage.s3.read import BucketStream
+from mirror.storage.s3.spool import BucketSpool, SpoolFile
 from mirror.storage.s3.upload import PARTS_IN_FLIGHT, BucketUpload
 from mirror.storage.sharing import Alone, BucketSharing
 
@@ -139,7 +141,7 @@ class TieredStorage(Storage):
 
     async def _stream(
         self, digest: Digest, key: str, byte_range: str | None
-    ) -> BucketStream | None:
+    ) -> BucketStream | BucketSpool | None:
         name = str(digest)
         # Marked before the GET: from now on, an eviction pass of another replica leaves
         # the object alone (a mark that is not needed is dropped at once, no grace).
@@ -155,7 +157,7 @@ class TieredStorage(Storage):
 
     async def _open_stream(
         self, digest: Digest, key: str, byte_range: str | None
-    ) -> BucketStream | None:
+    ) -> BucketStream | BucketSpool | None:
         try:
             response = await self.bucket.get(key, byte_range)
         except ClientError as exc:
@@ -166,7 +168,7 @@ class TieredStorage(Storage):
             return None
         await self.index.read(digest)
         status = response["ResponseMetadata"]["HTTPStatusCode"]
-        fill = await self._fill_for(digest, status, response["ContentLength"])
+        file = await self._spool_file(digest, status, response["ContentLength"])
         name = str(digest)
         self.reading[name] += 1
 
@@ -176,7 +178,19 @@ class TieredStorage(Storage):
                 del self.reading[name]
             self._in_background(self._sharing.end_read(name, self._config.evict_grace))
 
-        return BucketStream(response, digest, self._metrics, fill, done, self._in_background)
+        if file is None:
+            return BucketStream(response, self._metrics, done)
+
+        return BucketSpool(
+            response,
+            digest,
+            file,
+            self._metrics,
+            on_mismatch=lambda: self._delete_blob(digest),
+            on_close=done,
+            on_settled=lambda: self._filling.discard(digest),
+            in_background=self._in_background,
+        )
 
     def _in_background(self, work: Coroutine[None, None, None]) -> None:
         """Run `work` to its end whatever the client does (closing waits for it)."""
@@ -184,19 +198,22 @@ class TieredStorage(Storage):
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _fill_for(self, digest: Digest, status: int, size: int) -> LocalFill | None:
-        """A local copy of a whole-object read, unless one is being made already."""
+    async def _spool_file(self, digest: Digest, status: int, size: int) -> SpoolFile | None:
+        """A temp file of the local tier for a whole-object read, unless one is being
+        filled with this blob already or the local tier cannot take it now."""
         if status != 200 or digest in self._filling or not super().fits(size):
             return None
-        if not await super().writable_now():
-            return None
-        fill = LocalFill(
-            self, digest, lambda: self._delete_blob(digest), lambda: self._filling.discard(digest)
-        )
-        if not await fill.begin(size):
-            return None
         self._filling.add(digest)
-        return fill
+        file = None
+        try:
+            if await super().writable_now():
+                file = await asyncio.to_thread(SpoolFile.create, self, size)
+        except OSError as exc:
+            self.mark_unwritable(exc)
+        finally:
+            if file is None:
+                self._filling.discard(digest)
+        return file
 
     async def _delete_blob(self, digest: Digest) -> None:
         """Remove a bucket object that does not match its digest."""

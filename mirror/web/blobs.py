@@ -28,7 +28,14 @@ from mirror.observe.metrics import Metrics
 from mirror.oci.errors import RangeNotSatisfiable, RegistryError
 from mirror.oci.reference import Digest
 from mirror.storage import CacheStore
-from mirror.storage.base import BlobSize, BlobStream, Found, Redirect, StoreReadError
+from mirror.storage.base import (
+    BlobSize,
+    BlobStream,
+    Found,
+    Redirect,
+    SpooledBlob,
+    StoreReadError,
+)
 from mirror.upstream.body import BODY_ERRORS, BlobBody
 from mirror.upstream.client import Upstream
 from mirror.web.accesslog import outcome_key, sent_key
@@ -275,7 +282,22 @@ class BlobService:
         except BaseException:
             await found.close()
             raise
+        if isinstance(found, SpooledBlob):
+            return await _deliver(request, resp, self._send_spooled(request, resp, found))
         return await _deliver(request, resp, self._pipe(request, resp, found))
+
+    async def _send_spooled(
+        self, request: web.Request, resp: web.StreamResponse, found: SpooledBlob
+    ) -> None:
+        """The store's file as it fills, by sendfile (no copy through Python)."""
+        try:
+            async for offset, length in found.spans():
+                await send_file(request, resp, found.file, offset, length)
+                self._sent(request, "cache", length)
+        except StoreReadError as exc:
+            raise TransferAborted(str(exc)) from None
+        finally:
+            await found.close()
 
     async def _pipe(
         self, request: web.Request, resp: web.StreamResponse, found: BlobStream

@@ -1,0 +1,214 @@
+"""A whole object read from the bucket goes to the client through a temp file of the local
+tier (storage/s3/spool.py): right bytes, the copy kept once verified, nothing left behind
+by a client that leaves, a second reader meanwhile relayed; the file's own writes and hash."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from mirror.config.s3 import S3Config
+from mirror.oci.reference import parse_digest
+from mirror.storage.filesystem import Storage
+from mirror.storage.s3.spool import SpoolFile, _advance
+from tests.conftest import MakeClient
+from tests.fakehub import FakeHub
+from tests.rgw import CephRGW
+from tests.test_s3 import eventually_exists, key, local_blob, s3_requests, settled, storage
+
+Client = TestClient[Any, Any]
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def s3(rgw: CephRGW, s3_bucket: str) -> S3Config:
+    return S3Config(
+        bucket=s3_bucket,
+        endpoint=rgw.endpoint,
+        region=rgw.region,
+        prefix="cache/",
+        access_key_id=rgw.access_key,
+        secret_access_key=rgw.secret_key,
+    )
+
+
+async def in_bucket_only(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, size: int
+) -> tuple[bytes, str]:
+    """A layer put into the bucket by one mirror, for another with an empty local tier."""
+    layer = os.urandom(size)
+    digest = hub.content.add_blob(layer)
+    first = await make_client(storage=storage(tmp_path, s3, "first"))
+    assert await (await first.get(f"/v2/library/app/blobs/{digest}")).read() == layer
+    await settled(first)
+    return layer, digest
+
+
+async def no_temp_files(root: Path) -> list[Path]:
+    """The local tier's temp files, once the ones being settled are gone."""
+    for _ in range(400):
+        left = list((root / "tmp").glob("blob-*"))
+        if not left:
+            break
+        await asyncio.sleep(0.025)
+    return left
+
+
+async def test_a_whole_object_is_sent_from_the_local_tier_file_and_kept(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config
+) -> None:
+    layer, digest = await in_bucket_only(hub, make_client, tmp_path, s3, 20 * MiB + 7)
+    second = await make_client(storage=storage(tmp_path, s3, "second"))
+
+    resp = await second.get(f"/v2/library/app/blobs/{digest}")
+
+    assert resp.status == 200
+    assert resp.headers["Content-Length"] == str(len(layer))
+    assert await resp.read() == layer
+    kept = await eventually_exists(local_blob(tmp_path / "second", digest))
+    assert kept.read_bytes() == layer
+    assert await no_temp_files(tmp_path / "second") == []
+    assert await s3_requests(second, "GetObject") == 1
+    assert hub.stats["cdn_get"] == 1  # the first mirror's fetch only
+
+
+async def test_a_client_that_leaves_mid_body_leaves_no_temp_file(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config
+) -> None:
+    """The GET stops with the client (unless it already ended: then the copy is kept);
+    either way nothing lingers in tmp/ and the next whole read fills the local tier."""
+    layer, digest = await in_bucket_only(hub, make_client, tmp_path, s3, 48 * MiB)
+    second = await make_client(storage=storage(tmp_path, s3, "second"))
+    path = f"/v2/library/app/blobs/{digest}"
+
+    resp = await second.get(path)
+    assert await resp.content.readexactly(1000) == layer[:1000]
+    resp.close()  # the connection dropped mid-body
+
+    assert await no_temp_files(tmp_path / "second") == []
+    assert await (await second.get(path)).read() == layer
+    kept = await eventually_exists(local_blob(tmp_path / "second", digest))
+    assert kept.read_bytes() == layer
+
+
+async def test_a_second_reader_meanwhile_is_relayed_and_both_get_every_byte(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config
+) -> None:
+    layer, digest = await in_bucket_only(hub, make_client, tmp_path, s3, 24 * MiB)
+    second = await make_client(storage=storage(tmp_path, s3, "second"))
+    path = f"/v2/library/app/blobs/{digest}"
+
+    async def get() -> bytes:
+        resp = await second.get(path)
+        assert resp.status == 200
+        return await resp.read()
+
+    bodies = await asyncio.gather(get(), get())
+
+    assert bodies == [layer, layer]
+    kept = await eventually_exists(local_blob(tmp_path / "second", digest))
+    assert kept.read_bytes() == layer
+    assert await no_temp_files(tmp_path / "second") == []
+    assert await s3_requests(second, "GetObject") == 2
+
+
+class CuttingGateway:
+    """An HTTP proxy in front of RGW that cuts each whole blob GET halfway (headers, and
+    half the body, then the connection dropped); everything else passes as it is. The
+    signature holds: the Host the mirror signed goes through unchanged."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.cut = 0
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.forward)
+        self.server = TestServer(app, host="127.0.0.1")
+
+    async def forward(self, request: web.Request) -> web.StreamResponse:
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "content-length"}
+        body = await request.read()
+        async with (
+            aiohttp.ClientSession(auto_decompress=False) as session,
+            session.request(
+                request.method, self.target + request.path_qs, headers=headers, data=body
+            ) as got,
+        ):
+            data = await got.read()
+            cutting = request.method == "GET" and "/blobs/" in request.path
+            cutting = cutting and got.status == 200 and "Range" not in request.headers
+            passed = {k: v for k, v in got.headers.items() if k.lower() != "transfer-encoding"}
+            resp = web.StreamResponse(status=got.status, headers=passed)
+            resp.content_length = len(data)
+            await resp.prepare(request)
+            if not cutting:
+                await resp.write(data)
+                await resp.write_eof()
+                return resp
+            self.cut += 1
+            await resp.write(data[: len(data) // 2])
+            await asyncio.sleep(0.2)  # the half on its way out first
+            assert request.transport is not None
+            request.transport.abort()
+            return resp
+
+
+async def test_a_bucket_read_cut_short_cuts_the_client_and_keeps_nothing(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    """The client sees a short body (never a complete-looking one), the temp file goes,
+    and nothing is kept or deleted: the object itself is fine."""
+    layer, digest = await in_bucket_only(hub, make_client, tmp_path, s3, 6 * MiB)
+    gateway = CuttingGateway(rgw.endpoint)
+    await gateway.server.start_server()
+    try:
+        endpoint = str(gateway.server.make_url("")).rstrip("/")
+        second = await make_client(storage=storage(tmp_path, s3, "second", endpoint=endpoint))
+        resp = await second.get(f"/v2/library/app/blobs/{digest}")
+        assert resp.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    finally:
+        await gateway.server.close()
+
+    assert gateway.cut == 1
+    assert await no_temp_files(tmp_path / "second") == []
+    assert not local_blob(tmp_path / "second", digest).exists()
+    assert rgw.s3().get(s3.bucket, key("blobs", digest)) == layer
+
+
+def test_a_spool_file_takes_parts_at_an_offset_and_hashes_what_it_holds(
+    tmp_path: Path,
+) -> None:
+    store = Storage(tmp_path / "data", None)
+    store.tmp.mkdir(parents=True)
+    parts = [os.urandom(n) for n in (1, 100_000, 3 * MiB, 0, 17)]
+    data = b"".join(parts)
+    file = SpoolFile.create(store, 2 * len(data))
+    try:
+        assert file.write(parts[:2], 0) == len(parts[0]) + len(parts[1])
+        assert file.write(parts[2:], len(parts[0]) + len(parts[1])) == sum(map(len, parts[2:]))
+        os.ftruncate(file.fd, len(data))  # the reservation, cut to what was written
+        assert file.reader.read() == data
+        good = parse_digest("sha256:" + hashlib.sha256(data).hexdigest())
+        bad = parse_digest("sha256:" + hashlib.sha256(data[1:]).hexdigest())
+        assert file.matches(good) and not file.matches(bad)
+    finally:
+        file.drop()
+        file.close_reader()
+    assert list(store.tmp.iterdir()) == []
+
+
+def test_a_short_write_resumes_where_it_stopped() -> None:
+    views = [memoryview(b"abc"), memoryview(b"defg"), memoryview(b"h")]
+    assert [bytes(v) for v in _advance(views, 0)] == [b"abc", b"defg", b"h"]
+    assert [bytes(v) for v in _advance(views, 3)] == [b"defg", b"h"]
+    assert [bytes(v) for v in _advance(views, 5)] == [b"fg", b"h"]
+    assert _advance(views, 8) == []
