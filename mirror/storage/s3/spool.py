@@ -1,15 +1,17 @@
 """A whole bucket object spooled into a temp file of the local tier, sent to the client from it.
 
 The object's bytes go from the GET's socket into the temp file (large writes, in a thread)
-and from the file to the client by sendfile as they land: one copy out of the process
-rather than the relay's copies, buffer churn and per-chunk writes through aiohttp. The
-bucket's pace is not held to the client's: a slow client reads the file behind the GET.
+and from the file to the client by sendfile as they land: nothing goes out through Python
+(no joins, buffer copies or per-chunk writes through aiohttp), and the local copy, written
+anyway, is the buffer. The bucket's pace is not held to the client's: a slow client reads
+the file behind the GET.
 
 An object is in the bucket only once its digest matched (see upload.py), so its bytes go
 to the client unhashed. The file is hashed after the GET ended, and renamed under the
-digest only on a match: a local file is verified as ever. (A hash in the client's path
-would cost a third of a warm GET's time on a small machine.) A mismatch means the object
-was changed behind the mirror's back: it is deleted from the bucket too.
+digest only on a match: a local file is verified as ever. (Hashing 512 MiB takes 0.34
+CPU-seconds on a 2-core bench machine, half a direct GET from the bucket: in the client's
+path it would take that from RGW and the client.) A mismatch means the object was changed
+behind the mirror's back: it is deleted from the bucket too.
 """
 
 from __future__ import annotations
