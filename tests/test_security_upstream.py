@@ -41,6 +41,7 @@ from mirror.config import (
 from mirror.net import addresses
 from mirror.net.addresses import AddressRefused, PublicResolver, is_public, literal_address
 from mirror.observe.metrics import Metrics
+from mirror.oci.errors import BlobTooLarge
 from mirror.oci.reference import parse_digest
 from mirror.web.app import create_app
 from mirror.web.keys import metrics_key
@@ -546,6 +547,43 @@ async def test_an_owner_redirect_is_not_followed(aiohttp_server: Any) -> None:
     finally:
         await peers.close()
     assert followed == []
+
+
+@pytest.mark.parametrize("lies", [False, True], ids=["declared", "streamed"])
+async def test_a_peer_is_held_to_max_blob_size(aiohttp_server: Any, lies: bool) -> None:
+    """An owner (whatever an owner URL in Redis names) saying or sending more than
+    storage.max_blob_size: refused before a byte is read, or cut at the first byte too
+    many, counted, and the pull failing as for an upstream's oversized blob."""
+    limit = 64 * 1024
+
+    async def owner(request: web.Request) -> web.StreamResponse:
+        total = 100 if lies else 10 * limit  # a lie: a small size, then more bytes
+        resp = web.StreamResponse(status=206, headers={"Content-Range": f"bytes 0-99/{total}"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for _ in range(10):
+            await resp.write(b"x" * limit)
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", owner)
+    server: TestServer = await aiohttp_server(app)
+    metrics = Metrics()
+    peers = PeerClient(
+        b"s" * 32, metrics.cluster, 2, 5,
+        advertise_url="http://127.0.0.1:8083", max_blob_size=limit,
+    )  # fmt: skip
+    received = 0
+    try:
+        with pytest.raises(BlobTooLarge, match="larger than storage.max_blob_size"):
+            body = await peers.open_blob(f"http://127.0.0.1:{server.port}", parse_digest(DIGEST), 0)
+            async with body:
+                async for chunk in body.chunks():
+                    received += len(chunk)
+    finally:
+        await peers.close()
+    assert received <= limit
+    assert metrics.registry.get_sample_value("mirror_cluster_peer_blob_too_large_total") == 1
 
 
 @pytest.mark.parametrize(

@@ -18,9 +18,9 @@ import aiohttp
 
 from mirror.cluster import peerauth
 from mirror.observe.cluster_metrics import ClusterMetrics
-from mirror.oci.errors import BlobUnknown
+from mirror.oci.errors import BlobTooLarge, BlobUnknown
 from mirror.oci.reference import Digest
-from mirror.upstream.body import BlobBody
+from mirror.upstream.body import BlobBody, SizeLimit
 from mirror.upstream.client import new_session
 
 PEER_PATH = "/_cluster/blobs/{digest}"
@@ -49,8 +49,12 @@ class PeerClient:
         ssl_context: ssl.SSLContext | None = None,
         *,
         advertise_url: str,
+        max_blob_size: int | None = None,
     ) -> None:
         self._form = _form(advertise_url)
+        # storage.max_blob_size holds for a peer's bytes as for an upstream's: a peer is
+        # whoever an owner URL in Redis names, and its stream lands on this disk.
+        self._max_blob_size = max_blob_size
         self._secret = secret
         self._metrics = metrics
         self._session = new_session(connect_timeout, read_timeout)
@@ -84,12 +88,26 @@ class PeerClient:
         if resp.status == 404 and UPSTREAM_UNKNOWN in resp.headers:
             resp.release()
             raise BlobUnknown(f"blob {digest} is unknown upstream")
-        body = BlobBody.of(resp) if resp.status == 206 else None
+        body = BlobBody.of(resp, self._limit(owner, digest)) if resp.status == 206 else None
         if body is None or body.offset != offset:
             resp.release()
             raise PeerUnavailable(f"{owner} answered {resp.status} for {digest} from {offset}")
         self._metrics.peer_streams.labels("in").inc()
         return body
+
+    def _limit(self, owner: str, digest: Digest) -> SizeLimit | None:
+        most = self._max_blob_size
+        if most is None:
+            return None
+
+        def refused() -> BlobTooLarge:
+            self._metrics.peer_too_large.inc()
+            return BlobTooLarge(
+                f"replica {owner[:100]} sent blob {digest} larger than "
+                f"storage.max_blob_size ({most} bytes)"
+            )
+
+        return SizeLimit(most, refused)
 
 
 def _form(url: str) -> tuple[str, bool, str] | None:

@@ -63,6 +63,13 @@ class ClusterMetrics:
             "owner's lease to run out and takes the download over.",
             registry=r,
         )
+        self.peer_too_large = Counter(
+            "mirror_cluster_peer_blob_too_large",
+            "Streams from other replicas cut or refused for going past storage.max_blob_size "
+            "(a replica with a larger limit, or an owner URL in Redis that is no replica); "
+            "the pull fails as an upstream's oversized blob does, and nothing is kept.",
+            registry=r,
+        )
         self.owners_refused = Counter(
             "mirror_cluster_owners_refused",
             "Owner URLs read from Redis and not asked: not of cluster.advertise_url's form "

@@ -53,6 +53,7 @@ async def peers_ctx(app: web.Application) -> AsyncIterator[None]:
         config.upstream.read_timeout,
         context,
         advertise_url=config.cluster.advertise_url,
+        max_blob_size=config.storage.max_blob_size,
     )
     app[peers_key] = peers
     try:
