@@ -178,7 +178,10 @@ class BucketSpool:
     async def close(self) -> None:
         """The client is done (or gone): stop the GET unless it finished."""
         try:
-            self._copying.cancel()  # nothing, once it ended
+            # Every byte landed: the copy has only the body's end to read, and cancelling
+            # it there would drop a whole file. Else it is stopped (nothing, once it ended).
+            if self.written < self.length:
+                self._copying.cancel()
             await asyncio.shield(self._run_task)
         finally:
             self._body.close()
