@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -28,6 +30,20 @@ async def hub() -> AsyncIterator[FakeHub]:
     """A fake Docker Hub: registry, token service and CDN, each on its own port."""
     async with FakeHub() as fake:
         yield fake
+
+
+@pytest.fixture
+def stack() -> Iterator[ExitStack]:
+    """Whatever a test starts (processes, by pid), undone in reverse order even when it fails."""
+    with ExitStack() as stack:
+        yield stack
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session for tests of real processes; a hang fails rather than sticks."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        yield session
 
 
 @pytest.fixture(scope="session")

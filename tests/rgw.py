@@ -23,6 +23,7 @@ from typing import Self
 
 import pytest
 
+from mirror.config import S3Config
 from tests.s3client import S3
 from tests.services import Service, ServiceError, free_port, http_status
 
@@ -309,3 +310,16 @@ def s3_bucket(rgw: CephRGW) -> Iterator[str]:
     yield name
     with contextlib.suppress(Exception):
         s3.empty_and_delete_bucket(name)
+
+
+@pytest.fixture
+def s3(rgw: CephRGW, s3_bucket: str) -> S3Config:
+    """storage.s3 for this test's fresh bucket, under a prefix."""
+    return S3Config(
+        bucket=s3_bucket,
+        endpoint=rgw.endpoint,
+        region=rgw.region,
+        prefix="cache/",
+        access_key_id=rgw.access_key,
+        secret_access_key=rgw.secret_key,
+    )

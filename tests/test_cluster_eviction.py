@@ -35,18 +35,6 @@ LEASE_TTL = 1.0
 GRACE = 1.5
 
 
-@pytest.fixture
-def s3(rgw: CephRGW, s3_bucket: str) -> S3Config:
-    return S3Config(
-        bucket=s3_bucket,
-        endpoint=rgw.endpoint,
-        region=rgw.region,
-        prefix="cache/",
-        access_key_id=rgw.access_key,
-        secret_access_key=rgw.secret_key,
-    )
-
-
 async def replica(
     make_client: MakeClient, tmp_path: Path, s3: S3Config, redis_url: str, name: str
 ) -> Client:

@@ -21,7 +21,7 @@ import asyncio
 import json
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -83,18 +83,6 @@ def trees(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def hub(tmp_path: Path, registry: DistributionRegistry) -> Iterator[FakeHubProcess]:
     with FakeHubProcess(registry.url, workdir=tmp_path / "fakehub") as hub:
         yield hub
-
-
-@pytest.fixture
-def stack() -> Iterator[ExitStack]:
-    with ExitStack() as stack:
-        yield stack
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-        yield session
 
 
 @dataclass

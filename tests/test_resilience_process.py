@@ -104,13 +104,6 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def stack() -> Iterator[ExitStack]:
-    """Whatever a test starts or mounts, undone in reverse order even when it fails."""
-    with ExitStack() as stack:
-        yield stack
-
-
-@pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     # A generous total timeout: a hang shows as a failure, not as a stuck test run.
     timeout = aiohttp.ClientTimeout(total=60)

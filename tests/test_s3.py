@@ -36,19 +36,6 @@ Client = TestClient[Any, Any]
 MiB = 1024 * 1024
 
 
-@pytest.fixture
-def s3(rgw: CephRGW, s3_bucket: str) -> S3Config:
-    """storage.s3 for this test's fresh bucket, under a prefix."""
-    return S3Config(
-        bucket=s3_bucket,
-        endpoint=rgw.endpoint,
-        region=rgw.region,
-        prefix="cache/",
-        access_key_id=rgw.access_key,
-        secret_access_key=rgw.secret_key,
-    )
-
-
 def storage(tmp_path: Path, s3: S3Config, name: str = "data", **changes: Any) -> StorageConfig:
     """A local tier of its own (`name`) in front of the test's bucket."""
     return StorageConfig(path=tmp_path / name, s3=replace(s3, **changes))

@@ -28,18 +28,6 @@ Client = TestClient[Any, Any]
 MiB = 1024 * 1024
 
 
-@pytest.fixture
-def s3(rgw: CephRGW, s3_bucket: str) -> S3Config:
-    return S3Config(
-        bucket=s3_bucket,
-        endpoint=rgw.endpoint,
-        region=rgw.region,
-        prefix="cache/",
-        access_key_id=rgw.access_key,
-        secret_access_key=rgw.secret_key,
-    )
-
-
 async def in_bucket_only(
     hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, size: int
 ) -> tuple[bytes, str]:

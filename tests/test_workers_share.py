@@ -16,7 +16,6 @@ import hashlib
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -34,18 +33,6 @@ pytestmark = pytest.mark.e2e
 BIG = 64 * 1024 * 1024
 TAG_TTL = 1.0
 REPO = "library/big"
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-        yield session
-
-
-@pytest.fixture
-def stack() -> Iterator[ExitStack]:
-    with ExitStack() as stack:
-        yield stack
 
 
 class Worker(MirrorProcess):
