@@ -26,7 +26,14 @@ from typing import Any
 
 import pytest
 
-from mirror.observe.logs import new_request_id, request_id_var, setup_logging
+from mirror.observe.logs import (
+    _sole_line_handler,
+    log_request_line,
+    new_request_id,
+    request_id_var,
+    setup_logging,
+)
+from mirror.web.accesslog import ACCESS_FORMAT
 from tests.e2e.clients_helpers import JWT, write_htpasswd
 from tests.images import DOCKER_MANIFEST, Image, busybox_image, file_layer, push_image
 from tests.images import single_image as build_single_image
@@ -93,6 +100,46 @@ def test_json_format(captured_log: Callable[[str, str], io.StringIO]) -> None:
     assert lines[1]["message"] == "inside a request"
     assert (lines[1]["method"], lines[1]["status"]) == ("GET", 200)
     assert "ValueError: boom" in lines[2]["exception"]
+
+
+# A request's one line, as hostile as a client can make it: controls that would end the
+# line, a credential's name in the request id and the path, a non-ASCII user agent.
+HOSTILE_ARGS = ("10.0.0.1", "GET", "/v2/a\nb/token=abc\x1b[2J", 200, 5, 0.25, "hub", "ua\u2028é")
+HOSTILE_ID = "token:abc-1"
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+@pytest.mark.parametrize("worker", [None, 3])
+def test_a_request_line_written_direct_is_the_records_line(
+    fmt: str, worker: int | None, captured_log: Callable[[str, str], io.StringIO]
+) -> None:
+    """The one line of a request goes straight into setup_logging's handler (no record):
+    it must be, byte for byte but the time, the line the record would have made."""
+    stream = captured_log("INFO", fmt)
+    root = logging.getLogger()
+    setup_logging("INFO", fmt, worker)
+    root.handlers[0].setStream(stream)  # type: ignore[attr-defined]
+    logger = logging.getLogger("mirror.audit")
+    access = {"method": "GET", "path": HOSTILE_ARGS[2], "status": 200}
+    assert _sole_line_handler(logger) is root.handlers[0]  # the direct path is taken
+    log_request_line(logger, ACCESS_FORMAT, HOSTILE_ARGS, access, HOSTILE_ID)
+    logger.addFilter(lambda record: True)  # anything added: the standard way
+    try:
+        assert _sole_line_handler(logger) is None
+        log_request_line(logger, ACCESS_FORMAT, HOSTILE_ARGS, access, HOSTILE_ID)
+    finally:
+        logger.filters.clear()
+    direct, recorded = stream.getvalue().splitlines()
+    if fmt == "json":
+        first, second = json.loads(direct), json.loads(recorded)
+        assert first.pop("time") and second.pop("time")
+        assert first == second and first["request_id"] == HOSTILE_ID
+        assert first.get("worker") == worker and "abc" not in first["message"]
+    else:
+        assert direct.split(" ", 2)[2] == recorded.split(" ", 2)[2]
+        assert "\\n" in direct and "\n" not in direct  # the path's newline escaped
+        assert "abc" not in direct and ("worker=3" in direct) == (worker == 3)
+    assert request_id_var.get() == "-"  # the standard way's id does not leak out
 
 
 def test_text_format(captured_log: Callable[[str, str], io.StringIO]) -> None:

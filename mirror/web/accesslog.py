@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from mirror.observe.logs import REQUEST_ID_HEADER, log_info, request_id_var
+from mirror.observe.logs import REQUEST_ID_HEADER, log_request_line
 from mirror.web.audit import audit_fields, audit_key, audit_text
 from mirror.web.forwarded import client_of
 
@@ -57,20 +57,19 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         pending = request.get(audit_key)
-        if pending is None and not self.logger.isEnabledFor(logging.INFO):
+        logger = self.logger if pending is None else self.audit
+        if not logger.isEnabledFor(logging.INFO):
             return
-        token = request_id_var.set(response.headers.get(REQUEST_ID_HEADER, "-"))
-        try:
-            fields = access_fields(request, response, time)
-            args = _access_args(fields, time)
-            if pending is None:
-                log_info(self.logger, ACCESS_FORMAT, args, fields)
-            else:
-                audit = audit_fields(pending, request, response)
-                extra = {key: audit[key] for key in AUDIT_ONLY if key in audit}
-                log_info(self.audit, AUDIT_FORMAT, (*args, audit_text(extra)), fields | audit)
-        finally:
-            request_id_var.reset(token)
+        request_id = response.headers.get(REQUEST_ID_HEADER, "-")
+        fields = access_fields(request, response, time)
+        args = _access_args(fields, time)
+        if pending is None:
+            log_request_line(logger, ACCESS_FORMAT, args, fields, request_id)
+            return
+        audit = audit_fields(pending, request, response)
+        extra = {key: audit[key] for key in AUDIT_ONLY if key in audit}
+        text_args = (*args, audit_text(extra))
+        log_request_line(logger, AUDIT_FORMAT, text_args, fields | audit, request_id)
 
 
 def access_fields(
