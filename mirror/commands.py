@@ -93,7 +93,7 @@ class Warmer:
 
     async def _manifest(self, upstream: Upstream, repo: str, reference: str) -> None:
         found = await self._services.manifests.get(
-            upstream, repo, reference, list(MANIFEST_TYPES), head=False
+            upstream, repo, reference, MANIFEST_TYPES, head=False
         )
         self.report.manifests += 1
         # Served under this repository from now on, though cached already: it holds them.

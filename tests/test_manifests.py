@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -9,6 +10,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from mirror.config import CacheConfig, RedisConfig
+from mirror.web.keys import metrics_key
 from tests.conftest import MakeClient
 from tests.fakehub import FakeHub
 
@@ -122,6 +124,41 @@ async def test_expired_tag_that_moved_is_fetched_by_get(
     assert await resp.read() == moved["manifest"]
     assert resp.headers["Docker-Content-Digest"] == moved["digest"]
     assert (hub.stats["manifest_head"], hub.stats["manifest_get"]) == (1, 1)
+
+
+async def test_an_answer_by_tag_is_kept_only_while_its_record_is_fresh(
+    hub: FakeHub, make_client: MakeClient, metadata_config: RedisConfig, tagged: Any
+) -> None:
+    """Repeated answers by tag come from what the first one found (cache/manifests.py
+    `_standing`): each still counts its hits and its shrinking max-age, and the tag's TTL
+    still ends it: a tag that moved upstream is served moved after it."""
+    client = await make_client(redis=metadata_config, cache=CacheConfig(tag_ttl=2))
+    await (await pull_manifest(client, "library/nginx", "latest")).read()
+    registry = client.app[metrics_key].registry
+
+    def hits(kind: str) -> float:
+        labels = {"kind": kind, "result": "hit"}
+        return registry.get_sample_value("mirror_cache_requests_total", labels) or 0.0
+
+    before = (hits("tag"), hits("manifest"))
+    for method in ("GET", "HEAD", "GET"):
+        resp = await pull_manifest(client, "library/nginx", "latest", method)
+        assert resp.status == 200 and resp.headers["Docker-Content-Digest"] == tagged["digest"]
+        assert resp.headers["Cache-Control"] in ("max-age=1", "max-age=2")
+    assert await resp.read() == tagged["manifest"]
+    assert (hits("tag") - before[0], hits("manifest") - before[1]) == (3, 2)
+    moved = hub.content.add_image("library/nginx", "latest", [b"layer-2"])
+    await asyncio.sleep(1.2)
+    resp = await pull_manifest(client, "library/nginx", "latest")
+    assert resp.headers["Cache-Control"] in ("max-age=0", "max-age=1")
+    assert resp.headers["Docker-Content-Digest"] == tagged["digest"]  # the record still holds
+    await asyncio.sleep(1.0)  # the TTL has passed
+
+    resp = await pull_manifest(client, "library/nginx", "latest")
+
+    assert resp.headers["Docker-Content-Digest"] == moved["digest"]
+    assert await resp.read() == moved["manifest"]
+    assert resp.headers["Cache-Control"] == "max-age=2"
 
 
 async def test_head_of_uncached_tag_never_spends_a_get(hub: FakeHub, client: Client) -> None:

@@ -132,4 +132,4 @@ async def test_list_fallback_head_carries_the_platform_manifest(
 
 def test_unknown_types_are_served() -> None:
     artifact = "application/vnd.oci.artifact.manifest.v1+json"
-    assert decide(artifact, [], by_tag=True) is Verdict.SERVE
+    assert decide(artifact, (), by_tag=True) is Verdict.SERVE

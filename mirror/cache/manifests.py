@@ -109,6 +109,14 @@ class ManifestService:
         self._stale_if_error = cache.stale_if_error
         self._hot: LRU[str, tuple[str, bytes]] = LRU(HOT_MANIFEST_BYTES, lambda v: len(v[1]))
         self._tags: LRU[tuple[str, str, str], TagRecord] = LRU(HOT_TAGS)
+        # The answer by tag, beside the tag record it came from: while that record is the
+        # one held, and fresh, the answer stands (a digest's bytes never change), and the
+        # request every pull starts with skips the look-ups that made it.
+        # Bounded by bytes like `_hot`, whose bodies it mostly shares, with a kilobyte for
+        # each entry's own keep.
+        self._answers: LRU[tuple[str, str, str, bool], tuple[TagRecord, Manifest]] = LRU(
+            HOT_MANIFEST_BYTES, lambda kept: len(kept[1].body or b"") + 1024
+        )
         # Concurrent misses and revalidations of one manifest make one upstream request.
         self._flight = SingleFlight()
         # ... and with replicas, one upstream request across all of them (a lease each).
@@ -124,12 +132,14 @@ class ManifestService:
         await self._flight.close()
 
     async def get(
-        self, upstream: Upstream, repo: str, reference: str, accept: list[str], *, head: bool
+        self, upstream: Upstream, repo: str, reference: str, accept: tuple[str, ...], *, head: bool
     ) -> Manifest:
         """The manifest this client gets for `reference` with its Accept (negotiation.py)."""
         by_tag = not is_digest_reference(reference)
         if by_tag:
-            found = await self._by_tag(upstream, repo, validate_tag(reference), head=head)
+            found = self._standing(upstream, repo, reference, head) or await self._by_tag(
+                upstream, repo, validate_tag(reference), head=head
+            )
         else:
             found = await self._by_digest(upstream, repo, reference, head=head, held=False)
         if decide(found.media_type, accept, by_tag=by_tag) is Verdict.SERVE:
@@ -257,6 +267,7 @@ class ManifestService:
         if record is not None and record.is_fresh(ttl):
             self._tag_hit.inc()
             answer = await self._answer(upstream, repo, record, head=head)
+            self._answers.put((upstream.name, repo, tag, head), (record, answer))
             return answer.lasting(ttl - (time.time() - record.checked_at))
         self._tag_miss.inc()
         if record is not None:
@@ -290,6 +301,23 @@ class ManifestService:
             ),
         )
         return found.lasting(ttl)
+
+    def _standing(self, upstream: Upstream, repo: str, tag: str, head: bool) -> Manifest | None:
+        """The answer `_by_tag` gave from the tag's record, while that record is still the
+        one held here and fresh; what it counted and noted, counted and noted again."""
+        record = self._tags.get((upstream.name, repo, tag))
+        if record is None:
+            return None
+        kept = self._answers.get((upstream.name, repo, tag, head))
+        ttl = self.ttl_of(upstream)
+        left = ttl - (time.time() - record.checked_at)
+        if kept is None or kept[0] is not record or left <= 0:
+            return None
+        self._tag_hit.inc()
+        self._holdings.note(upstream.name, repo, record.digest)
+        if not head:
+            self._manifest_hit.inc()
+        return kept[1].lasting(left)
 
     async def _shared_tag(
         self, upstream: str, repo: str, tag: str, after: float | None

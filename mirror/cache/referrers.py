@@ -174,11 +174,11 @@ class ReferrersService:
         try:
             # A HEAD first: Docker Hub counts a GET against the pull limit, even one that
             # finds nothing, and most subjects have no referrers.
-            await self._manifests.get(upstream, repo, tag, [OCI_INDEX], head=True)
+            await self._manifests.get(upstream, repo, tag, (OCI_INDEX,), head=True)
         except ManifestUnknown:
             await self._check_repository(upstream, repo)
             return EMPTY_INDEX, False
-        found = await self._manifests.get(upstream, repo, tag, [OCI_INDEX], head=False)
+        found = await self._manifests.get(upstream, repo, tag, (OCI_INDEX,), head=False)
         body = found.body or b""
         _parse_index(body)
         return body, found.stale

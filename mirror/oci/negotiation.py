@@ -24,6 +24,7 @@ is "not found in a form you accept", which clients already handle as a fallback.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 
 from mirror.oci.errors import ManifestUnknown
@@ -46,18 +47,21 @@ class Verdict(enum.Enum):
     PLATFORM = "platform"  # the linux/amd64 manifest a list names, in its place
 
 
-def parse_accept(values: list[str]) -> list[str]:
-    """Media types from every Accept header line, parameters (`;q=`) dropped."""
+@functools.lru_cache(maxsize=256)
+def parse_accept(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Media types from every Accept header line, parameters (`;q=`) dropped. Kept per
+    header: a fleet's clients send a handful of Accept values, on every manifest request."""
     types = []
     for value in values:
         for part in value.split(","):
             media_type = part.partition(";")[0].strip()
             if media_type:
                 types.append(media_type)
-    return types
+    return tuple(types)
 
 
-def decide(media_type: str, accept: list[str], *, by_tag: bool) -> Verdict:
+@functools.lru_cache(maxsize=1024)
+def decide(media_type: str, accept: tuple[str, ...], *, by_tag: bool) -> Verdict:
     """What a client with `accept` gets for a manifest of `media_type`, or
     ManifestUnknown when it gets nothing."""
     named = set(MANIFEST_TYPES).intersection(accept)

@@ -57,7 +57,7 @@ def route(request: web.Request) -> tuple[Upstream, str]:
 async def manifest(request: web.Request) -> web.StreamResponse:
     upstream, repo = route(request)
     head = request.method == "HEAD"
-    accept = parse_accept(request.headers.getall("Accept", []))
+    accept = parse_accept(tuple(request.headers.getall("Accept", ())))
     found = await request.app[manifests_key].get(
         upstream, repo, request.match_info["reference"], accept, head=head
     )
