@@ -120,7 +120,10 @@ def test_a_request_line_written_direct_is_the_records_line(
     setup_logging("INFO", fmt, worker)
     root.handlers[0].setStream(stream)  # type: ignore[attr-defined]
     logger = logging.getLogger("mirror.audit")
-    access = {"method": "GET", "path": HOSTILE_ARGS[2], "status": 200}
+
+    def access() -> dict[str, Any]:
+        return {"method": "GET", "path": HOSTILE_ARGS[2], "status": 200}
+
     assert _sole_line_handler(logger) is root.handlers[0]  # the direct path is taken
     log_request_line(logger, ACCESS_FORMAT, HOSTILE_ARGS, access, HOSTILE_ID)
     logger.addFilter(lambda record: True)  # anything added: the standard way

@@ -43,6 +43,8 @@ _CREDENTIAL = re.compile(
 _CREDENTIAL_HINTS = ("authorization", "token", "signature", "credential", "password", "secret")
 _HINT = re.compile("|".join(_CREDENTIAL_HINTS))
 ISO_SECONDS = "%Y-%m-%dT%H:%M:%S"
+# A request line's fields by name, made only for a line that shows them (JSON).
+Fields = Callable[[], dict[str, Any]]
 
 
 def new_request_id(incoming: str | None) -> str:
@@ -78,20 +80,25 @@ def log_info(logger: logging.Logger, msg: str, args: tuple[Any, ...], access: An
 
 
 def log_request_line(
-    logger: logging.Logger, msg: str, args: tuple[Any, ...], access: Any, request_id: str
+    logger: logging.Logger,
+    msg: str,
+    args: tuple[Any, ...],
+    access: Fields,
+    request_id: str,
 ) -> None:
     """`log_info` for the one record of a request. Where setup_logging's handler is the
     only one the record would reach, as it is in `mirror serve`, the line goes straight
     into it, formatted by the same code, with no LogRecord and no dispatch: they were
     half of the line's cost, paid on every request. Anywhere else (more handlers, filters,
-    a logger that stops propagating), the record goes the standard way."""
+    a logger that stops propagating), the record goes the standard way. `access` gives
+    the fields by name (`extra={"access": ...}`), asked for only where a line shows them."""
     if not logger.isEnabledFor(logging.INFO):
         return
     handler = _sole_line_handler(logger)
     if handler is None:
         token = request_id_var.set(request_id)
         try:
-            log_info(logger, msg, args, access)
+            log_info(logger, msg, args, access())
         finally:
             request_id_var.reset(token)
         return
@@ -187,7 +194,7 @@ class TextFormatter(_SecondStamps):
     def formatMessage(self, record: logging.LogRecord) -> str:
         return escape_controls(redact(super().formatMessage(record)))
 
-    def direct(self, created: float, name: str, message: str, request_id: str, _: Any) -> str:
+    def direct(self, created: float, name: str, message: str, request_id: str, _: Fields) -> str:
         """The line `format` gives an INFO record of `name` made at `created`."""
         asctime = f"{self._stamp(int(created), self.datefmt)},{_millis(created):03d}"
         values = {
@@ -210,7 +217,9 @@ class JsonFormatter(_SecondStamps):
             getattr(record, "worker", None), getattr(record, "access", None), exception,
         )  # fmt: skip
 
-    def direct(self, created: float, name: str, message: str, request_id: str, access: Any) -> str:
+    def direct(
+        self, created: float, name: str, message: str, request_id: str, access: Fields
+    ) -> str:
         """The line `format` gives an INFO record of `name` made at `created`."""
         return self._line(
             self._time(created, _millis(created)),
@@ -219,7 +228,7 @@ class JsonFormatter(_SecondStamps):
             message,
             request_id,
             self.worker,
-            access,
+            access(),
             None,
         )
 
@@ -263,7 +272,7 @@ class LineHandler(logging.StreamHandler[TextIO]):
             and type(self.formatter) in (TextFormatter, JsonFormatter)
         )
 
-    def write(self, name: str, message: str, access: Any, request_id: str) -> None:
+    def write(self, name: str, message: str, access: Fields, request_id: str) -> None:
         formatter = cast(TextFormatter | JsonFormatter, self.formatter)
         try:
             line = formatter.direct(time.time(), name, message, request_id, access)

@@ -29,7 +29,6 @@ upstream_name_key = web.RequestKey("upstream_name", str)
 ACCESS_FORMAT = '%s "%s %s" %s %sB %.3fs upstream=%s "%s"'
 # A manifest request's one record: its access line, then what only the audit says.
 AUDIT_FORMAT = ACCESS_FORMAT + " %s"
-AUDIT_ONLY = ("user", "repository", "reference", "digest", "outcome", "reason")
 
 
 def body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
@@ -61,35 +60,34 @@ class AccessLogger(AbstractAccessLogger):
         if not logger.isEnabledFor(logging.INFO):
             return
         request_id = response.headers.get(REQUEST_ID_HEADER, "-")
-        fields = access_fields(request, response, time)
-        args = _access_args(fields, time)
+        args = _access_args(request, response, time)
+        # The fields by name are for JSON lines (and other handlers' records) only: a text
+        # line, nearly every line, is made from `args` alone.
         if pending is None:
-            log_request_line(logger, ACCESS_FORMAT, args, fields, request_id)
+            log_request_line(logger, ACCESS_FORMAT, args, lambda: _by_name(args), request_id)
             return
-        audit = audit_fields(pending, request, response)
-        extra = {key: audit[key] for key in AUDIT_ONLY if key in audit}
-        text_args = (*args, audit_text(extra))
-        log_request_line(logger, AUDIT_FORMAT, text_args, fields | audit, request_id)
+        text = audit_text(pending, response)
+        log_request_line(
+            logger, AUDIT_FORMAT, (*args, text),
+            lambda: _by_name(args) | audit_fields(pending, request, response), request_id,
+        )  # fmt: skip
 
 
-def access_fields(
+def _access_args(
     request: web.BaseRequest, response: web.StreamResponse, time: float
-) -> dict[str, Any]:
-    """What the access line says, by name (JSON lines hold them as they are)."""
-    return {
-        "remote": client_of(request),  # the proxy's client with trusted_proxies
-        "method": request.method,
-        "path": request.path,
-        "status": response.status,
-        "bytes": body_bytes(request, response),
-        "duration_s": round(time, 6),
-        "user_agent": request.headers.get("User-Agent", "-"),
-        "upstream": request.get(upstream_name_key, "-"),
-    }
-
-
-def _access_args(fields: dict[str, Any], time: float) -> tuple[Any, ...]:
+) -> tuple[Any, ...]:
+    """What the access line says, in ACCESS_FORMAT's order."""
     return (
-        fields["remote"], fields["method"], fields["path"], fields["status"],
-        fields["bytes"], time, fields["upstream"], fields["user_agent"],
+        client_of(request),  # the proxy's client with trusted_proxies
+        request.method, request.path, response.status, body_bytes(request, response), time,
+        request.get(upstream_name_key, "-"), request.headers.get("User-Agent", "-"),
     )  # fmt: skip
+
+
+def _by_name(args: tuple[Any, ...]) -> dict[str, Any]:
+    """The access line's fields by name, as JSON lines hold them."""
+    remote, method, path, status, sent, time, upstream, user_agent = args
+    return {
+        "remote": remote, "method": method, "path": path, "status": status, "bytes": sent,
+        "duration_s": round(time, 6), "user_agent": user_agent, "upstream": upstream,
+    }  # fmt: skip

@@ -28,15 +28,17 @@ class PendingAudit:
 audit_key = web.RequestKey("audit", PendingAudit)
 
 
+def _outcome(pending: PendingAudit, status: int) -> str:
+    if pending.reason is not None:
+        return "denied"
+    return "served" if status < 400 else "failed"
+
+
 def audit_fields(
     pending: PendingAudit, request: web.BaseRequest, response: web.StreamResponse
 ) -> dict[str, Any]:
     """Who, from where, what, and how it ended (by the status the client got)."""
     status = response.status
-    if pending.reason is not None:
-        outcome = "denied"
-    else:
-        outcome = "served" if status < 400 else "failed"
     target = pending.target
     fields: dict[str, Any] = {
         "user": pending.subject or "anonymous",
@@ -46,7 +48,7 @@ def audit_fields(
         "repository": target.repository,
         "reference": target.reference,
         "digest": response.headers.get("Docker-Content-Digest") or "-",
-        "outcome": outcome,
+        "outcome": _outcome(pending, status),
         "status": status,
     }
     if pending.reason is not None:
@@ -54,6 +56,14 @@ def audit_fields(
     return fields
 
 
-def audit_text(fields: dict[str, Any]) -> str:
-    """`user=bob client=… status=200`: the audit line's message after `pull `."""
-    return " ".join(f"{key}={value}" for key, value in fields.items())
+def audit_text(pending: PendingAudit, response: web.StreamResponse) -> str:
+    """`user=bob repository=… outcome=served`: what the audit line says after the access
+    line (the client, method and status are in that already)."""
+    target = pending.target
+    text = (
+        f"user={pending.subject or 'anonymous'} repository={target.repository} "
+        f"reference={target.reference} "
+        f"digest={response.headers.get('Docker-Content-Digest') or '-'} "
+        f"outcome={_outcome(pending, response.status)}"
+    )
+    return text if pending.reason is None else f"{text} reason={pending.reason}"
