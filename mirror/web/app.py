@@ -30,7 +30,7 @@ from mirror.metadata.memory import MemoryMetadata
 from mirror.metadata.store import TokenStore
 from mirror.net.proxies import TrustedProxies
 from mirror.net.tls import client_contexts
-from mirror.observe.logs import REQUEST_ID_HEADER, FailureLog
+from mirror.observe.logs import FailureLog
 from mirror.observe.metrics import Metrics
 from mirror.oci.reference import parse_digest
 from mirror.storage import CacheStore, new_store
@@ -45,7 +45,6 @@ from mirror.web.blobs import BlobService
 from mirror.web.drain import Drain
 from mirror.web.forwarded import ProxyTrust, proxy_trust_key
 from mirror.web.gate import PullGate, gate_key
-from mirror.web.handlers import API_VERSION_HEADER
 from mirror.web.keys import (
     blobs_key,
     config_key,
@@ -68,7 +67,7 @@ from mirror.web.keys import (
     work_leases_key,
 )
 from mirror.web.leases import leases_ctx
-from mirror.web.middleware import RequestSeries, registry_middleware, request_id_key, series_key
+from mirror.web.middleware import RequestSeries, registry_middleware, series_key
 from mirror.web.peer import peer_blob, peers_ctx
 from mirror.web.routes import expect, setup_routes
 from mirror.web.status import PullCounter
@@ -106,7 +105,6 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.extend([storage_ctx, metadata_ctx, upstream_ctx, services_ctx, client_auth_ctx])
     app.cleanup_ctx.insert(0, leases_ctx)  # first: every service may take leases
     app.cleanup_ctx.insert(1, peers_ctx)  # downloads stream from other replicas with it
-    app.on_response_prepare.append(on_response_prepare)
     setup_routes(app)
     if config.auth.htpasswd is not None:
         app.router.add_get("/token", token_handler, name="token", expect_handler=expect)
@@ -294,13 +292,3 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     await referrers.close()
     await sizes.close()
     await downloads.close()
-
-
-async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    if request_id_key in request:
-        response.headers[REQUEST_ID_HEADER] = request[request_id_key]
-    if request.path.startswith("/v2"):
-        response.headers.update(API_VERSION_HEADER)
-        # Manifests, blobs and errors are data, never a page: a browser must not sniff an
-        # upstream's bytes into HTML or script.
-        response.headers["X-Content-Type-Options"] = "nosniff"

@@ -48,6 +48,7 @@ from mirror.web.conditional import (
     range_allowed,
 )
 from mirror.web.sendfile import READ_CHUNK, send_file
+from mirror.web.stamp import prepare
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +223,7 @@ class BlobService:
         self.reading[digest] += 1  # eviction leaves it alone while it is sent
         try:
             resp = _sized_response(digest, size, span)
-            await resp.prepare(request)
+            await prepare(request, resp)
             if request.method == "HEAD":
                 await resp.write_eof()
                 return resp
@@ -270,7 +271,7 @@ class BlobService:
         resp = web.StreamResponse(headers=_blob_headers(digest))
         if isinstance(found, BlobSize):
             resp.content_length = found.size
-            await resp.prepare(request)
+            await prepare(request, resp)
             await resp.write_eof()
             return resp
         resp.set_status(found.status)
@@ -278,7 +279,7 @@ class BlobService:
         if found.content_range is not None:
             resp.headers["Content-Range"] = found.content_range
         try:
-            await resp.prepare(request)
+            await prepare(request, resp)
         except BaseException:
             await found.close()
             raise
@@ -321,7 +322,7 @@ class BlobService:
         if source.length is not None:
             resp.content_length = source.length
         try:
-            await resp.prepare(request)
+            await prepare(request, resp)
         except BaseException:
             source.release()
             raise
@@ -394,7 +395,7 @@ class BlobService:
         resp = web.StreamResponse(headers=_blob_headers(digest))
         if size is not None:
             resp.content_length = size
-        await resp.prepare(request)
+        await prepare(request, resp)
         await resp.write_eof()
         return resp
 
@@ -418,7 +419,7 @@ class BlobService:
             # body is held one byte short of complete until the hash matches.)
             resp.headers["Cache-Control"] = UNVERIFIED
         start, end = span if span is not None else (0, None)
-        await resp.prepare(request)
+        await prepare(request, resp)
 
         async def body() -> None:
             pos = start

@@ -28,9 +28,9 @@ from mirror.web.keys import (
     taglists_key,
     upstreams_key,
 )
+from mirror.web.stamp import API_VERSION_HEADER
 from mirror.web.status import render
 
-API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
 STALE_WARNING = '110 - "Response is Stale"'
 
 

@@ -23,9 +23,9 @@ from mirror.web.errors import error_response
 from mirror.web.forwarded import record_origin
 from mirror.web.gate import check_pull
 from mirror.web.keys import failures_key
+from mirror.web.stamp import request_id_key, stamp
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-request_id_key = web.RequestKey("request_id", str)
 
 
 class RequestSeries:
@@ -57,10 +57,17 @@ async def registry_middleware(request: web.Request, handler: Handler) -> web.Str
 
 
 async def _answer(request: web.Request, handler: Handler, ids: RequestIds) -> web.StreamResponse:
-    head = request.method == "HEAD"
     request_id = ids(request.headers.get(REQUEST_ID_HEADER))
     request_id_var.set(request_id)  # each request runs in its own task: no reset needed
     request[request_id_key] = request_id
+    response = await _handled(request, handler)
+    if not response.prepared:  # a streamed answer was stamped before its head went out
+        stamp(request, response)
+    return response
+
+
+async def _handled(request: web.Request, handler: Handler) -> web.StreamResponse:
+    head = request.method == "HEAD"
     try:
         record_origin(request)
         await authorize(request)

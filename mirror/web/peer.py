@@ -30,6 +30,7 @@ from mirror.oci.reference import Digest, parse_digest
 from mirror.web.errors import error_response
 from mirror.web.keys import config_key, downloads_key, metrics_key, peers_key, storage_key
 from mirror.web.sendfile import send_file
+from mirror.web.stamp import prepare
 
 # Named as before the endpoint moved to the web layer: operators filter on it.
 log = logging.getLogger("mirror.cluster.peers")
@@ -106,7 +107,7 @@ async def _send(
     resp.headers["Content-Range"] = f"bytes {offset}-{last}/{'*' if size is None else size}"
     if size is not None:
         resp.content_length = max(size - offset, 0)
-    await resp.prepare(request)
+    await prepare(request, resp)
     metrics.peer_streams.labels("out").inc()
     try:
         async for file, start, length in spans:

@@ -1,0 +1,32 @@
+"""The headers every answer carries: its request id, and on the registry API the API
+version and `nosniff`. Put on by the middleware for the answers handlers return, and by
+handlers that stream (blobs.py, peer.py) just before they send the head: one call where a
+prepare signal was one more coroutine on every request."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from mirror.observe.logs import REQUEST_ID_HEADER
+
+API_VERSION = "Docker-Distribution-API-Version"
+API_VERSION_HEADER = {API_VERSION: "registry/2.0"}
+request_id_key = web.RequestKey("request_id", str)
+
+
+def stamp(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    headers = response.headers
+    request_id = request.get(request_id_key)
+    if request_id is not None:
+        headers[REQUEST_ID_HEADER] = request_id
+    if request.path.startswith("/v2"):
+        headers[API_VERSION] = "registry/2.0"
+        # Manifests, blobs and errors are data, never a page: a browser must not sniff an
+        # upstream's bytes into HTML or script.
+        headers["X-Content-Type-Options"] = "nosniff"
+
+
+async def prepare(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """`response.prepare(request)`, stamped first."""
+    stamp(request, response)
+    await response.prepare(request)
