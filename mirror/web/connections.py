@@ -98,6 +98,11 @@ class GuardedConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if not self._admitted:
             return
+        if not self._tail and data.endswith(HEAD_END) and self._deadline is None:
+            # Nearly every read: one whole head (or several) and nothing after it, on a
+            # connection waiting for nothing. Nothing to watch.
+            self._inner.data_received(data)
+            return
         seen = self._tail + data
         end = seen.rfind(HEAD_END)
         if end >= 0:

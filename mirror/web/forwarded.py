@@ -32,7 +32,7 @@ proxy_trust_key = web.AppKey("proxy_trust", ProxyTrust)
 
 
 def origin_of(request: web.BaseRequest) -> Origin:
-    """The request's origin (the TCP peer's when the middleware has not run)."""
+    """The request's origin (the TCP peer's when no proxy header was weighed)."""
     origin = request.get(origin_key)
     if isinstance(origin, Origin):
         return origin
@@ -41,17 +41,21 @@ def origin_of(request: web.BaseRequest) -> Origin:
 
 def client_of(request: web.BaseRequest) -> str:
     """The client's address: what logs and per-client limits should use."""
-    return origin_of(request).client
+    origin = request.get(origin_key)
+    return origin.client if isinstance(origin, Origin) else request.remote or "-"
 
 
 def record_origin(request: web.Request) -> None:
-    """Record the request's origin (first thing, in web/middleware.py); count proxy headers
-    from peers not trusted to send them."""
-    peer = request.remote or "-"
+    """Record the request's origin (first thing, in web/middleware.py) when a proxy header
+    was sent; count proxy headers from peers not trusted to send them. Without any, the
+    origin is the TCP peer's, worked out only when asked (`origin_of`)."""
     present = request.headers
     headers = {name: present[name] for name in FORWARDED_HEADERS if name in present}
+    if not headers:
+        return
+    peer = request.remote or "-"
     trust = request.app[proxy_trust_key]
-    if headers and not trust.proxies.trusts(peer):
+    if not trust.proxies.trusts(peer):
         trust.ignored.inc()
-        headers = {}  # believed from nobody else: the origin is the TCP peer's
+        return  # believed from nobody else: the origin is the TCP peer's
     request[origin_key] = trust.proxies.origin(peer, request.scheme, request.host, headers)
