@@ -9,6 +9,7 @@ The formatter is checked in-process with a captured stream; everything else agai
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.client
 import io
@@ -143,6 +144,41 @@ def test_a_request_line_written_direct_is_the_records_line(
         assert "\\n" in direct and "\n" not in direct  # the path's newline escaped
         assert "abc" not in direct and ("worker=3" in direct) == (worker == 3)
     assert request_id_var.get() == "-"  # the standard way's id does not leak out
+
+
+class CountedWrites(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+async def test_the_request_lines_of_one_loop_turn_go_out_in_one_write_and_in_order(
+    captured_log: Callable[[str, str], io.StringIO],
+) -> None:
+    captured_log("INFO", "text")
+    stream = CountedWrites()
+    logging.getLogger().handlers[0].setStream(stream)  # type: ignore[attr-defined]
+    audit, other = logging.getLogger("mirror.audit"), logging.getLogger("mirror.test")
+
+    def line(n: int) -> None:
+        args = ("10.0.0.1", "GET", f"/v2/r/manifests/{n}", 200, 5, 0.1, "hub", "ua")
+        log_request_line(audit, ACCESS_FORMAT, args, dict, f"id-{n}")
+
+    for n in range(5):
+        line(n)
+    assert stream.writes == 0  # kept until the turn ends
+    await asyncio.sleep(0)
+    assert stream.writes == 1 and stream.getvalue().count("\n") == 5
+    line(5)
+    other.warning("a record the standard way")  # after line 5, before line 6
+    line(6)
+    await asyncio.sleep(0)
+    order = [text.rsplit(" ", 1)[-1] for text in stream.getvalue().splitlines()]
+    assert order[5:] == ['"ua"', "way", '"ua"'] and "/5" in stream.getvalue().splitlines()[5]
 
 
 def test_text_format(captured_log: Callable[[str, str], io.StringIO]) -> None:

@@ -9,6 +9,7 @@ credential in any message is redacted.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
@@ -254,7 +255,12 @@ class JsonFormatter(_SecondStamps):
 
 class LineHandler(logging.StreamHandler[TextIO]):
     """setup_logging's handler: each record stamped with its request id and the worker's
-    index; `write` takes a request's one line with no record made (log_request_line)."""
+    index; `write` takes a request's one line with no record made (log_request_line).
+
+    The lines of the requests answered in one turn of the event loop go out in one write at
+    its end, not one write each: under load a turn answers dozens. A record written the
+    standard way (a warning, a thread's line) first sends the lines before it, so the order
+    stays; a process killed outright loses one turn's lines at most."""
 
     def __init__(self, formatter: TextFormatter | JsonFormatter, worker: int | None) -> None:
         super().__init__()
@@ -263,6 +269,7 @@ class LineHandler(logging.StreamHandler[TextIO]):
             self.addFilter(WorkerFilter(worker))
         self._own_filters = len(self.filters)
         self.setFormatter(formatter)
+        self._pending: list[str] = []
 
     def plain(self) -> bool:
         """As setup_logging made it: an INFO line written here is what a record gives."""
@@ -276,14 +283,42 @@ class LineHandler(logging.StreamHandler[TextIO]):
         formatter = cast(TextFormatter | JsonFormatter, self.formatter)
         try:
             line = formatter.direct(time.time(), name, message, request_id, access)
-            self.acquire()  # as Handler.handle: threads log too
-            try:
-                self.stream.write(line + self.terminator)
-                self.flush()
-            finally:
-                self.release()
         except Exception:  # as StreamHandler.emit: a log line never fails a request
             self.handleError(logging.makeLogRecord({"name": name, "msg": message}))
+            return
+        self.acquire()  # threads log too
+        try:
+            self._pending.append(line)
+            first = len(self._pending) == 1
+        finally:
+            self.release()
+        if first:
+            try:
+                asyncio.get_running_loop().call_soon(self.write_pending)
+            except RuntimeError:  # no event loop in this thread: at once
+                self.write_pending()
+
+    def write_pending(self) -> None:
+        """The lines `write` has kept, in one write."""
+        self.acquire()
+        try:
+            lines, self._pending = self._pending, []
+            if lines:
+                self.stream.write(self.terminator.join(lines) + self.terminator)
+                self.flush()
+        except Exception:
+            self.handleError(logging.makeLogRecord({"msg": "request lines"}))
+        finally:
+            self.release()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._pending:  # the lines before it first
+            self.write_pending()
+        super().emit(record)
+
+    def close(self) -> None:
+        self.write_pending()
+        super().close()
 
 
 def setup_logging(level: str, fmt: str, worker: int | None = None) -> None:
