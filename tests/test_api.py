@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
 from mirror.config import Config, RedisConfig, UpstreamConfig
+from mirror.web.keys import metrics_key
 from tests.conftest import MakeClient
 from tests.fakehub import FakeHub
 from tests.services import RedisServer
@@ -380,6 +381,29 @@ async def test_metrics_count_requests_by_route_method_status(hub: FakeHub, clien
     assert samples[("manifest", "GET", "404")] == 1
     assert samples[("base", "GET", "200")] == 2
     assert samples[("unsupported", "POST", "405")] == 1
+
+
+async def test_request_counts_of_one_loop_turn_are_added_once_and_seen_by_metrics(
+    hub: FakeHub, client: Client
+) -> None:
+    """Counts made on every request wait for the end of the event loop's turn (one inc
+    each per turn, observe/metrics.py TurnCounts); /metrics adds this turn's first."""
+    add_image(hub, "library/nginx")
+    for _ in range(3):
+        await fetch_manifest(client, "library/nginx")
+    before = (await metric_samples(client, "mirror_http_requests_total"))[
+        ("manifest", "GET", "200")
+    ]
+    metrics = client.app[metrics_key]
+    series = metrics.http_requests.labels("manifest", "GET", "200")
+    for _ in range(5):
+        metrics.turn_counts.inc(series)
+    labels = {"route": "manifest", "method": "GET", "status": "200"}
+    in_registry = metrics.registry.get_sample_value("mirror_http_requests_total", labels)
+    assert in_registry == before  # not yet: the turn has not ended
+    samples = await metric_samples(client, "mirror_http_requests_total")
+    assert samples[("manifest", "GET", "200")] == before + 5  # /metrics added them
+    assert before == 3
 
 
 async def test_metrics_labels_never_carry_repository_names(hub: FakeHub, client: Client) -> None:

@@ -71,7 +71,7 @@ LOOKUP_FAILED = SharedFailure(
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made on every manifest request, and frozen costs 4x
 class Manifest:
     """A manifest to answer with; `body` is None for a HEAD."""
 
@@ -313,10 +313,11 @@ class ManifestService:
         left = ttl - (time.time() - record.checked_at)
         if kept is None or kept[0] is not record or left <= 0:
             return None
-        self._tag_hit.inc()
+        counts = self._metrics.turn_counts
+        counts.inc(self._tag_hit)
         self._holdings.note(upstream.name, repo, record.digest)
         if not head:
-            self._manifest_hit.inc()
+            counts.inc(self._manifest_hit)
         return kept[1].lasting(left)
 
     async def _shared_tag(

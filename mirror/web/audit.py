@@ -16,7 +16,7 @@ from mirror.access.policy import Target
 from mirror.web.forwarded import client_of
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: one per manifest request, and frozen costs 4x
 class PendingAudit:
     """A manifest request the gate let through or refused (`reason`)."""
 

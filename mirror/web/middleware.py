@@ -34,6 +34,7 @@ class RequestSeries:
     def __init__(self, metrics: Metrics) -> None:
         self.ids = RequestIds()
         self.requests: Children[Counter] = Children(metrics.http_requests)
+        self.counts = metrics.turn_counts
         self.durations: Children[Histogram] = Children(metrics.http_duration)
 
 
@@ -52,7 +53,7 @@ async def registry_middleware(request: web.Request, handler: Handler) -> web.Str
         status = request.get(outcome_key) or str(resp.status)
         return resp
     finally:
-        series.requests(route, request.method, status).inc()
+        series.counts.inc(series.requests(route, request.method, status))
         series.durations(route).observe(time.monotonic() - started)
 
 

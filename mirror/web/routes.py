@@ -61,10 +61,18 @@ def monitoring_routes(app: web.Application) -> list[web.RouteDef]:
     """/metrics and the status page of `app` (the mirror's app, wherever they are served)."""
 
     async def status_page(request: web.Request) -> web.Response:
+        app[metrics_key].turn_counts.flush()
         return handlers.status_response(app)
+
+    metrics = app[metrics_key]
+    exposition = make_aiohttp_handler(metrics.exposed)
+
+    async def metrics_page(request: web.Request) -> web.StreamResponse:
+        metrics.turn_counts.flush()  # this turn's counts too
+        return await exposition(request)
 
     get = partial(web.get, expect_handler=expect)
     return [
         get("/", status_page, name="status"),
-        get("/metrics", make_aiohttp_handler(app[metrics_key].exposed), name="metrics"),
+        get("/metrics", metrics_page, name="metrics"),
     ]
