@@ -18,6 +18,7 @@ Each accepted connection's protocol (aiohttp's request handler) is wrapped in a
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import cast
 
@@ -39,8 +40,9 @@ class ConnectionGuard:
         self.header_timeout = header_timeout
         self.metrics = metrics
         self._open: set[GuardedConnection] = set()
-        # Insertion-ordered: the first entry is the connection waiting longest.
-        self._headless: dict[GuardedConnection, None] = {}
+        # The first entry is the connection waiting longest. An OrderedDict, not a dict:
+        # taking a dict's first entry again and again walks the ones deleted before it.
+        self._headless: OrderedDict[GuardedConnection, None] = OrderedDict()
 
     def wrap(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         """A protocol factory whose connections this guard limits."""
@@ -52,7 +54,7 @@ class ConnectionGuard:
             if not self._headless:
                 self.metrics.connections_refused.inc()
                 return False
-            oldest = next(iter(self._headless))
+            oldest, _ = self._headless.popitem(last=False)
             self.metrics.connections_dropped.labels("evicted").inc()
             oldest.drop()
         self._open.add(conn)
