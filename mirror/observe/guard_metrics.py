@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-DROP_REASONS = ("header_timeout", "evicted")
+DROP_REASONS = ("header_timeout", "evicted", "idle")
 
 
 class GuardMetrics:
@@ -38,8 +38,10 @@ class GuardMetrics:
         )
         self.connections_dropped = Counter(
             "mirror_connections_dropped",
-            "Connections closed while a request head was unfinished, by reason "
-            "(header_timeout: not within server.header_timeout; evicted: the one waiting "
+            "Connections the mirror closed before the client did, by reason "
+            "(header_timeout: a request head not complete within server.header_timeout; "
+            "evicted: the one waiting longest for a request head, to make room at "
+            "server.max_connections; idle: none waiting, the one idle in keep-alive "
             "longest, to make room at server.max_connections).",
             ["reason"],
             registry=r,

@@ -5,7 +5,8 @@
 the event loop `event_loop` names (loop_factory): /readyz answers 503 at once, requests
 are still served for `shutdown_delay` (a load balancer's probes see the 503 and send new
 requests elsewhere; a second signal cuts the wait short), then the listeners close.
-Every site's connections pass through one `ConnectionGuard` (mirror/web/connections.py).
+Every site's connections pass through one `ConnectionGuard` (mirror/web/connections.py),
+their handlers telling it when they sit idle (mirror/web/keepalive.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from aiohttp import web
 from mirror.config import ConfigError, ServerConfig
 from mirror.web.accesslog import AccessLogger
 from mirror.web.connections import ConnectionGuard
+from mirror.web.keepalive import idle_reporting
 from mirror.web.keys import drain_key, metrics_key
 
 log = logging.getLogger(__name__)
@@ -195,12 +197,13 @@ class GuardedSite(web.SockSite):
 
     async def start(self) -> None:
         # SockSite.start would serve the runner's bare protocol factory: register the
-        # site as BaseSite does, then serve the guarded one.
+        # site as BaseSite does, then serve the guarded one, whose handlers say when they
+        # sit idle in keep-alive.
         await web.BaseSite.start(self)
         server = self._runner.server
         assert server is not None
         self._server = await asyncio.get_running_loop().create_server(
-            self._guard.wrap(server),
+            self._guard.wrap(idle_reporting(server)),
             sock=self._sock,
             ssl=self._ssl_context,
             backlog=self._backlog,

@@ -1,0 +1,259 @@
+"""The connection cap and keep-alive (mirror/web/connections.py): at `server.max_connections`
+a newcomer gets in by closing the oldest headless connection, else the one idle in
+keep-alive longest; a connection with a request in flight is never closed for room, and
+when every one is busy the newcomer gets the 503.
+
+A real mirror process, capped at four connections, in front of the fake hub; the clients are
+raw kept-alive HTTP/1.1 connections. Each step waits for an answer or a close, never a clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import importlib.util
+import os
+import socket
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.certs import CA, TLSMirror, client_context
+from tests.fakehub import FakeHub
+from tests.services import MirrorProcess
+
+CAP = 4
+BLOB = os.urandom(32 * 1024 * 1024)  # far more than socket buffers hold: its sending blocks
+BLOB_PATH = f"/v2/library/app/blobs/sha256:{hashlib.sha256(BLOB).hexdigest()}"
+SMALL = 64 * 1024  # a receive window
+UVLOOP = pytest.param(
+    "uvloop",
+    marks=pytest.mark.skipif(importlib.util.find_spec("uvloop") is None, reason="no uvloop"),
+)
+# A guard against a hang, not a measure: every wait here ends long before when it passes.
+HANG = 60
+
+
+class Client:
+    """One kept-alive HTTP/1.1 connection to the mirror."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, where: Endpoint, rcvbuf: int | None = None) -> Client:
+        """Connected; `rcvbuf` fixes the receive window (Linux grows it otherwise)."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", where.port))
+        if where.context is None:
+            return cls(*await asyncio.open_connection(sock=sock))
+        tls = await asyncio.open_connection(
+            sock=sock, ssl=where.context, server_hostname="localhost"
+        )
+        return cls(*tls)
+
+    async def ask(self, path: str, fields: str = "") -> tuple[int, dict[str, str]]:
+        """Send a GET; the answer's status and headers (names lowercased), body unread."""
+        self.send(f"GET {path} HTTP/1.1\r\nHost: mirror\r\n{fields}\r\n".encode())
+        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), HANG)
+        status_line, *lines = head.decode("latin-1").split("\r\n")[:-2]
+        named = (line.split(":", 1) for line in lines)
+        return int(status_line.split()[1]), {k.lower(): v.strip() for k, v in named}
+
+    async def get(self, path: str, fields: str = "") -> tuple[int, bytes]:
+        """Send a GET; the answer's status and whole body."""
+        status, headers = await self.ask(path, fields)
+        return status, await self.body(headers)
+
+    async def body(self, headers: dict[str, str]) -> bytes:
+        length = int(headers["content-length"])
+        return await asyncio.wait_for(self.reader.readexactly(length), HANG)
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def closed(self) -> bool:
+        """Waits for the mirror to close the connection, reading whatever comes first: True
+        once it is closed, having sent nothing more."""
+        try:
+            rest = await asyncio.wait_for(self.reader.read(), HANG)
+        except ConnectionResetError:
+            return True
+        return rest == b""
+
+    async def metric(self, name: str, **labels: str) -> float:
+        """A sample of /metrics, asked on this connection (a new one would take a place)."""
+        status, body = await self.get("/metrics")
+        assert status == 200
+        for family in text_string_to_metric_families(body.decode()):
+            for s in family.samples:
+                if s.name == name and s.labels == labels:
+                    return float(s.value)
+        raise AssertionError(f"no {name}{labels}")
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError):
+            await self.writer.wait_closed()
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the clients connect: a port, HTTPS when a context is given."""
+
+    port: int
+    context: ssl.SSLContext | None = None
+
+
+Connect = Callable[..., Awaitable[Client]]
+
+
+@pytest.fixture(scope="module")
+def mirror_ca(tmp_path_factory: pytest.TempPathFactory) -> CA:
+    return CA(tmp_path_factory.mktemp("ca"))
+
+
+@pytest.fixture(params=["asyncio", UVLOOP, "https"])
+async def endpoint(
+    request: pytest.FixtureRequest, tmp_path: Path, hub: FakeHub
+) -> AsyncIterator[Endpoint]:
+    """A mirror of four connections at most, on either event loop or over HTTPS (whose
+    blob bodies are copied, not sent by sendfile); header_timeout long enough not to act."""
+    hub.content.add_blob(BLOB, "library/app")
+    loop = "asyncio" if request.param == "asyncio" else "auto"
+    config = {"server": {"max_connections": CAP, "header_timeout": "5m"}, "event_loop": loop}
+    if request.param == "https":
+        ca: CA = request.getfixturevalue("mirror_ca")
+        pair = ca.issue("mirror")
+        tls = {"cert_file": str(pair.cert), "key_file": str(pair.key)}
+        process: MirrorProcess = TLSMirror(tmp_path, hub.registry_url, ca.cert, tls, config)
+        where = Endpoint(process.port, None)
+        served = Endpoint(cast(TLSMirror, process).tls_port, client_context(ca.cert))
+    else:
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+        args = ["--config", str(tmp_path / "config.yaml")]
+        process = MirrorProcess(tmp_path, hub.registry_url, extra_args=args)
+        where = served = Endpoint(process.port)
+    await asyncio.to_thread(process.start)  # the hub answers on this loop meanwhile
+    try:
+        await settled(where)
+        yield served
+    finally:
+        await asyncio.to_thread(process.stop)
+
+
+async def settled(where: Endpoint) -> None:
+    """Returns once the mirror holds no connection: its readiness probes' are closed."""
+    probe = await Client.open(where)
+    while await probe.metric("mirror_connections_open") > 1:  # more than the probe
+        await asyncio.sleep(0.05)
+    assert (await probe.get("/healthz", "Connection: close\r\n"))[0] == 200
+    assert await probe.closed()  # by the mirror: counted out before the next is let in
+    await probe.close()
+
+
+@pytest.fixture
+async def connect(endpoint: Endpoint) -> AsyncIterator[Connect]:
+    """Opens a Client to the mirror (keyword arguments: Client.open's); all closed after."""
+    clients: list[Client] = []
+
+    async def opened(**options: int) -> Client:
+        clients.append(await Client.open(endpoint, **options))
+        return clients[-1]
+
+    yield opened
+    for client in clients:
+        await client.close()
+
+
+async def asked_once(connect: Connect, count: int) -> list[Client]:
+    """`count` connections that each got an answer, then sit idle, the first longest."""
+    clients = []
+    for _ in range(count):
+        client = await connect()
+        assert (await client.get("/healthz"))[0] == 200
+        clients.append(client)
+    return clients
+
+
+async def dropped(client: Client, reason: str) -> float:
+    return await client.metric("mirror_connections_dropped_total", reason=reason)
+
+
+async def test_idle_connections_make_room_the_longest_idle_first(connect: Connect) -> None:
+    idle = await asked_once(connect, CAP)
+
+    newcomer = await connect()
+    answer = await newcomer.get("/healthz")
+
+    assert answer[0] == 200
+    assert await idle[0].closed()
+    for client in idle[1:]:  # the others are still open
+        assert (await client.get("/healthz"))[0] == 200
+    assert await dropped(newcomer, "idle") == 1
+    assert await dropped(newcomer, "evicted") == 0
+    assert await newcomer.metric("mirror_connections_refused_total") == 0
+
+
+async def test_a_blob_in_flight_is_never_closed_for_room(connect: Connect) -> None:
+    cacher = await connect()
+    assert await cacher.get(BLOB_PATH) == (200, BLOB)  # cached: by sendfile from now on (HTTP)
+    slow = await connect(rcvbuf=SMALL)
+    status, headers = await slow.ask(BLOB_PATH)  # then reads no further: the sending blocks
+    assert status == 200
+    later = await asked_once(connect, 2)
+    # Open: cacher (idle), slow (busy, older than every idle one but cacher), later (idle).
+
+    newcomers = await asked_once(connect, CAP)  # each answered: each made room
+
+    for client in [cacher, *later, newcomers[0]]:
+        assert await client.closed()
+    assert await slow.body(headers) == BLOB  # whole: never closed
+    assert await dropped(newcomers[-1], "idle") == CAP
+
+
+async def test_when_every_connection_is_busy_the_newcomer_gets_a_503(
+    connect: Connect,
+) -> None:
+    busy = [await connect(rcvbuf=SMALL) for _ in range(CAP)]
+    assert await busy[0].get(BLOB_PATH) == (200, BLOB)  # cached: by sendfile from now on (HTTP)
+    pending = [await client.ask(BLOB_PATH) for client in busy]  # none read further
+
+    newcomer = await connect()
+    refusal = await asyncio.wait_for(newcomer.reader.read(), HANG)
+
+    assert refusal.startswith(b"HTTP/1.1 503")
+    for client, (status, headers) in zip(busy, pending, strict=True):
+        assert status == 200
+        assert await client.body(headers) == BLOB
+    assert await busy[0].metric("mirror_connections_refused_total") == 1
+    assert await dropped(busy[0], "idle") == 0
+
+
+async def test_headless_connections_make_room_before_idle_ones(connect: Connect) -> None:
+    first = await asked_once(connect, 1)
+    headless = await connect()
+    headless.send(b"GET /healthz HTTP/1.1\r\nHost: mirror\r\n")  # and never the blank line
+    idle = first + await asked_once(connect, 2)
+
+    one = await connect()
+    assert (await one.get("/healthz"))[0] == 200
+    assert await headless.closed()
+    assert (await idle[0].get("/healthz"))[0] == 200  # still open: idle since just now
+    two = await connect()
+    assert (await two.get("/healthz"))[0] == 200
+
+    assert await idle[1].closed()  # idle longest by then
+    assert (await idle[2].get("/healthz"))[0] == 200
+    assert await dropped(two, "evicted") == 1
+    assert await dropped(two, "idle") == 1
