@@ -95,6 +95,10 @@ class Holdings:
             self._known.put((upstream, repo, digest), True)
         await self._metadata.add_holdings(upstream, repo, valid, time.time())
 
+    def known_here(self, upstream: str, repo: str, digest: str) -> bool:
+        """Whether this process already knows the repository holds the digest (memory)."""
+        return self._known.get((upstream, repo, digest)) is not None
+
     async def known(self, upstream: str, repo: str, digest: str) -> bool:
         """Whether the repository is known to hold the digest (memory, then the store)."""
         key = (upstream, repo, digest)

@@ -141,7 +141,9 @@ class ManifestService:
                 upstream, repo, validate_tag(reference), head=head
             )
         else:
-            found = await self._by_digest(upstream, repo, reference, head=head, held=False)
+            found = self._standing_digest(upstream, repo, reference, head) or (
+                await self._by_digest(upstream, repo, reference, head=head, held=False)
+            )
         if decide(found.media_type, accept, by_tag=by_tag) is Verdict.SERVE:
             return found
         # A manifest list for a client that reads only single manifests: the default
@@ -319,6 +321,18 @@ class ManifestService:
         if not head:
             counts.inc(self._manifest_hit)
         return kept[1].lasting(left)
+
+    def _standing_digest(
+        self, upstream: Upstream, repo: str, digest: str, head: bool
+    ) -> Manifest | None:
+        """`_by_digest` where it needs nothing but memory: the bytes held here, and the
+        repository known here to hold them (every pull asks by digest after its tag)."""
+        cached = self._hot.get(digest)
+        if cached is None or not self._holdings.known_here(upstream.name, repo, digest):
+            return None
+        self._metrics.turn_counts.inc(self._manifest_hit)
+        media_type, stored = cached
+        return Manifest(digest, media_type, len(stored), None if head else stored)
 
     async def _shared_tag(
         self, upstream: str, repo: str, tag: str, after: float | None

@@ -87,13 +87,18 @@ class ManifestRuns:
 
 def manifest_digest(url: str) -> str:
     """GET a manifest by tag (filling the cache); the digest it answered with."""
+    return manifest_answer(url)[0]
+
+
+def manifest_answer(url: str) -> tuple[str, bytes]:
+    """GET a manifest by tag (filling the cache); its digest and bytes."""
     request = urllib.request.Request(url, headers={"Accept": ACCEPT})
     with OPENER.open(request, timeout=30) as resp:
-        resp.read()
+        body: bytes = resp.read()
         digest: str | None = resp.headers.get("Docker-Content-Digest")
     if not digest:
         raise BenchError(f"GET {url}: no Docker-Content-Digest")
-    return digest
+    return digest, body
 
 
 @dataclass(frozen=True)
@@ -107,24 +112,33 @@ class Target:
 # wrk cannot HEAD (see tests.bench.loadgen): HEAD is measured with loadgen, and so is GET by
 # tag once more, so that HEAD is compared with GET as measured by the same client.
 LOADGEN_GET, LOADGEN_HEAD = "mirror GET tag, loadgen", "mirror HEAD tag, loadgen"
+# The same answer without the mirror: a file from nginx (1 worker), and aiohttp alone.
+NGINX_FILE, FRAMEWORK = "nginx GET the manifest file", "aiohttp alone GET tag"
 
 
 def manifest_targets(
-    mirror: tuple[str, Procs], peer: tuple[str, Procs], repo: str
+    mirror: tuple[str, Procs],
+    peer: tuple[str, Procs],
+    repo: str,
+    floors: dict[str, tuple[str, Procs]] | None = None,
 ) -> dict[str, Target]:
-    """label -> what to load, each warmed by one GET first; (base URL, processes) each."""
+    """label -> what to load, each warmed by one GET first; (base URL, processes) each.
+    `floors`: NGINX_FILE and FRAMEWORK, by their full URLs."""
     (mirror_url, mine), (peer_url, peers) = mirror, peer
     tag_path = f"/v2/{repo}/manifests/latest"
     digest = manifest_digest(mirror_url + tag_path)
     manifest_digest(peer_url + tag_path)
     by_digest = f"{mirror_url}/v2/{repo}/manifests/{digest}"
-    return {
+    targets = {
         "mirror GET tag": Target("wrk", "GET", mirror_url + tag_path, mine),
         "mirror GET digest": Target("wrk", "GET", by_digest, mine),
         "peer GET tag": Target("wrk", "GET", peer_url + tag_path, peers),
         LOADGEN_GET: Target("loadgen", "GET", mirror_url + tag_path, mine),
         LOADGEN_HEAD: Target("loadgen", "HEAD", mirror_url + tag_path, mine),
     }
+    for label, (url, procs) in (floors or {}).items():
+        targets[label] = Target("wrk", "GET", url, procs)
+    return targets
 
 
 def load(target: Target, scripts: dict[str, Path], seconds: int) -> WrkResult:

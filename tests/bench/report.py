@@ -10,7 +10,15 @@ from typing import Any, Literal
 
 from tests.bench.clients import WrkResult
 from tests.bench.cpu import Used, median_used, shown
-from tests.bench.measure import LOADGEN_GET, LOADGEN_HEAD, Cold, ManifestRuns, WarmBlob
+from tests.bench.measure import (
+    FRAMEWORK,
+    LOADGEN_GET,
+    LOADGEN_HEAD,
+    NGINX_FILE,
+    Cold,
+    ManifestRuns,
+    WarmBlob,
+)
 from tests.bench.mirrorconfig import POLICY_SUMMARY, PRODUCTION
 
 MIB = 1024 * 1024
@@ -126,6 +134,34 @@ def manifest_rows(man: ManifestRuns) -> list[Row]:
             {"mirror": median_used(man.cpu["mirror GET digest"])}),
         limit_row("manifest GET by digest p99", "ms", digest_p99, P99_LIMIT_MS, limit),
     ]  # fmt: skip
+    return rows + floor_rows(man, get_rps, cpu["mirror"])
+
+
+def floor_rows(man: ManifestRuns, get_rps: float, mirror_cpu: Used) -> list[Row]:
+    """The manifest by tag beside the same answer without the mirror: what one core gives
+    for it as a file from nginx, and from aiohttp alone (no target: shown, not held)."""
+    rows = []
+    for label, what in (
+        (NGINX_FILE, "the same bytes as a file from nginx, 1 worker"),
+        (FRAMEWORK, "aiohttp alone: one route, the same answer and headers"),
+    ):
+        if label not in man.results:
+            continue
+        rps, _ = _wrk_median(man.results[label])
+        rows.append(
+            Row(
+                f"manifest GET by tag, 1 worker, beside {what}",
+                "req/s",
+                get_rps,
+                None,
+                rps,
+                None,
+                "ge",
+                0.0,
+                "shown",
+                {"mirror": mirror_cpu, label: median_used(man.cpu[label])},
+            )
+        )
     return rows
 
 

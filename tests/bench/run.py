@@ -35,6 +35,7 @@ from tests.bench import workers as workersbench
 from tests.bench.chart import write_chart
 from tests.bench.clients import OPENER
 from tests.bench.cpu import Procs, alone, tree
+from tests.bench.floor import FrameworkFloor
 from tests.bench.memory import RssSampler
 from tests.bench.mirrorconfig import check_production, write_config
 from tests.bench.nginx import NginxServer
@@ -229,8 +230,16 @@ def phase_warm(s: Stack, args: argparse.Namespace) -> tuple[list[Row], Any]:
 def phase_manifests(s: Stack, args: argparse.Namespace) -> tuple[list[Row], Any]:
     mirror = (s.mirror.url, s.mirror_procs())
     peer = (s.peer.url, {"peer": tree(s.peer.pid), **s.upstream_procs()})
-    targets = measure.manifest_targets(mirror, peer, "library/layers20")
-    runs = measure.manifests(targets, s.hub, s.workdir, args.runs, args.wrk_seconds, log)
+    tag_path = "/v2/library/layers20/manifests/latest"
+    _, body = measure.manifest_answer(s.mirror.url + tag_path)
+    (s.nginx.root / "manifest.json").write_bytes(body)
+    with FrameworkFloor(s.workdir / "floor", body) as floor:
+        floors = {
+            measure.NGINX_FILE: (f"{s.nginx.url}/manifest.json", {"nginx": tree(s.nginx.pid)}),
+            measure.FRAMEWORK: (floor.url + tag_path, {"aiohttp": tree(floor.pid)}),
+        }
+        targets = measure.manifest_targets(mirror, peer, "library/layers20", floors)
+        runs = measure.manifests(targets, s.hub, s.workdir, args.runs, args.wrk_seconds, log)
     return manifest_rows(runs), runs
 
 
