@@ -1,8 +1,11 @@
-"""Exclusive file locks that several processes of one host take on a path (flock).
+"""File locks that several processes of one host take on a path (flock).
 
 A holder unlinks its file before it unlocks it (by closing), so that a process which opened
 the path before the unlink and then got the lock sees, by `same_file`, that its file is no
 longer the one at the path, and opens it again.
+
+A reader of a cached blob may hold a shared lock on it while it sends it; a remover then
+finds the exclusive lock taken and leaves the file (`unlink_unread`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,35 @@ def try_lock(fd: int) -> bool:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
+    return True
+
+
+def try_lock_shared(fd: int) -> bool:
+    """Take a shared lock of `fd` unless an exclusive one is held (non-blocking)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def unlink_unread(path: str) -> bool | None:
+    """Unlink `path` unless some process holds a lock on it (a reader's shared one): True
+    when unlinked, False when left for its reader, None when it was gone (blocking)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        if not try_lock(fd):
+            return False
+        # Held until the close: a reader that opened the file meanwhile gets its shared
+        # lock only after the unlink, on a file no longer in the cache (it sends it whole).
+        os.unlink(path)
+    except FileNotFoundError:
+        return None
+    finally:
+        os.close(fd)
     return True
 
 
