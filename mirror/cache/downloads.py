@@ -95,12 +95,20 @@ class StoredElsewhere(Uncacheable):
     from the store (or, should it be gone again, straight from upstream)."""
 
 
+def open_plain(path: Path) -> BinaryIO:
+    return open(path, "rb")  # noqa: SIM115 (the caller closes it)
+
+
 class Download:
     """One blob on its way from upstream into the store."""
 
-    def __init__(self, digest: Digest, final: Path) -> None:
+    def __init__(
+        self, digest: Digest, final: Path, open_reading: Callable[[Path], BinaryIO] = open_plain
+    ) -> None:
         self.digest = digest
         self.final = final
+        # How a reader opens the file: with workers, locked so that no eviction removes it.
+        self._open_reading = open_reading
         self.temp: Path | None = None
         self.size: int | None = None
         self.written = 0
@@ -198,12 +206,12 @@ class Download:
         # The temp file may already have been renamed into place by the time we open it.
         if self.temp is not None:
             try:
-                return open(self.temp, "rb")  # closed by the caller
+                return self._open_reading(self.temp)  # closed by the caller
             except FileNotFoundError:
                 pass
         if self.error is not None:
             raise self.error
-        return open(self.final, "rb")  # closed by the caller
+        return self._open_reading(self.final)  # closed by the caller
 
 
 class Downloads:
@@ -228,7 +236,8 @@ class Downloads:
         self._local = local
         self._active: dict[Digest, Download] = {}
         self._tasks: dict[asyncio.Task[None], Download] = {}
-        # Called after each blob lands in the cache (the evictor listens).
+        # Called after each blob lands in the cache (the evictor counts it, and shows the
+        # cache's size from its count).
         self.on_commit: Callable[[int], None] | None = None
         # digest → the bytes it had reached when it outgrew the cache (OutgrewCache).
         self._oversized: LRU[Digest, int] = LRU(OVERSIZED_ENTRIES)
@@ -248,7 +257,7 @@ class Downloads:
         if download is not None:
             self._metrics.joined_requests.inc()
             return download
-        download = Download(digest, self._storage.blob_path(digest))
+        download = Download(digest, self._storage.blob_path(digest), self._storage.open_reading)
         self._active[digest] = download
         task = asyncio.create_task(self._run(download, upstream, repo))
         self._tasks[task] = download
@@ -449,8 +458,6 @@ class Downloads:
             del self._active[download.digest]
 
     def _committed(self, download: Download) -> None:
-        self._metrics.cache_size.inc(download.written)
-        self._metrics.cache_objects.inc()
         download.done = True
         download._notify()
         if self.on_commit is not None:

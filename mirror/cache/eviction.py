@@ -3,8 +3,9 @@
 Blobs are evicted per digest, least recently read first (a blob's mtime is its last-read
 time: `Storage.blob_size` refreshes it on hits). One blob file serves every repository
 that references it, so there is nothing per repository to get out of step. A blob being
-sent right now is skipped; one being downloaded is still in `tmp/` and never considered.
-Manifests are small and stay.
+sent right now is skipped (this process's from `busy`; with workers, any process's by the
+shared flock its reader holds on the file); one being downloaded is still in `tmp/` and
+never considered. Manifests are small and stay.
 """
 
 from __future__ import annotations
@@ -15,12 +16,22 @@ import os
 import time
 from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from mirror.observe.metrics import Metrics
 from mirror.storage import CacheStore
 from mirror.storage.base import LOW_WATER, SCAN_INTERVAL, EvictionResult
+from mirror.storage.tally import OwnTally, Tally, Turn, Usage
+from mirror.util.filelock import unlink_unread
 
 log = logging.getLogger(__name__)
+
+# Another process's pass runs while the bound is passed: look again this soon (it may die
+# mid-pass, and then nobody else would until the next blob lands).
+RETRY = 1.0
+# An explicit pass (`mirror gc`) waits for the turn, asking this often.
+TURN_POLL = 0.1
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +82,12 @@ def choose_victims(
 
 
 class Evictor:
-    """Deletes blobs when the cache passes its bounds; runs in the background."""
+    """Deletes blobs when the cache passes its bounds; runs in the background.
+
+    Each process on the directory runs one (workers: one each); `tally` (storage/tally.py)
+    is the count they keep together and whose turn it is, so one pass runs at a time over
+    every process's writes: whoever sees the bound passed and gets the turn evicts.
+    """
 
     def __init__(
         self,
@@ -80,73 +96,189 @@ class Evictor:
         max_size: int | None,
         max_idle: float | None,
         busy: Callable[[], Iterable[object]],
+        tally: Tally | None = None,
     ) -> None:
         self._storage = storage
         self._metrics = metrics
         self._max_size = max_size
         self._max_idle = max_idle
         self._busy = busy
+        self._tally = tally or OwnTally()
         self._wake = asyncio.Event()
-        # Bytes of blobs, counted up as blobs land and reset by each pass's scan, so a
-        # new blob costs an addition, not a walk of the cache.
-        self._size = 0
-        # Blobs that land while a pass scans may be missed by its scan: they are counted
-        # again on top of its result (counting twice only costs an early extra pass).
-        self._added_during_pass = 0
+        self._counting: set[asyncio.Task[None]] = set()
         metrics.cache_max_size.set(max_size or 0)
 
     @property
     def enabled(self) -> bool:
         return self._max_size is not None or self._max_idle is not None
 
+    async def start(self, size: int, objects: int) -> None:
+        """The directory as this process's start found it (the size gauges from there)."""
+        self._show(await self._call(self._tally.recount, size, objects))
+
     def added(self, size: int) -> None:
         """A blob of `size` bytes landed: ask for a pass if that passes the bound."""
-        self._size += size
-        self._added_during_pass += size
-        if self._max_size is not None and self._size > self._max_size:
+        self._count(size, blob=True)
+
+    def stored(self, size: int) -> None:
+        """A manifest of `size` bytes was written (counted in the size, not the bound)."""
+        self._count(size, blob=False)
+
+    def _count(self, size: int, blob: bool) -> None:
+        if not self._tally.blocks:
+            self._counted(self._tally.add(size, blob))
+            return
+        task = asyncio.create_task(self._count_shared(size, blob))
+        self._counting.add(task)
+        task.add_done_callback(self._counting.discard)
+
+    async def _count_shared(self, size: int, blob: bool) -> None:
+        try:
+            usage = await asyncio.to_thread(self._tally.add, size, blob)
+        except OSError as exc:  # the next pass counts it
+            log.warning("cannot count a new file in the eviction tally: %s", exc)
+            return
+        self._counted(usage)
+
+    def _counted(self, usage: Usage) -> None:
+        self._show(usage)
+        if self._over(usage):
             self._wake.set()
 
+    def _show(self, usage: Usage) -> None:
+        """The size gauges from the count (with workers, the same in each)."""
+        self._metrics.cache_size.set(usage.size)
+        self._metrics.cache_objects.set(usage.objects)
+
+    def _over(self, usage: Usage) -> bool:
+        return self._max_size is not None and usage.blobs > self._max_size
+
     async def run(self) -> None:
-        """Evict now, then on every poke or every SCAN_INTERVAL, until cancelled."""
+        """A pass now if one is due, then on every poke or when the next is due (every
+        SCAN_INTERVAL across the processes), until cancelled."""
         while True:
             try:
-                await self.evict()
+                pause = await self.pass_if_due()
             except OSError as exc:
                 log.warning("eviction pass failed: %s", exc)
-            over = self._max_size is not None and self._size > self._max_size
-            if over and self._added_during_pass:
-                continue  # blobs landed during the pass and took it over the bound again
-            await _wait_or_timeout(self._wake, SCAN_INTERVAL)
-            self._wake.clear()
+                pause = SCAN_INTERVAL
+            if pause > 0:
+                await _wait_or_timeout(self._wake, pause)
+                self._wake.clear()
+
+    async def close(self) -> None:
+        """Let the counts under way finish."""
+        await asyncio.gather(*self._counting, return_exceptions=True)
+
+    async def pass_if_due(self) -> float:
+        """One pass if it is this process's turn and one is due; the seconds until to look
+        again (0: at once, blobs landed meanwhile and passed the bound again)."""
+        turn = await self._take_turn()
+        if turn is None:
+            # Another process's pass: it looks at what lands meanwhile, but it may die
+            # mid-pass (the kernel frees its turn), so look again soon while over.
+            usage = await self._call(self._tally.read)
+            return RETRY if self._over(usage) else max(RETRY, self._until_due(usage))
+        try:
+            start = await self._call(self._tally.read)
+            if not (self._over(start) or self._until_due(start) == 0):
+                self._show(start)
+                return self._until_due(start)
+            await self._pass(start, self._max_size)
+        finally:
+            await self._release(turn)
+        # Read after the turn is let go: what landed while another process found the turn
+        # taken is seen here, by the pass it counted on.
+        after = await self._call(self._tally.read)
+        if self._over(after) and after.landed != start.landed:
+            return 0
+        return self._until_due(after)
 
     async def evict(self, max_size: int | None = None) -> EvictionResult:
-        """One pass: delete what the bounds (or an explicit `max_size`) call for."""
-        bound = max_size if max_size is not None else self._max_size
+        """One pass now, on this process's turn: delete what the bounds (or an explicit
+        `max_size`) call for."""
+        while (turn := await self._take_turn()) is None:
+            await asyncio.sleep(TURN_POLL)
+        try:
+            start = await self._call(self._tally.read)
+            bound = max_size if max_size is not None else self._max_size
+            return await self._pass(start, bound)
+        finally:
+            await self._release(turn)
+
+    async def _pass(self, start: Usage, bound: int | None) -> EvictionResult:
         busy = {str(digest) for digest in self._busy()}
-        self._added_during_pass = 0
+        self._metrics.eviction_passes.inc()
         result = await asyncio.to_thread(self._evict_sync, bound, busy)
-        self._size = result.remaining + self._added_during_pass
         size, count = await self._storage.usage()
-        self._metrics.cache_size.set(size)
-        self._metrics.cache_objects.set(count)
+        usage = await self._call(self._tally.settle, start, result.remaining, size, count)
+        self._show(usage)
         return result
+
+    def _until_due(self, usage: Usage) -> float:
+        """Seconds until a periodic pass is due (a clock set back waits one interval)."""
+        left = usage.passed + SCAN_INTERVAL - time.time()
+        return min(max(left, 0.0), SCAN_INTERVAL)
+
+    async def _take_turn(self) -> Turn | None:
+        if not self._tally.blocks:
+            return self._tally.take_turn()
+        taking = asyncio.get_running_loop().run_in_executor(None, self._tally.take_turn)
+        try:
+            return await asyncio.shield(taking)
+        except asyncio.CancelledError:
+            taking.add_done_callback(_release_taken)  # else held until the process ends
+            raise
+
+    async def _release(self, turn: Turn) -> None:
+        if self._tally.blocks:
+            await asyncio.to_thread(turn.release)  # finished even if this task is cancelled
+        else:
+            turn.release()
+
+    async def _call(self, call: Callable[..., T], *args: object) -> T:
+        """A tally call: in a thread when it waits on file locks."""
+        if self._tally.blocks:
+            return await asyncio.to_thread(call, *args)
+        return call(*args)
 
     def _evict_sync(self, max_size: int | None, busy: set[str]) -> EvictionResult:
         blobs = scan_blobs(self._storage)
         total = sum(blob.size for blob in blobs)
-        victims = choose_victims(blobs, total, max_size, self._max_idle, busy, time.time())
-        freed = 0
-        for blob, reason in victims:
-            try:
-                os.unlink(blob.path)
-            except FileNotFoundError:
-                continue
-            freed += blob.size
-            self._metrics.evictions.labels(reason).inc()
-            self._metrics.evicted_bytes.inc(blob.size)
-        if victims:
-            log.info("evicted %d blobs, %d bytes", len(victims), freed)
-        return EvictionResult(len(victims), freed, total - freed)
+        now = time.time()
+        evicted = freed = 0
+        while True:
+            victims = choose_victims(blobs, total, max_size, self._max_idle, busy, now)
+            gone: set[str] = set()
+            read_elsewhere = set()
+            for blob, reason in victims:
+                removed = unlink_unread(blob.path)
+                if removed is False:  # a reader holds it (another worker's, with workers)
+                    read_elsewhere.add(blob.digest)
+                    continue
+                gone.add(blob.path)
+                total -= blob.size
+                if removed:
+                    evicted += 1
+                    freed += blob.size
+                    self._metrics.evictions.labels(reason).inc()
+                    self._metrics.evicted_bytes.inc(blob.size)
+            if not read_elsewhere:
+                break
+            # The victims after a skipped one were chosen as if it went: choose again.
+            busy |= read_elsewhere
+            blobs = [blob for blob in blobs if blob.path not in gone]
+        if evicted:
+            log.info("evicted %d blobs, %d bytes", evicted, freed)
+        return EvictionResult(evicted, freed, total)
+
+
+def _release_taken(taking: asyncio.Future[Turn | None]) -> None:
+    if taking.cancelled() or taking.exception() is not None:
+        return
+    turn = taking.result()
+    if turn is not None:
+        turn.release()  # a close: brief enough for a callback
 
 
 async def _wait_or_timeout(event: asyncio.Event, seconds: float) -> None:

@@ -8,6 +8,7 @@ digest changed and its bytes are not cached yet. A HEAD from a client never cost
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mirror.cache.holdings import MANIFEST, Holdings, references
@@ -127,6 +128,8 @@ class ManifestService:
         self._tag_miss = requests.labels("tag", "miss")
         self._manifest_hit = requests.labels("manifest", "hit")
         self._manifest_miss = requests.labels("manifest", "miss")
+        # Told the size of each manifest file written (the evictor counts the cache's size).
+        self.on_stored: Callable[[int], None] | None = None
 
     async def close(self) -> None:
         await self._flight.close()
@@ -434,9 +437,8 @@ class ManifestService:
         except OSError as exc:  # a full or read-only disk: answer from memory anyway
             self._storage.mark_unwritable(exc)
             written = False
-        if written:
-            self._metrics.cache_size.inc(len(body))
-            self._metrics.cache_objects.inc()
+        if written and self.on_stored is not None:
+            self.on_stored(len(body))
         if catalog:  # content of the repository, not a document the mirror composed
             await self._holdings.record(upstream.name, repo, [info.digest, *references(body)])
             await self._metadata.add_repository(upstream.catalog_prefix + repo)

@@ -7,9 +7,10 @@ With `workers: N` every worker process writes its values to files in the directo
 supervisor names (PROMETHEUS_MULTIPROC_DIR) and /metrics reads them all: counters and
 histograms add up; a gauge says how: `livesum` where each worker holds its share (connections,
 downloads), `livemostrecent` or `livemax` where every worker sees the same disk, upstream or
-Redis (a dead worker's gauges are dropped). The cache's size is each worker's count (the
-scan at start, its own writes, the last eviction pass) and /metrics shows the largest: close,
-not exact, between eviction passes (`mostrecent` allows no inc()).
+Redis (a dead worker's gauges are dropped). The cache's size and objects are set, never
+added to, from the count the workers keep together (storage/tally.py: the last eviction
+pass, every worker's writes since), so the most recent value is the whole directory's:
+close, not exact, between passes.
 """
 
 from __future__ import annotations
@@ -147,13 +148,13 @@ class Metrics:
         self.cache_size = Gauge(
             "mirror_cache_size_bytes",
             "Bytes of blobs and manifests stored on disk.",
-            multiprocess_mode="livemax",
+            multiprocess_mode="livemostrecent",
             registry=r,
         )
         self.cache_objects = Gauge(
             "mirror_cache_objects",
             "Blobs and manifests stored on disk.",
-            multiprocess_mode="livemax",
+            multiprocess_mode="livemostrecent",
             registry=r,
         )
         self.ratelimit_remaining = Gauge(
@@ -211,6 +212,12 @@ class Metrics:
             "mirror_evictions",
             "Blobs evicted from the cache to stay within its bounds, by reason (size, idle).",
             ["reason"],
+            registry=r,
+        )
+        self.eviction_passes = Counter(
+            "mirror_eviction_passes",
+            "Eviction passes over the cache directory, each a scan of it (with workers, one "
+            "process's at a time).",
             registry=r,
         )
         self.evicted_bytes = Counter(

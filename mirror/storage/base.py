@@ -112,6 +112,7 @@ class CacheStore(Protocol):
     writable: bool
     on_writable_change: Callable[[bool], None] | None
     shared: bool  # other processes serve from the same directory (workers)
+    on_landed: Callable[[int], None] | None  # a blob the store put in the directory itself
 
     @property
     def root(self) -> Path: ...
@@ -142,6 +143,13 @@ class CacheStore(Protocol):
         """Checks for /readyz beyond the local directory's: name → "ok" or why not."""
 
     def blob_path(self, digest: Digest) -> Path: ...
+
+    def open_blob(self, digest: Digest) -> BinaryIO:
+        """The blob in the local directory, open for reading (blocking; the caller
+        closes it); FileNotFoundError if not there. No eviction removes it while open."""
+
+    def open_reading(self, path: Path) -> BinaryIO:
+        """A blob's file, cached or in tmp/, open as `open_blob` opens one (blocking)."""
 
     @staticmethod
     def walk(top: Path) -> Iterator[tuple[str, str]]: ...

@@ -23,11 +23,13 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from mirror.metadata.store import MetadataStore
 from mirror.oci.reference import Digest, as_digest, compute_digest
 from mirror.storage.base import Found, NoUpload, Upload
 from mirror.storage.localflight import sweep
+from mirror.util.filelock import try_lock_shared
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +52,12 @@ class Storage:
         self._probed_at = 0.0
         self.on_writable_change: Callable[[bool], None] | None = None
         # Several processes serve from this directory (workers): tmp/ holds the others'
-        # live downloads, so a starting one sweeps it (localflight.py) instead of emptying it.
+        # live downloads, so a starting one sweeps it (localflight.py) instead of emptying it,
+        # and a file being read is locked shared, so that no process's eviction removes it.
         self.shared = False
+        # Told the size of each blob the store itself puts in the directory (not those of
+        # downloads, whose service reports them): the eviction counts them.
+        self.on_landed: Callable[[int], None] | None = None
 
     def fits(self, size: int | None) -> bool:
         """Could a blob of `size` bytes be cached at all under `max_size`?"""
@@ -145,6 +151,20 @@ class Storage:
             except OSError:  # a read-only cache still serves what it has
                 pass
         return stat.st_size
+
+    def open_blob(self, digest: Digest) -> BinaryIO:
+        """The cached blob open for reading (blocking); FileNotFoundError if not there."""
+        return self.open_reading(self.blob_path(digest))
+
+    def open_reading(self, path: Path) -> BinaryIO:
+        """A blob's file (cached or still in tmp/) open for reading (blocking). With
+        workers it is locked shared until closed: an eviction pass of any process leaves it.
+        One that a pass holds right now is being removed: FileNotFoundError, as if gone."""
+        file = open(path, "rb")  # noqa: SIM115 (the caller closes it)
+        if self.shared and not try_lock_shared(file.fileno()):
+            file.close()
+            raise FileNotFoundError(errno.ENOENT, "being evicted", str(path))
+        return file
 
     async def find_blob(
         self, digest: Digest, byte_range: str | None, *, head: bool

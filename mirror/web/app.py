@@ -35,6 +35,7 @@ from mirror.observe.metrics import Metrics
 from mirror.oci.reference import parse_digest
 from mirror.storage import CacheStore, new_store
 from mirror.storage.localflight import LocalFlight
+from mirror.storage.tally import SharedTally
 from mirror.upstream.client import Upstream, new_session
 from mirror.upstream.credentials import Credentials
 from mirror.upstream.routing import Upstreams
@@ -80,6 +81,8 @@ METADATA_SNAPSHOT = "metadata.json"
 # ... or, when workers share the directory and there is no Redis, kept here by all of them.
 METADATA_DB = "metadata.sqlite"
 SNAPSHOT_INTERVAL = 30.0
+# The eviction's count and turn, shared by the workers on the directory (storage/tally.py).
+EVICTION_DIR = "eviction"
 
 
 def create_app(config: Config) -> web.Application:
@@ -119,10 +122,6 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
     storage.on_writable_change = lambda writable: gauge.set(int(writable))
     gauge.set(1)
     await storage.open()
-    size, count = await storage.usage()
-    app[metrics_key].cache_size.set(size)
-    app[metrics_key].cache_objects.set(count)
-    log.info("cache at %s holds %d objects, %d bytes", storage.root, count, size)
     watcher = asyncio.create_task(watch_disk(storage, app[metrics_key]))
     yield
     watcher.cancel()
@@ -275,11 +274,22 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     app[referrers_key] = referrers
     taglists = TagListService(manifests, metrics)
     app[taglists_key] = taglists
+    # Workers: one count of the directory and one pass at a time among them.
+    tally = SharedTally(storage.root / EVICTION_DIR) if storage.shared else None
     evictor = Evictor(
-        storage, metrics, config.storage.max_size, config.storage.max_idle, lambda: blobs.reading
+        storage,
+        metrics,
+        config.storage.max_size,
+        config.storage.max_idle,
+        lambda: blobs.reading,
+        tally,
     )
     app[evictor_key] = evictor
-    downloads.on_commit = evictor.added
+    downloads.on_commit = storage.on_landed = evictor.added
+    manifests.on_stored = evictor.stored
+    size, count = await storage.usage()
+    log.info("cache at %s holds %d objects, %d bytes", storage.root, count, size)
+    await evictor.start(size, count)
     await storage.attach(app[metadata_key], lambda: blobs.reading)
     task = asyncio.create_task(evictor.run()) if evictor.enabled else None
     yield
@@ -292,3 +302,4 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     await referrers.close()
     await sizes.close()
     await downloads.close()
+    await evictor.close()  # after the downloads: their last blobs are counted

@@ -215,7 +215,7 @@ class BlobService:
             return not_modified(headers)
         span = parse_range(request, size) if range_allowed(request, str(digest)) else None
         try:
-            file = await asyncio.to_thread(open, self._storage.blob_path(digest), "rb")
+            file = await asyncio.to_thread(self._storage.open_blob, digest)
         except FileNotFoundError:  # evicted meanwhile: served as a miss
             return None
         self._metrics.cache_requests.labels("blob", "hit").inc()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import AsyncIterator
 from typing import BinaryIO
 
@@ -27,6 +26,7 @@ from mirror.cluster.peers import UPSTREAM_UNKNOWN, PeerClient
 from mirror.net.tls import peer_context
 from mirror.oci.errors import BlobUnknown, RegistryError, Unauthorized
 from mirror.oci.reference import Digest, parse_digest
+from mirror.storage import CacheStore
 from mirror.web.errors import error_response
 from mirror.web.keys import config_key, downloads_key, metrics_key, peers_key, storage_key
 from mirror.web.sendfile import send_file
@@ -89,7 +89,7 @@ async def peer_blob(request: web.Request) -> web.StreamResponse:
     size = await storage.blob_size(digest)
     if size is None:
         raise BlobUnknown(f"blob {digest} is neither here nor being fetched here")
-    spans = _from_file(storage.blob_path(digest), offset, size)
+    spans = _from_file(storage, digest, offset, size)
     return await _send(request, digest, offset, size, spans)
 
 
@@ -133,8 +133,8 @@ async def _from_download(download: Download, offset: int) -> Spans:
         await close_file(file)
 
 
-async def _from_file(path: os.PathLike[str], offset: int, size: int) -> Spans:
-    file = await asyncio.to_thread(open, path, "rb")
+async def _from_file(storage: CacheStore, digest: Digest, offset: int, size: int) -> Spans:
+    file = await asyncio.to_thread(storage.open_blob, digest)
     try:
         if offset < size:
             yield file, offset, size - offset

@@ -64,7 +64,9 @@ class SpoolFile:
         """A new temp file, `size` bytes reserved (blocking)."""
         fd, temp = storage.new_temp(size)
         try:
-            reader = open(temp, "rb")  # noqa: SIM115 (closed by `close`)
+            # Locked shared with workers, as a cached blob's reader: once the file is kept
+            # under its digest, no process's eviction removes it while it is sent.
+            reader = storage.open_reading(temp)
         except OSError:
             storage.discard(fd, temp)
             raise
@@ -295,3 +297,6 @@ class BucketSpool:
         except OSError as exc:
             file.storage.mark_unwritable(exc)
             await asyncio.to_thread(file.drop)
+            return
+        if file.storage.on_landed is not None:  # in the local tier now: the eviction counts it
+            file.storage.on_landed(self.length)
