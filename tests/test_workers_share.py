@@ -2,11 +2,9 @@
 
     clients (aiohttp) -> 2 workers of `mirror serve` (workers: 2, one --storage) -> fake hub
 
-Each worker is started as the supervisor starts one (mirror/supervisor.py): a listening
-socket inherited, its seat in the environment, `workers: 2` in its config (which turns the
-sharing on: the file locks under tmp/ and locks/, the SQLite metadata file without Redis).
-Here the test is the supervisor and gives each worker a socket of its own, so that it can
-choose which one a client reaches, or kill one.
+Each worker is started as the supervisor starts one (tests/workers_helpers.py); here the
+test is the supervisor and gives each worker a socket of its own, so that it can choose
+which one a client reaches, or kill one.
 """
 
 from __future__ import annotations
@@ -15,72 +13,21 @@ import asyncio
 import hashlib
 import os
 import signal
-import socket
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 
-from mirror.worker import seat_environment
 from tests.fakehub import FakeHub
-from tests.resilience_helpers import MANIFEST_ACCEPT, write_config
+from tests.resilience_helpers import MANIFEST_ACCEPT
 from tests.services import MirrorProcess, RedisServer
+from tests.workers_helpers import TAG_TTL, start_workers
 
 pytestmark = pytest.mark.e2e
 
 BIG = 64 * 1024 * 1024
-TAG_TTL = 1.0
 REPO = "library/big"
-
-
-class Worker(MirrorProcess):
-    """One worker of a supervisor, on a listening socket of its own."""
-
-    def __init__(self, workdir: Path, upstream: str, index: int, extra_args: list[str]) -> None:
-        super().__init__(workdir, upstream, extra_args=extra_args)
-        self.index = index
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", self.port))
-        self.sock.listen(128)
-
-    def command(self) -> list[str]:  # the supervisor passes no --listen: the socket is bound
-        return [
-            arg
-            for arg in super().command()
-            if arg != f"127.0.0.1:{self.port}" and arg != "--listen"
-        ]
-
-    def popen_kwargs(self) -> dict[str, Any]:
-        kwargs = super().popen_kwargs()
-        seat = seat_environment(self.index, [self.sock.fileno()], os.getpid(), False)
-        kwargs["env"] = {**kwargs["env"], **seat}
-        kwargs["pass_fds"] = (self.sock.fileno(),)
-        return kwargs
-
-    def stop(self) -> None:
-        super().stop()
-        self.sock.close()
-
-
-async def start_workers(
-    stack: ExitStack, tmp_path: Path, hub: FakeHub, redis_url: str | None = None, count: int = 2
-) -> list[MirrorProcess]:
-    """`count` mirror processes on one cache directory, each in sharing mode."""
-    config: dict[str, Any] = {"workers": 2, "cache": {"tag_ttl": f"{TAG_TTL}s"}}
-    if redis_url is not None:
-        config["redis"] = {"url": redis_url}
-    processes = []
-    for index in range(count):
-        workdir = tmp_path / f"worker{index}"
-        path = write_config(workdir / "mirror.yaml", config)
-        args = ["--config", str(path), "--storage", str(tmp_path / "cache")]
-        processes.append(Worker(workdir, hub.registry_url, index, args))
-    # Started off the loop (the fake hub serves from this test's loop), side by side.
-    return list(
-        await asyncio.gather(*(asyncio.to_thread(stack.enter_context, p) for p in processes))
-    )
 
 
 async def get_blob(
