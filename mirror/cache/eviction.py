@@ -104,6 +104,7 @@ class Evictor:
         self._max_idle = max_idle
         self._busy = busy
         self._tally = tally or OwnTally()
+        self._tally.on_count = self._show
         self._wake = asyncio.Event()
         self._counting: set[asyncio.Task[None]] = set()
         metrics.cache_max_size.set(max_size or 0)
@@ -114,7 +115,7 @@ class Evictor:
 
     async def start(self, size: int, objects: int) -> None:
         """The directory as this process's start found it (the size gauges from there)."""
-        self._show(await self._call(self._tally.recount, size, objects))
+        await self._call(self._tally.recount, size, objects)
 
     def added(self, size: int) -> None:
         """A blob of `size` bytes landed: ask for a pass if that passes the bound."""
@@ -141,12 +142,12 @@ class Evictor:
         self._counted(usage)
 
     def _counted(self, usage: Usage) -> None:
-        self._show(usage)
         if self._over(usage):
             self._wake.set()
 
     def _show(self, usage: Usage) -> None:
-        """The size gauges from the count (with workers, the same in each)."""
+        """The size gauges from the count, each time it is read or changed (with workers:
+        under the tally's lock, so the most recent value is the latest count)."""
         self._metrics.cache_size.set(usage.size)
         self._metrics.cache_objects.set(usage.objects)
 
@@ -182,7 +183,6 @@ class Evictor:
         try:
             start = await self._call(self._tally.read)
             if not (self._over(start) or self._until_due(start) == 0):
-                self._show(start)
                 return self._until_due(start)
             await self._pass(start, self._max_size)
         finally:
@@ -211,8 +211,7 @@ class Evictor:
         self._metrics.eviction_passes.inc()
         result = await asyncio.to_thread(self._evict_sync, bound, busy)
         size, count = await self._storage.usage()
-        usage = await self._call(self._tally.settle, start, result.remaining, size, count)
-        self._show(usage)
+        await self._call(self._tally.settle, start, result.remaining, size, count)
         return result
 
     def _until_due(self, usage: Usage) -> float:

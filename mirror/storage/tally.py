@@ -70,7 +70,10 @@ class Turn(Protocol):
 
 class Tally(Protocol):
     """The count and the turns; `blocks`: the calls wait on file locks (run them in a
-    thread)."""
+    thread). `on_count` is told the count each time it is read or changed (with workers,
+    in the caller's thread, under the tally's lock: in the order of the changes)."""
+
+    on_count: Callable[[Usage], None] | None
 
     @property
     def blocks(self) -> bool: ...
@@ -93,23 +96,27 @@ class OwnTally:
     blocks = False
 
     def __init__(self) -> None:
+        self.on_count: Callable[[Usage], None] | None = None
         self._usage = Usage()
         self._turn: _OwnTurn | None = None
 
     def read(self) -> Usage:
-        return self._usage
+        return self._told(self._usage)
 
     def add(self, size: int, blob: bool) -> Usage:
-        self._usage = self._usage.added(size, blob)
-        return self._usage
+        return self._told(self._usage.added(size, blob))
 
     def recount(self, size: int, objects: int) -> Usage:
-        self._usage = self._usage.recounted(size, objects)
-        return self._usage
+        return self._told(self._usage.recounted(size, objects))
 
     def settle(self, start: Usage, blobs: int, size: int, objects: int) -> Usage:
-        self._usage = self._usage.settled(start, blobs, size, objects)
-        return self._usage
+        return self._told(self._usage.settled(start, blobs, size, objects))
+
+    def _told(self, usage: Usage) -> Usage:
+        self._usage = usage
+        if self.on_count is not None:
+            self.on_count(usage)
+        return usage
 
     def take_turn(self) -> Turn | None:
         if self._turn is not None:
@@ -134,6 +141,7 @@ class SharedTally:
     blocks = True
 
     def __init__(self, directory: Path) -> None:
+        self.on_count: Callable[[Usage], None] | None = None
         self.directory = directory
         self._tally = directory / "tally"
         self._turn = directory / "turn"
@@ -172,10 +180,13 @@ class SharedTally:
         try:
             locked = _lock_patiently(fd)
             usage = _parse(os.pread(fd, 256, 0))
-            if change is None or not locked:
+            if not locked:
                 return usage
-            usage = change(usage)
-            os.pwrite(fd, _format(usage), 0)
+            if change is not None:
+                usage = change(usage)
+                os.pwrite(fd, _format(usage), 0)
+            if self.on_count is not None:
+                self.on_count(usage)
             return usage
         finally:
             os.close(fd)
