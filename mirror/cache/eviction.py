@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
@@ -107,6 +108,8 @@ class Evictor:
         self._tally.on_count = self._show
         self._wake = asyncio.Event()
         self._counting: set[asyncio.Task[None]] = set()
+        # The thread of the pass under way: its turn is let go only once it has stopped.
+        self._evicting: asyncio.Future[EvictionResult] | None = None
         metrics.cache_max_size.set(max_size or 0)
 
     @property
@@ -209,7 +212,14 @@ class Evictor:
     async def _pass(self, start: Usage, bound: int | None) -> EvictionResult:
         busy = {str(digest) for digest in self._busy()}
         self._metrics.eviction_passes.inc()
-        result = await asyncio.to_thread(self._evict_sync, bound, busy)
+        stop = threading.Event()
+        loop = asyncio.get_running_loop()
+        self._evicting = loop.run_in_executor(None, self._evict_sync, bound, busy, stop)
+        try:
+            result = await asyncio.shield(self._evicting)
+        except asyncio.CancelledError:
+            stop.set()  # before its next file: no other process's pass is to overlap it
+            raise
         size, count = await self._storage.usage()
         await self._call(self._tally.settle, start, result.remaining, size, count)
         return result
@@ -230,6 +240,10 @@ class Evictor:
             raise
 
     async def _release(self, turn: Turn) -> None:
+        evicting = self._evicting
+        if evicting is not None and not evicting.done():  # cancelled mid-pass
+            evicting.add_done_callback(lambda _: turn.release())
+            return
         if self._tally.blocks:
             await asyncio.to_thread(turn.release)  # finished even if this task is cancelled
         else:
@@ -241,7 +255,9 @@ class Evictor:
             return await asyncio.to_thread(call, *args)
         return call(*args)
 
-    def _evict_sync(self, max_size: int | None, busy: set[str]) -> EvictionResult:
+    def _evict_sync(
+        self, max_size: int | None, busy: set[str], stop: threading.Event
+    ) -> EvictionResult:
         blobs = scan_blobs(self._storage)
         total = sum(blob.size for blob in blobs)
         now = time.time()
@@ -251,6 +267,8 @@ class Evictor:
             gone: set[str] = set()
             read_elsewhere = set()
             for blob, reason in victims:
+                if stop.is_set():
+                    return EvictionResult(evicted, freed, total)
                 removed = unlink_unread(blob.path)
                 if removed is False:  # a reader holds it (another worker's, with workers)
                     read_elsewhere.add(blob.digest)
