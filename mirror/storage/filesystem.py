@@ -6,6 +6,8 @@ Layout under `storage.path`:
     manifests/sha256/ab/abcdef...   "<media type>\\n" then the manifest bytes
     tmp/                            downloads in progress; emptied at start (swept, with
                                     workers: storage/localflight.py)
+    eviction/                       with workers: their eviction's count and turn
+                                    (storage/tally.py)
 
 A file appears under its digest only by `rename` from `tmp/` (same filesystem, so atomic)
 after its hash matched and it was fsynced: a reader never sees a partial or wrong file.
