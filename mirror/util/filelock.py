@@ -38,7 +38,7 @@ def unlink_unread(path: str) -> bool | None:
     """Unlink `path` unless some process holds a lock on it (a reader's shared one): True
     when unlinked, False when left for its reader, None when it was gone (blocking)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = _open_to_lock(path)
     except FileNotFoundError:
         return None
     try:
@@ -52,6 +52,15 @@ def unlink_unread(path: str) -> bool | None:
     finally:
         os.close(fd)
     return True
+
+
+def _open_to_lock(path: str) -> int:
+    # For writing where allowed: NFS emulates flock with POSIX locks, whose exclusive kind
+    # needs a descriptor open for writing.
+    try:
+        return os.open(path, os.O_RDWR)
+    except PermissionError:
+        return os.open(path, os.O_RDONLY)
 
 
 def same_file(fd: int, path: Path) -> bool:
