@@ -42,7 +42,6 @@ _CREDENTIAL = re.compile(
 # Every name _CREDENTIAL matches holds one of these (casefolded, as its (?i) matches): a line
 # without any, nearly every line, is not searched (the search was a fifth of a request).
 _CREDENTIAL_HINTS = ("authorization", "token", "signature", "credential", "password", "secret")
-_HINT = re.compile("|".join(_CREDENTIAL_HINTS))
 ISO_SECONDS = "%Y-%m-%dT%H:%M:%S"
 # A request line's fields by name, made only for a line that shows them (JSON).
 Fields = Callable[[], dict[str, Any]]
@@ -163,7 +162,8 @@ def _escape(ch: str) -> str:
 
 def redact(text: str) -> str:
     """Credentials that follow their name (Authorization: ..., X-Amz-Signature=...) hidden."""
-    if _HINT.search(text.casefold()) is None:
+    folded = text.casefold()
+    if not any(hint in folded for hint in _CREDENTIAL_HINTS):
         return text
     return _CREDENTIAL.sub(lambda m: f"{m.group(1)}{m.group(2)}<redacted>", text)
 
