@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -36,24 +34,10 @@ from tests.fakehub import FakeHub
 from tests.resilience_helpers import metric_value
 from tests.services import REPO_ROOT
 from tests.test_s3 import local_blob, settled
+from tests.workers_helpers import eventually
 
 Client = TestClient[Any, Any]
 KB = 1000
-
-
-async def eventually(what: str, check: Callable[[], object | Awaitable[object]]) -> None:
-    """Poll `check()` (awaited if it is a coroutine) until true; fail naming `what` after
-    a generous while (no timing is asserted)."""
-    deadline = time.monotonic() + 30.0
-    while True:
-        outcome = check()
-        if inspect.isawaitable(outcome):
-            outcome = await outcome
-        if outcome:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @contextlib.asynccontextmanager

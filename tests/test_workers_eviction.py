@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import os
 import re
@@ -20,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -31,25 +30,10 @@ from mirror.web.app import EVICTION_DIR
 from tests.fakehub import FakeHub
 from tests.resilience_helpers import cached_blob_path, log_since_last_start, write_config
 from tests.services import REPO_ROOT, MirrorProcess
-from tests.workers_helpers import start_workers
+from tests.workers_helpers import eventually, start_workers
 
 MIB = 1024 * 1024
 REPO = "library/app"
-
-
-async def eventually(what: str, check: Callable[[], object | Awaitable[object]]) -> None:
-    """Poll `check()` (awaited if it is a coroutine) until true; fail naming `what` after
-    a generous while (no timing is asserted)."""
-    deadline = time.monotonic() + 60.0
-    while True:
-        outcome = check()
-        if inspect.isawaitable(outcome):
-            outcome = await outcome
-        if outcome:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def tally(cache: Path) -> Usage:

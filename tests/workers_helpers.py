@@ -7,8 +7,11 @@ file without Redis)."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import socket
+import time
+from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -73,3 +76,20 @@ async def start_workers(
     return list(
         await asyncio.gather(*(asyncio.to_thread(stack.enter_context, p) for p in processes))
     )
+
+
+async def eventually(
+    what: str, check: Callable[[], object | Awaitable[object]], timeout: float = 60.0
+) -> None:
+    """Poll `check()` (awaited if it is a coroutine) until true; fail naming `what` after
+    a generous while (no timing is asserted)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        outcome = check()
+        if inspect.isawaitable(outcome):
+            outcome = await outcome
+        if outcome:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)

@@ -293,6 +293,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     await storage.attach(app[metadata_key], lambda: blobs.reading)
     task = asyncio.create_task(evictor.run()) if evictor.enabled else None
     yield
+    metrics.turn_counts.flush()  # the last turn's counts, before a worker's files close
     if task is not None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
