@@ -84,7 +84,9 @@ class Holdings:
 
     def note(self, upstream: str, repo: str, digest: str) -> None:
         """Known to this process only: what a tag record of the repository already says."""
-        self._known.put((upstream, repo, digest), True)
+        key = (upstream, repo, digest)
+        if self._known.get(key) is None:  # a look-up keeps it recent, for less than a put
+            self._known.put(key, True)
 
     async def record(self, upstream: str, repo: str, digests: Iterable[object]) -> None:
         """The repository holds these (they came through it): for every replica."""
