@@ -6,13 +6,15 @@ import asyncio
 import hashlib
 import os
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
 from mirror.config import Config, UpstreamConfig
-from mirror.upstream.body import parse_content_range
+from mirror.upstream.body import BlobBody, parse_content_range
 from mirror.web.app import create_app
 from tests.test_blobs import wait_cached
 
@@ -31,6 +33,37 @@ from tests.test_blobs import wait_cached
 )
 def test_content_range(value: str, parsed: tuple[int, int | None] | None) -> None:
     assert parse_content_range(value) == parsed
+
+
+class _Reading(asyncio.Protocol):
+    """What a StreamReader pauses and resumes: nothing to do here."""
+
+    def pause_reading(self, **_: object) -> None: ...
+
+    def resume_reading(self, **_: object) -> None: ...
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_a_body_is_handed_out_in_the_pieces_received(chunked: bool) -> None:
+    """Pieces buffered while the loop was busy come out as they are, not joined into a
+    new bytes (a copy of every byte of a layer); HTTP chunk boundaries end nothing."""
+    reader = aiohttp.StreamReader(_Reading(), 2**16, loop=asyncio.get_running_loop())  # type: ignore[arg-type]
+    pieces = [os.urandom(1000), os.urandom(3000), os.urandom(10)]
+    for piece in pieces:
+        if chunked:
+            reader.begin_http_chunk_receiving()
+        reader.feed_data(piece)
+        if chunked:
+            reader.end_http_chunk_receiving()
+    reader.feed_eof()
+
+    # aiohttp's response, as far as a body reads it: its length and its stream.
+    response = SimpleNamespace(content=reader, content_length=None)
+    body = BlobBody(response, 0, None)  # type: ignore[arg-type]
+
+    got = [piece async for piece in body.chunks()]
+
+    assert len(got) == 3 and all(a is b for a, b in zip(got, pieces, strict=True))
 
 
 async def test_blob_without_length_reaches_the_client_whole(

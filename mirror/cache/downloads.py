@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 # Bytes gathered from the socket before one write (and hash) in a worker thread: large
 # enough that thread hand-offs cost little, small enough that readers see steady progress.
 WRITE_CHUNK = 1024 * 1024
+# Received pieces held for one write at most: a peer sending tiny pieces makes more writes,
+# not a longer list.
+MAX_PIECES = 1024
 # Largest span handed to one sendfile call, so that readers of one blob take turns.
 MAX_SPAN = 16 * 1024 * 1024
 MIN_SPAN = 4 * 1024 * 1024
@@ -554,7 +557,7 @@ class Downloads:
         and the socket work at the same time, and memory stays at two buffers."""
         pending: asyncio.Future[None] | None = None
 
-        async def flush(data: bytearray) -> None:
+        async def flush(data: bytes) -> None:
             nonlocal pending
             if pending is not None:
                 previous, pending = pending, None
@@ -562,17 +565,21 @@ class Downloads:
             if data:
                 pending = asyncio.ensure_future(self._flush(fd, hasher, data, download, upstream))
 
-        buffer = bytearray()
+        # The pieces as received, joined once per write: one copy, where a growing
+        # bytearray copies again each time it reallocates.
+        pieces: list[bytes] = []
+        held = 0
         try:
             async for chunk in body.chunks():
-                buffer += chunk
-                if len(buffer) >= WRITE_CHUNK:
-                    await flush(buffer)
-                    buffer = bytearray()
+                pieces.append(chunk)
+                held += len(chunk)
+                if held >= WRITE_CHUNK or len(pieces) >= MAX_PIECES:
+                    await flush(b"".join(pieces))
+                    pieces, held = [], 0
         except BODY_ERRORS as exc:
             # What did arrive is good: keep it, so a resume starts after it.
-            await flush(buffer)
-            await flush(bytearray())
+            await flush(b"".join(pieces))
+            await flush(b"")
             raise TransferBroken(
                 f"blob {download.digest} transfer from upstream broke at byte "
                 f"{download.written}: {type(exc).__name__}"
@@ -580,11 +587,11 @@ class Downloads:
         finally:
             if pending is not None:  # an error or cancellation: let the write settle
                 await asyncio.gather(pending, return_exceptions=True)
-        await flush(buffer)
-        await flush(bytearray())
+        await flush(b"".join(pieces))
+        await flush(b"")
 
     async def _flush(
-        self, fd: int, hasher: hashlib._Hash, data: bytearray, download: Download, upstream: str
+        self, fd: int, hasher: hashlib._Hash, data: bytes, download: Download, upstream: str
     ) -> None:
         claim, reached = download.claim, download.written + len(data)
         if download.size is None and not self._storage.fits(reached):
@@ -635,7 +642,7 @@ async def close_file(file: BinaryIO) -> None:
         raise
 
 
-def _write_all(fd: int, data: bytearray, then: Callable[[], None] | None = None) -> None:
+def _write_all(fd: int, data: bytes, then: Callable[[], None] | None = None) -> None:
     view = memoryview(data)
     while view:
         written = os.write(fd, view)
