@@ -12,6 +12,8 @@ from types import TracebackType
 
 import aiohttp
 
+from mirror.net.pieces import received_pieces
+
 # What reading a body raises when the transfer breaks (cut, reset, stalled past the read
 # timeout): callers catch these, as they catch DOWN_ERRORS for Redis.
 BODY_ERRORS = (aiohttp.ClientError, TimeoutError)
@@ -72,7 +74,7 @@ class BlobBody:
         A broken transfer raises BODY_ERRORS; bytes past the limit raise its error (a
         body without a length is cut there, the bytes over it never handed out)."""
         content = self._response.content
-        chunks = _received(content) if size is None else content.iter_chunked(size)
+        chunks = received_pieces(content) if size is None else content.iter_chunked(size)
         if self._limit is None:
             return chunks
         return _Bounded(chunks, self.offset, self._limit, self._response)
@@ -91,18 +93,6 @@ class BlobBody:
         tb: TracebackType | None,
     ) -> None:
         await self._response.__aexit__(exc_type, exc, tb)
-
-
-async def _received(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    """The body in the pieces it was received in. `iter_any` joins every piece buffered
-    meanwhile into one new bytes: a copy of each byte of a layer on the event loop, made
-    whenever the loop was busy (serving the clients that follow the download)."""
-    while True:
-        data, boundary = await content.readchunk()
-        if data:
-            yield data
-        elif not boundary:  # (b"", False): the end
-            return
 
 
 class _Bounded:

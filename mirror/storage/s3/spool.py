@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import aiohttp
 from botocore.exceptions import BotoCoreError
 
+from mirror.net.pieces import received_pieces
 from mirror.observe.metrics import Metrics
 from mirror.oci.reference import Digest
 from mirror.storage.base import StoreReadError
@@ -39,10 +40,6 @@ log = logging.getLogger(__name__)
 # Bytes gathered from the socket per write in the thread: a few hundred thread hops for a
 # large blob rather than thousands.
 BATCH = 4 * 1024 * 1024
-# Bytes asked of the body per read. aiohttp buffers twice what is asked before it stops
-# reading the socket, and joins what it holds into one object: a larger ask costs copies,
-# and beyond glibc's mmap threshold (allocator.py) a fresh mapping to fault in each time.
-READ = 1024 * 1024
 # The largest span handed to sendfile at once (counted in the metrics as it goes).
 MAX_SPAN = 64 * 1024 * 1024
 # Bytes read back per hash update once the object is in.
@@ -253,8 +250,9 @@ class BucketSpool:
             raise StoreReadError(f"bucket sent {self.written} of {self.length} bytes")
 
     async def _chunks(self) -> AsyncIterator[bytes]:
+        # The pieces as received: the body's read(n) would join them into new bytes.
         try:
-            while chunk := await self._body.read(READ):
+            async for chunk in received_pieces(self._body.raw_stream.content):
                 yield chunk
         except READ_ERRORS as exc:
             raise StoreReadError(f"bucket read broke: {type(exc).__name__}") from None
