@@ -98,15 +98,11 @@ class StoredElsewhere(Uncacheable):
     from the store (or, should it be gone again, straight from upstream)."""
 
 
-def open_plain(path: Path) -> BinaryIO:
-    return open(path, "rb")  # noqa: SIM115 (the caller closes it)
-
-
 class Download:
     """One blob on its way from upstream into the store."""
 
     def __init__(
-        self, digest: Digest, final: Path, open_reading: Callable[[Path], BinaryIO] = open_plain
+        self, digest: Digest, final: Path, open_reading: Callable[[Path], BinaryIO]
     ) -> None:
         self.digest = digest
         self.final = final

@@ -195,8 +195,11 @@ class TextFormatter(_SecondStamps):
     def formatMessage(self, record: logging.LogRecord) -> str:
         return escape_controls(redact(super().formatMessage(record)))
 
-    def direct(self, created: float, name: str, message: str, request_id: str, _: Fields) -> str:
-        """The line `format` gives an INFO record of `name` made at `created`."""
+    def direct(
+        self, created: float, name: str, message: str, request_id: str, _: int | None, __: Fields
+    ) -> str:
+        """The line `format` gives an INFO record of `name` made at `created` (the worker's
+        index is in the format already)."""
         asctime = f"{self._stamp(int(created), self.datefmt)},{_millis(created):03d}"
         values = {
             "asctime": asctime, "levelname": "INFO", "name": name,
@@ -208,8 +211,6 @@ class TextFormatter(_SecondStamps):
 class JsonFormatter(_SecondStamps):
     """One JSON object per line: time, level, logger, message, request id, extras."""
 
-    worker: int | None = None  # the worker's index for lines written without a record
-
     def format(self, record: logging.LogRecord) -> str:
         exception = self.formatException(record.exc_info) if record.exc_info else None
         return self._line(
@@ -219,7 +220,13 @@ class JsonFormatter(_SecondStamps):
         )  # fmt: skip
 
     def direct(
-        self, created: float, name: str, message: str, request_id: str, access: Fields
+        self,
+        created: float,
+        name: str,
+        message: str,
+        request_id: str,
+        worker: int | None,
+        access: Fields,
     ) -> str:
         """The line `format` gives an INFO record of `name` made at `created`."""
         return self._line(
@@ -228,7 +235,7 @@ class JsonFormatter(_SecondStamps):
             name,
             message,
             request_id,
-            self.worker,
+            worker,
             access(),
             None,
         )
@@ -269,6 +276,7 @@ class LineHandler(logging.StreamHandler[TextIO]):
             self.addFilter(WorkerFilter(worker))
         self._own_filters = len(self.filters)
         self.setFormatter(formatter)
+        self._worker = worker
         self._pending: list[str] = []
 
     def plain(self) -> bool:
@@ -282,7 +290,7 @@ class LineHandler(logging.StreamHandler[TextIO]):
     def write(self, name: str, message: str, access: Fields, request_id: str) -> None:
         formatter = cast(TextFormatter | JsonFormatter, self.formatter)
         try:
-            line = formatter.direct(time.time(), name, message, request_id, access)
+            line = formatter.direct(time.time(), name, message, request_id, self._worker, access)
         except Exception:  # as StreamHandler.emit: a log line never fails a request
             self.handleError(logging.makeLogRecord({"name": name, "msg": message}))
             return
@@ -328,7 +336,6 @@ def setup_logging(level: str, fmt: str, worker: int | None = None) -> None:
     if fmt == "json":
         formatter = JsonFormatter()
         formatter.converter = time.gmtime
-        formatter.worker = worker
     else:
         where = "" if worker is None else f" worker={worker}"
         formatter = TextFormatter(TEXT_FORMAT.replace(" [", f"{where} [", 1))

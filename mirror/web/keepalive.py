@@ -12,15 +12,11 @@ see. tests/test_connections.py fails should aiohttp change either.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
-# Called by the handler when its connection waits for a request, nothing left to answer.
-OnIdle = Callable[[], None]
-# A protocol for a new connection, given what to call when it goes idle.
-IdleReportingFactory = Callable[[OnIdle], asyncio.Protocol]
+from mirror.web.connections import OnIdle, ProtocolFactory
 
 
 class IdleReportingHandler(web.RequestHandler):
@@ -42,7 +38,7 @@ class IdleReportingHandler(web.RequestHandler):
             self._on_idle()
 
 
-def idle_reporting(server: web.Server) -> IdleReportingFactory:
+def idle_reporting(server: web.Server) -> ProtocolFactory:
     """Handlers as `server()` makes them (its own arguments), reporting when idle."""
     # Server.__call__ builds RequestHandler(server, loop=..., **server._kwargs); aiohttp has
     # no parameter for the handler class, so the same arguments go to the subclass.

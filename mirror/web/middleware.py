@@ -61,28 +61,28 @@ async def _answer(request: web.Request, handler: Handler, ids: RequestIds) -> we
     request_id = ids(request.headers.get(REQUEST_ID_HEADER))
     request_id_var.set(request_id)  # each request runs in its own task: no reset needed
     request[request_id_key] = request_id
-    response = await _handled(request, handler)
+    try:
+        record_origin(request)
+        await authorize(request)
+        check_pull(request)
+        response = await handler(request)
+    except (RegistryError, web.HTTPMethodNotAllowed, web.HTTPNotFound) as exc:
+        response = _error(request, exc)
     if not response.prepared:  # a streamed answer was stamped before its head went out
         stamp(request, response)
     return response
 
 
-async def _handled(request: web.Request, handler: Handler) -> web.StreamResponse:
-    head = request.method == "HEAD"
-    try:
-        record_origin(request)
-        await authorize(request)
-        check_pull(request)
-        return await handler(request)
-    except RegistryError as exc:
-        if exc.from_upstream:
-            upstream = request.get(upstream_name_key, "-")
-            repository = request.match_info.get("name", "-")
-            request.app[failures_key].warn(upstream, repository, exc, exc.message)
-        return error_response(exc, head=head)
-    except web.HTTPMethodNotAllowed:
-        refused = Unsupported(f"{request.method} is not supported by a pull-through mirror")
-        return error_response(refused, head=head)
-    except web.HTTPNotFound:
-        unknown = EndpointUnknown(f"no such endpoint: {request.path[:200]}")
-        return error_response(unknown, head=head)
+def _error(
+    request: web.Request, exc: RegistryError | web.HTTPMethodNotAllowed | web.HTTPNotFound
+) -> web.Response:
+    """The OCI error body for a refusal, ours or the router's."""
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        exc = Unsupported(f"{request.method} is not supported by a pull-through mirror")
+    elif isinstance(exc, web.HTTPNotFound):
+        exc = EndpointUnknown(f"no such endpoint: {request.path[:200]}")
+    elif exc.from_upstream:
+        upstream = request.get(upstream_name_key, "-")
+        repository = request.match_info.get("name", "-")
+        request.app[failures_key].warn(upstream, repository, exc, exc.message)
+    return error_response(exc, head=request.method == "HEAD")

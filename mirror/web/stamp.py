@@ -10,7 +10,8 @@ from aiohttp import web
 from mirror.observe.logs import REQUEST_ID_HEADER
 
 API_VERSION = "Docker-Distribution-API-Version"
-API_VERSION_HEADER = {API_VERSION: "registry/2.0"}
+API_VERSION_VALUE = "registry/2.0"
+API_VERSION_HEADER = {API_VERSION: API_VERSION_VALUE}
 request_id_key = web.RequestKey("request_id", str)
 
 
@@ -20,7 +21,7 @@ def stamp(request: web.BaseRequest, response: web.StreamResponse) -> None:
     if request_id is not None:
         headers[REQUEST_ID_HEADER] = request_id
     if request.path.startswith("/v2"):
-        headers[API_VERSION] = "registry/2.0"
+        headers[API_VERSION] = API_VERSION_VALUE
         # Manifests, blobs and errors are data, never a page: a browser must not sniff an
         # upstream's bytes into HTML or script.
         headers["X-Content-Type-Options"] = "nosniff"
