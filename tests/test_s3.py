@@ -118,6 +118,29 @@ async def test_cold_pull_lands_each_object_under_its_key(
     assert hub.stats["cdn_get"] == 3  # one upstream fetch per blob
 
 
+async def test_parts_go_up_with_an_unsigned_payload(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config
+) -> None:
+    """The body is not hashed into each part's signature: the blob is verified by digest
+    on every read back, and the hash cost a CPU-second per GiB here and in the server."""
+    layer = os.urandom(9 * MiB)
+    digest = hub.content.add_blob(layer)
+    client = await make_client(storage=storage(tmp_path, s3))
+    store = client.app[storage_key]
+    assert isinstance(store, TieredStorage)
+    sent: dict[str, bytes] = {}
+
+    def record(request: Any, **_: Any) -> None:
+        sent[request.url.split("?")[1]] = request.headers["X-Amz-Content-SHA256"]
+
+    store.bucket.client.meta.events.register("before-send.s3.UploadPart", record)
+    assert await (await client.get(f"/v2/library/app/blobs/{digest}")).read() == layer
+    await settled(client)
+
+    assert len(sent) == 2  # 9 MiB in an 8 MiB part and the rest
+    assert set(sent.values()) == {b"UNSIGNED-PAYLOAD"}
+
+
 async def test_concurrent_cold_clients_make_one_fetch_and_one_upload(
     hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
 ) -> None:

@@ -94,7 +94,15 @@ class Bucket:
         raise ConfigError (the mirror must not start); an unreachable one only marks it down."""
         cfg = self.config
         config = AioConfig(
-            s3={"addressing_style": "path" if cfg.path_style else "virtual"},
+            s3={
+                "addressing_style": "path" if cfg.path_style else "virtual",
+                # The body is not hashed into the signature (UNSIGNED-PAYLOAD): every
+                # object is a blob named by its digest and hashed on each read back
+                # (spool.py), so a second SHA-256 of each part here (on the event loop)
+                # and another in the S3 server bought nothing but about a CPU-second
+                # per GiB. The signature still covers the method, key and headers.
+                "payload_signing_enabled": False,
+            },
             # SigV4 everywhere, presigned URLs included (botocore may pick V2 for them).
             signature_version="s3v4",
             retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
