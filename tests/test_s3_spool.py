@@ -113,9 +113,12 @@ class CuttingGateway:
     half the body, then the connection dropped); everything else passes as it is. The
     signature holds: the Host the mirror signed goes through unchanged."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, cuts: bool = True) -> None:
         self.target = target
+        self.cuts = cuts
         self.cut = 0
+        # Each whole blob GET: (its query's names, whether it carried an Authorization).
+        self.blob_gets: list[tuple[list[str], bool]] = []
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self.forward)
         self.server = TestServer(app, host="127.0.0.1")
@@ -130,8 +133,10 @@ class CuttingGateway:
             ) as got,
         ):
             data = await got.read()
-            cutting = request.method == "GET" and "/blobs/" in request.path
-            cutting = cutting and got.status == 200 and "Range" not in request.headers
+            whole = request.method == "GET" and "/blobs/" in request.path
+            if whole and "Range" not in request.headers:
+                self.blob_gets.append((list(request.query), "Authorization" in request.headers))
+            cutting = self.cuts and whole and got.status == 200 and "Range" not in request.headers
             passed = {k: v for k, v in got.headers.items() if k.lower() != "transfer-encoding"}
             resp = web.StreamResponse(status=got.status, headers=passed)
             resp.content_length = len(data)
@@ -170,6 +175,30 @@ async def test_a_bucket_read_cut_short_cuts_the_client_and_keeps_nothing(
     assert await no_temp_files(tmp_path / "second") == []
     assert not local_blob(tmp_path / "second", digest).exists()
     assert rgw.s3().get(s3.bucket, key("blobs", digest)) == layer
+
+
+async def test_over_plain_http_a_whole_object_is_one_presigned_get(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    """Its body spliced into the local tier (net/splice.py): one S3 request, signed in its
+    URL (no Authorization header), the bytes right and the copy kept."""
+    layer, digest = await in_bucket_only(hub, make_client, tmp_path, s3, 6 * MiB)
+    gateway = CuttingGateway(rgw.endpoint, cuts=False)
+    await gateway.server.start_server()
+    try:
+        endpoint = str(gateway.server.make_url("")).rstrip("/")
+        second = await make_client(storage=storage(tmp_path, s3, "second", endpoint=endpoint))
+        resp = await second.get(f"/v2/library/app/blobs/{digest}")
+        assert await resp.read() == layer
+        kept = await eventually_exists(local_blob(tmp_path / "second", digest))
+    finally:
+        await gateway.server.close()
+
+    assert kept.read_bytes() == layer
+    assert len(gateway.blob_gets) == 1
+    query, authorization = gateway.blob_gets[0]
+    assert "X-Amz-Signature" in query and not authorization
+    assert await s3_requests(second, "GetObject") == 1
 
 
 def test_a_spool_file_takes_parts_at_an_offset_and_hashes_what_it_holds(

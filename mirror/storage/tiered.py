@@ -1,8 +1,9 @@
 """The cache in an S3 bucket, with the directory as a local tier in front of it.
 
-    blob GET:  local tier (sendfile) ─ miss ─► one GetObject (Range passed through): a
-               whole object through a temp file of the local tier (sendfile from it as
-               it lands, kept once verified), a range relayed
+    blob GET:  local tier (sendfile) ─ miss ─► one GET (Range passed through): a whole
+               object through a temp file of the local tier (sendfile from it as it
+               lands, kept once verified; over plain HTTP a presigned GET spliced into
+               it), a range relayed
                ─ 404 ─► upstream, as a cold miss; with `redirect`: a 307 to a presigned
                URL when the records say the bucket has it (no S3 request)
     download:  temp file in the local tier, uploaded to the bucket as it grows; the object
@@ -16,6 +17,8 @@ relayed from upstream uncached (as with a full disk): `writable_now` is False th
 from __future__ import annotations
 
 import asyncio
+import enum
+import http.client
 import logging
 import os
 import time
@@ -27,15 +30,17 @@ from botocore.exceptions import ClientError
 
 from mirror.config.s3 import S3Config
 from mirror.metadata.store import MetadataStore
+from mirror.net.splice import SplicedGet, can_splice
 from mirror.observe.metrics import Metrics
 from mirror.oci.reference import Digest, as_digest, compute_digest
 from mirror.storage.base import BlobSize, Found, NoUpload, RangeOutsideBlob, Redirect, Upload
 from mirror.storage.filesystem import Storage
-from mirror.storage.s3.bucket import S3_ERRORS, Bucket
+from mirror.storage.s3.bucket import CONNECT_TIMEOUT, READ_TIMEOUT, S3_ERRORS, Bucket
 from mirror.storage.s3.index import BucketIndex
 from mirror.storage.s3.keys import KINDS, Kind
 from mirror.storage.s3.read import BucketStream
-from mirror.storage.s3.spool import BucketSpool, SpoolFile
+from mirror.storage.s3.sources import PiecesSource, SplicedSource
+from mirror.storage.s3.spool import BucketSpool, SpoolFile, SpoolSource
 from mirror.storage.s3.upload import PARTS_IN_FLIGHT, BucketUpload
 from mirror.storage.sharing import Alone, BucketSharing
 
@@ -48,6 +53,17 @@ ABANDONED_AFTER = 3600.0
 # place this long after its download (for readers that joined late), then deleted.
 OVERSIZE_GRACE = 60.0
 VERIFY_PARALLEL = 4
+# A spliced GET's presigned URL is used at once: it need not live longer.
+SPLICE_URL_TTL = 60.0
+
+
+class FallBack(enum.Enum):
+    """A spliced GET did not serve: the GetObject does."""
+
+    TOKEN = enum.auto()
+
+
+FALL_BACK = FallBack.TOKEN
 
 
 class TieredStorage(Storage):
@@ -72,6 +88,8 @@ class TieredStorage(Storage):
         self._filling: set[Digest] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._part_slots = asyncio.Semaphore(PARTS_IN_FLIGHT)
+        # Whole objects over plain HTTP are spliced into the local tier (net/splice.py).
+        self._splice = config.endpoint is not None and can_splice(config.endpoint)
 
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -158,6 +176,10 @@ class TieredStorage(Storage):
     async def _open_stream(
         self, digest: Digest, key: str, byte_range: str | None
     ) -> BucketStream | BucketSpool | None:
+        if byte_range is None and self._splice and digest not in self._filling:
+            spliced = await self._open_spliced(digest, key)
+            if spliced is not FALL_BACK:
+                return spliced
         try:
             response = await self.bucket.get(key, byte_range)
         except ClientError as exc:
@@ -168,7 +190,68 @@ class TieredStorage(Storage):
             return None
         await self.index.read(digest)
         status = response["ResponseMetadata"]["HTTPStatusCode"]
-        file = await self._spool_file(digest, status, response["ContentLength"])
+        length = response["ContentLength"]
+        file = await self._spool_file(digest, status, length)
+        if file is None:
+            return BucketStream(response, self._metrics, self._reading(digest))
+        return self._spool(digest, length, PiecesSource(response["Body"]), file)
+
+    async def _open_spliced(self, digest: Digest, key: str) -> BucketSpool | None | FallBack:
+        """A whole object by a presigned GET, its body spliced into the local tier; None
+        when the bucket has no such object. Any other answer, or no room here, falls back
+        to the GetObject (its retries and errors as ever)."""
+        self._filling.add(digest)  # claimed before the GET: a reader meanwhile is relayed
+        spool: BucketSpool | None = None
+        get: SplicedGet | None = None
+        try:
+            url = await self.bucket.presign(key, SPLICE_URL_TTL)
+            get = SplicedGet(url, READ_TIMEOUT, connect_timeout=CONNECT_TIMEOUT)
+            if not await self._opened(get, key):
+                return FALL_BACK
+            if get.status == 404:
+                return None
+            if get.status != 200 or get.length is None:
+                return FALL_BACK
+            await self.index.read(digest)
+            file = await self._new_spool_file(get.length)
+            if file is None:
+                return FALL_BACK
+            spool = self._spool(digest, get.length, SplicedSource(get), file)
+            return spool
+        finally:
+            if spool is None:
+                if get is not None:
+                    get.close()
+                self._filling.discard(digest)
+
+    async def _opened(self, get: SplicedGet, key: str) -> bool:
+        started = time.monotonic()
+        try:
+            await asyncio.to_thread(get.open)
+        except (OSError, http.client.HTTPException) as exc:
+            self.bucket.count("GetObject", "error", started)
+            log.debug("spliced GET of %s failed: %s", key, type(exc).__name__)
+            return False
+        self.bucket.count("GetObject", str(get.status), started)
+        return True
+
+    def _spool(
+        self, digest: Digest, length: int, source: SpoolSource, file: SpoolFile
+    ) -> BucketSpool:
+        return BucketSpool(
+            length,
+            source,
+            digest,
+            file,
+            self._metrics,
+            on_mismatch=lambda: self._delete_blob(digest),
+            on_close=self._reading(digest),
+            on_settled=lambda: self._filling.discard(digest),
+            in_background=self._in_background,
+        )
+
+    def _reading(self, digest: Digest) -> Callable[[], None]:
+        """Count a read of the object under way; the callable ends it."""
         name = str(digest)
         self.reading[name] += 1
 
@@ -178,19 +261,7 @@ class TieredStorage(Storage):
                 del self.reading[name]
             self._in_background(self._sharing.end_read(name, self._config.evict_grace))
 
-        if file is None:
-            return BucketStream(response, self._metrics, done)
-
-        return BucketSpool(
-            response,
-            digest,
-            file,
-            self._metrics,
-            on_mismatch=lambda: self._delete_blob(digest),
-            on_close=done,
-            on_settled=lambda: self._filling.discard(digest),
-            in_background=self._in_background,
-        )
+        return done
 
     def _in_background(self, work: Coroutine[None, None, None]) -> None:
         """Run `work` to its end whatever the client does (closing waits for it)."""
@@ -201,19 +272,24 @@ class TieredStorage(Storage):
     async def _spool_file(self, digest: Digest, status: int, size: int) -> SpoolFile | None:
         """A temp file of the local tier for a whole-object read, unless one is being
         filled with this blob already or the local tier cannot take it now."""
-        if status != 200 or digest in self._filling or not super().fits(size):
+        if status != 200 or digest in self._filling:
             return None
         self._filling.add(digest)
-        file = None
+        file = await self._new_spool_file(size)
+        if file is None:
+            self._filling.discard(digest)
+        return file
+
+    async def _new_spool_file(self, size: int) -> SpoolFile | None:
+        """A temp file with `size` bytes reserved, if the local tier can take it now."""
+        if not super().fits(size):
+            return None
         try:
             if await super().writable_now():
-                file = await asyncio.to_thread(SpoolFile.create, self, size)
+                return await asyncio.to_thread(SpoolFile.create, self, size)
         except OSError as exc:
             self.mark_unwritable(exc)
-        finally:
-            if file is None:
-                self._filling.discard(digest)
-        return file
+        return None
 
     async def _delete_blob(self, digest: Digest) -> None:
         """Remove a bucket object that does not match its digest."""

@@ -211,6 +211,11 @@ class Bucket:
             self._metrics.s3_up.set(1)
         self.up = True
 
+    def count(self, operation: str, status: str, started: float) -> None:
+        """A request made outside the S3 client (a presigned GET), in the same metrics."""
+        self._metrics.s3_requests.labels(operation, status).inc()
+        self._metrics.s3_duration.labels(operation).observe(time.monotonic() - started)
+
     async def _call(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
         started = time.monotonic()
         status = "error"

@@ -1,10 +1,11 @@
 """A whole bucket object spooled into a temp file of the local tier, sent to the client from it.
 
-The object's bytes go from the GET's socket into the temp file (large writes, in a thread)
-and from the file to the client by sendfile as they land: nothing goes out through Python
-(no joins, buffer copies or per-chunk writes through aiohttp), and the local copy, written
-anyway, is the buffer. The bucket's pace is not held to the client's: a slow client reads
-the file behind the GET.
+The object's bytes go from the GET's socket into the temp file and from the file to the
+client by sendfile as they land: nothing goes out through Python, and the local copy,
+written anyway, is the buffer. The bucket's pace is not held to the client's: a slow
+client reads the file behind the GET. Over plain HTTP the GET is a presigned URL's, its
+body spliced into the file inside the kernel (`SplicedSource`, net/splice.py); otherwise
+the GetObject's body is written in large batches from a thread (`PiecesSource`).
 
 An object is in the bucket only once its digest matched (see upload.py), so its bytes go
 to the client unhashed. The file is hashed after the GET ended, and renamed under the
@@ -21,30 +22,21 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO, Protocol
 
-import aiohttp
-from botocore.exceptions import BotoCoreError
+from prometheus_client import Counter
 
-from mirror.net.pieces import received_pieces
 from mirror.observe.metrics import Metrics
 from mirror.oci.reference import Digest
 from mirror.storage.base import StoreReadError
 from mirror.storage.filesystem import Storage
 
-if TYPE_CHECKING:
-    from types_aiobotocore_s3.type_defs import GetObjectOutputTypeDef
-
 log = logging.getLogger(__name__)
 
-# Bytes gathered from the socket per write in the thread: a few hundred thread hops for a
-# large blob rather than thousands.
-BATCH = 4 * 1024 * 1024
 # The largest span handed to sendfile at once (counted in the metrics as it goes).
 MAX_SPAN = 64 * 1024 * 1024
 # Bytes read back per hash update once the object is in.
 HASH_READ = 1024 * 1024
-READ_ERRORS = (aiohttp.ClientError, BotoCoreError, TimeoutError, OSError)
 
 
 class SpoolFile:
@@ -120,6 +112,18 @@ def _advance(views: list[memoryview], count: int) -> list[memoryview]:
     return views
 
 
+class SpoolSource(Protocol):
+    """Where a spool's bytes come from."""
+
+    async def land(self, file: SpoolFile, landed: Callable[[int], None], counted: Counter) -> None:
+        """Write the object into `file` from offset 0, calling `landed(bytes in the file)`
+        as they land; StoreReadError when the source breaks, OSError when the disk
+        refuses. Cancellable: returns only once nothing writes to the file any more."""
+
+    def close(self) -> None:
+        """Let go of the connection."""
+
+
 class BucketSpool:
     """One whole-object GetObject landing in the local tier (see the module docstring)."""
 
@@ -128,7 +132,8 @@ class BucketSpool:
 
     def __init__(
         self,
-        response: GetObjectOutputTypeDef,
+        length: int,
+        source: SpoolSource,
         digest: Digest,
         file: SpoolFile,
         metrics: Metrics,
@@ -137,10 +142,10 @@ class BucketSpool:
         on_settled: Callable[[], None],
         in_background: Callable[[Coroutine[None, None, None]], None],
     ) -> None:
-        self.length: int = response["ContentLength"]
+        self.length = length
         self.written = 0
         self.error: StoreReadError | None = None
-        self._body = response["Body"]
+        self._source = source
         self._digest = digest
         self._file = file
         self._metrics = metrics
@@ -183,7 +188,7 @@ class BucketSpool:
                 self._copying.cancel()
             await asyncio.shield(self._run_task)
         finally:
-            self._body.close()
+            self._source.close()
             await asyncio.to_thread(self._file.close_reader)
             self._on_close()
 
@@ -223,45 +228,12 @@ class BucketSpool:
             self._on_settled()
 
     async def _copy(self) -> None:
-        """Read the body in batches; each is written in a thread while the next is read
-        (one write in flight: memory stays at about two batches)."""
-        received = self._metrics.s3_bytes.labels("received")
-        pending: asyncio.Future[None] | None = None
-        parts: list[bytes] = []
-        gathered = 0
-        try:
-            async for chunk in self._chunks():
-                received.inc(len(chunk))
-                parts.append(chunk)
-                gathered += len(chunk)
-                if gathered >= BATCH:
-                    if pending is not None:
-                        await pending
-                    pending = asyncio.ensure_future(self._flush(parts))
-                    parts, gathered = [], 0
-            if pending is not None:
-                await pending
-            pending = None
-            await self._flush(parts)
-        finally:
-            if pending is not None:  # cancelled or broken: let the write settle first
-                await asyncio.gather(pending, return_exceptions=True)
+        await self._source.land(self._file, self._landed, self._metrics.s3_bytes.labels("received"))
         if self.written != self.length:
             raise StoreReadError(f"bucket sent {self.written} of {self.length} bytes")
 
-    async def _chunks(self) -> AsyncIterator[bytes]:
-        # The pieces as received: the body's read(n) would join them into new bytes.
-        try:
-            async for chunk in received_pieces(self._body.raw_stream.content):
-                yield chunk
-        except READ_ERRORS as exc:
-            raise StoreReadError(f"bucket read broke: {type(exc).__name__}") from None
-
-    async def _flush(self, parts: list[bytes]) -> None:
-        if not parts:
-            return
-        offset = self.written
-        self.written += await asyncio.to_thread(self._file.write, parts, offset)
+    def _landed(self, written: int) -> None:
+        self.written = written
         self._notify()
 
     async def _keep_if_matching(self) -> None:
