@@ -23,6 +23,9 @@ Each accepted connection's protocol (aiohttp's request handler) is wrapped in a
   So under a flood of slow connections `/healthz` and real clients still get in, and
   clients that asked once and went quiet (daemons after a pull, or a hoarder) cannot lock
   new ones out until `keepalive_timeout`.
+
+The wrapped protocol writes through a `HeldWrites` (net/heldwrites.py): the small writes
+of every connection in one loop turn leave together at its end.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import cast
 
+from mirror.net.heldwrites import HeldWrites, TurnWrites
 from mirror.observe.guard_metrics import GuardMetrics
 
 # What the wrapped protocol calls when its connection sits idle in keep-alive.
@@ -55,6 +59,8 @@ class ConnectionGuard:
         self.max_connections = max_connections
         self.header_timeout = header_timeout
         self.metrics = metrics
+        # Small writes of a loop turn go out at its end, together (net/heldwrites.py).
+        self.writes = TurnWrites()
         self._open: set[GuardedConnection] = set()
         # The first entry is the connection waiting longest. An OrderedDict, not a dict:
         # taking a dict's first entry again and again walks the ones deleted before it.
@@ -134,7 +140,9 @@ class GuardedConnection(asyncio.Protocol):
             return
         self._admitted = True
         self._await_head()
-        self._inner.connection_made(transport)
+        # The guard's own closes go through it too: held bytes leave before a close.
+        self._transport = held = HeldWrites(transport, self._guard.writes)
+        self._inner.connection_made(held)
 
     def data_received(self, data: bytes) -> None:
         if not self._admitted:
