@@ -26,6 +26,9 @@ from urllib.parse import urlsplit
 
 # Bytes moved per splice pair: the pipe is grown to this where the system allows.
 PIPE_SIZE = 1024 * 1024
+# Progress is reported (a wake-up of the event loop, and a sendfile after it) per this
+# many bytes landed, and at the end: a socket read brings 64-256 KiB at a time.
+REPORT_EVERY = 4 * 1024 * 1024
 # A wait for the socket looks at the stop flag this often (seconds).
 POLL_SLICE = 0.25
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux
@@ -96,11 +99,14 @@ class SplicedGet:
                 fcntl.fcntl(writer, _F_SETPIPE_SZ, PIPE_SIZE)
             poller = select.poll()
             poller.register(sock.fileno(), select.POLLIN)
+            reported = done
             while done < length:
                 moved = self._from_socket(sock.fileno(), writer, length - done, poller, stop)
                 _pipe_to_file(reader, fd, moved, done)
                 done += moved
-                progress(done)
+                if done - reported >= REPORT_EVERY or done == length:
+                    progress(done)
+                    reported = done
         finally:
             os.close(reader)
             os.close(writer)
