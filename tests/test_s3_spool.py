@@ -17,8 +17,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from mirror.config.s3 import S3Config
 from mirror.oci.reference import parse_digest
+from mirror.storage import tiered
 from mirror.storage.filesystem import Storage
 from mirror.storage.s3.spool import SpoolFile, _advance
+from mirror.web.keys import storage_key
 from tests.conftest import MakeClient
 from tests.fakehub import FakeHub
 from tests.rgw import CephRGW
@@ -199,6 +201,36 @@ async def test_over_plain_http_a_whole_object_is_one_presigned_get(
     query, authorization = gateway.blob_gets[0]
     assert "X-Amz-Signature" in query and not authorization
     assert await s3_requests(second, "GetObject") == 1
+
+
+async def test_with_every_splice_thread_busy_a_read_takes_the_getobject(
+    hub: FakeHub,
+    make_client: MakeClient,
+    tmp_path: Path,
+    s3: S3Config,
+    rgw: CephRGW,
+) -> None:
+    """A spliced read holds a thread of its own pool for the whole transfer: with none
+    free, the object comes by the S3 client (signed headers), still whole and kept."""
+    layer, digest = await in_bucket_only(hub, make_client, tmp_path, s3, 6 * MiB)
+    gateway = CuttingGateway(rgw.endpoint, cuts=False)
+    await gateway.server.start_server()
+    try:
+        endpoint = str(gateway.server.make_url("")).rstrip("/")
+        second = await make_client(storage=storage(tmp_path, s3, "second", endpoint=endpoint))
+        store = second.app[storage_key]
+        assert isinstance(store, tiered.TieredStorage)
+        store._splicing = tiered.MAX_SPLICES  # as if that many transfers held them
+        resp = await second.get(f"/v2/library/app/blobs/{digest}")
+        assert await resp.read() == layer
+        kept = await eventually_exists(local_blob(tmp_path / "second", digest))
+    finally:
+        await gateway.server.close()
+
+    assert kept.read_bytes() == layer
+    assert len(gateway.blob_gets) == 1
+    query, authorization = gateway.blob_gets[0]
+    assert "X-Amz-Signature" not in query and authorization
 
 
 def test_a_spool_file_takes_parts_at_an_offset_and_hashes_what_it_holds(

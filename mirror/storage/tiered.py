@@ -24,6 +24,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from botocore.exceptions import ClientError
@@ -55,6 +56,8 @@ OVERSIZE_GRACE = 60.0
 VERIFY_PARALLEL = 4
 # A spliced GET's presigned URL is used at once: it need not live longer.
 SPLICE_URL_TTL = 60.0
+# Bucket reads spliced at once, each a thread for its whole transfer.
+MAX_SPLICES = 16
 
 
 class FallBack(enum.Enum):
@@ -88,8 +91,13 @@ class TieredStorage(Storage):
         self._filling: set[Digest] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._part_slots = asyncio.Semaphore(PARTS_IN_FLIGHT)
-        # Whole objects over plain HTTP are spliced into the local tier (net/splice.py).
+        # Whole objects over plain HTTP are spliced into the local tier (net/splice.py),
+        # each holding a thread of its own pool for the whole transfer (never one of the
+        # loop's default threads, which every file operation needs); with all of them
+        # busy, a read takes the GetObject.
         self._splice = config.endpoint is not None and can_splice(config.endpoint)
+        self._splicers = ThreadPoolExecutor(MAX_SPLICES, thread_name_prefix="bucket-splice")
+        self._splicing = 0
 
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -100,6 +108,7 @@ class TieredStorage(Storage):
 
     async def close(self) -> None:
         await asyncio.gather(*self._background, return_exceptions=True)
+        self._splicers.shutdown(wait=False, cancel_futures=True)
         await self._sharing.close()
         await self.index.close()
         await self.bucket.close()
@@ -176,7 +185,8 @@ class TieredStorage(Storage):
     async def _open_stream(
         self, digest: Digest, key: str, byte_range: str | None
     ) -> BucketStream | BucketSpool | None:
-        if byte_range is None and self._splice and digest not in self._filling:
+        splice = self._splice and self._splicing < MAX_SPLICES
+        if byte_range is None and splice and digest not in self._filling:
             spliced = await self._open_spliced(digest, key)
             if spliced is not FALL_BACK:
                 return spliced
@@ -201,6 +211,7 @@ class TieredStorage(Storage):
         when the bucket has no such object. Any other answer, or no room here, falls back
         to the GetObject (its retries and errors as ever)."""
         self._filling.add(digest)  # claimed before the GET: a reader meanwhile is relayed
+        self._splicing += 1
         spool: BucketSpool | None = None
         get: SplicedGet | None = None
         try:
@@ -216,18 +227,23 @@ class TieredStorage(Storage):
             file = await self._new_spool_file(get.length)
             if file is None:
                 return FALL_BACK
-            spool = self._spool(digest, get.length, SplicedSource(get), file)
+            source = SplicedSource(get, self._splicers, self._splice_done)
+            spool = self._spool(digest, get.length, source, file)
             return spool
         finally:
             if spool is None:
                 if get is not None:
                     get.close()
                 self._filling.discard(digest)
+                self._splice_done()
+
+    def _splice_done(self) -> None:
+        self._splicing -= 1
 
     async def _opened(self, get: SplicedGet, key: str) -> bool:
         started = time.monotonic()
         try:
-            await asyncio.to_thread(get.open)
+            await asyncio.get_running_loop().run_in_executor(self._splicers, get.open)
         except (OSError, http.client.HTTPException) as exc:
             self.bucket.count("GetObject", "error", started)
             log.debug("spliced GET of %s failed: %s", key, type(exc).__name__)

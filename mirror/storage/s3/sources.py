@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -80,8 +81,10 @@ class SplicedSource:
     """A presigned GET's body spliced from its socket into the file (net/splice.py), in a
     thread; the loop hears how far it got."""
 
-    def __init__(self, get: SplicedGet) -> None:
+    def __init__(self, get: SplicedGet, threads: Executor, done: Callable[[], None]) -> None:
         self._get = get
+        self._threads = threads  # one held for the whole transfer: not the loop's default
+        self._done: Callable[[], None] | None = done
 
     async def land(self, file: SpoolFile, landed: Callable[[int], None], counted: Counter) -> None:
         loop = asyncio.get_running_loop()
@@ -97,9 +100,7 @@ class SplicedSource:
         def progress(done: int) -> None:  # in the thread
             loop.call_soon_threadsafe(report, done)
 
-        work = asyncio.ensure_future(
-            asyncio.to_thread(self._get.splice_into, file.fd, progress, stop)
-        )
+        work = loop.run_in_executor(self._threads, self._get.splice_into, file.fd, progress, stop)
         try:
             await asyncio.shield(work)
         except asyncio.CancelledError:
@@ -112,3 +113,6 @@ class SplicedSource:
 
     def close(self) -> None:
         self._get.close()
+        done, self._done = self._done, None
+        if done is not None:
+            done()
