@@ -6,6 +6,7 @@ moment of the machine falls on all of them rather than on one.
 
 from __future__ import annotations
 
+import os
 import time
 import urllib.request
 from collections.abc import Callable
@@ -214,11 +215,20 @@ def metered_direct_fetch(hub: FakeHubProcess, blob: BigBlob, upstream: Procs) ->
     return seconds, cpu.used
 
 
+def settle_disk() -> None:
+    """Write out what earlier parts left dirty before a timed part that writes: the
+    previous target's 512 MiB in writeback would throttle this one's writes (each cold
+    part is measured on its own, as a cold burst after a quiet disk)."""
+    os.sync()
+    time.sleep(0.2)
+
+
 def cold_run(
     target: tuple[str, str, Procs], blob: BigBlob, hub: FakeHubProcess, clients: int
 ) -> ColdRun:
     """`clients` concurrent GETs of blob from (name, base URL, processes)."""
     name, base_url, procs = target
+    settle_disk()
     hub.reset()
     with CpuMeter(procs, "curl") as cpu:
         wall, fetches = curl_together(base_url + blob.path(), blob.size, clients)

@@ -24,7 +24,13 @@ from pathlib import Path
 
 from tests.bench.clients import CURL_FORMAT, BenchError, Fetch, curl_together, wrk, wrk_script
 from tests.bench.cpu import CpuMeter, Procs, Used, alone, median_used, tree, workers
-from tests.bench.measure import cdn_fetches, manifest_digest, metered_direct_fetch, warm_up
+from tests.bench.measure import (
+    cdn_fetches,
+    manifest_digest,
+    metered_direct_fetch,
+    settle_disk,
+    warm_up,
+)
 from tests.bench.mirrorconfig import PRODUCTION, check_production, production
 from tests.bench.nginx import NginxServer
 from tests.bench.report import MIB, Row, limit_row, median, ratio
@@ -203,6 +209,7 @@ def cold(
         with CpuMeter(nginx_procs, "curl") as cpu:
             out.nginx.append(curl_together(nginx_url, direct_blob.size, clients)[0])
         out.add_cpu("nginx", cpu.used)
+        settle_disk()
         hub.reset()
         with CpuMeter({**s.procs(), **upstream}, "curl") as cpu:
             wall, _ = curl_together(s.mirror.url + blob.path(), blob.size, clients)
