@@ -46,6 +46,16 @@ async def stall(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def trickle(request: web.Request) -> web.StreamResponse:
+    """64 KiB in pieces of 4 KiB every 0.1 s: never a pipe's worth waiting at once."""
+    resp = web.StreamResponse(headers={"Content-Length": str(64 * 1024)})
+    await resp.prepare(request)
+    for i in range(16):
+        await resp.write(BODY[i * 4096 : (i + 1) * 4096])
+        await asyncio.sleep(0.1)
+    return resp
+
+
 async def chunked(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse()
     resp.enable_chunked_encoding()
@@ -71,6 +81,7 @@ async def server() -> AsyncIterator[TestServer]:
     app.router.add_get("/cut", cut)
     app.router.add_get("/stall", stall)
     app.router.add_get("/chunked", chunked)
+    app.router.add_get("/trickle", trickle)
     app.router.add_get("/overlong", overlong)
     async with TestServer(app, host="127.0.0.1") as srv:
         yield srv
@@ -127,6 +138,15 @@ async def test_a_sender_that_stalls_times_out(server: TestServer, tmp_path: Path
     with pytest.raises(BodyBroken, match="no bytes for 0.5s"):
         await splice(SplicedGet(url(server, "/stall"), timeout=0.5), tmp_path / "out")
     assert asyncio.get_running_loop().time() - started < 5
+
+
+async def test_a_slow_sender_is_read_as_it_sends(server: TestServer, tmp_path: Path) -> None:
+    """The socket wakes the reader only once a pipe's worth waits (SO_RCVLOWAT), yet a
+    sender slower than that is read every poll slice: its bytes keep the read alive."""
+    get = SplicedGet(url(server, "/trickle"), timeout=0.6)
+    done, _ = await splice(get, tmp_path / "out")
+    assert done == 64 * 1024
+    assert (tmp_path / "out").read_bytes() == BODY[: 64 * 1024]
 
 
 async def test_a_stop_is_prompt(server: TestServer, tmp_path: Path) -> None:
