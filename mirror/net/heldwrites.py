@@ -6,8 +6,8 @@ node-local client), each send wakes the client's thread on another core: an
 inter-processor interrupt per response, which in a virtual machine costs about as much as
 the rest of a cached manifest answer. Held to the end of the turn, the answers of one turn
 go out back to back, and a client thread woken by the first finds the others there. (The
-bench's manifest GET: one interrupt per 10 answers instead of one per answer, and
-11-19 % less CPU per request.)
+bench's manifest GET: one interrupt per 10 answers instead of one per answer, and 11 to
+28 % less CPU per request in interleaved runs.)
 
 Only small writes wait, up to HOLD_LIMIT bytes per connection: a larger one sends what
 waits and goes straight on, so a streamed body keeps the transport's flow control
