@@ -179,24 +179,43 @@ async def test_a_bucket_read_cut_short_cuts_the_client_and_keeps_nothing(
     assert rgw.s3().get(s3.bucket, key("blobs", digest)) == layer
 
 
-async def test_over_plain_http_a_whole_object_is_one_presigned_get(
-    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
-) -> None:
-    """Its body spliced into the local tier (net/splice.py): one S3 request, signed in its
-    URL (no Authorization header), the bytes right and the copy kept."""
+async def read_through_gateway(
+    hub: FakeHub,
+    make_client: MakeClient,
+    tmp_path: Path,
+    s3: S3Config,
+    rgw: CephRGW,
+    busy: bool = False,
+) -> tuple[bytes, bytes, CuttingGateway, Client]:
+    """A blob in the bucket only, read by a mirror whose endpoint is a recording gateway
+    in front of RGW (`busy`: every splice thread taken): (layer, body, gateway, mirror)."""
     layer, digest = await in_bucket_only(hub, make_client, tmp_path, s3, 6 * MiB)
     gateway = CuttingGateway(rgw.endpoint, cuts=False)
     await gateway.server.start_server()
     try:
         endpoint = str(gateway.server.make_url("")).rstrip("/")
         second = await make_client(storage=storage(tmp_path, s3, "second", endpoint=endpoint))
+        if busy:
+            store = second.app[storage_key]
+            assert isinstance(store, tiered.TieredStorage)
+            store._splicing = tiered.MAX_SPLICES  # as if that many transfers held them
         resp = await second.get(f"/v2/library/app/blobs/{digest}")
-        assert await resp.read() == layer
+        body = await resp.read()
         kept = await eventually_exists(local_blob(tmp_path / "second", digest))
     finally:
         await gateway.server.close()
-
     assert kept.read_bytes() == layer
+    return layer, body, gateway, second
+
+
+async def test_over_plain_http_a_whole_object_is_one_presigned_get(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    """Its body spliced into the local tier (net/splice.py): one S3 request, signed in its
+    URL (no Authorization header), the bytes right and the copy kept."""
+    layer, body, gateway, second = await read_through_gateway(hub, make_client, tmp_path, s3, rgw)
+
+    assert body == layer
     assert len(gateway.blob_gets) == 1
     query, authorization = gateway.blob_gets[0]
     assert "X-Amz-Signature" in query and not authorization
@@ -204,30 +223,15 @@ async def test_over_plain_http_a_whole_object_is_one_presigned_get(
 
 
 async def test_with_every_splice_thread_busy_a_read_takes_the_getobject(
-    hub: FakeHub,
-    make_client: MakeClient,
-    tmp_path: Path,
-    s3: S3Config,
-    rgw: CephRGW,
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
 ) -> None:
     """A spliced read holds a thread of its own pool for the whole transfer: with none
     free, the object comes by the S3 client (signed headers), still whole and kept."""
-    layer, digest = await in_bucket_only(hub, make_client, tmp_path, s3, 6 * MiB)
-    gateway = CuttingGateway(rgw.endpoint, cuts=False)
-    await gateway.server.start_server()
-    try:
-        endpoint = str(gateway.server.make_url("")).rstrip("/")
-        second = await make_client(storage=storage(tmp_path, s3, "second", endpoint=endpoint))
-        store = second.app[storage_key]
-        assert isinstance(store, tiered.TieredStorage)
-        store._splicing = tiered.MAX_SPLICES  # as if that many transfers held them
-        resp = await second.get(f"/v2/library/app/blobs/{digest}")
-        assert await resp.read() == layer
-        kept = await eventually_exists(local_blob(tmp_path / "second", digest))
-    finally:
-        await gateway.server.close()
+    layer, body, gateway, _ = await read_through_gateway(
+        hub, make_client, tmp_path, s3, rgw, busy=True
+    )
 
-    assert kept.read_bytes() == layer
+    assert body == layer
     assert len(gateway.blob_gets) == 1
     query, authorization = gateway.blob_gets[0]
     assert "X-Amz-Signature" not in query and authorization

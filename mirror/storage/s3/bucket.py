@@ -212,7 +212,8 @@ class Bucket:
         self.up = True
 
     def count(self, operation: str, status: str, started: float) -> None:
-        """A request made outside the S3 client (a presigned GET), in the same metrics."""
+        """One request in the S3 metrics: the client's, or one made outside it (a presigned
+        GET)."""
         self._metrics.s3_requests.labels(operation, status).inc()
         self._metrics.s3_duration.labels(operation).observe(time.monotonic() - started)
 
@@ -238,8 +239,7 @@ class Bucket:
             self._failed(type(exc).__name__)
             raise BucketUnavailable(type(exc).__name__) from None
         finally:
-            self._metrics.s3_requests.labels(operation, status).inc()
-            self._metrics.s3_duration.labels(operation).observe(time.monotonic() - started)
+            self.count(operation, status, started)
 
     # --- objects ---------------------------------------------------------------------------
     async def get(self, key: str, byte_range: str | None = None) -> GetObjectOutputTypeDef | None:
