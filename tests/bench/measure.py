@@ -6,7 +6,6 @@ moment of the machine falls on all of them rather than on one.
 
 from __future__ import annotations
 
-import os
 import time
 import urllib.request
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from tests.bench.clients import (
 from tests.bench.cpu import CpuMeter, Procs, Used
 from tests.bench.loadgen import loadgen
 from tests.bench.seeding import BigBlob
+from tests.bench.settle import settle
 from tests.services import DockerDaemon, FakeHubProcess
 
 Log = Callable[[str], None]
@@ -69,6 +69,7 @@ def warm_blob(
     used: dict[str, list[Used]] = {name: [] for name in urls}
     for _ in range(runs):
         for name, (url, procs) in urls.items():
+            settle()
             with CpuMeter(procs, "curl") as cpu:
                 seconds[name].append(curl_get(url, blob.size).seconds)
             used[name].append(cpu.used)
@@ -210,17 +211,10 @@ def direct_fetch(hub: FakeHubProcess, blob: BigBlob) -> float:
 
 def metered_direct_fetch(hub: FakeHubProcess, blob: BigBlob, upstream: Procs) -> tuple[float, Used]:
     """direct_fetch, with the CPU seconds of the upstream's processes and of curl."""
+    settle()
     with CpuMeter(upstream, "curl") as cpu:
         seconds = direct_fetch(hub, blob)
     return seconds, cpu.used
-
-
-def settle_disk() -> None:
-    """Write out what earlier parts left dirty before a timed part that writes: the
-    previous target's 512 MiB in writeback would throttle this one's writes (each cold
-    part is measured on its own, as a cold burst after a quiet disk)."""
-    os.sync()
-    time.sleep(0.2)
 
 
 def cold_run(
@@ -228,7 +222,7 @@ def cold_run(
 ) -> ColdRun:
     """`clients` concurrent GETs of blob from (name, base URL, processes)."""
     name, base_url, procs = target
-    settle_disk()
+    settle()
     hub.reset()
     with CpuMeter(procs, "curl") as cpu:
         wall, fetches = curl_together(base_url + blob.path(), blob.size, clients)

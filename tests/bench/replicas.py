@@ -25,10 +25,11 @@ from urllib.parse import urlsplit
 
 from tests.bench.clients import WrkResult, curl_together, wrk, wrk_script
 from tests.bench.cpu import CpuMeter, Procs, Used, alone, median_used, tree
-from tests.bench.measure import manifest_digest, metered_direct_fetch, settle_disk
+from tests.bench.measure import manifest_digest, metered_direct_fetch
 from tests.bench.mirrorconfig import check_production, write_config
 from tests.bench.report import Row, limit_row, median, ratio
 from tests.bench.seeding import BigBlob, seed_big
+from tests.bench.settle import settle
 from tests.loadbalancer import HAProxy
 from tests.rgw import CephRGW
 from tests.services import FakeHubProcess, MirrorProcess, RedisServer, free_port
@@ -170,11 +171,12 @@ def cold(
         out.direct.append(seconds)
         out.add_cpu(DIRECT, used)
         nginx = {"haproxy": tree(s.spread.pid), **nginx_procs}
+        settle()
         with CpuMeter(nginx, "curl") as cpu:
             url = f"{s.spread.nginx_url}/big0.bin"
             out.nginx.append(curl_together(url, direct_blob.size, CLIENTS)[0])
         out.add_cpu(NGINX, cpu.used)
-        settle_disk()
+        settle()
         hub.reset()
         with CpuMeter({**s.procs(REPLICAS), **upstream}, "curl") as cpu:
             wall, _ = curl_together(s.spread.url + blob.path(), blob.size, CLIENTS)

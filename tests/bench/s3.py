@@ -29,6 +29,7 @@ from tests.bench.memory import RssSampler
 from tests.bench.mirrorconfig import check_production, write_config
 from tests.bench.report import MIB, RSS_LIMIT_MIB, Row, limit_row, median, ratio
 from tests.bench.seeding import BigBlob
+from tests.bench.settle import settle
 from tests.rgw import CephRGW, ceph_available
 from tests.services import MirrorProcess, RedisServer
 
@@ -189,6 +190,7 @@ def warm(s: S3Stack, blob: BigBlob, nginx_url: str, runs: int, log: Log) -> S3Wa
     redirect_url = s.redirect.url + blob.path()
     for run in range(runs):
         s.restart_empty()
+        settle()
         (seconds, used), n = _counted(s, lambda: _metered_get(url, blob.size, s.procs()))
         out.bucket_cpu.append(used)
         out.bucket_seconds.append(seconds)
@@ -198,6 +200,7 @@ def warm(s: S3Stack, blob: BigBlob, nginx_url: str, runs: int, log: Log) -> S3Wa
         out.local_seconds.append(seconds)
         out.requests["local"].append(n)
         out.nginx_seconds.append(curl_get(nginx_url, blob.size).seconds)
+        settle()
         with CpuMeter(s.rgw_procs(), "curl") as cpu:
             out.direct_seconds.append(curl_get(direct_url, blob.size).seconds)
         out.direct_cpu.append(cpu.used)

@@ -28,13 +28,13 @@ from tests.bench.measure import (
     cdn_fetches,
     manifest_digest,
     metered_direct_fetch,
-    settle_disk,
     warm_up,
 )
 from tests.bench.mirrorconfig import PRODUCTION, check_production, production
 from tests.bench.nginx import NginxServer
 from tests.bench.report import MIB, Row, limit_row, median, ratio
 from tests.bench.seeding import BigBlob, seed_big
+from tests.bench.settle import settle
 from tests.certs import CA, Pair, TLSMirror
 from tests.procmem import descendants, rss_bytes
 from tests.services import FakeHubProcess, RedisServer
@@ -206,10 +206,11 @@ def cold(
         seconds, used = metered_direct_fetch(hub, direct_blob, upstream)
         out.direct.append(seconds)
         out.add_cpu("direct fetch", used)
+        settle()
         with CpuMeter(nginx_procs, "curl") as cpu:
             out.nginx.append(curl_together(nginx_url, direct_blob.size, clients)[0])
         out.add_cpu("nginx", cpu.used)
-        settle_disk()
+        settle()
         hub.reset()
         with CpuMeter({**s.procs(), **upstream}, "curl") as cpu:
             wall, _ = curl_together(s.mirror.url + blob.path(), blob.size, clients)
@@ -268,6 +269,7 @@ def warm_tls(s: WorkersStack, hub: FakeHubProcess, warm: BigBlob, runs: int) -> 
     out = WarmTls({name: [] for name in targets}, {name: [] for name in targets})
     for _ in range(runs):
         for name, (url, procs) in targets.items():
+            settle()
             with CpuMeter(procs, "curl") as cpu:
                 out.seconds[name].append(curl_tls(url, warm.size, s.ca.cert).seconds)
             out.cpu[name].append(cpu.used)
