@@ -2,11 +2,13 @@
 
 The parts of a phase run back to back, and some leave work behind them: a cold GET leaves
 its 512 MiB in writeback, and the S3 backend's mirror is still uploading the blob (and RGW
-and its OSD still writing it) when its clients have their last byte. On two cores the next
-part shared them with that tail: in one run, the filesystem mirror's cold 8× after the S3
-mirror's took 4.4 s and 3.6 CPU-s against 2.2 s and 1.5 CPU-s after a quiet gap (the CPU
-time too, as the other core's work slows this one's). So before each timed part, of the
-mirror and of the reference alike, `settle()` syncs and waits until the CPUs are idle.
+and its OSD still writing it) when its clients have their last byte: /proc/stat showed
+the two CPUs 34-57 % busy for a second after an S3 cold part. On two cores the next part,
+the filesystem mirror's or a reference's, shared them with that tail. So before each
+timed part, of the mirror and of the reference alike, `settle()` syncs and waits until
+the CPUs are idle. (It does not remove the spread between cold runs: a cold 8x GET took
+2.3 s and 1.7 CPU-seconds in one run and 4.4 s and 3.6 CPU-seconds in the next, both
+started on an idle machine.)
 """
 
 from __future__ import annotations
