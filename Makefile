@@ -7,11 +7,11 @@ SYSTEM_PACKAGES := redis-server redis-sentinel redis-tools docker-registry docke
 	chromium \
 	nginx-light wrk curl \
 	ceph-mon ceph-osd radosgw ceph-common haproxy \
-	openssl util-linux
+	openssl util-linux strace
 SYSTEM_COMMANDS := redis-server redis-sentinel redis-cli docker-registry dockerd containerd skopeo busybox nginx wrk prometheus promtool \
 	chromium curl \
 	ceph-mon ceph-osd radosgw ceph haproxy \
-	openssl unshare
+	openssl unshare strace
 # The image test: a Debian base made with debootstrap, and the compose file started by
 # docker-compose (1.29, Python; Debian packages no `docker compose` v2).
 SYSTEM_PACKAGES += debootstrap docker-compose
