@@ -20,7 +20,14 @@ from tests.e2e.conftest import Round, pull_all, record
 from tests.e2e.test_docker_pull import blob_digests
 from tests.images import SeededImage
 from tests.rgw import CephRGW, ceph_available
-from tests.services import DockerDaemon, FakeHubProcess, MirrorProcess, RedisServer, missing_tools
+from tests.services import (
+    DockerDaemon,
+    FakeHubProcess,
+    MirrorProcess,
+    RedisServer,
+    missing_tools,
+    wait_for,
+)
 
 MISSING = missing_tools()
 pytestmark = [
@@ -126,8 +133,17 @@ def test_cold_pulls_through_the_s3_mirror(
 def test_every_blob_lands_in_the_bucket_under_its_digest(
     s3_cold_round: Round, rgw: CephRGW, s3_bucket_e2e: str, e2e_images: dict[str, SeededImage]
 ) -> None:
-    keys = set(rgw.s3().keys(s3_bucket_e2e, "cache/blobs/"))
     wanted = {f"cache/blobs/sha256/{d.removeprefix('sha256:')}" for d in blob_digests(e2e_images)}
+    # A blob goes up after its clients have it: the last pull can end before its upload.
+    wait_for(
+        "every blob's upload to end",
+        lambda: (
+            not rgw.s3().multipart_uploads(s3_bucket_e2e)
+            and wanted <= set(rgw.s3().keys(s3_bucket_e2e, "cache/blobs/"))
+        ),
+        timeout=60.0,
+    )
+    keys = set(rgw.s3().keys(s3_bucket_e2e, "cache/blobs/"))
     assert wanted <= keys, f"not in the bucket: {sorted(wanted - keys)}"
     manifests = set(rgw.s3().keys(s3_bucket_e2e, "cache/manifests/"))
     tops = {
