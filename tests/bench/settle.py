@@ -20,18 +20,15 @@ import time
 # servers idle at a few per cent.
 QUIET = 0.10
 LOOK = 0.5  # seconds per look at /proc/stat
-PATIENCE = 60.0  # seconds: then the part runs anyway (and the wait is reported)
+PATIENCE = 60.0  # seconds: then the part runs anyway
 
 
-def settle() -> float:
-    """Write out what earlier parts left dirty, then wait for idle CPUs. Returns the
-    seconds waited after the sync."""
+def settle() -> None:
+    """Write out what earlier parts left dirty, then wait for idle CPUs."""
     os.sync()
-    start = time.monotonic()
-    while time.monotonic() - start < PATIENCE:
-        if busy_share(LOOK) < QUIET:
-            break
-    return time.monotonic() - start
+    deadline = time.monotonic() + PATIENCE
+    while time.monotonic() < deadline and busy_share(LOOK) >= QUIET:
+        pass
 
 
 def busy_share(seconds: float) -> float:
