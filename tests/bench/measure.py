@@ -25,6 +25,7 @@ from tests.bench.clients import (
     wrk_script,
 )
 from tests.bench.cpu import CpuMeter, Procs, Used
+from tests.bench.freshwrite import fresh_write
 from tests.bench.loadgen import loadgen
 from tests.bench.seeding import BigBlob
 from tests.bench.settle import settle
@@ -197,6 +198,8 @@ class Cold:
     direct: list[float] = field(default_factory=list)  # one client straight from the upstream
     runs: list[ColdRun] = field(default_factory=list)
     direct_cpu: list[Used] = field(default_factory=list)  # by process, per direct fetch
+    fresh: list[float] = field(default_factory=list)  # the blob's size into a new file
+    fresh_cpu: list[Used] = field(default_factory=list)  # dd's CPU seconds, per write
 
 
 def direct_fetch(hub: FakeHubProcess, blob: BigBlob) -> float:
@@ -238,8 +241,10 @@ def cold(
     hub: FakeHubProcess,
     clients: int,
     log: Log,
+    scratch: Path,
 ) -> Cold:
-    """Direct fetches, then per run `clients` concurrent GETs of a blob no target has seen.
+    """Direct fetches, then per run `clients` concurrent GETs of a blob no target has seen,
+    and after them the blob's size written into a new file in `scratch` (freshwrite.py).
 
     `bases`: name -> (base URL, its processes); `direct`: the blob fetched straight from
     the upstream, and the upstream's processes. The mirror and the peer have separate
@@ -260,6 +265,10 @@ def cold(
                 f"  run {run + 1} {target}: {result.wall:.2f}s, "
                 f"{result.upstream_fetches} upstream fetches, CPU s {result.cpu}"
             )
+        seconds, used = fresh_write(scratch, blob.size)
+        out.fresh.append(seconds)
+        out.fresh_cpu.append(used)
+        log(f"  run {run + 1} {blob.size // (1 << 20)} MiB into a new file: {seconds:.2f}s, {used}")
     return out
 
 

@@ -25,6 +25,8 @@ from urllib.parse import urlsplit
 
 from tests.bench.clients import WrkResult, curl_together, wrk, wrk_script
 from tests.bench.cpu import CpuMeter, Procs, Used, alone, median_used, tree
+from tests.bench.freshwrite import fresh_write
+from tests.bench.freshwrite import side as fresh_side
 from tests.bench.measure import manifest_digest, metered_direct_fetch
 from tests.bench.mirrorconfig import check_production, write_config
 from tests.bench.report import Row, limit_row, median, ratio
@@ -139,6 +141,7 @@ def seed(upstream_url: str, runs: int, size: int, log: Log) -> list[BigBlob]:
 # bench blob), and (the blob fetched straight from the upstream, the upstream's processes).
 Reference = tuple[Procs, tuple[BigBlob, Procs]]
 SPREAD, NGINX, DIRECT = f"{REPLICAS} replicas", "nginx via haproxy", "direct fetch"
+FRESH = "new file"
 
 
 @dataclass
@@ -147,7 +150,8 @@ class ReplicaCold:
     nginx: list[float] = field(default_factory=list)  # wall, 24 GETs of nginx's file via lb3
     direct: list[float] = field(default_factory=list)  # one GET straight from the upstream
     fetches: list[int] = field(default_factory=list)  # upstream fetches, 24 GETs over 3
-    # SPREAD / NGINX / DIRECT -> per run, CPU seconds by process
+    fresh: list[float] = field(default_factory=list)  # the blob's size into a new file
+    # SPREAD / NGINX / DIRECT / FRESH -> per run, CPU seconds by process
     cpu: dict[str, list[Used]] = field(default_factory=dict)
 
     def add_cpu(self, side: str, used: Used) -> None:
@@ -160,10 +164,16 @@ def _fetches(hub: FakeHubProcess, digest: str) -> int:
 
 
 def cold(
-    s: ReplicaStack, hub: FakeHubProcess, blobs: list[BigBlob], reference: Reference, log: Log
+    s: ReplicaStack,
+    hub: FakeHubProcess,
+    blobs: list[BigBlob],
+    reference: Reference,
+    log: Log,
+    scratch: Path,
 ) -> ReplicaCold:
     """Per run: one direct fetch, 24 GETs of nginx's file through lb3's second frontend,
-    then 24 GETs of a blob new to every replica through lb3."""
+    24 GETs of a blob new to every replica through lb3, then the blob's size written into
+    a new file in `scratch`."""
     nginx_procs, (direct_blob, upstream) = reference
     out = ReplicaCold()
     for run, blob in enumerate(blobs):
@@ -183,9 +193,14 @@ def cold(
         out.add_cpu(SPREAD, cpu.used)
         out.spread.append(wall)
         out.fetches.append(_fetches(hub, blob.digest))
+        # After the replicas' part, as in every cold row (freshwrite.py).
+        seconds, used = fresh_write(scratch, blob.size)
+        out.fresh.append(seconds)
+        out.add_cpu(FRESH, used)
         log(f"  run {run + 1}: {CLIENTS} GETs over {SPREAD} {wall:.2f}s "
             f"({out.fetches[-1]} upstream fetches), CPU s {cpu.used}; {CLIENTS} GETs of "
-            f"nginx via haproxy {out.nginx[-1]:.2f}s; direct {out.direct[-1]:.2f}s")  # fmt: skip
+            f"nginx via haproxy {out.nginx[-1]:.2f}s; direct {out.direct[-1]:.2f}s; "
+            f"new file {out.fresh[-1]:.2f}s")  # fmt: skip
     return out
 
 
@@ -228,6 +243,7 @@ def cold_rows(c: ReplicaCold, size_mib: int) -> list[Row]:
     worst = float(max(c.fetches))
     name = f"replicas: cold {CLIENTS}× GET {size_mib} MiB over {REPLICAS}"
     cpu = {side: median_used(c.cpu[side]) for side in (SPREAD, NGINX, DIRECT)}
+    cpu[fresh_side(size_mib, median(c.fresh))] = median_used(c.cpu[FRESH])
     return [
         Row(f"{name}: upstream fetches, worst run", "fetches", worst, None, 1.0, worst, "eq",
             1.0, "exactly 1"),

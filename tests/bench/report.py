@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from tests.bench.clients import WrkResult
 from tests.bench.cpu import Used, median_used, shown
+from tests.bench.freshwrite import side as fresh_side
 from tests.bench.measure import (
     FRAMEWORK,
     LOADGEN_GET,
@@ -165,7 +166,7 @@ def floor_rows(man: ManifestRuns, get_rps: float, mirror_cpu: Used) -> list[Row]
     return rows
 
 
-def cold_rows(cold: Cold, clients: int) -> list[Row]:
+def cold_rows(cold: Cold, clients: int, size_mib: int) -> list[Row]:
     def runs(target: str) -> list[Any]:
         return [run for run in cold.runs if run.target == target]
 
@@ -174,6 +175,8 @@ def cold_rows(cold: Cold, clients: int) -> list[Row]:
     direct = median(cold.direct)
     cpu = {t: median_used([r.cpu for r in runs(t)]) for t in ("mirror", "peer")}
     cpu["direct fetch"] = median_used(cold.direct_cpu)
+    if cold.fresh:
+        cpu[fresh_side(size_mib, median(cold.fresh))] = median_used(cold.fresh_cpu)
     return [
         Row(f"cold {clients}× GET: upstream fetches, worst run", "fetches", fetches["mirror"],
             fetches["peer"], 1.0, fetches["mirror"], "eq", 1.0, "exactly 1"),

@@ -36,6 +36,7 @@ from tests.bench.chart import write_chart
 from tests.bench.clients import OPENER
 from tests.bench.cpu import Procs, alone, tree
 from tests.bench.floor import FrameworkFloor
+from tests.bench.freshwrite import page_reporting
 from tests.bench.memory import RssSampler
 from tests.bench.mirrorconfig import check_production, write_config
 from tests.bench.nginx import NginxServer
@@ -249,8 +250,9 @@ def phase_cold(s: Stack, args: argparse.Namespace) -> tuple[list[Row], Any]:
              "peer": (s.peer.url, {"peer": tree(s.peer.pid), **up})}  # fmt: skip
     if s.s3 is not None:
         bases["mirror-s3"] = (s.s3.mirror.url, {**s.s3.procs(), **up})
-    cold = measure.cold(bases, s.fresh, (s.warm, up), s.hub, args.clients, log)
-    return cold_rows(cold, args.clients) + s3bench.cold_rows(cold, args.clients), cold
+    cold = measure.cold(bases, s.fresh, (s.warm, up), s.hub, args.clients, log, s.mirror.workdir)
+    rows = cold_rows(cold, args.clients, args.blob_mib)
+    return rows + s3bench.cold_rows(cold, args.clients), cold
 
 
 def phase_s3_warm(s: Stack, args: argparse.Namespace) -> tuple[list[Row], Any]:
@@ -272,7 +274,9 @@ def phase_replica_cold(s: Stack, args: argparse.Namespace) -> tuple[list[Row], A
         return [], None
     nginx = {"nginx": tree(s.nginx.pid)}
     direct = (s.warm, s.upstream_procs())
-    cold = replicabench.cold(s.replicas, s.hub, s.replica_blobs, (nginx, direct), log)
+    cold = replicabench.cold(
+        s.replicas, s.hub, s.replica_blobs, (nginx, direct), log, s.mirror.workdir
+    )
     return replicabench.cold_rows(cold, args.blob_mib), cold
 
 
@@ -369,8 +373,8 @@ def summary(
         "started": started.isoformat(timespec="seconds"),
         "seconds": round(time.monotonic() - T0, 1),
         **git_state(),
-        "machine": f"{os.cpu_count()} CPUs; 1-min load average at start and after each phase: "
-        + loads,
+        "machine": f"{os.cpu_count()} CPUs; {page_reporting()}; 1-min load average at start "
+        f"and after each phase: {loads}",
         "targets met": f"{sum(met)} of {len(met)}",
         "medians of": f"{args.warm_runs} warm GETs, {args.runs} wrk runs of {args.wrk_seconds} s "
         f"(-t2 -c32), {args.runs} cold runs, {args.runs} docker pulls",

@@ -24,6 +24,8 @@ from typing import Any, TypeVar
 
 from tests.bench.clients import OPENER, BenchError, curl_get
 from tests.bench.cpu import CpuMeter, Procs, Used, alone, median_used, tree
+from tests.bench.freshwrite import fresh_write
+from tests.bench.freshwrite import side as fresh_side
 from tests.bench.measure import Cold
 from tests.bench.memory import RssSampler
 from tests.bench.mirrorconfig import check_production, write_config
@@ -134,6 +136,9 @@ class S3Warm:
     # curl.
     bucket_cpu: list[Used] = field(default_factory=list)
     direct_cpu: list[Used] = field(default_factory=list)
+    # The blob's size written into a new file, as the empty local tier is (freshwrite.py).
+    fresh_seconds: list[float] = field(default_factory=list)
+    fresh_cpu: list[Used] = field(default_factory=list)
 
 
 def _in_bucket(s: S3Stack, blob: BigBlob, timeout: float = 120.0) -> None:
@@ -180,7 +185,8 @@ def _metered_get(url: str, size: int, procs: Procs) -> tuple[float, Used]:
 
 def warm(s: S3Stack, blob: BigBlob, nginx_url: str, runs: int, log: Log) -> S3Warm:
     """The blob put into the bucket by one cold GET; then per run: a GET from the bucket
-    with an empty local tier, one from the filled tier, nginx, RGW direct, the redirect."""
+    with an empty local tier, one from the filled tier, nginx, RGW direct, the redirect,
+    and the blob's size written into a new file."""
     out = S3Warm(requests={"bucket": [], "local": [], "redirect": []})
     url = s.mirror.url + blob.path()
     curl_get(url, blob.size)
@@ -209,12 +215,16 @@ def warm(s: S3Stack, blob: BigBlob, nginx_url: str, runs: int, log: Log) -> S3Wa
             raise BenchError(f"GET {redirect_url}: {status}, not a 307 with a Location")
         out.requests["redirect"].append(n)
         out.redirect_seconds.append(curl_get(redirect_url, blob.size, follow=True).seconds)
+        seconds, used = fresh_write(s.mirror.workdir, blob.size)
+        out.fresh_seconds.append(seconds)
+        out.fresh_cpu.append(used)
         log(f"  run {run + 1}/{runs}: bucket {out.bucket_seconds[-1]:.2f}s "
             f"({out.requests['bucket'][-1]} S3 req), local {out.local_seconds[-1]:.2f}s "
             f"({out.requests['local'][-1]}), direct S3 {out.direct_seconds[-1]:.2f}s, "
             f"nginx {out.nginx_seconds[-1]:.2f}s, redirect {out.redirect_seconds[-1]:.2f}s "
-            f"({out.requests['redirect'][-1]} S3 req before the 307); CPU s during the bucket "
-            f"GET {out.bucket_cpu[-1]}")  # fmt: skip
+            f"({out.requests['redirect'][-1]} S3 req before the 307), new file "
+            f"{out.fresh_seconds[-1]:.2f}s; CPU s during the bucket GET "
+            f"{out.bucket_cpu[-1]}")  # fmt: skip
     return out
 
 
@@ -232,7 +242,8 @@ def warm_rows(w: S3Warm, size_mib: int) -> list[Row]:
     r = median(w.redirect_seconds)
     worst = {k: float(max(v)) for k, v in w.requests.items()}
     name = f"S3: warm GET {size_mib} MiB"
-    cpu = {"mirror": median_used(w.bucket_cpu), "direct S3 GET": median_used(w.direct_cpu)}
+    cpu = {"mirror": median_used(w.bucket_cpu), "direct S3 GET": median_used(w.direct_cpu),
+           fresh_side(size_mib, median(w.fresh_seconds)): median_used(w.fresh_cpu)}  # fmt: skip
     return [
         Row(f"{name} from the bucket, empty local tier", "s", b, None, d, ratio(b, d), "le",
             1.3, "≤ 1.3× direct S3 GET (curl from RGW)", cpu),

@@ -6,9 +6,8 @@ and its OSD still writing it) when its clients have their last byte: /proc/stat 
 the two CPUs 34-57 % busy for a second after an S3 cold part. On two cores the next part,
 the filesystem mirror's or a reference's, shared them with that tail. So before each
 timed part, of the mirror and of the reference alike, `settle()` syncs and waits until
-the CPUs are idle. (It does not remove the spread between cold runs: a cold 8x GET took
-2.3 s and 1.7 CPU-seconds in one run and 4.4 s and 3.6 CPU-seconds in the next, both
-started on an idle machine.)
+the CPUs are idle. (It does not remove the spread between cold runs, which comes from
+the memory the blob lands in: see freshwrite.py.)
 """
 
 from __future__ import annotations

@@ -24,6 +24,8 @@ from pathlib import Path
 
 from tests.bench.clients import CURL_FORMAT, BenchError, Fetch, curl_together, wrk, wrk_script
 from tests.bench.cpu import CpuMeter, Procs, Used, alone, median_used, tree, workers
+from tests.bench.freshwrite import fresh_write
+from tests.bench.freshwrite import side as fresh_side
 from tests.bench.measure import (
     cdn_fetches,
     manifest_digest,
@@ -188,7 +190,8 @@ class WorkersCold:
     fetches: list[int] = field(default_factory=list)
     nginx: list[float] = field(default_factory=list)  # as many clients on the nginx file
     direct: list[float] = field(default_factory=list)
-    # side (TWO, "nginx", "direct fetch") -> per run, CPU seconds by process
+    fresh: list[float] = field(default_factory=list)  # the blob's size into a new file
+    # side (TWO, "nginx", "direct fetch", "fresh") -> per run, CPU seconds by process
     cpu: dict[str, list[Used]] = field(default_factory=dict)
 
     def add_cpu(self, side: str, used: Used) -> None:
@@ -198,8 +201,8 @@ class WorkersCold:
 def cold(
     s: WorkersStack, hub: FakeHubProcess, reference: Reference, clients: int, log: Log
 ) -> WorkersCold:
-    """Per run: one direct fetch, `clients` GETs of the file from nginx, then `clients`
-    GETs of a blob new to the 2-worker mirror."""
+    """Per run: one direct fetch, `clients` GETs of the file from nginx, `clients` GETs of
+    a blob new to the 2-worker mirror, then the blob's size written into a new file."""
     (nginx_url, nginx_procs), (direct_blob, upstream) = reference
     out = WorkersCold()
     for run, blob in enumerate(s.fresh):
@@ -218,9 +221,14 @@ def cold(
         time.sleep(0.5)  # a straggling upstream fetch is still counted
         out.walls.append(wall)
         out.fetches.append(cdn_fetches(hub, blob.digest))
+        # After the mirror's part: the pages `dd` frees would otherwise be there for the
+        # mirror to reuse before the host takes them back (freshwrite.py).
+        seconds, used = fresh_write(s.mirror.workdir, blob.size)
+        out.fresh.append(seconds)
+        out.add_cpu("fresh", used)
         log(f"  run {run + 1} {TWO}: {wall:.2f}s, {out.fetches[-1]} upstream fetches, "
             f"CPU s {cpu.used}; nginx {out.nginx[-1]:.2f}s, "
-            f"direct {out.direct[-1]:.2f}s")  # fmt: skip
+            f"direct {out.direct[-1]:.2f}s; new file {out.fresh[-1]:.2f}s")  # fmt: skip
     return out
 
 
@@ -230,7 +238,8 @@ def cold_rows(cold: WorkersCold, clients: int, size_mib: int) -> list[Row]:
     worst = float(max(cold.fetches))
     name = f"cold {clients}× GET of one {size_mib} MiB blob, {TWO}"
     cpu = {TWO: median_used(cold.cpu[TWO]), f"nginx {clients}×": median_used(cold.cpu["nginx"]),
-           "direct fetch": median_used(cold.cpu["direct fetch"])}  # fmt: skip
+           "direct fetch": median_used(cold.cpu["direct fetch"]),
+           fresh_side(size_mib, median(cold.fresh)): median_used(cold.cpu["fresh"])}  # fmt: skip
     return [
         Row(f"{name}: upstream fetches, worst run", "fetches", worst, None, 1.0, worst, "eq",
             1.0, "exactly 1"),
