@@ -1,9 +1,11 @@
 """glibc's allocator, told to hand large buffers back to the system when they are freed.
 
 By default glibc raises its mmap threshold each time a large block is freed, so that later
-blocks of that size (the 8 MiB parts of an S3 upload, read in worker threads with arenas
-of their own) come from heaps that never shrink: a few concurrent uploads then leave
-tens of MiB resident for good. A fixed threshold keeps such blocks in mmap: freed, gone.
+blocks of that size (8 MiB and larger, made in worker threads with arenas of their own)
+come from heaps that never shrink: a few concurrent transfers then leave tens of MiB
+resident for good. A fixed threshold keeps such blocks in mmap: freed, gone. The cost is
+a fresh page fault for each page of each such block, so what is needed again and again
+is kept instead (the S3 upload's part buffers: storage/s3/upload.py, `PartBuffers`).
 
 A fixed mmap threshold also fixes the trim threshold at its default, 128 KiB: the heap
 would then be cut back each time a few socket buffers at its top are freed, and grown

@@ -42,7 +42,7 @@ from mirror.storage.s3.keys import KINDS, Kind
 from mirror.storage.s3.read import BucketStream
 from mirror.storage.s3.sources import PiecesSource, SplicedSource
 from mirror.storage.s3.spool import BucketSpool, SpoolFile, SpoolSource
-from mirror.storage.s3.upload import PARTS_IN_FLIGHT, BucketUpload
+from mirror.storage.s3.upload import BucketUpload, PartBuffers
 from mirror.storage.sharing import Alone, BucketSharing
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class TieredStorage(Storage):
         self.reading: Counter[str] = Counter()
         self._filling: set[Digest] = set()
         self._background: set[asyncio.Task[None]] = set()
-        self._part_slots = asyncio.Semaphore(PARTS_IN_FLIGHT)
+        self._part_buffers = PartBuffers()
         # Whole objects over plain HTTP are spliced into the local tier (net/splice.py),
         # each holding a thread of its own pool for the whole transfer (never one of the
         # loop's default threads, which every file operation needs); with all of them
@@ -355,7 +355,7 @@ class TieredStorage(Storage):
             task.add_done_callback(lambda done: done.exception())
 
         key = self.bucket.keys.blob(digest)
-        return BucketUpload(self.bucket, key, size, temp, stored, self._part_slots)
+        return BucketUpload(self.bucket, key, size, temp, stored, self._part_buffers)
 
     # --- manifests -------------------------------------------------------------------------
     async def read_manifest(self, digest: Digest) -> tuple[str, bytes] | None:

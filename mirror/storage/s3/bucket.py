@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
 
 import aiohttp
 from aiobotocore.config import AioConfig
@@ -27,6 +27,7 @@ from mirror.config import ConfigError
 from mirror.config.s3 import S3Config
 from mirror.observe.metrics import Metrics
 from mirror.storage.s3.keys import KeyLayout
+from mirror.storage.s3.partbody import PartBody
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -269,11 +270,11 @@ class Bucket:
             raise
         return head["ContentLength"]
 
-    async def put(self, key: str, body: bytes, content_type: str) -> None:
+    async def put(self, key: str, body: bytes | PartBody, content_type: str) -> None:
         await self._call(
             "PutObject",
             lambda: self.client.put_object(
-                Bucket=self.name, Key=key, Body=body, ContentType=content_type
+                Bucket=self.name, Key=key, Body=_blob(body), ContentType=content_type
             ),
         )
         self._metrics.s3_bytes.labels("sent").inc(len(body))
@@ -318,11 +319,11 @@ class Bucket:
         )
         return created["UploadId"]
 
-    async def upload_part(self, key: str, upload_id: str, number: int, body: bytes) -> str:
+    async def upload_part(self, key: str, upload_id: str, number: int, body: PartBody) -> str:
         part = await self._call(
             "UploadPart",
             lambda: self.client.upload_part(
-                Bucket=self.name, Key=key, UploadId=upload_id, PartNumber=number, Body=body
+                Bucket=self.name, Key=key, UploadId=upload_id, PartNumber=number, Body=_blob(body)
             ),
         )
         self._metrics.s3_bytes.labels("sent").inc(len(body))
@@ -382,3 +383,9 @@ def _status(exc: ClientError) -> int:
 
 def _timestamp(value: datetime | None) -> float:
     return value.timestamp() if value is not None else 0.0
+
+
+def _blob(body: bytes | PartBody) -> bytes | IO[bytes]:
+    """A body as the client's stubs name it: botocore takes any object with `read` for a
+    blob (botocore/validate.py), and aiohttp sends a payload as it is."""
+    return body if isinstance(body, bytes) else cast("IO[bytes]", body)
