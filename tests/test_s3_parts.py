@@ -160,3 +160,14 @@ async def test_parts_go_up_from_kept_buffers_not_new_memory(
 
     assert faults < part_size(64 * MiB) // PAGE, faults  # less than one part's pages
     assert rgw.s3().get(s3.bucket, "second") == path.read_bytes()
+
+
+@pytest.mark.parametrize("size", [0, 1, 3 * MiB])
+async def test_a_blob_smaller_than_a_part_goes_up_whole(
+    bucket: Bucket, tmp_path: Path, rgw: CephRGW, s3: S3Config, size: int
+) -> None:
+    """One PutObject from a buffer, the empty blob too."""
+    path = blob_file(tmp_path / "small", size)
+    buffers = PartBuffers(2)
+    await upload(bucket, "small", path, buffers)
+    assert rgw.s3().get(s3.bucket, "small") == path.read_bytes()
