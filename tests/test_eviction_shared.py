@@ -86,7 +86,9 @@ def test_processes_add_to_one_count_and_take_turns(tmp_path: Path) -> None:
     first.add(100, blob=True)
     second.add(50, blob=True)
     second.add(7, blob=False)  # a manifest: in the size, not the bound
-    assert first.read() == Usage(blobs=150, landed=150, size=157, objects=3, passed=0.0)
+    assert first.read() == Usage(
+        blobs=150, landed=150, size=157, objects=3, grown=157, arrived=3, passed=0.0
+    )
 
     turn = first.take_turn()
     assert turn is not None
@@ -94,12 +96,24 @@ def test_processes_add_to_one_count_and_take_turns(tmp_path: Path) -> None:
     start = first.read()
     second.add(20, blob=True)  # lands while the pass scans: counted on top of its result
     settled = first.settle(start, blobs=90, size=100, objects=2)
-    assert (settled.blobs, settled.landed, settled.size, settled.objects) == (110, 170, 100, 2)
+    assert (settled.blobs, settled.landed, settled.size, settled.objects) == (110, 170, 120, 3)
     assert settled.passed > 0
     turn.release()
     again = second.take_turn()
     assert again is not None
     again.release()
+
+
+def test_a_start_counts_what_another_process_landed_while_it_scanned(tmp_path: Path) -> None:
+    """A worker that starts while another lands a blob: its scan used to be written over
+    the count, the other's blob lost (the size gauge stayed short of the directory)."""
+    serving, starting = SharedTally(tmp_path), SharedTally(tmp_path)
+    serving.add(100, blob=True)
+    begun = starting.read()
+    serving.add(30, blob=True)  # lands after the scan passed its directory
+    usage = starting.recount(begun, size=100, objects=1)  # what the scan found
+    assert (usage.blobs, usage.size, usage.objects) == (130, 130, 2)
+    assert serving.read() == usage
 
 
 def test_a_tally_that_does_not_parse_counts_as_never_passed(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Awaitable, Callable, Container, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -116,9 +116,13 @@ class Evictor:
     def enabled(self) -> bool:
         return self._max_size is not None or self._max_idle is not None
 
-    async def start(self, size: int, objects: int) -> None:
-        """The directory as this process's start found it (the size gauges from there)."""
-        await self._call(self._tally.recount, size, objects)
+    async def start(self, scan: Callable[[], Awaitable[tuple[int, int]]]) -> tuple[int, int]:
+        """Count the directory as this process starts (`scan`: its bytes and files), with
+        what other processes landed meanwhile (the size gauges from there)."""
+        begun = await self._call(self._tally.read)
+        size, objects = await scan()
+        await self._call(self._tally.recount, begun, size, objects)
+        return size, objects
 
     def added(self, size: int) -> None:
         """A blob of `size` bytes landed: ask for a pass if that passes the bound."""

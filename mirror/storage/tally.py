@@ -5,12 +5,19 @@ blob costs an addition, not a walk. Alone (`OwnTally`), both live in this proces
 workers (`SharedTally`), every process on the directory adds to one count and passes take
 turns, under `eviction/` in the cache directory:
 
-    eviction/tally   "<blobs> <landed> <size> <objects> <passed>", each field 20 wide,
-                     read and rewritten under an exclusive flock held for just that
+    eviction/tally   "<blobs> <landed> <size> <objects> <grown> <arrived> <passed>", each
+                     field 20 wide, read and rewritten under an exclusive flock held for
+                     just that
     eviction/turn    a pass holds an exclusive flock on it while it runs: one pass at a
                      time per directory; the kernel frees a killed holder's at once
 
 A tally that does not parse counts as empty and never passed: the next pass rebuilds it.
+
+A scan (a process's start, a pass) sets the count from what it found, plus what other
+processes added while it scanned: `grown` and `arrived` only grow, so the scan reads them
+before and after. Without that, a worker that started while another landed a blob wrote
+its scan over the other's addition, and the size gauge stayed short by that blob. A file
+that landed while the scan ran and that the scan saw is counted twice, until the next pass.
 """
 
 from __future__ import annotations
@@ -41,25 +48,42 @@ class Usage:
     landed: int = 0  # bytes of blobs landed since the count began (only grows)
     size: int = 0  # bytes of blobs and manifests (mirror_cache_size_bytes)
     objects: int = 0  # their files (mirror_cache_objects)
+    grown: int = 0  # bytes of blobs and manifests landed since the count began (only grows)
+    arrived: int = 0  # their files (only grows)
     passed: float = 0.0  # when the last pass ended (wall clock); 0: never
 
     def added(self, size: int, blob: bool) -> Usage:
         """A file of `size` bytes landed: a blob, or a manifest (outside the bound)."""
-        grown = replace(self, size=self.size + size, objects=self.objects + 1)
+        grown = replace(
+            self,
+            size=self.size + size,
+            objects=self.objects + 1,
+            grown=self.grown + size,
+            arrived=self.arrived + 1,
+        )
         if not blob:
             return grown
         return replace(grown, blobs=self.blobs + size, landed=self.landed + size)
 
-    def recounted(self, size: int, objects: int) -> Usage:
-        """A process's start found the directory this large (all told)."""
-        return replace(self, size=size, objects=objects)
+    def recounted(self, start: Usage, size: int, objects: int) -> Usage:
+        """A process's start found the directory this large (all told) in a scan that
+        began at `start`: what landed meanwhile is counted on top."""
+        return replace(self, **self._scanned(start, size, objects))
 
     def settled(self, start: Usage, blobs: int, size: int, objects: int) -> Usage:
         """After a pass that began at `start` and left `blobs` bytes of blobs (`size`,
         `objects` all told). Blobs that landed while it scanned may have been missed by
         its scan: they are counted on top (twice at worst: an early extra pass)."""
         during = self.landed - start.landed
-        return Usage(blobs + during, self.landed, size, objects, time.time())
+        return replace(
+            self, blobs=blobs + during, passed=time.time(), **self._scanned(start, size, objects)
+        )
+
+    def _scanned(self, start: Usage, size: int, objects: int) -> dict[str, int]:
+        return {
+            "size": size + self.grown - start.grown,
+            "objects": objects + self.arrived - start.arrived,
+        }
 
 
 class Turn(Protocol):
@@ -82,7 +106,7 @@ class Tally(Protocol):
 
     def add(self, size: int, blob: bool) -> Usage: ...
 
-    def recount(self, size: int, objects: int) -> Usage: ...
+    def recount(self, start: Usage, size: int, objects: int) -> Usage: ...
 
     def settle(self, start: Usage, blobs: int, size: int, objects: int) -> Usage: ...
 
@@ -106,8 +130,8 @@ class OwnTally:
     def add(self, size: int, blob: bool) -> Usage:
         return self._told(self._usage.added(size, blob))
 
-    def recount(self, size: int, objects: int) -> Usage:
-        return self._told(self._usage.recounted(size, objects))
+    def recount(self, start: Usage, size: int, objects: int) -> Usage:
+        return self._told(self._usage.recounted(start, size, objects))
 
     def settle(self, start: Usage, blobs: int, size: int, objects: int) -> Usage:
         return self._told(self._usage.settled(start, blobs, size, objects))
@@ -152,8 +176,8 @@ class SharedTally:
     def add(self, size: int, blob: bool) -> Usage:
         return self._update(lambda usage: usage.added(size, blob))
 
-    def recount(self, size: int, objects: int) -> Usage:
-        return self._update(lambda usage: usage.recounted(size, objects))
+    def recount(self, start: Usage, size: int, objects: int) -> Usage:
+        return self._update(lambda usage: usage.recounted(start, size, objects))
 
     def settle(self, start: Usage, blobs: int, size: int, objects: int) -> Usage:
         return self._update(lambda usage: usage.settled(start, blobs, size, objects))
@@ -215,7 +239,7 @@ def _lock_patiently(fd: int) -> bool:
 
 
 def _format(usage: Usage) -> bytes:
-    fields = (usage.blobs, usage.landed, usage.size, usage.objects)
+    fields = (usage.blobs, usage.landed, usage.size, usage.objects, usage.grown, usage.arrived)
     line = " ".join(f"{value:{_FIELD}d}" for value in fields)
     return f"{line} {usage.passed:{_FIELD}.3f}\n".encode()
 
@@ -223,7 +247,7 @@ def _format(usage: Usage) -> bytes:
 def _parse(raw: bytes) -> Usage:
     try:
         *counts, passed = raw.decode().split()
-        blobs, landed, size, objects = (int(value) for value in counts)
-        return Usage(blobs, landed, size, objects, float(passed))
+        blobs, landed, size, objects, grown, arrived = (int(value) for value in counts)
+        return Usage(blobs, landed, size, objects, grown, arrived, float(passed))
     except ValueError:
         return Usage()

@@ -287,9 +287,8 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     app[evictor_key] = evictor
     downloads.on_commit = storage.on_landed = evictor.added
     manifests.on_stored = evictor.stored
-    size, count = await storage.usage()
+    size, count = await evictor.start(storage.usage)
     log.info("cache at %s holds %d objects, %d bytes", storage.root, count, size)
-    await evictor.start(size, count)
     await storage.attach(app[metadata_key], lambda: blobs.reading)
     task = asyncio.create_task(evictor.run()) if evictor.enabled else None
     yield
