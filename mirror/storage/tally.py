@@ -54,7 +54,7 @@ class Usage:
 
     def added(self, size: int, blob: bool) -> Usage:
         """A file of `size` bytes landed: a blob, or a manifest (outside the bound)."""
-        grown = replace(
+        counted = replace(
             self,
             size=self.size + size,
             objects=self.objects + 1,
@@ -62,8 +62,8 @@ class Usage:
             arrived=self.arrived + 1,
         )
         if not blob:
-            return grown
-        return replace(grown, blobs=self.blobs + size, landed=self.landed + size)
+            return counted
+        return replace(counted, blobs=self.blobs + size, landed=self.landed + size)
 
     def recounted(self, start: Usage, size: int, objects: int) -> Usage:
         """A process's start found the directory this large (all told) in a scan that
