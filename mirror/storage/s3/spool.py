@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 MAX_SPAN = 64 * 1024 * 1024
 # Bytes read back per hash update once the object is in.
 HASH_READ = 1024 * 1024
+# Buffers one pwritev takes at most (Linux's IOV_MAX; EINVAL beyond). A batch received in
+# small pieces holds more: 4 MiB from a slow link comes in pieces of a few KiB.
+IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 
 
 class SpoolFile:
@@ -67,7 +70,7 @@ class SpoolFile:
         views = [memoryview(part) for part in parts]
         written = 0
         while written < total:
-            done = os.pwritev(self.fd, views, offset + written)
+            done = os.pwritev(self.fd, views[:IOV_MAX], offset + written)
             written += done
             views = _advance(views, done)
         return total
