@@ -3,6 +3,7 @@ Cluster)."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -183,3 +184,35 @@ async def test_tags_listed_from_every_cluster_master(
     holding = [port for port, keys in redis_cluster.keys_per_node().items() if keys]
     assert len(holding) == 3, redis_cluster.keys_per_node()
     assert listed == expected
+
+
+async def test_a_workers_sqlite_file_that_fails_is_stood_in_for_by_memory(
+    tmp_path: Path,
+) -> None:
+    """The workers' SQLite file lives on the cache disk: it can be torn, fill up or stay
+    locked. Each call it cannot answer is answered from memory (a request never fails on
+    it), /readyz hears of it through ping, and the file is used again once it answers."""
+    shared = tmp_path / "metadata.sqlite"
+    shared.write_bytes(b"not a database" * 512)  # torn: every statement raises
+    changes: list[bool] = []
+    metadata = open_metadata(None, ttl=TTL, shared=shared, on_change=changes.append)
+    try:
+        rec = record()
+        await metadata.put_tag("docker.io", "library/alpine", "3", rec)
+        assert await metadata.get_tag("docker.io", "library/alpine", "3") == rec
+        await metadata.add_repository("library/alpine")
+        assert await metadata.repositories(10, None) == ["library/alpine"]
+        assert changes == [False]
+        with pytest.raises(sqlite3.DatabaseError):
+            await metadata.ping()
+        shared.unlink()  # a sound file again (made anew); /readyz's ping tries it at once
+        assert await metadata.ping() is None
+        assert changes == [False, True]
+        await metadata.put_tag("docker.io", "library/alpine", "3", rec)
+    finally:
+        await metadata.close()
+    again = open_metadata(None, ttl=TTL, shared=shared)
+    try:  # the record written after the return is in the file
+        assert await again.get_tag("docker.io", "library/alpine", "3") == rec
+    finally:
+        await again.close()

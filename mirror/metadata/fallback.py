@@ -1,8 +1,10 @@
-"""Redis with the in-process store standing in while it is away, and the store a config picks."""
+"""A shared store (Redis, or the workers' SQLite file) with the in-process store standing in
+while it fails, and the store a config picks."""
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,17 +18,22 @@ from mirror.metadata.topology import DOWN_ERRORS
 
 log = logging.getLogger(__name__)
 
-# Backoff between attempts to reach a Redis that stopped answering.
+# What a SQLite file raises when it cannot answer: locked past the busy timeout, the disk
+# full or failing, the file torn.
+SQLITE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, OSError)
+# Backoff between attempts to reach a store that stopped answering.
 RETRY_BASE = 1.0
 RETRY_MAX = 30.0
 
 
 class FallbackMetadata:
-    """Redis, with the in-process store standing in while Redis is unreachable.
+    """A shared store (Redis, or SQLite), with the in-process store standing in while the
+    shared one fails.
 
-    A Redis outage must never fail a request: each call that cannot reach Redis is
-    answered from memory, Redis is retried with backoff, and records written meanwhile
-    live in memory only. When Redis comes back empty, tags simply revalidate upstream.
+    A metadata outage must never fail a request: each call that raises one of `errors` is
+    answered from memory, the shared store is retried with backoff, and records written
+    meanwhile live in memory only. When it comes back empty, tags simply revalidate
+    upstream.
     """
 
     def __init__(
@@ -35,9 +42,11 @@ class FallbackMetadata:
         fallback: MetadataStore,
         on_change: Callable[[bool], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        errors: tuple[type[Exception], ...] = DOWN_ERRORS,
     ) -> None:
         self._primary = primary
         self._fallback = fallback
+        self._errors = errors
         self._on_change = on_change
         self._clock = clock
         self._up = True
@@ -74,7 +83,7 @@ class FallbackMetadata:
         if self._use_primary():
             try:
                 result = await getattr(self._primary, name)(*args)
-            except DOWN_ERRORS as exc:
+            except self._errors as exc:
                 self._failed(exc)
             else:
                 self._succeeded()
@@ -129,12 +138,12 @@ class FallbackMetadata:
         await self._call("forget_blob", digest)
 
     async def get_token(self, key: str) -> tuple[str, float] | None:
-        """A shared token, if Redis answers (else each process fetches its own)."""
+        """A shared token, if the shared store answers (else each process fetches its own)."""
         if not isinstance(self._primary, TokenStore) or not self._use_primary():
             return None
         try:
             return await self._primary.get_token(key)
-        except DOWN_ERRORS as exc:
+        except self._errors as exc:
             self._failed(exc)
             return None
 
@@ -142,14 +151,14 @@ class FallbackMetadata:
         if isinstance(self._primary, TokenStore) and self._use_primary():
             try:
                 await self._primary.put_token(key, token, expires_at)
-            except DOWN_ERRORS as exc:
+            except self._errors as exc:
                 self._failed(exc)
 
     async def ping(self) -> None:
-        """Raise when Redis does not answer (for /readyz), whatever the fallback does."""
+        """Raise when the shared store does not answer (for /readyz), whatever the fallback does."""
         try:
             await self._primary.ping()
-        except DOWN_ERRORS as exc:
+        except self._errors as exc:
             self._failed(exc)
             raise
         self._succeeded()
@@ -167,8 +176,8 @@ def open_metadata(
     snapshot: Path | None = None,
     shared: Path | None = None,
 ) -> MetadataStore:
-    """Redis (with an in-process stand-in) when a URL is configured, else the SQLite file
-    `shared` when processes share the cache directory (workers), else in-process (kept
+    """Redis when a URL is configured, else the SQLite file `shared` when processes share
+    the cache directory (workers), either with an in-process stand-in, else in-process (kept
     in `snapshot` across restarts: the fastest, for a single process).
 
     Records are kept `retention` past their TTL: the window for serving them stale.
@@ -176,6 +185,8 @@ def open_metadata(
     if redis_url:
         memory = MemoryMetadata(ttl, retention)
         return FallbackMetadata(RedisMetadata(redis_url, ttl, retention), memory, on_change)
-    if shared is not None:
-        return SqliteMetadata(shared, ttl, retention)
+    if shared is not None:  # a file on the cache disk: it can fill, fail or stay locked
+        memory = MemoryMetadata(ttl, retention)
+        sqlite = SqliteMetadata(shared, ttl, retention)
+        return FallbackMetadata(sqlite, memory, on_change, errors=SQLITE_ERRORS)
     return MemoryMetadata(ttl, retention, snapshot)
