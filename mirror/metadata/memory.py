@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -36,6 +38,11 @@ class MemoryMetadata:
         self._holdings: dict[tuple[str, str], dict[str, float]] = {}
         self._snapshot = snapshot
         self._dirty = False
+        # The snapshot's write in its thread: a save cancelled while it runs (the periodic
+        # saver at shutdown) leaves it running, and the final save waits for it, so that
+        # the newest data is written last.
+        self._writing: asyncio.Future[None] | None = None
+        self._turn = asyncio.Lock()
 
     async def get_tag(self, upstream: str, repo: str, tag: str) -> TagRecord | None:
         key = (upstream, repo, tag)
@@ -127,11 +134,28 @@ class MemoryMetadata:
             log.warning("ignoring unreadable metadata snapshot %s: %s", self._snapshot, exc)
 
     async def save(self) -> None:
-        """Write the snapshot when something changed since the last one."""
-        if self._snapshot is None or not self._dirty:
+        """Write the snapshot when something changed since the last one. Saves take turns,
+        each after the write before it, so the newest data is always written last."""
+        if self._snapshot is None:
             return
-        self._dirty = False
-        data = {
+        async with self._turn:
+            if not self._dirty:
+                return
+            self._dirty = False
+            text = json.dumps(self._snapshot_data())
+            if self._writing is not None:
+                await asyncio.gather(self._writing, return_exceptions=True)
+            self._writing = asyncio.ensure_future(
+                asyncio.to_thread(_write_atomically, self._snapshot, text)
+            )
+            try:
+                await asyncio.shield(self._writing)
+            except OSError as exc:
+                self._dirty = True
+                log.warning("cannot write metadata snapshot %s: %s", self._snapshot, exc.strerror)
+
+    def _snapshot_data(self) -> dict[str, object]:
+        return {
             "tags": [
                 {"upstream": u, "repo": r, "tag": t, "record": asdict(record)}
                 for (u, r, t), record in self._tags.items()
@@ -141,11 +165,6 @@ class MemoryMetadata:
             "bucket_blobs": self._bucket_blobs,
             "holdings": self._fresh_holdings(),
         }
-        try:
-            await asyncio.to_thread(_write_atomically, self._snapshot, json.dumps(data))
-        except OSError as exc:
-            self._dirty = True
-            log.warning("cannot write metadata snapshot %s: %s", self._snapshot, exc.strerror)
 
     def _fresh_holdings(self) -> list[dict[str, object]]:
         """The holdings within their retention, for the snapshot; older ones are dropped
@@ -162,9 +181,27 @@ class MemoryMetadata:
 
     async def close(self) -> None:
         await self.save()
+        if self._writing is not None:  # nothing changed since a save that was cancelled
+            await asyncio.gather(self._writing, return_exceptions=True)
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    temp = path.with_suffix(".tmp")
-    temp.write_text(text)
-    os.replace(temp, path)
+    """`text` in a temp file of its own beside `path`, on disk, then renamed over it: a
+    crash, a power cut or another writer (a CLI command beside the serve) leaves either
+    snapshot whole, never a mix or an empty file."""
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)  # the rename itself on disk
+    finally:
+        os.close(directory)

@@ -1,0 +1,69 @@
+"""The single node's metadata snapshot: whole after concurrent writers and a shutdown that
+cancels a save in the middle of its write."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mirror.metadata import memory
+from mirror.metadata.memory import MemoryMetadata
+from mirror.metadata.store import TagRecord
+
+DIGEST = "sha256:" + "a" * 64
+MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
+
+
+def test_writers_at_once_leave_a_whole_snapshot_and_no_temp_file(tmp_path: Path) -> None:
+    """Two writers of the same snapshot (the serve's saver and a CLI command beside it, or
+    a cancelled save and the final one) shared one temp name: their bytes mixed, and the
+    next start ignored the file (every tag record and holding gone)."""
+    path = tmp_path / "metadata.json"
+    texts = [json.dumps({"writer": n, "pad": "x" * (n * 50_000)}) for n in range(1, 5)]
+    for _ in range(40):
+        threads = [
+            threading.Thread(target=memory._write_atomically, args=(path, text)) for text in texts
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert path.read_text() in texts
+    assert [p.name for p in tmp_path.iterdir()] == ["metadata.json"]
+
+
+async def test_a_save_cancelled_mid_write_then_close_leaves_the_newest_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At shutdown the periodic saver is cancelled, its write maybe still running in its
+    thread; the final save must not race it, and what it writes must be the newest."""
+    path = tmp_path / "metadata.json"
+    store = MemoryMetadata(60, snapshot=path)
+    slow = threading.Event()
+    real = memory._write_atomically
+
+    def slow_write(target: Path, text: str) -> None:
+        if not slow.is_set():  # the first write lingers past its save's cancellation
+            slow.set()
+            time.sleep(0.3)
+        real(target, text)
+
+    monkeypatch.setattr(memory, "_write_atomically", slow_write)
+    record = TagRecord(DIGEST, MEDIA_TYPE, 100, time.time())
+    await store.put_tag("docker.io", "library/a", "1", record)
+    saver = asyncio.create_task(store.save())
+    await asyncio.to_thread(slow.wait)
+    saver.cancel()
+    await asyncio.gather(saver, return_exceptions=True)
+    await store.put_tag("docker.io", "library/b", "1", record)  # after the first write began
+    await store.close()
+    await asyncio.sleep(0.5)  # a write still running after close has landed by now
+    again = MemoryMetadata(60, snapshot=path)
+    await again.load()
+    assert await again.get_tag("docker.io", "library/a", "1") == record
+    assert await again.get_tag("docker.io", "library/b", "1") == record
