@@ -7,10 +7,14 @@ same file, in one process as across processes: two apps here behave as two worke
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from mirror.cluster import locallease
 from mirror.cluster.lease import Held
 from mirror.cluster.locallease import LocalLease, LocalLeases
 from mirror.oci.reference import parse_digest
@@ -40,6 +44,47 @@ async def test_a_local_failure_marker_names_its_holder_and_runs_out(tmp_path: Pa
     assert await leases.failure("tag:t") == (leases.owner, "UpstreamUnavailable")
     await asyncio.sleep(0.3)
     assert await leases.failure("tag:t") is None
+
+
+async def test_a_lease_whose_holder_name_the_disk_refused_is_still_released(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lock was taken, then writing the holder's name failed (a full disk): the
+    descriptor was lost with the lock on it, and every process found the name held until
+    that worker restarted (each tag revalidation waited 30 s for a holder that never was)."""
+    leases = LocalLeases(tmp_path / "locks")
+
+    def full(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(locallease.os, "pwrite", full)
+        lease = await leases.acquire("tag:hub/library/x:latest")
+    assert isinstance(lease, LocalLease)
+    async with lease.kept():
+        pass
+    again = await LocalLeases(tmp_path / "locks").acquire("tag:hub/library/x:latest")
+    assert isinstance(again, LocalLease)
+    again.release()
+
+
+async def test_markers_past_their_ttl_and_dead_holders_files_are_swept(tmp_path: Path) -> None:
+    """Lease names come from clients: each tag asked for that does not exist left a
+    `.failed` marker for good, and a holder that died left its file."""
+    locks = tmp_path / "locks"
+    leases = LocalLeases(locks, ttl=0.2)
+    for n in range(30):
+        await leases.mark_failed(f"tag:hub/library/x:nope{n}", "ManifestUnknown")
+    dead = await leases.acquire("tag:hub/library/dead:1")
+    assert isinstance(dead, LocalLease) and dead._fd is not None
+    os.close(dead._fd)  # as the kernel does for a process that died holding it
+    live = await leases.acquire("tag:hub/library/live:1")
+    assert isinstance(live, LocalLease)
+    await asyncio.sleep(0.3)
+    assert await LocalLeases(locks, ttl=0.2).sweep() == 31
+    assert sorted(p.name for p in locks.iterdir()) == [live.path.name]
+    assert await leases.holder("tag:hub/library/live:1") == leases.owner
+    live.release()
 
 
 def test_a_follower_reads_the_owners_progress_until_it_lets_go(tmp_path: Path) -> None:

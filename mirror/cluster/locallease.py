@@ -7,7 +7,9 @@ it unlocks; whoever locks a file checks that its path still leads to it (else it
 a file a release unlinked, and starts again), so two processes never hold one name.
 
 A failure marker (`cluster/shared.py`) is `<file>.failed`, "<holder> <error class>", good
-for one `ttl` after it was written.
+for one `ttl` after it was written. Markers past it, and the files of holders that died, are
+swept at start and at most once per SWEEP_EVERY as markers are written: names come from
+clients (a tag asked for that does not exist leaves a marker), so they must not pile up.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from mirror.cluster.lease import Held
-from mirror.util.filelock import release, same_file
+from mirror.util.filelock import release, same_file, unlink_unread
 
 # Waiters poll their holder's result at this pace at most (cluster/shared.py); the lease
 # itself never runs out. Also how long a failure marker stays good.
 LOCAL_TTL = 5.0
+# The lock directory is swept of what no process uses at most this often (seconds).
+SWEEP_EVERY = 60.0
 
 
 class LocalLease:
@@ -59,6 +63,7 @@ class LocalLeases:
         self._dir = directory
         self._ttl = ttl
         self._owner = f"pid-{os.getpid()}"
+        self._swept_at = -SWEEP_EVERY
 
     @property
     def owner(self) -> str:
@@ -95,8 +100,11 @@ class LocalLeases:
             if not same_file(fd, path):  # a release unlinked it meanwhile: again
                 os.close(fd)
                 continue
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, self._owner.encode(), 0)
+            # The holder's name is for waiters' logs and markers only: a disk that refuses it
+            # (full, read-only) must not leave the lock held by a descriptor nobody closes.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, self._owner.encode(), 0)
             return LocalLease(fd, path)
 
     async def holder(self, name: str) -> str | None:
@@ -123,6 +131,34 @@ class LocalLeases:
         marker = _marker(self.path(name))
         with contextlib.suppress(OSError):
             await asyncio.to_thread(_write_replacing, marker, f"{self._owner} {error}")
+        if time.monotonic() - self._swept_at >= SWEEP_EVERY:
+            await self.sweep()
+
+    async def sweep(self) -> int:
+        """Remove the markers past their `ttl` and the lease files no process holds; the
+        count removed."""
+        self._swept_at = time.monotonic()
+        try:
+            return await asyncio.to_thread(self._sweep_sync)
+        except OSError:
+            return 0
+
+    def _sweep_sync(self) -> int:
+        removed = 0
+        stale = time.time() - self._ttl
+        try:
+            entries = list(os.scandir(self._dir))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            if "." in entry.name:  # a marker, or one a writer left half made
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.stat().st_mtime < stale:
+                        os.unlink(entry.path)
+                        removed += 1
+            elif unlink_unread(entry.path):  # a holder unlinks its own: this one's died
+                removed += 1
+        return removed
 
     async def failure(self, name: str) -> tuple[str, str] | None:
         try:
@@ -152,5 +188,9 @@ def _marker(path: Path) -> Path:
 def _write_replacing(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f"{path.name}.{os.getpid()}")
-    temp.write_text(text)
-    os.replace(temp, path)
+    try:
+        temp.write_text(text)
+        os.replace(temp, path)
+    except OSError:
+        temp.unlink(missing_ok=True)
+        raise

@@ -29,8 +29,10 @@ async def leases_ctx(app: web.Application) -> AsyncIterator[None]:
     cluster = config.cluster
     if cluster is None or config.redis.url is None:
         app[leases_key] = None
-        shared = config.workers > 1
-        app[work_leases_key] = LocalLeases(config.storage.path / LOCKS_DIR) if shared else None
+        local = LocalLeases(config.storage.path / LOCKS_DIR) if config.workers > 1 else None
+        if local is not None:
+            await local.sweep()  # what workers that died before this start left
+        app[work_leases_key] = local
         yield
         return
     conn = open_redis(
