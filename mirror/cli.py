@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import ssl
@@ -29,6 +30,9 @@ from mirror.web.keys import metrics_key
 from mirror.web.monitor import create_monitor_app
 from mirror.web.tlsreload import enable_reload
 from mirror.worker import WorkerSeat, adopt_sockets, seat_from_environment, stop_with_parent
+
+# The setting of the listener that serves /metrics and the status page alone.
+METRICS_KEY = "metrics.listen"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,10 +169,10 @@ def serve(config: Config, argv: list[str], seat: WorkerSeat | None = None) -> No
         )
 
     app = create_app(config)
-    if config.metrics.listen is not None:
-        host, port = config.metrics.listen
-        monitor = create_monitor_app(app)
-        listeners.append(server.Listener(host, port, None, "metrics.listen", monitor))
+    listeners = [
+        dataclasses.replace(x, app=create_monitor_app(app)) if x.key == METRICS_KEY else x
+        for x in listeners
+    ]
     if seat is not None:
         app[metrics_key].count_worker_start(seat.restarted)
     if config.tls is not None and context is not None:
@@ -187,13 +191,18 @@ def serve(config: Config, argv: list[str], seat: WorkerSeat | None = None) -> No
 
 
 def make_listeners(config: Config) -> tuple[list[server.Listener], ssl.SSLContext | None]:
-    """The plain and TLS listeners the config asks for; a bad TLS pair exits 2 here."""
+    """The plain, TLS and metrics listeners the config asks for; a bad TLS pair exits 2
+    here."""
     listeners = [server.Listener(config.host, config.port)] if config.http else []
     context = None
     if config.tls is not None:
         with one_line_exit():  # a bad or mismatched pair stops it here, before anything listens
             context = tls.server_context(config.tls)
         listeners.append(server.Listener(config.tls.host, config.tls.port, context, "tls.listen"))
+    if config.metrics.listen is not None:
+        # Bound with the others (by the supervisor, with workers); its app is set by serve.
+        host, port = config.metrics.listen
+        listeners.append(server.Listener(host, port, None, METRICS_KEY))
     return listeners, context
 
 

@@ -40,6 +40,7 @@ from tests.services import (
     DistributionRegistry,
     FakeHubProcess,
     MirrorProcess,
+    free_port,
     wait_for,
 )
 
@@ -173,6 +174,28 @@ async def test_requests_spread_over_both_workers_and_metrics_add_them_up(
     assert metric_value(text, "mirror_worker_restarts_total") == 0
     # Every gauge has a mode that adds or picks: none is split by process id.
     assert 'pid="' not in text
+
+
+async def test_metrics_listen_is_bound_by_the_supervisor_and_served_by_every_worker(
+    tmp_path: Path, session: aiohttp.ClientSession, stop_after: list[MirrorProcess]
+) -> None:
+    """The supervisor bound the client listeners alone, and each worker found one socket
+    fewer than its listeners: no worker could start with `metrics.listen` set."""
+    port = free_port()
+    mirror = start_mirror(tmp_path, "http://127.0.0.1:9", metrics={"listen": f"127.0.0.1:{port}"})
+    stop_after.append(mirror)
+    assert len(workers_of(mirror)) == WORKERS
+    statuses = await asyncio.gather(*(get_base(session, mirror) for _ in range(10)))
+    assert statuses == [200] * 10
+    await _answered(mirror, 10)
+    identity = {"Accept-Encoding": "identity"}
+    async with session.get(f"http://127.0.0.1:{port}/metrics", headers=identity) as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    base = {"route": "base", "method": "GET", "status": "200"}
+    assert metric_value(text, "mirror_http_requests_total", base) == 10  # both workers'
+    async with session.get(f"{mirror.url}/metrics") as resp:
+        assert resp.status == 404  # off the client listener
 
 
 async def test_a_killed_worker_is_restarted_and_counted(
