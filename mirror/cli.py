@@ -14,7 +14,14 @@ from contextlib import contextmanager
 
 from mirror import __version__, commands
 from mirror.allocator import return_large_blocks
-from mirror.config import Config, ConfigError, apply_overrides, load_config, parse_size
+from mirror.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_text,
+    parse_size,
+    read_config_text,
+)
 from mirror.net import tls
 from mirror.observe.logs import setup_logging
 from mirror.oci.errors import RegistryError
@@ -29,7 +36,14 @@ from mirror.web.app import create_app
 from mirror.web.keys import metrics_key
 from mirror.web.monitor import create_monitor_app
 from mirror.web.tlsreload import enable_reload
-from mirror.worker import WorkerSeat, adopt_sockets, seat_from_environment, stop_with_parent
+from mirror.worker import (
+    WorkerSeat,
+    adopt_sockets,
+    config_text_descriptor,
+    read_config_descriptor,
+    seat_from_environment,
+    stop_with_parent,
+)
 
 # The setting of the listener that serves /metrics and the status page alone.
 METRICS_KEY = "metrics.listen"
@@ -77,33 +91,39 @@ def _with_common(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def load(args: argparse.Namespace) -> Config:
-    """The file's config with the command line's flags laid over it."""
-    config = load_config(args.config)
-    return apply_overrides(
+def load(args: argparse.Namespace, seat: WorkerSeat | None = None) -> tuple[Config, str | None]:
+    """The config file's text (a worker's: as its supervisor read it) and its config, with
+    the command line's flags laid over it."""
+    text = None
+    if seat is not None and seat.config is not None:
+        text = read_config_descriptor(seat.config)
+    elif args.config is not None:
+        text = read_config_text(args.config)
+    config = Config() if text is None else config_from_text(text, args.config or "--config")
+    overridden = apply_overrides(
         config,
         listen=getattr(args, "listen", None),
         upstream=args.upstream,
         storage=args.storage,
         redis=args.redis,
     )
+    return overridden, text
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        config = load(args)
+        seat = seat_from_environment(os.environ) if args.command == "serve" else None
+        config, text = load(args, seat)
     except ConfigError as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     # The one-shot commands print their own report; their logs are for problems only.
     quiet = config.log.level if config.log.level in ("DEBUG", "ERROR") else "WARNING"
     if args.command == "serve":
-        with one_line_exit():
-            seat = seat_from_environment(os.environ)
         setup_logging(config.log.level, config.log.format, seat.index if seat else None)
         return_large_blocks()
-        serve(config, sys.argv[1:] if argv is None else argv, seat)
+        serve(config, sys.argv[1:] if argv is None else argv, seat, text)
         return
     setup_logging(quiet, config.log.format)
     try:
@@ -148,11 +168,14 @@ def read_image_list(path: str) -> list[str]:
     return [entry for entry in entries if entry]
 
 
-def serve(config: Config, argv: list[str], seat: WorkerSeat | None = None) -> None:
-    """Run the mirror: in this process, as a supervisor of workers, or as one of them."""
+def serve(
+    config: Config, argv: list[str], seat: WorkerSeat | None = None, text: str | None = None
+) -> None:
+    """Run the mirror: in this process, as a supervisor of workers, or as one of them
+    (`text`: the config file's, for the workers)."""
     listeners, context = make_listeners(config)
     if seat is None and config.workers > 1:
-        raise SystemExit(supervise(config, listeners, argv))
+        raise SystemExit(supervise(config, listeners, argv, text))
     inherited = None
     if seat is not None:
         stop_with_parent(seat)
@@ -206,10 +229,14 @@ def make_listeners(config: Config) -> tuple[list[server.Listener], ssl.SSLContex
     return listeners, context
 
 
-def supervise(config: Config, listeners: list[server.Listener], argv: list[str]) -> int:
-    """Bind every listener here, then run `workers` processes on them; the exit status."""
+def supervise(
+    config: Config, listeners: list[server.Listener], argv: list[str], text: str | None = None
+) -> int:
+    """Bind every listener here, then run `workers` processes on them, each on the config
+    file's `text` as read now; the exit status."""
     with one_line_exit():
         sockets = [server.bind(listener) for listener in listeners]
+    config_fd = None if text is None else config_text_descriptor(text)
     metrics_dir = private_metrics_dir(config.storage.path)
     logging.getLogger(__name__).info(
         "%d workers serving on %s", config.workers, describe(listeners)
@@ -223,9 +250,12 @@ def supervise(config: Config, listeners: list[server.Listener], argv: list[str])
             config.workers,
             config.shutdown_delay + config.shutdown_timeout,
             metrics_dir,
+            config_fd,
         ).run()
     finally:
         remove_metrics_dir(metrics_dir)
+        if config_fd is not None:
+            os.close(config_fd)
 
 
 def describe(listeners: list[server.Listener]) -> str:

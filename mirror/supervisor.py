@@ -7,10 +7,16 @@ and a restarted worker finds the connections queued while it was down. Spawning 
 forking leaves each worker nothing of the parent's state (no event loop, no locks, no
 metric values) and lets prometheus-client choose its multiprocess mode at import.
 
+Every worker runs the config file as the parent read it at start (passed down as an
+in-memory file): an edit since reaches no worker until mirror serve is restarted, rather
+than the one worker that happened to restart.
+
 The parent restarts a worker that dies (after a delay that doubles while it dies within
-QUICK_DEATH of starting), stops everything and exits 2 when a worker could not start (its
-status 2: a bad config it printed), exits 1 when one died at once GIVE_UP times in a row,
-and on SIGTERM or SIGINT passes SIGTERM on, waits for the workers to drain, and exits 0.
+QUICK_DEATH of starting), stops everything and exits 2 when a worker could not start the
+first time (its status 2: a bad config it printed; a restarted worker's status 2, from a
+TLS file changed meanwhile, is a death like any other), exits 1 when one died at once
+GIVE_UP times in a row, and on SIGTERM or SIGINT passes SIGTERM on, waits for the workers
+to drain, and exits 0.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ class Slot:
     started: float = 0.0
     quick_deaths: int = 0
     restart_at: float | None = None
+    restarted: bool = False  # its process replaced one that died
 
 
 class Supervisor:
@@ -67,9 +74,11 @@ class Supervisor:
         workers: int,
         shutdown_timeout: float,
         metrics_dir: Path,
+        config_fd: int | None = None,
     ) -> None:
         self._command = command
         self._sockets = sockets
+        self._config_fd = config_fd
         self._slots = [Slot(index) for index in range(1, workers + 1)]
         self._shutdown_timeout = shutdown_timeout
         self._metrics_dir = metrics_dir
@@ -105,7 +114,7 @@ class Supervisor:
             return None
         multiprocess.mark_process_dead(slot.process.pid, str(self._metrics_dir))  # type: ignore[no-untyped-call]
         slot.process = None
-        if code == EXIT_CONFIG:
+        if code == EXIT_CONFIG and not slot.restarted:
             log.error("worker %d could not start (status 2): stopping", slot.index)
             return EXIT_CONFIG
         lived = time.monotonic() - slot.started
@@ -124,10 +133,12 @@ class Supervisor:
 
     def _start(self, slot: Slot, restarted: bool) -> None:
         fds = [sock.fileno() for sock in self._sockets]
-        env = dict(os.environ, **seat_environment(slot.index, fds, os.getpid(), restarted))
+        seat = seat_environment(slot.index, fds, os.getpid(), restarted, self._config_fd)
+        env = dict(os.environ, **seat)
         env[MULTIPROCESS_ENV] = str(self._metrics_dir)
-        slot.process = subprocess.Popen(self._command, pass_fds=fds, env=env)
-        slot.started, slot.restart_at = time.monotonic(), None
+        passed = fds if self._config_fd is None else [*fds, self._config_fd]
+        slot.process = subprocess.Popen(self._command, pass_fds=passed, env=env)
+        slot.started, slot.restart_at, slot.restarted = time.monotonic(), None, restarted
 
     def _drain(self, status: int | None) -> int:
         """SIGTERM to every worker; SIGKILL to those still there after the timeout."""

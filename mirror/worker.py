@@ -23,6 +23,9 @@ INDEX_ENV = "MIRROR_WORKER"  # 1..N: which worker this is, for logs
 SOCKETS_ENV = "MIRROR_WORKER_SOCKETS"  # listening descriptors, one per listener, in order
 PARENT_ENV = "MIRROR_WORKER_PARENT"  # the supervisor's pid: the worker stops when it dies
 RESTART_ENV = "MIRROR_WORKER_RESTART"  # "1" when this process replaces one that died
+# A descriptor holding the config file's text as the supervisor read it at start: every
+# worker, a restarted one too, runs that config, not what the file says by then.
+CONFIG_ENV = "MIRROR_WORKER_CONFIG"
 
 PR_SET_PDEATHSIG = 1  # from linux/prctl.h
 
@@ -35,6 +38,7 @@ class WorkerSeat:
     sockets: tuple[int, ...]
     parent: int
     restarted: bool
+    config: int | None = None  # the descriptor of the config's text (CONFIG_ENV)
 
 
 def seat_from_environment(env: Mapping[str, str]) -> WorkerSeat | None:
@@ -45,21 +49,48 @@ def seat_from_environment(env: Mapping[str, str]) -> WorkerSeat | None:
         index = int(env[INDEX_ENV])
         sockets = tuple(int(fd) for fd in env[SOCKETS_ENV].split(","))
         parent = int(env[PARENT_ENV])
+        config = int(env[CONFIG_ENV]) if CONFIG_ENV in env else None
     except (KeyError, ValueError):
         raise ConfigError(INDEX_ENV, "is set only by mirror serve for its workers") from None
-    return WorkerSeat(index, sockets, parent, env.get(RESTART_ENV) == "1")
+    return WorkerSeat(index, sockets, parent, env.get(RESTART_ENV) == "1", config)
 
 
 def seat_environment(
-    index: int, sockets: list[int], parent: int, restarted: bool
+    index: int, sockets: list[int], parent: int, restarted: bool, config: int | None = None
 ) -> dict[str, str]:
     """The variables that make `mirror serve` a worker: the inverse of the above."""
-    return {
+    env = {
         INDEX_ENV: str(index),
         SOCKETS_ENV: ",".join(str(fd) for fd in sockets),
         PARENT_ENV: str(parent),
         RESTART_ENV: "1" if restarted else "0",
     }
+    if config is not None:
+        env[CONFIG_ENV] = str(config)
+    return env
+
+
+def config_text_descriptor(text: str) -> int:
+    """An anonymous in-memory file holding `text`, for the workers to inherit (Linux): the
+    config may hold secrets, so it never goes to disk."""
+    fd = os.memfd_create("mirror-config", os.MFD_CLOEXEC)
+    data = text.encode()
+    written = 0
+    while written < len(data):
+        written += os.pwrite(fd, data[written:], written)
+    return fd
+
+
+def read_config_descriptor(fd: int) -> str:
+    """The config text the supervisor passed down (blocking, at start)."""
+    try:
+        size = os.fstat(fd).st_size
+        data = b""
+        while len(data) < size and (piece := os.pread(fd, size - len(data), len(data))):
+            data += piece
+    except OSError as exc:
+        raise ConfigError(CONFIG_ENV, f"descriptor {fd}: {exc.strerror}") from None
+    return data.decode()
 
 
 def adopt_sockets(seat: WorkerSeat, wanted: int) -> list[socket.socket]:

@@ -21,7 +21,12 @@ from mirror.config import ConfigError
 from mirror.config.load import config_from_mapping
 from mirror.observe.logs import setup_logging
 from mirror.supervisor import Supervisor
-from mirror.worker import adopt_sockets, seat_environment, seat_from_environment
+from mirror.worker import (
+    adopt_sockets,
+    config_text_descriptor,
+    seat_environment,
+    seat_from_environment,
+)
 
 
 @pytest.fixture
@@ -92,6 +97,42 @@ def test_a_worker_with_status_2_stops_the_others(listener: socket.socket, tmp_pa
     started = time.monotonic()
     assert run(script(code), listener, tmp_path) == 2
     assert time.monotonic() - started < 10  # worker 1 got SIGTERM, not the full minute
+
+
+def test_a_restarted_workers_status_2_is_a_death_like_any_other(
+    listener: socket.socket, tmp_path: Path
+) -> None:
+    """Status 2 stops everything only from a worker's first start: a restarted one that
+    exits 2 (a TLS pair replaced by a bad one since) is restarted with backoff."""
+    starts = tmp_path / "starts"
+    code = RECORD.format(path=str(starts)) + (
+        "import os, time\n"
+        "if os.environ['MIRROR_WORKER'] == '2':\n"
+        "    raise SystemExit(2 if os.environ['MIRROR_WORKER_RESTART'] == '1' else 1)\n"
+        "time.sleep(60)"
+    )
+    assert run(script(code), listener, tmp_path) == 1  # given up, after the backoff
+    restarts = [line for line in starts.read_text().splitlines() if line.startswith("2 1")]
+    assert len(restarts) == supervisor.GIVE_UP - 1
+
+
+def test_workers_get_the_config_text_read_at_start(listener: socket.socket, tmp_path: Path) -> None:
+    seen = tmp_path / "seen"
+    code = (
+        "import os\n"
+        "from mirror.worker import read_config_descriptor, seat_from_environment\n"
+        "seat = seat_from_environment(os.environ)\n"
+        f"open({str(seen)!r}, 'a').write(read_config_descriptor(seat.config) + chr(10))\n"
+        "raise SystemExit(2)"
+    )
+    text = "workers: 2\nupstream: {url: 'https://r.example'}\n"
+    fd = config_text_descriptor(text)
+    try:
+        sup = Supervisor(script(code), [listener], 2, 5.0, tmp_path, fd)
+        assert sup.run() == 2
+    finally:
+        os.close(fd)
+    assert seen.read_text().startswith(text + "\n")
 
 
 def test_sigterm_drains_and_exits_zero(listener: socket.socket, tmp_path: Path) -> None:

@@ -243,20 +243,24 @@ async def test_sigterm_lets_a_download_in_flight_finish_then_all_exit_zero(
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
 
 
-async def test_a_worker_that_cannot_start_stops_them_all_with_status_2(
-    tmp_path: Path, stop_after: list[MirrorProcess]
+async def test_a_restarted_worker_runs_the_config_read_at_start_not_an_edit_since(
+    tmp_path: Path, session: aiohttp.ClientSession, stop_after: list[MirrorProcess]
 ) -> None:
+    """A restarted worker read the file again: a valid edit reached one worker of N, and
+    a broken one made it exit 2, which stopped every worker (one crash, a whole outage)."""
     mirror = start_mirror(tmp_path, "http://127.0.0.1:9")
     stop_after.append(mirror)
     workers = workers_of(mirror)
-    (tmp_path / "mirror.yml").write_text("workers: [\n")  # the restart will not parse it
-    os.kill(min(workers), signal.SIGKILL)
-    assert mirror.proc is not None
-    status = await asyncio.to_thread(mirror.proc.wait, 30)
-    log = log_since_last_start(mirror.log_path)
-    assert status == 2, tail(log)
-    assert "is not valid YAML" in log
-    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    (tmp_path / "mirror.yml").write_text("workers: [\n")  # an edit that does not parse
+    victim = min(workers)
+    os.kill(victim, signal.SIGKILL)
+    wait_for("a new worker", lambda: len(serving(mirror)) == WORKERS + 1)
+    assert mirror.proc is not None and mirror.proc.poll() is None
+    after = workers_of(mirror)
+    assert len(after) == WORKERS and victim not in after and workers - {victim} <= after
+    statuses = await asyncio.gather(*(get_base(session, mirror) for _ in range(20)))
+    assert statuses == [200] * 20
+    assert "is not valid YAML" not in log_since_last_start(mirror.log_path)
 
 
 def test_a_taken_port_is_one_line_before_any_worker_starts(tmp_path: Path) -> None:

@@ -7,7 +7,14 @@ its own module; these are the names the rest of the mirror uses.
 from mirror.config.auth import AuthConfig
 from mirror.config.cache import CacheConfig
 from mirror.config.cluster import ClusterConfig
-from mirror.config.load import Config, apply_overrides, config_from_mapping, load_config
+from mirror.config.load import (
+    Config,
+    apply_overrides,
+    config_from_mapping,
+    config_from_text,
+    load_config,
+    read_config_text,
+)
 from mirror.config.log import LogConfig
 from mirror.config.policy import PolicyConfig
 from mirror.config.redis import RedisConfig
@@ -36,7 +43,9 @@ __all__ = [
     "UpstreamConfig",
     "apply_overrides",
     "config_from_mapping",
+    "config_from_text",
     "load_config",
+    "read_config_text",
     "parse_duration",
     "parse_listen",
     "parse_size",

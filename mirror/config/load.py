@@ -138,10 +138,19 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     """Read and validate the YAML file at `path`; defaults when `path` is None."""
     if path is None:
         return Config()
+    return config_from_text(read_config_text(path), path)
+
+
+def read_config_text(path: str | os.PathLike[str]) -> str:
+    """The config file's text, or a ConfigError naming --config."""
     try:
-        text = Path(path).read_text()
+        return Path(path).read_text()
     except OSError as exc:
         raise ConfigError("--config", f"cannot read {str(path)!r}: {exc.strerror}") from None
+
+
+def config_from_text(text: str, path: str | os.PathLike[str]) -> Config:
+    """Validate a config file's YAML text (read from `path`, which errors name)."""
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
