@@ -46,7 +46,10 @@ QUICK_DEATH = 10.0  # seconds: a worker dying sooner is failing, not crashing no
 FIRST_DELAY = 0.5  # seconds before restarting a worker that died at once; doubles each time
 MAX_DELAY = 30.0
 GIVE_UP = 5  # deaths at once in a row, after which restarting is pointless
-CLEANUP_GRACE = 5.0  # past shutdown_timeout: the workers close Redis, sessions, files
+# Past shutdown_timeout: a worker then lets verified downloads finish their commit and
+# bucket upload (cache/downloads.py FINISH_ON_CLOSE, 10 s), and closes Redis, sessions and
+# files. Killed sooner, it would leave a blob to fetch again and a multipart upload open.
+CLEANUP_GRACE = 15.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 STOP_NUMBERS = frozenset(int(sig) for sig in STOP_SIGNALS)  # as the wake-up socket has them
 EXIT_CONFIG = 2  # a worker's status for a config or start error it printed

@@ -254,3 +254,12 @@ def test_workers_with_a_cluster_are_refused_at_load(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="workers: 2 with cluster"):
         config_from_mapping({"workers": 2, "cluster": cluster})
     assert config_from_mapping({"workers": 1}).workers == 1
+
+
+def test_the_kill_deadline_leaves_a_worker_its_own_finishing_time() -> None:
+    """A stopping worker lets verified downloads commit and upload for FINISH_ON_CLOSE
+    after its requests' shutdown_timeout: killed within that, it left the blob to fetch
+    again and a multipart upload open for an hour."""
+    from mirror.cache.downloads import FINISH_ON_CLOSE
+
+    assert supervisor.CLEANUP_GRACE >= FINISH_ON_CLOSE + 2
