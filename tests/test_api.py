@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
@@ -404,6 +407,31 @@ async def test_request_counts_of_one_loop_turn_are_added_once_and_seen_by_metric
     samples = await metric_samples(client, "mirror_http_requests_total")
     assert samples[("manifest", "GET", "200")] == before + 5  # /metrics added them
     assert before == 3
+
+
+async def test_metrics_are_collected_off_the_event_loop_in_either_format(client: Client) -> None:
+    """With workers, collecting reads every worker's metric files (a dead one's stay): it
+    ran on the event loop, which every request waits on."""
+    collected_in: list[str] = []
+
+    class Witness:
+        def collect(self) -> Iterator[Metric]:
+            collected_in.append(threading.current_thread().name)
+            yield GaugeMetricFamily("witness", "where collection ran", value=1)
+
+    registry = client.app[metrics_key].exposed
+    registry.register(Witness())  # type: ignore[arg-type]
+    collected_in.clear()  # registering collected once, to learn its names
+    resp = await client.get("/metrics")
+    assert resp.status == 200 and resp.content_type == "text/plain"
+    assert "witness 1.0" in await resp.text()
+    assert collected_in and threading.main_thread().name not in collected_in
+    openmetrics = {"Accept": "application/openmetrics-text; version=1.0.0"}
+    resp = await client.get("/metrics", headers=openmetrics)
+    assert resp.content_type == "application/openmetrics-text"
+    assert (await resp.text()).endswith("# EOF\n")
+    resp = await client.get("/metrics?name[]=witness")
+    assert [f.name for f in text_string_to_metric_families(await resp.text())] == ["witness"]
 
 
 async def test_metrics_labels_never_carry_repository_names(hub: FakeHub, client: Client) -> None:

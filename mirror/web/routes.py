@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from functools import partial
 
 from aiohttp import hdrs, web
 from aiohttp.web_urldispatcher import _default_expect_handler
-from prometheus_client.aiohttp import make_aiohttp_handler
+from prometheus_client.exposition import choose_encoder
 
 from mirror.oci.errors import ExpectationFailed
 from mirror.web import handlers
@@ -65,11 +66,18 @@ def monitoring_routes(app: web.Application) -> list[web.RouteDef]:
         return handlers.status_response(app)
 
     metrics = app[metrics_key]
-    exposition = make_aiohttp_handler(metrics.exposed)
 
     async def metrics_page(request: web.Request) -> web.StreamResponse:
         metrics.turn_counts.flush()  # this turn's counts too
-        return await exposition(request)
+        encoder, content_type = choose_encoder(",".join(request.headers.getall(hdrs.ACCEPT, [])))
+        names = request.query.getall("name[]", [])
+        registry = metrics.exposed.restricted_registry(names) if names else metrics.exposed
+        # In a thread: with workers, collecting reads every worker's files (and a dead
+        # worker's stay), work the event loop must not wait on.
+        body = await asyncio.to_thread(encoder, registry)
+        response = web.Response(body=body, headers={hdrs.CONTENT_TYPE: content_type})
+        response.enable_compression()
+        return response
 
     get = partial(web.get, expect_handler=expect)
     return [
