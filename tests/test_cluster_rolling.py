@@ -139,3 +139,29 @@ async def test_a_stopping_replica_answers_readyz_503_while_it_still_serves(
         exited = await asyncio.to_thread(mirror.proc.wait, 10)
         assert exited == 0
         assert "stopping: /readyz answers 503" in mirror.log_path.read_text()
+
+
+async def test_the_same_stop_delivered_twice_still_drains_and_a_later_one_hurries(
+    tmp_path: Path, hub: FakeHubProcess, session: aiohttp.ClientSession
+) -> None:
+    """A worker gets SIGTERM from its supervisor and from a process-group kill, `timeout`
+    sends two: taken as "stop now", the second cut /readyz's 503 window to nothing."""
+    mirror = MirrorProcess(tmp_path / "mirror", hub.registry_url)
+    config = {"shutdown_delay": "4s"}
+    mirror.extra_args = ("--config", str(write_config(tmp_path / "mirror.yaml", config)))
+    with mirror:
+        async with session.get(f"{mirror.url}/readyz") as resp:
+            assert resp.status == 200
+        assert mirror.proc is not None
+        began = time.monotonic()
+        mirror.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.05)
+        mirror.proc.send_signal(signal.SIGTERM)  # the same stop, again
+        await asyncio.sleep(1.5)
+        assert mirror.proc.poll() is None
+        async with session.get(f"{mirror.url}/readyz") as resp:
+            assert resp.status == 503
+        mirror.proc.send_signal(signal.SIGTERM)  # a later one: stop now
+        exited = await asyncio.to_thread(mirror.proc.wait, 10)
+        assert exited == 0
+        assert time.monotonic() - began < 3.5, "the later signal did not hurry the stop"

@@ -12,7 +12,6 @@ their handlers telling it when they sit idle (mirror/web/keepalive.py).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import resource
@@ -35,6 +34,9 @@ log = logging.getLogger(__name__)
 # File descriptors kept for everything but client connections: cache files, upstream and
 # Redis connections, the listeners.
 SPARE_FDS = 1024
+
+# A stop signal this soon after the first (seconds) is the same stop delivered twice.
+SAME_STOP = 1.0
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
@@ -172,14 +174,25 @@ async def _serve(
 
 
 async def _drain(app: web.Application, stop: asyncio.Event, delay: float) -> None:
-    """Answer /readyz 503 and keep serving for `delay`, or until the next signal."""
+    """Answer /readyz 503 and keep serving for `delay`, or until a later signal: one within
+    SAME_STOP of the first is that stop delivered twice (a worker gets the supervisor's
+    SIGTERM and the process group's; `timeout` and init shims send two), not a hurry."""
     app[drain_key].begin()
     if delay <= 0:
         return
     log.info("stopping: /readyz answers 503; serving %gs more before closing", delay)
-    stop.clear()
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), delay)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    end = began + delay
+    while (left := end - loop.time()) > 0:
+        stop.clear()
+        try:
+            await asyncio.wait_for(stop.wait(), left)
+        except TimeoutError:
+            return
+        if loop.time() - began >= SAME_STOP:
+            log.info("stopping now: a second signal")
+            return
 
 
 class GuardedSite(web.SockSite):
