@@ -21,6 +21,7 @@ to drain, and exits 0.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -110,6 +111,7 @@ class Supervisor:
                     return status
                 if slot.restart_at is not None and time.monotonic() >= slot.restart_at:
                     self._start(slot, restarted=True)
+            self._reap_orphans()
 
     def _reap(self, slot: Slot) -> int | None:
         """Note a worker's death and plan its restart; an exit status to give up with."""
@@ -133,6 +135,24 @@ class Supervisor:
         )  # fmt: skip
         slot.restart_at = time.monotonic() + delay
         return None
+
+    def _reap_orphans(self) -> None:
+        """As PID 1 (a container's entrypoint), every orphan of the namespace becomes this
+        process's child: a worker killed while a `password_command` shell ran leaves one.
+        Reap those, never a worker (its Popen must see its status): peek first."""
+        if os.getpid() != 1:
+            return
+        ours = {slot.process.pid for slot in self._slots if slot.process is not None}
+        while True:
+            try:
+                found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if found is None or found.si_pid in ours:
+                return  # none waiting, or a worker that died just now: its SIGCHLD is
+                # already on the wake-up socket, and that wake-up comes back here
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(found.si_pid, 0)
 
     def _start(self, slot: Slot, restarted: bool) -> None:
         fds = [sock.fileno() for sock in self._sockets]

@@ -6,8 +6,10 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -265,3 +267,50 @@ def test_the_kill_deadline_leaves_a_worker_its_own_finishing_time() -> None:
     after its requests' shutdown_timeout: killed within that, it left the blob to fetch
     again and a multipart upload open for an hour."""
     assert CLEANUP_GRACE >= FINISH_ON_CLOSE + 2
+
+
+# As PID 1 of its own namespace: worker 1 leaves a grandchild behind (an orphan, which the
+# kernel hands to PID 1) and dies; the zombies of PID 1 are counted before the stop.
+AS_PID_1 = """
+import os, pathlib, signal, socket, sys, threading, time
+from mirror import supervisor
+from mirror.supervisor import Supervisor
+supervisor.FIRST_DELAY = 0.05
+worker = ("import os, subprocess, time\\n"
+          "if os.environ['MIRROR_WORKER_RESTART'] == '1': time.sleep(60)\\n"
+          "subprocess.Popen(['sleep', '0.1'])\\n"
+          "os._exit(0)")
+def count_zombies():
+    time.sleep(1.5)
+    zombies = 0
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                stat = open(f'/proc/{entry}/stat').read().rsplit(')', 1)[1].split()
+            except OSError:
+                continue
+            zombies += stat[0] == 'Z'
+    print('zombies', zombies, flush=True)
+    os.kill(1, signal.SIGTERM)
+threading.Thread(target=count_zombies, daemon=True).start()
+with socket.socket() as listener:
+    listener.bind(('127.0.0.1', 0))
+    listener.listen()
+    command = [sys.executable, '-c', worker]
+    Supervisor(command, [listener], 1, 1.0, pathlib.Path(sys.argv[1])).run()
+"""
+
+
+def test_as_pid_1_the_supervisor_reaps_the_orphans_it_inherits(tmp_path: Path) -> None:
+    """In a container the supervisor is PID 1, the parent of every orphan: a worker that
+    died with a child running left that child a zombie for good."""
+    unshare = shutil.which("unshare")
+    probe = subprocess.run([unshare or "unshare", "--pid", "--fork", "true"], check=False)
+    if unshare is None or probe.returncode != 0:
+        pytest.skip("no PID namespace here (unshare needs root)")
+    done = subprocess.run(
+        [unshare, "--pid", "--fork", "--mount-proc", sys.executable, "-c", AS_PID_1,
+         str(tmp_path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert "zombies 0" in done.stdout, done.stdout + done.stderr
