@@ -285,6 +285,19 @@ async def test_the_token_is_narrowed_to_what_the_rules_grant(
     assert resp.status == 401 and "library/busybox" in resp.headers["WWW-Authenticate"]
 
 
+async def test_a_token_scope_outside_the_name_grammar_is_left_out(
+    make_client: MakeClient, hub: FakeHub, ghcr: FakeHub, htpasswd: Path
+) -> None:
+    """No request path could name it, so it is no repository to grant or refuse: it never
+    reaches the policy's globs (several stars in one segment, 5000 characters)."""
+    rules = [{"who": ["*", "anonymous"], "pull": ["docker.io/library/*-*-*"]}]
+    client = await policy_mirror(make_client, hub, ghcr, auth=auth_with(htpasswd, rules))
+    made_up = ["library/" + "-" * 5000 + "/x", "Library/A-B-C", "library/a-b-c/", "/library/a-b-c"]
+    token = await token_for(client, None, *made_up, "library/a-b-c", "library/nginx")
+    access = {entry["name"]: entry["actions"] for entry in claims_of(token)["access"]}
+    assert access == {"library/a-b-c": ["pull"], "library/nginx": []}
+
+
 # --- audit lines -------------------------------------------------------------------------------
 
 

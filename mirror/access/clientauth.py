@@ -24,6 +24,7 @@ import bcrypt
 
 from mirror.access.hashing import HashPool
 from mirror.config.auth import check_signing_key
+from mirror.oci.reference import is_valid_name
 from mirror.util.lru import LRU
 
 log = logging.getLogger(__name__)
@@ -167,11 +168,14 @@ def _create_signing_key(path: Path) -> bytes:
 
 def requested_repositories(scopes: list[str]) -> list[str]:
     """Repositories asked for pull in `repository:<name>:<actions>` scopes (several per
-    parameter allowed, space-separated)."""
+    parameter allowed, space-separated).
+
+    A name outside the repository grammar is left out, before any policy check: no request
+    path could name it, and the policy's globs need not match what the client made up."""
     names = []
     for scope in " ".join(scopes).split():
         kind, _, rest = scope.partition(":")
         name, _, actions = rest.rpartition(":")
-        if kind == "repository" and name and "pull" in actions.split(","):
+        if kind == "repository" and is_valid_name(name) and "pull" in actions.split(","):
             names.append(name)
     return names
