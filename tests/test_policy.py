@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,15 @@ def denies(glob: str, repository: str, reference: str | None = None) -> bool:
         ("library/nginx", "library/nginx", True),
         ("library/nginx", "library/nginxx", False),
         ("library/ng.nx", "library/ngxnx", False),  # a dot is a dot, not a wildcard
+        ("library/*-*-*", "library/a-b-c", True),  # several stars in one segment
+        ("library/*-*-*", "library/--", True),
+        ("library/*-*-*", "library/a-b", False),
+        ("library/*-*-*", "library/a-b-c/d", False),
+        ("library/ab*ba", "library/abba", True),
+        ("library/ab*ba", "library/aba", False),  # the prefix and suffix may not overlap
+        ("library/py*on*", "library/python", True),
+        ("library/py*on*", "library/pyth", False),
+        ("**", "", True),
     ],
 )
 def test_glob_paths(glob: str, repository: str, matches: bool) -> None:
@@ -101,6 +111,29 @@ def test_a_digest_part() -> None:
     assert not grants(glob, "library/nginx", OTHER_DIGEST)
     assert not grants(glob, "library/nginx", "latest")  # unknown before resolving it
     assert grants(glob, "library/nginx", None)
+
+
+def test_several_stars_in_a_tag_part() -> None:
+    assert denies("library/*:*-rc*-*", "library/nginx", "1.2-rc1-alpine")
+    assert not denies("library/*:*-rc*-*", "library/nginx", "1.2-rc1")
+    assert grants("library/nginx:1.*.*", "library/nginx", "1.27.3")
+    assert not grants("library/nginx:1.*.*", "library/nginx", "1.27")
+
+
+def test_glob_matching_takes_time_linear_in_the_name() -> None:
+    """Names a backtracking matcher takes cubic time over (each star of `*-*-*` tried at
+    every dash): 5000 characters must be decided at once, right."""
+    rule = parse_glob("auth.rules[0].pull[0]", "docker.io/library/*-*-*", frozenset({"docker.io"}))
+    dashes = "-" * 5000
+    cases = [
+        (rule, f"docker.io/library/{dashes}/x", None, False),
+        (rule, f"docker.io/library/{dashes}", None, True),
+        (parse_glob("g", "library/*:*-*-*x"), "library/nginx", dashes, False),
+    ]
+    for glob, path, reference, expected in cases:
+        started = time.perf_counter()
+        assert glob.grants(path, reference) is expected
+        assert time.perf_counter() - started < 0.1
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,8 @@ The settings are checked at load (mirror/config/policy.py); this module matches 
 Globs are `/`-separated: `*` matches within one path segment (`library/*`, `library/py*`),
 a whole-segment `**` any number of segments, none included (`bitnami/**`). An optional
 `:<tag glob>` or `@<digest>` ends a glob. Rule globs start with the upstream's registry
-name (`docker.io/library/*`), or are `**` for everything.
+name (`docker.io/library/*`), or are `**` for everything. Names and tags are the client's
+choice: matching never backtracks, its time grows linearly with the name.
 
 A reference part restricts requests that name a reference of its kind; where a request
 names none, the repository decides:
@@ -23,8 +24,6 @@ names none, the repository decides:
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mirror.config.policy import (
@@ -43,22 +42,108 @@ ALLOW_LIST = "allow_list"
 NO_RULE = "no_rule"
 
 
-def _segment_regex(segment: str) -> str:
-    return "[^/]*".join(re.escape(part) for part in segment.split("*"))
+@dataclass(frozen=True)
+class SegmentGlob:
+    """One segment's glob (or a tag glob): its literal parts, split at each `*`."""
+
+    parts: tuple[str, ...]
+
+    def matches(self, text: str) -> bool:
+        """Whether `text` is the parts with any run of characters but `/` between them.
+
+        One pass, no backtracking: the first part is a prefix, the last a suffix, and each
+        middle part is taken where it first occurs after the one before (a later place
+        never leaves more room for the rest). Time grows linearly with `text`."""
+        first, last = self.parts[0], self.parts[-1]
+        if len(self.parts) == 1:
+            return text == first
+        end = len(text) - len(last)
+        if "/" in text or end < len(first) or not text.startswith(first) or not text.endswith(last):
+            return False
+        position = len(first)
+        for part in self.parts[1:-1]:
+            found = text.find(part, position, end)
+            if found < 0:
+                return False
+            position = found + len(part)
+        return True
 
 
-def _path_regex(segments: Sequence[str | None]) -> re.Pattern[str]:
-    """One regex for a whole path glob (None stands for `**`, never two in a row)."""
-    out, after_segment = "", False
-    for index, segment in enumerate(segments):
-        separator = "/" if after_segment else ""
-        if segment is not None:
-            out, after_segment = out + separator + segment, True
-        elif index < len(segments) - 1:  # `a/**/z`: `a/`, then any `x/`, then `z`
-            out, after_segment = out + separator + "(?:[^/]+/)*", False
-        else:  # a trailing `**`: any `/x` after what came before, or anything at all
-            out += "(?:/[^/]+)*" if after_segment else ".*"
-    return re.compile(out)
+def _segment_glob(segment: str) -> SegmentGlob:
+    return SegmentGlob(tuple(segment.split("*")))
+
+
+@dataclass(frozen=True)
+class PathGlob:
+    """A path glob: segment globs, None standing for `**` (never two in a row).
+
+    Two shortcuts for the common shapes, worked out once: the literal text every match
+    starts with (most globs start with an upstream's or an organisation's name), and the
+    segment globs of a glob with no `**` but maybe a last one (`docker.io/library/**`)."""
+
+    segments: tuple[SegmentGlob | None, ...]
+    prefix: str = ""
+    fixed: tuple[SegmentGlob, ...] | None = None
+    open_end: bool = False
+
+    def matches(self, path: str) -> bool:
+        """Whether `path` matches, segment by segment; `**` takes any number of non-empty
+        segments, and `**` alone anything at all."""
+        if not path.startswith(self.prefix):
+            return False
+        if self.segments == (None,):
+            return True
+        names = path.split("/")
+        if self.fixed is None:
+            return _spans(self.segments, names)
+        count = len(self.fixed)
+        if len(names) != count and not (self.open_end and len(names) > count):
+            return False
+        if self.open_end and "" in names[count:]:
+            return False
+        return all(glob.matches(name) for glob, name in zip(self.fixed, names, strict=False))
+
+
+def _spans(segments: tuple[SegmentGlob | None, ...], names: list[str]) -> bool:
+    """Whether `names` match `segments`, `**` among them anywhere: `reached[i]` says the
+    segments so far can match the first i names. One sweep per segment, so the time is
+    linear in the path for a given glob."""
+    reached = [True] + [False] * len(names)
+    for glob in segments:
+        if glob is None:
+            reached = _any_segments(names, reached)
+        else:
+            reached = _one_segment(glob, names, reached)
+    return reached[-1]
+
+
+def _path_glob(segments: list[SegmentGlob | None]) -> PathGlob:
+    """The PathGlob of `segments`, with its shortcuts."""
+    literal: list[str] = []
+    for glob in segments:
+        if glob is None:
+            break
+        literal.append(glob.parts[0])
+        if len(glob.parts) > 1:
+            break
+    open_end = len(segments) > 1 and segments[-1] is None
+    head = segments[:-1] if open_end else segments
+    fixed = None if None in head else tuple(glob for glob in head if glob is not None)
+    return PathGlob(tuple(segments), "/".join(literal), fixed, open_end)
+
+
+def _one_segment(glob: SegmentGlob, names: list[str], reached: list[bool]) -> list[bool]:
+    """After a segment glob: i + 1 is reached where i was and the glob matches segment i."""
+    return [False] + [reached[i] and glob.matches(name) for i, name in enumerate(names)]
+
+
+def _any_segments(names: list[str], reached: list[bool]) -> list[bool]:
+    """After `**`: from each i reached, on over any run of non-empty segments."""
+    out, going = [], False
+    for i, was in enumerate(reached):
+        going = was or (going and names[i - 1] != "")
+        out.append(going)
+    return out
 
 
 @dataclass(frozen=True)
@@ -66,19 +151,19 @@ class Glob:
     """One compiled glob: path segments, and an optional tag glob or digest."""
 
     text: str
-    path: re.Pattern[str]
-    tag: re.Pattern[str] | None = None
+    path: PathGlob
+    tag: SegmentGlob | None = None
     digest: str | None = None
 
     def denies(self, path: str, reference: str | None) -> bool:
         """As a deny entry: the reference part applies only to references of its kind."""
-        if not self.path.fullmatch(path):
+        if not self.path.matches(path):
             return False
         if self.tag is not None:
             return (
                 reference is not None
                 and not is_digest_reference(reference)
-                and bool(self.tag.fullmatch(reference))
+                and self.tag.matches(reference)
             )
         if self.digest is not None:
             return reference == self.digest
@@ -86,27 +171,27 @@ class Glob:
 
     def grants(self, path: str, reference: str | None) -> bool:
         """As an allow entry or a rule: see the module docstring for references."""
-        if not self.path.fullmatch(path):
+        if not self.path.matches(path):
             return False
         if reference is None or (self.tag is None and self.digest is None):
             return True
         if self.digest is not None:
             return reference == self.digest
         assert self.tag is not None
-        return is_digest_reference(reference) or bool(self.tag.fullmatch(reference))
+        return is_digest_reference(reference) or self.tag.matches(reference)
 
 
 def compile_glob(spec: GlobSpec) -> Glob:
     """The matcher for a checked glob."""
-    compiled = [None if s == ANY_SEGMENTS else _segment_regex(s) for s in spec.segments]
-    # `**/**` is `**`: a run of them is collapsed, so that it cannot multiply the work.
+    compiled = [None if s == ANY_SEGMENTS else _segment_glob(s) for s in spec.segments]
+    # `**/**` is `**` (alone, it matches anything): a run of them is collapsed.
     collapsed = [
         s for i, s in enumerate(compiled) if s is not None or compiled[i - 1 : i] != [None]
     ]
     return Glob(
         spec.text,
-        _path_regex(collapsed),
-        None if spec.tag is None else re.compile(_segment_regex(spec.tag)),
+        _path_glob(collapsed),
+        None if spec.tag is None else _segment_glob(spec.tag),
         spec.digest,
     )
 
