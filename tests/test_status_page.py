@@ -8,6 +8,7 @@ Run `python -m pytest tests/test_status_page.py -q -s` to see where the screensh
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import html
 import json
@@ -26,10 +27,14 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from mirror.config import Config, UpstreamConfig
+from mirror.web.monitor import create_monitor_app
 from tests.conftest import MakeClient
 from tests.fakehub import FakeHub
 from tests.images import DOCKER_MANIFEST, busybox_image, push_image
 from tests.services import DistributionRegistry, FakeHubProcess, MirrorProcess
+from tests.test_pull_policy import auth_with, basic, ghcr, htpasswd, policy_mirror, token_for
+
+__all__ = ["ghcr", "htpasswd"]  # fixtures shared with the pull-policy tests
 
 Client = TestClient[Any, Any]
 CHROMIUM = "chromium"
@@ -224,6 +229,50 @@ async def test_status_page_escapes_every_value(
     upstreams = page.table("Upstreams")[1:]
     assert [name, url, "up", "–"] in upstreams  # the browser shows the text as configured
     assert page.table("Top repositories")[1:] == [["(no pulls yet)", ""]]
+
+
+# --- what each viewer is shown -----------------------------------------------------------
+
+# alice alone may pull private/**; any logged-in user library/**; anonymous clients nothing.
+VIEW_RULES = [
+    {"who": ["alice"], "pull": ["docker.io/private/**"]},
+    {"who": ["*"], "pull": ["docker.io/library/**"]},
+]
+PRIVATE = "private/acme-merger-2027"
+
+
+async def test_the_page_names_only_the_repositories_its_viewer_may_pull(
+    make_client: MakeClient, hub: FakeHub, ghcr: FakeHub, htpasswd: Path, aiohttp_server: Any
+) -> None:
+    """As the catalogue does: a private repository's name says a lot, so only those who may
+    pull it see it; the counts that name no repository are everyone's."""
+    client = await policy_mirror(make_client, hub, ghcr, auth=auth_with(htpasswd, VIEW_RULES))
+    for repo in (PRIVATE, "library/busybox"):
+        hub.content.add_image(repo, "latest", [repo.encode()])
+        resp = await client.get(f"/v2/{repo}/manifests/latest", headers=basic("alice"))
+        assert resp.status == 200, await resp.text()
+    assert (await client.get("/v2/_catalog")).status == 401  # anonymous clients pull nothing
+
+    async def seen_by(headers: dict[str, str]) -> tuple[str, list[list[str]]]:
+        resp = await client.get("/", headers=headers)
+        assert resp.status == 200
+        text = await resp.text()
+        assert Page(text).summary()["Tag hit ratio (requests)"] == "0.0%"
+        return text, sorted(Page(text).table("Top repositories")[1:])
+
+    text, rows = await seen_by({})
+    assert "acme-merger" not in text and rows == [["(none to show)", ""]]
+    wrong = {"Authorization": "Basic " + base64.b64encode(b"alice:wrong").decode()}
+    assert await seen_by(wrong) == (text, rows)  # bad credentials: an anonymous viewer
+    assert (await seen_by(basic("bob")))[1] == [["library/busybox", "1"]]
+    everything = [["library/busybox", "1"], [PRIVATE, "1"]]
+    assert (await seen_by(basic("alice")))[1] == everything
+    token = await token_for(client, "alice", PRIVATE)
+    assert (await seen_by({"Authorization": f"Bearer {token}"}))[1] == everything
+    # The monitoring listener (metrics.listen) is the operator's own address: every name.
+    monitor = await aiohttp_server(create_monitor_app(client.app))
+    async with client.session.get(monitor.make_url("/")) as resp:
+        assert sorted(Page(await resp.text()).table("Top repositories")[1:]) == everything
 
 
 # --- in a real browser --------------------------------------------------------------------

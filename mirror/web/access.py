@@ -8,7 +8,7 @@ any check (mirror/access/throttle.py); credentials verified lately pass without 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -27,6 +27,7 @@ from mirror.cluster.signing import token_audience, token_signing_key
 from mirror.observe.guard_metrics import GuardMetrics
 from mirror.oci.errors import LoginsBusy, TooManyLogins, Unauthorized
 from mirror.oci.reference import is_valid_name
+from mirror.web.catalog import may_list
 from mirror.web.forwarded import client_of, origin_of
 from mirror.web.gate import may_pull_name, subject_key
 from mirror.web.keys import config_key, metrics_key, policy_key
@@ -139,12 +140,23 @@ class ClientAuth:
                 return False
             raise
 
-    async def require_user(self, request: web.Request) -> None:
-        """Unauthorized (a Basic challenge: browsers and Prometheus answer it) unless the
-        request carries a logged-in user's credentials; anonymous_pull grants nothing here."""
+    async def require_user(self, request: web.Request) -> str:
+        """The user, or Unauthorized (a Basic challenge: browsers and Prometheus answer it)
+        unless the request carries a logged-in user's credentials; anonymous_pull grants
+        nothing here."""
         grant = await self.check(request)
         if grant is None or not grant.subject:
             raise Unauthorized("authentication required", challenge='Basic realm="mirror"')
+        return grant.subject
+
+    async def viewer(self, request: web.Request) -> str:
+        """The user of a page open to anyone that shows each user their own: "" (anonymous)
+        for no credentials, bad ones, or ones that cannot be checked now."""
+        try:
+            grant = await self.check(request)
+        except (TooManyLogins, LoginsBusy):
+            return ""
+        return grant.subject if grant is not None else ""
 
     async def token(self, request: web.Request) -> web.Response:
         """`GET /token`: a pull token for the requested repositories."""
@@ -198,9 +210,12 @@ async def authorize(request: web.Request) -> None:
     auth = request.app.get(client_auth_key)
     if auth is None:
         return
-    if request.match_info.route.name in MONITORING_ROUTES:
+    route = request.match_info.route.name
+    if route in MONITORING_ROUTES:
         if request.app[config_key].metrics.require_auth:
-            await auth.require_user(request)
+            request[subject_key] = await auth.require_user(request)
+        elif route == "status":  # open to anyone, yet it names what its viewer may pull
+            request[subject_key] = await auth.viewer(request)
         return
     if not request.path.startswith("/v2"):
         return
@@ -215,6 +230,17 @@ async def authorize(request: web.Request) -> None:
     # help, so the pull gate answers 403 instead of a challenge.
     if not grant.allows(repository) and may_pull_name(request.app, grant.subject, repository or ""):
         raise auth.challenge(request, repository)
+
+
+def shown_repositories(request: web.Request) -> Callable[[str], bool]:
+    """Which repository names a page on a client listener may show the request's client:
+    those the catalogue lists for it, none where it could not even ask for the catalogue
+    (an anonymous client where only users may pull)."""
+    app, subject = request.app, request.get(subject_key, "")
+    auth = app.get(client_auth_key)
+    if auth is not None and not subject and not auth.anonymous_pull:
+        return lambda name: False
+    return lambda name: may_list(app, subject, name)
 
 
 async def client_auth_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from urllib.parse import urlencode
 
 from aiohttp import web
@@ -129,10 +130,13 @@ async def unsupported(request: web.Request) -> web.Response:
     raise Unsupported(f"{request.method} is not supported by a pull-through mirror")
 
 
-def status_response(app: web.Application) -> web.Response:
+def status_response(
+    app: web.Application, shown: Callable[[str], bool] | None = None
+) -> web.Response:
     """`/`: what a person checking on the mirror wants to see first, of the mirror's `app`
-    (served on the client listeners or metrics.listen's)."""
-    body = render(app[config_key], app[upstreams_key], app[metrics_key], app[pulls_key])
+    (served on the client listeners or metrics.listen's), naming the repositories `shown`
+    lets through (None: every one)."""
+    body = render(app[config_key], app[upstreams_key], app[metrics_key], app[pulls_key], shown)
     return web.Response(text=body, content_type="text/html")
 
 

@@ -11,6 +11,7 @@ from prometheus_client.exposition import choose_encoder
 
 from mirror.oci.errors import ExpectationFailed
 from mirror.web import handlers
+from mirror.web.access import shown_repositories
 from mirror.web.catalog import catalog
 from mirror.web.errors import error_response
 from mirror.web.keys import config_key, metrics_key
@@ -63,7 +64,10 @@ def monitoring_routes(app: web.Application) -> list[web.RouteDef]:
 
     async def status_page(request: web.Request) -> web.Response:
         app[metrics_key].turn_counts.flush()
-        return handlers.status_response(app)
+        # A client listener's page names what its viewer may pull; the monitoring listener
+        # (metrics.listen) is the operator's own address, and names every repository.
+        shown = shown_repositories(request) if request.app is app else None
+        return handlers.status_response(app, shown)
 
     metrics = app[metrics_key]
 

@@ -1,10 +1,16 @@
 """The status page at `/`: upstreams and their health, hit ratios, cache size, top
-repositories. Plain HTML from the metrics the mirror already keeps; no scripts."""
+repositories. Plain HTML from the metrics the mirror already keeps; no scripts.
+
+A private repository's name says a lot: on a client listener the page names only the
+repositories its viewer may pull (mirror/web/access.py decides, as the catalogue does).
+"""
 
 from __future__ import annotations
 
 import html
 from collections import Counter
+from collections.abc import Callable
+from itertools import islice
 
 from mirror.config import Config
 from mirror.observe.metrics import Metrics
@@ -26,8 +32,15 @@ class PullCounter:
         if len(self._counts) > MAX_TRACKED:
             self._counts = Counter(dict(self._counts.most_common(MAX_TRACKED // 2)))
 
-    def top(self, n: int = TOP) -> list[tuple[str, int]]:
-        return self._counts.most_common(n)
+    def top(
+        self, n: int = TOP, shown: Callable[[str], bool] | None = None
+    ) -> list[tuple[str, int]]:
+        """The `n` most pulled repositories; with `shown`, the `n` most pulled of those it
+        lets through."""
+        if shown is None:
+            return self._counts.most_common(n)
+        ranked = self._counts.most_common()
+        return list(islice((entry for entry in ranked if shown(entry[0])), n))
 
 
 def _value(metrics: Metrics, name: str, **labels: str) -> float:
@@ -44,6 +57,10 @@ def _rows(cells: list[list[str]]) -> str:
     )
 
 
+def _no_top(pulls: PullCounter) -> str:
+    return "(none to show)" if pulls.top(1) else "(no pulls yet)"
+
+
 def _upstream_rows(upstreams: Upstreams, metrics: Metrics) -> list[list[str]]:
     rows = []
     for upstream in upstreams:
@@ -57,7 +74,15 @@ def _upstream_rows(upstreams: Upstreams, metrics: Metrics) -> list[list[str]]:
     return rows
 
 
-def render(config: Config, upstreams: Upstreams, metrics: Metrics, pulls: PullCounter) -> str:
+def render(
+    config: Config,
+    upstreams: Upstreams,
+    metrics: Metrics,
+    pulls: PullCounter,
+    shown: Callable[[str], bool] | None = None,
+) -> str:
+    """The page; `shown` says which repository names it may hold (None: every one)."""
+
     def hits(kind: str) -> str:
         return _ratio(
             _value(metrics, "mirror_cache_requests_total", kind=kind, result="hit"),
@@ -82,7 +107,7 @@ def render(config: Config, upstreams: Upstreams, metrics: Metrics, pulls: PullCo
     if config.storage.s3 is not None:
         bucket_up = _value(metrics, "mirror_s3_up")
         summary.append(["S3 bucket", "up" if bucket_up else "DOWN (serving uncached)"])
-    top = [[name, str(count)] for name, count in pulls.top()] or [["(no pulls yet)", ""]]
+    top = [[name, str(count)] for name, count in pulls.top(TOP, shown)] or [[_no_top(pulls), ""]]
     return PAGE.format(
         upstreams=_rows(_upstream_rows(upstreams, metrics)),
         summary=_rows(summary),
