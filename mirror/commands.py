@@ -98,7 +98,7 @@ class Warmer:
         self.report.manifests += 1
         # Served under this repository from now on, though cached already: it holds them.
         await self._services.holdings.record(
-            upstream.name, repo, [found.digest, *references(found.body or b"")]
+            upstream.name, repo, [found.digest, *references(found.body or b"", found.media_type)]
         )
         doc: dict[str, Any] = json.loads(found.body or b"{}")
         if "manifests" in doc:

@@ -2,11 +2,14 @@
 
 Blobs and manifests are stored by digest alone, shared by every repository. A digest is
 served under a repository only when the mirror knows that repository holds it: it came
-through the repository's own manifests (the manifest, its config and layers, an index's
-child manifests), a tag record of the repository points at it, or the upstream confirmed
-it with a HEAD under that repository's own credentials. Anything else gets the upstream's
-own not-found answer, so knowing a digest pulled through a private repository does not
-open it under a public one, or under a repository that does not exist.
+through the repository's own manifests (the manifest itself; an image manifest's config
+and layers, which its registry checked at push), a tag record of the repository points at
+it, or the upstream confirmed it with a HEAD under that repository's own credentials.
+Anything else gets the upstream's own not-found answer, so knowing a digest pulled through
+a private repository does not open it under a public one, or under a repository that does
+not exist. What a registry takes unchecked proves nothing: a layer with `urls` or of a
+foreign or non-distributable type, and an index's children (fetched or confirmed under
+the repository, like any manifest asked for by digest).
 
 What is known is kept in the metadata store (shared by replicas, kept as long as tag
 records) and in a bounded in-process LRU, so a warm pull asks the store once per
@@ -24,7 +27,7 @@ from typing import Any
 from mirror.metadata.store import MetadataStore
 from mirror.observe.metrics import Metrics
 from mirror.oci.errors import BlobUnknown, ManifestUnknown, RegistryError
-from mirror.oci.negotiation import MANIFEST_TYPES
+from mirror.oci.negotiation import DOCKER_MANIFEST, MANIFEST_TYPES, OCI_MANIFEST
 from mirror.oci.reference import as_digest
 from mirror.upstream.client import Upstream
 from mirror.util.lru import LRU
@@ -38,22 +41,46 @@ BLOB, MANIFEST = "blob", "manifest"
 _NOT_FOUND: dict[str, type[RegistryError]] = {BLOB: BlobUnknown, MANIFEST: ManifestUnknown}
 
 Key = tuple[str, str, str]  # (upstream, repository, digest)
+# The manifests whose config and layers count as held by their repository (references).
+IMAGE_MANIFESTS = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
+# Layer types a registry accepts without the blob (Windows base layers and the like:
+# `application/vnd.docker.image.rootfs.foreign.diff.tar.gzip`,
+# `application/vnd.oci.image.layer.nondistributable.v1.tar+gzip`).
+UNSEEN_LAYER_MARKERS = ("foreign", "nondistributable")
 
 
-def references(body: bytes) -> list[str]:
-    """The digests a manifest names: its config and layers, or an index's manifests."""
+def references(body: bytes, media_type: str) -> list[str]:
+    """The blobs an image manifest names that its registry checked at push: its config and
+    its layers. Nothing of an index (a registry may take an index without its children:
+    they are confirmed one by one), and no descriptor a registry takes unseen: one with
+    `urls`, or of a foreign or non-distributable layer type (anyone may name any digest so)."""
+    if media_type not in IMAGE_MANIFESTS:
+        return []
     try:
         doc = json.loads(body)
     except ValueError:
         return []
-    if not isinstance(doc, dict):
+    # The body's own type must agree: a registry checks only the fields of the type it was
+    # pushed as, so `layers` in a document that is (or claims to be) an index were never looked at.
+    if not isinstance(doc, dict) or doc.get("mediaType", media_type) not in IMAGE_MANIFESTS:
+        return []
+    if "manifests" in doc:
         return []
     found: list[Any] = [doc.get("config")]
-    for field in ("layers", "manifests", "blobs"):
-        entries = doc.get(field)
-        if isinstance(entries, list):
-            found.extend(entries)
-    return [entry["digest"] for entry in found if isinstance(entry, dict) and "digest" in entry]
+    layers = doc.get("layers")
+    if isinstance(layers, list):
+        found.extend(layers)
+    return [entry["digest"] for entry in found if _checked_at_push(entry)]
+
+
+def _checked_at_push(entry: object) -> bool:
+    """Whether a descriptor names a blob its registry must have had to take the manifest."""
+    if not isinstance(entry, dict) or "digest" not in entry or "urls" in entry:
+        return False
+    media_type = entry.get("mediaType")
+    return not isinstance(media_type, str) or not any(
+        marker in media_type for marker in UNSEEN_LAYER_MARKERS
+    )
 
 
 def _valid(digests: Iterable[object]) -> list[str]:

@@ -150,11 +150,15 @@ class ManifestService:
         if decide(found.media_type, accept, by_tag=by_tag) is Verdict.SERVE:
             return found
         # A manifest list for a client that reads only single manifests: the default
-        # platform's, still under the tag's freshness (the list's own repository holds it).
+        # platform's, still under the tag's freshness. A list names any digest it likes (a
+        # registry need not check its children): the child is held, fetched or confirmed
+        # under this repository like any manifest asked for by digest.
         body = found.body
         if body is None:
             body = (await self._by_digest(upstream, repo, found.digest, head=False)).body
-        child = await self._by_digest(upstream, repo, default_platform(body or b""), head=head)
+        child = await self._by_digest(
+            upstream, repo, default_platform(body or b""), head=head, held=False
+        )
         decide(child.media_type, accept, by_tag=False)
         return child.lasting(found.fresh_for, found.stale)
 
@@ -202,8 +206,8 @@ class ManifestService:
     async def _by_digest(
         self, upstream: Upstream, repo: str, reference: str, *, head: bool, held: bool = True
     ) -> Manifest:
-        """The manifest by digest; unless `held` (a tag or list of the repository names
-        it), only once the repository is known to hold it (cache/holdings.py)."""
+        """The manifest by digest; unless `held` (a tag of the repository points at it),
+        only once the repository is known to hold it (cache/holdings.py)."""
         cached = self._hot.get(reference)
         if cached is None:
             cached = await self._storage.read_manifest(parse_digest(reference))
@@ -398,7 +402,7 @@ class ManifestService:
         cached = self._hot.get(digest)
         if cached is None and (parsed := as_digest(digest)) is not None:
             cached = await self._storage.read_manifest(parsed)
-        named = [] if cached is None else references(cached[1])
+        named = [] if cached is None else references(cached[1], cached[0])
         await self._holdings.record(upstream.name, repo, [digest, *named])
 
     async def _answer(
@@ -440,7 +444,8 @@ class ManifestService:
         if written and self.on_stored is not None:
             self.on_stored(len(body))
         if catalog:  # content of the repository, not a document the mirror composed
-            await self._holdings.record(upstream.name, repo, [info.digest, *references(body)])
+            named = references(body, info.media_type)
+            await self._holdings.record(upstream.name, repo, [info.digest, *named])
             await self._metadata.add_repository(upstream.catalog_prefix + repo)
 
 
