@@ -16,7 +16,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -120,6 +120,10 @@ class Download:
         # the bytes come from the upstream.
         self.peer: str | None = None
         self.lease: Lease | None = None  # the blob's lease, while this replica holds it
+        # The upstream it was started for, and whether every byte so far came from it to
+        # this process (not from a peer, nor a file taken over): then that upstream sent it.
+        self.upstream = ""
+        self.from_upstream = False
         # Workers: this process's claim on the blob, while it fetches it for all of them.
         self.claim: Claim | None = None
         self._started = asyncio.Event()
@@ -238,6 +242,9 @@ class Downloads:
         # Called after each blob lands in the cache (the evictor counts it, and shows the
         # cache's size from its count).
         self.on_commit: Callable[[int], None] | None = None
+        # Told which upstream sent a blob it landed (cache/holdings.py serves cached bytes
+        # under an upstream only once that upstream sent them).
+        self.on_sent: Callable[[str, Digest], Awaitable[None]] | None = None
         # digest → the bytes it had reached when it outgrew the cache (OutgrewCache).
         self._oversized: LRU[Digest, int] = LRU(OVERSIZED_ENTRIES)
 
@@ -257,6 +264,7 @@ class Downloads:
             self._metrics.joined_requests.inc()
             return download
         download = Download(digest, self._storage.blob_path(digest), self._storage.open_reading)
+        download.upstream = upstream.name
         self._active[digest] = download
         task = asyncio.create_task(self._run(download, upstream, repo))
         self._tasks[task] = download
@@ -338,6 +346,7 @@ class Downloads:
             assert download.temp is not None
             await asyncio.to_thread(self._storage.commit, opened, download.temp, download.final)
             self._committed(download)
+            await self._sent(download)
             seconds = time.monotonic() - started
             log.info(
                 "blob %s cached: %d bytes from %s in %.2fs (%.0f MB/s)", download.digest,
@@ -456,6 +465,15 @@ class Downloads:
         if self._active.get(download.digest) is download:
             del self._active[download.digest]
 
+    async def _sent(self, download: Download) -> None:
+        """Record that the upstream sent the blob, when every byte came from it here."""
+        if not download.from_upstream or self.on_sent is None:
+            return
+        try:
+            await self.on_sent(download.upstream, download.digest)
+        except Exception as exc:  # the blob is stored: a later request asks the upstream again
+            log.warning("blob %s: its source not recorded: %s", download.digest, exc)
+
     def _committed(self, download: Download) -> None:
         download.done = True
         download._notify()
@@ -501,6 +519,7 @@ class Downloads:
             got = await self._flight.source(download.digest, download.written, download.peer)
             if got is not None and not isinstance(got, Lease):  # the owner's stream
                 download.peer = got.owner
+                download.from_upstream = False
                 return got.body
             if isinstance(got, Lease):
                 download.lease = await held.enter_async_context(got.kept())
@@ -527,6 +546,8 @@ class Downloads:
 
     async def _from_upstream(self, upstream: Upstream, repo: str, download: Download) -> BlobBody:
         body = await upstream.open_blob(repo, str(download.digest), offset=download.written)
+        if download.written == 0:
+            download.from_upstream = True
         # Nothing written yet (aiohttp drops what it buffered when the connection breaks):
         # a body from byte 0 starts over, which is just as good.
         if download.written == 0 and body.offset == 0:

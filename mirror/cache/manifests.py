@@ -215,6 +215,8 @@ class ManifestService:
                 self._hot.put(reference, cached)
         if not held:
             held = await self._holdings.known(upstream.name, repo, reference)
+        elif cached is not None:  # the tag vouches for the digest, not for bytes from elsewhere
+            held = await self._holdings.sent(upstream.name, reference)
         if cached is not None:
             if not held:
                 await self._holdings.confirm(upstream, repo, reference, MANIFEST)
@@ -404,6 +406,7 @@ class ManifestService:
             cached = await self._storage.read_manifest(parsed)
         named = [] if cached is None else references(cached[1], cached[0])
         await self._holdings.record(upstream.name, repo, [digest, *named])
+        await self._holdings.record_sent_again(upstream.name, [digest, *named])
 
     async def _answer(
         self, upstream: Upstream, repo: str, record: TagRecord, *, head: bool
@@ -444,6 +447,7 @@ class ManifestService:
         if written and self.on_stored is not None:
             self.on_stored(len(body))
         if catalog:  # content of the repository, not a document the mirror composed
+            await self._holdings.record_sent(upstream.name, [info.digest])
             named = references(body, info.media_type)
             await self._holdings.record(upstream.name, repo, [info.digest, *named])
             await self._metadata.add_repository(upstream.catalog_prefix + repo)

@@ -259,7 +259,8 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     flight = None if leases is None or peers is None else BlobFlight(leases, peers, metrics.cluster)
     local = LocalFlight(storage.tmp) if config.workers > 1 else None
     downloads = Downloads(storage, metrics, flight, local, app[failures_key])
-    holdings = Holdings(app[metadata_key], metrics)
+    holdings = Holdings(app[metadata_key], metrics, one_upstream=not config.upstreams)
+    downloads.on_sent = lambda upstream, digest: holdings.record_sent(upstream, [str(digest)])
     app[holdings_key] = holdings
     manifests = ManifestService(
         storage, app[metadata_key], metrics, config.cache, holdings, app[work_leases_key]

@@ -138,12 +138,17 @@ class BlobService:
         return await self._serve_uncached(request, upstream, repo, digest, held)
 
     async def _confirm(
-        self, upstream: Upstream, repo: str, digest: Digest, found: Found | None = None
+        self,
+        upstream: Upstream,
+        repo: str,
+        digest: Digest,
+        found: Found | None = None,
+        fetching: bool = False,
     ) -> bool:
         """True once the upstream says the repository holds the blob, else its not-found
-        (what was `found` in the store is let go first)."""
+        (what was `found` in the store is let go first); see Holdings.confirm."""
         try:
-            await self._holdings.confirm(upstream, repo, str(digest), BLOB)
+            await self._holdings.confirm(upstream, repo, str(digest), BLOB, fetching=fetching)
         except BaseException:
             if found is not None and not isinstance(found, Redirect | BlobSize):
                 await found.close()  # a body opened in the bucket
@@ -157,7 +162,9 @@ class BlobService:
         disk refuses. Unless `held`, the upstream's answer under `repo` decides."""
         download = self._downloads.get(digest)
         if download is not None and not held:  # fetched for some repository: this one's too?
-            held = await self._confirm(upstream, repo, digest)
+            held = await self._confirm(
+                upstream, repo, digest, None, _on_its_way(download, upstream)
+            )
             download = self._downloads.get(digest)
         local = download is not None and download.verified
         self._metrics.cache_requests.labels("blob", "hit" if local else "miss").inc()
@@ -170,7 +177,8 @@ class BlobService:
             return await self._passthrough(request, upstream, repo, digest)
         if not held and (self._downloads.get(digest) is not None or self._downloads.shared):
             # Joining a download for another repository, or one another replica may feed.
-            held = await self._confirm(upstream, repo, digest)
+            joined = self._downloads.get(digest)
+            held = await self._confirm(upstream, repo, digest, None, _on_its_way(joined, upstream))
         download = self._downloads.start_or_join(upstream, repo, digest)
         try:
             await download.started()
@@ -440,6 +448,13 @@ class BlobService:
                 await close_file(file)
 
         return await _deliver(request, resp, body())
+
+
+def _on_its_way(download: Download | None, upstream: Upstream) -> bool:
+    """Whether the blob's bytes are still to come for this upstream: none here yet, or a
+    download started for it under way. (Bytes that landed, or that another upstream's
+    download brings, count as this upstream's only once it sent them itself.)"""
+    return download is None or (download.upstream == upstream.name and not download.done)
 
 
 class TransferAborted(Exception):
