@@ -52,7 +52,7 @@ KNOBS = (
     "token_expires_in", "corrupt_blobs", "ratelimit_remaining", "cdn_delay", "users",
     "cdn_cut_after", "registry_status", "cdn_ignores_range", "token_delay",
     "referrers_api", "referrers_filter", "referrers_page_size",
-    "manifest_delay", "tags_page_size", "scoped_blobs", "lookup_delay",
+    "manifest_delay", "tags_page_size", "scoped_blobs", "lookup_delay", "blob_delay",
 )  # fmt: skip
 
 
@@ -281,6 +281,7 @@ class FakeHub:
         self.referrers_page_size: int | None = None  # page the API's answers
         self.manifest_delay = 0.0  # seconds each manifest GET or HEAD takes (or fails)
         self.lookup_delay = 0.0  # seconds each tag list, referrers or blob HEAD request takes
+        self.blob_delay = 0.0  # seconds each blob GET waits before its answer (a hung upstream)
         # Page tag lists (with Link) at most this long, even asked without n (a backend's
         # list too: docker-registry 2.8 ignores n and last, and answers unsorted).
         self.tags_page_size: int | None = None
@@ -442,6 +443,8 @@ class FakeHub:
         self.stats["blob_get" if request.method == "GET" else "blob_head"] += 1
         if request.method == "HEAD" and self.lookup_delay:
             await asyncio.sleep(self.lookup_delay)
+        if request.method == "GET" and self.blob_delay:
+            await asyncio.sleep(self.blob_delay)
         if not await self._blob_exists(name, digest):
             return oci_error(404, "BLOB_UNKNOWN", f"blob unknown: {digest}")
         # A fresh signature each time, like the real CDN URLs: a mirror must not cache them.

@@ -17,8 +17,17 @@ import pytest
 from mirror.cluster import locallease
 from mirror.cluster.lease import Held
 from mirror.cluster.locallease import LocalLease, LocalLeases
+from mirror.config import UpstreamConfig
 from mirror.oci.reference import parse_digest
-from mirror.storage.localflight import Claim, Gone, LocalFlight, Progress, Sibling, sweep
+from mirror.storage.localflight import (
+    FAILED_FOR,
+    Claim,
+    Gone,
+    LocalFlight,
+    Progress,
+    Sibling,
+    sweep,
+)
 from tests.conftest import MakeClient
 from tests.fakehub import FakeHub
 
@@ -162,3 +171,31 @@ async def test_two_apps_on_one_directory_fetch_a_blob_once(
     bodies = await asyncio.gather(*(get((first, second)[i % 2]) for i in range(6)))
     assert bodies == [data] * 6
     assert hub.stats["blob_get"] == 1
+
+
+async def test_a_blob_download_that_failed_fails_the_other_workers_clients_too(
+    hub: FakeHub, make_client: MakeClient
+) -> None:
+    """An upstream that hangs on a blob until read_timeout: the worker that fetched it
+    fails its clients, and each worker that followed it then tried the upstream in turn,
+    one more timeout each (N workers: N timeouts for the last one's clients)."""
+    digest = hub.content.add_blob(os.urandom(1024))
+    hub.blob_delay = 3.0
+    upstream = UpstreamConfig(url=hub.registry_url, read_timeout=1.0)
+    first = await make_client(workers=2, upstream=upstream)
+    second = await make_client(workers=2, upstream=upstream)
+
+    async def status(client: Any, after: float) -> int:
+        await asyncio.sleep(after)
+        resp = await client.get(f"/v2/library/x/blobs/{digest}")
+        await resp.read()
+        return int(resp.status)
+
+    statuses = await asyncio.gather(status(first, 0.0), status(second, 0.3))
+    assert all(s >= 500 for s in statuses), statuses
+    fetched = hub.stats["blob_get"]
+    assert fetched == 1  # the first worker's GET alone: the second one did not ask
+    hub.blob_delay = 0.0  # the marker is good for seconds only: then it is fetched anew
+    await asyncio.sleep(FAILED_FOR + 0.5)
+    assert await status(second, 0.0) == 200
+    assert hub.stats["blob_get"] == fetched + 1

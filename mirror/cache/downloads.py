@@ -359,6 +359,7 @@ class Downloads:
             self._forget(download)
             error = _as_registry_error(exc)
             download._fail(error)
+            await self._tell_followers(download, exc, error)
             await asyncio.to_thread(self._storage.discard, fd, owned)
             await download.upload.abort()
             if isinstance(exc, DiskFull):
@@ -371,6 +372,15 @@ class Downloads:
             self._forget(download)
             await held.aclose()
             self._metrics.upstream_fetches_in_flight.dec()
+
+    async def _tell_followers(
+        self, download: Download, exc: BaseException, error: RegistryError
+    ) -> None:
+        """An upstream failure, for the processes following this download (not a stop:
+        a process shutting down must not fail the others' clients)."""
+        claim = download.claim
+        if claim is not None and isinstance(exc, Exception) and _shared(error):
+            await asyncio.to_thread(claim.failed, type(error).__name__, error.message)
 
     async def _new_temp(self, download: Download, body: BlobBody) -> int:
         """The temp file the body goes to, its space reserved (published to the other
@@ -409,6 +419,9 @@ class Downloads:
                 return False
             if isinstance(got, Claim):
                 return True
+            failed = await asyncio.to_thread(local.failure, download.digest)
+            if failed is not None:  # the one followed failed upstream just now: so do these
+                raise _failure_from(*failed)
             if download.temp is not None:  # its readers hold that file: no other will do
                 raise UpstreamUnavailable(f"blob {download.digest}: another process failed it")
 
@@ -679,6 +692,22 @@ def _mirror(download: Download, progress: Progress) -> None:
         download.written = max(download.written, progress.written)
         download.verified = progress.verified
         download._notify()
+
+
+def _shared(error: RegistryError) -> bool:
+    """Is this failure the upstream's, which the processes following this download would
+    meet too (not this process's disk, nor a blob too large for its cache)?"""
+    return isinstance(error, BlobUnknown) or (
+        isinstance(error, UpstreamUnavailable)
+        and not isinstance(error, CacheWriteFailed | Uncacheable)
+    )
+
+
+def _failure_from(kind: str, message: str) -> RegistryError:
+    """Another process's failure, as this process's clients get it."""
+    if kind == BlobUnknown.__name__:
+        return BlobUnknown(message)
+    return UpstreamUnavailable(message)
 
 
 def _as_registry_error(exc: BaseException) -> RegistryError:

@@ -13,6 +13,11 @@ temp file holds how many good bytes (it re-hashes them and resumes with Range).
 
 An owner unlinks the lock file before it unlocks; a process that locks a file checks that
 its path still leads to it, so a finished download's lock is never taken for a live one.
+
+An owner whose download failed upstream (a timeout, a 404) says so first, in
+`<alg>-<hex>.failed` ("<error class> <message>"): the processes that followed it fail their
+clients with that for FAILED_FOR, rather than each asking the failing upstream in turn,
+one timeout after another.
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ _HEADER_MIN = _STATE_AT + 2 + _WRITTEN + 1
 READ_CHUNK = 1024 * 1024
 # A file in tmp/ that no held lock names is a crash's leftover once this old.
 STALE_TEMP = 15 * 60.0
+# How long (seconds) a download's failure answers the processes that followed it.
+FAILED_FOR = 5.0
+# The most of a failure's message kept for them.
+FAILURE_TEXT = 300
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,20 @@ class Claim:
     def verified(self) -> None:
         """Publish that every byte is in and the digest matched (blocking)."""
         self._write(_STATE_AT, b"v")
+
+    def failed(self, kind: str, message: str) -> None:
+        """Tell the processes following this download why it failed: before the release,
+        so that none of them finds it gone without the reason (blocking)."""
+        if self._fd is None:
+            return
+        text = f"{kind} {' '.join(message.split())[:FAILURE_TEXT]}"
+        marker = _failure_path(self.path)
+        temp = marker.with_name(f"{marker.name}.{os.getpid()}")
+        try:
+            temp.write_text(text)
+            os.replace(temp, marker)
+        except OSError:  # a hint for the others only: they will fetch it themselves
+            temp.unlink(missing_ok=True)
 
     def _write(self, offset: int, data: bytes, truncate: bool = False) -> None:
         if self._fd is not None:
@@ -140,6 +163,22 @@ class LocalFlight:
             if same_file(fd, path):
                 return Claim(fd, path, _adoptable(_read_header(fd, self._tmp)))
             os.close(fd)  # a release unlinked it meanwhile: again
+
+    def failure(self, digest: Digest) -> tuple[str, str] | None:
+        """(error class, message) of the download of `digest` that failed within
+        FAILED_FOR, if one did (blocking)."""
+        marker = _failure_path(self._tmp / f"{digest.algorithm}-{digest.hex}.lock")
+        try:
+            if time.time() - marker.stat().st_mtime > FAILED_FOR:
+                return None
+            kind, _, message = marker.read_text().partition(" ")
+        except (OSError, ValueError):
+            return None
+        return kind, message
+
+
+def _failure_path(lock: Path) -> Path:
+    return lock.with_suffix(".failed")
 
 
 def sweep(tmp: Path) -> None:
