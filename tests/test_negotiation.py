@@ -7,12 +7,14 @@ GetManifest; where the mirror differs on purpose, the test says so (negotiation.
 from __future__ import annotations
 
 import json
+import tracemalloc
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
 
-from mirror.oci.negotiation import Verdict, decide
+from mirror.oci import negotiation
+from mirror.oci.negotiation import Verdict, decide, parse_accept
 from tests.fakehub import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, FakeHub
 
 Client = TestClient[Any, Any]
@@ -133,3 +135,37 @@ async def test_list_fallback_head_carries_the_platform_manifest(
 def test_unknown_types_are_served() -> None:
     artifact = "application/vnd.oci.artifact.manifest.v1+json"
     assert decide(artifact, (), by_tag=True) is Verdict.SERVE
+
+
+def test_accept_is_read_for_the_manifest_types_it_names() -> None:
+    lines = (f"{DOCKER_MANIFEST};q=0.5, */*", f"text/html, {OCI_INDEX}", "application/json")
+
+    assert parse_accept(lines) == (OCI_INDEX, DOCKER_MANIFEST)
+    assert parse_accept((f" {OCI_MANIFEST} ; q=1 ,{OCI_MANIFEST}",)) == (OCI_MANIFEST,)
+    assert parse_accept(()) == parse_accept(("*/*",)) == ()
+    assert decide(OCI_INDEX, (DOCKER_MANIFEST, OCI_INDEX), by_tag=True) is Verdict.SERVE
+
+
+def test_accept_values_past_the_cap_are_not_read() -> None:
+    junk = ", ".join(["a/b"] * negotiation.MAX_ACCEPT_VALUES)
+
+    assert parse_accept((f"{OCI_MANIFEST}, {junk}",)) == (OCI_MANIFEST,)
+    assert parse_accept((junk, OCI_MANIFEST)) == ()
+    assert parse_accept((f"{junk}, {OCI_MANIFEST}",)) == ()
+
+
+def test_long_accept_lines_are_not_kept() -> None:
+    """Nothing a client sends in Accept is kept but the few types it names: 40 requests
+    of 120 lines of 8 KB each (unique) leave no more memory held than a few small ones."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for number in range(40):
+            lines = (f"q{number}-{line}," + ",".join(["ab"] * 2600) for line in range(120))
+            accept = parse_accept((*lines, DOCKER_MANIFEST))
+            assert decide(DOCKER_MANIFEST, accept, by_tag=True) is Verdict.SERVE
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+    assert held < 256 * 1024

@@ -24,7 +24,6 @@ is "not found in a form you accept", which clients already handle as a fallback.
 from __future__ import annotations
 
 import enum
-import functools
 import json
 
 from mirror.oci.errors import ManifestUnknown
@@ -47,38 +46,90 @@ class Verdict(enum.Enum):
     PLATFORM = "platform"  # the linux/amd64 manifest a list names, in its place
 
 
-@functools.lru_cache(maxsize=256)
+# Accept values read per request, over all its Accept lines: clients send a handful. What
+# lies past this many is not read, so a request of many long lines costs no more than one.
+MAX_ACCEPT_VALUES = 32
+# parse_accept's answers are kept by Accept lines (a fleet's clients send the same few on
+# every manifest request), but only for lines this short in all, and this many of them
+# (the oldest dropped first): any client may send long ones, all different.
+KEPT_ACCEPT_CHARS = 1024
+KEPT_ACCEPT_LINES = 8
+KEPT_ACCEPTS = 256
+_KNOWN = frozenset(MANIFEST_TYPES)
+_kept: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+
 def parse_accept(values: tuple[str, ...]) -> tuple[str, ...]:
-    """Media types from every Accept header line, parameters (`;q=`) dropped. Kept per
-    header: a fleet's clients send a handful of Accept values, on every manifest request."""
-    types = []
+    """The manifest types the mirror knows that the Accept lines name, in MANIFEST_TYPES
+    order: all that `decide` reads (`*/*`, other types and `;q=` change nothing, as in
+    distribution, which reads no q-value either)."""
+    if len(values) > KEPT_ACCEPT_LINES:
+        return _named(values)
+    named = _kept.get(values)
+    if named is None:
+        named = _named(values)
+        if sum(map(len, values)) <= KEPT_ACCEPT_CHARS:
+            if len(_kept) >= KEPT_ACCEPTS:
+                del _kept[next(iter(_kept))]
+            _kept[values] = named
+    return named
+
+
+def _named(values: tuple[str, ...]) -> tuple[str, ...]:
+    """parse_accept, reading at most MAX_ACCEPT_VALUES values."""
+    found: set[str] = set()
+    left = MAX_ACCEPT_VALUES
     for value in values:
-        for part in value.split(","):
+        if left <= 0:
+            break
+        parts = value.split(",", left)  # past `left` values: one unread remainder
+        for part in parts[:left]:
             media_type = part.partition(";")[0].strip()
-            if media_type:
-                types.append(media_type)
-    return tuple(types)
+            if media_type in _KNOWN:
+                found.add(media_type)
+        left -= len(parts)
+    return tuple(media_type for media_type in MANIFEST_TYPES if media_type in found)
 
 
-@functools.lru_cache(maxsize=1024)
 def decide(media_type: str, accept: tuple[str, ...], *, by_tag: bool) -> Verdict:
-    """What a client with `accept` gets for a manifest of `media_type`, or
-    ManifestUnknown when it gets nothing."""
-    named = set(MANIFEST_TYPES).intersection(accept)
+    """What a client with `accept` (as parse_accept gives it) gets for a manifest of
+    `media_type`, or ManifestUnknown when it gets nothing."""
+    verdict = _DECISIONS.get((media_type, accept, by_tag))
+    if verdict is None:  # a type the mirror does not know, or another form of Accept
+        verdict = _verdict(media_type, _KNOWN.intersection(accept), by_tag)
+    if isinstance(verdict, str):
+        raise ManifestUnknown(verdict)
+    return verdict
+
+
+def _verdict(media_type: str, named: frozenset[str], by_tag: bool) -> Verdict | str:
+    """`decide` from the known types named; a refusal is its message."""
     if media_type in named:
         return Verdict.SERVE
     if media_type in _OCI_REFUSALS:
-        raise ManifestUnknown(_OCI_REFUSALS[media_type])
+        return _OCI_REFUSALS[media_type]
     understands_schema2 = not named or DOCKER_MANIFEST in named
     if media_type == DOCKER_LIST:
         if not by_tag:
             return Verdict.SERVE
         if understands_schema2:
             return Verdict.PLATFORM
-        raise ManifestUnknown("manifest list found, but accept header does not support lists")
+        return "manifest list found, but accept header does not support lists"
     if media_type == DOCKER_MANIFEST and not understands_schema2:
-        raise ManifestUnknown("schema 2 manifest found, but accept header does not support it")
+        return "schema 2 manifest found, but accept header does not support it"
     return Verdict.SERVE  # schema 2 for a client naming no type; or a type we do not know
+
+
+# Every verdict for a known type and an Accept as parse_accept gives it, worked out once:
+# 4 types x 16 subsets x 2, nothing a client sends added to it.
+_DECISIONS: dict[tuple[str, tuple[str, ...], bool], Verdict | str] = {
+    (media_type, accept, by_tag): _verdict(media_type, frozenset(accept), by_tag)
+    for media_type in MANIFEST_TYPES
+    for accept in (
+        tuple(t for i, t in enumerate(MANIFEST_TYPES) if mask >> i & 1) for mask in range(16)
+    )
+    for by_tag in (False, True)
+}
 
 
 def manifest_media_type(declared: str, body: bytes | None) -> str | None:
