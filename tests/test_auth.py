@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from mirror.config import UpstreamConfig
 from mirror.observe.metrics import Metrics
 from mirror.upstream.tokens import Challenge, TokenCache, basic_authorization, parse_challenge
 from tests.conftest import MakeClient
-from tests.fakehub import FakeHub
+from tests.fakehub import DOCKER_MANIFEST, FakeHub
 
 Client = TestClient[Any, Any]
 PASSWORD = "wr0ng-Pa55word-never-shown"
+MiB = 1024 * 1024
 
 
 def add_images(hub: FakeHub, repo: str, *tags: str) -> None:
@@ -210,3 +214,70 @@ async def test_wrong_password_is_403_denied_without_echo(
     assert PASSWORD not in body
     assert PASSWORD not in str(resp.headers)
     assert hub.stats.token_users == ["u"]
+
+
+# --- a token service that answers what it likes ---------------------------------------------
+
+
+TokenAnswer = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def behind_token_service(
+    aiohttp_server: Any, make_client: MakeClient, answer: TokenAnswer
+) -> Client:
+    """A mirror in front of a registry whose token service (another port) answers `answer`;
+    the registry serves an empty schema 2 manifest to the token `good`."""
+    tokens = web.Application()
+    tokens.router.add_get("/token", answer)
+    realm = str((await aiohttp_server(tokens)).make_url("/token"))
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": DOCKER_MANIFEST, "layers": []})
+
+    async def api(request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != "Bearer good":
+            challenge = f'Bearer realm="{realm}",service="registry.test"'
+            return web.json_response({}, status=401, headers={"WWW-Authenticate": challenge})
+        return web.Response(text=manifest, content_type=DOCKER_MANIFEST)
+
+    registry = web.Application()
+    registry.router.add_route("*", "/v2/{rest:.*}", api)
+    url = str((await aiohttp_server(registry)).make_url("")).rstrip("/")
+    return await make_client(upstream=UpstreamConfig(url=url))
+
+
+async def test_a_token_answer_past_64_kib_is_refused_unread(
+    aiohttp_server: Any, make_client: MakeClient
+) -> None:
+    sent = 0
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        nonlocal sent
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        await resp.write(b'{"token": "good", "padding": "')
+        for _ in range(64):  # 64 MiB, unless the mirror hangs up first
+            await resp.write(b"x" * MiB)
+            sent += MiB
+        await resp.write(b'"}')
+        return resp
+
+    client = await behind_token_service(aiohttp_server, make_client, endless)
+
+    resp = await client.get("/v2/team/app/manifests/v1")
+
+    assert resp.status == 503
+    assert (await resp.json())["errors"][0]["code"] == "UNAVAILABLE"
+    assert sent < 16 * MiB  # what the sockets' buffers took before the mirror hung up
+
+
+async def test_a_token_answer_nested_too_deep_is_503(
+    aiohttp_server: Any, make_client: MakeClient
+) -> None:
+    async def nested(request: web.Request) -> web.Response:
+        return web.Response(body=b"[" * 60_000, content_type="application/json")
+
+    client = await behind_token_service(aiohttp_server, make_client, nested)
+
+    resp = await client.get("/v2/team/app/manifests/v1")
+
+    assert resp.status == 503
+    assert (await resp.json())["errors"][0]["code"] == "UNAVAILABLE"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import re
 import ssl
@@ -36,6 +37,8 @@ EXPIRY_MARGIN = 30.0
 DEFAULT_EXPIRES_IN = 60
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
+# A token response is a JWT or two in a small JSON object; more is no token service's.
+MAX_TOKEN_BYTES = 64 * 1024
 # Raises for a URL the credentials may not go to (Destinations.check_realm).
 RealmCheck = Callable[[str], None]
 
@@ -210,7 +213,27 @@ async def _token_body(resp: aiohttp.ClientResponse) -> object:
         raise UpstreamDenied("the mirror's upstream credentials were refused")
     if resp.status != 200:
         raise UpstreamUnavailable(f"upstream token service answered {resp.status}")
-    return await resp.json(content_type=None)
+    body = await _read_bounded(resp)
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
+        raise UpstreamUnavailable("upstream token service sent no JSON") from None
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse) -> bytes:
+    """The body, refused as soon as it is known to pass MAX_TOKEN_BYTES (no more read)."""
+    if resp.content_length is not None and resp.content_length > MAX_TOKEN_BYTES:
+        raise _too_large()
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(MAX_TOKEN_BYTES):
+        body += chunk
+        if len(body) > MAX_TOKEN_BYTES:
+            raise _too_large()
+    return bytes(body)
+
+
+def _too_large() -> UpstreamUnavailable:
+    return UpstreamUnavailable(f"upstream token service sent over {MAX_TOKEN_BYTES} bytes")
 
 
 def _token_from(body: object) -> tuple[str, float]:
