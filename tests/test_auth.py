@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import pytest
+import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from mirror.cluster.shared import SharedWork
+from mirror.cluster.tokenshare import SharedTokens
 from mirror.config import UpstreamConfig
+from mirror.metadata.redis import RedisMetadata
+from mirror.metadata.store import TOKEN_PREFIX
 from mirror.observe.metrics import Metrics
 from mirror.upstream.tokens import Challenge, TokenCache, basic_authorization, parse_challenge
 from tests.conftest import MakeClient
 from tests.fakehub import DOCKER_MANIFEST, FakeHub
+from tests.services import RedisServer
 
 Client = TestClient[Any, Any]
 PASSWORD = "wr0ng-Pa55word-never-shown"
@@ -281,3 +289,33 @@ async def test_a_token_answer_nested_too_deep_is_503(
 
     assert resp.status == 503
     assert (await resp.json())["errors"][0]["code"] == "UNAVAILABLE"
+
+
+@pytest.mark.parametrize(
+    ("expires_in", "kept_for"),
+    [(float("inf"), 48), (float("nan"), 48), (True, 48), (10**9, 3570), (300, 270)],
+)
+async def test_a_token_is_shared_for_at_most_an_hour(
+    hub: FakeHub, redis_server: RedisServer, expires_in: Any, kept_for: float
+) -> None:
+    """Whatever `expires_in` says (JSON may say Infinity, NaN or 1e400), the token is
+    kept for a finite time up to an hour, here and in the store shared with other processes
+    (60 s when it is no number, as the spec says; both less the margin)."""
+    hub.token_expires_in = expires_in
+    keys = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    await keys.flushdb()
+    store = RedisMetadata(redis_server.url, ttl=600)
+    async with aiohttp.ClientSession() as session:
+        tokens = TokenCache(
+            session, Metrics(), SharedTokens(store, SharedWork(None, Metrics().cluster))
+        )
+        challenge = Challenge("bearer", {"realm": f"{hub.token_url}/token", "service": "x"})
+        token = await tokens.get(challenge, ["repository:library/a:pull"], None)
+        await tokens.close()
+    (key,) = await keys.keys(TOKEN_PREFIX + "*")
+    stored = await store.get_token(key.removeprefix(TOKEN_PREFIX))
+    await store.close()
+    await keys.aclose()
+
+    assert stored is not None and stored[0] == token
+    assert stored[1] - time.time() == pytest.approx(kept_for, abs=2)

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 import logging
+import math
 import re
 import ssl
 from collections.abc import Awaitable, Callable
@@ -35,6 +36,10 @@ _PARAM = re.compile(r'\s*([a-zA-Z0-9_.-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)\s*(
 EXPIRY_MARGIN = 30.0
 # Tokens that come without expires_in last 60 s, as the distribution spec says.
 DEFAULT_EXPIRES_IN = 60
+# A token is kept no longer than this, whatever its service says (registries' last
+# minutes; Docker Hub's 300 s): a service could otherwise have one kept for ever, and the
+# shared store (cluster/tokenshare.py) turns its expiry into whole milliseconds.
+MAX_EXPIRES_IN = 3600
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 # A token response is a JWT or two in a small JSON object; more is no token service's.
@@ -243,8 +248,17 @@ def _token_from(body: object) -> tuple[str, float]:
     token = body.get("token") or body.get("access_token")
     if not isinstance(token, str) or not token:
         raise UpstreamUnauthorized("upstream token service sent no token")
-    expires_in = body.get("expires_in")
-    if not isinstance(expires_in, int | float) or expires_in <= 0:
-        expires_in = DEFAULT_EXPIRES_IN
+    expires_in = _lifetime(body.get("expires_in"))
     margin = min(EXPIRY_MARGIN, expires_in / 5)
     return token, max(1.0, expires_in - margin)
+
+
+def _lifetime(expires_in: object) -> float:
+    """Seconds a token lasts by its `expires_in`, at most MAX_EXPIRES_IN; the default for
+    anything but a positive number (true, NaN and Infinity are none: JSON may say the
+    last two, and reads 1e400 as Infinity)."""
+    if isinstance(expires_in, bool) or not isinstance(expires_in, int | float):
+        return DEFAULT_EXPIRES_IN
+    if not 0 < expires_in < math.inf:
+        return DEFAULT_EXPIRES_IN
+    return min(expires_in, MAX_EXPIRES_IN)
