@@ -318,6 +318,10 @@ class FakeHub:
     def reset_stats(self) -> None:
         self.stats.reset()
 
+    def revoke_tokens(self) -> None:
+        """Every token issued so far is refused from now on (revoked, or its key rotated)."""
+        self._tokens.clear()
+
     def knobs(self) -> dict[str, Any]:
         values = {name: getattr(self, name) for name in KNOBS}
         values["corrupt_blobs"] = sorted(self.corrupt_blobs)

@@ -190,6 +190,19 @@ async def test_expired_token_is_refetched(hub: FakeHub, client: Client) -> None:
     assert hub.stats["unauthorized"] == 1  # refreshed before it lapsed, not after a 401
 
 
+async def test_a_token_refused_before_its_expiry_is_fetched_again_once(
+    hub: FakeHub, client: Client
+) -> None:
+    add_images(hub, "library/nginx", "a", "b", "c")
+    await get_manifest(client, "library/nginx", "a")
+    hub.revoke_tokens()
+
+    await asyncio.gather(*(get_manifest(client, "library/nginx", tag) for tag in "bc"))
+
+    assert hub.stats["token"] == 2
+    assert hub.stats["unauthorized"] == 3  # the first request, then the two refused at once
+
+
 async def test_upstream_account_sent_as_basic_auth(hub: FakeHub, make_client: MakeClient) -> None:
     add_images(hub, "library/nginx", "latest")
     client = await make_client(
@@ -319,3 +332,33 @@ async def test_a_token_is_shared_for_at_most_an_hour(
 
     assert stored is not None and stored[0] == token
     assert stored[1] - time.time() == pytest.approx(kept_for, abs=2)
+
+
+async def test_a_refused_token_in_the_shared_store_is_not_taken_again(
+    hub: FakeHub, redis_server: RedisServer
+) -> None:
+    """Two processes share tokens; the registry refuses the shared one before it expires:
+    the process it was refused to fetches its own, not the shared one again."""
+    keys = aioredis.Redis.from_url(redis_server.url)
+    await keys.flushdb()
+    await keys.aclose()
+    store = RedisMetadata(redis_server.url, ttl=600)
+    challenge = Challenge("bearer", {"realm": f"{hub.token_url}/token", "service": "x"})
+    scopes = ["repository:library/a:pull"]
+    async with aiohttp.ClientSession() as session:
+        first, second = (
+            TokenCache(session, Metrics(), SharedTokens(store, SharedWork(None, Metrics().cluster)))
+            for _ in range(2)
+        )
+        shared = await first.get(challenge, scopes, None)
+        assert await second.get(challenge, scopes, None) == shared
+        hub.revoke_tokens()
+
+        fresh = await second.get(challenge, scopes, None, refused=shared)
+
+        assert fresh != shared
+        assert await second.get(challenge, scopes, None) == fresh
+        assert hub.stats["token"] == 2
+        for tokens in (first, second):
+            await tokens.close()
+    await store.close()

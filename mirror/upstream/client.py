@@ -190,7 +190,9 @@ class Upstream:
         if resp.status == 401:
             challenge = parse_challenge(resp.headers.get("WWW-Authenticate", ""))
             resp.release()
-            auth = await self._answer(challenge, repo)
+            sent = auth.get("Authorization", "")
+            refused = sent.removeprefix("Bearer ") if sent.startswith("Bearer ") else None
+            auth = await self._answer(challenge, repo, refused)
             resp = await self._send(method, self.url + path, {**base, **auth}, kind)
         resp = await self._follow(resp, method, base, auth, kind)
         self._observe_ratelimit(resp)
@@ -298,9 +300,12 @@ class Upstream:
             return {"Authorization": await self._credentials.header()}
         return {}
 
-    async def _answer(self, challenge: Challenge, repo: str | None) -> dict[str, str]:
+    async def _answer(
+        self, challenge: Challenge, repo: str | None, refused: str | None = None
+    ) -> dict[str, str]:
         """Headers that answer a 401 challenge, or Unauthorized when we cannot; a realm
-        the credentials may not go to is refused before it is remembered."""
+        the credentials may not go to is refused before it is remembered. `refused`: the
+        token the challenge answered, never sent again."""
         if challenge.scheme == "bearer":
             if challenge.realm:
                 self._destinations.check_realm(challenge.realm)
@@ -316,6 +321,7 @@ class Upstream:
                 ssl_context=self.ssl,
                 upstream=self.name,
                 check=self._destinations.check_realm,
+                refused=refused,
             )
             return {"Authorization": f"Bearer {token}"}
         if challenge.scheme == "basic" and self._credentials is not None:

@@ -113,24 +113,27 @@ class TokenCache:
         ssl_context: ssl.SSLContext | bool = True,
         upstream: str = "",
         check: RealmCheck | None = None,
+        refused: str | None = None,
     ) -> str:
         """A token for `scopes` from the challenge's realm, from cache when still good.
 
         `credentials` is a ready `Authorization` header value (Basic) or None: anonymous;
         `ssl_context` is the asking upstream's TLS context (its realm is usually its own host);
-        `check` vets the realm and every redirect of it (none followed without it).
+        `check` vets the realm and every redirect of it (none followed without it);
+        `refused`: a token the registry refused (revoked, or its key rotated) before it
+        expired: it is not given again, a new one is fetched (once for all refused with it).
         """
         # Per account too: two upstreams may share a token service but not an account.
         account = hashlib.sha256((credentials or "").encode()).hexdigest()
         parts = [challenge.realm or "", challenge.params.get("service", ""), account, *scopes]
         key = "\0".join(parts)
         token: str | None = await self._cache.get(key)
-        if token is not None:
+        if token is not None and token != refused:
             return token
         return await self._flight.do(
             key,
             lambda: self._fetch_and_keep(
-                key, challenge, scopes, credentials, ssl_context, upstream, check
+                key, challenge, scopes, credentials, ssl_context, upstream, check, refused
             ),
         )
 
@@ -146,6 +149,7 @@ class TokenCache:
         ssl_context: ssl.SSLContext | bool = True,
         upstream: str = "",
         check: RealmCheck | None = None,
+        refused: str | None = None,
     ) -> str:
         def fetch() -> Awaitable[tuple[str, float]]:
             return self._fetch(challenge, scopes, credentials, ssl_context, upstream, check)
@@ -154,6 +158,8 @@ class TokenCache:
             token, ttl = await fetch()
         else:  # hashed: the shared store never sees the realm, account or scopes
             token, ttl = await self._shared.once(hashlib.sha256(key.encode()).hexdigest(), fetch)
+            if token == refused:  # still shared until it expires: each process gets its own
+                token, ttl = await fetch()
         await self._cache.set(key, token, ttl=ttl)
         return token
 
