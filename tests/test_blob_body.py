@@ -29,6 +29,9 @@ from tests.test_blobs import wait_cached
         ("bytes */100", None),
         ("items 0-9/10", None),
         ("", None),
+        ("bytes \u00b2-99/100", None),  # str.isdigit() says yes; int() says no
+        ("bytes 42-99/\u00b2", (42, None)),
+        (f"bytes {'9' * 5000}-99/100", None),  # past int()'s digit limit
     ],
 )
 def test_content_range(value: str, parsed: tuple[int, int | None] | None) -> None:

@@ -6,6 +6,7 @@ response's status and `Content-Range` say about the bytes is read here and nowhe
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -17,6 +18,9 @@ from mirror.net.pieces import received_pieces
 # What reading a body raises when the transfer breaks (cut, reset, stalled past the read
 # timeout): callers catch these, as they catch DOWN_ERRORS for Redis.
 BODY_ERRORS = (aiohttp.ClientError, TimeoutError)
+# A number in a header: ASCII digits (str.isdigit takes "²" too, which int() refuses), few
+# enough that int() takes them whatever its digit limit, and any sum of them a float.
+_NUMBER = re.compile(r"[0-9]{1,18}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,8 +132,12 @@ def parse_content_range(value: str) -> tuple[int, int | None] | None:
     """(first byte, whole size) of `bytes first-last/size`, the size None when not given
     (`*`); None when the first byte is not there."""
     unit, _, rest = value.partition(" ")
-    first = rest.partition("-")[0]
-    if unit != "bytes" or not first.isdigit():
+    first = header_number(rest.partition("-")[0])
+    if unit != "bytes" or first is None:
         return None
-    size = rest.rpartition("/")[2]
-    return int(first), int(size) if size.isdigit() else None
+    return first, header_number(rest.rpartition("/")[2])
+
+
+def header_number(value: str) -> int | None:
+    """The whole number a header value (or a part of one) is; None when it is none."""
+    return int(value) if _NUMBER.fullmatch(value) else None

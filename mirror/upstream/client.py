@@ -37,7 +37,7 @@ from mirror.oci.errors import (
 )
 from mirror.oci.negotiation import MANIFEST_TYPES, manifest_media_type
 from mirror.oci.reference import as_digest, compute_digest
-from mirror.upstream.body import BlobBody, SizeLimit
+from mirror.upstream.body import BlobBody, SizeLimit, header_number
 from mirror.upstream.breaker import CircuitBreaker
 from mirror.upstream.credentials import Credentials
 from mirror.upstream.destinations import Destinations
@@ -336,9 +336,9 @@ class Upstream:
             ("ratelimit-remaining", self._metrics.ratelimit_remaining),
             ("ratelimit-limit", self._metrics.ratelimit_limit),
         ):
-            value = resp.headers.get(header, "").partition(";")[0].strip()
-            if value.isdigit():
-                gauge.labels(self.name).set(int(value))
+            value = header_number(resp.headers.get(header, "").partition(";")[0].strip())
+            if value is not None:
+                gauge.labels(self.name).set(value)
 
     def raise_for_status(self, resp: aiohttp.ClientResponse, kind: str, what: str) -> None:
         """Turn an upstream error status into the matching registry error."""
@@ -505,8 +505,8 @@ def _address_refused(exc: BaseException) -> bool:
 
 
 def _retry_after(headers: Mapping[str, str]) -> int:
-    value = headers.get("Retry-After", "")
-    return int(value) if value.isdigit() else 60
+    value = header_number(headers.get("Retry-After", ""))
+    return 60 if value is None else value
 
 
 def _error_code(body: bytes) -> str | None:
