@@ -14,7 +14,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from mirror.oci import negotiation
-from mirror.oci.negotiation import Verdict, decide, parse_accept
+from mirror.oci.errors import ManifestUnknown
+from mirror.oci.negotiation import Verdict, decide, default_platform, parse_accept
 from tests.fakehub import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, FakeHub
 
 Client = TestClient[Any, Any]
@@ -135,6 +136,14 @@ async def test_list_fallback_head_carries_the_platform_manifest(
 def test_unknown_types_are_served() -> None:
     artifact = "application/vnd.oci.artifact.manifest.v1+json"
     assert decide(artifact, (), by_tag=True) is Verdict.SERVE
+
+
+@pytest.mark.parametrize(
+    "body", [b"[" * 100_000, b'{"manifests": ' + b"[" * 100_000, b'{"manifests": [[], "x"]}']
+)
+def test_a_list_that_names_no_platform_readably_has_no_default(body: bytes) -> None:
+    with pytest.raises(ManifestUnknown):
+        default_platform(body)
 
 
 def test_accept_is_read_for_the_manifest_types_it_names() -> None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from mirror.config import CacheConfig, UpstreamConfig
@@ -277,3 +278,70 @@ async def test_paged_api_answer_is_merged_into_one_index(
     assert "Link" not in resp.headers
     assert listed(await resp.read()) == api_content["artifacts"]
     assert hub.stats["referrers"] == 2
+
+
+# --- an upstream whose answers are malformed -------------------------------------------------
+
+SUBJECT = "sha256:" + "c" * 64
+EMPTY = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+
+
+async def hostile_client(
+    aiohttp_server: Any, make_client: MakeClient, answer: Callable[[web.Request], web.Response]
+) -> tuple[Client, list[str]]:
+    """A mirror in front of an upstream whose every answer `answer` makes; the paths asked."""
+    asked: list[str] = []
+
+    async def any_path(request: web.Request) -> web.Response:
+        asked.append(f"{request.method} {request.path}")
+        return answer(request)
+
+    app = web.Application()
+    app.router.add_route("*", "/v2/{rest:.*}", any_path)
+    url = str((await aiohttp_server(app)).make_url("")).rstrip("/")
+    return await make_client(upstream=UpstreamConfig(url=url)), asked
+
+
+async def test_a_link_that_is_no_url_is_502(aiohttp_server: Any, make_client: MakeClient) -> None:
+    def broken(request: web.Request) -> web.Response:
+        return web.json_response(EMPTY, headers={"Link": '<http://[::1/x>; rel="next"'})
+
+    client, _ = await hostile_client(aiohttp_server, make_client, broken)
+
+    resp = await client.get(f"/v2/team/app/referrers/{SUBJECT}")
+
+    assert resp.status == 502
+    assert (await resp.json())["errors"][0]["code"] == "MANIFEST_INVALID"
+
+
+async def test_an_index_nested_past_the_parsers_depth_is_502(
+    aiohttp_server: Any, make_client: MakeClient
+) -> None:
+    def nested(request: web.Request) -> web.Response:
+        return web.Response(body=b"[" * 100_000, content_type=OCI_INDEX)
+
+    client, _ = await hostile_client(aiohttp_server, make_client, nested)
+
+    resp = await client.get(f"/v2/team/app/referrers/{SUBJECT}")
+
+    assert resp.status == 502
+    assert (await resp.json())["errors"][0]["code"] == "MANIFEST_INVALID"
+
+
+async def test_an_error_body_nested_past_the_parsers_depth_is_no_error_code(
+    aiohttp_server: Any, make_client: MakeClient
+) -> None:
+    """A 404 whose body is no OCI error: no referrers API, no tag-schema index, and no
+    word that the repository is unknown: nothing refers to the subject."""
+
+    def nested(request: web.Request) -> web.Response:
+        # Within the 64 KiB an error body is read to: still far past the parser's depth.
+        return web.Response(status=404, body=b"[" * 60_000, content_type="application/json")
+
+    client, asked = await hostile_client(aiohttp_server, make_client, nested)
+
+    resp = await client.get(f"/v2/team/app/referrers/{SUBJECT}")
+
+    assert resp.status == 200
+    assert json.loads(await resp.read()) == EMPTY
+    assert asked[-1] == "GET /v2/team/app/tags/list"

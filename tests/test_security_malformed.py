@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from mirror.config import UpstreamConfig
-from mirror.oci.negotiation import DOCKER_MANIFEST
+from mirror.oci.negotiation import DOCKER_LIST, DOCKER_MANIFEST
 from mirror.web.keys import metrics_key
 from tests.conftest import MakeClient
 from tests.test_security_poison import Hostile, digest_of, name_of
@@ -78,3 +78,50 @@ async def test_a_retry_after_of_no_ascii_number_is_a_minute(
     assert resp.status == 429
     assert resp.headers["Retry-After"] == "60"
     assert (await resp.json())["errors"][0]["code"] == "TOOMANYREQUESTS"
+
+
+async def test_a_list_entry_whose_platform_is_no_object_is_passed_over(
+    mirror: Client, hostile: Hostile
+) -> None:
+    amd64 = digest_of(SCHEMA2)
+    entries = [
+        {"mediaType": DOCKER_MANIFEST, "digest": "sha256:" + "b" * 64, "platform": "linux"},
+        {"mediaType": DOCKER_MANIFEST, "digest": amd64,
+         "platform": {"os": "linux", "architecture": "amd64"}},
+    ]  # fmt: skip
+    body = json.dumps({"schemaVersion": 2, "mediaType": DOCKER_LIST, "manifests": entries})
+    hostile.manifests["v1"] = answer(body.encode(), DOCKER_LIST)
+    hostile.manifests[amd64] = answer(SCHEMA2, DOCKER_MANIFEST)
+
+    resp = await mirror.get("/v2/library/app/manifests/v1", headers={"Accept": DOCKER_MANIFEST})
+
+    assert resp.status == 200
+    assert resp.headers["Docker-Content-Digest"] == amd64
+
+
+async def test_a_manifest_nested_past_the_parsers_depth_is_502(
+    mirror: Client, hostile: Hostile
+) -> None:
+    """Served as no manifest type, so its `mediaType` is looked for in the body."""
+    body = b'{"mediaType": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    hostile.manifests["v1"] = answer(body, "application/json")
+
+    resp = await mirror.get("/v2/library/app/manifests/v1")
+
+    assert resp.status == 502
+    assert (await resp.json())["errors"][0]["code"] == "MANIFEST_INVALID"
+
+
+async def test_a_redirect_to_no_url_is_refused_as_misdirected(
+    mirror: Client, hostile: Hostile
+) -> None:
+    async def broken(request: web.Request) -> web.Response:
+        return web.Response(status=307, headers={"Location": "http://[::1/v2/elsewhere"})
+
+    hostile.manifests["v1"] = broken
+
+    resp = await mirror.get("/v2/library/app/manifests/v1")
+
+    assert resp.status == 502
+    assert (await resp.json())["errors"][0]["code"] == "UNAVAILABLE"
+    assert gauge(mirror, "mirror_upstream_redirects_refused_total", hostile) == 1

@@ -426,6 +426,36 @@ async def test_a_link_out_of_the_tag_list_is_not_followed(
     assert asked == ["/v2/x/tags/list"]
 
 
+async def test_a_link_that_is_no_url_is_refused(
+    aiohttp_server: Any, make_client: MakeClient
+) -> None:
+    def broken(number: int, request: web.Request) -> web.Response:
+        link = '<http://[::1/v2/x/tags/list?last=a>; rel="next"'
+        return web.json_response({"name": "x", "tags": ["a"]}, headers={"Link": link})
+
+    client, asked = await hostile_client(aiohttp_server, make_client, broken)
+
+    resp = await client.get("/v2/x/tags/list")
+
+    assert resp.status == 502
+    assert (await resp.json())["errors"][0]["code"] == "MANIFEST_INVALID"
+    assert asked == ["/v2/x/tags/list"]
+
+
+async def test_a_list_nested_past_the_parsers_depth_is_refused(
+    aiohttp_server: Any, make_client: MakeClient
+) -> None:
+    def nested(number: int, request: web.Request) -> web.Response:
+        return web.Response(body=b'{"tags": ' + b"[" * 100_000, content_type="application/json")
+
+    client, _ = await hostile_client(aiohttp_server, make_client, nested)
+
+    resp = await client.get("/v2/x/tags/list")
+
+    assert resp.status == 502
+    assert (await resp.json())["errors"][0]["code"] == "MANIFEST_INVALID"
+
+
 async def test_null_and_odd_entries_in_an_upstream_list(
     aiohttp_server: Any, make_client: MakeClient
 ) -> None:

@@ -86,7 +86,7 @@ def filter_index(body: bytes, artifact_type: str) -> bytes:
 def _parse_index(body: bytes) -> dict[str, Any]:
     try:
         index = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
         index = None
     if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
         raise ManifestInvalid("the upstream's referrers answer is not an image index")
@@ -228,11 +228,15 @@ class ReferrersService:
 
 def _next_path(link: str | None, base: str) -> str | None:
     """The path (and query) of a `Link: <...>; rel="next"`, below the upstream's URL;
-    None for the last page, or a link to another host (its token is not for it)."""
+    None for the last page, or a link to another host (its token is not for it);
+    ManifestInvalid for a link that is no URL."""
     if not link or 'rel="next"' not in link:
         return None
     home = urlsplit(base)
-    target = urlsplit(urljoin(base + "/", link.partition(">")[0].strip(" <")))
+    try:
+        target = urlsplit(urljoin(base + "/", link.partition(">")[0].strip(" <")))
+    except ValueError:  # no URL (`http://[::1/`): where the rest is cannot be known
+        raise ManifestInvalid("the upstream's next page of referrers is no URL") from None
     if (target.scheme, target.netloc) != (home.scheme, home.netloc):
         return None
     path = target.path.removeprefix(home.path)

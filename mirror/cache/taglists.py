@@ -23,7 +23,7 @@ import json
 import re
 import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from mirror.cache.manifests import LOOKUP_FAILED, ManifestService
 from mirror.observe.metrics import Metrics
@@ -191,7 +191,7 @@ def _tags_of(body: bytes, repo: str) -> list[str]:
     """The tags of one upstream page; what is no tag by the grammar is left out."""
     try:
         listing = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
         listing = None
     tags = listing.get("tags") if isinstance(listing, dict) else ()
     if not isinstance(tags, list):
@@ -210,10 +210,18 @@ def next_path(link: str | None, upstream: Upstream, repo: str) -> str | None:
     target = None
     for part in (link or "").split(","):
         if re.search(r';\s*rel="?next"?', part):
-            target = urlsplit(part.partition(">")[0].strip(" <"))
+            target = _split(part.partition(">")[0].strip(" <"), repo)
     if target is None:
         return None
     path = target.path.removeprefix(urlsplit(upstream.url).path)
     if path != f"/v2/{repo}/tags/list":
         raise ManifestInvalid(f"the upstream's next page of the tags of {repo} is elsewhere")
     return path + (f"?{target.query}" if target.query else "")
+
+
+def _split(url: str, repo: str) -> SplitResult:
+    """The parts of a `Link` URL; ManifestInvalid when it is none (`http://[::1/`)."""
+    try:
+        return urlsplit(url)
+    except ValueError:
+        raise ManifestInvalid(f"the upstream's next page of the tags of {repo} is no URL") from None

@@ -140,7 +140,7 @@ def manifest_media_type(declared: str, body: bytes | None) -> str | None:
         return declared
     try:
         named = json.loads(body).get("mediaType") if body else None
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # nested past the parser's depth
         return None
     return named if named in MANIFEST_TYPES else None
 
@@ -149,10 +149,12 @@ def default_platform(list_body: bytes) -> str:
     """The digest of the linux/amd64 manifest in a manifest list, or ManifestUnknown."""
     try:
         entries = json.loads(list_body).get("manifests", [])
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         entries = []
     for entry in entries if isinstance(entries, list) else []:
-        platform = entry.get("platform") or {} if isinstance(entry, dict) else {}
+        platform = entry.get("platform") if isinstance(entry, dict) else None
+        if not isinstance(platform, dict):  # "platform": "linux" describes none
+            continue
         if (platform.get("os"), platform.get("architecture")) == DEFAULT_PLATFORM:
             digest = entry.get("digest")
             if isinstance(digest, str):

@@ -212,8 +212,11 @@ class Upstream:
             location = resp.headers.get("Location")
             if resp.status not in REDIRECTS or not location:
                 return resp
-            target = urljoin(str(resp.url), location)
             resp.release()
+            try:
+                target = urljoin(str(resp.url), location)
+            except ValueError:  # no URL (`http://[::1/`): counted and refused as one
+                raise self._destinations.refused_redirect(location, "not a URL") from None
             hop = self._destinations.redirect(target)
             # A CDN on another host answers 400 when it sees the registry's token.
             sent = {**headers, **(auth if hop.credentials else {})}
@@ -514,5 +517,5 @@ def _error_code(body: bytes) -> str | None:
     try:
         errors = json.loads(body).get("errors")
         return str(errors[0]["code"])
-    except (ValueError, AttributeError, LookupError, TypeError):
+    except (ValueError, AttributeError, LookupError, TypeError, RecursionError):
         return None
