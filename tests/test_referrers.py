@@ -345,3 +345,46 @@ async def test_an_error_body_nested_past_the_parsers_depth_is_no_error_code(
     assert resp.status == 200
     assert json.loads(await resp.read()) == EMPTY
     assert asked[-1] == "GET /v2/team/app/tags/list"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "whole"),
+    [
+        (404, {"errors": [{"code": "NOT_FOUND", "message": "no such subject"}]}, False),
+        (404, {"errors": [{"code": "MANIFEST_UNKNOWN", "message": "unknown"}]}, False),
+        (400, {"errors": [{"code": "DIGEST_INVALID", "message": "bad digest"}]}, False),
+        (404, None, True),  # no OCI error: the route itself is unknown
+        (405, None, True),
+        (501, {"errors": [{"code": "UNSUPPORTED", "message": "no referrers"}]}, True),
+    ],
+)
+async def test_only_an_answer_about_the_endpoint_means_no_api_for_every_repository(
+    aiohttp_server: Any, make_client: MakeClient, status: int, body: Any, whole: bool
+) -> None:
+    """Repository a's referrers answer `status`; repository b's API answers an index. An
+    answer that may be about a's repository or subject leaves b's API asked; a's is not
+    asked again for another subject either way."""
+    signature = {"mediaType": OCI_MANIFEST, "digest": "sha256:" + "d" * 64, "size": 2,
+                 "artifactType": SIGNATURE}  # fmt: skip
+
+    def answer(request: web.Request) -> web.Response:
+        if request.path.startswith("/v2/team/b/referrers/"):
+            return web.json_response({**EMPTY, "manifests": [signature]})
+        if request.path.startswith("/v2/team/a/referrers/"):
+            if body is None:
+                return web.Response(status=status, text="404 page not found")
+            return web.json_response(body, status=status)
+        return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN"}]}, status=404)
+
+    client, asked = await hostile_client(aiohttp_server, make_client, answer)
+
+    a = await client.get(f"/v2/team/a/referrers/{SUBJECT}")
+    b = await client.get(f"/v2/team/b/referrers/{SUBJECT}")
+
+    assert a.status == b.status == 200
+    assert listed(await a.read()) == {}
+    assert listed(await b.read()) == ({} if whole else {SIGNATURE: signature["digest"]})
+    assert (f"GET /v2/team/b/referrers/{SUBJECT}" in asked) is not whole
+    other = "sha256:" + "e" * 64
+    assert (await client.get(f"/v2/team/a/referrers/{other}")).status == 200
+    assert f"GET /v2/team/a/referrers/{other}" not in asked

@@ -38,13 +38,19 @@ from mirror.oci.errors import (
 from mirror.oci.negotiation import OCI_INDEX
 from mirror.oci.reference import Digest
 from mirror.upstream.client import Upstream
+from mirror.util.lru import LRU
 from mirror.util.singleflight import SingleFlight
 
 EMPTY_INDEX = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode()
-# Statuses with which a registry says it has no such endpoint (no referrers API).
+# Statuses with which a registry may say it has no such endpoint (no referrers API).
 NO_API = frozenset({400, 404, 405, 501})
-# An upstream that showed it has no API is not asked again for this long.
+# Those that can only be about the endpoint: the upstream has no API, for any repository
+# (a 404 counts when it carries no OCI error, which would be about a repository or subject).
+NO_ENDPOINT = frozenset({405, 501})
+# An upstream (or a repository of one) that showed it has no API is not asked again for
+# this long; that many repositories are remembered, the least recently asked forgotten.
 NO_API_MEMORY = 3600.0
+NO_API_REPOSITORIES = 10_000
 MAX_INDEX_BYTES = 4 * 1024 * 1024
 # A tag list read only to learn the repository exists (upstreams may ignore `n`).
 MAX_TAGS_PROBE_BYTES = 16 * 1024 * 1024
@@ -93,13 +99,25 @@ def _parse_index(body: bytes) -> dict[str, Any]:
     return index
 
 
+class _NoApi(Exception):
+    """The upstream answered without a referrers index: for every repository (`whole`),
+    or perhaps for this one only."""
+
+    def __init__(self, whole: bool) -> None:
+        super().__init__()
+        self.whole = whole
+
+
 class ReferrersService:
     """Answers `GET /v2/<name>/referrers/<digest>` for any upstream."""
 
     def __init__(self, manifests: ManifestService, metrics: Metrics) -> None:
         self._manifests = manifests
         self._metrics = metrics
-        self._no_api_until: dict[str, float] = {}  # upstream name → monotonic time
+        # When an upstream's API is asked again (monotonic): by name, and by (name,
+        # repository) after an answer that may have been about the repository alone.
+        self._no_api_until: dict[str, float] = {}
+        self._no_api_here: LRU[tuple[str, str], float] = LRU(NO_API_REPOSITORIES)
         self._flight = SingleFlight()
 
     async def close(self) -> None:
@@ -165,11 +183,15 @@ class ReferrersService:
     async def _resolve(self, upstream: Upstream, repo: str, subject: Digest) -> tuple[bytes, bool]:
         """Ask the upstream: its API first (unless it has shown it has none), then the
         tag schema, then nothing refers to the subject. True when served stale."""
-        if self._no_api_until.get(upstream.name, 0.0) <= time.monotonic():
-            body = await self._from_api(upstream, repo, subject)
-            if body is not None:
-                return body, False
-            self._no_api_until[upstream.name] = time.monotonic() + NO_API_MEMORY
+        if self._has_api(upstream, repo):
+            try:
+                return await self._from_api(upstream, repo, subject), False
+            except _NoApi as absent:
+                until = time.monotonic() + NO_API_MEMORY
+                if absent.whole:
+                    self._no_api_until[upstream.name] = until
+                else:
+                    self._no_api_here.put((upstream.name, repo), until)
         tag = schema_tag(subject)
         try:
             # A HEAD first: Docker Hub counts a GET against the pull limit, even one that
@@ -183,34 +205,42 @@ class ReferrersService:
         _parse_index(body)
         return body, found.stale
 
-    async def _from_api(self, upstream: Upstream, repo: str, subject: Digest) -> bytes | None:
-        """The upstream's referrers index (its pages merged), or None when it has no
-        referrers API."""
+    def _has_api(self, upstream: Upstream, repo: str) -> bool:
+        """Whether the upstream's API is worth asking for this repository now."""
+        now = time.monotonic()
+        if self._no_api_until.get(upstream.name, 0.0) > now:
+            return False
+        return (self._no_api_here.get((upstream.name, repo)) or 0.0) <= now
+
+    async def _from_api(self, upstream: Upstream, repo: str, subject: Digest) -> bytes:
+        """The upstream's referrers index (its pages merged), or _NoApi."""
         first, link = await self._api_page(upstream, repo, f"/v2/{repo}/referrers/{subject}")
-        if first is None or link is None:
+        if link is None:
             return first
         index = _parse_index(first)
         for _ in range(MAX_PAGES - 1):
-            page, link = await self._api_page(upstream, repo, link)
-            if page is None:
-                raise ManifestInvalid(f"the next page of the referrers of {subject} is gone")
+            try:
+                page, link = await self._api_page(upstream, repo, link)
+            except _NoApi:
+                raise ManifestInvalid(
+                    f"the next page of the referrers of {subject} is gone"
+                ) from None
             index["manifests"].extend(_parse_index(page)["manifests"])
             if link is None:
                 return json.dumps(index).encode()
         raise ManifestInvalid(f"the referrers of {subject} run past {MAX_PAGES} pages")
 
-    async def _api_page(
-        self, upstream: Upstream, repo: str, path: str
-    ) -> tuple[bytes | None, str | None]:
-        """One page of the referrers API and the path of the next; (None, None) when the
-        upstream has no referrers API."""
+    async def _api_page(self, upstream: Upstream, repo: str, path: str) -> tuple[bytes, str | None]:
+        """One page of the referrers API and the path of the next; _NoApi when the
+        upstream answers without one."""
         page = await upstream.document(
             path, repo, "referrers", accept=OCI_INDEX, limit=MAX_INDEX_BYTES, passed=NO_API
         )
         if page.absent:
             if page.error_code == "NAME_UNKNOWN":
                 raise NameUnknown(f"repository {repo} not known upstream")
-            return None, None
+            whole = page.status in NO_ENDPOINT or (page.status == 404 and page.error_code is None)
+            raise _NoApi(whole)
         body = page.body
         link = _next_path(page.link, upstream.url)
         _parse_index(body)

@@ -75,13 +75,14 @@ class ManifestInfo:
 @dataclass(frozen=True)
 class Document:
     """A small upstream answer read whole: a page of a tag list or of referrers. `absent`:
-    the upstream answered one of the statuses the caller passed (no such document), with
-    `error_code` the OCI code of its error body, if any."""
+    the upstream answered one of the statuses the caller passed (no such document), that
+    `status`, with `error_code` the OCI code of its error body, if any."""
 
     body: bytes
     link: str | None
     absent: bool = False
     error_code: str | None = None
+    status: int = 200
 
 
 def new_session(
@@ -482,7 +483,8 @@ class Upstream:
         async with resp:
             if resp.status in passed:
                 error = await _read_limited(resp, MAX_ERROR_BYTES, what)
-                return Document(b"", None, absent=True, error_code=_error_code(error))
+                code = _error_code(error)
+                return Document(b"", None, absent=True, error_code=code, status=resp.status)
             self.raise_for_status(resp, kind, what)
             body = await _read_limited(resp, limit, what)
             return Document(body, resp.headers.get("Link"))
