@@ -110,7 +110,17 @@ def test_signed_requests_are_checked_for_secret_path_and_age() -> None:
     )
     assert not peerauth.verify(secret, value, "GET", "/_cluster/blobs/sha256:bb", now=1030)
     assert not peerauth.verify(secret, value, "GET", "/_cluster/blobs/sha256:aa", now=1100)
-    for junk in (None, "", "abc", "1000:", ":deadbeef"):
+    for junk in (
+        None,
+        "",
+        "abc",
+        "1000:",
+        ":deadbeef",
+        "\u00b2:00ff",
+        "1000:\u00e9",
+        "1000:\udcff",
+        "1000:\ud800",
+    ):
         assert not peerauth.verify(secret, junk, "GET", "/x", now=1000)
 
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 
 HEADER = "Mirror-Cluster-Auth"
 MAX_SKEW = 60.0  # seconds a signature stays good, either way (clocks differ a little)
+# ASCII digits only: str.isdigit() takes "²", which int() refuses.
+_STAMP = re.compile(r"[0-9]{1,12}")
 
 
 def _mac(secret: bytes, stamp: str, method: str, path: str) -> str:
@@ -33,8 +36,12 @@ def verify(
     if not value:
         return False
     stamp, _, mac = value.partition(":")
-    if not stamp.isdigit() or not mac:
+    if not _STAMP.fullmatch(stamp) or not mac:
         return False
     if abs((time.time() if now is None else now) - int(stamp)) > MAX_SKEW:
         return False
-    return hmac.compare_digest(mac, _mac(secret, stamp, method, path))
+    # As bytes: compare_digest refuses a str with other than ASCII in it, and aiohttp
+    # hands over whatever bytes a header held (undecodable ones as surrogates, which
+    # "surrogatepass" encodes whatever they are).
+    sent = mac.encode("utf-8", "surrogatepass")
+    return hmac.compare_digest(sent, _mac(secret, stamp, method, path).encode())
