@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import make_mocked_request
 
 from mirror.cluster import peerauth
 from mirror.cluster.blobflight import BlobFlight, lease_name
@@ -17,6 +18,7 @@ from mirror.config.cluster import parse_cluster
 from mirror.metadata.topology import open_redis
 from mirror.observe.metrics import Metrics
 from mirror.oci.reference import parse_digest
+from mirror.web import peer
 from tests.redis_topologies import TOPOLOGIES, flushed_redis_url
 from tests.services import free_port
 
@@ -201,3 +203,13 @@ async def test_a_lease_got_after_an_unanswering_owner_is_a_takeover_only_when_fo
         "mirror_cluster_lease_takeovers_total", {"kind": "blob"}
     )
     assert takeovers == (1 if followed else 0)
+
+
+@pytest.mark.parametrize(
+    ("value", "offset"),
+    [("bytes=100-", 100), ("bytes=\u00b2-", 0), ("bytes=" + "9" * 5000 + "-", 0), ("", 0)],
+)
+def test_a_peer_range_start_is_ascii_digits_or_nothing(value: str, offset: int) -> None:
+    """A signed peer's Range start: "²" passed str.isdigit() and int() refused it (a 500)."""
+    request = make_mocked_request("GET", "/_cluster/blobs/x", headers={"Range": value})
+    assert peer._offset(request) == offset

@@ -127,6 +127,8 @@ async def test_unknown_nested_key_named_with_section(raw: dict[str, Any], key: s
         ({"listen": 8083}, "listen", "'8083'"),
         ({"listen": "localhost:http"}, "listen", "'localhost:http'"),
         ({"listen": "0.0.0.0:70000"}, "listen", "'0.0.0.0:70000'"),
+        ({"listen": "0.0.0.0:\u00b2"}, "listen", "'0.0.0.0:\u00b2'"),  # isdigit, not int
+        ({"listen": "0.0.0.0:" + "9" * 5000}, "listen", "'0.0.0.0:999"),  # past int()'s limit
         ({"upstream": {"username": 42}}, "upstream.username", "42"),
         ({"upstream": {"connect_timeout": True}}, "upstream.connect_timeout", "True"),
         ({"cache": {"tag_ttl": [10]}}, "cache.tag_ttl", "[10]"),

@@ -97,6 +97,8 @@ async def test_credentials_of_the_replicated_forms() -> None:
         "http://localhost:6379",
         "redis+sentinel://s1:26379",  # no master name
         "redis+sentinel://s1:26379/m/x",  # db not a number
+        "redis+sentinel://s1:26379/m/\u00b2",  # "²": isdigit() says yes, int() no
+        "redis+cluster://h1:" + "9" * 5000,  # more digits than int() converts
         "redis+sentinel://s1:26379/m/0/extra",
         "redis+sentinel://s1:notaport/m",
         "redis+sentinel://s1:26379,,s2/m",  # an empty host

@@ -178,6 +178,8 @@ def test_references_are_the_blobs_a_registry_checked() -> None:
     body = json.dumps(image).encode()
     assert references(body, OCI_MANIFEST) == [config, layer]
     assert references(body, OCI_INDEX) == []  # what the registry took it as decides
+    nested = b'{"layers": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"  # RecursionError
+    assert references(nested, OCI_MANIFEST) == []
     docker = json.dumps({**image, "mediaType": DOCKER_MANIFEST}).encode()
     assert references(docker, DOCKER_MANIFEST) == [config, layer]
     claims_index = json.dumps({**image, "mediaType": OCI_INDEX}).encode()

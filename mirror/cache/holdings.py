@@ -76,7 +76,7 @@ def references(body: bytes, media_type: str) -> list[str]:
         return []
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
         return []
     # The body's own type must agree: a registry checks only the fields of the type it was
     # pushed as, so `layers` in a document that is (or claims to be) an index were never looked at.

@@ -26,7 +26,9 @@ SERVER_SCHEMES = ("redis", "rediss", "unix")
 DEFAULT_PORT = 6379
 DEFAULT_SENTINEL_PORT = 26379
 # A host in a list of hosts: `[v6]:port`, `name:port` or either without its port.
-_HOST = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[^\[\]:/@,\s]+))(?::(?P<port>\d+))?$")
+_HOST = re.compile(
+    r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[^\[\]:/@,\s]+))(?::(?P<port>[0-9]{1,5}))?$"
+)
 
 Topology = Literal["server", "sentinel", "cluster"]
 
@@ -153,8 +155,13 @@ def _node(key: str, text: str, host: str, default_port: int) -> tuple[str, int]:
     return match.group("v6") or match.group("name"), port
 
 
+def _db_number(text: str) -> bool:
+    """A database number: ASCII digits (str.isdigit takes "²", which int() refuses)."""
+    return text.isascii() and text.isdigit() and len(text) <= 5
+
+
 def _sentinel_path(key: str, text: str, segments: list[str]) -> tuple[str, int]:
-    if not segments or len(segments) > 2 or (len(segments) == 2 and not segments[1].isdigit()):
+    if not segments or len(segments) > 2 or (len(segments) == 2 and not _db_number(segments[1])):
         raise ConfigError(
             key, f"expected redis+sentinel://host:port,…/<master name>[/db], got {redacted(text)!r}"
         )

@@ -66,7 +66,9 @@ def parse_listen(key: str, value: object) -> tuple[str, int]:
     """`HOST:PORT` (IPv6 hosts in brackets) into its parts."""
     text = str(value)
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit() and len(port) <= 5):
+        raise ConfigError(key, f"expected HOST:PORT, got {text!r}")
+    if not 0 < int(port) < 65536:
         raise ConfigError(key, f"expected HOST:PORT, got {text!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
 

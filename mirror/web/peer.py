@@ -95,7 +95,8 @@ async def peer_blob(request: web.Request) -> web.StreamResponse:
 
 def _offset(request: web.Request) -> int:
     first = request.headers.get("Range", "").removeprefix("bytes=").partition("-")[0]
-    return int(first) if first.isdigit() else 0
+    # ASCII digits, few enough for int(): str.isdigit() takes "²", which int() refuses.
+    return int(first) if first.isascii() and first.isdigit() and len(first) < 20 else 0
 
 
 async def _send(
