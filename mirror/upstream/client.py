@@ -8,11 +8,13 @@ module looks at upstream status codes.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
@@ -40,6 +42,7 @@ from mirror.oci.reference import as_digest, compute_digest
 from mirror.upstream.body import BlobBody, SizeLimit, header_number
 from mirror.upstream.breaker import CircuitBreaker
 from mirror.upstream.credentials import Credentials
+from mirror.upstream.deadline import exchange_deadline
 from mirror.upstream.destinations import Destinations
 from mirror.upstream.tokens import Challenge, TokenCache, parse_challenge
 from mirror.util.lru import LRU
@@ -144,6 +147,10 @@ class Upstream:
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=timeouts[0], sock_read=timeouts[1]
         )
+        # An exchange with a small answer (a manifest, a HEAD, a page, a blob's response
+        # head) ends within this, however its bytes trickle: the read timeout alone lets
+        # a byte every few seconds hold a pull, and every client waiting on it, for hours.
+        self.exchange_deadline = exchange_deadline(*timeouts)
         self.breaker = CircuitBreaker(self.name)
         metrics.upstream_up.labels(self.name).set(1)
         self._negative_ttl = negative_ttl
@@ -362,11 +369,30 @@ class Upstream:
             raise TooManyRequests(f"upstream {self.name} rate limit reached", retry_after)
         raise UpstreamUnavailable(f"upstream {self.name} answered {status} for {what}")
 
+    @contextlib.asynccontextmanager
+    async def within_deadline(self, what: str) -> AsyncIterator[None]:
+        """The block as one exchange: UpstreamUnavailable when it outlasts the deadline
+        (counted towards the circuit breaker as any failed exchange)."""
+        try:
+            async with asyncio.timeout(self.exchange_deadline):
+                yield
+        except TimeoutError:
+            self.record_failure()
+            raise UpstreamUnavailable(
+                f"upstream {self.name} took over {self.exchange_deadline:g}s for {what}"
+            ) from None
+
     async def manifest(
         self, repo: str, reference: str, accept: list[str], *, head: bool
     ) -> tuple[ManifestInfo, bytes | None]:
         """HEAD or GET a manifest; a GET's bytes are checked against the digest header."""
         what = f"manifest {repo}:{reference}"
+        async with self.within_deadline(what):
+            return await self._manifest(repo, reference, accept, head, what)
+
+    async def _manifest(
+        self, repo: str, reference: str, accept: list[str], head: bool, what: str
+    ) -> tuple[ManifestInfo, bytes | None]:
         self._check_negative("manifest", repo, reference)
         wait = self._limited_until - time.monotonic()
         if not head and wait > 0:
@@ -422,9 +448,10 @@ class Upstream:
         answer from elsewhere (a 200 starts at byte 0): the body's `offset` says where."""
         self._check_negative("blob", repo, digest)
         headers = {"Range": f"bytes={offset}-"} if offset else {}
-        resp = await self.request(
-            "GET", f"/v2/{repo}/blobs/{digest}", kind="blob", repo=repo, headers=headers
-        )
+        async with self.within_deadline(f"blob {digest}"):  # its head: the body takes its time
+            resp = await self.request(
+                "GET", f"/v2/{repo}/blobs/{digest}", kind="blob", repo=repo, headers=headers
+            )
         if resp.status == 404:
             self._remember_missing("blob", repo, digest)
         self.raise_for_status(resp, "blob", f"blob {digest}")
@@ -439,12 +466,13 @@ class Upstream:
     async def blob_size(self, repo: str, digest: str) -> int | None:
         """The blob's size from a HEAD, None when the upstream does not say."""
         self._check_negative("blob", repo, digest)
-        resp = await self.request("HEAD", f"/v2/{repo}/blobs/{digest}", kind="blob", repo=repo)
-        async with resp:
-            if resp.status == 404:
-                self._remember_missing("blob", repo, digest)
-            self.raise_for_status(resp, "blob", f"blob {digest}")
-            size = resp.content_length
+        async with self.within_deadline(f"blob {digest}"):
+            resp = await self.request("HEAD", f"/v2/{repo}/blobs/{digest}", kind="blob", repo=repo)
+            async with resp:
+                if resp.status == 404:
+                    self._remember_missing("blob", repo, digest)
+                self.raise_for_status(resp, "blob", f"blob {digest}")
+                size = resp.content_length
         limit = self._blob_limit(digest)
         if limit is not None and size is not None and size > limit.most:
             raise limit.refused()
@@ -479,6 +507,19 @@ class Upstream:
         `Link`. An error status raises its registry error, except those in `passed`: their
         answer comes back as it is, for the caller to judge (its body bounded too)."""
         what = f"{kind} of {repo}"
+        async with self.within_deadline(what):
+            return await self._document(path, repo, kind, what, accept, limit, passed)
+
+    async def _document(
+        self,
+        path: str,
+        repo: str,
+        kind: str,
+        what: str,
+        accept: str,
+        limit: int,
+        passed: frozenset[int],
+    ) -> Document:
         resp = await self.request("GET", path, kind=kind, repo=repo, headers={"Accept": accept})
         async with resp:
             if resp.status in passed:

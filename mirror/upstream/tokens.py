@@ -7,6 +7,7 @@ across the processes that share it too (cluster/tokenshare.py).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -25,6 +26,7 @@ from aiocache import SimpleMemoryCache
 from mirror.net.tls import describe_failure
 from mirror.observe.metrics import Metrics
 from mirror.oci.errors import UpstreamDenied, UpstreamUnauthorized, UpstreamUnavailable
+from mirror.upstream.deadline import session_deadline
 from mirror.util.singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
@@ -180,7 +182,8 @@ class TokenCache:
             params.insert(0, ("service", challenge.params["service"]))
         host = urlsplit(realm).netloc
         try:
-            return await self._ask(realm, params, credentials, ssl_context, check)
+            async with asyncio.timeout(session_deadline(self._session)):  # a trickle ends
+                return await self._ask(realm, params, credentials, ssl_context, check)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             self._metrics.token_fetches.labels(host, "error").inc()
             tls_failure = describe_failure(f"{upstream or host} (token service {host})", exc)
