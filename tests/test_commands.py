@@ -9,6 +9,7 @@ must then answer the warmed image without asking the hub anything.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import os
@@ -26,6 +27,7 @@ from mirror.config import Config
 from mirror.oci.errors import RegistryError
 from mirror.oci.reference import parse_digest
 from mirror.storage import Storage
+from mirror.web.keys import storage_key
 from tests.conftest import MakeClient
 from tests.fakehub import OCI_MANIFEST, FakeHub
 from tests.services import _python_env
@@ -472,3 +474,75 @@ async def test_cli_ls_after_warm(hub: FakeHub, config: Config, tmp_path: Path) -
     assert code == 0, stderr
     assert image["digest"][:19] in stdout
     assert "library/app" in stdout
+
+
+# --- beside a running serve ---------------------------------------------------------------
+
+# A serve, as far as its cache directory goes: it opens the storage, starts a download's
+# temp file, prints its path and runs on until killed.
+SERVE_WRITING = """
+import asyncio, os, sys
+from pathlib import Path
+from mirror.storage import Storage
+
+async def main():
+    storage = Storage(Path(sys.argv[1]))
+    await storage.open()
+    fd, temp = storage.new_temp(100)
+    os.write(fd, b"the first bytes of a blob")
+    print(temp, flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("beside", ["mirror ls", "a second serve"])
+async def test_a_live_serves_temp_file_outlives_a_start_beside_it(
+    make_client: MakeClient, config: Config, beside: str
+) -> None:
+    """A command (or another serve) started on the directory leaves a live download's temp
+    file alone: the serve writes on and renames it into place."""
+    serve = (await make_client()).app[storage_key]
+    data = os.urandom(1024 * 1024)
+    digest = parse_digest("sha256:" + hashlib.sha256(data).hexdigest())
+    fd, temp = await asyncio.to_thread(serve.new_temp, len(data))
+    await asyncio.to_thread(os.write, fd, data[:500_000])
+
+    if beside == "mirror ls":
+        await commands.list_cache(config, io.StringIO())
+    else:
+        other = Storage(config.storage.path)
+        await other.open()
+        await other.close()
+
+    assert temp.exists()
+    await asyncio.to_thread(os.write, fd, data[500_000:])
+    await asyncio.to_thread(serve.commit, fd, temp, serve.blob_path(digest))
+    assert serve.blob_path(digest).read_bytes() == data
+
+
+async def test_a_killed_serves_temp_files_go_at_the_next_start_only(config: Config) -> None:
+    """What a serve killed mid-download left in tmp/ stays while it runs and through a
+    command after its death, and is removed when the next serve starts."""
+    root = config.storage.path
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SERVE_WRITING, str(root),
+        env=_python_env(), stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        temp = Path((await asyncio.wait_for(proc.stdout.readline(), CLI_TIMEOUT)).decode().strip())
+        assert temp.parent == root / "tmp" and temp.exists()
+    finally:
+        proc.kill()
+        await proc.wait()
+    await commands.list_cache(config, io.StringIO())
+    assert temp.exists()
+
+    storage = Storage(root)
+    await storage.open()
+    try:
+        assert list(storage.tmp.iterdir()) == []
+    finally:
+        await storage.close()

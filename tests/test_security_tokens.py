@@ -25,6 +25,7 @@ from aiohttp.test_utils import TestClient
 from mirror.access.clienttokens import TokenRefused, TokenSigner, WeakKey
 from mirror.cluster.signing import token_signing_key
 from mirror.config import AuthConfig, Config, ConfigError, config_from_mapping
+from mirror.storage.filesystem import USERS_LOCK
 from tests.conftest import MakeClient
 from tests.fakehub import FakeHub
 from tests.test_config import free_port, run_cli
@@ -169,7 +170,9 @@ async def test_tokens_the_mirror_did_not_write_are_refused(
 def _cached(config: Config) -> list[str]:
     root = config.storage.path
     return [
-        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and "auth" not in p.parts
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.is_file() and "auth" not in p.parts and p.name != USERS_LOCK
     ]
 
 

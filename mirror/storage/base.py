@@ -112,6 +112,7 @@ class CacheStore(Protocol):
     writable: bool
     on_writable_change: Callable[[bool], None] | None
     shared: bool  # other processes serve from the same directory (workers)
+    offline: bool  # a one-shot command: it may run beside a live serve, and cleans nothing
     on_landed: Callable[[int], None] | None  # a blob the store put in the directory itself
 
     @property

@@ -4,8 +4,11 @@ Layout under `storage.path`:
 
     blobs/sha256/ab/abcdef...       layer and config blobs, the raw bytes
     manifests/sha256/ab/abcdef...   "<media type>\\n" then the manifest bytes
-    tmp/                            downloads in progress; emptied at start (swept, with
-                                    workers: storage/localflight.py)
+    tmp/                            downloads in progress; emptied at start by a serve
+                                    alone on the directory, else swept of what is
+                                    abandoned (storage/localflight.py)
+    tmp.lock                        locked shared by every process using tmp/ while it
+                                    runs (see USERS_LOCK)
     eviction/                       with workers: their eviction's count and turn
                                     (storage/tally.py)
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import logging
 import os
 import shutil
@@ -31,12 +35,17 @@ from mirror.metadata.store import MetadataStore
 from mirror.oci.reference import Digest, as_digest, compute_digest
 from mirror.storage.base import Found, NoUpload, Upload
 from mirror.storage.localflight import sweep
-from mirror.util.filelock import try_lock_shared
+from mirror.util.filelock import try_lock, try_lock_shared
 
 log = logging.getLogger(__name__)
 
 PROBE_INTERVAL = 10.0
 TOUCH_INTERVAL = 60.0
+# Every process that may write temp files (a serve, each worker, a one-shot command) holds
+# a shared flock on this file while it runs; the kernel drops a dead one's. A starting
+# serve that gets it exclusively knows that nothing alive writes in tmp/, so it may empty
+# it; otherwise it removes only what is provably abandoned.
+USERS_LOCK = "tmp.lock"
 
 
 class Storage:
@@ -57,6 +66,10 @@ class Storage:
         # live downloads, so a starting one sweeps it (localflight.py) instead of emptying it,
         # and a file being read is locked shared, so that no process's eviction removes it.
         self.shared = False
+        # A one-shot command (warm, ls, gc, verify) may run beside a live serve: it leaves
+        # tmp/ as it finds it, for the next serve's start to clean.
+        self.offline = False
+        self._users_lock: int | None = None
         # Told the size of each blob the store itself puts in the directory (not those of
         # downloads, whose service reports them): the eviction counts them.
         self.on_landed: Callable[[int], None] | None = None
@@ -106,7 +119,8 @@ class Storage:
                 yield f"{algorithm}:{name}", os.path.join(dirpath, name)
 
     async def open(self) -> None:
-        """Create the layout and throw away what a crash left in `tmp/`.
+        """Create the layout and throw away what a crash left in `tmp/` (a one-shot command
+        leaves it: a serve may be running).
 
         A cache that takes no writes does not stop the start: what it holds is served.
         """
@@ -116,7 +130,10 @@ class Storage:
             self.mark_unwritable(exc)
 
     async def close(self) -> None:
-        return None
+        """Let go of the directory's users lock (tmp/ is no longer written by us)."""
+        fd, self._users_lock = self._users_lock, None
+        if fd is not None:
+            os.close(fd)
 
     async def attach(self, metadata: MetadataStore, busy: Callable[[], Iterable[object]]) -> None:
         """Nothing to keep: the files' mtimes are their last-read times."""
@@ -125,14 +142,26 @@ class Storage:
         return {}
 
     def _open_sync(self) -> None:
-        for directory in (self.blobs, self.manifests):
+        for directory in (self.blobs, self.manifests, self.tmp):
             directory.mkdir(parents=True, exist_ok=True)
-        if self.shared:
+        if self._users_lock is None:
+            self._users_lock = _open_lock_file(self.root / USERS_LOCK)
+        if not self.offline:
+            self._clean_tmp(self._users_lock)
+        # Blocking: a serve starting at this moment holds it exclusively while it empties
+        # tmp/ (from exclusive to shared here is not atomic, but nothing of ours is in it).
+        fcntl.flock(self._users_lock, fcntl.LOCK_SH)
+
+    def _clean_tmp(self, users_lock: int) -> None:
+        """Throw away what a crash left in tmp/, and nothing a live process writes."""
+        if not self.shared and try_lock(users_lock):
+            # Nobody else alive on the directory: all tmp/ holds is leftovers.
+            shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp.mkdir(parents=True, exist_ok=True)
+        else:
+            # Workers, or another process runs here (a serve, a one-shot command): what a
+            # live download holds stays, and so does what was written to lately.
             sweep(self.tmp)
-            return
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True, exist_ok=True)
 
     async def blob_size(self, digest: Digest) -> int | None:
         """Size of the cached blob, or None; a hit also marks the blob as recently read."""
@@ -312,6 +341,14 @@ class Storage:
 
     async def collect_garbage(self, to: int | None) -> list[str]:
         return []
+
+
+def _open_lock_file(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        # A read-only cache still serves what it holds, and its lock file is still locked.
+        return os.open(path, os.O_RDONLY)
 
 
 def _file_matches(path: str, digest: Digest, skip_line: bool) -> bool:

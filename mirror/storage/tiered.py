@@ -112,6 +112,7 @@ class TieredStorage(Storage):
         await self._sharing.close()
         await self.index.close()
         await self.bucket.close()
+        await super().close()
 
     async def attach(self, metadata: MetadataStore, busy: Callable[[], Iterable[object]]) -> None:
         self.index.start(metadata, lambda: [*busy(), *self.reading])

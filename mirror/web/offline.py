@@ -45,10 +45,12 @@ class Services:
 
 async def with_services(config: Config, run: Callable[[Services], Awaitable[T]]) -> T:
     """Start the app's resources (no listening socket), run, and clean up."""
-    runner = web.AppRunner(create_app(config))
+    app = create_app(config)
+    # A serve may be running on the same directory: its downloads' temp files stay.
+    app[storage_key].offline = True
+    runner = web.AppRunner(app)
     await runner.setup()
     try:
-        app = runner.app
         services = Services(
             app[storage_key], app[downloads_key], app[manifests_key], app[metadata_key],
             app[upstreams_key], app[evictor_key], app[holdings_key],
