@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import json
 import os
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -22,11 +23,12 @@ from mirror.config import Config, RedisConfig, StorageConfig
 from mirror.config.s3 import S3Config
 from mirror.metadata.fallback import open_metadata
 from mirror.metadata.store import MetadataStore
+from mirror.oci.reference import parse_digest
 from mirror.storage.s3.upload import part_size
 from mirror.storage.tiered import TieredStorage
 from mirror.web.keys import storage_key
 from tests.conftest import MakeClient
-from tests.fakehub import FakeHub
+from tests.fakehub import OCI_MANIFEST, FakeHub
 from tests.resilience_helpers import metric_value
 from tests.rgw import CephRGW
 from tests.services import RedisServer, free_port
@@ -235,6 +237,49 @@ async def test_an_object_changed_in_the_bucket_is_deleted_not_kept(
     assert metric_value(text, "mirror_digest_mismatches_total", {"kind": "blob"}) == 1
     assert await (await client.get(path)).read() == layer  # from upstream, cached anew
     assert hub.stats["cdn_get"] == 1
+
+
+async def test_a_manifest_stored_as_octet_stream_is_served_under_its_own_type(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    """A bucket filled by a sync tool holds manifests as application/octet-stream: one whose
+    body names its type is served (and kept locally) under that type; one whose body names
+    none is a miss, fetched upstream."""
+    image = hub.content.add_image("library/app", "v1", [b"a layer"], media_type=OCI_MANIFEST)
+    unnamed = json.dumps({"schemaVersion": 2, "config": {}, "layers": []}).encode()
+    bare = hub.content.add_manifest("library/app", unnamed, OCI_MANIFEST)
+    for digest, body in ((image["digest"], image["manifest"]), (bare, unnamed)):
+        rgw.s3().client.put_object(
+            Bucket=s3.bucket, Key=key("manifests", digest), Body=body,
+            ContentType="application/octet-stream",
+        )  # fmt: skip
+    client = await make_client(storage=storage(tmp_path, s3))
+
+    for digest, body in ((image["digest"], image["manifest"]), (bare, unnamed)):
+        path = f"/v2/library/app/manifests/{digest}"
+        resp = await client.get(path, headers={"Accept": OCI_MANIFEST})
+        assert (resp.status, await resp.read()) == (200, body)
+        assert resp.headers["Content-Type"] == OCI_MANIFEST
+        stored = client.app[storage_key].manifest_path(parse_digest(digest)).read_bytes()
+        assert stored.startswith(OCI_MANIFEST.encode() + b"\n")
+    assert hub.stats["manifest_get"] == 1  # the one whose type the bucket could not tell
+
+
+async def test_an_oversized_manifest_object_is_not_read(
+    make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    """An object under a manifest key larger than any manifest is a miss, its body unread."""
+    body = json.dumps({"mediaType": OCI_MANIFEST, "padding": "x" * (5 * MiB)}).encode()
+    digest = parse_digest("sha256:" + hashlib.sha256(body).hexdigest())
+    rgw.s3().client.put_object(
+        Bucket=s3.bucket, Key=key("manifests", str(digest)), Body=body, ContentType=OCI_MANIFEST
+    )
+    client = await make_client(storage=storage(tmp_path, s3))
+
+    assert await client.app[storage_key].read_manifest(digest) is None
+    text = await (await client.get("/metrics")).text()
+    received = metric_value(text, "mirror_s3_bytes_total", {"direction": "received"}) or 0
+    assert received < MiB
 
 
 async def test_a_range_is_passed_to_the_bucket(

@@ -8,7 +8,8 @@
                URL when the records say the bucket has it (no S3 request)
     download:  temp file in the local tier, uploaded to the bucket as it grows; the object
                is visible only once the digest matched, then the file is renamed locally
-    manifest:  local tier ─ miss ─► GetObject (media type kept as its Content-Type)
+    manifest:  local tier ─ miss ─► GetObject (media type kept as its Content-Type); an
+               object too large, or of no manifest media type, is a miss
 
 While the bucket does not answer, the local tier serves what it has and everything else is
 relayed from upstream uncached (as with a full disk): `writable_now` is False then.
@@ -33,6 +34,7 @@ from mirror.config.s3 import S3Config
 from mirror.metadata.store import MetadataStore
 from mirror.net.splice import SplicedGet, can_splice
 from mirror.observe.metrics import Metrics
+from mirror.oci.negotiation import manifest_media_type
 from mirror.oci.reference import Digest, as_digest, compute_digest
 from mirror.storage.base import BlobSize, Found, NoUpload, RangeOutsideBlob, Redirect, Upload
 from mirror.storage.filesystem import Storage
@@ -54,6 +56,9 @@ ABANDONED_AFTER = 3600.0
 # place this long after its download (for readers that joined late), then deleted.
 OVERSIZE_GRACE = 60.0
 VERIFY_PARALLEL = 4
+# A manifest object larger than this is not read: the upstream client's bound (the
+# distribution registry's), which every manifest the mirror stored kept under.
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 # A spliced GET's presigned URL is used at once: it need not live longer.
 SPLICE_URL_TTL = 60.0
 # Bucket reads spliced at once, each a thread for its whole transfer.
@@ -364,22 +369,37 @@ class TieredStorage(Storage):
         if local is not None or not await self.bucket.up_now():
             return local
         try:
-            response = await self.bucket.get(self.bucket.keys.manifest(digest))
-            if response is None:
-                return None
-            async with response["Body"] as body:
-                data = await body.read()
+            found = await self._bucket_manifest(digest)
         except S3_ERRORS as exc:
             log.warning("manifest %s not read from the bucket: %s", digest, type(exc).__name__)
             return None
-        self._metrics.s3_bytes.labels("received").inc(len(data))
-        media_type = response.get("ContentType", "application/octet-stream")
-        if compute_digest(data, digest.algorithm) != digest:
+        if found is None:
             return None
         try:
-            await super().write_manifest(digest, media_type, data)
+            await super().write_manifest(digest, *found)
         except OSError as exc:
             self.mark_unwritable(exc)
+        return found
+
+    async def _bucket_manifest(self, digest: Digest) -> tuple[str, bytes] | None:
+        """(media type, bytes) of the manifest object, checked as the upstream's answer is:
+        None (a miss: fetched upstream) when it is too large, of no manifest media type
+        (a bucket copied by a sync tool holds binary/octet-stream) or not of `digest`."""
+        key = self.bucket.keys.manifest(digest)
+        response = await self.bucket.get(key)
+        if response is None:
+            return None
+        async with response["Body"] as body:
+            if response.get("ContentLength", 0) > MAX_MANIFEST_BYTES:
+                log.warning("manifest %s in the bucket is too large: not read", digest)
+                return None  # closed unread
+            data = await body.read()
+        self._metrics.s3_bytes.labels("received").inc(len(data))
+        declared = response.get("ContentType", "").partition(";")[0].strip()
+        media_type = manifest_media_type(declared, data)
+        if media_type is None or compute_digest(data, digest.algorithm) != digest:
+            log.warning("manifest %s in the bucket is not a valid manifest: not used", digest)
+            return None
         return media_type, data
 
     async def write_manifest(self, digest: Digest, media_type: str, body: bytes) -> bool:
