@@ -26,6 +26,7 @@ from mirror.metadata.store import MetadataStore
 from mirror.oci.reference import parse_digest
 from mirror.storage.s3.upload import part_size
 from mirror.storage.tiered import TieredStorage
+from mirror.web.app import create_app
 from mirror.web.keys import storage_key
 from tests.conftest import MakeClient
 from tests.fakehub import OCI_MANIFEST, FakeHub
@@ -82,6 +83,13 @@ async def eventually_exists(path: Path) -> Path:
             break
         await asyncio.sleep(0.025)
     return path
+
+
+async def listed(client: Client) -> None:
+    """Wait for the start's listing of the bucket (its ListObjectsV2 requests) to be over."""
+    store = client.app[storage_key]
+    assert isinstance(store, TieredStorage)
+    await store.index.loaded()
 
 
 async def settled(client: Client) -> None:
@@ -206,6 +214,7 @@ async def test_an_empty_local_tier_is_served_from_the_bucket(
     for digest in blobs:  # hashed and kept once the client had it all
         path = await eventually_exists(local_blob(tmp_path / "second", digest))
         assert path.read_bytes() == hub.content.blobs[digest]
+    await listed(second)
     before = await s3_requests(second)
     await pull(second, image)
     assert await s3_requests(second) == before  # the local tier: no S3 request at all
@@ -326,6 +335,7 @@ async def test_redirect_answers_307_to_a_presigned_url(
     path = f"/v2/library/app/blobs/{digest}"
 
     await second.get(path, allow_redirects=False)  # the records may not know it yet
+    await listed(second)
     before = await s3_requests(second)
     resp = await second.get(path, allow_redirects=False)
 
@@ -363,6 +373,79 @@ async def test_the_bucket_bound_evicts_the_least_recently_read(
     assert rgw.s3().keys(s3.bucket, "cache/blobs/") == sorted([key("blobs", a), key("blobs", c)])
     # Evicting from the bucket leaves the local tier alone.
     assert local_blob(tmp_path / "data", b).exists()
+
+
+def bucket_bytes(client: Any, s3: S3Config) -> int:
+    """The size of every blob object in the bucket, records or not."""
+    found = client.get_paginator("list_objects_v2").paginate(
+        Bucket=s3.bucket, Prefix="cache/blobs/"
+    )
+    return sum(item["Size"] for page in found for item in page.get("Contents", []))
+
+
+def put_unrecorded(rgw: CephRGW, s3: S3Config, size: int) -> str:
+    """A blob put in the bucket behind the mirror's back, as if its record were lost."""
+    body = os.urandom(size)
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    rgw.s3().put(s3.bucket, key("blobs", digest), body)
+    return digest
+
+
+async def bucket_under(rgw: CephRGW, s3: S3Config, bound: int) -> int:
+    """The bucket's blob bytes once at most `bound` (or after 10 s)."""
+    client = rgw.s3().client
+    for _ in range(100):
+        if bucket_bytes(client, s3) <= bound:
+            break
+        await asyncio.sleep(0.1)
+    return bucket_bytes(client, s3)
+
+
+async def test_a_blob_whose_record_was_lost_is_counted_from_a_listing_at_start(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    """A mirror restarted with its records but one (lost: killed before its snapshot,
+    Redis restarted) counts that blob from a listing, and keeps the bucket under its bound."""
+    a, c = (hub.content.add_blob(os.urandom(10 * MiB)) for _ in range(2))
+    bounded = storage(tmp_path, s3, max_size=25 * MiB)
+    first = await make_client(storage=bounded)
+    await (await first.get(f"/v2/library/app/blobs/{a}")).read()
+    await settled(first)
+    await first.close()  # its records kept in the snapshot
+    lost = put_unrecorded(rgw, s3, 10 * MiB)
+
+    second = await make_client(storage=bounded)
+    await (await second.get(f"/v2/library/app/blobs/{c}")).read()  # 30 MiB > 25 MiB
+    await settled(second)
+
+    assert await bucket_under(rgw, s3, 25 * MiB) <= 25 * MiB
+    assert rgw.s3().keys(s3.bucket, "cache/blobs/") == sorted([key("blobs", lost), key("blobs", c)])
+
+
+async def test_records_follow_the_bucket_while_the_mirror_runs(
+    hub: FakeHub, aiohttp_client: Any, config: Config, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    """Checked against a listing now and then (here at every pass): a blob put behind the
+    mirror's back is counted and evicted, the record of one deleted behind it dropped."""
+    a, b, c = (hub.content.add_blob(os.urandom(10 * MiB)) for _ in range(3))
+    app = create_app(replace(config, storage=storage(tmp_path, s3, max_size=25 * MiB)))
+    store = app[storage_key]
+    assert isinstance(store, TieredStorage)
+    store.index.reconcile_interval = 0.0
+    client = await aiohttp_client(app)
+    for digest in (a, b):
+        await (await client.get(f"/v2/library/app/blobs/{digest}")).read()
+        await settled(client)
+    rgw.s3().delete(s3.bucket, key("blobs", b))  # its record stays behind
+    lost = put_unrecorded(rgw, s3, 20 * MiB)  # the bucket: 30 MiB, its records: 20 MiB
+
+    await (await client.get(f"/v2/library/app/blobs/{c}")).read()  # the next pass
+    await settled(client)
+
+    assert await bucket_under(rgw, s3, 25 * MiB) <= 25 * MiB
+    assert rgw.s3().keys(s3.bucket, "cache/blobs/") == [key("blobs", c)]  # a, then lost
+    assert not await store.index.known(parse_digest(b))
+    assert not await store.index.known(parse_digest(lost))
 
 
 async def test_a_blob_being_read_from_the_bucket_is_not_evicted(
@@ -625,6 +708,7 @@ async def test_records_in_redis_let_a_new_mirror_redirect_with_no_s3_request(
     await settled(first)
 
     second = await make_client(storage=storage(tmp_path, s3, "second", redirect=True), redis=redis)
+    await listed(second)
     before = await s3_requests(second)
     resp = await second.get(f"/v2/library/app/blobs/{digest}", allow_redirects=False)
 

@@ -3,10 +3,15 @@
 The records live in the metadata store (Redis, or in-process with its snapshot; memory
 stands in while Redis is down, so no call here fails for Redis), so that knowing a blob is
 in the bucket costs no S3 request (a redirect needs none) and the bucket can be kept under
-`storage.s3.max_size` by last-read time. Records that are missing (a new metadata store)
-are rebuilt from one listing of the bucket. An object is never deleted while it is being
-read, here or by another process sharing the bucket (nor within `evict_grace` of another
-replica's last stream of it), nor within `redirect_ttl` of a redirect to it.
+`storage.s3.max_size` by last-read time. Records get lost (a single mirror killed before
+its snapshot, Redis restarted without persistence or failed over, records written to the
+in-memory fallback during an outage), and objects go behind the mirror's back: at start
+and (with a bound) every RECONCILE_INTERVAL the records are made to match a listing (a
+record added for each listed blob that has none, its upload time as its last read; the
+record of each blob no longer listed dropped), so that eviction counts every object. An
+object is never deleted while it is being read, here or by another process sharing the
+bucket (nor within `evict_grace` of another replica's last stream of it), nor within
+`redirect_ttl` of a redirect to it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from collections.abc import Callable, Iterable
 
 from mirror.metadata.store import MetadataStore
 from mirror.observe.metrics import Metrics
-from mirror.oci.reference import Digest
+from mirror.oci.reference import Digest, as_digest
 from mirror.storage.base import LOW_WATER, SCAN_INTERVAL, EvictionResult
 from mirror.storage.s3.bucket import S3_ERRORS, Bucket
 from mirror.storage.sharing import BucketSharing
@@ -28,6 +33,12 @@ log = logging.getLogger(__name__)
 # A read is written to the metadata store at most this often per blob: a hot blob must not
 # cost a write per request.
 TOUCH_INTERVAL = 1.0
+# How often the records are checked against a listing of the bucket. A listing costs one
+# ListObjectsV2 per 1,000 objects and its pages come one after another: hourly, a bucket
+# of a million blobs costs 24,000 LISTs a day (cents on AWS) and a pass of a couple of
+# minutes, next to which its GETs dominate; lost records are rare, and until the next pass
+# the bucket exceeds its bound by at most the blobs whose records were lost.
+RECONCILE_INTERVAL = 3600.0
 
 
 class BucketIndex:
@@ -58,6 +69,8 @@ class BucketIndex:
         self._task: asyncio.Task[None] | None = None
         # Whether this process may run an eviction pass now, and who reads what elsewhere.
         self._sharing = sharing
+        self.reconcile_interval = RECONCILE_INTERVAL
+        self._reconciled_at: float | None = None  # monotonic; None: not since the start
 
     def start(self, metadata: MetadataStore, busy: Callable[[], Iterable[object]]) -> None:
         self._metadata = metadata
@@ -116,7 +129,7 @@ class BucketIndex:
     # --- eviction ----------------------------------------------------------------------------
     async def _run(self) -> None:
         try:
-            await self.rebuild_if_empty()
+            await self._chores(evict=False)  # the start's reconciliation
             for digest, (size, _) in (await self._records()).items():
                 self._sizes.setdefault(digest, size)
         finally:
@@ -124,12 +137,7 @@ class BucketIndex:
         if self._max_size is None:
             return
         while True:
-            try:
-                async with self._sharing.exclusive() as mine:
-                    if mine:
-                        await self.evict()
-            except S3_ERRORS as exc:
-                log.warning("bucket eviction pass failed: %s", type(exc).__name__)
+            await self._chores(evict=True)
             try:
                 async with asyncio.timeout(SCAN_INTERVAL):
                     await self._wake.wait()
@@ -137,23 +145,67 @@ class BucketIndex:
                 pass
             self._wake.clear()
 
-    async def rebuild_if_empty(self) -> None:
-        """Records for what the bucket holds, when the metadata store has none."""
-        if self._metadata is None or await self._records():
+    async def _chores(self, *, evict: bool) -> None:
+        """The reconciliation when due, and an eviction pass: by one process at a time
+        among those sharing the bucket (the others' turn comes at their next wake)."""
+        try:
+            async with self._sharing.exclusive() as mine:
+                if not mine:
+                    return
+                if self._reconcile_due():
+                    await self.reconcile()
+                if evict:
+                    await self.evict()
+        except S3_ERRORS as exc:
+            log.warning("bucket eviction pass failed: %s", type(exc).__name__)
+
+    def _reconcile_due(self) -> bool:
+        done = self._reconciled_at
+        return done is None or time.monotonic() - done >= self.reconcile_interval
+
+    async def reconcile(self) -> None:
+        """Records made to match one listing of the bucket's blobs (see the module
+        docstring). A listing cut short proves nothing gone: it changes nothing."""
+        if self._metadata is None:
             return
+        started = time.time()
+        listed: dict[str, tuple[int, float]] = {}
         keys = self._bucket.keys
         try:
             async for found in self._bucket.objects(keys.under("blobs")):
                 name = keys.name("blobs", found.key)
-                await self._metadata.put_blob_read(name, found.size, found.modified)
+                if as_digest(name) is not None:  # a stray object is not ours to count
+                    listed[name] = (found.size, found.modified)
         except S3_ERRORS as exc:
             log.warning("cannot list the bucket's blobs: %s", type(exc).__name__)
+            return
+        records = await self._records()
+        added = [name for name in listed if name not in records]
+        for name in added:
+            size, modified = listed[name]
+            await self._metadata.put_blob_read(name, size, modified)
+            self._sizes[name] = size
+        # A record written since the listing began may be of an object stored after the
+        # listing passed its key: only older ones are known to be gone.
+        gone = [name for name, (_, at) in records.items() if name not in listed and at < started]
+        for name in gone:
+            await self.forget_key(name)
+        self._reconciled_at = time.monotonic()
+        if added or gone:
+            log.info(
+                "bucket records reconciled with a listing: %d added, %d dropped",
+                len(added), len(gone),
+            )  # fmt: skip
+
+    async def loaded(self) -> None:
+        """Until the records are loaded at start (the start's listing done, if it was ours)."""
+        if self._task is not None:
+            await self._loaded.wait()
 
     async def evict(self, max_size: int | None = None) -> EvictionResult:
         """Delete the least recently read blobs until the bucket is under its bound."""
         bound = max_size if max_size is not None else self._max_size
-        if self._task is not None:
-            await self._loaded.wait()
+        await self.loaded()
         records = await self._records()
         total = sum(size for size, _ in records.values())
         if bound is None or total <= bound:
