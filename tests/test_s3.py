@@ -24,6 +24,7 @@ from mirror.config.s3 import S3Config
 from mirror.metadata.fallback import open_metadata
 from mirror.metadata.store import MetadataStore
 from mirror.oci.reference import parse_digest
+from mirror.storage.localflight import Claim, LocalFlight
 from mirror.storage.s3.upload import part_size
 from mirror.storage.tiered import TieredStorage
 from mirror.web.app import create_app
@@ -514,6 +515,97 @@ async def test_gateway_stopped_mid_upload_leaves_no_object(
     assert await (await second.get(path)).read() == layer
     await settled(second)
     assert rgw.s3().get(s3.bucket, key("blobs", digest)) == layer
+
+
+def begin_abandoned_upload(rgw: CephRGW, s3: S3Config) -> str:
+    """A multipart upload begun and never ended, as a crashed mirror leaves one: its key."""
+    digest = "sha256:" + hashlib.sha256(os.urandom(64)).hexdigest()
+    rgw.s3().client.create_multipart_upload(Bucket=s3.bucket, Key=key("blobs", digest))
+    return key("blobs", digest)
+
+
+async def open_uploads(rgw: CephRGW, s3: S3Config, until: list[str]) -> list[str]:
+    """The keys of the open multipart uploads, once they are `until` (or after 20 s)."""
+    client = rgw.s3()
+    for _ in range(200):
+        found = sorted(upload["Key"] for upload in client.multipart_uploads(s3.bucket))
+        if found == until:
+            break
+        await asyncio.sleep(0.1)
+    return found
+
+
+async def test_an_abandoned_upload_is_aborted_while_the_mirror_runs(
+    hub: FakeHub, aiohttp_client: Any, config: Config, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    """Uploads a crash left open are aborted now and then, not only at the next start; the
+    mirror's own upload under way is left alone, however old."""
+    layer = os.urandom(20 * MiB)
+    digest = hub.content.add_blob(layer)
+    app = create_app(replace(config, storage=storage(tmp_path, s3)))
+    store = app[storage_key]
+    assert isinstance(store, TieredStorage)
+    store.abort_interval = 0.2
+    client = await aiohttp_client(app)
+    hub.cdn_delay = 0.01  # per 64 KiB chunk: the download takes 3 s
+    try:
+        reading = asyncio.ensure_future(
+            (await client.get(f"/v2/library/app/blobs/{digest}")).read()
+        )
+        while await s3_requests(client, "UploadPart") < 1:
+            await asyncio.sleep(0.05)
+        abandoned = begin_abandoned_upload(rgw, s3)
+        store.abandoned_after = 0.0  # every upload is old enough from now on
+
+        assert await open_uploads(rgw, s3, until=[key("blobs", digest)]) == [key("blobs", digest)]
+        assert abandoned not in rgw.s3().keys(s3.bucket)
+        assert await reading == layer
+    finally:
+        hub.cdn_delay = 0
+    await settled(client)
+    assert rgw.s3().get(s3.bucket, key("blobs", digest)) == layer  # its upload completed
+    assert await open_uploads(rgw, s3, until=[]) == []
+
+
+async def test_another_workers_upload_under_way_is_not_aborted(
+    aiohttp_client: Any, config: Config, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    """With workers, an upload is left while the worker fetching its blob holds the blob's
+    claim on the directory, however old, and aborted once that worker is gone."""
+    app = create_app(replace(config, workers=2, storage=storage(tmp_path, s3)))
+    store = app[storage_key]
+    assert isinstance(store, TieredStorage)
+    store.abort_interval, store.abandoned_after = 0.1, 0.0
+    await aiohttp_client(app)
+    digest = "sha256:" + hashlib.sha256(os.urandom(64)).hexdigest()
+    sibling = LocalFlight(store.tmp).claim(parse_digest(digest))  # another worker's download
+    assert isinstance(sibling, Claim)
+    rgw.s3().client.create_multipart_upload(Bucket=s3.bucket, Key=key("blobs", digest))
+
+    await asyncio.sleep(1.0)  # ten chores
+    assert await open_uploads(rgw, s3, until=[key("blobs", digest)]) == [key("blobs", digest)]
+    sibling.release()  # the worker died, or ended without its upload
+    assert await open_uploads(rgw, s3, until=[]) == []
+
+
+async def test_abandoned_uploads_are_aborted_once_the_bucket_answers_again(
+    aiohttp_client: Any, config: Config, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    """A mirror that started while the bucket was down aborts what crashes left open as
+    soon as the bucket answers, not an hour later."""
+    begin_abandoned_upload(rgw, s3)
+    app = create_app(replace(config, storage=storage(tmp_path, s3)))
+    store = app[storage_key]
+    assert isinstance(store, TieredStorage)
+    store.abandoned_after = 0.0
+    await asyncio.to_thread(rgw.stop_gateway)
+    try:
+        await aiohttp_client(app)
+        assert not store.bucket.up
+    finally:
+        await asyncio.to_thread(rgw.start_gateway)
+
+    assert await open_uploads(rgw, s3, until=[]) == []
 
 
 async def test_a_mirror_starts_while_the_bucket_is_down_and_relays(

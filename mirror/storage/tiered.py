@@ -38,6 +38,7 @@ from mirror.oci.negotiation import manifest_media_type
 from mirror.oci.reference import Digest, as_digest, compute_digest
 from mirror.storage.base import BlobSize, Found, NoUpload, RangeOutsideBlob, Redirect, Upload
 from mirror.storage.filesystem import Storage
+from mirror.storage.localflight import Claim, LocalFlight
 from mirror.storage.s3.bucket import CONNECT_TIMEOUT, READ_TIMEOUT, S3_ERRORS, Bucket
 from mirror.storage.s3.index import BucketIndex
 from mirror.storage.s3.keys import KINDS, Kind
@@ -49,9 +50,13 @@ from mirror.storage.sharing import Alone, BucketSharing
 
 log = logging.getLogger(__name__)
 
-# A start and `mirror gc` abort multipart uploads begun longer ago than this: a younger
-# one may be live, in another process (`mirror ls` run beside `mirror serve`, a replica).
+# A start, `mirror gc` and the hourly chore abort multipart uploads begun longer ago than
+# this: a younger one may be live, in another process (`mirror ls` run beside `mirror
+# serve`, a worker). Replicas know every live upload by its lease: there, any age.
 ABANDONED_AFTER = 3600.0
+# How often a running mirror aborts the uploads crashes left open (and once whenever the
+# bucket answers again): an open upload's parts are stored, and billed, until aborted.
+ABORT_INTERVAL = 3600.0
 # A blob too large for the local tier goes to the bucket through a temp file, left in
 # place this long after its download (for readers that joined late), then deleted.
 OVERSIZE_GRACE = 60.0
@@ -96,6 +101,13 @@ class TieredStorage(Storage):
         self._filling: set[Digest] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._part_buffers = PartBuffers()
+        # Keys this process uploads to now: the abort of abandoned uploads leaves them.
+        self._uploading: Counter[str] = Counter()
+        self.abandoned_after = ABANDONED_AFTER
+        self.abort_interval = ABORT_INTERVAL
+        self._aborter: asyncio.Task[None] | None = None
+        self._bucket_back = asyncio.Event()
+        self.bucket.on_up = self._bucket_back.set
         # Whole objects over plain HTTP are spliced into the local tier (net/splice.py),
         # each holding a thread of its own pool for the whole transfer (never one of the
         # loop's default threads, which every file operation needs); with all of them
@@ -112,6 +124,9 @@ class TieredStorage(Storage):
             await self._abort_uploads(older_than=self._abandoned_after)
 
     async def close(self) -> None:
+        if self._aborter is not None:
+            self._aborter.cancel()
+            await asyncio.gather(self._aborter, return_exceptions=True)
         await asyncio.gather(*self._background, return_exceptions=True)
         self._splicers.shutdown(wait=False, cancel_futures=True)
         await self._sharing.close()
@@ -121,6 +136,7 @@ class TieredStorage(Storage):
 
     async def attach(self, metadata: MetadataStore, busy: Callable[[], Iterable[object]]) -> None:
         self.index.start(metadata, lambda: [*busy(), *self.reading])
+        self._aborter = asyncio.create_task(self._abort_abandoned())
 
     async def writable_now(self) -> bool:
         """New blobs are cached only while both the directory and the bucket take them."""
@@ -361,7 +377,8 @@ class TieredStorage(Storage):
             task.add_done_callback(lambda done: done.exception())
 
         key = self.bucket.keys.blob(digest)
-        return BucketUpload(self.bucket, key, size, temp, stored, self._part_buffers)
+        upload = BucketUpload(self.bucket, key, size, temp, stored, self._part_buffers)
+        return _OwnUpload(upload, key, self._uploading)
 
     # --- manifests -------------------------------------------------------------------------
     async def read_manifest(self, digest: Digest) -> tuple[str, bytes] | None:
@@ -435,14 +452,53 @@ class TieredStorage(Storage):
     def _abandoned_after(self) -> float:
         """Alone, an upload is taken as abandoned only after ABANDONED_AFTER: a `mirror ls`
         or `gc` may run beside a live serve."""
-        return 0.0 if self._sharing.owners_known else ABANDONED_AFTER
+        return 0.0 if self._sharing.owners_known else self.abandoned_after
+
+    async def _abort_abandoned(self) -> None:
+        """Every `abort_interval`, and once each time the bucket answers again, abort what
+        crashes left open: in the eviction's turn, one process at a time (replicas)."""
+        while True:
+            try:
+                async with asyncio.timeout(self.abort_interval):
+                    await self._bucket_back.wait()
+            except TimeoutError:
+                pass
+            self._bucket_back.clear()
+            if not self.bucket.up:
+                continue
+            try:
+                async with self._sharing.exclusive() as mine:
+                    if mine:
+                        await self._abort_uploads(older_than=self._abandoned_after)
+            except Exception as exc:  # the chore must outlive any failure: next time, again
+                log.warning("abandoned uploads not aborted: %s", type(exc).__name__)
 
     async def _upload_live(self, key: str) -> bool:
-        """Is the multipart upload to `key` another process's live one (not to abort)?"""
+        """Is the multipart upload to `key` a live one (this process's, another worker's
+        on this directory, or another replica's): not to abort?"""
         found = self.bucket.keys.parse(key)
         if found is None or found[0] != "blobs":
             return False
+        if key in self._uploading:
+            return True
+        digest = as_digest(found[1])
+        if self.shared and digest is not None:
+            if await asyncio.to_thread(self._fetched_by_a_worker, digest):
+                return True
         return await self._sharing.upload_live(found[1])
+
+    def _fetched_by_a_worker(self, digest: Digest) -> bool:
+        """Does another worker hold the blob's claim (its download and upload under way)?
+        A claim taken here instead is let go at once (blocking); unknown: taken as live."""
+        try:
+            claimed = LocalFlight(self.tmp).claim(digest)
+        except OSError:
+            return True
+        if isinstance(claimed, Claim):
+            claimed.release()
+            return False
+        claimed.close()
+        return True
 
     async def _abort_uploads(self, older_than: float) -> int:
         """Abort the multipart uploads under the prefix begun more than `older_than` ago."""
@@ -494,3 +550,35 @@ class TieredStorage(Storage):
         if kind == "blobs":
             await self.index.forget(digest)
         return f"{name} (bucket)"
+
+
+class _OwnUpload:
+    """An upload of this process: its key counted in `live` until it completes or aborts."""
+
+    def __init__(self, upload: Upload, key: str, live: Counter[str]) -> None:
+        self._upload = upload
+        self._key = key
+        self._live: Counter[str] | None = live
+        live[key] += 1
+
+    def progress(self, written: int) -> None:
+        self._upload.progress(written)
+
+    async def complete(self) -> None:
+        try:
+            await self._upload.complete()
+        finally:
+            self._ended()
+
+    async def abort(self) -> None:
+        try:
+            await self._upload.abort()
+        finally:
+            self._ended()
+
+    def _ended(self) -> None:
+        live, self._live = self._live, None
+        if live is not None:
+            live[self._key] -= 1
+            if live[self._key] <= 0:
+                del live[self._key]

@@ -86,6 +86,8 @@ class Bucket:
         self._closed = False
         # Multipart uploads whose abort failed while the bucket was down: (key, upload id).
         self._orphans: list[tuple[str, str]] = []
+        # Called each time the bucket answers again after it did not.
+        self.on_up: Callable[[], None] | None = None
         metrics.registry.register(metrics.s3_up)
         metrics.s3_up.set(1)
 
@@ -207,10 +209,13 @@ class Bucket:
             self._prober = asyncio.create_task(self._probe_until_up())
 
     def _succeeded(self) -> None:
-        if not self.up:
-            log.warning("S3 bucket %s answers again", self.name)
-            self._metrics.s3_up.set(1)
+        if self.up:
+            return
+        log.warning("S3 bucket %s answers again", self.name)
+        self._metrics.s3_up.set(1)
         self.up = True
+        if self.on_up is not None:
+            self.on_up()
 
     def count(self, operation: str, status: str, started: float) -> None:
         """One request in the S3 metrics: the client's, or one made outside it (a presigned
