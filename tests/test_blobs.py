@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
+from mirror.cache.downloads import RESERVE_AHEAD
 from mirror.config import Config
 from mirror.oci.errors import DigestMismatch
 from mirror.oci.reference import parse_digest
@@ -58,6 +59,22 @@ async def test_cold_blob_follows_redirect_without_auth_and_is_cached(
     assert hub.stats["cdn_get"] == 1
     assert hub.stats["cdn_rejected_auth"] == 0
     assert (await wait_cached(config, digest)).read_bytes() == layer
+    assert temp_files(config) == []
+
+
+async def test_a_blob_past_several_reservation_steps_lands_whole_at_its_size(
+    hub: FakeHub, client: Client, config: Config
+) -> None:
+    """Disk is reserved a step (RESERVE_AHEAD) ahead of the bytes, not all at once: a blob
+    of several steps and a part lands byte for byte, its file exactly its size."""
+    layer = os.urandom(2 * RESERVE_AHEAD + 12345)
+    digest = hub.content.add_blob(layer)
+    resp = await client.get(f"/v2/library/app/blobs/{digest}")
+    assert resp.status == 200
+    assert await resp.read() == layer
+    cached = await wait_cached(config, digest)
+    assert cached.stat().st_size == len(layer)
+    assert hashlib.sha256(cached.read_bytes()).hexdigest() == digest.removeprefix("sha256:")
     assert temp_files(config) == []
 
 

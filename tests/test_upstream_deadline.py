@@ -162,3 +162,42 @@ async def test_a_token_service_that_trickles_fails_within_the_deadline(
     took = time.monotonic() - started
     assert resp.status == 503
     assert took < DEADLINE + 2, took
+
+
+async def test_an_announced_size_reserves_no_more_disk_than_the_bytes_sent(
+    raw_upstream: Callable[[Serve], Awaitable[str]], aiohttp_client: Any, tmp_path: Path
+) -> None:
+    """A blob's Content-Length was reserved whole before a byte came: an upstream that
+    announces 2 GiB per layer and trickles fills the disk with reservations (every other
+    download then fails for want of space) while it sends almost nothing."""
+    announced = 2 * 1024**3
+    released = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(head("200 OK", {}, announced))
+        while not released.is_set():
+            writer.write(b"x" * 1024)
+            await writer.drain()
+            await asyncio.sleep(0.2)
+
+    url = await raw_upstream(serve)
+    config = mirror_config(url, tmp_path)
+    client = await aiohttp_client(create_app(config))
+    digest = "sha256:" + "d" * 64
+    fetch = asyncio.create_task(client.get(f"/v2/{REPO}/blobs/{digest}"))
+    tmp = tmp_path / "data" / "tmp"
+    try:
+        for _ in range(50):  # the temp file, once made
+            await asyncio.sleep(0.1)
+            temps = [p for p in tmp.glob("blob-*")] if tmp.is_dir() else []
+            if temps:
+                break
+        assert temps, "no download started"
+        await asyncio.sleep(0.5)
+        allocated = sum(p.stat().st_blocks * 512 for p in temps)
+        assert allocated < 256 * 1024 * 1024, allocated  # a step ahead of the bytes, no more
+    finally:
+        released.set()
+        fetch.cancel()
+        await asyncio.gather(fetch, return_exceptions=True)

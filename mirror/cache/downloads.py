@@ -43,6 +43,9 @@ from mirror.util.lru import LRU
 
 log = logging.getLogger(__name__)
 
+# Disk reserved ahead of a download's bytes, the rest as they come: an upstream's
+# Content-Length holds no more of the disk than this before its bytes arrive.
+RESERVE_AHEAD = 64 * 1024 * 1024
 # Bytes gathered from the socket before one write (and hash) in a worker thread: large
 # enough that thread hand-offs cost little, small enough that readers see steady progress.
 WRITE_CHUNK = 1024 * 1024
@@ -111,6 +114,7 @@ class Download:
         self.temp: Path | None = None
         self.size: int | None = None
         self.written = 0
+        self.reserved = 0  # bytes of the temp file's disk reserved so far (RESERVE_AHEAD)
         self.verified = False  # every byte arrived and the hash matched: readers may finish
         self.done = False  # ... and the file is in the cache under its digest
         self.error: BaseException | None = None
@@ -390,12 +394,13 @@ class Downloads:
             body.release()
             raise Uncacheable(f"blob {download.digest} is larger than the cache")
         try:
-            fd, temp = await asyncio.to_thread(self._storage.new_temp, download.size)
+            fd, temp = await asyncio.to_thread(self._storage.new_temp, download.size, RESERVE_AHEAD)
         except OSError as exc:
             body.release()
             await self._write_refused(exc)
             raise Uncacheable(f"blob {download.digest} cannot be written to the cache") from None
         download.temp = temp
+        download.reserved = min(download.size or 0, RESERVE_AHEAD)
         if download.peer is None:  # whoever fetches from upstream stores in the bucket
             download.upload = self._storage.start_upload(download.digest, download.size, temp)
         if download.claim is not None:
@@ -629,11 +634,12 @@ class Downloads:
             self._oversized.put(download.digest, reached)
             raise OutgrewCache(f"blob {download.digest} grew larger than the cache")
         publish = None if claim is None else lambda: claim.progress(reached)
+        reserve = self._reserve_ahead(fd, download, reached)
         try:
             # Two threads: hashing and writing run side by side (both release the GIL).
             await asyncio.gather(
                 asyncio.to_thread(hasher.update, data),
-                asyncio.to_thread(_write_all, fd, data, publish),
+                asyncio.to_thread(_write_all, fd, data, publish, reserve),
             )
         except OSError as exc:
             if exc.errno in NO_SPACE:  # judged once the temp file is gone (_write_refused)
@@ -647,6 +653,18 @@ class Downloads:
         else:
             self._metrics.cluster.peer_bytes.labels("in").inc(len(data))
         download._notify()
+
+    def _reserve_ahead(
+        self, fd: int, download: Download, reached: int
+    ) -> Callable[[], None] | None:
+        """The reservation of the next RESERVE_AHEAD bytes, once a write goes past what is
+        reserved (run in the write's thread, before it)."""
+        if download.size is None or reached <= download.reserved:
+            return None
+        start, upto = download.reserved, min(download.size, reached + RESERVE_AHEAD)
+        download.reserved = upto
+        storage = self._storage
+        return lambda: storage.reserve(fd, start, upto - start)
 
     def _verify(self, download: Download, hexdigest: str) -> None:
         if download.size is not None and download.written != download.size:
@@ -672,7 +690,14 @@ async def close_file(file: BinaryIO) -> None:
         raise
 
 
-def _write_all(fd: int, data: bytes, then: Callable[[], None] | None = None) -> None:
+def _write_all(
+    fd: int,
+    data: bytes,
+    then: Callable[[], None] | None = None,
+    first: Callable[[], None] | None = None,
+) -> None:
+    if first is not None:
+        first()
     view = memoryview(data)
     while view:
         written = os.write(fd, view)

@@ -209,20 +209,37 @@ class Storage:
     def start_upload(self, digest: Digest, size: int | None, temp: Path) -> Upload:
         return NoUpload()
 
-    def new_temp(self, size: int | None = None) -> tuple[int, Path]:
+    def new_temp(self, size: int | None = None, reserve: int | None = None) -> tuple[int, Path]:
         """An open file in `tmp/`, with `size` bytes of disk reserved when known (blocking:
         call from a worker thread). Reserving up front means a blob that cannot fit fails
-        here, before any client has been sent a byte, and writes skip block allocation."""
+        here, before any client has been sent a byte, and writes skip block allocation.
+
+        `reserve`: reserve only that much now, the rest as the bytes come (`reserve`): a
+        size an upstream announced is its word, and one that announced 64 GiB and then
+        trickles must hold no more disk than it sent. The whole size must still be free."""
         fd, name = tempfile.mkstemp(dir=self.tmp, prefix="blob-")
         if size:
+            now = size if reserve is None else min(size, reserve)
             try:
-                os.posix_fallocate(fd, 0, size)
+                if now < size:
+                    _check_room(self.tmp, size)
+                os.posix_fallocate(fd, 0, now)
             except OSError as exc:
                 self.discard(fd, Path(name))
                 if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # not every filesystem can
                     return self.new_temp(None)
                 raise
         return fd, Path(name)
+
+    @staticmethod
+    def reserve(fd: int, start: int, length: int) -> None:
+        """Reserve `length` more bytes of `fd`'s file from `start` (blocking); ENOSPC as
+        any failed write, nothing where the filesystem cannot."""
+        try:
+            os.posix_fallocate(fd, start, length)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
 
     def commit(self, fd: int, temp: Path, final: Path) -> None:
         """fsync `fd`, close it and rename `temp` to `final` (blocking)."""
@@ -341,6 +358,13 @@ class Storage:
 
     async def collect_garbage(self, to: int | None) -> list[str]:
         return []
+
+
+def _check_room(directory: Path, size: int) -> None:
+    """ENOSPC unless `size` bytes are free under `directory` now."""
+    free = os.statvfs(directory)
+    if free.f_bavail * free.f_frsize < size:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def _open_lock_file(path: Path) -> int:
