@@ -386,8 +386,9 @@ class TieredStorage(Storage):
         if local is not None or not await self.bucket.up_now():
             return local
         try:
-            found = await self._bucket_manifest(digest)
-        except S3_ERRORS as exc:
+            async with asyncio.timeout(2 * self.bucket.answer_deadline):  # its head, its body
+                found = await self._bucket_manifest(digest)
+        except (TimeoutError, *S3_ERRORS) as exc:
             log.warning("manifest %s not read from the bucket: %s", digest, type(exc).__name__)
             return None
         if found is None:
@@ -424,7 +425,8 @@ class TieredStorage(Storage):
         valid = compute_digest(body, digest.algorithm) == digest and "\n" not in media_type
         if valid and await self.bucket.up_now():
             try:
-                await self.bucket.put(self.bucket.keys.manifest(digest), body, media_type)
+                key = self.bucket.keys.manifest(digest)
+                await self.bucket.put(key, body, media_type, answering=True)
             except S3_ERRORS as exc:
                 log.warning("manifest %s not stored in the bucket: %s", digest, type(exc).__name__)
         return await super().write_manifest(digest, media_type, body)

@@ -47,6 +47,10 @@ READ_TIMEOUT = 30.0
 # While the bucket is down, it is probed this often.
 PROBE_INTERVAL = 5.0
 POOL_CONNECTIONS = 64
+# A request in a client's path waits this long (seconds) in all for the bucket's answer
+# head (retries included), then the bucket counts as down: a bucket that hangs rather
+# than refuses would hold every pull for MAX_ATTEMPTS read timeouts, a minute and a half.
+ANSWER_DEADLINE = 10.0
 
 
 class BucketUnavailable(Exception):
@@ -88,6 +92,7 @@ class Bucket:
         self._orphans: list[tuple[str, str]] = []
         # Called each time the bucket answers again after it did not.
         self.on_up: Callable[[], None] | None = None
+        self.answer_deadline = ANSWER_DEADLINE
         metrics.registry.register(metrics.s3_up)
         metrics.s3_up.set(1)
 
@@ -223,11 +228,14 @@ class Bucket:
         self._metrics.s3_requests.labels(operation, status).inc()
         self._metrics.s3_duration.labels(operation).observe(time.monotonic() - started)
 
-    async def _call(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
+    async def _call(
+        self, operation: str, call: Callable[[], Awaitable[T]], deadline: float | None = None
+    ) -> T:
         started = time.monotonic()
         status = "error"
         try:
-            result = await call()
+            async with asyncio.timeout(deadline):
+                result = await call()
             status = str(result.get("ResponseMetadata", {}).get("HTTPStatusCode", "ok"))
             self._succeeded()
             return result
@@ -257,7 +265,7 @@ class Bucket:
             return self.client.get_object(Bucket=self.name, Key=key)
 
         try:
-            return await self._call("GetObject", call)
+            return await self._call("GetObject", call, self.answer_deadline)
         except ClientError as exc:
             if _status(exc) == 404:
                 return None
@@ -267,7 +275,9 @@ class Bucket:
         """HeadObject: the object's size, or None when there is none."""
         try:
             head = await self._call(
-                "HeadObject", lambda: self.client.head_object(Bucket=self.name, Key=key)
+                "HeadObject",
+                lambda: self.client.head_object(Bucket=self.name, Key=key),
+                self.answer_deadline,
             )
         except ClientError as exc:
             if _status(exc) == 404:
@@ -275,12 +285,17 @@ class Bucket:
             raise
         return head["ContentLength"]
 
-    async def put(self, key: str, body: bytes | PartBody, content_type: str) -> None:
+    async def put(
+        self, key: str, body: bytes | PartBody, content_type: str, *, answering: bool = False
+    ) -> None:
+        """PutObject; `answering`: a client waits on it (a manifest), so held to the
+        answer deadline."""
         await self._call(
             "PutObject",
             lambda: self.client.put_object(
                 Bucket=self.name, Key=key, Body=_blob(body), ContentType=content_type
             ),
+            self.answer_deadline if answering else None,
         )
         self._metrics.s3_bytes.labels("sent").inc(len(body))
 
