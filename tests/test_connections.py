@@ -1,7 +1,8 @@
 """The connection cap and keep-alive (mirror/web/connections.py): at `server.max_connections`
 a newcomer gets in by closing the oldest headless connection, else the one idle in
 keep-alive longest; a connection with a request in flight is never closed for room, and
-when every one is busy the newcomer gets the 503.
+when every one is busy the newcomer gets the 503. A client that stops reading its answer
+is cut at `server.send_timeout`; one that reads slowly is not.
 
 A real mirror process, capped at four connections, in front of the fake hub; the clients are
 raw kept-alive HTTP/1.1 connections. Each step waits for an answer or a close, never a clock.
@@ -16,6 +17,7 @@ import importlib.util
 import os
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,12 @@ UVLOOP = pytest.param(
 )
 # A guard against a hang, not a measure: every wait here ends long before when it passes.
 HANG = 60
+# server.send_timeout where the tests wait for it; the default (60s) elsewhere.
+SEND_TIMEOUT = 2.0
+# Enough to outlast the mirror's socket buffer (Linux lets it grow to 4 MiB) by seconds of
+# slow reading.
+SLOW_BLOB = os.urandom(6 * 1024 * 1024)
+SLOW_PATH = f"/v2/library/app/blobs/sha256:{hashlib.sha256(SLOW_BLOB).hexdigest()}"
 
 
 class Client:
@@ -129,9 +137,30 @@ async def endpoint(
 ) -> AsyncIterator[Endpoint]:
     """A mirror of four connections at most, on either event loop or over HTTPS (whose
     blob bodies are copied, not sent by sendfile); header_timeout long enough not to act."""
+    async with running(request, tmp_path, hub, {}) as served:
+        yield served
+
+
+@pytest.fixture(params=["asyncio", UVLOOP, "https"])
+async def impatient(
+    request: pytest.FixtureRequest, tmp_path: Path, hub: FakeHub
+) -> AsyncIterator[Endpoint]:
+    """As `endpoint`, with a send timeout of SEND_TIMEOUT."""
+    async with running(request, tmp_path, hub, {"send_timeout": f"{SEND_TIMEOUT:g}s"}) as served:
+        yield served
+
+
+@contextlib.asynccontextmanager
+async def running(
+    request: pytest.FixtureRequest, tmp_path: Path, hub: FakeHub, server: dict[str, str]
+) -> AsyncIterator[Endpoint]:
+    """The mirror `request.param` names (its loop, or HTTPS), serving BLOB and SLOW_BLOB,
+    with `server` over the cap and a header_timeout long enough not to act."""
     hub.content.add_blob(BLOB, "library/app")
+    hub.content.add_blob(SLOW_BLOB, "library/app")
     loop = "asyncio" if request.param == "asyncio" else "auto"
-    config = {"server": {"max_connections": CAP, "header_timeout": "5m"}, "event_loop": loop}
+    limits = {"max_connections": CAP, "header_timeout": "5m", **server}
+    config = {"server": limits, "event_loop": loop}
     if request.param == "https":
         ca: CA = request.getfixturevalue("mirror_ca")
         pair = ca.issue("mirror")
@@ -165,6 +194,19 @@ async def settled(where: Endpoint) -> None:
 @pytest.fixture
 async def connect(endpoint: Endpoint) -> AsyncIterator[Connect]:
     """Opens a Client to the mirror (keyword arguments: Client.open's); all closed after."""
+    async with connecting(endpoint) as opened:
+        yield opened
+
+
+@pytest.fixture
+async def connect_impatient(impatient: Endpoint) -> AsyncIterator[Connect]:
+    """As `connect`, to the mirror with a short send timeout."""
+    async with connecting(impatient) as opened:
+        yield opened
+
+
+@contextlib.asynccontextmanager
+async def connecting(endpoint: Endpoint) -> AsyncIterator[Connect]:
     clients: list[Client] = []
 
     async def opened(**options: int) -> Client:
@@ -257,3 +299,78 @@ async def test_headless_connections_make_room_before_idle_ones(connect: Connect)
     assert (await idle[2].get("/healthz"))[0] == 200
     assert await dropped(two, "evicted") == 1
     assert await dropped(two, "idle") == 1
+
+
+async def answered(connect: Connect) -> float:
+    """Seconds until a newcomer gets /healthz's 200 (503s meanwhile: every place taken)."""
+    started = time.monotonic()
+    while True:
+        client = await connect()
+        client.send(b"GET /healthz HTTP/1.1\r\nHost: mirror\r\nConnection: close\r\n\r\n")
+        try:
+            answer = await asyncio.wait_for(client.reader.read(), HANG)
+        except ConnectionResetError:  # refused, and closed with the request unread
+            answer = b"HTTP/1.1 503"
+        await client.close()
+        if answer.startswith(b"HTTP/1.1 200"):
+            return time.monotonic() - started
+        assert answer.startswith(b"HTTP/1.1 503"), answer[:100]
+        assert time.monotonic() - started < HANG
+        await asyncio.sleep(0.25)
+
+
+async def rest_of_body(client: Client) -> int:
+    """Reads until the connection ends (by a close or a reset): the body bytes it got."""
+    got = 0
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := await asyncio.wait_for(client.reader.read(1 << 20), HANG):
+            got += len(chunk)
+    return got
+
+
+async def test_clients_that_never_read_are_cut_at_the_send_timeout(
+    connect_impatient: Connect,
+) -> None:
+    connect = connect_impatient
+    stalled = [await connect(rcvbuf=4096) for _ in range(CAP)]
+    assert await stalled[0].get(BLOB_PATH) == (200, BLOB)  # cached: by sendfile from now on (HTTP)
+    for client in stalled:  # every place taken by a client that reads no further
+        assert (await client.ask(BLOB_PATH))[0] == 200
+
+    waited = await answered(connect)
+
+    # Cut once they took nothing for the timeout: not before, and not much after (the
+    # count of acknowledged bytes is looked at once a second).
+    assert SEND_TIMEOUT <= waited < SEND_TIMEOUT + 4
+    for client in stalled:
+        assert await rest_of_body(client) < len(BLOB)  # cut short, not ended as if whole
+    probe = await connect()
+    while await dropped(probe, "send_timeout") < CAP:  # the last may be cut a look later
+        await asyncio.sleep(0.25)
+    assert await dropped(probe, "send_timeout") == CAP
+    assert await dropped(probe, "idle") == 0
+    assert (await probe.get("/healthz"))[0] == 200
+
+
+async def test_a_client_reading_slowly_is_never_cut(connect_impatient: Connect) -> None:
+    connect = connect_impatient
+    cacher = await connect()
+    assert await cacher.get(SLOW_PATH) == (200, SLOW_BLOB)
+    slow = await connect(rcvbuf=4096)
+    status, headers = await slow.ask(SLOW_PATH)
+    assert status == 200
+    started = time.monotonic()
+
+    # 16 KiB every 50 ms (at most 320 KiB/s): the mirror's socket, full at first, takes
+    # seconds to turn writable again, each time longer than the send timeout.
+    body = bytearray()
+    while len(body) < len(SLOW_BLOB):
+        chunk = await asyncio.wait_for(slow.reader.read(16 * 1024), HANG)
+        assert chunk, f"cut after {len(body)} bytes, {time.monotonic() - started:.1f}s"
+        body += chunk
+        await asyncio.sleep(0.05)
+
+    assert time.monotonic() - started > 3 * SEND_TIMEOUT
+    assert body == SLOW_BLOB
+    assert (await slow.get("/healthz"))[0] == 200  # the same connection, still open
+    assert await dropped(slow, "send_timeout") == 0

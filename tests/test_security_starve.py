@@ -358,6 +358,8 @@ async def test_hoarded_connections_make_room_and_end_by_timeouts(
     [
         ({"header_timeout": 0}, "server.header_timeout"),
         ({"keepalive_timeout": "soon"}, "server.keepalive_timeout"),
+        ({"send_timeout": 0}, "server.send_timeout"),
+        ({"send_timeout": "-5s"}, "server.send_timeout"),
         ({"max_connections": 0}, "server.max_connections"),
         ({"max_connections": "many"}, "server.max_connections"),
         ({"max_connections": True}, "server.max_connections"),
@@ -372,11 +374,12 @@ def test_bad_server_limits_stop_the_mirror_at_load(server: dict[str, Any], key: 
 
 def test_server_limits_have_defaults() -> None:
     limits = config_from_mapping({}).server
-    assert (limits.header_timeout, limits.keepalive_timeout, limits.max_connections) == (
-        10.0,
-        75.0,
-        4096,
-    )
+    assert (
+        limits.header_timeout,
+        limits.keepalive_timeout,
+        limits.send_timeout,
+        limits.max_connections,
+    ) == (10.0, 75.0, 60.0, 4096)
 
 
 # --- upstream pools -------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The `server:` section: how long a client may take to ask, and how many may be connected."""
+"""The `server:` section: how long a client may take to ask and to read, and how many may be
+connected."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Any
 
 from mirror.config.values import ConfigError, parse_duration, section
 
-SERVER_KEYS = {"header_timeout", "keepalive_timeout", "max_connections"}
+SERVER_KEYS = {"header_timeout", "keepalive_timeout", "send_timeout", "max_connections"}
+TIMEOUTS = ("header_timeout", "keepalive_timeout", "send_timeout")
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,10 @@ class ServerConfig:
     # Above a load balancer's own idle timeout (HAProxy's http-request 30s), so the
     # balancer closes first and never sends on a connection the mirror is closing.
     keepalive_timeout: float = 75.0
+    # A connection whose client takes none of the bytes sent to it for this long is cut
+    # (between bytes, not for the whole answer: a slow reader is never cut). nginx's
+    # send_timeout, and its default.
+    send_timeout: float = 60.0
     # Open connections at most; those waiting longest for an unfinished head make room.
     max_connections: int = 4096
 
@@ -32,7 +38,7 @@ def parse_server(raw: Mapping[str, Any]) -> ServerConfig:
     defaults = ServerConfig()
     timeouts = {
         name: parse_duration(f"server.{name}", sec.get(name, getattr(defaults, name)))
-        for name in ("header_timeout", "keepalive_timeout")
+        for name in TIMEOUTS
     }
     for name, seconds in timeouts.items():
         if seconds <= 0:

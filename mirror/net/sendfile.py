@@ -10,7 +10,10 @@ duplicate of the transport's socket descriptor instead, so it works the same on 
   refuses a transport's own descriptor there; it is unregistered before it is closed, since
   epoll keeps watching a closed duplicate while the original stays open;
 - reading is left alone: a pipelined request is buffered by the protocol as always, and the
-  transport's state is untouched for the next response on the connection.
+  transport's state is untouched for the next response on the connection;
+- a client that stops reading is given `timeout` seconds in which none of the bytes sent
+  reach it (its acknowledged count, net/progress.py, looked at on each wait's recheck: no
+  timer of its own), then SendTimeout: a slow reader is never cut, however long the span.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import asyncio
 import errno
 import os
 
+from mirror.net.progress import Stall
 from mirror.net.tls import is_tls
 
 # One sendfile call sends at most this, so that other connections get their turn when a
@@ -37,6 +41,11 @@ class FileEnded(Exception):
     """The file ended before the span did: the body sent is short."""
 
 
+class SendTimeout(ConnectionError):
+    """No byte sent reached the receiver for the time allowed: the caller cuts the
+    connection (the receiver stopped reading, or its network went)."""
+
+
 def socket_fd(transport: asyncio.BaseTransport) -> int | None:
     """The descriptor of a plain (not TLS) transport's socket; None where there is none."""
     if is_tls(transport):
@@ -46,10 +55,17 @@ def socket_fd(transport: asyncio.BaseTransport) -> int | None:
     return fd if isinstance(fd, int) and fd >= 0 else None
 
 
-async def sendfile(transport: asyncio.WriteTransport, file: int, offset: int, count: int) -> None:
+async def sendfile(
+    transport: asyncio.WriteTransport,
+    file: int,
+    offset: int,
+    count: int,
+    timeout: float | None = None,
+) -> None:
     """Send `count` bytes of the file descriptor `file` from `offset` after what `transport`
     holds. Raises NotImplementedError before anything is sent where sendfile cannot be used,
-    ConnectionResetError when the receiver goes away or the transport closes, FileEnded."""
+    ConnectionResetError when the receiver goes away or the transport closes, FileEnded,
+    SendTimeout when none of the bytes reach the receiver for `timeout` seconds."""
     if transport.is_closing():
         raise ConnectionResetError("the connection was closed")
     fd = socket_fd(transport)
@@ -58,21 +74,18 @@ async def sendfile(transport: asyncio.WriteTransport, file: int, offset: int, co
     own = os.dup(fd)
     try:
         loop = asyncio.get_running_loop()
+        wait = _Wait(loop, own, transport, None if timeout is None else Stall(timeout))
         while transport.get_write_buffer_size():
-            await _writable(loop, own, transport)
-        await _send(loop, own, transport, (file, offset, count))
+            await wait.writable()
+        await _send(wait, (file, offset, count))
     finally:
         os.close(own)
 
 
-async def _send(
-    loop: asyncio.AbstractEventLoop,
-    own: int,
-    transport: asyncio.BaseTransport,
-    span: tuple[int, int, int],
-) -> None:
+async def _send(wait: _Wait, span: tuple[int, int, int]) -> None:
     """The span (file, offset, count) in blocks, waiting for the socket between them."""
     file, offset, count = span
+    own = wait.own
     first = True
     while count > 0:
         try:
@@ -87,7 +100,7 @@ async def _send(
             first = False
             offset, count = offset + sent, count - sent
         if count > 0:  # the socket is full, or other connections are due a turn
-            await _writable(loop, own, transport)
+            await wait.writable()
 
 
 def _translated(exc: OSError, first: bool) -> Exception:
@@ -98,23 +111,41 @@ def _translated(exc: OSError, first: bool) -> Exception:
     return exc
 
 
-async def _writable(
-    loop: asyncio.AbstractEventLoop, own: int, transport: asyncio.BaseTransport
-) -> None:
-    """Until the socket takes more bytes (or RECHECK passes); raises ConnectionResetError
-    when the transport is closing (the client left, or the server cut it)."""
-    waiter = loop.create_future()
-    loop.add_writer(own, _wake, waiter)
-    timer = loop.call_later(RECHECK, _wake, waiter)
-    try:
-        await waiter
-    finally:
-        timer.cancel()
-        loop.remove_writer(own)
-    if transport.is_closing():
-        raise ConnectionResetError("the connection was closed")
+class _Wait:
+    """Waits for the duplicate descriptor `own` to take more bytes, watching the receiver."""
+
+    __slots__ = ("loop", "own", "transport", "stall")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        own: int,
+        transport: asyncio.BaseTransport,
+        stall: Stall | None,
+    ) -> None:
+        self.loop, self.own, self.transport, self.stall = loop, own, transport, stall
+
+    async def writable(self) -> None:
+        """Until the socket takes more bytes (or RECHECK passes); raises
+        ConnectionResetError when the transport is closing (the client left, or the server
+        cut it), SendTimeout when the receiver has taken nothing for the time allowed."""
+        loop, own = self.loop, self.own
+        waiter: asyncio.Future[bool] = loop.create_future()
+        loop.add_writer(own, _wake, waiter, True)
+        timer = loop.call_later(RECHECK, _wake, waiter, False)
+        try:
+            writable = await waiter
+        finally:
+            timer.cancel()
+            loop.remove_writer(own)
+        if self.transport.is_closing():
+            raise ConnectionResetError("the connection was closed")
+        # Only a wait that ran out asks the kernel: a socket that turned writable took bytes.
+        if not writable and self.stall is not None:
+            if self.stall.overdue(self.transport, loop.time()):
+                raise SendTimeout(f"the receiver took nothing for {self.stall.limit:g}s")
 
 
-def _wake(waiter: asyncio.Future[None]) -> None:
+def _wake(waiter: asyncio.Future[bool], writable: bool) -> None:
     if not waiter.done():
-        waiter.set_result(None)
+        waiter.set_result(writable)

@@ -1,11 +1,11 @@
 """The series of the defences against clients that would starve the mirror: login throttling,
-the password-check pool, the connection cap and the request-head deadline."""
+the password-check pool, the connection cap, the request-head deadline and the send timeout."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-DROP_REASONS = ("header_timeout", "evicted", "idle")
+DROP_REASONS = ("header_timeout", "evicted", "idle", "send_timeout")
 
 
 class GuardMetrics:
@@ -42,7 +42,8 @@ class GuardMetrics:
             "(header_timeout: a request head not complete within server.header_timeout; "
             "evicted: the one waiting longest for a request head, to make room at "
             "server.max_connections; idle: none waiting, the one idle in keep-alive "
-            "longest, to make room at server.max_connections).",
+            "longest, to make room at server.max_connections; send_timeout: its client "
+            "took none of the bytes sent to it for server.send_timeout).",
             ["reason"],
             registry=r,
         )

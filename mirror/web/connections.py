@@ -1,4 +1,5 @@
-"""Connection limits below HTTP: a cap on open connections, and a deadline for a request head.
+"""Connection limits below HTTP: a cap on open connections, a deadline for a request head,
+and one for a client to take any of the bytes sent to it.
 
 Each accepted connection's protocol (aiohttp's request handler) is wrapped in a
 `GuardedConnection`, which watches the bytes go by without parsing them:
@@ -22,7 +23,16 @@ Each accepted connection's protocol (aiohttp's request handler) is wrapped in a
      blob streaming, by sendfile or not) is never closed to make room.
   So under a flood of slow connections `/healthz` and real clients still get in, and
   clients that asked once and went quiet (daemons after a pull, or a hoarder) cannot lock
-  new ones out until `keepalive_timeout`.
+  new ones out until `keepalive_timeout`;
+- a client that stops reading its answer is cut (aborted, reason "send_timeout") once none
+  of the bytes waiting for it reach it for `send_timeout`: a connection with a request in
+  flight is not closed for room, so without this clients that never read would hold their
+  places for ever. A body sent by sendfile (the transport's buffer empty) is watched by
+  its sender (net/sendfile.py, reporting here through `cut_stalled`); every other write
+  (copied and TLS bodies, relays, manifests, an answer left unsent at a close) waits in
+  the transport's buffer, which the guard looks at once a second: the count of bytes the
+  client acknowledged (net/progress.py) must move. A slow client that keeps reading is
+  never cut, however long its answer takes.
 
 The wrapped protocol writes through a `HeldWrites` (net/heldwrites.py): the small writes
 of every connection in one loop turn leave together at its end.
@@ -31,12 +41,16 @@ of every connection in one loop turn leave together at its end.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import cast
 
 from mirror.net.heldwrites import HeldWrites, TurnWrites
+from mirror.net.progress import Stall
 from mirror.observe.guard_metrics import GuardMetrics
+
+log = logging.getLogger(__name__)
 
 # What the wrapped protocol calls when its connection sits idle in keep-alive.
 OnIdle = Callable[[], None]
@@ -49,15 +63,27 @@ REFUSAL = (
     b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n"
     b"Content-Length: 0\r\nConnection: close\r\n\r\n"
 )
+# How often the guard looks at what its connections have not sent yet.
+LOOK_INTERVAL = 1.0
+# At most one log line this often for connections cut at the send timeout (a flood of
+# clients that never read must not flood the log); the next line counts the others.
+CUT_LOG_INTERVAL = 10.0
 
 
 class ConnectionGuard:
     """The open connections, those waiting for an unfinished head (longest first), and
     those idle in keep-alive (longest first)."""
 
-    def __init__(self, max_connections: int, header_timeout: float, metrics: GuardMetrics) -> None:
+    def __init__(
+        self,
+        max_connections: int,
+        header_timeout: float,
+        metrics: GuardMetrics,
+        send_timeout: float = 60.0,
+    ) -> None:
         self.max_connections = max_connections
         self.header_timeout = header_timeout
+        self.send_timeout = send_timeout
         self.metrics = metrics
         # Small writes of a loop turn go out at its end, together (net/heldwrites.py).
         self.writes = TurnWrites()
@@ -66,6 +92,9 @@ class ConnectionGuard:
         # taking a dict's first entry again and again walks the ones deleted before it.
         self._headless: OrderedDict[GuardedConnection, None] = OrderedDict()
         self._idle: OrderedDict[GuardedConnection, None] = OrderedDict()
+        self._looking: asyncio.TimerHandle | None = None  # the next look, while any are open
+        self._cuts_unlogged = 0
+        self._next_cut_log = 0.0
 
     def wrap(self, factory: ProtocolFactory) -> Callable[[], asyncio.Protocol]:
         """A protocol factory whose connections this guard limits."""
@@ -78,7 +107,35 @@ class ConnectionGuard:
             return False
         self._open.add(conn)
         self.metrics.connections_open.set(len(self._open))
+        if self._looking is None:
+            self._looking = asyncio.get_running_loop().call_later(LOOK_INTERVAL, self._look)
         return True
+
+    def _look(self) -> None:
+        """Cut each connection whose client has taken none of its unsent bytes for
+        send_timeout; again in a second while any connection is open."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for conn in list(self._open):  # a cut one leaves the set
+            conn.look(now)
+        self._looking = loop.call_later(LOOK_INTERVAL, self._look) if self._open else None
+
+    def cut(self, peer: str) -> None:
+        """Count (and log, a line every CUT_LOG_INTERVAL at most) a connection cut at the
+        send timeout."""
+        self.metrics.connections_dropped.labels("send_timeout").inc()
+        self._cuts_unlogged += 1
+        now = asyncio.get_running_loop().time()
+        if now < self._next_cut_log:
+            return
+        self._next_cut_log = now + CUT_LOG_INTERVAL
+        more = self._cuts_unlogged - 1
+        self._cuts_unlogged = 0
+        log.info(
+            "cut the connection from %s: it took no byte of its answer for %gs "
+            "(server.send_timeout)%s",
+            peer, self.send_timeout, f"; {more} more since the last such line" if more else "",
+        )  # fmt: skip
 
     def _make_room(self) -> bool:
         """Close the oldest headless connection, else the longest idle; False: none is."""
@@ -124,6 +181,8 @@ class GuardedConnection(asyncio.Protocol):
     def __init__(self, guard: ConnectionGuard, factory: ProtocolFactory) -> None:
         self._guard = guard
         self._transport: asyncio.Transport | None = None
+        self._raw: asyncio.Transport | None = None  # the transport under the HeldWrites
+        self._stall: Stall | None = None  # while its transport holds unsent bytes
         self._deadline: asyncio.TimerHandle | None = None
         self._tail = b""  # the last bytes seen, for a blank line split across reads
         self._admitted = False
@@ -133,7 +192,7 @@ class GuardedConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport, though not always an asyncio.Transport (uvloop's are not).
-        self._transport = transport = cast(asyncio.Transport, transport)
+        self._transport = self._raw = transport = cast(asyncio.Transport, transport)
         if not self._guard.admit(self):
             transport.write(REFUSAL)
             transport.close()
@@ -187,7 +246,8 @@ class GuardedConnection(asyncio.Protocol):
             self._guard.idle(self)
 
     def drop(self) -> None:
-        """Close at once, nothing sent: the client has not asked for anything yet."""
+        """Close at once (aborted: nothing more is sent): the client has not asked for
+        anything yet, or stopped reading."""
         self._closed = True
         self._cancel_deadline()
         self._guard.closed(self)
@@ -212,6 +272,32 @@ class GuardedConnection(asyncio.Protocol):
         transport.close()
         return True
 
+    @property
+    def send_timeout(self) -> float:
+        return self._guard.send_timeout
+
+    def look(self, now: float) -> None:
+        """Cut the connection if its transport holds bytes for the client and the client
+        has acknowledged none for send_timeout (a handler waits for them to drain, or a
+        close for them to leave)."""
+        raw = self._raw
+        if raw is None or not raw.get_write_buffer_size():
+            self._stall = None
+            return
+        if self._stall is None:
+            self._stall = Stall(self._guard.send_timeout)
+        if self._stall.overdue(raw, now):
+            self.timed_out()
+
+    def timed_out(self) -> None:
+        """Cut: the client took none of the bytes sent to it for send_timeout (counted and
+        logged here, whoever saw it)."""
+        if self._closed or self._transport is None:
+            return
+        peer = self._transport.get_extra_info("peername")
+        self._guard.cut(str(peer[0]) if isinstance(peer, tuple) and peer else "?")
+        self.drop()
+
     def _too_slow(self) -> None:
         self._deadline = None
         self._guard.metrics.connections_dropped.labels("header_timeout").inc()
@@ -232,3 +318,20 @@ class GuardedConnection(asyncio.Protocol):
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
+
+
+def cut_stalled(transport: asyncio.Transport) -> None:
+    """Cut a connection whose client stopped reading (net/sendfile.py's SendTimeout): by
+    its guard, which counts and logs it, where it has one."""
+    protocol = transport.get_protocol()
+    if isinstance(protocol, GuardedConnection):
+        protocol.timed_out()
+    else:
+        transport.abort()
+
+
+def send_timeout(transport: asyncio.BaseTransport) -> float | None:
+    """The time a client of this connection may take nothing sent to it; None (no limit)
+    for a connection no guard watches."""
+    protocol = transport.get_protocol()
+    return protocol.send_timeout if isinstance(protocol, GuardedConnection) else None

@@ -1,4 +1,9 @@
-"""Sending a span of a file as a response body: sendfile, or copied where it cannot be."""
+"""Sending a span of a file as a response body: sendfile, or copied where it cannot be.
+
+A client that stops reading is cut after the connection's send timeout either way: by
+sendfile's own wait (net/sendfile.py), or, for the copy, by the connection guard, which
+sees the bytes wait in the transport (connections.py).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from typing import BinaryIO
 from aiohttp import web
 
 from mirror.net import sendfile
+from mirror.web.connections import cut_stalled, send_timeout
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +37,8 @@ async def send_file(
         try:
             # A StreamResponse's head went out at prepare(): the body may bypass aiohttp's
             # writer, as its FileResponse does.
-            await sendfile.sendfile(transport, file.fileno(), offset, length)
+            timeout = send_timeout(transport)
+            await sendfile.sendfile(transport, file.fileno(), offset, length, timeout)
             return
         except NotImplementedError:  # TLS, or a file or socket sendfile refuses
             pass
@@ -40,6 +47,9 @@ async def send_file(
             log.warning("%s: connection cut", exc)
             transport.abort()
             raise ConnectionResetError("the file ended before the body") from None
+        except sendfile.SendTimeout:
+            cut_stalled(transport)  # counted and logged by the connection's guard
+            raise
     for pos in range(offset, offset + length, READ_CHUNK):
         size = min(READ_CHUNK, offset + length - pos)
         await resp.write(await asyncio.to_thread(os.pread, file.fileno(), size, pos))

@@ -147,7 +147,12 @@ async def _serve(
         keepalive_timeout=limits.keepalive_timeout,
     )
     await runner.setup()
-    guard = ConnectionGuard(limits.max_connections, limits.header_timeout, app[metrics_key].guard)
+    guard = ConnectionGuard(
+        limits.max_connections,
+        limits.header_timeout,
+        app[metrics_key].guard,
+        send_timeout=limits.send_timeout,
+    )
     # Other apps start after the mirror's, whose state they read, and stop before it.
     others = {id(x.app): x.app for x, _ in bound if x.app is not None and x.app is not app}
     runners = {id(app): runner}
