@@ -8,9 +8,7 @@ import asyncio
 import time
 from pathlib import Path
 
-import aiohttp
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from mirror.config.s3 import S3Config
 from mirror.storage.tiered import TieredStorage
@@ -20,42 +18,27 @@ from tests.fakehub import DOCKER_MANIFEST, FakeHub
 from tests.resilience_helpers import metric_value
 from tests.rgw import CephRGW
 from tests.test_s3 import storage
+from tests.test_s3_spool import CuttingGateway
 
 DEADLINE = 1.0  # the bucket's answer deadline here (10 s as shipped)
 
 
-class HangingGateway:
-    """An HTTP proxy in front of RGW that, once `hanging`, never answers what it gets."""
+class HangingGateway(CuttingGateway):
+    """A proxy in front of RGW (cutting nothing) that, once `hanging`, never answers what
+    it gets until the test ends."""
 
     def __init__(self, target: str) -> None:
-        self.target = target
+        super().__init__(target, cuts=False)
         self.hanging = False
         self.held = 0
         self.released = asyncio.Event()  # the end of the test: the held ones answer 503
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.forward)
-        self.server = TestServer(app, host="127.0.0.1")
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        if self.hanging:
-            self.held += 1
-            await self.released.wait()
-            return web.Response(status=503)
-        headers = {k: v for k, v in request.headers.items() if k.lower() != "content-length"}
-        async with (
-            aiohttp.ClientSession(auto_decompress=False) as session,
-            session.request(
-                request.method, self.target + request.path_qs, headers=headers, data=body
-            ) as got,
-        ):
-            data = await got.read()
-            passed = {
-                k: v
-                for k, v in got.headers.items()
-                if k.lower() not in ("transfer-encoding", "content-length")
-            }
-            return web.Response(status=got.status, headers=passed, body=data)
+        if not self.hanging:
+            return await super().forward(request)
+        self.held += 1
+        await self.released.wait()
+        return web.Response(status=503)
 
 
 async def test_a_hanging_bucket_holds_a_manifest_answer_only_to_its_deadline(
