@@ -13,10 +13,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
 from mirror.config import CacheConfig, Config, StorageConfig, UpstreamConfig
+from mirror.upstream import body
 from mirror.upstream.deadline import exchange_deadline
 from mirror.web.app import create_app
 
@@ -201,3 +203,42 @@ async def test_an_announced_size_reserves_no_more_disk_than_the_bytes_sent(
         released.set()
         fetch.cancel()
         await asyncio.gather(fetch, return_exceptions=True)
+
+
+async def test_a_blob_body_that_trickles_is_given_up_not_waited_on(
+    raw_upstream: Callable[[Serve], Awaitable[str]],
+    aiohttp_client: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each read within the read timeout, the whole at a few hundred bytes a second: the
+    download, and every client waiting on it, went on for as long as the sender liked."""
+    monkeypatch.setattr(body, "PACE_WINDOW", 1.0)  # 60 s as shipped
+    data = b"x" * (1024 * 1024)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(head("200 OK", {}, len(data)))
+        for start in range(0, len(data), 100):  # 100 bytes every 0.1 s: 1 KB/s
+            writer.write(data[start : start + 100])
+            await writer.drain()
+            await asyncio.sleep(0.1)
+
+    url = await raw_upstream(serve)
+    client = await aiohttp_client(create_app(mirror_config(url, tmp_path)))
+    started = time.monotonic()
+
+    async def fetch() -> bytes:
+        resp = await client.get(f"/v2/{REPO}/blobs/{digest}")
+        return bytes(await resp.read())
+
+    with pytest.raises(aiohttp.ClientPayloadError):  # cut short, never complete-looking
+        await asyncio.wait_for(fetch(), 10)
+    assert time.monotonic() - started < 5
+    tmp = tmp_path / "data" / "tmp"
+    for _ in range(50):
+        if not any(tmp.glob("blob-*")):
+            break
+        await asyncio.sleep(0.1)
+    assert not any(tmp.glob("blob-*"))  # the download gave up and let its file go

@@ -7,6 +7,7 @@ response's status and `Content-Range` say about the bytes is read here and nowhe
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -14,10 +15,16 @@ from types import TracebackType
 import aiohttp
 
 from mirror.net.pieces import received_pieces
+from mirror.oci.errors import UpstreamUnavailable
 
 # What reading a body raises when the transfer breaks (cut, reset, stalled past the read
 # timeout): callers catch these, as they catch DOWN_ERRORS for Redis.
 BODY_ERRORS = (aiohttp.ClientError, TimeoutError)
+# The slowest a body may come, over each window of PACE_WINDOW seconds: far below any
+# registry's link (1 KiB/s), far above a trickle meant to hold a download, and every client
+# waiting on it, for hours while each read comes within the read timeout.
+PACE_WINDOW = 60.0
+PACE_MIN = 64 * 1024
 # A number in a header: ASCII digits (str.isdigit takes "²" too, which int() refuses), few
 # enough that int() takes them whatever its digit limit, and any sum of them a float.
 _NUMBER = re.compile(r"[0-9]{1,18}")
@@ -29,6 +36,11 @@ class SizeLimit:
 
     most: int
     refused: Callable[[], Exception]
+
+
+class TooSlow(UpstreamUnavailable):
+    """The body came slower than PACE_MIN bytes per PACE_WINDOW: given up, not resumed
+    (a resume from a sender that trickles would trickle again)."""
 
 
 class BlobBody:
@@ -78,7 +90,8 @@ class BlobBody:
         A broken transfer raises BODY_ERRORS; bytes past the limit raise its error (a
         body without a length is cut there, the bytes over it never handed out)."""
         content = self._response.content
-        chunks = received_pieces(content) if size is None else content.iter_chunked(size)
+        received = received_pieces(content) if size is None else content.iter_chunked(size)
+        chunks = _Paced(received, self._response)
         if self._limit is None:
             return chunks
         return _Bounded(chunks, self.offset, self._limit, self._response)
@@ -97,6 +110,37 @@ class BlobBody:
         tb: TracebackType | None,
     ) -> None:
         await self._response.__aexit__(exc_type, exc, tb)
+
+
+class _Paced:
+    """An iterator of chunks that gives up, with TooSlow, on a body slower than PACE_MIN
+    bytes in a PACE_WINDOW (looked at as chunks come: a body that stops is the read
+    timeout's)."""
+
+    __slots__ = ("_chunks", "_counted", "_response", "_since")
+
+    def __init__(self, chunks: AsyncIterator[bytes], response: aiohttp.ClientResponse) -> None:
+        self._chunks = chunks
+        self._response = response
+        self._since = time.monotonic()
+        self._counted = 0
+
+    def __aiter__(self) -> _Paced:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._chunks.__anext__()
+        self._counted += len(chunk)
+        now = time.monotonic()
+        if now - self._since >= PACE_WINDOW:
+            if self._counted < PACE_MIN:
+                self._response.release()
+                raise TooSlow(
+                    f"{self._response.url.host} sent {self._counted} bytes in "
+                    f"{now - self._since:.0f}s: too slow to wait for"
+                )
+            self._since, self._counted = now, 0
+        return chunk
 
 
 class _Bounded:
