@@ -14,6 +14,7 @@ import pytest
 from mirror.metadata import memory
 from mirror.metadata.memory import MemoryMetadata
 from mirror.metadata.store import TagRecord
+from mirror.util.files import write_replacing
 
 DIGEST = "sha256:" + "a" * 64
 MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
@@ -27,7 +28,8 @@ def test_writers_at_once_leave_a_whole_snapshot_and_no_temp_file(tmp_path: Path)
     texts = [json.dumps({"writer": n, "pad": "x" * (n * 50_000)}) for n in range(1, 5)]
     for _ in range(40):
         threads = [
-            threading.Thread(target=memory._write_atomically, args=(path, text)) for text in texts
+            threading.Thread(target=write_replacing, args=(path, text), kwargs={"durable": True})
+            for text in texts
         ]
         for thread in threads:
             thread.start()
@@ -45,15 +47,14 @@ async def test_a_save_cancelled_mid_write_then_close_leaves_the_newest_records(
     path = tmp_path / "metadata.json"
     store = MemoryMetadata(60, snapshot=path)
     slow = threading.Event()
-    real = memory._write_atomically
 
-    def slow_write(target: Path, text: str) -> None:
+    def slow_write(target: Path, text: str, *, durable: bool = False) -> None:
         if not slow.is_set():  # the first write lingers past its save's cancellation
             slow.set()
             time.sleep(0.3)
-        real(target, text)
+        write_replacing(target, text, durable=durable)
 
-    monkeypatch.setattr(memory, "_write_atomically", slow_write)
+    monkeypatch.setattr(memory, "write_replacing", slow_write)
     record = TagRecord(DIGEST, MEDIA_TYPE, 100, time.time())
     await store.put_tag("docker.io", "library/a", "1", record)
     saver = asyncio.create_task(store.save())

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from mirror.cluster.lease import Held
 from mirror.util.filelock import release, same_file, unlink_unread
+from mirror.util.files import write_replacing
 
 # Waiters poll their holder's result at this pace at most (cluster/shared.py); the lease
 # itself never runs out. Also how long a failure marker stays good.
@@ -130,7 +131,7 @@ class LocalLeases:
     async def mark_failed(self, name: str, error: str) -> None:
         marker = _marker(self.path(name))
         with contextlib.suppress(OSError):
-            await asyncio.to_thread(_write_replacing, marker, f"{self._owner} {error}")
+            await asyncio.to_thread(_write_marker, marker, f"{self._owner} {error}")
         if time.monotonic() - self._swept_at >= SWEEP_EVERY:
             await self.sweep()
 
@@ -185,12 +186,6 @@ def _marker(path: Path) -> Path:
     return path.with_name(path.name + ".failed")
 
 
-def _write_replacing(path: Path, text: str) -> None:
+def _write_marker(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f"{path.name}.{os.getpid()}")
-    try:
-        temp.write_text(text)
-        os.replace(temp, path)
-    except OSError:
-        temp.unlink(missing_ok=True)
-        raise
+    write_replacing(path, text)

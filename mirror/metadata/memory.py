@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 from mirror.metadata.store import RETENTION, TagRecord
+from mirror.util.files import write_replacing
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +144,7 @@ class MemoryMetadata:
             if self._writing is not None:
                 await asyncio.gather(self._writing, return_exceptions=True)
             self._writing = asyncio.ensure_future(
-                asyncio.to_thread(_write_atomically, self._snapshot, text)
+                asyncio.to_thread(write_replacing, self._snapshot, text, durable=True)
             )
             try:
                 await asyncio.shield(self._writing)
@@ -183,25 +181,3 @@ class MemoryMetadata:
         await self.save()
         if self._writing is not None:  # nothing changed since a save that was cancelled
             await asyncio.gather(self._writing, return_exceptions=True)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """`text` in a temp file of its own beside `path`, on disk, then renamed over it: a
-    crash, a power cut or another writer (a CLI command beside the serve) leaves either
-    snapshot whole, never a mix or an empty file."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)  # the rename itself on disk
-    finally:
-        os.close(directory)

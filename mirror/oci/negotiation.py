@@ -34,6 +34,9 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 # Every manifest type the mirror knows, in the order it asks its upstreams for them.
 MANIFEST_TYPES = (OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST)
+# The distribution registry refuses manifests over 4 MiB; the mirror reads none larger,
+# from an upstream or its bucket, to bound memory.
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 _OCI_REFUSALS = {
     OCI_MANIFEST: "OCI manifest found, but accept header does not support OCI manifests",
     OCI_INDEX: "OCI index found, but accept header does not support OCI indexes",

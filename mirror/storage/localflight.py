@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 from mirror.oci.reference import Digest
 from mirror.util.filelock import release, same_file, try_lock
+from mirror.util.files import write_replacing
 
 _WRITTEN = 20  # the header's first field, rewritten in place as the download grows
 _STATE_AT = _WRITTEN + 1
@@ -89,13 +90,8 @@ class Claim:
         if self._fd is None:
             return
         text = f"{kind} {' '.join(message.split())[:FAILURE_TEXT]}"
-        marker = _failure_path(self.path)
-        temp = marker.with_name(f"{marker.name}.{os.getpid()}")
-        try:
-            temp.write_text(text)
-            os.replace(temp, marker)
-        except OSError:  # a hint for the others only: they will fetch it themselves
-            temp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a hint for the others only: they fetch it then
+            write_replacing(_failure_path(self.path), text)
 
     def _write(self, offset: int, data: bytes, truncate: bool = False) -> None:
         if self._fd is not None:

@@ -34,7 +34,7 @@ from mirror.config.s3 import S3Config
 from mirror.metadata.store import MetadataStore
 from mirror.net.splice import SplicedGet, can_splice
 from mirror.observe.metrics import Metrics
-from mirror.oci.negotiation import manifest_media_type
+from mirror.oci.negotiation import MAX_MANIFEST_BYTES, manifest_media_type
 from mirror.oci.reference import Digest, as_digest, compute_digest
 from mirror.storage.base import BlobSize, Found, NoUpload, RangeOutsideBlob, Redirect, Upload
 from mirror.storage.filesystem import Storage
@@ -61,9 +61,6 @@ ABORT_INTERVAL = 3600.0
 # place this long after its download (for readers that joined late), then deleted.
 OVERSIZE_GRACE = 60.0
 VERIFY_PARALLEL = 4
-# A manifest object larger than this is not read: the upstream client's bound (the
-# distribution registry's), which every manifest the mirror stored kept under.
-MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 # A spliced GET's presigned URL is used at once: it need not live longer.
 SPLICE_URL_TTL = 60.0
 # Bucket reads spliced at once, each a thread for its whole transfer.

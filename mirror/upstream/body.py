@@ -182,6 +182,21 @@ def parse_content_range(value: str) -> tuple[int, int | None] | None:
     return first, header_number(rest.rpartition("/")[2])
 
 
+async def read_bounded(
+    response: aiohttp.ClientResponse, limit: int, too_large: Callable[[], Exception]
+) -> bytes:
+    """A small answer's whole body; `too_large()` raised as soon as it is known to pass
+    `limit` bytes, by its length or by what came (no more of it is read)."""
+    if response.content_length is not None and response.content_length > limit:
+        raise too_large()
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(65536):
+        body += chunk
+        if len(body) > limit:
+            raise too_large()
+    return bytes(body)
+
+
 def header_number(value: str) -> int | None:
     """The whole number a header value (or a part of one) is; None when it is none."""
     return int(value) if _NUMBER.fullmatch(value) else None

@@ -37,9 +37,9 @@ from mirror.oci.errors import (
     UpstreamUnauthorized,
     UpstreamUnavailable,
 )
-from mirror.oci.negotiation import MANIFEST_TYPES, manifest_media_type
+from mirror.oci.negotiation import MANIFEST_TYPES, MAX_MANIFEST_BYTES, manifest_media_type
 from mirror.oci.reference import as_digest, compute_digest
-from mirror.upstream.body import BlobBody, SizeLimit, header_number
+from mirror.upstream.body import BlobBody, SizeLimit, header_number, read_bounded
 from mirror.upstream.breaker import CircuitBreaker
 from mirror.upstream.credentials import Credentials
 from mirror.upstream.deadline import exchange_deadline
@@ -52,8 +52,6 @@ log = logging.getLogger("mirror.upstream")
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
-# The distribution registry refuses manifests over 4 MiB; so do we, to bound memory.
-MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 # An error body read for its OCI code: more is no registry's error.
 MAX_ERROR_BYTES = 64 * 1024
 NEGATIVE_ENTRIES = 10000
@@ -532,17 +530,12 @@ class Upstream:
 
 
 async def _read_limited(resp: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
-    if resp.content_length is not None and resp.content_length > limit:
-        raise ManifestInvalid(f"{what} is larger than {limit} bytes")
-    body = bytearray()
     try:
-        async for chunk in resp.content.iter_chunked(65536):
-            body += chunk
-            if len(body) > limit:
-                raise ManifestInvalid(f"{what} is larger than {limit} bytes")
+        return await read_bounded(
+            resp, limit, lambda: ManifestInvalid(f"{what} is larger than {limit} bytes")
+        )
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise UpstreamUnavailable(f"reading {what} failed: {type(exc).__name__}") from None
-    return bytes(body)
 
 
 def _address_refused(exc: BaseException) -> bool:

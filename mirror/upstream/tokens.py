@@ -26,6 +26,7 @@ from aiocache import SimpleMemoryCache
 from mirror.net.tls import describe_failure
 from mirror.observe.metrics import Metrics
 from mirror.oci.errors import UpstreamDenied, UpstreamUnauthorized, UpstreamUnavailable
+from mirror.upstream.body import read_bounded
 from mirror.upstream.deadline import session_deadline
 from mirror.util.singleflight import SingleFlight
 
@@ -227,23 +228,11 @@ async def _token_body(resp: aiohttp.ClientResponse) -> object:
         raise UpstreamDenied("the mirror's upstream credentials were refused")
     if resp.status != 200:
         raise UpstreamUnavailable(f"upstream token service answered {resp.status}")
-    body = await _read_bounded(resp)
+    body = await read_bounded(resp, MAX_TOKEN_BYTES, _too_large)
     try:
         return json.loads(body)
     except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
         raise UpstreamUnavailable("upstream token service sent no JSON") from None
-
-
-async def _read_bounded(resp: aiohttp.ClientResponse) -> bytes:
-    """The body, refused as soon as it is known to pass MAX_TOKEN_BYTES (no more read)."""
-    if resp.content_length is not None and resp.content_length > MAX_TOKEN_BYTES:
-        raise _too_large()
-    body = bytearray()
-    async for chunk in resp.content.iter_chunked(MAX_TOKEN_BYTES):
-        body += chunk
-        if len(body) > MAX_TOKEN_BYTES:
-            raise _too_large()
-    return bytes(body)
 
 
 def _too_large() -> UpstreamUnavailable:

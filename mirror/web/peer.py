@@ -27,6 +27,7 @@ from mirror.net.tls import peer_context
 from mirror.oci.errors import BlobUnknown, RegistryError, Unauthorized
 from mirror.oci.reference import Digest, parse_digest
 from mirror.storage import CacheStore
+from mirror.upstream.body import header_number
 from mirror.web.errors import error_response
 from mirror.web.keys import config_key, downloads_key, metrics_key, peers_key, storage_key
 from mirror.web.sendfile import send_file
@@ -95,8 +96,7 @@ async def peer_blob(request: web.Request) -> web.StreamResponse:
 
 def _offset(request: web.Request) -> int:
     first = request.headers.get("Range", "").removeprefix("bytes=").partition("-")[0]
-    # ASCII digits, few enough for int(): str.isdigit() takes "²", which int() refuses.
-    return int(first) if first.isascii() and first.isdigit() and len(first) < 20 else 0
+    return header_number(first) or 0
 
 
 async def _send(
