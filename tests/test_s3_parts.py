@@ -154,9 +154,14 @@ async def test_parts_go_up_from_kept_buffers_not_new_memory(
     buffers = PartBuffers(2)
     await upload(bucket, "first", path, buffers)  # the buffers are made here
 
-    before = minor_faults()
-    await upload(bucket, "second", path, buffers)
-    faults = minor_faults() - before
+    # The count is the whole test process's: what an earlier test left running can fault
+    # pages meanwhile (once in a full run, 5,141). Of two uploads, the quieter one counts.
+    counts = []
+    for key in ("second", "third"):
+        before = minor_faults()
+        await upload(bucket, key, path, buffers)
+        counts.append(minor_faults() - before)
+    faults = min(counts)
 
     assert faults < part_size(64 * MiB) // PAGE, faults  # less than one part's pages
     assert rgw.s3().get(s3.bucket, "second") == path.read_bytes()
