@@ -28,12 +28,14 @@ import aiohttp
 from mirror.storage.tally import SharedTally, Usage
 from mirror.web.app import EVICTION_DIR
 from tests.fakehub import FakeHub
+from tests.rawclient import Client, Endpoint
 from tests.resilience_helpers import cached_blob_path, log_since_last_start, write_config
 from tests.services import REPO_ROOT, MirrorProcess
 from tests.workers_helpers import eventually, start_workers
 
 MIB = 1024 * 1024
 REPO = "library/app"
+READER_WINDOW = 64 * 1024
 
 
 def tally(cache: Path) -> Usage:
@@ -131,8 +133,13 @@ async def test_a_blob_one_worker_streams_is_left_by_the_other_workers_pass(
     path = cached_blob_path(cache, digest)
     await eventually("the blob in the cache", path.exists)
 
-    async with session.get(f"{sender.url}/v2/{REPO}/blobs/{digest}") as resp:
-        head = await resp.content.readexactly(MIB)  # a slow reader: the rest waits
+    # A connection of its own with a small, fixed window: the sender cannot finish (a
+    # pooled one, whose window Linux grew during the first fetch, can take the whole body).
+    reader = await Client.open(Endpoint(sender.port), rcvbuf=READER_WINDOW)
+    try:
+        status, headers = await reader.ask(f"/v2/{REPO}/blobs/{digest}")
+        assert status == 200
+        head = await reader.reader.readexactly(MIB)  # a slow reader: the rest waits
         past = time.time() - 3600
         os.utime(path, (past, past))  # the least recently read: the first a pass would take
         await fetch_through(session, hub, [other], 5, 4 * MIB)  # 52 MiB: over the bound
@@ -141,7 +148,10 @@ async def test_a_blob_one_worker_streams_is_left_by_the_other_workers_pass(
         async with no_pass_running(cache):
             assert path.exists(), "evicted while the other worker sent it"
             assert await total(session, [sender, other], "mirror_evictions_total") > 0
-        body = head + await resp.read()
+        rest = await reader.reader.readexactly(int(headers["content-length"]) - MIB)
+        body = head + rest
+    finally:
+        await reader.close()
     assert body == layer
 
 
