@@ -31,6 +31,8 @@ from mirror.web.app import EVICTION_DIR
 from mirror.web.keys import evictor_key
 from tests.conftest import MakeClient
 from tests.fakehub import FakeHub
+from tests.rawclient import Client as RawClient
+from tests.rawclient import Endpoint
 from tests.resilience_helpers import metric_value
 from tests.services import REPO_ROOT
 from tests.test_s3 import local_blob, settled
@@ -212,13 +214,21 @@ async def test_a_blob_one_worker_sends_is_not_evicted_by_the_other(
     path = blob_file(config.storage.path, digest)
     await eventually("the blob in the cache", path.exists)  # renamed after the last byte
 
-    resp = await reader.get(f"/v2/library/app/blobs/{digest}")
-    head = await resp.content.readexactly(1000)
-    result = await evictor.app[evictor_key].evict(max_size=1)
+    # A connection of its own with a small, fixed window (tests/rawclient.py): a pooled
+    # one may have grown enough to take the whole body, and the sender to be done.
+    assert reader.server.port is not None
+    slow = await RawClient.open(Endpoint(reader.server.port), rcvbuf=64 * 1024)
+    try:
+        status, _ = await slow.ask(f"/v2/library/app/blobs/{digest}")
+        assert status == 200
+        head = await slow.reader.readexactly(1000)
+        result = await evictor.app[evictor_key].evict(max_size=1)
 
-    assert path.exists(), "evicted while the other worker sent it"
-    assert result.evicted == 0
-    assert head + await resp.read() == layer
+        assert path.exists(), "evicted while the other worker sent it"
+        assert result.evicted == 0
+        assert head + await slow.reader.readexactly(len(layer) - 1000) == layer
+    finally:
+        await slow.close()
 
     async def evicted() -> bool:  # once its reader is done, the blob goes like any other
         await evictor.app[evictor_key].evict(max_size=1)
