@@ -39,6 +39,7 @@ from types import FrameType
 from prometheus_client import multiprocess
 
 from mirror.observe.metrics import MULTIPROCESS_ENV
+from mirror.observe.workerfiles import fold_dead
 from mirror.worker import seat_environment
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ class Supervisor:
         if slot.process is None or (code := slot.process.poll()) is None:
             return None
         multiprocess.mark_process_dead(slot.process.pid, str(self._metrics_dir))  # type: ignore[no-untyped-call]
+        fold_dead(self._metrics_dir, slot.process.pid)
         slot.process = None
         if code == EXIT_CONFIG and not slot.restarted:
             log.error("worker %d could not start (status 2): stopping", slot.index)

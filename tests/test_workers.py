@@ -219,6 +219,42 @@ async def test_a_killed_worker_is_restarted_and_counted(
     assert len(killed) == 1, tail(log_since_last_start(mirror.log_path))
 
 
+def metric_files(mirror: MirrorProcess) -> set[str]:
+    """Whose counter and histogram files the workers' metrics directory holds: pids, or
+    "folded" for the dead workers' sums."""
+    environ = Path(f"/proc/{min(workers_of(mirror))}/environ").read_bytes().split(b"\0")
+    prefix = b"PROMETHEUS_MULTIPROC_DIR="
+    path = Path(next(e for e in environ if e.startswith(prefix))[len(prefix) :].decode())
+    kinds = ("counter_", "histogram_")
+    return {f.stem.split("_")[-1] for f in path.glob("*.db") if f.name.startswith(kinds)}
+
+
+async def test_dead_workers_counts_are_folded_into_one_pair_of_files_and_still_summed(
+    tmp_path: Path, session: aiohttp.ClientSession, stop_after: list[MirrorProcess]
+) -> None:
+    """Each dead worker left its counter and histogram files, read by every scrape from
+    then on: a worker crashing now and then made /metrics slower for as long as the
+    supervisor ran. Its counts are added to one pair of files; none is lost or doubled."""
+    mirror = start_mirror(tmp_path, "http://127.0.0.1:9")
+    stop_after.append(mirror)
+    sent = 0
+    for deaths in range(1, 4):
+        statuses = await asyncio.gather(*(get_base(session, mirror) for _ in range(10)))
+        assert statuses == [200] * 10
+        sent += 10
+        await _answered(mirror, sent)
+        os.kill(min(workers_of(mirror)), signal.SIGKILL)
+        wait_for("a new worker", lambda: len(serving(mirror)) == WORKERS + deaths)  # noqa: B023
+        assert metric_files(mirror) == {str(pid) for pid in workers_of(mirror)} | {"folded"}
+
+    text = await metrics_text(session, mirror)
+    base = {"route": "base", "method": "GET", "status": "200"}
+    assert metric_value(text, "mirror_http_requests_total", base) == sent
+    timed = metric_value(text, "mirror_http_request_duration_seconds_count", {"route": "base"})
+    assert timed == sent
+    assert metric_value(text, "mirror_worker_restarts_total") == 3
+
+
 async def test_sigterm_lets_a_download_in_flight_finish_then_all_exit_zero(
     tmp_path: Path,
     hub: FakeHubProcess,

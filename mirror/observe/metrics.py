@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.multiprocess import MultiProcessCollector
 
 from mirror.observe.cluster_metrics import ClusterMetrics
 from mirror.observe.guard_metrics import GuardMetrics
 from mirror.observe.upstream_guard_metrics import UpstreamGuardMetrics
+from mirror.observe.workerfiles import WorkerFilesCollector
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 M = TypeVar("M", Counter, Gauge, Histogram)
@@ -46,9 +47,10 @@ class Metrics:
         self.upstream_guard = UpstreamGuardMetrics(self.registry)  # refusals of upstream content
         self.turn_counts = TurnCounts()  # the series counted on every request
         self.exposed = self.registry  # what /metrics serves
-        if os.environ.get(MULTIPROCESS_ENV):  # a worker: every worker's values, summed
+        files = os.environ.get(MULTIPROCESS_ENV)
+        if files:  # a worker: every worker's values, summed (the dead ones' too)
             self.exposed = CollectorRegistry()
-            MultiProcessCollector(self.exposed)  # type: ignore[no-untyped-call]
+            self.exposed.register(WorkerFilesCollector(Path(files)))
 
     def count_worker_start(self, restarted: bool) -> None:
         """A worker's share of `mirror_worker_restarts_total`: 1 when it replaced a worker
