@@ -17,6 +17,7 @@ import yaml
 from mirror.config.auth import AuthConfig, parse_auth
 from mirror.config.cache import CacheConfig, parse_cache
 from mirror.config.cluster import ClusterConfig, parse_cluster
+from mirror.config.cpus import usable_cpus
 from mirror.config.log import LogConfig, parse_log
 from mirror.config.monitoring import MetricsConfig, parse_metrics
 from mirror.config.policy import PolicyConfig, parse_policy
@@ -120,9 +121,10 @@ MAX_WORKERS = 64
 
 
 def parse_workers(value: object, clustered: bool = False) -> int:
-    """`workers`: a count of processes, or `auto` for one per core."""
+    """`workers`: a count of processes, or `auto` for one per CPU this process may use
+    (its affinity, and its cgroup's quota: a container's CPU limit)."""
     if value == "auto":
-        count = max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+        count = min(MAX_WORKERS, usable_cpus())
     elif isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
         raise ConfigError("workers", f"{value!r} is not auto or a count from 1 to {MAX_WORKERS}")
     else:
