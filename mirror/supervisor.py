@@ -119,7 +119,13 @@ class Supervisor:
         if slot.process is None or (code := slot.process.poll()) is None:
             return None
         multiprocess.mark_process_dead(slot.process.pid, str(self._metrics_dir))  # type: ignore[no-untyped-call]
-        fold_dead(self._metrics_dir, slot.process.pid)
+        try:
+            dropped = fold_dead(self._metrics_dir, slot.process.pid)
+        except OSError as exc:  # its files stay, read as they are
+            log.warning("worker %d's metrics not folded: %s", slot.index, exc)
+        else:
+            for name in dropped:
+                log.warning("worker %d's metrics file %s was unreadable: dropped", slot.index, name)
         slot.process = None
         if code == EXIT_CONFIG and not slot.restarted:
             log.error("worker %d could not start (status 2): stopping", slot.index)

@@ -314,3 +314,25 @@ def test_as_pid_1_the_supervisor_reaps_the_orphans_it_inherits(tmp_path: Path) -
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert "zombies 0" in done.stdout, done.stdout + done.stderr
+
+
+def test_a_dead_workers_unreadable_metrics_file_does_not_stop_the_supervisor(
+    listener: socket.socket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Folding a dead worker's counters (observe/workerfiles.py) reads its file: one the
+    worker left torn must neither stop the supervisor nor stay to fail every scrape."""
+    monkeypatch.setattr(supervisor, "QUICK_DEATH", 0.1)
+    starts = tmp_path / "starts"
+    torn = (
+        "import os; d = os.environ['PROMETHEUS_MULTIPROC_DIR']; "
+        "open(os.path.join(d, f'counter_{os.getpid()}.db'), 'wb')"
+        ".write((1000).to_bytes(4, 'little') + bytes(12)); "
+    )
+    code = RECORD.format(path=str(starts)) + torn + "import time; time.sleep(0.3)"
+    timer = terminate_in(2.5)
+    assert run(script(code), listener, tmp_path) == 0
+    timer.join()
+    assert len(starts.read_text().splitlines()) >= 6  # restarted again and again
+    # The dead ones' dropped (left, each would fail every scrape); those of the two
+    # stopped at the end stay, as a live worker's do.
+    assert len(list(tmp_path.glob("counter_*.db"))) <= 2

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
+import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -39,22 +41,44 @@ class WorkerFilesCollector(Collector):
             return list(self._files.collect())  # type: ignore[no-untyped-call]
 
 
-def fold_dead(path: Path, pid: int) -> None:
+def fold_dead(path: Path, pid: int) -> list[str]:
     """Add a dead worker's counters and histograms to the folded files, then remove its
-    files (blocking: waits for a scrape in progress)."""
+    files (blocking: waits for a scrape in progress). The names of those that could not be
+    read, removed too: left, they would fail every scrape."""
+    unreadable = []
     with _locked(path, fcntl.LOCK_EX):
         for kind in ADDED_UP:
             dead = path / f"{kind}_{pid}.db"
             if not dead.exists():
                 continue
-            folded = MmapedDict(str(path / f"{kind}_{FOLDED}.db"))  # type: ignore[no-untyped-call]
             try:
-                for key, value, _, _ in MmapedDict.read_all_values_from_file(str(dead)):  # type: ignore[no-untyped-call]
-                    current, _ = folded.read_value(key)  # type: ignore[no-untyped-call]
-                    folded.write_value(key, current + value, 0.0)  # type: ignore[no-untyped-call]
-            finally:
-                folded.close()  # type: ignore[no-untyped-call]
+                values = _values(dead)
+            except (struct.error, ValueError):  # torn (a full disk under its mmap)
+                unreadable.append(dead.name)
+                values = []
+            if values:
+                _add(path / f"{kind}_{FOLDED}.db", values)
             dead.unlink()
+    return unreadable
+
+
+def _values(path: Path) -> list[tuple[str, float]]:
+    """(key, value) of every sample in a file; each key must be what scrapes parse."""
+    found = MmapedDict.read_all_values_from_file(str(path))  # type: ignore[no-untyped-call]
+    values = [(key, value) for key, value, _, _ in found]
+    for key, _ in values:
+        json.loads(key)
+    return values
+
+
+def _add(path: Path, values: list[tuple[str, float]]) -> None:
+    folded = MmapedDict(str(path))  # type: ignore[no-untyped-call]
+    try:
+        for key, value in values:
+            current, _ = folded.read_value(key)  # type: ignore[no-untyped-call]
+            folded.write_value(key, current + value, 0.0)  # type: ignore[no-untyped-call]
+    finally:
+        folded.close()  # type: ignore[no-untyped-call]
 
 
 @contextlib.contextmanager
