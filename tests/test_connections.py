@@ -23,6 +23,7 @@ from typing import cast
 import pytest
 import yaml
 
+from mirror.web.connections import PROBE_HEAD_WAIT, PROBE_RESERVE
 from tests.certs import CA, TLSMirror, client_context
 from tests.fakehub import FakeHub
 from tests.rawclient import HANG, Client, Endpoint
@@ -222,12 +223,68 @@ async def test_headless_connections_make_room_before_idle_ones(connect: Connect)
     assert await dropped(two, "idle") == 1
 
 
+async def busy_at_the_cap(connect: Connect) -> list[Client]:
+    """CAP connections each with a blob in flight that its client reads no further."""
+    busy = [await connect(rcvbuf=SMALL) for _ in range(CAP)]
+    assert await busy[0].get(BLOB_PATH) == (200, BLOB)  # cached: by sendfile from now on (HTTP)
+    for client in busy:
+        assert (await client.ask(BLOB_PATH))[0] == 200
+    return busy
+
+
+async def test_at_the_cap_health_probes_are_answered_and_nothing_else(
+    connect: Connect,
+) -> None:
+    """A liveness probe refused because the mirror was merely full had it restarted, every
+    blob stream with it. Past the cap a probe's head is answered; any other is the 503."""
+    await busy_at_the_cap(connect)
+
+    for path in ("/healthz", "/readyz", "/healthz?verbose=1"):
+        probe = await connect()
+        status, headers = await probe.ask(path)
+        assert status == 200, path
+        await probe.body(headers)
+        assert await probe.closed()  # after its one answer: the place is for the next probe
+    head = await connect()
+    head.send(b"HEAD /healthz HTTP/1.1\r\nHost: mirror\r\n\r\n")
+    assert (await asyncio.wait_for(head.reader.read(), HANG)).startswith(b"HTTP/1.1 200")
+
+    for path in ("/v2/", "/metrics", "/healthzz", "/v2/library/app/manifests/latest"):
+        other = await connect()
+        other.send(f"GET {path} HTTP/1.1\r\nHost: mirror\r\n\r\n".encode())
+        answer = await asyncio.wait_for(other.reader.read(), HANG)
+        assert answer.startswith(b"HTTP/1.1 503"), path
+
+    # A request behind a probe's, in the same write, is not served past the cap.
+    sneaky = await connect()
+    sneaky.send(b"GET /healthz HTTP/1.1\r\nHost: m\r\n\r\nGET /v2/ HTTP/1.1\r\nHost: m\r\n\r\n")
+    answer = await asyncio.wait_for(sneaky.reader.read(), HANG)
+    assert answer.count(b"HTTP/1.1 ") == 1 and answer.startswith(b"HTTP/1.1 200")
+
+
+async def test_the_places_for_probes_are_few_and_a_silent_one_is_refused_soon(
+    connect: Connect,
+) -> None:
+    await busy_at_the_cap(connect)
+    silent = [await connect() for _ in range(PROBE_RESERVE)]  # each holds a place
+    started = time.monotonic()
+    beyond = await connect()
+    assert (await asyncio.wait_for(beyond.reader.read(), HANG)).startswith(b"HTTP/1.1 503")
+    assert time.monotonic() - started < PROBE_HEAD_WAIT  # at once: no place left
+    for client in silent:  # refused once their head is overdue
+        assert (await asyncio.wait_for(client.reader.read(), HANG)).startswith(b"HTTP/1.1 503")
+    assert time.monotonic() - started < PROBE_HEAD_WAIT + 5
+    probe = await connect()  # their places are free again
+    assert (await probe.get("/healthz"))[0] == 200
+
+
 async def answered(connect: Connect) -> float:
-    """Seconds until a newcomer gets /healthz's 200 (503s meanwhile: every place taken)."""
+    """Seconds until a newcomer gets /v2/'s 200 (503s meanwhile: every place taken; not
+    /healthz, which a probe gets past the cap)."""
     started = time.monotonic()
     while True:
         client = await connect()
-        client.send(b"GET /healthz HTTP/1.1\r\nHost: mirror\r\nConnection: close\r\n\r\n")
+        client.send(b"GET /v2/ HTTP/1.1\r\nHost: mirror\r\nConnection: close\r\n\r\n")
         try:
             answer = await asyncio.wait_for(client.reader.read(), HANG)
         except ConnectionResetError:  # refused, and closed with the request unread

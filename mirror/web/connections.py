@@ -19,8 +19,12 @@ Each accepted connection's protocol (aiohttp's request handler) is wrapped in a
      nothing left in its transport's buffer. HTTP/1.1 clients retry a request on a
      kept-alive connection that closes (nginx reuses idle keep-alive connections the
      same way), but it costs a served client a reconnect: hence after the headless;
-  3. else the newcomer is refused with a 503. A connection with a request in flight (a
-     blob streaming, by sendfile or not) is never closed to make room.
+  3. else the newcomer is refused with a 503, once its head shows it is not a health
+     probe: a GET or HEAD of `/healthz` or `/readyz` is answered past the cap, on one of
+     PROBE_RESERVE places, and its connection closed after the answer (a liveness probe
+     that found the mirror merely full would have it restarted, every stream with it).
+     A connection with a request in flight (a blob streaming, by sendfile or not) is
+     never closed to make room.
   So under a flood of slow connections `/healthz` and real clients still get in, and
   clients that asked once and went quiet (daemons after a pull, or a hoarder) cannot lock
   new ones out until `keepalive_timeout`;
@@ -63,6 +67,13 @@ REFUSAL = (
     b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n"
     b"Content-Length: 0\r\nConnection: close\r\n\r\n"
 )
+# Places past the cap for connections whose head may be a health probe (they send it at
+# once: a second is plenty), and what such a head may be.
+PROBE_RESERVE = 8
+PROBE_HEAD_WAIT = 1.0
+PROBE_HEAD_MAX = 8192
+PROBE_METHODS = (b"GET", b"HEAD")
+PROBE_PATHS = (b"/healthz", b"/readyz")
 # How often the guard looks at what its connections have not sent yet.
 LOOK_INTERVAL = 1.0
 # At most one log line this often for connections cut at the send timeout (a flood of
@@ -93,6 +104,7 @@ class ConnectionGuard:
         self._headless: OrderedDict[GuardedConnection, None] = OrderedDict()
         self._idle: OrderedDict[GuardedConnection, None] = OrderedDict()
         self._looking: asyncio.TimerHandle | None = None  # the next look, while any are open
+        self._probing: set[GuardedConnection] = set()  # past the cap, their head awaited
         self._cuts_unlogged = 0
         self._next_cut_log = 0.0
 
@@ -101,15 +113,37 @@ class ConnectionGuard:
         return lambda: GuardedConnection(self, factory)
 
     def admit(self, conn: GuardedConnection) -> bool:
-        """Count `conn` in, closing a headless or idle one to make room; False: refused."""
+        """Count `conn` in, closing a headless or idle one to make room; False: no room."""
         if len(self._open) >= self.max_connections and not self._make_room():
-            self.metrics.connections_refused.inc()
             return False
+        self.count_in(conn)
+        return True
+
+    def may_probe(self, conn: GuardedConnection) -> bool:
+        """Hold `conn`, found no room, until its head says whether it is a health probe;
+        False, and counted refused, when the places for those are taken too."""
+        if len(self._probing) >= PROBE_RESERVE:
+            self.refused()
+            return False
+        self._probing.add(conn)
+        return True
+
+    def probed(self, conn: GuardedConnection, probe: bool) -> None:
+        """`conn`'s head came: a probe is counted in past the cap, the rest refused."""
+        self._probing.discard(conn)
+        if probe:
+            self.count_in(conn)
+        else:
+            self.refused()
+
+    def refused(self) -> None:
+        self.metrics.connections_refused.inc()
+
+    def count_in(self, conn: GuardedConnection) -> None:
         self._open.add(conn)
         self.metrics.connections_open.set(len(self._open))
         if self._looking is None:
             self._looking = asyncio.get_running_loop().call_later(LOOK_INTERVAL, self._look)
-        return True
 
     def _look(self) -> None:
         """Cut each connection whose client has taken none of its unsent bytes for
@@ -169,6 +203,7 @@ class ConnectionGuard:
             self._idle[conn] = None
 
     def closed(self, conn: GuardedConnection) -> None:
+        self._probing.discard(conn)
         self._open.discard(conn)
         self._headless.pop(conn, None)
         self._idle.pop(conn, None)
@@ -186,6 +221,8 @@ class GuardedConnection(asyncio.Protocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._tail = b""  # the last bytes seen, for a blank line split across reads
         self._admitted = False
+        self._probe: bytearray | None = None  # past the cap: the head so far, if a probe
+        self._one_answer = False  # a probe let in past the cap: closed once answered
         self._closed = False  # by the guard or the peer: it can no longer go idle
         self._resting = False  # idle in keep-alive: nothing received since its last answer
         self._inner = factory(self.went_idle)
@@ -193,18 +230,57 @@ class GuardedConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport, though not always an asyncio.Transport (uvloop's are not).
         self._transport = self._raw = transport = cast(asyncio.Transport, transport)
-        if not self._guard.admit(self):
-            transport.write(REFUSAL)
-            transport.close()
-            return
+        if self._guard.admit(self):
+            self._await_head()
+            self._let_in(transport)
+        elif self._guard.may_probe(self):
+            self._probe = bytearray()
+            loop = asyncio.get_running_loop()
+            self._deadline = loop.call_later(PROBE_HEAD_WAIT, self._probe_ends, False)
+        else:
+            self._refuse(transport)
+
+    def _let_in(self, transport: asyncio.Transport) -> None:
         self._admitted = True
-        self._await_head()
         # The guard's own closes go through it too: held bytes leave before a close.
         self._transport = held = HeldWrites(transport, self._guard.writes)
         self._inner.connection_made(held)
 
+    @staticmethod
+    def _refuse(transport: asyncio.Transport) -> None:
+        transport.write(REFUSAL)
+        transport.close()
+
+    def _read_probe(self, data: bytes) -> None:
+        """Gather the head of a connection past the cap, then answer or refuse it."""
+        assert self._probe is not None
+        self._probe += data
+        end = self._probe.find(HEAD_END)
+        if end >= 0:
+            self._probe_ends(_is_probe(bytes(self._probe[: end + len(HEAD_END)])))
+        elif len(self._probe) > PROBE_HEAD_MAX:
+            self._probe_ends(False)
+
+    def _probe_ends(self, probe: bool) -> None:
+        """A health probe's head is passed on (and nothing after it); else the 503."""
+        head, self._probe = self._probe, None
+        self._cancel_deadline()
+        transport = self._raw
+        if head is None or transport is None or self._closed:
+            return
+        self._guard.probed(self, probe)
+        if not probe:
+            self._refuse(transport)
+            return
+        self._one_answer = True
+        self._let_in(transport)
+        self._inner.data_received(bytes(head[: head.find(HEAD_END) + len(HEAD_END)]))
+
     def data_received(self, data: bytes) -> None:
-        if not self._admitted:
+        if self._probe is not None:
+            self._read_probe(data)
+            return
+        if not self._admitted or self._one_answer:  # a probe's one head is passed on
             return
         self._resting = False
         if not self._tail and data.endswith(HEAD_END) and self._deadline is None:
@@ -240,7 +316,13 @@ class GuardedConnection(asyncio.Protocol):
 
     def went_idle(self) -> None:
         """The wrapped protocol has answered all it was asked and waits for a request: idle,
-        unless bytes of a next head came meanwhile (a deadline running)."""
+        unless bytes of a next head came meanwhile (a deadline running). A probe let in
+        past the cap is closed: its place is for the next probe."""
+        if self._one_answer and not self._closed and self._transport is not None:
+            self._closed = True
+            self._guard.closed(self)
+            self._transport.close()
+            return
         if self._deadline is None and not self._closed:
             self._resting = True
             self._guard.idle(self)
@@ -335,3 +417,10 @@ def send_timeout(transport: asyncio.BaseTransport) -> float | None:
     for a connection no guard watches."""
     protocol = transport.get_protocol()
     return protocol.send_timeout if isinstance(protocol, GuardedConnection) else None
+
+
+def _is_probe(head: bytes) -> bool:
+    """Whether a request head is a GET or HEAD of a health path (any query)."""
+    method, _, rest = head.partition(b" ")
+    target = rest.partition(b" ")[0].partition(b"?")[0]
+    return method in PROBE_METHODS and target in PROBE_PATHS
