@@ -730,7 +730,7 @@ def test_statefulset_probes_hit_the_service_port() -> None:
     live = container["livenessProbe"]["httpGet"]
     ready = container["readinessProbe"]["httpGet"]
     assert live["path"] == "/healthz"
-    assert ready["path"] == "/readyz"
+    assert ready["path"] == "/healthz"  # test_no_readiness_probe_asks_readyz says why
     service = _one("Service", "mirror")
     (port,) = service["spec"]["ports"]
     assert port["port"] == MIRROR_PORT
@@ -925,6 +925,21 @@ def test_max_size_stays_under_the_cache_volume(directory: Path) -> None:
         f"{directory.name}: storage.max_size {storage['max_size']} leaves less than "
         f"{headroom / 1024**3:.1f} GiB of the {volume / 1024**3:.0f} GiB volume free"
     )
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=_ids(KUSTOMIZATIONS))
+def test_no_readiness_probe_asks_readyz(directory: Path) -> None:
+    """/readyz answers 503 while Redis, the bucket or the volume fails, though the mirror
+    still serves: as a readiness probe it would take the pods out of the Service together
+    (the one pod of a single-replica set whenever its Redis restarts), and the nodes would
+    pull from the upstream. A terminating pod leaves the Service without it."""
+    workloads = [d for d in _kustomize(directory) if d["kind"] in ("Deployment", "StatefulSet")]
+    assert workloads
+    for workload in workloads:
+        for container in workload["spec"]["template"]["spec"]["containers"]:
+            probe = container.get("readinessProbe", {}).get("httpGet", {})
+            where = f"{directory.name}: {workload['metadata']['name']}/{container['name']}"
+            assert probe.get("path") != "/readyz", where
 
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=_ids(KUSTOMIZATIONS))
