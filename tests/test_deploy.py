@@ -33,11 +33,13 @@ from mirror.config import (
     UpstreamConfig,
     config_from_mapping,
     load_config,
+    parse_duration,
     parse_listen,
     parse_size,
 )
 from mirror.config.cluster import new_secret, parse_cluster
 from mirror.config.s3 import S3Config
+from mirror.supervisor import CLEANUP_GRACE
 from mirror.web.app import create_app
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -1552,3 +1554,45 @@ def test_kubectl_kustomize_renders_the_replicated_set() -> None:
     volumes = deployment["spec"]["template"]["spec"]["volumes"]
     (secret,) = [v["secret"] for v in volumes if "secret" in v]
     assert secret["defaultMode"] == 0o440  # YAML 1.1 octal, as kubectl reads it
+
+
+# --- shutdown: every set lets the mirror stop by itself ------------------------------------
+
+# What docker stop and Kubernetes give a container after SIGTERM when nothing says otherwise.
+DOCKER_STOP_GRACE = 10.0
+KUBERNETES_GRACE = 30.0
+
+
+def _stop_seconds(raw: dict[str, Any]) -> tuple[float, float]:
+    """(shutdown_delay, how long the mirror may take from SIGTERM to exit) under `raw`:
+    the delay, shutdown_timeout, and with workers the supervisor's wait for their cleanup."""
+    delay = parse_duration("shutdown_delay", raw.get("shutdown_delay", Config.shutdown_delay))
+    timeout = parse_duration(
+        "shutdown_timeout", raw.get("shutdown_timeout", Config.shutdown_timeout)
+    )
+    workers = raw.get("workers", Config.workers)
+    return delay, delay + timeout + (CLEANUP_GRACE if workers != 1 else 0)
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=_ids(KUSTOMIZATIONS))
+def test_kubernetes_pods_drain_before_they_stop(directory: Path) -> None:
+    """Listeners closed at once on SIGTERM refuse what kube-proxy still sends there: a
+    shutdown_delay covers the endpoints' propagation. Killed before shutdown_delay +
+    shutdown_timeout, streams in flight are cut and a replica's leases left to run out."""
+    docs = _kustomize(directory)
+    delay, needed = _stop_seconds(_mirror_raw_config(docs))
+    assert delay > 0, f"{directory.name}: no shutdown_delay"
+    spec = _mirror_workload(docs)["spec"]["template"]["spec"]
+    grace = spec.get("terminationGracePeriodSeconds", KUBERNETES_GRACE)
+    assert grace >= needed, f"{directory.name}: {grace}s of grace, the mirror may take {needed}s"
+
+
+def test_compose_gives_the_mirrors_time_to_stop() -> None:
+    """docker stop's 10 s is under shutdown_timeout's 30 s: each mirror service says more."""
+    services = {"compose.yaml mirror": _compose()["services"]["mirror"]}
+    services |= {f"compose.replicated.yaml {n}": s for n, s in _mirror_services().items()}
+    for name, service in services.items():
+        config = _bind_mounts(service)[_environment(service)["MIRROR_CONFIG"]]
+        _, needed = _stop_seconds(yaml.safe_load(config.read_text()))
+        grace = parse_duration(name, service.get("stop_grace_period", DOCKER_STOP_GRACE))
+        assert grace >= needed, f"{name}: stop_grace_period {grace}s, the mirror may take {needed}s"
