@@ -929,6 +929,20 @@ def test_max_size_stays_under_the_cache_volume(directory: Path) -> None:
     )
 
 
+COMPOSE_CONFIGS = [DEPLOY / "compose.config.yaml", DEPLOY / "compose.replicated.config.yaml"]
+
+
+@pytest.mark.parametrize("path", COMPOSE_CONFIGS, ids=_ids(COMPOSE_CONFIGS))
+def test_compose_caches_are_bounded(path: Path) -> None:
+    """Compose's volumes have no size of their own: they fill the host's disk under
+    /var/lib/docker unless the mirror bounds its cache, local tier and bucket alike."""
+    storage = yaml.safe_load(path.read_text())["storage"]
+    tiers = {"storage": storage} | ({"storage.s3": storage["s3"]} if "s3" in storage else {})
+    for key, tier in tiers.items():
+        assert tier.get("max_size"), f"{path.name}: {key}.max_size unset (unbounded)"
+        assert parse_size(f"{key}.max_size", tier["max_size"]) > 0
+
+
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=_ids(KUSTOMIZATIONS))
 def test_no_readiness_probe_asks_readyz(directory: Path) -> None:
     """/readyz answers 503 while Redis, the bucket or the volume fails, though the mirror
