@@ -1113,6 +1113,40 @@ def test_systemd_unit() -> None:
     assert parser["Install"]["WantedBy"] == "multi-user.target"
 
 
+def _pip_installs(text: str) -> list[list[str]]:
+    """The arguments after `pip install` of each such command in `text` (comments and
+    shell prompts around them dropped)."""
+    installs = []
+    for line in text.splitlines():
+        for command in line.lstrip("# ").split("  #", 1)[0].split("&&"):
+            words = shlex.split(command) if "pip install" in command else []
+            if words and words[0].endswith("/pip") and words[1] == "install":
+                installs.append(words[2:])
+    return installs
+
+
+def _readme_section(title: str) -> str:
+    text = (DEPLOY / "README.md").read_text()
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+@pytest.mark.parametrize("where", ["systemd/mirror.service", "README.md"])
+def test_systemd_install_takes_the_lock(where: str) -> None:
+    """As the Dockerfile and the Makefile do: the dependencies from the lock with their
+    hashes checked, then the project alone, its build backend from the lock too."""
+    text = (DEPLOY / where).read_text()
+    if where == "README.md":
+        text = _readme_section("systemd")
+    installs = _pip_installs(text)
+    assert installs, f"{where}: no pip install"
+    locked = [args for args in installs if "-r" in args]
+    assert locked == [["--require-hashes", "-r", "requirements/runtime.txt"]], where
+    assert (REPO_ROOT / "requirements" / "runtime.txt").is_file()
+    (project,) = [args for args in installs if "." in args]
+    assert {"--no-deps", "--no-build-isolation"} <= set(project), where
+    assert len(installs) == 2, f"{where}: another pip install: {installs}"
+
+
 # --- client examples -------------------------------------------------------------------------
 
 
