@@ -1105,6 +1105,8 @@ def test_systemd_unit() -> None:
     assert "mirror serve" in service["ExecStart"]
     assert exec_start[exec_start.index("--config") + 1] == "/etc/mirror/config.yaml"
     assert service["Restart"] == "on-failure"
+    # A config error (exit 2) is not restarted every RestartSec for ever.
+    assert "2" in service["RestartPreventExitStatus"].split()
     assert service.get("DynamicUser") == "yes" or service.get("User") not in (None, "root")
     assert service["StateDirectory"] == "mirror"
     assert service["ProtectSystem"] == "strict"
