@@ -39,6 +39,7 @@ from mirror.config import (
 )
 from mirror.config.cluster import new_secret, parse_cluster
 from mirror.config.s3 import S3Config
+from mirror.config.values import parse_networks
 from mirror.supervisor import CLEANUP_GRACE
 from mirror.web.app import create_app
 
@@ -1540,6 +1541,34 @@ def test_haproxy_round_robins_over_the_replicas_without_stickiness() -> None:
     assert servers == {name: f"{name}:{MIRROR_PORT}" for name in _mirror_services()}
     defaults = next(line for line in backend if line[0] == "default-server")
     assert "check" in defaults
+
+
+def test_haproxy_forwards_the_client_address_it_saw() -> None:
+    """`option forwardfor`, and proxy headers from clients dropped first: the replicas
+    believe haproxy's X-Forwarded-For, and read its first line only."""
+    (frontend,) = [s for name, s in _haproxy_sections().items() if name == "frontend registry"]
+    assert ["option", "forwardfor"] in frontend
+    for header in ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host"):
+        assert ["http-request", "del-header", header] in frontend, header
+
+
+def test_compose_replicas_trust_the_load_balancer_alone() -> None:
+    """Each replica's trusted_proxies names the lb service's fixed address, in the
+    network's subnet but outside the range other containers are given addresses from."""
+    compose = _compose_replicated()
+    (pool,) = compose["networks"]["default"]["ipam"]["config"]
+    subnet, others = ipaddress.ip_network(pool["subnet"]), ipaddress.ip_network(pool["ip_range"])
+    lb = ipaddress.ip_address(compose["services"]["lb"]["networks"]["default"]["ipv4_address"])
+    assert lb in subnet and lb not in others
+    for name, service in compose["services"].items():
+        if name != "lb":
+            assert "networks" not in service, f"{name}: only the load balancer is fixed"
+    for name, mirror in _mirror_services().items():
+        trusted = parse_networks(
+            "trusted_proxies", _compose_replicated_raw_config(mirror).get("trusted_proxies")
+        )
+        assert any(lb in net for net in trusted), f"{name} does not trust the load balancer"
+        assert not any(net.overlaps(others) for net in trusted), f"{name} trusts others too"
 
 
 def test_haproxy_config_is_valid() -> None:

@@ -8,9 +8,12 @@ on /healthz, a request whose replica is gone sent to another one.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import logging
 import re
 import shutil
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -126,3 +129,35 @@ async def test_a_replica_gone_costs_no_request(
             for r in (replicas[0], replicas[2])
         ]
     assert sum(alive) == 4 * REPLICAS
+
+
+async def test_replicas_see_the_client_haproxy_saw(
+    aiohttp_server: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With haproxy in their trusted_proxies, the replicas log (and throttle logins by) the
+    address the client connected from, not haproxy's, nor one the client made up."""
+    trusted = (ipaddress.ip_network("127.0.0.1/32"),)  # haproxy connects from 127.0.0.1
+    replicas = [
+        await aiohttp_server(
+            create_app(replace(_config(tmp_path / f"d{i}"), trusted_proxies=trusted))
+        )
+        for i in range(REPLICAS)
+    ]
+    lb = ShippedHAProxy(tmp_path / "haproxy", [r.port for r in replicas])
+    await asyncio.to_thread(lb.start)
+    caplog.set_level(logging.INFO, logger="aiohttp.access")
+    try:
+        # The client from another loopback address than haproxy's.
+        connector = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for forged in ({}, {"X-Forwarded-For": "6.6.6.6"}, {"X-Forwarded-For": "127.0.0.1"}):
+                async with session.get(f"{lb.url}/v2/", headers=forged) as resp:
+                    assert resp.status == 200, await resp.text()
+    finally:
+        await asyncio.to_thread(lb.stop)
+    seen = [
+        r.access["remote"]
+        for r in caplog.records
+        if isinstance(getattr(r, "access", None), dict) and r.access["path"] == "/v2/"
+    ]
+    assert seen == ["127.0.0.2"] * 3
