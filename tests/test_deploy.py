@@ -1383,6 +1383,19 @@ def test_replicated_configmap_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert config.cluster.advertise_url == f"http://10.42.1.7:{MIRROR_PORT}"
 
 
+def test_replicated_config_says_what_ipv6_pods_listen_on() -> None:
+    """0.0.0.0 takes no IPv6 connection: a pod on an IPv6 address advertised in brackets
+    would refuse its peers, the kubelet's probes and every client. The hint says both."""
+    text, _ = _replicated_config_text()
+    hints = " ".join(line for line in text.splitlines() if "IPv6 pods:" in line)
+    assert "http://[${POD_IP}]:8083" in hints
+    listen = re.search(r"listen: ('[^']*')", hints)
+    assert listen, "the IPv6 hint names no listen"
+    value = yaml.safe_load(f"listen: {listen.group(1)}")["listen"]
+    host, port = parse_listen("listen", value)
+    assert ipaddress.ip_address(host) == ipaddress.ip_address("::") and port == MIRROR_PORT
+
+
 def test_kubernetes_replicated_pods_are_locked_down() -> None:
     spec, container = _replicated_pod()
     security = container["securityContext"]
