@@ -48,7 +48,7 @@ VOLUME /var/lib/mirror
 EXPOSE 8083
 
 # No curl in a slim image: the mirror's own python asks /healthz, on the address the mirror
-# listens on (its --listen, else `listen` of its config file).
+# listens on (its --listen, else MIRROR_LISTEN, else `listen` of its config file).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
     CMD ["python", "-m", "mirror.healthcheck"]
 

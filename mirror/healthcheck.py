@@ -1,14 +1,15 @@
 """`python -m mirror.healthcheck`: the container image's HEALTHCHECK.
 
 It asks `/healthz` on the address the running mirror listens on, found as `mirror serve`
-finds it: `--listen`, else `listen` in the config file (`--config`, else $MIRROR_CONFIG),
-else 0.0.0.0:8083; a config with `tls` and no `listen` serves HTTPS only, so it asks
-`tls.listen` over HTTPS (without checking the certificate: it only asks whether the mirror
-answers). With `tls.client_ca_file` and no plain listener the probe cannot present a
-certificate: keep a plain `listen` on 127.0.0.1 for probes then. The flags are read from
-the command line of the container's first process (the mirror, started by the image's
-ENTRYPOINT), so `docker run IMAGE serve --listen :9000` is checked on 9000 without
-repeating the port. Exit 0: healthy; 1: not.
+finds it: `--listen`, else $MIRROR_LISTEN, else `listen` in the config file (`--config`,
+else $MIRROR_CONFIG), else 0.0.0.0:8083; a config with `tls` and no `listen` serves
+HTTPS only, so it asks `tls.listen` over HTTPS (without checking the certificate: it only
+asks whether the mirror answers). With `tls.client_ca_file` and no plain listener the
+probe cannot present a certificate: keep a plain `listen` on 127.0.0.1 for probes then.
+The flags are read from the command line of the container's first process (the mirror,
+started by the image's ENTRYPOINT), so `docker run IMAGE serve --listen :9000` is checked
+on 9000 without repeating the port; the variables from the environment the container
+gives this probe as it gave the mirror. Exit 0: healthy; 1: not.
 """
 
 from __future__ import annotations
@@ -42,13 +43,19 @@ def serve_arguments(cmdline: bytes) -> list[str]:
     return argv[argv.index("serve") + 1 :]
 
 
+def serve_flags(serve_args: Sequence[str], environ: dict[str, str]) -> argparse.Namespace:
+    """`--listen` and `--config` as `mirror serve` takes them: the flag, else its variable."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--listen", default=environ.get("MIRROR_LISTEN"))
+    parser.add_argument("--config", default=environ.get("MIRROR_CONFIG"))
+    args, _ = parser.parse_known_args(list(serve_args))
+    return args
+
+
 def listen_address(serve_args: Sequence[str], environ: dict[str, str]) -> tuple[str, int]:
     """(host, port) that `mirror serve serve_args` listens on (plain HTTP, or HTTPS when
     `https_only` says so for the same arguments)."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--listen")
-    parser.add_argument("--config", default=environ.get("MIRROR_CONFIG"))
-    args, _ = parser.parse_known_args(list(serve_args))
+    args = serve_flags(serve_args, environ)
     if args.listen:
         return parse_listen("--listen", args.listen)
     listen: object = DEFAULT_LISTEN
@@ -64,11 +71,9 @@ def listen_address(serve_args: Sequence[str], environ: dict[str, str]) -> tuple[
 
 
 def https_only(serve_args: Sequence[str], environ: dict[str, str]) -> tuple[str, int] | None:
-    """`tls.listen` when the config serves HTTPS and no plain `listen` (nor `--listen`)."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--listen")
-    parser.add_argument("--config", default=environ.get("MIRROR_CONFIG"))
-    args, _ = parser.parse_known_args(list(serve_args))
+    """`tls.listen` when the config serves HTTPS and no plain `listen`, nor `--listen` or
+    $MIRROR_LISTEN, which add a plain listener."""
+    args = serve_flags(serve_args, environ)
     if args.listen or not args.config:
         return None
     try:

@@ -35,6 +35,29 @@ def test_config_from_the_environment(tmp_path: Path) -> None:
     assert listen_address([], {"MIRROR_CONFIG": str(config)}) == ("::", 7001)
 
 
+def test_listen_from_the_environment_as_serve_takes_it(tmp_path: Path) -> None:
+    """`mirror serve` takes $MIRROR_LISTEN over the file's `listen`, and --listen over both."""
+    config = tmp_path / "config.yaml"
+    config.write_text("listen: 127.0.0.1:7000\n")
+    environ = {"MIRROR_CONFIG": str(config), "MIRROR_LISTEN": "127.0.0.1:7002"}
+    assert listen_address([], environ) == ("127.0.0.1", 7002)
+    assert listen_address(["--listen", "127.0.0.1:9000"], environ) == ("127.0.0.1", 9000)
+    # A plain listener from the environment is the one asked, even beside tls.
+    config.write_text("tls: {cert_file: a, key_file: b, listen: '127.0.0.1:8444'}\n")
+    assert https_only([], environ) is None
+    assert listen_address([], environ) == ("127.0.0.1", 7002)
+
+
+def test_module_asks_where_the_environment_says(tmp_path: Path) -> None:
+    """A mirror configured by MIRROR_LISTEN is healthy, though its file names another port."""
+    config = tmp_path / "config.yaml"
+    config.write_text(f"listen: 127.0.0.1:{free_port()}\n")  # nothing listens there
+    with MirrorProcess(tmp_path / "mirror", "http://127.0.0.1:9") as mirror:
+        environ = {"MIRROR_CONFIG": str(config), "MIRROR_LISTEN": f"127.0.0.1:{mirror.port}"}
+        done = _run_module(environ)
+    assert done.returncode == 0, done.stderr
+
+
 def test_defaults_without_flags_or_config() -> None:
     assert listen_address([], {}) == ("0.0.0.0", 8083)
 
@@ -62,15 +85,20 @@ def test_module_exit_status_without_a_mirror(tmp_path: Path) -> None:
     # unless a developer runs a mirror on 8083; the config names a free port instead.
     config = tmp_path / "config.yaml"
     config.write_text(f"listen: 127.0.0.1:{free_port()}\n")
-    done = subprocess.run(
+    done = _run_module({"MIRROR_CONFIG": str(config)})
+    assert done.returncode == 1
+    assert "did not answer 200" in done.stderr
+
+
+def _run_module(environ: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`python -m mirror.healthcheck` with `environ` (and a PATH) as its whole environment."""
+    return subprocess.run(
         [sys.executable, "-m", "mirror.healthcheck"],
-        env={"MIRROR_CONFIG": str(config), "PATH": "/usr/bin:/bin"},
+        env={**environ, "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
         timeout=30,
     )
-    assert done.returncode == 1
-    assert "did not answer 200" in done.stderr
 
 
 def test_https_only_config_is_asked_over_https(tmp_path: Path) -> None:
