@@ -2,14 +2,14 @@
 
 It asks `/healthz` on the address the running mirror listens on, found as `mirror serve`
 finds it: `--listen`, else $MIRROR_LISTEN, else `listen` in the config file (`--config`,
-else $MIRROR_CONFIG), else 0.0.0.0:8083; a config with `tls` and no `listen` serves
-HTTPS only, so it asks `tls.listen` over HTTPS (without checking the certificate: it only
-asks whether the mirror answers). With `tls.client_ca_file` and no plain listener the
-probe cannot present a certificate: keep a plain `listen` on 127.0.0.1 for probes then.
-The flags are read from the command line of the container's first process (the mirror,
-started by the image's ENTRYPOINT), so `docker run IMAGE serve --listen :9000` is checked
-on 9000 without repeating the port; the variables from the environment the container
-gives this probe as it gave the mirror. Exit 0: healthy; 1: not.
+else $MIRROR_CONFIG), else 0.0.0.0:8083; a config with `tls` and no `listen` (or a null
+one) serves HTTPS only, so it asks `tls.listen` over HTTPS (without checking the
+certificate: it only asks whether the mirror answers). With `tls.client_ca_file` and no
+plain listener the probe cannot present a certificate: keep a plain `listen` on 127.0.0.1
+for probes then. The flags are read from the command line of the container's first
+process (the mirror, started by the image's ENTRYPOINT), so `docker run IMAGE serve
+--listen :9000` is checked on 9000 without repeating the port; the variables from the
+environment the container gives this probe as it gave the mirror. Exit 0: healthy; 1: not.
 """
 
 from __future__ import annotations
@@ -65,14 +65,15 @@ def listen_address(serve_args: Sequence[str], environ: dict[str, str]) -> tuple[
             raw = yaml.safe_load(Path(args.config).read_text())
         except (OSError, yaml.YAMLError) as exc:
             raise ConfigError("--config", f"cannot read {args.config!r}: {exc}") from None
-        if isinstance(raw, dict):
-            listen = raw.get("listen", DEFAULT_LISTEN)
+        # A null listen means none (with tls, which https_only answers for), as an absent one.
+        if isinstance(raw, dict) and raw.get("listen") is not None:
+            listen = raw["listen"]
     return parse_listen("listen", listen)
 
 
 def https_only(serve_args: Sequence[str], environ: dict[str, str]) -> tuple[str, int] | None:
-    """`tls.listen` when the config serves HTTPS and no plain `listen`, nor `--listen` or
-    $MIRROR_LISTEN, which add a plain listener."""
+    """`tls.listen` when the config serves HTTPS and no plain `listen` (absent or null),
+    nor `--listen` or $MIRROR_LISTEN, which add a plain listener."""
     args = serve_flags(serve_args, environ)
     if args.listen or not args.config:
         return None
@@ -80,9 +81,12 @@ def https_only(serve_args: Sequence[str], environ: dict[str, str]) -> tuple[str,
         raw = yaml.safe_load(Path(args.config).read_text())
     except (OSError, yaml.YAMLError):
         return None
-    if not isinstance(raw, dict) or not isinstance(raw.get("tls"), dict) or "listen" in raw:
+    if not isinstance(raw, dict) or not isinstance(raw.get("tls"), dict):
         return None
-    return parse_listen("tls.listen", raw["tls"].get("listen", "0.0.0.0:8443"))
+    if raw.get("listen") is not None:
+        return None
+    # Null as absent here too, as the mirror reads tls.listen.
+    return parse_listen("tls.listen", raw["tls"].get("listen") or "0.0.0.0:8443")
 
 
 def health_url(host: str, port: int, scheme: str = "http") -> str:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mirror.config import ConfigError
 from mirror.healthcheck import check, health_url, https_only, listen_address, serve_arguments
@@ -111,6 +112,29 @@ def test_https_only_config_is_asked_over_https(tmp_path: Path) -> None:
     assert https_only(["--config", str(config)], {}) is None
     config.write_text("tls: {cert_file: a, key_file: b}\n")
     assert https_only([], {"MIRROR_CONFIG": str(config)}) == ("0.0.0.0", 8443)
+
+
+def test_null_listen_with_tls_is_https_only(tmp_path: Path) -> None:
+    """`listen: null` with tls serves HTTPS alone, as an absent `listen` does."""
+    config = tmp_path / "config.yaml"
+    config.write_text("listen: null\ntls: {cert_file: a, key_file: b, listen: '127.0.0.1:8444'}\n")
+    assert https_only(["--config", str(config)], {}) == ("127.0.0.1", 8444)
+    config.write_text("listen: null\ntls: {cert_file: a, key_file: b, listen: null}\n")
+    assert https_only(["--config", str(config)], {}) == ("0.0.0.0", 8443)
+    assert listen_address(["--config", str(config)], {}) == ("0.0.0.0", 8083)  # no error
+
+
+def test_module_asks_an_https_only_mirror_with_a_null_listen(tmp_path: Path) -> None:
+    ca = CA(tmp_path / "ca")
+    pair = ca.issue("mirror")
+    tls = {"cert_file": str(pair.cert), "key_file": str(pair.key)}
+    with TLSMirror(tmp_path / "mirror", "http://127.0.0.1:9", ca.cert, tls) as mirror:
+        # The running mirror's own tls section, with its plain listener set to null.
+        config = tmp_path / "https-only.yaml"
+        raw = yaml.safe_load(mirror.config_path.read_text())
+        config.write_text(yaml.safe_dump({**raw, "listen": None}))
+        done = _run_module({"MIRROR_CONFIG": str(config)})
+    assert done.returncode == 0, done.stderr
 
 
 def test_check_against_a_running_https_mirror(tmp_path: Path) -> None:
