@@ -133,7 +133,9 @@ def test_glob_matching_takes_time_linear_in_the_name() -> None:
     for glob, path, reference, expected in cases:
         started = time.perf_counter()
         assert glob.grants(path, reference) is expected
-        assert time.perf_counter() - started < 0.1
+        # Cubic took 157 s for the first; linear takes a millisecond: the bound is for a
+        # loaded machine, not a measure.
+        assert time.perf_counter() - started < 2.0
 
 
 @pytest.mark.parametrize(
