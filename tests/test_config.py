@@ -20,6 +20,7 @@ from mirror.config import (
     load_config,
     parse_duration,
 )
+from mirror.config.upstreams import UpstreamConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SECRET = "s3cr3t-Hub-PAT-do-not-print"
@@ -277,9 +278,67 @@ async def test_flags_override_file(tmp_path: Path) -> None:
     )
     assert (config.host, config.port) == ("::1", 9100)
     assert config.upstream.url == "http://127.0.0.1:5000"
-    assert config.upstream.username == "u"  # the flag replaces the URL, not the account
+    assert config.upstream.username is None  # another registry: not the file's account
     assert config.storage.path == Path("/tmp/other")
     assert config.redis.url == "redis://flag:6379/1"
+
+
+PRIVATE_UPSTREAM = (
+    "upstream:\n  url: https://registry.internal.example\n  username: ci-bot\n"
+    f"  password: {SECRET}\n  tls_verify: false\n  name: internal\n"
+    "  deny: ['secret/**']\n  read_timeout: 9s\n  tag_ttl: 1m\n"
+)
+
+
+async def test_upstream_flag_for_another_registry_drops_the_files_account(
+    tmp_path: Path,
+) -> None:
+    """The file's account, TLS settings, name and lists are for its own registry: a flag
+    naming another gets an upstream of its own, and the password never goes there. How
+    long to wait and to trust a tag stay."""
+    config = apply_overrides(
+        load_config(write(tmp_path, PRIVATE_UPSTREAM)), upstream="http://127.0.0.1:5000"
+    )
+    assert config.upstream == UpstreamConfig(
+        url="http://127.0.0.1:5000", read_timeout=9, tag_ttl=60
+    )
+    assert config.policy is None  # the file's deny list went with its registry
+
+
+async def test_upstream_flag_for_the_same_registry_keeps_its_entry(tmp_path: Path) -> None:
+    file = load_config(write(tmp_path, PRIVATE_UPSTREAM))
+    config = apply_overrides(file, upstream="https://REGISTRY.internal.example/")
+    assert config.upstream.url == "https://REGISTRY.internal.example"
+    assert (config.upstream.username, config.upstream.password) == ("ci-bot", SECRET)
+    assert (config.upstream.name, config.upstream.tls_verify) == ("internal", False)
+    assert config.policy == file.policy
+    # The scheme counts: the password is not sent over plain HTTP to the same host.
+    plain = apply_overrides(file, upstream="http://registry.internal.example")
+    assert plain.upstream.password is None
+
+
+async def test_upstream_flag_naming_another_upstream_is_refused_like_the_file() -> None:
+    raw: dict[str, Any] = {"upstream": {}, "upstreams": {"ghcr.io": {"url": "https://ghcr.io"}}}
+    with pytest.raises(ConfigError) as flag:
+        apply_overrides(config_from_mapping(raw), upstream="https://ghcr.io")
+    assert flag.value.key == "--upstream"
+    assert "two upstreams are named 'ghcr.io'" in str(flag.value)
+    assert "two upstreams" in str(config_error({**raw, "upstream": {"url": "https://ghcr.io"}}))
+
+
+async def test_upstream_flag_leaving_a_rule_without_its_upstream_is_refused() -> None:
+    raw = {
+        "upstream": {"url": "https://registry.internal.example"},
+        "auth": {"rules": [{"who": ["anonymous"], "pull": ["registry.internal.example/**"]}]},
+    }
+    config = config_from_mapping(raw)
+    with pytest.raises(ConfigError) as flag:
+        apply_overrides(config, upstream="https://quay.io")
+    assert flag.value.key == "--upstream"
+    assert "registry.internal.example/**" in str(flag.value)
+    # Rules naming an upstream still there hold.
+    kept = apply_overrides(config, upstream="https://registry.internal.example")
+    assert kept.policy == config.policy
 
 
 async def test_absent_flags_keep_file_values(tmp_path: Path) -> None:

@@ -120,7 +120,8 @@ async def test_a_debug_log_holds_no_credential_and_no_forged_line(
     s3_part, s3_secrets = storage_yaml
     config = tmp_path / "mirror.yaml"
     config.write_text(
-        f"upstream: {{username: {UPSTREAM_USER}, password: {UPSTREAM_PASSWORD}}}\n"
+        f"upstream: {{url: '{hub.registry_url}', username: {UPSTREAM_USER}, "
+        f"password: {UPSTREAM_PASSWORD}}}\n"
         f"auth: {{htpasswd: {htpasswd}}}\n"
         f"storage:\n  path: {tmp_path / 'data'}\n{s3_part}"
         "log: {level: debug}\n"

@@ -20,12 +20,18 @@ from mirror.config.cluster import ClusterConfig, parse_cluster
 from mirror.config.cpus import usable_cpus
 from mirror.config.log import LogConfig, parse_log
 from mirror.config.monitoring import MetricsConfig, parse_metrics
-from mirror.config.policy import PolicyConfig, parse_policy
+from mirror.config.policy import PolicyConfig, parse_policy, policy_for_fresh_default
 from mirror.config.redis import RedisConfig, parse_redis, redis_section, validate_redis_url
 from mirror.config.server import ServerConfig, parse_server
 from mirror.config.storage import StorageConfig, parse_storage
 from mirror.config.tls import TLSConfig, parse_tls
-from mirror.config.upstreams import UpstreamConfig, parse_upstream_url, parse_upstreams
+from mirror.config.upstreams import (
+    UpstreamConfig,
+    override_upstream,
+    parse_upstream_url,
+    parse_upstreams,
+    same_registry,
+)
 from mirror.config.values import (
     ConfigError,
     Network,
@@ -179,10 +185,7 @@ def apply_overrides(
         host, port = parse_listen("--listen", listen)
         config = replace(config, host=host, port=port, http=True)
     if upstream is not None:
-        config = replace(
-            config,
-            upstream=replace(config.upstream, url=parse_upstream_url("--upstream", upstream)),
-        )
+        config = _with_upstream(config, parse_upstream_url("--upstream", upstream))
     if storage is not None:
         config = replace(config, storage=replace(config.storage, path=Path(storage)))
     if redis is not None:
@@ -194,3 +197,13 @@ def apply_overrides(
             "cluster", "needs redis.url (or --redis): replicas share their state through Redis"
         )
     return config
+
+
+def _with_upstream(config: Config, url: str) -> Config:
+    """`--upstream`: the default upstream at `url` (mirror/config/upstreams.py says when the
+    file's entry is kept), and the policy checked again against the upstreams left."""
+    chosen = override_upstream(config.upstream, config.upstreams, url)
+    policy = config.policy
+    if not same_registry(url, config.upstream.url):
+        policy = policy_for_fresh_default(policy, chosen, config.upstreams)
+    return replace(config, upstream=chosen, policy=policy)

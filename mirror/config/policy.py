@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +134,25 @@ def parse_policy(
         default=by_upstream.get(default.registry, ListsConfig()),
         rules=rules,
     )
+
+
+def policy_for_fresh_default(
+    policy: PolicyConfig | None, default: UpstreamConfig, others: Sequence[UpstreamConfig]
+) -> PolicyConfig | None:
+    """The policy once `--upstream` replaced the file's default upstream with a fresh one:
+    that upstream's allow/deny lists go with it, and every rule must still name an upstream
+    there is (the check the file's rules pass)."""
+    if policy is None:
+        return None
+    known = frozenset({upstream.registry for upstream in (default, *others)} | DOCKER_HUB_HOSTS)
+    for rule in policy.rules or ():
+        for glob in rule.pulls:
+            head = glob.segments[0]
+            if "*" not in head and head not in known:
+                raise ConfigError("--upstream", f"auth.rules: {glob.text!r} names no upstream left")
+    if policy.rules is None and all(lists == ListsConfig() for _, lists in policy.by_upstream):
+        return None
+    return replace(policy, default=ListsConfig())
 
 
 def _upstream_entries(raw: Mapping[str, Any]) -> dict[str, tuple[str, Mapping[str, Any]]]:

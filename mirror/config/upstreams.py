@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -116,10 +116,7 @@ def parse_upstreams(raw: Mapping[str, Any]) -> tuple[UpstreamConfig, tuple[Upstr
     single = raw.get("upstream")
     if single is not None or not every:
         every.insert(0, parse_upstream("upstream", single or {}))
-    names = [upstream.registry for upstream in every]
-    for index, name in enumerate(names):
-        if name in names[:index]:
-            raise ConfigError("upstreams", f"two upstreams are named {name!r}")
+    names = check_names("upstreams", every)
     default = raw.get("default_upstream")
     if default is None:
         default = names[0] if single is not None or len(names) == 1 else "docker.io"
@@ -127,6 +124,42 @@ def parse_upstreams(raw: Mapping[str, Any]) -> tuple[UpstreamConfig, tuple[Upstr
         raise ConfigError("default_upstream", f"names no configured upstream: {default!r}")
     chosen = every[names.index(default)]
     return chosen, tuple(upstream for upstream in every if upstream is not chosen)
+
+
+def check_names(key: str, every: Sequence[UpstreamConfig]) -> list[str]:
+    """The upstreams' registry names; ConfigError at `key` when two are the same."""
+    names = [upstream.registry for upstream in every]
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            raise ConfigError(key, f"two upstreams are named {name!r}")
+    return names
+
+
+def override_upstream(
+    current: UpstreamConfig, others: Sequence[UpstreamConfig], url: str
+) -> UpstreamConfig:
+    """The default upstream once `--upstream` (or MIRROR_UPSTREAM) names `url`. The same
+    registry (scheme and host:port) keeps its entry; another gets a fresh one, with none of
+    the file's account, TLS settings, hosts, lists or name: those were written for the
+    file's registry, and its password must never reach another. Its timeouts and tag TTL
+    say how long to wait and to trust, not whom: those stay."""
+    if same_registry(url, current.url):
+        chosen = replace(current, url=url)
+    else:
+        chosen = UpstreamConfig(
+            url=url,
+            connect_timeout=current.connect_timeout,
+            read_timeout=current.read_timeout,
+            tag_ttl=current.tag_ttl,
+        )
+    check_names("--upstream", [chosen, *others])
+    return chosen
+
+
+def same_registry(url: str, other: str) -> bool:
+    """Whether two upstream URLs reach the same registry the same way (scheme, host:port)."""
+    a, b = urlsplit(url), urlsplit(other)
+    return (a.scheme, a.netloc.lower()) == (b.scheme, b.netloc.lower())
 
 
 def parse_upstream_url(key: str, value: object) -> str:
