@@ -546,3 +546,12 @@ async def test_a_killed_serves_temp_files_go_at_the_next_start_only(config: Conf
         assert list(storage.tmp.iterdir()) == []
     finally:
         await storage.close()
+
+
+async def test_cli_refuses_an_empty_storage_path(tmp_path: Path) -> None:
+    """`--storage ""` (or an empty MIRROR_STORAGE) is refused as the file's is: it would be
+    the working directory."""
+    code, _, stderr = await run_cli("ls", "--storage", "", cwd=tmp_path)
+    assert code == 2, stderr
+    assert "--storage" in one_error_line(stderr)
+    assert list(tmp_path.iterdir()) == []

@@ -433,3 +433,11 @@ def test_shutdown_delay_is_a_duration_zero_by_default() -> None:
     assert config_from_mapping({"shutdown_delay": "5s"}).shutdown_delay == 5
     assert config_error({"shutdown_delay": "soon"}).key == "shutdown_delay"
     assert config_error({"shutdown_delay": -1}).key == "shutdown_delay"
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+async def test_empty_storage_flag_is_refused_like_the_file(value: str) -> None:
+    with pytest.raises(ConfigError) as flag:
+        apply_overrides(Config(), storage=value)
+    assert flag.value.key == "--storage"
+    assert config_error({"storage": {"path": value}}).key == "storage.path"

@@ -187,6 +187,8 @@ def apply_overrides(
     if upstream is not None:
         config = _with_upstream(config, parse_upstream_url("--upstream", upstream))
     if storage is not None:
+        if not storage.strip():  # refused as in the file: "" would be the working directory
+            raise ConfigError("--storage", f"expected a path, got {storage!r}")
         config = replace(config, storage=replace(config.storage, path=Path(storage)))
     if redis is not None:
         url = validate_redis_url("--redis", redis)
