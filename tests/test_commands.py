@@ -548,6 +548,31 @@ async def test_a_killed_serves_temp_files_go_at_the_next_start_only(config: Conf
         await storage.close()
 
 
+@pytest.mark.parametrize("alone", [True, False], ids=["emptied", "swept"])
+async def test_a_start_removes_only_the_mirrors_own_files_from_tmp(
+    tmp_path: Path, alone: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A storage.path set by mistake (`/`, a home directory) has a tmp/ of others' files:
+    a start removes what the mirror names its own leftovers, never anything else."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    ours = ["blob-k3j_x9a2", f"sha256-{'a' * 64}.lock", f"sha256-{'a' * 64}.failed"]
+    theirs = ["important.txt", "blob-notes.txt", "sha256-x.lock"]
+    for name in ours + theirs:
+        (tmp / name).write_text("x")
+        os.utime(tmp / name, (0, 0))  # old: the sweep beside other users takes it too
+    (tmp / "a-directory").mkdir()
+    storage = Storage(tmp_path)
+    storage.shared = not alone
+    await storage.open()
+    try:
+        assert sorted(p.name for p in tmp.iterdir()) == sorted([*theirs, "a-directory"])
+    finally:
+        await storage.close()
+    warnings = [r.getMessage() for r in caplog.records if "did not make" in r.getMessage()]
+    assert len(warnings) == 1 and "4 entries" in warnings[0], warnings
+
+
 async def test_cli_refuses_an_empty_storage_path(tmp_path: Path) -> None:
     """`--storage ""` (or an empty MIRROR_STORAGE) is refused as the file's is: it would be
     the working directory."""

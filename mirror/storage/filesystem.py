@@ -4,9 +4,10 @@ Layout under `storage.path`:
 
     blobs/sha256/ab/abcdef...       layer and config blobs, the raw bytes
     manifests/sha256/ab/abcdef...   "<media type>\\n" then the manifest bytes
-    tmp/                            downloads in progress; emptied at start by a serve
-                                    alone on the directory, else swept of what is
-                                    abandoned (storage/localflight.py)
+    tmp/                            downloads in progress; the mirror's own files in it
+                                    removed at start by a serve alone on the directory,
+                                    else swept of what is abandoned (storage/localflight.py);
+                                    files of other names never touched
     tmp.lock                        locked shared by every process using tmp/ while it
                                     runs (see USERS_LOCK)
     eviction/                       with workers: their eviction's count and turn
@@ -24,7 +25,6 @@ import errno
 import fcntl
 import logging
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -34,7 +34,7 @@ from typing import BinaryIO
 from mirror.metadata.store import MetadataStore
 from mirror.oci.reference import Digest, as_digest, compute_digest
 from mirror.storage.base import Found, NoUpload, Upload
-from mirror.storage.localflight import sweep
+from mirror.storage.localflight import TEMP_PREFIX, is_own, own_files, sweep
 from mirror.util.filelock import try_lock, try_lock_shared
 
 log = logging.getLogger(__name__)
@@ -153,15 +153,24 @@ class Storage:
         fcntl.flock(self._users_lock, fcntl.LOCK_SH)
 
     def _clean_tmp(self, users_lock: int) -> None:
-        """Throw away what a crash left in tmp/, and nothing a live process writes."""
+        """Throw away what a crash left in tmp/, and nothing a live process writes nor
+        anything the mirror did not make."""
         if not self.shared and try_lock(users_lock):
-            # Nobody else alive on the directory: all tmp/ holds is leftovers.
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self.tmp.mkdir(parents=True, exist_ok=True)
+            # Nobody else alive on the directory: all of ours in tmp/ is leftovers.
+            for path in own_files(self.tmp):
+                path.unlink(missing_ok=True)
         else:
             # Workers, or another process runs here (a serve, a one-shot command): what a
             # live download holds stays, and so does what was written to lately.
             sweep(self.tmp)
+        others = [path.name for path in self.tmp.iterdir() if not is_own(path.name)]
+        if others:
+            log.warning(
+                "%s holds %d entries the mirror did not make (%s): left alone",
+                self.tmp,
+                len(others),
+                ", ".join(sorted(others)[:3]),
+            )
 
     async def blob_size(self, digest: Digest) -> int | None:
         """Size of the cached blob, or None; a hit also marks the blob as recently read."""
@@ -217,7 +226,7 @@ class Storage:
         `reserve`: reserve only that much now, the rest as the bytes come (`reserve`): a
         size an upstream announced is its word, and one that announced 64 GiB and then
         trickles must hold no more disk than it sent. The whole size must still be free."""
-        fd, name = tempfile.mkstemp(dir=self.tmp, prefix="blob-")
+        fd, name = tempfile.mkstemp(dir=self.tmp, prefix=TEMP_PREFIX)
         if size:
             now = size if reserve is None else min(size, reserve)
             try:

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +44,16 @@ _HEADER_MIN = _STATE_AT + 2 + _WRITTEN + 1
 READ_CHUNK = 1024 * 1024
 # A file in tmp/ that no held lock names is a crash's leftover once this old.
 STALE_TEMP = 15 * 60.0
+# The names of what the mirror itself puts in tmp/: temp files of downloads and spools
+# (storage/filesystem.py `new_temp`: mkstemp's 8 characters after TEMP_PREFIX), a writability
+# probe where the OS has no unnamed temp files, the claims and failure markers above, and a
+# marker being replaced (util/files.py). Only these are ever removed there: tmp/ of a
+# mistaken storage.path (`/`, a home) holds files of others.
+TEMP_PREFIX = "blob-"
+_OWN_NAME = re.compile(
+    rf"{TEMP_PREFIX}[a-z0-9_]{{8}}|tmp[a-z0-9_]{{8}}|(sha256|sha512)-[0-9a-f]+\.(lock|failed)"
+    r"|\.(sha256|sha512)-[0-9a-f]+\.failed\.[a-z0-9_]{8}\.tmp"
+)
 # How long (seconds) a download's failure answers the processes that followed it.
 FAILED_FOR = 5.0
 # The most of a failure's message kept for them.
@@ -182,6 +193,8 @@ def sweep(tmp: Path) -> None:
     holds with their temp files, and other files left long ago (blocking)."""
     held: set[str] = set()
     for path in tmp.glob("*.lock"):
+        if not is_own(path.name):
+            continue
         with contextlib.suppress(OSError):
             fd = os.open(path, os.O_RDWR)
             try:
@@ -198,10 +211,20 @@ def sweep(tmp: Path) -> None:
             finally:
                 os.close(fd)
     cutoff = time.time() - STALE_TEMP
-    for path in tmp.iterdir():
+    for path in own_files(tmp):
         with contextlib.suppress(OSError):
-            if path.name not in held and path.is_file() and path.stat().st_mtime < cutoff:
+            if path.name not in held and path.stat().st_mtime < cutoff:
                 path.unlink()
+
+
+def own_files(tmp: Path) -> list[Path]:
+    """The files in `tmp` named as the mirror names its own (blocking)."""
+    return [path for path in tmp.iterdir() if is_own(path.name) and path.is_file()]
+
+
+def is_own(name: str) -> bool:
+    """Whether a name in tmp/ is one the mirror gives its own files."""
+    return _OWN_NAME.fullmatch(name) is not None
 
 
 R = TypeVar("R")
