@@ -123,8 +123,8 @@ async def test_unknown_nested_key_named_with_section(raw: dict[str, Any], key: s
 @pytest.mark.parametrize(
     ("raw", "key", "shown"),
     [
-        ({"cache": "10m"}, "cache", "'10m'"),
-        ({"upstream": ["https://x"]}, "upstream", "['https://x']"),
+        ({"cache": "10m"}, "cache", "got a str"),  # a section: its type only
+        ({"upstream": ["https://x"]}, "upstream", "got a list"),
         ({"listen": 8083}, "listen", "'8083'"),
         ({"listen": "localhost:http"}, "listen", "'localhost:http'"),
         ({"listen": "0.0.0.0:70000"}, "listen", "'0.0.0.0:70000'"),
@@ -141,6 +141,27 @@ async def test_wrong_type_names_key_and_value(raw: dict[str, Any], key: str, sho
     assert err.key == key
     assert str(err).startswith(f"config: {key}: ")
     assert shown.lower() in str(err).lower()
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"redis": f"redis://:{SECRET}@redis:6379"}, "redis"),  # `url:` forgotten
+        ({"upstream": f"https://bob:{SECRET}@registry.example.com"}, "upstream"),
+        ({"upstreams": {"ghcr.io": f"https://bob:{SECRET}@ghcr.io"}}, "upstreams.ghcr.io"),
+        ({"upstreams": f"https://bob:{SECRET}@ghcr.io"}, "upstreams"),
+        ({"storage": {"s3": f"https://key:{SECRET}@s3.example"}}, "storage.s3"),
+        ({"tls": SECRET}, "tls"),
+    ],
+)
+async def test_a_section_of_the_wrong_type_is_named_by_its_type_alone(
+    raw: dict[str, Any], key: str
+) -> None:
+    """A section holding a string may hold a secret put in the wrong place."""
+    err = config_error(raw)
+    assert err.key == key
+    assert SECRET not in str(err)
+    assert "got a str" in str(err)
 
 
 async def test_non_string_password_error_does_not_echo_it() -> None:
@@ -209,6 +230,10 @@ async def test_invalid_yaml_names_line(tmp_path: Path) -> None:
 async def test_yaml_that_is_not_a_mapping(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(write(tmp_path, "- listen\n- upstream\n"))
+    # --config pointed at a secret (an htpasswd file): its text is not printed.
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, f"bob:$2y$05${SECRET}\n"))
+    assert SECRET not in str(info.value) and "got a str" in str(info.value)
 
 
 async def test_password_file_is_read_and_stripped(tmp_path: Path) -> None:

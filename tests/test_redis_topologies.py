@@ -124,16 +124,33 @@ async def test_bad_url_forms_name_redis_url(url: str) -> None:
         f"redis://app:{SECRET}@h1:port/0",
         f"redis://:{SECRET}@h1:6379/nodb",
         f"http://app:{SECRET}@h1:6379",
+        # A password holding `/` (base64), in each form: masked to the last `@`.
+        "rediss://default:Zm9v/YmFy+cQ==@redis.example:6380/0",
+        "redis://default:Zm9v/YmFy+cQ==@redis.example:port/0",
+        "redis+sentinel://default:Zm9v/YmFy+cQ==@s1:26379/m/x",
+        "redis+cluster://default:Zm9v/YmFy+cQ==@h1:7000/5",
     ],
 )
 async def test_bad_url_message_hides_the_password(url: str) -> None:
+    password = url.partition("://")[2].rpartition("@")[0].partition(":")[2]
     err = config_error({"redis": {"url": url}})
-    assert SECRET not in str(err)
+    for part in {password, *password.split("/")}:
+        assert part not in str(err)
     assert "***" in str(err)
     with pytest.raises(ConfigError) as flag:
         apply_overrides(Config(), redis=url)
     assert flag.value.key == "--redis"
-    assert SECRET not in str(flag.value)
+    assert password.split("/")[0] not in str(flag.value)
+
+
+async def test_a_password_holding_a_slash_is_read_whole_in_the_replicated_forms() -> None:
+    target = parse_redis_url("redis.url", "redis+sentinel://u:Zm9v/YmFy@s1:26379,s2/m/1")
+    assert (target.password, target.nodes, target.master, target.db) == (
+        "Zm9v/YmFy",
+        (("s1", 26379), ("s2", 26379)),
+        "m",
+        1,
+    )
 
 
 async def test_redacted_keeps_everything_but_the_password() -> None:
@@ -141,6 +158,7 @@ async def test_redacted_keeps_everything_but_the_password() -> None:
         redacted(f"redis+sentinel://u:{SECRET}@a:1,b:2/m/1") == "redis+sentinel://u:***@a:1,b:2/m/1"
     )
     assert redacted("redis://a:1/0") == "redis://a:1/0"
+    assert redacted("rediss://d:Zm9v/YmFy+cQ==@r:6380/0") == "rediss://d:***@r:6380/0"
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,7 @@ from mirror.config.upstreams import (
 from mirror.config.values import (
     ConfigError,
     Network,
+    kind,
     parse_duration,
     parse_listen,
     parse_networks,
@@ -168,7 +169,7 @@ def config_from_text(text: str, path: str | os.PathLike[str]) -> Config:
     if raw is None:
         return Config()
     if not isinstance(raw, Mapping):
-        raise ConfigError("--config", f"{str(path)!r} must hold a mapping, got {raw!r}")
+        raise ConfigError("--config", f"{str(path)!r} must hold a mapping, got {kind(raw)}")
     return config_from_mapping(raw)
 
 

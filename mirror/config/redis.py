@@ -65,13 +65,17 @@ def parse_redis(sec: Mapping[str, Any]) -> RedisConfig:
 def redacted(url: str) -> str:
     """The URL with its password replaced by `***`, for messages."""
     scheme, sep, rest = url.partition("://")
-    if not sep:
+    userinfo, at, after = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
         return url
-    authority, slash, path = rest.partition("/")
-    userinfo, at, hosts = authority.rpartition("@")
-    if at and ":" in userinfo:
-        userinfo = userinfo.split(":", 1)[0] + ":***"
-    return f"{scheme}://{userinfo}{at}{hosts}{slash}{path}"
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{after}"
+
+
+def _password(url: str) -> str:
+    """What `redacted` hides: all between the user's `:` and the last `@`. Not urlsplit's
+    idea of it, which ends at a `/` (base64 passwords hold them)."""
+    userinfo, at, _ = url.partition("://")[2].rpartition("@")
+    return userinfo.partition(":")[2] if at else ""
 
 
 def parse_redis_url(key: str, value: object) -> RedisTarget:
@@ -95,6 +99,8 @@ def validate_redis_url(key: str, value: object) -> str:
 
 
 def _server(key: str, text: str) -> RedisTarget:
+    if "/" in _password(text):  # it would end the host part: redis-py reads another URL
+        raise ConfigError(key, f"a password's / must be written %2F, in {redacted(text)!r}")
     try:
         parts = urlsplit(text)
         parts.port  # noqa: B018 - raises ValueError on a bad port
@@ -117,17 +123,20 @@ def _server(key: str, text: str) -> RedisTarget:
 
 
 def _without_secret(exc: ValueError, text: str) -> str:
-    message = str(exc)
-    password = urlsplit(text).password if "@" in text else None
-    return message.replace(password, "***") if password else message
+    message, password = str(exc), _password(text)
+    for shown in {password, unquote(password)} - {""}:
+        message = message.replace(shown, "***")
+    return message
 
 
 def _replicated(key: str, text: str, scheme: str) -> RedisTarget:
     rest = text.split("://", 1)[1]
     if "?" in rest or "#" in rest:
         raise ConfigError(key, f"takes no query or fragment, got {redacted(text)!r}")
-    authority, _, path = rest.partition("/")
-    userinfo, at, hosts = authority.rpartition("@")
+    # The last `@` ends the credentials, which may hold `/` (base64); without one, the
+    # hosts end at the first `/`.
+    userinfo, at, after = rest.rpartition("@")
+    hosts, _, path = after.partition("/")
     username, _, password = userinfo.partition(":")
     default_port = DEFAULT_SENTINEL_PORT if scheme == SENTINEL_SCHEME else DEFAULT_PORT
     nodes = tuple(_node(key, text, host, default_port) for host in hosts.split(","))

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mirror.config.values import ConfigError, parse_duration, parse_size, parse_url
+from mirror.config.values import ConfigError, kind, parse_duration, parse_size, parse_url
 
 S3_KEYS = {
     "endpoint", "bucket", "region", "prefix", "path_style", "access_key_id",
@@ -46,7 +46,7 @@ def parse_s3(raw: object) -> S3Config | None:
     if raw is None:
         return None
     if not isinstance(raw, Mapping):
-        raise ConfigError("storage.s3", f"expected a mapping, got {raw!r}")
+        raise ConfigError("storage.s3", f"expected a mapping, got {kind(raw)}")
     for key in raw:
         if key not in S3_KEYS:
             raise ConfigError(f"storage.s3.{key}", "unknown key")

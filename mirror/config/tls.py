@@ -16,6 +16,7 @@ from typing import Any
 
 from mirror.config.values import (
     ConfigError,
+    kind,
     optional_path,
     parse_duration,
     parse_listen,
@@ -52,7 +53,7 @@ def parse_tls(raw: Mapping[str, Any]) -> TLSConfig | None:
     if sec is None:
         return None
     if not isinstance(sec, Mapping):
-        raise ConfigError("tls", f"expected a mapping, got {sec!r}")
+        raise ConfigError("tls", f"expected a mapping, got {kind(sec)}")
     reject_unknown(sec, TLS_KEYS, prefix="tls.")
     for key in ("cert_file", "key_file"):
         if not isinstance(sec.get(key), str):

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from mirror.config.tls import parse_upstream_tls
 from mirror.config.values import (
     ConfigError,
+    kind,
     optional_str,
     parse_duration,
     parse_url,
@@ -77,7 +78,7 @@ class UpstreamConfig:
 def parse_upstream(key: str, raw: object, name: str = "") -> UpstreamConfig:
     """One upstream entry, at `key` in the file (for error messages)."""
     if not isinstance(raw, Mapping):
-        raise ConfigError(key, f"expected a mapping, got {raw!r}")
+        raise ConfigError(key, f"expected a mapping, got {kind(raw)}")
     reject_unknown(raw, UPSTREAM_KEYS | POLICY_KEYS, prefix=f"{key}.")
     sources = [k for k in ("password", "password_file", "password_command") if raw.get(k)]
     if len(sources) > 1:
@@ -111,7 +112,7 @@ def parse_upstreams(raw: Mapping[str, Any]) -> tuple[UpstreamConfig, tuple[Upstr
     """(the default upstream, the others) from `upstream`, `upstreams`, `default_upstream`."""
     named = raw.get("upstreams") or {}
     if not isinstance(named, Mapping):
-        raise ConfigError("upstreams", f"expected a mapping of name to upstream, got {named!r}")
+        raise ConfigError("upstreams", f"expected a mapping of name to upstream, got {kind(named)}")
     every = [parse_upstream(f"upstreams.{name}", entry, str(name)) for name, entry in named.items()]
     single = raw.get("upstream")
     if single is not None or not every:

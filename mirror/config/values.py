@@ -88,7 +88,7 @@ def section(raw: Mapping[str, Any], name: str, allowed: set[str]) -> dict[str, A
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise ConfigError(name, f"expected a mapping, got {value!r}")
+        raise ConfigError(name, f"expected a mapping, got {kind(value)}")
     reject_unknown(value, allowed, prefix=f"{name}.")
     return dict(value)
 
@@ -100,12 +100,18 @@ def reject_unknown(raw: Mapping[str, Any], allowed: set[str], prefix: str = "") 
             raise ConfigError(f"{prefix}{key}", "unknown key")
 
 
+def kind(value: object) -> str:
+    """A value named by its type alone (`a str`), for a section or document of the wrong
+    type: it may be a secret put in the wrong place (a URL with a password, a key file)."""
+    return f"a {type(value).__name__}"
+
+
 def optional_str(key: str, value: object, *, secret: bool = False) -> str | None:
     """A string or None; a secret's wrong value is named by its type only."""
     if value is None:
         return None
     if not isinstance(value, str):
-        shown = f"a {type(value).__name__}" if secret else repr(value)
+        shown = kind(value) if secret else repr(value)
         raise ConfigError(key, f"expected a string, got {shown}")
     return value
 
