@@ -402,6 +402,16 @@ async def test_cli_bad_value_exits_2_with_one_line(tmp_path: Path) -> None:
     assert not storage.exists()  # nothing started, nothing created
 
 
+async def test_cli_config_not_utf8_exits_2_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "mirror.yml"
+    path.write_bytes(b"log:\n  level: \xff\xfe\n")
+    result = run_cli("serve", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"mirror: config: --config: {str(path)!r} is not UTF-8 text"
+    ]
+
+
 async def test_cli_unknown_key_exits_2(tmp_path: Path) -> None:
     path = write(tmp_path, "cache:\n  tagttl: 10m\n")
     result = run_cli("serve", "--config", str(path))

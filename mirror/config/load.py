@@ -156,6 +156,8 @@ def read_config_text(path: str | os.PathLike[str]) -> str:
         return Path(path).read_text()
     except OSError as exc:
         raise ConfigError("--config", f"cannot read {str(path)!r}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("--config", f"{str(path)!r} is not UTF-8 text") from None
 
 
 def config_from_text(text: str, path: str | os.PathLike[str]) -> Config:
