@@ -134,7 +134,16 @@ def main(argv: list[str] | None = None) -> None:
     except RegistryError as exc:  # a bad image reference on the command line
         print(f"mirror: {exc.message}", file=sys.stderr)
         raise SystemExit(2) from None
+    except OSError as exc:  # the cache refused (read-only, its permissions): one line
+        print(f"mirror: {args.command}: {describe_os_error(exc)}", file=sys.stderr)
+        raise SystemExit(1) from None
     raise SystemExit(status)
+
+
+def describe_os_error(exc: OSError) -> str:
+    """`<reason>: <file>` of a failed file operation."""
+    reason = exc.strerror or str(exc)
+    return f"{reason}: {exc.filename}" if exc.filename else reason
 
 
 async def run_command(args: argparse.Namespace, config: Config) -> int:

@@ -25,6 +25,8 @@ from mirror.util.units import human_size
 from mirror.web.offline import Services, with_services
 
 PARALLEL_BLOBS = 4
+# `mirror ls`'s size of an image whose cached manifest does not parse.
+UNREADABLE = "unreadable"
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,7 @@ async def warm(
 async def list_cache(config: Config, out: TextIO = sys.stdout) -> int:
     """Print cached tags with their digests and sizes; returns how many."""
 
-    async def run(services: Services) -> list[tuple[str, str, str, int]]:
+    async def run(services: Services) -> list[tuple[str, str, str, int | None]]:
         storage: CacheStore = services.storage
         sizes = await storage.blob_sizes()
         rows = []
@@ -204,22 +206,29 @@ async def list_cache(config: Config, out: TextIO = sys.stdout) -> int:
     rows = await with_services(config, run)
     out.write(f"{'REPOSITORY':<45} {'TAG':<20} {'DIGEST':<19} SIZE\n")
     for repo, tag, digest, size in rows:
-        out.write(f"{repo:<45} {tag:<20} {digest[:19]:<19} {human_size(size)}\n")
-    total = sum(size for *_, size in rows)
+        shown = UNREADABLE if size is None else human_size(size)
+        out.write(f"{repo:<45} {tag:<20} {digest[:19]:<19} {shown}\n")
+    total = sum(size or 0 for *_, size in rows)
     out.write(f"{len(rows)} tags; blobs on disk referenced by them: {human_size(total)}\n")
     return len(rows)
 
 
-async def image_size(storage: CacheStore, digest: str, sizes: dict[str, int]) -> int:
-    """Bytes of the cached blobs an image (or every image of an index) refers to."""
+async def image_size(storage: CacheStore, digest: str, sizes: dict[str, int]) -> int | None:
+    """Bytes of the cached blobs an image (or every image of an index) refers to; None when
+    a cached manifest among them is no manifest (`mirror verify` removes a corrupt one)."""
     cached = await storage.read_manifest(parse_digest(digest))
     if cached is None:
         return 0
-    doc: dict[str, Any] = json.loads(cached[1])
-    if "manifests" in doc:
-        return sum([await image_size(storage, m["digest"], sizes) for m in doc["manifests"]])
-    blobs = [doc.get("config", {}), *doc.get("layers", [])]
-    return sum(sizes.get(blob.get("digest", ""), 0) for blob in blobs)
+    try:
+        doc = json.loads(cached[1])
+        if "manifests" in doc:
+            children = [str(m["digest"]) for m in doc["manifests"]]
+            found = [await image_size(storage, child, sizes) for child in children]
+            return None if None in found else sum(size or 0 for size in found)
+        blobs = [doc.get("config", {}), *doc.get("layers", [])]
+        return sum(sizes.get(blob.get("digest", ""), 0) for blob in blobs)
+    except (ValueError, TypeError, KeyError, AttributeError, RegistryError):
+        return None
 
 
 async def collect_garbage(config: Config, to: int | None, out: TextIO = sys.stdout) -> int:

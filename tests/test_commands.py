@@ -9,6 +9,7 @@ must then answer the warmed image without asking the hub anything.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -30,6 +31,7 @@ from mirror.storage import Storage
 from mirror.web.keys import storage_key
 from tests.conftest import MakeClient
 from tests.fakehub import OCI_MANIFEST, FakeHub
+from tests.resilience_helpers import MountError, read_only
 from tests.services import _python_env
 
 DIGEST_A = "sha256:" + "a" * 64
@@ -580,3 +582,61 @@ async def test_cli_refuses_an_empty_storage_path(tmp_path: Path) -> None:
     assert code == 2, stderr
     assert "--storage" in one_error_line(stderr)
     assert list(tmp_path.iterdir()) == []
+
+
+# --- failures as one line -----------------------------------------------------------------
+
+
+async def test_cli_ls_shows_a_corrupt_manifest_as_unreadable(
+    hub: FakeHub, config: Config, tmp_path: Path
+) -> None:
+    image = add_app(hub)
+    await commands.warm(config, ["library/app:latest"], None, out=io.StringIO())
+    path = Storage(config.storage.path).manifest_path(parse_digest(image["digest"]))
+    media_type = path.read_bytes().partition(b"\n")[0]
+    path.write_bytes(media_type + b"\n{not json")
+    code, stdout, stderr = await run_cli(
+        "ls", "--storage", str(config.storage.path), "--upstream", hub.registry_url, cwd=tmp_path
+    )
+    assert (code, stderr) == (0, ""), stderr
+    assert re.search(r"library/app\s+latest\s+sha256:\w+\s+unreadable$", stdout, re.M), stdout
+
+
+async def test_cli_verify_skips_a_file_gone_while_it_runs(
+    hub: FakeHub, config: Config, tmp_path: Path
+) -> None:
+    """A blob evicted between the listing and its hashing is passed over, as other scans
+    do: a link to nowhere under a digest's name is listed, then not found."""
+    add_app(hub)
+    await commands.warm(config, ["library/app:latest"], None, out=io.StringIO())
+    gone = Storage(config.storage.path).blob_path(parse_digest(DIGEST_A))
+    gone.parent.mkdir(parents=True, exist_ok=True)
+    gone.symlink_to(tmp_path / "evicted")
+    code, stdout, stderr = await run_cli(
+        "verify", "--storage", str(config.storage.path), "--upstream", hub.registry_url,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert (code, stderr) == (0, ""), stderr
+    assert "verified 5 files, removed 0 corrupt" in stdout
+
+
+@pytest.mark.parametrize("command", [["verify"], ["gc", "--to", "1KB"]])
+async def test_cli_on_a_read_only_cache_fails_in_one_line(
+    hub: FakeHub, config: Config, tmp_path: Path, command: list[str]
+) -> None:
+    image = add_app(hub)
+    await commands.warm(config, ["library/app:latest"], None, out=io.StringIO())
+    flip_byte(Storage(config.storage.path).blob_path(parse_digest(image["config"])), 0)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(read_only(config.storage.path))
+        except MountError as exc:
+            pytest.skip(f"cannot mount here (needs root with CAP_SYS_ADMIN): {exc}")
+        code, _, stderr = await run_cli(
+            *command, "--storage", str(config.storage.path), "--upstream", hub.registry_url,
+            cwd=tmp_path,
+        )  # fmt: skip
+    assert code == 1, stderr
+    line = one_error_line(stderr)
+    assert line.startswith(f"mirror: {command[0]}: Read-only file system: "), line
+    assert str(config.storage.path) in line

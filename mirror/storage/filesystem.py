@@ -359,10 +359,13 @@ class Storage:
                 digest = as_digest(name)
                 if digest is None:
                     continue  # not ours (an editor's backup file, say): leave it alone
+                try:
+                    if not _file_matches(path, digest, skip_line=top == self.manifests):
+                        os.unlink(path)
+                        removed.append(str(digest))
+                except FileNotFoundError:
+                    continue  # evicted meanwhile: nothing left to check
                 checked += 1
-                if not _file_matches(path, digest, skip_line=top == self.manifests):
-                    os.unlink(path)
-                    removed.append(str(digest))
         return checked, removed
 
     async def collect_garbage(self, to: int | None) -> list[str]:
