@@ -89,6 +89,16 @@ async def test_duration_negative_number_rejected() -> None:
         parse_duration("k", -5)
 
 
+@pytest.mark.parametrize("name", ["connect_timeout", "read_timeout"])
+@pytest.mark.parametrize("section", ["upstream", "upstreams.ghcr"])
+async def test_upstream_timeouts_must_be_more_than_zero(section: str, name: str) -> None:
+    entry = {name: "0s"}
+    raw = {"upstream": entry} if section == "upstream" else {"upstreams": {"ghcr": entry}}
+    err = config_error(raw)
+    assert err.key == f"{section}.{name}"
+    assert "more than 0" in str(err)
+
+
 async def test_tag_ttl_duration_from_mapping() -> None:
     assert config_from_mapping({"cache": {"tag_ttl": "10m"}}).cache.tag_ttl == 600
     config = config_from_mapping({"upstream": {"connect_timeout": "2s", "read_timeout": 90}})

@@ -99,13 +99,22 @@ def parse_upstream(key: str, raw: object, name: str = "") -> UpstreamConfig:
         password=password,
         password_command=optional_str(f"{key}.password_command", raw.get("password_command")),
         password_refresh=duration("password_refresh", None),
-        connect_timeout=duration("connect_timeout", defaults.connect_timeout) or 0.0,
-        read_timeout=duration("read_timeout", defaults.read_timeout) or 0.0,
+        connect_timeout=_timeout(key, "connect_timeout", raw, defaults.connect_timeout),
+        read_timeout=_timeout(key, "read_timeout", raw, defaults.read_timeout),
         tag_ttl=duration("tag_ttl", None),
         auth_hosts=None if raw.get("auth_hosts") is None else parse_hosts(key, "auth_hosts", raw),
         redirect_hosts=parse_hosts(key, "redirect_hosts", raw),
         **parse_upstream_tls(key, raw),
     )
+
+
+def _timeout(key: str, name: str, raw: Mapping[str, Any], default: float) -> float:
+    """A timeout of more than 0: at 0 every pull fails at once, or aiohttp waits for ever."""
+    value = raw.get(name, default)
+    seconds = parse_duration(f"{key}.{name}", value)
+    if seconds <= 0:
+        raise ConfigError(f"{key}.{name}", f"must be more than 0, got {value!r}")
+    return seconds
 
 
 def parse_upstreams(raw: Mapping[str, Any]) -> tuple[UpstreamConfig, tuple[UpstreamConfig, ...]]:
