@@ -144,6 +144,24 @@ async def test_redis_tag_key_is_prefixed_and_expires(
     assert ttl <= TTL + 7 * 86400  # but not forever
 
 
+async def test_redis_keeps_records_a_second_with_no_ttl_and_no_stale_window(
+    raw_redis: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    """`tag_ttl: 0` and `stale_if_error: 0` (always revalidate) still write to Redis: an
+    expiry of 0 is refused there, and the store fell back to the process's memory."""
+    changes: list[bool] = []
+    store = open_metadata(redis_server.url, ttl=0, retention=0, on_change=changes.append)
+    try:
+        await store.put_tag("hub", "library/nginx", "latest", record())
+        await store.add_holdings("hub", "library/nginx", [DIGEST_A], time.time())
+        key = "mirror:tag:hub:library/nginx:latest"
+        assert 0 < await raw_redis.ttl(key) <= 1
+        assert await raw_redis.zrange("mirror:holds:hub:library/nginx", 0, -1) == [DIGEST_A]
+        assert changes == []  # never taken for unreachable
+    finally:
+        await store.close()
+
+
 async def test_redis_records_survive_a_new_store(
     raw_redis: aioredis.Redis, redis_store: MetadataStore, redis_server: RedisServer
 ) -> None:

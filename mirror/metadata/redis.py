@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Sequence
 
@@ -29,7 +30,9 @@ class RedisMetadata:
     """
 
     def __init__(self, url: str, ttl: float, retention: float = RETENTION) -> None:
-        self._expiry = int(ttl + retention)
+        # At least a second: `tag_ttl: 0` with `stale_if_error: 0` (always revalidate) would
+        # be SET EX 0, which Redis refuses, and EXPIRE 0, which deletes.
+        self._expiry = max(1, math.ceil(ttl + retention))
         self._conn = open_redis(
             url,
             REDIS_CONNECTIONS,
