@@ -246,6 +246,32 @@ async def test_yaml_that_is_not_a_mapping(tmp_path: Path) -> None:
     assert SECRET not in str(info.value) and "got a str" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("text", "key", "lines"),
+    [
+        ("storage:\n  max_size: 10GiB\nlisten: :8083\nstorage:\n  path: /x\n", "storage", (1, 4)),
+        ("cache:\n  tag_ttl: 1m\n  negative_ttl: 1s\n  tag_ttl: 2h\n", "tag_ttl", (2, 4)),
+        ("upstreams:\n  q:\n    auth_hosts:\n      - {a: 1, a: 2}\n", "a", (4, 4)),
+    ],
+)  # fmt: skip
+async def test_a_key_given_twice_is_refused(
+    tmp_path: Path, text: str, key: str, lines: tuple[int, int]
+) -> None:
+    """YAML would keep the last: a second `storage:` silently dropped the first's max_size."""
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert str(info.value) == f"config: {key}: given twice (lines {lines[0]} and {lines[1]})"
+
+
+async def test_merge_keys_may_be_overridden(tmp_path: Path) -> None:
+    text = (
+        "upstream: {}\nupstreams:\n  a.example: &base\n    url: https://a.example\n"
+        "    read_timeout: 9s\n  b.example:\n    <<: *base\n    url: https://b.example\n"
+    )
+    b = load_config(write(tmp_path, text)).upstreams[1]
+    assert (b.url, b.read_timeout) == ("https://b.example", 9)
+
+
 async def test_password_file_is_read_and_stripped(tmp_path: Path) -> None:
     secret = write(tmp_path, SECRET + "\n", name="password")
     path = write(tmp_path, f"upstream:\n  username: u\n  password_file: {secret}\n")

@@ -160,10 +160,27 @@ def read_config_text(path: str | os.PathLike[str]) -> str:
         raise ConfigError("--config", f"{str(path)!r} is not UTF-8 text") from None
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load's loader, refusing a key given twice in one mapping: PyYAML keeps the last,
+    so a second `storage:` would silently drop the first one's max_size."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[str, int] = {}
+        for key, _ in node.value:
+            # `<<: *anchor` merges keys an entry may override: that is what it is for.
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue
+            line = key.start_mark.line + 1
+            if key.value in seen:
+                raise ConfigError(key.value, f"given twice (lines {seen[key.value]} and {line})")
+            seen[key.value] = line
+        return super().construct_mapping(node, deep)
+
+
 def config_from_text(text: str, path: str | os.PathLike[str]) -> Config:
     """Validate a config file's YAML text (read from `path`, which errors name)."""
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=UniqueKeyLoader)  # safe_load's loader, stricter
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
