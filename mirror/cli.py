@@ -154,6 +154,8 @@ async def run_command(args: argparse.Namespace, config: Config) -> int:
             raise ConfigError("IMAGE", "name at least one image, or --file")
         for image in images:  # every reference checked before anything is fetched
             commands.parse_image(image)
+        if args.platform is not None:
+            commands.check_platform(args.platform)
         report = await commands.warm(config, images, args.platform)
         return 1 if report.failures else 0
     if args.command == "ls":

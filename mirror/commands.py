@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import Any, TextIO
 
 from mirror.cache.downloads import Download, Uncacheable
 from mirror.cache.holdings import references
-from mirror.config import Config
+from mirror.config import Config, ConfigError
 from mirror.oci.errors import RegistryError
 from mirror.oci.negotiation import MANIFEST_TYPES
 from mirror.oci.reference import parse_digest, validate_name, validate_tag
@@ -25,6 +26,8 @@ from mirror.util.units import human_size
 from mirror.web.offline import Services, with_services
 
 PARALLEL_BLOBS = 4
+# `--platform`: os/architecture[/variant], as an index's entries spell them (lower case).
+PLATFORM = re.compile(r"[a-z0-9._-]+/[a-z0-9._-]+(/[a-z0-9._-]+)?")
 # `mirror ls`'s size of an image whose cached manifest does not parse.
 UNREADABLE = "unreadable"
 
@@ -63,6 +66,18 @@ def parse_image(text: str) -> ImageRef:
     return ImageRef(registry, name, validate_tag(tag))
 
 
+def check_platform(platform: str) -> str:
+    """`--platform` checked before anything is fetched: a value that matches no index entry
+    would otherwise warm nothing of every image and report success."""
+    if not PLATFORM.fullmatch(platform):
+        raise ConfigError("--platform", f"expected os/arch[/variant], got {platform!r}")
+    return platform
+
+
+class NoPlatform(Exception):
+    """An index has no image of the platform asked for."""
+
+
 @dataclass
 class WarmReport:
     images: int = 0
@@ -90,8 +105,13 @@ class Warmer:
             self.report.images += 1
             self._say(f"{image}: done")
         except RegistryError as exc:
-            self.report.failures.append(f"{image}: {exc.message}")
-            self._say(f"{image}: FAILED: {exc.message}")
+            self._fail(image, exc.message)
+        except NoPlatform:
+            self._fail(image, f"no {self._platform} image in its index")
+
+    def _fail(self, image: ImageRef, reason: str) -> None:
+        self.report.failures.append(f"{image}: {reason}")
+        self._say(f"{image}: FAILED: {reason}")
 
     async def _manifest(self, upstream: Upstream, repo: str, reference: str) -> None:
         found = await self._services.manifests.get(
@@ -105,6 +125,8 @@ class Warmer:
         doc: dict[str, Any] = json.loads(found.body or b"{}")
         if "manifests" in doc:
             children = [m["digest"] for m in doc["manifests"] if self._wanted(m)]
+            if not children and self._platform is not None:
+                raise NoPlatform
             await asyncio.gather(*(self._manifest(upstream, repo, d) for d in children))
             return
         blobs = [doc.get("config", {}), *doc.get("layers", [])]

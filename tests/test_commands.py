@@ -180,6 +180,34 @@ async def test_warm_one_platform_of_an_index(hub: FakeHub, config: Config) -> No
     assert summary_of(out.getvalue()) == (1, 1, 2, 2, 2, 0)
 
 
+async def test_cli_warm_fails_an_index_without_the_platform(
+    hub: FakeHub, config: Config, tmp_path: Path
+) -> None:
+    platforms = add_two_platform_index(hub)
+    add_app(hub)  # not an index: warmed whole, as before
+    code, stdout, stderr = await run_cli(
+        "warm", "--upstream", hub.registry_url, "--storage", str(config.storage.path),
+        "--platform", "linux/s390x", "library/multi", "library/app", cwd=tmp_path,
+    )  # fmt: skip
+    assert code == 1, stderr
+    assert "library/multi:latest: FAILED: no linux/s390x image in its index" in stdout
+    assert summary_of(stdout)[:2] == (1, 2)
+    fetched = set(hub.stats.cdn_get_by_digest)
+    assert not fetched & set(platforms["linux/amd64"] + platforms["linux/arm64"])
+
+
+@pytest.mark.parametrize("platform", ["linux", "LINUX/AMD64", "linux/amd64/v8/x", "linux/"])
+async def test_cli_warm_refuses_a_malformed_platform(tmp_path: Path, platform: str) -> None:
+    code, _, stderr = await run_cli(
+        "warm", "--storage", str(tmp_path / "d"), "--upstream", "http://127.0.0.1:9",
+        "--platform", platform, "nginx", cwd=tmp_path,
+    )  # fmt: skip
+    assert code == 2, stderr
+    line = one_error_line(stderr)
+    assert "--platform" in line and repr(platform) in line
+    assert not (tmp_path / "d").exists()
+
+
 async def test_warm_every_platform_of_an_index_by_default(hub: FakeHub, config: Config) -> None:
     platforms = add_two_platform_index(hub)
     report = await commands.warm(config, ["library/multi:latest"], None, out=io.StringIO())
