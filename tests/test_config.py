@@ -197,6 +197,28 @@ async def test_bad_redis_url(url: str) -> None:
     assert repr(url) in str(err)
 
 
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"upstream": {"url": "http://127.0.0.1:99999"}}, "upstream.url"),
+        ({"upstreams": {"q": {"url": "https://quay.io:abc"}}}, "upstreams.q.url"),
+        ({"public_url": "https://mirror.example:0"}, "public_url"),
+        (
+            {"cluster": {"advertise_url": "http://10.0.0.5:70000", "secret_file": "/s"}},
+            "cluster.advertise_url",
+        ),
+        ({"storage": {"s3": {"endpoint": "http://r:x", "bucket": "cache"}}}, "storage.s3.endpoint"),
+    ],
+)  # fmt: skip
+async def test_a_url_with_a_bad_port_is_refused_at_load(raw: dict[str, Any], key: str) -> None:
+    """Else it started, answered /readyz, and failed every request to that URL."""
+    err = config_error(raw)
+    assert (err.key, "port from 1 to 65535" in str(err)) == (key, True)
+    with pytest.raises(ConfigError) as flag:
+        apply_overrides(Config(), upstream="http://127.0.0.1:99999")
+    assert flag.value.key == "--upstream"
+
+
 async def test_good_urls_accepted_without_trailing_slash() -> None:
     config = config_from_mapping(
         {"upstream": {"url": "https://ghcr.io/"}, "redis": {"url": "redis://127.0.0.1:6379/0"}}

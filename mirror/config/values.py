@@ -79,6 +79,12 @@ def parse_url(key: str, value: object, schemes: tuple[str, ...] = ("http", "http
     parts = urlsplit(text)
     if parts.scheme not in schemes or not parts.netloc:
         raise ConfigError(key, f"expected a {'/'.join(schemes)} URL, got {text!r}")
+    try:  # checked here, or every request to it fails, well after a start that looked fine
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ConfigError(key, f"expected a port from 1 to 65535, got {text!r}")
     return text.rstrip("/")
 
 
