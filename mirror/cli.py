@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     setup_logging(quiet, config.log.format)
     try:
+        if args.command != "warm":
+            require_cache(config)
         status = asyncio.run(run_command(args, config))
     except ConfigError as exc:
         print(f"mirror: {exc}", file=sys.stderr)
@@ -168,6 +170,14 @@ async def run_command(args: argparse.Namespace, config: Config) -> int:
     elif args.command == "verify":
         await commands.verify(config)
     return 0
+
+
+def require_cache(config: Config) -> None:
+    """ls, gc and verify need a cache: at a mistyped path they would create an empty one and
+    report success (warm may fill a new one, and serve creates it). With a bucket, the
+    bucket is the cache."""
+    if config.storage.s3 is None and not config.storage.path.is_dir():
+        raise ConfigError("storage.path", f"no cache directory at {str(config.storage.path)!r}")
 
 
 def read_image_list(path: str) -> list[str]:

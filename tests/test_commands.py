@@ -427,6 +427,7 @@ async def test_cli_warm_with_a_bad_image_name(tmp_path: Path) -> None:
 
 
 async def test_cli_gc_without_a_bound(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
     code, _, stderr = await run_cli("gc", "--storage", str(tmp_path / "d"), cwd=tmp_path)
     assert code == 2, stderr
     assert "--to" in one_error_line(stderr)
@@ -434,6 +435,7 @@ async def test_cli_gc_without_a_bound(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("command", ["ls", "verify"])
 async def test_cli_on_an_empty_storage(command: str, tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
     code, stdout, stderr = await run_cli(
         command, "--storage", str(tmp_path / "d"), "--upstream", "http://127.0.0.1:9",
         cwd=tmp_path,
@@ -441,6 +443,22 @@ async def test_cli_on_an_empty_storage(command: str, tmp_path: Path) -> None:
     assert code == 0, stderr
     assert stderr == ""
     assert ("0 tags" if command == "ls" else "verified 0 files") in stdout
+
+
+@pytest.mark.parametrize("command", [["ls"], ["verify"], ["gc", "--to", "1"]])
+async def test_cli_refuses_a_cache_directory_that_does_not_exist(
+    command: list[str], tmp_path: Path
+) -> None:
+    """A mistyped --storage holds no cache: the command says so instead of creating an
+    empty one and reporting success."""
+    typo = tmp_path / "typo" / "path"
+    code, stdout, stderr = await run_cli(*command, "--storage", str(typo), cwd=tmp_path)
+    assert (code, stdout) == (2, ""), stderr
+    assert (
+        one_error_line(stderr)
+        == f"mirror: config: storage.path: no cache directory at {str(typo)!r}"
+    )
+    assert not (tmp_path / "typo").exists()
 
 
 async def test_cli_gc_to_a_size(hub: FakeHub, config: Config, tmp_path: Path) -> None:
