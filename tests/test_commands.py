@@ -570,6 +570,28 @@ async def test_a_live_serves_temp_file_outlives_a_start_beside_it(
     assert serve.blob_path(digest).read_bytes() == data
 
 
+async def test_tags_warmed_beside_a_live_serve_outlive_its_snapshot(
+    hub: FakeHub, config: Config, make_client: MakeClient
+) -> None:
+    """warm and a serve beside it keep in-process metadata in one snapshot file: the
+    serve's next save rewrote it from its memory alone, and after a restart with the
+    upstream down the warmed tag was a 503."""
+    image = add_app(hub)
+    add_app(hub, "library/other")
+    serve = await make_client()
+    await commands.warm(config, ["library/app:latest"], None, out=io.StringIO())
+    resp = await serve.get("/v2/library/other/manifests/latest")  # the serve's own record
+    assert resp.status == 200, await resp.text()
+    await serve.close()  # its last save
+
+    hub.registry_status = 503
+    restarted = await make_client()
+    resp = await restarted.get("/v2/library/app/manifests/latest")
+    assert resp.status == 200, await resp.text()
+    assert resp.headers["Docker-Content-Digest"] == image["digest"]
+    assert (await restarted.get("/v2/library/other/manifests/latest")).status == 200
+
+
 async def test_a_killed_serves_temp_files_go_at_the_next_start_only(config: Config) -> None:
     """What a serve killed mid-download left in tmp/ stays while it runs and through a
     command after its death, and is removed when the next serve starts."""

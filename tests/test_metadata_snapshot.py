@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -48,11 +49,11 @@ async def test_a_save_cancelled_mid_write_then_close_leaves_the_newest_records(
     store = MemoryMetadata(60, snapshot=path)
     slow = threading.Event()
 
-    def slow_write(target: Path, text: str, *, durable: bool = False) -> None:
+    def slow_write(target: Path, text: str, *, durable: bool = False) -> os.stat_result:
         if not slow.is_set():  # the first write lingers past its save's cancellation
             slow.set()
             time.sleep(0.3)
-        write_replacing(target, text, durable=durable)
+        return write_replacing(target, text, durable=durable)
 
     monkeypatch.setattr(memory, "write_replacing", slow_write)
     record = TagRecord(DIGEST, MEDIA_TYPE, 100, time.time())
@@ -68,3 +69,46 @@ async def test_a_save_cancelled_mid_write_then_close_leaves_the_newest_records(
     await again.load()
     assert await again.get_tag("docker.io", "library/a", "1") == record
     assert await again.get_tag("docker.io", "library/b", "1") == record
+
+
+def record_at(checked_at: float, digest: str = DIGEST) -> TagRecord:
+    return TagRecord(digest, MEDIA_TYPE, 100, checked_at)
+
+
+async def test_a_save_keeps_what_another_process_saved_meanwhile(tmp_path: Path) -> None:
+    """`mirror warm` beside a live serve: both keep in-process metadata in this file, and
+    the serve's next save rewrote it from its memory alone, dropping the warmed tags (a
+    restart with the upstream down then had nothing for them)."""
+    path = tmp_path / "metadata.json"
+    now = time.time()
+    serve = MemoryMetadata(60, snapshot=path)
+    await serve.load()
+    await serve.put_tag("docker.io", "library/mine", "1", record_at(now))
+    await serve.put_tag("docker.io", "library/both", "1", record_at(now - 10))
+    await serve.put_blob_read("sha256:" + "e" * 64, 5, now - 10)
+    await serve.save()
+    await serve.forget_blob("sha256:" + "e" * 64)  # evicted here since
+
+    warm = MemoryMetadata(60, snapshot=path)  # another process: loads the file, writes it
+    await warm.load()
+    await warm.put_tag("docker.io", "library/warmed", "1", record_at(now))
+    await warm.put_tag("docker.io", "library/both", "1", record_at(now - 5, "sha256:" + "b" * 64))
+    await warm.add_repository("library/warmed")
+    await warm.add_holdings("docker.io", "library/warmed", ["sha256:" + "c" * 64], now)
+    await warm.close()
+
+    await serve.put_tag("docker.io", "library/mine", "2", record_at(now))
+    await serve.close()
+    after = MemoryMetadata(60, snapshot=path)
+    await after.load()
+    assert await after.get_tag("docker.io", "library/warmed", "1") == record_at(now)
+    assert await after.get_tag("docker.io", "library/mine", "2") == record_at(now)
+    # The newer record of a tag both wrote wins, whichever saved last.
+    assert (await after.get_tag("docker.io", "library/both", "1")) == record_at(
+        now - 5, "sha256:" + "b" * 64
+    )
+    assert await after.repositories(10, None) == ["library/warmed"]
+    assert await after.holds("docker.io", "library/warmed", "sha256:" + "c" * 64)
+    assert await after.blob_reads() == {}  # what the serve evicted stays gone
+    # The serve took the warmed records in, and answers them without a restart too.
+    assert await serve.get_tag("docker.io", "library/warmed", "1") == record_at(now)

@@ -6,9 +6,10 @@ import asyncio
 import bisect
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mirror.metadata.store import RETENTION, TagRecord
@@ -17,12 +18,28 @@ from mirror.util.files import write_replacing
 log = logging.getLogger(__name__)
 
 
+# A snapshot file as last read or written here: (inode, size, mtime in ns).
+Stamp = tuple[int, int, int]
+
+
+@dataclass
+class Snapshot:
+    """What a snapshot file holds."""
+
+    tags: dict[tuple[str, str, str], TagRecord] = field(default_factory=dict)
+    repos: list[str] = field(default_factory=list)
+    bucket_blobs: dict[str, tuple[int, float]] = field(default_factory=dict)
+    holdings: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+
+
 class MemoryMetadata:
     """In-process metadata for a single node with no Redis.
 
     With a `snapshot` path it survives restarts: loaded at start, written (atomically)
     when changed and at shutdown, so a restarted mirror can still answer tags while
-    the upstream is down.
+    the upstream is down. A one-shot command (`mirror warm`) beside a live serve writes
+    the same file: each save first takes in what another process wrote there since (the
+    newer record of a tag winning), so that neither drops the other's records.
     """
 
     def __init__(
@@ -36,10 +53,14 @@ class MemoryMetadata:
         self._holdings: dict[tuple[str, str], dict[str, float]] = {}
         self._snapshot = snapshot
         self._dirty = False
+        self._seen: Stamp | None = None  # the snapshot as last read or written here
+        # Bucket blobs forgotten (evicted) here, and when: another process's older snapshot
+        # must not bring their records back.
+        self._forgotten: dict[str, float] = {}
         # The snapshot's write in its thread: a save cancelled while it runs (the periodic
         # saver at shutdown) leaves it running, and the final save waits for it, so that
         # the newest data is written last.
-        self._writing: asyncio.Future[None] | None = None
+        self._writing: asyncio.Future[Stamp] | None = None
         self._turn = asyncio.Lock()
 
     async def get_tag(self, upstream: str, repo: str, tag: str) -> TagRecord | None:
@@ -102,34 +123,52 @@ class MemoryMetadata:
 
     async def forget_blob(self, digest: str) -> None:
         if self._bucket_blobs.pop(digest, None) is not None:
+            self._forgotten[digest] = time.time()
             self._dirty = True
 
     async def load(self) -> None:
         """Read the snapshot, if there is one (a bad one is set aside, not fatal)."""
+        found = await self._read_snapshot()
+        if found is not None:
+            self._tags, self._repos = found.tags, found.repos
+            self._bucket_blobs, self._holdings = found.bucket_blobs, found.holdings
+
+    async def _read_snapshot(self) -> Snapshot | None:
+        """The snapshot file, unless it is missing, unreadable, or as last seen here."""
         if self._snapshot is None:
-            return
+            return None
         try:
-            raw = await asyncio.to_thread(self._snapshot.read_text)
-            data = json.loads(raw)
-            self._tags = {
-                (entry["upstream"], entry["repo"], entry["tag"]): TagRecord(**entry["record"])
-                for entry in data["tags"]
-            }
-            self._repos = sorted(set(data["repositories"]))
-            self._bucket_blobs = {
-                digest: (int(size), float(read_at))
-                for digest, (size, read_at) in data.get("bucket_blobs", {}).items()
-            }
-            self._holdings = {
-                (entry["upstream"], entry["repo"]): {
-                    str(digest): float(at) for digest, at in entry["digests"].items()
-                }
-                for entry in data.get("holdings", [])
-            }
+            read = await asyncio.to_thread(_read_snapshot, self._snapshot, self._seen)
         except FileNotFoundError:
-            return
+            return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring unreadable metadata snapshot %s: %s", self._snapshot, exc)
+            return None
+        if read is None:
+            return None
+        found, self._seen = read
+        return found
+
+    def _take_in(self, other: Snapshot) -> None:
+        """Records another process saved: each kept where newer than ours, and fresh."""
+        now = time.time()
+        for key, record in other.tags.items():
+            mine = self._tags.get(key)
+            if record.is_fresh(self._expiry, now) and (
+                mine is None or record.checked_at > mine.checked_at
+            ):
+                self._tags[key] = record
+        self._repos = sorted(set(self._repos) | set(other.repos))
+        self._forgotten = {d: at for d, at in self._forgotten.items() if now - at < self._expiry}
+        for digest, (size, read_at) in other.bucket_blobs.items():
+            mine_at = self._bucket_blobs.get(digest, (0, 0.0))[1]
+            if read_at > max(mine_at, self._forgotten.get(digest, 0.0)):
+                self._bucket_blobs[digest] = (size, read_at)
+        for holder, held in other.holdings.items():
+            ours = self._holdings.setdefault(holder, {})
+            for digest, at in held.items():
+                if now - at < self._expiry and at > ours.get(digest, 0.0):
+                    ours[digest] = at
 
     async def save(self) -> None:
         """Write the snapshot when something changed since the last one. Saves take turns,
@@ -139,15 +178,18 @@ class MemoryMetadata:
         async with self._turn:
             if not self._dirty:
                 return
-            self._dirty = False
-            text = json.dumps(self._snapshot_data())
             if self._writing is not None:
                 await asyncio.gather(self._writing, return_exceptions=True)
+            other = await self._read_snapshot()  # another process's save since ours
+            if other is not None:
+                self._take_in(other)
+            self._dirty = False
+            text = json.dumps(self._snapshot_data())
             self._writing = asyncio.ensure_future(
-                asyncio.to_thread(write_replacing, self._snapshot, text, durable=True)
+                asyncio.to_thread(_write_snapshot, self._snapshot, text)
             )
             try:
-                await asyncio.shield(self._writing)
+                self._seen = await asyncio.shield(self._writing)
             except OSError as exc:
                 self._dirty = True
                 log.warning("cannot write metadata snapshot %s: %s", self._snapshot, exc.strerror)
@@ -181,3 +223,38 @@ class MemoryMetadata:
         await self.save()
         if self._writing is not None:  # nothing changed since a save that was cancelled
             await asyncio.gather(self._writing, return_exceptions=True)
+
+
+def _stamp(found: os.stat_result) -> Stamp:
+    return (found.st_ino, found.st_size, found.st_mtime_ns)
+
+
+def _read_snapshot(path: Path, seen: Stamp | None) -> tuple[Snapshot, Stamp] | None:
+    """The snapshot at `path` and its stamp; None when its stamp is `seen` (blocking)."""
+    with open(path, encoding="utf-8") as file:
+        stamp = _stamp(os.fstat(file.fileno()))
+        if stamp == seen:
+            return None
+        data = json.load(file)
+    return Snapshot(
+        tags={
+            (entry["upstream"], entry["repo"], entry["tag"]): TagRecord(**entry["record"])
+            for entry in data["tags"]
+        },
+        repos=sorted(set(data["repositories"])),
+        bucket_blobs={
+            digest: (int(size), float(read_at))
+            for digest, (size, read_at) in data.get("bucket_blobs", {}).items()
+        },
+        holdings={
+            (entry["upstream"], entry["repo"]): {
+                str(digest): float(at) for digest, at in entry["digests"].items()
+            }
+            for entry in data.get("holdings", [])
+        },
+    ), stamp
+
+
+def _write_snapshot(path: Path, text: str) -> Stamp:
+    """Replace the snapshot with `text`; the new file's stamp (blocking)."""
+    return _stamp(write_replacing(path, text, durable=True))

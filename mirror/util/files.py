@@ -9,17 +9,19 @@ import tempfile
 from pathlib import Path
 
 
-def write_replacing(path: Path, text: str, *, durable: bool = False) -> None:
+def write_replacing(path: Path, text: str, *, durable: bool = False) -> os.stat_result:
     """`text` into a temp file of its own beside `path`, then renamed over it (blocking);
     `durable`: the file, and then its directory, fsynced, so that a power cut leaves it
-    whole too (a marker good for seconds need not be)."""
+    whole too (a marker good for seconds need not be). The file's status as written, to
+    tell whether the file at `path` is still this one."""
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(text)
+            out.flush()
             if durable:
-                out.flush()
                 os.fsync(out.fileno())
+            written = os.fstat(out.fileno())
         os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -31,3 +33,4 @@ def write_replacing(path: Path, text: str, *, durable: bool = False) -> None:
             os.fsync(directory)  # the rename itself on disk
         finally:
             os.close(directory)
+    return written
