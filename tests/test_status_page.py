@@ -28,6 +28,7 @@ from aiohttp.test_utils import TestClient
 
 from mirror.config import Config, UpstreamConfig
 from mirror.web.monitor import create_monitor_app
+from mirror.web.status import MAX_TRACKED, REFRESH_SECONDS, TOP, PullCounter
 from tests.conftest import MakeClient
 from tests.fakehub import FakeHub
 from tests.images import DOCKER_MANIFEST, busybox_image, push_image
@@ -273,6 +274,31 @@ async def test_the_page_names_only_the_repositories_its_viewer_may_pull(
     monitor = await aiohttp_server(create_monitor_app(client.app))
     async with client.session.get(monitor.make_url("/")) as resp:
         assert sorted(Page(await resp.text()).table("Top repositories")[1:]) == everything
+
+
+def test_a_viewers_filtered_list_is_found_once_per_refresh_interval() -> None:
+    """Filtering walks every tracked name through the policy when the viewer may see few
+    (an anonymous one): once per page refresh interval for each viewer, not per view."""
+    now = [0.0]
+    pulls = PullCounter(clock=lambda: now[0])
+    for i in range(MAX_TRACKED):
+        pulls.add(f"team/repo-{i}")
+    asked: list[str] = []
+
+    def nothing(name: str) -> bool:
+        asked.append(name)
+        return False
+
+    for _ in range(50):
+        assert pulls.top(TOP, nothing, viewer="") == []
+        now[0] += REFRESH_SECONDS / 100
+    assert len(asked) == MAX_TRACKED  # the first view walked them all, the others reused it
+    assert pulls.top(TOP, lambda name: name == "team/repo-7", viewer="bob") == [("team/repo-7", 1)]
+    now[0] += REFRESH_SECONDS
+    pulls.add("team/repo-9")
+    assert pulls.top(TOP, nothing, viewer="") == []
+    assert len(asked) == 2 * MAX_TRACKED  # the window passed: found again
+    assert pulls.top(TOP, lambda name: name.endswith("-9"), viewer="bob")[0] == ("team/repo-9", 2)
 
 
 # --- in a real browser --------------------------------------------------------------------

@@ -131,12 +131,14 @@ async def unsupported(request: web.Request) -> web.Response:
 
 
 def status_response(
-    app: web.Application, shown: Callable[[str], bool] | None = None
+    app: web.Application, shown: Callable[[str], bool] | None = None, viewer: str = ""
 ) -> web.Response:
     """`/`: what a person checking on the mirror wants to see first, of the mirror's `app`
     (served on the client listeners or metrics.listen's), naming the repositories `shown`
-    lets through (None: every one)."""
-    body = render(app[config_key], app[upstreams_key], app[metrics_key], app[pulls_key], shown)
+    lets through for `viewer` (None: every one)."""
+    body = render(
+        app[config_key], app[upstreams_key], app[metrics_key], app[pulls_key], shown, viewer
+    )
     return web.Response(text=body, content_type="text/html")
 
 

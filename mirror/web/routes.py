@@ -14,6 +14,7 @@ from mirror.web import handlers
 from mirror.web.access import shown_repositories
 from mirror.web.catalog import catalog
 from mirror.web.errors import error_response
+from mirror.web.gate import subject_key
 from mirror.web.keys import config_key, metrics_key
 
 # Repository names hold slashes; the handlers validate them against the OCI grammar.
@@ -67,7 +68,7 @@ def monitoring_routes(app: web.Application) -> list[web.RouteDef]:
         # A client listener's page names what its viewer may pull; the monitoring listener
         # (metrics.listen) is the operator's own address, and names every repository.
         shown = shown_repositories(request) if request.app is app else None
-        return handlers.status_response(app, shown)
+        return handlers.status_response(app, shown, request.get(subject_key, ""))
 
     metrics = app[metrics_key]
 

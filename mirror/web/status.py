@@ -8,6 +8,7 @@ repositories its viewer may pull (mirror/web/access.py decides, as the catalogue
 from __future__ import annotations
 
 import html
+import time
 from collections import Counter
 from collections.abc import Callable
 from itertools import islice
@@ -15,17 +16,27 @@ from itertools import islice
 from mirror.config import Config
 from mirror.observe.metrics import Metrics
 from mirror.upstream.routing import Upstreams
+from mirror.util.lru import LRU
 from mirror.util.units import human_size
 
 TOP = 10
 MAX_TRACKED = 10000
+# A viewer's filtered list is kept for the page's own refresh interval: filtering walks
+# every tracked name through the pull policy until `n` pass, all of them for a viewer who
+# may see few (an anonymous one), which no page view should pay for again and again.
+REFRESH_SECONDS = 10
+VIEWS_KEPT = 256
+
+Ranking = list[tuple[str, int]]
 
 
 class PullCounter:
     """Manifest pulls per repository, bounded: the quiet ones are forgotten first."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._counts: Counter[str] = Counter()
+        self._clock = clock
+        self._views: LRU[tuple[str, int], tuple[float, Ranking]] = LRU(VIEWS_KEPT)
 
     def add(self, repository: str) -> None:
         self._counts[repository] += 1
@@ -33,14 +44,21 @@ class PullCounter:
             self._counts = Counter(dict(self._counts.most_common(MAX_TRACKED // 2)))
 
     def top(
-        self, n: int = TOP, shown: Callable[[str], bool] | None = None
-    ) -> list[tuple[str, int]]:
+        self, n: int = TOP, shown: Callable[[str], bool] | None = None, viewer: str = ""
+    ) -> Ranking:
         """The `n` most pulled repositories; with `shown`, the `n` most pulled of those it
-        lets through."""
+        lets through, as found for `viewer` (whom `shown` stands for) within the last
+        refresh interval."""
         if shown is None:
             return self._counts.most_common(n)
+        now = self._clock()
+        kept = self._views.get((viewer, n))
+        if kept is not None and now - kept[0] < REFRESH_SECONDS:
+            return kept[1]
         ranked = self._counts.most_common()
-        return list(islice((entry for entry in ranked if shown(entry[0])), n))
+        found = list(islice((entry for entry in ranked if shown(entry[0])), n))
+        self._views.put((viewer, n), (now, found))
+        return found
 
 
 def _value(metrics: Metrics, name: str, **labels: str) -> float:
@@ -80,8 +98,10 @@ def render(
     metrics: Metrics,
     pulls: PullCounter,
     shown: Callable[[str], bool] | None = None,
+    viewer: str = "",
 ) -> str:
-    """The page; `shown` says which repository names it may hold (None: every one)."""
+    """The page; `shown` says which repository names it may hold (None: every one), for
+    `viewer` (the subject it stands for: "" anonymous)."""
 
     def hits(kind: str) -> str:
         return _ratio(
@@ -107,7 +127,8 @@ def render(
     if config.storage.s3 is not None:
         bucket_up = _value(metrics, "mirror_s3_up")
         summary.append(["S3 bucket", "up" if bucket_up else "DOWN (serving uncached)"])
-    top = [[name, str(count)] for name, count in pulls.top(TOP, shown)] or [[_no_top(pulls), ""]]
+    ranking = pulls.top(TOP, shown, viewer)
+    top = [[name, str(count)] for name, count in ranking] or [[_no_top(pulls), ""]]
     return PAGE.format(
         upstreams=_rows(_upstream_rows(upstreams, metrics)),
         summary=_rows(summary),
