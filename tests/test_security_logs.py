@@ -17,6 +17,7 @@ import json
 import logging
 import re
 import socket
+import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,21 @@ def forging_heads(port: int) -> list[bytes]:
     return heads
 
 
+REFUSED_PASSWORD = "hunter2-Pa55-refused"
+REFUSED_BASIC = base64.b64encode(f"{USER}:{REFUSED_PASSWORD}".encode()).decode()
+REFUSED_BEARER = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.refusedSignature0123"
+
+
+def refused_credential_heads(port: int) -> list[bytes]:
+    """Credentials in a header aiohttp refuses to parse (DEL after the value): its error
+    quotes the header whole."""
+    return [
+        f"GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: {value}\x7f\r\n"
+        "Connection: close\r\n\r\n".encode()
+        for value in (f"Basic {REFUSED_BASIC}", f"Bearer {REFUSED_BEARER}")
+    ]
+
+
 # --- the leak: a real `mirror serve` at log level debug ----------------------------------
 
 
@@ -130,8 +146,9 @@ async def test_a_debug_log_holds_no_credential_and_no_forged_line(
     await asyncio.to_thread(mirror.start)
     try:
         secrets = await _pull_every_way(mirror, image) + s3_secrets
-        for head in forging_heads(mirror.port):
+        for head in forging_heads(mirror.port) + refused_credential_heads(mirror.port):
             await asyncio.to_thread(raw_request, mirror.port, head)
+        secrets += [REFUSED_PASSWORD, REFUSED_BASIC, REFUSED_BEARER]
         await asyncio.sleep(0.5)  # the access lines of the last requests
     finally:
         await asyncio.to_thread(mirror.stop)
@@ -145,6 +162,10 @@ async def test_a_debug_log_holds_no_credential_and_no_forged_line(
     assert any("FORGED" in line for line in lines), "the forging requests left no line at all"
     # A forged name answered as any bad request: no 500, no traceback of a refused header.
     assert "Unhandled exception" not in log and "header injection" not in log
+    # Nor an ERROR for a header aiohttp could not parse: any client can send them at will.
+    errors = [line for line in lines if (found := LINE.match(line)) and found[1] == "ERROR"]
+    assert not errors, "a client's bad header logged as an error"
+    assert "bad request (400 Invalid header value char" in log
 
 
 async def _pull_every_way(mirror: MirrorProcess, image: dict[str, Any]) -> list[str]:
@@ -204,6 +225,16 @@ def test_text_lines_escape_what_clients_send() -> None:
 def test_credentials_in_any_message_are_redacted(message: str) -> None:
     for formatter in (TextFormatter(TEXT_FORMAT), JsonFormatter()):
         assert "SECRET" not in formatter.format(_record(message)), type(formatter).__name__
+        try:
+            raise ValueError(f"refused:\n\n  b{message!r}\n{FORGED}")
+        except ValueError:
+            record = _record("error handling a request")
+            record.exc_info = sys.exc_info()
+        line = formatter.format(record)
+        assert "SECRET" not in line, type(formatter).__name__
+        assert "refused:" in line
+        if isinstance(formatter, TextFormatter):  # every line of the traceback indented
+            assert all(part.startswith("  ") for part in line.splitlines()[1:]), line
 
 
 def test_every_credential_name_passes_the_quick_check() -> None:

@@ -180,6 +180,13 @@ class WorkerFilter(logging.Filter):
         return True
 
 
+def _continuation(text: str) -> str:
+    """A traceback in a text log: an exception's message holds what a client sent (aiohttp
+    quotes a header it refused, credentials and all). Each line is redacted and escaped, and
+    indented, so none of them can pass for a record of its own."""
+    return "\n".join("  " + escape_controls(line) for line in redact(text).splitlines())
+
+
 def _millis(created: float) -> int:
     """A record's `msecs`, as LogRecord works it out."""
     return int((created - int(created)) * 1000)
@@ -191,6 +198,18 @@ class TextFormatter(_SecondStamps):
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return f"{super().formatTime(record, datefmt)},{int(record.msecs):03d}"
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The message line, then any traceback and stack, each of their lines escaped,
+        redacted and indented (what another handler may have cached on the record is not
+        used: it is neither)."""
+        record.message = record.getMessage()
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
+        more = [self.formatException(record.exc_info) if record.exc_info else record.exc_text]
+        more.append(self.formatStack(record.stack_info) if record.stack_info else None)
+        return "\n".join([line, *(_continuation(text) for text in more if text)])
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         return escape_controls(redact(super().formatMessage(record)))
@@ -213,6 +232,8 @@ class JsonFormatter(_SecondStamps):
 
     def format(self, record: logging.LogRecord) -> str:
         exception = self.formatException(record.exc_info) if record.exc_info else None
+        if exception is not None:
+            exception = redact(exception)  # a client's refused header is quoted in it
         return self._line(
             self._time(record.created, int(record.msecs)), record.levelname.lower(), record.name,
             record.getMessage(), getattr(record, "request_id", "-"),

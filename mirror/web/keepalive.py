@@ -7,14 +7,20 @@ paths too, so the handler reports there, for a few hundred nanoseconds a request
 or coroutine of its own. A request already parsed and queued behind it (pipelined, in
 aiohttp's `_messages`) keeps the connection busy; bytes arriving later are the guard's to
 see. tests/test_connections.py fails should aiohttp change either.
+
+It also logs a request aiohttp could not parse (a bad header, a line too long) as one DEBUG
+line, not an ERROR with a traceback: any client can send one, as often as it likes, and
+the access line records its 400 already.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from mirror.web.connections import OnIdle, ProtocolFactory
 
@@ -36,6 +42,19 @@ class IdleReportingHandler(web.RequestHandler):
         # keep_alive is settled once the response is prepared; falsy: aiohttp closes it.
         if response.keep_alive and not self._messages:
             self._on_idle()
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        exc = kw.get("exc_info")
+        if not isinstance(exc, HttpProcessingError):
+            super().log_exception(*args, **kw)
+        elif self.logger.isEnabledFor(logging.DEBUG):
+            # The message's first line says what was wrong; the rest quotes the bytes sent.
+            what = str(exc.message).partition("\n")[0]
+            self.logger.debug("bad request (%s %s) from %s", exc.code, what, self._peer())
+
+    def _peer(self) -> str:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        return str(peer[0]) if isinstance(peer, tuple) else "-"
 
 
 def idle_reporting(server: web.Server) -> ProtocolFactory:
