@@ -6,19 +6,23 @@ import asyncio
 import hashlib
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
+from prometheus_client import generate_latest
 
 from mirror.cache.downloads import RESERVE_AHEAD
 from mirror.config import Config
 from mirror.oci.errors import DigestMismatch
 from mirror.oci.reference import parse_digest
-from mirror.web.keys import downloads_key, storage_key, upstreams_key
+from mirror.web.keys import downloads_key, metrics_key, storage_key, upstreams_key
 from tests.fakehub import FakeHub
+from tests.rawclient import Client as RawClient
+from tests.rawclient import Endpoint
 from tests.resilience_helpers import metric_value, temp_files_settled
 
 Client = TestClient[Any, Any]
@@ -312,3 +316,45 @@ async def test_blob_verified_but_not_yet_renamed_counts_as_a_hit(
     assert metric_value(text, served, {"source": "upstream"}) == len(layer)
     assert hub.stats["cdn_get"] == 1
     assert (await wait_cached(config, digest)).read_bytes() == layer
+
+
+async def test_a_streamed_blobs_request_is_timed_to_its_head_not_its_last_byte(
+    hub: FakeHub, client: Client, config: Config
+) -> None:
+    """mirror_http_request_duration_seconds says how long a client waited for an answer:
+    a client reading a large blob slowly must not make the mirror look slow."""
+    layer = os.urandom(16 * 1024 * 1024)
+    digest = hub.content.add_blob(layer)
+    path = f"/v2/library/app/blobs/{digest}"
+    assert await (await client.get(path)).read() == layer
+    await wait_cached(config, digest)
+
+    def timed() -> tuple[float, float]:
+        text = generate_latest(client.app[metrics_key].registry).decode()
+        count = metric_value(text, "mirror_http_request_duration_seconds_count", {"route": "blob"})
+        total = metric_value(text, "mirror_http_request_duration_seconds_sum", {"route": "blob"})
+        return count or 0.0, total or 0.0
+
+    async def counted(requests: int) -> tuple[float, float]:
+        for _ in range(250):  # the middleware observes once the handler returned
+            if timed()[0] == requests:
+                break
+            await asyncio.sleep(0.02)
+        return timed()
+
+    before = await counted(1)
+    # A connection with a small fixed window (tests/rawclient.py): the body waits on it.
+    raw = await RawClient.open(Endpoint(client.server.port), rcvbuf=64 * 1024)
+    try:
+        started = time.monotonic()
+        status, headers = await raw.ask(path)
+        assert status == 200
+        await asyncio.sleep(1.0)
+        assert await raw.body(headers) == layer
+        transfer = time.monotonic() - started
+    finally:
+        await raw.close()
+    count, total = await counted(2)
+    assert (before[0], count) == (1, 2)
+    assert transfer > 1.0
+    assert total - before[1] < 0.5, (total - before[1], transfer)

@@ -23,7 +23,7 @@ from mirror.web.errors import error_response
 from mirror.web.forwarded import record_origin
 from mirror.web.gate import check_pull
 from mirror.web.keys import failures_key
-from mirror.web.stamp import request_id_key, stamp
+from mirror.web.stamp import head_sent_key, request_id_key, stamp
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -54,7 +54,8 @@ async def registry_middleware(request: web.Request, handler: Handler) -> web.Str
         return resp
     finally:
         series.counts.inc(series.requests(route, request.method, status))
-        series.durations(route).observe(time.monotonic() - started)
+        ended = request.get(head_sent_key) or time.monotonic()
+        series.durations(route).observe(ended - started)
 
 
 async def _answer(request: web.Request, handler: Handler, ids: RequestIds) -> web.StreamResponse:

@@ -5,6 +5,8 @@ prepare signal was one more coroutine on every request."""
 
 from __future__ import annotations
 
+import time
+
 from aiohttp import web
 
 from mirror.observe.logs import REQUEST_ID_HEADER
@@ -13,6 +15,9 @@ API_VERSION = "Docker-Distribution-API-Version"
 API_VERSION_VALUE = "registry/2.0"
 API_VERSION_HEADER = {API_VERSION: API_VERSION_VALUE}
 request_id_key = web.RequestKey("request_id", str)
+# When a streamed answer's head went out: the request's duration ends there, not when its
+# body did (a client reading a large blob slowly would otherwise time the client).
+head_sent_key = web.RequestKey("head_sent", float)
 
 
 def stamp(request: web.BaseRequest, response: web.StreamResponse) -> None:
@@ -28,6 +33,7 @@ def stamp(request: web.BaseRequest, response: web.StreamResponse) -> None:
 
 
 async def prepare(request: web.BaseRequest, response: web.StreamResponse) -> None:
-    """`response.prepare(request)`, stamped first."""
+    """`response.prepare(request)`, stamped first; the time it was sent noted."""
     stamp(request, response)
     await response.prepare(request)
+    request[head_sent_key] = time.monotonic()
