@@ -4,7 +4,7 @@
                                     [--sndbuf BYTES]
 
 - GET /file: the file, or a single `Range` of it, sized, in slices of SLICE bytes (one
-  send_file call each, as the mirror sends a cached blob in slices); `?pad=N` adds a
+  send_file call each, as the mirror sends a download's file in spans); `?pad=N` adds a
   header of N bytes, a head larger than a small send buffer takes at once;
 - GET /copy: the same bytes chunked (no length): send_file's copy path;
 - GET /small: a few bytes through aiohttp's writer, for the request after a body.
@@ -59,11 +59,16 @@ async def body(request: web.Request, sized: bool) -> web.StreamResponse:
         resp.content_length = end - start
     await resp.prepare(request)
     file = await asyncio.to_thread(path.open, "rb")
+    sent = [0]
+
+    def counted(length: int) -> None:
+        sent[0] += length
+
     try:
         for offset in range(start, end, SLICE):
-            await send_file(request, resp, file, offset, min(SLICE, end - offset))
+            await send_file(request, resp, file, (offset, min(SLICE, end - offset)), counted)
     except ConnectionError as exc:  # as the mirror does: nothing more to send
-        log.info("cut short: %s", exc)
+        log.info("cut short after %d bytes: %s", sent[0], exc)
         return resp
     finally:
         await asyncio.to_thread(file.close)

@@ -15,6 +15,7 @@ import http.client
 import io
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from mirror.observe.logs import (
@@ -36,8 +38,12 @@ from mirror.observe.logs import (
 )
 from mirror.web.accesslog import ACCESS_FORMAT
 from tests.e2e.clients_helpers import JWT, write_htpasswd
+from tests.fakehub import FakeHub
 from tests.images import DOCKER_MANIFEST, Image, busybox_image, file_layer, push_image
 from tests.images import single_image as build_single_image
+from tests.rawclient import Client as RawClient
+from tests.rawclient import Endpoint
+from tests.resilience_helpers import metric_value
 from tests.services import DistributionRegistry, FakeHubProcess, MirrorProcess
 
 HEX16 = re.compile(r"^[0-9a-f]{16}$")
@@ -515,3 +521,61 @@ def test_no_credential_reaches_the_log(
         found += [f"a JWT: {jwt[:24]}..." for jwt in JWT.findall(text)]
         found += CREDENTIAL.findall(text)
         assert not found, f"the log of the {name} holds: {found}"
+
+
+# --- cut transfers: a mirror process in front of the in-process fake hub ---------------------
+
+
+async def access_record(mirror: MirrorProcess, request_id: str) -> dict[str, Any]:
+    """The one access record of `request_id`, once written."""
+    for _ in range(int(LOG_WAIT / 0.05)):
+        found = [
+            record
+            for record in json_records(mirror)
+            if record.get("request_id") == request_id and record["logger"] in ACCESS_LOGGERS
+        ]
+        if found:
+            (record,) = found
+            return record
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no access record for {request_id}")
+
+
+async def served_from_cache(mirror: MirrorProcess) -> float:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{mirror.url}/metrics") as resp:
+            text = await resp.text()
+    return metric_value(text, "mirror_served_bytes_total", {"source": "cache"}) or 0.0
+
+
+async def test_a_cut_transfer_is_logged_and_counted_with_the_bytes_it_sent(
+    tmp_path: Path, hub: FakeHub
+) -> None:
+    """A client leaves part way through a large cached blob: its access line and the
+    served-bytes metric hold the bytes that went out, not none of them."""
+    layer = os.urandom(80 * 1024 * 1024)
+    path = f"/v2/library/app/blobs/{hub.content.add_blob(layer)}"
+    config = {"log": {"format": "json"}}
+    mirror = mirror_with_config(tmp_path / "mirror", hub.registry_url, config)
+    await asyncio.to_thread(mirror.start)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(mirror.url + path) as resp:
+                assert await resp.read() == layer
+        before = await served_from_cache(mirror)
+        # A connection with a small fixed window (tests/rawclient.py) that reads 10 MB.
+        raw = await RawClient.open(Endpoint(mirror.port), rcvbuf=64 * 1024)
+        read = 10 * 1024 * 1024
+        try:
+            status, _ = await raw.ask(path, "X-Request-ID: cut-1\r\n")
+            assert status == 200
+            assert len(await raw.reader.readexactly(read)) == read
+        finally:
+            await raw.close()
+        record = await access_record(mirror, "cut-1")
+        served = await served_from_cache(mirror) - before
+    finally:
+        await asyncio.to_thread(mirror.stop)
+    # What the client read, and at most what the sockets' buffers held besides.
+    assert read <= record["bytes"] <= read + 16 * 1024 * 1024, record
+    assert served == record["bytes"]

@@ -13,7 +13,9 @@ duplicate of the transport's socket descriptor instead, so it works the same on 
   transport's state is untouched for the next response on the connection;
 - a client that stops reading is given `timeout` seconds in which none of the bytes sent
   reach it (its acknowledged count, net/progress.py, looked at on each wait's recheck: no
-  timer of its own), then SendTimeout: a slow reader is never cut, however long the span.
+  timer of its own), then SendTimeout: a slow reader is never cut, however long the span;
+- the bytes are reported as each call sends them (`on_sent`), so a span cut part way is
+  counted for what went out, not for nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+from collections.abc import Callable
 
 from mirror.net.progress import Stall
 from mirror.net.tls import is_tls
@@ -35,6 +38,8 @@ RECHECK = 1.0
 _GONE = {errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN, errno.ETIMEDOUT}
 # The file or socket cannot be sent from by sendfile: the caller copies instead.
 _UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSOCK}
+# Told the bytes each sendfile call sent.
+OnSent = Callable[[int], None]
 
 
 class FileEnded(Exception):
@@ -61,11 +66,13 @@ async def sendfile(
     offset: int,
     count: int,
     timeout: float | None = None,
+    on_sent: OnSent | None = None,
 ) -> None:
     """Send `count` bytes of the file descriptor `file` from `offset` after what `transport`
-    holds. Raises NotImplementedError before anything is sent where sendfile cannot be used,
-    ConnectionResetError when the receiver goes away or the transport closes, FileEnded,
-    SendTimeout when none of the bytes reach the receiver for `timeout` seconds."""
+    holds, telling `on_sent` of each part sent. Raises NotImplementedError before anything
+    is sent where sendfile cannot be used, ConnectionResetError when the receiver goes away
+    or the transport closes, FileEnded, SendTimeout when none of the bytes reach the
+    receiver for `timeout` seconds."""
     if transport.is_closing():
         raise ConnectionResetError("the connection was closed")
     fd = socket_fd(transport)
@@ -77,12 +84,12 @@ async def sendfile(
         wait = _Wait(loop, own, transport, None if timeout is None else Stall(timeout))
         while transport.get_write_buffer_size():
             await wait.writable()
-        await _send(wait, (file, offset, count))
+        await _send(wait, (file, offset, count), on_sent)
     finally:
         os.close(own)
 
 
-async def _send(wait: _Wait, span: tuple[int, int, int]) -> None:
+async def _send(wait: _Wait, span: tuple[int, int, int], on_sent: OnSent | None) -> None:
     """The span (file, offset, count) in blocks, waiting for the socket between them."""
     file, offset, count = span
     own = wait.own
@@ -99,6 +106,8 @@ async def _send(wait: _Wait, span: tuple[int, int, int]) -> None:
         if sent > 0:
             first = False
             offset, count = offset + sent, count - sent
+            if on_sent is not None:
+                on_sent(sent)
         if count > 0:  # the socket is full, or other connections are due a turn
             await wait.writable()
 

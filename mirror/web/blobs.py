@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import BinaryIO
 
 from aiohttp import web
@@ -53,8 +53,6 @@ from mirror.web.stamp import prepare
 log = logging.getLogger(__name__)
 
 OCTET_STREAM = "application/octet-stream"
-# A cached blob goes out by sendfile in slices this big, each counted when sent.
-CACHED_SLICE = 64 * 1024 * 1024
 
 
 def parse_range(request: web.Request, size: int) -> tuple[int, int] | None:
@@ -253,12 +251,9 @@ class BlobService:
         start: int,
         length: int,
     ) -> None:
-        """Send a span of a cached file in slices, counting each as it goes (a client that
+        """Send a span of a cached file, counting its bytes as they go (a client that
         leaves mid-blob is logged with the bytes it got)."""
-        for offset in range(start, start + length, CACHED_SLICE):
-            count = min(CACHED_SLICE, start + length - offset)
-            await send_file(request, resp, file, offset, count)
-            self._sent(request, "cache", count)
+        await send_file(request, resp, file, (start, length), self._counter(request, "cache"))
 
     async def _find_elsewhere(self, request: web.Request, digest: Digest) -> Found | None:
         """Ask the store where else the blob is (a HEAD, or a 304 to be, moves no body)."""
@@ -300,9 +295,9 @@ class BlobService:
     ) -> None:
         """The store's file as it fills, by sendfile (no copy through Python)."""
         try:
-            async for offset, length in found.spans():
-                await send_file(request, resp, found.file, offset, length)
-                self._sent(request, "cache", length)
+            counted = self._counter(request, "cache")
+            async for span in found.spans():
+                await send_file(request, resp, found.file, span, counted)
         except StoreReadError as exc:
             raise TransferAborted(str(exc)) from None
         finally:
@@ -384,6 +379,16 @@ class BlobService:
         self._metrics.served_bytes.labels(origin).inc(length)
         request[sent_key] = request.get(sent_key, 0) + length
 
+    def _counter(self, request: web.Request, origin: str) -> Callable[[int], None]:
+        """`_sent` for a file sent in parts, told of each part as it goes out."""
+        served = self._metrics.served_bytes.labels(origin)
+
+        def sent(length: int) -> None:
+            served.inc(length)
+            request[sent_key] = request.get(sent_key, 0) + length
+
+        return sent
+
     async def _size_uncached(
         self, upstream: Upstream, repo: str, digest: Digest, held: bool
     ) -> int | None:
@@ -433,9 +438,9 @@ class BlobService:
             pos = start
             file = await download.open_file()
             try:
+                counted = self._counter(request, origin)
                 async for offset, length in download.spans(start, end):
-                    await send_file(request, resp, file, offset, length)
-                    self._sent(request, origin, length)
+                    await send_file(request, resp, file, (offset, length), counted)
                     pos = offset + length
             except CacheWriteFailed:
                 # The disk filled up under the download: finish this client from upstream.

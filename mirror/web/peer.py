@@ -110,10 +110,10 @@ async def _send(
         resp.content_length = max(size - offset, 0)
     await prepare(request, resp)
     metrics.peer_streams.labels("out").inc()
+    sent = metrics.peer_bytes.labels("out").inc
     try:
         async for file, start, length in spans:
-            await send_file(request, resp, file, start, length)
-            metrics.peer_bytes.labels("out").inc(length)
+            await send_file(request, resp, file, (start, length), sent)
     except (RegistryError, ConnectionError) as exc:
         # Headers are gone: cutting the connection is how the follower learns it broke.
         log.info("blob %s to a replica cut short: %s", digest, exc)

@@ -24,10 +24,16 @@ READ_CHUNK = 1024 * 1024
 
 
 async def send_file(
-    request: web.Request, resp: web.StreamResponse, file: BinaryIO, offset: int, length: int
+    request: web.Request,
+    resp: web.StreamResponse,
+    file: BinaryIO,
+    span: tuple[int, int],
+    on_sent: sendfile.OnSent,
 ) -> None:
-    """`length` bytes of `file` from `offset` after `resp`'s headers (prepared already):
-    straight to the socket by sendfile, with no copy through Python, where it can be."""
+    """The `span` (offset, length) of `file` after `resp`'s headers (prepared already):
+    straight to the socket by sendfile, with no copy through Python, where it can be.
+    `on_sent` is told the bytes as they go out, so a cut transfer counts what it sent."""
+    offset, length = span
     transport = request.transport
     if transport is None or transport.is_closing():
         raise ConnectionResetError("the receiver went away")
@@ -38,7 +44,7 @@ async def send_file(
             # A StreamResponse's head went out at prepare(): the body may bypass aiohttp's
             # writer, as its FileResponse does.
             timeout = send_timeout(transport)
-            await sendfile.sendfile(transport, file.fileno(), offset, length, timeout)
+            await sendfile.sendfile(transport, file.fileno(), offset, length, timeout, on_sent)
             return
         except NotImplementedError:  # TLS, or a file or socket sendfile refuses
             pass
@@ -52,4 +58,6 @@ async def send_file(
             raise
     for pos in range(offset, offset + length, READ_CHUNK):
         size = min(READ_CHUNK, offset + length - pos)
-        await resp.write(await asyncio.to_thread(os.pread, file.fileno(), size, pos))
+        chunk = await asyncio.to_thread(os.pread, file.fileno(), size, pos)
+        await resp.write(chunk)
+        on_sent(len(chunk))
