@@ -43,6 +43,7 @@ from tests.services import (
     free_port,
     wait_for,
 )
+from tests.test_status_page import Page
 
 WORKERS = 2
 
@@ -320,3 +321,57 @@ def test_a_taken_port_is_one_line_before_any_worker_starts(tmp_path: Path) -> No
     ]
     assert "workers serving" not in done.stdout + done.stderr
     print(f"exited in {time.monotonic() - started:.1f}s")
+
+
+async def test_the_status_page_shows_every_workers_figures_whichever_answers(
+    tmp_path: Path,
+    hub: FakeHubProcess,
+    big: RandomImage,
+    session: aiohttp.ClientSession,
+    stop_after: list[MirrorProcess],
+) -> None:
+    """Served bytes and the cache size are the sums /metrics shows, not the figures of the
+    worker that happened to answer: page after page, they stay the same."""
+    mirror = start_mirror(tmp_path, hub.registry_url)
+    stop_after.append(mirror)
+
+    def answered(path: str) -> list[dict[str, Any]]:
+        return [r for r in log_records(mirror) if r.get("path") == path]
+
+    async def until_both_answer(path: str, check: Any) -> None:
+        for sent in range(1, 61):
+            async with session.get(mirror.url + path) as resp:
+                assert resp.status == 200
+                check(await resp.read())
+            await _logged(lambda n=sent: len(answered(path)) >= n)
+            if {r["worker"] for r in answered(path)} == {1, 2}:
+                return
+        raise AssertionError(f"one worker answered every {path}")
+
+    def whole(body: bytes) -> None:
+        assert body == big.data
+
+    await until_both_answer(big.blob_path, whole)
+    pages: list[dict[str, str]] = []
+    await until_both_answer("/", lambda body: pages.append(Page(body.decode()).summary()))
+    for _ in range(max(10 - len(pages), 1)):
+        async with session.get(f"{mirror.url}/") as resp:
+            text = await resp.text()
+            pages.append(Page(text).summary())
+    assert f"Pulls counted by the worker that answered this page (one of {WORKERS})" in text
+    shown = {
+        (page["Served from cache"], page["Served from upstream"], page["Cache size"])
+        for page in pages
+    }
+    assert len(shown) == 1, shown
+    ((from_cache, from_upstream, size),) = shown
+    assert from_upstream == "16.0 MiB" and size.startswith("16.0 MiB"), shown
+    assert from_cache == f"{16 * (len(answered(big.blob_path)) - 1)}.0 MiB"
+
+
+async def _logged(condition: Any) -> None:
+    for _ in range(100):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("not logged")

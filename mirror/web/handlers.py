@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from urllib.parse import urlencode
@@ -30,7 +31,7 @@ from mirror.web.keys import (
     upstreams_key,
 )
 from mirror.web.stamp import API_VERSION_HEADER
-from mirror.web.status import render
+from mirror.web.status import render, samples
 
 STALE_WARNING = '110 - "Response is Stale"'
 
@@ -130,15 +131,15 @@ async def unsupported(request: web.Request) -> web.Response:
     raise Unsupported(f"{request.method} is not supported by a pull-through mirror")
 
 
-def status_response(
+async def status_response(
     app: web.Application, shown: Callable[[str], bool] | None = None, viewer: str = ""
 ) -> web.Response:
     """`/`: what a person checking on the mirror wants to see first, of the mirror's `app`
     (served on the client listeners or metrics.listen's), naming the repositories `shown`
     lets through for `viewer` (None: every one)."""
-    body = render(
-        app[config_key], app[upstreams_key], app[metrics_key], app[pulls_key], shown, viewer
-    )
+    # In a thread, as /metrics: with workers, collecting reads every worker's files.
+    values = await asyncio.to_thread(samples, app[metrics_key])
+    body = render(app[config_key], app[upstreams_key], values, app[pulls_key], shown, viewer)
     return web.Response(text=body, content_type="text/html")
 
 

@@ -68,7 +68,7 @@ def monitoring_routes(app: web.Application) -> list[web.RouteDef]:
         # A client listener's page names what its viewer may pull; the monitoring listener
         # (metrics.listen) is the operator's own address, and names every repository.
         shown = shown_repositories(request) if request.app is app else None
-        return handlers.status_response(app, shown, request.get(subject_key, ""))
+        return await handlers.status_response(app, shown, request.get(subject_key, ""))
 
     metrics = app[metrics_key]
 

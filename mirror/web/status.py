@@ -28,6 +28,14 @@ REFRESH_SECONDS = 10
 VIEWS_KEPT = 256
 
 Ranking = list[tuple[str, int]]
+# A sample's value by its name and sorted labels.
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+# The series the page shows.
+SHOWN = {
+    "mirror_cache_requests_total", "mirror_served_bytes_total", "mirror_cache_size_bytes",
+    "mirror_upstream_fetches_in_flight", "mirror_storage_writable", "mirror_metadata_up",
+    "mirror_s3_up", "mirror_upstream_ratelimit_remaining",
+}  # fmt: skip
 
 
 class PullCounter:
@@ -61,8 +69,26 @@ class PullCounter:
         return found
 
 
-def _value(metrics: Metrics, name: str, **labels: str) -> float:
-    return metrics.registry.get_sample_value(name, labels) or 0.0
+def samples(metrics: Metrics) -> Samples:
+    """The values the page shows, from what /metrics serves: with workers, every worker's
+    (one worker's own would differ from page to page). Blocking: with workers it reads
+    their files."""
+    # Filtered here: a restricted registry sees nothing of the workers' collector, which
+    # names no series before it collects.
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in metrics.exposed.collect()
+        for sample in family.samples
+        if sample.name in SHOWN
+    }
+
+
+def _sample(values: Samples, name: str, **labels: str) -> float | None:
+    return values.get((name, tuple(sorted(labels.items()))))
+
+
+def _value(values: Samples, name: str, **labels: str) -> float:
+    return _sample(values, name, **labels) or 0.0
 
 
 def _ratio(hits: float, misses: float) -> str:
@@ -79,13 +105,11 @@ def _no_top(pulls: PullCounter) -> str:
     return "(none to show)" if pulls.top(1) else "(no pulls yet)"
 
 
-def _upstream_rows(upstreams: Upstreams, metrics: Metrics) -> list[list[str]]:
+def _upstream_rows(upstreams: Upstreams, values: Samples) -> list[list[str]]:
     rows = []
     for upstream in upstreams:
         health = "failing" if upstream.breaker.is_open else "up"
-        remaining = metrics.registry.get_sample_value(
-            "mirror_upstream_ratelimit_remaining", {"upstream": upstream.name}
-        )
+        remaining = _sample(values, "mirror_upstream_ratelimit_remaining", upstream=upstream.name)
         budget = "–" if remaining is None else f"{int(remaining)}"
         default = " (default)" if upstream is upstreams.default else ""
         rows.append([upstream.name + default, upstream.url, health, budget])
@@ -95,22 +119,23 @@ def _upstream_rows(upstreams: Upstreams, metrics: Metrics) -> list[list[str]]:
 def render(
     config: Config,
     upstreams: Upstreams,
-    metrics: Metrics,
+    values: Samples,
     pulls: PullCounter,
     shown: Callable[[str], bool] | None = None,
     viewer: str = "",
 ) -> str:
-    """The page; `shown` says which repository names it may hold (None: every one), for
-    `viewer` (the subject it stands for: "" anonymous)."""
+    """The page from the metrics' `values` (`samples`); `shown` says which repository
+    names it may hold (None: every one), for `viewer` (the subject it stands for: ""
+    anonymous)."""
 
     def hits(kind: str) -> str:
         return _ratio(
-            _value(metrics, "mirror_cache_requests_total", kind=kind, result="hit"),
-            _value(metrics, "mirror_cache_requests_total", kind=kind, result="miss"),
+            _value(values, "mirror_cache_requests_total", kind=kind, result="hit"),
+            _value(values, "mirror_cache_requests_total", kind=kind, result="miss"),
         )
 
-    from_cache = _value(metrics, "mirror_served_bytes_total", source="cache")
-    from_upstream = _value(metrics, "mirror_served_bytes_total", source="upstream")
+    from_cache = _value(values, "mirror_served_bytes_total", source="cache")
+    from_upstream = _value(values, "mirror_served_bytes_total", source="upstream")
     bound = config.storage.max_size
     summary = [
         ["Blob hit ratio (requests)", hits("blob")],
@@ -118,22 +143,27 @@ def render(
         ["Hit ratio (bytes)", _ratio(from_cache, from_upstream)],
         ["Served from cache", human_size(from_cache)],
         ["Served from upstream", human_size(from_upstream)],
-        ["Cache size", human_size(_value(metrics, "mirror_cache_size_bytes"))
+        ["Cache size", human_size(_value(values, "mirror_cache_size_bytes"))
          + (f" of {human_size(bound)}" if bound else " (unbounded)")],
-        ["Downloads in flight", f"{int(_value(metrics, 'mirror_upstream_fetches_in_flight'))}"],
-        ["Storage writable", "yes" if _value(metrics, "mirror_storage_writable") else "NO"],
-        ["Metadata store", "up" if _value(metrics, "mirror_metadata_up") else "DOWN (in-process)"],
+        ["Downloads in flight", f"{int(_value(values, 'mirror_upstream_fetches_in_flight'))}"],
+        ["Storage writable", "yes" if _value(values, "mirror_storage_writable") else "NO"],
+        ["Metadata store", "up" if _value(values, "mirror_metadata_up") else "DOWN (in-process)"],
     ]  # fmt: skip
     if config.storage.s3 is not None:
-        bucket_up = _value(metrics, "mirror_s3_up")
+        bucket_up = _value(values, "mirror_s3_up")
         summary.append(["S3 bucket", "up" if bucket_up else "DOWN (serving uncached)"])
     ranking = pulls.top(TOP, shown, viewer)
     top = [[name, str(count)] for name, count in ranking] or [[_no_top(pulls), ""]]
     return PAGE.format(
-        upstreams=_rows(_upstream_rows(upstreams, metrics)),
+        upstreams=_rows(_upstream_rows(upstreams, values)),
         summary=_rows(summary),
         top=_rows(top),
+        # Each worker counts the pulls it answers; the figures above are every worker's.
+        top_note=PER_WORKER.format(config.workers) if config.workers > 1 else "",
     )
+
+
+PER_WORKER = "<p>Pulls counted by the worker that answered this page (one of {}).</p>\n"
 
 
 PAGE = """<!doctype html>
@@ -153,6 +183,6 @@ th {{ background: #f4f4f4; }}
 <table>{summary}</table>
 <h2>Top repositories</h2>
 <table><tr><th>repository</th><th>manifest pulls</th></tr>{top}</table>
-<p><a href="/metrics">metrics</a> · <a href="/readyz">readiness</a></p>
+{top_note}<p><a href="/metrics">metrics</a> · <a href="/readyz">readiness</a></p>
 </body></html>
 """
