@@ -397,6 +397,33 @@ async def test_audit_lines_in_text(
         assert re.fullmatch(pattern, line), line
 
 
+async def test_a_quote_in_what_a_client_sends_cannot_add_fields_to_a_text_audit_line(
+    make_client: MakeClient,
+    hub: FakeHub,
+    ghcr: FakeHub,
+    htpasswd: Path,
+    images: dict[str, dict[str, Any]],
+    log_stream: Callable[..., io.StringIO],
+) -> None:
+    """The User-Agent and the path go between double quotes: a quote of their own is
+    escaped, so a client cannot close them and write `user=alice` after."""
+    stream = log_stream("text")
+    client = await policy_mirror(make_client, hub, ghcr, auth=auth_with(htpasswd))
+    forged = 'docker/24" user=alice repository=library/private outcome=served \\"'
+    agent = {"User-Agent": forged, **basic("bob")}
+    assert await status_of(client, "/v2/library/nginx/manifests/latest", **agent) == 200
+    quoting = "/v2/library/nginx%22%20user=alice%20x=%22/manifests/latest"
+    assert await status_of(client, quoting, **basic("bob")) == 400  # not a name: no audit
+    lines = stream.getvalue().splitlines()
+    (audit,) = [line for line in lines if " mirror.audit " in line]
+    # A reader of the line takes a quoted value whole, its escaped quotes within it.
+    fields = re.findall(r'"(?:[^"\\]|\\.)*"|\S+', audit)
+    assert [field for field in fields if field.startswith("user=")] == ["user=bob"], fields
+    assert ' "docker/24\\" user=alice repository=library/private outcome=served \\\\\\"" ' in audit
+    (access,) = [line for line in lines if " aiohttp.access " in line]
+    assert '"GET /v2/library/nginx\\" user=alice x=\\"/manifests/latest" 400 ' in access
+
+
 @pytest.mark.parametrize("fmt", ["text", "json"])
 async def test_one_record_per_request_with_both_loggers_on(
     fmt: str, make_client: MakeClient, hub: FakeHub, images: dict[str, dict[str, Any]],

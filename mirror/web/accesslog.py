@@ -61,14 +61,15 @@ class AccessLogger(AbstractAccessLogger):
             return
         request_id = response.headers.get(REQUEST_ID_HEADER, "-")
         args = _access_args(request, response, time)
+        shown = _quoted(args)
         # The fields by name are for JSON lines (and other handlers' records) only: a text
-        # line, nearly every line, is made from `args` alone.
+        # line, nearly every line, is made from `shown` alone.
         if pending is None:
-            log_request_line(logger, ACCESS_FORMAT, args, lambda: _by_name(args), request_id)
+            log_request_line(logger, ACCESS_FORMAT, shown, lambda: _by_name(args), request_id)
             return
         text = audit_text(pending, response)
         log_request_line(
-            logger, AUDIT_FORMAT, (*args, text),
+            logger, AUDIT_FORMAT, (*shown, text),
             lambda: _by_name(args) | audit_fields(pending, request, response), request_id,
         )  # fmt: skip
 
@@ -82,6 +83,21 @@ def _access_args(
         request.method, request.path, response.status, body_bytes(request, response), time,
         request.get(upstream_name_key, "-"), request.headers.get("User-Agent", "-"),
     )  # fmt: skip
+
+
+def _quoted(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The access line's args as the line shows them: the path and User-Agent, written
+    between double quotes, with their own quotes and backslashes escaped, so that neither
+    can close its quotes and add fields of its own (a second `user=`)."""
+    remote, method, path, status, sent, time, upstream, user_agent = args
+    return (remote, method, _inside_quotes(path), status, sent, time, upstream,
+            _inside_quotes(user_agent))  # fmt: skip
+
+
+def _inside_quotes(text: str) -> str:
+    if '"' not in text and "\\" not in text:
+        return text
+    return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def _by_name(args: tuple[Any, ...]) -> dict[str, Any]:
