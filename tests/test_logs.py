@@ -579,3 +579,49 @@ async def test_a_cut_transfer_is_logged_and_counted_with_the_bytes_it_sent(
     # What the client read, and at most what the sockets' buffers held besides.
     assert read <= record["bytes"] <= read + 16 * 1024 * 1024, record
     assert served == record["bytes"]
+
+
+async def test_a_transfer_cut_by_the_mirror_says_so_in_its_access_line_and_metric(
+    tmp_path: Path, hub: FakeHub
+) -> None:
+    """A blob whose bytes fail their digest is cut after its 200 went out: the access line
+    says `outcome=aborted` (the status alone says all went well), and the request counts
+    as aborted, not as a 200."""
+    digest = hub.content.add_blob(os.urandom(2 * 1024 * 1024))
+    hub.corrupt_blobs.add(digest)
+    path = f"/v2/library/app/blobs/{digest}"
+    aborted = {"route": "blob", "method": "GET", "status": "aborted"}
+    for fmt in ("json", "text"):
+        mirror = mirror_with_config(tmp_path / fmt, hub.registry_url, {"log": {"format": fmt}})
+        await asyncio.to_thread(mirror.start)
+        try:
+            async with aiohttp.ClientSession() as session:
+                headers = {"X-Request-ID": f"corrupt-{fmt}"}
+                async with session.get(mirror.url + path, headers=headers) as resp:
+                    assert resp.status == 200
+                    with pytest.raises(aiohttp.ClientPayloadError):
+                        await resp.read()
+            if fmt == "json":
+                record = await access_record(mirror, "corrupt-json")
+                assert (record["status"], record["outcome"]) == (200, "aborted"), record
+            else:
+                (line,) = await _access_lines(mirror, "[corrupt-text]")
+                assert line.endswith(" outcome=aborted"), line
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"{mirror.url}/metrics") as resp:
+                    metrics = await resp.text()
+        finally:
+            await asyncio.to_thread(mirror.stop)
+        # Counted before the access line is written.
+        assert metric_value(metrics, "mirror_http_requests_total", aborted) == 1
+
+
+async def _access_lines(mirror: MirrorProcess, request_id: str) -> list[str]:
+    """The text access lines holding `request_id`, once written."""
+    for _ in range(int(LOG_WAIT / 0.05)):
+        found = [line for line in log_lines(mirror)
+                 if request_id in line and " aiohttp.access " in line]  # fmt: skip
+        if found:
+            return found
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no access line for {request_id}")

@@ -27,6 +27,8 @@ sent_key = web.RequestKey("sent", int)
 # The registry a request was routed to, for the access line.
 upstream_name_key = web.RequestKey("upstream_name", str)
 ACCESS_FORMAT = '%s "%s %s" %s %sB %.3fs upstream=%s "%s"'
+# A response cut after its head: its access line, then how it ended (outcome_key).
+CUT_FORMAT = ACCESS_FORMAT + " outcome=%s"
 # A manifest request's one record: its access line, then what only the audit says.
 AUDIT_FORMAT = ACCESS_FORMAT + " %s"
 
@@ -65,7 +67,14 @@ class AccessLogger(AbstractAccessLogger):
         # The fields by name are for JSON lines (and other handlers' records) only: a text
         # line, nearly every line, is made from `shown` alone.
         if pending is None:
-            log_request_line(logger, ACCESS_FORMAT, shown, lambda: _by_name(args), request_id)
+            cut = request.get(outcome_key)
+            if cut is None:
+                log_request_line(logger, ACCESS_FORMAT, shown, lambda: _by_name(args), request_id)
+            else:  # the status went out with the head: the line says the body did not, whole
+                log_request_line(
+                    logger, CUT_FORMAT, (*shown, cut),
+                    lambda: _by_name(args) | {"outcome": cut}, request_id,
+                )  # fmt: skip
             return
         text = audit_text(pending, response)
         log_request_line(

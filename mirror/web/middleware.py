@@ -52,6 +52,12 @@ async def registry_middleware(request: web.Request, handler: Handler) -> web.Str
         resp = await _answer(request, handler, series.ids)
         status = request.get(outcome_key) or str(resp.status)
         return resp
+    except ConnectionError:
+        status = "client_closed"
+        raise
+    except Exception:
+        status = "500"  # what aiohttp answers for it
+        raise
     finally:
         series.counts.inc(series.requests(route, request.method, status))
         ended = request.get(head_sent_key) or time.monotonic()
