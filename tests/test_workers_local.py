@@ -28,8 +28,10 @@ from mirror.storage.localflight import (
     Sibling,
     sweep,
 )
+from mirror.web.keys import metrics_key
 from tests.conftest import MakeClient
 from tests.fakehub import FakeHub
+from tests.workers_helpers import eventually
 
 DIGEST = parse_digest("sha256:" + "ab" * 32)
 
@@ -199,3 +201,39 @@ async def test_a_blob_download_that_failed_fails_the_other_workers_clients_too(
     await asyncio.sleep(FAILED_FOR + 0.5)
     assert await status(second, 0.0) == 200
     assert hub.stats["blob_get"] == fetched + 1
+
+
+async def test_one_download_followed_by_another_worker_is_one_in_flight_and_one_join(
+    hub: FakeHub, make_client: MakeClient
+) -> None:
+    """`mirror_upstream_fetches_in_flight` is summed over the workers: the worker that
+    follows another's download is not fetching, it joined one."""
+    data = os.urandom(4 * 1024 * 1024)
+    digest = hub.content.add_blob(data)
+    hub.cdn_delay = 0.01  # a few seconds for the whole blob
+    clients = [await make_client(workers=2), await make_client(workers=2)]
+    metrics = [client.app[metrics_key] for client in clients]
+
+    def in_flight() -> float:
+        return sum(m.upstream_fetches_in_flight._value.get() for m in metrics)
+
+    async def get(client: Any) -> bytes:
+        resp = await client.get(f"/v2/library/x/blobs/{digest}")
+        assert resp.status == 200
+        body: bytes = await resp.read()
+        return body
+
+    first = asyncio.create_task(get(clients[0]))
+    await eventually("the first worker's fetch", lambda: hub.stats["blob_get"] == 1)
+    second = asyncio.create_task(get(clients[1]))
+    await asyncio.sleep(0.5)  # the second worker found the first one's download: it follows
+    assert not first.done()
+    seen = {in_flight()}
+    while not first.done():
+        seen.add(in_flight())
+        await asyncio.sleep(0.05)
+    assert await first == data and await second == data
+    assert seen == {1}, seen
+    assert hub.stats["blob_get"] == 1
+    assert [m.joined_requests._value.get() for m in metrics] == [0, 1]
+    await eventually("no download left", lambda: in_flight() == 0)

@@ -305,7 +305,10 @@ class Downloads:
             log.warning("blob %s download failed: %s", download.digest, error.message)
 
     async def _run(self, download: Download, upstream: Upstream, repo: str) -> None:
-        self._metrics.upstream_fetches_in_flight.inc()
+        # In flight once this process is the one to fetch: following another worker's
+        # download is that worker's fetch, counted there (the gauge is summed over them).
+        in_flight = self._metrics.upstream_fetches_in_flight
+        fetching = False
         started = time.monotonic()
         fd: int | None = None
         owned: Path | None = None  # the temp file is this process's to remove on failure
@@ -323,12 +326,13 @@ class Downloads:
             if reached is not None and not self._storage.fits(reached):
                 raise Uncacheable(f"blob {download.digest} is larger than the cache")
             hasher = download.digest.hasher()
-            if self._local is not None:
-                if not await self._take_locally(download, held):
-                    return  # another process fetched it
-                if download.claim is not None and download.claim.previous is not None:
-                    fd = await self._adopt(download, download.claim.previous, hasher)
-                    owned = download.temp
+            if self._local is not None and not await self._take_locally(download, held):
+                return  # another process fetched it
+            in_flight.inc()
+            fetching = True
+            if download.claim is not None and download.claim.previous is not None:
+                fd = await self._adopt(download, download.claim.previous, hasher)
+                owned = download.temp
             if fd is None or download.written != download.size:
                 body = await self._open(download, upstream, repo, held)
                 if fd is None:
@@ -375,7 +379,8 @@ class Downloads:
         finally:
             self._forget(download)
             await held.aclose()
-            self._metrics.upstream_fetches_in_flight.dec()
+            if fetching:
+                in_flight.dec()
 
     async def _tell_followers(
         self, download: Download, exc: BaseException, error: RegistryError
@@ -412,8 +417,12 @@ class Downloads:
         it (`download.claim`); False when another one's download left it in the cache."""
         local = self._local
         assert local is not None
+        joined = False
         while True:
             claimed = await in_thread(lambda: local.claim(download.digest))
+            if isinstance(claimed, Sibling) and not joined:
+                joined = True  # another process's download, as a request joins one here
+                self._metrics.joined_requests.inc()
             got = await self._follow(download, claimed) if isinstance(claimed, Sibling) else claimed
             if isinstance(got, Claim):
                 held.push_async_callback(asyncio.to_thread, got.release)
