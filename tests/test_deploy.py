@@ -1558,7 +1558,7 @@ def test_haproxy_round_robins_over_the_replicas_without_stickiness() -> None:
 
 def test_haproxy_forwards_the_client_address_it_saw() -> None:
     """`option forwardfor`, and proxy headers from clients dropped first: the replicas
-    believe haproxy's X-Forwarded-For, and read its first line only."""
+    believe haproxy's X-Forwarded-For (every line of it, in order, read as one list)."""
     (frontend,) = [s for name, s in _haproxy_sections().items() if name == "frontend registry"]
     assert ["option", "forwardfor"] in frontend
     for header in ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host"):

@@ -26,6 +26,7 @@ import aiohttp
 import bcrypt
 import pytest
 from aiohttp.test_utils import TestClient
+from multidict import CIMultiDict
 
 from mirror.config import AuthConfig, Config
 from mirror.config.monitoring import MetricsConfig
@@ -324,6 +325,22 @@ async def test_a_trusted_proxy_names_the_client(
     forwarded = {"X-Forwarded-For": "1.2.3.4, 203.0.113.9, 10.1.1.1"}
     assert (await client.get(f"/v2/{REPO}/manifests/latest", headers=forwarded)).status == 200
     assert await forwarded_count(client) == 0
+    clients = {_field(r, "client") for r in caplog.records if r.name == "mirror.audit"}
+    assert clients == {"203.0.113.9"}
+
+
+async def test_a_proxys_own_x_forwarded_for_line_is_read_after_the_clients(
+    aiohttp_client: Any, config: Config, hub: FakeHub, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A proxy that adds a line of its own (haproxy's `option forwardfor`) after the one
+    its client sent: the lines are one list, so the client's line cannot name the client."""
+    hub.content.add_image(REPO, "latest", [b"layer"])
+    trusted = (ipaddress.ip_network("127.0.0.1/32"),)
+    app = create_app(Config(**{**config.__dict__, "trusted_proxies": trusted}))
+    client = await aiohttp_client(app)
+    caplog.set_level(logging.INFO)
+    lines = CIMultiDict([("X-Forwarded-For", "6.6.6.6"), ("X-Forwarded-For", "203.0.113.9")])
+    assert (await client.get(f"/v2/{REPO}/manifests/latest", headers=lines)).status == 200
     clients = {_field(r, "client") for r in caplog.records if r.name == "mirror.audit"}
     assert clients == {"203.0.113.9"}
 

@@ -50,7 +50,11 @@ def record_origin(request: web.Request) -> None:
     was sent; count proxy headers from peers not trusted to send them. Without any, the
     origin is the TCP peer's, worked out only when asked (`origin_of`)."""
     present = request.headers
-    headers = {name: present[name] for name in FORWARDED_HEADERS if name in present}
+    # Every line of each, in order, as one list: a proxy may append a line of its own
+    # (haproxy's `option forwardfor` does) after one its client sent.
+    headers = {
+        name: ", ".join(present.getall(name)) for name in FORWARDED_HEADERS if name in present
+    }
     if not headers:
         return
     peer = request.remote or "-"
