@@ -375,3 +375,22 @@ async def _logged(condition: Any) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError("not logged")
+
+
+async def test_sigterm_leaves_the_workers_their_drain_before_the_kill_deadline(
+    tmp_path: Path, session: aiohttp.ClientSession, stop_after: list[MirrorProcess]
+) -> None:
+    """Each worker answers /readyz 503 for shutdown_delay, still serving, before its
+    requests get shutdown_timeout: a supervisor that counted shutdown_timeout alone
+    (and its cleanup grace) killed workers drained for longer than that grace."""
+    mirror = start_mirror(tmp_path, "http://127.0.0.1:9", shutdown_delay="18s",
+                          shutdown_timeout="1s")  # fmt: skip
+    stop_after.append(mirror)
+    assert mirror.proc is not None
+    os.kill(mirror.pid, signal.SIGTERM)
+    async with session.get(f"{mirror.url}/readyz") as resp:
+        assert resp.status == 503  # draining: the listeners stay open meanwhile
+    status = await asyncio.to_thread(mirror.proc.wait, 60)
+    log = log_since_last_start(mirror.log_path)
+    assert status == 0, tail(log)
+    assert "did not stop in time" not in log, tail(log)
