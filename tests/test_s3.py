@@ -16,15 +16,18 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from mirror import commands
-from mirror.config import Config, RedisConfig, StorageConfig
+from mirror.config import Config, ConfigError, RedisConfig, StorageConfig
 from mirror.config.s3 import S3Config
 from mirror.metadata.fallback import open_metadata
 from mirror.metadata.store import MetadataStore
+from mirror.observe.metrics import Metrics
 from mirror.oci.reference import parse_digest
 from mirror.storage.localflight import Claim, LocalFlight
+from mirror.storage.s3.bucket import Bucket
 from mirror.storage.s3.upload import part_size
 from mirror.storage.tiered import TieredStorage
 from mirror.web.app import create_app
@@ -811,3 +814,46 @@ async def test_records_in_redis_let_a_new_mirror_redirect_with_no_s3_request(
 
     assert resp.status == 307
     assert await s3_requests(second) == before
+
+
+@pytest.mark.parametrize("status", [500, 503, 429])
+async def test_a_bucket_that_fails_for_now_at_start_is_down_not_a_config_error(
+    aiohttp_server: Any, status: int
+) -> None:
+    """A 5xx or throttling at start passes: the mirror starts with the bucket down (and
+    probes it), as when it is unreachable. Exit status 2 is for what the operator must fix,
+    and is taken as final (systemd's RestartPreventExitStatus, the supervisor)."""
+    bucket, asked = await _bucket_answering(aiohttp_server, status)
+    try:
+        await bucket.open()
+        assert not bucket.up and asked
+        assert bucket._metrics.registry.get_sample_value("mirror_s3_up") == 0
+    finally:
+        await bucket.close()
+
+
+@pytest.mark.parametrize("status", [403, 404])
+async def test_a_bucket_refused_or_missing_at_start_is_a_config_error(
+    aiohttp_server: Any, status: int
+) -> None:
+    bucket, _ = await _bucket_answering(aiohttp_server, status)
+    with pytest.raises(ConfigError):
+        await bucket.open()
+
+
+async def _bucket_answering(aiohttp_server: Any, status: int) -> tuple[Bucket, list[str]]:
+    """A Bucket in front of an S3-speaking server answering `status` to everything."""
+    asked: list[str] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        asked.append(f"{request.method} {request.path}")
+        return web.Response(status=status)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    server = await aiohttp_server(app)
+    config = S3Config(
+        bucket="mirror-cache", endpoint=str(server.make_url("")).rstrip("/"),
+        access_key_id="key", secret_access_key="secret",
+    )  # fmt: skip
+    return Bucket(config, Metrics()), asked

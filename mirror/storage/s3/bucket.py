@@ -57,6 +57,8 @@ class BucketUnavailable(Exception):
     """The bucket did not answer (unreachable, timed out, or a 5xx after retries)."""
 
 
+# Refusals that pass of themselves (timeout, throttling): at start, the bucket is down.
+TRANSIENT = frozenset({408, 429})
 # What a call on the bucket may raise: down, or an answer other than the one expected.
 S3_ERRORS = (BucketUnavailable, ClientError, BotoCoreError)
 
@@ -132,7 +134,11 @@ class Bucket:
                 config=config,
             )
         )
-        await self.check()
+        try:
+            await self.check()
+        except ConfigError:
+            await self._stack.aclose()  # the mirror stops: the client's session with it
+            raise
 
     async def close(self) -> None:
         self._closed = True
@@ -147,7 +153,10 @@ class Bucket:
         return self._client
 
     async def check(self) -> None:
-        """HeadBucket, naming the failing check in a ConfigError."""
+        """HeadBucket, naming the failing check in a ConfigError: only what the operator
+        must fix (no such bucket, refused credentials, another refusal). What passes (a
+        5xx, throttling, a timeout) starts the mirror with the bucket down, as one that
+        is unreachable: exit status 2 is taken as final (systemd, the supervisor)."""
         try:
             await self._call("HeadBucket", lambda: self.client.head_bucket(Bucket=self.name))
         except NoCredentialsError:
@@ -156,6 +165,12 @@ class Bucket:
             ) from None
         except ClientError as exc:
             status = _status(exc)
+            if status in TRANSIENT:
+                self._failed(f"HeadBucket answered {status}")
+                log.warning(
+                    "S3 bucket %s answered %d at start: serving uncached", self.name, status
+                )
+                return
             if status == 404:
                 raise ConfigError(
                     "storage.s3.bucket", f"no bucket {self.name!r} at the endpoint"
