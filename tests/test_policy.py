@@ -345,6 +345,18 @@ def test_bad_rules_name_the_key(
     assert message in str(caught.value)
 
 
+def test_rules_without_htpasswd_must_let_anonymous_clients_pull() -> None:
+    """Without an htpasswd file nobody logs in: rules naming only users (`*`) refused
+    every pull with 403 no_rule, a config error nobody would see until the first pull."""
+    only_users = {"auth": {"rules": [{"who": ["*"], "pull": ["**"]}]}}
+    with pytest.raises(ConfigError) as caught:
+        config_from_mapping(only_users)
+    assert caught.value.key == "auth.rules"
+    assert "every client is anonymous" in str(caught.value)
+    anonymous = {"auth": {"rules": [{"who": ["anonymous"], "pull": ["docker.io/library/*"]}]}}
+    assert policy_of(anonymous).refusal("", hub("library/nginx", "1")) is None  # "": anonymous
+
+
 def test_bad_groups_name_the_key(htpasswd: Path) -> None:
     raw = with_rules(htpasswd, [{"who": ["*"], "pull": ["**"]}])
     for groups, key in (

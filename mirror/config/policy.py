@@ -125,6 +125,13 @@ def parse_policy(
             raise ConfigError(
                 "auth.rules", "a rule names anonymous but auth.anonymous_pull is false"
             )
+        if auth.get("htpasswd") is None and not any(rule.anonymous for rule in rules):
+            # Nobody can log in: every client is anonymous, and no rule lets one pull.
+            raise ConfigError(
+                "auth.rules",
+                "without auth.htpasswd every client is anonymous, and no rule names"
+                " anonymous: every pull would be refused",
+            )
     if rules is None and all(lists == ListsConfig() for lists in by_upstream.values()):
         return None
     return PolicyConfig(
