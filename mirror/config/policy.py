@@ -118,7 +118,7 @@ def parse_policy(
     if auth.get("groups") is not None and auth.get("rules") is None:
         raise ConfigError("auth.groups", "set without auth.rules: groups are named only in rules")
     if auth.get("rules") is not None:
-        known = frozenset({upstream.registry for upstream in (default, *others)} | DOCKER_HUB_HOSTS)
+        known = _known_upstreams(default, others)
         groups = _groups(auth.get("groups"))
         rules = _rules(auth["rules"], groups, _htpasswd_users(auth.get("htpasswd")), known)
         if auth.get("anonymous_pull") is False and any(rule.anonymous for rule in rules):
@@ -151,7 +151,7 @@ def policy_for_fresh_default(
     there is (the check the file's rules pass)."""
     if policy is None:
         return None
-    known = frozenset({upstream.registry for upstream in (default, *others)} | DOCKER_HUB_HOSTS)
+    known = _known_upstreams(default, others)
     for rule in policy.rules or ():
         for glob in rule.pulls:
             head = glob.segments[0]
@@ -160,6 +160,11 @@ def policy_for_fresh_default(
     if policy.rules is None and all(lists == ListsConfig() for _, lists in policy.by_upstream):
         return None
     return replace(policy, default=ListsConfig())
+
+
+def _known_upstreams(default: UpstreamConfig, others: Sequence[UpstreamConfig]) -> frozenset[str]:
+    """The registry names a rule's glob may begin with."""
+    return frozenset({upstream.registry for upstream in (default, *others)} | DOCKER_HUB_HOSTS)
 
 
 def _upstream_entries(raw: Mapping[str, Any]) -> dict[str, tuple[str, Mapping[str, Any]]]:

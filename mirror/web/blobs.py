@@ -7,6 +7,7 @@ open-ended ranges at once, so both paths honour a single range.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -381,13 +382,7 @@ class BlobService:
 
     def _counter(self, request: web.Request, origin: str) -> Callable[[int], None]:
         """`_sent` for a file sent in parts, told of each part as it goes out."""
-        served = self._metrics.served_bytes.labels(origin)
-
-        def sent(length: int) -> None:
-            served.inc(length)
-            request[sent_key] = request.get(sent_key, 0) + length
-
-        return sent
+        return functools.partial(self._sent, request, origin)
 
     async def _size_uncached(
         self, upstream: Upstream, repo: str, digest: Digest, held: bool

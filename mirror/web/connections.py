@@ -236,7 +236,7 @@ class GuardedConnection(asyncio.Protocol):
         elif self._guard.may_probe(self):
             self._probe = bytearray()
             loop = asyncio.get_running_loop()
-            self._deadline = loop.call_later(PROBE_HEAD_WAIT, self._probe_ends, False)
+            self._deadline = loop.call_later(PROBE_HEAD_WAIT, self._probe_ends, None)
         else:
             self._refuse(transport)
 
@@ -257,24 +257,26 @@ class GuardedConnection(asyncio.Protocol):
         self._probe += data
         end = self._probe.find(HEAD_END)
         if end >= 0:
-            self._probe_ends(_is_probe(bytes(self._probe[: end + len(HEAD_END)])))
+            self._probe_ends(bytes(self._probe[: end + len(HEAD_END)]))
         elif len(self._probe) > PROBE_HEAD_MAX:
-            self._probe_ends(False)
+            self._probe_ends(None)
 
-    def _probe_ends(self, probe: bool) -> None:
-        """A health probe's head is passed on (and nothing after it); else the 503."""
-        head, self._probe = self._probe, None
+    def _probe_ends(self, head: bytes | None) -> None:
+        """A health probe's `head` is passed on (and nothing after it); any other, or none
+        in time (None), gets the 503."""
+        waiting, self._probe = self._probe is not None, None
         self._cancel_deadline()
         transport = self._raw
-        if head is None or transport is None or self._closed:
+        if not waiting or transport is None or self._closed:
             return
+        probe = head is not None and _is_probe(head)
         self._guard.probed(self, probe)
-        if not probe:
+        if head is None or not probe:
             self._refuse(transport)
             return
         self._one_answer = True
         self._let_in(transport)
-        self._inner.data_received(bytes(head[: head.find(HEAD_END) + len(HEAD_END)]))
+        self._inner.data_received(head)
 
     def data_received(self, data: bytes) -> None:
         if self._probe is not None:
