@@ -730,9 +730,21 @@ async def test_forwarded_headers_make_the_realm(
             {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "mirror.corp.example:8443"},
             "https://mirror.corp.example:8443",
         ),
-        (  # a chain of proxies: the first (the client-facing one) counts
-            {"X-Forwarded-Proto": "https, http", "X-Forwarded-Host": "edge.example, lb.local"},
+        (  # a chain of two trusted proxies: the first (the client-facing one) counts
+            {
+                "X-Forwarded-For": "203.0.113.9, 127.0.0.1",
+                "X-Forwarded-Proto": "https, http",
+                "X-Forwarded-Host": "edge.example, lb.local",
+            },
             "https://edge.example",
+        ),
+        (  # one proxy, which appended its own after values its client made up
+            {
+                "X-Forwarded-For": "203.0.113.9",
+                "X-Forwarded-Proto": "http, https",
+                "X-Forwarded-Host": "evil.example, mirror.corp.example",
+            },
+            "https://mirror.corp.example",
         ),
         ({"X-Forwarded-Proto": "https"}, f"https://{own_address(client)}"),
     ):

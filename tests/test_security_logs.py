@@ -360,6 +360,28 @@ def test_the_right_most_untrusted_hop_is_the_client() -> None:
     )
 
 
+def test_forwarded_proto_and_host_are_the_client_facing_proxys() -> None:
+    """Of N trusted proxies, the N-th value from the right: a value the client sent before
+    its proxy appended one is never taken."""
+    proxies = TrustedProxies([ipaddress.ip_network("10.0.0.0/8")])
+
+    def origin(**headers: str) -> tuple[str, str]:
+        sent = {f"X-Forwarded-{name.rstrip('_').title()}": value for name, value in headers.items()}
+        found = proxies.origin("10.0.0.2", "http", "m:80", sent)
+        return found.scheme, found.host
+
+    spoofed = {"proto": "http, https", "host": "evil.example, lb.example"}
+    assert origin(for_="1.1.1.1", **spoofed) == ("https", "lb.example")
+    assert origin(**spoofed) == ("https", "lb.example")  # the peer alone is one proxy
+    chain = {"proto": "https, http", "host": "edge.example, lb.local"}
+    assert origin(for_="1.1.1.1, 10.0.0.7", **chain) == ("https", "edge.example")
+    # Fewer values than proxies (the inner one set none): the left-most.
+    assert origin(for_="1.1.1.1, 10.0.0.7", proto="https", host="edge.example") == (
+        "https",
+        "edge.example",
+    )
+
+
 # --- /metrics and the status page: restricted ---------------------------------------------
 
 

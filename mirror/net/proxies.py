@@ -4,6 +4,10 @@ Anyone can send X-Forwarded-For; only a proxy the operator named can be believed
 proxy appends the address it saw to the right of the header, so the list is read from the
 right: trusted hops are skipped, and the first address no trusted proxy could have made up
 is the client's. A malformed entry ends the walk at the hop that passed it on.
+
+X-Forwarded-Proto and -Host are read the same way: of the N trusted proxies the walk went
+through, the client-facing one is the N-th value from the right (a proxy that appends its
+own after a value its client sent leaves the client's on the left, never counted).
 """
 
 from __future__ import annotations
@@ -55,26 +59,38 @@ class TrustedProxies:
 
     def client(self, peer: str, forwarded_for: str | None) -> str:
         """The right-most address of X-Forwarded-For that no trusted proxy added."""
-        client = peer
+        return self._walk(peer, forwarded_for)[0]
+
+    def _walk(self, peer: str, forwarded_for: str | None) -> tuple[str, int]:
+        """The client, and how many trusted proxies passed the request on (the peer one)."""
+        client, trusted = peer, 0
         hops = [hop.strip() for hop in (forwarded_for or "").split(",") if hop.strip()]
         for hop in reversed(hops):
             if not self.trusts(client):
                 break
+            trusted += 1
             address = _address(hop)
             if address is None:
                 break
             client = str(address)
-        return client
+        return client, max(trusted, 1)
 
     def origin(self, peer: str, scheme: str, host: str, headers: dict[str, str]) -> Origin:
         """The client, scheme and host of a request from `peer` with proxy `headers`."""
         if not headers or not self.trusts(peer):
             return Origin(peer, scheme, host)
-        # The first value of a list: what the client-facing proxy saw.
-        proto = headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
-        forwarded_host = headers.get("X-Forwarded-Host", "").split(",")[0].strip()
+        client, trusted = self._walk(peer, headers.get("X-Forwarded-For"))
+        proto = _nth_from_right(headers.get("X-Forwarded-Proto"), trusted).lower()
+        forwarded_host = _nth_from_right(headers.get("X-Forwarded-Host"), trusted)
         return Origin(
-            self.client(peer, headers.get("X-Forwarded-For")),
+            client,
             proto if proto in _SCHEMES else scheme,
             forwarded_host if _HOST.fullmatch(forwarded_host) else host,
         )
+
+
+def _nth_from_right(values: str | None, n: int) -> str:
+    """The value the client-facing one of `n` trusted proxies wrote: the n-th from the
+    right, or the left-most when fewer proxies appended one ("" when none)."""
+    listed = [value.strip() for value in (values or "").split(",")]
+    return listed[max(len(listed) - n, 0)]
