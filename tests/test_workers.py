@@ -175,6 +175,12 @@ async def test_requests_spread_over_both_workers_and_metrics_add_them_up(
     assert metric_value(text, "mirror_worker_restarts_total") == 0
     # Every gauge has a mode that adds or picks: none is split by process id.
     assert 'pid="' not in text
+    # Asked for one series by name, as Prometheus' `params: {name[]: …}` does: the sum.
+    named = f"{mirror.url}/metrics?name[]=mirror_http_requests_total"
+    async with session.get(named, headers={"Accept-Encoding": "identity"}) as resp:
+        only = await resp.text()
+    assert metric_value(only, "mirror_http_requests_total", base) == sent
+    assert "mirror_worker_restarts_total" not in only
 
 
 async def test_metrics_listen_is_bound_by_the_supervisor_and_served_by_every_worker(

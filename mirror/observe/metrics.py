@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.registry import Collector
 
 from mirror.observe.cluster_metrics import ClusterMetrics
 from mirror.observe.guard_metrics import GuardMetrics
 from mirror.observe.upstream_guard_metrics import UpstreamGuardMetrics
-from mirror.observe.workerfiles import WorkerFilesCollector
+from mirror.observe.workerfiles import OnlyNamed, WorkerFilesCollector
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 M = TypeVar("M", Counter, Gauge, Histogram)
@@ -51,6 +52,12 @@ class Metrics:
         if files:  # a worker: every worker's values, summed (the dead ones' too)
             self.exposed = CollectorRegistry()
             self.exposed.register(WorkerFilesCollector(Path(files)))
+
+    def exposed_only(self, names: list[str]) -> Collector:
+        """What /metrics?name[]=… serves: the samples of those names."""
+        if self.exposed is self.registry:  # one process: only the collectors named
+            return self.registry.restricted_registry(names)
+        return OnlyNamed(self.exposed, names)
 
     def count_worker_start(self, restarted: bool) -> None:
         """A worker's share of `mirror_worker_restarts_total`: 1 when it replaced a worker

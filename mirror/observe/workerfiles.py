@@ -41,6 +41,24 @@ class WorkerFilesCollector(Collector):
             return list(self._files.collect())  # type: ignore[no-untyped-call]
 
 
+class OnlyNamed(Collector):
+    """The samples of `collector` named in `names` (/metrics?name[]=…). The registry's own
+    `restricted_registry` finds a collector by the names it registered under, and the
+    workers' collector has none before it reads the files: it gave nothing."""
+
+    def __init__(self, collector: Collector, names: Iterable[str]) -> None:
+        self._collector = collector
+        self._names = frozenset(names)
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self._collector.collect():
+            kept = [sample for sample in family.samples if sample.name in self._names]
+            if kept:
+                only = Metric(family.name, family.documentation, family.type, family.unit)
+                only.samples = kept
+                yield only
+
+
 def fold_dead(path: Path, pid: int) -> list[str]:
     """Add a dead worker's counters and histograms to the folded files, then remove its
     files (blocking: waits for a scrape in progress). The names of those that could not be

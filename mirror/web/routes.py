@@ -76,7 +76,7 @@ def monitoring_routes(app: web.Application) -> list[web.RouteDef]:
         metrics.turn_counts.flush()  # this turn's counts too
         encoder, content_type = choose_encoder(",".join(request.headers.getall(hdrs.ACCEPT, [])))
         names = request.query.getall("name[]", [])
-        registry = metrics.exposed.restricted_registry(names) if names else metrics.exposed
+        registry = metrics.exposed_only(names) if names else metrics.exposed
         # In a thread: with workers, collecting reads every worker's files (and a dead
         # worker's stay), work the event loop must not wait on.
         body = await asyncio.to_thread(encoder, registry)
