@@ -8,6 +8,7 @@ order never changes (the gate needs the user auth names, and both answer with OC
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
@@ -26,6 +27,9 @@ from mirror.web.keys import failures_key
 from mirror.web.stamp import head_sent_key, request_id_key, stamp
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+log = logging.getLogger(__name__)
+# What a client learns of a fault of ours: nothing of its message (it may quote a secret).
+INTERNAL = RegistryError("internal error: the mirror's log holds it under this request id")
 
 
 class RequestSeries:
@@ -75,6 +79,15 @@ async def _answer(request: web.Request, handler: Handler, ids: RequestIds) -> we
         response = await handler(request)
     except (RegistryError, web.HTTPMethodNotAllowed, web.HTTPNotFound) as exc:
         response = _error(request, exc)
+    except (ConnectionError, web.HTTPException):
+        raise  # the client left; or an answer aiohttp writes itself
+    except Exception:
+        if request.get(head_sent_key) is not None:
+            raise  # the head went out: cutting the connection is all that tells the client
+        # A fault of ours: the client gets an OCI error it can show, the log the
+        # traceback (redacted by the formatter), found again by the request id.
+        log.exception("unexpected error answering %s %s", request.method, request.path[:200])
+        response = error_response(INTERNAL, head=request.method == "HEAD")
     if not response.prepared:  # a streamed answer was stamped before its head went out
         stamp(request, response)
     return response

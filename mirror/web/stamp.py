@@ -33,7 +33,8 @@ def stamp(request: web.BaseRequest, response: web.StreamResponse) -> None:
 
 
 async def prepare(request: web.BaseRequest, response: web.StreamResponse) -> None:
-    """`response.prepare(request)`, stamped first; the time it was sent noted."""
+    """`response.prepare(request)`, stamped first; the time it was sent noted (before
+    the send: from then on a failure cannot be answered with an error of its own)."""
     stamp(request, response)
-    await response.prepare(request)
     request[head_sent_key] = time.monotonic()
+    await response.prepare(request)
