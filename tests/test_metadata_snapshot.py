@@ -4,6 +4,7 @@ cancels a save in the middle of its write."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import threading
@@ -112,3 +113,50 @@ async def test_a_save_keeps_what_another_process_saved_meanwhile(tmp_path: Path)
     assert await after.blob_reads() == {}  # what the serve evicted stays gone
     # The serve took the warmed records in, and answers them without a restart too.
     assert await serve.get_tag("docker.io", "library/warmed", "1") == record_at(now)
+
+
+async def test_saves_of_two_processes_take_turns(tmp_path: Path) -> None:
+    """A save that read the file just before another process replaced it wrote what it
+    read back over that process's records. Here the other process holds the snapshot's
+    lock while it writes (its own save's turn), so the save waits, then takes its records in."""
+    path = tmp_path / "metadata.json"
+    now = time.time()
+    serve = MemoryMetadata(60, snapshot=path)
+    await serve.put_tag("docker.io", "library/mine", "1", record_at(now))
+
+    warm = MemoryMetadata(60, snapshot=tmp_path / "warm.json")
+    await warm.put_tag("docker.io", "library/warmed", "1", record_at(now))
+    await warm.save()
+
+    lock = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # the other process's turn: its read, its write
+    try:
+        saving = asyncio.create_task(serve.save())
+        await asyncio.sleep(0.3)
+        os.replace(tmp_path / "warm.json", path)  # its write lands
+    finally:
+        os.close(lock)
+    await asyncio.wait_for(saving, 10)
+
+    after = MemoryMetadata(60, snapshot=path)
+    await after.load()
+    assert await after.get_tag("docker.io", "library/warmed", "1") == record_at(now)
+    assert await after.get_tag("docker.io", "library/mine", "1") == record_at(now)
+
+
+async def test_a_save_cancelled_while_it_waits_for_its_turn_leaves_the_lock(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "metadata.json"
+    store = MemoryMetadata(60, snapshot=path)
+    await store.put_tag("docker.io", "library/mine", "1", record_at(time.time()))
+    lock = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    saving = asyncio.create_task(store.save())
+    await asyncio.sleep(0.1)
+    saving.cancel()
+    os.close(lock)  # the waiting thread gets the lock now, and must give it back
+    with pytest.raises(asyncio.CancelledError):
+        await saving
+    await asyncio.wait_for(store.close(), 10)  # its own next save is not locked out
+    assert path.exists()

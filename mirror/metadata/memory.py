@@ -13,11 +13,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mirror.metadata.store import RETENTION, TagRecord
+from mirror.util.filelock import try_lock
 from mirror.util.files import write_replacing
 
 log = logging.getLogger(__name__)
 
 
+# Another process's save holds the snapshot's lock for a read and a write, milliseconds.
+LOCK_WAIT = 10.0
+LOCK_POLL = 0.01
 # A snapshot file as last read or written here: (inode, size, mtime in ns).
 Stamp = tuple[int, int, int]
 
@@ -39,7 +43,9 @@ class MemoryMetadata:
     when changed and at shutdown, so a restarted mirror can still answer tags while
     the upstream is down. A one-shot command (`mirror warm`) beside a live serve writes
     the same file: each save first takes in what another process wrote there since (the
-    newer record of a tag winning), so that neither drops the other's records.
+    newer record of a tag winning), so that neither drops the other's records. The read,
+    the merge and the write are one turn among processes (a flock on `<snapshot>.lock`):
+    two saves at once would each write what it read before the other's write.
     """
 
     def __init__(
@@ -180,7 +186,12 @@ class MemoryMetadata:
                 return
             if self._writing is not None:
                 await asyncio.gather(self._writing, return_exceptions=True)
-            other = await self._read_snapshot()  # another process's save since ours
+            lock = await _turn_among_processes(self._snapshot)
+            try:
+                other = await self._read_snapshot()  # another process's save since ours
+            except BaseException:
+                _unlock(lock)
+                raise
             if other is not None:
                 self._take_in(other)
             self._dirty = False
@@ -188,6 +199,8 @@ class MemoryMetadata:
             self._writing = asyncio.ensure_future(
                 asyncio.to_thread(_write_snapshot, self._snapshot, text)
             )
+            # Held until the file is replaced, even when this save is cancelled meanwhile.
+            self._writing.add_done_callback(lambda _: _unlock(lock))
             try:
                 self._seen = await asyncio.shield(self._writing)
             except OSError as exc:
@@ -223,6 +236,40 @@ class MemoryMetadata:
         await self.save()
         if self._writing is not None:  # nothing changed since a save that was cancelled
             await asyncio.gather(self._writing, return_exceptions=True)
+
+
+async def _turn_among_processes(snapshot: Path) -> int | None:
+    """The snapshot's lock, taken in a thread (a save cancelled while it waits lets it go
+    once got)."""
+    taking = asyncio.ensure_future(asyncio.to_thread(_lock_snapshot, snapshot))
+    try:
+        return await asyncio.shield(taking)
+    except asyncio.CancelledError:
+        taking.add_done_callback(lambda got: None if got.cancelled() else _unlock(got.result()))
+        raise
+
+
+def _lock_snapshot(snapshot: Path) -> int | None:
+    """An exclusive flock on the snapshot's lock file (blocking, at most LOCK_WAIT); None
+    when not had: a save goes ahead without it rather than never."""
+    try:
+        fd = os.open(f"{snapshot}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        log.warning("metadata snapshot saved unlocked: %s", exc.strerror)
+        return None
+    deadline = time.monotonic() + LOCK_WAIT
+    while not try_lock(fd):
+        if time.monotonic() > deadline:
+            os.close(fd)
+            log.warning("metadata snapshot saved unlocked: its lock held over %ss", LOCK_WAIT)
+            return None
+        time.sleep(LOCK_POLL)
+    return fd
+
+
+def _unlock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
 
 
 def _stamp(found: os.stat_result) -> Stamp:
