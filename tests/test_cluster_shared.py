@@ -15,6 +15,7 @@ from mirror.metadata.topology import open_redis
 from mirror.observe.cluster_metrics import ClusterMetrics
 from tests.redis_topologies import TOPOLOGIES, flushed_redis_url
 from tests.services import free_port
+from tests.workers_helpers import eventually
 
 TTL = 1.0
 
@@ -44,16 +45,21 @@ class Result:
     def __init__(self) -> None:
         self.value: str | None = None
         self.works = 0
+        self.checks = 0
 
     async def check(self) -> str | None:
+        self.checks += 1
         return self.value
 
     def work(
-        self, value: str, delay: float = 0.3, fail: bool = False
+        self, value: str, hold: asyncio.Event | None = None, fail: bool = False
     ) -> Callable[[], Awaitable[str]]:
+        """Work that ends once `hold` is set (at once without it)."""
+
         async def run() -> str:
             self.works += 1
-            await asyncio.sleep(delay)
+            if hold is not None:
+                await hold.wait()
             if fail:
                 raise RuntimeError("upstream failed")
             self.value = value
@@ -62,15 +68,29 @@ class Result:
         return run
 
 
+async def holding(result: Result) -> None:
+    """Until the first replica works (it holds the lease): a fresh client of a Sentinel or
+    a Cluster can take a while to find its Redis, so no fixed sleep orders the two."""
+    await eventually("the first replica's work", lambda: result.works == 1)
+
+
+async def waiting(result: Result, waiter: asyncio.Task[str]) -> None:
+    """Until the second replica asked for the holder's result (it waits), or gave up
+    waiting: the holder asked once, before its work."""
+    await eventually("the second replica", lambda: result.checks > 1 or waiter.done())
+
+
 async def test_the_second_replica_waits_for_the_first_ones_result(
     pair: tuple[Leases, Leases],
 ) -> None:
     a, b = SharedWork(pair[0], _counter()), SharedWork(pair[1], counter := _counter())
-    result = Result()
-    first = asyncio.create_task(a.once("tag", "tag:x", result.check, result.work("from-a")))
-    await asyncio.sleep(0.1)  # a holds the lease now
-    second = await b.once("tag", "tag:x", result.check, result.work("from-b"))
-    assert (await first, second) == ("from-a", "from-a")
+    result, done = Result(), asyncio.Event()
+    first = asyncio.create_task(a.once("tag", "tag:x", result.check, result.work("from-a", done)))
+    await holding(result)
+    second = asyncio.create_task(b.once("tag", "tag:x", result.check, result.work("from-b")))
+    await waiting(result, second)
+    done.set()
+    assert (await first, await second) == ("from-a", "from-a")
     assert result.works == 1
     assert _count(counter, "lease_waits") == 1
 
@@ -80,18 +100,22 @@ async def test_a_replica_arriving_after_the_release_uses_the_result_too(
 ) -> None:
     a, b = SharedWork(pair[0], _counter()), SharedWork(pair[1], _counter())
     result = Result()
-    assert await a.once("tag", "tag:y", result.check, result.work("from-a", 0)) == "from-a"
+    assert await a.once("tag", "tag:y", result.check, result.work("from-a")) == "from-a"
     # b read "nothing" before a finished, and takes the lease after a released it.
-    assert await b.once("tag", "tag:y", result.check, result.work("from-b", 0)) == "from-a"
+    assert await b.once("tag", "tag:y", result.check, result.work("from-b")) == "from-a"
     assert result.works == 1
 
 
 async def test_a_failed_holder_lets_the_waiter_do_the_work(pair: tuple[Leases, Leases]) -> None:
     a, b = SharedWork(pair[0], _counter()), SharedWork(pair[1], counter := _counter())
-    result = Result()
-    first = asyncio.create_task(a.once("tag", "tag:z", result.check, result.work("a", fail=True)))
-    await asyncio.sleep(0.1)
-    assert await b.once("tag", "tag:z", result.check, result.work("from-b")) == "from-b"
+    result, done = Result(), asyncio.Event()
+    failing = result.work("a", done, fail=True)
+    first = asyncio.create_task(a.once("tag", "tag:z", result.check, failing))
+    await holding(result)
+    second = asyncio.create_task(b.once("tag", "tag:z", result.check, result.work("from-b")))
+    await waiting(result, second)
+    done.set()
+    assert await second == "from-b"
     with pytest.raises(RuntimeError):
         await first
     assert _count(counter, "lease_takeovers") == 1
@@ -102,22 +126,26 @@ async def test_an_upstream_failure_of_the_holder_fails_its_waiters_without_a_ret
 ) -> None:
     failure = SharedFailure((TimeoutError,), lambda name: RuntimeError(f"holder: {name}"))
     a, b = SharedWork(pair[0], _counter()), SharedWork(pair[1], _counter())
-    result = Result()
+    result, done = Result(), asyncio.Event()
 
     async def failing() -> str:
         result.works += 1
-        await asyncio.sleep(0.3)
+        await done.wait()
         raise TimeoutError
 
     first = asyncio.create_task(a.once("tag", "tag:down", result.check, failing, failure))
-    await asyncio.sleep(0.1)
+    await holding(result)
+    work = result.work("from-b")
+    second = asyncio.create_task(b.once("tag", "tag:down", result.check, work, failure))
+    await waiting(result, second)
+    done.set()
     with pytest.raises(RuntimeError, match="holder: TimeoutError"):
-        await b.once("tag", "tag:down", result.check, result.work("from-b"), failure)
+        await second
     with pytest.raises(TimeoutError):
         await first
     assert result.works == 1
     # A request that comes later is a new attempt, not a waiter: it asks again.
-    assert await b.once("tag", "tag:down", result.check, result.work("b", 0), failure) == "b"
+    assert await b.once("tag", "tag:down", result.check, result.work("b"), failure) == "b"
 
 
 async def test_a_vanished_holders_lease_runs_out_and_the_waiter_takes_over(
@@ -127,7 +155,7 @@ async def test_a_vanished_holders_lease_runs_out_and_the_waiter_takes_over(
     assert isinstance(dead, Lease)
     b = SharedWork(pair[1], counter := _counter())
     result = Result()
-    assert await b.once("tag", "tag:gone", result.check, result.work("from-b", 0)) == "from-b"
+    assert await b.once("tag", "tag:gone", result.check, result.work("from-b")) == "from-b"
     assert _count(counter, "lease_takeovers") == 1
 
 
@@ -136,7 +164,7 @@ async def test_without_redis_each_replica_works_alone() -> None:
     try:
         shared = SharedWork(Leases(conn.client, "http://a:1", TTL), counter := _counter())
         result = Result()
-        assert await shared.once("tag", "t", result.check, result.work("alone", 0)) == "alone"
+        assert await shared.once("tag", "t", result.check, result.work("alone")) == "alone"
         assert _count(counter, "lease_unavailable") == 1
     finally:
         await conn.close()
