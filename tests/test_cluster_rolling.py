@@ -27,6 +27,7 @@ from tests.resilience_helpers import RandomImage, seed_random_image, write_confi
 from tests.rgw import CephRGW
 from tests.services import DistributionRegistry, FakeHubProcess, MirrorProcess
 from tests.test_cluster_peers import PEER_STREAMS, upstream_bytes
+from tests.workers_helpers import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -52,6 +53,12 @@ def hub(
 ) -> Iterator[FakeHubProcess]:
     with FakeHubProcess(registry.url, workdir=tmp_path / "fakehub") as hub:
         yield hub
+
+
+async def draining(session: aiohttp.ClientSession, mirror: MirrorProcess) -> bool:
+    """Whether /readyz answers 503: the mirror handled its stop signal."""
+    async with session.get(f"{mirror.url}/readyz") as resp:
+        return resp.status == 503
 
 
 def start_replicas(
@@ -120,14 +127,15 @@ async def test_a_stopping_replica_answers_readyz_503_while_it_still_serves(
     tmp_path: Path, hub: FakeHubProcess, image: RandomImage, session: aiohttp.ClientSession
 ) -> None:
     mirror = MirrorProcess(tmp_path / "mirror", hub.registry_url)
-    config = {"shutdown_delay": "3s"}
+    # The requests below (a cold pull of the blob among them) fit in it on a loaded machine.
+    config = {"shutdown_delay": "10s"}
     mirror.extra_args = ("--config", str(write_config(tmp_path / "mirror.yaml", config)))
     with mirror:
         async with session.get(f"{mirror.url}/readyz") as resp:
             assert resp.status == 200
         assert mirror.proc is not None
         mirror.proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.3)
+        await eventually("/readyz to answer 503", lambda: draining(session, mirror))
         async with session.get(f"{mirror.url}/readyz") as resp:
             assert resp.status == 503
             assert await resp.json() == {"shutdown": "draining"}
@@ -137,7 +145,7 @@ async def test_a_stopping_replica_answers_readyz_503_while_it_still_serves(
             assert resp.status == 200
             assert sha256(await resp.read()) == image.layer_digest
         assert mirror.proc.poll() is None
-        exited = await asyncio.to_thread(mirror.proc.wait, 10)
+        exited = await asyncio.to_thread(mirror.proc.wait, 30)
         assert exited == 0
         assert "stopping: /readyz answers 503" in mirror.log_path.read_text()
 
