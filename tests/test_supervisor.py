@@ -58,6 +58,23 @@ def run(command: list[str], listener: socket.socket, tmp_path: Path, **kwargs: f
     return sup.run()
 
 
+def terminate_when_ready(ready: Path, workers: int = 2) -> threading.Thread:
+    """SIGTERM to this process (the supervisor under test) once `ready` has a line from
+    each stand-in worker (written once its own SIGTERM handler is in place)."""
+
+    def wait_then_stop() -> None:
+        deadline = time.monotonic() + 60  # then signalled anyway: the test fails, not hangs
+        while time.monotonic() < deadline:
+            if ready.exists() and len(ready.read_text().splitlines()) >= workers:
+                break
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=wait_then_stop)
+    thread.start()
+    return thread
+
+
 def terminate_in(seconds: float) -> threading.Timer:
     """SIGTERM to this process (the supervisor under test) a moment from now."""
     timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGTERM))
@@ -142,16 +159,17 @@ def test_workers_get_the_config_text_read_at_start(listener: socket.socket, tmp_
 
 
 def test_sigterm_drains_and_exits_zero(listener: socket.socket, tmp_path: Path) -> None:
-    stopped = tmp_path / "stopped"
+    stopped, ready = tmp_path / "stopped", tmp_path / "ready"
     code = (
         "import signal, sys, time\n"
         f"def stop(*_): open({str(stopped)!r}, 'a').write('x'); sys.exit(0)\n"
         "signal.signal(signal.SIGTERM, stop)\n"
+        f"open({str(ready)!r}, 'a').write('ready' + chr(10))\n"
         "time.sleep(60)"
     )
-    timer = terminate_in(1.0)
+    stopper = terminate_when_ready(ready)
     assert run(script(code), listener, tmp_path) == 0
-    timer.join()
+    stopper.join()
     assert stopped.read_text() == "xx"
 
 
