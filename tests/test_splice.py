@@ -47,11 +47,11 @@ async def stall(request: web.Request) -> web.StreamResponse:
 
 
 async def trickle(request: web.Request) -> web.StreamResponse:
-    """64 KiB in pieces of 4 KiB every 0.1 s: never a pipe's worth waiting at once."""
+    """64 KiB in pieces of 2 KiB every 0.1 s (3.2 s): never a pipe's worth waiting at once."""
     resp = web.StreamResponse(headers={"Content-Length": str(64 * 1024)})
     await resp.prepare(request)
-    for i in range(16):
-        await resp.write(BODY[i * 4096 : (i + 1) * 4096])
+    for i in range(32):
+        await resp.write(BODY[i * 2048 : (i + 1) * 2048])
         await asyncio.sleep(0.1)
     return resp
 
@@ -142,8 +142,10 @@ async def test_a_sender_that_stalls_times_out(server: TestServer, tmp_path: Path
 
 async def test_a_slow_sender_is_read_as_it_sends(server: TestServer, tmp_path: Path) -> None:
     """The socket wakes the reader only once a pipe's worth waits (SO_RCVLOWAT), yet a
-    sender slower than that is read every poll slice: its bytes keep the read alive."""
-    get = SplicedGet(url(server, "/trickle"), timeout=0.6)
+    sender slower than that is read every poll slice: its bytes keep the read alive. The
+    timeout is well short of the whole trickle (a read that waited for the mark would run
+    out), and far above its 0.1 s gaps (the sender shares this loop with the test)."""
+    get = SplicedGet(url(server, "/trickle"), timeout=2.0)
     done, _ = await splice(get, tmp_path / "out")
     assert done == 64 * 1024
     assert (tmp_path / "out").read_bytes() == BODY[: 64 * 1024]
