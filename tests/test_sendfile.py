@@ -382,10 +382,19 @@ def test_a_sized_body_goes_by_sendfile_and_a_chunked_one_is_copied(
 def traced(pid: int, out: Path) -> Iterator[dict[str, int]]:
     """Counts of sendfile and pread64 calls by `pid`'s threads while the block runs."""
     calls: dict[str, int] = {}
-    cmd = ["strace", "-f", "-qq", "-c", "-e", "trace=sendfile,pread64", "-o", str(out)]
-    tracer = subprocess.Popen([*cmd, "-p", str(pid)], stderr=subprocess.DEVNULL)
+    cmd = ["strace", "-f", "-c", "-e", "trace=sendfile,pread64", "-o", str(out)]
+    said = out.with_suffix(".log")
+    with said.open("w") as stderr:
+        tracer = subprocess.Popen([*cmd, "-p", str(pid)], stderr=stderr)
+
+    def attached() -> bool:
+        """strace says "Process N attached [with K threads]" once it holds every thread
+        (and -f follows those started later): only then may the request go."""
+        return " attached" in said.read_text() or tracer.poll() is not None
+
     try:
-        time.sleep(1.0)  # attached to every thread before the request goes
+        wait_for("strace to attach", attached, 60)
+        assert " attached" in said.read_text(), said.read_text()
         yield calls
     finally:
         tracer.send_signal(signal.SIGINT)
