@@ -58,14 +58,15 @@ def run(command: list[str], listener: socket.socket, tmp_path: Path, **kwargs: f
     return sup.run()
 
 
-def terminate_when_ready(ready: Path, workers: int = 2) -> threading.Thread:
-    """SIGTERM to this process (the supervisor under test) once `ready` has a line from
-    each stand-in worker (written once its own SIGTERM handler is in place)."""
+def terminate_when_ready(ready: Path, lines: int = 2) -> threading.Thread:
+    """SIGTERM to this process (the supervisor under test) once `ready` has `lines` lines:
+    one from each stand-in worker once its own SIGTERM handler is in place, or one per
+    start when the test counts restarts."""
 
     def wait_then_stop() -> None:
         deadline = time.monotonic() + 60  # then signalled anyway: the test fails, not hangs
         while time.monotonic() < deadline:
-            if ready.exists() and len(ready.read_text().splitlines()) >= workers:
+            if ready.exists() and len(ready.read_text().splitlines()) >= lines:
                 break
             time.sleep(0.02)
         os.kill(os.getpid(), signal.SIGTERM)
@@ -73,13 +74,6 @@ def terminate_when_ready(ready: Path, workers: int = 2) -> threading.Thread:
     thread = threading.Thread(target=wait_then_stop)
     thread.start()
     return thread
-
-
-def terminate_in(seconds: float) -> threading.Timer:
-    """SIGTERM to this process (the supervisor under test) a moment from now."""
-    timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGTERM))
-    timer.start()
-    return timer
 
 
 # Writes a line per start (its worker index, and whether it replaced one) to a file.
@@ -176,12 +170,19 @@ def test_sigterm_drains_and_exits_zero(listener: socket.socket, tmp_path: Path) 
 def test_a_worker_that_ignores_sigterm_is_killed_after_the_timeout(
     listener: socket.socket, tmp_path: Path
 ) -> None:
-    code = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)"
-    timer = terminate_in(1.0)
+    ready = tmp_path / "ready"
+    code = (
+        "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        f"open({str(ready)!r}, 'a').write('ready' + chr(10))\n"
+        "time.sleep(60)"
+    )
+    # Signalled once both ignore it: before, SIGTERM killed a worker still starting, and
+    # the test passed without a kill deadline.
+    stopper = terminate_when_ready(ready)
     started = time.monotonic()
     assert run(script(code), listener, tmp_path, shutdown_timeout=0.5) == 0
-    timer.join()
-    assert time.monotonic() - started < 10
+    stopper.join()
+    assert time.monotonic() - started < 30  # killed: left alone, each sleeps 60 s
 
 
 def test_a_worker_that_lived_long_is_restarted_at_once(
@@ -191,9 +192,11 @@ def test_a_worker_that_lived_long_is_restarted_at_once(
     monkeypatch.setattr(supervisor, "FIRST_DELAY", 60.0)  # would stall the test if used
     starts = tmp_path / "starts"
     code = RECORD.format(path=str(starts)) + "import time; time.sleep(0.3); raise SystemExit(1)"
-    timer = terminate_in(2.5)
+    # Stopped after 6 starts (the 60 s delay would have allowed 2), not at a fixed time: a
+    # loaded machine can take longer than 2.5 s for 6 interpreters to start.
+    stopper = terminate_when_ready(starts, lines=6)
     assert run(script(code), listener, tmp_path) == 0
-    timer.join()
+    stopper.join()
     assert len(starts.read_text().splitlines()) >= 6
 
 
@@ -364,9 +367,9 @@ def test_a_dead_workers_unreadable_metrics_file_does_not_stop_the_supervisor(
         ".write((1000).to_bytes(4, 'little') + bytes(12)); "
     )
     code = RECORD.format(path=str(starts)) + torn + "import time; time.sleep(0.3)"
-    timer = terminate_in(2.5)
+    stopper = terminate_when_ready(starts, lines=6)
     assert run(script(code), listener, tmp_path) == 0
-    timer.join()
+    stopper.join()
     assert len(starts.read_text().splitlines()) >= 6  # restarted again and again
     # The dead ones' dropped (left, each would fail every scrape); those of the two
     # stopped at the end stay, as a live worker's do.
