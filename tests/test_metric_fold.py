@@ -5,13 +5,14 @@ nor short (removed between a scrape's listing and its read)."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
 
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
-from mirror.observe.workerfiles import WorkerFilesCollector, fold_dead
+from mirror.observe.workerfiles import WorkerFilesCollector, fold_dead, others_pulls
 
 DEAD = 150
 HELP = "Requests."
@@ -91,3 +92,23 @@ def test_folding_keeps_every_count_and_leaves_one_pair_of_files(tmp_path: Path) 
 def test_a_worker_that_never_counted_anything_folds_to_nothing(tmp_path: Path) -> None:
     fold_dead(tmp_path, 7)
     assert not list(tmp_path.glob("*.db"))
+
+
+def test_a_dead_workers_pulls_are_folded_and_still_shown(tmp_path: Path) -> None:
+    """The status page's pulls per repository: a live worker's file, a dead one's folded
+    (twice over: the sum grows), this process's own file left out (it counts in memory)."""
+    write_pulls(tmp_path, 101, {"library/a": 3, "library/b": 1})
+    write_pulls(tmp_path, 102, {"library/a": 2})
+    write_pulls(tmp_path, 103, {"library/c": 7})
+    write_pulls(tmp_path, os.getpid(), {"library/own": 100})
+    fold_dead(tmp_path, 101)
+    fold_dead(tmp_path, 102)
+    names = {p.name for p in tmp_path.glob("pulls_*.json")}
+    assert names == {"pulls_103.json", "pulls_folded.json", f"pulls_{os.getpid()}.json"}
+    assert others_pulls(tmp_path) == {"library/a": 5, "library/b": 1, "library/c": 7}
+    (tmp_path / "pulls_103.json").write_text('{"library/c": "7", "x": -1}')  # not counts
+    assert others_pulls(tmp_path) == {"library/a": 5, "library/b": 1}
+
+
+def write_pulls(path: Path, pid: int, counts: dict[str, int]) -> None:
+    (path / f"pulls_{pid}.json").write_text(json.dumps(counts))

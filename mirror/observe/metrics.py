@@ -49,9 +49,11 @@ class Metrics:
         self.turn_counts = TurnCounts()  # the series counted on every request
         self.exposed = self.registry  # what /metrics serves
         files = os.environ.get(MULTIPROCESS_ENV)
-        if files:  # a worker: every worker's values, summed (the dead ones' too)
+        # A worker's: the directory of every worker's files (observe/workerfiles.py).
+        self.worker_files = Path(files) if files else None
+        if self.worker_files is not None:  # every worker's values, summed (the dead's too)
             self.exposed = CollectorRegistry()
-            self.exposed.register(WorkerFilesCollector(Path(files)))
+            self.exposed.register(WorkerFilesCollector(self.worker_files))
 
     def exposed_only(self, names: list[str]) -> Collector:
         """What /metrics?name[]=… serves: the samples of those names."""

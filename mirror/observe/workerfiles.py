@@ -7,6 +7,11 @@ worker crashing every half minute left thousands. So the supervisor folds a dead
 files into one pair (`counter_folded.db`, `histogram_folded.db`), adding value to value,
 and removes them. Scrapes read under a shared lock and the fold takes it exclusively, so
 no scrape sees a count twice (folded, not yet removed) or not at all.
+
+The status page's pulls per repository are not metrics (a label per repository would
+have /metrics grow with every repository pulled): each worker publishes its counts to
+`pulls_<pid>.json` here, the page adds up the others' to its own, and a dead worker's
+are folded into `pulls_folded.json` with its metric files.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import fcntl
 import json
 import os
 import struct
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -23,6 +29,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+
+from mirror.util.files import write_replacing
 
 FOLD_LOCK = "fold.lock"  # not *.db: the collector's glob passes it by
 FOLDED = "folded"  # where the pid goes in a file's name
@@ -59,9 +67,54 @@ class OnlyNamed(Collector):
                 yield only
 
 
+PULLS = "pulls"
+PULLS_KEPT = 1000  # the repositories a worker publishes: its most pulled
+PULLS_FOLDED_KEPT = 10000
+
+
+def publish_pulls(path: Path, counts: dict[str, int]) -> None:
+    """This worker's pulls per repository, its PULLS_KEPT most pulled (blocking)."""
+    top = dict(Counter(counts).most_common(PULLS_KEPT))
+    write_replacing(path / f"{PULLS}_{os.getpid()}.json", json.dumps(top))
+
+
+def others_pulls(path: Path) -> Counter[str]:
+    """The other workers' published pulls and the dead ones' folded sum (blocking)."""
+    own = f"{PULLS}_{os.getpid()}.json"
+    total: Counter[str] = Counter()
+    with _locked(path, fcntl.LOCK_SH):
+        for found in path.glob(f"{PULLS}_*.json"):
+            if found.name != own:
+                total.update(_pulls(found))
+    return total
+
+
+def _pulls(path: Path) -> dict[str, int]:
+    """A pulls file's counts; nothing from one gone or not of that form."""
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(found, dict):
+        return {}
+    return {k: v for k, v in found.items() if isinstance(k, str) and type(v) is int and v > 0}
+
+
+def _fold_pulls(path: Path, pid: int) -> None:
+    """Add a dead worker's pulls to the folded file (under the exclusive lock)."""
+    dead = path / f"{PULLS}_{pid}.json"
+    if not dead.exists():
+        return
+    folded = path / f"{PULLS}_{FOLDED}.json"
+    total = Counter(_pulls(folded))
+    total.update(_pulls(dead))
+    write_replacing(folded, json.dumps(dict(total.most_common(PULLS_FOLDED_KEPT))))
+    dead.unlink()
+
+
 def fold_dead(path: Path, pid: int) -> list[str]:
-    """Add a dead worker's counters and histograms to the folded files, then remove its
-    files (blocking: waits for a scrape in progress). The names of those that could not be
+    """Add a dead worker's counters, histograms and pulls to the folded files, then remove
+    its files (blocking: waits for a scrape in progress). The names of those that could not be
     read, removed too: left, they would fail every scrape."""
     unreadable = []
     with _locked(path, fcntl.LOCK_EX):
@@ -77,6 +130,7 @@ def fold_dead(path: Path, pid: int) -> list[str]:
             if values:
                 _add(path / f"{kind}_{FOLDED}.db", values)
             dead.unlink()
+        _fold_pulls(path, pid)
     return unreadable
 
 

@@ -32,6 +32,7 @@ from mirror.net.proxies import TrustedProxies
 from mirror.net.tls import client_contexts
 from mirror.observe.logs import FailureLog
 from mirror.observe.metrics import Metrics
+from mirror.observe.workerfiles import publish_pulls
 from mirror.oci.reference import parse_digest
 from mirror.storage import CacheStore, new_store
 from mirror.storage.localflight import LocalFlight
@@ -71,7 +72,7 @@ from mirror.web.leases import leases_ctx
 from mirror.web.middleware import RequestSeries, registry_middleware, series_key
 from mirror.web.peer import peer_blob, peers_ctx
 from mirror.web.routes import expect, setup_routes
-from mirror.web.status import PullCounter
+from mirror.web.status import PUBLISH_SECONDS, PullCounter
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +104,11 @@ def create_app(config: Config) -> web.Application:
     sharing = None if config.cluster is None else BucketShare(lambda: app.get(leases_key))
     app[storage_key] = new_store(config.storage, app[metrics_key], sharing)
     app[storage_key].shared = config.workers > 1
-    app[pulls_key] = PullCounter()
+    app[pulls_key] = PullCounter(shared=app[metrics_key].worker_files)
     app[drain_key] = Drain()
     app.cleanup_ctx.extend([storage_ctx, metadata_ctx, upstream_ctx, services_ctx, client_auth_ctx])
+    if app[pulls_key].shared is not None:
+        app.cleanup_ctx.append(pulls_ctx)
     app.cleanup_ctx.insert(0, leases_ctx)  # first: every service may take leases
     app.cleanup_ctx.insert(1, peers_ctx)  # downloads stream from other replicas with it
     setup_routes(app)
@@ -167,6 +170,32 @@ async def metadata_ctx(app: web.Application) -> AsyncIterator[None]:
         saver.cancel()
         await asyncio.gather(saver, return_exceptions=True)
     await metadata.close()
+
+
+async def pulls_ctx(app: web.Application) -> AsyncIterator[None]:
+    """A worker's pulls per repository published for the other workers' status pages,
+    every PUBLISH_SECONDS when they changed, and once more at the end (the supervisor
+    folds the file of a worker gone)."""
+    pulls = app[pulls_key]
+
+    async def publish() -> None:
+        counts = pulls.changed()
+        if counts is not None and pulls.shared is not None:
+            try:
+                await asyncio.to_thread(publish_pulls, pulls.shared, counts)
+            except OSError as exc:
+                log.warning("pulls per repository not published: %s", exc.strerror)
+
+    async def publish_periodically() -> None:
+        while True:
+            await asyncio.sleep(PUBLISH_SECONDS)
+            await publish()
+
+    publisher = asyncio.create_task(publish_periodically())
+    yield
+    publisher.cancel()
+    await asyncio.gather(publisher, return_exceptions=True)
+    await publish()
 
 
 async def save_periodically(metadata: MemoryMetadata) -> None:

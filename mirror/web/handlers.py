@@ -31,7 +31,7 @@ from mirror.web.keys import (
     upstreams_key,
 )
 from mirror.web.stamp import API_VERSION_HEADER
-from mirror.web.status import render, samples
+from mirror.web.status import Samples, render, samples
 
 STALE_WARNING = '110 - "Response is Stale"'
 
@@ -138,9 +138,15 @@ async def status_response(
     (served on the client listeners or metrics.listen's), naming the repositories `shown`
     lets through for `viewer` (None: every one)."""
     # In a thread, as /metrics: with workers, collecting reads every worker's files.
-    values = await asyncio.to_thread(samples, app[metrics_key])
+    values = await asyncio.to_thread(_collect, app)
     body = render(app[config_key], app[upstreams_key], values, app[pulls_key], shown, viewer)
     return web.Response(text=body, content_type="text/html")
+
+
+def _collect(app: web.Application) -> Samples:
+    """The page's figures and the other workers' pulls (blocking: with workers, files)."""
+    app[pulls_key].refresh()
+    return samples(app[metrics_key])
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -12,9 +12,11 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from itertools import islice
+from pathlib import Path
 
 from mirror.config import Config
 from mirror.observe.metrics import Metrics
+from mirror.observe.workerfiles import others_pulls
 from mirror.upstream.routing import Upstreams
 from mirror.util.lru import LRU
 from mirror.util.units import human_size
@@ -25,6 +27,8 @@ MAX_TRACKED = 10000
 # every tracked name through the pull policy until `n` pass, all of them for a viewer who
 # may see few (an anonymous one), which no page view should pay for again and again.
 REFRESH_SECONDS = 10
+# How often a worker publishes its pulls for the others' pages (when they changed).
+PUBLISH_SECONDS = 5.0
 VIEWS_KEPT = 256
 
 Ranking = list[tuple[str, int]]
@@ -39,17 +43,38 @@ SHOWN = {
 
 
 class PullCounter:
-    """Manifest pulls per repository, bounded: the quiet ones are forgotten first."""
+    """Manifest pulls per repository, bounded: the quiet ones are forgotten first. With
+    workers (`shared`: the directory of their files), the page adds the other workers'
+    published counts (observe/workerfiles.py) to this one's."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, shared: Path | None = None
+    ) -> None:
         self._counts: Counter[str] = Counter()
         self._clock = clock
         self._views: LRU[tuple[str, int], tuple[float, Ranking]] = LRU(VIEWS_KEPT)
+        self.shared = shared
+        self._others: Counter[str] = Counter()  # as last read (`refresh`, in a thread)
+        self._changes = 0
+        self._published = 0
 
     def add(self, repository: str) -> None:
         self._counts[repository] += 1
+        self._changes += 1
         if len(self._counts) > MAX_TRACKED:
             self._counts = Counter(dict(self._counts.most_common(MAX_TRACKED // 2)))
+
+    def changed(self) -> dict[str, int] | None:
+        """A copy of the counts to publish, when they changed since the last one."""
+        if self._changes == self._published:
+            return None
+        self._published = self._changes
+        return dict(self._counts)
+
+    def refresh(self) -> None:
+        """Read the other workers' counts (blocking; with workers only)."""
+        if self.shared is not None:
+            self._others = others_pulls(self.shared)
 
     def top(
         self, n: int = TOP, shown: Callable[[str], bool] | None = None, viewer: str = ""
@@ -57,13 +82,14 @@ class PullCounter:
         """The `n` most pulled repositories; with `shown`, the `n` most pulled of those it
         lets through, as found for `viewer` (whom `shown` stands for) within the last
         refresh interval."""
+        counts = self._counts + self._others if self._others else self._counts
         if shown is None:
-            return self._counts.most_common(n)
+            return counts.most_common(n)
         now = self._clock()
         kept = self._views.get((viewer, n))
         if kept is not None and now - kept[0] < REFRESH_SECONDS:
             return kept[1]
-        ranked = self._counts.most_common()
+        ranked = counts.most_common()
         found = list(islice((entry for entry in ranked if shown(entry[0])), n))
         self._views.put((viewer, n), (now, found))
         return found
@@ -158,12 +184,11 @@ def render(
         upstreams=_rows(_upstream_rows(upstreams, values)),
         summary=_rows(summary),
         top=_rows(top),
-        # Each worker counts the pulls it answers; the figures above are every worker's.
-        top_note=PER_WORKER.format(config.workers) if config.workers > 1 else "",
+        top_note=EVERY_WORKER.format(PUBLISH_SECONDS) if config.workers > 1 else "",
     )
 
 
-PER_WORKER = "<p>Pulls counted by the worker that answered this page (one of {}).</p>\n"
+EVERY_WORKER = "<p>Pulls of every worker, each one's counted up to {:.0f} s ago.</p>\n"
 
 
 PAGE = """<!doctype html>
