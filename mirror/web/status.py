@@ -76,20 +76,22 @@ class PullCounter:
         if self.shared is not None:
             self._others = others_pulls(self.shared)
 
+    def _every_workers(self) -> Counter[str]:
+        return self._counts + self._others if self._others else self._counts
+
     def top(
         self, n: int = TOP, shown: Callable[[str], bool] | None = None, viewer: str = ""
     ) -> Ranking:
         """The `n` most pulled repositories; with `shown`, the `n` most pulled of those it
         lets through, as found for `viewer` (whom `shown` stands for) within the last
         refresh interval."""
-        counts = self._counts + self._others if self._others else self._counts
         if shown is None:
-            return counts.most_common(n)
+            return self._every_workers().most_common(n)
         now = self._clock()
         kept = self._views.get((viewer, n))
         if kept is not None and now - kept[0] < REFRESH_SECONDS:
             return kept[1]
-        ranked = counts.most_common()
+        ranked = self._every_workers().most_common()
         found = list(islice((entry for entry in ranked if shown(entry[0])), n))
         self._views.put((viewer, n), (now, found))
         return found
