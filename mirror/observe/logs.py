@@ -163,9 +163,12 @@ def _escape(ch: str) -> str:
 def redact(text: str) -> str:
     """Credentials that follow their name (Authorization: ..., X-Amz-Signature=...) hidden."""
     folded = text.casefold()
-    if not any(hint in folded for hint in _CREDENTIAL_HINTS):
-        return text
-    return _CREDENTIAL.sub(lambda m: f"{m.group(1)}{m.group(2)}<redacted>", text)
+    # A loop, not any() over a generator: this runs for every log line, and the
+    # generator's frames were most of its cost (1.6 against 1.0 µs for an audit line).
+    for hint in _CREDENTIAL_HINTS:
+        if hint in folded:
+            return _CREDENTIAL.sub(lambda m: f"{m.group(1)}{m.group(2)}<redacted>", text)
+    return text
 
 
 class WorkerFilter(logging.Filter):
