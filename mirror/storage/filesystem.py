@@ -36,6 +36,7 @@ from mirror.oci.reference import Digest, as_digest, compute_digest
 from mirror.storage.base import Found, NoUpload, Upload
 from mirror.storage.localflight import TEMP_PREFIX, is_own, own_files, sweep
 from mirror.util.filelock import try_lock, try_lock_shared
+from mirror.util.files import sync_directory
 
 log = logging.getLogger(__name__)
 
@@ -251,13 +252,19 @@ class Storage:
                 raise
 
     def commit(self, fd: int, temp: Path, final: Path) -> None:
-        """fsync `fd`, close it and rename `temp` to `final` (blocking)."""
+        """fsync `fd`, close it and rename `temp` to `final` (blocking). The directory the
+        name lands in is fsynced too (and the parent of each directory made for it): without
+        it a power cut can lose the rename of a file whose bytes were on disk, and the
+        blob would be fetched again. Cached data is never wrong either way."""
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+        made = _missing_directories(final.parent)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.rename(temp, final)
+        for directory in (final.parent, *(new.parent for new in made)):
+            sync_directory(directory)
 
     @staticmethod
     def discard(fd: int | None, temp: Path | None) -> None:
@@ -395,3 +402,12 @@ def _file_matches(path: str, digest: Digest, skip_line: bool) -> bool:
         while chunk := file.read(1024 * 1024):
             hasher.update(chunk)
     return hasher.hexdigest() == digest.hex
+
+
+def _missing_directories(path: Path) -> list[Path]:
+    """`path` and its ancestors that do not exist yet, deepest first."""
+    missing: list[Path] = []
+    while not path.is_dir() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing

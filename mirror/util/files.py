@@ -28,9 +28,15 @@ def write_replacing(path: Path, text: str, *, durable: bool = False) -> os.stat_
             os.unlink(temp)
         raise
     if durable:
-        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)  # the rename itself on disk
-        finally:
-            os.close(directory)
+        sync_directory(path.parent)  # the rename itself on disk
     return written
+
+
+def sync_directory(path: Path) -> None:
+    """fsync the directory `path` (blocking): the names made or renamed in it are on disk
+    once this returns, not only the files' bytes."""
+    directory = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
