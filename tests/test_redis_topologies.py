@@ -347,6 +347,29 @@ async def test_a_burst_is_not_taken_for_an_outage(
     assert answers == [record] * 300
 
 
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+async def test_a_burst_of_bucket_reads_is_not_taken_for_an_outage(
+    request: pytest.FixtureRequest, topology: str
+) -> None:
+    """The bucket's read records (every redirect of a blob this process has not seen asks
+    one) take turns as tag records do: a burst finds each record, none in memory."""
+    changes: list[bool] = []
+    store = open_metadata(flushed_redis_url(request, topology), ttl=600, on_change=changes.append)
+    digests = [f"sha256:{n:064x}" for n in range(300)]
+    try:
+        await asyncio.gather(*(store.put_blob_read(digest, 10, 1.0) for digest in digests))
+        answers = await asyncio.gather(*(store.get_blob_read(digest) for digest in digests))
+        everything = await asyncio.gather(*(store.blob_reads() for _ in range(100)))
+        await asyncio.gather(*(store.forget_blob(digest) for digest in digests))
+        left = await store.blob_reads()
+    finally:
+        await store.close()
+    assert changes == []
+    assert answers == [(10, 1.0)] * 300
+    assert all(len(reads) == 300 for reads in everything)
+    assert left == {}
+
+
 @pytest.mark.parametrize(
     "form",
     [

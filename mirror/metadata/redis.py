@@ -105,10 +105,12 @@ class RedisMetadata:
             await self._redis.ping()
 
     async def put_blob_read(self, digest: str, size: int, read_at: float) -> None:
-        await self._redis.hset(BUCKET_BLOBS_KEY, digest, f"{size} {read_at}")
+        async with self._turns:
+            await self._redis.hset(BUCKET_BLOBS_KEY, digest, f"{size} {read_at}")
 
     async def blob_reads(self) -> dict[str, tuple[int, float]]:
-        raw = await self._redis.hgetall(BUCKET_BLOBS_KEY)
+        async with self._turns:
+            raw = await self._redis.hgetall(BUCKET_BLOBS_KEY)
         found = {}
         for digest, value in raw.items():
             size, _, read_at = str(value).partition(" ")
@@ -116,14 +118,16 @@ class RedisMetadata:
         return found
 
     async def get_blob_read(self, digest: str) -> tuple[int, float] | None:
-        value = await self._redis.hget(BUCKET_BLOBS_KEY, digest)
+        async with self._turns:
+            value = await self._redis.hget(BUCKET_BLOBS_KEY, digest)
         if value is None:
             return None
         size, _, read_at = str(value).partition(" ")
         return int(size), float(read_at)
 
     async def forget_blob(self, digest: str) -> None:
-        await self._redis.hdel(BUCKET_BLOBS_KEY, digest)
+        async with self._turns:
+            await self._redis.hdel(BUCKET_BLOBS_KEY, digest)
 
     async def get_token(self, key: str) -> tuple[str, float] | None:
         async with self._turns:
