@@ -11,7 +11,7 @@ from aiohttp.test_utils import make_mocked_request
 
 from mirror.cluster import peerauth
 from mirror.cluster.blobflight import BlobFlight, lease_name
-from mirror.cluster.lease import Held, Lease, Leases
+from mirror.cluster.lease import CONNECTIONS, Held, Lease, Leases
 from mirror.cluster.peers import PeerClient
 from mirror.config import ConfigError
 from mirror.config.cluster import parse_cluster
@@ -54,6 +54,28 @@ async def test_one_replica_holds_a_lease_and_the_other_sees_whom(
     assert await b.holder("blob:sha256:aa") == "http://a:8083"
     await mine.release()
     assert isinstance(await b.acquire("blob:sha256:aa"), Lease)
+
+
+async def test_a_burst_of_lease_calls_is_not_taken_for_an_outage(
+    request: pytest.FixtureRequest, topology: str
+) -> None:
+    """A rollout asks for many leases at once. Sentinel's pool raises past its size rather
+    than wait: each call past it used to read as Redis down (the work then done by every
+    replica, and leases not asked for a second). All of them must reach Redis."""
+    conn = open_redis(flushed_redis_url(request, topology), CONNECTIONS, decode_responses=True)
+    leases = Leases(conn.client, "http://a:8083", 30.0)
+    names = [f"blob:burst{n}" for n in range(200)]
+    try:
+        got = await asyncio.gather(*(leases.acquire(name) for name in names))
+        holders = await asyncio.gather(*(leases.holder(name) for name in names))
+        failures = await asyncio.gather(*(leases.failure(name) for name in names))
+        released = await leases.release_all()
+    finally:
+        await conn.close()
+    assert [type(lease) for lease in got] == [Lease] * len(names)
+    assert holders == ["http://a:8083"] * len(names)
+    assert failures == [None] * len(names)
+    assert released == len(names)
 
 
 async def test_a_kept_lease_outlives_its_ttl_and_a_dead_holders_runs_out(

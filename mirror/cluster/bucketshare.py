@@ -82,6 +82,7 @@ class BucketShare:
 
 async def _held(leases: Leases, name: str) -> bool:
     try:
-        return bool(await leases.client.exists(leases.key(name)))
+        async with leases.turns:
+            return bool(await leases.client.exists(leases.key(name)))
     except DOWN_ERRORS:
         return True

@@ -37,6 +37,8 @@ FAILED_SUFFIX = "/failed"
 # After Redis failed to answer, leases are not tried for this long: a Redis that drops
 # packets (rather than refusing) would otherwise cost every miss a connect timeout.
 DOWN_RETRY = 1.0
+# Redis connections a replica's leases use at most (its pool's size).
+CONNECTIONS = 16
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -102,9 +104,10 @@ class Lease:
     async def renew(self) -> bool:
         """Extend the lease by one TTL; False if it is no longer ours (or Redis is down)."""
         try:
-            done = await self._leases.client.eval(
-                _RENEW, 1, self.key, self.value, int(self._leases.ttl * 1000)
-            )
+            async with self._leases.turns:
+                done = await self._leases.client.eval(
+                    _RENEW, 1, self.key, self.value, int(self._leases.ttl * 1000)
+                )
         except DOWN_ERRORS:
             return False
         return bool(done)
@@ -115,7 +118,11 @@ class Lease:
         with contextlib.suppress(*DOWN_ERRORS):
             # Shielded: a task cancelled again while it releases (a stopping replica
             # cancels its work) must not leave the lease to run out.
-            await asyncio.shield(self._leases.client.eval(_RELEASE, 1, self.key, self.value))
+            await asyncio.shield(self._release())
+
+    async def _release(self) -> None:
+        async with self._leases.turns:
+            await self._leases.client.eval(_RELEASE, 1, self.key, self.value)
 
     @contextlib.asynccontextmanager
     async def kept(self) -> AsyncIterator[Lease]:
@@ -144,10 +151,16 @@ class Lease:
 class Leases:
     """Acquire leases in one Redis (any topology), as this replica."""
 
-    def __init__(self, client: RedisClient, owner: str, ttl: float) -> None:
+    def __init__(
+        self, client: RedisClient, owner: str, ttl: float, connections: int = CONNECTIONS
+    ) -> None:
         self.client = client
         self.owner = owner
         self.ttl = ttl
+        # Sentinel's pool raises past its size instead of waiting: every command on
+        # `client` takes a turn here, so that a burst (a rollout's pulls) is never taken
+        # for an outage, each replica then doing the work alone.
+        self.turns = asyncio.Semaphore(connections)
         self.held: set[Lease] = set()  # taken and not yet released: `release_all` ends them
 
     async def release_all(self) -> int:
@@ -164,9 +177,10 @@ class Leases:
         key = self.key(name)
         value = f"{self.owner} {secrets.token_hex(8)}"
         try:
-            if await self.client.set(key, value, nx=True, px=int(self.ttl * 1000)):
-                return Lease(self, key, value)
-            holder = await self.client.get(key)
+            async with self.turns:
+                if await self.client.set(key, value, nx=True, px=int(self.ttl * 1000)):
+                    return Lease(self, key, value)
+                holder = await self.client.get(key)
         except DOWN_ERRORS as exc:
             log.debug("lease %s: redis unavailable (%s)", name, type(exc).__name__)
             return None
@@ -177,7 +191,8 @@ class Leases:
     async def holder(self, name: str) -> str | None:
         """The advertise URL of the replica holding `name`, if any (None too when down)."""
         try:
-            value = await self.client.get(self.key(name))
+            async with self.turns:
+                value = await self.client.get(self.key(name))
         except DOWN_ERRORS:
             return None
         return None if value is None else _owner_of(value)
@@ -185,11 +200,15 @@ class Leases:
     async def mark_failed(self, name: str, error: str) -> None:
         value = f"{self.owner} {error}"  # whose failure: a waiter follows one holder
         with contextlib.suppress(*DOWN_ERRORS):
-            await self.client.set(self.key(name) + FAILED_SUFFIX, value, px=int(self.ttl * 1000))
+            async with self.turns:
+                await self.client.set(
+                    self.key(name) + FAILED_SUFFIX, value, px=int(self.ttl * 1000)
+                )
 
     async def failure(self, name: str) -> tuple[str, str] | None:
         with contextlib.suppress(*DOWN_ERRORS):
-            value = await self.client.get(self.key(name) + FAILED_SUFFIX)
+            async with self.turns:
+                value = await self.client.get(self.key(name) + FAILED_SUFFIX)
             if value is not None:
                 marked_by, _, error = str(value).partition(" ")
                 return marked_by, error

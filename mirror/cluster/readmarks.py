@@ -78,7 +78,8 @@ class ReadMarks:
         """Is the object read (or was it, within a grace), here or elsewhere? True when
         Redis does not answer: nothing is evicted that may be read."""
         try:
-            return bool(await self._leases.client.exists(self.key(digest)))
+            async with self._leases.turns:
+                return bool(await self._leases.client.exists(self.key(digest)))
         except DOWN_ERRORS:
             return True
 
@@ -93,7 +94,8 @@ class ReadMarks:
     async def _script(self, script: str, digest: str, *args: str | int) -> None:
         # Redis down: no replica evicts then (no lease), and the renewal marks again.
         with contextlib.suppress(*DOWN_ERRORS):
-            await self._leases.client.eval(script, 1, self.key(digest), self._member, *args)
+            async with self._leases.turns:
+                await self._leases.client.eval(script, 1, self.key(digest), self._member, *args)
 
     async def _renew_while_reading(self) -> None:
         """Renew the marks of the running streams every third of the TTL, until none runs."""
