@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ from mirror.cluster import locallease
 from mirror.cluster.lease import Held
 from mirror.cluster.locallease import LocalLease, LocalLeases
 from mirror.config import UpstreamConfig
-from mirror.oci.reference import parse_digest
+from mirror.oci.reference import Digest, parse_digest
+from mirror.storage import localflight
 from mirror.storage.localflight import (
     FAILED_FOR,
     Claim,
@@ -154,6 +156,42 @@ def test_a_starting_process_sweeps_only_what_no_live_download_holds(tmp_path: Pa
         f"sha256-{DIGEST.hex}.lock",
     ]
     live.release()
+
+
+def test_failure_markers_that_ran_out_do_not_stay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Digests come from clients: a failing upstream left a marker per digest asked until
+    the next start. One read past FAILED_FOR removes it, and claims sweep the others."""
+    flight = LocalFlight(tmp_path)
+    digests = [parse_digest(f"sha256:{n:064x}") for n in range(20)]
+    for digest in digests:
+        claim = flight.claim(digest)
+        assert isinstance(claim, Claim)
+        claim.failed("UpstreamUnavailable", "timed out")
+        claim.release()
+    markers = sorted(tmp_path.glob("*.failed"))
+    assert len(markers) == 20
+    old = time.time() - FAILED_FOR - 1
+    for marker in markers:
+        os.utime(marker, (old, old))
+    assert flight.failure(digests[0]) is None
+    assert not markers[0].exists()
+    _claim_and_release(flight, digests[1])  # within SWEEP_EVERY of the start: no pass
+    assert len(list(tmp_path.glob("*.failed"))) == 19
+    monkeypatch.setattr(localflight, "SWEEP_EVERY", 0.0)
+    fresh = flight.claim(digests[2])
+    assert isinstance(fresh, Claim)
+    fresh.failed("UpstreamUnavailable", "timed out")  # within FAILED_FOR: kept
+    fresh.release()
+    _claim_and_release(flight, digests[3])
+    assert [p.name for p in tmp_path.glob("*.failed")] == [f"sha256-{digests[2].hex}.failed"]
+
+
+def _claim_and_release(flight: LocalFlight, digest: Digest) -> None:
+    claim = flight.claim(digest)
+    assert isinstance(claim, Claim)
+    claim.release()
 
 
 async def test_two_apps_on_one_directory_fetch_a_blob_once(

@@ -17,7 +17,9 @@ its path still leads to it, so a finished download's lock is never taken for a l
 An owner whose download failed upstream (a timeout, a 404) says so first, in
 `<alg>-<hex>.failed` ("<error class> <message>"): the processes that followed it fail their
 clients with that for FAILED_FOR, rather than each asking the failing upstream in turn,
-one timeout after another.
+one timeout after another. Markers past FAILED_FOR are removed as they are read, and in a
+pass over tmp/ at most once per SWEEP_EVERY as downloads are claimed: digests come from
+clients, and one failing upstream must not leave a file per digest asked until a restart.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ _OWN_NAME = re.compile(
 FAILED_FOR = 5.0
 # The most of a failure's message kept for them.
 FAILURE_TEXT = 300
+# Seconds between two passes removing the failure markers that ran out.
+SWEEP_EVERY = 60.0
 
 
 @dataclass(frozen=True)
@@ -154,9 +158,13 @@ class LocalFlight:
 
     def __init__(self, tmp: Path) -> None:
         self._tmp = tmp
+        self._swept_at = time.monotonic()  # the start's sweep (`sweep`) has just run
 
     def claim(self, digest: Digest) -> Claim | Sibling:
         """Ours to fetch, or another process's to follow (blocking)."""
+        if time.monotonic() - self._swept_at >= SWEEP_EVERY:
+            self._swept_at = time.monotonic()
+            remove_old_markers(self._tmp)
         path = self._tmp / f"{digest.algorithm}-{digest.hex}.lock"
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -177,6 +185,7 @@ class LocalFlight:
         marker = _failure_path(self._tmp / f"{digest.algorithm}-{digest.hex}.lock")
         try:
             if time.time() - marker.stat().st_mtime > FAILED_FOR:
+                marker.unlink()  # (one written since: a hint lost, the blob fetched here)
                 return None
             kind, _, message = marker.read_text().partition(" ")
         except (OSError, ValueError):
@@ -215,6 +224,20 @@ def sweep(tmp: Path) -> None:
         with contextlib.suppress(OSError):
             if path.name not in held and path.stat().st_mtime < cutoff:
                 path.unlink()
+
+
+def remove_old_markers(tmp: Path) -> int:
+    """Remove the failure markers in `tmp` past FAILED_FOR; how many (blocking)."""
+    removed = 0
+    stale = time.time() - FAILED_FOR
+    with contextlib.suppress(OSError), os.scandir(tmp) as entries:
+        for entry in entries:
+            if entry.name.endswith(".failed") and is_own(entry.name):
+                with contextlib.suppress(OSError):
+                    if entry.stat().st_mtime < stale:
+                        os.unlink(entry.path)
+                        removed += 1
+    return removed
 
 
 def own_files(tmp: Path) -> list[Path]:
