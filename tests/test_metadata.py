@@ -3,10 +3,14 @@ Cluster)."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -234,3 +238,48 @@ async def test_a_workers_sqlite_file_that_fails_is_stood_in_for_by_memory(
         assert await again.get_tag("docker.io", "library/alpine", "3") == rec
     finally:
         await again.close()
+
+
+async def test_a_sqlite_file_kept_locked_holds_up_neither_the_loop_threads_nor_metadata(
+    tmp_path: Path,
+) -> None:
+    """A worker stopped mid-write, or a shell left in a transaction, keeps the workers'
+    SQLite file locked. That costs metadata alone, and briefly: a cached blob hit's
+    `os.stat` on the event loop's default threads runs at once, reads still answer from
+    the file (another worker's record), and the writes queued together end within
+    seconds, answered from memory. Before, each
+    queued call held one of those threads for its turn plus a 5 s busy timeout: the stat
+    waited minutes, the writes 5, 10, 15 ... s. (Each write waiting out a short timeout in
+    turn would still take 10 s for these 40.)"""
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=6))  # a 2-core host's
+    shared = tmp_path / "metadata.sqlite"
+    changes: list[bool] = []
+    metadata = open_metadata(None, ttl=TTL, shared=shared, on_change=changes.append)
+    held = sqlite3.connect(shared, isolation_level=None)
+    reads: list[asyncio.Future[Any]] = []
+    writes: list[asyncio.Future[Any]] = []
+    try:
+        warm, rec = record(DIGEST_B), record()
+        other = open_metadata(None, ttl=TTL, shared=shared)  # another worker's record
+        await other.put_tag("docker.io", "library/warm", "1", warm)
+        await other.close()
+        held.execute("BEGIN IMMEDIATE")
+        held.execute("INSERT OR REPLACE INTO repos VALUES ('held')")
+        put, get = metadata.put_tag, metadata.get_tag
+        writes += [asyncio.ensure_future(put("docker.io", f"r{i}", "1", rec)) for i in range(40)]
+        reads += [asyncio.ensure_future(get("docker.io", "library/warm", "1")) for _ in range(12)]
+        await asyncio.sleep(0.2)  # every call queued for its thread
+        stat = asyncio.ensure_future(asyncio.to_thread(os.stat, tmp_path))
+        done, _ = await asyncio.wait([stat], timeout=5)
+        assert done, "os.stat on the default threads waited for the metadata calls"
+        _, waiting = await asyncio.wait(reads + writes, timeout=5)
+        assert len(waiting) == 0, f"{len(waiting)} of 52 metadata calls still waiting after 5 s"
+        assert [read.result() for read in reads] == [warm] * 12  # not in memory
+        assert changes == [False]  # the writes fell to memory, and are answered from it
+        assert await metadata.get_tag("docker.io", "r39", "1") == rec
+    finally:
+        held.rollback()
+        held.close()
+        await asyncio.gather(*reads, *writes, return_exceptions=True)
+        await metadata.close()

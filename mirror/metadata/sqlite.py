@@ -2,9 +2,16 @@
 
 Worker processes on one cache directory must see one another's tag records (so a tag is
 revalidated once per TTL, not once per process) and fetched upstream tokens. SQLite in WAL
-mode gives that with nothing to run: readers never wait for the writer, a writer waits
-for another at most `BUSY_TIMEOUT`, and a process that dies mid-write leaves no lock
-behind. Every call runs in a worker thread; one connection per process, taken in turns.
+mode gives that with nothing to run: readers never wait for the writer, and a process that
+dies mid-write leaves no lock behind.
+
+A file another process keeps locked (a worker stopped mid-write, a shell left in a
+transaction) must cost metadata alone, and briefly. So each process reads on one
+connection and writes on another, each with a thread of its own, never the event loop's
+default threads that cached blob hits stat and open files on. Reads go on while writes
+wait; a write waits at most `BUSY_TIMEOUT_MS` for the lock, and the writes queued behind
+one that failed fail at once, so the caller answers them all from memory together rather
+than one timeout after another.
 """
 
 from __future__ import annotations
@@ -12,9 +19,9 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,9 +29,12 @@ from mirror.metadata.store import RETENTION, TagRecord
 
 T = TypeVar("T")
 
-# How long a write waits for another process's write before it fails: far above what one
-# small write takes, far below a request's patience.
-BUSY_TIMEOUT_MS = 5000
+# How long a statement waits for another process's lock before it fails. Each write here
+# is one small autocommit statement, holding the lock about a millisecond (a WAL append,
+# no fsync with synchronous=NORMAL), so 250 ms lets a burst of every worker's writes
+# through, and a lock held longer than that is held by something stuck: the caller is
+# better answered from memory. (A WAL reader waits only for a crashed writer's recovery.)
+BUSY_TIMEOUT_MS = 250
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tags (
     upstream TEXT NOT NULL, repo TEXT NOT NULL, tag TEXT NOT NULL,
@@ -45,17 +55,59 @@ CREATE TABLE IF NOT EXISTS tokens (
 """
 
 
+class _Lane:
+    """One connection with a thread of its own, its calls taking turns; those queued
+    behind one that failed fail at once (the file did not answer while they waited)."""
+
+    def __init__(self, name: str, connect: Callable[[], sqlite3.Connection]) -> None:
+        self._connect = connect
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"metadata-{name}")
+        self._db: sqlite3.Connection | None = None
+        self._failures = 0  # counted on the lane's thread, read when a call is queued
+        self._closed = False
+
+    async def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closed:
+            raise sqlite3.ProgrammingError("the metadata store is closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._in_turn, work, self._failures)
+
+    def _in_turn(self, work: Callable[[sqlite3.Connection], T], failures_seen: int) -> T:
+        if self._failures != failures_seen:
+            raise sqlite3.OperationalError("the metadata file failed while this call waited")
+        try:
+            if self._db is None:
+                self._db = self._connect()
+            return work(self._db)
+        except Exception:
+            self._failures += 1
+            raise
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:  # after the calls already queued
+            await asyncio.get_running_loop().run_in_executor(self._pool, self._close_db)
+        finally:
+            self._pool.shutdown(wait=False)
+
+    def _close_db(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
 class SqliteMetadata:
     """Tag records, holdings, the catalogue, bucket reads and upstream tokens in one file."""
 
     def __init__(self, path: Path, ttl: float, retention: float = RETENTION) -> None:
         self._path = path
         self._expiry = ttl + retention
-        self._db: sqlite3.Connection | None = None
-        self._closed = False
-        self._turn = threading.Lock()  # one connection: its calls take turns
+        self._reads = _Lane("read", lambda: self._connect(_read_only))
+        self._writes = _Lane("write", lambda: self._connect(self._prune))
 
-    def _open_sync(self) -> None:
+    def _connect(self, prepare: Callable[[sqlite3.Connection], Any]) -> sqlite3.Connection:
         # Readable by this user only: it holds upstream tokens.
         self._path.parent.mkdir(parents=True, exist_ok=True)
         os.close(os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600))
@@ -63,34 +115,28 @@ class SqliteMetadata:
             self._path, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False,
             isolation_level=None,  # autocommit: every statement is its own transaction
         )  # fmt: skip
-        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        db.execute("PRAGMA journal_mode = WAL")
-        # WAL with NORMAL is durable across process crashes (what workers fear); a power
-        # cut may lose the last records, which are only revalidated again.
-        db.execute("PRAGMA synchronous = NORMAL")
-        db.executescript(_SCHEMA)
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            # WAL with NORMAL is durable across process crashes (what workers fear); a power
+            # cut may lose the last records, which are only revalidated again.
+            db.execute("PRAGMA synchronous = NORMAL")
+            db.executescript(_SCHEMA)  # takes no lock once the tables are there
+            prepare(db)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _prune(self, db: sqlite3.Connection) -> None:
         db.execute("DELETE FROM tags WHERE checked_at < ?", (time.time() - self._expiry,))
         db.execute("DELETE FROM holdings WHERE at < ?", (time.time() - self._expiry,))
         db.execute("DELETE FROM tokens WHERE expires_at < ?", (time.time(),))
-        self._db = db
-
-    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        return await asyncio.to_thread(self._in_turn, work)
-
-    def _in_turn(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        with self._turn:
-            if self._closed:
-                raise sqlite3.ProgrammingError("the metadata store is closed")
-            if self._db is None:
-                self._open_sync()
-            assert self._db is not None
-            return work(self._db)
 
     async def _execute(self, sql: str, *args: Any) -> None:
-        await self._run(lambda db: db.execute(sql, args))
+        await self._writes.run(lambda db: db.execute(sql, args))
 
     async def _rows(self, sql: str, *args: Any) -> list[Any]:
-        return await self._run(lambda db: db.execute(sql, args).fetchall())
+        return await self._reads.run(lambda db: db.execute(sql, args).fetchall())
 
     async def get_tag(self, upstream: str, repo: str, tag: str) -> TagRecord | None:
         rows = await self._rows(
@@ -111,7 +157,7 @@ class SqliteMetadata:
     ) -> None:
         rows = [(upstream, repo, digest, at) for digest in digests]
         sql = "INSERT OR REPLACE INTO holdings VALUES (?, ?, ?, ?)"
-        await self._run(lambda db: db.executemany(sql, rows))
+        await self._writes.run(lambda db: db.executemany(sql, rows))
 
     async def holds(self, upstream: str, repo: str, digest: str) -> bool:
         rows = await self._rows(
@@ -171,11 +217,8 @@ class SqliteMetadata:
         )
 
     async def close(self) -> None:
-        await asyncio.to_thread(self._close_sync)
+        await asyncio.gather(self._reads.close(), self._writes.close())
 
-    def _close_sync(self) -> None:
-        with self._turn:
-            self._closed = True
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+
+def _read_only(db: sqlite3.Connection) -> None:
+    db.execute("PRAGMA query_only = ON")
