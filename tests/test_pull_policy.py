@@ -24,7 +24,7 @@ from aiohttp.test_utils import TestClient
 from mirror.config import config_from_mapping
 from mirror.observe.logs import setup_logging
 from tests.conftest import MakeClient
-from tests.fakehub import FakeHub
+from tests.fakehub import DOCKER_MANIFEST, FakeHub
 
 Client = TestClient[Any, Any]
 PASSWORDS = {"alice": "alice-Pa55-1", "bob": "bob-Pa55-2", "carol": "carol-Pa55-3"}
@@ -150,21 +150,76 @@ async def test_what_the_lists_allow_is_pulled(
     assert await denied_counts(client) == {}
 
 
-async def test_a_digest_deny_stops_a_pull_by_tag_at_the_get_by_digest(
-    make_client: MakeClient, hub: FakeHub, ghcr: FakeHub, images: dict[str, dict[str, Any]]
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+SCHEMA2_ONLY = {"Accept": DOCKER_MANIFEST}  # reads no lists: gets a list's linux/amd64 entry
+
+
+def add_list(hub: FakeHub, repo: str, tag: str, image: dict[str, Any]) -> str:
+    """A Docker manifest list whose linux/amd64 entry is `image`."""
+    entry = {
+        "mediaType": DOCKER_MANIFEST,
+        "digest": image["digest"],
+        "size": len(image["manifest"]),
+        "platform": {"os": "linux", "architecture": "amd64"},
+    }
+    body = json.dumps({"schemaVersion": 2, "mediaType": DOCKER_LIST, "manifests": [entry]})
+    return hub.content.add_manifest(repo, body.encode(), DOCKER_LIST, tag)
+
+
+async def test_a_digest_deny_refuses_the_manifest_by_tag_too(
+    make_client: MakeClient,
+    hub: FakeHub,
+    ghcr: FakeHub,
+    images: dict[str, dict[str, Any]],
+    log_stream: Callable[[str], io.StringIO],
 ) -> None:
-    bad = images["nginx"]["digest"]
-    client = await policy_mirror(make_client, hub, ghcr, docker_io={"deny": [f"library/*@{bad}"]})
-    # Docker's and containerd's order: HEAD the tag (the digest is not known yet), then GET
-    # by digest, which the deny refuses before asking upstream.
-    head = await client.head("/v2/library/nginx/manifests/latest")
-    assert head.status == 200 and head.headers["Docker-Content-Digest"] == bad
-    hub.stats.reset()
-    resp = await client.get(f"/v2/library/nginx/manifests/{bad}")
-    assert resp.status == 403 and error(await resp.read())["detail"]["reference"] == bad
-    assert hub.stats.requests == []
-    other = images["busybox"]["digest"]
-    assert await status_of(client, f"/v2/library/busybox/manifests/{other}") == 200
+    stream = log_stream("json")
+    nginx = images["nginx"]
+    bad = nginx["digest"]
+    # A list naming the denied manifest, and a denied list naming an allowed one.
+    add_list(hub, "library/nginx", "multi", nginx)
+    good = hub.content.add_image("library/nginx", "good", [b"good layer"])
+    bad_list = add_list(hub, "library/nginx", "bad-list", good)
+    deny = [f"library/*@{bad}", f"library/nginx@{bad_list}"]
+    client = await policy_mirror(make_client, hub, ghcr, docker_io={"deny": deny})
+    refused = [
+        ("latest", {}, bad),
+        ("latest", {"If-None-Match": f'"{bad}"'}, bad),  # no 304 names it either
+        ("multi", SCHEMA2_ONLY, bad),  # the denied manifest picked from an allowed list
+        ("bad-list", SCHEMA2_ONLY, bad_list),  # an allowed one picked from a denied list
+        ("bad-list", {}, bad_list),
+        (bad, {}, bad),
+    ]
+    for reference, headers, digest in refused:
+        for method in ("HEAD", "GET"):
+            path = f"/v2/library/nginx/manifests/{reference}"
+            resp = await client.request(method, path, headers=headers)
+            body = await resp.read()
+            assert resp.status == 403, (method, reference, headers, body)
+            assert "Docker-Content-Digest" not in resp.headers and "ETag" not in resp.headers
+            if method == "GET":  # the body a denial by digest has
+                entry = error(body)
+                assert entry["code"] == "DENIED"
+                assert entry["message"] == (
+                    f"pulling library/nginx@{digest} is not allowed by this mirror's policy"
+                )
+                assert entry["detail"] == {"repository": "library/nginx", "reference": digest}
+    # The allowed list itself is served to a client reading lists (it only names the denied
+    # manifest, refused when asked for), and the denied list's child by digest.
+    resp = await client.get("/v2/library/nginx/manifests/multi", headers={"Accept": DOCKER_LIST})
+    assert resp.status == 200 and resp.headers["Content-Type"] == DOCKER_LIST
+    assert await status_of(client, f"/v2/library/nginx/manifests/{good['digest']}") == 200
+    assert await status_of(client, "/v2/library/nginx/manifests/good") == 200
+    assert await denied_counts(client) == {("docker.io", "deny_list"): 12.0}
+    audit = [json.loads(line) for line in stream.getvalue().splitlines() if "mirror.audit" in line]
+    first = audit[0]
+    assert (first["reference"], first["digest"], first["outcome"], first["reason"]) == (
+        "latest",
+        bad,
+        "denied",
+        "deny_list",
+    )
+    assert first["status"] == 403
 
 
 # --- rules: users, groups, anonymous, tokens ----------------------------------------------------

@@ -17,9 +17,10 @@ names none, the repository decides:
   resolve a tag with a HEAD and then GET the manifest by digest, and the mirror cannot tell
   from which tag a digest came. The tag itself is checked when it is resolved.
 - a manifest by tag against an `@digest` allow: refused (the digest is unknown before the
-  tag is resolved upstream, and the policy makes no upstream request to find out). Docker
-  and containerd GET the manifest by digest after resolving a tag, so an `@digest` deny
-  stops their pulls by tag at that step.
+  tag is resolved upstream, and the policy makes no upstream request to find out).
+- a manifest by tag against an `@digest` deny: let through here; once the tag is resolved,
+  the pull gate asks again with the digest it resolved to (web/gate.py), so the deny
+  refuses the manifest whether it is asked for by tag or by digest.
 """
 
 from __future__ import annotations
@@ -264,6 +265,15 @@ class Policy:
     @property
     def names_anonymous(self) -> bool:
         return any(rule.anonymous for rule in self.rules or ())
+
+    @property
+    def names_digests(self) -> bool:
+        """Whether any glob has an `@digest` part: without one, the digest a tag resolves
+        to is refused exactly when the tag is, so it need not be asked about."""
+        lists = (self.default, *(lists for _, lists in self.by_upstream))
+        globs = [glob for each in lists for glob in (*(each.allow or ()), *each.deny)]
+        globs += [glob for rule in self.rules or () for glob in rule.pulls]
+        return any(glob.digest is not None for glob in globs)
 
     def lists(self, target: Target) -> UpstreamLists:
         if target.default:

@@ -83,11 +83,15 @@ class Manifest:
     stale: bool = False  # served past its TTL because the upstream failed
     # By tag: seconds left of the tag's TTL (how long a cache may keep this answer).
     fresh_for: float | None = None
+    # By tag: the manifest list this one was picked from, for a client reading no lists.
+    index: str | None = None
 
-    def lasting(self, fresh_for: float | None, stale: bool = False) -> Manifest:
+    def lasting(
+        self, fresh_for: float | None, stale: bool = False, index: str | None = None
+    ) -> Manifest:
         """This answer under a tag's freshness (dataclasses.replace, without its cost on
         every manifest request)."""
-        return Manifest(self.digest, self.media_type, self.size, self.body, stale, fresh_for)
+        return Manifest(self.digest, self.media_type, self.size, self.body, stale, fresh_for, index)
 
 
 class ManifestService:
@@ -160,7 +164,7 @@ class ManifestService:
             upstream, repo, default_platform(body or b""), head=head, held=False
         )
         decide(child.media_type, accept, by_tag=False)
-        return child.lasting(found.fresh_for, found.stale)
+        return child.lasting(found.fresh_for, found.stale, index=found.digest)
 
     def ttl_of(self, upstream: Upstream) -> float:
         """How long a tag of this upstream is believed without asking it again."""

@@ -23,6 +23,8 @@ class PendingAudit:
     target: Target
     subject: str
     reason: str | None = None
+    # The digest a tag resolved to, when that digest was refused (no header says it then).
+    digest: str | None = None
 
 
 audit_key = web.RequestKey("audit", PendingAudit)
@@ -32,6 +34,10 @@ def _outcome(pending: PendingAudit, status: int) -> str:
     if pending.reason is not None:
         return "denied"
     return "served" if status < 400 else "failed"
+
+
+def _digest(pending: PendingAudit, response: web.StreamResponse) -> str:
+    return response.headers.get("Docker-Content-Digest") or pending.digest or "-"
 
 
 def audit_fields(
@@ -47,7 +53,7 @@ def audit_fields(
         "upstream": target.upstream,
         "repository": target.repository,
         "reference": target.reference,
-        "digest": response.headers.get("Docker-Content-Digest") or "-",
+        "digest": _digest(pending, response),
         "outcome": _outcome(pending, status),
         "status": status,
     }
@@ -63,7 +69,7 @@ def audit_text(pending: PendingAudit, response: web.StreamResponse) -> str:
     text = (
         f"user={pending.subject or 'anonymous'} repository={target.repository} "
         f"reference={target.reference} "
-        f"digest={response.headers.get('Docker-Content-Digest') or '-'} "
+        f"digest={_digest(pending, response)} "
         f"outcome={_outcome(pending, response.status)}"
     )
     return text if pending.reason is None else f"{text} reason={pending.reason}"

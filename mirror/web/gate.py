@@ -6,6 +6,9 @@ pull never reaches an upstream. Every manifest request, GET and HEAD, leaves a l
 and then GET the manifest by digest, so the GETs alone would not say which tag was pulled
 (and a tag-specific deny refuses the HEAD). The gate notes the request for that line
 (audit.py); the access logger writes it once the answer is sent.
+
+A request by tag names no digest, so the manifest handler asks the gate again once the tag
+is resolved (`check_served`): an `@digest` deny refuses the manifest by tag as by digest.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ from mirror.oci.reference import is_digest_reference, parse_digest, validate_tag
 from mirror.upstream.client import Upstream
 from mirror.upstream.routing import Upstreams
 from mirror.util.lru import LRU
+from mirror.web.accesslog import upstream_name_key
 from mirror.web.audit import PendingAudit, audit_key
-from mirror.web.handlers import route
-from mirror.web.keys import metrics_key
+from mirror.web.keys import metrics_key, upstreams_key
 
 # The user a request was authenticated as; "" or absent: an anonymous client.
 subject_key = web.RequestKey("subject", str)
@@ -29,6 +32,19 @@ REPOSITORY_ROUTES = frozenset({"manifest", "blob", "tags", "referrers"})
 # Decisions remembered: repositories and references are the client's choice, so bounded.
 DECISIONS = 4096
 _ALLOWED = ""  # a remembered "may pull" (the LRU holds no None)
+# A request's route, worked out once: by the pull gate, then read by the handler.
+route_key: web.RequestKey[tuple[Upstream, str]] = web.RequestKey("route")
+
+
+def route(request: web.Request) -> tuple[Upstream, str]:
+    """The upstream this request is for, and the repository's name there."""
+    found = request.get(route_key)
+    if found is None:
+        upstreams = request.app[upstreams_key]
+        found = upstreams.validated_route(request.match_info["name"], request.query.get("ns"))
+        request[route_key] = found
+        request[upstream_name_key] = found[0].name  # for the access line
+    return found
 
 
 class PullGate:
@@ -39,6 +55,8 @@ class PullGate:
 
     def __init__(self, policy: Policy | None, upstreams: Upstreams) -> None:
         self.policy = policy
+        # Whether the digest a tag resolves to can be refused where the tag was not.
+        self.names_digests = policy is not None and policy.names_digests
         self._upstreams = upstreams
         self._aliases: dict[str, frozenset[str]] = {}
         self._decisions: LRU[tuple[str, str, str, str | None], str] = LRU(DECISIONS)
@@ -61,13 +79,19 @@ class PullGate:
         default = upstream is self._upstreams.default
         return Target(upstream.name, aliases, default, repository, reference)
 
-    def refusal(self, subject: str, target: Target) -> str | None:
-        """Why `subject` may not pull `target` (a reason word), or None when it may."""
+    def refusal(self, subject: str, target: Target, digest: str | None = None) -> str | None:
+        """Why `subject` may not pull `target` (a reason word), or None when it may; with
+        `digest`, the manifest of that digest `target`'s tag resolved to."""
         if self.policy is None:
             return None
-        key = (subject, target.upstream, target.repository, target.reference)
+        reference = target.reference if digest is None else digest
+        key = (subject, target.upstream, target.repository, reference)
         decided = self._decisions.get(key)
         if decided is None:
+            if digest is not None:
+                target = Target(
+                    target.upstream, target.aliases, target.default, target.repository, digest
+                )
             decided = self.policy.refusal(subject, target) or _ALLOWED
             self._decisions.put(key, decided)
         return decided or None
@@ -117,6 +141,28 @@ def check_pull(request: web.Request) -> None:
     if reason is not None:
         request.app[metrics_key].pulls_denied.labels(upstream.name, reason).inc()
         raise _denied(request.match_info["name"], target.reference)
+
+
+def check_served(request: web.Request, digest: str, index: str | None) -> None:
+    """Refuse (403 DENIED, as by digest) the manifest a tag resolved to, before any of it
+    goes out, when the policy denies its digest or that of the list it was picked from
+    (`index`; a client reading no lists gets a list's linux/amd64 manifest by tag).
+
+    A list's children are not refused for the list's sake: asked for by digest they name
+    no list, and one manifest is often a child of several lists. Nor is a list for its
+    children's: it names them, and each is refused when it is asked for."""
+    gate = request.app[gate_key]
+    if not gate.names_digests:
+        return
+    pending = request[audit_key]
+    for served in (digest, index):
+        if served is None or served == pending.target.reference:
+            continue  # by digest: the gate asked about it already
+        reason = gate.refusal(pending.subject, pending.target, served)
+        if reason is not None:
+            pending.reason, pending.digest = reason, served
+            request.app[metrics_key].pulls_denied.labels(pending.target.upstream, reason).inc()
+            raise _denied(request.match_info["name"], served)
 
 
 def _denied(name: str, reference: str | None) -> Denied:

@@ -14,9 +14,8 @@ from mirror.oci.errors import EndpointUnknown, RangeNotSatisfiable, Unsupported
 from mirror.oci.negotiation import OCI_INDEX, parse_accept
 from mirror.oci.reference import parse_digest
 from mirror.storage.base import RangeOutsideBlob
-from mirror.upstream.client import Upstream
-from mirror.web.accesslog import upstream_name_key
 from mirror.web.conditional import cache_control, digest_headers, none_match, not_modified
+from mirror.web.gate import check_served, route
 from mirror.web.keys import (
     blobs_key,
     config_key,
@@ -41,21 +40,6 @@ async def base(request: web.Request) -> web.Response:
     return web.json_response({}, headers=API_VERSION_HEADER)
 
 
-# A request's route, worked out once: by the pull gate, then read by the handler.
-route_key: web.RequestKey[tuple[Upstream, str]] = web.RequestKey("route")
-
-
-def route(request: web.Request) -> tuple[Upstream, str]:
-    """The upstream this request is for, and the repository's name there."""
-    found = request.get(route_key)
-    if found is None:
-        upstreams = request.app[upstreams_key]
-        found = upstreams.validated_route(request.match_info["name"], request.query.get("ns"))
-        request[route_key] = found
-        request[upstream_name_key] = found[0].name  # for the access line
-    return found
-
-
 async def manifest(request: web.Request) -> web.StreamResponse:
     upstream, repo = route(request)
     head = request.method == "HEAD"
@@ -63,6 +47,7 @@ async def manifest(request: web.Request) -> web.StreamResponse:
     found = await request.app[manifests_key].get(
         upstream, repo, request.match_info["reference"], accept, head=head
     )
+    check_served(request, found.digest, found.index)
     headers = {
         "Content-Type": found.media_type,
         **digest_headers(found.digest),
