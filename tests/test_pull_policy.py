@@ -21,7 +21,8 @@ import bcrypt
 import pytest
 from aiohttp.test_utils import TestClient
 
-from mirror.config import config_from_mapping
+from mirror.access.clienttokens import TokenSigner
+from mirror.config import Config, config_from_mapping
 from mirror.observe.logs import setup_logging
 from tests.conftest import MakeClient
 from tests.fakehub import DOCKER_MANIFEST, FakeHub
@@ -284,6 +285,50 @@ async def test_without_an_anonymous_rule_anonymous_clients_must_log_in(
     resp = await client.get("/v2/library/busybox/manifests/latest")
     assert resp.status == 401 and "WWW-Authenticate" in resp.headers
     assert hub.stats.requests == []
+
+
+async def test_a_refused_token_is_challenged_where_anonymous_clients_may_pull(
+    make_client: MakeClient, hub: FakeHub, ghcr: FakeHub, htpasswd: Path, config: Config
+) -> None:
+    """A user whose token expired mid-pull is asked to fetch a new one (401, as registries
+    answer), not taken for an anonymous client and refused what they may pull (a 403
+    clients never retry); a request without credentials is still anonymous."""
+    hub.content.add_image("private/secret", "v1", [b"secret layer"])
+    hub.content.add_image("library/busybox", "latest", [b"busybox layer"])
+    rules = [
+        {"who": ["alice"], "pull": ["docker.io/private/**"]},
+        {"who": ["*", "anonymous"], "pull": ["docker.io/library/**"]},
+    ]
+    client = await policy_mirror(make_client, hub, ghcr, auth=auth_with(htpasswd, rules))
+    path = "/v2/private/secret/manifests/v1"
+    url = client.make_url("/")
+    audience = f"{url.host}:{url.port}"
+    token = await token_for(client, "alice", "private/secret")
+    assert await status_of(client, path, Authorization=f"Bearer {token}") == 200
+    key = (config.storage.path / "auth" / "signing.key").read_bytes().strip()
+    expired, _ = TokenSigner(key).issue("alice", ["private/secret"], -60, audience=audience)
+    elsewhere, _ = TokenSigner(key).issue("alice", ["private/secret"], 60, audience="other")
+    forged, _ = TokenSigner(b"another mirror's key, 32 bytes or more").issue(
+        "alice", ["private/secret"], 60, audience=audience
+    )
+    hub.stats.reset()
+    for refused in (expired, elsewhere, forged):
+        resp = await client.get(path, headers={"Authorization": f"Bearer {refused}"})
+        assert resp.status == 401 and error(await resp.read())["code"] == "UNAUTHORIZED"
+        assert resp.headers["WWW-Authenticate"] == (
+            f'Bearer realm="http://{audience}/token",service="{audience}",'
+            'scope="repository:private/secret:pull",error="invalid_token"'
+        )
+    assert hub.stats.requests == []
+    # What the client does next: a new token, and the pull goes on.
+    token = await token_for(client, "alice", "private/secret")
+    assert await status_of(client, path, Authorization=f"Bearer {token}") == 200
+    # No credentials, or the token /token gives them: anonymous as before.
+    assert await status_of(client, "/v2/library/busybox/manifests/latest") == 200
+    assert await status_of(client, path) == 403
+    anonymous = await token_for(client, None, "library/busybox")
+    public = "/v2/library/busybox/manifests/latest"
+    assert await status_of(client, public, Authorization=f"Bearer {anonymous}") == 200
 
 
 def claims_of(token: str) -> dict[str, Any]:

@@ -134,22 +134,29 @@ async def refused_counts(client: Client) -> dict[str, float]:
     return {reason: float(value) for reason, value in re.findall(pattern, text, re.M)}
 
 
+@pytest.mark.parametrize("anonymous_pull", [False, True])
 async def test_tokens_the_mirror_did_not_write_are_refused(
+    anonymous_pull: bool,
     make_client: MakeClient,
     htpasswd: Path,
     hub: FakeHub,
     config: Config,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """Refused with a challenge even where anonymous clients may pull: a refused token is
+    no anonymous request (the client then asks the realm for a new token)."""
     hub.content.add_image(REPO, "latest", [b"busybox layer"])
-    client = await auth_client(make_client, htpasswd)
+    client = await auth_client(make_client, htpasswd, anonymous_pull=anonymous_pull)
     key = (config.storage.path / "auth" / "signing.key").read_bytes().strip()
     caplog.set_level(logging.DEBUG)
     forged = forged_tokens(key, service_of(client))
     for what, (token, _) in forged.items():
         resp = await client.get(MANIFEST, headers={"Authorization": f"Bearer {token}"})
         assert resp.status == 401, what
-        assert resp.headers["WWW-Authenticate"].startswith("Bearer realm="), what
+        challenge = resp.headers["WWW-Authenticate"]
+        assert challenge.startswith("Bearer realm=") and challenge.endswith(
+            f',scope="repository:{REPO}:pull",error="invalid_token"'
+        ), what
     wanted: dict[str, float] = {}
     for _, reason in forged.values():
         wanted[reason] = wanted.get(reason, 0) + 1

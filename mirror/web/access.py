@@ -86,16 +86,28 @@ class ClientAuth:
         """The audience of the tokens issued and accepted here."""
         return self.fixed_audience or self.service(request)
 
-    def challenge(self, request: web.Request, repository: str | None) -> Unauthorized:
+    def challenge(
+        self, request: web.Request, repository: str | None, invalid_token: bool = False
+    ) -> Unauthorized:
         base = self.base_url(request)
         header = f'Bearer realm="{base}/token",service="{service_of(base)}"'
         # Only a valid name goes in the header: a decoded path may hold CR, LF or quotes.
         if repository and is_valid_name(repository):
             header += f',scope="repository:{repository}:pull"'
+        if invalid_token:  # RFC 6750: the client asks the realm for a new token
+            header += ',error="invalid_token"'
+            return Unauthorized("the token is expired or not valid here", challenge=header)
         return Unauthorized("authentication required", challenge=header)
 
     async def check(self, request: web.Request) -> Grant | None:
         """The grant of the request's credentials; None when it has none or bad ones."""
+        try:
+            return await self.credentials(request)
+        except TokenRefused:
+            return None
+
+    async def credentials(self, request: web.Request) -> Grant | None:
+        """`check`, but a Bearer token the mirror refuses is TokenRefused (counted)."""
         header = request.headers.get("Authorization", "")
         scheme, _, value = header.partition(" ")
         refused = self.refused
@@ -104,7 +116,7 @@ class ClientAuth:
                 return self.signer.verify(value.strip(), self.audience(request))
             except TokenRefused as exc:
                 refused.labels(exc.reason).inc()
-                return None
+                raise
         basic = parse_basic(header)
         if basic is not None and await self.logged_in(request, *basic):
             return Grant(basic[0], frozenset({"*"}))
@@ -220,7 +232,13 @@ async def authorize(request: web.Request) -> None:
     if not request.path.startswith("/v2"):
         return
     repository = repository_of(request)
-    grant = await auth.check(request)
+    try:
+        grant = await auth.credentials(request)
+    except TokenRefused:
+        # Even where anonymous pulls are allowed: the client meant to be someone, and a
+        # challenge makes it fetch a new token (an expired one, mid-pull), where pulling
+        # anonymously would refuse what its user may pull, with a 403 it never retries.
+        raise auth.challenge(request, repository, invalid_token=True) from None
     if grant is None and auth.anonymous_pull:
         return
     if grant is None:
