@@ -258,22 +258,23 @@ async def test_rules_per_user_group_and_anonymous(
         ("carol", "/v2/library/nginx/manifests/latest"): 200,
         ("carol", "/v2/ghcr.io/team/app/manifests/v1"): 403,
         ("carol", "/v2/team/app/manifests/v1?ns=ghcr.io"): 403,
-        # no credentials: the anonymous rule (which turns anonymous pulls on)
+        # no credentials: the anonymous rule (which turns anonymous pulls on); what it
+        # does not grant, a user may: the client is challenged for its login
         ("", "/v2/library/busybox/manifests/latest"): 200,
-        ("", "/v2/library/nginx/manifests/latest"): 403,
-        ("", "/v2/ghcr.io/team/app/manifests/v1"): 403,
+        ("", "/v2/library/nginx/manifests/latest"): 401,
+        ("", "/v2/ghcr.io/team/app/manifests/v1"): 401,
     }
     # The refused first: none of them may reach an upstream.
     seen = {}
     for refused in (True, False):
-        for user, path in [case for case, status in cases.items() if (status == 403) is refused]:
+        for user, path in [case for case, status in cases.items() if (status != 200) is refused]:
             seen[user, path] = await status_of(client, path, **(basic(user) if user else {}))
         if refused:
             assert hub.stats.requests == [] and ghcr.stats.requests == []
     assert seen == cases
     assert await denied_counts(client) == {
-        ("docker.io", "no_rule"): 2.0,
-        ("ghcr.io", "no_rule"): 3.0,
+        ("docker.io", "no_rule"): 1.0,
+        ("ghcr.io", "no_rule"): 2.0,
     }
 
 
@@ -325,10 +326,46 @@ async def test_a_refused_token_is_challenged_where_anonymous_clients_may_pull(
     assert await status_of(client, path, Authorization=f"Bearer {token}") == 200
     # No credentials, or the token /token gives them: anonymous as before.
     assert await status_of(client, "/v2/library/busybox/manifests/latest") == 200
-    assert await status_of(client, path) == 403
     anonymous = await token_for(client, None, "library/busybox")
     public = "/v2/library/busybox/manifests/latest"
     assert await status_of(client, public, Authorization=f"Bearer {anonymous}") == 200
+
+
+async def test_what_only_users_may_pull_challenges_a_client_without_credentials(
+    make_client: MakeClient, hub: FakeHub, ghcr: FakeHub, htpasswd: Path
+) -> None:
+    """Where anonymous clients may pull some repositories, one only users may pull is a
+    401 challenge to a client without credentials, not a 403: Docker and containerd send
+    their login only once challenged, so a logged-in user could never pull it. A client
+    without a login then comes back with an anonymous token and is refused; what the
+    upstream's lists deny is refused to everyone at once."""
+    hub.content.add_image("private/secret", "v1", [b"secret layer"])
+    hub.content.add_image("library/busybox", "latest-rc1", [b"rc layer"])
+    rules = [
+        {"who": ["alice"], "pull": ["docker.io/private/**"]},
+        {"who": ["*", "anonymous"], "pull": ["docker.io/library/**"]},
+    ]
+    upstream = {"deny": ["library/*:*-rc*"]}
+    client = await policy_mirror(
+        make_client, hub, ghcr, auth=auth_with(htpasswd, rules), docker_io=upstream
+    )
+    path = "/v2/private/secret/manifests/v1"
+    audience = f"{client.make_url('/').host}:{client.make_url('/').port}"
+    for method in ("GET", "HEAD"):
+        resp = await client.request(method, path)
+        assert resp.status == 401, method
+        assert resp.headers["WWW-Authenticate"] == (
+            f'Bearer realm="http://{audience}/token",service="{audience}",'
+            'scope="repository:private/secret:pull"'
+        )
+    # The client's next step: a token, with its login or without one.
+    token = await token_for(client, "alice", "private/secret")
+    assert await status_of(client, path, Authorization=f"Bearer {token}") == 200
+    anonymous = await token_for(client, None, "private/secret")
+    resp = await client.get(path, headers={"Authorization": f"Bearer {anonymous}"})
+    assert resp.status == 403 and error(await resp.read())["code"] == "DENIED"
+    # Denied to everyone by the upstream's list: no login would help, no challenge.
+    assert await status_of(client, "/v2/library/busybox/manifests/latest-rc1") == 403
 
 
 def claims_of(token: str) -> dict[str, Any]:

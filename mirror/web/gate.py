@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from mirror.access.policy import Policy, Target
+from mirror.access.policy import NO_RULE, Policy, Target
 from mirror.config import DOCKER_HUB_HOSTS
 from mirror.oci.errors import Denied
 from mirror.oci.reference import is_digest_reference, parse_digest, validate_tag
@@ -139,6 +139,10 @@ def check_pull(request: web.Request) -> None:
     if target.reference is not None:
         request[audit_key] = PendingAudit(target, subject, reason)
     if reason is not None:
+        if reason == NO_RULE and not subject and "Authorization" not in request.headers:
+            # No rule lets anonymous clients pull it, but one may let a user: the client
+            # may hold credentials it sends only once challenged (web/access.py).
+            raise _denied(request.match_info["name"], target.reference, AnonymousRefused)
         request.app[metrics_key].pulls_denied.labels(upstream.name, reason).inc()
         raise _denied(request.match_info["name"], target.reference)
 
@@ -165,12 +169,17 @@ def check_served(request: web.Request, digest: str, index: str | None) -> None:
             raise _denied(request.match_info["name"], served)
 
 
-def _denied(name: str, reference: str | None) -> Denied:
+class AnonymousRefused(Denied):
+    """A client that sent no credentials may not pull this, a user may: a 403 unless the
+    client is challenged for its credentials instead."""
+
+
+def _denied(name: str, reference: str | None, kind: type[Denied] = Denied) -> Denied:
     """The refusal names the repository as the client asked for it, never the rule."""
     shown = name
     if reference is not None:
         shown += ("@" if is_digest_reference(reference) else ":") + reference
-    return Denied(
+    return kind(
         f"pulling {shown} is not allowed by this mirror's policy",
         {"repository": name, "reference": reference},
     )

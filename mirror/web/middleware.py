@@ -18,11 +18,11 @@ from prometheus_client import Counter, Histogram
 from mirror.observe.logs import REQUEST_ID_HEADER, RequestIds, request_id_var
 from mirror.observe.metrics import Children, Metrics
 from mirror.oci.errors import EndpointUnknown, RegistryError, Unsupported
-from mirror.web.access import authorize
+from mirror.web.access import authorize, challenge_instead
 from mirror.web.accesslog import outcome_key, upstream_name_key
 from mirror.web.errors import error_response
 from mirror.web.forwarded import record_origin
-from mirror.web.gate import check_pull
+from mirror.web.gate import AnonymousRefused, check_pull
 from mirror.web.keys import failures_key
 from mirror.web.stamp import head_sent_key, request_id_key, stamp
 
@@ -75,7 +75,10 @@ async def _answer(request: web.Request, handler: Handler, ids: RequestIds) -> we
     try:
         record_origin(request)
         await authorize(request)
-        check_pull(request)
+        try:
+            check_pull(request)
+        except AnonymousRefused as refused:
+            raise challenge_instead(request, refused) from None
         response = await handler(request)
     except (RegistryError, web.HTTPMethodNotAllowed, web.HTTPNotFound) as exc:
         response = _error(request, exc)
