@@ -160,3 +160,73 @@ async def test_a_save_cancelled_while_it_waits_for_its_turn_leaves_the_lock(
         await saving
     await asyncio.wait_for(store.close(), 10)  # its own next save is not locked out
     assert path.exists()
+
+
+async def test_entries_this_release_cannot_read_are_skipped_and_the_rest_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One record the loader could not build (a field from a later release, or one gone)
+    made it drop the whole file: a start after a rollback had no tag records or holdings,
+    and its next save wrote that emptiness over the file."""
+    path = tmp_path / "metadata.json"
+    now = time.time()
+    store = MemoryMetadata(60, snapshot=path)
+    for name in ("newer", "broken", "plain"):
+        await store.put_tag("docker.io", f"library/{name}", "1", record_at(now))
+    await store.add_repository("library/plain")
+    await store.add_holdings("docker.io", "library/plain", [DIGEST], now)
+    await store.close()
+    data = json.loads(path.read_text())
+    records = {entry["repo"]: entry["record"] for entry in data["tags"]}
+    records["library/newer"].update(v=2, annotations={"a": "b"})  # as a later release writes
+    del records["library/broken"]["size"]
+    path.write_text(json.dumps(data))
+
+    again = MemoryMetadata(60, snapshot=path)
+    await again.load()
+    await again.put_tag("docker.io", "library/after", "1", record_at(now))
+    await again.close()
+    after = MemoryMetadata(60, snapshot=path)
+    await after.load()
+    for store in (again, after):  # what was read, and what the next save wrote
+        assert await store.get_tag("docker.io", "library/newer", "1") == record_at(now)
+        assert await store.get_tag("docker.io", "library/plain", "1") == record_at(now)
+        assert await store.get_tag("docker.io", "library/broken", "1") is None
+        assert await store.holds("docker.io", "library/plain", DIGEST)
+        assert await store.repositories(10, None) == ["library/plain"]
+    assert await after.get_tag("docker.io", "library/after", "1") == record_at(now)
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert skipped == [f"metadata snapshot {path}: skipped 1 entries this release cannot read"]
+
+
+@pytest.mark.parametrize("text", ['{"tags": [{"upstream": "docker.io", "re', '{"records": []}'])
+@pytest.mark.parametrize("found_by", ["load", "save"])
+async def test_a_snapshot_that_cannot_be_read_is_set_aside_not_written_over(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, text: str, found_by: str
+) -> None:
+    """An unreadable snapshot (torn, or of another format) was ignored and the next save
+    wrote over it: nothing was left to recover its records from. Found at the start, or by
+    a save taking in what another process wrote there."""
+    path = tmp_path / "metadata.json"
+    store = MemoryMetadata(60, snapshot=path)
+    if found_by == "load":
+        path.write_text(text)
+    await store.load()
+    if found_by == "save":
+        path.write_text(text)
+    await store.put_tag("docker.io", "library/a", "1", record_at(time.time()))
+    await store.close()
+    [aside] = tmp_path.glob("metadata.json.bad-*")
+    assert aside.read_text() == text
+    moved = [r.getMessage() for r in caplog.records if "moved to" in r.getMessage()]
+    assert len(moved) == 1 and moved[0].endswith(f"moved to {aside}")
+    assert len(json.loads(path.read_text())["tags"]) == 1  # its own records, saved beside
+
+
+async def test_only_the_newest_unreadable_snapshots_are_kept(tmp_path: Path) -> None:
+    path = tmp_path / "metadata.json"
+    for n in range(memory.BAD_KEPT + 2):
+        path.write_text(f"torn {n}")
+        await MemoryMetadata(60, snapshot=path).load()
+    kept = sorted(tmp_path.glob("metadata.json.bad-*"))
+    assert [p.read_text() for p in kept] == [f"torn {n}" for n in range(2, memory.BAD_KEPT + 2)]

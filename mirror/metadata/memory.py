@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 # Another process's save holds the snapshot's lock for a read and a write, milliseconds.
 LOCK_WAIT = 10.0
 LOCK_POLL = 0.01
+# Unreadable snapshots set aside (`metadata.json.bad-<time>`) kept for a look: the newest.
+BAD_KEPT = 3
 # A snapshot file as last read or written here: (inode, size, mtime in ns).
 Stamp = tuple[int, int, int]
 
@@ -34,6 +36,7 @@ class Snapshot:
     repos: list[str] = field(default_factory=list)
     bucket_blobs: dict[str, tuple[int, float]] = field(default_factory=dict)
     holdings: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+    skipped: int = 0  # entries this release could not read
 
 
 class MemoryMetadata:
@@ -133,7 +136,8 @@ class MemoryMetadata:
             self._dirty = True
 
     async def load(self) -> None:
-        """Read the snapshot, if there is one (a bad one is set aside, not fatal)."""
+        """Read the snapshot, if there is one: an entry this release cannot read is skipped,
+        a file that is no snapshot at all is set aside (`<snapshot>.bad-<time>`)."""
         found = await self._read_snapshot()
         if found is not None:
             self._tags, self._repos = found.tags, found.repos
@@ -147,12 +151,23 @@ class MemoryMetadata:
             read = await asyncio.to_thread(_read_snapshot, self._snapshot, self._seen)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("ignoring unreadable metadata snapshot %s: %s", self._snapshot, exc)
+        except Unreadable as exc:  # kept for a look, never written over
+            aside = await asyncio.to_thread(_set_aside, self._snapshot, exc.stamp)
+            if aside is not None:
+                log.warning("unreadable metadata snapshot (%s) moved to %s", exc, aside)
+            return None
+        except OSError as exc:
+            log.warning("cannot read metadata snapshot %s: %s", self._snapshot, exc)
             return None
         if read is None:
             return None
         found, self._seen = read
+        if found.skipped:
+            log.warning(
+                "metadata snapshot %s: skipped %d entries this release cannot read",
+                self._snapshot,
+                found.skipped,
+            )
         return found
 
     def _take_in(self, other: Snapshot) -> None:
@@ -276,30 +291,110 @@ def _stamp(found: os.stat_result) -> Stamp:
     return (found.st_ino, found.st_size, found.st_mtime_ns)
 
 
+class Unreadable(ValueError):
+    """A snapshot file that is not one at all (not JSON, or not shaped as one)."""
+
+    def __init__(self, stamp: Stamp, reason: str) -> None:
+        super().__init__(reason)
+        self.stamp = stamp
+
+
 def _read_snapshot(path: Path, seen: Stamp | None) -> tuple[Snapshot, Stamp] | None:
     """The snapshot at `path` and its stamp; None when its stamp is `seen` (blocking)."""
     with open(path, encoding="utf-8") as file:
         stamp = _stamp(os.fstat(file.fileno()))
         if stamp == seen:
             return None
-        data = json.load(file)
+        try:
+            data = json.load(file)
+        except ValueError as exc:  # not JSON, or not UTF-8
+            raise Unreadable(stamp, str(exc)) from exc
+    found = _snapshot_from(data)
+    if found is None:
+        raise Unreadable(stamp, "not shaped as a metadata snapshot")
+    return found, stamp
+
+
+def _snapshot_from(data: object) -> Snapshot | None:
+    """The snapshot in parsed JSON, each entry read alone: one this release cannot use (as
+    another release may write, or damaged) is skipped and counted, the rest kept. None when
+    `data` is not a snapshot at all."""
+    if not isinstance(data, dict):
+        return None
+    tags, repos = data.get("tags"), data.get("repositories")
+    blobs, holdings = data.get("bucket_blobs", {}), data.get("holdings", [])
+    if not (isinstance(tags, list) and isinstance(repos, list)):
+        return None
+    if not (isinstance(blobs, dict) and isinstance(holdings, list)):
+        return None
+    names = [repo for repo in repos if isinstance(repo, str)]
+    tag_entries = [_tag_entry(entry) for entry in tags]
+    read_entries = [_read_entry(digest, read) for digest, read in blobs.items()]
+    held_entries = [_holdings_entry(entry) for entry in holdings]
+    entries: list[object] = [*tag_entries, *read_entries, *held_entries]
     return Snapshot(
-        tags={
-            (entry["upstream"], entry["repo"], entry["tag"]): TagRecord(**entry["record"])
-            for entry in data["tags"]
-        },
-        repos=sorted(set(data["repositories"])),
-        bucket_blobs={
-            digest: (int(size), float(read_at))
-            for digest, (size, read_at) in data.get("bucket_blobs", {}).items()
-        },
-        holdings={
-            (entry["upstream"], entry["repo"]): {
-                str(digest): float(at) for digest, at in entry["digests"].items()
-            }
-            for entry in data.get("holdings", [])
-        },
-    ), stamp
+        tags=dict(entry for entry in tag_entries if entry is not None),
+        repos=sorted(set(names)),
+        bucket_blobs=dict(entry for entry in read_entries if entry is not None),
+        holdings=dict(entry for entry in held_entries if entry is not None),
+        skipped=len(repos) - len(names) + entries.count(None),
+    )
+
+
+def _tag_entry(entry: object) -> tuple[tuple[str, str, str], TagRecord] | None:
+    if not isinstance(entry, dict):
+        return None
+    upstream, repo, tag = _text(entry, "upstream"), _text(entry, "repo"), _text(entry, "tag")
+    record = TagRecord.from_data(entry.get("record"))  # unknown fields ignored
+    if upstream is None or repo is None or tag is None or record is None:
+        return None
+    return (upstream, repo, tag), record
+
+
+def _read_entry(digest: str, read: object) -> tuple[str, tuple[int, float]] | None:
+    """A bucket blob's [size, last read]."""
+    if not (isinstance(read, list) and len(read) == 2 and all(map(_is_number, read))):
+        return None
+    return digest, (int(read[0]), float(read[1]))
+
+
+def _holdings_entry(entry: object) -> tuple[tuple[str, str], dict[str, float]] | None:
+    if not isinstance(entry, dict):
+        return None
+    upstream, repo, digests = _text(entry, "upstream"), _text(entry, "repo"), entry.get("digests")
+    if upstream is None or repo is None or not isinstance(digests, dict):
+        return None
+    if not all(_is_number(at) for at in digests.values()):
+        return None
+    return (upstream, repo), {str(digest): float(at) for digest, at in digests.items()}
+
+
+def _text(entry: dict[str, object], name: str) -> str | None:
+    value = entry.get(name)
+    return value if isinstance(value, str) else None
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _set_aside(path: Path, stamp: Stamp) -> Path | None:
+    """Rename the unreadable snapshot `path` beside itself, unless another process replaced
+    it since it was read (stamp); only the newest BAD_KEPT are kept (blocking)."""
+    try:
+        if _stamp(os.stat(path)) != stamp:
+            return None
+        now = time.time_ns()  # in names that sort as they were set aside
+        when = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now // 10**9))
+        aside = path.with_name(f"{path.name}.bad-{when}.{now % 10**9:09d}Z")
+        os.rename(path, aside)
+        old = sorted(path.parent.glob(f"{path.name}.bad-*"))[:-BAD_KEPT]
+        for found in old:
+            found.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("cannot set the unreadable metadata snapshot %s aside: %s", path, exc)
+        return None
+    return aside
 
 
 def _write_snapshot(path: Path, text: str) -> Stamp:

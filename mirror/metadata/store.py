@@ -73,6 +73,11 @@ class TagRecord:
             data = json.loads(raw)
         except ValueError:
             return None
+        return cls.from_data(data)
+
+    @classmethod
+    def from_data(cls, data: object) -> TagRecord | None:
+        """The record in parsed JSON `data`, read as `from_json` reads one."""
         if not isinstance(data, dict):
             return None
         return _tag_record(data)
