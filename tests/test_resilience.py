@@ -14,7 +14,8 @@ from aiohttp.test_utils import TestClient
 
 from mirror.cache.eviction import CachedBlob, Evictor, choose_victims
 from mirror.config import CacheConfig, Config, StorageConfig, UpstreamConfig
-from mirror.metadata.fallback import FallbackMetadata
+from mirror.metadata import memory
+from mirror.metadata.fallback import FallbackMetadata, open_metadata
 from mirror.metadata.memory import MemoryMetadata
 from mirror.metadata.redis import RedisMetadata
 from mirror.metadata.store import TagRecord
@@ -273,6 +274,44 @@ async def test_unreachable_redis_falls_back_to_memory() -> None:
     assert changes == [False]
     assert not store.up
     await store.close()
+
+
+async def test_the_stand_in_keeps_only_recent_records() -> None:
+    """Every tag record and holding written went into the in-process stand-in too, whose
+    expired entries went only when asked for during an outage: a replica pushed a tag per
+    commit grew for its whole life, healthy Redis or not."""
+    store = open_metadata(f"redis://127.0.0.1:{free_port()}/0", ttl=60)
+    assert isinstance(store, FallbackMetadata)
+    standin = store._fallback  # the in-process copy this is about
+    assert isinstance(standin, MemoryMetadata)
+
+    def record(n: int, at: float) -> TagRecord:
+        return TagRecord(f"sha256:{n:064x}", "application/json", 10, at)
+
+    old = time.time() - 30 * 86400  # past the TTL and the retention
+    for n in range(3 * memory.SWEEP_MIN):
+        await store.put_tag("hub", f"org/app{n % 50}", f"sha-{n}", record(n, old))
+        await store.add_holdings("hub", f"org/app{n}", [f"sha256:{n:064x}"], old)
+    assert len(await store.tags()) <= memory.SWEEP_MIN  # answered by the stand-in
+    assert len(standin._holdings) <= memory.SWEEP_MIN
+
+    written = 2 * memory.STANDIN_ENTRIES
+    for n in range(written):
+        await store.put_tag("hub", f"org/app{n % 50}", f"sha-{n}", record(n, time.time()))
+        await store.add_holdings("hub", f"org/app{n}", [f"sha256:{n:064x}"], time.time())
+    bound = memory.STANDIN_ENTRIES * 5 // 4
+    assert len(await store.tags()) <= bound and len(standin._holdings) <= bound
+    assert not store.up  # answered in the outage, the latest written:
+    last = written - 1
+    found = await store.get_tag("hub", f"org/app{last % 50}", f"sha-{last}")
+    assert found is not None and found.digest == f"sha256:{last:064x}"
+    assert await store.holds("hub", f"org/app{last}", f"sha256:{last:064x}")
+    await store.close()
+
+    single = MemoryMetadata(60)  # a single node's own store: its recent records all kept
+    for n in range(written):
+        await single.put_tag("hub", "org/app", f"sha-{n}", record(n, time.time()))
+    assert len(await single.tags()) == written
 
 
 async def test_requests_work_with_redis_unreachable(

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mirror.metadata.memory import MemoryMetadata
+from mirror.metadata.memory import STANDIN_ENTRIES, MemoryMetadata
 from mirror.metadata.redis import RedisMetadata
 from mirror.metadata.sqlite import SqliteMetadata
 from mirror.metadata.store import RETENTION, MetadataStore, TagRecord, TokenStore
@@ -183,10 +183,10 @@ def open_metadata(
     Records are kept `retention` past their TTL: the window for serving them stale.
     """
     if redis_url:
-        memory = MemoryMetadata(ttl, retention)
+        memory = MemoryMetadata(ttl, retention, limit=STANDIN_ENTRIES)
         return FallbackMetadata(RedisMetadata(redis_url, ttl, retention), memory, on_change)
     if shared is not None:  # a file on the cache disk: it can fill, fail or stay locked
-        memory = MemoryMetadata(ttl, retention)
+        memory = MemoryMetadata(ttl, retention, limit=STANDIN_ENTRIES)
         sqlite = SqliteMetadata(shared, ttl, retention)
         return FallbackMetadata(sqlite, memory, on_change, errors=SQLITE_ERRORS)
     return MemoryMetadata(ttl, retention, snapshot)

@@ -11,12 +11,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from mirror.metadata.store import RETENTION, TagRecord
 from mirror.util.filelock import try_lock
 from mirror.util.files import write_replacing
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 # Another process's save holds the snapshot's lock for a read and a write, milliseconds.
@@ -24,6 +26,16 @@ LOCK_WAIT = 10.0
 LOCK_POLL = 0.01
 # Unreadable snapshots set aside (`metadata.json.bad-<time>`) kept for a look: the newest.
 BAD_KEPT = 3
+# The stand-in behind Redis or SQLite (metadata/fallback.py) keeps at most this many tag
+# records, the latest written, and as many repositories' holdings (some 500 bytes each): it
+# answers only while the shared store is down, when a tag it lacks is asked upstream (a
+# HEAD), so the tags a process revalidated lately are enough. Kept for the whole retention
+# (a week), the records of a CI fleet tagging each commit would grow without bound.
+STANDIN_ENTRIES = 10_000
+# Expired entries are swept once their number has doubled since the last sweep (and is at
+# least this), or a capped store is a quarter over its cap: each sweep's cost is spread over
+# the writes that grew them.
+SWEEP_MIN = 1024
 # A snapshot file as last read or written here: (inode, size, mtime in ns).
 Stamp = tuple[int, int, int]
 
@@ -49,12 +61,22 @@ class MemoryMetadata:
     newer record of a tag winning), so that neither drops the other's records. The read,
     the merge and the write are one turn among processes (a flock on `<snapshot>.lock`):
     two saves at once would each write what it read before the other's write.
+
+    Expired entries are swept as they grow. With a `limit` (the stand-in behind a shared
+    store) it keeps at most that many tag records and repositories' holdings, the latest.
     """
 
     def __init__(
-        self, ttl: float, retention: float = RETENTION, snapshot: Path | None = None
+        self,
+        ttl: float,
+        retention: float = RETENTION,
+        snapshot: Path | None = None,
+        limit: int | None = None,
     ) -> None:
         self._expiry = ttl + retention
+        self._limit = limit  # tag records, and repositories' holdings, kept at most
+        # Sizes at which the tags and the holdings are swept next.
+        self._tags_sweep = self._holdings_sweep = _next_sweep(0, limit)
         self._tags: dict[tuple[str, str, str], TagRecord] = {}
         self._repos: list[str] = []
         self._bucket_blobs: dict[str, tuple[int, float]] = {}
@@ -81,8 +103,12 @@ class MemoryMetadata:
         return record
 
     async def put_tag(self, upstream: str, repo: str, tag: str, record: TagRecord) -> None:
-        self._tags[(upstream, repo, tag)] = record
+        key = (upstream, repo, tag)
+        self._tags.pop(key, None)  # the latest written last: a cap keeps those
+        self._tags[key] = record
         self._dirty = True
+        if len(self._tags) > self._tags_sweep:
+            self._sweep_tags()
 
     async def add_repository(self, repo: str) -> None:
         index = bisect.bisect_left(self._repos, repo)
@@ -93,12 +119,15 @@ class MemoryMetadata:
     async def add_holdings(
         self, upstream: str, repo: str, digests: Sequence[str], at: float
     ) -> None:
-        held = self._holdings.setdefault((upstream, repo), {})
+        held = self._holdings.pop((upstream, repo), {})  # put back last, as in put_tag
         oldest = time.time() - self._expiry  # a busy repository sheds what it no longer holds
         for digest in [d for d, when in held.items() if when <= oldest]:
             del held[digest]
         held.update(dict.fromkeys(digests, at))
+        self._holdings[(upstream, repo)] = held
         self._dirty = True
+        if len(self._holdings) > self._holdings_sweep:
+            self._sweep_holdings()
 
     async def holds(self, upstream: str, repo: str, digest: str) -> bool:
         held = self._holdings.get((upstream, repo), {})
@@ -234,6 +263,26 @@ class MemoryMetadata:
             "holdings": self._fresh_holdings(),
         }
 
+    def _sweep_tags(self) -> None:
+        """Drop the expired tag records, then those over the limit (the least lately written)."""
+        oldest = time.time() - self._expiry
+        fresh = [(key, r) for key, r in self._tags.items() if r.checked_at > oldest]
+        self._tags = dict(_latest(fresh, self._limit))
+        self._tags_sweep = _next_sweep(len(self._tags), self._limit)
+
+    def _sweep_holdings(self) -> None:
+        """Drop the repositories with no holdings left in their retention (the older ones
+        of the rest go as each is written), then those over the limit (the least lately
+        written)."""
+        oldest = time.time() - self._expiry
+        fresh = [
+            (k, held)
+            for k, held in self._holdings.items()
+            if max(held.values(), default=0) > oldest
+        ]
+        self._holdings = dict(_latest(fresh, self._limit))
+        self._holdings_sweep = _next_sweep(len(self._holdings), self._limit)
+
     def _fresh_holdings(self) -> list[dict[str, object]]:
         """The holdings within their retention, for the snapshot; older ones are dropped
         here too, so memory stays bounded by what was recorded lately."""
@@ -251,6 +300,17 @@ class MemoryMetadata:
         await self.save()
         if self._writing is not None:  # nothing changed since a save that was cancelled
             await asyncio.gather(self._writing, return_exceptions=True)
+
+
+def _latest(entries: list[T], limit: int | None) -> list[T]:
+    """The last `limit` of `entries` (all without a limit)."""
+    return entries if limit is None else entries[max(len(entries) - limit, 0) :]
+
+
+def _next_sweep(size: int, limit: int | None) -> int:
+    """The size at which entries now numbering `size` are swept next (see SWEEP_MIN)."""
+    doubled = max(2 * size, SWEEP_MIN)
+    return doubled if limit is None else min(doubled, limit + max(limit // 4, 1))
 
 
 async def _turn_among_processes(snapshot: Path) -> int | None:
