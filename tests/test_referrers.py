@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -388,3 +389,109 @@ async def test_only_an_answer_about_the_endpoint_means_no_api_for_every_reposito
     other = "sha256:" + "e" * 64
     assert (await client.get(f"/v2/team/a/referrers/{other}")).status == 200
     assert f"GET /v2/team/a/referrers/{other}" not in asked
+
+
+# --- an upstream that would make the mirror hold too much ------------------------------------
+
+
+def descriptor(number: int, artifact_type: str = SIGNATURE) -> dict[str, Any]:
+    return {"mediaType": OCI_MANIFEST, "digest": f"sha256:{number:064x}", "size": number,
+            "artifactType": artifact_type}  # fmt: skip
+
+
+def paged(pages: list[bytes]) -> Callable[[web.Request], web.Response]:
+    """An upstream answering `pages` one after the other, each linking to the next."""
+
+    def answer(request: web.Request) -> web.Response:
+        number = int(request.query.get("page", "0"))
+        headers = {"Content-Type": OCI_INDEX}
+        if number + 1 < len(pages):
+            headers["Link"] = f'<{request.path}?page={number + 1}>; rel="next"'
+        return web.Response(body=pages[number], headers=headers)
+
+    return answer
+
+
+async def test_pages_past_the_index_limit_together_are_502(
+    aiohttp_server: Any, make_client: MakeClient
+) -> None:
+    """Three pages of 1.5 MB of descriptors, each well within 4 MiB: together, past it."""
+    page = json.dumps({**EMPTY, "manifests": [descriptor(n) for n in range(6_500)]}).encode()
+    assert 1_400_000 < len(page) < 2_000_000
+    client, asked = await hostile_client(aiohttp_server, make_client, paged([page] * 3))
+
+    resp = await client.get(f"/v2/team/app/referrers/{SUBJECT}")
+    body = await resp.read()
+
+    assert len(body) < 4 * 1024 * 1024
+    assert resp.status == 502
+    assert json.loads(body)["errors"][0]["code"] == "MANIFEST_INVALID"
+    assert len(asked) == 3  # the third page's read stopped at what was left of the bound
+
+
+async def test_pages_within_the_index_limit_together_are_merged(
+    aiohttp_server: Any, make_client: MakeClient
+) -> None:
+    page = json.dumps({**EMPTY, "manifests": [descriptor(n) for n in range(6_500)]}).encode()
+    client, _ = await hostile_client(aiohttp_server, make_client, paged([page] * 2))
+
+    resp = await client.get(f"/v2/team/app/referrers/{SUBJECT}")
+
+    assert resp.status == 200
+    assert len(json.loads(await resp.read())["manifests"]) == 13_000
+
+
+async def test_entries_that_are_no_descriptors_are_left_out(
+    aiohttp_server: Any, make_client: MakeClient
+) -> None:
+    good = [descriptor(1), descriptor(2, SBOM), {**descriptor(3), "annotations": {"a": "b"}}]
+    bad = [
+        {},
+        "sha256:" + "1" * 64,
+        None,
+        [descriptor(4)],
+        {**descriptor(5), "size": -1},
+        {**descriptor(6), "size": True},
+        {**descriptor(7), "size": "7"},
+        {**descriptor(8), "digest": "sha256:short"},
+        {**descriptor(9), "mediaType": "no media type"},
+        {key: value for key, value in descriptor(10).items() if key != "mediaType"},
+    ]
+    index = json.dumps({**EMPTY, "manifests": [bad[0], good[0], *bad[1:], *good[1:]]})
+    client, _ = await hostile_client(
+        aiohttp_server, make_client, lambda _: web.Response(body=index, content_type=OCI_INDEX)
+    )
+
+    whole = await client.get(f"/v2/team/app/referrers/{SUBJECT}")
+    signatures = await client.get(f"/v2/team/app/referrers/{SUBJECT}{by_type(SIGNATURE)}")
+
+    assert whole.status == signatures.status == 200
+    assert json.loads(await whole.read())["manifests"] == good
+    assert json.loads(await signatures.read())["manifests"] == [good[0], good[2]]
+    assert json.loads(await signatures.read())["mediaType"] == OCI_INDEX
+
+
+async def test_a_kept_index_is_parsed_once_off_the_loop_for_filtering(
+    aiohttp_server: Any, make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mirror.cache import referrers as module
+
+    parsed_in: list[str] = []
+    merge = module.merge_pages
+
+    def counted(pages: list[bytes]) -> Any:
+        parsed_in.append(threading.current_thread().name)
+        return merge(pages)
+
+    monkeypatch.setattr(module, "merge_pages", counted)
+    index = json.dumps({**EMPTY, "manifests": [descriptor(1), descriptor(2, SBOM)]})
+    client, _ = await hostile_client(
+        aiohttp_server, make_client, lambda _: web.Response(body=index, content_type=OCI_INDEX)
+    )
+
+    for kind in (SIGNATURE, SBOM, "application/other", SIGNATURE):
+        resp = await client.get(f"/v2/team/app/referrers/{SUBJECT}{by_type(kind)}")
+        assert resp.status == 200
+
+    assert len(parsed_in) == 1  # on fetching; every filter after it used the split form
+    assert threading.main_thread().name not in parsed_in

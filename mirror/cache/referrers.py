@@ -16,11 +16,20 @@ of them, under the lease `referrers:<upstream>/<repo>@<subject>`, the others rea
 kept), and served stale while the upstream fails, so verifying a signature keeps working
 through an outage. `artifactType` is always filtered here, so the answer says so
 (`OCI-Filters-Applied`) whatever the upstream did.
+
+What an upstream can make the mirror hold is bounded: at most MAX_PAGES pages, and
+MAX_INDEX_BYTES (the manifest size limit) for the whole index, every page together and
+as merged. Past either bound the answer is refused (502 MANIFEST_INVALID), as an index
+cut short would look whole; an entry that is no descriptor (a valid `mediaType`,
+`digest` and `size`) is left out. Each index is parsed in a thread, once: filtering
+works on its split form, kept by digest.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -35,8 +44,8 @@ from mirror.oci.errors import (
     TooManyRequests,
     UpstreamUnavailable,
 )
-from mirror.oci.negotiation import OCI_INDEX
-from mirror.oci.reference import Digest
+from mirror.oci.negotiation import MAX_MANIFEST_BYTES, OCI_INDEX
+from mirror.oci.reference import Digest, as_digest, compute_digest
 from mirror.upstream.client import Upstream
 from mirror.util.lru import LRU
 from mirror.util.singleflight import SingleFlight
@@ -51,11 +60,19 @@ NO_ENDPOINT = frozenset({405, 501})
 # this long; that many repositories are remembered, the least recently asked forgotten.
 NO_API_MEMORY = 3600.0
 NO_API_REPOSITORIES = 10_000
-MAX_INDEX_BYTES = 4 * 1024 * 1024
+# The whole index, its pages together: it is kept and served as one manifest.
+MAX_INDEX_BYTES = MAX_MANIFEST_BYTES
 # A tag list read only to learn the repository exists (upstreams may ignore `n`).
 MAX_TAGS_PROBE_BYTES = 16 * 1024 * 1024
 # An upstream that pages its referrers: pages followed and merged into one index.
 MAX_PAGES = 20
+# Indexes kept split for filtering (bytes, about twice each index's size).
+PARSED_INDEX_BYTES = 32 * 1024 * 1024
+# A descriptor's `mediaType` (RFC 6838, as the OCI image spec gives it).
+_MEDIA_TYPE = re.compile(
+    r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+)
+_COMPACT = (",", ":")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +82,25 @@ class Referrers:
     body: bytes
     filtered: bool  # artifactType applied
     fresh_for: float
+    digest: str  # of `body` unfiltered: the key of its split form
     stale: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedIndex:
+    """An index as served, and split for filtering: the JSON before its descriptors, and
+    each descriptor's `artifactType` with its JSON."""
+
+    body: bytes
+    digest: str
+    head: bytes
+    entries: tuple[tuple[object, bytes], ...]
+    weight: int
+
+    def filtered(self, artifact_type: str) -> bytes:
+        """The index with only the descriptors of `artifact_type`."""
+        kept = (entry for kind, entry in self.entries if kind == artifact_type)
+        return self.head + b",".join(kept) + b"]}"
 
 
 def referrers_key(subject: Digest) -> str:
@@ -78,15 +113,42 @@ def schema_tag(subject: Digest) -> str:
     return f"{subject.algorithm}-{subject.hex}"
 
 
-def filter_index(body: bytes, artifact_type: str) -> bytes:
-    """The index with only the descriptors of `artifact_type`."""
-    index = _parse_index(body)
-    index["manifests"] = [
-        entry
-        for entry in index["manifests"]
-        if isinstance(entry, dict) and entry.get("artifactType") == artifact_type
-    ]
-    return json.dumps(index).encode()
+def merge_pages(pages: list[bytes]) -> ParsedIndex:
+    """One index of the descriptors of every page (with the first page's other fields);
+    a lone page with nothing left out is kept as the upstream sent it. ManifestInvalid
+    when a page is no index or the merged index is past MAX_INDEX_BYTES. Blocking: for a
+    thread (megabytes of JSON)."""
+    indexes = [_parse_index(page) for page in pages]
+    entries = [entry for index in indexes for entry in index["manifests"] if _is_descriptor(entry)]
+    fields = {key: value for key, value in indexes[0].items() if key != "manifests"}
+    if len(pages) == 1 and len(entries) == len(indexes[0]["manifests"]):
+        body = pages[0]
+    else:
+        body = json.dumps({**fields, "manifests": entries}, separators=_COMPACT).encode()
+    if len(body) > MAX_INDEX_BYTES:
+        raise ManifestInvalid(f"the upstream's referrers index is past {MAX_INDEX_BYTES} bytes")
+    head = json.dumps({**fields, "manifests": []}, separators=_COMPACT).encode()[:-2]
+    split = tuple(
+        (entry.get("artifactType"), json.dumps(entry, separators=_COMPACT).encode())
+        for entry in entries
+    )
+    weight = len(body) + len(head) + sum(len(entry) + 64 for _, entry in split)
+    return ParsedIndex(body, str(compute_digest(body)), head, split, weight)
+
+
+def _is_descriptor(entry: object) -> bool:
+    """Whether an index entry is a descriptor: a media type, a digest and a size."""
+    if not isinstance(entry, dict):
+        return False
+    media_type, digest, size = entry.get("mediaType"), entry.get("digest"), entry.get("size")
+    return (
+        isinstance(media_type, str)
+        and _MEDIA_TYPE.fullmatch(media_type) is not None
+        and isinstance(digest, str)
+        and as_digest(digest) is not None
+        and type(size) is int
+        and size >= 0
+    )
 
 
 def _parse_index(body: bytes) -> dict[str, Any]:
@@ -119,6 +181,7 @@ class ReferrersService:
         self._no_api_until: dict[str, float] = {}
         self._no_api_here: LRU[tuple[str, str], float] = LRU(NO_API_REPOSITORIES)
         self._flight = SingleFlight()
+        self._parsed: LRU[str, ParsedIndex] = LRU(PARSED_INDEX_BYTES, lambda p: p.weight)
 
     async def close(self) -> None:
         await self._flight.close()
@@ -128,10 +191,24 @@ class ReferrersService:
     ) -> Referrers:
         found = await self._index(upstream, repo, subject)
         if artifact_type:
-            return Referrers(
-                filter_index(found.body, artifact_type), True, found.fresh_for, found.stale
-            )
+            body = (await self._split(found)).filtered(artifact_type)
+            return Referrers(body, True, found.fresh_for, found.digest, found.stale)
         return found
+
+    async def _split(self, found: Referrers) -> ParsedIndex:
+        """The index split for filtering: parsed in a thread once, then kept by digest."""
+        parsed = self._parsed.get(found.digest)
+        if parsed is None:
+            parsed = await self._flight.do(
+                ("parse", found.digest), lambda: self._parse([found.body])
+            )
+        return parsed
+
+    async def _parse(self, pages: list[bytes]) -> ParsedIndex:
+        """The pages merged into one index (in a thread), kept split for filtering."""
+        parsed = await asyncio.to_thread(merge_pages, pages)
+        self._parsed.put(parsed.digest, parsed)
+        return parsed
 
     async def _index(self, upstream: Upstream, repo: str, subject: Digest) -> Referrers:
         """The unfiltered index: kept while fresh, else asked for, else kept but stale."""
@@ -140,7 +217,7 @@ class ReferrersService:
         kept = await self._manifests.recall(upstream, repo, key)
         if kept is not None and kept[0].is_fresh(ttl):
             fresh_for = ttl - (time.time() - kept[0].checked_at)
-            return Referrers(kept[1], False, fresh_for)
+            return Referrers(kept[1], False, fresh_for, kept[0].digest)
         seen = None if kept is None else kept[0].checked_at
         try:
             # Concurrent requests make one upstream sequence; replicas, one among them all.
@@ -158,7 +235,7 @@ class ReferrersService:
             if kept is None or not kept[0].is_fresh(ttl + self._manifests.stale_if_error):
                 raise
             self._metrics.stale_served.labels("referrers").inc()
-            return Referrers(kept[1], False, 0, stale=True)
+            return Referrers(kept[1], False, 0, kept[0].digest, stale=True)
 
     async def _kept_elsewhere(
         self, upstream: Upstream, repo: str, key: str, seen: float | None
@@ -170,17 +247,20 @@ class ReferrersService:
             return None
         ttl = self._manifests.ttl_of(upstream)
         fresh_for = min(max(ttl - (time.time() - kept[0].checked_at), 0.0), ttl)
-        return Referrers(kept[1], False, fresh_for)
+        return Referrers(kept[1], False, fresh_for, kept[0].digest)
 
     async def _fetch(self, upstream: Upstream, repo: str, subject: Digest) -> Referrers:
         """Ask the upstream, and keep a fresh answer."""
-        body, stale = await self._resolve(upstream, repo, subject)
+        index, stale = await self._resolve(upstream, repo, subject)
         if stale:  # the tag-schema index, itself served stale: not a fresh answer
-            return Referrers(body, False, 0, stale=True)
-        await self._manifests.remember(upstream, repo, referrers_key(subject), OCI_INDEX, body)
-        return Referrers(body, False, self._manifests.ttl_of(upstream))
+            return Referrers(index.body, False, 0, index.digest, stale=True)
+        key = referrers_key(subject)
+        await self._manifests.remember(upstream, repo, key, OCI_INDEX, index.body)
+        return Referrers(index.body, False, self._manifests.ttl_of(upstream), index.digest)
 
-    async def _resolve(self, upstream: Upstream, repo: str, subject: Digest) -> tuple[bytes, bool]:
+    async def _resolve(
+        self, upstream: Upstream, repo: str, subject: Digest
+    ) -> tuple[ParsedIndex, bool]:
         """Ask the upstream: its API first (unless it has shown it has none), then the
         tag schema, then nothing refers to the subject. True when served stale."""
         if self._has_api(upstream, repo):
@@ -199,11 +279,9 @@ class ReferrersService:
             await self._manifests.get(upstream, repo, tag, (OCI_INDEX,), head=True)
         except ManifestUnknown:
             await self._check_repository(upstream, repo)
-            return EMPTY_INDEX, False
+            return await self._parse([EMPTY_INDEX]), False
         found = await self._manifests.get(upstream, repo, tag, (OCI_INDEX,), head=False)
-        body = found.body or b""
-        _parse_index(body)
-        return body, found.stale
+        return await self._parse([found.body or b""]), found.stale
 
     def _has_api(self, upstream: Upstream, repo: str) -> bool:
         """Whether the upstream's API is worth asking for this repository now."""
@@ -212,39 +290,44 @@ class ReferrersService:
             return False
         return (self._no_api_here.get((upstream.name, repo)) or 0.0) <= now
 
-    async def _from_api(self, upstream: Upstream, repo: str, subject: Digest) -> bytes:
+    async def _from_api(self, upstream: Upstream, repo: str, subject: Digest) -> ParsedIndex:
         """The upstream's referrers index (its pages merged), or _NoApi."""
-        first, link = await self._api_page(upstream, repo, f"/v2/{repo}/referrers/{subject}")
-        if link is None:
-            return first
-        index = _parse_index(first)
-        for _ in range(MAX_PAGES - 1):
+        pages = await self._api_pages(upstream, repo, subject)
+        return await self._parse(pages)
+
+    async def _api_pages(self, upstream: Upstream, repo: str, subject: Digest) -> list[bytes]:
+        """Every page of the referrers API, at most MAX_INDEX_BYTES together; _NoApi."""
+        path: str | None = f"/v2/{repo}/referrers/{subject}"
+        pages: list[bytes] = []
+        while path is not None:
+            if len(pages) == MAX_PAGES:
+                raise ManifestInvalid(f"the referrers of {subject} run past {MAX_PAGES} pages")
+            budget = MAX_INDEX_BYTES - sum(map(len, pages))
             try:
-                page, link = await self._api_page(upstream, repo, link)
+                page, path = await self._api_page(upstream, repo, path, budget)
             except _NoApi:
+                if not pages:
+                    raise
                 raise ManifestInvalid(
                     f"the next page of the referrers of {subject} is gone"
                 ) from None
-            index["manifests"].extend(_parse_index(page)["manifests"])
-            if link is None:
-                return json.dumps(index).encode()
-        raise ManifestInvalid(f"the referrers of {subject} run past {MAX_PAGES} pages")
+            pages.append(page)
+        return pages
 
-    async def _api_page(self, upstream: Upstream, repo: str, path: str) -> tuple[bytes, str | None]:
-        """One page of the referrers API and the path of the next; _NoApi when the
-        upstream answers without one."""
+    async def _api_page(
+        self, upstream: Upstream, repo: str, path: str, limit: int
+    ) -> tuple[bytes, str | None]:
+        """One page of the referrers API (at most `limit` bytes) and the path of the next;
+        _NoApi when the upstream answers without one."""
         page = await upstream.document(
-            path, repo, "referrers", accept=OCI_INDEX, limit=MAX_INDEX_BYTES, passed=NO_API
+            path, repo, "referrers", accept=OCI_INDEX, limit=limit, passed=NO_API
         )
         if page.absent:
             if page.error_code == "NAME_UNKNOWN":
                 raise NameUnknown(f"repository {repo} not known upstream")
             whole = page.status in NO_ENDPOINT or (page.status == 404 and page.error_code is None)
             raise _NoApi(whole)
-        body = page.body
-        link = _next_path(page.link, upstream.url)
-        _parse_index(body)
-        return body, link
+        return page.body, _next_path(page.link, upstream.url)
 
     async def _check_repository(self, upstream: Upstream, repo: str) -> None:
         """NameUnknown when the upstream does not know the repository (its tag list says)."""
