@@ -7,9 +7,11 @@ keeps the tag-schema indexes this module pushes into it (`plain.example`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from mirror.config import CacheConfig, UpstreamConfig
+from mirror.upstream import client as upstream_client
 from tests import images
 from tests.conftest import MakeClient
 from tests.fakehub import OCI_INDEX, OCI_MANIFEST, FakeHub
@@ -495,3 +498,37 @@ async def test_a_kept_index_is_parsed_once_off_the_loop_for_filtering(
 
     assert len(parsed_in) == 1  # on fetching; every filter after it used the split form
     assert threading.main_thread().name not in parsed_in
+
+
+async def test_slow_pages_end_at_the_paging_deadline_with_the_kept_index(
+    aiohttp_server: Any, make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages each well within their own deadline (0.2 + 2 × 0.4 s), endless: the fetch is
+    given up after two exchanges' worth as an upstream failure, and the kept index served
+    stale. Without the deadline: 20 pages of 0.2 s, then a 502."""
+    monkeypatch.setattr(upstream_client, "PAGED_EXCHANGES", 2)
+    index = {**EMPTY, "manifests": [descriptor(1)]}
+    slow = False
+
+    async def answer(request: web.Request) -> web.Response:
+        if not slow:
+            return web.json_response(index)
+        await asyncio.sleep(0.2)
+        link = f'<{request.path}?page={int(request.query.get("page", "0")) + 1}>; rel="next"'
+        return web.json_response(index, headers={"Link": link})
+
+    app = web.Application()
+    app.router.add_get("/v2/{name:.+}/referrers/{digest}", answer)
+    url = str((await aiohttp_server(app)).make_url("")).rstrip("/")
+    upstream = UpstreamConfig(url=url, connect_timeout=0.2, read_timeout=0.4)
+    client = await make_client(upstream=upstream, cache=CacheConfig(tag_ttl=0))
+    before = await (await client.get(f"/v2/team/app/referrers/{SUBJECT}")).read()
+    slow = True
+
+    started = time.monotonic()
+    resp = await client.get(f"/v2/team/app/referrers/{SUBJECT}")
+
+    assert time.monotonic() - started < 2 * (0.2 + 2 * 0.4) + 1.5
+    assert resp.status == 200
+    assert resp.headers["Warning"].startswith("110")
+    assert await resp.read() == before

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ from aiohttp.test_utils import TestServer
 
 from mirror.cache import taglists
 from mirror.config import CacheConfig, RedisConfig, UpstreamConfig
+from mirror.upstream import client as upstream_client
 from tests import images
 from tests.conftest import MakeClient
 from tests.fakehub import FakeHub
@@ -468,3 +470,50 @@ async def test_null_and_odd_entries_in_an_upstream_list(
 
     assert (await (await client.get("/v2/x/tags/list")).json())["tags"] == ["a", "b"]
     assert (await (await client.get("/v2/empty/tags/list")).json())["tags"] == []
+
+
+# --- an upstream whose pages come slowly ------------------------------------------------------
+
+# Each exchange within 0.2 + 2 × 0.4 s; the pages of one list within two of them.
+SLOW_UPSTREAM = {"connect_timeout": 0.2, "read_timeout": 0.4}
+PAGING_DEADLINE = 2 * (0.2 + 2 * 0.4)
+
+
+@pytest.mark.parametrize("kept", [True, False])
+async def test_slow_pages_end_at_the_paging_deadline(
+    aiohttp_server: Any, make_client: MakeClient, monkeypatch: pytest.MonkeyPatch, kept: bool
+) -> None:
+    """Pages each well within their own deadline, endless: the fetch is given up at the
+    paging deadline as an upstream failure, and the kept list served stale (else 503).
+    Without the deadline: 40 pages of 0.2 s, then a 502."""
+    monkeypatch.setattr(upstream_client, "PAGED_EXCHANGES", 2)
+    monkeypatch.setattr(taglists, "MAX_PAGES", 40)
+    slow = not kept
+
+    async def tags(request: web.Request) -> web.Response:
+        if not slow:
+            return web.json_response({"name": "x", "tags": ["1.0"]})
+        await asyncio.sleep(0.2)
+        return endless(int(request.query.get("last", "t0").removeprefix("t")) + 1, request)
+
+    app = web.Application()
+    app.router.add_get("/v2/{name:.+}/tags/list", tags)
+    url = str((await aiohttp_server(app)).make_url("")).rstrip("/")
+    client = await make_client(
+        upstream=UpstreamConfig(url=url, **SLOW_UPSTREAM), cache=CacheConfig(tag_ttl=0)
+    )
+    if kept:
+        assert (await (await client.get("/v2/x/tags/list")).json())["tags"] == ["1.0"]
+        slow = True
+
+    started = time.monotonic()
+    resp = await client.get("/v2/x/tags/list")
+
+    assert time.monotonic() - started < PAGING_DEADLINE + 1.5
+    if kept:
+        assert resp.status == 200
+        assert resp.headers["Warning"].startswith("110")
+        assert (await resp.json())["tags"] == ["1.0"]
+    else:
+        assert resp.status == 503
+        assert (await resp.json())["errors"][0]["code"] == "UNAVAILABLE"

@@ -291,8 +291,11 @@ class ReferrersService:
         return (self._no_api_here.get((upstream.name, repo)) or 0.0) <= now
 
     async def _from_api(self, upstream: Upstream, repo: str, subject: Digest) -> ParsedIndex:
-        """The upstream's referrers index (its pages merged), or _NoApi."""
-        pages = await self._api_pages(upstream, repo, subject)
+        """The upstream's referrers index (its pages merged), or _NoApi. The pages must
+        come within the paging deadline: past it the upstream failed (a kept index served
+        stale)."""
+        async with upstream.within_paging_deadline(f"the referrers of {subject} in {repo}"):
+            pages = await self._api_pages(upstream, repo, subject)
         return await self._parse(pages)
 
     async def _api_pages(self, upstream: Upstream, repo: str, subject: Digest) -> list[bytes]:

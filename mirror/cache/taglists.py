@@ -13,7 +13,9 @@ While the upstream fails, the kept list is served stale (`Warning: 110`) within
 
 What an upstream can make the mirror hold is bounded: at most MAX_PAGES pages,
 MAX_LIST_BYTES bytes of JSON across them and MAX_TAGS tags. Past any bound the list is
-refused (502) rather than cut short, since a shortened list would look whole.
+refused (502) rather than cut short, since a shortened list would look whole. The pages
+together must come within the upstream's paging deadline (a few exchanges' worth), past
+which the upstream counts as failed: the kept list is served stale, else 503.
 """
 
 from __future__ import annotations
@@ -161,7 +163,13 @@ class TagListService:
 
 
 async def fetch_whole(upstream: Upstream, repo: str) -> list[str]:
-    """Every tag of `repo` upstream, sorted: its pages followed, within the bounds."""
+    """Every tag of `repo` upstream, sorted: its pages followed, within the bounds and
+    the paging deadline (UpstreamUnavailable past it, so a kept list is served stale)."""
+    async with upstream.within_paging_deadline(f"the tag list of {repo}"):
+        return await _fetch_pages(upstream, repo)
+
+
+async def _fetch_pages(upstream: Upstream, repo: str) -> list[str]:
     path: str | None = f"/v2/{repo}/tags/list"
     seen: set[str] = set()
     tags: set[str] = set()

@@ -42,7 +42,7 @@ from mirror.oci.reference import as_digest, compute_digest
 from mirror.upstream.body import BlobBody, SizeLimit, header_number, read_bounded
 from mirror.upstream.breaker import CircuitBreaker
 from mirror.upstream.credentials import Credentials
-from mirror.upstream.deadline import exchange_deadline
+from mirror.upstream.deadline import PAGED_EXCHANGES, exchange_deadline
 from mirror.upstream.destinations import Destinations
 from mirror.upstream.tokens import Challenge, TokenCache, parse_challenge
 from mirror.util.lru import LRU
@@ -368,17 +368,24 @@ class Upstream:
         raise UpstreamUnavailable(f"upstream {self.name} answered {status} for {what}")
 
     @contextlib.asynccontextmanager
-    async def within_deadline(self, what: str) -> AsyncIterator[None]:
-        """The block as one exchange: UpstreamUnavailable when it outlasts the deadline
-        (counted towards the circuit breaker as any failed exchange)."""
+    async def within_deadline(self, what: str, exchanges: float = 1) -> AsyncIterator[None]:
+        """The block as one exchange (or `exchanges` of them): UpstreamUnavailable when it
+        outlasts the deadline (counted towards the circuit breaker as any failed exchange)."""
+        deadline = exchanges * self.exchange_deadline
         try:
-            async with asyncio.timeout(self.exchange_deadline):
+            async with asyncio.timeout(deadline):
                 yield
         except TimeoutError:
             self.record_failure()
             raise UpstreamUnavailable(
-                f"upstream {self.name} took over {self.exchange_deadline:g}s for {what}"
+                f"upstream {self.name} took over {deadline:g}s for {what}"
             ) from None
+
+    def within_paging_deadline(self, what: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """Every page of a paged document (a tag list, referrers) together, however many:
+        each page within its own deadline still lets a slow upstream hold the request, and
+        everyone joined to it, for hours."""
+        return self.within_deadline(what, PAGED_EXCHANGES)
 
     async def manifest(
         self, repo: str, reference: str, accept: list[str], *, head: bool
