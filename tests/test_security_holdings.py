@@ -269,6 +269,44 @@ async def test_the_catalog_lists_only_what_the_client_may_pull(
     assert names == []
 
 
+async def test_a_default_repository_named_like_another_upstream_is_listed_under_its_own_rules(
+    make_client: MakeClient, hub: FakeHub, ghcr: FakeHub, htpasswd: Path
+) -> None:
+    """docker.io's `ghcr.io/corp/secret` (reached with `?ns=docker.io`) is catalogued and
+    counted as `docker.io/ghcr.io/corp/secret`: as `ghcr.io/corp/secret` it would be taken
+    for the ghcr.io upstream's `corp/secret` and shown to whoever may pull that."""
+    rules = [
+        {"who": ["alice"], "pull": ["**"]},
+        {"who": ["*", "anonymous"], "pull": ["ghcr.io/**"]},
+    ]
+    secret = hub.content.add_image("ghcr.io/corp/secret", "v1", [b"corp secret"])
+    public = ghcr.content.add_image("corp/public", "v1", [b"corp public"])
+    client = await policy_mirror(make_client, hub, ghcr, auth=auth_with(htpasswd, rules))
+    ambiguous = "/v2/ghcr.io/corp/secret/manifests/v1?ns=docker.io"
+    assert (await client.get(ambiguous, headers=MANIFEST_ACCEPT)).status == 403
+    resp = await client.get(ambiguous, headers={**MANIFEST_ACCEPT, **basic("alice")})
+    assert resp.status == 200, await resp.text()
+    await pull(client, "ghcr.io/corp/public", public)
+    listed = "docker.io/ghcr.io/corp/secret"
+
+    async def names(who: dict[str, str]) -> list[str]:
+        resp = await client.get("/v2/_catalog", headers=who)
+        assert resp.status == 200, await resp.text()
+        repositories: list[str] = (await resp.json())["repositories"]
+        return repositories
+
+    assert await names({}) == await names(basic("bob")) == ["ghcr.io/corp/public"]
+    assert await names(basic("alice")) == [listed, "ghcr.io/corp/public"]
+    page = await (await client.get("/")).text()
+    assert "corp/secret" not in page and "ghcr.io/corp/public" in page
+    assert listed in await (await client.get("/", headers=basic("alice"))).text()
+    # The listed name pulls what it names, under the same rules.
+    path = f"/v2/{listed}/manifests/v1"
+    assert (await client.get(path, headers=MANIFEST_ACCEPT)).status == 403
+    resp = await client.get(path, headers={**MANIFEST_ACCEPT, **basic("alice")})
+    assert resp.status == 200 and resp.headers["Docker-Content-Digest"] == secret["digest"]
+
+
 async def test_holdings_recorded_by_one_app_are_honoured_by_another_on_the_same_redis(
     make_client: MakeClient, hub: FakeHub, redis_server: RedisServer
 ) -> None:

@@ -454,7 +454,7 @@ class ManifestService:
             await self._holdings.record_sent(upstream.name, [info.digest])
             named = references(body, info.media_type)
             await self._holdings.record(upstream.name, repo, [info.digest, *named])
-            await self._metadata.add_repository(upstream.catalog_prefix + repo)
+            await self._metadata.add_repository(upstream.catalog_name(repo))
 
 
 def _complete(info: ManifestInfo) -> bool:

@@ -139,8 +139,10 @@ class Upstream:
         self.name = name
         self.host = urlsplit(self.url).netloc
         self.tag_ttl = tag_ttl
-        # How this upstream's repositories appear in `_catalog` (empty for the default).
+        # How this upstream's repositories appear in `_catalog` and the pull counts (empty
+        # for the default), and the first segments that route elsewhere: set by `Upstreams`.
         self.catalog_prefix = ""
+        self.routed_segments: frozenset[str] = frozenset()
         # Per-upstream connect and read timeouts (no total: a big layer takes its time).
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=timeouts[0], sock_read=timeouts[1]
@@ -178,6 +180,15 @@ class Upstream:
         self._use_basic = False
         # Its own CA, check and client pair (mTLS); True: aiohttp's default context.
         self.ssl: ssl.SSLContext | bool = True if ssl_context is None else ssl_context
+
+    def catalog_name(self, repo: str) -> str:
+        """The repository's name in `_catalog` and the pull counts: one that routes back to
+        this upstream and repository. The default's `ghcr.io/team/app` (reached with `?ns=`)
+        is `<name>/ghcr.io/team/app`, not a name of the ghcr.io upstream's `team/app`."""
+        first, sep, _ = repo.partition("/")
+        if not self.catalog_prefix and sep and first in self.routed_segments:
+            return f"{self.name}/{repo}"
+        return self.catalog_prefix + repo
 
     async def request(
         self,

@@ -34,6 +34,9 @@ class Upstreams:
         hub = self._by_name.get("docker.io", default)
         for alias in DOCKER_HUB_HOSTS:
             self._by_name.setdefault(alias, hub)
+        # A repository's catalogue name is routed without `ns` (web/catalog.py): the
+        # default's repositories whose first segment routes are named with its name first.
+        default.routed_segments = frozenset(self._by_name)
         self._routed: LRU[tuple[str, str | None], tuple[Upstream, str]] = LRU(ROUTED)
 
     def __iter__(self) -> Iterator[Upstream]:

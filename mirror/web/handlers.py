@@ -59,7 +59,7 @@ async def manifest(request: web.Request) -> web.StreamResponse:
     if none_match(request, found.digest):
         return not_modified(headers)
     if found.body is not None:
-        request.app[pulls_key].add(upstream.catalog_prefix + repo)
+        request.app[pulls_key].add(upstream.catalog_name(repo))
         return web.Response(body=found.body, headers=headers)
     # A HEAD: aiohttp keeps an explicit Content-Length on a Response without a body.
     headers["Content-Length"] = str(found.size)
