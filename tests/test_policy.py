@@ -307,6 +307,27 @@ def test_docker_hub_names_in_rules_follow_the_router(htpasswd: Path) -> None:
     assert policy.refusal("bob", Target("127.0.0.1:5000", alone, True, "a/b", "1")) == NO_RULE
 
 
+def test_a_tag_filter_only_where_a_glob_for_the_repository_names_a_reference(
+    htpasswd: Path,
+) -> None:
+    rules = [
+        {"who": ["bob"], "pull": ["docker.io/library/*:v*", "ghcr.io/team/*"]},
+        {"who": ["carol"], "pull": ["docker.io/library/**", "ghcr.io/**"]},
+    ]
+    policy = policy_of(with_rules(htpasswd, rules))
+    # The list's deny `library/*:latest-rc*` is for everyone; bob's rule narrows his tags.
+    for subject, shown in (("carol", ["latest", "v1"]), ("bob", ["v1"])):
+        allowed = policy.tag_filter(subject, hub("library/nginx"))
+        assert allowed is not None
+        assert [t for t in ("latest", "latest-rc1", "v1") if allowed(t)] == shown
+    # No glob with a tag or digest part applies: every tag is decided as the repository is.
+    assert policy.tag_filter("bob", ghcr("team/app")) is None
+    assert policy.tag_filter("carol", hub("bitnami/redis")) is None
+    pinned = policy_of({"upstreams": {"docker.io": {"allow": [f"a/b@sha256:{'1' * 64}"]}}})
+    allowed = pinned.tag_filter("", hub("a/b"))
+    assert allowed is not None and not allowed("v1")  # by tag, a digest allow refuses
+
+
 def test_no_rule_matches_denied(htpasswd: Path) -> None:
     policy = policy_of(with_rules(htpasswd, []))
     assert policy.refusal("alice", hub("library/nginx", "latest")) == NO_RULE

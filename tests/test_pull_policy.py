@@ -237,6 +237,46 @@ def auth_with(htpasswd: Path, rules: list[Any] = RULES) -> dict[str, Any]:
     return {"htpasswd": str(htpasswd), "groups": {"platform": ["alice"]}, "rules": rules}
 
 
+async def test_a_tag_list_leaves_out_the_tags_its_client_may_not_pull_then_pages(
+    make_client: MakeClient, hub: FakeHub, ghcr: FakeHub, htpasswd: Path
+) -> None:
+    """A refused tag's name is not told: the list holds the tags the asking client could
+    pull by tag, and `n`, `last` and `Link` page through those."""
+    for tag in ("internal-rc1", "latest", "nightly", "v1", "v2", "zz-nightly"):
+        hub.content.add_image("library/busybox", tag, [tag.encode()])
+    rules = [
+        {"who": ["alice"], "pull": ["docker.io/library/**"]},
+        {
+            "who": ["*", "anonymous"],
+            "pull": ["docker.io/library/*:v*", "docker.io/library/*:latest"],
+        },
+    ]
+    client = await policy_mirror(
+        make_client, hub, ghcr, auth=auth_with(htpasswd, rules),
+        docker_io={"deny": ["library/*:internal-*"]},
+    )  # fmt: skip
+    path = "/v2/library/busybox/tags/list"
+
+    async def pages(who: dict[str, str], query: str) -> list[list[str]]:
+        found, url = [], f"{path}?{query}"
+        while url:
+            resp = await client.get(url, headers=who)
+            assert resp.status == 200, await resp.text()
+            found.append((await resp.json())["tags"])
+            url = resp.headers.get("Link", "").partition(">")[0].removeprefix("<")
+        return found
+
+    assert await status_of(client, "/v2/library/busybox/manifests/internal-rc1") == 403
+    assert await status_of(client, "/v2/library/busybox/manifests/nightly") == 403
+    assert await pages({}, "") == [["latest", "v1", "v2"]]
+    # After v2 no tag may be pulled: no Link promises another page.
+    assert await pages({}, "n=1") == [["latest"], ["v1"], ["v2"]]
+    assert await pages(basic("bob"), "n=2") == [["latest", "v1"], ["v2"]]
+    assert await pages({}, "n=2&last=v1") == [["v2"]]
+    # The list's deny is everyone's; alice's rule lets her pull every other tag.
+    assert await pages(basic("alice"), "n=3") == [["latest", "nightly", "v1"], ["v2", "zz-nightly"]]
+
+
 async def test_rules_per_user_group_and_anonymous(
     make_client: MakeClient,
     hub: FakeHub,

@@ -12,7 +12,8 @@ A reference part restricts requests that name a reference of its kind; where a r
 names none, the repository decides:
 - blobs, tag lists and referrers name no tag: a tag- or digest-specific deny does not
   refuse them, and a tag-specific allow (or rule) lets them through. Blobs are shared
-  between images and tags; refusing them by tag cannot be decided from the request.
+  between images and tags; refusing them by tag cannot be decided from the request. A
+  tag list leaves out the tags its client could not pull by tag (`Policy.tag_filter`).
 - a manifest by digest: a tag-specific allow (or rule) lets it through, because clients
   resolve a tag with a HEAD and then GET the manifest by digest, and the mirror cannot tell
   from which tag a digest came. The tag itself is checked when it is resolved.
@@ -25,7 +26,8 @@ names none, the repository decides:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from mirror.config.policy import (
     ANY_SEGMENTS,
@@ -155,6 +157,11 @@ class Glob:
     path: PathGlob
     tag: SegmentGlob | None = None
     digest: str | None = None
+
+    @property
+    def names_reference(self) -> bool:
+        """Whether a tag or digest part ends it: it may decide one tag unlike another."""
+        return self.tag is not None or self.digest is not None
 
     def denies(self, path: str, reference: str | None) -> bool:
         """As a deny entry: the reference part applies only to references of its kind."""
@@ -292,6 +299,30 @@ class Policy:
             if rule.names(subject) and rule.grants(target):
                 return None
         return NO_RULE
+
+    def tag_filter(self, subject: str, target: Target) -> Callable[[str], bool] | None:
+        """Which tags of `target`'s repository `subject` may pull by tag; None when no glob
+        for the repository has a reference part, so every tag is decided as it is."""
+        if not self._names_references(subject, target):
+            return None
+        return lambda tag: self.refusal(subject, replace(target, reference=tag)) is None
+
+    def _names_references(self, subject: str, target: Target) -> bool:
+        """Whether a list or rule glob that may apply to `target` has a reference part."""
+        lists = self.lists(target)
+        path = target.repository
+        if any(g.names_reference and g.path.matches(path) for g in lists.deny):
+            return True
+        if any(g.names_reference and g.path.matches(path) for g in lists.allow or ()):
+            return True
+        paths = [f"{alias}/{path}" for alias in target.aliases]
+        return any(
+            glob.names_reference and glob.path.matches(named)
+            for rule in self.rules or ()
+            if rule.names(subject)
+            for glob in rule.pulls
+            for named in paths
+        )
 
 
 # --- compiling ---------------------------------------------------------------------------------

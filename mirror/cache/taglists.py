@@ -24,7 +24,9 @@ import bisect
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice
 from urllib.parse import SplitResult, urlsplit
 
 from mirror.cache.manifests import LOOKUP_FAILED, ManifestService
@@ -53,6 +55,8 @@ MAX_TAGS = 100_000
 # Parsed kept lists, by digest, so paging through a long list parses it once.
 PARSED_TAGS = 2 * MAX_TAGS
 _NUMBER = re.compile(r"[0-9]{1,12}")
+# Which tags a page may hold (the pull policy's, for the asking client); None: every one.
+Shown = Callable[[str], bool] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +87,19 @@ def parse_last(value: str | None) -> str | None:
     return value
 
 
-def cut(tags: tuple[str, ...], n: int | None, last: str | None) -> tuple[list[str], bool]:
-    """The page of a sorted list after `last`, at most `n`, and whether more follow."""
+def cut(
+    tags: tuple[str, ...], n: int | None, last: str | None, shown: Shown = None
+) -> tuple[list[str], bool]:
+    """The page of a sorted list after `last`, at most `n`, and whether more follow; with
+    `shown`, of the tags it lets through (those after the page are looked at one by one
+    only until one passes)."""
     start = bisect.bisect_right(tags, last) if last else 0
+    if shown is not None:
+        passed = (tags[i] for i in range(start, len(tags)) if shown(tags[i]))
+        if n is None:
+            return list(passed), False
+        page = list(islice(passed, n))
+        return page, bool(page) and next(passed, None) is not None
     if n is None:
         return list(tags[start:]), False
     page = list(tags[start : start + n])
@@ -105,11 +119,14 @@ class TagListService:
     async def close(self) -> None:
         await self._flight.close()
 
-    async def get(self, upstream: Upstream, repo: str, n: int | None, last: str | None) -> TagPage:
+    async def get(
+        self, upstream: Upstream, repo: str, n: int | None, last: str | None, shown: Shown = None
+    ) -> TagPage:
+        """A page of the whole list (of the tags `shown` lets through, with it)."""
         ttl = self._manifests.ttl_of(upstream)
         kept = await self._kept(upstream, repo)
         if kept is not None and time.time() - kept[0] < ttl:
-            return TagPage(*cut(kept[1], n, last), fresh_for=ttl - (time.time() - kept[0]))
+            return TagPage(*cut(kept[1], n, last, shown), fresh_for=ttl - (time.time() - kept[0]))
         seen = None if kept is None else kept[0]
         try:
             tags = await self._flight.do(
@@ -127,8 +144,8 @@ class TagListService:
             if kept is None or time.time() - kept[0] >= window:
                 raise
             self._metrics.stale_served.labels("tags").inc()
-            return TagPage(*cut(kept[1], n, last), stale=True)
-        return TagPage(*cut(tags, n, last), fresh_for=ttl)
+            return TagPage(*cut(kept[1], n, last, shown), stale=True)
+        return TagPage(*cut(tags, n, last, shown), fresh_for=ttl)
 
     async def _kept(self, upstream: Upstream, repo: str) -> tuple[float, tuple[str, ...]] | None:
         """When the kept list was fetched, and its tags; None when none is kept."""

@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
-from urllib.parse import urlencode
 
 from aiohttp import web
 
-from mirror.cache.taglists import parse_last, parse_n
 from mirror.oci.errors import EndpointUnknown, RangeNotSatisfiable, Unsupported
 from mirror.oci.negotiation import OCI_INDEX, parse_accept
 from mirror.oci.reference import parse_digest
@@ -26,7 +24,6 @@ from mirror.web.keys import (
     pulls_key,
     referrers_key,
     storage_key,
-    taglists_key,
     upstreams_key,
 )
 from mirror.web.stamp import API_VERSION_HEADER
@@ -73,26 +70,6 @@ async def blob(request: web.Request) -> web.StreamResponse:
         return await request.app[blobs_key].serve(request, upstream, repo, digest)
     except RangeOutsideBlob as exc:  # the bucket's 416, as a registry answers it
         raise RangeNotSatisfiable(exc.size) from None
-
-
-async def tags_list(request: web.Request) -> web.Response:
-    """A page of the repository's tags, cut here from the whole list (taglists.py);
-    the next-page Link keeps the name and `ns` the client used."""
-    upstream, repo = route(request)
-    n = parse_n(request.query.get("n"))
-    found = await request.app[taglists_key].get(
-        upstream, repo, n, parse_last(request.query.get("last"))
-    )
-    name = request.match_info["name"]
-    headers = {"Cache-Control": cache_control(found.fresh_for)}
-    if found.stale:
-        headers["Warning"] = STALE_WARNING
-    if found.more and n is not None:
-        query = {"last": found.tags[-1], "n": n}
-        if "ns" in request.query:  # containerd following it stays on this upstream
-            query["ns"] = request.query["ns"]
-        headers["Link"] = f'</v2/{name}/tags/list?{urlencode(query)}>; rel="next"'
-    return web.json_response({"name": name, "tags": found.tags}, headers=headers)
 
 
 async def referrers(request: web.Request) -> web.Response:

@@ -16,6 +16,7 @@ from mirror.web.catalog import catalog
 from mirror.web.errors import error_response
 from mirror.web.gate import subject_key
 from mirror.web.keys import config_key, metrics_key
+from mirror.web.tags import tags_list
 
 # Repository names hold slashes; the handlers validate them against the OCI grammar.
 NAME = "{name:[^?#]+?}"
@@ -43,7 +44,7 @@ def setup_routes(app: web.Application) -> None:
             get("/v2/_catalog", catalog, name="catalog"),
             get(f"/v2/{NAME}/manifests/{{reference}}", handlers.manifest, name="manifest"),
             get(f"/v2/{NAME}/blobs/{{digest}}", handlers.blob, name="blob"),
-            get(f"/v2/{NAME}/tags/list", handlers.tags_list, name="tags"),
+            get(f"/v2/{NAME}/tags/list", tags_list, name="tags"),
             get(f"/v2/{NAME}/referrers/{{digest}}", handlers.referrers, name="referrers"),
             web.route(
                 "*",
