@@ -21,13 +21,14 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
+from prometheus_client import generate_latest
 
 from mirror import commands
 from mirror.config import Config, RedisConfig
 from mirror.metadata.fallback import open_metadata
 from mirror.metadata.store import KEY_PREFIX
 from mirror.web import catalog as catalog_module
-from mirror.web.keys import holdings_key, metadata_key, upstreams_key
+from mirror.web.keys import holdings_key, metadata_key, metrics_key, upstreams_key
 from tests.conftest import MakeClient
 from tests.fakehub import OCI_INDEX, OCI_MANIFEST, FakeHub
 from tests.services import RedisServer
@@ -50,7 +51,8 @@ def registry_requests(hub: FakeHub) -> list[tuple[str, str]]:
 
 
 async def holdings_checks(client: Client) -> dict[tuple[str, str], float]:
-    text = await (await client.get("/metrics")).text()
+    """The counts the monitoring listener serves (a client listener's /metrics has none)."""
+    text = generate_latest(client.app[metrics_key].exposed).decode()
     found = re.findall(
         r'^mirror_holdings_checks_total\{kind="(\w+)",result="(\w+)"\} (\S+)$', text, re.M
     )
@@ -143,6 +145,51 @@ async def test_a_digest_pulled_through_a_private_repository_opens_nothing_elsewh
     assert "private/secret" not in caplog.text and "the secret layer" not in caplog.text
     # alice still pulls what she may.
     await pull(client, "private/secret", secret, **basic("alice"))
+
+
+async def client_counts(client: Client) -> dict[str, float]:
+    """Every counter a client reads on /metrics. Not the times (timing is no promise), nor
+    the gauges: an upstream's pulls left is the upstream's word on every GET it counts."""
+    text = await (await client.get("/metrics")).text()
+    found = re.findall(r"^(mirror_\w+_total(?:\{[^}]*\})?) (\S+)$", text, re.M)
+    return {name: float(value) for name, value in found}
+
+
+async def test_a_digest_cached_for_another_repository_looks_never_pulled_on_metrics(
+    make_client: MakeClient, hub: FakeHub, ghcr: FakeHub, htpasswd: Path, config: Config
+) -> None:
+    """A client's /metrics is no oracle for what others pulled: a digest alice pulled
+    through private/secret, asked for under library/alpine, changes the counts a digest
+    never pulled changes (a cache miss, then the upstream's 404, asked or remembered).
+    How many such requests the holdings refused is the operator's, on metrics.listen."""
+    hub.scoped_blobs = True
+    secret = hub.content.add_image("private/secret", "v1", [b"the secret layer"])
+    alpine = hub.content.add_image("library/alpine", "v1", [b"alpine layer"])
+    client = await policy_mirror(make_client, hub, ghcr, auth=auth_with(htpasswd, RULES))
+    await pull(client, "private/secret", secret, **basic("alice"))
+    await pull(client, "library/alpine", alpine)  # its token is had: no probe pays for it
+    await cached_files(config)
+
+    async def changed(method: str, path: str) -> dict[str, float]:
+        before = await client_counts(client)
+        resp = await client.request(method, path)
+        assert resp.status == 404, await resp.text()
+        after = await client_counts(client)
+        return {
+            name: after[name] - before.get(name, 0)
+            for name in after
+            if after[name] != before.get(name)
+        }
+
+    never = "sha256:" + "1" * 64
+    for kind, cached in (("blobs", secret["layers"][0]), ("manifests", secret["digest"])):
+        for method in ("GET", "HEAD", "GET"):  # asked upstream, then its 404 remembered
+            seen = await changed(method, f"/v2/library/alpine/{kind}/{cached}")
+            expected = await changed(method, f"/v2/library/alpine/{kind}/{never}")
+            assert seen == expected, (kind, method)
+    assert not [name for name in await client_counts(client) if "holdings" in name]
+    checks = await holdings_checks(client)
+    assert (checks[("blob", "refused")], checks[("manifest", "refused")]) == (3, 3)
 
 
 async def test_a_repository_that_does_not_exist_serves_nothing_without_a_policy(

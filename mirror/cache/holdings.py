@@ -215,6 +215,10 @@ class Holdings:
         refused = self._refused.get(key)
         if refused is not None and time.monotonic() < refused[0]:
             self._metrics.holdings_checks.labels(kind, "refused").inc()
+            # A remembered upstream 404 like the upstream client's own (what a digest never
+            # pulled meets when asked again), counted as one: the holdings series is not on
+            # a client listener's /metrics, and the two must look alike there.
+            self._metrics.negative_hits.inc()
             raise _NOT_FOUND[kind](refused[1])
         await self._flight.do(
             (kind, fetching, *key), lambda: self._ask(upstream, repo, digest, kind, fetching)

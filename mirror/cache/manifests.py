@@ -223,7 +223,7 @@ class ManifestService:
             held = await self._holdings.sent(upstream.name, reference)
         if cached is not None:
             if not held:
-                await self._holdings.confirm(upstream, repo, reference, MANIFEST)
+                await self._confirm_cached(upstream, repo, reference)
             self._manifest_hit.inc()
             media_type, stored = cached
             return Manifest(reference, media_type, len(stored), None if head else stored)
@@ -245,6 +245,15 @@ class ManifestService:
                 UPSTREAM_FAILED,
             ),
         )
+
+    async def _confirm_cached(self, upstream: Upstream, repo: str, reference: str) -> None:
+        """Holdings.confirm for a cached manifest; a refusal is this request's cache miss,
+        as for a digest never pulled, so /metrics tells no client what others pulled."""
+        try:
+            await self._holdings.confirm(upstream, repo, reference, MANIFEST)
+        except BaseException:
+            self._manifest_miss.inc()
+            raise
 
     async def _stored_for(self, upstream: Upstream, repo: str, reference: str) -> Manifest | None:
         """The manifest another replica stored, once the repository is known to hold it (the

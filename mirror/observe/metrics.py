@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from mirror.observe.cluster_metrics import ClusterMetrics
@@ -34,6 +36,11 @@ M = TypeVar("M", Counter, Gauge, Histogram)
 
 # Set by the supervisor for its workers; prometheus-client reads it when first imported.
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Served on the monitoring listener (metrics.listen) alone, not on a client listener's
+# /metrics: a holdings refusal is a digest cached for another repository, which a client
+# would tell there from a digest never pulled (both are a cache miss, then the upstream's
+# 404, asked or remembered, in every series it reads).
+MONITOR_ONLY = frozenset({"mirror_holdings_checks"})
 
 
 class Metrics:
@@ -60,6 +67,11 @@ class Metrics:
         if self.exposed is self.registry:  # one process: only the collectors named
             return self.registry.restricted_registry(names)
         return OnlyNamed(self.exposed, names)
+
+    @staticmethod
+    def for_clients(served: Collector) -> Collector:
+        """What a client listener's /metrics serves of `served`: all but MONITOR_ONLY."""
+        return Without(served, MONITOR_ONLY)
 
     def count_worker_start(self, restarted: bool) -> None:
         """A worker's share of `mirror_worker_restarts_total`: 1 when it replaced a worker
@@ -366,6 +378,17 @@ class Metrics:
             "Blobs deleted from the bucket to stay within storage.s3.max_size.",
             registry=r,
         )
+
+
+class Without(Collector):
+    """The metric families of `collector` but those named (without `_total`)."""
+
+    def __init__(self, collector: Collector, names: frozenset[str]) -> None:
+        self._collector = collector
+        self._names = names
+
+    def collect(self) -> Iterable[Metric]:
+        return (family for family in self._collector.collect() if family.name not in self._names)
 
 
 class Children(Generic[M]):

@@ -122,7 +122,7 @@ class BlobService:
         held = await self._holdings.known(upstream.name, repo, str(digest))
         size = await self._storage.blob_size(digest)
         if size is not None:
-            held = held or await self._confirm(upstream, repo, digest)
+            held = held or await self._confirm(upstream, repo, digest, counted=False)
             cached = await self._serve_cached(request, digest, size)
             if cached is not None:
                 return cached
@@ -132,7 +132,7 @@ class BlobService:
         if download is None:  # not being fetched: the store may hold it elsewhere
             found = await self._find_elsewhere(request, digest)
             if found is not None:
-                held = held or await self._confirm(upstream, repo, digest, found)
+                held = held or await self._confirm(upstream, repo, digest, found, counted=False)
                 return await self._from_store(request, digest, found)
         return await self._serve_uncached(request, upstream, repo, digest, held)
 
@@ -143,12 +143,18 @@ class BlobService:
         digest: Digest,
         found: Found | None = None,
         fetching: bool = False,
+        *,
+        counted: bool = True,
     ) -> bool:
         """True once the upstream says the repository holds the blob, else its not-found
-        (what was `found` in the store is let go first); see Holdings.confirm."""
+        (what was `found` in the store is let go first); see Holdings.confirm. A refusal
+        of a request not yet `counted` is its cache miss, as for a digest never pulled:
+        the two look alike on /metrics, so it tells no client what others pulled."""
         try:
             await self._holdings.confirm(upstream, repo, str(digest), BLOB, fetching=fetching)
         except BaseException:
+            if not counted:
+                self._metrics.cache_requests.labels("blob", "miss").inc()
             if found is not None and not isinstance(found, Redirect | BlobSize):
                 await found.close()  # a body opened in the bucket
             raise
@@ -162,7 +168,7 @@ class BlobService:
         download = self._downloads.get(digest)
         if download is not None and not held:  # fetched for some repository: this one's too?
             held = await self._confirm(
-                upstream, repo, digest, None, _on_its_way(download, upstream)
+                upstream, repo, digest, None, _on_its_way(download, upstream), counted=False
             )
             download = self._downloads.get(digest)
         local = download is not None and download.verified

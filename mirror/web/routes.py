@@ -78,6 +78,8 @@ def monitoring_routes(app: web.Application) -> list[web.RouteDef]:
         encoder, content_type = choose_encoder(",".join(request.headers.getall(hdrs.ACCEPT, [])))
         names = request.query.getall("name[]", [])
         registry = metrics.exposed_only(names) if names else metrics.exposed
+        if request.app is app:  # a client listener (see MONITOR_ONLY)
+            registry = metrics.for_clients(registry)
         # In a thread: with workers, collecting reads every worker's files (and a dead
         # worker's stay), work the event loop must not wait on.
         body = await asyncio.to_thread(encoder, registry)
