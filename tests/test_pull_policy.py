@@ -267,7 +267,8 @@ async def test_a_tag_list_leaves_out_the_tags_its_client_may_not_pull_then_pages
         return found
 
     assert await status_of(client, "/v2/library/busybox/manifests/internal-rc1") == 403
-    assert await status_of(client, "/v2/library/busybox/manifests/nightly") == 403
+    # No rule lets anonymous clients pull it, one lets alice: they are challenged.
+    assert await status_of(client, "/v2/library/busybox/manifests/nightly") == 401
     assert await pages({}, "") == [["latest", "v1", "v2"]]
     # After v2 no tag may be pulled: no Link promises another page.
     assert await pages({}, "n=1") == [["latest"], ["v1"], ["v2"]]

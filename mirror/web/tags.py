@@ -16,8 +16,8 @@ from aiohttp import web
 from mirror.cache.taglists import Shown, parse_last, parse_n
 from mirror.upstream.client import Upstream
 from mirror.web.conditional import cache_control
-from mirror.web.gate import gate_key, subject_key
-from mirror.web.handlers import STALE_WARNING, route
+from mirror.web.gate import gate_key, route, subject_key
+from mirror.web.handlers import STALE_WARNING
 from mirror.web.keys import taglists_key
 
 
