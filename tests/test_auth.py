@@ -362,3 +362,93 @@ async def test_a_refused_token_in_the_shared_store_is_not_taken_again(
         for tokens in (first, second):
             await tokens.close()
     await store.close()
+
+
+# --- a challenge that cannot be answered fails its request alone ---------------------------
+
+
+class MovingRegistry:
+    """A registry that serves an empty schema 2 manifest to `Bearer good` and challenges
+    with `challenge` otherwise (the test moves its realm); `asked` counts API requests."""
+
+    def __init__(self, challenge: str) -> None:
+        self.challenge = challenge
+        self.asked = 0
+
+    async def api(self, request: web.Request) -> web.Response:
+        self.asked += 1
+        if request.headers.get("Authorization") != "Bearer good":
+            headers = {"WWW-Authenticate": self.challenge}
+            return web.json_response({}, status=401, headers=headers)
+        manifest = json.dumps({"schemaVersion": 2, "mediaType": DOCKER_MANIFEST, "layers": []})
+        return web.Response(text=manifest, content_type=DOCKER_MANIFEST)
+
+
+class TokenRealm:
+    """A token service on its own port giving the token `good`, or answering `status`."""
+
+    def __init__(self) -> None:
+        self.status = 200
+        self.realm = ""
+
+    async def start(self, aiohttp_server: Any) -> TokenRealm:
+        app = web.Application()
+        app.router.add_get("/token", self._answer)
+        self.realm = str((await aiohttp_server(app)).make_url("/token"))
+        return self
+
+    def challenge(self) -> str:
+        return f'Bearer realm="{self.realm}",service="registry.test"'
+
+    async def _answer(self, request: web.Request) -> web.Response:
+        if self.status != 200:
+            return web.json_response({}, status=self.status)
+        return web.json_response({"token": "good", "expires_in": 300})
+
+
+async def mirror_of(
+    aiohttp_server: Any, make_client: MakeClient, registry: MovingRegistry
+) -> Client:
+    app = web.Application()
+    app.router.add_route("*", "/v2/{rest:.*}", registry.api)
+    url = str((await aiohttp_server(app)).make_url("")).rstrip("/")
+    return await make_client(upstream=UpstreamConfig(url=url, connect_timeout=2, read_timeout=5))
+
+
+async def test_a_challenge_without_a_realm_fails_its_request_alone(
+    aiohttp_server: Any, make_client: MakeClient
+) -> None:
+    """A proxy in front answers one 401 whose Bearer challenge names no realm: that request
+    fails with an OCI error, and the next one (the registry itself again) is asked and
+    answered, not refused without asking because of the challenge remembered."""
+    tokens = await TokenRealm().start(aiohttp_server)
+    registry = MovingRegistry('Bearer error="invalid_token"')
+    client = await mirror_of(aiohttp_server, make_client, registry)
+
+    resp = await client.get("/v2/team/app/manifests/v1")
+    assert resp.status == 503
+    error = (await resp.json())["errors"][0]
+    assert error["code"] == "UNAVAILABLE" and "without a realm" in error["message"]
+
+    registry.challenge = tokens.challenge()
+    asked = registry.asked
+    await get_manifest(client, "team/app", "v2")
+    assert registry.asked == asked + 2  # the 401 that named the realm, then the answer
+
+
+async def test_a_realm_whose_token_service_fails_is_learnt_again(
+    aiohttp_server: Any, make_client: MakeClient
+) -> None:
+    """The realm learnt gives tokens, then fails for good while the registry names another:
+    the request that found it failing fails, the next learns the new realm from a 401."""
+    old, new = [await TokenRealm().start(aiohttp_server) for _ in range(2)]
+    registry = MovingRegistry(old.challenge())
+    client = await mirror_of(aiohttp_server, make_client, registry)
+    await get_manifest(client, "team/app", "v1")
+    old.status = 500
+    registry.challenge = new.challenge()
+
+    resp = await client.get("/v2/team/other/manifests/v1")  # a new scope: asked at the old realm
+    assert resp.status == 503
+
+    await get_manifest(client, "team/other", "v1")

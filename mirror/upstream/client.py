@@ -305,17 +305,18 @@ class Upstream:
         return None if self._credentials is None else await self._credentials.header()
 
     async def _authorization(self, repo: str | None) -> dict[str, str]:
-        if self._bearer is not None:
+        bearer = self._bearer
+        if bearer is not None:
             scopes = [f"repository:{repo}:pull"] if repo else []
-            token = await self._tokens.get(
-                self._bearer,
-                scopes,
-                await self._basic(),
-                ssl_context=self.ssl,
-                upstream=self.name,
-                check=self._destinations.check_realm,
-            )
-            return {"Authorization": f"Bearer {token}"}
+            try:
+                return await self._bearer_header(bearer, scopes)
+            except RegistryError:
+                # Forgotten: the next request goes without a token and learns the
+                # upstream's challenge afresh. A realm that moved, or a token service that
+                # stopped answering, must not fail every request until a restart.
+                if self._bearer is bearer:
+                    self._bearer = None
+                raise
         if self._use_basic and self._credentials is not None:
             return {"Authorization": await self._credentials.header()}
         return {}
@@ -323,33 +324,47 @@ class Upstream:
     async def _answer(
         self, challenge: Challenge, repo: str | None, refused: str | None = None
     ) -> dict[str, str]:
-        """Headers that answer a 401 challenge, or Unauthorized when we cannot; a realm
-        the credentials may not go to is refused before it is remembered. `refused`: the
-        token the challenge answered, never sent again."""
+        """Headers that answer a 401 challenge, or Unauthorized when we cannot; a Bearer
+        challenge is remembered only once it gave a token. `refused`: the token the
+        challenge answered, never sent again."""
         if challenge.scheme == "bearer":
-            if challenge.realm:
-                self._destinations.check_realm(challenge.realm)
-            self._bearer = Challenge(
-                "bearer", {k: v for k, v in challenge.params.items() if k in ("realm", "service")}
-            )
+            learnt = self._bearer_challenge(challenge)
             scope = challenge.params.get("scope")
             scopes = scope.split(" ") if scope else ([f"repository:{repo}:pull"] if repo else [])
-            token = await self._tokens.get(
-                self._bearer,
-                scopes,
-                await self._basic(),
-                ssl_context=self.ssl,
-                upstream=self.name,
-                check=self._destinations.check_realm,
-                refused=refused,
-            )
-            return {"Authorization": f"Bearer {token}"}
+            header = await self._bearer_header(learnt, scopes, refused)
+            self._bearer = learnt
+            return header
         if challenge.scheme == "basic" and self._credentials is not None:
             self._use_basic = True
             return {"Authorization": await self._credentials.header()}
         raise UpstreamUnauthorized(
             f"upstream {self.name} requires credentials the mirror does not have"
         )
+
+    def _bearer_challenge(self, challenge: Challenge) -> Challenge:
+        """The realm and service of a Bearer challenge; refused (its request fails, nothing
+        is remembered) without a realm, or with one the credentials may not go to."""
+        if not challenge.realm:
+            raise UpstreamUnavailable(
+                f"upstream {self.name} sent a Bearer challenge without a realm"
+            )
+        self._destinations.check_realm(challenge.realm)
+        kept = {k: v for k, v in challenge.params.items() if k in ("realm", "service")}
+        return Challenge("bearer", kept)
+
+    async def _bearer_header(
+        self, challenge: Challenge, scopes: list[str], refused: str | None = None
+    ) -> dict[str, str]:
+        token = await self._tokens.get(
+            challenge,
+            scopes,
+            await self._basic(),
+            ssl_context=self.ssl,
+            upstream=self.name,
+            check=self._destinations.check_realm,
+            refused=refused,
+        )
+        return {"Authorization": f"Bearer {token}"}
 
     def _observe_ratelimit(self, resp: aiohttp.ClientResponse) -> None:
         for header, gauge in (
