@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from mirror.cache.eviction import CachedBlob, Evictor, choose_victims
@@ -25,7 +26,7 @@ from mirror.storage import Storage
 from mirror.upstream.breaker import CircuitBreaker
 from mirror.web.keys import evictor_key, storage_key
 from tests.conftest import MakeClient
-from tests.fakehub import FakeHub
+from tests.fakehub import Content, FakeHub, digest_of
 from tests.resilience_helpers import temp_files_settled, wait_for_file
 from tests.services import free_port
 
@@ -137,6 +138,69 @@ async def test_after_429_manifest_gets_wait_for_retry_after(hub: FakeHub, client
 
     assert resp.status == 429
     assert hub.stats["manifest_get"] == 0  # asking again would only prolong the penalty
+
+
+class Limiting:
+    """An upstream whose manifest GETs answer `manifest_status` and whose blob GETs answer
+    429, each with `retry_after`; `manifest_gets` counts the manifest GETs it was asked."""
+
+    RETRY_AFTER = "999999999999999999"  # the most digits a header number may have
+
+    def __init__(self, manifest_status: int = 200) -> None:
+        self.manifest_status = manifest_status
+        self.manifest_gets = 0
+        self.content = Content()
+        self.content.add_image("library/app", "latest", [b"layer"])
+
+    async def start(self, aiohttp_server: Any) -> str:
+        app = web.Application()
+        app.router.add_get("/v2/{name:.+}/manifests/{ref}", self._manifest)
+        app.router.add_get("/v2/{name:.+}/blobs/{digest}", self._limited)
+        return str((await aiohttp_server(app)).make_url("")).rstrip("/")
+
+    async def _manifest(self, request: web.Request) -> web.Response:
+        self.manifest_gets += 1
+        if self.manifest_status == 429:
+            return await self._limited(request)
+        found = self.content.resolve(request.match_info["name"], request.match_info["ref"])
+        assert found is not None
+        digest, media_type, body = found
+        headers = {"Content-Type": media_type, "Docker-Content-Digest": digest}
+        return web.Response(body=body, headers=headers)
+
+    async def _limited(self, request: web.Request) -> web.Response:
+        body = {"errors": [{"code": "TOOMANYREQUESTS", "message": "slow down"}]}
+        return web.json_response(body, status=429, headers={"Retry-After": self.RETRY_AFTER})
+
+
+async def test_a_blob_429_leaves_manifest_gets_to_the_upstream(
+    aiohttp_server: Any, make_client: MakeClient
+) -> None:
+    """Pulls are counted on manifest GETs: a blob's 429 (in production, its CDN's) is that
+    blob's answer alone, its Retry-After told for an hour at most."""
+    upstream = Limiting()
+    client = await make_client(upstream=UpstreamConfig(url=await upstream.start(aiohttp_server)))
+
+    resp = await client.get(f"/v2/library/app/blobs/{digest_of(b'layer')}")
+    assert resp.status == 429
+    assert resp.headers["Retry-After"] == "3600"
+
+    resp = await client.get("/v2/library/app/manifests/latest", headers=ACCEPT)
+    assert resp.status == 200, await resp.text()
+    assert upstream.manifest_gets == 1
+
+
+async def test_a_manifest_429_holds_manifest_gets_back_for_an_hour_at_most(
+    aiohttp_server: Any, make_client: MakeClient
+) -> None:
+    upstream = Limiting(manifest_status=429)
+    client = await make_client(upstream=UpstreamConfig(url=await upstream.start(aiohttp_server)))
+
+    for asked in (1, 1):  # the second is held back here, not asked
+        resp = await client.get("/v2/library/app/manifests/latest", headers=ACCEPT)
+        assert resp.status == 429
+        assert 3590 <= int(resp.headers["Retry-After"]) <= 3600
+        assert upstream.manifest_gets == asked
 
 
 async def test_unreachable_upstream_fails_fast_with_oci_error(make_client: MakeClient) -> None:

@@ -55,6 +55,10 @@ MAX_REDIRECTS = 5
 # An error body read for its OCI code: more is no registry's error.
 MAX_ERROR_BYTES = 64 * 1024
 NEGATIVE_ENTRIES = 10000
+# A 429's Retry-After is believed for an hour at most, here and in what clients are told: a
+# pull window is hours long (Docker Hub's 6 h), but asking once an hour costs nothing, and
+# an 18-digit number must not hold every manifest GET back until a restart.
+MAX_RETRY_AFTER = 3600
 READ_BUFSIZE = 2 * 1024 * 1024
 USER_AGENT = "mirror/0.1 (+pull-through cache)"
 _NOT_FOUND: dict[str, type[RegistryError]] = {
@@ -389,7 +393,10 @@ class Upstream:
             raise UpstreamDenied(f"upstream {self.name} denied access to {what}")
         if status == 429:
             retry_after = _retry_after(resp.headers)
-            self._limited_until = time.monotonic() + retry_after
+            # Pulls are counted on manifest GETs (Docker Hub's limit): a blob's 429, its
+            # CDN's after a redirect, or a tag list's says nothing about them.
+            if kind == "manifest":
+                self._limited_until = time.monotonic() + retry_after
             raise TooManyRequests(f"upstream {self.name} rate limit reached", retry_after)
         raise UpstreamUnavailable(f"upstream {self.name} answered {status} for {what}")
 
@@ -427,7 +434,8 @@ class Upstream:
         self._check_negative("manifest", repo, reference)
         wait = self._limited_until - time.monotonic()
         if not head and wait > 0:
-            raise TooManyRequests(f"upstream {self.name} rate limit reached", int(wait) + 1)
+            retry_after = min(MAX_RETRY_AFTER, int(wait) + 1)
+            raise TooManyRequests(f"upstream {self.name} rate limit reached", retry_after)
         headers = {"Accept": ", ".join(accept or MANIFEST_TYPES)}
         resp = await self.request(
             "HEAD" if head else "GET",
@@ -578,7 +586,7 @@ def _address_refused(exc: BaseException) -> bool:
 
 def _retry_after(headers: Mapping[str, str]) -> int:
     value = header_number(headers.get("Retry-After", ""))
-    return 60 if value is None else value
+    return 60 if value is None else min(value, MAX_RETRY_AFTER)
 
 
 def _error_code(body: bytes) -> str | None:
