@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient
 
 from mirror.cluster.shared import SharedWork
 from mirror.cluster.tokenshare import SharedTokens
-from mirror.config import UpstreamConfig
+from mirror.config import CacheConfig, UpstreamConfig
 from mirror.metadata.redis import RedisMetadata
 from mirror.metadata.store import TOKEN_PREFIX
 from mirror.observe.metrics import Metrics
@@ -368,16 +368,19 @@ async def test_a_refused_token_in_the_shared_store_is_not_taken_again(
 
 
 class MovingRegistry:
-    """A registry that serves an empty schema 2 manifest to `Bearer good` and challenges
-    with `challenge` otherwise (the test moves its realm); `asked` counts API requests."""
+    """A registry that serves an empty schema 2 manifest to `Bearer <accepted>` and
+    challenges with `challenge` otherwise (the test moves its realm); `asked` counts API
+    requests, `injected` those with an X-Injected header."""
 
     def __init__(self, challenge: str) -> None:
         self.challenge = challenge
-        self.asked = 0
+        self.accepted = "good"
+        self.asked = self.injected = 0
 
     async def api(self, request: web.Request) -> web.Response:
         self.asked += 1
-        if request.headers.get("Authorization") != "Bearer good":
+        self.injected += "X-Injected" in request.headers
+        if request.headers.get("Authorization") != f"Bearer {self.accepted}":
             headers = {"WWW-Authenticate": self.challenge}
             return web.json_response({}, status=401, headers=headers)
         manifest = json.dumps({"schemaVersion": 2, "mediaType": DOCKER_MANIFEST, "layers": []})
@@ -385,11 +388,14 @@ class MovingRegistry:
 
 
 class TokenRealm:
-    """A token service on its own port giving the token `good`, or answering `status`."""
+    """A token service on its own port giving `token`, or answering `status`; `asked`
+    counts the requests it had."""
 
     def __init__(self) -> None:
         self.status = 200
+        self.token = "good"
         self.realm = ""
+        self.asked = 0
 
     async def start(self, aiohttp_server: Any) -> TokenRealm:
         app = web.Application()
@@ -401,18 +407,20 @@ class TokenRealm:
         return f'Bearer realm="{self.realm}",service="registry.test"'
 
     async def _answer(self, request: web.Request) -> web.Response:
+        self.asked += 1
         if self.status != 200:
             return web.json_response({}, status=self.status)
-        return web.json_response({"token": "good", "expires_in": 300})
+        return web.json_response({"token": self.token, "expires_in": 300})
 
 
 async def mirror_of(
-    aiohttp_server: Any, make_client: MakeClient, registry: MovingRegistry
+    aiohttp_server: Any, make_client: MakeClient, registry: MovingRegistry, **changes: Any
 ) -> Client:
     app = web.Application()
     app.router.add_route("*", "/v2/{rest:.*}", registry.api)
     url = str((await aiohttp_server(app)).make_url("")).rstrip("/")
-    return await make_client(upstream=UpstreamConfig(url=url, connect_timeout=2, read_timeout=5))
+    upstream = UpstreamConfig(url=url, connect_timeout=2, read_timeout=5)
+    return await make_client(upstream=upstream, **changes)
 
 
 async def test_a_challenge_without_a_realm_fails_its_request_alone(
@@ -452,3 +460,51 @@ async def test_a_realm_whose_token_service_fails_is_learnt_again(
     assert resp.status == 503
 
     await get_manifest(client, "team/other", "v1")
+
+
+# --- a token is only ever a token -----------------------------------------------------------
+
+
+NOT_TOKENS = {
+    "crlf": "good\r\nX-Injected: 1",
+    "space": "good token",
+    "non-ascii": "g\u00f6od",
+    "padding inside": "go=od",
+    "too long": "a" * (16 * 1024 + 1),
+}
+
+
+@pytest.mark.parametrize("token", NOT_TOKENS.values(), ids=NOT_TOKENS.keys())
+async def test_a_token_that_is_no_b64token_is_refused_and_never_kept(
+    aiohttp_server: Any, make_client: MakeClient, token: str
+) -> None:
+    """The token goes into a header: one that could split it (CR LF) or is no token is an
+    upstream failure (503, not a 500 of ours), and is asked for again next time."""
+    tokens = await TokenRealm().start(aiohttp_server)
+    tokens.token = token
+    registry = MovingRegistry(tokens.challenge())
+    client = await mirror_of(aiohttp_server, make_client, registry)
+
+    for asked in (1, 2):
+        resp = await client.get("/v2/team/app/manifests/v1")
+        assert resp.status == 503
+        assert (await resp.json())["errors"][0]["code"] == "UNAVAILABLE"
+        assert tokens.asked == asked
+    assert registry.injected == 0
+
+
+async def test_an_expired_tag_is_served_stale_when_the_new_token_is_no_token(
+    aiohttp_server: Any, make_client: MakeClient
+) -> None:
+    tokens = await TokenRealm().start(aiohttp_server)
+    registry = MovingRegistry(tokens.challenge())
+    client = await mirror_of(aiohttp_server, make_client, registry, cache=CacheConfig(tag_ttl=0))
+    await get_manifest(client, "team/app", "v1")
+    registry.accepted = "rotated"  # the kept token is refused: a new one is fetched
+    tokens.token = "rotated\r\nX-Injected: 1"
+
+    resp = await client.get("/v2/team/app/manifests/v1")
+
+    assert resp.status == 200, await resp.text()
+    assert resp.headers["Warning"] == '110 - "Response is Stale"'
+    assert registry.injected == 0

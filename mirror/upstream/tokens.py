@@ -47,6 +47,11 @@ REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 # A token response is a JWT or two in a small JSON object; more is no token service's.
 MAX_TOKEN_BYTES = 64 * 1024
+# A token goes into every request's Authorization header: only RFC 6750's b64token (the
+# characters of base64 and base64url, `=` at its end) is taken, so no CR, LF or space can
+# split or bend that header, and at most 16 KiB of it (registries' JWTs run to a few KiB).
+_TOKEN68 = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+MAX_TOKEN_LENGTH = 16 * 1024
 # Raises for a URL the credentials may not go to (Destinations.check_realm).
 RealmCheck = Callable[[str], None]
 
@@ -246,6 +251,12 @@ def _token_from(body: object) -> tuple[str, float]:
     token = body.get("token") or body.get("access_token")
     if not isinstance(token, str) or not token:
         raise UpstreamUnauthorized("upstream token service sent no token")
+    if len(token) > MAX_TOKEN_LENGTH or not _TOKEN68.fullmatch(token):
+        # Unshown: a value that is no token may be anything. Not kept, not shared.
+        raise UpstreamUnavailable(
+            "upstream token service sent no well-formed token "
+            f"(RFC 6750 b64token, at most {MAX_TOKEN_LENGTH} characters)"
+        )
     expires_in = _lifetime(body.get("expires_in"))
     margin = min(EXPIRY_MARGIN, expires_in / 5)
     return token, max(1.0, expires_in - margin)
