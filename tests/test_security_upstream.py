@@ -334,6 +334,52 @@ async def test_token_service_redirecting_off_the_realm_hosts_is_refused(
     assert canary.connections == 0
 
 
+async def test_a_realm_holding_a_user_name_is_refused(
+    aiohttp_server: Any, make_mirror: MakeMirror, caplog: pytest.LogCaptureFixture
+) -> None:
+    tokens = TokenService("issued-token-x1")
+    token_server: TestServer = await aiohttp_server(tokens.app())
+    realm = f"http://someone:s3cret-w0rd@127.0.0.1:{token_server.port}/token"
+    hostile = Hostile(challenge=f'Bearer realm="{realm}",service="x"', token=tokens.token)
+    name = (await serve(aiohttp_server, hostile)).removeprefix("http://")
+    client = await make_mirror(url=hostile.url)
+
+    message = await refused(client, KINDS["manifest"], name, "user name or password")
+
+    assert tokens.seen == []
+    assert sample(client, "mirror_upstream_realms_refused_total", upstream=name) == 1
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "s3cret-w0rd" not in message + logged and "someone" not in message + logged
+
+
+async def test_token_fetches_are_counted_under_the_upstream_name(
+    aiohttp_server: Any, make_mirror: MakeMirror
+) -> None:
+    """However many realms the upstream names on its host (here, on as many ports), its
+    token fetches are one series per status under its own name, not one per realm."""
+    hostile = Hostile(token="never-issued")  # every request refused: a new realm each time
+    name = (await serve(aiohttp_server, hostile)).removeprefix("http://")
+    client = await make_mirror(url=hostile.url)
+
+    for _ in range(4):
+        token_server: TestServer = await aiohttp_server(TokenService("issued-x1").app())
+        realm = f"http://127.0.0.1:{token_server.port}/token"
+        hostile.challenge = f'Bearer realm="{realm}",service="x"'
+        assert (await client.get(KINDS["manifest"])).status == 401
+
+    (family,) = [
+        metric
+        for metric in client.app[metrics_key].registry.collect()
+        if metric.name == "mirror_upstream_token_fetches"
+    ]
+    counted = {
+        (sample.labels["upstream"], sample.labels["status"], sample.value)
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    }
+    assert counted == {(name, "200", 4)}
+
+
 def test_the_default_realm_hosts() -> None:
     assert UpstreamConfig().realm_hosts == ("auth.docker.io",)
     assert UpstreamConfig(url="https://ghcr.io").realm_hosts == ()

@@ -11,8 +11,9 @@ Registry, Docker Hub and GHCR send blobs to CDNs), so a redirect is followed to:
 
 and nowhere else; HTTPS is never downgraded to plain HTTP. A token realm must be on the
 upstream's own host or one listed in auth_hosts (and HTTPS for an HTTPS upstream), as it
-gets the upstream's credentials. Anything refused is counted, logged with the upstream and
-the host, and answered 502: nothing is asked of the refused host.
+gets the upstream's credentials, and hold no userinfo (credentials of the upstream's own
+choosing). Anything refused is counted, logged with the upstream and the host, and
+answered 502: nothing is asked of the refused host.
 """
 
 from __future__ import annotations
@@ -91,9 +92,12 @@ class Destinations:
         refusal = self._downgrade(parts)
         if parts is not None and refusal is None:
             host = _hostname(parts)
-            if host == self._host or _listed(self._realm_hosts, host, port):
+            if "@" in parts.netloc:  # credentials of the upstream's choosing, not ours
+                refusal = "it holds a user name or password"
+            elif host == self._host or _listed(self._realm_hosts, host, port):
                 return
-            refusal = "not the upstream's host nor listed in its auth_hosts"
+            else:
+                refusal = "not the upstream's host nor listed in its auth_hosts"
         shown = _shown(parts)
         self._metrics.realms_refused.labels(self._name).inc()
         log.warning("upstream %s: token realm on %s refused: %s", self._name, shown, refusal)

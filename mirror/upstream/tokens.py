@@ -186,13 +186,15 @@ class TokenCache:
         params = [("scope", scope) for scope in scopes]
         if "service" in challenge.params:
             params.insert(0, ("service", challenge.params["service"]))
-        host = urlsplit(realm).netloc
+        # Counted under the upstream's name: the realm is the upstream's to vary at will.
+        host = urlsplit(realm).netloc.rpartition("@")[2]
+        label = upstream or host
         try:
             async with asyncio.timeout(session_deadline(self._session)):  # a trickle ends
-                return await self._ask(realm, params, credentials, ssl_context, check)
+                return await self._ask(realm, params, credentials, ssl_context, check, label)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            self._metrics.token_fetches.labels(host, "error").inc()
-            tls_failure = describe_failure(f"{upstream or host} (token service {host})", exc)
+            self._metrics.token_fetches.labels(label, "error").inc()
+            tls_failure = describe_failure(f"{label} (token service {host})", exc)
             if tls_failure is not None:
                 log.error("%s", tls_failure)
                 raise UpstreamUnavailable(tls_failure) from None
@@ -207,11 +209,12 @@ class TokenCache:
         credentials: str | None,
         ssl_context: ssl.SSLContext | bool,
         check: RealmCheck | None,
+        label: str,
     ) -> tuple[str, float]:
         """GET a token from the realm, following the redirects `check` allows (none
-        without one): the credentials go only where a realm may be."""
+        without one): the credentials go only where a realm may be. `label`: the
+        upstream's, for the metric."""
         headers = {"Authorization": credentials} if credentials else {}
-        host = urlsplit(realm).netloc
         url, query = realm, params
         for _ in range(MAX_REDIRECTS + 1):
             if check is not None:
@@ -219,7 +222,7 @@ class TokenCache:
             async with self._session.get(
                 url, params=query, headers=headers, ssl=ssl_context, allow_redirects=False
             ) as resp:
-                self._metrics.token_fetches.labels(host, str(resp.status)).inc()
+                self._metrics.token_fetches.labels(label, str(resp.status)).inc()
                 location = resp.headers.get("Location")
                 if resp.status not in REDIRECTS or not location or check is None:
                     return _token_from(await _token_body(resp))
