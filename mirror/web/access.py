@@ -240,6 +240,11 @@ async def authorize(request: web.Request) -> None:
         # anonymously would refuse what its user may pull, with a 403 it never retries.
         raise auth.challenge(request, repository, invalid_token=True) from None
     if grant is None and auth.anonymous_pull:
+        if route == "base":
+            # Docker learns from this ping alone whether to log in: answered without a
+            # challenge, a later 401 is an error it never answers with its login (and
+            # `docker login` checks nothing). Anonymous clients fetch an anonymous token.
+            raise auth.challenge(request, None)
         return
     if grant is None:
         raise auth.challenge(request, repository)

@@ -164,3 +164,56 @@ def test_docker_login_then_allowed_and_refused_pulls(
         assert (USER, method, "library/busybox", "latest-rc1", "denied") in picked, picked
     assert all(line["client"] == "127.0.0.1" for line in audit)
     assert PASSWORD not in policy_mirror.log_path.read_text()
+
+
+@pytest.fixture(scope="module")
+def open_mirror(policy_dir: Path, policy_hub: FakeHubProcess) -> Iterator[MirrorProcess]:
+    """Anonymous clients may pull library/*; team/* only the user."""
+    workdir = policy_dir / "open-mirror"
+    htpasswd = write_htpasswd(workdir / "htpasswd", {USER: PASSWORD})
+    config = {
+        "upstreams": {"docker.io": {"url": policy_hub.registry_url}},
+        "auth": {
+            "htpasswd": str(htpasswd),
+            "rules": [
+                {"who": [USER], "pull": ["docker.io/team/*"]},
+                {"who": ["anonymous", "*"], "pull": ["docker.io/library/*"]},
+            ],
+        },
+    }
+    path = write_mirror_config(workdir / "mirror.yml", config)
+    with MirrorProcess(
+        workdir, policy_hub.registry_url, extra_args=["--config", str(path)]
+    ) as proc:
+        yield proc
+
+
+@needs_docker
+def test_where_anonymous_clients_may_pull_a_login_pulls_what_only_users_may(
+    policy_dir: Path,
+    policy_docker: DockerDaemon,
+    open_mirror: MirrorProcess,
+    pushed: tuple[DistributionRegistry, dict[str, str]],
+) -> None:
+    """Docker sends its login only once challenged: without a challenge for what only users
+    may pull, a logged-in user got the anonymous client's refusal."""
+    transcript = Transcript(policy_dir / "open-client-output.log")
+    host = f"127.0.0.1:{open_mirror.port}"
+    digests = pushed[1]
+
+    def run(shown: str, *args: str, stdin: str | None = None) -> Ran:
+        started = time.monotonic()
+        done = policy_docker.docker(*args, check=False, input=stdin)
+        return transcript.record(shown, done, time.monotonic() - started)
+
+    public = run(f"docker pull {host}/library/busybox", "pull", f"{host}/library/busybox")
+    assert public.ok(), public.output
+    anonymous = run(f"docker pull {host}/team/secret:v1", "pull", f"{host}/team/secret:v1")
+    assert not anonymous.ok()
+    assert f"denied: pulling team/secret:v1 {REFUSAL}" in anonymous.output, anonymous.output
+    login = ["login", host, "--username", USER, "--password-stdin"]
+    logged_in = run(f"docker {' '.join(login)}", *login, stdin=PASSWORD + "\n")
+    assert logged_in.ok() and "Login Succeeded" in logged_in.output, logged_in.output
+    secret = run(f"docker pull {host}/team/secret:v1", "pull", f"{host}/team/secret:v1")
+    assert secret.ok(), secret.output
+    assert f"Digest: {digests['team/secret:v1']}" in secret.output, secret.output
