@@ -341,6 +341,10 @@ class Downloads:
                 download._started.set()
                 await self._copy_resuming(body, fd, hasher, download, upstream, repo, held)
             self._verify(download, hasher.hexdigest())
+            # Recorded before any client has its last byte: a request that comes once it
+            # has (under another repository) finds the upstream's word for the bytes, and
+            # is not sent to fetch them again to check them.
+            await self._sent(download)
             # The bytes are right: clients may have their last byte now. The fsync that
             # makes the file durable (seconds, for a big layer) need not hold them up.
             download.verified = True
@@ -354,7 +358,6 @@ class Downloads:
             assert download.temp is not None
             await asyncio.to_thread(self._storage.commit, opened, download.temp, download.final)
             self._committed(download)
-            await self._sent(download)
             seconds = time.monotonic() - started
             log.info(
                 "blob %s cached: %d bytes from %s in %.2fs (%.0f MB/s)", download.digest,
