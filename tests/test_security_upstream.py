@@ -43,6 +43,7 @@ from mirror.net.addresses import AddressRefused, PublicResolver, is_public, lite
 from mirror.observe.metrics import Metrics
 from mirror.oci.errors import BlobTooLarge
 from mirror.oci.reference import parse_digest
+from mirror.upstream.body import TooLong
 from mirror.web.app import create_app
 from mirror.web.keys import metrics_key
 from tests.certs import CA
@@ -603,8 +604,9 @@ async def test_a_peer_is_held_to_max_blob_size(aiohttp_server: Any, lies: bool) 
     limit = 64 * 1024
 
     async def owner(request: web.Request) -> web.StreamResponse:
-        total = 100 if lies else 10 * limit  # a lie: a small size, then more bytes
-        resp = web.StreamResponse(status=206, headers={"Content-Range": f"bytes 0-99/{total}"})
+        # Streamed: no size said (as an owner says while its own download has none yet).
+        span = "bytes 0-*/*" if lies else f"bytes 0-{10 * limit - 1}/{10 * limit}"
+        resp = web.StreamResponse(status=206, headers={"Content-Range": span})
         resp.enable_chunked_encoding()
         await resp.prepare(request)
         for _ in range(10):
@@ -630,6 +632,34 @@ async def test_a_peer_is_held_to_max_blob_size(aiohttp_server: Any, lies: bool) 
         await peers.close()
     assert received <= limit
     assert metrics.registry.get_sample_value("mirror_cluster_peer_blob_too_large_total") == 1
+
+
+async def test_a_peer_is_held_to_the_length_it_gives(aiohttp_server: Any) -> None:
+    """An owner saying `bytes 0-99/100` and streaming on: cut at the 100th byte, the
+    bytes past it never handed to the download (nor to its clients)."""
+
+    async def owner(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(status=206, headers={"Content-Range": "bytes 0-99/100"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for _ in range(10):
+            await resp.write(b"x" * 65536)
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", owner)
+    server: TestServer = await aiohttp_server(app)
+    peers = PeerClient(b"s" * 32, Metrics().cluster, 2, 5, advertise_url="http://127.0.0.1:8083")
+    received = 0
+    try:
+        with pytest.raises(TooLong, match="more than the 100 bytes"):
+            body = await peers.open_blob(f"http://127.0.0.1:{server.port}", parse_digest(DIGEST), 0)
+            async with body:
+                async for chunk in body.chunks():
+                    received += len(chunk)
+    finally:
+        await peers.close()
+    assert received <= 100
 
 
 @pytest.mark.parametrize(

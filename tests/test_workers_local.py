@@ -18,7 +18,7 @@ import pytest
 from mirror.cluster import locallease
 from mirror.cluster.lease import Held
 from mirror.cluster.locallease import LocalLease, LocalLeases
-from mirror.config import UpstreamConfig
+from mirror.config import Config, UpstreamConfig
 from mirror.oci.reference import Digest, parse_digest
 from mirror.storage import localflight
 from mirror.storage.localflight import (
@@ -135,6 +135,22 @@ def test_a_dead_owners_download_is_taken_over_where_it_stopped(tmp_path: Path) -
     assert isinstance(taken, Claim)
     assert taken.previous == Progress(temp, 100, 10, False)
     assert isinstance(flight.claim(DIGEST), Sibling)  # the new owner holds it
+    taken.release()
+
+
+def test_a_dead_owners_download_past_its_size_is_not_taken_over(tmp_path: Path) -> None:
+    flight = LocalFlight(tmp_path)
+    owner = flight.claim(DIGEST)
+    follower = flight.claim(DIGEST)
+    assert isinstance(owner, Claim) and isinstance(follower, Sibling)
+    temp = tmp_path / "blob-1"
+    temp.write_bytes(b"x" * 150)
+    owner.start(temp, 100)
+    owner.progress(150)
+    assert owner._fd is not None
+    os.close(owner._fd)  # its process died
+    taken = follower.poll()
+    assert isinstance(taken, Claim) and taken.previous is None  # fetched afresh
     taken.release()
 
 
@@ -275,3 +291,26 @@ async def test_one_download_followed_by_another_worker_is_one_in_flight_and_one_
     assert hub.stats["blob_get"] == 1
     assert [m.joined_requests._value.get() for m in metrics] == [0, 1]
     await eventually("no download left", lambda: in_flight() == 0)
+
+
+async def test_a_sibling_download_past_its_size_is_not_followed(
+    hub: FakeHub, make_client: MakeClient, config: Config
+) -> None:
+    """Another worker's file holding more than the size it published: the clients that
+    would follow it get an error before any byte, not the file's bytes past the size."""
+    client = await make_client(workers=2)
+    data = os.urandom(150)
+    digest = parse_digest(hub.content.add_blob(data[:100]))
+    other = LocalFlight(config.storage.path / "tmp").claim(digest)
+    assert isinstance(other, Claim)
+    temp = config.storage.path / "tmp" / "blob-other"
+    temp.write_bytes(data)
+    other.start(temp, 100)
+    other.progress(150)
+    try:
+        resp = await client.get(f"/v2/library/x/blobs/{digest}")
+        assert resp.status == 503
+        assert (await resp.json())["errors"][0]["code"] == "UNAVAILABLE"
+    finally:
+        other.release()
+    assert hub.stats["blob_get"] == 0

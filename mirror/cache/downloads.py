@@ -37,7 +37,7 @@ from mirror.storage.localflight import (
     in_thread,
     reopen,
 )
-from mirror.upstream.body import BODY_ERRORS, BlobBody
+from mirror.upstream.body import BODY_ERRORS, BlobBody, TooLong
 from mirror.upstream.client import Upstream
 from mirror.util.lru import LRU
 
@@ -180,6 +180,8 @@ class Download:
             if self.error is not None:
                 raise self.error
             limit = self.written if self.verified else self.written - 1
+            if self.size is not None:  # whatever the file holds, the blob ends there
+                limit = min(limit, self.size if self.verified else self.size - 1)
             if end is not None:
                 limit = min(limit, end + 1)
             if pos >= limit:
@@ -544,7 +546,24 @@ class Downloads:
         held: contextlib.AsyncExitStack,
     ) -> BlobBody:
         """The blob's body from byte `download.written`: from the upstream, or, among
-        replicas, from the one holding the blob's lease while one does."""
+        replicas, from the one holding the blob's lease while one does. A body that says
+        the blob has another size than the one its file was started for is refused."""
+        body = await self._source(download, upstream, repo, held)
+        size, total = download.size, body.total
+        if size is not None and total is not None and total != size:
+            body.release()
+            raise UpstreamUnavailable(
+                f"blob {download.digest} was said to be {size} bytes, now {total}"
+            )
+        return body
+
+    async def _source(
+        self,
+        download: Download,
+        upstream: Upstream,
+        repo: str,
+        held: contextlib.AsyncExitStack,
+    ) -> BlobBody:
         if self._flight is not None and download.lease is None:
             got = await self._flight.source(download.digest, download.written, download.peer)
             if got is not None and not isinstance(got, Lease):  # the owner's stream
@@ -641,6 +660,13 @@ class Downloads:
         self, fd: int, hasher: hashlib._Hash, data: bytes, download: Download, upstream: str
     ) -> None:
         claim, reached = download.claim, download.written + len(data)
+        if download.size is not None and reached > download.size:
+            # Whatever its headers said of this body: not one byte past the blob's size
+            # goes to the disk, nor to a client.
+            raise TooLong(
+                f"blob {download.digest}: {download.peer or upstream} sent more than its "
+                f"{download.size} bytes"
+            )
         if download.size is None and not self._storage.fits(reached):
             # No length was sent: only now is it known that the blob outgrew the cache.
             self._oversized.put(download.digest, reached)
@@ -720,6 +746,9 @@ def _write_all(
 
 def _mirror(download: Download, progress: Progress) -> None:
     """Another process's published progress, taken into the download its readers follow."""
+    # Its bytes past the size would reach no client, but the file is not the blob.
+    if progress.size is not None and progress.written > progress.size:
+        raise UpstreamUnavailable(f"blob {download.digest}: another process wrote past its size")
     if download.temp is None:
         download.temp, download.size = progress.temp, progress.size
         download._started.set()

@@ -88,8 +88,8 @@ class PeerClient:
         if resp.status == 404 and UPSTREAM_UNKNOWN in resp.headers:
             resp.release()
             raise BlobUnknown(f"blob {digest} is unknown upstream")
-        body = BlobBody.of(resp, self._limit(owner, digest)) if resp.status == 206 else None
-        if body is None or body.offset != offset:
+        body = BlobBody.of(resp, self._limit(owner, digest), offset) if resp.status == 206 else None
+        if body is None:
             resp.release()
             raise PeerUnavailable(f"{owner} answered {resp.status} for {digest} from {offset}")
         self._metrics.peer_streams.labels("in").inc()

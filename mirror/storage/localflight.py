@@ -308,7 +308,10 @@ def _read_header(fd: int, tmp: Path) -> Progress | None:
 
 
 def _adoptable(previous: Progress | None) -> Progress | None:
-    """A dead owner's download, if its temp file is still there to carry on."""
+    """A dead owner's download, if its temp file is still there to carry on (and holds
+    no more than the blob's size)."""
     if previous is None or not previous.temp.is_file():
+        return None
+    if previous.size is not None and previous.written > previous.size:
         return None
     return previous

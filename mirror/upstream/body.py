@@ -43,6 +43,10 @@ class TooSlow(UpstreamUnavailable):
     (a resume from a sender that trickles would trickle again)."""
 
 
+class TooLong(UpstreamUnavailable):
+    """The body went on past the length its headers gave: nothing past it is handed out."""
+
+
 class BlobBody:
     """The bytes of a blob from `offset`; `total` is the whole blob's size when known and
     `length` this body's own. Release it, or use it as an async context manager."""
@@ -64,22 +68,42 @@ class BlobBody:
 
     @classmethod
     def of(
-        cls, response: aiohttp.ClientResponse, limit: SizeLimit | None = None
+        cls,
+        response: aiohttp.ClientResponse,
+        limit: SizeLimit | None = None,
+        asked: int | None = None,
     ) -> BlobBody | None:
-        """The body of a 2xx response: a 206 from its `Content-Range` (None when that does
-        not say where the bytes start), anything else the whole blob. Over `limit` by its
-        headers, it is refused before any byte is read (the response released)."""
+        """The body of a 2xx response to a request for the blob from byte `asked` (None: no
+        Range was sent). A 206 must answer a Range, from the byte asked, its Content-Range
+        and Content-Length agreeing (None otherwise); anything else is the whole blob. Over
+        `limit` by its headers, it is refused before any byte is read (the response
+        released)."""
         if response.status != 206:
             body = cls(response, 0, response.content_length, limit)
         else:
             span = parse_content_range(response.headers.get("Content-Range", ""))
-            if span is None:
+            if asked is None or span is None or span[0] != asked:
                 return None
-            body = cls(response, *span, limit)
+            body = cls(response, span[0], span[2], limit)
+            if not body._within(span[1]):
+                return None
         if limit is not None and body.declared() > limit.most:
             response.release()
             raise limit.refused()
         return body
+
+    def _within(self, last: int | None) -> bool:
+        """Take a 206's length from its Content-Range (`last`, its last byte, if given):
+        whether the range lies within the blob and its Content-Length (if sent) agrees."""
+        if last is None:
+            return self.total is None or self.offset <= self.total
+        length = last + 1 - self.offset  # 0: asked from the blob's very end
+        if length < 0 or (self.total is not None and last >= self.total):
+            return False
+        if self.length is not None and self.length != length:
+            return False
+        self.length = length
+        return True
 
     def declared(self) -> int:
         """The blob's size as far as the headers say (0 when they say nothing)."""
@@ -87,11 +111,13 @@ class BlobBody:
 
     def chunks(self, size: int | None = None) -> AsyncIterator[bytes]:
         """The bytes as they arrive, at most `size` at a time (None: whatever is there).
-        A broken transfer raises BODY_ERRORS; bytes past the limit raise its error (a
-        body without a length is cut there, the bytes over it never handed out)."""
+        A broken transfer, or a body that ends before its length, raises BODY_ERRORS;
+        bytes past its length raise TooLong and past the limit its error (never handed
+        out, the connection dropped)."""
         content = self._response.content
         received = received_pieces(content) if size is None else content.iter_chunked(size)
-        chunks = _Paced(received, self._response)
+        paced = _Paced(received, self._response)
+        chunks: AsyncIterator[bytes] = _Measured(paced, self.length, self._response)
         if self._limit is None:
             return chunks
         return _Bounded(chunks, self.offset, self._limit, self._response)
@@ -143,6 +169,42 @@ class _Paced:
         return chunk
 
 
+class _Measured:
+    """An iterator of chunks held to the body's length, when known: TooLong at the first
+    byte past it (which never comes out), a payload error when it ends short of it."""
+
+    __slots__ = ("_chunks", "_length", "_read", "_response")
+
+    def __init__(
+        self, chunks: AsyncIterator[bytes], length: int | None, response: aiohttp.ClientResponse
+    ) -> None:
+        self._chunks = chunks
+        self._length = length
+        self._response = response
+        self._read = 0
+
+    def __aiter__(self) -> _Measured:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk = await self._chunks.__anext__()
+        except StopAsyncIteration:
+            if self._length is not None and self._read < self._length:
+                raise aiohttp.ClientPayloadError(
+                    f"body ended at {self._read} of its {self._length} bytes"
+                ) from None
+            raise
+        self._read += len(chunk)
+        if self._length is not None and self._read > self._length:
+            self._response.release()  # not one byte more from this sender
+            raise TooLong(
+                f"{self._response.url.host} sent more than the {self._length} bytes "
+                "its headers gave"
+            )
+        return chunk
+
+
 class _Bounded:
     """An iterator of chunks that stops, with the limit's error, at the first byte too many."""
 
@@ -172,14 +234,16 @@ class _Bounded:
         return chunk
 
 
-def parse_content_range(value: str) -> tuple[int, int | None] | None:
-    """(first byte, whole size) of `bytes first-last/size`, the size None when not given
-    (`*`); None when the first byte is not there."""
+def parse_content_range(value: str) -> tuple[int, int | None, int | None] | None:
+    """(first byte, last byte, whole size) of `bytes first-last/size`, the last byte or
+    the size None when not given (`*`); None when the first byte is not there."""
     unit, _, rest = value.partition(" ")
-    first = header_number(rest.partition("-")[0])
-    if unit != "bytes" or first is None:
+    span, _, size = rest.partition("/")
+    first, _, last = span.partition("-")
+    start = header_number(first)
+    if unit != "bytes" or start is None:
         return None
-    return first, header_number(rest.rpartition("/")[2])
+    return start, header_number(last), header_number(size)
 
 
 async def read_bounded(

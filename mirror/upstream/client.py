@@ -494,11 +494,14 @@ class Upstream:
         if resp.status == 404:
             self._remember_missing("blob", repo, digest)
         self.raise_for_status(resp, "blob", f"blob {digest}")
-        body = BlobBody.of(resp, self._blob_limit(digest))
+        body = BlobBody.of(resp, self._blob_limit(digest), offset or None)
         if body is None:
             resp.release()
+            asked = f"its bytes from {offset}" if offset else "all of it"
+            span = resp.headers.get("Content-Range", "")[:100]
             raise UpstreamUnavailable(
-                f"upstream {self.name} sent part of blob {digest} without saying which"
+                f"upstream {self.name} answered a request for {asked} of blob {digest} with "
+                f"another part (Content-Range {span!r})"
             )
         return body
 
