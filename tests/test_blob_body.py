@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from yarl import URL
 
 from mirror.cache.downloads import Download
 from mirror.config import Config, UpstreamConfig
@@ -68,7 +69,7 @@ async def test_a_body_is_handed_out_in_the_pieces_received(chunked: bool) -> Non
     reader.feed_eof()
 
     # aiohttp's response, as far as a body reads it: its length and its stream.
-    response = SimpleNamespace(content=reader, content_length=None)
+    response = SimpleNamespace(content=reader, content_length=None, url=URL("http://hub"))
     body = BlobBody(response, 0, None)  # type: ignore[arg-type]
 
     got = [piece async for piece in body.chunks()]

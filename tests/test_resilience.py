@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from mirror.metadata.store import TagRecord
 from mirror.observe.metrics import Metrics
 from mirror.oci.errors import UpstreamUnavailable
 from mirror.storage import Storage
+from mirror.upstream import body
 from mirror.upstream.breaker import CircuitBreaker
 from mirror.web.keys import evictor_key, storage_key
 from tests.conftest import MakeClient
@@ -320,6 +322,66 @@ async def test_cut_transfer_without_range_support_aborts_every_client(
 
     assert not blob_file(config, digest).exists()
     assert await temp_files_settled(config.storage.path) == []
+
+
+async def test_cut_transfer_resumed_a_few_bytes_at_a_time_is_given_up(
+    aiohttp_server: Any, make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upstream that sends a few bytes, waits inside the read timeout and cuts, each
+    connection anew: every body is too short-lived for a pace window of its own, and each
+    resume brings a byte, so the download (and every client on it) was held for days. The
+    pace is the whole download's: it ends in an error within a window or so."""
+    monkeypatch.setattr(body, "PACE_WINDOW", 1.0)  # 60 s as shipped
+    layer = os.urandom(1024 * 1024)
+    digest = "sha256:" + hashlib.sha256(layer).hexdigest()
+    asked: list[str] = []
+
+    async def blob(request: web.Request) -> web.StreamResponse:
+        asked.append(request.headers.get("Range", ""))
+        first = int(request.headers.get("Range", "bytes=0-")[6:].rstrip("-"))
+        resp = web.StreamResponse(status=206 if first else 200)
+        resp.content_length = len(layer) - first
+        if first:
+            resp.headers["Content-Range"] = f"bytes {first}-{len(layer) - 1}/{len(layer)}"
+        await resp.prepare(request)
+        await resp.write(layer[first : first + 64])
+        await asyncio.sleep(0.3)  # within the read timeout
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+
+    upstream = web.Application()
+    upstream.router.add_get("/v2/{name:.+}/blobs/{digest}", blob)
+    server = await aiohttp_server(upstream)
+    url = f"http://127.0.0.1:{server.port}"
+    client = await make_client(upstream=UpstreamConfig(url=url, read_timeout=2))
+    started = time.monotonic()
+
+    async def fetch() -> bytes:
+        resp = await client.get(f"/v2/library/app/blobs/{digest}")
+        assert resp.status == 200
+        return bytes(await resp.read())
+
+    with pytest.raises(aiohttp.ClientPayloadError):  # cut short, never complete-looking
+        await asyncio.wait_for(fetch(), 10)
+    assert time.monotonic() - started < 5
+    assert len(asked) >= 2 and asked[1].startswith("bytes=")  # it was resumed meanwhile
+
+
+async def test_cut_transfer_on_a_fast_link_is_resumed_through_many_pace_windows(
+    hub: FakeHub, client: Client, config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(body, "PACE_WINDOW", 0.5)  # 60 s as shipped
+    layer = os.urandom(4 * 1024 * 1024)
+    digest = hub.content.add_blob(layer)
+    hub.cdn_cut_after = 512 * 1024
+    hub.cdn_delay = 0.02  # 64 KiB each: some 3 MB/s, a second or so for the blob
+
+    resp = await client.get(f"/v2/library/app/blobs/{digest}")
+
+    assert await resp.read() == layer
+    assert hub.stats.cdn_get_by_digest[digest] >= 8
+    assert await wait_for_file(blob_file(config, digest))
 
 
 # --- behaviour 7: Redis unreachable ------------------------------------------------------------

@@ -37,7 +37,7 @@ from mirror.storage.localflight import (
     in_thread,
     reopen,
 )
-from mirror.upstream.body import BODY_ERRORS, BlobBody, TooLong
+from mirror.upstream.body import BODY_ERRORS, BlobBody, Pace, TooLong
 from mirror.upstream.client import Upstream
 from mirror.util.lru import LRU
 
@@ -522,13 +522,16 @@ class Downloads:
         repo: str,
         held: contextlib.AsyncExitStack,
     ) -> None:
-        """Copy the body; when the transfer breaks, resume it with Range where it stopped."""
+        """Copy the body; when the transfer breaks, resume it with Range where it stopped.
+        The pace is the whole download's: a sender that cuts each body after a few bytes
+        is as slow as one that trickles them."""
         fruitless = 0
+        pace = Pace()
         while True:
             before = download.written
             try:
                 async with body:
-                    await self._copy(body, fd, hasher, download, upstream.name)
+                    await self._copy(body, fd, hasher, download, upstream.name, pace)
                 return
             except TransferBroken as exc:
                 if download.peer is None:
@@ -536,6 +539,7 @@ class Downloads:
                 fruitless = 0 if download.written > before else fruitless + 1
                 if download.size is None or fruitless > MAX_FRUITLESS_RESUMES:
                     raise UpstreamUnavailable(str(exc)) from None
+                pace.count(0, download.peer or upstream.name)
             body = await self._open(download, upstream, repo, held)
 
     async def _open(
@@ -618,6 +622,7 @@ class Downloads:
         hasher: hashlib._Hash,
         download: Download,
         upstream: str,
+        pace: Pace,
     ) -> None:
         """Body → file. One write is in flight while the next megabyte is read: the disk
         and the socket work at the same time, and memory stays at two buffers."""
@@ -636,7 +641,7 @@ class Downloads:
         pieces: list[bytes] = []
         held = 0
         try:
-            async for chunk in body.chunks():
+            async for chunk in body.chunks(pace=pace):
                 pieces.append(chunk)
                 held += len(chunk)
                 if held >= WRITE_CHUNK or len(pieces) >= MAX_PIECES:

@@ -47,6 +47,32 @@ class TooLong(UpstreamUnavailable):
     """The body went on past the length its headers gave: nothing past it is handed out."""
 
 
+class Pace:
+    """The bytes that came over the current PACE_WINDOW. A download keeps one across the
+    bodies of its resumes: a sender that cuts each connection after a few bytes must not
+    start a fresh window with each."""
+
+    __slots__ = ("_counted", "_since")
+
+    def __init__(self) -> None:
+        self._since = time.monotonic()
+        self._counted = 0
+
+    def count(self, received: int, sender: str | None) -> None:
+        """Add bytes that came from `sender`; TooSlow when a window ends with fewer than
+        PACE_MIN."""
+        self._counted += received
+        now = time.monotonic()
+        if now - self._since < PACE_WINDOW:
+            return
+        if self._counted < PACE_MIN:
+            raise TooSlow(
+                f"{sender} sent {self._counted} bytes in {now - self._since:.0f}s: "
+                "too slow to wait for"
+            )
+        self._since, self._counted = now, 0
+
+
 class BlobBody:
     """The bytes of a blob from `offset`; `total` is the whole blob's size when known and
     `length` this body's own. Release it, or use it as an async context manager."""
@@ -109,14 +135,14 @@ class BlobBody:
         """The blob's size as far as the headers say (0 when they say nothing)."""
         return max(self.total or 0, self.offset + (self.length or 0))
 
-    def chunks(self, size: int | None = None) -> AsyncIterator[bytes]:
-        """The bytes as they arrive, at most `size` at a time (None: whatever is there).
-        A broken transfer, or a body that ends before its length, raises BODY_ERRORS;
-        bytes past its length raise TooLong and past the limit its error (never handed
-        out, the connection dropped)."""
+    def chunks(self, size: int | None = None, pace: Pace | None = None) -> AsyncIterator[bytes]:
+        """The bytes as they arrive, at most `size` at a time (None: whatever is there),
+        their pace counted in `pace` (a new one: this body's own). A broken transfer, or a
+        body that ends before its length, raises BODY_ERRORS; bytes past its length raise
+        TooLong and past the limit its error (never handed out, the connection dropped)."""
         content = self._response.content
         received = received_pieces(content) if size is None else content.iter_chunked(size)
-        paced = _Paced(received, self._response)
+        paced = _Paced(received, self._response, pace or Pace())
         chunks: AsyncIterator[bytes] = _Measured(paced, self.length, self._response)
         if self._limit is None:
             return chunks
@@ -139,33 +165,30 @@ class BlobBody:
 
 
 class _Paced:
-    """An iterator of chunks that gives up, with TooSlow, on a body slower than PACE_MIN
-    bytes in a PACE_WINDOW (looked at as chunks come: a body that stops is the read
+    """An iterator of chunks that gives up, with TooSlow, once its `Pace` finds too few
+    bytes in a window (looked at as chunks come: a body that stops is the read
     timeout's)."""
 
-    __slots__ = ("_chunks", "_counted", "_response", "_since")
+    __slots__ = ("_chunks", "_pace", "_response", "_sender")
 
-    def __init__(self, chunks: AsyncIterator[bytes], response: aiohttp.ClientResponse) -> None:
+    def __init__(
+        self, chunks: AsyncIterator[bytes], response: aiohttp.ClientResponse, pace: Pace
+    ) -> None:
         self._chunks = chunks
         self._response = response
-        self._since = time.monotonic()
-        self._counted = 0
+        self._sender = response.url.host
+        self._pace = pace
 
     def __aiter__(self) -> _Paced:
         return self
 
     async def __anext__(self) -> bytes:
         chunk = await self._chunks.__anext__()
-        self._counted += len(chunk)
-        now = time.monotonic()
-        if now - self._since >= PACE_WINDOW:
-            if self._counted < PACE_MIN:
-                self._response.release()
-                raise TooSlow(
-                    f"{self._response.url.host} sent {self._counted} bytes in "
-                    f"{now - self._since:.0f}s: too slow to wait for"
-                )
-            self._since, self._counted = now, 0
+        try:
+            self._pace.count(len(chunk), self._sender)
+        except TooSlow:
+            self._response.release()
+            raise
         return chunk
 
 
