@@ -72,6 +72,29 @@ async def test_a_save_cancelled_mid_write_then_close_leaves_the_newest_records(
     assert await again.get_tag("docker.io", "library/b", "1") == record
 
 
+async def test_a_save_removes_the_temp_files_a_killed_save_left(tmp_path: Path) -> None:
+    """A process killed while it wrote the snapshot leaves its temp file beside it; the next
+    save removes those old enough to be no live save's."""
+    path = tmp_path / "metadata.json"
+    left = [tmp_path / f".metadata.json.{name}.tmp" for name in ("k1ll3d_a", "k1ll3d_b")]
+    live = tmp_path / ".metadata.json.wr1t1ng.tmp"
+    other = tmp_path / ".other.json.k1ll3d_c.tmp"
+    old = time.time() - memory.STALE_TEMP - 1
+    for temp in [*left, live, other]:
+        temp.write_text("{")
+        if temp is not live:
+            os.utime(temp, (old, old))
+    store = MemoryMetadata(60, snapshot=path)
+    await store.put_tag(
+        "docker.io", "library/a", "1", TagRecord(DIGEST, MEDIA_TYPE, 1, time.time())
+    )
+    await store.save()
+    await store.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["metadata.json", "metadata.json.lock", live.name, other.name]
+    )
+
+
 def record_at(checked_at: float, digest: str = DIGEST) -> TagRecord:
     return TagRecord(digest, MEDIA_TYPE, 100, checked_at)
 

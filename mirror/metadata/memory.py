@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from mirror.metadata.store import RETENTION, TagRecord
 from mirror.util.filelock import try_lock
-from mirror.util.files import write_replacing
+from mirror.util.files import remove_stale_temps, write_replacing
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -24,6 +24,8 @@ T = TypeVar("T")
 # Another process's save holds the snapshot's lock for a read and a write, milliseconds.
 LOCK_WAIT = 10.0
 LOCK_POLL = 0.01
+# A temp file of a save older than this (seconds) was left by a process killed mid-write.
+STALE_TEMP = 300.0
 # Unreadable snapshots set aside (`metadata.json.bad-<time>`) kept for a look: the newest.
 BAD_KEPT = 3
 # The stand-in behind Redis or SQLite (metadata/fallback.py) keeps at most this many tag
@@ -458,5 +460,8 @@ def _set_aside(path: Path, stamp: Stamp) -> Path | None:
 
 
 def _write_snapshot(path: Path, text: str) -> Stamp:
-    """Replace the snapshot with `text`; the new file's stamp (blocking)."""
-    return _stamp(write_replacing(path, text, durable=True))
+    """Replace the snapshot with `text`; the new file's stamp (blocking). What a save
+    killed mid-write left beside it goes too (a save takes milliseconds)."""
+    stamp = _stamp(write_replacing(path, text, durable=True))
+    remove_stale_temps(path, STALE_TEMP)
+    return stamp

@@ -4,8 +4,10 @@ version or the other, never a mix or an empty file."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -40,3 +42,16 @@ def sync_directory(path: Path) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def remove_stale_temps(path: Path, older_than: float) -> int:
+    """Remove the temp files `write_replacing` left beside `path` (a process killed while
+    it wrote) that are older than `older_than` seconds; how many (blocking)."""
+    removed = 0
+    stale = time.time() - older_than
+    for temp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if temp.stat().st_mtime < stale:
+                temp.unlink()
+                removed += 1
+    return removed
