@@ -126,6 +126,15 @@ async def test_a_login_flood_waits_on_its_own_pool_not_the_file_threads(
     assert_quiet(caplog, WRONG)
 
 
+async def test_logins_right_after_start_find_the_users(
+    make_client: MakeClient, tmp_path: Path
+) -> None:
+    client = await auth_client(make_client, tmp_path)
+    users = [USER, USER, "mallory"]  # at once, the first logins since the start
+    answers = await asyncio.gather(*(client.get("/v2/", headers=basic(u, PASSWORD)) for u in users))
+    assert [resp.status for resp in answers] == [200, 200, 401]
+
+
 async def test_wrong_passwords_from_one_address_are_throttled(
     make_client: MakeClient,
     tmp_path: Path,

@@ -86,11 +86,15 @@ class Htpasswd:
         self._users, self._mtime = users, mtime
         log.info("loaded %d users from %s", len(users), self._path)
 
+    async def load(self) -> None:
+        """Read the file now (at start: logins arriving while a first read is under way
+        would find no users, and fail)."""
+        self._checked_at = time.monotonic()
+        await asyncio.to_thread(self._reload_sync)
+
     async def _refresh(self) -> None:
-        now = time.monotonic()
-        if now - self._checked_at > HTPASSWD_RECHECK:
-            self._checked_at = now
-            await asyncio.to_thread(self._reload_sync)
+        if time.monotonic() - self._checked_at > HTPASSWD_RECHECK:
+            await self.load()
 
     def _key(self, username: str, password: str, hashed: bytes) -> str:
         return hashlib.sha256(

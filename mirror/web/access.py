@@ -273,7 +273,9 @@ async def client_auth_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     pool = HashPool()
-    app[client_auth_key] = await _client_auth(app, Htpasswd(htpasswd, pool))
+    users = Htpasswd(htpasswd, pool)
+    await users.load()
+    app[client_auth_key] = await _client_auth(app, users)
     yield
     pool.close()
 
