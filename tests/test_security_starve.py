@@ -101,8 +101,10 @@ async def test_a_login_flood_waits_on_its_own_pool_not_the_file_threads(
     auth.throttle = FailureThrottle(burst=10**6)  # as if from 200 addresses
 
     flood = [
-        asyncio.create_task(client.get("/v2/library/app/manifests/1", headers=basic(USER, WRONG)))
-        for _ in range(200)
+        asyncio.create_task(
+            client.get("/v2/library/app/manifests/1", headers=basic(USER, f"{WRONG}{n}"))
+        )
+        for n in range(200)
     ]
     while not sample(client, "mirror_client_auth_busy_total"):  # its queue is full
         await asyncio.sleep(0.01)
@@ -133,6 +135,27 @@ async def test_logins_right_after_start_find_the_users(
     users = [USER, USER, "mallory"]  # at once, the first logins since the start
     answers = await asyncio.gather(*(client.get("/v2/", headers=basic(u, PASSWORD)) for u in users))
     assert [resp.status for resp in answers] == [200, 200, 401]
+
+
+async def test_the_same_login_sent_many_times_at_once_is_checked_once(
+    make_client: MakeClient, tmp_path: Path, bcrypt_calls: list[bytes]
+) -> None:
+    # A deployment's pods starting on one node, each fetching a token with the same login,
+    # the first right after the mirror started; then a CI fleet with a stale password.
+    client = await auth_client(make_client, tmp_path, cost=10)  # ~60 ms a check
+
+    right = await asyncio.gather(
+        *(client.get("/token", headers=basic(USER, PASSWORD)) for _ in range(40))
+    )
+    checks = len(bcrypt_calls)
+    wrong = await asyncio.gather(
+        *(client.get("/token", headers=basic(USER, WRONG)) for _ in range(40))
+    )
+
+    assert [resp.status for resp in right] == [200] * 40
+    assert checks == 1
+    assert [resp.status for resp in wrong] == [401] * 40
+    assert len(bcrypt_calls) == 2
 
 
 async def test_wrong_passwords_from_one_address_are_throttled(

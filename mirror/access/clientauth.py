@@ -17,7 +17,7 @@ import os
 import secrets
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from pathlib import Path
 
 import bcrypt
@@ -68,6 +68,9 @@ class Htpasswd:
         self._mtime = -1.0
         self._checked_at = 0.0
         self._verified: LRU[str, float] = LRU(VERIFIED_ENTRIES)
+        # Checks under way, by the `_key` of their credentials: the same login sent many
+        # times at once (a deployment's pods starting, a CI fleet) costs one bcrypt check.
+        self._checking: dict[str, asyncio.Task[bool]] = {}
         self._decoys: dict[int, bytes] = {}  # bcrypt cost → a hash no password matches
 
     def _reload_sync(self) -> None:
@@ -110,6 +113,13 @@ class Htpasswd:
         verified_at = self._verified.get(self._key(username, password, hashed))
         return verified_at is not None and time.monotonic() - verified_at < VERIFIED_FOR
 
+    def pending(self, username: str, password: str) -> Awaitable[bool] | None:
+        """The answer of the same check already under way, or None when there is none."""
+        hashed = self._users.get(username)
+        task = None if hashed is None else self._checking.get(self._key(username, password, hashed))
+        # Shielded: a client that goes away cancels its own wait, not the others' check.
+        return None if task is None else asyncio.shield(task)
+
     async def verify(self, username: str, password: str) -> bool:
         if len(password.encode()) > BCRYPT_MAX_PASSWORD:
             return False
@@ -121,9 +131,19 @@ class Htpasswd:
             # tell which names exist.
             await self._pool.run(bcrypt.checkpw, password.encode(), await self._decoy())
             return False
+        pending = self.pending(username, password)
+        if pending is not None:
+            return await pending
+        key = self._key(username, password, hashed)
+        task = asyncio.create_task(self._check(key, password, hashed))
+        self._checking[key] = task
+        task.add_done_callback(lambda _: self._checking.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _check(self, key: str, password: str, hashed: bytes) -> bool:
         ok = await self._pool.run(bcrypt.checkpw, password.encode(), hashed)
         if ok:
-            self._verified.put(self._key(username, password, hashed), time.monotonic())
+            self._verified.put(key, time.monotonic())
         return ok
 
     async def _decoy(self) -> bytes:
