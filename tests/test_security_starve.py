@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import socket
 import time
@@ -26,7 +27,8 @@ from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from mirror.access import hashing
-from mirror.access.throttle import FailureThrottle
+from mirror.access import throttle as throttle_module
+from mirror.access.throttle import FailureThrottle, Throttled
 from mirror.cache import taglists
 from mirror.config import AuthConfig, ConfigError, UpstreamConfig, config_from_mapping
 from mirror.web.access import client_auth_key
@@ -36,12 +38,20 @@ from tests.fakehub import FakeHub
 from tests.services import MirrorProcess
 
 USER, PASSWORD = "alice", "wonderland-0f-passw0rds"
+OTHER, OTHER_PASSWORD = "bob", "builder-0f-passw0rds"
 WRONG = "not-her-password-at-all"
 
 
 def basic(user: str, password: str) -> dict[str, str]:
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
     return {"Authorization": f"Basic {token}"}
+
+
+def subject_of(answer: dict[str, Any]) -> str:
+    """The user a `/token` answer's token names ("" for anonymous)."""
+    payload = answer["token"].split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return str(claims["sub"])
 
 
 def sample(client: Any, name: str, **labels: str) -> float:
@@ -82,7 +92,10 @@ async def auth_client(
 ) -> Any:
     htpasswd = tmp_path / "htpasswd"
     htpasswd.write_text(
-        f"{USER}:{bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(cost)).decode()}\n"
+        "".join(
+            f"{user}:{bcrypt.hashpw(password.encode(), bcrypt.gensalt(cost)).decode()}\n"
+            for user, password in ((USER, PASSWORD), (OTHER, OTHER_PASSWORD))
+        )
     )
     return await make_client(auth=AuthConfig(htpasswd=htpasswd, anonymous_pull=anonymous))
 
@@ -98,7 +111,7 @@ async def test_a_login_flood_waits_on_its_own_pool_not_the_file_threads(
 ) -> None:
     client = await auth_client(make_client, tmp_path, cost=10)  # ~60 ms a check
     auth = client.app[client_auth_key]
-    auth.throttle = FailureThrottle(burst=10**6)  # as if from 200 addresses
+    auth.throttle = FailureThrottle(burst=10**6, address_burst=10**6)  # as if 200 addresses
 
     flood = [
         asyncio.create_task(
@@ -193,8 +206,8 @@ async def test_a_known_login_is_not_slowed_and_passes_a_throttled_address(
     assert len(bcrypt_calls) == 1  # then remembered
 
     for _ in range(12):  # someone at the same address guesses
-        await client.get("/v2/", headers=basic("mallory", WRONG))
-    refused = await client.get("/token", headers=basic("bob", WRONG))
+        await client.get("/v2/", headers=basic(USER, WRONG))
+    refused = await client.get("/token", headers=basic(USER, WRONG))
     pulled = await client.get("/v2/library/app/manifests/1", headers=basic(USER, PASSWORD))
 
     assert refused.status == 429
@@ -209,6 +222,70 @@ async def test_with_anonymous_pulls_a_throttled_login_pulls_anonymously(
     answers = [await client.get("/token", headers=basic("hubuser", WRONG)) for _ in range(20)]
 
     assert [resp.status for resp in answers] == [200] * 20
+    assert {subject_of(await resp.json()) for resp in answers} == {""}
+    assert len(bcrypt_calls) == 10
+    assert sample(client, "mirror_client_auth_refused_total", reason="password") == 20
+
+
+@pytest.mark.parametrize("anonymous", [False, True])
+async def test_one_users_failures_lock_out_no_other_user_at_the_address(
+    make_client: MakeClient, tmp_path: Path, anonymous: bool
+) -> None:
+    # Behind one NAT: a CI job holding bob's old password, then alice logs in.
+    client = await auth_client(make_client, tmp_path, anonymous=anonymous)
+    stale = [await client.get("/token", headers=basic(OTHER, WRONG)) for _ in range(11)]
+    alice = await client.get("/token", headers=basic(USER, PASSWORD))
+
+    assert [resp.status for resp in stale] == [200 if anonymous else 401] * 10 + [429]
+    assert alice.status == 200
+    assert subject_of(await alice.json()) == USER
+
+
+async def test_a_throttled_user_is_told_to_wait_where_anonymous_clients_may_pull(
+    make_client: MakeClient, tmp_path: Path, bcrypt_calls: list[bytes]
+) -> None:
+    client = await auth_client(make_client, tmp_path, anonymous=True)
+    wrong = [await client.get("/token", headers=basic(USER, WRONG)) for _ in range(10)]
+    token = await client.get("/token", headers=basic(USER, PASSWORD))
+    pull = await client.get("/v2/library/app/manifests/1", headers=basic(USER, PASSWORD))
+
+    # Each wrong one pulls anonymously (it may be a Docker Hub login); the right one,
+    # unchecked, is told to wait rather than quietly made anonymous.
+    assert [resp.status for resp in wrong] == [200] * 10
+    for refused in (token, pull):
+        assert refused.status == 429
+        assert 1 <= int(refused.headers["Retry-After"]) <= 6
+        assert (await refused.json())["errors"][0]["code"] == "TOOMANYREQUESTS"
+    assert len(bcrypt_calls) == 10
+    assert sample(client, "mirror_client_auth_refused_total", reason="password") == 10
+    assert sample(client, "mirror_client_auth_throttled_total") == 2
+
+
+async def test_an_address_trying_name_after_name_is_refused_whatever_the_name(
+    make_client: MakeClient, tmp_path: Path, bcrypt_calls: list[bytes]
+) -> None:
+    client = await auth_client(make_client, tmp_path, anonymous=True)
+    names = [f"user{n}" for n in range(throttle_module.ADDRESS_BURST)]
+    tried = [await client.get("/token", headers=basic(name, WRONG)) for name in names]
+    stranger = await client.get("/token", headers=basic("hubuser", WRONG))
+    alice = await client.get("/token", headers=basic(USER, PASSWORD))
+
+    assert {resp.status for resp in tried} == {200}
+    # A stranger's name answered as a user's is: telling them apart would tell for free
+    # which names exist.
+    assert (stranger.status, alice.status) == (429, 429)
+    assert len(bcrypt_calls) == throttle_module.ADDRESS_BURST
+
+
+async def test_wrong_passwords_at_once_are_held_to_the_burst(
+    make_client: MakeClient, tmp_path: Path, bcrypt_calls: list[bytes]
+) -> None:
+    client = await auth_client(make_client, tmp_path, cost=10)  # ~60 ms a check
+    answers = await asyncio.gather(
+        *(client.get("/v2/", headers=basic(USER, f"{WRONG}{n}")) for n in range(30))
+    )
+
+    assert sorted(resp.status for resp in answers) == [401] * 10 + [429] * 20
     assert len(bcrypt_calls) == 10
 
 
@@ -226,17 +303,30 @@ async def test_an_unknown_user_costs_a_wrong_password(
 
 def test_the_throttle_table_is_bounded_and_an_ipv6_64_is_one_address() -> None:
     now = [0.0]
-    throttle = FailureThrottle(burst=3, rate=1.0, addresses=100, clock=lambda: now[0])
+    throttle = FailureThrottle(burst=3, rate=1.0, addresses=100, pairs=100, clock=lambda: now[0])
     for n in range(10_000):  # a botnet, each address failing once
-        throttle.failed(f"10.{n // 65536}.{n // 256 % 256}.{n % 256}")
+        assert throttle.reserve(f"10.{n // 65536}.{n // 256 % 256}.{n % 256}", USER) is None
     assert len(throttle) == 100
 
     for n in range(3):  # one host walking through its /64
-        throttle.failed(f"2001:db8:1:2::{n + 1}")
-    assert throttle.retry_after("2001:db8:1:2::ffff") == 1
-    assert throttle.retry_after("2001:db8:1:3::1") == 0
+        assert throttle.reserve(f"2001:db8:1:2::{n + 1}", USER) is None
+    assert throttle.check("2001:db8:1:2::ffff", USER) == Throttled(1, user=True)
+    assert throttle.check("2001:db8:1:3::1", USER) is None
     now[0] = 1.0
-    assert throttle.retry_after("2001:db8:1:2::1") == 0
+    assert throttle.check("2001:db8:1:2::1", USER) is None
+
+
+def test_an_address_trying_name_after_name_meets_its_own_bound() -> None:
+    now = [0.0]
+    throttle = FailureThrottle(clock=lambda: now[0])
+    for n in range(throttle_module.ADDRESS_BURST):  # one try at each name, at once
+        assert throttle.reserve("192.0.2.7", f"user{n}") is None
+    assert throttle.check("192.0.2.7", "another") == Throttled(1, user=False)
+    assert throttle.check("192.0.2.8", "another") is None
+    now[0] = 1 / throttle_module.ADDRESS_RATE
+    assert throttle.reserve("192.0.2.7", "another") is None
+    throttle.release("192.0.2.7", "another")  # it was right: it counts for nothing
+    assert throttle.check("192.0.2.7", "another2") is None
 
 
 # --- connections ----------------------------------------------------------------------------

@@ -113,6 +113,10 @@ class Htpasswd:
         verified_at = self._verified.get(self._key(username, password, hashed))
         return verified_at is not None and time.monotonic() - verified_at < VERIFIED_FOR
 
+    def knows(self, username: str) -> bool:
+        """Whether `username` is one of the file's users (as last read)."""
+        return username in self._users
+
     def pending(self, username: str, password: str) -> Awaitable[bool] | None:
         """The answer of the same check already under way, or None when there is none."""
         hashed = self._users.get(username)

@@ -15,8 +15,9 @@ class GuardMetrics:
         r = registry
         self.auth_throttled = Counter(
             "mirror_client_auth_throttled",
-            "Logins refused (429) before any password check, because their address failed "
-            "to log in too often lately.",
+            "Logins refused (429, or anonymous: a name that is no user's where anonymous "
+            "clients may pull) before any password check, because their user name at their "
+            "address, or their address, failed to log in too often lately.",
             registry=r,
         )
         self.auth_busy = Counter(

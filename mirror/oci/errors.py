@@ -162,13 +162,14 @@ class TooManyRequests(RegistryError):
 
 
 class TooManyLogins(RegistryError):
-    """This client address failed to log in too often: it must wait before trying again."""
+    """This user name at this client address, or the address, failed to log in too often:
+    it must wait before trying again."""
 
     code = "TOOMANYREQUESTS"
     status = 429
 
     def __init__(self, retry_after: int) -> None:
-        super().__init__("too many failed logins from this address; try again later")
+        super().__init__("too many failed logins; try again later")
         self.retry_after = retry_after
 
     def headers(self) -> dict[str, str]:

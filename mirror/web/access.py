@@ -1,14 +1,15 @@
 """Who may pull: client auth for every API request, and the `/token` endpoint.
 
 Password checks are the one costly thing a stranger can ask for, so they run on their own
-small pool (mirror/access/hashing.py) and an address that keeps failing is refused before
-any check (mirror/access/throttle.py); credentials verified lately pass without either.
+small pool (mirror/access/hashing.py), and a user name that keeps failing at an address (or
+an address that keeps failing) is refused before any check (mirror/access/throttle.py);
+credentials verified lately pass without either.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -22,7 +23,7 @@ from mirror.access.clientauth import (
 )
 from mirror.access.clienttokens import Grant, TokenRefused, TokenSigner
 from mirror.access.hashing import HashPool, HashPoolFull
-from mirror.access.throttle import FailureThrottle
+from mirror.access.throttle import FailureThrottle, Throttled
 from mirror.cluster.signing import token_audience, token_signing_key
 from mirror.observe.guard_metrics import GuardMetrics
 from mirror.oci.errors import LoginsBusy, RegistryError, TooManyLogins, Unauthorized
@@ -118,39 +119,53 @@ class ClientAuth:
                 refused.labels(exc.reason).inc()
                 raise
         basic = parse_basic(header)
-        if basic is not None and await self.logged_in(request, *basic):
+        if basic is not None and await self.login(request, *basic):
             return Grant(basic[0], frozenset({"*"}))
         if header:
             refused.labels("password" if basic is not None else "malformed").inc()
         return None
 
     async def login(self, request: web.Request, username: str, password: str) -> bool:
-        """Whether the credentials are good; TooManyLogins when the client's address has
-        failed too often, LoginsBusy when no password check can be queued."""
+        """Whether the credentials are good; TooManyLogins when the user name at the
+        client's address, or the address, has failed too often, LoginsBusy when no
+        password check can be queued."""
         if await self.htpasswd.remembered(username, password):
             return True  # never throttled: no bcrypt work to protect
+        pending = self.htpasswd.pending(username, password)
+        if pending is not None:  # the same check under way: its answer, counted once
+            return await self._checked(pending)
         address = client_address(request)
-        wait = self.throttle.retry_after(address)
-        if wait:
+        throttled = self.throttle.reserve(address, username)
+        if throttled is not None:
             self.metrics.auth_throttled.inc()
-            raise TooManyLogins(wait)
+            if self._anonymous_instead(throttled, username):
+                return False
+            raise TooManyLogins(throttled.retry_after)
         try:
-            ok = await self.htpasswd.verify(username, password)
+            ok = await self._checked(self.htpasswd.verify(username, password))
+        except LoginsBusy:
+            self.throttle.release(address, username)  # nothing was checked
+            raise
+        if ok:  # a failure was counted ahead of the check, in case it failed
+            self.throttle.release(address, username)
+        return ok
+
+    async def _checked(self, check: Awaitable[bool]) -> bool:
+        try:
+            return await check
         except HashPoolFull:
             self.metrics.auth_busy.inc()
             raise LoginsBusy() from None
-        if not ok:
-            self.throttle.failed(address)
-        return ok
 
-    async def logged_in(self, request: web.Request, username: str, password: str) -> bool:
-        """`login`, where anonymous pulls are allowed a login not checked now is anonymous."""
-        try:
-            return await self.login(request, username, password)
-        except (TooManyLogins, LoginsBusy):
-            if self.anonymous_pull:
-                return False
-            raise
+    def _anonymous_instead(self, throttled: Throttled, username: str) -> bool:
+        """Whether a login not checked now is anonymous rather than refused: where
+        anonymous clients may pull, a name that is no user's and has failed at its own
+        bound here (Docker sends its Docker Hub login with every pull, moby#42022). A
+        user's is refused (pulling anonymously would refuse what the user may pull, with
+        a 403 it never retries), and so is any name at an address past the address's own
+        bound (there, answering a user's and a stranger's apart would tell for free which
+        names exist)."""
+        return self.anonymous_pull and throttled.user and not self.htpasswd.knows(username)
 
     async def require_user(self, request: web.Request) -> str:
         """The user, or Unauthorized (a Basic challenge: browsers and Prometheus answer it)
@@ -174,17 +189,17 @@ class ClientAuth:
         """`GET /token`: a pull token for the requested repositories."""
         header = request.headers.get("Authorization", "")
         basic = parse_basic(header) if header else None
-        if basic is not None and await self.logged_in(request, *basic):
+        if basic is not None and await self.login(request, *basic):
             subject = basic[0]
-        elif self.anonymous_pull:
-            # Docker sends the user's Docker Hub login to a mirror's realm (moby#42022):
-            # where anonymous pulls are allowed, unknown credentials pull anonymously.
-            subject = ""
-        elif basic is not None:
-            self.refused.labels("password").inc()
-            raise Unauthorized("invalid username or password", challenge='Basic realm="mirror"')
         else:
-            raise Unauthorized("credentials required", challenge='Basic realm="mirror"')
+            if header:
+                self.refused.labels("password" if basic is not None else "malformed").inc()
+            if not self.anonymous_pull:
+                message = "invalid username or password" if basic else "credentials required"
+                raise Unauthorized(message, challenge='Basic realm="mirror"')
+            # Docker sends the user's Docker Hub login to a mirror's realm (moby#42022):
+            # where anonymous pulls are allowed, credentials of no user pull anonymously.
+            subject = ""
         repositories = requested_repositories(request.query.getall("scope", []))
         # A narrower grant than asked (as Docker's token spec allows): a repository the
         # policy refuses is listed with no actions, so that clients learn early.
