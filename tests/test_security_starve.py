@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import json
 import logging
 import socket
@@ -88,7 +89,11 @@ def bcrypt_calls(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
 
 
 async def auth_client(
-    make_client: MakeClient, tmp_path: Path, cost: int = 4, anonymous: bool = False
+    make_client: MakeClient,
+    tmp_path: Path,
+    cost: int = 4,
+    anonymous: bool = False,
+    **changes: Any,
 ) -> Any:
     htpasswd = tmp_path / "htpasswd"
     htpasswd.write_text(
@@ -97,7 +102,9 @@ async def auth_client(
             for user, password in ((USER, PASSWORD), (OTHER, OTHER_PASSWORD))
         )
     )
-    return await make_client(auth=AuthConfig(htpasswd=htpasswd, anonymous_pull=anonymous))
+    return await make_client(
+        auth=AuthConfig(htpasswd=htpasswd, anonymous_pull=anonymous), **changes
+    )
 
 
 # --- logins ---------------------------------------------------------------------------------
@@ -139,6 +146,28 @@ async def test_a_login_flood_waits_on_its_own_pool_not_the_file_threads(
     assert hub.stats["manifest_get"] == 0
     assert cached(tmp_path / "data") == []
     assert_quiet(caplog, WRONG)
+
+
+async def test_one_address_sending_logins_at_once_leaves_other_addresses_room(
+    make_client: MakeClient, tmp_path: Path
+) -> None:
+    proxy = (ipaddress.ip_network("127.0.0.1/32"),)  # so that a client may be elsewhere
+    client = await auth_client(make_client, tmp_path, cost=10, trusted_proxies=proxy)
+    await client.get("/v2/", headers=basic("user0", WRONG))  # the unknown names' decoy made
+
+    # Six names, ten wrong passwords each, all at once: within the bounds of one address.
+    flood = [
+        asyncio.create_task(client.get("/v2/", headers=basic(f"user{n % 6}", f"{WRONG}{n}")))
+        for n in range(59)
+    ]
+    while not sample(client, "mirror_client_auth_busy_total"):  # past its share
+        await asyncio.sleep(0.01)
+    elsewhere = {"X-Forwarded-For": "203.0.113.9", **basic(USER, PASSWORD)}
+    alice = await client.get("/v2/", headers=elsewhere)
+    answers = await asyncio.gather(*flood)
+
+    assert alice.status == 200
+    assert {resp.status for resp in answers} == {401, 503}
 
 
 async def test_logins_right_after_start_find_the_users(

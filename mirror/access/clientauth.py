@@ -124,7 +124,9 @@ class Htpasswd:
         # Shielded: a client that goes away cancels its own wait, not the others' check.
         return None if task is None else asyncio.shield(task)
 
-    async def verify(self, username: str, password: str) -> bool:
+    async def verify(self, username: str, password: str, owner: str = "") -> bool:
+        """Whether the password is `username`'s, checked on the pool as `owner`'s (a
+        client address, for its share of the pool)."""
         if len(password.encode()) > BCRYPT_MAX_PASSWORD:
             return False
         if await self.remembered(username, password):
@@ -133,30 +135,31 @@ class Htpasswd:
         if hashed is None:
             # An unknown name costs what a wrong password costs, so that timing does not
             # tell which names exist.
-            await self._pool.run(bcrypt.checkpw, password.encode(), await self._decoy())
+            decoy = await self._decoy(owner)
+            await self._pool.run(bcrypt.checkpw, password.encode(), decoy, owner=owner)
             return False
         pending = self.pending(username, password)
         if pending is not None:
             return await pending
         key = self._key(username, password, hashed)
-        task = asyncio.create_task(self._check(key, password, hashed))
+        task = asyncio.create_task(self._check(key, password, hashed, owner))
         self._checking[key] = task
         task.add_done_callback(lambda _: self._checking.pop(key, None))
         return await asyncio.shield(task)
 
-    async def _check(self, key: str, password: str, hashed: bytes) -> bool:
-        ok = await self._pool.run(bcrypt.checkpw, password.encode(), hashed)
+    async def _check(self, key: str, password: str, hashed: bytes, owner: str) -> bool:
+        ok = await self._pool.run(bcrypt.checkpw, password.encode(), hashed, owner=owner)
         if ok:
             self._verified.put(key, time.monotonic())
         return ok
 
-    async def _decoy(self) -> bytes:
+    async def _decoy(self, owner: str) -> bytes:
         """A hash at the file's most common cost, made once per cost (on the pool)."""
         cost = usual_cost(self._users.values())
         decoy = self._decoys.get(cost)
         if decoy is None:
             salt = bcrypt.gensalt(rounds=cost)
-            decoy = await self._pool.run(bcrypt.hashpw, secrets.token_bytes(16), salt)
+            decoy = await self._pool.run(bcrypt.hashpw, secrets.token_bytes(16), salt, owner=owner)
             self._decoys[cost] = decoy
         return decoy
 

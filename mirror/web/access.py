@@ -23,7 +23,7 @@ from mirror.access.clientauth import (
 )
 from mirror.access.clienttokens import Grant, TokenRefused, TokenSigner
 from mirror.access.hashing import HashPool, HashPoolFull
-from mirror.access.throttle import FailureThrottle, Throttled
+from mirror.access.throttle import FailureThrottle, Throttled, holder
 from mirror.cluster.signing import token_audience, token_signing_key
 from mirror.observe.guard_metrics import GuardMetrics
 from mirror.oci.errors import LoginsBusy, RegistryError, TooManyLogins, Unauthorized
@@ -142,7 +142,7 @@ class ClientAuth:
                 return False
             raise TooManyLogins(throttled.retry_after)
         try:
-            ok = await self._checked(self.htpasswd.verify(username, password))
+            ok = await self._checked(self.htpasswd.verify(username, password, holder(address)))
         except LoginsBusy:
             self.throttle.release(address, username)  # nothing was checked
             raise
