@@ -166,7 +166,50 @@ async def test_a_debug_log_holds_no_credential_and_no_forged_line(
     # Nor an ERROR for a header aiohttp could not parse: any client can send them at will.
     errors = [line for line in lines if (found := LINE.match(line)) and found[1] == "ERROR"]
     assert not errors, "a client's bad header logged as an error"
-    assert "bad request (400 Invalid header value char" in log
+    assert "bad request (invalid header field) from 127.0.0.1" in log
+
+
+# What aiohttp's parser refuses, each with the fixed phrase the answer and the log give.
+SECRET = "c2VjcmV0LXBhc3N3b3JkLXNlbnQtdG9vLWxvbmc"
+UNPARSABLE = {
+    "request line or header field too long": (
+        f"GET /v2/ HTTP/1.1\r\nAuthorization: Basic {SECRET}{'A' * 20_000}\r\n\r\n"
+    ),
+    "invalid Content-Length": f"GET /v2/ HTTP/1.1\r\nContent-Length: {SECRET}\r\n\r\n",
+    "invalid method": f"G@T /v2/{SECRET} HTTP/1.1\r\n\r\n",
+    "Content-Length with Transfer-Encoding": (
+        f"GET /v2/{SECRET} HTTP/1.1\r\nContent-Length: 3\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    ),
+}
+
+
+async def test_a_request_the_parser_refuses_is_an_oci_400_that_quotes_nothing(
+    tmp_path: Path, hub: FakeHub
+) -> None:
+    """aiohttp answers these itself, before any middleware: text quoting the bytes sent,
+    and at debug a log line quoting them too (a Basic credential with no header name for
+    the redaction to see)."""
+    config = tmp_path / "mirror.yaml"
+    config.write_text("log: {level: debug}\n")
+    mirror = MirrorProcess(tmp_path / "run", hub.registry_url, extra_args=["--config", str(config)])
+    await asyncio.to_thread(mirror.start)
+    try:
+        answers = {
+            fault: await asyncio.to_thread(raw_request, mirror.port, head.encode())
+            for fault, head in UNPARSABLE.items()
+        }
+        await asyncio.sleep(0.5)  # the last lines
+    finally:
+        await asyncio.to_thread(mirror.stop)
+    log = mirror.log_path.read_text(errors="replace")
+    for fault, raw in answers.items():
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.split(b" ")[1] == b"400", raw[:300]
+        assert b"\r\nContent-Type: application/json" in head, raw[:300]
+        assert json.loads(body) == {"errors": [{"code": "UNSUPPORTED", "message": fault}]}
+        assert f"bad request ({fault}) from 127.0.0.1" in log
+    assert SECRET not in log and "Traceback" not in log
 
 
 async def _pull_every_way(mirror: MirrorProcess, image: dict[str, Any]) -> list[str]:

@@ -6,6 +6,7 @@
     ├── ManifestUnknown, ManifestInvalid, BlobUnknown            (content)
     ├── RangeNotSatisfiable                                      (416)
     ├── Unsupported, ExpectationFailed                           (push/delete, odd Expect)
+    ├── RequestMalformed                                         (HTTP the parser refused)
     ├── Unauthorized, Denied                                     (the mirror's own auth)
     │   └── UpstreamUnauthorized, UpstreamDenied                 (the upstream's answer)
     ├── TooManyLogins, LoginsBusy                                (logins refused for now)
@@ -117,6 +118,14 @@ class ExpectationFailed(RegistryError):
 
     code = "UNSUPPORTED"
     status = 417
+
+
+class RequestMalformed(RegistryError):
+    """Bytes the HTTP parser refused (a line too long, a bad header or framing): no OCI
+    code names them. The message says which fault, never quoting what was sent."""
+
+    code = "UNSUPPORTED"
+    status = 400
 
 
 class Unauthorized(RegistryError):
