@@ -244,6 +244,34 @@ async def test_range_past_the_end_is_416(hub: FakeHub, client: Client, warm: boo
     assert resp.status == 416
 
 
+@pytest.mark.parametrize(
+    ("header", "status", "content_range"),
+    [
+        ("bytes=100-199", 206, "bytes 100-199/5000"),
+        ("bytes=-10", 206, "bytes 4990-4999/5000"),
+        ("bytes=5000-", 416, "bytes */5000"),
+    ],
+)
+async def test_a_ranged_head_is_answered_alike_cold_and_cached(
+    hub: FakeHub, client: Client, config: Config, header: str, status: int, content_range: str
+) -> None:
+    digest = hub.content.add_blob(os.urandom(5000))
+    path = f"/v2/library/app/blobs/{digest}"
+
+    cold = await client.head(path, headers={"Range": header})
+    await (await client.get(path)).read()
+    await wait_cached(config, digest)
+    cached = await client.head(path, headers={"Range": header})
+
+    for resp in (cold, cached):
+        assert resp.status == status
+        assert resp.headers["Content-Range"] == content_range
+    assert cold.headers["Content-Length"] == cached.headers["Content-Length"]
+    if status == 206:
+        first, last = content_range.split(" ")[1].split("/")[0].split("-")
+        assert cold.headers["Content-Length"] == str(int(last) - int(first) + 1)
+
+
 @pytest.mark.parametrize("warm", [True, False], ids=["cached", "cold"])
 async def test_head_blob(hub: FakeHub, client: Client, warm: bool) -> None:
     layer = os.urandom(12345)

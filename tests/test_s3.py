@@ -327,6 +327,32 @@ async def test_a_range_is_passed_to_the_bucket(
     assert hub.stats["cdn_get"] == 1
 
 
+async def from_the_bucket(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, layer: bytes
+) -> tuple[Client, str]:
+    """A mirror with an empty local tier, in front of a bucket another one put `layer` in;
+    the path of the blob."""
+    digest = hub.content.add_blob(layer)
+    path = f"/v2/library/app/blobs/{digest}"
+    first = await make_client(storage=storage(tmp_path, s3, "first"))
+    assert await (await first.get(path)).read() == layer
+    await settled(first)
+    return await make_client(storage=storage(tmp_path, s3, "second")), path
+
+
+async def test_a_ranged_head_from_the_bucket_is_answered_as_cached(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config
+) -> None:
+    client, path = await from_the_bucket(hub, make_client, tmp_path, s3, os.urandom(MiB))
+
+    head = await client.head(path, headers={"Range": "bytes=5-9"})
+
+    assert head.status == 206
+    assert head.headers["Content-Range"] == f"bytes 5-9/{MiB}"
+    assert head.headers["Content-Length"] == "5"
+    assert not local_blob(tmp_path / "second", path.rsplit("/", 1)[1]).exists()
+
+
 async def test_redirect_answers_307_to_a_presigned_url(
     hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config
 ) -> None:

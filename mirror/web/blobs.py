@@ -278,12 +278,9 @@ class BlobService:
         if isinstance(found, Redirect):
             headers = {"Docker-Content-Digest": str(digest), "Location": found.url}
             return web.Response(status=307, headers=headers)
-        resp = web.StreamResponse(headers=_blob_headers(digest))
         if isinstance(found, BlobSize):
-            resp.content_length = found.size
-            await prepare(request, resp)
-            await resp.write_eof()
-            return resp
+            return await _head(request, digest, found.size)
+        resp = web.StreamResponse(headers=_blob_headers(digest))
         resp.set_status(found.status)
         resp.content_length = found.length
         if found.content_range is not None:
@@ -406,12 +403,7 @@ class BlobService:
         self, request: web.Request, upstream: Upstream, repo: str, digest: Digest, held: bool
     ) -> web.StreamResponse:
         size = await self._size_uncached(upstream, repo, digest, held)
-        resp = web.StreamResponse(headers=_blob_headers(digest))
-        if size is not None:
-            resp.content_length = size
-        await prepare(request, resp)
-        await resp.write_eof()
-        return resp
+        return await _head(request, digest, size)
 
     async def _stream(
         self,
@@ -497,6 +489,17 @@ def _blob_headers(digest: Digest) -> dict[str, str]:
         "Accept-Ranges": "bytes",
         "Cache-Control": IMMUTABLE,
     }
+
+
+async def _head(request: web.Request, digest: Digest, size: int | None) -> web.StreamResponse:
+    """The headers a GET of the blob would get, its Range applied to the size as for a
+    cached blob (a 206, or a 416): a HEAD answers alike whatever is cached where."""
+    ranged = size is not None and range_allowed(request, str(digest))
+    span = parse_range(request, size) if ranged and size is not None else None
+    resp = _sized_response(digest, size, span)
+    await prepare(request, resp)
+    await resp.write_eof()
+    return resp
 
 
 def _sized_response(
