@@ -244,6 +244,24 @@ async def test_range_past_the_end_is_416(hub: FakeHub, client: Client, warm: boo
     assert resp.status == 416
 
 
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@pytest.mark.parametrize("warm", [True, False], ids=["cached", "cold"])
+async def test_an_empty_suffix_range_is_416(
+    hub: FakeHub, client: Client, warm: bool, method: str
+) -> None:
+    """`bytes=-0` asks for the last none of the bytes (RFC 9110 §14.1.1); aiohttp reads
+    its start as -0, that is 0: the whole blob."""
+    digest = hub.content.add_blob(os.urandom(5000))
+    if warm:
+        await (await client.get(f"/v2/library/app/blobs/{digest}")).read()
+
+    path = f"/v2/library/app/blobs/{digest}"
+    resp = await client.request(method, path, headers={"Range": "bytes=-0"})
+
+    assert resp.status == 416
+    assert resp.headers["Content-Range"] == "bytes */5000"
+
+
 @pytest.mark.parametrize(
     ("header", "status", "content_range"),
     [

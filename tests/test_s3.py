@@ -353,6 +353,20 @@ async def test_a_ranged_head_from_the_bucket_is_answered_as_cached(
     assert not local_blob(tmp_path / "second", path.rsplit("/", 1)[1]).exists()
 
 
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_an_empty_suffix_range_from_the_bucket_is_416(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, method: str
+) -> None:
+    """`bytes=-0` (no bytes at all) is the 416 a cached blob gets, whatever the bucket would
+    make of it (aiohttp reads it as from byte 0)."""
+    client, path = await from_the_bucket(hub, make_client, tmp_path, s3, os.urandom(MiB))
+
+    resp = await client.request(method, path, headers={"Range": "bytes=-0"})
+
+    assert resp.status == 416
+    assert resp.headers["Content-Range"] == f"bytes */{MiB}"
+
+
 async def test_redirect_answers_307_to_a_presigned_url(
     hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config
 ) -> None:

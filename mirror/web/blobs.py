@@ -56,18 +56,37 @@ log = logging.getLogger(__name__)
 OCTET_STREAM = "application/octet-stream"
 
 
-def parse_range(request: web.Request, size: int) -> tuple[int, int] | None:
-    """Inclusive (start, end) of a single `Range`, None for the whole blob.
+# `bytes=-0`: the last none of the blob's bytes, which is unsatisfiable (RFC 9110 §14.1.1).
+_EMPTY_SUFFIX = slice(None, 0)
 
-    A malformed or multi-range header is ignored (the whole blob is sent), as RFC 9110
-    allows; a range that lies past the end raises RangeNotSatisfiable.
-    """
+
+def _requested_range(request: web.Request) -> slice | None:
+    """The client's single `Range` as aiohttp reads it (a negative start: the last bytes),
+    _EMPTY_SUFFIX for `bytes=-0`, None for none or a malformed or multi-range header."""
     if "Range" not in request.headers:
         return None
     try:
         rng = request.http_range
     except ValueError:
         return None
+    # aiohttp reads the suffix length 0 as start -0, that is 0: the whole blob.
+    if rng.start == 0 and request.headers["Range"][len("bytes=") :].startswith("-"):
+        return _EMPTY_SUFFIX
+    return rng
+
+
+def parse_range(request: web.Request, size: int) -> tuple[int, int] | None:
+    """Inclusive (start, end) of a single `Range`, None for the whole blob.
+
+    A malformed or multi-range header is ignored (the whole blob is sent), as RFC 9110
+    allows; a range that lies past the end, or asks for no bytes, raises
+    RangeNotSatisfiable.
+    """
+    rng = _requested_range(request)
+    if rng is None:
+        return None
+    if rng is _EMPTY_SUFFIX:
+        raise RangeNotSatisfiable(size)
     start, stop = rng.start, rng.stop
     if start is not None and start < 0:  # suffix range: the last -start bytes
         start = max(0, size + start)
@@ -81,12 +100,11 @@ def parse_range(request: web.Request, size: int) -> tuple[int, int] | None:
 def _single_range(request: web.Request) -> str | None:
     """The client's Range as one well-formed `bytes=` range to pass on, or None (the whole
     blob: a malformed or multi-range header is ignored, as for blobs on disk)."""
-    if "Range" not in request.headers:
+    rng = _requested_range(request)
+    if rng is None:
         return None
-    try:
-        rng = request.http_range
-    except ValueError:
-        return None
+    if rng is _EMPTY_SUFFIX:
+        return "bytes=-0"
     if rng.start is not None and rng.start < 0:
         return f"bytes={rng.start}"  # the last -start bytes
     if rng.start is None and rng.stop is None:
@@ -264,8 +282,11 @@ class BlobService:
 
     async def _find_elsewhere(self, request: web.Request, digest: Digest) -> Found | None:
         """Ask the store where else the blob is (a HEAD, or a 304 to be, moves no body)."""
-        head = request.method == "HEAD" or none_match(request, str(digest))
         byte_range = _single_range(request) if range_allowed(request, str(digest)) else None
+        # `bytes=-0` needs only the size for its 416 (_from_store): a bucket may answer it
+        # with the whole object (Ceph RGW does, as a 206).
+        head = request.method == "HEAD" or none_match(request, str(digest))
+        head = head or byte_range == "bytes=-0"
         return await self._storage.find_blob(digest, byte_range, head=head)
 
     async def _from_store(
