@@ -91,6 +91,20 @@ async def test_missing_tag_is_none(store: MetadataStore) -> None:
     assert await store.get_tag("hub", "library/redis", "latest") is None
 
 
+async def test_a_read_moves_a_bucket_record_on_and_never_makes_one(
+    store: MetadataStore,
+) -> None:
+    """Another process's eviction drops the record: a later read must not bring it back."""
+    await store.put_blob_read(DIGEST_A, 527, 100.0)
+    assert await store.touch_blob_read(DIGEST_A, 200.5) == 527
+    assert await store.get_blob_read(DIGEST_A) == (527, 200.5)
+    await store.forget_blob(DIGEST_A)
+    assert await store.touch_blob_read(DIGEST_A, 300.0) is None
+    assert await store.touch_blob_read(DIGEST_B, 300.0) is None
+    assert await store.get_blob_read(DIGEST_A) is None
+    assert await store.blob_reads() == {}
+
+
 async def test_records_are_per_upstream(store: MetadataStore) -> None:
     hub, ghcr = record(DIGEST_A), record(DIGEST_B)
     await store.put_tag("registry-1.docker.io", "library/nginx", "latest", hub)

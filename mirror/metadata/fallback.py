@@ -133,6 +133,11 @@ class FallbackMetadata:
         found: tuple[int, float] | None = await self._call("get_blob_read", digest)
         return found
 
+    async def touch_blob_read(self, digest: str, read_at: float) -> int | None:
+        await self._fallback.touch_blob_read(digest, read_at)
+        size: int | None = await self._call("touch_blob_read", digest, read_at)
+        return size
+
     async def forget_blob(self, digest: str) -> None:
         await self._fallback.forget_blob(digest)
         await self._call("forget_blob", digest)

@@ -161,6 +161,14 @@ class MemoryMetadata:
     async def get_blob_read(self, digest: str) -> tuple[int, float] | None:
         return self._bucket_blobs.get(digest)
 
+    async def touch_blob_read(self, digest: str, read_at: float) -> int | None:
+        record = self._bucket_blobs.get(digest)
+        if record is None:
+            return None
+        self._bucket_blobs[digest] = (record[0], read_at)
+        self._dirty = True
+        return record[0]
+
     async def forget_blob(self, digest: str) -> None:
         if self._bucket_blobs.pop(digest, None) is not None:
             self._forgotten[digest] = time.time()

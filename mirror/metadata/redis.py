@@ -21,6 +21,14 @@ from mirror.metadata.store import (
 from mirror.metadata.topology import open_redis
 
 REDIS_CONNECTIONS = 64
+# A bucket blob's record ("size read_at") given a new last read, only if it exists; its size.
+TOUCH_SCRIPT = """
+local record = redis.call('HGET', KEYS[1], ARGV[1])
+if not record then return false end
+local size = string.match(record, '^%S+')
+redis.call('HSET', KEYS[1], ARGV[1], size .. ' ' .. ARGV[2])
+return size
+"""
 
 
 class RedisMetadata:
@@ -124,6 +132,13 @@ class RedisMetadata:
             return None
         size, _, read_at = str(value).partition(" ")
         return int(size), float(read_at)
+
+    async def touch_blob_read(self, digest: str, read_at: float) -> int | None:
+        # One script, so that an eviction's HDEL cannot fall between the check and the set
+        # (one key: one slot, as a Cluster needs).
+        async with self._turns:
+            size = await self._redis.eval(TOUCH_SCRIPT, 1, BUCKET_BLOBS_KEY, digest, str(read_at))
+        return None if size is None else int(size)
 
     async def forget_blob(self, digest: str) -> None:
         async with self._turns:

@@ -200,6 +200,17 @@ class SqliteMetadata:
         rows = await self._rows("SELECT size, read_at FROM bucket_blobs WHERE digest = ?", digest)
         return (int(rows[0][0]), float(rows[0][1])) if rows else None
 
+    async def touch_blob_read(self, digest: str, read_at: float) -> int | None:
+        def touch(db: sqlite3.Connection) -> int | None:
+            sql = "UPDATE bucket_blobs SET read_at = ? WHERE digest = ?"
+            if db.execute(sql, (read_at, digest)).rowcount == 0:
+                return None
+            sql = "SELECT size FROM bucket_blobs WHERE digest = ?"
+            rows = db.execute(sql, (digest,)).fetchall()
+            return int(rows[0][0]) if rows else None  # dropped between the two: gone
+
+        return await self._writes.run(touch)
+
     async def forget_blob(self, digest: str) -> None:
         await self._execute("DELETE FROM bucket_blobs WHERE digest = ?", digest)
 

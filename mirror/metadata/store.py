@@ -130,6 +130,10 @@ class MetadataStore(Protocol):
 
     async def get_blob_read(self, digest: str) -> tuple[int, float] | None: ...
 
+    # A read moves an existing record's last read on; a record another process dropped (it
+    # evicted the blob) stays dropped. The record's size, None when there is none.
+    async def touch_blob_read(self, digest: str, read_at: float) -> int | None: ...
+
     async def forget_blob(self, digest: str) -> None: ...
 
 

@@ -174,14 +174,13 @@ class TieredStorage(Storage):
         return found
 
     async def _redirect(self, digest: Digest, key: str) -> Redirect | None:
-        """A presigned URL when the blob is known to be in the bucket (signing is local;
-        only a blob the records do not know costs a HeadObject)."""
-        if not await self.index.known(digest):
+        """A presigned URL when the shared record says the bucket has the blob (one
+        metadata request; signing is local; only a blob with no record costs a HeadObject)."""
+        if not await self.index.redirected(digest):
             size = await self.bucket.size(key)
             if size is None:
                 return None
             await self.index.stored(digest, size)
-        await self.index.read(digest)
         self._metrics.redirects.inc()
         return Redirect(await self.bucket.presign(key, self._config.redirect_ttl))
 

@@ -2,16 +2,18 @@
 
 The records live in the metadata store (Redis, or in-process with its snapshot; memory
 stands in while Redis is down, so no call here fails for Redis), so that knowing a blob is
-in the bucket costs no S3 request (a redirect needs none) and the bucket can be kept under
-`storage.s3.max_size` by last-read time. Records get lost (a single mirror killed before
-its snapshot, Redis restarted without persistence or failed over, records written to the
-in-memory fallback during an outage), and objects go behind the mirror's back: at start
-and (with a bound) every RECONCILE_INTERVAL the records are made to match a listing (a
-record added for each listed blob that has none, its upload time as its last read; the
-record of each blob no longer listed dropped), so that eviction counts every object. An
-object is never deleted while it is being read, here or by another process sharing the
-bucket (nor within `evict_grace` of another replica's last stream of it), nor within
-`redirect_ttl` of a redirect to it.
+in the bucket costs no S3 request (a redirect asks the record: one metadata request) and
+the bucket can be kept under `storage.s3.max_size` by last-read time. Whichever process
+evicts a blob drops its record: the record is the truth, what this process remembers of it
+only a cache, and a read moves a record on but never makes one (the blob may be gone).
+Records get lost (a single mirror killed before its snapshot, Redis restarted without
+persistence or failed over, records written to the in-memory fallback during an outage),
+and objects go behind the mirror's back: at start and (with a bound) every
+RECONCILE_INTERVAL the records are made to match a listing (a record added for each listed
+blob that has none, its upload time as its last read; the record of each blob no longer
+listed dropped), so that eviction counts every object. An object is never deleted while it
+is being read, here or by another process sharing the bucket (nor within `evict_grace` of
+another replica's last stream of it), nor within `redirect_ttl` of a redirect to it.
 """
 
 from __future__ import annotations
@@ -61,8 +63,10 @@ class BucketIndex:
         self._metadata: MetadataStore | None = None
         self._busy: Callable[[], Iterable[object]] = tuple
         self._touched: dict[str, float] = {}
-        # digest → size of the blobs known to be in the bucket: loaded from the records at
-        # start, then kept up to date, so a local-tier hit costs no metadata read.
+        # digest → size of the blobs recorded as in the bucket, as this process last saw
+        # the records: a cache of them, which another process's eviction does not reach.
+        # It spares a local-tier hit of a blob not in the bucket its metadata write; a
+        # redirect asks the record itself.
         self._sizes: dict[str, int] = {}
         self._loaded = asyncio.Event()
         self._wake = asyncio.Event()
@@ -90,29 +94,52 @@ class BucketIndex:
         self._wake.set()
 
     async def read(self, digest: Digest) -> None:
-        """A blob in the bucket was read (from either tier) or redirected to."""
+        """A blob in the bucket was read (from either tier): its record's last read moved
+        on, never the record made anew (the blob may have been evicted elsewhere)."""
         key = str(digest)
-        size = self._sizes.get(key)
-        if (
-            size is None
-            or time.monotonic() - self._touched.get(key, -TOUCH_INTERVAL) < TOUCH_INTERVAL
-        ):
-            return
-        self._touched[key] = time.monotonic()
-        await self._record(key, size)
+        if key in self._sizes and self._touch_due(key):
+            await self._touch(key)
 
     async def known(self, digest: Digest) -> bool:
-        """Is the blob recorded as in the bucket (no S3 request)?"""
+        """Is the blob recorded as in the bucket? One metadata read, no S3 request: the
+        record is the truth, dropped by whichever process evicts the blob."""
         key = str(digest)
-        if key in self._sizes:
-            return True
         if self._metadata is None:
-            return False
-        record = await self._metadata.get_blob_read(key)  # another replica may have stored it
+            return key in self._sizes
+        record = await self._metadata.get_blob_read(key)
         if record is None:
+            self._dropped(key)
             return False
         self._sizes[key] = record[0]
         return True
+
+    async def redirected(self, digest: Digest) -> bool:
+        """`known`, and when it is, a read of the blob (for the LRU, and so that no
+        eviction deletes it within `redirect_ttl`): one metadata request either way."""
+        key = str(digest)
+        if self._touch_due(key):
+            return await self._touch(key)
+        return await self.known(digest)
+
+    def _touch_due(self, key: str) -> bool:
+        return time.monotonic() - self._touched.get(key, -TOUCH_INTERVAL) >= TOUCH_INTERVAL
+
+    async def _touch(self, key: str) -> bool:
+        """The record's last read moved on, if there is a record: is there?"""
+        if self._metadata is None:
+            return key in self._sizes
+        self._touched[key] = time.monotonic()
+        size = await self._metadata.touch_blob_read(key, time.time())
+        if size is None:
+            self._dropped(key)
+            return False
+        self._sizes[key] = size
+        return True
+
+    def _dropped(self, key: str) -> None:
+        """Forget locally a record another process dropped (it evicted the blob)."""
+        self._sizes.pop(key, None)
+        self._touched.pop(key, None)
 
     async def forget(self, digest: Digest) -> None:
         await self.forget_key(str(digest))
@@ -229,7 +256,6 @@ class BucketIndex:
         return EvictionResult(evicted, freed, total - freed)
 
     async def forget_key(self, digest: str) -> None:
-        self._sizes.pop(digest, None)
-        self._touched.pop(digest, None)
+        self._dropped(digest)
         if self._metadata is not None:
             await self._metadata.forget_blob(digest)
