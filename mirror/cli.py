@@ -65,7 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     warm.add_argument("--platform", help="only this platform of an index, e.g. linux/amd64")
     _with_common(commands.add_parser("ls", help="list cached repositories, tags and sizes"))
     gc = _with_common(commands.add_parser("gc", help="evict blobs now"))
-    gc.add_argument("--to", help="evict down to this size (default: storage.max_size)")
+    gc.add_argument(
+        "--to",
+        help="evict the directory and the bucket each down to this size"
+        " (default: storage.max_size, storage.s3.max_size)",
+    )
     _with_common(commands.add_parser("verify", help="re-hash the cache, remove corrupt files"))
     return parser
 
@@ -164,12 +168,19 @@ async def run_command(args: argparse.Namespace, config: Config) -> int:
         await commands.list_cache(config)
     elif args.command == "gc":
         to = parse_size("--to", args.to) if args.to else None
-        if to is None and config.storage.max_size is None and config.storage.max_idle is None:
+        if to is None and not has_bound(config):
             raise ConfigError("--to", "no bound to evict to: pass --to or set storage.max_size")
         await commands.collect_garbage(config, to)
     elif args.command == "verify":
         await commands.verify(config)
     return 0
+
+
+def has_bound(config: Config) -> bool:
+    """Does the config bound the directory or the bucket (what `gc` without --to needs)?"""
+    storage = config.storage
+    bucket_bound = storage.s3 is not None and storage.s3.max_size is not None
+    return storage.max_size is not None or storage.max_idle is not None or bucket_bound
 
 
 def require_cache(config: Config) -> None:

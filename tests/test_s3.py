@@ -778,6 +778,38 @@ async def test_commands_work_against_the_bucket(
     assert key("blobs", image["layers"][0]) not in rgw.s3().keys(s3.bucket)
 
 
+@pytest.mark.parametrize(
+    ("args", "bucket_bound"), [(["--to", "1"], ""), ([], "\nmax_size: 1B")], ids=["to", "s3"]
+)
+async def test_gc_evicts_the_bucket_to_its_bound(
+    hub: FakeHub,
+    config: Config,
+    tmp_path: Path,
+    s3: S3Config,
+    rgw: CephRGW,
+    args: list[str],
+    bucket_bound: str,
+) -> None:
+    """`gc --to` bounds the bucket as it bounds the directory (with no s3.max_size), and
+    s3.max_size alone is a bound `gc` runs to (it was refused, wanting --to)."""
+    hub.content.add_image("library/app", "v1", [os.urandom(MiB), b"layer two"])
+    warmed = replace(config, storage=storage(tmp_path, s3))
+    await commands.warm(warmed, ["library/app:v1"], None, out=io.StringIO())
+    assert len(rgw.s3().keys(s3.bucket, "cache/blobs/")) == 3
+    lines = (
+        f"bucket: {s3.bucket}\nendpoint: {rgw.endpoint}\nregion: {rgw.region}\n"
+        f"prefix: cache/\naccess_key_id: {rgw.access_key}\nsecret_access_key: {rgw.secret_key}"
+    )
+    path = serve_config(tmp_path, lines + bucket_bound)
+
+    status, stdout, stderr = await run_cli("gc", "--config", str(path), *args, cwd=tmp_path)
+
+    assert status == 0, stderr
+    assert "bucket: evicted 3 blobs" in stdout
+    assert rgw.s3().keys(s3.bucket, "cache/blobs/") == []
+    assert rgw.s3().keys(s3.bucket, "cache/manifests/")  # gc evicts blobs only
+
+
 def test_s3_secrets_stay_out_of_reprs(s3: S3Config) -> None:
     assert s3.secret_access_key and s3.secret_access_key not in repr(s3)
     assert s3.access_key_id and s3.access_key_id not in repr(s3)

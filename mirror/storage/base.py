@@ -192,7 +192,8 @@ class CacheStore(Protocol):
         """Re-hash what is stored, delete what does not match: (checked, removed)."""
 
     async def collect_garbage(self, to: int | None) -> list[str]:
-        """Tidy beyond the local directory (the bucket): report lines."""
+        """Tidy beyond the local directory (the bucket, evicted down to `to` when given):
+        report lines."""
 
 
 class NoUpload:

@@ -132,7 +132,7 @@ class TieredStorage(Storage):
         await super().close()
 
     async def attach(self, metadata: MetadataStore, busy: Callable[[], Iterable[object]]) -> None:
-        self.index.start(metadata, lambda: [*busy(), *self.reading])
+        self.index.start(metadata, lambda: [*busy(), *self.reading], keep_bound=not self.offline)
         self._aborter = asyncio.create_task(self._abort_abandoned())
 
     async def writable_now(self) -> bool:
@@ -439,8 +439,9 @@ class TieredStorage(Storage):
         return sizes
 
     async def collect_garbage(self, to: int | None) -> list[str]:
+        """`gc --to` bounds the bucket as it does the local tier; else s3.max_size does."""
         aborted = await self._abort_uploads(older_than=self._abandoned_after)
-        result = await self.index.evict()
+        result = await self.index.evict(to)
         return [
             f"bucket: evicted {result.evicted} blobs ({result.freed} bytes), "
             f"{result.remaining} bytes of blobs left; aborted {aborted} abandoned uploads"

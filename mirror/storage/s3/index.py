@@ -76,10 +76,19 @@ class BucketIndex:
         self.reconcile_interval = RECONCILE_INTERVAL
         self._reconciled_at: float | None = None  # monotonic; None: not since the start
 
-    def start(self, metadata: MetadataStore, busy: Callable[[], Iterable[object]]) -> None:
+    def start(
+        self,
+        metadata: MetadataStore,
+        busy: Callable[[], Iterable[object]],
+        *,
+        keep_bound: bool = True,
+    ) -> None:
+        """Load the records; with `keep_bound`, keep the bucket under its bound from now on
+        (a one-shot command does not: `gc` evicts once, and alone, so its report is right;
+        `ls` never evicts)."""
         self._metadata = metadata
         self._busy = busy
-        self._task = asyncio.create_task(self._run())
+        self._task = asyncio.create_task(self._run(keep_bound))
 
     async def close(self) -> None:
         if self._task is not None:
@@ -154,14 +163,14 @@ class BucketIndex:
         return await self._metadata.blob_reads()
 
     # --- eviction ----------------------------------------------------------------------------
-    async def _run(self) -> None:
+    async def _run(self, keep_bound: bool) -> None:
         try:
             await self._chores(evict=False)  # the start's reconciliation
             for digest, (size, _) in (await self._records()).items():
                 self._sizes.setdefault(digest, size)
         finally:
             self._loaded.set()
-        if self._max_size is None:
+        if self._max_size is None or not keep_bound:
             return
         while True:
             await self._chores(evict=True)
