@@ -656,6 +656,28 @@ async def test_abandoned_uploads_are_aborted_once_the_bucket_answers_again(
     assert await open_uploads(rgw, s3, until=[]) == []
 
 
+async def test_only_the_mirrors_own_uploads_are_ever_aborted(
+    aiohttp_client: Any, config: Config, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    """With the default prefix "" the bucket may hold other applications' objects too:
+    their multipart uploads, however old, are left alone (a key under blobs/ that names
+    no digest included); the mirror's own abandoned one is aborted."""
+    client = rgw.s3().client
+    foreign = sorted(["backups/db-2024.tar", "blobs/sha256/not-a-digest", "manifests/x"])
+    for name in foreign:
+        client.create_multipart_upload(Bucket=s3.bucket, Key=name)
+    digest = "sha256:" + hashlib.sha256(os.urandom(64)).hexdigest()
+    client.create_multipart_upload(Bucket=s3.bucket, Key=key("blobs", digest, prefix=""))
+    app = create_app(replace(config, storage=storage(tmp_path, s3, prefix="")))
+    store = app[storage_key]
+    assert isinstance(store, TieredStorage)
+    store.abandoned_after = 0.0  # as replicas have it: every upload is old enough
+
+    await aiohttp_client(app)  # a start aborts the abandoned ones
+
+    assert await open_uploads(rgw, s3, until=foreign) == foreign
+
+
 async def test_a_mirror_starts_while_the_bucket_is_down_and_relays(
     hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
 ) -> None:

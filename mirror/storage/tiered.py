@@ -472,19 +472,27 @@ class TieredStorage(Storage):
             except Exception as exc:  # the chore must outlive any failure: next time, again
                 log.warning("abandoned uploads not aborted: %s", type(exc).__name__)
 
-    async def _upload_live(self, key: str) -> bool:
-        """Is the multipart upload to `key` a live one (this process's, another worker's
-        on this directory, or another replica's): not to abort?"""
+    def _own_upload(self, key: str) -> Digest | None:
+        """The blob a multipart upload to `key` would store, when the key is one the mirror
+        uploads to (`<prefix>blobs/<algorithm>/<hex>`, a valid digest); None for any other
+        key. The bucket may be shared (the default prefix is ""): another application's
+        uploads are never the mirror's to abort."""
         found = self.bucket.keys.parse(key)
         if found is None or found[0] != "blobs":
-            return False
+            return None
+        digest = as_digest(found[1])
+        if digest is None or self.bucket.keys.blob(digest) != key:
+            return None
+        return digest
+
+    async def _upload_live(self, key: str, digest: Digest) -> bool:
+        """Is the multipart upload to `key` a live one (this process's, another worker's
+        on this directory, or another replica's): not to abort?"""
         if key in self._uploading:
             return True
-        digest = as_digest(found[1])
-        if self.shared and digest is not None:
-            if await asyncio.to_thread(self._fetched_by_a_worker, digest):
-                return True
-        return await self._sharing.upload_live(found[1])
+        if self.shared and await asyncio.to_thread(self._fetched_by_a_worker, digest):
+            return True
+        return await self._sharing.upload_live(str(digest))
 
     def _fetched_by_a_worker(self, digest: Digest) -> bool:
         """Does another worker hold the blob's claim (its download and upload under way)?
@@ -500,12 +508,15 @@ class TieredStorage(Storage):
         return True
 
     async def _abort_uploads(self, older_than: float) -> int:
-        """Abort the multipart uploads under the prefix begun more than `older_than` ago."""
+        """Abort the mirror's multipart uploads begun more than `older_than` ago."""
         aborted = 0
         try:
-            for upload in await self.bucket.pending_uploads(self.bucket.keys.prefix):
+            for upload in await self.bucket.pending_uploads(self.bucket.keys.under("blobs")):
+                digest = self._own_upload(upload.key)
                 abandoned = time.time() - upload.initiated >= older_than
-                if abandoned and not await self._upload_live(upload.key):
+                if digest is None or not abandoned:
+                    continue
+                if not await self._upload_live(upload.key, digest):
                     await self.bucket.abort_multipart(upload.key, upload.upload_id)
                     aborted += 1
         except S3_ERRORS as exc:
