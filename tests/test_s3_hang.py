@@ -5,6 +5,7 @@ retries, a minute and a half, but answered once the bucket's answer deadline pas
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from tests.test_s3 import storage
 from tests.test_s3_spool import CuttingGateway
 
 DEADLINE = 1.0  # the bucket's answer deadline here (10 s as shipped)
+MiB = 1024 * 1024
 
 
 class HangingGateway(CuttingGateway):
@@ -67,6 +69,37 @@ async def test_a_hanging_bucket_holds_a_manifest_answer_only_to_its_deadline(
         resp = await client.get(f"/v2/library/app/manifests/{image['digest']}")
         assert resp.status == 200
         assert time.monotonic() - started < 1.0
+    finally:
+        gateway.released.set()
+        await gateway.server.close()
+
+
+async def test_a_hanging_bucket_holds_a_blob_miss_only_to_its_deadline(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    """A blob miss asks the bucket first by a presigned GET spliced into the local tier:
+    its head is held to the answer deadline (not the body's 30 s read timeout), and no
+    answer marks the bucket down at once, so the pull goes on to the upstream."""
+    layer = os.urandom(MiB)
+    digest = hub.content.add_blob(layer)
+    gateway = HangingGateway(rgw.endpoint)
+    await gateway.server.start_server()
+    try:
+        endpoint = str(gateway.server.make_url("")).rstrip("/")
+        client = await make_client(storage=storage(tmp_path, s3, endpoint=endpoint))
+        store = client.app[storage_key]
+        assert isinstance(store, TieredStorage)
+        assert store._splice  # plain HTTP: the spliced GET is the one asked
+        store.bucket.answer_deadline = DEADLINE
+        gateway.hanging = True
+        started = time.monotonic()
+        resp = await client.get(f"/v2/library/app/blobs/{digest}")
+        assert (resp.status, await resp.read()) == (200, layer)
+        took = time.monotonic() - started
+        assert gateway.held >= 1  # the bucket was asked, and hung
+        assert took < 3 * DEADLINE + 2, took
+        text = await (await client.get("/metrics")).text()
+        assert metric_value(text, "mirror_s3_up") == 0
     finally:
         gateway.released.set()
         await gateway.server.close()

@@ -74,6 +74,21 @@ async def overlong(request: web.Request) -> web.StreamResponse:
     return web.Response()
 
 
+async def silent(request: web.Request) -> web.StreamResponse:
+    """The request taken, no answer for seconds (a hanging gateway)."""
+    await asyncio.sleep(3)
+    return web.Response()
+
+
+async def late_body(request: web.Request) -> web.StreamResponse:
+    """The head at once, the body a second later."""
+    resp = web.StreamResponse(headers={"Content-Length": "1024"})
+    await resp.prepare(request)
+    await asyncio.sleep(1.0)
+    await resp.write(BODY[:1024])
+    return resp
+
+
 @pytest.fixture
 async def server() -> AsyncIterator[TestServer]:
     app = web.Application()
@@ -83,6 +98,8 @@ async def server() -> AsyncIterator[TestServer]:
     app.router.add_get("/chunked", chunked)
     app.router.add_get("/trickle", trickle)
     app.router.add_get("/overlong", overlong)
+    app.router.add_get("/silent", silent)
+    app.router.add_get("/late", late_body)
     async with TestServer(app, host="127.0.0.1") as srv:
         yield srv
 
@@ -138,6 +155,23 @@ async def test_a_sender_that_stalls_times_out(server: TestServer, tmp_path: Path
     with pytest.raises(BodyBroken, match="no bytes for 0.5s"):
         await splice(SplicedGet(url(server, "/stall"), timeout=0.5), tmp_path / "out")
     assert asyncio.get_running_loop().time() - started < 5
+
+
+async def test_the_head_is_held_to_its_own_timeout_and_the_body_to_the_read_timeout(
+    server: TestServer, tmp_path: Path
+) -> None:
+    """A server that takes the request and never answers is given up on after the head
+    timeout, not the body's read timeout; a head in time leaves the body its own."""
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(TimeoutError):
+        await splice(
+            SplicedGet(url(server, "/silent"), timeout=30, head_timeout=0.5), tmp_path / "a"
+        )
+    assert asyncio.get_running_loop().time() - started < 2
+    get = SplicedGet(url(server, "/late"), timeout=5, head_timeout=0.5)
+    done, _ = await splice(get, tmp_path / "b")
+    assert done == 1024
+    assert (tmp_path / "b").read_bytes() == BODY[:1024]
 
 
 async def test_a_slow_sender_is_read_as_it_sends(server: TestServer, tmp_path: Path) -> None:

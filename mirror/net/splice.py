@@ -58,10 +58,19 @@ def can_splice(url: str) -> bool:
 class SplicedGet:
     """One GET: `open` reads the status and head, `splice_into` lands the body in a file."""
 
-    def __init__(self, url: str, timeout: float, connect_timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout: float,
+        connect_timeout: float | None = None,
+        head_timeout: float | None = None,
+    ) -> None:
         parts = urlsplit(url)
         self._target = parts.path + ("?" + parts.query if parts.query else "")
-        self._timeout = timeout  # the longest wait for the next byte
+        self._timeout = timeout  # the longest wait for the next byte of the body
+        # From the start of `open` to the answer's head, connecting included: a server
+        # that takes the request and never answers is given up on after this.
+        self._head_timeout = head_timeout or timeout
         self._conn = http.client.HTTPConnection(
             parts.hostname or "", parts.port, timeout=connect_timeout or timeout
         )
@@ -70,12 +79,18 @@ class SplicedGet:
         self.length: int | None = None  # Content-Length, when sent and not chunked
 
     def open(self) -> None:
-        """Send the request and read the response head (blocking)."""
+        """Send the request and read the response head (blocking). Each wait for the head
+        ends within `head_timeout` of the start (TimeoutError)."""
+        started = time.monotonic()
         self._conn.connect()
-        if self._conn.sock is not None:
-            self._conn.sock.settimeout(self._timeout)
+        sock = self._conn.sock
+        if sock is not None:
+            left = self._head_timeout - (time.monotonic() - started)
+            sock.settimeout(max(left, 0.001))  # 0 would make it non-blocking
         self._conn.request("GET", self._target, headers={"Accept-Encoding": "identity"})
         response = self._conn.getresponse()
+        if sock is not None:
+            sock.settimeout(self._timeout)
         self._response, self.status = response, response.status
         if not response.chunked and response.length is not None:
             self.length = response.length

@@ -226,15 +226,18 @@ class TieredStorage(Storage):
 
     async def _open_spliced(self, digest: Digest, key: str) -> BucketSpool | None | FallBack:
         """A whole object by a presigned GET, its body spliced into the local tier; None
-        when the bucket has no such object. Any other answer, or no room here, falls back
-        to the GetObject (its retries and errors as ever)."""
+        when the bucket has no such object; BucketUnavailable when it does not answer
+        within its answer deadline. Any other answer, or no room here, falls back to the
+        GetObject (its retries and errors as ever)."""
         self._filling.add(digest)  # claimed before the GET: a reader meanwhile is relayed
         self._splicing += 1
         spool: BucketSpool | None = None
         get: SplicedGet | None = None
         try:
             url = await self.bucket.presign(key, SPLICE_URL_TTL)
-            get = SplicedGet(url, READ_TIMEOUT, connect_timeout=CONNECT_TIMEOUT)
+            deadline = self.bucket.answer_deadline  # for the head; the body: READ_TIMEOUT
+            connect = min(CONNECT_TIMEOUT, deadline)
+            get = SplicedGet(url, READ_TIMEOUT, connect_timeout=connect, head_timeout=deadline)
             if not await self._opened(get, key):
                 return FALL_BACK
             if get.status == 404:
@@ -259,10 +262,17 @@ class TieredStorage(Storage):
         self._splicing -= 1
 
     async def _opened(self, get: SplicedGet, key: str) -> bool:
+        """Has the spliced GET its answer's head? No head within the answer deadline, or
+        no connection, marks the bucket down as a failed GetObject does (BucketUnavailable:
+        the request goes on without the bucket at once, and those after it ask it not);
+        a garbled head falls back to the GetObject (False)."""
         started = time.monotonic()
         try:
             await asyncio.get_running_loop().run_in_executor(self._splicers, get.open)
-        except (OSError, http.client.HTTPException) as exc:
+        except OSError as exc:  # a timeout, a refused or reset connection
+            self.bucket.count("GetObject", "error", started)
+            raise self.bucket.unreachable("GetObject", exc) from None
+        except http.client.HTTPException as exc:
             self.bucket.count("GetObject", "error", started)
             log.debug("spliced GET of %s failed: %s", key, type(exc).__name__)
             return False

@@ -243,6 +243,12 @@ class Bucket:
         self._metrics.s3_requests.labels(operation, status).inc()
         self._metrics.s3_duration.labels(operation).observe(time.monotonic() - started)
 
+    def unreachable(self, operation: str, exc: BaseException) -> BucketUnavailable:
+        """A request made outside the client (a presigned GET) got no answer: the bucket
+        counts as down, as after a failed call. Returns the exception to raise."""
+        self._failed(f"{operation}: {type(exc).__name__}")
+        return BucketUnavailable(type(exc).__name__)
+
     async def _call(
         self, operation: str, call: Callable[[], Awaitable[T]], deadline: float | None = None
     ) -> T:
