@@ -172,7 +172,8 @@ async def run_command(args: argparse.Namespace, config: Config) -> int:
             raise ConfigError("--to", "no bound to evict to: pass --to or set storage.max_size")
         await commands.collect_garbage(config, to)
     elif args.command == "verify":
-        await commands.verify(config)
+        result = await commands.verify(config)
+        return 0 if result.unverified is None else 1  # not all of it verified: not a pass
     return 0
 
 

@@ -21,6 +21,7 @@ from mirror.oci.errors import RegistryError
 from mirror.oci.negotiation import MANIFEST_TYPES
 from mirror.oci.reference import parse_digest, validate_name, validate_tag
 from mirror.storage import CacheStore
+from mirror.storage.base import VerifyResult
 from mirror.upstream.client import Upstream
 from mirror.util.units import human_size
 from mirror.web.offline import Services, with_services
@@ -269,9 +270,12 @@ async def collect_garbage(config: Config, to: int | None, out: TextIO = sys.stdo
     return await with_services(config, run)
 
 
-async def verify(config: Config, out: TextIO = sys.stdout) -> list[str]:
-    checked, removed = await with_services(config, lambda services: services.storage.verify())
-    for digest in removed:
+async def verify(config: Config, out: TextIO = sys.stdout) -> VerifyResult:
+    """Re-hash the cache; what could not be verified (the bucket failed) is said last."""
+    result = await with_services(config, lambda services: services.storage.verify())
+    for digest in result.removed:
         out.write(f"removed corrupt {digest}\n")
-    out.write(f"verified {checked} files, removed {len(removed)} corrupt\n")
-    return removed
+    out.write(f"verified {result.checked} files, removed {len(result.removed)} corrupt\n")
+    if result.unverified is not None:
+        out.write(result.unverified + "\n")
+    return result

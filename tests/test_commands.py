@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import pytest
 from mirror import commands
 from mirror.commands import ImageRef, parse_image
 from mirror.config import Config
+from mirror.config.s3 import S3Config
 from mirror.oci.errors import RegistryError
 from mirror.oci.reference import parse_digest
 from mirror.storage import Storage
@@ -32,7 +34,7 @@ from mirror.web.keys import storage_key
 from tests.conftest import MakeClient
 from tests.fakehub import OCI_MANIFEST, FakeHub
 from tests.resilience_helpers import MountError, read_only
-from tests.services import _python_env
+from tests.services import _python_env, free_port
 
 DIGEST_A = "sha256:" + "a" * 64
 SUMMARY = re.compile(
@@ -357,7 +359,7 @@ async def test_verify_removes_corrupt_files_and_keeps_good_ones(
     stray.write_text("keep me\n")
 
     out = io.StringIO()
-    removed = await commands.verify(config, out=out)
+    removed = (await commands.verify(config, out=out)).removed
     assert sorted(removed) == sorted([bad_blob, image["digest"]])
     assert not bad_blob_path.exists()
     assert not manifest_path.exists()
@@ -369,17 +371,52 @@ async def test_verify_removes_corrupt_files_and_keeps_good_ones(
     assert "removed 2 corrupt" in out.getvalue()
 
     # A second pass finds nothing left to remove.
-    assert await commands.verify(config, out=io.StringIO()) == []
+    assert (await commands.verify(config, out=io.StringIO())).removed == []
 
 
 async def test_verify_keeps_an_intact_cache(hub: FakeHub, config: Config) -> None:
     image = add_app(hub)
     await commands.warm(config, ["library/app:latest"], None, out=io.StringIO())
     out = io.StringIO()
-    assert await commands.verify(config, out=out) == []
+    result = await commands.verify(config, out=out)
+    assert (result.removed, result.unverified) == ([], None)
     # Four blobs and one manifest.
     assert "verified 5 files, removed 0 corrupt" in out.getvalue()
     assert cached_blobs(config) >= set(blob_digests(image))
+
+
+def unreachable_bucket(config: Config) -> Config:
+    """`config` with a bucket behind its directory at an endpoint nobody listens on."""
+    nowhere = S3Config(
+        bucket="cache",
+        endpoint=f"http://127.0.0.1:{free_port()}",
+        access_key_id="key",
+        secret_access_key="secret",
+    )
+    return replace(config, storage=replace(config.storage, s3=nowhere))
+
+
+async def test_verify_reports_the_local_tier_and_a_bucket_that_does_not_answer(
+    hub: FakeHub, config: Config
+) -> None:
+    """The local tier is verified and reported as ever; the bucket's failure is one line
+    after it, and the result says the bucket was not verified."""
+    image = add_app(hub)
+    await commands.warm(config, ["library/app:latest"], None, out=io.StringIO())
+    bad = image["layers"][0]
+    bad_path = Storage(config.storage.path).blob_path(parse_digest(bad))
+    flip_byte(bad_path, 0)
+
+    out = io.StringIO()
+    result = await commands.verify(unreachable_bucket(config), out=out)
+    assert result.removed == [bad]
+    assert not bad_path.exists()
+    lines = out.getvalue().splitlines()
+    assert lines[:2] == [f"removed corrupt {bad}", "verified 5 files, removed 1 corrupt"]
+    assert lines[2:] == [result.unverified]
+    assert re.fullmatch(
+        r"bucket cache not verified: cannot list it \(BucketUnavailable: .+\)", lines[2]
+    )
 
 
 # --- the command line ---------------------------------------------------------------------
@@ -507,6 +544,25 @@ async def test_cli_warm_exits_1_when_an_image_fails(
     assert code == 1, stderr
     assert "library/missing:latest: FAILED" in stdout
     assert summary_of(stdout)[:2] == (1, 2)
+
+
+async def test_cli_verify_exits_1_when_the_bucket_was_not_verified(
+    hub: FakeHub, config: Config, tmp_path: Path
+) -> None:
+    add_app(hub)
+    await commands.warm(config, ["library/app:latest"], None, out=io.StringIO())
+    s3 = unreachable_bucket(config).storage.s3
+    assert s3 is not None
+    settings = {
+        "upstream": {"url": hub.registry_url},
+        "storage": {"path": str(config.storage.path), "s3": asdict(s3)},
+    }
+    config_file = tmp_path / "mirror.yaml"
+    config_file.write_text(json.dumps(settings))  # JSON is YAML
+    code, stdout, stderr = await run_cli("verify", "--config", str(config_file), cwd=tmp_path)
+    assert code == 1, stderr
+    assert "Traceback" not in stderr
+    assert "verified 5 files, removed 0 corrupt\nbucket cache not verified: " in stdout
 
 
 async def test_cli_ls_after_warm(hub: FakeHub, config: Config, tmp_path: Path) -> None:

@@ -33,6 +33,16 @@ class EvictionResult:
 
 
 @dataclass(frozen=True, slots=True)
+class VerifyResult:
+    """What `verify` did: files and objects re-hashed, the corrupt ones removed, and, when
+    the bucket failed, one line saying what was not verified."""
+
+    checked: int
+    removed: list[str]
+    unverified: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Redirect:
     """Send the client elsewhere for the bytes (a presigned URL of the bucket)."""
 
@@ -188,8 +198,8 @@ class CacheStore(Protocol):
     async def blob_sizes(self) -> dict[str, int]:
         """digest → size of every stored blob (for `mirror ls`)."""
 
-    async def verify(self) -> tuple[int, list[str]]:
-        """Re-hash what is stored, delete what does not match: (checked, removed)."""
+    async def verify(self) -> VerifyResult:
+        """Re-hash what is stored, delete what does not match."""
 
     async def collect_garbage(self, to: int | None) -> list[str]:
         """Tidy beyond the local directory (the bucket, evicted down to `to` when given):

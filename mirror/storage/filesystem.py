@@ -33,7 +33,7 @@ from typing import BinaryIO
 
 from mirror.metadata.store import MetadataStore
 from mirror.oci.reference import Digest, as_digest, compute_digest
-from mirror.storage.base import Found, NoUpload, Upload
+from mirror.storage.base import Found, NoUpload, Upload, VerifyResult
 from mirror.storage.localflight import TEMP_PREFIX, is_own, own_files, sweep
 from mirror.util.filelock import try_lock, try_lock_shared
 from mirror.util.files import sync_directory
@@ -355,8 +355,8 @@ class Storage:
                 continue
         return sizes
 
-    async def verify(self) -> tuple[int, list[str]]:
-        return await asyncio.to_thread(self.verify_sync)
+    async def verify(self) -> VerifyResult:
+        return VerifyResult(*await asyncio.to_thread(self.verify_sync))
 
     def verify_sync(self) -> tuple[int, list[str]]:
         """Re-hash every blob and manifest; delete the corrupt ones (blocking)."""

@@ -26,8 +26,10 @@ import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
+import aiohttp
 from botocore.exceptions import ClientError
 
 from mirror.config.s3 import S3Config
@@ -36,7 +38,15 @@ from mirror.net.splice import SplicedGet, can_splice
 from mirror.observe.metrics import Metrics
 from mirror.oci.negotiation import MAX_MANIFEST_BYTES, manifest_media_type
 from mirror.oci.reference import Digest, as_digest, compute_digest
-from mirror.storage.base import BlobSize, Found, NoUpload, RangeOutsideBlob, Redirect, Upload
+from mirror.storage.base import (
+    BlobSize,
+    Found,
+    NoUpload,
+    RangeOutsideBlob,
+    Redirect,
+    Upload,
+    VerifyResult,
+)
 from mirror.storage.filesystem import Storage
 from mirror.storage.localflight import Claim, LocalFlight
 from mirror.storage.s3.bucket import CONNECT_TIMEOUT, READ_TIMEOUT, S3_ERRORS, Bucket
@@ -65,6 +75,15 @@ VERIFY_PARALLEL = 4
 SPLICE_URL_TTL = 60.0
 # Bucket reads spliced at once, each a thread for its whole transfer.
 MAX_SPLICES = 16
+
+
+class _NotAsked(Exception):
+    """An object `verify` did not ask for: the bucket had stopped answering by then."""
+
+
+# What an object's check may fail with when the bucket, not the object, is at fault: the
+# call, or its body read (cut, or timed out).
+VERIFY_ERRORS = (*S3_ERRORS, _NotAsked, aiohttp.ClientError, TimeoutError, OSError)
 
 
 class FallBack(enum.Enum):
@@ -535,21 +554,45 @@ class TieredStorage(Storage):
             log.info("aborted %d abandoned multipart uploads in the bucket", aborted)
         return aborted
 
-    async def verify(self) -> tuple[int, list[str]]:
-        checked, removed = await super().verify()
+    async def verify(self) -> VerifyResult:
+        """The local tier, then every object in the bucket. A bucket that fails leaves
+        the local tier's result whole, and one line saying what was not verified."""
+        local = await super().verify()
+        unverified = f"bucket {self.bucket.name} not verified"
+        try:
+            keys = await self._object_keys()
+        except S3_ERRORS as exc:
+            return replace(local, unverified=f"{unverified}: cannot list it ({_why(exc)})")
         limit = asyncio.Semaphore(VERIFY_PARALLEL)
+
+        async def check(kind: Kind, key: str) -> str | None:
+            async with limit:
+                if not self.bucket.up:  # the rest would each wait for it to fail too
+                    raise _NotAsked
+                return await self._verify_object(kind, key)
+
+        # Every check ends before the report (and the client with it): none left running.
+        outcomes = await asyncio.gather(*(check(*found) for found in keys), return_exceptions=True)
+        failed = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        for failure in failed:
+            if not isinstance(failure, VERIFY_ERRORS):
+                raise failure  # a fault of the mirror's own, not the bucket's
+        bad = [name for name in outcomes if isinstance(name, str)]
+        result = replace(
+            local, checked=local.checked + len(keys) - len(failed), removed=[*local.removed, *bad]
+        )
+        if not failed:
+            return result
+        cause = next((f for f in failed if not isinstance(f, _NotAsked)), failed[0])
+        why = f"{len(failed)} of {len(keys)} objects not read ({_why(cause)})"
+        return replace(result, unverified=f"{unverified}: {why}")
+
+    async def _object_keys(self) -> list[tuple[Kind, str]]:
         keys: list[tuple[Kind, str]] = []
         for kind in KINDS:
             async for found in self.bucket.objects(self.bucket.keys.under(kind)):
                 keys.append((kind, found.key))
-
-        async def check(kind: Kind, key: str) -> str | None:
-            async with limit:
-                return await self._verify_object(kind, key)
-
-        results = await asyncio.gather(*(check(kind, key) for kind, key in keys))
-        bad = [name for name in results if name is not None]
-        return checked + len(keys), removed + bad
+        return keys
 
     async def _verify_object(self, kind: Kind, key: str) -> str | None:
         """Re-hash one object; delete it when it does not match its key. The bad name."""
@@ -570,6 +613,12 @@ class TieredStorage(Storage):
         if kind == "blobs":
             await self.index.forget(digest)
         return f"{name} (bucket)"
+
+
+def _why(exc: BaseException) -> str:
+    """An exception in a report line: its kind, and what it says when it says anything."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class _OwnUpload:
