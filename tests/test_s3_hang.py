@@ -1,6 +1,8 @@
 """A bucket that hangs rather than refuses (its server up, its answers never coming): a
 pull the upstream already answered is not held for the S3 client's read timeouts and
-retries, a minute and a half, but answered once the bucket's answer deadline passes."""
+retries, a minute and a half, but answered once the bucket's answer deadline passes; a
+download's upload is held to its calls' deadlines, and sends nothing more once the bucket
+is known to be down."""
 
 from __future__ import annotations
 
@@ -8,8 +10,10 @@ import asyncio
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
+from aiohttp.test_utils import TestClient
 
 from mirror.config.s3 import S3Config
 from mirror.storage.tiered import TieredStorage
@@ -18,11 +22,21 @@ from tests.conftest import MakeClient
 from tests.fakehub import DOCKER_MANIFEST, FakeHub
 from tests.resilience_helpers import metric_value
 from tests.rgw import CephRGW
-from tests.test_s3 import storage
+from tests.test_s3 import (
+    eventually_exists,
+    key,
+    local_blob,
+    open_uploads,
+    s3_requests,
+    settled,
+    storage,
+)
 from tests.test_s3_spool import CuttingGateway
 
-DEADLINE = 1.0  # the bucket's answer deadline here (10 s as shipped)
 MiB = 1024 * 1024
+DEADLINE = 1.0  # the bucket's answer deadline here (10 s as shipped)
+SEND_RATE = 8 * MiB  # so an 8 MiB part's deadline is 2 s here (18 s as shipped)
+PART_DEADLINE = DEADLINE + 8 * MiB / SEND_RATE
 
 
 class HangingGateway(CuttingGateway):
@@ -101,5 +115,96 @@ async def test_a_hanging_bucket_holds_a_blob_miss_only_to_its_deadline(
         text = await (await client.get("/metrics")).text()
         assert metric_value(text, "mirror_s3_up") == 0
     finally:
+        gateway.released.set()
+        await gateway.server.close()
+
+
+async def hanging_mirror(
+    make_client: MakeClient, tmp_path: Path, s3: S3Config, gateway: HangingGateway
+) -> TestClient[Any, Any]:
+    """A mirror whose bucket is behind `gateway`, its deadlines short."""
+    await gateway.server.start_server()
+    endpoint = str(gateway.server.make_url("")).rstrip("/")
+    client = await make_client(storage=storage(tmp_path, s3, endpoint=endpoint))
+    store = client.app[storage_key]
+    assert isinstance(store, TieredStorage)
+    store.bucket.answer_deadline = DEADLINE
+    store.bucket.send_rate = SEND_RATE
+    return client
+
+
+async def s3_up(client: TestClient[Any, Any]) -> float | None:
+    return metric_value(await (await client.get("/metrics")).text(), "mirror_s3_up")
+
+
+async def test_a_part_the_bucket_hangs_on_holds_the_download_only_to_its_deadline(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    """The bucket hangs after a download's first part: the client gets every byte, the
+    part that hangs fails at its deadline (the bucket down then), and the blob is in the
+    local tier within a few deadlines of its last byte, its download over (its lease, part
+    buffer and temp file let go), not minutes later. Once the bucket answers again the
+    upload left open is aborted, nothing is under the key, and the local tier serves it."""
+    layer = os.urandom(24 * MiB)
+    digest = hub.content.add_blob(layer)
+    path = f"/v2/library/app/blobs/{digest}"
+    gateway = HangingGateway(rgw.endpoint)
+    try:
+        client = await hanging_mirror(make_client, tmp_path, s3, gateway)
+        hub.cdn_delay = 0.01  # per 64 KiB chunk: the body takes 4 s, parts go up meanwhile
+        reading = asyncio.ensure_future((await client.get(path)).read())
+        while await s3_requests(client, "UploadPart") < 1:
+            await asyncio.sleep(0.05)
+        gateway.hanging = True
+        assert await reading == layer
+        body_done = time.monotonic()
+        assert (await eventually_exists(local_blob(tmp_path / "data", digest))).exists()
+        await settled(client)
+        assert time.monotonic() - body_done < 3 * PART_DEADLINE
+        assert await s3_up(client) == 0
+        assert gateway.held >= 1
+
+        gateway.hanging = False
+        gateway.released.set()
+        assert await open_uploads(rgw, s3, until=[]) == []  # aborted once the bucket answers
+        assert key("blobs", digest) not in rgw.s3().keys(s3.bucket)
+        resp = await client.get(path)
+        assert (resp.status, await resp.read()) == (200, layer)
+    finally:
+        hub.cdn_delay = 0
+        gateway.released.set()
+        await gateway.server.close()
+
+
+async def test_no_part_is_sent_once_the_bucket_is_known_down(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    """A manifest pull finds the bucket hanging (down after its deadline) while a blob
+    downloads: its upload sends no further part, which would only wait out its deadline
+    holding one of the process's two part buffers; the client gets every byte."""
+    layer = os.urandom(20 * MiB)
+    digest = hub.content.add_blob(layer)
+    hub.content.add_image("library/app", "v1", [b"layer"])
+    gateway = HangingGateway(rgw.endpoint)
+    try:
+        client = await hanging_mirror(make_client, tmp_path, s3, gateway)
+        hub.cdn_delay = 0.004  # per 64 KiB chunk: the first part is up in a second
+        reading = asyncio.ensure_future(
+            (await client.get(f"/v2/library/app/blobs/{digest}")).read()
+        )
+        while await s3_requests(client, "UploadPart") < 1:
+            await asyncio.sleep(0.05)
+        gateway.hanging = True
+        hub.cdn_delay = 0.05  # the next part's bytes come after the bucket is known down
+        resp = await client.get("/v2/library/app/manifests/v1", headers={"Accept": DOCKER_MANIFEST})
+        assert resp.status == 200
+        assert await s3_up(client) == 0
+        hub.cdn_delay = 0
+        assert await reading == layer
+        await settled(client)
+        assert await s3_requests(client, "UploadPart") == 1
+        assert local_blob(tmp_path / "data", digest).exists()
+    finally:
+        hub.cdn_delay = 0
         gateway.released.set()
         await gateway.server.close()

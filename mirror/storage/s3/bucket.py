@@ -51,6 +51,14 @@ POOL_CONNECTIONS = 64
 # head (retries included), then the bucket counts as down: a bucket that hangs rather
 # than refuses would hold every pull for MAX_ATTEMPTS read timeouts, a minute and a half.
 ANSWER_DEADLINE = 10.0
+# What an upload's request body may take on top of that: a part (or a small blob's one
+# PutObject) must go at this many bytes a second at least, 8 MiB parts 8 s more (two
+# parts are in flight at once: a link that carries under 2 MiB/s to the bucket cannot
+# keep it filled anyway). A bucket slower than that counts as down, as one that hangs.
+SEND_RATE = 1024 * 1024
+# CompleteMultipartUpload: the server stitches the parts, longer the more there are
+# (S3 may take a while, sending whitespace meanwhile): this much more per part.
+COMPLETE_PER_PART = 0.02
 
 
 class BucketUnavailable(Exception):
@@ -95,6 +103,7 @@ class Bucket:
         # Called each time the bucket answers again after it did not.
         self.on_up: Callable[[], None] | None = None
         self.answer_deadline = ANSWER_DEADLINE
+        self.send_rate = SEND_RATE
         metrics.registry.register(metrics.s3_up)
         metrics.s3_up.set(1)
 
@@ -306,17 +315,21 @@ class Bucket:
             raise
         return head["ContentLength"]
 
+    def send_deadline(self, size: int) -> float:
+        """How long a request carrying `size` bytes may take, retries included."""
+        return self.answer_deadline + size / self.send_rate
+
     async def put(
         self, key: str, body: bytes | PartBody, content_type: str, *, answering: bool = False
     ) -> None:
-        """PutObject; `answering`: a client waits on it (a manifest), so held to the
-        answer deadline."""
+        """PutObject, held to the send deadline of its size; `answering`: a client waits on
+        it (a manifest), so held to the answer deadline."""
         await self._call(
             "PutObject",
             lambda: self.client.put_object(
                 Bucket=self.name, Key=key, Body=_blob(body), ContentType=content_type
             ),
-            self.answer_deadline if answering else None,
+            self.answer_deadline if answering else self.send_deadline(len(body)),
         )
         self._metrics.s3_bytes.labels("sent").inc(len(body))
 
@@ -351,12 +364,16 @@ class Bucket:
         return self.client.list_objects_v2(Bucket=self.name, Prefix=prefix)
 
     # --- multipart -------------------------------------------------------------------------
+    # Each call is held to a deadline: a download's upload holds one of the process's two
+    # part buffers, its blob's lease and claim meanwhile (a bucket that hangs held them for
+    # MAX_ATTEMPTS read timeouts per call, minutes in all).
     async def create_multipart(self, key: str) -> str:
         created = await self._call(
             "CreateMultipartUpload",
             lambda: self.client.create_multipart_upload(
                 Bucket=self.name, Key=key, ContentType="application/octet-stream"
             ),
+            self.answer_deadline,
         )
         return created["UploadId"]
 
@@ -366,6 +383,7 @@ class Bucket:
             lambda: self.client.upload_part(
                 Bucket=self.name, Key=key, UploadId=upload_id, PartNumber=number, Body=_blob(body)
             ),
+            self.send_deadline(len(body)),
         )
         self._metrics.s3_bytes.labels("sent").inc(len(body))
         return part["ETag"]
@@ -379,6 +397,7 @@ class Bucket:
             lambda: self.client.complete_multipart_upload(
                 Bucket=self.name, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
             ),
+            self.answer_deadline + len(parts) * COMPLETE_PER_PART,
         )
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:
@@ -387,6 +406,7 @@ class Bucket:
             lambda: self.client.abort_multipart_upload(
                 Bucket=self.name, Key=key, UploadId=upload_id
             ),
+            self.answer_deadline,
         )
 
     async def pending_uploads(self, prefix: str) -> list[PendingUpload]:

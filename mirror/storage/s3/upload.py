@@ -6,7 +6,8 @@ stays bounded however many cold blobs arrive together. An upload that waits for 
 falls behind its download; nothing piles up, as the file holds the bytes. The object
 becomes visible only in `complete`, which the download calls after the digest matched;
 anything else ends in AbortMultipartUpload. A blob smaller than one part goes up in one
-PutObject at the end.
+PutObject at the end. Each call is held to a deadline (bucket.py), and once the bucket is
+known to be down no more parts are sent: the upload ends, aborted when the bucket answers.
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ class BucketUpload:
                 await self._put_whole()
             else:
                 await self._task
-                if self._error is None:
+                if self._error is None and not self._given_up():
                     assert self._upload_id is not None
                     await self._bucket.complete_multipart(self._key, self._upload_id, self._etags)
                     self._upload_id = None
@@ -161,7 +162,9 @@ class BucketUpload:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         upload_id, self._upload_id = self._upload_id, None
-        if upload_id is not None:
+        if upload_id is not None and not self._bucket.up:
+            self._bucket.abort_later(self._key, upload_id)
+        elif upload_id is not None:
             try:
                 await self._bucket.abort_multipart(self._key, upload_id)
             except BucketUnavailable:
@@ -173,18 +176,24 @@ class BucketUpload:
 
     async def _put_whole(self) -> None:
         async with self._buffers.lend(self._written) as buffer:
+            if self._given_up():
+                return
             data = await self._read(buffer, 0, self._written)
             await self._bucket.put(self._key, data, "application/octet-stream")
 
     async def _send_parts(self) -> None:
         """Upload each full part as the file reaches it, and the rest once it is final."""
         try:
+            if self._given_up():
+                return
             self._upload_id = await self._bucket.create_multipart(self._key)
             while True:
                 ready = self._written - self._sent
                 if ready >= self._part or (self._final and ready > 0):
                     length = min(ready, self._part)
                     async with self._buffers.lend(self._part) as buffer:
+                        if self._given_up():  # once a buffer is free: that may take long
+                            return
                         data = await self._read(buffer, self._sent, length)
                         number = len(self._etags) + 1
                         etag = await self._bucket.upload_part(
@@ -199,6 +208,14 @@ class BucketUpload:
                 await self._wake.wait()
         except (BucketUnavailable, ClientError, BotoCoreError, OSError) as exc:
             self._error = _describe(exc)
+
+    def _given_up(self) -> bool:
+        """Nothing more is sent to a bucket known to be down: each part would wait out its
+        deadline (holding a part buffer meanwhile) only to fail too."""
+        if self._bucket.up:
+            return False
+        self._error = "the bucket is down"
+        return True
 
     async def _read(self, buffer: bytearray, offset: int, length: int) -> PartBody:
         """`length` bytes of the file from `offset`, read into `buffer` and sent from it."""
