@@ -2,7 +2,7 @@
 pull the upstream already answered is not held for the S3 client's read timeouts and
 retries, a minute and a half, but answered once the bucket's answer deadline passes; a
 download's upload is held to its calls' deadlines, and sends nothing more once the bucket
-is known to be down."""
+is known to be down; a slow bucket holds no verified blob out of the local tier."""
 
 from __future__ import annotations
 
@@ -207,4 +207,42 @@ async def test_no_part_is_sent_once_the_bucket_is_known_down(
     finally:
         hub.cdn_delay = 0
         gateway.released.set()
+        await gateway.server.close()
+
+
+class SlowPartsGateway(CuttingGateway):
+    """A proxy in front of RGW that answers each UploadPart `delay` seconds late: a bucket
+    slow to take parts, though within their deadline."""
+
+    def __init__(self, target: str, delay: float) -> None:
+        super().__init__(target, cuts=False)
+        self.delay = delay
+
+    async def forward(self, request: web.Request) -> web.StreamResponse:
+        if "partNumber" in request.query:
+            await asyncio.sleep(self.delay)
+        return await super().forward(request)
+
+
+async def test_a_verified_blob_is_in_the_local_tier_before_its_slow_upload_completes(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    """Parts that take 2 s each hold no verified blob out of the local tier (where a stop
+    would throw it away): it is renamed there once its last byte is in, while its upload
+    carries on, and the object lands in the bucket after."""
+    layer = os.urandom(24 * MiB)
+    digest = hub.content.add_blob(layer)
+    gateway = SlowPartsGateway(rgw.endpoint, delay=2.0)
+    await gateway.server.start_server()
+    try:
+        endpoint = str(gateway.server.make_url("")).rstrip("/")
+        client = await make_client(storage=storage(tmp_path, s3, endpoint=endpoint))
+        resp = await client.get(f"/v2/library/app/blobs/{digest}")
+        assert await resp.read() == layer
+        assert (await eventually_exists(local_blob(tmp_path / "data", digest))).exists()
+        assert key("blobs", digest) not in rgw.s3().keys(s3.bucket)  # its upload goes on
+        await settled(client)
+        assert rgw.s3().get(s3.bucket, key("blobs", digest)) == layer
+        assert rgw.s3().multipart_uploads(s3.bucket) == []
+    finally:
         await gateway.server.close()

@@ -55,7 +55,7 @@ MAX_PIECES = 1024
 # Largest span handed to one sendfile call, so that readers of one blob take turns.
 MAX_SPAN = 16 * 1024 * 1024
 MIN_SPAN = 4 * 1024 * 1024
-# How long a stopping mirror lets verified downloads finish their upload and commit.
+# How long a stopping mirror lets verified downloads finish their commit and upload.
 FINISH_ON_CLOSE = 10.0
 # Resumes in a row that bring no new byte before the transfer is given up.
 MAX_FRUITLESS_RESUMES = 3
@@ -116,7 +116,9 @@ class Download:
         self.written = 0
         self.reserved = 0  # bytes of the temp file's disk reserved so far (RESERVE_AHEAD)
         self.verified = False  # every byte arrived and the hash matched: readers may finish
-        self.done = False  # ... and the file is in the cache under its digest
+        # ... and the file is in the cache under its digest, its copy in the bucket (if
+        # any) completed or given up
+        self.done = False
         self.error: BaseException | None = None
         # The copy of the temp file the store keeps elsewhere too (the bucket), if any.
         self.upload: Upload = NoUpload()
@@ -157,7 +159,8 @@ class Download:
             raise self.error
 
     async def finished(self) -> None:
-        """Wait until the blob is in the cache; raise if the download failed."""
+        """Wait until the blob is stored (in the bucket too, unless its upload failed);
+        raise if the download failed."""
         while not self.done and self.error is None:
             await self._progress.wait()
         if self.error is not None:
@@ -283,8 +286,8 @@ class Downloads:
     async def close(self) -> None:
         """Cancel every download still fetching (their temp files are removed) and wait for
         them. One whose bytes are all in and verified may finish storing first, for a
-        while: cancelled then, it would leave a whole blob out of the bucket, which other
-        replicas would fetch again."""
+        while: its file is renamed at once, but cancelled before its upload completes, it
+        would leave a whole blob out of the bucket, which other replicas would fetch again."""
         finishing = [task for task, download in self._tasks.items() if download.verified]
         for task in list(self._tasks):
             if task not in finishing:
@@ -314,6 +317,7 @@ class Downloads:
         started = time.monotonic()
         fd: int | None = None
         owned: Path | None = None  # the temp file is this process's to remove on failure
+        committed = False
         # The blob's lease, when this replica holds it: released once the blob is stored
         # (or the download failed), so a replica that takes it next finds the object.
         held = contextlib.AsyncExitStack()
@@ -353,39 +357,47 @@ class Downloads:
             if download.claim is not None:
                 await asyncio.to_thread(download.claim.verified)
             download._notify()
-            # The bucket's copy first: once the file is renamed, a restarted mirror would
-            # not know that the upload never finished.
-            await download.upload.complete()
             opened, fd = fd, None  # commit closes it, whatever happens
             assert download.temp is not None
             await asyncio.to_thread(self._storage.commit, opened, download.temp, download.final)
-            self._committed(download)
-            seconds = time.monotonic() - started
-            log.info(
-                "blob %s cached: %d bytes from %s in %.2fs (%.0f MB/s)", download.digest,
-                download.written, download.peer or upstream.name, seconds,
-                download.written / seconds / 1e6,
-            )  # fmt: skip
+            committed = True
+            self._committed(download, started, upstream)
+            await self._finish_upload(download)
         except BaseException as exc:
-            # Forget it before anything is awaited: a request that comes in once the readers
-            # have seen the failure must start afresh, not join a download that is over.
-            self._forget(download)
-            error = _as_registry_error(exc)
-            download._fail(error)
-            await self._tell_followers(download, exc, error)
-            await asyncio.to_thread(self._storage.discard, fd, owned)
-            await download.upload.abort()
-            if isinstance(exc, DiskFull):
-                await self._write_refused(exc.error)
+            if committed:  # a stop while the bucket's copy was finished: the blob is cached
+                raise
+            await self._failed(download, exc, fd, owned, upstream, repo)
             if not isinstance(exc, Exception):
                 raise
-            if not isinstance(exc, Uncacheable | BlobUnknown):  # those are not failures
-                self._report(download, upstream, repo, error)
         finally:
             self._forget(download)
             await held.aclose()
             if fetching:
                 in_flight.dec()
+
+    async def _failed(
+        self,
+        download: Download,
+        exc: BaseException,
+        fd: int | None,
+        owned: Path | None,
+        upstream: Upstream,
+        repo: str,
+    ) -> None:
+        """The download failed (or was stopped) before its file was renamed: tell its
+        readers and followers, drop its temp file and upload."""
+        # Forget it before anything is awaited: a request that comes in once the readers
+        # have seen the failure must start afresh, not join a download that is over.
+        self._forget(download)
+        error = _as_registry_error(exc)
+        download._fail(error)
+        await self._tell_followers(download, exc, error)
+        await asyncio.to_thread(self._storage.discard, fd, owned)
+        await download.upload.abort()
+        if isinstance(exc, DiskFull):
+            await self._write_refused(exc.error)
+        if isinstance(exc, Exception) and not isinstance(exc, Uncacheable | BlobUnknown):
+            self._report(download, upstream, repo, error)  # those two are not failures
 
     async def _tell_followers(
         self, download: Download, exc: BaseException, error: RegistryError
@@ -506,11 +518,31 @@ class Downloads:
         except Exception as exc:  # the blob is stored: a later request asks the upstream again
             log.warning("blob %s: its source not recorded: %s", download.digest, exc)
 
-    def _committed(self, download: Download) -> None:
-        download.done = True
-        download._notify()
+    def _committed(self, download: Download, started: float, upstream: Upstream) -> None:
         if self.on_commit is not None:
             self.on_commit(download.written)
+        seconds = time.monotonic() - started
+        log.info(
+            "blob %s cached: %d bytes from %s in %.2fs (%.0f MB/s)", download.digest,
+            download.written, download.peer or upstream.name, seconds,
+            download.written / seconds / 1e6,
+        )  # fmt: skip
+
+    async def _finish_upload(self, download: Download) -> None:
+        """Complete the bucket's copy, after the local rename: a bucket that is slow, or
+        hangs until its calls' deadlines, never holds a verified blob out of the local
+        tier (nor a stop throws it away). The blob's lease and claim are held until the
+        copy is complete, so other replicas and workers find it there. A mirror killed
+        meanwhile leaves the blob in the local tier only, served from there (as after any
+        failed upload), and an open upload that is aborted as abandoned."""
+        try:
+            await download.upload.complete()
+        except BaseException:  # a stop: nothing of it left open
+            await download.upload.abort()
+            raise
+        finally:
+            download.done = True
+            download._notify()
 
     async def _copy_resuming(
         self,

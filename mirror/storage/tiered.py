@@ -402,7 +402,8 @@ class TieredStorage(Storage):
             task.add_done_callback(lambda done: done.exception())
 
         key = self.bucket.keys.blob(digest)
-        upload = BucketUpload(self.bucket, key, size, temp, stored, self._part_buffers)
+        final = self.blob_path(digest)  # read from there once the temp file is renamed
+        upload = BucketUpload(self.bucket, key, size, temp, stored, self._part_buffers, final)
         return _OwnUpload(upload, key, self._uploading)
 
     # --- manifests -------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Parts are read back from the temp file (not kept from the stream) into one of
 PARTS_IN_FLIGHT buffers shared by every upload of the process (`PartBuffers`): memory
 stays bounded however many cold blobs arrive together. An upload that waits for a buffer
 falls behind its download; nothing piles up, as the file holds the bytes. The object
-becomes visible only in `complete`, which the download calls after the digest matched;
+becomes visible only in `complete`, which the download calls after the digest matched
+(and after its file was renamed into the local tier: then it is read from there);
 anything else ends in AbortMultipartUpload. A blob smaller than one part goes up in one
 PutObject at the end. Each call is held to a deadline (bucket.py), and once the bucket is
 known to be down no more parts are sent: the upload ends, aborted when the bucket answers.
@@ -112,11 +113,13 @@ class BucketUpload:
         temp: Path,
         on_stored: Callable[[int], None],
         buffers: PartBuffers,
+        final: Path | None = None,
     ) -> None:
         self._bucket = bucket
         self._buffers = buffers
         self._key = key
         self._temp = temp
+        self._renamed = final  # where the temp file goes once verified
         self._on_stored = on_stored
         self._part = part_size(size)
         self._written = 0
@@ -220,10 +223,19 @@ class BucketUpload:
     async def _read(self, buffer: bytearray, offset: int, length: int) -> PartBody:
         """`length` bytes of the file from `offset`, read into `buffer` and sent from it."""
         if self._file is None:
-            self._file = await asyncio.to_thread(open, self._temp, "rb")
+            self._file = await asyncio.to_thread(self._open)
         view = memoryview(buffer)[:length]
         await asyncio.to_thread(_read_into, self._file.fileno(), view, offset)
         return PartBody(view)
+
+    def _open(self) -> BinaryIO:
+        """The temp file, or the blob's file once it was renamed (blocking)."""
+        try:
+            return open(self._temp, "rb")  # closed in `_close_file`
+        except FileNotFoundError:
+            if self._renamed is None:
+                raise
+        return open(self._renamed, "rb")
 
     async def _close_file(self) -> None:
         file, self._file = self._file, None
