@@ -39,6 +39,8 @@ UVLOOP = pytest.param(
 )
 # server.send_timeout where the tests wait for it; the default (60s) elsewhere.
 SEND_TIMEOUT = 2.0
+# server.header_timeout where the tests wait for it; 5 minutes (never reached) elsewhere.
+HEADER_TIMEOUT = 1.0
 # Enough to outlast the mirror's socket buffer (Linux lets it grow to 4 MiB) by seconds of
 # slow reading.
 SLOW_BLOB = os.urandom(6 * 1024 * 1024)
@@ -69,6 +71,16 @@ async def impatient(
 ) -> AsyncIterator[Endpoint]:
     """As `endpoint`, with a send timeout of SEND_TIMEOUT."""
     async with running(request, tmp_path, hub, {"send_timeout": f"{SEND_TIMEOUT:g}s"}) as served:
+        yield served
+
+
+@pytest.fixture(params=["asyncio", UVLOOP, "https"])
+async def hasty(
+    request: pytest.FixtureRequest, tmp_path: Path, hub: FakeHub
+) -> AsyncIterator[Endpoint]:
+    """As `endpoint`, with a header timeout of HEADER_TIMEOUT."""
+    limits = {"header_timeout": f"{HEADER_TIMEOUT:g}s"}
+    async with running(request, tmp_path, hub, limits) as served:
         yield served
 
 
@@ -221,6 +233,40 @@ async def test_headless_connections_make_room_before_idle_ones(connect: Connect)
     assert (await idle[2].get("/healthz"))[0] == 200
     assert await dropped(two, "evicted") == 1
     assert await dropped(two, "idle") == 1
+
+
+async def test_empty_lines_are_no_head_and_make_room(connect: Connect) -> None:
+    """aiohttp skips empty lines where a request line may start and answers nothing:
+    connections that send only those (new ones, and kept-alive ones after an answer) are
+    still waiting for a head, and closed first for room. They held their places for
+    good, and newcomers got the 503."""
+    blank = [await connect() for _ in range(CAP // 2)]
+    blank += await asked_once(connect, CAP - len(blank))
+    for client in blank:
+        client.send(b"\r\n\r\n")
+
+    for _ in range(CAP):  # each made room
+        newcomer = await connect()
+        assert (await newcomer.get("/v2/"))[0] == 200  # no probe: no place past the cap
+
+    for client in blank:
+        assert await client.closed()
+    assert await dropped(newcomer, "evicted") == CAP
+    assert await dropped(newcomer, "idle") == 0
+    assert await newcomer.metric("mirror_connections_refused_total") == 0
+
+
+async def test_empty_lines_do_not_stop_the_head_deadline(hasty: Endpoint) -> None:
+    async with connecting(hasty) as connect:
+        new = await connect()
+        new.send(b"\r\n\r\n")
+        kept = (await asked_once(connect, 1))[0]
+        kept.send(b"\r\n\r\n")
+
+        assert await new.closed()  # at the header timeout, not keep-alive's 75 s
+        assert await kept.closed()
+        probe = await connect()
+        assert await dropped(probe, "header_timeout") == 2
 
 
 async def busy_at_the_cap(connect: Connect) -> list[Client]:

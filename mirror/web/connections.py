@@ -8,8 +8,9 @@ Each accepted connection's protocol (aiohttp's request handler) is wrapped in a
   connection opening, or of its own first byte on a kept-alive connection, else the
   connection is dropped: a slowloris client, which sends a header byte now and then, holds
   a connection for that long at most. (The mirror serves GET and HEAD only: bytes after a
-  head are the next head.) A kept-alive connection that sends nothing is aiohttp's to
-  close, after `keepalive_timeout`;
+  head are the next head. Empty lines where a head would start, which aiohttp skips, end
+  no head.) A kept-alive connection that sends nothing is aiohttp's to close, after
+  `keepalive_timeout`;
 - at most `max_connections` are open. At the cap a newcomer gets in by closing, in turn:
   1. the connection that has waited longest for an unfinished head, aborted (reason
      "evicted"): a real client sends its head at once, so those are the slow ones, and
@@ -62,6 +63,9 @@ OnIdle = Callable[[], None]
 ProtocolFactory = Callable[[OnIdle], asyncio.Protocol]
 
 HEAD_END = b"\r\n\r\n"
+# What a parser skips where a request line may start (RFC 9112 2.2; aiohttp's llhttp skips
+# any CR or LF there): empty lines end no head.
+BLANK = b"\r\n"
 # Sent to a connection refused at the cap; small enough for any socket buffer.
 REFUSAL = (
     b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n"
@@ -219,7 +223,7 @@ class GuardedConnection(asyncio.Protocol):
         self._raw: asyncio.Transport | None = None  # the transport under the HeldWrites
         self._stall: Stall | None = None  # while its transport holds unsent bytes
         self._deadline: asyncio.TimerHandle | None = None
-        self._tail = b""  # the last bytes seen, for a blank line split across reads
+        self._tail = b""  # the last bytes of a head begun, for a blank line split across reads
         self._admitted = False
         self._probe: bytearray | None = None  # past the cap: the head so far, if a probe
         self._one_answer = False  # a probe let in past the cap: closed once answered
@@ -285,20 +289,29 @@ class GuardedConnection(asyncio.Protocol):
         if not self._admitted or self._one_answer:  # a probe's one head is passed on
             return
         self._resting = False
-        if not self._tail and data.endswith(HEAD_END) and self._deadline is None:
+        if self._deadline is None and data.endswith(HEAD_END) and data[0] not in BLANK:
             # Nearly every read: one whole head (or several) and nothing after it, on a
             # connection waiting for nothing. Nothing to watch.
             self._inner.data_received(data)
             return
-        seen = self._tail + data
+        self._watch(data)
+        self._inner.data_received(data)
+
+    def _watch(self, data: bytes) -> None:
+        """Follow the heads in `data`: a head ends at the first blank line after its first
+        byte that is no CR or LF. Empty lines where a head would start end nothing (aiohttp
+        skips them and answers nothing): a connection sending only those is still waiting
+        for a head, on its deadline and first to be closed for room."""
+        # `_tail` holds the last bytes of a head begun; empty: none begun.
+        seen = self._tail + data if self._tail else data.lstrip(BLANK)
         end = seen.rfind(HEAD_END)
         if end >= 0:
             self._headed()
-            seen = seen[end + len(HEAD_END) :]
-        if seen:  # the start of a (further) head
-            self._await_head()
-            self._tail = seen[-(len(HEAD_END) - 1) :]
-        self._inner.data_received(data)
+            seen = seen[end + len(HEAD_END) :].lstrip(BLANK)
+            if not seen:  # empty lines after a head: skipped before the answer
+                return
+        self._await_head()
+        self._tail = seen[-(len(HEAD_END) - 1) :]
 
     def eof_received(self) -> bool | None:
         return self._inner.eof_received() if self._admitted else None
