@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import importlib.util
 import os
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -84,6 +85,15 @@ async def hasty(
         yield served
 
 
+@pytest.fixture(params=["https", "https/asyncio"])
+async def tls_endpoint(
+    request: pytest.FixtureRequest, tmp_path: Path, hub: FakeHub
+) -> AsyncIterator[Endpoint]:
+    """As `endpoint`, over HTTPS only, on either event loop (uvloop's TLS, or asyncio's)."""
+    async with running(request, tmp_path, hub, {}) as served:
+        yield served
+
+
 @contextlib.asynccontextmanager
 async def running(
     request: pytest.FixtureRequest, tmp_path: Path, hub: FakeHub, server: dict[str, str]
@@ -92,10 +102,10 @@ async def running(
     with `server` over the cap and a header_timeout long enough not to act."""
     hub.content.add_blob(BLOB, "library/app")
     hub.content.add_blob(SLOW_BLOB, "library/app")
-    loop = "asyncio" if request.param == "asyncio" else "auto"
+    loop = "asyncio" if request.param.endswith("asyncio") else "auto"
     limits = {"max_connections": CAP, "header_timeout": "5m", **server}
     config = {"server": limits, "event_loop": loop}
-    if request.param == "https":
+    if request.param.startswith("https"):
         ca: CA = request.getfixturevalue("mirror_ca")
         pair = ca.issue("mirror")
         tls = {"cert_file": str(pair.cert), "key_file": str(pair.key)}
@@ -269,6 +279,38 @@ async def test_empty_lines_do_not_stop_the_head_deadline(hasty: Endpoint) -> Non
         assert await dropped(probe, "header_timeout") == 2
 
 
+async def test_connections_in_their_tls_handshake_count_and_make_room(
+    tls_endpoint: Endpoint,
+) -> None:
+    """The loop handed a TLS connection over once its handshake was done: silent TCP
+    connections to the HTTPS port were neither counted nor closed for room (200 held 200
+    descriptors past a cap of 20, /metrics saying 1 open) until the handshake timeout."""
+    flood = 10 * CAP
+    silent = [await Client.open(Endpoint(tls_endpoint.port)) for _ in range(flood)]
+    for client in silent[:-CAP]:  # each newcomer closed the oldest to get in
+        assert await client.closed()
+
+    async with connecting(tls_endpoint) as connect:
+        newcomer = await connect()  # its handshake done, in the place of one more
+        assert (await newcomer.get("/v2/"))[0] == 200
+        assert await silent[-CAP].closed()
+        assert await newcomer.metric("mirror_connections_open") == CAP
+        assert await dropped(newcomer, "evicted") == flood - CAP + 1
+    for client in silent:
+        await client.close()
+
+
+async def test_a_connection_silent_from_its_accept_is_dropped_at_the_header_timeout(
+    hasty: Endpoint,
+) -> None:
+    """Over HTTPS too, where it never begins its handshake, and counted so."""
+    silent = await Client.open(Endpoint(hasty.port))  # TCP only
+    assert await silent.closed()
+    await silent.close()
+    async with connecting(hasty) as connect:
+        assert await dropped(await connect(), "header_timeout") == 1
+
+
 async def busy_at_the_cap(connect: Connect) -> list[Client]:
     """CAP connections each with a blob in flight that its client reads no further."""
     busy = [await connect(rcvbuf=SMALL) for _ in range(CAP)]
@@ -309,13 +351,17 @@ async def test_at_the_cap_health_probes_are_answered_and_nothing_else(
 
 
 async def test_the_places_for_probes_are_few_and_a_silent_one_is_refused_soon(
-    connect: Connect,
+    endpoint: Endpoint, connect: Connect
 ) -> None:
     await busy_at_the_cap(connect)
     silent = [await connect() for _ in range(PROBE_RESERVE)]  # each holds a place
     started = time.monotonic()
-    beyond = await connect()
-    assert (await asyncio.wait_for(beyond.reader.read(), HANG)).startswith(b"HTTP/1.1 503")
+    if endpoint.context is None:
+        beyond = await connect()
+        assert (await asyncio.wait_for(beyond.reader.read(), HANG)).startswith(b"HTTP/1.1 503")
+    else:  # nothing can be said before a handshake: closed at its accept, none begun
+        with pytest.raises((ConnectionError, ssl.SSLError)):
+            await connect()
     assert time.monotonic() - started < PROBE_HEAD_WAIT  # at once: no place left
     for client in silent:  # refused once their head is overdue
         assert (await asyncio.wait_for(client.reader.read(), HANG)).startswith(b"HTTP/1.1 503")

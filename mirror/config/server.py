@@ -17,8 +17,8 @@ TIMEOUTS = ("header_timeout", "keepalive_timeout", "send_timeout")
 class ServerConfig:
     """Limits on client connections (mirror/web/connections.py)."""
 
-    # A request head must be complete within this of the connection opening (or of the
-    # head's first byte, on a kept-alive connection).
+    # A request head must be complete within this of the connection opening (its TLS
+    # handshake included, on HTTPS), or of the head's first byte on a kept-alive one.
     header_timeout: float = 10.0
     # A kept-alive connection that sends nothing closes after this.
     # Above a load balancer's own idle timeout (HAProxy's http-request 30s), so the

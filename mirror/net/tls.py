@@ -1,7 +1,7 @@
 """TLS contexts: the HTTPS listener's and each upstream's client context, built from the
 checked configuration (mirror/config/tls.py); TLS failures named per upstream.
 
-The server context is built once and handed to the listening socket; a rotated pair is
+The server context is built once and handed to the listener's guard; a rotated pair is
 loaded into that same context (mirror/web/tlsreload.py), so new connections get it while
 connections in flight keep the certificate they started with (OpenSSL copies it into each
 connection).
@@ -10,6 +10,7 @@ connection).
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import logging
 import re
 import ssl
@@ -17,6 +18,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import aiohttp
+
+try:
+    import uvloop
+    import uvloop.loop
+except ImportError:  # optional: see pyproject.toml's marker
+    uvloop = None  # type: ignore[assignment]
 
 from mirror.config import TLSConfig, UpstreamConfig
 from mirror.config.tls import load_ca, load_pair, read_pair
@@ -49,6 +56,26 @@ def is_tls(transport: asyncio.BaseTransport | None) -> bool:
     encrypted, so no sendfile to its socket (mirror/net/sendfile.py); senders copy in large
     chunks (asyncio's own TLS fallback copies 16 KiB per event loop turn, about 40 MB/s)."""
     return transport is not None and transport.get_extra_info("sslcontext") is not None
+
+
+def server_tls(
+    loop: asyncio.AbstractEventLoop,
+    app: asyncio.Protocol,
+    context: ssl.SSLContext,
+    shaken: asyncio.Future[None],
+    handshake_timeout: float,
+) -> asyncio.BufferedProtocol:
+    """The loop's own TLS protocol for a connection accepted without ssl=, the one
+    create_server(ssl=) would have put there (the same code moves the bytes): `app` gets
+    connection_made once the handshake is done, `shaken` its end either way. Not
+    loop.start_tls, whose protocol takes over a loop turn later: uvloop has read the
+    client's hello by then."""
+    kind: type[asyncio.BufferedProtocol] = asyncio.sslproto.SSLProtocol
+    if uvloop is not None and isinstance(loop, uvloop.Loop):
+        kind = uvloop.loop.SSLProtocol  # type: ignore[attr-defined]  # no stub; same signature
+    return kind(  # type: ignore[call-arg]
+        loop, app, context, shaken, server_side=True, ssl_handshake_timeout=handshake_timeout
+    )
 
 
 # --- the client side (upstreams) ----------------------------------------------------------

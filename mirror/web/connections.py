@@ -39,6 +39,16 @@ Each accepted connection's protocol (aiohttp's request handler) is wrapped in a
   client acknowledged (net/progress.py) must move. A slow client that keeps reading is
   never cut, however long its answer takes.
 
+On the HTTPS listener the guard is served without ssl= (asyncio and uvloop would hand it
+a connection only once its handshake was done, so connections in theirs were neither
+counted nor closable): it counts each connection from its accept, as on plain HTTP, then
+gives it to the loop's own TLS protocol (net/tls.py `server_tls`, the one ssl= would have
+set there: no byte takes another path) with itself as that protocol's app protocol. The
+handshake runs on the first head's deadline (`header_timeout` from the accept), and a
+connection in its handshake is closed for room as a headless one is. A newcomer refused
+before its handshake (no place, or a probe's head late) is closed without a word: no 503
+can be said before a handshake.
+
 The wrapped protocol writes through a `HeldWrites` (net/heldwrites.py): the small writes
 of every connection in one loop turn leave together at its end.
 """
@@ -47,12 +57,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import cast
 
 from mirror.net.heldwrites import HeldWrites, TurnWrites
 from mirror.net.progress import Stall
+from mirror.net.tls import server_tls
 from mirror.observe.guard_metrics import GuardMetrics
 
 log = logging.getLogger(__name__)
@@ -112,9 +124,12 @@ class ConnectionGuard:
         self._cuts_unlogged = 0
         self._next_cut_log = 0.0
 
-    def wrap(self, factory: ProtocolFactory) -> Callable[[], asyncio.Protocol]:
-        """A protocol factory whose connections this guard limits."""
-        return lambda: GuardedConnection(self, factory)
+    def wrap(
+        self, factory: ProtocolFactory, tls: ssl.SSLContext | None = None
+    ) -> Callable[[], asyncio.Protocol]:
+        """A protocol factory whose connections this guard limits; given `tls`, for a
+        listener served without ssl=, their TLS handshakes are its own to do."""
+        return lambda: GuardedConnection(self, factory, tls)
 
     def admit(self, conn: GuardedConnection) -> bool:
         """Count `conn` in, closing a headless or idle one to make room; False: no room."""
@@ -217,8 +232,12 @@ class ConnectionGuard:
 class GuardedConnection(asyncio.Protocol):
     """Passes everything to the wrapped protocol; closes the connection when the guard says."""
 
-    def __init__(self, guard: ConnectionGuard, factory: ProtocolFactory) -> None:
+    def __init__(
+        self, guard: ConnectionGuard, factory: ProtocolFactory, tls: ssl.SSLContext | None
+    ) -> None:
         self._guard = guard
+        # The listener's context until the handshake is done: no HTTP can be said before.
+        self._tls = tls
         self._transport: asyncio.Transport | None = None
         self._raw: asyncio.Transport | None = None  # the transport under the HeldWrites
         self._stall: Stall | None = None  # while its transport holds unsent bytes
@@ -233,16 +252,54 @@ class GuardedConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport, though not always an asyncio.Transport (uvloop's are not).
-        self._transport = self._raw = transport = cast(asyncio.Transport, transport)
+        transport = cast(asyncio.Transport, transport)
+        if self._raw is not None:  # from the TLS protocol: the handshake is done
+            self._encrypted(transport)
+            return
+        self._transport = self._raw = transport
         if self._guard.admit(self):
-            self._await_head()
-            self._let_in(transport)
+            self._await_head()  # on TLS, the handshake's time is the head's too
         elif self._guard.may_probe(self):
             self._probe = bytearray()
             loop = asyncio.get_running_loop()
             self._deadline = loop.call_later(PROBE_HEAD_WAIT, self._probe_ends, None)
         else:
             self._refuse(transport)
+            return
+        if self._tls is not None:
+            self._start_tls(transport, self._tls)
+        elif self._probe is None:
+            self._let_in(transport)
+
+    def _start_tls(self, transport: asyncio.Transport, context: ssl.SSLContext) -> None:
+        """Give the accepted connection to the loop's TLS protocol, this one its app
+        protocol: connection_made again once the handshake is done. Counted from its
+        accept, it is dropped at the head's deadline, and closed for room while it lasts,
+        as any connection whose head is awaited."""
+        loop = asyncio.get_running_loop()
+        shaken = loop.create_future()
+        shaken.add_done_callback(self._handshake_ended)
+        # The guard's deadline, set before, ends it first (and counts it).
+        tls = server_tls(loop, self, context, shaken, self._guard.header_timeout)
+        transport.set_protocol(tls)
+        # Now, not in a later callback: uvloop reads as soon as this returns.
+        tls.connection_made(transport)
+
+    def _encrypted(self, transport: asyncio.Transport) -> None:
+        self._tls = None
+        self._transport = self._raw = transport
+        if self._probe is None:
+            self._let_in(transport)
+
+    def _handshake_ended(self, shaken: asyncio.Future[None]) -> None:
+        """Counted out if the handshake failed: the TLS protocol tells the app protocol of
+        no close before it is done."""
+        failure = None if shaken.cancelled() else shaken.exception()  # retrieved: no warning
+        if self._tls is None:  # done: connection_made came first
+            return
+        if not self._closed:  # else the guard's doing, counted there
+            log.debug("TLS handshake failed: %s", failure or "closed by the client")
+        self._gone()
 
     def _let_in(self, transport: asyncio.Transport) -> None:
         self._admitted = True
@@ -250,8 +307,11 @@ class GuardedConnection(asyncio.Protocol):
         self._transport = held = HeldWrites(transport, self._guard.writes)
         self._inner.connection_made(held)
 
-    @staticmethod
-    def _refuse(transport: asyncio.Transport) -> None:
+    def _refuse(self, transport: asyncio.Transport) -> None:
+        self._closed = True  # a handshake ending later lets nothing in
+        if self._tls is not None:  # no handshake done: nothing can be said
+            transport.abort()
+            return
         transport.write(REFUSAL)
         transport.close()
 
@@ -317,9 +377,7 @@ class GuardedConnection(asyncio.Protocol):
         return self._inner.eof_received() if self._admitted else None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._closed = True
-        self._cancel_deadline()
-        self._guard.closed(self)
+        self._gone()
         if self._admitted:
             self._inner.connection_lost(exc)
 
@@ -394,6 +452,13 @@ class GuardedConnection(asyncio.Protocol):
         peer = self._transport.get_extra_info("peername")
         self._guard.cut(str(peer[0]) if isinstance(peer, tuple) and peer else "?")
         self.drop()
+
+    def _gone(self) -> None:
+        """Counted out: closed by its client or the guard, or its handshake failed (the
+        TLS protocol tells of a close during one to no one)."""
+        self._closed = True
+        self._cancel_deadline()
+        self._guard.closed(self)
 
     def _too_slow(self) -> None:
         self._deadline = None

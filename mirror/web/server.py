@@ -6,7 +6,8 @@ the event loop `event_loop` names (loop_factory): /readyz answers 503 at once, r
 are still served for `shutdown_delay` (a load balancer's probes see the 503 and send new
 requests elsewhere; a second signal cuts the wait short), then the listeners close.
 Every site's connections pass through one `ConnectionGuard` (mirror/web/connections.py),
-their handlers telling it when they sit idle (mirror/web/keepalive.py).
+their handlers telling it when they sit idle (mirror/web/keepalive.py); on an HTTPS site
+the guard does the TLS handshakes, so that it counts connections from their accept.
 """
 
 from __future__ import annotations
@@ -220,13 +221,14 @@ class GuardedSite(web.SockSite):
         await web.BaseSite.start(self)
         server = self._runner.server
         assert server is not None
+        # No ssl= here: the loop would hand the guard a connection only once its handshake
+        # was done, so connections in theirs would be neither counted nor closable. The
+        # guard gives each connection to the loop's TLS protocol itself, once counted: the
+        # same protocol, below the same handler.
         self._server = await asyncio.get_running_loop().create_server(
-            self._guard.wrap(idle_reporting(server)),
+            self._guard.wrap(idle_reporting(server), self._ssl_context),
             sock=self._sock,
-            ssl=self._ssl_context,
             backlog=self._backlog,
-            # A TLS handshake is part of asking: as long as a request head may take.
-            ssl_handshake_timeout=self._guard.header_timeout if self._ssl_context else None,
         )
 
 
