@@ -362,6 +362,12 @@ async def test_the_status_page_shows_every_workers_figures_whichever_answers(
         assert body == big.data
 
     await until_both_answer(big.blob_path, whole)
+
+    async def kept() -> bool:  # a client has its last byte before the blob's rename
+        size = metric_value(await metrics_text(session, mirror), "mirror_cache_size_bytes")
+        return size is not None and size >= len(big.data)
+
+    await eventually("the blob kept and counted", kept)
     pages: list[dict[str, str]] = []
     await until_both_answer("/", lambda body: pages.append(Page(body.decode()).summary()))
     for _ in range(max(10 - len(pages), 1)):
