@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from mirror.cluster import peerauth
@@ -225,6 +227,71 @@ async def test_a_lease_got_after_an_unanswering_owner_is_a_takeover_only_when_fo
         "mirror_cluster_lease_takeovers_total", {"kind": "blob"}
     )
     assert takeovers == (1 if followed else 0)
+
+
+async def test_an_owner_refusing_this_replicas_signature_is_not_waited_for(
+    request: pytest.FixtureRequest, aiohttp_server: Any
+) -> None:
+    """An owner with another cluster secret (a rotation) or a clock a minute off answers
+    401 to every ask: the follower fetched the blob itself only after 3 lease TTLs (at
+    least 30 s) of asking again. It now fetches it at once, and says why."""
+    asked: list[str] = []
+
+    async def refusing(req: web.Request) -> web.Response:
+        asked.append(req.path)
+        return web.Response(status=401)
+
+    app = web.Application()
+    app.router.add_get("/_cluster/blobs/{digest}", refusing)
+    server = await aiohttp_server(app)
+    owner = f"http://127.0.0.1:{server.port}"
+    url = flushed_redis_url(request, "single")
+    here, there = (open_redis(url, 8, decode_responses=True) for _ in range(2))
+    metrics = Metrics()
+    peers = PeerClient(b"s" * 32, metrics.cluster, 1, 5, advertise_url="http://127.0.0.1:8083")
+    flight = BlobFlight(Leases(here.client, "http://127.0.0.1:8083", TTL), peers, metrics.cluster)
+    try:
+        held = await Leases(there.client, owner, TTL).acquire(lease_name(DIGEST))
+        assert isinstance(held, Lease)
+        async with held.kept():
+            got = await asyncio.wait_for(flight.source(DIGEST, 0, None), 10 * TTL)
+    finally:
+        await peers.close()
+        await here.close()
+        await there.close()
+    assert got is None and len(asked) == 1
+    assert metrics.registry.get_sample_value("mirror_cluster_peer_rejected_total") == 1
+
+
+async def test_a_replica_given_another_replicas_advertise_url_fetches_at_once(
+    request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two replicas given one advertise_url (the load balancer's): the one not holding a
+    blob's lease took the holder's for its own, waited 3 lease TTLs (at least 30 s) for it
+    to end and asked nobody. It now fetches at once and names the mistake; this process's
+    own lease still reads as its own."""
+    shared = "http://mirror.lb:8083"
+    url = flushed_redis_url(request, "single")
+    one, other = (open_redis(url, 8, decode_responses=True) for _ in range(2))
+    metrics = Metrics()
+    peers = PeerClient(b"s" * 32, metrics.cluster, 1, 5, advertise_url=shared)
+    mine = Leases(other.client, shared, TTL)
+    flight = BlobFlight(mine, peers, metrics.cluster)
+    try:
+        theirs = Leases(one.client, shared, TTL)
+        held = await theirs.acquire(lease_name(DIGEST))
+        assert isinstance(held, Lease)
+        assert await theirs.acquire(lease_name(DIGEST)) == Held(shared, ours=True)
+        assert await mine.acquire(lease_name(DIGEST)) == Held(shared)
+        async with held.kept():
+            got = await asyncio.wait_for(flight.source(DIGEST, 0, None), 10 * TTL)
+    finally:
+        await peers.close()
+        await one.close()
+        await other.close()
+    assert got is None
+    assert metrics.registry.get_sample_value("mirror_cluster_owners_refused_total") == 1
+    assert "each replica needs an address of its own" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -77,11 +77,19 @@ class BlobFlight:
                     self._metrics.lease_takeovers.labels(KIND).inc()
                     log.info("blob %s: taken over from %s at byte %d", digest, followed, offset)
                 return got
-            if got.owner == self._leases.owner:
+            if got.ours:
                 # This replica's previous download of the blob, releasing its lease as it
                 # ends: asking ourselves would find only this download. It is gone shortly.
                 delay = await self._pause(delay)
                 continue
+            if got.owner == self._leases.owner:
+                log.error(
+                    "blob %s: another replica holds it under this replica's own "
+                    "cluster.advertise_url %s: each replica needs an address of its own; "
+                    "fetching it here", digest, got.owner,
+                )  # fmt: skip
+                self._metrics.owners_refused.inc()
+                return None
             try:
                 body = await self._peers.open_blob(got.owner, digest, offset)
             except BlobUnknown:  # the owner's upstream answer, taken as ours

@@ -55,9 +55,10 @@ return 0
 
 @dataclass(frozen=True)
 class Held:
-    """Another replica holds the lease."""
+    """Another replica holds the lease (or this process, `ours`: a lease it is letting go)."""
 
     owner: str  # its advertise URL
+    ours: bool = False
 
 
 class HeldLease(Protocol):
@@ -157,6 +158,9 @@ class Leases:
         self.client = client
         self.owner = owner
         self.ttl = ttl
+        # In each lease's value after the URL: tells this process's leases from those of
+        # another replica given the same advertise URL by mistake.
+        self._process = secrets.token_hex(4)
         # Sentinel's pool raises past its size instead of waiting: every command on
         # `client` takes a turn here, so that a burst (a rollout's pulls) is never taken
         # for an outage, each replica then doing the work alone.
@@ -175,7 +179,7 @@ class Leases:
     async def acquire(self, name: str) -> Lease | Held | None:
         """The lease on `name`: ours now, another replica's, or None when Redis is down."""
         key = self.key(name)
-        value = f"{self.owner} {secrets.token_hex(8)}"
+        value = f"{self.owner} {self._process}.{secrets.token_hex(8)}"
         try:
             async with self.turns:
                 if await self.client.set(key, value, nx=True, px=int(self.ttl * 1000)):
@@ -186,7 +190,8 @@ class Leases:
             return None
         if holder is None:  # released between the two calls: try once more
             return await self.acquire(name)
-        return Held(_owner_of(holder))
+        text = holder.decode() if isinstance(holder, bytes) else str(holder)
+        return Held(_owner_of(text), ours=text.partition(" ")[2].startswith(self._process + "."))
 
     async def holder(self, name: str) -> str | None:
         """The advertise URL of the replica holding `name`, if any (None too when down)."""

@@ -34,7 +34,8 @@ class PeerUnavailable(Exception):
 
 
 class PeerRefused(PeerUnavailable):
-    """The owner's URL is not of the cluster's address form: it is not asked at all."""
+    """Asking the owner again would not help: its URL is not of the cluster's address form
+    (it is not asked at all), or it refused this replica's signature."""
 
 
 class PeerClient:
@@ -88,6 +89,13 @@ class PeerClient:
         if resp.status == 404 and UPSTREAM_UNKNOWN in resp.headers:
             resp.release()
             raise BlobUnknown(f"blob {digest} is unknown upstream")
+        if resp.status == 401:  # a signature it refuses now, it refuses on every retry
+            resp.release()
+            self._metrics.peer_rejected.inc()
+            raise PeerRefused(
+                f"{owner[:100]} refused this replica's signature: another cluster.secret, "
+                "or clocks more than a minute apart"
+            )
         body = BlobBody.of(resp, self._limit(owner, digest), offset) if resp.status == 206 else None
         if body is None:
             resp.release()

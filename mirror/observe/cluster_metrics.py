@@ -56,6 +56,13 @@ class ClusterMetrics:
             "Requests to the internal replica endpoint refused for a missing or bad signature.",
             registry=r,
         )
+        self.peer_rejected = Counter(
+            "mirror_cluster_peer_rejected",
+            "Streams from other replicas they refused for this replica's signature (another "
+            "cluster.secret, as during a rotation, or clocks more than a minute apart); the "
+            "blob is fetched here at once.",
+            registry=r,
+        )
         self.peer_untrusted = Counter(
             "mirror_cluster_peer_untrusted",
             "Streams from other replicas refused because their TLS certificate did not verify "
@@ -73,7 +80,8 @@ class ClusterMetrics:
         self.owners_refused = Counter(
             "mirror_cluster_owners_refused",
             "Owner URLs read from Redis and not asked: not of cluster.advertise_url's form "
-            "(scheme, a port or none, path); the blob is fetched here instead.",
+            "(scheme, a port or none, path), or this replica's own held by another replica "
+            "(two given one advertise_url); the blob is fetched here instead.",
             registry=r,
         )
         self.lease_unavailable = Counter(
