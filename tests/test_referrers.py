@@ -352,22 +352,23 @@ async def test_an_error_body_nested_past_the_parsers_depth_is_no_error_code(
 
 
 @pytest.mark.parametrize(
-    ("status", "body", "whole"),
+    ("status", "body", "scope"),
     [
-        (404, {"errors": [{"code": "NOT_FOUND", "message": "no such subject"}]}, False),
-        (404, {"errors": [{"code": "MANIFEST_UNKNOWN", "message": "unknown"}]}, False),
-        (400, {"errors": [{"code": "DIGEST_INVALID", "message": "bad digest"}]}, False),
-        (404, None, True),  # no OCI error: the route itself is unknown
-        (405, None, True),
-        (501, {"errors": [{"code": "UNSUPPORTED", "message": "no referrers"}]}, True),
+        (404, {"errors": [{"code": "NOT_FOUND", "message": "no such subject"}]}, "repository"),
+        (400, {"errors": [{"code": "DIGEST_INVALID", "message": "bad digest"}]}, "repository"),
+        (404, {"errors": [{"code": "MANIFEST_UNKNOWN", "message": "unknown"}]}, "subject"),
+        (400, {"errors": [{"code": "MANIFEST_UNKNOWN", "message": "unknown"}]}, "subject"),
+        (404, None, "upstream"),  # no OCI error: the route itself is unknown
+        (405, None, "upstream"),
+        (501, {"errors": [{"code": "UNSUPPORTED", "message": "no referrers"}]}, "upstream"),
     ],
 )
 async def test_only_an_answer_about_the_endpoint_means_no_api_for_every_repository(
-    aiohttp_server: Any, make_client: MakeClient, status: int, body: Any, whole: bool
+    aiohttp_server: Any, make_client: MakeClient, status: int, body: Any, scope: str
 ) -> None:
     """Repository a's referrers answer `status`; repository b's API answers an index. An
-    answer that may be about a's repository or subject leaves b's API asked; a's is not
-    asked again for another subject either way."""
+    answer that may be about a's repository or subject leaves b's API asked; a's is asked
+    again for another subject only after an answer about the subject."""
     signature = {"mediaType": OCI_MANIFEST, "digest": "sha256:" + "d" * 64, "size": 2,
                  "artifactType": SIGNATURE}  # fmt: skip
 
@@ -385,13 +386,45 @@ async def test_only_an_answer_about_the_endpoint_means_no_api_for_every_reposito
     a = await client.get(f"/v2/team/a/referrers/{SUBJECT}")
     b = await client.get(f"/v2/team/b/referrers/{SUBJECT}")
 
+    whole = scope == "upstream"
     assert a.status == b.status == 200
     assert listed(await a.read()) == {}
     assert listed(await b.read()) == ({} if whole else {SIGNATURE: signature["digest"]})
     assert (f"GET /v2/team/b/referrers/{SUBJECT}" in asked) is not whole
     other = "sha256:" + "e" * 64
     assert (await client.get(f"/v2/team/a/referrers/{other}")).status == 200
-    assert f"GET /v2/team/a/referrers/{other}" not in asked
+    assert (f"GET /v2/team/a/referrers/{other}" in asked) is (scope == "subject")
+
+
+async def test_an_unknown_subject_leaves_the_api_asked_for_signed_ones(
+    hub: FakeHub, make_client: MakeClient
+) -> None:
+    """Quay answers 400 MANIFEST_UNKNOWN for the referrers of a subject it does not know:
+    that subject has none, and an image signed after it still has its signature found
+    through the API (it was reported as having none for an hour)."""
+    answer_of = hub.content.referrers_index
+
+    def quay_like(repo: str, subject: str) -> dict[str, Any]:
+        if subject not in hub.content.manifests.get(repo, {}):
+            error = {"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown"}]}
+            raise web.HTTPBadRequest(text=json.dumps(error), content_type="application/json")
+        return answer_of(repo, subject)
+
+    hub.content.referrers_index = quay_like  # type: ignore[method-assign]
+    hub.content.add_image("org/app", "v1", [b"unsigned"])
+    client = await make_client()
+    unknown = await client.get(f"/v2/org/app/referrers/sha256:{'0' * 64}")
+    assert unknown.status == 200
+    assert listed(await unknown.read()) == {}
+
+    image = hub.content.add_image("org/app", "v2", [b"signed later"])
+    signature = hub.content.add_artifact("org/app", image["digest"], SIGNATURE, b"sig")
+    hub.reset_stats()
+    signed = await client.get(f"/v2/org/app/referrers/{image['digest']}")
+
+    assert signed.status == 200
+    assert listed(await signed.read()) == {SIGNATURE: signature}
+    assert hub.stats["referrers"] == 1
 
 
 # --- an upstream that would make the mirror hold too much ------------------------------------

@@ -10,6 +10,13 @@ Every upstream gets the API through the mirror, whether or not it has one:
 - neither: an empty index. The spec forbids a 404 from a registry with the API, and a
   client told 404 goes guessing.
 
+An upstream whose API has shown it is missing is not asked for an hour: for every
+repository after an answer about the endpoint (405, 501, a 404 with no OCI error), for
+one repository after other 400s and 404s. A MANIFEST_UNKNOWN is about the subject alone
+(Quay answers 400 MANIFEST_UNKNOWN for a subject it does not know, where the spec asks
+for an empty index): that subject gets the tag schema (the spec's answer to a 404, and
+an empty index when no such tag is there), and the API is still asked for the others.
+
 The answer is kept like a tag (`ManifestService.remember`, under a key no real tag can
 take): fresh for the tag TTL, then asked again (by one request at a time; replicas: by one
 of them, under the lease `referrers:<upstream>/<repo>@<subject>`, the others read what it
@@ -32,7 +39,7 @@ import json
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urljoin, urlsplit
 
 from mirror.cache.manifests import LOOKUP_FAILED, ManifestService
@@ -46,7 +53,7 @@ from mirror.oci.errors import (
 )
 from mirror.oci.negotiation import MAX_MANIFEST_BYTES, OCI_INDEX
 from mirror.oci.reference import Digest, as_digest, compute_digest
-from mirror.upstream.client import Upstream
+from mirror.upstream.client import Document, Upstream
 from mirror.util.lru import LRU
 from mirror.util.singleflight import SingleFlight
 
@@ -56,6 +63,8 @@ NO_API = frozenset({400, 404, 405, 501})
 # Those that can only be about the endpoint: the upstream has no API, for any repository
 # (a 404 counts when it carries no OCI error, which would be about a repository or subject).
 NO_ENDPOINT = frozenset({405, 501})
+# The OCI error of an answer about the subject alone (the upstream does not know it).
+SUBJECT_UNKNOWN = "MANIFEST_UNKNOWN"
 # An upstream (or a repository of one) that showed it has no API is not asked again for
 # this long; that many repositories are remembered, the least recently asked forgotten.
 NO_API_MEMORY = 3600.0
@@ -161,13 +170,17 @@ def _parse_index(body: bytes) -> dict[str, Any]:
     return index
 
 
-class _NoApi(Exception):
-    """The upstream answered without a referrers index: for every repository (`whole`),
-    or perhaps for this one only."""
+# What an answer without an index says has no referrers API.
+Scope = Literal["upstream", "repository", "subject"]
 
-    def __init__(self, whole: bool) -> None:
+
+class _NoApi(Exception):
+    """The upstream answered without a referrers index: for every repository, perhaps for
+    this one only, or for this subject only (`scope`)."""
+
+    def __init__(self, scope: Scope) -> None:
         super().__init__()
-        self.whole = whole
+        self.scope = scope
 
 
 class ReferrersService:
@@ -267,11 +280,7 @@ class ReferrersService:
             try:
                 return await self._from_api(upstream, repo, subject), False
             except _NoApi as absent:
-                until = time.monotonic() + NO_API_MEMORY
-                if absent.whole:
-                    self._no_api_until[upstream.name] = until
-                else:
-                    self._no_api_here.put((upstream.name, repo), until)
+                self._skip_api(upstream, repo, absent.scope)
         tag = schema_tag(subject)
         try:
             # A HEAD first: Docker Hub counts a GET against the pull limit, even one that
@@ -289,6 +298,15 @@ class ReferrersService:
         if self._no_api_until.get(upstream.name, 0.0) > now:
             return False
         return (self._no_api_here.get((upstream.name, repo)) or 0.0) <= now
+
+    def _skip_api(self, upstream: Upstream, repo: str, scope: Scope) -> None:
+        """Leave the upstream's API unasked for NO_API_MEMORY: for every repository, or
+        for this one; an answer about one subject leaves it asked for the others."""
+        until = time.monotonic() + NO_API_MEMORY
+        if scope == "upstream":
+            self._no_api_until[upstream.name] = until
+        elif scope == "repository":
+            self._no_api_here.put((upstream.name, repo), until)
 
     async def _from_api(self, upstream: Upstream, repo: str, subject: Digest) -> ParsedIndex:
         """The upstream's referrers index (its pages merged), or _NoApi. The pages must
@@ -328,8 +346,7 @@ class ReferrersService:
         if page.absent:
             if page.error_code == "NAME_UNKNOWN":
                 raise NameUnknown(f"repository {repo} not known upstream")
-            whole = page.status in NO_ENDPOINT or (page.status == 404 and page.error_code is None)
-            raise _NoApi(whole)
+            raise _NoApi(_no_api_scope(page))
         return page.body, _next_path(page.link, upstream.url)
 
     async def _check_repository(self, upstream: Upstream, repo: str) -> None:
@@ -340,6 +357,17 @@ class ReferrersService:
         )  # fmt: skip
         if answer.absent and answer.error_code == "NAME_UNKNOWN":
             raise NameUnknown(f"repository {repo} not known upstream")
+
+
+def _no_api_scope(page: Document) -> Scope:
+    """What an answer without an index is about: the endpoint (no API on the upstream),
+    the subject (unknown to it: its API still serves others), else perhaps the
+    repository (Docker Hub's 404 NOT_FOUND)."""
+    if page.status in NO_ENDPOINT or (page.status == 404 and page.error_code is None):
+        return "upstream"
+    if page.error_code == SUBJECT_UNKNOWN:
+        return "subject"
+    return "repository"
 
 
 def _next_path(link: str | None, base: str) -> str | None:
