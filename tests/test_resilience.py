@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,11 @@ async def cache_image(client: Client, image: dict[str, Any]) -> None:
 # --- behaviour 1 and 3: stale tags, fast failures, 429 ---------------------------------------
 
 
-@pytest.mark.parametrize("status", [500, 503, 429])
+STALE_REASON = {500: "unavailable", 503: "unavailable", 429: "rate_limited"}
+STALE_REASON |= {401: "unauthorized", 403: "denied"}
+
+
+@pytest.mark.parametrize("status", [500, 503, 429, 401, 403])
 async def test_expired_tag_served_stale_when_upstream_fails(
     hub: FakeHub, make_client: MakeClient, image: dict[str, Any], status: int
 ) -> None:
@@ -101,6 +106,52 @@ async def test_expired_tag_served_stale_when_upstream_fails(
     assert blob.status == 200
     assert hub.stats["manifest_get"] == gets_before  # revalidation never spends a GET
     assert await metric(client, 'mirror_stale_served_total{kind="tag"}') == 2
+    reason = STALE_REASON[status]
+    assert await metric(client, f'mirror_stale_tag_reasons_total{{reason="{reason}"}}') == 2
+
+
+async def test_expired_tag_served_stale_when_the_mirrors_credentials_are_refused(
+    hub: FakeHub,
+    make_client: MakeClient,
+    config: Config,
+    image: dict[str, Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A revoked token and a rotated password: the token service refuses the account (a
+    production mirror's state until someone acts), and every expired tag is served stale
+    within stale_if_error, counted and logged once (rate-limited), not refused."""
+    hub.users = {"bot": "old"}
+    upstream = replace(config.upstream, username="bot", password="old")
+    client = await make_client(cache=CacheConfig(tag_ttl=0), upstream=upstream)
+    await cache_image(client, image)
+    hub.users = {"bot": "rotated"}
+    hub.revoke_tokens()
+
+    for method in ("HEAD", "GET", "HEAD"):
+        resp = await client.request(method, "/v2/library/app/manifests/latest", headers=ACCEPT)
+        assert resp.status == 200, await resp.text()
+        assert resp.headers["Warning"] == STALE
+        assert resp.headers["Docker-Content-Digest"] == image["digest"]
+
+    assert await metric(client, 'mirror_stale_tag_reasons_total{reason="denied"}') == 3
+    assert await metric(client, 'mirror_tag_revalidations_total{result="error"}') == 3
+    logged = [r.getMessage() for r in caplog.records if r.name == "mirror.upstream"]
+    assert len(logged) == 1
+    assert "tag latest served stale (denied)" in logged[0]
+    assert "credentials were refused" in logged[0]
+
+
+async def test_a_tag_gone_upstream_is_not_served_stale(
+    hub: FakeHub, make_client: MakeClient, image: dict[str, Any]
+) -> None:
+    client = await make_client(cache=CacheConfig(tag_ttl=0))
+    await cache_image(client, image)
+    del hub.content.tags["library/app"]["latest"]
+
+    resp = await client.get("/v2/library/app/manifests/latest", headers=ACCEPT)
+
+    assert resp.status == 404
+    assert (await resp.json())["errors"][0]["code"] == "MANIFEST_UNKNOWN"
 
 
 async def test_stale_window_is_bounded(

@@ -16,12 +16,17 @@ from mirror.cluster.lease import HeldLease, LeaseSource
 from mirror.cluster.shared import SharedFailure, SharedWork
 from mirror.config import CacheConfig
 from mirror.metadata.store import MetadataStore, TagRecord
+from mirror.observe.logs import FailureLog
 from mirror.observe.metrics import Metrics
 from mirror.oci.errors import (
     BlobUnknown,
+    ManifestInvalid,
     ManifestUnknown,
     NameUnknown,
+    RegistryError,
     TooManyRequests,
+    UpstreamDenied,
+    UpstreamUnauthorized,
     UpstreamUnavailable,
 )
 from mirror.oci.negotiation import MANIFEST_TYPES, Verdict, decide, default_platform
@@ -45,6 +50,19 @@ HOT_TAGS = 10000
 # The upstream is always asked for every type: one tag is one cached object, whatever the
 # client, and negotiation.py decides what each client gets from it.
 ALL_TYPES = sorted(MANIFEST_TYPES)
+# What a failed revalidation may end in while the tag's kept answer is served stale (within
+# stale_if_error), by the reason it is counted under: the upstream down or rate limited, and
+# also refusing the mirror (a revoked token, a rotated password, a WAF's 403) or sending no
+# manifest: none of them says the tag is gone. Only ManifestUnknown (it is) ends the answer.
+# The upstream's 401 and 403 only: the mirror's own Unauthorized and Denied never get here.
+STALE_REASONS: tuple[tuple[type[RegistryError], str], ...] = (
+    (TooManyRequests, "rate_limited"),
+    (UpstreamUnauthorized, "unauthorized"),
+    (UpstreamDenied, "denied"),
+    (ManifestInvalid, "invalid"),
+    (UpstreamUnavailable, "unavailable"),
+)
+STALE_ON = tuple(kind for kind, _ in STALE_REASONS)
 
 
 def _failed_elsewhere(error: str) -> Exception:
@@ -105,8 +123,12 @@ class ManifestService:
         cache: CacheConfig,
         holdings: Holdings,
         leases: LeaseSource[HeldLease] | None = None,
+        failures: FailureLog | None = None,
     ) -> None:
         self._storage = storage
+        # Stale answers are logged in the rate-limited log of upstream failures: no client
+        # sees the error, and a refusal of the mirror's credentials lasts until someone acts.
+        self._failures = failures
         self._metadata = metadata
         self._metrics = metrics
         self._holdings = holdings
@@ -306,12 +328,10 @@ class ManifestService:
                         UPSTREAM_FAILED,
                     ),
                 )
-            except (UpstreamUnavailable, TooManyRequests):
+            except STALE_ON as exc:
                 if not record.is_fresh(ttl + self._stale_if_error):
                     raise
-                self._metrics.stale_served.labels("tag").inc()
-                answer = await self._answer(upstream, repo, record, head=head)
-                return answer.lasting(0, stale=True)
+                return await self._stale(upstream, repo, tag, record, exc, head=head)
             answer = await self._answer(upstream, repo, fresh, head=head)
             return answer.lasting(ttl)
         found = await self._flight.do(
@@ -325,6 +345,27 @@ class ManifestService:
             ),
         )
         return found.lasting(ttl)
+
+    async def _stale(
+        self,
+        upstream: Upstream,
+        repo: str,
+        tag: str,
+        record: TagRecord,
+        error: RegistryError,
+        *,
+        head: bool,
+    ) -> Manifest:
+        """The expired tag's kept answer, for an upstream that failed to revalidate it:
+        counted by the reason and logged (once per upstream and reason a while)."""
+        reason = next(name for kind, name in STALE_REASONS if isinstance(error, kind))
+        self._metrics.stale_served.labels("tag").inc()
+        self._metrics.stale_reasons.labels(reason).inc()
+        if self._failures is not None:
+            cause = f"tag {tag} served stale ({reason}): {error.message}"
+            self._failures.warn(upstream.name, repo, error, cause)
+        answer = await self._answer(upstream, repo, record, head=head)
+        return answer.lasting(0, stale=True)
 
     def _standing(self, upstream: Upstream, repo: str, tag: str, head: bool) -> Manifest | None:
         """The answer `_by_tag` gave from the tag's record, while that record is still the
@@ -396,14 +437,14 @@ class ManifestService:
     ) -> TagRecord:
         """HEAD the tag upstream; a fresh record, with a new digest when it moved."""
         try:
-            info, _ = await upstream.manifest(repo, tag, ALL_TYPES, head=True)
-        except (UpstreamUnavailable, TooManyRequests):
+            info, body = await upstream.manifest(repo, tag, ALL_TYPES, head=True)
+            if not _complete(info):
+                info, body = await upstream.manifest(repo, tag, ALL_TYPES, head=False)
+        except STALE_ON:
             self._metrics.revalidations.labels("error").inc()
             raise
-        if not _complete(info):
-            info, body = await upstream.manifest(repo, tag, ALL_TYPES, head=False)
-            if body is not None:
-                await self._store(upstream, repo, info, body)
+        if body is not None:
+            await self._store(upstream, repo, info, body)
         changed = info.digest != record.digest
         await self._record_again(upstream, repo, info.digest)
         self._metrics.revalidations.labels("changed" if changed else "unchanged").inc()

@@ -95,6 +95,8 @@ class Metrics:
         for kind in ("blob", "manifest"):
             self.digest_mismatches.labels(kind)
         self.stale_served.labels("tag")
+        for reason in ("unavailable", "rate_limited", "unauthorized", "denied", "invalid"):
+            self.stale_reasons.labels(reason)
         for reason in ("size", "idle"):
             self.evictions.labels(reason)
         for result in ("unchanged", "changed", "error"):
@@ -204,6 +206,13 @@ class Metrics:
             "mirror_stale_served",
             "Answers served from cache past their TTL because the upstream failed, by kind.",
             ["kind"],
+            registry=r,
+        )
+        self.stale_reasons = Counter(
+            "mirror_stale_tag_reasons",
+            "Expired tags served stale, by what the upstream did: unavailable, rate_limited, "
+            "unauthorized or denied (the mirror's credentials refused), invalid (no manifest).",
+            ["reason"],
             registry=r,
         )
         self.upstream_up = Gauge(

@@ -292,7 +292,13 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     downloads.on_sent = lambda upstream, digest: holdings.record_sent(upstream, [str(digest)])
     app[holdings_key] = holdings
     manifests = ManifestService(
-        storage, app[metadata_key], metrics, config.cache, holdings, app[work_leases_key]
+        storage,
+        app[metadata_key],
+        metrics,
+        config.cache,
+        holdings,
+        app[work_leases_key],
+        app[failures_key],
     )
     app[manifests_key] = manifests
     sizes = BlobSizes(manifests)
