@@ -53,6 +53,7 @@ KNOBS = (
     "cdn_cut_after", "registry_status", "cdn_ignores_range", "token_delay",
     "referrers_api", "referrers_filter", "referrers_page_size",
     "manifest_delay", "tags_page_size", "scoped_blobs", "lookup_delay", "blob_delay",
+    "manifest_head_length",
 )  # fmt: skip
 
 
@@ -280,6 +281,8 @@ class FakeHub:
         self.referrers_filter = True  # False: an API that ignores artifactType
         self.referrers_page_size: int | None = None  # page the API's answers
         self.manifest_delay = 0.0  # seconds each manifest GET or HEAD takes (or fails)
+        # False: a manifest HEAD names no Content-Length (chunked, as some registries answer).
+        self.manifest_head_length = True
         self.lookup_delay = 0.0  # seconds each tag list, referrers or blob HEAD request takes
         self.blob_delay = 0.0  # seconds each blob GET waits before its answer (a hung upstream)
         # Page tag lists (with Link) at most this long, even asked without n (a backend's
@@ -431,7 +434,13 @@ class FakeHub:
             "Docker-Content-Digest": digest,
             "ETag": f'"{digest}"',
         }
-        return web.Response(headers=headers, body=body if is_get else None)
+        if is_get:
+            return web.Response(headers=headers, body=body)
+        response = web.Response(headers=headers)
+        if not self.manifest_head_length:
+            del response.headers["Content-Length"]
+            response.enable_chunked_encoding()
+        return response
 
     async def _backend_manifest(
         self, request: web.Request, name: str, ref: str, accepts: list[str]

@@ -52,6 +52,28 @@ async def test_get_by_tag_serves_manifest_with_registry_headers(
     assert resp.headers["Content-Length"] == str(len(tagged["manifest"]))
 
 
+async def test_head_without_length_upstream_is_answered_with_the_manifests_length(
+    hub: FakeHub, make_client: MakeClient, tagged: dict[str, Any]
+) -> None:
+    """An upstream HEAD with no Content-Length: containerd takes a HEAD's length for the
+    manifest's size, so the mirror's says the real one (from a GET, or from the cached
+    bytes on revalidation), never 0."""
+    hub.manifest_head_length = False
+    client = await make_client(cache=CacheConfig(tag_ttl=0))
+    size = str(len(tagged["manifest"]))
+
+    for method in ("HEAD", "GET", "HEAD", "HEAD"):
+        resp = await pull_manifest(client, "library/nginx", "latest", method)
+        assert resp.status == 200
+        assert resp.headers["Content-Length"] == size
+        assert resp.headers["Docker-Content-Digest"] == tagged["digest"]
+    assert hub.stats["manifest_get"] == 1  # the first HEAD's: the others knew the bytes
+
+    other = hub.content.add_image("library/redis", "7", [b"layer-2"])
+    resp = await pull_manifest(client, "library/redis", other["digest"], "HEAD")
+    assert resp.headers["Content-Length"] == str(len(other["manifest"]))
+
+
 async def test_head_carries_the_get_headers_without_body(
     client: Client, tagged: dict[str, Any]
 ) -> None:

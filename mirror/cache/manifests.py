@@ -297,7 +297,7 @@ class ManifestService:
         self, upstream: Upstream, repo: str, reference: str, *, head: bool
     ) -> Manifest:
         info, body = await upstream.manifest(repo, reference, ALL_TYPES, head=head)
-        if head and not info.media_type:  # a HEAD naming no manifest type: ask with a GET
+        if head and not (info.media_type and info.size):  # no type or no length: a GET says
             info, body = await upstream.manifest(repo, reference, ALL_TYPES, head=False)
         if body is None:
             await self._holdings.record(upstream.name, repo, [reference])
@@ -419,11 +419,7 @@ class ManifestService:
 
     async def _fetch_tag(self, upstream: Upstream, repo: str, tag: str, *, head: bool) -> Manifest:
         """Resolve an unknown tag upstream (HEAD for a HEAD: it costs no pull)."""
-        info, body = await upstream.manifest(repo, tag, ALL_TYPES, head=head)
-        if not _complete(info):
-            # A HEAD without Docker-Content-Digest (or a manifest media type) says nothing
-            # cacheable: ask with a GET.
-            info, body = await upstream.manifest(repo, tag, ALL_TYPES, head=False)
+        info, body = await self._ask(upstream, repo, tag, head=head)
         record = TagRecord(info.digest, info.media_type, info.size, time.time())
         if body is not None:
             await self._store(upstream, repo, info, body)
@@ -432,14 +428,35 @@ class ManifestService:
         await self._put_tag(upstream.name, repo, tag, record)
         return Manifest(info.digest, info.media_type, info.size, None if head else body)
 
+    async def _ask(
+        self, upstream: Upstream, repo: str, tag: str, *, head: bool
+    ) -> tuple[ManifestInfo, bytes | None]:
+        """The tag upstream: its headers for a HEAD, enough for a tag record, else a GET. A
+        HEAD without Docker-Content-Digest or a manifest media type says nothing cacheable;
+        one without a length, only when the digest's bytes are cached here to tell it (a
+        size of 0 would be the descriptor size containerd fetches with next)."""
+        info, body = await upstream.manifest(repo, tag, ALL_TYPES, head=head)
+        if body is None and _complete(info) and not info.size:
+            info = await self._sized(info)
+        if body is None and not (_complete(info) and info.size):
+            info, body = await upstream.manifest(repo, tag, ALL_TYPES, head=False)
+        return info, body
+
+    async def _sized(self, info: ManifestInfo) -> ManifestInfo:
+        """A HEAD's answer with the length of the digest's bytes when they are cached."""
+        cached = self._hot.get(info.digest)
+        if cached is None:
+            cached = await self._storage.read_manifest(parse_digest(info.digest))
+        if cached is None:
+            return info
+        return ManifestInfo(info.digest, info.media_type, len(cached[1]))
+
     async def _revalidate(
         self, upstream: Upstream, repo: str, tag: str, record: TagRecord
     ) -> TagRecord:
         """HEAD the tag upstream; a fresh record, with a new digest when it moved."""
         try:
-            info, body = await upstream.manifest(repo, tag, ALL_TYPES, head=True)
-            if not _complete(info):
-                info, body = await upstream.manifest(repo, tag, ALL_TYPES, head=False)
+            info, body = await self._ask(upstream, repo, tag, head=True)
         except STALE_ON:
             self._metrics.revalidations.labels("error").inc()
             raise
@@ -468,9 +485,9 @@ class ManifestService:
         """Answer from a tag record: HEAD from the record alone, GET from the stored bytes."""
         # The client asks for this digest next, by digest: the tag vouches for it.
         self._holdings.note(upstream.name, repo, record.digest)
-        if head:
+        if head and record.size:  # 0: a record of an older release, from a HEAD without one
             return Manifest(record.digest, record.media_type, record.size, None)
-        return await self._by_digest(upstream, repo, record.digest, head=False)
+        return await self._by_digest(upstream, repo, record.digest, head=head)
 
     async def _get_tag(self, upstream: str, repo: str, tag: str, ttl: float) -> TagRecord | None:
         """The local record while fresh, else the shared store's (another replica may

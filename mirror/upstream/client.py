@@ -450,7 +450,9 @@ class Upstream:
             self.raise_for_status(resp, "manifest", what)
             declared = resp.headers.get("Content-Type", "").partition(";")[0].strip()
             claimed = self._claimed_digest(resp.headers.get("Docker-Content-Digest"))
-            if head:  # "": no manifest type named, the caller asks with a GET
+            # A HEAD's "" (no manifest type named) or size 0 (no length: a manifest is never
+            # empty) is what the caller learns some other way, with a GET at worst.
+            if head:
                 media_type = self._known_type(declared, None) or ""
                 return ManifestInfo(claimed, media_type, resp.content_length or 0), None
             body = await _read_limited(resp, MAX_MANIFEST_BYTES, what)
