@@ -74,6 +74,22 @@ async def test_head_without_length_upstream_is_answered_with_the_manifests_lengt
     assert resp.headers["Content-Length"] == str(len(other["manifest"]))
 
 
+async def test_a_manifest_over_the_limit_is_refused_alike_by_head_and_get(
+    hub: FakeHub, client: Client
+) -> None:
+    """A HEAD whose length is over the manifest limit gets the GET's refusal, and records
+    no tag that a GET (by tag or by the digest the HEAD named) would then fail."""
+    big = {"schemaVersion": 2, "mediaType": DOCKER_V2, "annotations": {"x": "a" * 4_194_304}}
+    digest = hub.content.add_manifest("library/big", json.dumps(big).encode(), DOCKER_V2, "v1")
+
+    for method, ref in (("HEAD", "v1"), ("GET", "v1"), ("HEAD", "v1"), ("HEAD", digest)):
+        resp = await pull_manifest(client, "library/big", ref, method)
+        assert resp.status == 502, (method, ref)
+        if method == "GET":
+            assert (await resp.json())["errors"][0]["code"] == "MANIFEST_INVALID"
+    assert hub.stats["manifest_get"] == 1  # the client's GET: the HEADs spent none
+
+
 async def test_head_carries_the_get_headers_without_body(
     client: Client, tagged: dict[str, Any]
 ) -> None:

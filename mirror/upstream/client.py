@@ -453,8 +453,11 @@ class Upstream:
             # A HEAD's "" (no manifest type named) or size 0 (no length: a manifest is never
             # empty) is what the caller learns some other way, with a GET at worst.
             if head:
+                size = resp.content_length or 0
+                if size > MAX_MANIFEST_BYTES:  # the GET's refusal now, not a record it fails
+                    raise _too_large(what, MAX_MANIFEST_BYTES)
                 media_type = self._known_type(declared, None) or ""
-                return ManifestInfo(claimed, media_type, resp.content_length or 0), None
+                return ManifestInfo(claimed, media_type, size), None
             body = await _read_limited(resp, MAX_MANIFEST_BYTES, what)
         claim = as_digest(claimed)
         if claim is not None and compute_digest(body, claim.algorithm) != claim:
@@ -577,11 +580,13 @@ class Upstream:
 
 async def _read_limited(resp: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
     try:
-        return await read_bounded(
-            resp, limit, lambda: ManifestInvalid(f"{what} is larger than {limit} bytes")
-        )
+        return await read_bounded(resp, limit, lambda: _too_large(what, limit))
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise UpstreamUnavailable(f"reading {what} failed: {type(exc).__name__}") from None
+
+
+def _too_large(what: str, limit: int) -> ManifestInvalid:
+    return ManifestInvalid(f"{what} is larger than {limit} bytes")
 
 
 def _address_refused(exc: BaseException) -> bool:
