@@ -19,12 +19,6 @@ from pathlib import Path
 
 import aiohttp
 
-try:
-    import uvloop
-    import uvloop.loop
-except ImportError:  # optional: see pyproject.toml's marker
-    uvloop = None  # type: ignore[assignment]
-
 from mirror.config import TLSConfig, UpstreamConfig
 from mirror.config.tls import load_ca, load_pair, read_pair
 
@@ -71,7 +65,11 @@ def server_tls(
     loop.start_tls, whose protocol takes over a loop turn later: uvloop has read the
     client's hello by then."""
     kind: type[asyncio.BufferedProtocol] = asyncio.sslproto.SSLProtocol
-    if uvloop is not None and isinstance(loop, uvloop.Loop):
+    if type(loop).__module__.partition(".")[0] == "uvloop":
+        # uvloop's loop, so uvloop is loaded: imported here, never by a process that
+        # runs on asyncio's (`event_loop: asyncio` means it is never loaded at all).
+        import uvloop.loop  # noqa: PLC0415
+
         kind = uvloop.loop.SSLProtocol  # type: ignore[attr-defined]  # no stub; same signature
     return kind(  # type: ignore[call-arg]
         loop, app, context, shaken, server_side=True, ssl_handshake_timeout=handshake_timeout
