@@ -58,6 +58,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import cast
@@ -248,7 +249,10 @@ class GuardedConnection(asyncio.Protocol):
         self._one_answer = False  # a probe let in past the cap: closed once answered
         self._closed = False  # by the guard or the peer: it can no longer go idle
         self._resting = False  # idle in keep-alive: nothing received since its last answer
-        self._inner = factory(self.went_idle)
+        # Told of idleness through a weak reference: a bound method would make this and the
+        # wrapped protocol a reference cycle, which kept each closed connection (a TLS one's
+        # buffers with it: hundreds of KiB after a large body) until a full collection.
+        self._inner = factory(_weakly(self.went_idle))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport, though not always an asyncio.Transport (uvloop's are not).
@@ -497,6 +501,17 @@ def send_timeout(transport: asyncio.BaseTransport) -> float | None:
     for a connection no guard watches."""
     protocol = transport.get_protocol()
     return protocol.send_timeout if isinstance(protocol, GuardedConnection) else None
+
+
+def _weakly(method: Callable[[], None]) -> Callable[[], None]:
+    """`method`, called while its object lives; nothing once it is gone."""
+    ref = weakref.WeakMethod(method)
+
+    def call() -> None:
+        if (bound := ref()) is not None:
+            bound()
+
+    return call
 
 
 def _is_probe(head: bytes) -> bool:
