@@ -275,36 +275,37 @@ class MemoryMetadata:
 
     def _sweep_tags(self) -> None:
         """Drop the expired tag records, then those over the limit (the least lately written)."""
-        oldest = time.time() - self._expiry
-        fresh = [(key, r) for key, r in self._tags.items() if r.checked_at > oldest]
+        now = time.time()
+        fresh = [(key, r) for key, r in self._tags.items() if r.is_fresh(self._expiry, now)]
         self._tags = dict(_latest(fresh, self._limit))
         self._tags_sweep = _next_sweep(len(self._tags), self._limit)
 
     def _sweep_holdings(self) -> None:
-        """Drop the repositories with no holdings left in their retention (the older ones
-        of the rest go as each is written), then those over the limit (the least lately
-        written)."""
-        oldest = time.time() - self._expiry
-        fresh = [
-            (k, held)
-            for k, held in self._holdings.items()
-            if max(held.values(), default=0) > oldest
-        ]
-        self._holdings = dict(_latest(fresh, self._limit))
+        """Drop the holdings past their retention, then the repositories over the limit
+        (the least lately written)."""
+        self._drop_old_holdings()
+        self._holdings = dict(_latest(list(self._holdings.items()), self._limit))
         self._holdings_sweep = _next_sweep(len(self._holdings), self._limit)
 
     def _fresh_holdings(self) -> list[dict[str, object]]:
-        """The holdings within their retention, for the snapshot; older ones are dropped
-        here too, so memory stays bounded by what was recorded lately."""
-        oldest = time.time() - self._expiry
-        for key, held in list(self._holdings.items()):
-            self._holdings[key] = {d: at for d, at in held.items() if at > oldest}
-            if not self._holdings[key]:
-                del self._holdings[key]
+        """The holdings within their retention, for the snapshot (older ones dropped here
+        too, so memory stays bounded by what was recorded lately)."""
+        self._drop_old_holdings()
         return [
             {"upstream": upstream, "repo": repo, "digests": held}
             for (upstream, repo), held in self._holdings.items()
         ]
+
+    def _drop_old_holdings(self) -> None:
+        """Forget the digests held past their retention, and the repositories left with
+        none (a key kept keeps its place: the order is still that of the writes)."""
+        oldest = time.time() - self._expiry
+        for key, held in list(self._holdings.items()):
+            kept = {digest: at for digest, at in held.items() if at > oldest}
+            if kept:
+                self._holdings[key] = kept
+            else:
+                del self._holdings[key]
 
     async def close(self) -> None:
         await self.save()

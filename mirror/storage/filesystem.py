@@ -260,9 +260,12 @@ class Storage:
             os.fsync(fd)
         finally:
             os.close(fd)
-        made = _missing_directories(final.parent)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(temp, final)
+        try:
+            os.rename(temp, final)
+            made: list[Path] = []
+        except FileNotFoundError:  # the blob's directory is new (the first of its prefix)
+            made = _make_directories(final.parent)
+            os.rename(temp, final)
         for directory in (final.parent, *(new.parent for new in made)):
             sync_directory(directory)
 
@@ -356,9 +359,9 @@ class Storage:
         return sizes
 
     async def verify(self) -> VerifyResult:
-        return VerifyResult(*await asyncio.to_thread(self.verify_sync))
+        return await asyncio.to_thread(self.verify_sync)
 
-    def verify_sync(self) -> tuple[int, list[str]]:
+    def verify_sync(self) -> VerifyResult:
         """Re-hash every blob and manifest; delete the corrupt ones (blocking)."""
         checked, removed = 0, []
         for top in (self.blobs, self.manifests):
@@ -373,7 +376,7 @@ class Storage:
                 except FileNotFoundError:
                     continue  # evicted meanwhile: nothing left to check
                 checked += 1
-        return checked, removed
+        return VerifyResult(checked, removed)
 
     async def collect_garbage(self, to: int | None) -> list[str]:
         return []
@@ -404,10 +407,12 @@ def _file_matches(path: str, digest: Digest, skip_line: bool) -> bool:
     return hasher.hexdigest() == digest.hex
 
 
-def _missing_directories(path: Path) -> list[Path]:
-    """`path` and its ancestors that do not exist yet, deepest first."""
+def _make_directories(path: Path) -> list[Path]:
+    """Make `path` and its missing ancestors; those made, deepest first (blocking)."""
     missing: list[Path] = []
     while not path.is_dir() and path != path.parent:
         missing.append(path)
         path = path.parent
+    for directory in reversed(missing):
+        directory.mkdir(exist_ok=True)  # another process may make it at the same moment
     return missing

@@ -83,7 +83,7 @@ class _NotAsked(Exception):
 
 # What an object's check may fail with when the bucket, not the object, is at fault: the
 # call, or its body read (cut, or timed out).
-VERIFY_ERRORS = (*S3_ERRORS, _NotAsked, aiohttp.ClientError, TimeoutError, OSError)
+VERIFY_ERRORS = (*S3_ERRORS, _NotAsked, aiohttp.ClientError, OSError)  # timeouts too
 
 
 class FallBack(enum.Enum):
