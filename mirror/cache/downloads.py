@@ -317,7 +317,6 @@ class Downloads:
         started = time.monotonic()
         fd: int | None = None
         owned: Path | None = None  # the temp file is this process's to remove on failure
-        committed = False
         # The blob's lease, when this replica holds it: released once the blob is stored
         # (or the download failed), so a replica that takes it next finds the object.
         held = contextlib.AsyncExitStack()
@@ -360,15 +359,13 @@ class Downloads:
             opened, fd = fd, None  # commit closes it, whatever happens
             assert download.temp is not None
             await asyncio.to_thread(self._storage.commit, opened, download.temp, download.final)
-            committed = True
-            self._committed(download, started, upstream)
-            await self._finish_upload(download)
         except BaseException as exc:
-            if committed:  # a stop while the bucket's copy was finished: the blob is cached
-                raise
             await self._failed(download, exc, fd, owned, upstream, repo)
             if not isinstance(exc, Exception):
                 raise
+        else:  # cached: a stop while the bucket's copy is finished fails nothing
+            self._committed(download, started, upstream)
+            await self._finish_upload(download)
         finally:
             self._forget(download)
             await held.aclose()

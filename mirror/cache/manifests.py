@@ -206,11 +206,18 @@ class ManifestService:
         return self._metadata
 
     async def remember(
-        self, upstream: Upstream, repo: str, key: str, media_type: str, body: bytes
+        self,
+        upstream: Upstream,
+        repo: str,
+        key: str,
+        media_type: str,
+        body: bytes,
+        digest: str | None = None,
     ) -> TagRecord:
-        """Keep a document the mirror composed (a referrers index) by its digest, and
-        `key` pointing at it like a tag, under the same TTL and stale rules."""
-        info = ManifestInfo(str(compute_digest(body)), media_type, len(body))
+        """Keep a document the mirror composed (a referrers index) by its digest (`digest`,
+        when the caller hashed it already), and `key` pointing at it like a tag, under the
+        same TTL and stale rules."""
+        info = ManifestInfo(digest or str(compute_digest(body)), media_type, len(body))
         # Not in _catalog on its own: a tag list or an empty referrers answer is no content.
         await self._store(upstream, repo, info, body, catalog=False)
         record = TagRecord(info.digest, media_type, len(body), time.time())
@@ -224,21 +231,26 @@ class ManifestService:
         record = await self._get_tag(upstream.name, repo, key, self.ttl_of(upstream))
         if record is None:
             return None
-        cached = self._hot.get(record.digest)
-        if cached is None:
-            cached = await self._storage.read_manifest(parse_digest(record.digest))
+        cached = await self._read_cached(record.digest)
         return None if cached is None else (record, cached[1])
+
+    async def _read_cached(self, digest: str) -> tuple[str, bytes] | None:
+        """(media type, bytes) of a stored manifest: from memory, else from storage (then
+        kept in memory); None when not stored (or `digest` is no digest)."""
+        cached = self._hot.get(digest)
+        if cached is None and (parsed := as_digest(digest)) is not None:
+            cached = await self._storage.read_manifest(parsed)
+            if cached is not None:
+                self._hot.put(digest, cached)
+        return cached
 
     async def _by_digest(
         self, upstream: Upstream, repo: str, reference: str, *, head: bool, held: bool = True
     ) -> Manifest:
         """The manifest by digest; unless `held` (a tag of the repository points at it),
         only once the repository is known to hold it (cache/holdings.py)."""
-        cached = self._hot.get(reference)
-        if cached is None:
-            cached = await self._storage.read_manifest(parse_digest(reference))
-            if cached is not None:
-                self._hot.put(reference, cached)
+        parse_digest(reference)  # DigestInvalid for one that is none
+        cached = await self._read_cached(reference)
         if not held:
             held = await self._holdings.known(upstream.name, repo, reference)
         elif cached is not None:  # the tag vouches for the digest, not for bytes from elsewhere
@@ -444,9 +456,7 @@ class ManifestService:
 
     async def _sized(self, info: ManifestInfo) -> ManifestInfo:
         """A HEAD's answer with the length of the digest's bytes when they are cached."""
-        cached = self._hot.get(info.digest)
-        if cached is None:
-            cached = await self._storage.read_manifest(parse_digest(info.digest))
+        cached = await self._read_cached(info.digest)
         if cached is None:
             return info
         return ManifestInfo(info.digest, info.media_type, len(cached[1]))
@@ -472,9 +482,7 @@ class ManifestService:
     async def _record_again(self, upstream: Upstream, repo: str, digest: str) -> None:
         """A revalidated tag's manifest and what it names, recorded anew: what a pulled
         tag holds outlives the retention of holdings, as its record does."""
-        cached = self._hot.get(digest)
-        if cached is None and (parsed := as_digest(digest)) is not None:
-            cached = await self._storage.read_manifest(parsed)
+        cached = await self._read_cached(digest)
         named = [] if cached is None else references(cached[1], cached[0])
         await self._holdings.record(upstream.name, repo, [digest, *named])
         await self._holdings.record_sent_again(upstream.name, [digest, *named])

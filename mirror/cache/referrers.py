@@ -268,7 +268,7 @@ class ReferrersService:
         if stale:  # the tag-schema index, itself served stale: not a fresh answer
             return Referrers(index.body, False, 0, index.digest, stale=True)
         key = referrers_key(subject)
-        await self._manifests.remember(upstream, repo, key, OCI_INDEX, index.body)
+        await self._manifests.remember(upstream, repo, key, OCI_INDEX, index.body, index.digest)
         return Referrers(index.body, False, self._manifests.ttl_of(upstream), index.digest)
 
     async def _resolve(
@@ -288,7 +288,8 @@ class ReferrersService:
             await self._manifests.get(upstream, repo, tag, (OCI_INDEX,), head=True)
         except ManifestUnknown:
             await self._check_repository(upstream, repo)
-            return await self._parse([EMPTY_INDEX]), False
+            self._parsed.put(EMPTY.digest, EMPTY)  # for a filter asking for it by digest
+            return EMPTY, False
         found = await self._manifests.get(upstream, repo, tag, (OCI_INDEX,), head=False)
         return await self._parse([found.body or b""]), found.stale
 
@@ -385,3 +386,8 @@ def _next_path(link: str | None, base: str) -> str | None:
         return None
     path = target.path.removeprefix(home.path)
     return path + (f"?{target.query}" if target.query else "")
+
+
+# The answer when nothing refers to a subject, the most common one: parsed once (here,
+# once the functions it needs are defined).
+EMPTY = merge_pages([EMPTY_INDEX])

@@ -190,8 +190,8 @@ class Leases:
             return None
         if holder is None:  # released between the two calls: try once more
             return await self.acquire(name)
-        text = holder.decode() if isinstance(holder, bytes) else str(holder)
-        return Held(_owner_of(text), ours=text.partition(" ")[2].startswith(self._process + "."))
+        owner, token = _parts(holder)
+        return Held(owner, ours=token.startswith(self._process + "."))
 
     async def holder(self, name: str) -> str | None:
         """The advertise URL of the replica holding `name`, if any (None too when down)."""
@@ -200,7 +200,7 @@ class Leases:
                 value = await self.client.get(self.key(name))
         except DOWN_ERRORS:
             return None
-        return None if value is None else _owner_of(value)
+        return None if value is None else _parts(value)[0]
 
     async def mark_failed(self, name: str, error: str) -> None:
         value = f"{self.owner} {error}"  # whose failure: a waiter follows one holder
@@ -236,6 +236,8 @@ class LeaseBackoff(Generic[LeaseT]):
         return got
 
 
-def _owner_of(value: str | bytes) -> str:
+def _parts(value: str | bytes) -> tuple[str, str]:
+    """A lease value's holder (its advertise URL) and token (`<process>.<nonce>`)."""
     text = value.decode() if isinstance(value, bytes) else value
-    return text.split(" ", 1)[0]
+    owner, _, token = text.partition(" ")
+    return owner, token
