@@ -319,6 +319,21 @@ async def test_rules_per_user_group_and_anonymous(
     }
 
 
+async def test_without_logins_what_no_rule_grants_is_refused_and_counted(
+    make_client: MakeClient, hub: FakeHub, ghcr: FakeHub
+) -> None:
+    """Rules without an htpasswd (anonymous clients only): nobody can log in, so a
+    refusal is the 403 at once, counted, never a challenge."""
+    hub.content.add_image("library/busybox", "latest", [b"busybox layer"])
+    rules = [{"who": ["anonymous"], "pull": ["docker.io/library/**"]}]
+    client = await policy_mirror(make_client, hub, ghcr, auth={"rules": rules})
+    assert await status_of(client, "/v2/library/busybox/manifests/latest") == 200
+    resp = await client.get("/v2/team/app/manifests/v1")
+    assert resp.status == 403 and "WWW-Authenticate" not in resp.headers
+    assert await denied_counts(client) == {("docker.io", "no_rule"): 1.0}
+    assert not [request for request in hub.stats.requests if "team/app" in str(request)]
+
+
 async def test_without_an_anonymous_rule_anonymous_clients_must_log_in(
     make_client: MakeClient, hub: FakeHub, ghcr: FakeHub, htpasswd: Path, images: Any
 ) -> None:

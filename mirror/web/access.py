@@ -26,11 +26,11 @@ from mirror.access.hashing import HashPool, HashPoolFull
 from mirror.access.throttle import FailureThrottle, Throttled, holder
 from mirror.cluster.signing import token_audience, token_signing_key
 from mirror.observe.guard_metrics import GuardMetrics
-from mirror.oci.errors import LoginsBusy, RegistryError, TooManyLogins, Unauthorized
+from mirror.oci.errors import LoginsBusy, TooManyLogins, Unauthorized
 from mirror.oci.reference import is_valid_name
 from mirror.web.catalog import may_list
 from mirror.web.forwarded import client_of, origin_of
-from mirror.web.gate import AnonymousRefused, may_pull_name, subject_key
+from mirror.web.gate import may_pull_name, subject_key
 from mirror.web.keys import config_key, metrics_key, policy_key
 
 
@@ -320,11 +320,10 @@ async def _client_auth(app: web.Application, htpasswd: Htpasswd) -> ClientAuth:
     )
 
 
-def challenge_instead(request: web.Request, refused: AnonymousRefused) -> RegistryError:
+def challenge_instead(request: web.Request) -> Unauthorized:
     """A 401 challenge for a request without credentials that the policy refuses to
     anonymous clients alone (it got past `authorize`: anonymous clients may pull some
     repositories). Docker and containerd send their login only once challenged: with a
     403 a user could never pull what only users may. A client without a login comes
     back with an anonymous token and gets the 403 then."""
-    auth = request.app.get(client_auth_key)
-    return refused if auth is None else auth.challenge(request, repository_of(request))
+    return request.app[client_auth_key].challenge(request, repository_of(request))

@@ -234,7 +234,10 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
             )
         ]
         app[upstreams_key] = Upstreams(built[0], built[1:])
-        app[gate_key] = PullGate(app[policy_key], app[upstreams_key])
+        # Client auth (an htpasswd) means users may log in: a client without credentials
+        # refused what users may pull is challenged for a login rather than refused.
+        challenges = config.auth.htpasswd is not None
+        app[gate_key] = PullGate(app[policy_key], app[upstreams_key], challenges=challenges)
         yield
         await tokens.close()
     finally:

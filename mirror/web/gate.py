@@ -53,8 +53,13 @@ class PullGate:
     the config is read), so a decision never goes stale: a new policy is a new gate, and
     an htpasswd reload changes who can log in, not what a user name may pull."""
 
-    def __init__(self, policy: Policy | None, upstreams: Upstreams) -> None:
+    def __init__(
+        self, policy: Policy | None, upstreams: Upstreams, *, challenges: bool = False
+    ) -> None:
         self.policy = policy
+        # Whether clients log in (client auth): then a client without credentials that only
+        # a user's rule would let pull is challenged, not refused (AnonymousRefused).
+        self.challenges = challenges
         # Whether the digest a tag resolves to can be refused where the tag was not.
         self.names_digests = policy is not None and policy.names_digests
         self._upstreams = upstreams
@@ -139,7 +144,12 @@ def check_pull(request: web.Request) -> None:
     if target.reference is not None:
         request[audit_key] = PendingAudit(target, subject, reason)
     if reason is not None:
-        if reason == NO_RULE and not subject and "Authorization" not in request.headers:
+        if (
+            gate.challenges
+            and reason == NO_RULE
+            and not subject
+            and "Authorization" not in request.headers
+        ):
             # No rule lets anonymous clients pull it, but one may let a user: the client
             # may hold credentials it sends only once challenged (web/access.py).
             raise _denied(request.match_info["name"], target.reference, AnonymousRefused)

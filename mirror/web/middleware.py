@@ -77,8 +77,8 @@ async def _answer(request: web.Request, handler: Handler, ids: RequestIds) -> we
         await authorize(request)
         try:
             check_pull(request)
-        except AnonymousRefused as refused:
-            raise challenge_instead(request, refused) from None
+        except AnonymousRefused:
+            raise challenge_instead(request) from None
         response = await handler(request)
     except (RegistryError, web.HTTPMethodNotAllowed, web.HTTPNotFound) as exc:
         response = _error(request, exc)
