@@ -27,7 +27,7 @@ names none, the repository decides:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from mirror.config.policy import (
     ANY_SEGMENTS,
@@ -165,8 +165,14 @@ class Glob:
 
     def denies(self, path: str, reference: str | None) -> bool:
         """As a deny entry: the reference part applies only to references of its kind."""
-        if not self.path.matches(path):
-            return False
+        return self.path.matches(path) and self.denies_reference(reference)
+
+    def grants(self, path: str, reference: str | None) -> bool:
+        """As an allow entry or a rule: see the module docstring for references."""
+        return self.path.matches(path) and self.grants_reference(reference)
+
+    def denies_reference(self, reference: str | None) -> bool:
+        """`denies`, for a path this glob's path matches."""
         if self.tag is not None:
             return (
                 reference is not None
@@ -177,10 +183,8 @@ class Glob:
             return reference == self.digest
         return True
 
-    def grants(self, path: str, reference: str | None) -> bool:
-        """As an allow entry or a rule: see the module docstring for references."""
-        if not self.path.matches(path):
-            return False
+    def grants_reference(self, reference: str | None) -> bool:
+        """`grants`, for a path this glob's path matches."""
         if reference is None or (self.tag is None and self.digest is None):
             return True
         if self.digest is not None:
@@ -305,7 +309,32 @@ class Policy:
         for the repository has a reference part, so every tag is decided as it is."""
         if not self._names_references(subject, target):
             return None
-        return lambda tag: self.refusal(subject, replace(target, reference=tag)) is None
+        # The globs whose paths match are found once: per tag, only their reference parts
+        # are asked (a list of 100,000 tags is filtered on the event loop).
+        lists, path = self.lists(target), target.repository
+        deny = [glob for glob in lists.deny if glob.path.matches(path)]
+        allow = None if lists.allow is None else [g for g in lists.allow if g.path.matches(path)]
+        named = [f"{alias}/{path}" for alias in target.aliases]
+        granting = (
+            None
+            if self.rules is None
+            else [
+                glob
+                for rule in self.rules
+                if rule.names(subject)
+                for glob in rule.pulls
+                if any(glob.path.matches(name) for name in named)
+            ]
+        )
+
+        def may_pull(tag: str) -> bool:
+            if any(glob.denies_reference(tag) for glob in deny):
+                return False
+            if allow is not None and not any(glob.grants_reference(tag) for glob in allow):
+                return False
+            return granting is None or any(glob.grants_reference(tag) for glob in granting)
+
+        return may_pull
 
     def _names_references(self, subject: str, target: Target) -> bool:
         """Whether a list or rule glob that may apply to `target` has a reference part."""
