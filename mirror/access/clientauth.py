@@ -26,6 +26,7 @@ from mirror.access.hashing import HashPool
 from mirror.config.auth import check_signing_key
 from mirror.oci.reference import is_valid_name
 from mirror.util.lru import LRU
+from mirror.util.singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class Htpasswd:
         self._verified: LRU[str, float] = LRU(VERIFIED_ENTRIES)
         # Checks under way, by the `_key` of their credentials: the same login sent many
         # times at once (a deployment's pods starting, a CI fleet) costs one bcrypt check.
-        self._checking: dict[str, asyncio.Task[bool]] = {}
+        self._checking = SingleFlight()
         self._decoys: dict[int, bytes] = {}  # bcrypt cost → a hash no password matches
 
     def _reload_sync(self) -> None:
@@ -120,9 +121,12 @@ class Htpasswd:
     def pending(self, username: str, password: str) -> Awaitable[bool] | None:
         """The answer of the same check already under way, or None when there is none."""
         hashed = self._users.get(username)
-        task = None if hashed is None else self._checking.get(self._key(username, password, hashed))
-        # Shielded: a client that goes away cancels its own wait, not the others' check.
-        return None if task is None else asyncio.shield(task)
+        if hashed is None:
+            return None
+        running: Awaitable[bool] | None = self._checking.running(
+            self._key(username, password, hashed)
+        )
+        return running
 
     async def verify(self, username: str, password: str, owner: str = "") -> bool:
         """Whether the password is `username`'s, checked on the pool as `owner`'s (a
@@ -138,14 +142,8 @@ class Htpasswd:
             decoy = await self._decoy(owner)
             await self._pool.run(bcrypt.checkpw, password.encode(), decoy, owner=owner)
             return False
-        pending = self.pending(username, password)
-        if pending is not None:
-            return await pending
         key = self._key(username, password, hashed)
-        task = asyncio.create_task(self._check(key, password, hashed, owner))
-        self._checking[key] = task
-        task.add_done_callback(lambda _: self._checking.pop(key, None))
-        return await asyncio.shield(task)
+        return await self._checking.do(key, lambda: self._check(key, password, hashed, owner))
 
     async def _check(self, key: str, password: str, hashed: bytes, owner: str) -> bool:
         ok = await self._pool.run(bcrypt.checkpw, password.encode(), hashed, owner=owner)

@@ -29,6 +29,12 @@ class SingleFlight:
         result: T = await asyncio.shield(task)
         return result
 
+    def running(self, key: Hashable) -> Awaitable[Any] | None:
+        """The result of the call under `key` while one is under way (shielded: a caller
+        that goes away cancels its own wait only), else None."""
+        task = self._calls.get(key)
+        return None if task is None else asyncio.shield(task)
+
     def _finished(self, key: Hashable, task: asyncio.Task[Any]) -> None:
         self._calls.pop(key, None)
         if not task.cancelled():

@@ -84,19 +84,13 @@ class PullGate:
         default = upstream is self._upstreams.default
         return Target(upstream.name, aliases, default, repository, reference)
 
-    def refusal(self, subject: str, target: Target, digest: str | None = None) -> str | None:
-        """Why `subject` may not pull `target` (a reason word), or None when it may; with
-        `digest`, the manifest of that digest `target`'s tag resolved to."""
+    def refusal(self, subject: str, target: Target) -> str | None:
+        """Why `subject` may not pull `target` (a reason word), or None when it may."""
         if self.policy is None:
             return None
-        reference = target.reference if digest is None else digest
-        key = (subject, target.upstream, target.repository, reference)
+        key = (subject, target.upstream, target.repository, target.reference)
         decided = self._decisions.get(key)
         if decided is None:
-            if digest is not None:
-                target = Target(
-                    target.upstream, target.aliases, target.default, target.repository, digest
-                )
             decided = self.policy.refusal(subject, target) or _ALLOWED
             self._decisions.put(key, decided)
         return decided or None
@@ -172,7 +166,8 @@ def check_served(request: web.Request, digest: str, index: str | None) -> None:
     for served in (digest, index):
         if served is None or served == pending.target.reference:
             continue  # by digest: the gate asked about it already
-        reason = gate.refusal(pending.subject, pending.target, served)
+        upstream, repository = route(request)
+        reason = gate.refusal(pending.subject, gate.target(upstream, repository, served))
         if reason is not None:
             pending.reason, pending.digest = reason, served
             request.app[metrics_key].pulls_denied.labels(pending.target.upstream, reason).inc()
