@@ -111,19 +111,24 @@ class ClientAuth:
         """`check`, but a Bearer token the mirror refuses is TokenRefused (counted)."""
         header = request.headers.get("Authorization", "")
         scheme, _, value = header.partition(" ")
-        refused = self.refused
         if scheme.lower() == "bearer":
             try:
                 return self.signer.verify(value.strip(), self.audience(request))
             except TokenRefused as exc:
-                refused.labels(exc.reason).inc()
+                self.refused.labels(exc.reason).inc()
                 raise
-        basic = parse_basic(header)
+        _, user = await self._basic_login(request, header)
+        return None if user is None else Grant(user, frozenset({"*"}))
+
+    async def _basic_login(self, request: web.Request, header: str) -> tuple[bool, str | None]:
+        """(whether Basic credentials were sent, the user they log in as, if any); a
+        header that logs no one in is counted as refused."""
+        basic = parse_basic(header) if header else None
         if basic is not None and await self.login(request, *basic):
-            return Grant(basic[0], frozenset({"*"}))
+            return True, basic[0]
         if header:
-            refused.labels("password" if basic is not None else "malformed").inc()
-        return None
+            self.refused.labels("password" if basic is not None else "malformed").inc()
+        return basic is not None, None
 
     async def login(self, request: web.Request, username: str, password: str) -> bool:
         """Whether the credentials are good; TooManyLogins when the user name at the
@@ -187,15 +192,12 @@ class ClientAuth:
 
     async def token(self, request: web.Request) -> web.Response:
         """`GET /token`: a pull token for the requested repositories."""
-        header = request.headers.get("Authorization", "")
-        basic = parse_basic(header) if header else None
-        if basic is not None and await self.login(request, *basic):
-            subject = basic[0]
+        sent, user = await self._basic_login(request, request.headers.get("Authorization", ""))
+        if user is not None:
+            subject = user
         else:
-            if header:
-                self.refused.labels("password" if basic is not None else "malformed").inc()
             if not self.anonymous_pull:
-                message = "invalid username or password" if basic else "credentials required"
+                message = "invalid username or password" if sent else "credentials required"
                 raise Unauthorized(message, challenge='Basic realm="mirror"')
             # Docker sends the user's Docker Hub login to a mirror's realm (moby#42022):
             # where anonymous pulls are allowed, credentials of no user pull anonymously.
