@@ -48,12 +48,14 @@ from mirror.web.conditional import (
     not_modified,
     range_allowed,
 )
-from mirror.web.sendfile import READ_CHUNK, send_file
+from mirror.web.sendfile import send_file
 from mirror.web.stamp import prepare
 
 log = logging.getLogger(__name__)
 
 OCTET_STREAM = "application/octet-stream"
+# Bytes asked of an upstream body per write when one is relayed.
+READ_CHUNK = 1024 * 1024
 
 
 # `bytes=-0`: the last none of the blob's bytes, which is unsatisfiable (RFC 9110 §14.1.1).
@@ -437,9 +439,7 @@ class BlobService:
         """Send the blob from a download's file as its bytes arrive; `origin` (cache or
         upstream) labels them in the served-bytes metric."""
         size = download.size
-        # Without a known size a range cannot be checked: send the whole blob (allowed).
-        ranged = size is not None and range_allowed(request, str(download.digest))
-        span = parse_range(request, size) if ranged and size is not None else None
+        span = _span(request, download.digest, size)
         resp = _sized_response(download.digest, size, span)
         if span is not None and not download.verified:
             # A range can end before the blob does: its bytes go out unverified. (A whole
@@ -515,12 +515,19 @@ def _blob_headers(digest: Digest) -> dict[str, str]:
 async def _head(request: web.Request, digest: Digest, size: int | None) -> web.StreamResponse:
     """The headers a GET of the blob would get, its Range applied to the size as for a
     cached blob (a 206, or a 416): a HEAD answers alike whatever is cached where."""
-    ranged = size is not None and range_allowed(request, str(digest))
-    span = parse_range(request, size) if ranged and size is not None else None
-    resp = _sized_response(digest, size, span)
+    resp = _sized_response(digest, size, _span(request, digest, size))
     await prepare(request, resp)
     await resp.write_eof()
     return resp
+
+
+def _span(request: web.Request, digest: Digest, size: int | None) -> tuple[int, int] | None:
+    """The request's range of a blob of `size` bytes, None for the whole blob (a 416 for
+    one outside it). Without a known size a range cannot be checked: the whole blob goes
+    (which HTTP allows)."""
+    if size is None or not range_allowed(request, str(digest)):
+        return None
+    return parse_range(request, size)
 
 
 def _sized_response(

@@ -20,8 +20,6 @@ from mirror.web.connections import cut_stalled, send_timeout
 
 log = logging.getLogger(__name__)
 
-# Bytes asked of an upstream body per write when one is relayed (web/blobs.py).
-READ_CHUNK = 1024 * 1024
 # Where sendfile cannot be used (TLS, chunked bodies): the bytes read and written at a
 # time, and the transport's high-water mark meanwhile (see `_copy`).
 COPY_PIECE = 128 * 1024
