@@ -37,7 +37,7 @@ FAILED_SUFFIX = "/failed"
 # After Redis failed to answer, leases are not tried for this long: a Redis that drops
 # packets (rather than refusing) would otherwise cost every miss a connect timeout.
 DOWN_RETRY = 1.0
-# Redis connections a replica's leases use at most (its pool's size).
+# Turns of a `Leases` not given its connection's (a pool of this size).
 CONNECTIONS = 16
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -153,7 +153,11 @@ class Leases:
     """Acquire leases in one Redis (any topology), as this replica."""
 
     def __init__(
-        self, client: RedisClient, owner: str, ttl: float, connections: int = CONNECTIONS
+        self,
+        client: RedisClient,
+        owner: str,
+        ttl: float,
+        turns: asyncio.Semaphore | None = None,
     ) -> None:
         self.client = client
         self.owner = owner
@@ -161,10 +165,9 @@ class Leases:
         # In each lease's value after the URL: tells this process's leases from those of
         # another replica given the same advertise URL by mistake.
         self._process = secrets.token_hex(4)
-        # Sentinel's pool raises past its size instead of waiting: every command on
-        # `client` takes a turn here, so that a burst (a rollout's pulls) is never taken
-        # for an outage, each replica then doing the work alone.
-        self.turns = asyncio.Semaphore(connections)
+        # Every command on `client` takes one of its connection's turns (topology.py):
+        # a burst (a rollout's pulls) is never taken for an outage.
+        self.turns = asyncio.Semaphore(CONNECTIONS) if turns is None else turns
         self.held: set[Lease] = set()  # taken and not yet released: `release_all` ends them
 
     async def release_all(self) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections.abc import Sequence
@@ -50,9 +49,7 @@ class RedisMetadata:
             health_check_interval=30,
         )
         self._redis = self._conn.client
-        # Sentinel's and Cluster's pools fail past their size instead of waiting: a burst
-        # of requests takes turns here, so it is never taken for an outage.
-        self._turns = asyncio.Semaphore(REDIS_CONNECTIONS)
+        self._turns = self._conn.turns  # every command takes one (topology.py)
 
     async def get_tag(self, upstream: str, repo: str, tag: str) -> TagRecord | None:
         async with self._turns:

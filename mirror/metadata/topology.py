@@ -37,10 +37,17 @@ class RedisConnection:
     """One Redis client for any topology, and what it takes to close it."""
 
     def __init__(
-        self, target: RedisTarget, client: RedisClient, sentinel: Sentinel | None = None
+        self,
+        target: RedisTarget,
+        client: RedisClient,
+        max_connections: int,
+        sentinel: Sentinel | None = None,
     ) -> None:
         self.target = target
         self.client = client
+        # Sentinel's and Cluster's pools raise past their size instead of waiting: each
+        # command takes a turn here, so a burst is never taken for an outage.
+        self.turns = asyncio.Semaphore(max_connections)
         self._sentinel = sentinel
 
     async def scan_keys(self, match: str, count: int = 1000) -> AsyncIterator[str]:
@@ -65,8 +72,9 @@ class RedisConnection:
 def open_redis(url: str, max_connections: int, **options: Any) -> RedisConnection:
     """A client for `url` (validated already), with `options` for every connection.
 
-    `max_connections` bounds the connections to each node; the caller keeps its own
-    concurrency below it, since only the single-server pool waits for a free connection.
+    `max_connections` bounds the connections to each node; callers keep their concurrency
+    below it by taking the connection's `turns`, since only the single-server pool waits
+    for a free connection.
     """
     target = parse_redis_url("redis.url", url)
     if target.topology == "cluster":
@@ -77,7 +85,7 @@ def open_redis(url: str, max_connections: int, **options: Any) -> RedisConnectio
             max_connections=max_connections,
             **options,
         )
-        return RedisConnection(target, cluster)
+        return RedisConnection(target, cluster, max_connections)
     if target.topology == "sentinel":
         return _sentinel_connection(target, max_connections, options)
     # A blocking pool: a burst of requests waits its turn for a connection instead of
@@ -85,7 +93,7 @@ def open_redis(url: str, max_connections: int, **options: Any) -> RedisConnectio
     pool = aioredis.BlockingConnectionPool.from_url(
         target.url, max_connections=max_connections, timeout=2, **options
     )
-    return RedisConnection(target, aioredis.Redis(connection_pool=pool))
+    return RedisConnection(target, aioredis.Redis(connection_pool=pool), max_connections)
 
 
 def _sentinel_connection(
@@ -109,4 +117,4 @@ def _sentinel_connection(
     client = sentinel.master_for(
         target.master, redis_class=aioredis.Redis, max_connections=max_connections
     )
-    return RedisConnection(target, client, sentinel)
+    return RedisConnection(target, client, max_connections, sentinel)

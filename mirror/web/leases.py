@@ -42,7 +42,7 @@ async def leases_ctx(app: web.Application) -> AsyncIterator[None]:
         socket_connect_timeout=LEASE_SOCKET_TIMEOUT,
         socket_timeout=LEASE_SOCKET_TIMEOUT,
     )
-    leases = Leases(conn.client, cluster.advertise_url, cluster.lease_ttl, LEASE_CONNECTIONS)
+    leases = Leases(conn.client, cluster.advertise_url, cluster.lease_ttl, conn.turns)
     app[leases_key] = app[work_leases_key] = leases
     app[metrics_key].cluster.replica_info.labels(cluster.replica_id).set(1)
     log.info("replica %s of a cluster (lease ttl %gs)", cluster.replica_id, cluster.lease_ttl)
