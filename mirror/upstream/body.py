@@ -142,8 +142,11 @@ class BlobBody:
         TooLong and past the limit its error (never handed out, the connection dropped)."""
         content = self._response.content
         received = received_pieces(content) if size is None else content.iter_chunked(size)
-        paced = _Paced(received, self._response, pace or Pace())
-        chunks: AsyncIterator[bytes] = _Measured(paced, self.length, self._response)
+        chunks: AsyncIterator[bytes] = _Paced(received, self._response, pace or Pace())
+        if self.length is not None and self._response.content_length != self.length:
+            # A length from Content-Range alone (a chunked 206): held to it here. One the
+            # Content-Length gives, aiohttp's parser holds the body to already.
+            chunks = _Measured(chunks, self.length, self._response)
         if self._limit is None:
             return chunks
         return _Bounded(chunks, self.offset, self._limit, self._response)
