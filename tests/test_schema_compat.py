@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mirror.cluster.lease import _owner_of
+from mirror.cluster.lease import _parts
 from mirror.metadata.store import SCHEMA_VERSION, TagRecord
 from tests.releases import PREVIOUS_RELEASE, unpack_release
 
@@ -53,7 +53,7 @@ def test_the_previous_release_reads_what_this_one_writes(previous_release: Path)
 def test_this_release_reads_what_the_previous_one_wrote(previous_release: Path) -> None:
     written = old_read(previous_release, RECORD.to_json(), "x y")["record"]
     assert TagRecord.from_json(written) == RECORD
-    assert _owner_of("http://r0:8083 0123abcd") == "http://r0:8083"
+    assert _parts("http://r0:8083 0123abcd") == ("http://r0:8083", "0123abcd")
 
 
 def test_a_later_release_s_fields_are_ignored_and_an_unusable_record_is_absent() -> None:
