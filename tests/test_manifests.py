@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from typing import Any
@@ -268,6 +269,56 @@ async def test_manifest_whose_bytes_do_not_match_is_refused_and_not_cached(
     hub.reset_stats()
     resp = await pull_manifest(client, "library/nginx", digest)
     assert await resp.read() == tagged["manifest"]
+    assert hub.stats["manifest_get"] == 1  # the bad bytes were not kept
+
+
+def by_sha512(hub: FakeHub, repo: str, digest: str, body: bytes | None = None) -> str:
+    """The upstream answering for `digest`'s manifest by its sha512 too (`body` instead,
+    for one that lies); that sha512."""
+    media_type, kept = hub.content.manifests[repo][digest]
+    sha512 = "sha512:" + hashlib.sha512(kept).hexdigest()
+    hub.content.manifests[repo][sha512] = (media_type, kept if body is None else body)
+    return sha512
+
+
+async def test_a_manifest_by_its_sha512_is_served_alike_by_head_and_get_and_kept_once(
+    hub: FakeHub, client: Client, tagged: dict[str, Any]
+) -> None:
+    """By a sha512 digest: checked against it, kept as its sha256 (one copy, one record)
+    and answered under the digest asked for, HEAD and GET alike."""
+    sha512 = by_sha512(hub, "library/nginx", tagged["digest"])
+    for method in ("HEAD", "GET", "HEAD", "GET"):
+        resp = await pull_manifest(client, "library/nginx", sha512, method)
+        body = await resp.read()
+        assert resp.status == 200, (method, body)
+        assert resp.headers["Docker-Content-Digest"] == sha512
+        assert resp.headers["ETag"] == f'"{sha512}"'
+        assert resp.headers["Content-Length"] == str(len(tagged["manifest"]))
+        assert body == (tagged["manifest"] if method == "GET" else b"")
+    assert hub.stats["manifest_get"] == 1 and hub.stats["manifest_head"] == 0
+    # Its sha256 is answered from that one copy.
+    resp = await pull_manifest(client, "library/nginx", tagged["digest"])
+    assert await resp.read() == tagged["manifest"]
+    assert resp.headers["Docker-Content-Digest"] == tagged["digest"]
+    assert hub.stats["manifest_get"] == 1
+    resp = await client.get(
+        f"/v2/library/nginx/manifests/{sha512}", headers={"If-None-Match": f'"{sha512}"'}
+    )
+    assert resp.status == 304
+
+
+async def test_a_manifest_not_matching_its_sha512_is_refused_and_not_kept(
+    hub: FakeHub, client: Client, tagged: dict[str, Any]
+) -> None:
+    sha512 = by_sha512(hub, "library/nginx", tagged["digest"], b'{"tampered": true}')
+    for method in ("GET", "HEAD"):
+        resp = await pull_manifest(client, "library/nginx", sha512, method)
+        await resp.read()
+        assert resp.status != 200, method
+    by_sha512(hub, "library/nginx", tagged["digest"])
+    hub.reset_stats()
+    resp = await pull_manifest(client, "library/nginx", sha512)
+    assert resp.status == 200 and await resp.read() == tagged["manifest"]
     assert hub.stats["manifest_get"] == 1  # the bad bytes were not kept
 
 

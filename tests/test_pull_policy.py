@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
 import json
 import logging
@@ -221,6 +222,26 @@ async def test_a_digest_deny_refuses_the_manifest_by_tag_too(
         "deny_list",
     )
     assert first["status"] == 403
+
+
+async def test_a_digest_deny_refuses_the_manifest_asked_for_by_its_sha512(
+    make_client: MakeClient, hub: FakeHub, ghcr: FakeHub, images: dict[str, dict[str, Any]]
+) -> None:
+    """A deny names the sha256 digest registries show; the same bytes asked for by their
+    sha512 are the same manifest, refused alike."""
+    nginx = images["nginx"]
+    media_type, body = hub.content.manifests["library/nginx"][nginx["digest"]]
+    sha512 = "sha512:" + hashlib.sha512(body).hexdigest()
+    hub.content.manifests["library/nginx"][sha512] = (media_type, body)
+    client = await policy_mirror(
+        make_client, hub, ghcr, docker_io={"deny": [f"library/nginx@{nginx['digest']}"]}
+    )
+    for method in ("GET", "HEAD", "GET"):
+        path = f"/v2/library/nginx/manifests/{sha512}"
+        resp = await client.request(method, path)
+        await resp.read()
+        assert resp.status == 403, method
+        assert "Docker-Content-Digest" not in resp.headers
 
 
 # --- rules: users, groups, anonymous, tokens ----------------------------------------------------

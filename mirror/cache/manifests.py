@@ -144,6 +144,9 @@ class ManifestService:
         self._answers: LRU[tuple[str, str, str, bool], tuple[TagRecord, Manifest]] = LRU(
             HOT_MANIFEST_BYTES, lambda kept: len(kept[1].body or b"") + 1024
         )
+        # A manifest asked for by another algorithm's digest (sha512): the sha256 it is
+        # kept, recorded and judged by, once its bytes were checked against the one asked.
+        self._aliases: LRU[str, str] = LRU(HOT_TAGS)
         # Concurrent misses and revalidations of one manifest make one upstream request.
         self._flight = SingleFlight()
         # ... and with replicas, one upstream request across all of them (a lease each).
@@ -249,7 +252,8 @@ class ManifestService:
     ) -> Manifest:
         """The manifest by digest; unless `held` (a tag of the repository points at it),
         only once the repository is known to hold it (cache/holdings.py)."""
-        parse_digest(reference)  # DigestInvalid for one that is none
+        if parse_digest(reference).algorithm != "sha256":  # DigestInvalid for one that is none
+            return await self._by_alias(upstream, repo, reference, head=head)
         cached = await self._read_cached(reference)
         if not held:
             held = await self._holdings.known(upstream.name, repo, reference)
@@ -279,6 +283,29 @@ class ManifestService:
                 UPSTREAM_FAILED,
             ),
         )
+
+    async def _by_alias(
+        self, upstream: Upstream, repo: str, reference: str, *, head: bool
+    ) -> Manifest:
+        """The manifest by a digest of another algorithm than the cache's, answered as its
+        sha256: so a deny naming the sha256 refuses it too (web/gate.py), and the bytes are
+        kept once. A HEAD costs one GET the first time: the sha256 needs the bytes."""
+        canonical = self._aliases.get(reference)
+        if canonical is not None:
+            return await self._by_digest(upstream, repo, canonical, head=head, held=False)
+        self._manifest_miss.inc()
+        key = ("alias", upstream.name, repo, reference)
+        found = await self._flight.do(key, lambda: self._fetch_alias(upstream, repo, reference))
+        return Manifest(found.digest, found.media_type, found.size, None if head else found.body)
+
+    async def _fetch_alias(self, upstream: Upstream, repo: str, reference: str) -> Manifest:
+        info, body = await upstream.manifest(repo, reference, ALL_TYPES, head=False)
+        asked = parse_digest(reference)
+        if body is None or compute_digest(body, asked.algorithm) != asked:
+            raise ManifestUnknown(f"upstream sent another manifest for {reference}")
+        await self._store(upstream, repo, info, body)
+        self._aliases.put(reference, info.digest)
+        return Manifest(info.digest, info.media_type, info.size, body)
 
     async def _confirm_cached(self, upstream: Upstream, repo: str, reference: str) -> None:
         """Holdings.confirm for a cached manifest; a refusal is this request's cache miss,

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from mirror.oci.errors import EndpointUnknown, RangeNotSatisfiable, Unsupported
 from mirror.oci.negotiation import OCI_INDEX, parse_accept
-from mirror.oci.reference import parse_digest
+from mirror.oci.reference import is_digest_reference, parse_digest
 from mirror.storage.base import RangeOutsideBlob
 from mirror.web.conditional import cache_control, digest_headers, none_match, not_modified
 from mirror.web.gate import check_served, route
@@ -41,19 +41,20 @@ async def manifest(request: web.Request) -> web.StreamResponse:
     upstream, repo = route(request)
     head = request.method == "HEAD"
     accept = parse_accept(tuple(request.headers.getall("Accept", ())))
-    found = await request.app[manifests_key].get(
-        upstream, repo, request.match_info["reference"], accept, head=head
-    )
+    reference = request.match_info["reference"]
+    found = await request.app[manifests_key].get(upstream, repo, reference, accept, head=head)
     check_served(request, found.digest, found.index)
+    # By digest, the digest asked for: a sha512 one is answered as its sha256 is kept.
+    shown = reference if is_digest_reference(reference) else found.digest
     headers = {
         "Content-Type": found.media_type,
-        **digest_headers(found.digest),
+        **digest_headers(shown),
         "Cache-Control": cache_control(found.fresh_for),
         "Vary": "Accept",  # the answer depends on it (negotiation.py)
     }
     if found.stale:
         headers["Warning"] = STALE_WARNING
-    if none_match(request, found.digest):
+    if none_match(request, shown):
         return not_modified(headers)
     if found.body is not None:
         request.app[pulls_key].add(upstream.catalog_name(repo))
