@@ -151,6 +151,32 @@ async def test_one_replica_ending_its_stream_leaves_the_others_mark(
         await conn.close()
 
 
+async def test_a_catch_up_upload_is_live_to_the_other_replicas_under_the_blobs_lease(
+    redis_server: RedisServer,
+) -> None:
+    """A blob sent to the bucket once it answers again (storage/s3/catchup.py) holds the
+    blob's lease as a download's upload does: no other replica's chore aborts it, and while
+    another replica downloads that blob, its own upload sends it instead."""
+    url = await flushed(redis_server)
+    conn = open_redis(url, 4, decode_responses=True)
+    try:
+        first = BucketShare(lambda: Leases(conn.client, "http://a:1", LEASE_TTL))
+        second = BucketShare(lambda: Leases(conn.client, "http://b:1", LEASE_TTL))
+        digest = "sha256:" + "5" * 64
+        async with first.uploading(digest) as mine:
+            assert mine
+            assert await second.upload_live(digest)
+            await asyncio.sleep(2 * LEASE_TTL)  # renewed while the upload runs
+            assert await second.upload_live(digest)
+            async with second.uploading(digest) as theirs:
+                assert not theirs
+        assert not await second.upload_live(digest)
+        for share in (first, second):
+            await share.close()
+    finally:
+        await conn.close()
+
+
 @pytest.mark.parametrize("leases_started", [False, True])
 async def test_without_redis_no_replica_evicts(leases_started: bool) -> None:
     conn = open_redis(f"redis://127.0.0.1:{free_port()}/0", 4, socket_connect_timeout=0.5)

@@ -550,19 +550,21 @@ async def test_gateway_stopped_mid_upload_leaves_no_object(
         await asyncio.to_thread(rgw.start_gateway)
     hub.cdn_delay = 0
 
-    assert rgw.s3().keys(s3.bucket) == []  # no partial object under the digest
     assert await (await client.get(path)).read() == layer  # the next pull: the local tier
-    # The upload the gateway cut is aborted once the bucket answers again.
+    # Once the bucket answers again, the upload the gateway cut is aborted and the blob the
+    # local tier kept is sent whole (never a part of it under the digest).
     for _ in range(400):
-        if rgw.s3().multipart_uploads(s3.bucket) == []:
+        if rgw.s3().multipart_uploads(s3.bucket) == [] and rgw.s3().keys(s3.bucket):
             break
         await asyncio.sleep(0.05)
     assert rgw.s3().multipart_uploads(s3.bucket) == []
-    # A mirror with a fresh local tier caches the blob anew.
+    assert rgw.s3().keys(s3.bucket) == [key("blobs", digest)]
+    assert rgw.s3().get(s3.bucket, key("blobs", digest)) == layer
+    # A mirror with a fresh local tier reads it from there: no upstream fetch again.
+    hub.reset_stats()
     second = await make_client(storage=storage(tmp_path, s3, "second"))
     assert await (await second.get(path)).read() == layer
-    await settled(second)
-    assert rgw.s3().get(s3.bucket, key("blobs", digest)) == layer
+    assert hub.stats["cdn_get"] == 0
 
 
 def begin_abandoned_upload(rgw: CephRGW, s3: S3Config) -> str:
@@ -683,6 +685,7 @@ async def test_a_mirror_starts_while_the_bucket_is_down_and_relays(
 ) -> None:
     layer = os.urandom(2 * MiB)
     digest = hub.content.add_blob(layer)
+    image = hub.content.add_image("library/app", "v1", [b"kept while down"])
     path = f"/v2/library/app/blobs/{digest}"
     await asyncio.to_thread(rgw.stop_gateway)
     try:
@@ -696,6 +699,9 @@ async def test_a_mirror_starts_while_the_bucket_is_down_and_relays(
         resp = await client.get(path)
         assert (resp.status, await resp.read()) == (200, layer)  # relayed from upstream
         assert not local_blob(tmp_path / "data", digest).exists()  # uncached
+        # A manifest is kept locally all the same, and sent once the bucket is back.
+        resp = await client.get(f"/v2/library/app/manifests/{image['digest']}")
+        assert await resp.read() == image["manifest"]
     finally:
         await asyncio.to_thread(rgw.start_gateway)
 
@@ -708,6 +714,12 @@ async def test_a_mirror_starts_while_the_bucket_is_down_and_relays(
     await settled(client)
     assert rgw.s3().get(s3.bucket, key("blobs", digest)) == layer
     assert hub.stats["cdn_get"] == 2
+    manifest = key("manifests", image["digest"])
+    for _ in range(100):
+        if manifest in rgw.s3().keys(s3.bucket):
+            break
+        await asyncio.sleep(0.1)
+    assert rgw.s3().get(s3.bucket, manifest) == image["manifest"]
 
 
 def serve_config(tmp_path: Path, s3_lines: str) -> Path:

@@ -51,6 +51,21 @@ class BucketShare:
         async with got.kept():
             yield True
 
+    @contextlib.asynccontextmanager
+    async def uploading(self, digest: str) -> AsyncIterator[bool]:
+        """Under the blob's lease, as its download's upload: no other replica aborts it.
+        Held elsewhere: that replica's download uploads it. No Redis: every upload counts
+        as live for the others, so this one too."""
+        leases = self._leases()
+        got = None if leases is None else await leases.acquire(lease_name(digest))
+        if got is None:
+            yield True
+        elif isinstance(got, Lease):
+            async with got.kept():
+                yield True
+        else:
+            yield False
+
     async def upload_live(self, digest: str) -> bool:
         leases = self._leases()
         return leases is not None and await _held(leases, lease_name(digest))

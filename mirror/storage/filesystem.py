@@ -280,6 +280,19 @@ class Storage:
         if temp is not None:
             temp.unlink(missing_ok=True)
 
+    async def verified_blob_size(self, digest: Digest) -> int | None:
+        """The size of the blob's file, hashed again and found to match; None when it is
+        not kept (or no longer matches)."""
+
+        def check() -> int | None:
+            path = self.blob_path(digest)
+            try:
+                return path.stat().st_size if _file_matches(str(path), digest, False) else None
+            except FileNotFoundError:
+                return None
+
+        return await asyncio.to_thread(check)
+
     async def read_manifest(self, digest: Digest) -> tuple[str, bytes] | None:
         """(media type, bytes) of a cached manifest, or None."""
         try:

@@ -26,6 +26,10 @@ class BucketSharing(Protocol):
     async def upload_live(self, digest: str) -> bool:
         """Is the multipart upload of the blob `digest` another process's live one?"""
 
+    def uploading(self, digest: str) -> AbstractAsyncContextManager[bool]:
+        """Yields whether this process may upload the blob `digest` now, marked live for
+        the others while it does (False: another process downloads and uploads it)."""
+
     async def begin_read(self, digest: str) -> None:
         """This process starts streaming the object of `digest` from the bucket."""
 
@@ -53,6 +57,10 @@ class Alone:
 
     async def upload_live(self, digest: str) -> bool:
         return False
+
+    @contextlib.asynccontextmanager
+    async def uploading(self, digest: str) -> AsyncIterator[bool]:
+        yield True
 
     async def begin_read(self, digest: str) -> None:
         pass

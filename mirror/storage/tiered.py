@@ -12,13 +12,16 @@
                object too large, or of no manifest media type, is a miss
 
 While the bucket does not answer, the local tier serves what it has and everything else is
-relayed from upstream uncached (as with a full disk): `writable_now` is False then.
+relayed from upstream uncached (as with a full disk): `writable_now` is False then. What
+the local tier kept meanwhile (manifests; a blob whose upload the bucket cut) is sent to
+the bucket once it answers again (s3/catchup.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import http.client
 import logging
 import os
@@ -50,6 +53,7 @@ from mirror.storage.base import (
 from mirror.storage.filesystem import Storage
 from mirror.storage.localflight import Claim, LocalFlight
 from mirror.storage.s3.bucket import CONNECT_TIMEOUT, READ_TIMEOUT, S3_ERRORS, Bucket
+from mirror.storage.s3.catchup import Unsent
 from mirror.storage.s3.index import BucketIndex
 from mirror.storage.s3.keys import KINDS, Kind
 from mirror.storage.s3.read import BucketStream
@@ -122,6 +126,16 @@ class TieredStorage(Storage):
         self.abandoned_after = ABANDONED_AFTER
         self.abort_interval = ABORT_INTERVAL
         self._aborter: asyncio.Task[None] | None = None
+        # What the local tier kept and the bucket did not get: sent when it answers again.
+        self._unsent = Unsent(
+            self.bucket,
+            self._sharing,
+            self._part_buffers,
+            self.blob_path,
+            self.verified_blob_size,
+            super().read_manifest,
+            self.index.stored,
+        )
         self._bucket_back = asyncio.Event()
         self.bucket.on_up = self._bucket_back.set
         # Whole objects over plain HTTP are spliced into the local tier (net/splice.py),
@@ -394,7 +408,8 @@ class TieredStorage(Storage):
         self._loop.call_later(OVERSIZE_GRACE, remove)
 
     def start_upload(self, digest: Digest, size: int | None, temp: Path) -> Upload:
-        if not self.bucket.up:  # the blob stays local; a later pull after recovery uploads
+        if not self.bucket.up:  # kept locally, if at all: sent when the bucket is back
+            self._unsent.add("blobs", digest)
             return NoUpload()
 
         def stored(written: int) -> None:
@@ -403,7 +418,10 @@ class TieredStorage(Storage):
 
         key = self.bucket.keys.blob(digest)
         final = self.blob_path(digest)  # read from there once the temp file is renamed
-        upload = BucketUpload(self.bucket, key, size, temp, stored, self._part_buffers, final)
+        unsent = functools.partial(self._unsent.add, "blobs", digest)
+        upload = BucketUpload(
+            self.bucket, key, size, temp, stored, self._part_buffers, final, unsent
+        )
         return _OwnUpload(upload, key, self._uploading)
 
     # --- manifests -------------------------------------------------------------------------
@@ -449,13 +467,20 @@ class TieredStorage(Storage):
     async def write_manifest(self, digest: Digest, media_type: str, body: bytes) -> bool:
         """Into the bucket, then the local tier (whose disk may refuse: OSError)."""
         valid = compute_digest(body, digest.algorithm) == digest and "\n" not in media_type
-        if valid and await self.bucket.up_now():
-            try:
-                key = self.bucket.keys.manifest(digest)
-                await self.bucket.put(key, body, media_type, answering=True)
-            except S3_ERRORS as exc:
-                log.warning("manifest %s not stored in the bucket: %s", digest, type(exc).__name__)
+        if valid and not await self._put_manifest(digest, media_type, body):
+            self._unsent.add("manifests", digest)
         return await super().write_manifest(digest, media_type, body)
+
+    async def _put_manifest(self, digest: Digest, media_type: str, body: bytes) -> bool:
+        if not await self.bucket.up_now():
+            return False
+        try:
+            key = self.bucket.keys.manifest(digest)
+            await self.bucket.put(key, body, media_type, answering=True)
+        except S3_ERRORS as exc:
+            log.warning("manifest %s not stored in the bucket: %s", digest, type(exc).__name__)
+            return False
+        return True
 
     # --- commands (ls, gc, verify) -------------------------------------------------------------
     async def blob_sizes(self) -> dict[str, int]:
@@ -495,6 +520,10 @@ class TieredStorage(Storage):
             self._bucket_back.clear()
             if not self.bucket.up:
                 continue
+            try:
+                await self._unsent.send()
+            except Exception as exc:  # the chore must outlive any failure: next time, again
+                log.warning("objects kept meanwhile not sent to the bucket: %s", type(exc).__name__)
             try:
                 async with self._sharing.exclusive() as mine:
                     if mine:

@@ -114,8 +114,10 @@ class BucketUpload:
         on_stored: Callable[[int], None],
         buffers: PartBuffers,
         final: Path | None = None,
+        on_unsent: Callable[[], None] | None = None,
     ) -> None:
         self._bucket = bucket
+        self._on_unsent = on_unsent  # told when `complete` did not store the object
         self._buffers = buffers
         self._key = key
         self._temp = temp
@@ -157,6 +159,8 @@ class BucketUpload:
         if self._error is not None:
             log.warning("blob not stored in the bucket (%s): %s", self._key, self._error)
             await self.abort()
+            if self._on_unsent is not None:
+                self._on_unsent()
             return
         self._on_stored(self._written)
 
