@@ -4,9 +4,11 @@
     filesystem.py   Storage: the directory is the whole cache (storage.s3 unset)
     tiered.py       TieredStorage: the directory as a local tier in front of the bucket
     sharing.py      BucketSharing: the bucket's chores among processes (Alone by default)
+    hostshare.py    HostShare: ... among the workers of one host, by file locks
     s3/bucket.py    Bucket: one S3 bucket through aiobotocore (calls, health, metrics)
     s3/keys.py      KeyLayout: the bucket's keys, both ways
     s3/upload.py    BucketUpload: a download's temp file copied into the bucket
+    s3/catchup.py   Unsent: what the local tier kept while the bucket was down, sent after
     s3/read.py      BucketStream: one bucket GET streamed, the local tier filled
     s3/index.py     BucketIndex: last reads of the bucket's blobs, and its eviction
 

@@ -35,7 +35,9 @@ from mirror.observe.metrics import Metrics
 from mirror.observe.workerfiles import publish_pulls
 from mirror.oci.reference import parse_digest
 from mirror.storage import CacheStore, new_store
+from mirror.storage.hostshare import HostShare
 from mirror.storage.localflight import LocalFlight
+from mirror.storage.sharing import BucketSharing
 from mirror.storage.tally import SharedTally
 from mirror.upstream.client import Upstream, new_session
 from mirror.upstream.credentials import Credentials
@@ -100,9 +102,7 @@ def create_app(config: Config) -> web.Application:
     proxies = TrustedProxies(config.trusted_proxies)
     app[proxy_trust_key] = ProxyTrust(proxies, app[metrics_key].forwarded_ignored)
     app[failures_key] = FailureLog(logging.getLogger("mirror.upstream"))
-    # Replicas: the bucket's eviction and clean-up ask the leases (there once started).
-    sharing = None if config.cluster is None else BucketShare(lambda: app.get(leases_key))
-    app[storage_key] = new_store(config.storage, app[metrics_key], sharing)
+    app[storage_key] = new_store(config.storage, app[metrics_key], _bucket_sharing(app, config))
     app[storage_key].shared = config.workers > 1
     app[pulls_key] = PullCounter(shared=app[metrics_key].worker_files)
     app[drain_key] = Drain()
@@ -117,6 +117,17 @@ def create_app(config: Config) -> web.Application:
     if config.cluster is not None:  # blobs for other replicas, signed requests only
         app.router.add_get(PEER_PATH, peer_blob, name="peer_blob", expect_handler=expect)
     return app
+
+
+def _bucket_sharing(app: web.Application, config: Config) -> BucketSharing | None:
+    """Who else does the bucket's chores (eviction, clean-up) and reads from it: replicas,
+    told by their leases (there once started); the workers on one directory, by file
+    locks in it; else nobody."""
+    if config.cluster is not None:
+        return BucketShare(lambda: app.get(leases_key))
+    if config.workers > 1:
+        return HostShare(config.storage.path)
+    return None
 
 
 async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
