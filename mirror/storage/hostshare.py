@@ -162,6 +162,6 @@ def _locked(path: Path) -> bool:
 
 def _unlock(fd: int, path: Path) -> None:
     """Let a read file go: removed when no other worker holds it too (blocking)."""
-    os.close(fd)
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError):  # run unawaited: nothing to raise to
+        os.close(fd)
         _locked(path)
