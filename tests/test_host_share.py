@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from mirror.config.s3 import S3Config
-from mirror.storage.hostshare import READS, HostShare
+from mirror.storage.hostshare import CHORES_LOCK, MAX_IN_GRACE, READS, HostShare
 from mirror.storage.tiered import TieredStorage
 from mirror.web.keys import storage_key
 from tests.conftest import MakeClient
@@ -64,6 +64,32 @@ async def test_one_worker_at_a_time_runs_the_bucket_chores(tmp_path: Path) -> No
             assert not theirs
     async with second.exclusive() as theirs:
         assert theirs
+
+
+async def test_a_chores_lock_that_cannot_be_opened_skips_the_turn(tmp_path: Path) -> None:
+    """EMFILE, a read-only directory, something else at the path: this turn is skipped
+    (as when another worker holds it), the next one is taken once the lock opens."""
+    (tmp_path / CHORES_LOCK).mkdir()  # os.open(O_RDWR) on it: EISDIR
+    share = HostShare(tmp_path)
+    async with share.exclusive() as mine:
+        assert not mine
+    (tmp_path / CHORES_LOCK).rmdir()
+    async with share.exclusive() as mine:
+        assert mine
+
+
+async def test_marks_kept_past_their_streams_are_bounded(tmp_path: Path) -> None:
+    """Each object in its grace holds a descriptor: past MAX_IN_GRACE the oldest go early."""
+    reader, evictor = HostShare(tmp_path), HostShare(tmp_path)
+    digests = [f"sha256:{n:064x}" for n in range(MAX_IN_GRACE + 50)]
+    for digest in digests:
+        await reader.begin_read(digest)
+        await reader.end_read(digest, 300.0)
+    await asyncio.sleep(0.3)  # the early ones let go in the background
+    assert len(os.listdir(tmp_path / READS)) == MAX_IN_GRACE
+    assert not await evictor.read_elsewhere(digests[0])
+    assert await evictor.read_elsewhere(digests[-1])
+    await reader.close()
 
 
 async def test_a_workers_eviction_pass_leaves_what_another_worker_streams_from_the_bucket(

@@ -192,7 +192,7 @@ class BucketIndex:
                     await self.reconcile()
                 if evict:
                     await self.evict()
-        except S3_ERRORS as exc:
+        except Exception as exc:  # the chore must outlive any failure: next time, again
             log.warning("bucket eviction pass failed: %s", type(exc).__name__)
 
     def _reconcile_due(self) -> bool:
