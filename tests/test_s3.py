@@ -28,7 +28,7 @@ from mirror.observe.metrics import Metrics
 from mirror.oci.reference import parse_digest
 from mirror.storage.localflight import Claim, LocalFlight
 from mirror.storage.s3.bucket import Bucket
-from mirror.storage.s3.upload import part_size
+from mirror.storage.s3.upload import BucketUpload, PartBuffers, part_size
 from mirror.storage.tiered import TieredStorage
 from mirror.web.app import create_app
 from mirror.web.keys import storage_key
@@ -565,6 +565,65 @@ async def test_gateway_stopped_mid_upload_leaves_no_object(
     second = await make_client(storage=storage(tmp_path, s3, "second"))
     assert await (await second.get(path)).read() == layer
     assert hub.stats["cdn_get"] == 0
+
+
+async def test_a_blob_whose_upload_was_cut_goes_up_when_the_bucket_was_back_before_its_end(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config, rgw: CephRGW
+) -> None:
+    """The bucket stops after a download's first part and answers again while the body is
+    still coming: once verified, the blob is sent at once, not at the next hourly chore."""
+    layer = os.urandom(40 * MiB)
+    digest = hub.content.add_blob(layer)
+    hub.cdn_delay = 0.004  # per 64 KiB chunk: the first part is up in a second or two
+    client = await make_client(storage=storage(tmp_path, s3, "first"))
+    store = client.app[storage_key]
+    assert isinstance(store, TieredStorage)
+    try:
+        reading = asyncio.ensure_future(
+            (await client.get(f"/v2/library/app/blobs/{digest}")).read()
+        )
+        while await s3_requests(client, "UploadPart") < 1:
+            await asyncio.sleep(0.05)
+        hub.cdn_delay = 0.05  # the rest takes half a minute: the bucket is back before it
+        await asyncio.to_thread(rgw.stop_gateway)
+        for _ in range(300):
+            if not store.bucket.up:
+                break
+            await asyncio.sleep(0.1)
+        assert not store.bucket.up
+    finally:
+        await asyncio.to_thread(rgw.start_gateway)
+    for _ in range(300):
+        if store.bucket.up:
+            break
+        await asyncio.sleep(0.1)
+    assert store.bucket.up and not reading.done()
+    hub.cdn_delay = 0
+    assert await reading == layer
+    for _ in range(100):
+        if key("blobs", digest) in rgw.s3().keys(s3.bucket):
+            break
+        await asyncio.sleep(0.1)
+    assert rgw.s3().get(s3.bucket, key("blobs", digest)) == layer
+
+
+async def test_an_upload_tells_a_bucket_down_from_a_fault_of_its_own(
+    tmp_path: Path, s3: S3Config
+) -> None:
+    """What the catch-up keeps for the bucket's return (the bucket did not answer) and what
+    it drops (the object's own fault: here its file is shorter than said)."""
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"x" * 100)
+    down = Bucket(replace(s3, endpoint=f"http://127.0.0.1:{free_port()}"), Metrics())
+    up = Bucket(s3, Metrics())
+    for bucket, size, bucket_down in ((down, 100, True), (up, 200, False)):
+        await bucket.open()
+        upload = BucketUpload(bucket, key("blobs", "sha256:" + "7" * 64), size, blob,
+                              lambda _: None, PartBuffers())  # fmt: skip
+        upload.progress(size)
+        await upload.complete()
+        assert upload.bucket_down is bucket_down
+        await bucket.close()
 
 
 def begin_abandoned_upload(rgw: CephRGW, s3: S3Config) -> str:

@@ -136,6 +136,7 @@ class TieredStorage(Storage):
             super().read_manifest,
             self.index.stored,
         )
+        self._catch_up: asyncio.Task[None] | None = None  # stopped, not awaited, at close
         self._bucket_back = asyncio.Event()
         self.bucket.on_up = self._bucket_back.set
         # Whole objects over plain HTTP are spliced into the local tier (net/splice.py),
@@ -154,9 +155,10 @@ class TieredStorage(Storage):
             await self._abort_uploads(older_than=self._abandoned_after)
 
     async def close(self) -> None:
-        if self._aborter is not None:
-            self._aborter.cancel()
-            await asyncio.gather(self._aborter, return_exceptions=True)
+        chores = [task for task in (self._aborter, self._catch_up) if task is not None]
+        for task in chores:
+            task.cancel()
+        await asyncio.gather(*chores, return_exceptions=True)
         await asyncio.gather(*self._background, return_exceptions=True)
         self._splicers.shutdown(wait=False, cancel_futures=True)
         await self._sharing.close()
@@ -409,7 +411,7 @@ class TieredStorage(Storage):
 
     def start_upload(self, digest: Digest, size: int | None, temp: Path) -> Upload:
         if not self.bucket.up:  # kept locally, if at all: sent when the bucket is back
-            self._unsent.add("blobs", digest)
+            self._send_later("blobs", digest)
             return NoUpload()
 
         def stored(written: int) -> None:
@@ -418,7 +420,7 @@ class TieredStorage(Storage):
 
         key = self.bucket.keys.blob(digest)
         final = self.blob_path(digest)  # read from there once the temp file is renamed
-        unsent = functools.partial(self._unsent.add, "blobs", digest)
+        unsent = functools.partial(self._send_later, "blobs", digest)
         upload = BucketUpload(
             self.bucket, key, size, temp, stored, self._part_buffers, final, unsent
         )
@@ -468,8 +470,15 @@ class TieredStorage(Storage):
         """Into the bucket, then the local tier (whose disk may refuse: OSError)."""
         valid = compute_digest(body, digest.algorithm) == digest and "\n" not in media_type
         if valid and not await self._put_manifest(digest, media_type, body):
-            self._unsent.add("manifests", digest)
+            self._send_later("manifests", digest)
         return await super().write_manifest(digest, media_type, body)
+
+    def _send_later(self, kind: Kind, digest: Digest) -> None:
+        """`digest` is kept locally, not in the bucket: sent once the bucket answers, at
+        once when it does already (it may have come back while a download ran on)."""
+        self._unsent.add(kind, digest)
+        if self.bucket.up and (self._catch_up is None or self._catch_up.done()):
+            self._catch_up = asyncio.create_task(self._unsent.send_quietly())
 
     async def _put_manifest(self, digest: Digest, media_type: str, body: bytes) -> bool:
         if not await self.bucket.up_now():
@@ -520,10 +529,7 @@ class TieredStorage(Storage):
             self._bucket_back.clear()
             if not self.bucket.up:
                 continue
-            try:
-                await self._unsent.send()
-            except Exception as exc:  # the chore must outlive any failure: next time, again
-                log.warning("objects kept meanwhile not sent to the bucket: %s", type(exc).__name__)
+            await self._unsent.send_quietly()
             try:
                 async with self._sharing.exclusive() as mine:
                     if mine:

@@ -59,6 +59,7 @@ class Unsent:
         self._stored = stored
         self._waiting: dict[tuple[Kind, Digest], None] = {}
         self._forgotten = 0
+        self._sending = False  # one `send` at a time: it takes what is added meanwhile
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -70,7 +71,24 @@ class Unsent:
             self._forgotten += 1
 
     async def send(self) -> int:
-        """Send each waiting object while the bucket answers; how many went."""
+        """Send each waiting object while the bucket answers; how many went (0 when
+        another call is sending them already)."""
+        if self._sending:
+            return 0
+        self._sending = True
+        try:
+            return await self._send_waiting()
+        finally:
+            self._sending = False
+
+    async def send_quietly(self) -> None:
+        """`send`, as a chore: any failure logged, never raised (the next one tries again)."""
+        try:
+            await self.send()
+        except Exception as exc:
+            log.warning("objects kept meanwhile not sent to the bucket: %s", type(exc).__name__)
+
+    async def _send_waiting(self) -> int:
         sent = 0
         while self._waiting and self._bucket.up:
             kind, digest = entry = next(iter(self._waiting))
@@ -127,4 +145,5 @@ class Unsent:
         if landed:
             await self._stored(digest, size)
             return Sent.SENT
-        return Sent.GONE if self._bucket.up else Sent.LATER
+        # By this upload's own failure: another call may have found the bucket back since.
+        return Sent.LATER if upload.bucket_down else Sent.GONE

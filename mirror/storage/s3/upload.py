@@ -133,6 +133,9 @@ class BucketUpload:
         self._etags: list[str] = []
         self._file: BinaryIO | None = None
         self._error: str | None = None
+        # Whether the object failed to land for the bucket not answering (as opposed to
+        # something wrong with this object): it may go up once the bucket is back.
+        self.bucket_down = False
 
     def progress(self, written: int) -> None:
         self._written = written
@@ -153,7 +156,7 @@ class BucketUpload:
                     await self._bucket.complete_multipart(self._key, self._upload_id, self._etags)
                     self._upload_id = None
         except (BucketUnavailable, ClientError, BotoCoreError, OSError) as exc:
-            self._error = _describe(exc)
+            self._failed(exc)
         finally:
             await self._close_file()
         if self._error is not None:
@@ -214,7 +217,11 @@ class BucketUpload:
                 self._wake.clear()
                 await self._wake.wait()
         except (BucketUnavailable, ClientError, BotoCoreError, OSError) as exc:
-            self._error = _describe(exc)
+            self._failed(exc)
+
+    def _failed(self, exc: BaseException) -> None:
+        self._error = _describe(exc)
+        self.bucket_down = self.bucket_down or isinstance(exc, BucketUnavailable)
 
     def _given_up(self) -> bool:
         """Nothing more is sent to a bucket known to be down: each part would wait out its
@@ -222,6 +229,7 @@ class BucketUpload:
         if self._bucket.up:
             return False
         self._error = "the bucket is down"
+        self.bucket_down = True
         return True
 
     async def _read(self, buffer: bytearray, offset: int, length: int) -> PartBody:
