@@ -322,6 +322,26 @@ async def test_a_manifest_not_matching_its_sha512_is_refused_and_not_kept(
     assert hub.stats["manifest_get"] == 1  # the bad bytes were not kept
 
 
+async def test_a_sha512_another_repository_fetched_is_refused_as_if_never_pulled(
+    hub: FakeHub, make_client: MakeClient, tagged: dict[str, Any]
+) -> None:
+    """A repository that does not hold a manifest is told so in the same words whether or
+    not another repository pulled it by its sha512 here (nor is its sha256 named)."""
+    sha512 = by_sha512(hub, "library/nginx", tagged["digest"])
+    hub.content.add_image("library/other", "latest", [b"other"])
+    cold = await make_client()
+    answers = []
+    for warm in (False, True):
+        client = await make_client() if warm else cold
+        if warm:
+            await (await pull_manifest(client, "library/nginx", sha512)).read()
+        for method in ("GET", "HEAD"):
+            resp = await pull_manifest(client, "library/other", sha512, method)
+            answers.append((warm, method, resp.status, await resp.read()))
+    assert [status for *_, status, _ in answers] == [404] * 4
+    assert answers[0][3] == answers[2][3] and tagged["digest"] not in answers[2][3].decode()
+
+
 async def test_cache_survives_a_restart_with_redis(
     hub: FakeHub, make_client: MakeClient, redis_server: Any, tagged: Any
 ) -> None:

@@ -292,7 +292,12 @@ class ManifestService:
         kept once. A HEAD costs one GET the first time: the sha256 needs the bytes."""
         canonical = self._aliases.get(reference)
         if canonical is not None:
-            return await self._by_digest(upstream, repo, canonical, head=head, held=False)
+            try:
+                return await self._by_digest(upstream, repo, canonical, head=head, held=False)
+            except RegistryError as exc:  # as a cold miss words it: no sha256 told
+                exc.message = exc.message.replace(canonical, reference)
+                exc.args = (exc.message,)
+                raise
         self._manifest_miss.inc()
         key = ("alias", upstream.name, repo, reference)
         found = await self._flight.do(key, lambda: self._fetch_alias(upstream, repo, reference))
