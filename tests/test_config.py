@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from mirror.access.clientauth import load_signing_key
 from mirror.config import (
     DEFAULT_UPSTREAM,
     Config,
@@ -195,6 +197,110 @@ async def test_bad_redis_url(url: str) -> None:
     err = config_error({"redis": {"url": url}})
     assert err.key == "redis.url"
     assert repr(url) in str(err)
+
+
+@pytest.mark.parametrize(
+    ("url", "option"),
+    [
+        ("redis://redis:6379/0?bogus=1", "bogus"),
+        (f"redis://:{SECRET}@redis/0?ssl_ca_certs=/ca.pem", "ssl_ca_certs"),  # rediss:// meant
+    ],
+)
+async def test_a_redis_url_option_redis_py_does_not_take_is_refused_at_load(
+    url: str, option: str
+) -> None:
+    """redis-py passes any query key on to its connection, which then fails every command:
+    every manifest request was a 500 while the metadata store counted as up."""
+    err = config_error({"redis": {"url": url}})
+    assert err.key == "redis.url"
+    assert repr(option) in str(err) and SECRET not in str(err)
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://r?socket_timeout=5&health_check_interval=10", "rediss://r?ssl_ca_certs=/ca"]
+)
+async def test_the_options_redis_py_takes_load(url: str) -> None:
+    assert config_from_mapping({"redis": {"url": url}}).redis.url == url
+
+
+@pytest.mark.parametrize(
+    "value", [{"host": "h", "password": SECRET}, f"redis://{SECRET}@h:99999", [SECRET]]
+)
+async def test_a_bad_redis_url_never_shows_its_password(value: object) -> None:
+    err = config_error({"redis": {"url": value}})
+    assert err.key == "redis.url"
+    assert SECRET not in str(err)
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"upstream": {"url": "https://[::1"}}, "upstream.url"),
+        ({"public_url": "https://[fe80::1/"}, "public_url"),
+        ({"storage": {"s3": {"endpoint": "http://[::1", "bucket": "b1b"}}}, "storage.s3.endpoint"),
+    ],
+)  # fmt: skip
+async def test_an_unclosed_ipv6_bracket_is_a_config_error(raw: dict[str, Any], key: str) -> None:
+    assert config_error(raw).key == key
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        ({"upstream": {"username": "u", "password_file": "{}"}}, "upstream.password_file"),
+        (
+            {"storage": {"s3": {"bucket": "cache", "access_key_id": "k",
+                                "secret_access_key_file": "{}"}}},
+            "storage.s3.secret_access_key_file",
+        ),
+    ],
+)  # fmt: skip
+async def test_a_secret_file_that_is_not_text_names_its_key(
+    tmp_path: Path, section: dict[str, Any], key: str
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"\xff\xfe" + SECRET.encode())
+    raw = json.loads(json.dumps(section).replace("{}", str(secret)))
+    err = config_error(raw)
+    assert err.key == key and "not UTF-8" in str(err) and SECRET not in str(err)
+
+
+@pytest.mark.parametrize(
+    ("line", "shown"),
+    [
+        (b"alice:$apr1$r31.....$HqJZimcKQFAMYayBlzkrA/\n", "line 2 ('alice')"),  # htpasswd's MD5
+        (b"alice:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=\n", "line 2 ('alice')"),
+        (b"alice:\xff\xfe\n", "not UTF-8"),
+    ],
+)
+async def test_an_htpasswd_line_the_mirror_cannot_check_stops_it_at_load(
+    tmp_path: Path, line: bytes, shown: str
+) -> None:
+    """Apache's htpasswd makes MD5 unless told -B: such a user could never log in, and the
+    rules were checked against the name all the same."""
+    bcrypt_line = b"bob:$2b$04$" + b"a" * 53 + b"\n"
+    path = tmp_path / "htpasswd"
+    path.write_bytes(bcrypt_line + line)
+    err = config_error({"auth": {"htpasswd": str(path)}})
+    assert err.key == "auth.htpasswd" and shown in str(err)
+    assert "HqJZ" not in str(err) and "W6ph" not in str(err)
+
+
+async def test_a_signing_key_that_cannot_be_created_names_its_key(tmp_path: Path) -> None:
+    """A read-only or full cache disk: one line, not a traceback (nor a worker restarted
+    over and over)."""
+    (tmp_path / "a-file").write_text("")  # root writes anywhere: a file where a directory goes
+    for path in (Path("/proc/mirror-test/signing.key"), tmp_path / "a-file" / "auth" / "key"):
+        with pytest.raises(ConfigError) as info:
+            load_signing_key(path)
+        assert info.value.key == "auth.signing_key_file" and str(path) in str(info.value)
+
+
+async def test_a_config_nested_past_the_parsers_stack_is_a_config_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "a: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == "--config" and "nested too deeply" in str(info.value)
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ import bcrypt
 
 from mirror.access.hashing import HashPool
 from mirror.config.auth import check_signing_key
+from mirror.config.values import ConfigError
 from mirror.oci.reference import is_valid_name
 from mirror.util.lru import LRU
 from mirror.util.singleflight import SingleFlight
@@ -82,11 +83,19 @@ class Htpasswd:
             return
         if mtime == self._mtime:
             return
+        try:
+            text = self._path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:  # the users loaded before stay
+            log.error("cannot read htpasswd file %s: %s", self._path, type(exc).__name__)
+            return
         users = {}
-        for line in self._path.read_text().splitlines():
+        for number, line in enumerate(text.splitlines(), 1):
             name, sep, hashed = line.strip().partition(":")
             if sep and name and hashed.startswith("$2"):
                 users[name] = hashed.encode()
+            elif sep and name:  # MD5 ($apr1$), SHA1, crypt: none is checked here
+                log.warning("htpasswd %s line %d (%s): not a bcrypt hash, ignored (htpasswd -B)",
+                            self._path, number, name)  # fmt: skip
         self._users, self._mtime = users, mtime
         log.info("loaded %d users from %s", len(users), self._path)
 
@@ -184,14 +193,24 @@ def load_signing_key(path: Path) -> bytes:
         return path.read_bytes().strip()
     except FileNotFoundError:
         return _create_signing_key(path)
+    except OSError as exc:  # a file where its directory goes, say
+        reason = f"cannot read {str(path)!r}: {exc.strerror}"
+        raise ConfigError("auth.signing_key_file", reason) from None
 
 
 def _create_signing_key(path: Path) -> bytes:
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_hex(32).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as file:
-        file.write(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as file:
+            file.write(key)
+    except OSError as exc:  # a read-only or full disk: tokens need a key every worker reads
+        raise ConfigError(
+            "auth.signing_key_file",
+            f"cannot create {str(path)!r}: {exc.strerror}; point it at a writable path or "
+            "an existing key",
+        ) from None
     return key
 
 

@@ -34,6 +34,8 @@ def parse_auth(raw: Mapping[str, Any]) -> AuthConfig:
     htpasswd = optional_path("auth.htpasswd", sec.get("htpasswd"))
     if htpasswd is not None and not htpasswd.is_file():
         raise ConfigError("auth.htpasswd", f"no such file: {str(htpasswd)!r}")
+    if htpasswd is not None:
+        htpasswd_users(htpasswd)  # its lines checked now, not found wanting at each login
     key_file = optional_path("auth.signing_key_file", sec.get("signing_key_file"))
     if key_file is not None:
         check_signing_key(key_file)
@@ -66,3 +68,29 @@ def check_signing_key(path: Path) -> None:
             f"{str(path)!r} holds {length} bytes: a signing key needs "
             f"{MIN_SIGNING_KEY_BYTES} at least",
         )
+
+
+def htpasswd_users(path: object) -> set[str]:
+    """The user names in the htpasswd file; ConfigError naming auth.htpasswd when it
+    cannot be read, or holds a hash the mirror does not check (only bcrypt's)."""
+    if path is None:
+        return set()
+    try:
+        lines = Path(str(path)).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError("auth.htpasswd", f"cannot read {str(path)!r}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("auth.htpasswd", f"{str(path)!r} is not UTF-8 text") from None
+    users = set()
+    for number, line in enumerate(lines, 1):
+        name, sep, hashed = line.strip().partition(":")
+        if not (sep and name):
+            continue
+        if not hashed.startswith("$2"):  # Apache's htpasswd makes MD5 ($apr1$) unless -B
+            raise ConfigError(
+                "auth.htpasswd",
+                f"line {number} ({name!r}) of {str(path)!r} is not a bcrypt hash: make it "
+                "with htpasswd -B",
+            )
+        users.add(name)
+    return users

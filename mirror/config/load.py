@@ -185,6 +185,8 @@ def config_from_text(text: str, path: str | os.PathLike[str]) -> Config:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError("--config", f"{str(path)!r} is not valid YAML{where}") from None
+    except RecursionError:  # nested deeper than the parser's stack
+        raise ConfigError("--config", f"{str(path)!r} is nested too deeply") from None
     if raw is None:
         return Config()
     if not isinstance(raw, Mapping):

@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
+from mirror.config.auth import htpasswd_users
 from mirror.config.upstreams import DEFAULT_UPSTREAM, DOCKER_HUB_HOSTS, UpstreamConfig
 from mirror.config.values import ConfigError, parse_url
 
@@ -120,7 +120,7 @@ def parse_policy(
     if auth.get("rules") is not None:
         known = _known_upstreams(default, others)
         groups = _groups(auth.get("groups"))
-        rules = _rules(auth["rules"], groups, _htpasswd_users(auth.get("htpasswd")), known)
+        rules = _rules(auth["rules"], groups, htpasswd_users(auth.get("htpasswd")), known)
         if auth.get("anonymous_pull") is False and any(rule.anonymous for rule in rules):
             raise ConfigError(
                 "auth.rules", "a rule names anonymous but auth.anonymous_pull is false"
@@ -248,14 +248,3 @@ def _rule(
     if not pulls:
         raise ConfigError(f"{key}.pull", "expected at least one glob")
     return RuleConfig(frozenset(named), ANY_USER in who, ANONYMOUS in who, pulls)
-
-
-def _htpasswd_users(path: object) -> set[str]:
-    """The user names in the htpasswd file (read once, for checking the rules' names)."""
-    if path is None:
-        return set()
-    try:
-        lines = Path(str(path)).read_text().splitlines()
-    except OSError as exc:
-        raise ConfigError("auth.htpasswd", f"cannot read {str(path)!r}: {exc.strerror}") from None
-    return {line.partition(":")[0].strip() for line in lines if ":" in line}

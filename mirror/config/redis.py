@@ -10,15 +10,21 @@ asked without them. mirror/metadata/topology.py opens a client for a parsed URL.
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
+from redis.asyncio.connection import (
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
 from redis.asyncio.connection import parse_url as redis_url_options
 
-from mirror.config.values import ConfigError, section
+from mirror.config.values import ConfigError, kind, section
 
 SENTINEL_SCHEME = "redis+sentinel"
 CLUSTER_SCHEME = "redis+cluster"
@@ -63,11 +69,14 @@ def parse_redis(sec: Mapping[str, Any]) -> RedisConfig:
 
 
 def redacted(url: str) -> str:
-    """The URL with its password replaced by `***`, for messages."""
+    """The URL with its password replaced by `***`, for messages; userinfo without a `:`
+    all of it (redis://secret@host is a password often enough)."""
     scheme, sep, rest = url.partition("://")
     userinfo, at, after = rest.rpartition("@")
-    if not sep or not at or ":" not in userinfo:
+    if not sep or not at:
         return url
+    if ":" not in userinfo:
+        return f"{scheme}://***@{after}"
     return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{after}"
 
 
@@ -80,7 +89,9 @@ def _password(url: str) -> str:
 
 def parse_redis_url(key: str, value: object) -> RedisTarget:
     """Validate a Redis URL of any of the three forms; ConfigError names `key`."""
-    text = str(value).strip()
+    if not isinstance(value, str):  # never shown: a mapping may hold the password
+        raise ConfigError(key, f"expected a redis:// URL, got {kind(value)}")
+    text = value.strip()
     scheme = text.partition("://")[0].lower() if "://" in text else ""
     if scheme in SERVER_SCHEMES:
         return _server(key, text)
@@ -113,6 +124,9 @@ def _server(key: str, text: str) -> RedisTarget:
         raise ConfigError(key, f"expected a socket path, got {redacted(text)!r}")
     if parts.scheme != "unix" and not re.fullmatch(r"/?(\d+)?/?", parts.path):
         raise ConfigError(key, f"expected a database number as path, got {redacted(text)!r}")
+    unknown = sorted(set(kwargs) - _url_options(parts.scheme))
+    if unknown:  # redis-py passes any query key on, to fail every command it is given
+        raise ConfigError(key, f"{unknown[0]!r} is no option of a {parts.scheme}:// connection")
     return RedisTarget(
         "server",
         text.rstrip("/"),
@@ -120,6 +134,21 @@ def _server(key: str, text: str) -> RedisTarget:
         username=kwargs.get("username"),
         password=kwargs.get("password"),
     )
+
+
+def _url_options(scheme: str) -> set[str]:
+    """The query keys a URL of `scheme` may carry: the keyword arguments of the connection
+    class redis-py opens for it (the pool's own too)."""
+    connection = {"rediss": SSLConnection, "unix": UnixDomainSocketConnection}.get(
+        scheme, Connection
+    )
+    names = {"connection_class", "max_connections"}
+    for cls in connection.__mro__:
+        if "__init__" in vars(cls):
+            parameters = inspect.signature(vars(cls)["__init__"]).parameters.values()
+            names.update(p.name for p in parameters if p.kind is p.KEYWORD_ONLY)
+            names.update(p.name for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD)
+    return names - {"self"}
 
 
 def _without_secret(exc: ValueError, text: str) -> str:

@@ -5,10 +5,16 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from mirror.config.values import ConfigError, kind, parse_duration, parse_size, parse_url
+from mirror.config.values import (
+    ConfigError,
+    kind,
+    parse_duration,
+    parse_size,
+    parse_url,
+    read_secret,
+)
 
 S3_KEYS = {
     "endpoint", "bucket", "region", "prefix", "path_style", "access_key_id",
@@ -124,13 +130,7 @@ def _credentials(raw: Mapping[str, Any]) -> dict[str, str | None]:
             "storage.s3.secret_access_key", f"expected a string, got a {type(secret).__name__}"
         )
     if secret_file is not None:
-        try:
-            secret = Path(str(secret_file)).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(
-                "storage.s3.secret_access_key_file",
-                f"cannot read {str(secret_file)!r}: {exc.strerror}",
-            ) from None
+        secret = read_secret("storage.s3.secret_access_key_file", secret_file)
     if key_id is not None and not isinstance(key_id, str):
         raise ConfigError("storage.s3.access_key_id", f"expected a string, got {key_id!r}")
     if (key_id is None) != (secret is None):

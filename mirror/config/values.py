@@ -76,7 +76,10 @@ def parse_listen(key: str, value: object) -> tuple[str, int]:
 def parse_url(key: str, value: object, schemes: tuple[str, ...] = ("http", "https")) -> str:
     """An absolute URL with one of `schemes`, without a trailing slash."""
     text = str(value)
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError as exc:  # an unclosed [ of an IPv6 address, say
+        raise ConfigError(key, f"{exc}, in {text!r}") from None
     if parts.scheme not in schemes or not parts.netloc:
         raise ConfigError(key, f"expected a {'/'.join(schemes)} URL, got {text!r}")
     try:  # checked here, or every request to it fails, well after a start that looked fine
@@ -159,6 +162,8 @@ def _network(key: str, item: object) -> Network:
 def read_secret(key: str, path: object) -> str:
     """The stripped text of a secret's file; ConfigError naming `key` when unreadable."""
     try:
-        return Path(str(path)).read_text().strip()
+        return Path(str(path)).read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise ConfigError(key, f"cannot read {str(path)!r}: {exc.strerror}") from None
+    except UnicodeDecodeError:  # its bytes are never shown: they may be the secret
+        raise ConfigError(key, f"{str(path)!r} is not UTF-8 text") from None
