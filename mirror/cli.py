@@ -25,6 +25,7 @@ from mirror.config import (
 from mirror.net import tls
 from mirror.observe.logs import setup_logging
 from mirror.oci.errors import RegistryError
+from mirror.storage.base import NotTidied
 from mirror.supervisor import (
     Supervisor,
     private_metrics_dir,
@@ -170,7 +171,10 @@ async def run_command(args: argparse.Namespace, config: Config) -> int:
         to = parse_size("--to", args.to) if args.to else None
         if to is None and not has_bound(config):
             raise ConfigError("--to", "no bound to evict to: pass --to or set storage.max_size")
-        await commands.collect_garbage(config, to)
+        try:
+            await commands.collect_garbage(config, to)
+        except NotTidied:  # said on stdout: the local part was done, the rest not
+            return 1
     elif args.command == "verify":
         result = await commands.verify(config)
         return 0 if result.unverified is None else 1  # not all of it verified: not a pass

@@ -21,7 +21,7 @@ from mirror.oci.errors import RegistryError
 from mirror.oci.negotiation import MANIFEST_TYPES
 from mirror.oci.reference import parse_digest, validate_name, validate_tag
 from mirror.storage import CacheStore
-from mirror.storage.base import VerifyResult
+from mirror.storage.base import NotTidied, VerifyResult
 from mirror.upstream.client import Upstream
 from mirror.util.units import human_size
 from mirror.web.offline import Services, with_services
@@ -263,7 +263,12 @@ async def collect_garbage(config: Config, to: int | None, out: TextIO = sys.stdo
             f"evicted {result.evicted} blobs, {human_size(result.freed)} freed, "
             f"{human_size(result.remaining)} of blobs left\n"
         )
-        for line in await services.storage.collect_garbage(to):
+        try:
+            lines = await services.storage.collect_garbage(to)
+        except NotTidied as exc:
+            out.write(f"bucket: not evicted: {exc}\n")
+            raise
+        for line in lines:
             out.write(line + "\n")
         return result.freed
 

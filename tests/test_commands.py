@@ -744,6 +744,21 @@ async def test_cli_verify_skips_a_file_gone_while_it_runs(
     assert "verified 5 files, removed 0 corrupt" in stdout
 
 
+async def test_cli_gc_with_the_bucket_not_answering_says_so_and_fails(tmp_path: Path) -> None:
+    """It printed "evicted 0 blobs" and exited 0: a cron job saw the bucket tidied."""
+    config = tmp_path / "mirror.yaml"
+    config.write_text(
+        f"storage:\n  path: {tmp_path / 'data'}\n  s3:\n"
+        f"    endpoint: http://127.0.0.1:{free_port()}\n    bucket: cache\n"
+        "    access_key_id: k\n    secret_access_key: s\n"
+    )
+    code, stdout, stderr = await run_cli("gc", "--config", str(config), "--to", "1", cwd=tmp_path)
+    assert code == 1, stderr
+    assert "evicted 0 blobs" in stdout  # the local tier's part, done
+    assert "bucket: not evicted: the bucket does not answer" in stdout
+    assert "Traceback" not in stderr
+
+
 @pytest.mark.parametrize("command", [["verify"], ["gc", "--to", "1KB"]])
 async def test_cli_on_a_read_only_cache_fails_in_one_line(
     hub: FakeHub, config: Config, tmp_path: Path, command: list[str]

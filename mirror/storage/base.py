@@ -42,6 +42,11 @@ class VerifyResult:
     unverified: str | None = None
 
 
+class NotTidied(Exception):
+    """`collect_garbage` could not do its part beyond the local directory (the bucket does
+    not answer): the message says why."""
+
+
 @dataclass(frozen=True, slots=True)
 class Redirect:
     """Send the client elsewhere for the bytes (a presigned URL of the bucket)."""
@@ -203,7 +208,7 @@ class CacheStore(Protocol):
 
     async def collect_garbage(self, to: int | None) -> list[str]:
         """Tidy beyond the local directory (the bucket, evicted down to `to` when given):
-        report lines."""
+        report lines; NotTidied when that could not be done."""
 
 
 class NoUpload:

@@ -44,6 +44,7 @@ from mirror.oci.reference import Digest, as_digest, compute_digest
 from mirror.storage.base import (
     BlobSize,
     Found,
+    NotTidied,
     NoUpload,
     RangeOutsideBlob,
     Redirect,
@@ -504,8 +505,13 @@ class TieredStorage(Storage):
 
     async def collect_garbage(self, to: int | None) -> list[str]:
         """`gc --to` bounds the bucket as it does the local tier; else s3.max_size does."""
+        if not await self.bucket.up_now():  # else: "evicted 0 blobs", exit 0, for a cron job
+            raise NotTidied("the bucket does not answer")
         aborted = await self._abort_uploads(older_than=self._abandoned_after)
-        result = await self.index.evict(to)
+        try:
+            result = await self.index.evict(to)
+        except S3_ERRORS as exc:
+            raise NotTidied(f"the bucket failed: {type(exc).__name__}") from None
         return [
             f"bucket: evicted {result.evicted} blobs ({result.freed} bytes), "
             f"{result.remaining} bytes of blobs left; aborted {aborted} abandoned uploads"
