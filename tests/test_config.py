@@ -296,6 +296,14 @@ async def test_a_signing_key_that_cannot_be_created_names_its_key(tmp_path: Path
         assert info.value.key == "auth.signing_key_file" and str(path) in str(info.value)
 
 
+async def test_several_upstreams_without_docker_hub_need_a_default_named() -> None:
+    """The key the user did not write is the one to set, and the message says why."""
+    raw = {"upstreams": {"a": {"url": "https://ghcr.io"}, "b": {"url": "https://quay.io"}}}
+    err = config_error(raw)
+    assert err.key == "default_upstream"
+    assert "required with several upstreams and none for docker.io" in str(err)
+
+
 async def test_a_config_nested_past_the_parsers_stack_is_a_config_error(tmp_path: Path) -> None:
     path = write(tmp_path, "a: " + "[" * 5000 + "]" * 5000 + "\n")
     with pytest.raises(ConfigError) as info:

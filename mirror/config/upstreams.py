@@ -130,6 +130,12 @@ def parse_upstreams(raw: Mapping[str, Any]) -> tuple[UpstreamConfig, tuple[Upstr
     default = raw.get("default_upstream")
     if default is None:
         default = names[0] if single is not None or len(names) == 1 else "docker.io"
+        if default not in names:  # not the user's word: say what is missing
+            raise ConfigError(
+                "default_upstream",
+                f"required with several upstreams and none for docker.io (have: "
+                f"{', '.join(map(repr, names))})",
+            )
     if default not in names:
         raise ConfigError("default_upstream", f"names no configured upstream: {default!r}")
     chosen = every[names.index(default)]
