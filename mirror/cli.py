@@ -166,7 +166,11 @@ async def run_command(args: argparse.Namespace, config: Config) -> int:
         report = await commands.warm(config, images, args.platform)
         return 1 if report.failures else 0
     if args.command == "ls":
-        await commands.list_cache(config)
+        try:
+            await commands.list_cache(config)
+        except commands.MetadataUnreachable as exc:
+            print(f"mirror: ls: {exc}", file=sys.stderr)
+            return 1
     elif args.command == "gc":
         to = parse_size("--to", args.to) if args.to else None
         if to is None and not has_bound(config):

@@ -17,6 +17,7 @@ from typing import Any, TextIO
 from mirror.cache.downloads import Download, Uncacheable
 from mirror.cache.holdings import references
 from mirror.config import Config, ConfigError
+from mirror.metadata.fallback import FallbackMetadata
 from mirror.oci.errors import RegistryError
 from mirror.oci.negotiation import MANIFEST_TYPES
 from mirror.oci.reference import parse_digest, validate_name, validate_tag
@@ -219,7 +220,11 @@ async def list_cache(config: Config, out: TextIO = sys.stdout) -> int:
         storage: CacheStore = services.storage
         sizes = await storage.blob_sizes()
         rows = []
-        for upstream, repo, tag, record in sorted(await services.metadata.tags()):
+        tags = await services.metadata.tags()
+        if isinstance(services.metadata, FallbackMetadata) and not services.metadata.up:
+            # Its in-process stand-in holds nothing: "0 tags" would read as an empty cache.
+            raise MetadataUnreachable("the metadata store does not answer: no tags listed")
+        for upstream, repo, tag, record in sorted(tags):
             if "+" in tag:  # a kept referrers answer (referrers.py), not a tag
                 continue
             size = await image_size(storage, record.digest, sizes)
@@ -234,6 +239,10 @@ async def list_cache(config: Config, out: TextIO = sys.stdout) -> int:
     total = sum(size or 0 for *_, size in rows)
     out.write(f"{len(rows)} tags; blobs on disk referenced by them: {human_size(total)}\n")
     return len(rows)
+
+
+class MetadataUnreachable(Exception):
+    """`ls` found the metadata store down: what it would list is not known."""
 
 
 async def image_size(storage: CacheStore, digest: str, sizes: dict[str, int]) -> int | None:

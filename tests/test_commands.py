@@ -744,6 +744,18 @@ async def test_cli_verify_skips_a_file_gone_while_it_runs(
     assert "verified 5 files, removed 0 corrupt" in stdout
 
 
+async def test_cli_ls_with_redis_not_answering_says_so_and_fails(tmp_path: Path) -> None:
+    """It listed "0 tags" and exited 0, from the in-process stand-in."""
+    (tmp_path / "data").mkdir()
+    code, stdout, stderr = await run_cli(
+        "ls", "--storage", str(tmp_path / "data"), "--redis", f"redis://127.0.0.1:{free_port()}",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert code == 1, stderr
+    assert "mirror: ls: the metadata store does not answer" in stderr
+    assert "0 tags" not in stdout
+
+
 async def test_cli_gc_with_the_bucket_not_answering_says_so_and_fails(tmp_path: Path) -> None:
     """It printed "evicted 0 blobs" and exited 0: a cron job saw the bucket tidied."""
     config = tmp_path / "mirror.yaml"
