@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import threading
@@ -17,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
 from mirror.config import Config, RedisConfig, UpstreamConfig
+from mirror.storage import filesystem
 from mirror.storage.filesystem import USERS_LOCK
 from mirror.web.keys import metrics_key
 from tests.conftest import MakeClient
@@ -352,6 +354,33 @@ async def test_readyz_503_when_storage_not_writable(client: Client, config: Conf
     body = await resp.json()
     assert body["storage"] != "ok"
     assert body["metadata"] == "ok"
+
+
+async def test_a_cache_directory_emptied_while_running_is_used_again(
+    hub: FakeHub, client: Client, config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`rm -rf /var/lib/mirror/*` under a running mirror: pulls are relayed uncached, and
+    once the probe is due the layout is made again and blobs are kept (it never cached again,
+    /readyz 503 until a restart)."""
+    monkeypatch.setattr(filesystem, "PROBE_INTERVAL", 0.0)
+    first, second = (hub.content.add_blob(os.urandom(4096)) for _ in range(2))
+    root = config.storage.path
+    for child in root.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    resp = await client.get(f"/v2/library/app/blobs/{first}")
+    assert resp.status == 200 and len(await resp.read()) == 4096
+    resp = await client.get("/readyz")
+    assert (resp.status, (await resp.json())["storage"]) == (200, "ok")
+    resp = await client.get(f"/v2/library/app/blobs/{second}")
+    assert resp.status == 200 and len(await resp.read()) == 4096
+    algorithm, hexpart = second.split(":")
+    kept = root / "blobs" / algorithm / hexpart[:2] / hexpart
+    for _ in range(100):  # renamed once its last byte is in: just after the client's
+        if kept.exists():
+            break
+        await asyncio.sleep(0.05)
+    assert kept.exists()
+    assert (root / USERS_LOCK).exists()  # a serve starting now finds this one among its users
 
 
 async def test_readyz_with_redis(redis_server: RedisServer, make_client: MakeClient) -> None:

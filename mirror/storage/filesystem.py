@@ -35,7 +35,7 @@ from mirror.metadata.store import MetadataStore
 from mirror.oci.reference import Digest, as_digest, compute_digest
 from mirror.storage.base import Found, NoUpload, Upload, VerifyResult
 from mirror.storage.localflight import TEMP_PREFIX, is_own, own_files, sweep
-from mirror.util.filelock import try_lock, try_lock_shared
+from mirror.util.filelock import same_file, try_lock, try_lock_shared
 from mirror.util.files import sync_directory
 
 log = logging.getLogger(__name__)
@@ -352,12 +352,29 @@ class Storage:
         return await asyncio.to_thread(self._probe_sync)
 
     def _probe_sync(self) -> bool:
+        """Whether tmp/ takes a file, the layout made again first where the directory was
+        emptied while the mirror ran (`rm -rf /var/lib/mirror/*`): else it never cached
+        again. The directory itself is not made: gone, it may be an unmounted volume."""
         try:
+            for directory in (self.blobs, self.manifests, self.tmp):
+                directory.mkdir(exist_ok=True)
+            self._relock_users()
             with tempfile.TemporaryFile(dir=self.tmp) as probe:
                 probe.write(b"ok")
         except OSError:
             return False
         return True
+
+    def _relock_users(self) -> None:
+        """The users lock again when its file was removed: a process starting now locks
+        the new file, and must find this one among its users (blocking)."""
+        path = self.root / USERS_LOCK
+        if self._users_lock is None or same_file(self._users_lock, path):
+            return
+        fd = _open_lock_file(path)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        old, self._users_lock = self._users_lock, fd
+        os.close(old)
 
     async def blob_sizes(self) -> dict[str, int]:
         return await asyncio.to_thread(self._blob_sizes_sync)
