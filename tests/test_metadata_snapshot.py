@@ -72,6 +72,37 @@ async def test_a_save_cancelled_mid_write_then_close_leaves_the_newest_records(
     assert await again.get_tag("docker.io", "library/b", "1") == record
 
 
+async def test_a_snapshot_is_built_off_the_event_loop_and_drops_what_retention_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Built on the loop, 100,000 tags held every request up 1.7 s every 30 s: the JSON is
+    made in the writer's thread, from a copy. Holdings past their retention are left out of
+    it and forgotten, unless recorded again meanwhile."""
+    built_on: list[threading.Thread] = []
+    dumps = json.dumps
+
+    def recording(data: object) -> str:
+        built_on.append(threading.current_thread())
+        return dumps(data)
+
+    monkeypatch.setattr(memory.json, "dumps", recording)
+    path = tmp_path / "metadata.json"
+    store = MemoryMetadata(60, snapshot=path)
+    record = TagRecord(DIGEST, MEDIA_TYPE, 100, time.time())
+    await store.put_tag("docker.io", "library/a", "1", record)
+    long_ago = time.time() - 10**7  # retention long over
+    await store.add_holdings("docker.io", "library/a", ["sha256:" + "1" * 64], long_ago)
+    await store.add_holdings("docker.io", "library/b", ["sha256:" + "2" * 64], time.time())
+    await store.save()
+    assert built_on and threading.main_thread() not in built_on
+    saved = json.loads(path.read_text())
+    assert [(h["repo"], list(h["digests"])) for h in saved["holdings"]] == [
+        ("library/b", ["sha256:" + "2" * 64])
+    ]
+    assert ("docker.io", "library/a") not in store._holdings  # forgotten: memory bounded
+    assert await store.holds("docker.io", "library/b", "sha256:" + "2" * 64)
+
+
 async def test_a_save_removes_the_temp_files_a_killed_save_left(tmp_path: Path) -> None:
     """A process killed while it wrote the snapshot leaves its temp file beside it; the next
     save removes those old enough to be no live save's."""

@@ -40,6 +40,8 @@ STANDIN_ENTRIES = 10_000
 SWEEP_MIN = 1024
 # A snapshot file as last read or written here: (inode, size, mtime in ns).
 Stamp = tuple[int, int, int]
+# A holding past its retention: (upstream, repository), digest, when recorded.
+Stale = tuple[tuple[str, str], str, float]
 
 
 @dataclass
@@ -93,7 +95,7 @@ class MemoryMetadata:
         # The snapshot's write in its thread: a save cancelled while it runs (the periodic
         # saver at shutdown) leaves it running, and the final save waits for it, so that
         # the newest data is written last.
-        self._writing: asyncio.Future[Stamp] | None = None
+        self._writing: asyncio.Future[tuple[Stamp, list[Stale]]] | None = None
         self._turn = asyncio.Lock()
 
     async def get_tag(self, upstream: str, repo: str, tag: str) -> TagRecord | None:
@@ -249,29 +251,38 @@ class MemoryMetadata:
             if other is not None:
                 self._take_in(other)
             self._dirty = False
-            text = json.dumps(self._snapshot_data())
+            # Copied here, shallowly (C-speed, milliseconds for 100,000 records); sorted,
+            # turned into JSON and written in a thread: built on the loop, 100,000 tags
+            # held every request up 1.7 s every 30 s.
+            copy = _Copy(
+                dict(self._tags),
+                list(self._repos),
+                dict(self._bucket_blobs),
+                {key: dict(held) for key, held in self._holdings.items()},
+                self._expiry,
+            )
             self._writing = asyncio.ensure_future(
-                asyncio.to_thread(_write_snapshot, self._snapshot, text)
+                asyncio.to_thread(_write_copy, self._snapshot, copy)
             )
             # Held until the file is replaced, even when this save is cancelled meanwhile.
             self._writing.add_done_callback(lambda _: _unlock(lock))
             try:
-                self._seen = await asyncio.shield(self._writing)
+                self._seen, stale = await asyncio.shield(self._writing)
             except OSError as exc:
                 self._dirty = True
                 log.warning("cannot write metadata snapshot %s: %s", self._snapshot, exc.strerror)
+            else:
+                self._forget(stale)
 
-    def _snapshot_data(self) -> dict[str, object]:
-        return {
-            "tags": [
-                {"upstream": u, "repo": r, "tag": t, "record": asdict(record)}
-                for (u, r, t), record in self._tags.items()
-                if record.is_fresh(self._expiry)
-            ],
-            "repositories": self._repos,
-            "bucket_blobs": self._bucket_blobs,
-            "holdings": self._fresh_holdings(),
-        }
+    def _forget(self, stale: list[Stale]) -> None:
+        """Drop the holdings the snapshot left out as past their retention, unless
+        recorded again since (memory stays bounded by what was recorded lately)."""
+        for key, digest, at in stale:
+            held = self._holdings.get(key)
+            if held is not None and held.get(digest) == at:
+                del held[digest]
+                if not held:
+                    del self._holdings[key]
 
     def _sweep_tags(self) -> None:
         """Drop the expired tag records, then those over the limit (the least lately written)."""
@@ -286,15 +297,6 @@ class MemoryMetadata:
         self._drop_old_holdings()
         self._holdings = dict(_latest(list(self._holdings.items()), self._limit))
         self._holdings_sweep = _next_sweep(len(self._holdings), self._limit)
-
-    def _fresh_holdings(self) -> list[dict[str, object]]:
-        """The holdings within their retention, for the snapshot (older ones dropped here
-        too, so memory stays bounded by what was recorded lately)."""
-        self._drop_old_holdings()
-        return [
-            {"upstream": upstream, "repo": repo, "digests": held}
-            for (upstream, repo), held in self._holdings.items()
-        ]
 
     def _drop_old_holdings(self) -> None:
         """Forget the digests held past their retention, and the repositories left with
@@ -466,6 +468,54 @@ def _set_aside(path: Path, stamp: Stamp) -> Path | None:
         log.warning("cannot set the unreadable metadata snapshot %s aside: %s", path, exc)
         return None
     return aside
+
+
+@dataclass(frozen=True, slots=True)
+class _Copy:
+    """What a snapshot holds, copied on the loop for a thread to write."""
+
+    tags: dict[tuple[str, str, str], TagRecord]
+    repos: list[str]
+    bucket_blobs: dict[str, tuple[int, float]]
+    holdings: dict[tuple[str, str], dict[str, float]]
+    expiry: float
+
+
+def _write_copy(path: Path, copy: _Copy) -> tuple[Stamp, list[Stale]]:
+    """The snapshot of `copy` written (blocking): its stamp, and the holdings it left out
+    as past their retention."""
+    now = time.time()
+    oldest = now - copy.expiry
+    stale = [
+        (key, digest, at)
+        for key, held in copy.holdings.items()
+        for digest, at in held.items()
+        if at <= oldest
+    ]
+    tags = (
+        {"upstream": u, "repo": r, "tag": t, "record": asdict(record)}
+        for (u, r, t), record in copy.tags.items()
+        if record.is_fresh(copy.expiry, now)
+    )
+    holdings = (
+        {"upstream": upstream, "repo": repo, "digests": fresh}
+        for (upstream, repo), held in copy.holdings.items()
+        if (fresh := {digest: at for digest, at in held.items() if at > oldest})
+    )
+    # Entry by entry: one json.dumps of it all holds the GIL, and so the event loop, for
+    # the whole of it (0.5 s for 100,000 tags); between entries the loop gets its turns.
+    text = (
+        f'{{"tags": [{",".join(map(json.dumps, tags))}], '
+        f'"repositories": {json.dumps(copy.repos)}, '
+        f'"bucket_blobs": {{{",".join(map(_member, copy.bucket_blobs.items()))}}}, '
+        f'"holdings": [{",".join(map(json.dumps, holdings))}]}}'
+    )
+    return _write_snapshot(path, text), stale
+
+
+def _member(item: tuple[str, object]) -> str:
+    """One `"key": value` of a JSON object."""
+    return f"{json.dumps(item[0])}: {json.dumps(item[1])}"
 
 
 def _write_snapshot(path: Path, text: str) -> Stamp:
