@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import pytest
@@ -89,18 +90,20 @@ def test_held_back_lines_are_counted_and_one_error_is_logged_once() -> None:
     logger = logging.getLogger("test.failures")
     logger.addHandler(Catch())
     logger.propagate = False
-    failures = FailureLog(logger, interval=10, clock=lambda: now[0])
+    failures = FailureLog(logger, interval=10, clock=lambda: now[0], wall=lambda: 1e9 + now[0])
     shared = UpstreamUnavailable("down")
     for _ in range(3):  # three clients of one download, one error
         failures.warn("hub", "library/a", shared, shared.message)
     for n in range(4):
+        now[0] = 1.0 + n
         failures.warn("hub", f"library/b{n}", UpstreamUnavailable("down"), "down")
-    now[0] = 11.0
+    now[0] = 300.0  # minutes later: the count says when its burst began, not "lately"
     failures.warn("hub", "library/c", UpstreamUnavailable("down"), "down\n forged")
 
+    began = time.strftime("%H:%M:%S", time.localtime(1e9 + 1.0))
     assert records == [
         "upstream hub failed for library/a: down",
-        "upstream hub failed for library/c: down\\n forged (4 more like it in the last 10s)",
+        f"upstream hub failed for library/c: down\\n forged (4 more like it since {began})",
     ]
 
 

@@ -386,12 +386,16 @@ class FailureLog:
         logger: logging.Logger,
         interval: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self._log = logger
         self._interval = interval
         self._clock = clock
+        self._wall = wall
         self._next: dict[tuple[str, str], float] = {}
-        self._held: dict[tuple[str, str], int] = {}
+        # Held back per key: how many, and since when (wall time): the next line may come
+        # minutes after the burst it counts.
+        self._held: dict[tuple[str, str], tuple[int, float]] = {}
         # The same error reaches every client of one download: it is logged once.
         self._seen: weakref.WeakSet[BaseException] = weakref.WeakSet()
 
@@ -402,11 +406,13 @@ class FailureLog:
         key = (upstream, type(error).__name__)
         now = self._clock()
         if now < self._next.get(key, 0.0):
-            self._held[key] = self._held.get(key, 0) + 1
+            count, since = self._held.get(key, (0, self._wall()))
+            self._held[key] = (count + 1, since)
             return
         self._next[key] = now + self._interval
-        held = self._held.pop(key, 0)
-        more = f" ({held} more like it in the last {self._interval:g}s)" if held else ""
+        held, since = self._held.pop(key, (0, 0.0))
+        shown = time.strftime("%H:%M:%S", time.localtime(since))
+        more = f" ({held} more like it since {shown})" if held else ""
         self._log.warning(
             "upstream %s failed for %s: %s%s",
             escape_controls(upstream), escape_controls(repository), escape_controls(cause), more,
