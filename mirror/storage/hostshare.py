@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from mirror.storage.sharing import Alone
 from mirror.util.filelock import release, same_file, try_lock
 
 log = logging.getLogger(__name__)
@@ -41,10 +42,9 @@ class _Read:
     grace: asyncio.TimerHandle | None = None
 
 
-class HostShare:
-    """`BucketSharing` among the workers on one cache directory (`root`)."""
-
-    owners_known = False
+class HostShare(Alone):
+    """`BucketSharing` among the workers on one cache directory (`root`): uploads as
+    `Alone` has them, the rest by file locks."""
 
     def __init__(self, root: Path) -> None:
         self._chores = root / CHORES_LOCK
@@ -65,13 +65,6 @@ class HostShare:
             yield True
         finally:
             await asyncio.to_thread(os.close, fd)
-
-    async def upload_live(self, digest: str) -> bool:
-        return False
-
-    @contextlib.asynccontextmanager
-    async def uploading(self, digest: str) -> AsyncIterator[bool]:
-        yield True
 
     async def begin_read(self, digest: str) -> None:
         read = self._held.get(digest)
