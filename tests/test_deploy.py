@@ -945,6 +945,25 @@ def test_compose_caches_are_bounded(path: Path) -> None:
 
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=_ids(KUSTOMIZATIONS))
+def test_a_start_on_a_large_cache_is_not_killed_by_the_liveness_probe(directory: Path) -> None:
+    """The cache is scanned before /healthz answers: a startup probe gives it 10 minutes,
+    where the liveness probe alone killed a pod after 35 s."""
+    workloads = [d for d in _kustomize(directory) if d["kind"] in ("Deployment", "StatefulSet")]
+    mirrors = [
+        (workload["metadata"]["name"], container)
+        for workload in workloads
+        for container in workload["spec"]["template"]["spec"]["containers"]
+        if container["name"].startswith("mirror")
+    ]
+    assert mirrors
+    for name, container in mirrors:
+        startup = container.get("startupProbe")
+        assert startup is not None, f"{directory.name}: {name}"
+        assert startup["httpGet"]["path"] == "/healthz"
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=_ids(KUSTOMIZATIONS))
 def test_no_readiness_probe_asks_readyz(directory: Path) -> None:
     """/readyz answers 503 while Redis, the bucket or the volume fails, though the mirror
     still serves: as a readiness probe it would take the pods out of the Service together
