@@ -23,7 +23,7 @@ from pathlib import Path
 import bcrypt
 
 from mirror.access.hashing import HashPool
-from mirror.config.auth import check_signing_key
+from mirror.config.auth import check_signing_key, parse_htpasswd
 from mirror.config.values import ConfigError
 from mirror.oci.reference import is_valid_name
 from mirror.util.lru import LRU
@@ -88,14 +88,10 @@ class Htpasswd:
         except (OSError, UnicodeDecodeError) as exc:  # the users loaded before stay
             log.error("cannot read htpasswd file %s: %s", self._path, type(exc).__name__)
             return
-        users = {}
-        for number, line in enumerate(text.splitlines(), 1):
-            name, sep, hashed = line.strip().partition(":")
-            if sep and name and hashed.startswith("$2"):
-                users[name] = hashed.encode()
-            elif sep and name:  # MD5 ($apr1$), SHA1, crypt: none is checked here
-                log.warning("htpasswd %s line %d (%s): not a bcrypt hash, ignored (htpasswd -B)",
-                            self._path, number, name)  # fmt: skip
+        users, unchecked = parse_htpasswd(text)
+        for number, name in unchecked:  # the start refused them: written since
+            log.warning("htpasswd %s line %d (%s): not a bcrypt hash, ignored (htpasswd -B)",
+                        self._path, number, name)  # fmt: skip
         self._users, self._mtime = users, mtime
         log.info("loaded %d users from %s", len(users), self._path)
 

@@ -76,21 +76,34 @@ def htpasswd_users(path: object) -> set[str]:
     if path is None:
         return set()
     try:
-        lines = Path(str(path)).read_text(encoding="utf-8").splitlines()
+        text = Path(str(path)).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError("auth.htpasswd", f"cannot read {str(path)!r}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError("auth.htpasswd", f"{str(path)!r} is not UTF-8 text") from None
-    users = set()
-    for number, line in enumerate(lines, 1):
+    users, unchecked = parse_htpasswd(text)
+    if unchecked:
+        number, name = unchecked[0]
+        raise ConfigError(
+            "auth.htpasswd",
+            f"line {number} ({name!r}) of {str(path)!r} is not a bcrypt hash: make it "
+            "with htpasswd -B",
+        )
+    return set(users)
+
+
+def parse_htpasswd(text: str) -> tuple[dict[str, bytes], list[tuple[int, str]]]:
+    """An htpasswd file's users and their bcrypt hashes, and (line number, user) of the
+    lines whose hash is another kind (Apache's htpasswd makes MD5, `$apr1$`, unless -B):
+    none the mirror checks."""
+    users: dict[str, bytes] = {}
+    unchecked: list[tuple[int, str]] = []
+    for number, line in enumerate(text.splitlines(), 1):
         name, sep, hashed = line.strip().partition(":")
         if not (sep and name):
             continue
-        if not hashed.startswith("$2"):  # Apache's htpasswd makes MD5 ($apr1$) unless -B
-            raise ConfigError(
-                "auth.htpasswd",
-                f"line {number} ({name!r}) of {str(path)!r} is not a bcrypt hash: make it "
-                "with htpasswd -B",
-            )
-        users.add(name)
-    return users
+        if hashed.startswith("$2"):
+            users[name] = hashed.encode()
+        else:
+            unchecked.append((number, name))
+    return users, unchecked

@@ -479,7 +479,7 @@ class TieredStorage(Storage):
         once when it does already (it may have come back while a download ran on)."""
         self._unsent.add(kind, digest)
         if self.bucket.up and (self._catch_up is None or self._catch_up.done()):
-            self._catch_up = asyncio.create_task(self._unsent.send_quietly())
+            self._catch_up = asyncio.create_task(self._unsent.send())
 
     async def _put_manifest(self, digest: Digest, media_type: str, body: bytes) -> bool:
         if not await self.bucket.up_now():
@@ -535,7 +535,7 @@ class TieredStorage(Storage):
             self._bucket_back.clear()
             if not self.bucket.up:
                 continue
-            await self._unsent.send_quietly()
+            await self._unsent.send()
             try:
                 async with self._sharing.exclusive() as mine:
                     if mine:

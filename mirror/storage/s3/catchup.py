@@ -61,34 +61,26 @@ class Unsent:
         self._forgotten = 0
         self._sending = False  # one `send` at a time: it takes what is added meanwhile
 
-    def __len__(self) -> int:
-        return len(self._waiting)
-
     def add(self, kind: Kind, digest: Digest) -> None:
         self._waiting[(kind, digest)] = None
         if len(self._waiting) > MAX_UNSENT:
             del self._waiting[next(iter(self._waiting))]
             self._forgotten += 1
 
-    async def send(self) -> int:
-        """Send each waiting object while the bucket answers; how many went (0 when
-        another call is sending them already)."""
+    async def send(self) -> None:
+        """Send each waiting object while the bucket answers, one call at a time (the one
+        running takes what is added meanwhile); a chore: a failure logged, never raised."""
         if self._sending:
-            return 0
+            return
         self._sending = True
         try:
-            return await self._send_waiting()
+            await self._send_waiting()
+        except Exception as exc:  # the next call tries again
+            log.warning("objects kept meanwhile not sent to the bucket: %s", type(exc).__name__)
         finally:
             self._sending = False
 
-    async def send_quietly(self) -> None:
-        """`send`, as a chore: any failure logged, never raised (the next one tries again)."""
-        try:
-            await self.send()
-        except Exception as exc:
-            log.warning("objects kept meanwhile not sent to the bucket: %s", type(exc).__name__)
-
-    async def _send_waiting(self) -> int:
+    async def _send_waiting(self) -> None:
         sent = 0
         while self._waiting and self._bucket.up:
             kind, digest = entry = next(iter(self._waiting))
@@ -111,7 +103,6 @@ class Unsent:
                 self._forgotten,
             )
             self._forgotten = 0
-        return sent
 
     async def _send(self, kind: Kind, digest: Digest) -> Sent:
         if kind == "manifests":
