@@ -4,8 +4,10 @@ from them as they are (storage/s3/partbody.py), against a real Ceph RGW."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import resource
+import warnings
 from pathlib import Path
 
 import pytest
@@ -178,3 +180,37 @@ async def test_a_blob_smaller_than_a_part_goes_up_whole(
     buffers = PartBuffers(2)
     await upload(bucket, "small", path, buffers)
     assert rgw.s3().get(s3.bucket, "small") == path.read_bytes()
+
+
+async def test_an_upload_cancelled_while_its_file_opens_leaves_no_file_open(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    """The loop's teardown cancels an upload whose thread is opening the temp file (here a
+    FIFO, whose open waits for a writer): the file the thread then opens is closed, not
+    left to the garbage collector (a descriptor held meanwhile, and a ResourceWarning)."""
+    fifo = tmp_path / "temp"
+    os.mkfifo(fifo)
+    up = BucketUpload(bucket, "cache/blobs/fifo", 5, fifo, lambda _: None, PartBuffers())
+    up.progress(5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        task = asyncio.create_task(up.complete())
+        await asyncio.sleep(0.2)  # its thread waits in open()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # the thread's open returns
+        await asyncio.sleep(0.3)
+        os.close(writer)
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not [link for link in open_descriptors() if link == str(fifo)]
+
+
+def open_descriptors() -> list[str]:
+    links = []
+    for entry in Path("/proc/self/fd").iterdir():
+        try:
+            links.append(os.readlink(entry))
+        except OSError:
+            pass
+    return links

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -40,6 +41,7 @@ from mirror.storage.localflight import (
 from mirror.upstream.body import BODY_ERRORS, BlobBody, Pace, TooLong
 from mirror.upstream.client import Upstream
 from mirror.util.lru import LRU
+from mirror.util.threadfiles import open_off_loop, owned_off_loop
 
 log = logging.getLogger(__name__)
 
@@ -204,15 +206,7 @@ class Download:
 
     async def open_file(self) -> BinaryIO:
         """The blob's file (temp or final), opened for reading (the caller closes it)."""
-        # A plain future, not a task: the loop's teardown cancels leftover tasks, and a
-        # cancelled one would drop the file its thread opened.
-        opening = asyncio.get_running_loop().run_in_executor(None, self._open_for_reading)
-        try:
-            return await asyncio.shield(opening)
-        except asyncio.CancelledError:
-            # The thread still opens it: close it then, or the file leaks.
-            opening.add_done_callback(_close_opened)
-            raise
+        return await open_off_loop(self._open_for_reading)
 
     def _open_for_reading(self) -> BinaryIO:
         # The temp file may already have been renamed into place by the time we open it.
@@ -413,7 +407,10 @@ class Downloads:
             body.release()
             raise Uncacheable(f"blob {download.digest} is larger than the cache")
         try:
-            fd, temp = await asyncio.to_thread(self._storage.new_temp, download.size, RESERVE_AHEAD)
+            fd, temp = await owned_off_loop(
+                functools.partial(self._storage.new_temp, download.size, RESERVE_AHEAD),
+                lambda made: self._storage.discard(*made),
+            )
         except OSError as exc:
             body.release()
             await self._write_refused(exc)
@@ -475,7 +472,9 @@ class Downloads:
         when its file cannot be read back (then start afresh)."""
         written = previous.written if previous.size is not None else 0
         try:
-            fd = await asyncio.to_thread(reopen, previous.temp, written, hasher)
+            fd = await owned_off_loop(
+                functools.partial(reopen, previous.temp, written, hasher), os.close
+            )
         except OSError as exc:
             log.warning("blob %s: cannot take over %s: %s", download.digest, previous.temp, exc)
             if download.temp is not None:  # followed until now: its readers hold that file
@@ -746,20 +745,6 @@ class Downloads:
         if hexdigest != download.digest.hex:
             self._metrics.digest_mismatches.labels("blob").inc()
             raise DigestMismatch(f"upstream bytes for blob {download.digest} do not match it")
-
-
-def _close_opened(opening: asyncio.Future[BinaryIO]) -> None:
-    if not opening.cancelled() and opening.exception() is None:
-        opening.result().close()
-
-
-async def close_file(file: BinaryIO) -> None:
-    """Close off the loop; on cancellation close here rather than leak the file."""
-    try:
-        await asyncio.to_thread(file.close)
-    except asyncio.CancelledError:
-        file.close()
-        raise
 
 
 def _write_all(

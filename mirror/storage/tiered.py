@@ -62,6 +62,7 @@ from mirror.storage.s3.sources import PiecesSource, SplicedSource
 from mirror.storage.s3.spool import BucketSpool, SpoolFile, SpoolSource
 from mirror.storage.s3.upload import BucketUpload, PartBuffers
 from mirror.storage.sharing import Alone, BucketSharing
+from mirror.util.threadfiles import owned_off_loop
 
 log = logging.getLogger(__name__)
 
@@ -366,7 +367,9 @@ class TieredStorage(Storage):
             return None
         try:
             if await super().writable_now():
-                return await asyncio.to_thread(SpoolFile.create, self, size)
+                return await owned_off_loop(
+                    functools.partial(SpoolFile.create, self, size), SpoolFile.abandon
+                )
         except OSError as exc:
             self.mark_unwritable(exc)
         return None

@@ -6,7 +6,6 @@ open-ended ranges at once, so both paths honour a single range.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 from collections import Counter
@@ -22,7 +21,6 @@ from mirror.cache.downloads import (
     Downloads,
     StoredElsewhere,
     Uncacheable,
-    close_file,
 )
 from mirror.cache.holdings import BLOB, Holdings
 from mirror.observe.metrics import Metrics
@@ -39,6 +37,7 @@ from mirror.storage.base import (
 )
 from mirror.upstream.body import BODY_ERRORS, BlobBody
 from mirror.upstream.client import Upstream
+from mirror.util.threadfiles import close_off_loop, open_off_loop
 from mirror.web.accesslog import outcome_key, sent_key
 from mirror.web.conditional import (
     IMMUTABLE,
@@ -248,7 +247,7 @@ class BlobService:
             return not_modified(headers)
         span = parse_range(request, size) if range_allowed(request, str(digest)) else None
         try:
-            file = await asyncio.to_thread(self._storage.open_blob, digest)
+            file = await open_off_loop(functools.partial(self._storage.open_blob, digest))
         except FileNotFoundError:  # evicted meanwhile: served as a miss
             return None
         self._metrics.cache_requests.labels("blob", "hit").inc()
@@ -268,7 +267,7 @@ class BlobService:
             self.reading[digest] -= 1
             if self.reading[digest] <= 0:
                 del self.reading[digest]
-            await close_file(file)
+            await close_off_loop(file)
 
     async def _send_cached(
         self,
@@ -464,7 +463,7 @@ class BlobService:
             except RegistryError as exc:
                 raise TransferAborted(exc.message) from None
             finally:
-                await close_file(file)
+                await close_off_loop(file)
 
         return await _deliver(request, resp, body())
 

@@ -14,13 +14,14 @@ the first byte and the blob's size, so a follower that resumes checks where the 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator
 from typing import BinaryIO
 
 from aiohttp import web
 
-from mirror.cache.downloads import Download, close_file
+from mirror.cache.downloads import Download
 from mirror.cluster import peerauth
 from mirror.cluster.peers import UPSTREAM_UNKNOWN, PeerClient
 from mirror.net.tls import peer_context
@@ -28,6 +29,7 @@ from mirror.oci.errors import BlobUnknown, RegistryError, Unauthorized
 from mirror.oci.reference import Digest, parse_digest
 from mirror.storage import CacheStore
 from mirror.upstream.body import header_number
+from mirror.util.threadfiles import close_off_loop, open_off_loop
 from mirror.web.errors import error_response
 from mirror.web.keys import config_key, downloads_key, metrics_key, peers_key, storage_key
 from mirror.web.sendfile import send_file
@@ -131,13 +133,13 @@ async def _from_download(download: Download, offset: int) -> Spans:
         async for start, length in download.spans(offset, None):
             yield file, start, length
     finally:
-        await close_file(file)
+        await close_off_loop(file)
 
 
 async def _from_file(storage: CacheStore, digest: Digest, offset: int, size: int) -> Spans:
-    file = await asyncio.to_thread(storage.open_blob, digest)
+    file = await open_off_loop(functools.partial(storage.open_blob, digest))
     try:
         if offset < size:
             yield file, offset, size - offset
     finally:
-        await close_file(file)
+        await close_off_loop(file)

@@ -104,6 +104,11 @@ class SpoolFile:
     def close_reader(self) -> None:
         self.reader.close()
 
+    def abandon(self) -> None:
+        """Drop the file and close its reader: made for a caller that is gone (blocking)."""
+        self.drop()
+        self.close_reader()
+
 
 def _advance(views: list[memoryview], count: int) -> list[memoryview]:
     """The views left after the first `count` bytes (a short write)."""

@@ -26,6 +26,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from mirror.storage.s3.bucket import Bucket, BucketUnavailable
 from mirror.storage.s3.partbody import PartBody
+from mirror.util.threadfiles import close_off_loop, open_off_loop
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ class BucketUpload:
     async def _read(self, buffer: bytearray, offset: int, length: int) -> PartBody:
         """`length` bytes of the file from `offset`, read into `buffer` and sent from it."""
         if self._file is None:
-            self._file = await asyncio.to_thread(self._open)
+            self._file = await open_off_loop(self._open)
         view = memoryview(buffer)[:length]
         await asyncio.to_thread(_read_into, self._file.fileno(), view, offset)
         return PartBody(view)
@@ -252,7 +253,7 @@ class BucketUpload:
     async def _close_file(self) -> None:
         file, self._file = self._file, None
         if file is not None:
-            await asyncio.to_thread(file.close)
+            await close_off_loop(file)
 
 
 def _read_into(fd: int, view: memoryview, offset: int) -> None:
