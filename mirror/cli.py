@@ -11,6 +11,7 @@ import ssl
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from mirror import __version__, commands
 from mirror.allocator import return_large_blocks
@@ -202,9 +203,11 @@ def require_cache(config: Config) -> None:
 
 def read_image_list(path: str) -> list[str]:
     try:
-        lines = open(path).read().splitlines()
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise ConfigError("--file", f"cannot read {path!r}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("--file", f"{path!r} is not UTF-8 text") from None
     entries = (line.partition("#")[0].strip() for line in lines)
     return [entry for entry in entries if entry]
 

@@ -791,3 +791,15 @@ async def test_cli_on_a_read_only_cache_fails_in_one_line(
     line = one_error_line(stderr)
     assert line.startswith(f"mirror: {command[0]}: Read-only file system: "), line
     assert str(config.storage.path) in line
+
+
+async def test_cli_warm_with_an_image_list_that_is_not_utf8(tmp_path: Path) -> None:
+    images = tmp_path / "images.txt"
+    images.write_bytes(b"library/app:v1 # caf\xe9\n")
+    code, _, stderr = await run_cli(
+        "warm", "--storage", str(tmp_path / "d"), "--upstream", "http://127.0.0.1:9",
+        "--file", str(images), cwd=tmp_path,
+    )  # fmt: skip
+    assert code == 2, stderr
+    line = one_error_line(stderr)
+    assert "--file" in line and "UTF-8" in line
