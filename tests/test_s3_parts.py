@@ -214,3 +214,34 @@ def open_descriptors() -> list[str]:
         except OSError:
             pass
     return links
+
+
+async def test_an_abort_cancelled_while_the_bucket_answers_closes_the_file(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop cancels the abort of an upload while the bucket is slow to answer it: the
+    temp file the parts were read from is closed all the same."""
+    size = part_size(None) + MiB
+    path = blob_file(tmp_path / "temp", size)
+    up = BucketUpload(bucket, "cache/blobs/aborted", size, path, lambda _: None, PartBuffers())
+    up.progress(size)  # the first part goes up, read from the file
+    for _ in range(200):
+        if str(path) in open_descriptors():
+            break
+        await asyncio.sleep(0.025)
+    real_abort, asked, ids = bucket.abort_multipart, asyncio.Event(), []
+
+    async def slow_abort(key: str, upload_id: str) -> None:
+        ids.append(upload_id)
+        asked.set()
+        await asyncio.sleep(5)
+        await real_abort(key, upload_id)
+
+    monkeypatch.setattr(bucket, "abort_multipart", slow_abort)
+    aborting = asyncio.create_task(up.abort())
+    await asyncio.wait_for(asked.wait(), 10)
+    aborting.cancel()
+    await asyncio.gather(aborting, return_exceptions=True)
+
+    assert str(path) not in open_descriptors()
+    await real_abort("cache/blobs/aborted", ids[0])  # not left in the shared bucket

@@ -35,12 +35,13 @@ from mirror.storage.localflight import (
     LocalFlight,
     Progress,
     Sibling,
-    in_thread,
+    held_off_loop,
     reopen,
 )
 from mirror.upstream.body import BODY_ERRORS, BlobBody, Pace, TooLong
 from mirror.upstream.client import Upstream
 from mirror.util.lru import LRU
+from mirror.util.settle import in_thread, in_threads, settled
 from mirror.util.threadfiles import open_off_loop, owned_off_loop
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,9 @@ MAX_SPAN = 16 * 1024 * 1024
 MIN_SPAN = 4 * 1024 * 1024
 # How long a stopping mirror lets verified downloads finish their commit and upload.
 FINISH_ON_CLOSE = 10.0
+# How long it then lets the cancelled ones remove their temp files and abort their uploads
+# (each bucket call is held to its own deadline).
+CLEAN_UP_ON_CLOSE = 5.0
 # Resumes in a row that bring no new byte before the transfer is given up.
 MAX_FRUITLESS_RESUMES = 3
 # How often a process following another one's download (workers) reads its progress.
@@ -288,6 +292,12 @@ class Downloads:
                 task.cancel()
         if finishing:
             await asyncio.wait(finishing, timeout=FINISH_ON_CLOSE)
+        for task in finishing:
+            task.cancel()
+        # Those cancelled are cleaning up (temp file, multipart upload): cancelled again,
+        # that would be cut short, and leave what it was removing.
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=CLEAN_UP_ON_CLOSE)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -335,7 +345,11 @@ class Downloads:
             if fd is None or download.written != download.size:
                 body = await self._open(download, upstream, repo, held)
                 if fd is None:
-                    fd = await self._new_temp(download, body)
+                    try:
+                        fd = await self._new_temp(download, body)
+                    except BaseException:  # cancelled too: the connection is let go
+                        body.release()
+                        raise
                     owned = download.temp
                 download._started.set()
                 await self._copy_resuming(body, fd, hasher, download, upstream, repo, held)
@@ -383,7 +397,8 @@ class Downloads:
         error = _as_registry_error(exc)
         download._fail(error)
         await self._tell_followers(download, exc, error)
-        await asyncio.to_thread(self._storage.discard, fd, owned)
+        # To its end even if cancelled: a queued thread call that is cancelled never runs.
+        await in_thread(functools.partial(self._storage.discard, fd, owned))
         await download.upload.abort()
         if isinstance(exc, DiskFull):
             await self._write_refused(exc.error)
@@ -420,8 +435,19 @@ class Downloads:
         if download.peer is None:  # whoever fetches from upstream stores in the bucket
             download.upload = self._storage.start_upload(download.digest, download.size, temp)
         if download.claim is not None:
-            await asyncio.to_thread(download.claim.start, temp, download.size)
+            start = functools.partial(download.claim.start, temp, download.size)
+            await self._started_or_dropped(start, fd, temp)
         return fd
+
+    async def _started_or_dropped(self, start: Callable[[], None], fd: int, temp: Path) -> None:
+        """`start()` (the download's start, told to the other processes); failed or
+        cancelled, the temp file is closed and removed here: its caller has no descriptor
+        to drop yet."""
+        try:
+            await in_thread(start)
+        except BaseException:
+            await in_thread(functools.partial(self._storage.discard, fd, temp))
+            raise
 
     async def _take_locally(self, download: Download, held: contextlib.AsyncExitStack) -> bool:
         """Claim the blob among the processes of this host: True once this one is to fetch
@@ -430,7 +456,7 @@ class Downloads:
         assert local is not None
         joined = False
         while True:
-            claimed = await in_thread(lambda: local.claim(download.digest))
+            claimed = await held_off_loop(lambda: local.claim(download.digest))
             if isinstance(claimed, Sibling) and not joined:
                 joined = True  # another process's download, as a request joins one here
                 self._metrics.joined_requests.inc()
@@ -455,7 +481,7 @@ class Downloads:
         from that process's temp file) until it lets go: Gone, or its claim, ours now."""
         try:
             while True:
-                got = await in_thread(sibling.poll)
+                got = await held_off_loop(sibling.poll)
                 if isinstance(got, Progress):
                     _mirror(download, got)
                 elif got is not None:
@@ -484,7 +510,8 @@ class Downloads:
         download.upload = self._storage.start_upload(download.digest, download.size, previous.temp)
         download.upload.progress(written)
         assert download.claim is not None
-        await asyncio.to_thread(download.claim.start, previous.temp, download.size, written)
+        start = functools.partial(download.claim.start, previous.temp, download.size, written)
+        await self._started_or_dropped(start, fd, previous.temp)
         download._started.set()
         download._notify()
         log.info(
@@ -659,8 +686,8 @@ class Downloads:
         async def flush(data: bytes) -> None:
             nonlocal pending
             if pending is not None:
-                previous, pending = pending, None
-                await previous  # in order, so the hash sees the bytes in order
+                await pending  # in order, so the hash sees the bytes in order
+                pending = None
             if data:
                 pending = asyncio.ensure_future(self._flush(fd, hasher, data, download, upstream))
 
@@ -685,7 +712,7 @@ class Downloads:
             ) from None
         finally:
             if pending is not None:  # an error or cancellation: let the write settle
-                await asyncio.gather(pending, return_exceptions=True)
+                await settled(pending)
         await flush(b"".join(pieces))
         await flush(b"")
 
@@ -708,9 +735,10 @@ class Downloads:
         reserve = self._reserve_ahead(fd, download, reached)
         try:
             # Two threads: hashing and writing run side by side (both release the GIL).
-            await asyncio.gather(
-                asyncio.to_thread(hasher.update, data),
-                asyncio.to_thread(_write_all, fd, data, publish, reserve),
+            # Awaited to their end even if cancelled: the caller then closes `fd`.
+            await in_threads(
+                functools.partial(hasher.update, data),
+                functools.partial(_write_all, fd, data, publish, reserve),
             )
         except OSError as exc:
             if exc.errno in NO_SPACE:  # judged once the temp file is gone (_write_refused)

@@ -24,7 +24,6 @@ clients, and one failing upstream must not leave a file per digest asked until a
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import os
@@ -33,11 +32,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from mirror.oci.reference import Digest
 from mirror.util.filelock import release, same_file, try_lock
 from mirror.util.files import write_replacing
+from mirror.util.threadfiles import owned_off_loop
 
 _WRITTEN = 20  # the header's first field, rewritten in place as the download grows
 _STATE_AT = _WRITTEN + 1
@@ -253,23 +253,15 @@ def is_own(name: str) -> bool:
 R = TypeVar("R")
 
 
-async def in_thread(call: Callable[[], R]) -> R:
+async def held_off_loop(call: Callable[[], R]) -> R:
     """`call()` in a thread; if the caller is cancelled meanwhile, the claim or lock file
     it returns is let go, not left held until the process ends."""
-    running = asyncio.get_running_loop().run_in_executor(None, call)
-    try:
-        return await asyncio.shield(running)
-    except asyncio.CancelledError:
-        running.add_done_callback(_let_go)
-        raise
+    return await owned_off_loop(call, _let_go)
 
 
-def _let_go(running: asyncio.Future[Any]) -> None:
-    if running.cancelled() or running.exception() is not None:
-        return
-    got = running.result()
+def _let_go(got: object) -> None:
     if isinstance(got, Claim):
-        got.release()  # an unlink and a close: brief enough for a callback
+        got.release()
     elif isinstance(got, Sibling):
         got.close()
 

@@ -348,7 +348,13 @@ class TieredStorage(Storage):
         """Run `work` to its end whatever the client does (closing waits for it)."""
         task = asyncio.create_task(work)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Its own failure was told where it happened (a store down is logged there).
+            log.debug("background work failed: %r", task.exception())
 
     async def _spool_file(self, digest: Digest, status: int, size: int) -> SpoolFile | None:
         """A temp file of the local tier for a whole-object read, unless one is being
@@ -356,7 +362,11 @@ class TieredStorage(Storage):
         if status != 200 or digest in self._filling:
             return None
         self._filling.add(digest)
-        file = await self._new_spool_file(size)
+        try:
+            file = await self._new_spool_file(size)
+        except BaseException:  # cancelled: the blob may be spooled by the next read
+            self._filling.discard(digest)
+            raise
         if file is None:
             self._filling.discard(digest)
         return file
@@ -419,8 +429,7 @@ class TieredStorage(Storage):
             return NoUpload()
 
         def stored(written: int) -> None:
-            task = asyncio.ensure_future(self.index.stored(digest, written))
-            task.add_done_callback(lambda done: done.exception())
+            self._in_background(self.index.stored(digest, written))
 
         key = self.bucket.keys.blob(digest)
         final = self.blob_path(digest)  # read from there once the temp file is renamed

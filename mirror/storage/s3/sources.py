@@ -9,6 +9,7 @@ a thread (TLS, a proxy, or an answer the spliced GET left to the S3 client).
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
@@ -22,6 +23,7 @@ from mirror.net.pieces import received_pieces
 from mirror.net.splice import BodyBroken, SplicedGet
 from mirror.storage.base import StoreReadError
 from mirror.storage.s3.spool import SpoolFile
+from mirror.util.settle import in_thread, settled
 
 if TYPE_CHECKING:
     from aiobotocore.response import StreamingBody
@@ -52,18 +54,19 @@ class PiecesSource:
                     if pending is not None:
                         written += await pending
                         landed(written)
-                    pending = asyncio.ensure_future(asyncio.to_thread(file.write, parts, written))
+                    write = functools.partial(file.write, parts, written)
+                    pending = asyncio.ensure_future(in_thread(write))
                     parts, gathered = [], 0
             if pending is not None:
                 written += await pending
                 landed(written)
             pending = None
             if parts:
-                written += await asyncio.to_thread(file.write, parts, written)
+                written += await in_thread(functools.partial(file.write, parts, written))
                 landed(written)
         finally:
             if pending is not None:  # cancelled or broken: let the write settle first
-                await asyncio.gather(pending, return_exceptions=True)
+                await settled(pending)
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         # The pieces as received: the body's read(n) would join them into new bytes.

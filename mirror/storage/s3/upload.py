@@ -169,6 +169,12 @@ class BucketUpload:
         self._on_stored(self._written)
 
     async def abort(self) -> None:
+        try:
+            await self._abort()
+        finally:  # cancelled too (a stop): the file is closed, not left to the collector
+            await self._close_file()
+
+    async def _abort(self) -> None:
         if self._task is not None and not self._task.done():
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -183,7 +189,6 @@ class BucketUpload:
             except (ClientError, BotoCoreError) as exc:
                 # Left for `mirror gc` and later starts, which abort what is abandoned.
                 log.warning("cannot abort the upload of %s: %s", self._key, _describe(exc))
-        await self._close_file()
 
     async def _put_whole(self) -> None:
         async with self._buffers.lend(self._written) as buffer:
