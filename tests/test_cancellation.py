@@ -1,6 +1,6 @@
 """A mirror stopped while its threads work: what a thread still does is waited for before
 what it uses is closed or removed, and nothing it made is left behind (cache/downloads.py,
-util/settle.py). The sleeps stand in for a slow disk."""
+storage/hostshare.py, util/settle.py). The sleeps stand in for a slow disk."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from mirror.cache import downloads
 from mirror.config import Config, StorageConfig
 from mirror.config.s3 import S3Config
-from mirror.storage import localflight
+from mirror.storage import hostshare, localflight
 from mirror.storage.tiered import TieredStorage
 from mirror.web.keys import storage_key
 from tests.conftest import MakeClient
@@ -104,6 +104,38 @@ async def test_a_stop_while_workers_are_told_of_a_download_leaves_no_temp_file(
     tmp = config.storage.path / "tmp"
     assert list(tmp.glob("blob-*")) == []
     assert open_under(tmp) == []
+
+
+async def test_a_stream_cancelled_while_its_read_is_marked_leaves_the_others_marked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two streams of one bucket object begin together; the one whose thread takes the
+    read lock is cancelled: the other's read stays marked (another worker's eviction
+    leaves the object), and ending it lets the mark go."""
+    real_lock, entered = hostshare._lock_read, threading.Event()
+
+    def slow_lock(path: Path) -> int:
+        entered.set()
+        time.sleep(0.3)
+        return real_lock(path)
+
+    monkeypatch.setattr(hostshare, "_lock_read", slow_lock)
+    share, digest = hostshare.HostShare(tmp_path), "sha256:" + "a" * 64
+    first = asyncio.create_task(share.begin_read(digest))
+    await asyncio.to_thread(entered.wait, 5)
+    second = asyncio.create_task(share.begin_read(digest))
+    await asyncio.sleep(0)
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    await share.end_read(digest, 0.0)  # as the cancelled stream's caller does
+    await second
+
+    await asyncio.sleep(0.05)  # past the grace of 0 the cancelled one's end could start
+    assert await share.read_elsewhere(digest)
+    await share.end_read(digest, 0.0)
+    await asyncio.sleep(0.05)
+    assert not await share.read_elsewhere(digest)
+    await share.close()
 
 
 async def test_a_stop_lets_the_cancelled_downloads_abort_their_uploads(

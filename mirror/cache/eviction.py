@@ -24,6 +24,7 @@ from mirror.storage import CacheStore
 from mirror.storage.base import LOW_WATER, SCAN_INTERVAL, EvictionResult
 from mirror.storage.tally import OwnTally, Tally, Turn, Usage
 from mirror.util.filelock import unlink_unread
+from mirror.util.settle import in_thread
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +250,7 @@ class Evictor:
             evicting.add_done_callback(lambda _: turn.release())
             return
         if self._tally.blocks:
-            await asyncio.to_thread(turn.release)  # finished even if this task is cancelled
+            await in_thread(turn.release)  # to its end even if this task is cancelled
         else:
             turn.release()
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from mirror.cluster.lease import Held
 from mirror.util.filelock import release, same_file, unlink_unread
 from mirror.util.files import write_replacing
+from mirror.util.settle import in_thread
 
 # Waiters poll their holder's result at this pace at most (cluster/shared.py); the lease
 # itself never runs out. Also how long a failure marker stays good.
@@ -47,8 +48,9 @@ class LocalLease:
         try:
             yield self
         finally:
-            # In a thread, which finishes the release even if this task is cancelled.
-            await asyncio.to_thread(self.release)
+            # In a thread, awaited to its end even if this task is cancelled (a queued
+            # thread call that is cancelled would never run: the lock held for good).
+            await in_thread(self.release)
 
     def release(self) -> None:
         """Unlink the file, then unlock it by closing (blocking; idempotent)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from mirror.storage.sharing import Alone
 from mirror.util.filelock import release, same_file, try_lock
+from mirror.util.settle import in_thread
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +39,10 @@ MAX_IN_GRACE = 256
 
 @dataclass(slots=True)
 class _Read:
-    fd: int
     streams: int = 0
+    fd: int = -1  # until the lock is taken (or if it could not be)
     grace: asyncio.TimerHandle | None = None
+    locking: asyncio.Future[int] | None = None
 
 
 class HostShare(Alone):
@@ -64,25 +67,42 @@ class HostShare(Alone):
         try:
             yield True
         finally:
-            await asyncio.to_thread(os.close, fd)
+            await in_thread(functools.partial(os.close, fd))  # to its end, cancelled too
 
     async def begin_read(self, digest: str) -> None:
         read = self._held.get(digest)
         if read is None:
-            try:
-                fd = await asyncio.to_thread(_lock_read, self._path(digest))
-            except OSError as exc:  # the stream goes on unmarked: never failed for a mark
-                log.warning("bucket read of %s not marked: %s", digest, exc)
-                return
-            read = self._held.get(digest)  # another stream of it began meanwhile
-            if read is None:
-                read = self._held[digest] = _Read(fd)
-            else:
-                await asyncio.to_thread(os.close, fd)
+            # The lock is the entry's, not the first stream's: taken (or let go) whichever
+            # of its streams is cancelled meanwhile.
+            read = self._held[digest] = _Read()
+            read.locking = asyncio.get_running_loop().run_in_executor(
+                None, _lock_read, self._path(digest)
+            )
+            read.locking.add_done_callback(functools.partial(self._lock_taken, digest, read))
+        # Counted before any await: a stream cancelled from here ends (`end_read`) what it
+        # began, never another stream's count.
         read.streams += 1
         if read.grace is not None:
             read.grace.cancel()
             read.grace = None
+        if read.locking is not None and not read.locking.done():
+            await asyncio.wait([read.locking])  # cancelled, this leaves the lock to land
+
+    def _lock_taken(self, digest: str, read: _Read, locking: asyncio.Future[int]) -> None:
+        if locking.cancelled():
+            return
+        error = locking.exception()
+        if error is not None:  # its streams go on unmarked: never failed for a mark
+            log.warning("bucket read of %s not marked: %s", digest, error)
+            return
+        if self._held.get(digest) is read:
+            read.fd = locking.result()
+            return
+        # Its streams ended while the lock was taken.
+        with contextlib.suppress(RuntimeError):  # the loop is closing: the process ends
+            asyncio.get_running_loop().run_in_executor(
+                None, _unlock, locking.result(), self._path(digest)
+            )
 
     async def end_read(self, digest: str, grace: float) -> None:
         read = self._held.get(digest)
@@ -159,7 +179,9 @@ def _locked(path: Path) -> bool:
 
 
 def _unlock(fd: int, path: Path) -> None:
-    """Let a read file go: removed when no other worker holds it too (blocking)."""
+    """Let a read file go: removed when no other worker holds it too (blocking). `fd` -1:
+    the lock was never taken."""
     with contextlib.suppress(OSError):  # run unawaited: nothing to raise to
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
         _locked(path)
