@@ -441,7 +441,8 @@ async def test_a_challenge_without_a_realm_fails_its_request_alone(
     registry.challenge = tokens.challenge()
     asked = registry.asked
     await get_manifest(client, "team/app", "v2")
-    assert registry.asked == asked + 2  # the 401 that named the realm, then the answer
+    # The 401 that named the realm, then the tag's HEAD answered and its digest's GET.
+    assert registry.asked == asked + 3
 
 
 async def test_a_realm_whose_token_service_fails_is_learnt_again(

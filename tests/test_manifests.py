@@ -88,7 +88,7 @@ async def test_a_manifest_over_the_limit_is_refused_alike_by_head_and_get(
         assert resp.status == 502, (method, ref)
         if method == "GET":
             assert (await resp.json())["errors"][0]["code"] == "MANIFEST_INVALID"
-    assert hub.stats["manifest_get"] == 1  # the client's GET: the HEADs spent none
+    assert hub.stats["manifest_get"] == 0  # the length the HEAD told refuses the GET too
 
 
 async def test_head_carries_the_get_headers_without_body(
@@ -216,6 +216,39 @@ async def test_head_of_uncached_tag_never_spends_a_get(hub: FakeHub, client: Cli
     assert resp.status == 200
     assert (hub.stats["manifest_head"], hub.stats["manifest_get"]) == (1, 0)
     assert hub.ratelimit_remaining == 100
+
+
+async def test_a_get_of_a_new_tag_whose_bytes_are_cached_spends_no_pull(
+    hub: FakeHub, client: Client
+) -> None:
+    """podman, CRI-O and skopeo GET a tag outright. A new tag name of a digest held here
+    (`latest` beside `1.2.3`) is resolved with a HEAD and answered from the cache: no pull
+    spent, and served past the upstream's pull limit."""
+    image = hub.content.add_image("library/app", "1.2.3", [b"a layer"])
+    assert (await pull_manifest(client, "library/app", "1.2.3")).status == 200
+    hub.content.add_manifest("library/app", image["manifest"], DOCKER_V2, "latest")
+    hub.ratelimit_remaining = 0
+    hub.reset_stats()
+
+    resp = await pull_manifest(client, "library/app", "latest")
+
+    assert resp.status == 200, await resp.text()
+    assert await resp.read() == image["manifest"]
+    assert resp.headers["Docker-Content-Digest"] == image["digest"]
+    assert (hub.stats["manifest_head"], hub.stats["manifest_get"]) == (1, 0)
+
+
+async def test_a_get_of_an_uncached_tag_spends_one_pull(hub: FakeHub, client: Client) -> None:
+    """Its HEAD, then its digest's GET: the one pull a GET of the tag would spend."""
+    image = hub.content.add_image("library/app", "v1", [b"a layer"])
+
+    resp = await pull_manifest(client, "library/app", "v1")
+
+    assert await resp.read() == image["manifest"]
+    assert (hub.stats["manifest_head"], hub.stats["manifest_get"]) == (1, 1)
+    assert hub.ratelimit_remaining == 99
+    assert (await pull_manifest(client, "library/app", "v1")).status == 200  # kept
+    assert hub.stats["manifest_get"] == 1
 
 
 async def test_multi_arch_index_and_its_manifests(hub: FakeHub, client: Client) -> None:

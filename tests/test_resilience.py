@@ -195,7 +195,8 @@ async def test_after_429_manifest_gets_wait_for_retry_after(hub: FakeHub, client
 
 class Limiting:
     """An upstream whose manifest GETs answer `manifest_status` and whose blob GETs answer
-    429, each with `retry_after`; `manifest_gets` counts the manifest GETs it was asked."""
+    429, each with `retry_after`; `manifest_gets` counts the manifest GETs it was asked. Its
+    manifest HEADs answer as Docker Hub's do past the limit: they cost no pull, and work."""
 
     RETRY_AFTER = "999999999999999999"  # the most digits a header number may have
 
@@ -212,14 +213,15 @@ class Limiting:
         return str((await aiohttp_server(app)).make_url("")).rstrip("/")
 
     async def _manifest(self, request: web.Request) -> web.Response:
-        self.manifest_gets += 1
-        if self.manifest_status == 429:
-            return await self._limited(request)
+        if request.method == "GET":
+            self.manifest_gets += 1
+            if self.manifest_status == 429:
+                return await self._limited(request)
         found = self.content.resolve(request.match_info["name"], request.match_info["ref"])
         assert found is not None
         digest, media_type, body = found
         headers = {"Content-Type": media_type, "Docker-Content-Digest": digest}
-        return web.Response(body=body, headers=headers)
+        return web.Response(body=body, headers=headers)  # a HEAD's: headers and length
 
     async def _limited(self, request: web.Request) -> web.Response:
         body = {"errors": [{"code": "TOOMANYREQUESTS", "message": "slow down"}]}
@@ -317,7 +319,7 @@ async def test_upstream_404_is_remembered(hub: FakeHub, client: Client) -> None:
     for _ in range(3):
         assert (await client.get(f"/v2/library/nothing/blobs/{digest}")).status == 404
 
-    assert hub.stats["manifest_get"] == 1
+    assert (hub.stats["manifest_head"], hub.stats["manifest_get"]) == (1, 0)
     assert hub.stats["blob_get"] == 1
     assert await metric(client, "mirror_negative_cache_hits_total") == 4
 

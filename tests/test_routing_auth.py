@@ -389,8 +389,9 @@ async def test_basic_auth_upstream_with_credentials(
     config = json.loads(want[2])["config"]["digest"]
     status, _, body = await leaks.get(client, f"/v2/registry.example/team/app/blobs/{config}")
     assert status == 200 and body == registry.content.blobs[config]
-    # One challenge, answered; after it the mirror sends Basic credentials straight away.
-    assert registry.refused == 1 and registry.served == 3
+    # One challenge, answered; after it the mirror sends Basic credentials straight away
+    # (each tag: a HEAD, then a GET of its digest; and the blob).
+    assert registry.refused == 1 and registry.served == 5
     await leaks.check_metrics(client)
 
 
