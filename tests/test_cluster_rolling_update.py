@@ -362,7 +362,9 @@ async def test_a_rolling_restart_under_load_loses_no_pull_and_fetches_each_diges
     # from the upstream once; nothing else was fetched.
     assert stats["cdn_get_by_digest"] == dict.fromkeys(load.blobs, 1)
     # One manifest GET per image (401 challenges are not counted: nothing was sent), and
-    # every image's was asked: so each once.
-    assert (stats["manifest_get"], stats["manifest_head"]) == (len(load.images), 0)
+    # every image's was asked: so each once. A tag is HEADed first (no pull spent) by
+    # replicas of this release, once each at most; the release updated from does not.
+    assert stats["manifest_get"] == len(load.images)
+    assert stats["manifest_head"] <= len(load.images)
     asked = {path for _, method, path in stats["requests"] if method == "GET"}
     assert {f"/v2/{image.repo}/manifests/latest" for image in load.images} <= asked

@@ -517,8 +517,9 @@ async def test_manifest_redirect_to_its_own_host_on_another_port_is_followed(
 
     resp = await client.get(KINDS["manifest"])
     assert resp.status == 200, await resp.text()
-    # Another port of its host is another origin: the account's Basic is not sent there.
-    assert backend.authorizations == [""]
+    # Another port of its host is another origin: the account's Basic is not sent there
+    # (the tag's HEAD, then its GET).
+    assert backend.authorizations == ["", ""]
 
 
 # --- the resolver and the connector, alone ----------------------------------------------------

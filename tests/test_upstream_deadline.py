@@ -95,6 +95,8 @@ async def test_a_manifest_that_trickles_fails_within_the_deadline(
                 writer.write(head("200 OK", {}, 0))
                 continue
             writer.write(head("200 OK", MANIFEST_HEADERS, len(BODY)))
+            if request.startswith(b"HEAD "):  # the tag's HEAD: headers alone, at once
+                continue
             await trickle(writer, BODY)  # len(BODY) × 0.3 s: about half a minute
 
     url = await raw_upstream(serve)
@@ -110,11 +112,18 @@ async def test_a_manifest_that_trickles_fails_within_the_deadline(
 async def test_a_revalidation_that_trickles_serves_the_tag_stale_within_the_deadline(
     raw_upstream: Callable[[Serve], Awaitable[str]], aiohttp_client: Any, tmp_path: Path
 ) -> None:
+    heads = 0
+
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal heads
         while True:
             request = await reader.readuntil(b"\r\n\r\n")
             if request.startswith(b"GET "):
                 writer.write(head("200 OK", MANIFEST_HEADERS, len(BODY)) + BODY)
+                continue
+            heads += 1
+            if heads == 1:  # the unknown tag's HEAD, at once
+                writer.write(head("200 OK", MANIFEST_HEADERS, len(BODY)))
             else:  # the revalidation's HEAD: its head, a byte at a time
                 await trickle(writer, head("200 OK", {"X-Filler": "a" * 60}, 0))
 

@@ -463,20 +463,23 @@ class ManifestService:
 
     async def _fetch_tag(self, upstream: Upstream, repo: str, tag: str, *, head: bool) -> Manifest:
         """Resolve an unknown tag upstream with a HEAD, which costs no pull (Docker Hub
-        counts manifest GETs): a GET is then answered from the cache when the digest's
-        bytes are there (another tag's, another repository's), else fetched by digest.
-        Clients that GET a tag outright (podman, CRI-O, skopeo) spent a pull on each new
-        tag name, and got the upstream's 429 past the limit for bytes held here."""
+        counts manifest GETs): a GET is answered from the cache when the digest's bytes
+        are there (another tag's, another repository's), else the tag is fetched with the
+        one GET the client's GET would have cost. Clients that GET a tag outright (podman,
+        CRI-O, skopeo) spent a pull on each new tag name, and got the upstream's 429 past
+        the limit, for bytes held here."""
         info, body = await self._ask(upstream, repo, tag, head=True)
+        if body is None and not head and await self._read_cached(info.digest) is None:
+            # The tag itself, not the digest the HEAD named: what it names by now, checked
+            # against its own digest, as a GET of it always was.
+            info, body = await upstream.manifest(repo, tag, ALL_TYPES, head=False)
         record = TagRecord(info.digest, info.media_type, info.size, time.time())
-        if body is not None:  # the HEAD said too little: `_ask` asked with a GET
+        if body is not None:
             await self._store(upstream, repo, info, body)
             answer = Manifest(info.digest, info.media_type, info.size, None if head else body)
         else:
             await self._holdings.record(upstream.name, repo, [info.digest])
             answer = await self._answer(upstream, repo, record, head=head)
-        # Recorded once answered: other replicas waiting on this tag find its bytes too,
-        # and a GET that failed leaves no record.
         await self._put_tag(upstream.name, repo, tag, record)
         return answer
 
