@@ -22,7 +22,7 @@ from mirror.web.keys import storage_key
 from tests.conftest import MakeClient
 from tests.fakehub import FakeHub
 from tests.rgw import CephRGW
-from tests.test_s3 import key
+from tests.test_s3 import key, local_blob
 
 MiB = 1024 * 1024
 
@@ -187,3 +187,63 @@ async def test_a_stop_lets_the_cancelled_downloads_abort_their_uploads(
 
     assert rgw.s3().multipart_uploads(s3.bucket) == []
     assert key("blobs", whole) in rgw.s3().keys(s3.bucket)
+
+
+async def test_a_read_mark_that_could_not_be_taken_is_tried_again_by_the_next_stream(
+    tmp_path: Path,
+) -> None:
+    share, digest = hostshare.HostShare(tmp_path), "sha256:" + "c" * 64
+    (tmp_path / hostshare.READS).write_text("not a directory")  # the lock cannot be taken
+    await share.begin_read(digest)
+    (tmp_path / hostshare.READS).unlink()  # the fault gone
+
+    await share.begin_read(digest)  # a stream overlapping the first
+
+    assert await share.read_elsewhere(digest)
+    await share.end_read(digest, 0.0)
+    await share.end_read(digest, 0.0)
+    await share.close()
+
+
+async def test_a_claim_poll_cancelled_returns_only_once_its_thread_did() -> None:
+    """What closes the lock file's descriptor next must not race the poll still using it."""
+    release, polled = threading.Event(), threading.Event()
+
+    def poll() -> None:
+        release.wait(5)
+        polled.set()
+
+    task = asyncio.create_task(localflight.held_off_loop(poll))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    release.set()
+    await asyncio.gather(task, return_exceptions=True)
+    assert polled.is_set() and task.cancelled()
+
+
+async def test_a_stop_during_a_verified_blobs_commit_keeps_the_blob(
+    make_client: MakeClient, hub: FakeHub, config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the stop's grace a download whose commit (fsync, rename) still ran was
+    cancelled, and its cleanup removed the temp file under the rename: the verified blob
+    lost, fetched again after the restart."""
+    monkeypatch.setattr(downloads, "FINISH_ON_CLOSE", 0.1)
+    client = await make_client()
+    storage = client.app[storage_key]
+    real_commit, committing = storage.commit, threading.Event()
+
+    def slow_commit(*args: Any) -> None:
+        committing.set()
+        time.sleep(0.5)
+        real_commit(*args)
+
+    monkeypatch.setattr(storage, "commit", slow_commit)
+    digest = hub.content.add_blob(os.urandom(MiB), "library/app")
+    get = asyncio.create_task(client.get(f"/v2/library/app/blobs/{digest}"))
+    await asyncio.to_thread(committing.wait, 10)
+
+    await stop(client, get)
+
+    assert local_blob(config.storage.path, digest).exists()

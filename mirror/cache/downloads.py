@@ -58,11 +58,10 @@ MAX_PIECES = 1024
 # Largest span handed to one sendfile call, so that readers of one blob take turns.
 MAX_SPAN = 16 * 1024 * 1024
 MIN_SPAN = 4 * 1024 * 1024
-# How long a stopping mirror lets verified downloads finish their commit and upload.
+# How long a stopping mirror lets verified downloads finish their commit and upload, and
+# the others remove their temp files and abort their uploads (the supervisor's grace past
+# `shutdown_timeout` is budgeted for it).
 FINISH_ON_CLOSE = 10.0
-# How long it then lets the cancelled ones remove their temp files and abort their uploads
-# (each bucket call is held to its own deadline).
-CLEAN_UP_ON_CLOSE = 5.0
 # Resumes in a row that bring no new byte before the transfer is given up.
 MAX_FRUITLESS_RESUMES = 3
 # How often a process following another one's download (workers) reads its progress.
@@ -290,14 +289,10 @@ class Downloads:
         for task in list(self._tasks):
             if task not in finishing:
                 task.cancel()
-        if finishing:
-            await asyncio.wait(finishing, timeout=FINISH_ON_CLOSE)
-        for task in finishing:
-            task.cancel()
-        # Those cancelled are cleaning up (temp file, multipart upload): cancelled again,
-        # that would be cut short, and leave what it was removing.
+        # Those cancelled clean up (temp file, multipart upload) meanwhile: cancelled
+        # again, that would be cut short, and leave what it was removing.
         if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=CLEAN_UP_ON_CLOSE)
+            await asyncio.wait(list(self._tasks), timeout=FINISH_ON_CLOSE)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -362,11 +357,14 @@ class Downloads:
             # makes the file durable (seconds, for a big layer) need not hold them up.
             download.verified = True
             if download.claim is not None:
-                await asyncio.to_thread(download.claim.verified)
+                await in_thread(download.claim.verified)
             download._notify()
             opened, fd = fd, None  # commit closes it, whatever happens
             assert download.temp is not None
-            await asyncio.to_thread(self._storage.commit, opened, download.temp, download.final)
+            # To its end even if cancelled (a stop): else the failure's cleanup would remove
+            # the temp file under the rename, and a verified blob be lost.
+            commit = functools.partial(self._storage.commit, opened, download.temp, download.final)
+            await in_thread(commit)
         except BaseException as exc:
             await self._failed(download, exc, fd, owned, upstream, repo)
             if not isinstance(exc, Exception):

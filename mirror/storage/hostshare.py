@@ -94,6 +94,10 @@ class HostShare(Alone):
         error = locking.exception()
         if error is not None:  # its streams go on unmarked: never failed for a mark
             log.warning("bucket read of %s not marked: %s", digest, error)
+            if self._held.get(digest) is read:  # the next stream tries the lock again
+                del self._held[digest]
+                if read.grace is not None:
+                    read.grace.cancel()
             return
         if self._held.get(digest) is read:
             read.fd = locking.result()

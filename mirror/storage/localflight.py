@@ -24,6 +24,7 @@ clients, and one failing upstream must not leave a file per digest asked until a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
@@ -37,7 +38,7 @@ from typing import TypeVar
 from mirror.oci.reference import Digest
 from mirror.util.filelock import release, same_file, try_lock
 from mirror.util.files import write_replacing
-from mirror.util.threadfiles import owned_off_loop
+from mirror.util.settle import wait_out
 
 _WRITTEN = 20  # the header's first field, rewritten in place as the download grows
 _STATE_AT = _WRITTEN + 1
@@ -254,9 +255,18 @@ R = TypeVar("R")
 
 
 async def held_off_loop(call: Callable[[], R]) -> R:
-    """`call()` in a thread; if the caller is cancelled meanwhile, the claim or lock file
-    it returns is let go, not left held until the process ends."""
-    return await owned_off_loop(call, _let_go)
+    """`call()` in a thread (a claim's or a poll's: a lock tried, never waited for), awaited
+    to its end even if the caller is cancelled meanwhile: what closes the descriptor it
+    uses next must not race it. Cancelled, the claim or lock file it returned is let go,
+    not left held until the process ends."""
+    running = asyncio.get_running_loop().run_in_executor(None, call)
+    try:
+        await wait_out(running)
+    except asyncio.CancelledError:
+        if running.exception() is None:
+            _let_go(running.result())
+        raise
+    return running.result()
 
 
 def _let_go(got: object) -> None:

@@ -184,8 +184,10 @@ class BucketUpload:
         elif upload_id is not None:
             try:
                 await self._bucket.abort_multipart(self._key, upload_id)
-            except BucketUnavailable:
-                self._bucket.abort_later(self._key, upload_id)
+            except (BucketUnavailable, asyncio.CancelledError) as exc:
+                self._bucket.abort_later(self._key, upload_id)  # or the next start's sweep
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
             except (ClientError, BotoCoreError) as exc:
                 # Left for `mirror gc` and later starts, which abort what is abandoned.
                 log.warning("cannot abort the upload of %s: %s", self._key, _describe(exc))
