@@ -238,6 +238,29 @@ async def test_a_get_of_a_new_tag_whose_bytes_are_cached_spends_no_pull(
     assert (hub.stats["manifest_head"], hub.stats["manifest_get"]) == (1, 0)
 
 
+async def test_a_new_tag_of_bytes_held_for_another_repository_opens_its_blobs_too(
+    hub: FakeHub, client: Client
+) -> None:
+    """Answered from the cache after a HEAD, the tag's manifest names its config and
+    layers as the repository's, as a fetch of it would: served with no upstream HEAD each,
+    and the repository catalogued."""
+    image = hub.content.add_image("org-a/app", "1", [b"a layer"])
+    assert (await pull_manifest(client, "org-a/app", "1")).status == 200
+    for blob in (image["config"], *image["layers"]):
+        assert (await client.get(f"/v2/org-a/app/blobs/{blob}")).status == 200
+    hub.content.add_manifest("org-b/app", image["manifest"], DOCKER_V2, "1")
+    hub.reset_stats()
+
+    assert (await pull_manifest(client, "org-b/app", "1")).status == 200
+    for blob in (image["config"], *image["layers"]):
+        resp = await client.get(f"/v2/org-b/app/blobs/{blob}")
+        assert resp.status == 200 and await resp.read() == hub.content.blobs[blob]
+
+    assert hub.stats["blob_head"] == hub.stats["blob_get"] == hub.stats["manifest_get"] == 0
+    catalog = await (await client.get("/v2/_catalog")).json()
+    assert "org-b/app" in catalog["repositories"]
+
+
 async def test_a_get_of_an_uncached_tag_spends_one_pull(hub: FakeHub, client: Client) -> None:
     """Its HEAD, then its digest's GET: the one pull a GET of the tag would spend."""
     image = hub.content.add_image("library/app", "v1", [b"a layer"])

@@ -469,16 +469,24 @@ class ManifestService:
         CRI-O, skopeo) spent a pull on each new tag name, and got the upstream's 429 past
         the limit, for bytes held here."""
         info, body = await self._ask(upstream, repo, tag, head=True)
-        if body is None and not head and await self._read_cached(info.digest) is None:
-            # The tag itself, not the digest the HEAD named: what it names by now, checked
-            # against its own digest, as a GET of it always was.
-            info, body = await upstream.manifest(repo, tag, ALL_TYPES, head=False)
+        cached = None
+        if body is None and not head:
+            cached = await self._read_cached(info.digest)
+            if cached is None:
+                # The tag itself, not the digest the HEAD named: what it names by now,
+                # checked against its own digest, as a GET of it always was.
+                info, body = await upstream.manifest(repo, tag, ALL_TYPES, head=False)
         record = TagRecord(info.digest, info.media_type, info.size, time.time())
-        if body is not None:
+        if body is not None:  # fetched (or the HEAD said too little: `_ask` asked a GET)
             await self._store(upstream, repo, info, body)
             answer = Manifest(info.digest, info.media_type, info.size, None if head else body)
         else:
-            await self._holdings.record(upstream.name, repo, [info.digest])
+            # Held here: what it names is the repository's too, as a fetch records it
+            # (its blobs then need no upstream HEAD to be served under it).
+            named = [] if cached is None else references(cached[1], cached[0])
+            await self._holdings.record(upstream.name, repo, [info.digest, *named])
+            if cached is not None:
+                await self._metadata.add_repository(upstream.catalog_name(repo))
             answer = await self._answer(upstream, repo, record, head=head)
         await self._put_tag(upstream.name, repo, tag, record)
         return answer
