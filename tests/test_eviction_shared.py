@@ -305,3 +305,23 @@ async def test_the_local_tiers_bucket_reads_are_counted_and_kept_while_sent(
     result = await evictor.app[evictor_key].evict(max_size=1)
     assert path.exists() and result.evicted == 0
     assert head + await resp.read() == layer
+
+
+def test_a_count_a_later_release_wrote_with_more_fields_is_read_and_kept_whole(
+    tmp_path: Path,
+) -> None:
+    """Rolled back over a tally with a field this release does not know: the counts are
+    read (zeros would pass the directory again and again), and a settle leaves no tail."""
+    tally = SharedTally(tmp_path)
+    tally.add(1000, blob=True)
+    path = tmp_path / "tally"
+    path.write_bytes(path.read_bytes().rstrip(b"\n") + b" " + b"7".rjust(40) + b"\n")
+    assert tally.read().blobs == 1000
+
+    start = tally.read()
+    settled = tally.settle(start, 500, 600, 3)
+
+    read = tally.read()
+    assert (read.blobs, read.size, read.objects) == (500, 600, 3)
+    assert abs(read.passed - settled.passed) < 0.01 and read.passed > 0
+    assert path.read_bytes().count(b"\n") == 1

@@ -208,7 +208,10 @@ class SharedTally:
                 return usage
             if change is not None:
                 usage = change(usage)
-                os.pwrite(fd, _format(usage), 0)
+                line = _format(usage)
+                os.pwrite(fd, line, 0)
+                # A longer line another release wrote must not leave its tail behind.
+                os.ftruncate(fd, len(line))
             if self.on_count is not None:
                 self.on_count(usage)
             return usage
@@ -245,9 +248,11 @@ def _format(usage: Usage) -> bytes:
 
 
 def _parse(raw: bytes) -> Usage:
+    """The first line's fields in their order; fields past them (a later release's) are
+    left alone, so a rollback reads the count rather than zeros, and passes forever."""
     try:
-        *counts, passed = raw.decode().split()
-        blobs, landed, size, objects, grown, arrived = (int(value) for value in counts)
-        return Usage(blobs, landed, size, objects, grown, arrived, float(passed))
-    except ValueError:
+        values = raw.split(b"\n", 1)[0].decode().split()
+        blobs, landed, size, objects, grown, arrived = (int(value) for value in values[:6])
+        return Usage(blobs, landed, size, objects, grown, arrived, float(values[6]))
+    except (ValueError, IndexError):
         return Usage()
