@@ -23,19 +23,14 @@ from tests.conftest import MakeClient
 from tests.fakehub import FakeHub
 from tests.rgw import CephRGW
 from tests.test_s3 import key, local_blob
+from tests.test_s3_parts import open_descriptors
 
 MiB = 1024 * 1024
 
 
 def open_under(directory: Path) -> list[str]:
     """This process's descriptors on files under `directory`."""
-    links = []
-    for entry in Path("/proc/self/fd").iterdir():
-        try:
-            links.append(os.readlink(entry))
-        except OSError:
-            pass
-    return [link for link in links if link.startswith(str(directory))]
+    return [link for link in open_descriptors() if link.startswith(str(directory))]
 
 
 async def start_download(
