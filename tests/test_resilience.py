@@ -285,6 +285,32 @@ async def test_circuit_opens_after_repeated_failures(hub: FakeHub, client: Clien
     assert await metric(client, f'mirror_upstream_up{{upstream="{upstream}"}}') == 0
 
 
+async def test_an_upstream_back_shows_as_up_with_no_client_asking(
+    hub: FakeHub, client: Client
+) -> None:
+    """A quiet mirror probes an open circuit itself: `mirror_upstream_up` (and the alert on
+    it) must not wait for the next pull after the upstream came back."""
+    hub.registry_status = 503
+    for n in range(3):
+        assert (await client.get(f"/v2/library/a{n}/manifests/x", headers=ACCEPT)).status == 503
+    gauge = f'mirror_upstream_up{{upstream="{hub.registry_url.removeprefix("http://")}"}}'
+    assert await metric(client, gauge) == 0
+    hub.registry_status = None
+    hub.reset_stats()
+
+    deadline = time.monotonic() + 10  # the backoff (1 s) and a look (1 s), with room
+    while await metric(client, gauge) == 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+
+    assert await metric(client, gauge) == 1
+    # The probe, and nothing else: no client asked.
+    assert [(method, path) for _, method, path in hub.stats.requests] == [("GET", "/v2/")]
+    image = hub.content.add_image("library/back", "1", [b"layer"])
+    resp = await client.get("/v2/library/back/manifests/1", headers=ACCEPT)
+    assert resp.status == 200, await resp.text()
+    assert resp.headers["Docker-Content-Digest"] == image["digest"]
+
+
 def test_breaker_probes_with_backoff_and_closes_on_success() -> None:
     now = [0.0]
     breaker = CircuitBreaker("up", threshold=2, base_delay=1, max_delay=4, clock=lambda: now[0])

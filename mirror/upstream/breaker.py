@@ -3,7 +3,9 @@
 Closed: requests go through; `threshold` failures in a row open it. Open: requests fail at
 once (the client gets a quick 503 and Docker falls back to the registry itself, instead of
 hanging on timeouts). After the backoff one probe goes through: success closes the
-circuit, failure reopens it for twice as long, up to `max_delay`.
+circuit, failure reopens it for twice as long, up to `max_delay`. The probe is a client's
+request, or `Upstream.probe`'s `/v2/` when no client asks (upstream/probe.py), so that an
+upstream back from an outage shows as up on a quiet mirror too.
 """
 
 from __future__ import annotations
@@ -59,6 +61,14 @@ class CircuitBreaker:
             )
         self._probing = True
         self._probe_started = now
+
+    def probe_due(self) -> bool:
+        """Open, its backoff over and no probe under way: the upstream may be asked again."""
+        if self._open_until is None:
+            return False
+        now = self._clock()
+        pending = self._probing and now - self._probe_started < PROBE_TIMEOUT
+        return now >= self._open_until and not pending
 
     def success(self) -> None:
         self._failures = 0

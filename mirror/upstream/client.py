@@ -52,6 +52,7 @@ log = logging.getLogger("mirror.upstream")
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
+PROBE_HEADERS = {"Accept-Encoding": "identity"}
 # An error body read for its OCI code: more is no registry's error.
 MAX_ERROR_BYTES = 64 * 1024
 NEGATIVE_ENTRIES = 10000
@@ -286,6 +287,17 @@ class Upstream:
             self.breaker.success()
             self._metrics.upstream_up.labels(self.name).set(1)
         return resp
+
+    async def probe(self) -> None:
+        """`GET /v2/` once the open circuit's backoff is over (no credentials: any answer
+        below 500, a 401 too, means the upstream is back): closes the circuit and sets
+        `mirror_upstream_up` again when no client asks meanwhile. Failures only reopen it."""
+        if not self.breaker.probe_due():
+            return
+        with contextlib.suppress(RegistryError):
+            async with self.within_deadline("a probe"):
+                resp = await self._send("GET", self.url + "/v2/", PROBE_HEADERS, "probe")
+                resp.release()
 
     def record_failure(self) -> None:
         """Count a failed exchange (also one broken mid-body) towards opening the circuit."""

@@ -41,6 +41,7 @@ from mirror.storage.sharing import BucketSharing
 from mirror.storage.tally import SharedTally
 from mirror.upstream.client import Upstream, new_session
 from mirror.upstream.credentials import Credentials
+from mirror.upstream.probe import probe_open_circuits
 from mirror.upstream.routing import Upstreams
 from mirror.upstream.tokens import TokenCache
 from mirror.web.access import client_auth_ctx, token_handler
@@ -249,7 +250,12 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         # refused what users may pull is challenged for a login rather than refused.
         challenges = config.auth.htpasswd is not None
         app[gate_key] = PullGate(app[policy_key], app[upstreams_key], challenges=challenges)
-        yield
+        prober = asyncio.create_task(probe_open_circuits(built))
+        try:
+            yield
+        finally:
+            prober.cancel()
+            await asyncio.gather(prober, return_exceptions=True)
         await tokens.close()
     finally:
         await asyncio.gather(*(session.close() for session in (token_session, *sessions, *publics)))
