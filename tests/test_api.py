@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import shutil
 import threading
@@ -20,7 +21,8 @@ from yarl import URL
 from mirror.config import Config, RedisConfig, UpstreamConfig
 from mirror.storage import filesystem
 from mirror.storage.filesystem import USERS_LOCK
-from mirror.web.keys import metrics_key
+from mirror.web import app as app_module
+from mirror.web.keys import metrics_key, storage_key
 from tests.conftest import MakeClient
 from tests.fakehub import FakeHub
 from tests.services import RedisServer
@@ -381,6 +383,34 @@ async def test_a_cache_directory_emptied_while_running_is_used_again(
         await asyncio.sleep(0.05)
     assert kept.exists()
     assert (root / USERS_LOCK).exists()  # a serve starting now finds this one among its users
+
+
+async def test_a_directory_writable_again_is_reported_so_with_only_cached_pulls(
+    hub: FakeHub, make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A brief ENOSPC marked the cache unwritable; the space came back and clients pull only
+    what is cached: `mirror_storage_writable` (a critical alert) returns to 1 all the same."""
+    monkeypatch.setattr(filesystem, "PROBE_INTERVAL", 0.0)
+    monkeypatch.setattr(app_module, "DISK_WATCH_INTERVAL", 0.05)
+    client = await make_client()
+    storage = client.app[storage_key]
+    storage.mark_unwritable(OSError(errno.ENOSPC, "No space left on device"))
+    assert await gauge(client, "mirror_storage_writable") == 0
+    for _ in range(100):
+        if await gauge(client, "mirror_storage_writable") == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert await gauge(client, "mirror_storage_writable") == 1
+    assert storage.writable
+
+
+async def gauge(client: Client, name: str) -> float | None:
+    text = await (await client.get("/metrics")).text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    return None
 
 
 async def test_readyz_with_redis(redis_server: RedisServer, make_client: MakeClient) -> None:

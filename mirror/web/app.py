@@ -145,12 +145,15 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def watch_disk(storage: CacheStore, metrics: Metrics) -> None:
-    """Keep the disk-space gauges current (for the nearly-full alert)."""
+    """Keep the disk-space gauges current (for the nearly-full alert), and the writable
+    flag: a cold pull re-probes a directory that refused writes, but a mirror serving only
+    cached blobs meanwhile would report it unwritable (a critical alert) for good."""
     while True:
         try:
             free, total = await storage.disk_space()
             metrics.storage_free.set(free)
             metrics.storage_capacity.set(total)
+            await storage.writable_now()
         except OSError:
             pass  # the directory may be gone or unmounted; /readyz says so
         await asyncio.sleep(DISK_WATCH_INTERVAL)
