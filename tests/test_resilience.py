@@ -551,6 +551,10 @@ async def test_blob_larger_than_the_cache_is_streamed_uncached(
         assert await resp.read() == layer
 
     assert not blob_file(config, digest).exists()
+    # Relayed bytes are received from the upstream all the same (the dashboards' traffic).
+    upstream = hub.registry_url.removeprefix("http://")
+    received = await metric(client, f'mirror_upstream_bytes_total{{upstream="{upstream}"}}')
+    assert received == 2 * len(layer)
 
 
 async def test_cache_evicts_least_recently_read_blobs(

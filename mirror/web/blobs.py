@@ -356,7 +356,7 @@ class BlobService:
             source.release()
             raise
         return await _deliver(
-            request, resp, self._relay(request, resp, source, digest, 0, None, True)
+            request, resp, self._relay(request, resp, source, upstream.name, digest, 0, None, True)
         )
 
     async def _relay(
@@ -364,6 +364,7 @@ class BlobService:
         request: web.Request,
         resp: web.StreamResponse,
         source: BlobBody,
+        upstream: str,
         digest: Digest,
         start: int,
         end: int | None,
@@ -371,13 +372,15 @@ class BlobService:
     ) -> None:
         """Send bytes `start`..`end` of the blob from an upstream body (which may start
         mid-blob, at its `offset`); with `verify`, hash the whole blob and hold the last
-        chunk back until the hash matches."""
+        chunk back until the hash matches. Its bytes count as received from `upstream`."""
         offset = source.offset
         hasher = digest.hasher()
         held, pos = b"", offset
+        received = self._metrics.upstream_bytes.labels(upstream)
         async with source:
             try:
                 async for chunk in source.chunks(READ_CHUNK):
+                    received.inc(len(chunk))
                     if verify:
                         hasher.update(chunk)
                     low = max(start - pos, 0)
@@ -459,7 +462,9 @@ class BlobService:
                 # The disk filled up under the download: finish this client from upstream.
                 offset = 0 if span is None else pos
                 source = await upstream.open_blob(repo, str(download.digest), offset)
-                await self._relay(request, resp, source, download.digest, pos, end, span is None)
+                await self._relay(
+                    request, resp, source, upstream.name, download.digest, pos, end, span is None
+                )
             except RegistryError as exc:
                 raise TransferAborted(exc.message) from None
             finally:
