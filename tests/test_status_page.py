@@ -27,6 +27,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from mirror.config import Config, UpstreamConfig
+from mirror.web.keys import metrics_key, upstreams_key
 from mirror.web.monitor import create_monitor_app
 from mirror.web.status import MAX_TRACKED, REFRESH_SECONDS, TOP, PullCounter
 from tests.conftest import MakeClient
@@ -205,6 +206,19 @@ async def test_status_page_shows_a_failing_upstream(hub: FakeHub, make_client: M
         await resp.read()
     page = await status_page(client)
     assert page.table("Upstreams")[1][2] == "failing"
+
+
+async def test_the_page_tells_an_upstream_s_health_as_the_metrics_do(
+    hub: FakeHub, make_client: MakeClient
+) -> None:
+    """With workers, `mirror_upstream_up` is any worker's latest word; the page says the same
+    (this worker's own circuit is closed), not "up" or "failing" by which worker answered."""
+    client = await make_client()
+    upstream = client.app[upstreams_key].default.name
+    client.app[metrics_key].upstream_up.labels(upstream).set(0)  # another worker's circuit
+    assert (await status_page(client)).table("Upstreams")[1][2] == "failing"
+    client.app[metrics_key].upstream_up.labels(upstream).set(1)
+    assert (await status_page(client)).table("Upstreams")[1][2] == "up"
 
 
 async def test_status_page_escapes_every_value(

@@ -38,7 +38,7 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 SHOWN = {
     "mirror_cache_requests_total", "mirror_served_bytes_total", "mirror_cache_size_bytes",
     "mirror_upstream_fetches_in_flight", "mirror_storage_writable", "mirror_metadata_up",
-    "mirror_s3_up", "mirror_upstream_ratelimit_remaining",
+    "mirror_s3_up", "mirror_upstream_ratelimit_remaining", "mirror_upstream_up",
 }  # fmt: skip
 
 
@@ -136,7 +136,11 @@ def _no_top(pulls: PullCounter) -> str:
 def _upstream_rows(upstreams: Upstreams, values: Samples) -> list[list[str]]:
     rows = []
     for upstream in upstreams:
-        health = "failing" if upstream.breaker.is_open else "up"
+        # As /metrics says it (with workers, any worker's open circuit), not this worker's
+        # own circuit: a page would say "up" or "failing" by which worker answered it.
+        up = _sample(values, "mirror_upstream_up", upstream=upstream.name)
+        failing = upstream.breaker.is_open if up is None else up < 1
+        health = "failing" if failing else "up"
         remaining = _sample(values, "mirror_upstream_ratelimit_remaining", upstream=upstream.name)
         budget = "–" if remaining is None else f"{int(remaining)}"
         default = " (default)" if upstream is upstreams.default else ""
