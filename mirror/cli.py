@@ -212,6 +212,13 @@ def read_image_list(path: str) -> list[str]:
     return [entry for entry in entries if entry]
 
 
+def metadata_kind(config: Config) -> str:
+    """Where tags and records live, as the start-up line names it."""
+    if config.redis.url:
+        return "redis"
+    return "sqlite (shared by the workers)" if config.workers > 1 else "in-process"
+
+
 def serve(
     config: Config, argv: list[str], seat: WorkerSeat | None = None, text: str | None = None
 ) -> None:
@@ -232,7 +239,7 @@ def serve(
             describe(listeners),
             config.upstream.url,
             config.storage.path,
-            "redis" if config.redis.url else "in-process",
+            metadata_kind(config),
         )
 
     app = create_app(config)

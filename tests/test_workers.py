@@ -157,6 +157,10 @@ async def test_requests_spread_over_both_workers_and_metrics_add_them_up(
     assert len(workers_of(mirror)) == WORKERS
     # Each worker is `mirror serve` on the same config: the same loop, uvloop by default.
     assert all(runs_uvloop(pid) for pid in workers_of(mirror))
+    # Without Redis, the start-up line names where the workers share tags: not "in-process".
+    assert all(
+        r["message"].endswith("metadata sqlite (shared by the workers)") for r in serving(mirror)
+    )
     sent = 0
     by_worker: dict[int, int] = {}
     # Ten at a time, each on its own connection, until both workers have answered (the
