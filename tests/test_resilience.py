@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from mirror.cache import downloads
 from mirror.cache.eviction import CachedBlob, Evictor, choose_victims
 from mirror.config import CacheConfig, Config, StorageConfig, UpstreamConfig
 from mirror.metadata import memory
@@ -30,7 +32,13 @@ from mirror.upstream.breaker import CircuitBreaker
 from mirror.web.keys import evictor_key, storage_key
 from tests.conftest import MakeClient
 from tests.fakehub import Content, FakeHub, digest_of
-from tests.resilience_helpers import temp_files_settled, wait_for_file
+from tests.resilience_helpers import (
+    MIB,
+    MountError,
+    temp_files_settled,
+    tmpfs,
+    wait_for_file,
+)
 from tests.services import free_port
 
 Client = TestClient[Any, Any]
@@ -57,8 +65,12 @@ async def fetch_blob(client: Client, digest: str) -> bytes:
 
 
 def blob_file(config: Config, digest: str) -> Path:
+    return blob_file_in(config.storage.path, digest)
+
+
+def blob_file_in(root: Path, digest: str) -> Path:
     algorithm, hexpart = digest.split(":")
-    return config.storage.path / "blobs" / algorithm / hexpart[:2] / hexpart
+    return root / "blobs" / algorithm / hexpart[:2] / hexpart
 
 
 async def metric(client: Client, line_start: str) -> float | None:
@@ -555,6 +567,51 @@ async def test_blob_larger_than_the_cache_is_streamed_uncached(
     upstream = hub.registry_url.removeprefix("http://")
     received = await metric(client, f'mirror_upstream_bytes_total{{upstream="{upstream}"}}')
     assert received == 2 * len(layer)
+
+
+@pytest.fixture
+def small_volume(tmp_path: Path) -> Iterator[Path]:
+    """A 24 MiB tmpfs for the cache (root only); unmounted after the app on it stopped."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        with tmpfs(tmp_path / "volume", "24m") as path:
+            yield path
+    except MountError as exc:
+        pytest.skip(f"cannot mount here: {exc}")
+
+
+async def test_concurrent_cold_blobs_take_only_the_room_the_volume_has(
+    hub: FakeHub, small_volume: Path, make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four 9 MiB blobs pulled at once into a 24 MiB volume: each download needs its whole
+    size free beyond what the running ones were promised (they reserve as they go), so two
+    are kept and the others relayed at once. Before, all four passed the check, filled the
+    volume together, and one at most was kept, each retry alike."""
+    monkeypatch.setattr(downloads, "RESERVE_AHEAD", MIB)
+    hub.cdn_delay = 0.002  # the four downloads overlap
+    client = await make_client(storage=StorageConfig(path=small_volume))
+    layers = [os.urandom(9 * MIB) for _ in range(4)]
+    digests = [hub.content.add_blob(layer) for layer in layers]
+
+    async def get(digest: str) -> bytes:
+        resp = await client.get(f"/v2/library/app/blobs/{digest}")
+        assert resp.status == 200
+        return await resp.read()
+
+    bodies = await asyncio.gather(*(get(digest) for digest in digests))
+
+    assert bodies == layers
+    storage = client.app[storage_key]
+    assert storage.writable  # a blob that found no room is no fault of the disk
+    kept = 0
+    for _ in range(100):  # renamed just after each client's last byte
+        kept = sum(blob_file_in(small_volume, digest).exists() for digest in digests)
+        if kept >= 2 and not list(storage.tmp.iterdir()):
+            break
+        await asyncio.sleep(0.05)
+    assert kept == 2
+    assert list(storage.tmp.iterdir()) == []
 
 
 async def test_cache_evicts_least_recently_read_blobs(

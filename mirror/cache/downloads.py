@@ -760,8 +760,9 @@ class Downloads:
             return None
         start, upto = download.reserved, min(download.size, reached + RESERVE_AHEAD)
         download.reserved = upto
-        storage = self._storage
-        return lambda: storage.reserve(fd, start, upto - start)
+        storage, temp = self._storage, download.temp
+        assert temp is not None
+        return lambda: storage.reserve(fd, temp, start, upto - start)
 
     def _verify(self, download: Download, hexdigest: str) -> None:
         if download.size is not None and download.written != download.size:

@@ -26,6 +26,7 @@ import fcntl
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -58,6 +59,11 @@ class Storage:
         self.manifests = self.root / "manifests"
         self.tmp = self.root / "tmp"
         self.max_size = max_size
+        # The bytes each download of this process announced and has not reserved yet, by
+        # temp file: a new download needs its size free beyond them, else several large
+        # ones all pass the check, fill the disk together and none of them is kept.
+        self._promised: dict[str, int] = {}
+        self._promises = threading.Lock()  # new_temp and reserve run in worker threads
         # False after a write failed (disk full, read-only): blobs then stream from
         # upstream uncached until a probe, at most every PROBE_INTERVAL, finds it writable.
         self.writable = True
@@ -232,8 +238,9 @@ class Storage:
             now = size if reserve is None else min(size, reserve)
             try:
                 if now < size:
-                    _check_room(self.tmp, size)
-                os.posix_fallocate(fd, 0, now)
+                    self._promise(fd, name, size, now)
+                else:
+                    os.posix_fallocate(fd, 0, now)
             except OSError as exc:
                 self.discard(fd, Path(name))
                 if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # not every filesystem can
@@ -241,21 +248,42 @@ class Storage:
                 raise
         return fd, Path(name)
 
-    @staticmethod
-    def reserve(fd: int, start: int, length: int) -> None:
-        """Reserve `length` more bytes of `fd`'s file from `start` (blocking); ENOSPC as
-        any failed write, nothing where the filesystem cannot."""
+    def _promise(self, fd: int, name: str, size: int, now: int) -> None:
+        """Reserve `now` bytes of a `size`-byte temp file and promise it the rest: ENOSPC
+        unless `size` is free beyond what the other downloads were promised (blocking)."""
+        with self._promises:
+            promised = sum(self._promised.values())
+            if promised:  # a crashed caller's promise must not hold room for good
+                self._promised = {p: n for p, n in self._promised.items() if os.path.exists(p)}
+                promised = sum(self._promised.values())
+            _check_room(self.tmp, size + promised)
+            os.posix_fallocate(fd, 0, now)
+            self._promised[name] = size - now
+
+    def reserve(self, fd: int, temp: Path, start: int, length: int) -> None:
+        """Reserve `length` more bytes of `fd`'s file (`temp`) from `start` (blocking);
+        ENOSPC as any failed write, nothing where the filesystem cannot."""
         try:
             os.posix_fallocate(fd, start, length)
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise
+        with self._promises:
+            name = str(temp)
+            if name in self._promised:
+                self._promised[name] = max(self._promised[name] - length, 0)
+
+    def _settled(self, temp: Path) -> None:
+        """The temp file is kept or gone: its promise with it."""
+        with self._promises:
+            self._promised.pop(str(temp), None)
 
     def commit(self, fd: int, temp: Path, final: Path) -> None:
         """fsync `fd`, close it and rename `temp` to `final` (blocking). The directory the
         name lands in is fsynced too (and the parent of each directory made for it): without
         it a power cut can lose the rename of a file whose bytes were on disk, and the
         blob would be fetched again. Cached data is never wrong either way."""
+        self._settled(temp)
         try:
             os.fsync(fd)
         finally:
@@ -269,8 +297,7 @@ class Storage:
         for directory in (final.parent, *(new.parent for new in made)):
             sync_directory(directory)
 
-    @staticmethod
-    def discard(fd: int | None, temp: Path | None) -> None:
+    def discard(self, fd: int | None, temp: Path | None) -> None:
         """Close and delete an abandoned temp file (blocking)."""
         if fd is not None:
             try:
@@ -279,6 +306,7 @@ class Storage:
                 pass
         if temp is not None:
             temp.unlink(missing_ok=True)
+            self._settled(temp)
 
     async def verified_blob_size(self, digest: Digest) -> int | None:
         """The size of the blob's file, hashed again and found to match; None when it is
