@@ -670,6 +670,16 @@ def test_eviction_skips_blobs_being_read() -> None:
     assert [blob.digest for blob, _ in victims] == ["sha256:1", "sha256:2"]
 
 
+def test_a_blob_near_the_bound_does_not_take_itself_out_with_the_rest() -> None:
+    """max_size 64, blobs of 60: the second landing passes the bound. The first goes; the
+    one just landed stays (it fits alone), though the low water mark (57.6) is not met."""
+    blobs = [CachedBlob(f"/x/{n}", f"sha256:{n}", 60, float(n)) for n in range(2)]
+
+    victims = choose_victims(blobs, 120, 64, None, set(), now=10.0)
+
+    assert [(blob.digest, why) for blob, why in victims] == [("sha256:0", "size")]
+
+
 async def test_evictor_stops_when_cancelled_as_it_is_woken(tmp_path: Path) -> None:
     """Shutdown cancels the evictor; a blob landing at that moment wakes it too. On Python
     3.11 `asyncio.wait_for` dropped such a cancellation, and the app's cleanup hung."""

@@ -65,16 +65,19 @@ def choose_victims(
     busy: Container[str],
     now: float,
 ) -> list[tuple[CachedBlob, str]]:
-    """Which blobs to delete, and why ("idle" or "size"), oldest read first."""
+    """Which blobs to delete, and why ("idle" or "size"), oldest read first. The newest
+    read is not deleted for size when it fits `max_size` alone: a blob between the low
+    water mark and the bound would otherwise take every other blob and then itself."""
     over = max_size is not None and total > max_size
     target = int(max_size * LOW_WATER) if max_size is not None else 0
+    newest = blobs[-1] if blobs and max_size is not None and blobs[-1].size <= max_size else None
     victims = []
     for blob in blobs:
         if blob.digest in busy:
             continue
         if max_idle is not None and now - blob.last_read > max_idle:
             reason = "idle"
-        elif over and total > target:
+        elif over and total > target and blob is not newest:
             reason = "size"
         else:
             continue
