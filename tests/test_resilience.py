@@ -614,6 +614,34 @@ async def test_concurrent_cold_blobs_take_only_the_room_the_volume_has(
     assert list(storage.tmp.iterdir()) == []
 
 
+async def test_a_disk_smaller_than_the_bound_makes_room_for_the_next_blob(
+    hub: FakeHub, small_volume: Path, make_client: MakeClient
+) -> None:
+    """A 24 MiB volume under a 1 GiB bound, two 9 MiB blobs cached: the third finds no room.
+    It is relayed, and the least recently read blob goes, so its next pull keeps it (before,
+    nothing was evicted below the bound, and every blob after was relayed for good)."""
+    storage = StorageConfig(path=small_volume, max_size=1024 * MIB)
+    client = await make_client(storage=storage)
+    first, second, third = (os.urandom(9 * MIB) for _ in range(3))
+    digests = [hub.content.add_blob(layer) for layer in (first, second, third)]
+    for digest in digests[:2]:
+        await fetch_blob(client, digest)
+    assert all(blob_file_in(small_volume, digest).exists() for digest in digests[:2])
+
+    resp = await client.get(f"/v2/library/app/blobs/{digests[2]}")
+    assert (resp.status, await resp.read()) == (200, third)
+    for _ in range(100):  # the pass runs in the background
+        if not blob_file_in(small_volume, digests[0]).exists():
+            break
+        await asyncio.sleep(0.05)
+    assert await fetch_blob(client, digests[2]) == third
+
+    assert not blob_file_in(small_volume, digests[0]).exists()
+    assert blob_file_in(small_volume, digests[1]).exists()
+    assert blob_file_in(small_volume, digests[2]).exists()
+    assert await metric(client, 'mirror_evictions_total{reason="size"}') == 1
+
+
 async def test_cache_evicts_least_recently_read_blobs(
     hub: FakeHub, make_client: MakeClient, config: Config
 ) -> None:

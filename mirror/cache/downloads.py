@@ -248,6 +248,8 @@ class Downloads:
         # Called after each blob lands in the cache (the evictor counts it, and shows the
         # cache's size from its count).
         self.on_commit: Callable[[int], None] | None = None
+        # Told the size of a blob that fits the bound but found no room on the disk.
+        self.on_no_room: Callable[[int], None] | None = None
         # Told which upstream sent a blob it landed (cache/holdings.py serves cached bytes
         # under an upstream only once that upstream sent them).
         self.on_sent: Callable[[str, Digest], Awaitable[None]] | None = None
@@ -427,6 +429,8 @@ class Downloads:
         except OSError as exc:
             body.release()
             await self._write_refused(exc)
+            if exc.errno in NO_SPACE and download.size and self.on_no_room is not None:
+                self.on_no_room(download.size)
             raise Uncacheable(f"blob {download.digest} cannot be written to the cache") from None
         download.temp = temp
         download.reserved = min(download.size or 0, RESERVE_AHEAD)

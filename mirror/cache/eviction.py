@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 RETRY = 1.0
 # An explicit pass (`mirror gc`) waits for the turn, asking this often.
 TURN_POLL = 0.1
+# Freed beyond a blob's size when the disk had no room for it (an eighth of it, up to
+# this): other downloads and the manifests written meanwhile need some too.
+ROOM_MARGIN = 64 * 1024 * 1024
 T = TypeVar("T")
 
 
@@ -114,6 +117,7 @@ class Evictor:
         self._counting: set[asyncio.Task[None]] = set()
         # The thread of the pass under way: its turn is let go only once it has stopped.
         self._evicting: asyncio.Future[EvictionResult] | None = None
+        self._making_room: asyncio.Task[None] | None = None
         metrics.cache_max_size.set(max_size or 0)
 
     @property
@@ -178,8 +182,36 @@ class Evictor:
                 await _wait_or_timeout(self._wake, pause)
                 self._wake.clear()
 
+    def make_room(self, size: int) -> None:
+        """A blob of `size` bytes, within the bound, found no room on the disk (the disk is
+        smaller than the bound allows, or holds other things): a pass in the background
+        frees what it lacks, least recently read first, so that the next pull keeps it.
+        One at a time; the request that found no room is relayed meanwhile."""
+        if self._making_room is not None and not self._making_room.done():
+            return
+        self._making_room = asyncio.create_task(self._make_room(size))
+        self._counting.add(self._making_room)
+        self._making_room.add_done_callback(self._counting.discard)
+
+    async def _make_room(self, size: int) -> None:
+        try:
+            free, _ = await self._storage.disk_space()
+            lacking = size + min(ROOM_MARGIN, size // 8) - free
+            if lacking <= 0:
+                return
+            while (turn := await self._take_turn()) is None:
+                await asyncio.sleep(TURN_POLL)
+            try:
+                start = await self._call(self._tally.read)
+                if start.blobs >= lacking:  # else the disk is taken by more than blobs
+                    await self._pass(start, start.blobs - lacking)
+            finally:
+                await self._release(turn)
+        except OSError as exc:
+            log.warning("cannot make room for a blob of %d bytes: %s", size, exc)
+
     async def close(self) -> None:
-        """Let the counts under way finish."""
+        """Let the counts (and a pass making room) under way finish."""
         await asyncio.gather(*self._counting, return_exceptions=True)
 
     async def pass_if_due(self) -> float:
