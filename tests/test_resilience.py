@@ -35,6 +35,7 @@ from tests.fakehub import Content, FakeHub, digest_of
 from tests.resilience_helpers import (
     MIB,
     MountError,
+    fill_filesystem,
     temp_files_settled,
     tmpfs,
     wait_for_file,
@@ -640,6 +641,41 @@ async def test_a_disk_smaller_than_the_bound_makes_room_for_the_next_blob(
     assert blob_file_in(small_volume, digests[1]).exists()
     assert blob_file_in(small_volume, digests[2]).exists()
     assert await metric(client, 'mirror_evictions_total{reason="size"}') == 1
+
+
+async def test_the_disk_filling_under_a_worker_s_download_leaves_the_other_s_clients_relayed(
+    hub: FakeHub, small_volume: Path, make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers on one volume: one fetches a blob, a client of the other follows its temp
+    file; the volume fills mid-download. The fetching worker's client is relayed from the
+    upstream, as ever; so is the other's, whole and right (it was cut: "another process
+    failed it")."""
+    monkeypatch.setattr(downloads, "RESERVE_AHEAD", MIB)  # the writes past 1 MiB can fail
+    hub.cdn_delay = 0.005
+    storage = StorageConfig(path=small_volume)
+    owner, other = [await make_client(workers=2, storage=storage) for _ in range(2)]
+    layer = os.urandom(8 * MIB)
+    digest = hub.content.add_blob(layer)
+
+    async def get(client: Client) -> tuple[int, bytes]:
+        resp = await client.get(f"/v2/library/app/blobs/{digest}")
+        return resp.status, await resp.read()
+
+    def started() -> bool:
+        return any(path.stat().st_size > 0 for path in (small_volume / "tmp").glob("blob-*"))
+
+    fetching = asyncio.create_task(get(owner))
+    for _ in range(200):
+        if started():
+            break
+        await asyncio.sleep(0.01)
+    following = asyncio.create_task(get(other))
+    await asyncio.sleep(0.2)  # the other worker's client follows the temp file
+    assert not fetching.done()
+    await asyncio.to_thread(fill_filesystem, small_volume / "filler")
+
+    assert await fetching == (200, layer)
+    assert await following == (200, layer)
 
 
 async def test_cache_evicts_least_recently_read_blobs(

@@ -476,7 +476,9 @@ class Downloads:
             if failed is not None:  # the one followed failed upstream just now: so do these
                 raise _failure_from(*failed)
             if download.temp is not None:  # its readers hold that file: no other will do
-                raise UpstreamUnavailable(f"blob {download.digest}: another process failed it")
+                # Not the upstream's failure (that leaves a marker): its disk's, or it was
+                # stopped. The readers carry on from the upstream, as the owner's do.
+                raise CacheWriteFailed(f"blob {download.digest}: another process failed it")
 
     async def _follow(self, download: Download, sibling: Sibling) -> Claim | Gone:
         """Mirror another process's progress into `download` (its readers send the bytes
