@@ -234,6 +234,27 @@ async def test_a_killed_worker_is_restarted_and_counted(
     assert len(killed) == 1, tail(log_since_last_start(mirror.log_path))
 
 
+async def test_the_pull_budget_outlives_the_worker_that_heard_it(
+    tmp_path: Path,
+    hub: FakeHubProcess,
+    session: aiohttp.ClientSession,
+    stop_after: list[MirrorProcess],
+) -> None:
+    """The upstream's ratelimit headers, heard by one worker, stay on /metrics once every
+    worker that heard them died (MirrorPullBudgetLow must not resolve with a worker)."""
+    mirror = start_mirror(tmp_path, hub.registry_url)
+    stop_after.append(mirror)
+    async with session.get(f"{mirror.url}/v2/library/big/manifests/latest") as resp:
+        assert resp.status == 200
+    budget = "mirror_upstream_ratelimit_remaining"
+    assert metric_value(await metrics_text(session, mirror), budget) is not None
+    for deaths in (1, 2):  # both workers: the one that heard it is among them
+        os.kill(min(workers_of(mirror)), signal.SIGKILL)
+        wait_for("a new worker", lambda: len(serving(mirror)) == WORKERS + deaths)  # noqa: B023
+
+    assert metric_value(await metrics_text(session, mirror), budget) is not None
+
+
 def metric_files(mirror: MirrorProcess) -> set[str]:
     """Whose counter and histogram files the workers' metrics directory holds: pids, or
     "folded" for the dead workers' sums."""

@@ -186,14 +186,16 @@ class Metrics:
             "mirror_upstream_ratelimit_remaining",
             "Pulls left in the upstream's window, from its ratelimit-remaining header.",
             ["upstream"],
-            multiprocess_mode="livemostrecent",
+            # The upstream's word, whichever worker heard it last: a dead one's too (its
+            # file is folded, not dropped), or the budget would vanish with it.
+            multiprocess_mode="mostrecent",
             registry=r,
         )
         self.ratelimit_limit = Gauge(
             "mirror_upstream_ratelimit_limit",
             "Pulls allowed in the upstream's window, from its ratelimit-limit header.",
             ["upstream"],
-            multiprocess_mode="livemostrecent",
+            multiprocess_mode="mostrecent",
             registry=r,
         )
         self.revalidations = Counter(

@@ -5,8 +5,10 @@ counts must stay in the sums (a counter that drops reads as a reset to Prometheu
 one file pair per dead worker made every scrape slower for as long as the supervisor ran: a
 worker crashing every half minute left thousands. So the supervisor folds a dead worker's
 files into one pair (`counter_folded.db`, `histogram_folded.db`), adding value to value,
-and removes them. Scrapes read under a shared lock and the fold takes it exclusively, so
-no scrape sees a count twice (folded, not yet removed) or not at all.
+and removes them; its `mostrecent` gauges (the upstream's pull budget) into
+`gauge_mostrecent_folded.db`, the newest value of each kept. Scrapes read under a shared
+lock and the fold takes it exclusively, so no scrape sees a count twice (folded, not yet
+removed) or not at all.
 
 The status page's pulls per repository are not metrics (a label per repository would
 have /metrics grow with every repository pulled): each worker publishes its counts to
@@ -34,7 +36,10 @@ from mirror.util.files import write_replacing
 
 FOLD_LOCK = "fold.lock"  # not *.db: the collector's glob passes it by
 FOLDED = "folded"  # where the pid goes in a file's name
-ADDED_UP = ("counter", "histogram")  # the kinds whose files add up; gauges are dropped
+ADDED_UP = ("counter", "histogram")  # the kinds whose files add up
+# Gauges whose latest value stands after its worker died (the upstream's pull budget): the
+# newest of each is kept. Other gauges are the live workers' alone, dropped with a dead one.
+LATEST = "gauge_mostrecent"
 
 
 class WorkerFilesCollector(Collector):
@@ -130,6 +135,13 @@ def fold_dead(path: Path, pid: int) -> list[str]:
             if values:
                 _add(path / f"{kind}_{FOLDED}.db", values)
             dead.unlink()
+        dead = path / f"{LATEST}_{pid}.db"
+        if dead.exists():
+            try:
+                _keep_latest(path / f"{LATEST}_{FOLDED}.db", _stamped(dead))
+            except (struct.error, ValueError):
+                unreadable.append(dead.name)
+            dead.unlink()
         _fold_pulls(path, pid)
     return unreadable
 
@@ -141,6 +153,26 @@ def _values(path: Path) -> list[tuple[str, float]]:
     for key, _ in values:
         json.loads(key)
     return values
+
+
+def _stamped(path: Path) -> list[tuple[str, float, float]]:
+    """(key, value, time set) of every sample in a gauge file."""
+    found = MmapedDict.read_all_values_from_file(str(path))  # type: ignore[no-untyped-call]
+    values = [(key, value, stamp) for key, value, stamp, _ in found]
+    for key, _, _ in values:
+        json.loads(key)
+    return values
+
+
+def _keep_latest(path: Path, values: list[tuple[str, float, float]]) -> None:
+    folded = MmapedDict(str(path))  # type: ignore[no-untyped-call]
+    try:
+        for key, value, stamp in values:
+            _, kept = folded.read_value(key)  # type: ignore[no-untyped-call]
+            if stamp > kept:
+                folded.write_value(key, value, stamp)  # type: ignore[no-untyped-call]
+    finally:
+        folded.close()  # type: ignore[no-untyped-call]
 
 
 def _add(path: Path, values: list[tuple[str, float]]) -> None:
