@@ -204,6 +204,32 @@ def test_failure_markers_that_ran_out_do_not_stay(
     assert [p.name for p in tmp_path.glob("*.failed")] == [f"sha256-{digests[2].hex}.failed"]
 
 
+def test_claims_sweep_what_a_killed_worker_left_long_ago(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker killed with a temp file no claim holds (a bucket read's spool, its size
+    reserved): the restarted worker's start finds it too young to remove. A claim past
+    SWEEP_EVERY removes it once it is old, and leaves a live download's file alone."""
+    flight = LocalFlight(tmp_path)
+    orphan = tmp_path / "blob-orphan01"
+    orphan.write_bytes(b"x" * 4096)
+    live = flight.claim(parse_digest(f"sha256:{1:064x}"))
+    assert isinstance(live, Claim)
+    live_temp = tmp_path / "blob-livefile"
+    live_temp.write_bytes(b"y")
+    live.start(live_temp, 1)
+    old = time.time() - localflight.STALE_TEMP - 1
+    for path in (orphan, live_temp):
+        os.utime(path, (old, old))
+    monkeypatch.setattr(localflight, "SWEEP_EVERY", 0.0)
+
+    _claim_and_release(flight, parse_digest(f"sha256:{2:064x}"))
+
+    assert not orphan.exists()
+    assert live_temp.exists()  # its download's claim is held
+    live.release()
+
+
 def _claim_and_release(flight: LocalFlight, digest: Digest) -> None:
     claim = flight.claim(digest)
     assert isinstance(claim, Claim)

@@ -166,6 +166,10 @@ class LocalFlight:
         if time.monotonic() - self._swept_at >= SWEEP_EVERY:
             self._swept_at = time.monotonic()
             remove_old_markers(self._tmp)
+            # What a worker killed since left and nobody claims (a bucket read's spool
+            # file holds its whole size reserved): the restarted worker's start found it
+            # too young to remove, and the others' starts are long past.
+            sweep(self._tmp)
         path = self._tmp / f"{digest.algorithm}-{digest.hex}.lock"
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -199,8 +203,9 @@ def _failure_path(lock: Path) -> Path:
 
 
 def sweep(tmp: Path) -> None:
-    """At a process's start, remove what no live download holds: the lock files nobody
-    holds with their temp files, and other files left long ago (blocking)."""
+    """Remove what no live download holds: the lock files nobody holds with their temp
+    files, and other files left long ago (blocking). At a process's start, and every
+    SWEEP_EVERY with a claim."""
     held: set[str] = set()
     for path in tmp.glob("*.lock"):
         if not is_own(path.name):
