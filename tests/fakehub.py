@@ -50,7 +50,7 @@ STAT_KEYS = (
 )  # fmt: skip
 KNOBS = (
     "token_expires_in", "corrupt_blobs", "ratelimit_remaining", "cdn_delay", "users",
-    "cdn_cut_after", "registry_status", "cdn_ignores_range", "token_delay",
+    "cdn_cut_after", "registry_status", "manifests_status", "cdn_ignores_range", "token_delay",
     "referrers_api", "referrers_filter", "referrers_page_size",
     "manifest_delay", "tags_page_size", "scoped_blobs", "lookup_delay", "blob_delay",
     "manifest_head_length",
@@ -275,6 +275,7 @@ class FakeHub:
         self.users: dict[str, str] = {}  # empty: any Basic credentials are accepted
         self.cdn_cut_after: int | None = None  # drop CDN connections after this many bytes
         self.registry_status: int | None = None  # answer every /v2 request with this status
+        self.manifests_status: int | None = None  # the manifests alone answer this status
         self.cdn_ignores_range = False  # a CDN that always answers 200 with the whole blob
         self.token_delay = 0.0  # seconds the token service takes to answer
         self.referrers_api = True  # False: 404 like Docker Hub (memory mode; a backend decides)
@@ -366,11 +367,14 @@ class FakeHub:
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if not request.path.startswith("/v2/"):
             return await handler(request)
-        if self.registry_status is not None:  # an outage: nothing works, not even /v2/
+        # An outage: nothing works, not even /v2/; or the manifests alone fail.
+        partial = self.manifests_status is not None and "/manifests/" in request.path
+        if self.registry_status is not None or partial:
+            status = self.registry_status or self.manifests_status or 503
             if self.manifest_delay and "/manifests/" in request.path:
                 await asyncio.sleep(self.manifest_delay)  # a slow failure
-            code = "TOOMANYREQUESTS" if self.registry_status == 429 else "UNAVAILABLE"
-            return oci_error(self.registry_status, code, "knob", {"Retry-After": "60"})
+            code = "TOOMANYREQUESTS" if status == 429 else "UNAVAILABLE"
+            return oci_error(status, code, "knob", {"Retry-After": "60"})
         name = request.match_info.get("name")
         if not self._authorized(request, name):
             self.stats["unauthorized"] += 1

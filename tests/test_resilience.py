@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import time
@@ -17,6 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from mirror.cache import downloads
+from mirror.cache.downloads import CacheWriteFailed, Uncacheable, _shared
 from mirror.cache.eviction import CachedBlob, Evictor, choose_victims
 from mirror.config import CacheConfig, Config, StorageConfig, UpstreamConfig
 from mirror.metadata import memory
@@ -25,7 +27,7 @@ from mirror.metadata.memory import MemoryMetadata
 from mirror.metadata.redis import RedisMetadata
 from mirror.metadata.store import TagRecord
 from mirror.observe.metrics import Metrics
-from mirror.oci.errors import UpstreamUnavailable
+from mirror.oci.errors import BlobTooLarge, TooManyRequests, UpstreamUnavailable
 from mirror.storage import Storage
 from mirror.upstream import body
 from mirror.upstream.breaker import CircuitBreaker
@@ -316,12 +318,35 @@ async def test_an_upstream_back_shows_as_up_with_no_client_asking(
         await asyncio.sleep(0.1)
 
     assert await metric(client, gauge) == 1
-    # The probe, and nothing else: no client asked.
-    assert [(method, path) for _, method, path in hub.stats.requests] == [("GET", "/v2/")]
+    # The probe, and nothing else: no client asked. It asks what failed last (with the
+    # token a client's request would fetch for it).
+    asked = {(method, path.split("?")[0]) for _, method, path in hub.stats.requests}
+    assert asked == {("HEAD", "/v2/library/a2/manifests/x"), ("GET", "/token")}
     image = hub.content.add_image("library/back", "1", [b"layer"])
     resp = await client.get("/v2/library/back/manifests/1", headers=ACCEPT)
     assert resp.status == 200, await resp.text()
     assert resp.headers["Docker-Content-Digest"] == image["digest"]
+
+
+async def test_an_upstream_whose_manifests_fail_stays_down_though_its_v2_answers(
+    hub: FakeHub, client: Client
+) -> None:
+    """A partial outage (the registry's `/v2/` answers, its manifests 503): the probe asks
+    what failed, so the circuit stays open and `mirror_upstream_up` at 0 (a probe of `/v2/`
+    closed it again and again: the gauge flapped and the alert never fired)."""
+    hub.manifests_status = 503
+    for n in range(3):
+        assert (await client.get(f"/v2/library/a{n}/manifests/x", headers=ACCEPT)).status == 503
+    gauge = f'mirror_upstream_up{{upstream="{hub.registry_url.removeprefix("http://")}"}}'
+    hub.reset_stats()
+    seen = []
+    for _ in range(30):  # 3 s: backoffs of 1 s and 2 s, a probe after each
+        seen.append(await metric(client, gauge))
+        await asyncio.sleep(0.1)
+
+    assert set(seen) == {0}
+    probes = [path for _, method, path in hub.stats.requests if method == "HEAD"]
+    assert probes and set(probes) == {"/v2/library/a2/manifests/x"}
 
 
 def test_breaker_probes_with_backoff_and_closes_on_success() -> None:
@@ -676,6 +701,81 @@ async def test_the_disk_filling_under_a_worker_s_download_leaves_the_other_s_cli
 
     assert await fetching == (200, layer)
     assert await following == (200, layer)
+
+
+async def test_an_unbounded_cache_makes_no_room(
+    hub: FakeHub, small_volume: Path, make_client: MakeClient
+) -> None:
+    """`max_size: null` keeps what it holds: a blob the full disk has no room for is
+    relayed, and nothing is evicted for it."""
+    client = await make_client(storage=StorageConfig(path=small_volume))
+    layers = [os.urandom(9 * MIB) for _ in range(3)]
+    digests = [hub.content.add_blob(layer) for layer in layers]
+    for digest in digests[:2]:
+        await fetch_blob(client, digest)
+    resp = await client.get(f"/v2/library/app/blobs/{digests[2]}")
+    assert (resp.status, await resp.read()) == (200, layers[2])
+    await asyncio.sleep(0.5)  # a pass would have run by now
+
+    assert all(blob_file_in(small_volume, digest).exists() for digest in digests[:2])
+    assert await metric(client, 'mirror_evictions_total{reason="size"}') == 0
+
+
+async def test_making_room_frees_what_is_lacking_not_a_tenth_of_the_cache_more(
+    hub: FakeHub, small_volume: Path, make_client: MakeClient
+) -> None:
+    """Twenty 1 MiB blobs, the disk then full: room for a 3 MiB blob (3.375 MiB with its
+    margin) takes four of them, not the six the low water mark of a size pass would. A stop
+    does not wait for a pass making room that waits for its turn."""
+    client = await make_client(storage=StorageConfig(path=small_volume, max_size=1024 * MIB))
+    digests = [hub.content.add_blob(os.urandom(MIB)) for _ in range(20)]
+    for digest in digests:
+        await fetch_blob(client, digest)
+    await asyncio.to_thread(fill_filesystem, small_volume / "filler")
+    evictor = client.app[evictor_key]
+
+    evictor.make_room(3 * MIB)
+    evictions = 'mirror_evictions_total{reason="size"}'
+    for _ in range(100):
+        if await metric(client, evictions):
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.2)  # the whole pass
+
+    assert await metric(client, evictions) == 4
+    assert sum(blob_file_in(small_volume, d).exists() for d in digests) == 16
+    (small_volume / "filler").unlink()
+    turn = evictor._tally.take_turn()
+    assert turn is not None  # another pass (a worker's, `mirror gc`) holds the turn
+    await asyncio.to_thread(fill_filesystem, small_volume / "filler")
+    evictor.make_room(3 * MIB)
+    await asyncio.wait_for(evictor.close(), 10)
+    turn.release()
+
+
+def test_a_download_s_promised_room_is_not_given_to_a_small_blob(small_volume: Path) -> None:
+    """A 19 MiB download, 1 MiB reserved, 18 promised: a 10 MiB blob (reserved whole at
+    once, as any layer under 64 MiB is) finds no room beyond the promise."""
+    storage = Storage(small_volume)
+    storage.tmp.mkdir(parents=True)
+    big = storage.new_temp(19 * MIB, MIB)
+    try:
+        with pytest.raises(OSError) as refused:
+            storage.new_temp(10 * MIB, 64 * MIB)
+        assert refused.value.errno == errno.ENOSPC
+        assert [path.name for path in storage.tmp.iterdir()] == [big[1].name]
+    finally:
+        storage.discard(*big)
+
+
+def test_followers_take_the_owner_s_upstream_failures_as_theirs() -> None:
+    """A failure the upstream caused leaves followers its marker (they answer it, not a
+    relay that fails alike); only the owner's disk leaves them to relay."""
+    assert _shared(BlobTooLarge("over max_blob_size"))
+    assert _shared(TooManyRequests("limited"))
+    assert _shared(UpstreamUnavailable("down"))
+    assert not _shared(CacheWriteFailed("disk full"))
+    assert not _shared(Uncacheable("too large for the cache"))
 
 
 async def test_cache_evicts_least_recently_read_blobs(

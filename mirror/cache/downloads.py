@@ -25,7 +25,13 @@ from mirror.cluster.blobflight import BlobFlight
 from mirror.cluster.lease import Lease
 from mirror.observe.logs import FailureLog
 from mirror.observe.metrics import Metrics
-from mirror.oci.errors import BlobUnknown, DigestMismatch, RegistryError, UpstreamUnavailable
+from mirror.oci.errors import (
+    BlobTooLarge,
+    BlobUnknown,
+    DigestMismatch,
+    RegistryError,
+    UpstreamUnavailable,
+)
 from mirror.oci.reference import Digest
 from mirror.storage import CacheStore
 from mirror.storage.base import NoUpload, Upload
@@ -814,17 +820,19 @@ def _mirror(download: Download, progress: Progress) -> None:
 
 def _shared(error: RegistryError) -> bool:
     """Is this failure the upstream's, which the processes following this download would
-    meet too (not this process's disk, nor a blob too large for its cache)?"""
-    return isinstance(error, BlobUnknown) or (
-        isinstance(error, UpstreamUnavailable)
-        and not isinstance(error, CacheWriteFailed | Uncacheable)
-    )
+    meet too (not this process's disk, nor a blob too large for its cache)? A follower
+    told of none relays from the upstream itself (downloads' `_take_locally`)."""
+    if isinstance(error, CacheWriteFailed | Uncacheable):
+        return False
+    return isinstance(error, BlobUnknown | UpstreamUnavailable) or error.from_upstream
 
 
 def _failure_from(kind: str, message: str) -> RegistryError:
     """Another process's failure, as this process's clients get it."""
     if kind == BlobUnknown.__name__:
         return BlobUnknown(message)
+    if kind == BlobTooLarge.__name__:  # no outage: asking again gets the same answer
+        return BlobTooLarge(message)
     return UpstreamUnavailable(message)
 
 

@@ -67,12 +67,13 @@ def choose_victims(
     max_idle: float | None,
     busy: Container[str],
     now: float,
+    low_water: float = LOW_WATER,
 ) -> list[tuple[CachedBlob, str]]:
     """Which blobs to delete, and why ("idle" or "size"), oldest read first. The newest
     read is not deleted for size when it fits `max_size` alone: a blob between the low
     water mark and the bound would otherwise take every other blob and then itself."""
     over = max_size is not None and total > max_size
-    target = int(max_size * LOW_WATER) if max_size is not None else 0
+    target = int(max_size * low_water) if max_size is not None else 0
     newest = blobs[-1] if blobs and max_size is not None and blobs[-1].size <= max_size else None
     victims = []
     for blob in blobs:
@@ -187,6 +188,8 @@ class Evictor:
         smaller than the bound allows, or holds other things): a pass in the background
         frees what it lacks, least recently read first, so that the next pull keeps it.
         One at a time; the request that found no room is relayed meanwhile."""
+        if self._max_size is None:  # unbounded: what the operator keeps, nothing goes
+            return
         if self._making_room is not None and not self._making_room.done():
             return
         self._making_room = asyncio.create_task(self._make_room(size))
@@ -204,14 +207,16 @@ class Evictor:
             try:
                 start = await self._call(self._tally.read)
                 if start.blobs >= lacking:  # else the disk is taken by more than blobs
-                    await self._pass(start, start.blobs - lacking)
+                    await self._pass(start, start.blobs - lacking, exact=True)
             finally:
                 await self._release(turn)
         except OSError as exc:
             log.warning("cannot make room for a blob of %d bytes: %s", size, exc)
 
     async def close(self) -> None:
-        """Let the counts (and a pass making room) under way finish."""
+        """Let the counts under way finish; a pass making room is stopped."""
+        if self._making_room is not None:
+            self._making_room.cancel()
         await asyncio.gather(*self._counting, return_exceptions=True)
 
     async def pass_if_due(self) -> float:
@@ -249,12 +254,15 @@ class Evictor:
         finally:
             await self._release(turn)
 
-    async def _pass(self, start: Usage, bound: int | None) -> EvictionResult:
+    async def _pass(self, start: Usage, bound: int | None, exact: bool = False) -> EvictionResult:
+        """Evict to `bound`: to LOW_WATER of it (room for the next blobs), or to the bound
+        itself when `exact` (making room for one blob)."""
         busy = {str(digest) for digest in self._busy()}
         self._metrics.eviction_passes.inc()
         stop = threading.Event()
         loop = asyncio.get_running_loop()
-        self._evicting = loop.run_in_executor(None, self._evict_sync, bound, busy, stop)
+        low_water = 1.0 if exact else LOW_WATER
+        self._evicting = loop.run_in_executor(None, self._evict_sync, bound, busy, stop, low_water)
         try:
             result = await asyncio.shield(self._evicting)
         except asyncio.CancelledError:
@@ -296,14 +304,14 @@ class Evictor:
         return call(*args)
 
     def _evict_sync(
-        self, max_size: int | None, busy: set[str], stop: threading.Event
+        self, max_size: int | None, busy: set[str], stop: threading.Event, low_water: float
     ) -> EvictionResult:
         blobs = scan_blobs(self._storage)
         total = sum(blob.size for blob in blobs)
         now = time.time()
         evicted = freed = 0
         while True:
-            victims = choose_victims(blobs, total, max_size, self._max_idle, busy, now)
+            victims = choose_victims(blobs, total, max_size, self._max_idle, busy, now, low_water)
             gone: set[str] = set()
             read_elsewhere = set()
             for blob, reason in victims:

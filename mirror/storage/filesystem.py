@@ -237,10 +237,7 @@ class Storage:
         if size:
             now = size if reserve is None else min(size, reserve)
             try:
-                if now < size:
-                    self._promise(fd, name, size, now)
-                else:
-                    os.posix_fallocate(fd, 0, now)
+                self._promise(fd, name, size, now)
             except OSError as exc:
                 self.discard(fd, Path(name))
                 if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # not every filesystem can
@@ -250,7 +247,9 @@ class Storage:
 
     def _promise(self, fd: int, name: str, size: int, now: int) -> None:
         """Reserve `now` bytes of a `size`-byte temp file and promise it the rest: ENOSPC
-        unless `size` is free beyond what the other downloads were promised (blocking)."""
+        unless `size` is free beyond what the other downloads were promised (blocking).
+        Every sized temp file is held to it (a 10 MiB layer, reserved whole, as a 10 GiB
+        one), so none takes the room promised to a download already under way."""
         with self._promises:
             promised = sum(self._promised.values())
             if promised:  # a crashed caller's promise must not hold room for good
@@ -258,7 +257,8 @@ class Storage:
                 promised = sum(self._promised.values())
             _check_room(self.tmp, size + promised)
             os.posix_fallocate(fd, 0, now)
-            self._promised[name] = size - now
+            if now < size:
+                self._promised[name] = size - now
 
     def reserve(self, fd: int, temp: Path, start: int, length: int) -> None:
         """Reserve `length` more bytes of `fd`'s file (`temp`) from `start` (blocking);

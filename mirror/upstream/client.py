@@ -52,7 +52,6 @@ log = logging.getLogger("mirror.upstream")
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
-PROBE_HEADERS = {"Accept-Encoding": "identity"}
 # An error body read for its OCI code: more is no registry's error.
 MAX_ERROR_BYTES = 64 * 1024
 NEGATIVE_ENTRIES = 10000
@@ -157,6 +156,8 @@ class Upstream:
         # a byte every few seconds hold a pull, and every client waiting on it, for hours.
         self.exchange_deadline = exchange_deadline(*timeouts)
         self.breaker = CircuitBreaker(self.name)
+        # (path, repository) of the last request that failed: what the circuit's probe asks.
+        self._probe_with: tuple[str, str | None] = ("/v2/", None)
         metrics.upstream_up.labels(self.name).set(1)
         self._negative_ttl = negative_ttl
         # (kind, repo, reference) → when the upstream's 404 stops being believed.
@@ -204,7 +205,25 @@ class Upstream:
         repo: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> aiohttp.ClientResponse:
-        """Send a request with auth, answering one challenge and following redirects."""
+        """Send a request with auth, answering one challenge and following redirects. One
+        that fails (no answer, or a 5xx) is what the circuit's probe asks again."""
+        try:
+            resp = await self._request(method, path, kind, repo, headers)
+        except UpstreamUnavailable:
+            self._probe_with = (path, repo)
+            raise
+        if resp.status >= 500:
+            self._probe_with = (path, repo)
+        return resp
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        kind: str,
+        repo: str | None,
+        headers: Mapping[str, str] | None,
+    ) -> aiohttp.ClientResponse:
         base = CIMultiDict(headers or {})
         base.setdefault("Accept-Encoding", "identity")
         auth = await self._authorization(repo)
@@ -289,14 +308,17 @@ class Upstream:
         return resp
 
     async def probe(self) -> None:
-        """`GET /v2/` once the open circuit's backoff is over (no credentials: any answer
-        below 500, a 401 too, means the upstream is back): closes the circuit and sets
-        `mirror_upstream_up` again when no client asks meanwhile. Failures only reopen it."""
+        """Once the open circuit's backoff is over, a HEAD of what failed last (its auth
+        and redirects as a client's request has them; `/v2/` when nothing did): an answer
+        below 500 closes the circuit and sets `mirror_upstream_up` again when no client
+        asks meanwhile; a failure reopens it for longer. Not `/v2/` alone: an upstream
+        whose manifests fail while its `/v2/` answers would look back at every probe."""
         if not self.breaker.probe_due():
             return
+        path, repo = self._probe_with
         with contextlib.suppress(RegistryError):
             async with self.within_deadline("a probe"):
-                resp = await self._send("GET", self.url + "/v2/", PROBE_HEADERS, "probe")
+                resp = await self.request("HEAD", path, kind="probe", repo=repo)
                 resp.release()
 
     def record_failure(self) -> None:
