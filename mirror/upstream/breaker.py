@@ -4,7 +4,7 @@ Closed: requests go through; `threshold` failures in a row open it. Open: reques
 once (the client gets a quick 503 and Docker falls back to the registry itself, instead of
 hanging on timeouts). After the backoff one probe goes through: success closes the
 circuit, failure reopens it for twice as long, up to `max_delay`. The probe is a client's
-request, or `Upstream.probe`'s `/v2/` when no client asks (upstream/probe.py), so that an
+request, or `Upstream.probe` (a HEAD of what failed last) when no client asks, so that an
 upstream back from an outage shows as up on a quiet mirror too.
 """
 
