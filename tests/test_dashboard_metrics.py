@@ -120,6 +120,9 @@ async def test_alert_metrics_have_series_after_a_pull(
     # and MirrorBucketDown quiet (tests/test_deploy.py sees an S3 mirror export it).
     assert "mirror_s3_up" not in samples
     assert missing.pop("mirror_s3_up", None) == ["alert MirrorBucketDown"]
+    # Nor workers: no restarts to count (tests/test_deploy.py sees a worker export it).
+    assert "mirror_worker_restarts_total" not in samples
+    assert missing.pop("mirror_worker_restarts_total", None) == ["alert MirrorWorkersRestarting"]
     assert not missing, "alert metrics with no sample after a pull: " + "; ".join(
         f"{name} (in {', '.join(sorted(set(where)))})" for name, where in sorted(missing.items())
     )
