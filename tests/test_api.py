@@ -385,6 +385,32 @@ async def test_a_cache_directory_emptied_while_running_is_used_again(
     assert (root / USERS_LOCK).exists()  # a serve starting now finds this one among its users
 
 
+async def test_the_cache_size_is_counted_again_once_the_directory_was_emptied(
+    hub: FakeHub, client: Client, config: Config
+) -> None:
+    """`rm -rf` under a running mirror (no bound: no periodic pass): once the layout is
+    made again the size gauges count what is there, not what was (for good, before)."""
+    digest = hub.content.add_blob(os.urandom(4096))
+    resp = await client.get(f"/v2/library/app/blobs/{digest}")
+    assert resp.status == 200 and len(await resp.read()) == 4096
+    for _ in range(100):
+        if await gauge(client, "mirror_cache_objects") == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert await gauge(client, "mirror_cache_size_bytes") == 4096
+    root = config.storage.path
+    for child in root.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+    assert (await client.get("/readyz")).status == 200  # its probe makes the layout again
+    for _ in range(100):
+        if await gauge(client, "mirror_cache_objects") == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert await gauge(client, "mirror_cache_size_bytes") == 0
+    assert await gauge(client, "mirror_cache_objects") == 0
+
+
 async def test_a_directory_writable_again_is_reported_so_with_only_cached_pulls(
     hub: FakeHub, make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -119,6 +119,7 @@ class Evictor:
         # The thread of the pass under way: its turn is let go only once it has stopped.
         self._evicting: asyncio.Future[EvictionResult] | None = None
         self._making_room: asyncio.Task[None] | None = None
+        self._recounting: asyncio.Task[None] | None = None
         metrics.cache_max_size.set(max_size or 0)
 
     @property
@@ -183,6 +184,27 @@ class Evictor:
                 await _wait_or_timeout(self._wake, pause)
                 self._wake.clear()
 
+    def recount_soon(self) -> None:
+        """The directory was emptied under the mirror: a pass on the next turn counts what
+        it holds again (the size gauges kept the old count until the next pass, for good
+        in a cache with no bound)."""
+        if self._recounting is not None and not self._recounting.done():
+            return
+        self._recounting = asyncio.create_task(self._recount())
+        self._counting.add(self._recounting)
+        self._recounting.add_done_callback(self._counting.discard)
+
+    async def _recount(self) -> None:
+        try:
+            while (turn := await self._take_turn()) is None:
+                await asyncio.sleep(TURN_POLL)
+            try:
+                await self._pass(await self._call(self._tally.read), self._max_size)
+            finally:
+                await self._release(turn)
+        except OSError as exc:
+            log.warning("cannot count the cache directory again: %s", exc)
+
     def make_room(self, size: int) -> None:
         """A blob of `size` bytes, within the bound, found no room on the disk (the disk is
         smaller than the bound allows, or holds other things): a pass in the background
@@ -215,8 +237,9 @@ class Evictor:
 
     async def close(self) -> None:
         """Let the counts under way finish; a pass making room is stopped."""
-        if self._making_room is not None:
-            self._making_room.cancel()
+        for task in (self._making_room, self._recounting):
+            if task is not None:
+                task.cancel()
         await asyncio.gather(*self._counting, return_exceptions=True)
 
     async def pass_if_due(self) -> float:

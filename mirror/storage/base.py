@@ -129,6 +129,7 @@ class CacheStore(Protocol):
     shared: bool  # other processes serve from the same directory (workers)
     offline: bool  # a one-shot command: it may run beside a live serve, and cleans nothing
     on_landed: Callable[[int], None] | None  # a blob the store put in the directory itself
+    on_emptied: Callable[[], None] | None  # the layout made again: the directory was emptied
 
     @property
     def root(self) -> Path: ...

@@ -80,6 +80,9 @@ class Storage:
         # Told the size of each blob the store itself puts in the directory (not those of
         # downloads, whose service reports them): the eviction counts them.
         self.on_landed: Callable[[int], None] | None = None
+        # Told when the layout had to be made again (the directory emptied under the
+        # mirror): the counts of what it holds are to be taken again.
+        self.on_emptied: Callable[[], None] | None = None
 
     def fits(self, size: int | None) -> bool:
         """Could a blob of `size` bytes be cached at all under `max_size`?"""
@@ -376,22 +379,30 @@ class Storage:
         return stat.f_bavail * stat.f_frsize, stat.f_blocks * stat.f_frsize
 
     async def is_writable(self) -> bool:
-        """Can a file be created in `tmp/` right now?"""
-        return await asyncio.to_thread(self._probe_sync)
+        """Can a file be created in `tmp/` right now? (`on_emptied` is told when the
+        layout had to be made again.)"""
+        writable, remade = await asyncio.to_thread(self._probe_sync)
+        if remade and self.on_emptied is not None:
+            self.on_emptied()
+        return writable
 
-    def _probe_sync(self) -> bool:
+    def _probe_sync(self) -> tuple[bool, bool]:
         """Whether tmp/ takes a file, the layout made again first where the directory was
         emptied while the mirror ran (`rm -rf /var/lib/mirror/*`): else it never cached
-        again. The directory itself is not made: gone, it may be an unmounted volume."""
+        again. The directory itself is not made: gone, it may be an unmounted volume.
+        Also whether the layout was made again."""
+        remade = False
         try:
             for directory in (self.blobs, self.manifests, self.tmp):
-                directory.mkdir(exist_ok=True)
+                if not directory.is_dir():
+                    directory.mkdir(exist_ok=True)
+                    remade = True
             self._relock_users()
             with tempfile.TemporaryFile(dir=self.tmp) as probe:
                 probe.write(b"ok")
         except OSError:
-            return False
-        return True
+            return False, remade
+        return True, remade
 
     def _relock_users(self) -> None:
         """The users lock again when its file was removed: a process starting now locks

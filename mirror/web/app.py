@@ -346,6 +346,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     app[evictor_key] = evictor
     downloads.on_commit = storage.on_landed = evictor.added
     downloads.on_no_room = evictor.make_room
+    storage.on_emptied = evictor.recount_soon
     manifests.on_stored = evictor.stored
     size, count = await evictor.start(storage.usage)
     log.info("cache at %s holds %d objects, %d bytes", storage.root, count, size)
