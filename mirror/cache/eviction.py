@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Container, Iterable
+from collections.abc import Awaitable, Callable, Container, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -188,20 +188,12 @@ class Evictor:
         """The directory was emptied under the mirror: a pass on the next turn counts what
         it holds again (the size gauges kept the old count until the next pass, for good
         in a cache with no bound)."""
-        if self._recounting is not None and not self._recounting.done():
-            return
-        self._recounting = asyncio.create_task(self._recount())
-        self._counting.add(self._recounting)
-        self._recounting.add_done_callback(self._counting.discard)
+        if self._recounting is None or self._recounting.done():
+            self._recounting = self._in_background(self._recount())
 
     async def _recount(self) -> None:
         try:
-            while (turn := await self._take_turn()) is None:
-                await asyncio.sleep(TURN_POLL)
-            try:
-                await self._pass(await self._call(self._tally.read), self._max_size)
-            finally:
-                await self._release(turn)
+            await self.evict()  # a pass counts the directory as it scans it
         except OSError as exc:
             log.warning("cannot count the cache directory again: %s", exc)
 
@@ -212,11 +204,15 @@ class Evictor:
         One at a time; the request that found no room is relayed meanwhile."""
         if self._max_size is None:  # unbounded: what the operator keeps, nothing goes
             return
-        if self._making_room is not None and not self._making_room.done():
-            return
-        self._making_room = asyncio.create_task(self._make_room(size))
-        self._counting.add(self._making_room)
-        self._making_room.add_done_callback(self._counting.discard)
+        if self._making_room is None or self._making_room.done():
+            self._making_room = self._in_background(self._make_room(size))
+
+    def _in_background(self, work: Coroutine[None, None, None]) -> asyncio.Task[None]:
+        """A task `close` waits for (after cancelling it)."""
+        task = asyncio.create_task(work)
+        self._counting.add(task)
+        task.add_done_callback(self._counting.discard)
+        return task
 
     async def _make_room(self, size: int) -> None:
         try:
@@ -224,8 +220,7 @@ class Evictor:
             lacking = size + min(ROOM_MARGIN, size // 8) - free
             if lacking <= 0:
                 return
-            while (turn := await self._take_turn()) is None:
-                await asyncio.sleep(TURN_POLL)
+            turn = await self._wait_for_turn()
             try:
                 start = await self._call(self._tally.read)
                 if start.blobs >= lacking:  # else the disk is taken by more than blobs
@@ -268,8 +263,7 @@ class Evictor:
     async def evict(self, max_size: int | None = None) -> EvictionResult:
         """One pass now, on this process's turn: delete what the bounds (or an explicit
         `max_size`) call for."""
-        while (turn := await self._take_turn()) is None:
-            await asyncio.sleep(TURN_POLL)
+        turn = await self._wait_for_turn()
         try:
             start = await self._call(self._tally.read)
             bound = max_size if max_size is not None else self._max_size
@@ -299,6 +293,11 @@ class Evictor:
         """Seconds until a periodic pass is due (a clock set back waits one interval)."""
         left = usage.passed + SCAN_INTERVAL - time.time()
         return min(max(left, 0.0), SCAN_INTERVAL)
+
+    async def _wait_for_turn(self) -> Turn:
+        while (turn := await self._take_turn()) is None:
+            await asyncio.sleep(TURN_POLL)
+        return turn
 
     async def _take_turn(self) -> Turn | None:
         if not self._tally.blocks:

@@ -118,12 +118,13 @@ def _fold_pulls(path: Path, pid: int) -> None:
 
 
 def fold_dead(path: Path, pid: int) -> list[str]:
-    """Add a dead worker's counters, histograms and pulls to the folded files, then remove
-    its files (blocking: waits for a scrape in progress). The names of those that could not be
-    read, removed too: left, they would fail every scrape."""
+    """Add a dead worker's counters, histograms, latest gauges and pulls to the folded
+    files, then remove its files (blocking: waits for a scrape in progress). The names of
+    those that could not be read, removed too: left, they would fail every scrape."""
     unreadable = []
+    folds = [(kind, _add) for kind in ADDED_UP] + [(LATEST, _keep_latest)]
     with _locked(path, fcntl.LOCK_EX):
-        for kind in ADDED_UP:
+        for kind, fold in folds:
             dead = path / f"{kind}_{pid}.db"
             if not dead.exists():
                 continue
@@ -133,30 +134,15 @@ def fold_dead(path: Path, pid: int) -> list[str]:
                 unreadable.append(dead.name)
                 values = []
             if values:
-                _add(path / f"{kind}_{FOLDED}.db", values)
-            dead.unlink()
-        dead = path / f"{LATEST}_{pid}.db"
-        if dead.exists():
-            try:
-                _keep_latest(path / f"{LATEST}_{FOLDED}.db", _stamped(dead))
-            except (struct.error, ValueError):
-                unreadable.append(dead.name)
+                fold(path / f"{kind}_{FOLDED}.db", values)
             dead.unlink()
         _fold_pulls(path, pid)
     return unreadable
 
 
-def _values(path: Path) -> list[tuple[str, float]]:
-    """(key, value) of every sample in a file; each key must be what scrapes parse."""
-    found = MmapedDict.read_all_values_from_file(str(path))  # type: ignore[no-untyped-call]
-    values = [(key, value) for key, value, _, _ in found]
-    for key, _ in values:
-        json.loads(key)
-    return values
-
-
-def _stamped(path: Path) -> list[tuple[str, float, float]]:
-    """(key, value, time set) of every sample in a gauge file."""
+def _values(path: Path) -> list[tuple[str, float, float]]:
+    """(key, value, time set) of every sample in a file; each key must be what scrapes
+    parse."""
     found = MmapedDict.read_all_values_from_file(str(path))  # type: ignore[no-untyped-call]
     values = [(key, value, stamp) for key, value, stamp, _ in found]
     for key, _, _ in values:
@@ -175,10 +161,10 @@ def _keep_latest(path: Path, values: list[tuple[str, float, float]]) -> None:
         folded.close()  # type: ignore[no-untyped-call]
 
 
-def _add(path: Path, values: list[tuple[str, float]]) -> None:
+def _add(path: Path, values: list[tuple[str, float, float]]) -> None:
     folded = MmapedDict(str(path))  # type: ignore[no-untyped-call]
     try:
-        for key, value in values:
+        for key, value, _ in values:
             current, _ = folded.read_value(key)  # type: ignore[no-untyped-call]
             folded.write_value(key, current + value, 0.0)  # type: ignore[no-untyped-call]
     finally:

@@ -19,10 +19,9 @@ LOOK_EVERY = 1.0
 
 
 async def probe_open_circuits(upstreams: Iterable[Upstream]) -> None:
-    """Until cancelled: each upstream whose circuit is open is asked `/v2/` when due."""
+    """Until cancelled: each upstream whose circuit is open is probed when due
+    (`Upstream.probe` asks nothing of one that is not)."""
     every = list(upstreams)
     while True:
         await asyncio.sleep(LOOK_EVERY)
-        due = [upstream.probe() for upstream in every if upstream.breaker.probe_due()]
-        if due:
-            await asyncio.gather(*due)
+        await asyncio.gather(*(upstream.probe() for upstream in every))
