@@ -768,6 +768,79 @@ def test_a_download_s_promised_room_is_not_given_to_a_small_blob(small_volume: P
         storage.discard(*big)
 
 
+def test_another_process_s_promised_room_is_not_given_away(small_volume: Path) -> None:
+    """Two processes on one volume (workers): a 19 MiB download of one, 1 MiB reserved, 18
+    promised; a 10 MiB blob of the other finds no room beyond that promise (before, each
+    process counted only its own promises)."""
+    one, other = Storage(small_volume), Storage(small_volume)
+    one.tmp.mkdir(parents=True)
+    big = one.new_temp(19 * MIB, MIB)
+    try:
+        with pytest.raises(OSError) as refused:
+            other.new_temp(10 * MIB, 64 * MIB)
+        assert refused.value.errno == errno.ENOSPC
+        assert [path.name for path in other.tmp.iterdir()] == [big[1].name]
+    finally:
+        one.discard(*big)
+    small = other.new_temp(10 * MIB, 64 * MIB)  # the promise ended with its file
+    other.discard(*small)
+
+
+def test_a_dead_worker_s_download_keeps_its_promise_for_the_one_taking_it_over(
+    small_volume: Path,
+) -> None:
+    """A worker dies mid-download (its temp file left for another to take over): the room
+    it was promised stays promised, so the rest of its blob still fits when it is carried
+    on (before, the promise died with the process)."""
+    dead, other = Storage(small_volume), Storage(small_volume)
+    dead.tmp.mkdir(parents=True)
+    fd, temp = dead.new_temp(19 * MIB, MIB)
+    os.pwrite(fd, os.urandom(MIB), 0)
+    os.close(fd)  # the process is gone; its temp file is there to be taken over
+    try:
+        with pytest.raises(OSError) as refused:
+            other.new_temp(10 * MIB, 64 * MIB)
+        assert refused.value.errno == errno.ENOSPC
+    finally:
+        temp.unlink()
+
+
+async def test_concurrent_cold_blobs_over_two_workers_take_only_the_room_the_volume_has(
+    hub: FakeHub, small_volume: Path, make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four 9 MiB blobs pulled at once into a 24 MiB volume, through two workers in turn:
+    two kept, the others relayed at once, every body right and the cache still writable
+    (before, each worker counted its own downloads' promises only: both of a worker's
+    downloads passed while the other's took the room, and no more than one was kept)."""
+    monkeypatch.setattr(downloads, "RESERVE_AHEAD", MIB)
+    hub.cdn_delay = 0.002  # the four downloads overlap
+    storage = StorageConfig(path=small_volume)
+    workers = [await make_client(workers=2, storage=storage) for _ in range(2)]
+    layers = [os.urandom(9 * MIB) for _ in range(4)]
+    digests = [hub.content.add_blob(layer) for layer in layers]
+
+    async def get(client: Client, digest: str) -> bytes:
+        resp = await client.get(f"/v2/library/app/blobs/{digest}")
+        assert resp.status == 200
+        return await resp.read()
+
+    bodies = await asyncio.gather(
+        *(get(workers[i % 2], digest) for i, digest in enumerate(digests))
+    )
+
+    assert bodies == layers
+    assert all(client.app[storage_key].writable for client in workers)
+    tmp = small_volume / "tmp"
+    kept = 0
+    for _ in range(100):  # renamed just after each client's last byte
+        kept = sum(blob_file_in(small_volume, digest).exists() for digest in digests)
+        if kept >= 2 and not list(tmp.glob("blob-*")):
+            break
+        await asyncio.sleep(0.05)
+    assert kept == 2
+    assert list(tmp.glob("blob-*")) == []
+
+
 def test_followers_take_the_owner_s_upstream_failures_as_theirs() -> None:
     """A failure the upstream caused leaves followers its marker (they answer it, not a
     relay that fails alike); only the owner's disk leaves them to relay."""

@@ -21,10 +21,12 @@ Every call that touches the disk runs in a worker thread, never on the event loo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import logging
 import os
+import stat
 import tempfile
 import threading
 import time
@@ -48,6 +50,8 @@ TOUCH_INTERVAL = 60.0
 # serve that gets it exclusively knows that nothing alive writes in tmp/, so it may empty
 # it; otherwise it removes only what is provably abandoned.
 USERS_LOCK = "tmp.lock"
+# How long (seconds) a process waits for another's check of the room promised to temp files.
+PROMISE_PATIENCE = 1.0
 
 
 class Storage:
@@ -59,11 +63,10 @@ class Storage:
         self.manifests = self.root / "manifests"
         self.tmp = self.root / "tmp"
         self.max_size = max_size
-        # The bytes each download of this process announced and has not reserved yet, by
-        # temp file: a new download needs its size free beyond them, else several large
-        # ones all pass the check, fill the disk together and none of them is kept.
-        self._promised: dict[str, int] = {}
-        self._promises = threading.Lock()  # new_temp and reserve run in worker threads
+        # A new temp file's room is checked against what every download under way was
+        # promised (`_promise`): one check at a time in this process (new_temp runs in
+        # worker threads), and across processes on the directory (a lock on USERS_LOCK).
+        self._promises = threading.Lock()
         # False after a write failed (disk full, read-only): blobs then stream from
         # upstream uncached until a probe, at most every PROBE_INTERVAL, finds it writable.
         self.writable = True
@@ -240,53 +243,47 @@ class Storage:
         if size:
             now = size if reserve is None else min(size, reserve)
             try:
-                self._promise(fd, name, size, now)
-            except OSError as exc:
+                self._promise(fd, size, now)
+            except BaseException:
                 self.discard(fd, Path(name))
-                if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # not every filesystem can
-                    return self.new_temp(None)
                 raise
         return fd, Path(name)
 
-    def _promise(self, fd: int, name: str, size: int, now: int) -> None:
+    def _promise(self, fd: int, size: int, now: int) -> None:
         """Reserve `now` bytes of a `size`-byte temp file and promise it the rest: ENOSPC
-        unless `size` is free beyond what the other downloads were promised (blocking).
+        unless `size` is free beyond what the downloads under way were promised (blocking).
         Every sized temp file is held to it (a 10 MiB layer, reserved whole, as a 10 GiB
-        one), so none takes the room promised to a download already under way."""
-        with self._promises:
-            promised = sum(self._promised.values())
-            if promised:  # a crashed caller's promise must not hold room for good
-                self._promised = {p: n for p, n in self._promised.items() if os.path.exists(p)}
-                promised = sum(self._promised.values())
-            _check_room(self.tmp, size + promised)
-            os.posix_fallocate(fd, 0, now)
-            if now < size:
-                self._promised[name] = size - now
+        one), so none takes the room promised to a download already under way; else
+        several large ones all pass the check, fill the disk together and none is kept.
+
+        The promise is the file itself: made `size` bytes long at once, a temp file is
+        promised what it has not allocated yet (`promised_in`). So every process on the
+        directory (workers) sees it, a download taken over from a dead worker keeps it,
+        and it ends with the file (renamed into the cache or removed)."""
+        with self._promises, _held(self._users_lock):
+            _check_room(self.tmp, size + promised_in(self.tmp))
+            try:
+                os.posix_fallocate(fd, 0, now)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # not every fs can
+                    raise
+            os.ftruncate(fd, size)
 
     def reserve(self, fd: int, temp: Path, start: int, length: int) -> None:
         """Reserve `length` more bytes of `fd`'s file (`temp`) from `start` (blocking);
-        ENOSPC as any failed write, nothing where the filesystem cannot."""
+        ENOSPC as any failed write, nothing where the filesystem cannot. What it reserves
+        is no longer promised (the file's blocks grow)."""
         try:
             os.posix_fallocate(fd, start, length)
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise
-        with self._promises:
-            name = str(temp)
-            if name in self._promised:
-                self._promised[name] = max(self._promised[name] - length, 0)
-
-    def _settled(self, temp: Path) -> None:
-        """The temp file is kept or gone: its promise with it."""
-        with self._promises:
-            self._promised.pop(str(temp), None)
 
     def commit(self, fd: int, temp: Path, final: Path) -> None:
         """fsync `fd`, close it and rename `temp` to `final` (blocking). The directory the
         name lands in is fsynced too (and the parent of each directory made for it): without
         it a power cut can lose the rename of a file whose bytes were on disk, and the
         blob would be fetched again. Cached data is never wrong either way."""
-        self._settled(temp)
         try:
             os.fsync(fd)
         finally:
@@ -309,7 +306,6 @@ class Storage:
                 pass
         if temp is not None:
             temp.unlink(missing_ok=True)
-            self._settled(temp)
 
     async def verified_blob_size(self, digest: Digest) -> int | None:
         """The size of the blob's file, hashed again and found to match; None when it is
@@ -449,6 +445,54 @@ class Storage:
 
     async def collect_garbage(self, to: int | None) -> list[str]:
         return []
+
+
+def promised_in(tmp: Path) -> int:
+    """What the temp files in `tmp` (every process's) were promised and have not got yet:
+    each is made its blob's length at once, and its blocks grow as it is reserved or
+    written (blocking)."""
+    total = 0
+    with os.scandir(tmp) as entries:
+        for entry in entries:
+            if not entry.name.startswith(TEMP_PREFIX) or not is_own(entry.name):
+                continue
+            try:
+                found = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:  # landed or removed meanwhile
+                continue
+            if stat.S_ISREG(found.st_mode):
+                total += max(found.st_size - found.st_blocks * 512, 0)
+    return total
+
+
+@contextlib.contextmanager
+def _held(users_lock: int | None) -> Iterator[None]:
+    """One process at a time checks the room it is promised (blocking): else two workers
+    starting a large download at once both find the other's promise not made yet. A
+    byte-range lock on the users lock file, whose flock (shared, held by every user for
+    its life) is a lock of another kind. A holder that hangs is waited for PROMISE_PATIENCE
+    at most; then the check runs unheld, as where the file is read-only."""
+    locked = users_lock is not None and _lock_range(users_lock)
+    try:
+        yield
+    finally:
+        if locked:
+            assert users_lock is not None
+            fcntl.lockf(users_lock, fcntl.LOCK_UN, 1)
+
+
+def _lock_range(fd: int) -> bool:
+    deadline = time.monotonic() + PROMISE_PATIENCE
+    while True:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1)
+            return True
+        except (BlockingIOError, PermissionError):  # held: EAGAIN or EACCES
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        except OSError:  # read-only (EBADF), or a filesystem without such locks
+            return False
 
 
 def _check_room(directory: Path, size: int) -> None:

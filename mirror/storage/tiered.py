@@ -414,7 +414,6 @@ class TieredStorage(Storage):
         if super().fits(os.fstat(fd).st_size):
             super().commit(fd, temp, final)
             return
-        self._settled(temp)
         os.close(fd)
         self._loop.call_soon_threadsafe(self._remove_later, temp)
 
