@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -297,3 +299,62 @@ async def test_a_sqlite_file_kept_locked_holds_up_neither_the_loop_threads_nor_m
         held.close()
         await asyncio.gather(*reads, *writes, return_exceptions=True)
         await metadata.close()
+
+
+_HAMMER = """
+import asyncio, collections, sys, time
+from pathlib import Path
+from mirror.metadata.sqlite import SqliteMetadata
+from mirror.metadata.store import TagRecord
+
+async def main() -> None:
+    db = SqliteMetadata(Path(sys.argv[1]), 600.0)
+    errors: collections.Counter[str] = collections.Counter()
+
+    async def one(i: int) -> None:
+        try:
+            if i % 3 == 0:
+                record = TagRecord("sha256:" + "a" * 64, "x", 1, time.time())
+                await db.put_tag("up", f"r{i % 20}", "latest", record)
+            elif i % 3 == 1:
+                await db.get_tag("up", f"r{i % 20}", "latest")
+            else:
+                digests = [f"sha256:{n:064x}" for n in range(i % 7 + 2)]
+                await db.add_holdings("up", f"r{i % 20}", digests, time.time())
+        except Exception as exc:
+            errors[f"{type(exc).__name__}: {exc}"] += 1
+
+    end, i = time.monotonic() + float(sys.argv[2]), 0
+    while time.monotonic() < end:
+        await asyncio.gather(*(one(i + k) for k in range(64)))
+        i += 64
+    await db.close()
+    print(dict(errors))
+
+asyncio.run(main())
+"""
+
+
+def test_workers_writing_holdings_and_tags_at_once_get_no_errors(tmp_path: Path) -> None:
+    """Three processes on one SQLite file, tags and holdings written and read at once for
+    3 s: no call fails (before, holdings written by executemany in autocommit failed with
+    "bad parameter or other API misuse" when another process held the lock midway, and
+    the calls queued behind failed with it: the worker went over to memory)."""
+    shared = tmp_path / "metadata.sqlite"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _HAMMER, str(shared), "3"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        for _ in range(3)
+    ]
+    try:
+        outputs = [proc.communicate(timeout=60)[0].strip() for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    assert outputs == ["{}"] * 3

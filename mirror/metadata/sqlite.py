@@ -156,8 +156,21 @@ class SqliteMetadata:
         self, upstream: str, repo: str, digests: Sequence[str], at: float
     ) -> None:
         rows = [(upstream, repo, digest, at) for digest in digests]
-        sql = "INSERT OR REPLACE INTO holdings VALUES (?, ?, ?, ?)"
-        await self._writes.run(lambda db: db.executemany(sql, rows))
+
+        def add(db: sqlite3.Connection) -> None:
+            # One transaction, its lock taken (and waited for) at BEGIN: an executemany in
+            # autocommit that met another process's lock midway failed the statements after
+            # with "bad parameter or other API misuse", and the worker fell to memory.
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for row in rows:
+                    db.execute("INSERT OR REPLACE INTO holdings VALUES (?, ?, ?, ?)", row)
+                db.execute("COMMIT")
+            finally:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+
+        await self._writes.run(add)
 
     async def holds(self, upstream: str, repo: str, digest: str) -> bool:
         rows = await self._rows(
