@@ -531,6 +531,53 @@ async def test_read_only_storage_serves_cache_and_streams_the_rest(
     assert not problems, "\n".join(problems) + f"\nmirror log:\n{tail(log)}"
 
 
+async def test_workers_started_on_a_read_only_cache_serve_it_and_stream_the_rest(
+    hub: FakeHubProcess,
+    content: Content,
+    make_mirror: MirrorFactory,
+    session: aiohttp.ClientSession,
+    stack: ExitStack,
+) -> None:
+    """Two workers started again on a cache that went read-only (ext4's errors=remount-ro):
+    they serve what it holds and stream the rest, as one process does (before, each worker
+    died counting the directory for eviction, and the supervisor gave up on the host after
+    five restarts)."""
+    if os.geteuid() != 0:
+        pytest.skip("a read-only bind mount needs root")
+    mirror = make_mirror(hub.registry_url, {"workers": 2})
+    mirror.start()
+    storage = storage_of(mirror)
+    puller = Puller(session, mirror.url)
+    assert await puller.pull(content.busybox_repo, "latest"), puller.errors
+    for digest in content.busybox_blobs:
+        assert await wait_for_file(cached_blob_path(storage, digest))
+    mirror.stop()
+
+    mount_or_skip(read_only(storage), stack)
+    mirror.start()
+    stack.callback(mirror.stop)  # before the unmount
+    hub.reset()
+    assert await puller.pull(content.busybox_repo, "latest"), puller.errors
+    cdn = hub.stats()["cdn_get_by_digest"]
+    assert not set(cdn) & set(content.busybox_blobs), f"cached blobs fetched again: {cdn}"
+    answers = [
+        (
+            f"GET #{i} of the uncached blob",
+            content.small,
+            await get_blob(session, mirror, content.small),
+        )
+        for i in (1, 2)
+    ]
+    await asyncio.sleep(2)  # a worker dying at its start would be seen restarted by now
+    problems = wrong_answers(answers)
+    log = mirror_log(mirror)
+    if "Traceback" in log or "died" in log:
+        problems.append("a worker died")
+    if mirror.proc is None or mirror.proc.poll() is not None:
+        problems.append("the supervisor exited")
+    assert not problems, "\n".join(problems) + f"\nmirror log:\n{tail(log)}"
+
+
 # --- 6. start with the upstream down -----------------------------------------------------
 
 

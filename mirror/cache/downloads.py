@@ -464,7 +464,11 @@ class Downloads:
         assert local is not None
         joined = False
         while True:
-            claimed = await held_off_loop(lambda: local.claim(download.digest))
+            try:
+                claimed = await held_off_loop(lambda: local.claim(download.digest))
+            except OSError as exc:  # tmp/ takes no lock file (read-only, full): relayed
+                await self._write_refused(exc)
+                raise Uncacheable(f"blob {download.digest} cannot be claimed here") from None
             if isinstance(claimed, Sibling) and not joined:
                 joined = True  # another process's download, as a request joins one here
                 self._metrics.joined_requests.inc()

@@ -183,8 +183,13 @@ class SharedTally:
         return self._update(lambda usage: usage.settled(start, blobs, size, objects))
 
     def take_turn(self) -> Turn | None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self._turn, os.O_RDWR | os.O_CREAT, 0o600)
+        """The turn to run a pass, or None: another process runs one, or the directory takes
+        no writes (a read-only disk: nothing to evict there, and a pass could not)."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self._turn, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return None
         try:
             if not try_lock(fd):
                 os.close(fd)
@@ -198,9 +203,15 @@ class SharedTally:
         return _FileTurn(fd)
 
     def _update(self, change: Callable[[Usage], Usage] | None) -> Usage:
-        """The count, changed by `change` under the tally's lock (blocking)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self._tally, os.O_RDWR | os.O_CREAT, 0o600)
+        """The count, changed by `change` under the tally's lock (blocking). On a directory
+        that takes no writes (read-only, full) the count as it is, unchanged: a worker
+        starting or restarted there must serve what the cache holds, as a single process
+        does, not die at its first count (the supervisor then gave up on the host)."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self._tally, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return _read_as_is(self._tally)
         try:
             locked = _lock_patiently(fd)
             usage = _parse(os.pread(fd, 256, 0))
@@ -227,6 +238,14 @@ class _FileTurn:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)  # the lock goes with it
+
+
+def _read_as_is(path: Path) -> Usage:
+    try:
+        with open(path, "rb") as file:
+            return _parse(file.read(256))
+    except OSError:
+        return Usage()
 
 
 def _lock_patiently(fd: int) -> bool:
