@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from mirror.cluster import peerauth
+from mirror.cluster import lease, peerauth
 from mirror.cluster.blobflight import BlobFlight, lease_name
 from mirror.cluster.lease import CONNECTIONS, Held, Lease, Leases
 from mirror.cluster.peers import PeerClient
@@ -302,3 +302,35 @@ def test_a_peer_range_start_is_ascii_digits_or_nothing(value: str, offset: int) 
     """A signed peer's Range start: "²" passed str.isdigit() and int() refused it (a 500)."""
     request = make_mocked_request("GET", "/_cluster/blobs/x", headers={"Range": value})
     assert peer._offset(request) == offset
+
+
+class _HangingLeases:
+    """A lease source whose Redis takes the command and never answers; calls counted."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    async def acquire(self, name: str) -> Lease | Held | None:
+        self.asked += 1
+        await asyncio.Event().wait()
+        return None
+
+
+async def test_a_lease_from_a_redis_that_never_answers_costs_its_deadline_and_one_probe(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An acquire waits for Redis no longer than its deadline, then the work goes on without
+    a lease (before, a Cluster that lost a master held each acquire 6 s); once the wait is
+    over, one acquire asks Redis again while the others go on without it at once (before,
+    every request in flight waited on Redis together, each second)."""
+    monkeypatch.setattr(lease, "ACQUIRE_DEADLINE", 0.2)
+    monkeypatch.setattr(lease, "DOWN_RETRY", 0.0)
+    hanging = _HangingLeases()
+    backoff = lease.LeaseBackoff(hanging)
+    assert await asyncio.wait_for(backoff.acquire("tag:a"), timeout=10) is None
+    probe = asyncio.ensure_future(backoff.acquire("tag:b"))
+    await asyncio.sleep(0)  # the probe is asking Redis
+    others = [backoff.acquire(f"tag:{i}") for i in range(4)]
+    assert await asyncio.wait_for(asyncio.gather(*others), timeout=0.1) == [None] * 4
+    assert await asyncio.wait_for(probe, timeout=10) is None
+    assert hanging.asked == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -18,9 +19,18 @@ import pytest
 import redis.asyncio as aioredis
 
 from mirror.config import RedisConfig
-from mirror.metadata.fallback import open_metadata
+from mirror.metadata.fallback import FallbackMetadata, open_metadata
+from mirror.metadata.memory import MemoryMetadata
 from mirror.metadata.store import MetadataStore, TagRecord
-from tests.redis_topologies import TOPOLOGIES, RedisClusterSetup, flushed_redis_url
+from mirror.metadata.topology import DOWN_ERRORS
+from tests.redis_topologies import (
+    TOPOLOGIES,
+    RedisClusterSetup,
+    flushed_redis_url,
+    info_field,
+    require_redis_tools,
+    wait_until,
+)
 from tests.services import RedisServer
 
 TTL = 600
@@ -358,3 +368,70 @@ def test_workers_writing_holdings_and_tags_at_once_get_no_errors(tmp_path: Path)
             proc.kill()
             proc.wait()
     assert outputs == ["{}"] * 3
+
+
+class _Hanging(MemoryMetadata):
+    """A shared store that takes calls and never answers (Redis whose keys sit on a master
+    that is gone, a server stopped): the calls that reached it are counted."""
+
+    def __init__(self) -> None:
+        super().__init__(TTL, 0.0)
+        self.asked = 0
+
+    async def get_tag(self, upstream: str, repo: str, tag: str) -> TagRecord | None:
+        self.asked += 1
+        await asyncio.Event().wait()
+        return None
+
+
+async def test_a_shared_store_that_never_answers_costs_a_call_its_deadline_and_one_probe() -> None:
+    """A call waits for the shared store no longer than its deadline, then is answered
+    from memory (before, a Cluster that lost a master held each call 3-8 s, and the
+    socket timeouts bounded no call); once the backoff is over, one call asks the store
+    again while the others are answered from memory (before, every call in flight then
+    waited on it together)."""
+    hanging, now = _Hanging(), [0.0]
+    memory = MemoryMetadata(TTL, 0.0)
+    rec = record()
+    await memory.put_tag("docker.io", "library/alpine", "3", rec)
+    metadata = FallbackMetadata(hanging, memory, clock=lambda: now[0], deadline=0.2)
+    get = metadata.get_tag("docker.io", "library/alpine", "3")
+    assert await asyncio.wait_for(get, timeout=10) == rec
+    assert not metadata.up
+
+    now[0] += 60  # the backoff is over
+    gets = [metadata.get_tag("docker.io", "library/alpine", "3") for _ in range(5)]
+    assert await asyncio.wait_for(asyncio.gather(*gets), timeout=10) == [rec] * 5
+    assert hanging.asked == 2
+
+
+async def test_a_cluster_that_lost_a_master_is_not_ready(tmp_path: Path) -> None:
+    """One of three masters killed: every live node still answers PING, but the lost
+    master's keys fail. The store's ping (what /readyz and `mirror_metadata_up` hear) says
+    so (before, it answered, and each /readyz put the mirror back on the failing Redis);
+    records are answered from memory meanwhile."""
+    require_redis_tools()
+    with RedisClusterSetup(tmp_path / "cluster") as setup:
+        metadata = open_metadata(setup.url, ttl=TTL)
+        try:
+            rec = record()
+            for i in range(12):
+                await metadata.put_tag("docker.io", f"library/r{i}", "1", rec)
+            await metadata.ping()
+            victim, *survivors = setup.nodes
+            os.kill(victim.pid, signal.SIGKILL)
+            wait_until(
+                "cluster_state:fail on the survivors",
+                lambda: all(
+                    info_field(node.port, "cluster-info", "cluster_state") == "fail"
+                    for node in survivors
+                ),
+                30,
+                [node.log_path for node in setup.nodes],
+            )
+            with pytest.raises(DOWN_ERRORS):
+                await metadata.ping()
+            for i in range(12):
+                assert await metadata.get_tag("docker.io", f"library/r{i}", "1") == rec
+        finally:
+            await metadata.close()

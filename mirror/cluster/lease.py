@@ -37,6 +37,8 @@ FAILED_SUFFIX = "/failed"
 # After Redis failed to answer, leases are not tried for this long: a Redis that drops
 # packets (rather than refusing) would otherwise cost every miss a connect timeout.
 DOWN_RETRY = 1.0
+# The longest one lease acquire may wait for Redis (seconds), whatever its retries.
+ACQUIRE_DEADLINE = 1.5
 # Turns of a `Leases` not given its connection's (a pool of this size).
 CONNECTIONS = 16
 _RENEW = """
@@ -224,16 +226,30 @@ class Leases:
 
 
 class LeaseBackoff(Generic[LeaseT]):
-    """`Leases.acquire`, but taking Redis as down (None) for DOWN_RETRY after it failed."""
+    """`Leases.acquire`, but taking Redis as down (None) for DOWN_RETRY after it failed, a
+    call held to ACQUIRE_DEADLINE (a Cluster that lost a master took 6 s a lease), and once
+    the wait is over one call asking Redis again while the others go on without it."""
 
     def __init__(self, leases: LeaseSource[LeaseT]) -> None:
         self.leases = leases
         self._retry_at = 0.0  # monotonic time before which Redis is taken as down
+        self._down = False
+        self._probing = False
 
     async def acquire(self, name: str) -> LeaseT | Held | None:
-        if time.monotonic() < self._retry_at:
+        if self._down and (self._probing or time.monotonic() < self._retry_at):
             return None
-        got = await self.leases.acquire(name)
+        probing = self._down
+        self._probing |= probing
+        try:
+            async with asyncio.timeout(ACQUIRE_DEADLINE):
+                got = await self.leases.acquire(name)
+        except TimeoutError:  # taken as down; a lease it may have set runs out by its TTL
+            got = None
+        finally:
+            if probing:
+                self._probing = False
+        self._down = got is None
         if got is None:
             self._retry_at = time.monotonic() + DOWN_RETRY
         return got

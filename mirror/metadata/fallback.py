@@ -3,6 +3,7 @@ while it fails, and the store a config picks."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import time
@@ -24,6 +25,13 @@ SQLITE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, OSError)
 # Backoff between attempts to reach a store that stopped answering.
 RETRY_BASE = 1.0
 RETRY_MAX = 30.0
+# The longest a call of one record may wait for Redis (seconds): the socket timeout bounds
+# each exchange, not a call (a Cluster that lost a master retried and re-read its layout
+# for 6-17 s a call). Past it, the call is answered from memory as any failure is.
+REDIS_DEADLINE = 2.5
+# Calls that walk every record (a catalogue page, every tag, every bucket read): no
+# deadline but the sockets'; a large store may take long, and it is no request's hot path.
+WALKS = frozenset({"repositories", "tags", "blob_reads"})
 
 
 class FallbackMetadata:
@@ -43,10 +51,15 @@ class FallbackMetadata:
         on_change: Callable[[bool], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         errors: tuple[type[Exception], ...] = DOWN_ERRORS,
+        deadline: float | None = None,
     ) -> None:
         self._primary = primary
         self._fallback = fallback
         self._errors = errors
+        self._deadline = deadline
+        # While the store is down, one call at a time tries it again once its backoff is
+        # over; the others are answered from memory meanwhile, not all made to wait.
+        self._probing = False
         self._on_change = on_change
         self._clock = clock
         self._up = True
@@ -58,7 +71,7 @@ class FallbackMetadata:
         return self._up
 
     def _use_primary(self) -> bool:
-        return self._up or self._clock() >= self._retry_at
+        return self._up or (not self._probing and self._clock() >= self._retry_at)
 
     def _succeeded(self) -> None:
         if not self._up:
@@ -82,13 +95,26 @@ class FallbackMetadata:
     async def _call(self, name: str, *args: Any) -> Any:
         if self._use_primary():
             try:
-                result = await getattr(self._primary, name)(*args)
+                result = await self._primary_call(name, *args)
             except self._errors as exc:
                 self._failed(exc)
             else:
                 self._succeeded()
                 return result
         return await getattr(self._fallback, name)(*args)
+
+    async def _primary_call(self, name: str, *args: Any) -> Any:
+        """The shared store's answer, within the deadline (TimeoutError, an OSError, past
+        it); the only call on it while it is down."""
+        probing = not self._up
+        self._probing |= probing
+        try:
+            deadline = None if name in WALKS else self._deadline
+            async with asyncio.timeout(deadline):
+                return await getattr(self._primary, name)(*args)
+        finally:
+            if probing:
+                self._probing = False
 
     async def get_tag(self, upstream: str, repo: str, tag: str) -> TagRecord | None:
         record: TagRecord | None = await self._call("get_tag", upstream, repo, tag)
@@ -147,22 +173,24 @@ class FallbackMetadata:
         if not isinstance(self._primary, TokenStore) or not self._use_primary():
             return None
         try:
-            return await self._primary.get_token(key)
+            found: tuple[str, float] | None = await self._primary_call("get_token", key)
         except self._errors as exc:
             self._failed(exc)
             return None
+        return found
 
     async def put_token(self, key: str, token: str, expires_at: float) -> None:
         if isinstance(self._primary, TokenStore) and self._use_primary():
             try:
-                await self._primary.put_token(key, token, expires_at)
+                await self._primary_call("put_token", key, token, expires_at)
             except self._errors as exc:
                 self._failed(exc)
 
     async def ping(self) -> None:
         """Raise when the shared store does not answer (for /readyz), whatever the fallback does."""
         try:
-            await self._primary.ping()
+            async with asyncio.timeout(self._deadline):
+                await self._primary.ping()
         except self._errors as exc:
             self._failed(exc)
             raise
@@ -189,7 +217,8 @@ def open_metadata(
     """
     if redis_url:
         memory = MemoryMetadata(ttl, retention, limit=STANDIN_ENTRIES)
-        return FallbackMetadata(RedisMetadata(redis_url, ttl, retention), memory, on_change)
+        redis = RedisMetadata(redis_url, ttl, retention)
+        return FallbackMetadata(redis, memory, on_change, deadline=REDIS_DEADLINE)
     if shared is not None:  # a file on the cache disk: it can fill, fail or stay locked
         memory = MemoryMetadata(ttl, retention, limit=STANDIN_ENTRIES)
         sqlite = SqliteMetadata(shared, ttl, retention)

@@ -6,6 +6,9 @@ import math
 import time
 from collections.abc import Sequence
 
+import redis.asyncio as aioredis
+from redis.exceptions import ClusterDownError
+
 from mirror.metadata.store import (
     BUCKET_BLOBS_KEY,
     REPOS_KEY,
@@ -106,8 +109,14 @@ class RedisMetadata:
         return found
 
     async def ping(self) -> None:
+        """Raise unless Redis answers; a Cluster, unless it also serves every slot (any
+        live node answers PING while a lost master's keys fail)."""
         async with self._turns:
             await self._redis.ping()
+            if isinstance(self._redis, aioredis.RedisCluster):
+                state = (await self._redis.cluster_info()).get("cluster_state")
+                if state != "ok":
+                    raise ClusterDownError(f"cluster_state is {state}")
 
     async def put_blob_read(self, digest: str, size: int, read_at: float) -> None:
         async with self._turns:

@@ -25,6 +25,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from mirror.config.redis import RedisTarget, parse_redis_url
 
 SENTINEL_RETRIES = 1
+CLUSTER_RETRIES = 1
 # Errors that mean "Redis cannot answer now: answer from memory, try again later". In a
 # Sentinel failover they are ConnectionError (old master gone, or MasterNotFoundError while
 # no master is elected) and ReadOnlyError (a demoted master); in a Cluster,
@@ -78,6 +79,11 @@ def open_redis(url: str, max_connections: int, **options: Any) -> RedisConnectio
     """
     target = parse_redis_url("redis.url", url)
     if target.topology == "cluster":
+        # redis-py's default retries a failing command 3 times with backoff, reading the
+        # cluster's layout again each time: with a master lost and its slots uncovered, a
+        # call took 3-8 s to fail, every call, for the whole outage. One quick retry (a
+        # MOVED or ASK is followed all the same: that is no retry), then the fallback.
+        options.setdefault("retry", Retry(NoBackoff(), CLUSTER_RETRIES))
         cluster = aioredis.RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
             username=target.username,
