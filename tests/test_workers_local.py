@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from mirror.cache import downloads
 from mirror.cluster import locallease
 from mirror.cluster.lease import Held
 from mirror.cluster.locallease import LocalLease, LocalLeases
@@ -340,3 +341,34 @@ async def test_a_sibling_download_past_its_size_is_not_followed(
     finally:
         other.release()
     assert hub.stats["blob_get"] == 0
+
+
+@pytest.mark.parametrize("published", [0, 60])
+async def test_a_sibling_download_that_stands_still_is_given_up_and_relayed(
+    hub: FakeHub,
+    make_client: MakeClient,
+    config: Config,
+    monkeypatch: pytest.MonkeyPatch,
+    published: int,
+) -> None:
+    """Another worker holds the blob's claim and its progress stands still (its loop stuck,
+    the process stopped): its rules never fire, as it does nothing. Past FOLLOW_STALL the
+    clients that followed it get the whole blob from the upstream, whether it had
+    published no byte or some (before, they and every later client of the blob waited for
+    good, while /readyz said 200)."""
+    monkeypatch.setattr(downloads, "FOLLOW_STALL", 0.5)
+    client = await make_client(workers=2)
+    data = os.urandom(100)
+    digest = parse_digest(hub.content.add_blob(data))
+    stuck = LocalFlight(config.storage.path / "tmp").claim(digest)
+    assert isinstance(stuck, Claim)
+    temp = config.storage.path / "tmp" / "blob-stopped"
+    temp.write_bytes(data[:published])
+    stuck.start(temp, 100)
+    stuck.progress(published)
+    try:
+        resp = await asyncio.wait_for(client.get(f"/v2/library/x/blobs/{digest}"), 10)
+        assert resp.status == 200
+        assert await asyncio.wait_for(resp.read(), 10) == data
+    finally:
+        stuck.release()

@@ -44,7 +44,7 @@ from mirror.storage.localflight import (
     held_off_loop,
     reopen,
 )
-from mirror.upstream.body import BODY_ERRORS, BlobBody, Pace, TooLong
+from mirror.upstream.body import BODY_ERRORS, PACE_WINDOW, BlobBody, Pace, TooLong
 from mirror.upstream.client import Upstream
 from mirror.util.lru import LRU
 from mirror.util.settle import in_thread, in_threads, settled
@@ -72,6 +72,11 @@ FINISH_ON_CLOSE = 10.0
 MAX_FRUITLESS_RESUMES = 3
 # How often a process following another one's download (workers) reads its progress.
 FOLLOW_POLL = 0.03
+# How long (seconds) that progress may stand still before the follower stops waiting: an
+# owner whose upstream sends nothing gives up sooner by its own rules (the read timeout
+# of each try and resume, PACE_MIN per PACE_WINDOW), so only an owner that stopped
+# altogether (a stuck event loop, a stopped process) is waited for this long.
+FOLLOW_STALL = 2 * PACE_WINDOW
 # Write errors that say this file did not fit, not that the disk takes no writes at all.
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 # Blobs sent without a length that grew past what the cache holds, remembered so that the
@@ -493,6 +498,8 @@ class Downloads:
     async def _follow(self, download: Download, sibling: Sibling) -> Claim | Gone:
         """Mirror another process's progress into `download` (its readers send the bytes
         from that process's temp file) until it lets go: Gone, or its claim, ours now."""
+        seen: Progress | None = None
+        moved = time.monotonic()
         try:
             while True:
                 got = await held_off_loop(sibling.poll)
@@ -500,6 +507,16 @@ class Downloads:
                     _mirror(download, got)
                 elif got is not None:
                     return got
+                if got != seen:
+                    seen, moved = got, time.monotonic()
+                elif time.monotonic() - moved > FOLLOW_STALL:
+                    # Alive and holding its claim, but stopped (a stuck loop, a stopped
+                    # process): its own rules never fire. The readers carry on from the
+                    # upstream, as after any failure of the process followed.
+                    raise CacheWriteFailed(
+                        f"blob {download.digest}: the process fetching it made no progress "
+                        f"for {FOLLOW_STALL:.0f}s"
+                    )
                 await asyncio.sleep(FOLLOW_POLL)
         finally:
             sibling.close()  # a lock file's descriptor: closing it touches no disk
