@@ -354,9 +354,8 @@ async def test_a_sibling_download_that_stands_still_is_given_up_and_relayed(
     """Another worker holds the blob's claim and its progress stands still (its loop stuck,
     the process stopped): its rules never fire, as it does nothing. Past FOLLOW_STALL the
     clients that followed it get the whole blob from the upstream, whether it had
-    published no byte or some (before, they and every later client of the blob waited for
-    good, while /readyz said 200)."""
-    monkeypatch.setattr(downloads, "FOLLOW_STALL", 0.5)
+    published no byte or some, and a later client of the blob at once (before, they and
+    every later client of the blob waited for good, while /readyz said 200)."""
     client = await make_client(workers=2)
     data = os.urandom(100)
     digest = parse_digest(hub.content.add_blob(data))
@@ -366,9 +365,14 @@ async def test_a_sibling_download_that_stands_still_is_given_up_and_relayed(
     temp.write_bytes(data[:published])
     stuck.start(temp, 100)
     stuck.progress(published)
+    monkeypatch.setattr(downloads, "FOLLOW_STALL", 0.5)
     try:
         resp = await asyncio.wait_for(client.get(f"/v2/library/x/blobs/{digest}"), 10)
         assert resp.status == 200
+        assert await asyncio.wait_for(resp.read(), 10) == data
+        # A later request finds it standing as it stood: relayed at once, not after a wait.
+        monkeypatch.setattr(downloads, "FOLLOW_STALL", 3600.0)
+        resp = await asyncio.wait_for(client.get(f"/v2/library/x/blobs/{digest}"), 10)
         assert await asyncio.wait_for(resp.read(), 10) == data
     finally:
         stuck.release()

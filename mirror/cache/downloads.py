@@ -266,6 +266,9 @@ class Downloads:
         self.on_sent: Callable[[str, Digest], Awaitable[None]] | None = None
         # digest → the bytes it had reached when it outgrew the cache (OutgrewCache).
         self._oversized: LRU[Digest, int] = LRU(OVERSIZED_ENTRIES)
+        # Another process's download found standing still, as it last stood: a request
+        # that finds it so again is relayed at once, not made to wait FOLLOW_STALL too.
+        self._stalled: LRU[Digest, tuple[Progress | None]] = LRU(OVERSIZED_ENTRIES)
 
     def get(self, digest: Digest) -> Download | None:
         return self._active.get(digest)
@@ -507,9 +510,12 @@ class Downloads:
                     _mirror(download, got)
                 elif got is not None:
                     return got
-                if got != seen:
+                stalled = self._stalled.get(download.digest)
+                still = stalled is not None and got == stalled[0]  # as it stood when given up
+                if got != seen and not still:
                     seen, moved = got, time.monotonic()
-                elif time.monotonic() - moved > FOLLOW_STALL:
+                elif still or time.monotonic() - moved > FOLLOW_STALL:
+                    self._stalled.put(download.digest, (got,))
                     # Alive and holding its claim, but stopped (a stuck loop, a stopped
                     # process): its own rules never fire. The readers carry on from the
                     # upstream, as after any failure of the process followed.
