@@ -237,11 +237,11 @@ async def test_tags_listed_from_every_cluster_master(
 async def test_a_workers_sqlite_file_that_fails_is_stood_in_for_by_memory(
     tmp_path: Path,
 ) -> None:
-    """The workers' SQLite file lives on the cache disk: it can be torn, fill up or stay
-    locked. Each call it cannot answer is answered from memory (a request never fails on
-    it), /readyz hears of it through ping, and the file is used again once it answers."""
+    """The workers' SQLite file lives on the cache disk: it can fail to open, fill up or
+    stay locked. Each call it cannot answer is answered from memory (a request never fails
+    on it), /readyz hears of it through ping, and the file is used again once it answers."""
     shared = tmp_path / "metadata.sqlite"
-    shared.write_bytes(b"not a database" * 512)  # torn: every statement raises
+    shared.mkdir()  # something else at its path: no connection opens
     changes: list[bool] = []
     metadata = open_metadata(None, ttl=TTL, shared=shared, on_change=changes.append)
     try:
@@ -253,7 +253,7 @@ async def test_a_workers_sqlite_file_that_fails_is_stood_in_for_by_memory(
         assert changes == [False]
         with pytest.raises(sqlite3.DatabaseError):
             await metadata.ping()
-        shared.unlink()  # a sound file again (made anew); /readyz's ping tries it at once
+        shared.rmdir()  # a sound file again (made anew); /readyz's ping tries it at once
         assert await metadata.ping() is None
         assert changes == [False, True]
         await metadata.put_tag("docker.io", "library/alpine", "3", rec)
@@ -264,6 +264,47 @@ async def test_a_workers_sqlite_file_that_fails_is_stood_in_for_by_memory(
         assert await again.get_tag("docker.io", "library/alpine", "3") == rec
     finally:
         await again.close()
+
+
+@pytest.mark.parametrize("damage", ["torn", "pages"])
+async def test_a_damaged_workers_sqlite_file_is_set_aside_for_a_new_one(
+    tmp_path: Path, damage: str
+) -> None:
+    """A SQLite file that is no database (overwritten) or whose pages are damaged (a disk
+    fault under a sound header) is set aside, kept beside for a look, and a new one made:
+    records are shared again and /readyz's ping answers (before, every worker stood in from
+    memory and /readyz said 503 for good, through restarts, until it was removed by hand).
+    """
+    shared = tmp_path / "metadata.sqlite"
+    rec = record()
+    if damage == "torn":
+        shared.write_bytes(b"not a database" * 512)
+    else:
+        first = open_metadata(None, ttl=TTL, shared=shared)
+        for i in range(400):
+            await first.put_tag("docker.io", f"library/r{i}", "1", rec)
+        await first.close()
+        with shared.open("r+b") as file:  # the pages past the schema's
+            file.seek(3 * 4096)
+            file.write(os.urandom(4 * 4096))
+    changes: list[bool] = []
+    metadata = open_metadata(None, ttl=TTL, shared=shared, on_change=changes.append)
+    try:
+        for _ in range(3):  # a damaged page is met by a call, then the file set aside
+            await metadata.get_tag("docker.io", "library/r1", "1")
+            await metadata.tags()
+        await metadata.put_tag("docker.io", "library/alpine", "3", rec)
+        await asyncio.sleep(1.1)  # the store's backoff after the call that met the damage
+        assert await metadata.ping() is None
+        await metadata.put_tag("docker.io", "library/alpine", "3", rec)
+    finally:
+        await metadata.close()
+    assert [p.name.startswith("metadata.sqlite.bad-") for p in tmp_path.glob("*.bad-*")] == [True]
+    other = open_metadata(None, ttl=TTL, shared=shared)  # another worker reads it
+    try:
+        assert await other.get_tag("docker.io", "library/alpine", "3") == rec
+    finally:
+        await other.close()
 
 
 async def test_a_sqlite_file_kept_locked_holds_up_neither_the_loop_threads_nor_metadata(

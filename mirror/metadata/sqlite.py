@@ -17,15 +17,20 @@ than one timeout after another.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 from mirror.metadata.store import RETENTION, TagRecord
+from mirror.util.filelock import try_lock
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -35,6 +40,13 @@ T = TypeVar("T")
 # through, and a lock held longer than that is held by something stuck: the caller is
 # better answered from memory. (A WAL reader waits only for a crashed writer's recovery.)
 BUSY_TIMEOUT_MS = 250
+# How often (seconds) a connection checks that the file at the path is still the one it
+# opened.
+RELOOK_EVERY = 1.0
+# How long (seconds) a connect waits for another process making or replacing the file.
+LOCK_PATIENCE = 1.0
+# The files SQLite keeps beside the database in WAL mode.
+_JOURNALS = ("-wal", "-shm")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tags (
     upstream TEXT NOT NULL, repo TEXT NOT NULL, tag TEXT NOT NULL,
@@ -57,13 +69,24 @@ CREATE TABLE IF NOT EXISTS tokens (
 
 class _Lane:
     """One connection with a thread of its own, its calls taking turns; those queued
-    behind one that failed fail at once (the file did not answer while they waited)."""
+    behind one that failed fail at once (the file did not answer while they waited).
 
-    def __init__(self, name: str, connect: Callable[[], sqlite3.Connection]) -> None:
+    The connection follows the file at its path: made anew when the file there is no
+    longer the one it opened (deleted, or set aside as damaged by another process), else
+    this process would go on alone on a file the others no longer see; and after the
+    file was found damaged."""
+
+    def __init__(
+        self, name: str, path: Path, connect: Callable[[bool], tuple[sqlite3.Connection, int]]
+    ) -> None:
+        self._path = path
         self._connect = connect
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"metadata-{name}")
         self._db: sqlite3.Connection | None = None
+        self._inode = 0  # of the file the connection opened
+        self._looked_at = 0.0  # when the path was last checked to be that file
         self._failures = 0  # counted on the lane's thread, read when a call is queued
+        self._damaged = False  # a call found the file damaged: checked whole at the connect
         self._closed = False
 
     async def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
@@ -76,12 +99,30 @@ class _Lane:
         if self._failures != failures_seen:
             raise sqlite3.OperationalError("the metadata file failed while this call waited")
         try:
+            if self._db is not None and self._replaced():
+                self._close_db()
             if self._db is None:
-                self._db = self._connect()
+                self._db, self._inode = self._connect(self._damaged)
+                self._damaged = False
+                self._looked_at = time.monotonic()
             return work(self._db)
-        except Exception:
+        except Exception as exc:
             self._failures += 1
+            if damaged(exc):  # the next call connects again, and sets the file aside
+                self._damaged = True
+                self._close_db()
             raise
+
+    def _replaced(self) -> bool:
+        """Is the file at the path no longer the connection's? Looked at once a second."""
+        now = time.monotonic()
+        if now - self._looked_at < RELOOK_EVERY:
+            return False
+        self._looked_at = now
+        try:
+            return os.stat(self._path).st_ino != self._inode
+        except FileNotFoundError:
+            return True
 
     async def close(self) -> None:
         if self._closed:
@@ -104,13 +145,67 @@ class SqliteMetadata:
     def __init__(self, path: Path, ttl: float, retention: float = RETENTION) -> None:
         self._path = path
         self._expiry = ttl + retention
-        self._reads = _Lane("read", lambda: self._connect(_read_only))
-        self._writes = _Lane("write", lambda: self._connect(self._prune))
+        self._reads = _Lane("read", path, lambda check: self._connect(_read_only, check))
+        self._writes = _Lane("write", path, lambda check: self._connect(self._prune, check))
 
-    def _connect(self, prepare: Callable[[sqlite3.Connection], Any]) -> sqlite3.Connection:
-        # Readable by this user only: it holds upstream tokens.
+    def _connect(
+        self, prepare: Callable[[sqlite3.Connection], Any], check: bool
+    ) -> tuple[sqlite3.Connection, int]:
+        """A connection to the file, and the file's inode (blocking). One process at a time
+        makes or replaces the file (not while it connects: that may wait for a writer). A
+        file that is no database or is damaged (torn by a crash of the disk, overwritten)
+        is set aside and a new one made: it holds only what the upstream answers again,
+        and left there it kept every worker off the shared store, and /readyz at 503,
+        until someone removed it by hand."""
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600))
+        lock = self._path.with_name(self._path.name + ".lock")
+        with _turn(lock):
+            inode = self._make_file()
+        try:
+            return self._open(prepare, check), inode
+        except sqlite3.DatabaseError as exc:
+            if not damaged(exc):
+                raise
+            with _turn(lock):
+                self._set_aside(exc, inode)
+                inode = self._make_file()
+        return self._open(prepare, False), inode
+
+    def _make_file(self) -> int:
+        """The file's inode; made if missing, readable by this user only (it holds upstream
+        tokens). A new file's journal files left by one deleted must not be applied to it."""
+        try:
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return os.stat(self._path).st_ino
+        try:
+            for suffix in _JOURNALS:
+                Path(f"{self._path}{suffix}").unlink(missing_ok=True)
+            return os.fstat(fd).st_ino
+        finally:
+            os.close(fd)
+
+    def _set_aside(self, exc: sqlite3.DatabaseError, inode: int) -> None:
+        """Move the damaged file (`inode`) out of the way, unless another process did."""
+        try:
+            if os.stat(self._path).st_ino != inode:
+                return
+        except FileNotFoundError:
+            return
+        aside = self._path.with_name(f"{self._path.name}.bad-{time.strftime('%Y%m%dT%H%M%S')}")
+        os.replace(self._path, aside)
+        for suffix in _JOURNALS:
+            Path(f"{self._path}{suffix}").unlink(missing_ok=True)
+        log.error(
+            "metadata file %s is damaged (%s): set aside as %s, a new one made",
+            self._path, exc, aside.name,
+        )  # fmt: skip
+
+    def _open(
+        self, prepare: Callable[[sqlite3.Connection], Any], check: bool
+    ) -> sqlite3.Connection:
+        """A connection, the file checked whole first when a call found it damaged (its
+        header and schema can be sound while pages are not)."""
         db = sqlite3.connect(
             self._path, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False,
             isolation_level=None,  # autocommit: every statement is its own transaction
@@ -121,6 +216,8 @@ class SqliteMetadata:
             # cut may lose the last records, which are only revalidated again.
             db.execute("PRAGMA synchronous = NORMAL")
             db.executescript(_SCHEMA)  # takes no lock once the tables are there
+            if check and (found := db.execute("PRAGMA quick_check(1)").fetchone()) != ("ok",):
+                raise _Damaged(f"quick_check: {found}")
             prepare(db)
         except BaseException:
             db.close()
@@ -242,6 +339,43 @@ class SqliteMetadata:
 
     async def close(self) -> None:
         await asyncio.gather(self._reads.close(), self._writes.close())
+
+
+class _Damaged(sqlite3.DatabaseError):
+    """The file's check found it damaged."""
+
+    sqlite_errorcode = sqlite3.SQLITE_CORRUPT
+
+
+def damaged(exc: Exception) -> bool:
+    """Does the error say the file is no database, or a damaged one?"""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return (
+        isinstance(exc, sqlite3.DatabaseError)
+        and code is not None
+        and code & 0xFF
+        in (
+            sqlite3.SQLITE_CORRUPT,
+            sqlite3.SQLITE_NOTADB,
+        )
+    )
+
+
+@contextlib.contextmanager
+def _turn(path: Path) -> Iterator[None]:
+    """An exclusive flock on `path` for making or replacing the file (blocking): waited for
+    LOCK_PATIENCE at most (a process stopped while it holds it), then OperationalError,
+    which the caller answers from memory."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + LOCK_PATIENCE
+        while not try_lock(fd):
+            if time.monotonic() > deadline:
+                raise sqlite3.OperationalError(f"{path.name} is held by another process")
+            time.sleep(0.005)
+        yield
+    finally:
+        os.close(fd)  # the lock goes with it
 
 
 def _read_only(db: sqlite3.Connection) -> None:
