@@ -307,6 +307,34 @@ async def test_a_damaged_workers_sqlite_file_is_set_aside_for_a_new_one(
         await other.close()
 
 
+async def test_workers_whose_sqlite_file_was_deleted_share_the_new_one(tmp_path: Path) -> None:
+    """The file deleted under two running workers (its journal files left), then a worker
+    restarted: the restarted one makes the file anew, the two others move to it within a
+    second, and the three share their records (before, the two went on together on the
+    deleted file they still held, and the restarted one on its own, when the old journal
+    files beside the new file did not fail it with a disk I/O error)."""
+    shared = tmp_path / "metadata.sqlite"
+    one, other = (open_metadata(None, ttl=TTL, shared=shared) for _ in range(2))
+    restarted = None
+    try:
+        rec = record()
+        await one.put_tag("docker.io", "library/before", "1", rec)
+        assert await other.get_tag("docker.io", "library/before", "1") == rec
+        shared.unlink()
+        restarted = open_metadata(None, ttl=TTL, shared=shared)
+        await restarted.put_tag("docker.io", "library/restarted", "1", rec)
+        await asyncio.sleep(1.1)  # each connection looks at its path once a second
+        assert await restarted.ping() is None
+        await one.put_tag("docker.io", "library/after", "1", rec)
+        for store in (one, other, restarted):
+            for repo in ("library/restarted", "library/after"):
+                assert await store.get_tag("docker.io", repo, "1") == rec, repo
+    finally:
+        for store in (one, other, restarted):
+            if store is not None:
+                await store.close()
+
+
 async def test_a_sqlite_file_kept_locked_holds_up_neither_the_loop_threads_nor_metadata(
     tmp_path: Path,
 ) -> None:
