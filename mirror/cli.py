@@ -288,7 +288,7 @@ def supervise(
     with one_line_exit():
         sockets = [server.bind(listener) for listener in listeners]
     config_fd = None if text is None else config_text_descriptor(text)
-    metrics_dir = private_metrics_dir(config.storage.path)
+    metrics = private_metrics_dir(config.storage.path)
     logging.getLogger(__name__).info(
         "%d workers serving on %s", config.workers, describe(listeners)
     )
@@ -300,11 +300,11 @@ def supervise(
             sockets,
             config.workers,
             config.shutdown_delay + config.shutdown_timeout,
-            metrics_dir,
+            metrics.path,
             config_fd,
         ).run()
     finally:
-        remove_metrics_dir(metrics_dir)
+        remove_metrics_dir(metrics)
         if config_fd is not None:
             os.close(config_fd)
 

@@ -22,6 +22,7 @@ to drain, and exits 0.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import select
@@ -40,6 +41,7 @@ from prometheus_client import multiprocess
 
 from mirror.observe.metrics import MULTIPROCESS_ENV
 from mirror.observe.workerfiles import fold_dead
+from mirror.util.filelock import try_lock
 from mirror.worker import seat_environment
 
 log = logging.getLogger(__name__)
@@ -236,14 +238,57 @@ def worker_command(argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "mirror", *argv]
 
 
-def private_metrics_dir(fallback: str | Path) -> Path:
+@dataclass(frozen=True)
+class MetricsDir:
+    """The workers' metric files' directory, and the lock its supervisor holds on it."""
+
+    path: Path
+    owner: int  # descriptor of `OWNER_LOCK`, flocked for the supervisor's life
+
+
+# In each metrics directory: the file its supervisor holds an exclusive flock on. A directory
+# whose lock anyone can take was left by a supervisor killed outright (SIGKILL, the OOM
+# killer), whose `finally` never ran.
+OWNER_LOCK = "owner.lock"
+_PREFIXES = ("mirror-metrics-", ".metrics-")
+
+
+def private_metrics_dir(fallback: str | Path) -> MetricsDir:
     """A fresh, private directory for the workers' metric files: under $TMPDIR, or under
-    the cache directory when there is no writable temporary directory."""
+    the cache directory when there is no writable temporary directory. What killed
+    supervisors left there is removed first."""
     try:
-        return Path(tempfile.mkdtemp(prefix="mirror-metrics-"))
+        remove_abandoned(Path(tempfile.gettempdir()), _PREFIXES[0])
+        path = Path(tempfile.mkdtemp(prefix=_PREFIXES[0]))
     except OSError:
-        return Path(tempfile.mkdtemp(prefix=".metrics-", dir=fallback))
+        remove_abandoned(Path(fallback), _PREFIXES[1])
+        path = Path(tempfile.mkdtemp(prefix=_PREFIXES[1], dir=fallback))
+    owner = os.open(path / OWNER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(owner, fcntl.LOCK_EX)
+    return MetricsDir(path, owner)
 
 
-def remove_metrics_dir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+def remove_abandoned(parent: Path, prefix: str) -> None:
+    """Remove the metrics directories under `parent` whose supervisor is gone (blocking).
+    One with no lock file (an earlier release's, or one being made) is left alone."""
+    with contextlib.suppress(OSError):
+        for entry in parent.iterdir():
+            if entry.name.startswith(prefix) and entry.is_dir() and not entry.is_symlink():
+                _remove_if_abandoned(entry)
+
+
+def _remove_if_abandoned(path: Path) -> None:
+    try:
+        fd = os.open(path / OWNER_LOCK, os.O_RDWR | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        if try_lock(fd):
+            shutil.rmtree(path, ignore_errors=True)
+    finally:
+        os.close(fd)
+
+
+def remove_metrics_dir(metrics: MetricsDir) -> None:
+    shutil.rmtree(metrics.path, ignore_errors=True)
+    os.close(metrics.owner)

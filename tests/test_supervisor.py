@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from mirror.cache.downloads import FINISH_ON_CLOSE
 from mirror.config import ConfigError
 from mirror.config.load import config_from_mapping
 from mirror.observe.logs import setup_logging
-from mirror.supervisor import Supervisor
+from mirror.supervisor import Supervisor, private_metrics_dir, remove_metrics_dir
 from mirror.worker import (
     adopt_sockets,
     config_text_descriptor,
@@ -374,3 +375,56 @@ def test_a_dead_workers_unreadable_metrics_file_does_not_stop_the_supervisor(
     # The dead ones' dropped (left, each would fail every scrape); those of the two
     # stopped at the end stay, as a live worker's do.
     assert len(list(tmp_path.glob("counter_*.db"))) <= 2
+
+
+_HOLD_METRICS_DIR = """
+import sys, time
+from mirror.supervisor import private_metrics_dir
+print(private_metrics_dir(sys.argv[1]).path, flush=True)
+time.sleep(120)
+"""
+
+
+def _supervisor_holding_a_metrics_dir(tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_METRICS_DIR, str(tmp_path / "cache")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert proc.stdout is not None
+    return proc, Path(proc.stdout.readline().strip())
+
+
+def test_metrics_directories_of_killed_supervisors_are_removed_at_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A supervisor killed outright (SIGKILL, the OOM killer) leaves its workers' metric
+    files: the next start removes them, and nothing of a supervisor still running, nor a
+    directory it cannot tell is abandoned (before, each such kill left one for good)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    killed, killed_dir = _supervisor_holding_a_metrics_dir(tmp_path)
+    alive, alive_dir = _supervisor_holding_a_metrics_dir(tmp_path)
+    try:
+        _stop(killed)
+        unknown = tmp_path / "mirror-metrics-earlier"  # an earlier release's: no lock file
+        unknown.mkdir()
+        assert killed_dir.is_dir() and alive_dir.is_dir()
+        mine = private_metrics_dir(tmp_path / "cache")
+        try:
+            assert not killed_dir.exists()
+            assert alive_dir.is_dir() and unknown.is_dir() and mine.path.is_dir()
+        finally:
+            remove_metrics_dir(mine)
+        assert not mine.path.exists()
+    finally:
+        _stop(alive)
+        _stop(killed)
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    proc.kill()
+    proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
