@@ -19,8 +19,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from mirror.config import RedisConfig
+from mirror.metadata import redis as redis_metadata
 from mirror.metadata.fallback import FallbackMetadata, open_metadata
 from mirror.metadata.memory import MemoryMetadata
+from mirror.metadata.redis import RedisMetadata
 from mirror.metadata.store import MetadataStore, TagRecord
 from mirror.metadata.topology import DOWN_ERRORS
 from tests.redis_topologies import (
@@ -439,9 +441,8 @@ def test_workers_writing_holdings_and_tags_at_once_get_no_errors(tmp_path: Path)
     assert outputs == ["{}"] * 3
 
 
-class _Hanging(MemoryMetadata):
-    """A shared store that takes calls and never answers (Redis whose keys sit on a master
-    that is gone, a server stopped): the calls that reached it are counted."""
+class _Failing(MemoryMetadata):
+    """A shared store whose calls fail after a while (a Redis timing out): counted."""
 
     def __init__(self) -> None:
         super().__init__(TTL, 0.0)
@@ -449,29 +450,68 @@ class _Hanging(MemoryMetadata):
 
     async def get_tag(self, upstream: str, repo: str, tag: str) -> TagRecord | None:
         self.asked += 1
-        await asyncio.Event().wait()
-        return None
+        await asyncio.sleep(0.2)
+        raise TimeoutError("no answer")
 
 
-async def test_a_shared_store_that_never_answers_costs_a_call_its_deadline_and_one_probe() -> None:
-    """A call waits for the shared store no longer than its deadline, then is answered
-    from memory (before, a Cluster that lost a master held each call 3-8 s, and the
-    socket timeouts bounded no call); once the backoff is over, one call asks the store
-    again while the others are answered from memory (before, every call in flight then
-    waited on it together)."""
-    hanging, now = _Hanging(), [0.0]
+async def test_once_its_backoff_is_over_one_call_asks_the_shared_store_again() -> None:
+    """While the shared store is down, one call asks it again once the backoff is over and
+    the others are answered from memory meanwhile (before, every call in flight then waited
+    on it together)."""
+    failing, now = _Failing(), [0.0]
     memory = MemoryMetadata(TTL, 0.0)
     rec = record()
     await memory.put_tag("docker.io", "library/alpine", "3", rec)
-    metadata = FallbackMetadata(hanging, memory, clock=lambda: now[0], deadline=0.2)
-    get = metadata.get_tag("docker.io", "library/alpine", "3")
-    assert await asyncio.wait_for(get, timeout=10) == rec
+    metadata = FallbackMetadata(failing, memory, clock=lambda: now[0])
+    assert await metadata.get_tag("docker.io", "library/alpine", "3") == rec
     assert not metadata.up
 
     now[0] += 60  # the backoff is over
     gets = [metadata.get_tag("docker.io", "library/alpine", "3") for _ in range(5)]
-    assert await asyncio.wait_for(asyncio.gather(*gets), timeout=10) == [rec] * 5
-    assert hanging.asked == 2
+    assert await asyncio.gather(*gets) == [rec] * 5
+    assert failing.asked == 2
+
+
+async def test_a_redis_that_never_answers_costs_a_command_its_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A command is held to COMMAND_DEADLINE whatever the client's retries (a Cluster that
+    lost a master retried and read its layout again for 3-8 s a command): past it the
+    deadline's TimeoutError, not the socket's after its retries."""
+    monkeypatch.setattr(redis_metadata, "COMMAND_DEADLINE", 0.3)
+    with RedisServer(tmp_path / "redis") as server:
+        store = RedisMetadata(server.url, TTL)
+        try:
+            await store.put_tag("docker.io", "library/alpine", "3", record())
+            os.kill(server.pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(TimeoutError) as cut:
+                    await store.get_tag("docker.io", "library/alpine", "3")
+                assert type(cut.value) is TimeoutError  # not redis-py's, after 2 s
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+        finally:
+            await store.close()
+
+
+async def test_a_burst_on_a_healthy_redis_is_no_outage(tmp_path: Path) -> None:
+    """20,000 lookups at once on a healthy Redis wait their turns on its connections: the
+    wait is not counted against the deadline, so the store stays up (a deadline counting
+    it took the burst for an outage, and went over to memory and back again and again)."""
+    with RedisServer(tmp_path / "redis") as server:
+        changes: list[bool] = []
+        metadata = open_metadata(server.url, ttl=TTL, on_change=changes.append)
+        try:
+            gets = [metadata.get_tag("docker.io", f"r{i}", "1") for i in range(20_000)]
+            assert await asyncio.gather(*gets) == [None] * 20_000
+            assert changes == [] and metadata_up(metadata)
+        finally:
+            await metadata.close()
+
+
+def metadata_up(metadata: MetadataStore) -> bool:
+    assert isinstance(metadata, FallbackMetadata)
+    return metadata.up
 
 
 async def test_a_cluster_that_lost_a_master_is_not_ready(tmp_path: Path) -> None:

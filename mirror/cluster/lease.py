@@ -37,8 +37,9 @@ FAILED_SUFFIX = "/failed"
 # After Redis failed to answer, leases are not tried for this long: a Redis that drops
 # packets (rather than refusing) would otherwise cost every miss a connect timeout.
 DOWN_RETRY = 1.0
-# The longest one lease acquire may wait for Redis (seconds), whatever its retries.
-ACQUIRE_DEADLINE = 1.5
+# The longest the commands of one turn may take (seconds), whatever the client's retries:
+# then TimeoutError, taken as Redis down (a lease it may have set runs out by its TTL).
+COMMAND_DEADLINE = 1.5
 # Turns of a `Leases` not given its connection's (a pool of this size).
 CONNECTIONS = 16
 _RENEW = """
@@ -107,7 +108,7 @@ class Lease:
     async def renew(self) -> bool:
         """Extend the lease by one TTL; False if it is no longer ours (or Redis is down)."""
         try:
-            async with self._leases.turns:
+            async with self._leases.turn():
                 done = await self._leases.client.eval(
                     _RENEW, 1, self.key, self.value, int(self._leases.ttl * 1000)
                 )
@@ -124,7 +125,7 @@ class Lease:
             await asyncio.shield(self._release())
 
     async def _release(self) -> None:
-        async with self._leases.turns:
+        async with self._leases.turn():
             await self._leases.client.eval(_RELEASE, 1, self.key, self.value)
 
     @contextlib.asynccontextmanager
@@ -170,6 +171,14 @@ class Leases:
         # Every command on `client` takes one of its connection's turns (topology.py):
         # a burst (a rollout's pulls) is never taken for an outage.
         self.turns = asyncio.Semaphore(CONNECTIONS) if turns is None else turns
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """A turn on the connections, then COMMAND_DEADLINE for the commands sent in it
+        (a Cluster that lost a master held an acquire 6 s); the wait for the turn is a
+        burst, not an outage, and is not counted."""
+        async with self.turns, asyncio.timeout(COMMAND_DEADLINE):
+            yield
         self.held: set[Lease] = set()  # taken and not yet released: `release_all` ends them
 
     async def release_all(self) -> int:
@@ -186,7 +195,7 @@ class Leases:
         key = self.key(name)
         value = f"{self.owner} {self._process}.{secrets.token_hex(8)}"
         try:
-            async with self.turns:
+            async with self.turn():
                 if await self.client.set(key, value, nx=True, px=int(self.ttl * 1000)):
                     return Lease(self, key, value)
                 holder = await self.client.get(key)
@@ -201,7 +210,7 @@ class Leases:
     async def holder(self, name: str) -> str | None:
         """The advertise URL of the replica holding `name`, if any (None too when down)."""
         try:
-            async with self.turns:
+            async with self.turn():
                 value = await self.client.get(self.key(name))
         except DOWN_ERRORS:
             return None
@@ -210,14 +219,14 @@ class Leases:
     async def mark_failed(self, name: str, error: str) -> None:
         value = f"{self.owner} {error}"  # whose failure: a waiter follows one holder
         with contextlib.suppress(*DOWN_ERRORS):
-            async with self.turns:
+            async with self.turn():
                 await self.client.set(
                     self.key(name) + FAILED_SUFFIX, value, px=int(self.ttl * 1000)
                 )
 
     async def failure(self, name: str) -> tuple[str, str] | None:
         with contextlib.suppress(*DOWN_ERRORS):
-            async with self.turns:
+            async with self.turn():
                 value = await self.client.get(self.key(name) + FAILED_SUFFIX)
             if value is not None:
                 marked_by, _, error = str(value).partition(" ")
@@ -226,9 +235,8 @@ class Leases:
 
 
 class LeaseBackoff(Generic[LeaseT]):
-    """`Leases.acquire`, but taking Redis as down (None) for DOWN_RETRY after it failed, a
-    call held to ACQUIRE_DEADLINE (a Cluster that lost a master took 6 s a lease), and once
-    the wait is over one call asking Redis again while the others go on without it."""
+    """`Leases.acquire`, but taking Redis as down (None) for DOWN_RETRY after it failed, and
+    once the wait is over one call asking Redis again while the others go on without it."""
 
     def __init__(self, leases: LeaseSource[LeaseT]) -> None:
         self.leases = leases
@@ -242,10 +250,7 @@ class LeaseBackoff(Generic[LeaseT]):
         probing = self._down
         self._probing |= probing
         try:
-            async with asyncio.timeout(ACQUIRE_DEADLINE):
-                got = await self.leases.acquire(name)
-        except TimeoutError:  # taken as down; a lease it may have set runs out by its TTL
-            got = None
+            got = await self.leases.acquire(name)
         finally:
             if probing:
                 self._probing = False

@@ -3,7 +3,6 @@ while it fails, and the store a config picks."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sqlite3
 import time
@@ -25,13 +24,6 @@ SQLITE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, OSError)
 # Backoff between attempts to reach a store that stopped answering.
 RETRY_BASE = 1.0
 RETRY_MAX = 30.0
-# The longest a call of one record may wait for Redis (seconds): the socket timeout bounds
-# each exchange, not a call (a Cluster that lost a master retried and re-read its layout
-# for 6-17 s a call). Past it, the call is answered from memory as any failure is.
-REDIS_DEADLINE = 2.5
-# Calls that walk every record (a catalogue page, every tag, every bucket read): no
-# deadline but the sockets'; a large store may take long, and it is no request's hot path.
-WALKS = frozenset({"repositories", "tags", "blob_reads"})
 
 
 class FallbackMetadata:
@@ -51,12 +43,10 @@ class FallbackMetadata:
         on_change: Callable[[bool], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         errors: tuple[type[Exception], ...] = DOWN_ERRORS,
-        deadline: float | None = None,
     ) -> None:
         self._primary = primary
         self._fallback = fallback
         self._errors = errors
-        self._deadline = deadline
         # While the store is down, one call at a time tries it again once its backoff is
         # over; the others are answered from memory meanwhile, not all made to wait.
         self._probing = False
@@ -104,14 +94,11 @@ class FallbackMetadata:
         return await getattr(self._fallback, name)(*args)
 
     async def _primary_call(self, name: str, *args: Any) -> Any:
-        """The shared store's answer, within the deadline (TimeoutError, an OSError, past
-        it); the only call on it while it is down."""
+        """The shared store's answer; the only call on it while it is down."""
         probing = not self._up
         self._probing |= probing
         try:
-            deadline = None if name in WALKS else self._deadline
-            async with asyncio.timeout(deadline):
-                return await getattr(self._primary, name)(*args)
+            return await getattr(self._primary, name)(*args)
         finally:
             if probing:
                 self._probing = False
@@ -189,8 +176,7 @@ class FallbackMetadata:
     async def ping(self) -> None:
         """Raise when the shared store does not answer (for /readyz), whatever the fallback does."""
         try:
-            async with asyncio.timeout(self._deadline):
-                await self._primary.ping()
+            await self._primary.ping()
         except self._errors as exc:
             self._failed(exc)
             raise
@@ -217,8 +203,7 @@ def open_metadata(
     """
     if redis_url:
         memory = MemoryMetadata(ttl, retention, limit=STANDIN_ENTRIES)
-        redis = RedisMetadata(redis_url, ttl, retention)
-        return FallbackMetadata(redis, memory, on_change, deadline=REDIS_DEADLINE)
+        return FallbackMetadata(RedisMetadata(redis_url, ttl, retention), memory, on_change)
     if shared is not None:  # a file on the cache disk: it can fill, fail or stay locked
         memory = MemoryMetadata(ttl, retention, limit=STANDIN_ENTRIES)
         sqlite = SqliteMetadata(shared, ttl, retention)
