@@ -152,24 +152,31 @@ class SqliteMetadata:
         self, prepare: Callable[[sqlite3.Connection], Any], check: bool
     ) -> tuple[sqlite3.Connection, int]:
         """A connection to the file, and the file's inode (blocking). One process at a time
-        makes or replaces the file (not while it connects: that may wait for a writer). A
-        file that is no database or is damaged (torn by a crash of the disk, overwritten)
-        is set aside and a new one made: it holds only what the upstream answers again,
-        and left there it kept every worker off the shared store, and /readyz at 503,
-        until someone removed it by hand."""
+        makes the file, puts it in WAL mode or replaces it (workers starting together on
+        a new file failed with "disk I/O error"), not while `prepare` may wait for a
+        writer. A file that is no database or is damaged (torn by a crash of the disk,
+        overwritten) is set aside and a new one made: it holds only what the upstream
+        answers again, and left there it kept every worker off the shared store, and
+        /readyz at 503, until someone removed it by hand."""
         self._path.parent.mkdir(parents=True, exist_ok=True)
         lock = self._path.with_name(self._path.name + ".lock")
-        with _turn(lock):
-            inode = self._make_file()
         try:
-            return self._open(prepare, check), inode
+            with _turn(lock):
+                inode = self._make_file()
+                db = self._open(check)
         except sqlite3.DatabaseError as exc:
             if not damaged(exc):
                 raise
             with _turn(lock):
                 self._set_aside(exc, inode)
                 inode = self._make_file()
-        return self._open(prepare, False), inode
+                db = self._open(False)
+        try:
+            prepare(db)
+        except BaseException:
+            db.close()
+            raise
+        return db, inode
 
     def _make_file(self) -> int:
         """The file's inode; made if missing, readable by this user only (it holds upstream
@@ -201,11 +208,9 @@ class SqliteMetadata:
             self._path, exc, aside.name,
         )  # fmt: skip
 
-    def _open(
-        self, prepare: Callable[[sqlite3.Connection], Any], check: bool
-    ) -> sqlite3.Connection:
-        """A connection, the file checked whole first when a call found it damaged (its
-        header and schema can be sound while pages are not)."""
+    def _open(self, check: bool) -> sqlite3.Connection:
+        """A connection in WAL mode on the schema; the file checked whole first when a call
+        found it damaged (its header and schema can be sound while pages are not)."""
         db = sqlite3.connect(
             self._path, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False,
             isolation_level=None,  # autocommit: every statement is its own transaction
@@ -218,7 +223,6 @@ class SqliteMetadata:
             db.executescript(_SCHEMA)  # takes no lock once the tables are there
             if check and (found := db.execute("PRAGMA quick_check(1)").fetchone()) != ("ok",):
                 raise _Damaged(f"quick_check: {found}")
-            prepare(db)
         except BaseException:
             db.close()
             raise
