@@ -343,36 +343,76 @@ async def test_a_sibling_download_past_its_size_is_not_followed(
     assert hub.stats["blob_get"] == 0
 
 
-@pytest.mark.parametrize("published", [0, 60])
-async def test_a_sibling_download_that_stands_still_is_given_up_and_relayed(
-    hub: FakeHub,
-    make_client: MakeClient,
-    config: Config,
-    monkeypatch: pytest.MonkeyPatch,
-    published: int,
+@pytest.mark.parametrize("published", [None, 0, 60])
+async def test_a_sibling_download_whose_owner_stopped_is_given_up_and_relayed(
+    hub: FakeHub, make_client: MakeClient, config: Config, published: int | None
 ) -> None:
-    """Another worker holds the blob's claim and its progress stands still (its loop stuck,
-    the process stopped): its rules never fire, as it does nothing. Past FOLLOW_STALL the
-    clients that followed it get the whole blob from the upstream, whether it had
-    published no byte or some, and a later client of the blob at once (before, they and
+    """Another worker holds the blob's claim but no longer touches it (its loop stuck, the
+    process stopped): alive, so its lock holds, and its own rules never fire. Past
+    FOLLOW_STALL since its last sign of life its followers get the whole blob from the
+    upstream, whether it had published no temp file, no byte or some (before, they and
     every later client of the blob waited for good, while /readyz said 200)."""
     client = await make_client(workers=2)
     data = os.urandom(100)
     digest = parse_digest(hub.content.add_blob(data))
     stuck = LocalFlight(config.storage.path / "tmp").claim(digest)
     assert isinstance(stuck, Claim)
-    temp = config.storage.path / "tmp" / "blob-stopped"
-    temp.write_bytes(data[:published])
-    stuck.start(temp, 100)
-    stuck.progress(published)
+    if published is not None:
+        temp = config.storage.path / "tmp" / "blob-stopped"
+        temp.write_bytes(data[:published])
+        stuck.start(temp, 100)
+        stuck.progress(published)
+    last_seen = time.time() - downloads.FOLLOW_STALL - 5
+    os.utime(stuck.path, (last_seen, last_seen))
+    try:
+        for _ in range(2):  # each at once: the claim says how long it has stood
+            resp = await asyncio.wait_for(client.get(f"/v2/library/x/blobs/{digest}"), 10)
+            assert resp.status == 200
+            assert await asyncio.wait_for(resp.read(), 10) == data
+    finally:
+        stuck.release()
+
+
+async def test_a_sibling_download_at_work_is_followed_however_slow(
+    hub: FakeHub, make_client: MakeClient, config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another worker whose bytes come slower than FOLLOW_STALL per write (a slow upstream
+    within the pace it allows), or that commits and uploads a verified blob that long, is
+    at work: it touches its claim all along, and its followers wait for it, fetching
+    nothing (before, a follower took a progress standing still for a stop, and fetched
+    the blob again)."""
     monkeypatch.setattr(downloads, "FOLLOW_STALL", 0.5)
+    client = await make_client(workers=2)
+    data = os.urandom(100)
+    digest = parse_digest(hub.content.add_blob(data))
+    owner = LocalFlight(config.storage.path / "tmp").claim(digest)
+    assert isinstance(owner, Claim)
+    temp = config.storage.path / "tmp" / "blob-slow"
+    temp.write_bytes(data[:10])
+    owner.start(temp, 100)
+    owner.progress(10)
+
+    async def slow_owner() -> None:
+        for _ in range(15):  # 1.5 s of no progress, three times FOLLOW_STALL
+            owner.beat()
+            await asyncio.sleep(0.1)
+        temp.write_bytes(data)
+        owner.progress(100)
+        owner.verified()
+        for _ in range(10):  # committing, uploading: 1 s more
+            owner.beat()
+            await asyncio.sleep(0.1)
+        final = config.storage.path / "blobs" / "sha256" / digest.hex[:2] / digest.hex
+        final.parent.mkdir(parents=True, exist_ok=True)
+        temp.rename(final)
+        owner.release()
+
+    working = asyncio.create_task(slow_owner())
     try:
         resp = await asyncio.wait_for(client.get(f"/v2/library/x/blobs/{digest}"), 10)
         assert resp.status == 200
         assert await asyncio.wait_for(resp.read(), 10) == data
-        # A later request finds it standing as it stood: relayed at once, not after a wait.
-        monkeypatch.setattr(downloads, "FOLLOW_STALL", 3600.0)
-        resp = await asyncio.wait_for(client.get(f"/v2/library/x/blobs/{digest}"), 10)
-        assert await asyncio.wait_for(resp.read(), 10) == data
+        await working
     finally:
-        stuck.release()
+        owner.release()
+    assert hub.stats["blob_get"] == 0

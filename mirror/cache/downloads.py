@@ -44,7 +44,7 @@ from mirror.storage.localflight import (
     held_off_loop,
     reopen,
 )
-from mirror.upstream.body import BODY_ERRORS, PACE_WINDOW, BlobBody, Pace, TooLong
+from mirror.upstream.body import BODY_ERRORS, BlobBody, Pace, TooLong
 from mirror.upstream.client import Upstream
 from mirror.util.lru import LRU
 from mirror.util.settle import in_thread, in_threads, settled
@@ -72,11 +72,14 @@ FINISH_ON_CLOSE = 10.0
 MAX_FRUITLESS_RESUMES = 3
 # How often a process following another one's download (workers) reads its progress.
 FOLLOW_POLL = 0.03
-# How long (seconds) that progress may stand still before the follower stops waiting: an
-# owner whose upstream sends nothing gives up sooner by its own rules (the read timeout
-# of each try and resume, PACE_MIN per PACE_WINDOW), so only an owner that stopped
-# altogether (a stuck event loop, a stopped process) is waited for this long.
-FOLLOW_STALL = 2 * PACE_WINDOW
+# The process fetching a blob for the others touches its claim's file this often (seconds)
+# while it holds it, however slowly the bytes come, and while it commits and uploads: its
+# sign of life.
+BEAT_EVERY = 5.0
+# A claim's file untouched this long (seconds) is held by a process that is alive (else the
+# kernel had dropped its lock) but stopped: a stuck event loop, a stopped process. Its own
+# rules never fire; its followers stop waiting and relay from the upstream.
+FOLLOW_STALL = 60.0
 # Write errors that say this file did not fit, not that the disk takes no writes at all.
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 # Blobs sent without a length that grew past what the cache holds, remembered so that the
@@ -266,9 +269,6 @@ class Downloads:
         self.on_sent: Callable[[str, Digest], Awaitable[None]] | None = None
         # digest → the bytes it had reached when it outgrew the cache (OutgrewCache).
         self._oversized: LRU[Digest, int] = LRU(OVERSIZED_ENTRIES)
-        # Another process's download found standing still, as it last stood: a request
-        # that finds it so again is relayed at once, not made to wait FOLLOW_STALL too.
-        self._stalled: LRU[Digest, tuple[Progress | None]] = LRU(OVERSIZED_ENTRIES)
 
     def get(self, digest: Digest) -> Download | None:
         return self._active.get(digest)
@@ -483,6 +483,7 @@ class Downloads:
             got = await self._follow(download, claimed) if isinstance(claimed, Sibling) else claimed
             if isinstance(got, Claim):
                 held.push_async_callback(asyncio.to_thread, got.release)
+                await held.enter_async_context(_beating(got))  # stops before the release
                 download.claim = got
             landed = await self._storage.blob_size(download.digest)
             if landed is not None:  # stored before this claim, or by the one followed
@@ -500,9 +501,9 @@ class Downloads:
 
     async def _follow(self, download: Download, sibling: Sibling) -> Claim | Gone:
         """Mirror another process's progress into `download` (its readers send the bytes
-        from that process's temp file) until it lets go: Gone, or its claim, ours now."""
-        seen: Progress | None = None
-        moved = time.monotonic()
+        from that process's temp file) until it lets go: Gone, or its claim, ours now;
+        Uncacheable or CacheWriteFailed (relayed) when that process stopped altogether."""
+        looked_at = 0.0
         try:
             while True:
                 got = await held_off_loop(sibling.poll)
@@ -510,22 +511,23 @@ class Downloads:
                     _mirror(download, got)
                 elif got is not None:
                     return got
-                stalled = self._stalled.get(download.digest)
-                still = stalled is not None and got == stalled[0]  # as it stood when given up
-                if got != seen and not still:
-                    seen, moved = got, time.monotonic()
-                elif still or time.monotonic() - moved > FOLLOW_STALL:
-                    self._stalled.put(download.digest, (got,))
-                    # Alive and holding its claim, but stopped (a stuck loop, a stopped
-                    # process): its own rules never fire. The readers carry on from the
-                    # upstream, as after any failure of the process followed.
-                    raise CacheWriteFailed(
-                        f"blob {download.digest}: the process fetching it made no progress "
-                        f"for {FOLLOW_STALL:.0f}s"
-                    )
+                if time.monotonic() - looked_at >= 1.0:  # its sign of life, once a second
+                    looked_at = time.monotonic()
+                    if time.time() - await held_off_loop(sibling.beat) > FOLLOW_STALL:
+                        raise self._stalled(download)
                 await asyncio.sleep(FOLLOW_POLL)
         finally:
             sibling.close()  # a lock file's descriptor: closing it touches no disk
+
+    @staticmethod
+    def _stalled(download: Download) -> Exception:
+        message = (
+            f"blob {download.digest}: the process fetching it has not been seen at work "
+            f"for {FOLLOW_STALL:.0f}s"
+        )
+        if download.temp is None:  # no byte followed yet: every client relayed
+            return Uncacheable(message)
+        return CacheWriteFailed(message)  # the readers carry on from the upstream
 
     async def _adopt(
         self, download: Download, previous: Progress, hasher: hashlib._Hash
@@ -827,6 +829,26 @@ def _write_all(
         view = view[written:]
     if then is not None:  # the bytes are in the file: other processes may read them now
         then()
+
+
+@contextlib.asynccontextmanager
+async def _beating(claim: Claim) -> AsyncIterator[None]:
+    """Touch the claim's file now and every BEAT_EVERY while the block runs: the followers'
+    sign that this process is at work, however slowly its bytes come (a lock file left
+    by a dead owner and claimed again may be old)."""
+
+    async def beat() -> None:
+        while True:
+            with contextlib.suppress(OSError):
+                await in_thread(claim.beat)
+            await asyncio.sleep(BEAT_EVERY)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def _mirror(download: Download, progress: Progress) -> None:

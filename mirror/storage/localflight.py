@@ -115,6 +115,11 @@ class Claim:
                 os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, data, offset)
 
+    def beat(self) -> None:
+        """Touch the lock file: this process is at work (blocking)."""
+        if self._fd is not None:
+            os.utime(self._fd)
+
     def release(self) -> None:
         """Unlink the lock file, then unlock (blocking; idempotent)."""
         fd, self._fd = self._fd, None
@@ -147,6 +152,12 @@ class Sibling:
             os.close(fd)
             return Gone()
         return Claim(fd, self.path, _adoptable(_read_header(fd, self.path.parent)))
+
+    def beat(self) -> float:
+        """When the owner last touched the lock file (wall clock; blocking)."""
+        if self._fd is None:
+            return time.time()
+        return os.fstat(self._fd).st_mtime
 
     def close(self) -> None:
         fd, self._fd = self._fd, None
