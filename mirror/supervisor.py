@@ -251,6 +251,9 @@ class MetricsDir:
 # killer), whose `finally` never ran.
 OWNER_LOCK = "owner.lock"
 _PREFIXES = ("mirror-metrics-", ".metrics-")
+# A metrics directory younger than this (seconds) is never taken for abandoned: between
+# making it and locking its owner.lock, another supervisor starting could take the lock.
+YOUNG = 60.0
 
 
 def private_metrics_dir(fallback: str | Path) -> MetricsDir:
@@ -279,6 +282,8 @@ def remove_abandoned(parent: Path, prefix: str) -> None:
 
 def _remove_if_abandoned(path: Path) -> None:
     try:
+        if time.time() - path.stat().st_mtime < YOUNG:  # its supervisor may not hold it yet
+            return
         fd = os.open(path / OWNER_LOCK, os.O_RDWR | os.O_NOFOLLOW)
     except OSError:
         return

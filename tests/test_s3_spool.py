@@ -27,6 +27,7 @@ from mirror.storage.s3.spool import SpoolFile, _advance
 from mirror.web.keys import storage_key
 from tests.conftest import MakeClient
 from tests.fakehub import FakeHub
+from tests.resilience_helpers import tmpfs
 from tests.rgw import CephRGW
 from tests.test_s3 import eventually_exists, key, local_blob, s3_requests, settled, storage
 
@@ -320,3 +321,26 @@ def test_a_short_write_resumes_where_it_stopped() -> None:
     assert [bytes(v) for v in _advance(views, 3)] == [b"defg", b"h"]
     assert [bytes(v) for v in _advance(views, 5)] == [b"fg", b"h"]
     assert _advance(views, 8) == []
+
+
+async def test_a_bucket_read_with_no_room_beside_another_worker_s_download_is_relayed(
+    hub: FakeHub, make_client: MakeClient, tmp_path: Path, s3: S3Config
+) -> None:
+    """A bucket read whose object has no room on the local tier, the room promised to
+    another worker's download, is relayed and the tier stays writable for what fits
+    (before, it marked the whole tier unwritable: the gauge at 0, every blob streamed
+    uncached until the next probe)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    layer, digest = await in_bucket_only(hub, make_client, tmp_path, s3, 10 * MiB)
+    with tmpfs(tmp_path / "volume", "24m") as volume:
+        second = await make_client(storage=replace(storage(tmp_path, s3), path=volume))
+        other_worker = Storage(volume)
+        download = other_worker.new_temp(19 * MiB, MiB)  # 18 MiB promised
+        try:
+            resp = await second.get(f"/v2/library/app/blobs/{digest}")
+            assert (resp.status, await resp.read()) == (200, layer)
+            assert second.app[storage_key].writable
+        finally:
+            other_worker.discard(*download)
+            await second.close()

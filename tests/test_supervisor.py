@@ -402,12 +402,17 @@ def test_metrics_directories_of_killed_supervisors_are_removed_at_the_next_start
 ) -> None:
     """A supervisor killed outright (SIGKILL, the OOM killer) leaves its workers' metric
     files: the next start removes them, and nothing of a supervisor still running, nor a
-    directory it cannot tell is abandoned (before, each such kill left one for good)."""
+    directory it cannot tell is abandoned (no lock file, or made within the last minute:
+    another supervisor may be making it) (before, each such kill left one for good)."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     killed, killed_dir = _supervisor_holding_a_metrics_dir(tmp_path)
     alive, alive_dir = _supervisor_holding_a_metrics_dir(tmp_path)
     try:
         _stop(killed)
+        young_dead, young_dir = _supervisor_holding_a_metrics_dir(tmp_path)
+        _stop(young_dead)  # killed before it could matter: left, it may be one being made
+        long_ago = time.time() - 3600
+        os.utime(killed_dir, (long_ago, long_ago))
         unknown = tmp_path / "mirror-metrics-earlier"  # an earlier release's: no lock file
         unknown.mkdir()
         assert killed_dir.is_dir() and alive_dir.is_dir()
@@ -415,6 +420,7 @@ def test_metrics_directories_of_killed_supervisors_are_removed_at_the_next_start
         try:
             assert not killed_dir.exists()
             assert alive_dir.is_dir() and unknown.is_dir() and mine.path.is_dir()
+            assert young_dir.is_dir()
         finally:
             remove_metrics_dir(mine)
         assert not mine.path.exists()

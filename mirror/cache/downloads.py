@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import functools
 import hashlib
 import logging
@@ -34,7 +33,7 @@ from mirror.oci.errors import (
 )
 from mirror.oci.reference import Digest
 from mirror.storage import CacheStore
-from mirror.storage.base import NoUpload, Upload
+from mirror.storage.base import NO_SPACE, NoUpload, Upload
 from mirror.storage.localflight import (
     Claim,
     Gone,
@@ -80,8 +79,6 @@ BEAT_EVERY = 5.0
 # kernel had dropped its lock) but stopped: a stuck event loop, a stopped process. Its own
 # rules never fire; its followers stop waiting and relay from the upstream.
 FOLLOW_STALL = 60.0
-# Write errors that say this file did not fit, not that the disk takes no writes at all.
-NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 # Blobs sent without a length that grew past what the cache holds, remembered so that the
 # next pull relays them at once rather than filling tmp/ again to learn it.
 OVERSIZED_ENTRIES = 1000

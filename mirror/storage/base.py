@@ -8,6 +8,7 @@ bucket adds an `Upload` that follows the temp file, and `find_blob` answers a lo
 
 from __future__ import annotations
 
+import errno
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,9 @@ from typing import BinaryIO, Protocol, runtime_checkable
 
 from mirror.metadata.store import MetadataStore
 from mirror.oci.reference import Digest
+
+# Write errors that say this file did not fit, not that the disk takes no writes at all.
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 # Evicting down to 90% of a bound leaves room, so that each new blob does not set off
 # another pass (a scan of the whole cache directory, or of the bucket's records).

@@ -50,8 +50,9 @@ TOUCH_INTERVAL = 60.0
 # serve that gets it exclusively knows that nothing alive writes in tmp/, so it may empty
 # it; otherwise it removes only what is provably abandoned.
 USERS_LOCK = "tmp.lock"
-# How long (seconds) a process waits for another's check of the room promised to temp files.
-PROMISE_PATIENCE = 1.0
+# How long (seconds) a process waits for another's check of the room promised to temp files
+# (a check takes microseconds: one waited for longer is held by a process that stopped).
+PROMISE_PATIENCE = 0.05
 
 
 class Storage:
@@ -65,7 +66,7 @@ class Storage:
         self.max_size = max_size
         # A new temp file's room is checked against what every download under way was
         # promised (`_promise`): one check at a time in this process (new_temp runs in
-        # worker threads), and across processes on the directory (a lock on USERS_LOCK).
+        # worker threads), and across processes on the directory (a flock on tmp/).
         self._promises = threading.Lock()
         # False after a write failed (disk full, read-only): blobs then stream from
         # upstream uncached until a probe, at most every PROBE_INTERVAL, finds it writable.
@@ -260,7 +261,7 @@ class Storage:
         promised what it has not allocated yet (`promised_in`). So every process on the
         directory (workers) sees it, a download taken over from a dead worker keeps it,
         and it ends with the file (renamed into the cache or removed)."""
-        with self._promises, _held(self._users_lock):
+        with self._promises, _held(self.tmp):
             _check_room(self.tmp, size + promised_in(self.tmp))
             try:
                 os.posix_fallocate(fd, 0, now)
@@ -466,33 +467,38 @@ def promised_in(tmp: Path) -> int:
 
 
 @contextlib.contextmanager
-def _held(users_lock: int | None) -> Iterator[None]:
+def _held(tmp: Path) -> Iterator[None]:
     """One process at a time checks the room it is promised (blocking): else two workers
-    starting a large download at once both find the other's promise not made yet. A
-    byte-range lock on the users lock file, whose flock (shared, held by every user for
-    its life) is a lock of another kind. A holder that hangs is waited for PROMISE_PATIENCE
-    at most; then the check runs unheld, as where the file is read-only."""
-    locked = users_lock is not None and _lock_range(users_lock)
+    starting a large download at once both find the other's promise not made yet. An
+    exclusive flock on `tmp` itself, opened for the check (no file of its own, and none
+    kept open past a directory made again). A holder that hangs (a stopped process) is
+    waited for PROMISE_PATIENCE at most, then the check runs unheld, as where the
+    filesystem has no such locks."""
     try:
+        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        fd = None
+    try:
+        if fd is not None:
+            _lock_briefly(fd)
         yield
     finally:
-        if locked:
-            assert users_lock is not None
-            fcntl.lockf(users_lock, fcntl.LOCK_UN, 1)
+        if fd is not None:
+            os.close(fd)  # the lock goes with it
 
 
-def _lock_range(fd: int) -> bool:
+def _lock_briefly(fd: int) -> None:
     deadline = time.monotonic() + PROMISE_PATIENCE
     while True:
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1)
-            return True
-        except (BlockingIOError, PermissionError):  # held: EAGAIN or EACCES
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
             if time.monotonic() > deadline:
-                return False
+                return
             time.sleep(0.001)
-        except OSError:  # read-only (EBADF), or a filesystem without such locks
-            return False
+        except OSError:  # a filesystem without such locks
+            return
 
 
 def _check_room(directory: Path, size: int) -> None:

@@ -42,6 +42,7 @@ from mirror.observe.metrics import Metrics
 from mirror.oci.negotiation import MAX_MANIFEST_BYTES, manifest_media_type
 from mirror.oci.reference import Digest, as_digest, compute_digest
 from mirror.storage.base import (
+    NO_SPACE,
     BlobSize,
     Found,
     NotTidied,
@@ -381,7 +382,10 @@ class TieredStorage(Storage):
                     functools.partial(SpoolFile.create, self, size), SpoolFile.abandon
                 )
         except OSError as exc:
-            self.mark_unwritable(exc)
+            # No room for this object (others' downloads were promised it) is no fault of
+            # the disk: the tier goes on taking what fits, as a download's refusal does.
+            if exc.errno not in NO_SPACE or not await self.is_writable():
+                self.mark_unwritable(exc)
         return None
 
     async def _delete_blob(self, digest: Digest) -> None:
