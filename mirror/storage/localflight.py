@@ -151,6 +151,8 @@ class Sibling:
         if not same_file(fd, self.path):  # released by its owner: over
             os.close(fd)
             return Gone()
+        with contextlib.suppress(OSError):  # ours now: a sign of life at once
+            os.utime(fd)
         return Claim(fd, self.path, _adoptable(_read_header(fd, self.path.parent)))
 
     def beat(self) -> float:
@@ -192,6 +194,8 @@ class LocalFlight:
             if not locked:
                 return Sibling(fd, path)
             if same_file(fd, path):
+                with contextlib.suppress(OSError):  # a sign of life at once: the file
+                    os.utime(fd)  # may be a dead owner's, and old
                 return Claim(fd, path, _adoptable(_read_header(fd, self._tmp)))
             os.close(fd)  # a release unlinked it meanwhile: again
 
