@@ -171,6 +171,7 @@ class Leases:
         # Every command on `client` takes one of its connection's turns (topology.py):
         # a burst (a rollout's pulls) is never taken for an outage.
         self.turns = asyncio.Semaphore(CONNECTIONS) if turns is None else turns
+        self.held: set[Lease] = set()  # taken and not yet released: `release_all` ends them
 
     @contextlib.asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:
@@ -179,7 +180,6 @@ class Leases:
         burst, not an outage, and is not counted."""
         async with self.turns, asyncio.timeout(COMMAND_DEADLINE):
             yield
-        self.held: set[Lease] = set()  # taken and not yet released: `release_all` ends them
 
     async def release_all(self) -> int:
         """Release every lease still held (a stopping replica); how many there were."""
