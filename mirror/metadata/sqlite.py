@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mirror.metadata.store import RETENTION, TagRecord
-from mirror.util.filelock import try_lock
+from mirror.util.filelock import lock_within
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ RELOOK_EVERY = 1.0
 LOCK_PATIENCE = 1.0
 # The files SQLite keeps beside the database in WAL mode.
 _JOURNALS = ("-wal", "-shm")
+# Result codes (their low byte) that say the file is no database, or a damaged one.
+_DAMAGED = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tags (
     upstream TEXT NOT NULL, repo TEXT NOT NULL, tag TEXT NOT NULL,
@@ -354,15 +356,7 @@ class _Damaged(sqlite3.DatabaseError):
 def damaged(exc: Exception) -> bool:
     """Does the error say the file is no database, or a damaged one?"""
     code = getattr(exc, "sqlite_errorcode", None)
-    return (
-        isinstance(exc, sqlite3.DatabaseError)
-        and code is not None
-        and code & 0xFF
-        in (
-            sqlite3.SQLITE_CORRUPT,
-            sqlite3.SQLITE_NOTADB,
-        )
-    )
+    return isinstance(exc, sqlite3.DatabaseError) and code is not None and code & 0xFF in _DAMAGED
 
 
 @contextlib.contextmanager
@@ -372,11 +366,8 @@ def _turn(path: Path) -> Iterator[None]:
     which the caller answers from memory."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        deadline = time.monotonic() + LOCK_PATIENCE
-        while not try_lock(fd):
-            if time.monotonic() > deadline:
-                raise sqlite3.OperationalError(f"{path.name} is held by another process")
-            time.sleep(0.005)
+        if not lock_within(fd, LOCK_PATIENCE):
+            raise sqlite3.OperationalError(f"{path.name} is held by another process")
         yield
     finally:
         os.close(fd)  # the lock goes with it

@@ -38,7 +38,7 @@ from mirror.metadata.store import MetadataStore
 from mirror.oci.reference import Digest, as_digest, compute_digest
 from mirror.storage.base import Found, NoUpload, Upload, VerifyResult
 from mirror.storage.localflight import TEMP_PREFIX, is_own, own_files, sweep
-from mirror.util.filelock import same_file, try_lock, try_lock_shared
+from mirror.util.filelock import lock_within, same_file, try_lock, try_lock_shared
 from mirror.util.files import sync_directory
 
 log = logging.getLogger(__name__)
@@ -480,25 +480,12 @@ def _held(tmp: Path) -> Iterator[None]:
         fd = None
     try:
         if fd is not None:
-            _lock_briefly(fd)
+            with contextlib.suppress(OSError):  # a filesystem without such locks
+                lock_within(fd, PROMISE_PATIENCE)
         yield
     finally:
         if fd is not None:
             os.close(fd)  # the lock goes with it
-
-
-def _lock_briefly(fd: int) -> None:
-    deadline = time.monotonic() + PROMISE_PATIENCE
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                return
-            time.sleep(0.001)
-        except OSError:  # a filesystem without such locks
-            return
 
 
 def _check_room(directory: Path, size: int) -> None:

@@ -22,7 +22,6 @@ that landed while the scan ran and that the scan saw is counted twice, until the
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 from collections.abc import Callable
@@ -30,7 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-from mirror.util.filelock import try_lock
+from mirror.util.filelock import lock_within, try_lock
 
 _FIELD = 20
 # A tally's lock is held for a read and a write. A process stopped (not killed) while it
@@ -213,7 +212,7 @@ class SharedTally:
         except OSError:
             return _read_as_is(self._tally)
         try:
-            locked = _lock_patiently(fd)
+            locked = lock_within(fd, LOCK_PATIENCE, _LOCK_POLL)
             usage = _parse(os.pread(fd, 256, 0))
             if not locked:
                 return usage
@@ -246,18 +245,6 @@ def _read_as_is(path: Path) -> Usage:
             return _parse(file.read(256))
     except OSError:
         return Usage()
-
-
-def _lock_patiently(fd: int) -> bool:
-    deadline = time.monotonic() + LOCK_PATIENCE
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(_LOCK_POLL)
 
 
 def _format(usage: Usage) -> bytes:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from pathlib import Path
 
 
@@ -22,6 +23,17 @@ def try_lock(fd: int) -> bool:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
+    return True
+
+
+def lock_within(fd: int, patience: float, poll: float = 0.001) -> bool:
+    """Take the exclusive lock of `fd`, trying for `patience` seconds at most (blocking): a
+    holder that keeps it longer (a process stopped while it holds it) is not waited for."""
+    deadline = time.monotonic() + patience
+    while not try_lock(fd):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll)
     return True
 
 
